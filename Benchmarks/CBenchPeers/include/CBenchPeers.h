@@ -1,0 +1,21 @@
+// Peers written in C, so that the benchmarks compare DAX with what a C program using libpmem or
+// plain system calls does, measured in the same process.
+#ifndef CBENCHPEERS_H
+#define CBENCHPEERS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/// Monotonic time in nanoseconds.
+uint64_t cbench_now_ns(void);
+
+/// `iterations` times: store 64 bytes at `address` (eight 8-byte stores), then `pmem_persist` them.
+void cbench_store_persist_loop(void *address, uint64_t iterations);
+
+/// `iterations` times: an atomic increment and decrement of `*counter` (lock xadd pairs).
+void cbench_atomic_pair_loop(uint64_t *counter, uint64_t iterations);
+
+/// Copies `length` bytes from `source` to `destination` in `chunk`-byte memcpy calls.
+void cbench_memcpy_chunks(void *destination, const void *source, size_t length, size_t chunk);
+
+#endif

@@ -1,0 +1,153 @@
+import CBenchPeers
+import Foundation
+
+/// The goal a row's ratio (ours / peer) should meet.
+enum Goal: CustomStringConvertible {
+    case atMost(Double)
+    case atLeast(Double)
+    case report
+
+    func holds(_ ratio: Double) -> Bool? {
+        switch self {
+        case .atMost(let limit): ratio <= limit
+        case .atLeast(let limit): ratio >= limit
+        case .report: nil
+        }
+    }
+
+    var description: String {
+        switch self {
+        case .atMost(let limit): "<= \(limit)"
+        case .atLeast(let limit): ">= \(limit)"
+        case .report: "report"
+        }
+    }
+}
+
+/// One comparison: what we measure, against whom, and the goal.
+struct Benchmark {
+    var name: String
+    var unit: String
+    var peerName: String
+    var goal: Goal
+    /// Runs both sides `repetitions` times, interleaved, and returns the samples.
+    var run: (_ context: BenchContext) throws -> Samples
+}
+
+struct Samples {
+    var ours: [Double] = []
+    var peer: [Double] = []
+}
+
+/// The result of one row: medians of the samples.
+struct Result {
+    var benchmark: Benchmark
+    var ours: Double
+    var peer: Double
+    var ratio: Double { peer == 0 ? .infinity : ours / peer }
+    var holds: Bool? { benchmark.goal.holds(ratio) }
+}
+
+/// Settings every benchmark sees.
+struct BenchContext {
+    var quick: Bool
+    var repetitions: Int
+    /// Where benchmark devices go.
+    var directory: String
+
+    func devicePath(_ name: String) -> String { "\(directory)/daxbench-\(getpid())-\(name)" }
+
+    /// Runs `ours` and `peer` alternately `repetitions` times after one warm-up of each.
+    func interleave(ours: () throws -> Double, peer: () throws -> Double) rethrows -> Samples {
+        _ = try ours()
+        _ = try peer()
+        var samples = Samples()
+        for _ in 0..<repetitions {
+            samples.ours.append(try ours())
+            samples.peer.append(try peer())
+        }
+        return samples
+    }
+}
+
+func now() -> UInt64 { cbench_now_ns() }
+
+func median(_ values: [Double]) -> Double {
+    guard !values.isEmpty else { return .nan }
+    let sorted = values.sorted()
+    let middle = sorted.count / 2
+    return sorted.count % 2 == 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2
+}
+
+/// Nanoseconds per iteration of `body`, which runs `iterations` times.
+func nanosecondsPerIteration(_ iterations: Int, _ body: () throws -> Void) rethrows -> Double {
+    let start = now()
+    try body()
+    return Double(now() - start) / Double(iterations)
+}
+
+/// Formats a number with three significant digits.
+func format(_ value: Double) -> String {
+    if value.isNaN || value.isInfinite { return "\(value)" }
+    let magnitude = abs(value)
+    if magnitude >= 100 { return String(format: "%.0f", value) }
+    if magnitude >= 10 { return String(format: "%.1f", value) }
+    if magnitude >= 1 { return String(format: "%.2f", value) }
+    return String(format: "%.3f", value)
+}
+
+/// A description of the machine, for reports.
+func machineDescription() -> String {
+    let cpu =
+        (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?
+        .split(separator: "\n").first { $0.hasPrefix("model name") }?
+        .split(separator: ":", maxSplits: 1).last?.trimmingCharacters(in: .whitespaces) ?? "unknown CPU"
+    var name = utsname()
+    uname(&name)
+    let kernel = withUnsafeBytes(of: &name.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    let memory = ProcessInfo.processInfo.physicalMemory >> 30
+    return "\(cpu), \(ProcessInfo.processInfo.activeProcessorCount) cores, \(memory) GiB, Linux \(kernel)"
+}
+
+func printTable(_ results: [Result]) {
+    let header = ["name", "ours", "peer", "peer is", "unit", "ratio", "goal", "holds"]
+    let rows = results.map { result in
+        [
+            result.benchmark.name, format(result.ours), format(result.peer), result.benchmark.peerName,
+            result.benchmark.unit, format(result.ratio), result.benchmark.goal.description,
+            result.holds.map { $0 ? "yes" : "NO" } ?? "-",
+        ]
+    }
+    var widths = header.map(\.count)
+    for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
+    func line(_ cells: [String]) -> String {
+        cells.enumerated().map { i, cell in cell.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
+            .joined(separator: "  ")
+    }
+    print(line(header))
+    print(line(widths.map { String(repeating: "-", count: $0) }))
+    for row in rows { print(line(row)) }
+}
+
+func writeJSON(_ results: [Result], to path: String) throws {
+    let entries: [[String: Any]] = results.map { result in
+        [
+            "name": result.benchmark.name,
+            "unit": result.benchmark.unit,
+            "ours": result.ours,
+            "peer": result.peer,
+            "peerName": result.benchmark.peerName,
+            "ratio": result.ratio,
+            "goal": result.benchmark.goal.description,
+            "holds": result.holds.map { $0 as Any } ?? NSNull(),
+        ]
+    }
+    let document: [String: Any] = ["machine": machineDescription(), "results": entries]
+    let data = try JSONSerialization.data(
+        withJSONObject: document,
+        options: [
+            .prettyPrinted, .sortedKeys,
+            .withoutEscapingSlashes,
+        ])
+    try data.write(to: URL(fileURLWithPath: path))
+}

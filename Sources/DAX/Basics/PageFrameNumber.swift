@@ -1,0 +1,33 @@
+/// A device page's index: its device offset divided by ``PMemDevice/pageSize``.
+///
+/// The kernel's PFN. A frame names a page of the *device*, not of a file or a mapping: two files
+/// never share a frame at the same time, and the DMA engine addresses memory by frame.
+public struct PageFrameNumber: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
+    /// The device offset divided by the page size.
+    public var rawValue: UInt64
+
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    /// The frame of the page at `offset` bytes into the device (rounded down).
+    public init(deviceOffset offset: Int) {
+        self.rawValue = UInt64(offset) / UInt64(PMemDevice.pageSize)
+    }
+
+    /// The device offset of the page's first byte.
+    public var deviceOffset: Int { Int(rawValue) * PMemDevice.pageSize }
+
+    public static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
+
+    public var description: String { "pfn \(rawValue)" }
+
+    /// The frame `n` pages further on.
+    public func advanced(by n: Int) -> PageFrameNumber {
+        PageFrameNumber(rawValue: UInt64(Int(rawValue) + n))
+    }
+}
+
+/// Whether a file, mapping or pin may be written, or only read.
+public enum Access: Sendable, Hashable {
+    case readOnly
+    case readWrite
+}

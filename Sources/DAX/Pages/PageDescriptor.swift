@@ -1,0 +1,110 @@
+import Synchronization
+
+/// The runtime state of one device page: the emulator's `struct page`, 16 bytes.
+///
+/// Never stored on the device. Word `counts` packs the three counts and the flags, so that one
+/// compare-and-swap can take a reference unless the page is frozen or free, and the value a
+/// decrement replaces tells whether anyone must be woken. Word `owner` names the file page that
+/// holds the block, for reverse lookup. The bit layout is in `docs/architecture.md`.
+struct PageDescriptor: ~Copyable {
+    let counts: Atomic<UInt64>
+    let owner: Atomic<UInt64>
+}
+
+/// The bit layout of `PageDescriptor.counts`.
+enum PageWord {
+    static let refOne: UInt64 = 1
+    static let refLimit: UInt64 = (1 << 23) - 1
+    static let pinShift: UInt64 = 23
+    static let pinOne: UInt64 = 1 << pinShift
+    static let pinLimit: UInt64 = (1 << 20) - 1
+    static let mapShift: UInt64 = 43
+    static let mapOne: UInt64 = 1 << mapShift
+    static let mapLimit: UInt64 = (1 << 16) - 1
+
+    static let allocated: UInt64 = 1 << 59
+    static let quarantined: UInt64 = 1 << 60
+    static let frozen: UInt64 = 1 << 61
+    static let waiters: UInt64 = 1 << 62
+    static let poisoned: UInt64 = 1 << 63
+
+    /// Flags whose presence sends a decrement to the slow path.
+    static let slowPathFlags: UInt64 = quarantined | waiters
+
+    @inline(__always) static func refCount(_ w: UInt64) -> UInt64 { w & refLimit }
+    @inline(__always) static func pinCount(_ w: UInt64) -> UInt64 { (w >> pinShift) & pinLimit }
+    @inline(__always) static func mapCount(_ w: UInt64) -> UInt64 { (w >> mapShift) & mapLimit }
+
+    /// No reference besides those of mappings, and no pin: what truncate waits for.
+    @inline(__always) static func isIdleExceptMappings(_ w: UInt64) -> Bool {
+        refCount(w) == mapCount(w) && pinCount(w) == 0
+    }
+}
+
+/// The bit layout of `PageDescriptor.owner`: inode number and page index in that file.
+enum PageOwner {
+    static let inodeBits: UInt64 = 24
+    static let inodeLimit: UInt64 = (1 << inodeBits) - 1
+    static let indexLimit: UInt64 = (1 << 40) - 1
+
+    static func pack(inode: UInt32, index: UInt64) -> UInt64 {
+        precondition(UInt64(inode) <= inodeLimit && index <= indexLimit, "page owner out of range")
+        return UInt64(inode) | (index << inodeBits)
+    }
+}
+
+/// A snapshot of one page descriptor.
+public struct PageState: Sendable, Equatable, CustomStringConvertible {
+    /// Every user: mappings, transient references, pins.
+    public var refCount: Int
+    /// DMA pins, counted exactly.
+    public var pinCount: Int
+    /// Live file mappings of the page.
+    public var mapCount: Int
+    /// The block belongs to a file or to file-system metadata.
+    public var isAllocated: Bool
+    /// The block is free on the device but held back from reuse until its last pin goes.
+    public var isQuarantined: Bool
+    /// The page is frozen (`page_ref_freeze`): new references fail until it is unfrozen.
+    public var isFrozen: Bool = false
+    /// The inode whose file holds the block (0 for none or for file-system metadata).
+    public var ownerInode: UInt32 = 0
+    /// The page index of the block in that file.
+    public var ownerPageIndex: UInt64 = 0
+
+    public init(refCount: Int, pinCount: Int, mapCount: Int, isAllocated: Bool, isQuarantined: Bool) {
+        self.refCount = refCount
+        self.pinCount = pinCount
+        self.mapCount = mapCount
+        self.isAllocated = isAllocated
+        self.isQuarantined = isQuarantined
+    }
+
+    init(word: UInt64, owner: UInt64) {
+        self.init(
+            refCount: Int(PageWord.refCount(word)), pinCount: Int(PageWord.pinCount(word)),
+            mapCount: Int(PageWord.mapCount(word)), isAllocated: word & PageWord.allocated != 0,
+            isQuarantined: word & PageWord.quarantined != 0)
+        self.isFrozen = word & PageWord.frozen != 0
+        self.ownerInode = UInt32(owner & PageOwner.inodeLimit)
+        self.ownerPageIndex = owner >> PageOwner.inodeBits
+    }
+
+    /// Equality compares the five counts and flags of the API; frozen and owner are extras.
+    public static func == (a: PageState, b: PageState) -> Bool {
+        a.refCount == b.refCount && a.pinCount == b.pinCount && a.mapCount == b.mapCount
+            && a.isAllocated == b.isAllocated && a.isQuarantined == b.isQuarantined
+    }
+
+    /// Busy for truncate: referenced beyond its mappings, or pinned.
+    public var isBusy: Bool { refCount - mapCount > 0 || pinCount > 0 }
+
+    public var description: String {
+        var flags: [String] = []
+        if isAllocated { flags.append("allocated") }
+        if isQuarantined { flags.append("quarantined") }
+        if isFrozen { flags.append("frozen") }
+        return "ref \(refCount) pin \(pinCount) map \(mapCount)"
+            + (flags.isEmpty ? "" : " [" + flags.joined(separator: ",") + "]")
+    }
+}

@@ -1,0 +1,329 @@
+import Glibc
+import Synchronization
+
+/// Pin totals of a page map, in pages, like `/proc/vmstat`'s `nr_foll_pin_*`.
+public struct PinTotals: Sendable, Equatable {
+    /// Pages pinned.
+    public var acquired: Int
+    /// Pages unpinned, or revoked with their lease.
+    public var released: Int
+    /// Descriptors with `pinCount > 0`.
+    public var pinnedPages: Int
+}
+
+/// One descriptor per device page: the kernel's memmap (`vmemmap`), with `pfn_to_page` and
+/// `page_to_pfn` both O(1).
+///
+/// Runtime state only, never written to the device. A descriptor is 16 bytes (Linux's `struct
+/// page` is 64); the table is reserved as address space and backed lazily by the kernel, so a 1 TiB
+/// device pays memory only for the descriptors it uses.
+public final class PageMap: Sendable {
+    /// Descriptors, one per device page.
+    public let count: Int
+    let table: PageTable
+
+    package init(pageCount: Int) throws {
+        precondition(pageCount > 0)
+        let bytes =
+            (pageCount * MemoryLayout<PageDescriptor>.stride + Int(getpagesize()) - 1)
+            & ~(Int(getpagesize()) - 1)
+        let memory = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let memory, memory != MAP_FAILED else {
+            throw DAXError.system(
+                "mmap", "cannot reserve \(bytes) bytes for \(pageCount) page descriptors",
+                errno: Glibc.errno)
+        }
+        // Zeroed memory is a valid table: no counts, no flags, no owner.
+        let descriptors = memory.bindMemory(to: PageDescriptor.self, capacity: pageCount)
+        let core = UnsafeMutablePointer<PageTableCore>.allocate(capacity: 1)
+        core.initialize(
+            to: PageTableCore(
+                descriptors: descriptors, count: pageCount, tableBytes: bytes, tallySlot: PinTally.claimSlot() ?? -1))
+        self.count = pageCount
+        self.table = PageTable(core: core)
+    }
+
+    deinit {
+        let totals = table.totals()
+        guard totals.acquired == totals.released else {
+            // Pins outlive the map: leave the table in place so that their release stays safe.
+            return
+        }
+        if table.core.pointee.tallySlot >= 0 { PinTally.releaseSlot(table.core.pointee.tallySlot) }
+        munmap(UnsafeMutableRawPointer(table.core.pointee.descriptors), table.core.pointee.tableBytes)
+        table.core.deinitialize(count: 1)
+        table.core.deallocate()
+    }
+
+    /// A snapshot of the descriptor of `frame`.
+    public func state(of frame: PageFrameNumber) -> PageState {
+        precondition(frame.rawValue < UInt64(count), "\(frame) is outside the page map of \(count) pages")
+        let descriptor = table.descriptor(frame.rawValue)
+        return PageState(
+            word: descriptor.pointee.counts.load(ordering: .acquiring),
+            owner: descriptor.pointee.owner.load(ordering: .relaxed))
+    }
+
+    /// Bytes of one descriptor, as laid out in the table.
+    public static var bytesPerDescriptor: Int { MemoryLayout<PageDescriptor>.stride }
+
+    /// Bytes of the table the kernel has actually backed with memory so far (`mincore`).
+    public var residentTableBytes: Int {
+        let pageSize = Int(getpagesize())
+        let pages = table.core.pointee.tableBytes / pageSize
+        var vector = [UInt8](repeating: 0, count: pages)
+        let status = vector.withUnsafeMutableBufferPointer {
+            mincore(
+                UnsafeMutableRawPointer(table.core.pointee.descriptors), table.core.pointee.tableBytes,
+                $0.baseAddress)
+        }
+        guard status == 0 else { return -1 }
+        return vector.reduce(0) { $0 + Int($1 & 1) } * pageSize
+    }
+
+    /// Bytes of address space reserved for the table.
+    public var reservedTableBytes: Int { table.core.pointee.tableBytes }
+
+    // MARK: - Pin totals
+
+    /// The pin totals, read together: under concurrent pinning, `acquired - released` is never
+    /// below the number of pins outstanding throughout the read.
+    public var pinTotals: PinTotals { table.totals() }
+    /// Pages pinned since the map was made (the kernel's `nr_foll_pin_acquired`).
+    public var pinsAcquired: Int { table.totals().acquired }
+    /// Pages unpinned or revoked since the map was made (`nr_foll_pin_released`).
+    public var pinsReleased: Int { table.totals().released }
+    /// Descriptors whose `pinCount` is above zero now.
+    public var pinnedPageCount: Int { table.totals().pinnedPages }
+
+    // MARK: - References (package API: the layers above use these)
+
+    private func check(_ frame: PageFrameNumber) throws {
+        guard frame.rawValue < UInt64(count) else {
+            throw DAXError(.invalidArgument, "\(frame) is outside the device's \(count) pages")
+        }
+    }
+
+    /// Takes a transient reference (the kernel's `folio_try_get`): fails on a free or frozen page.
+    package func tryGet(_ frame: PageFrameNumber) -> Bool {
+        guard frame.rawValue < UInt64(count) else { return false }
+        return table.tryGet(frame.rawValue, adding: PageWord.refOne) == nil
+    }
+
+    /// Drops a reference taken with ``tryGet(_:)``; the last one wakes waiters.
+    package func put(_ frame: PageFrameNumber) {
+        precondition(frame.rawValue < UInt64(count), "\(frame) is outside the page map")
+        table.put(frame.rawValue, removing: PageWord.refOne)
+    }
+
+    /// Adds a mapping (a reference and a map count) unless the page is free or frozen.
+    package func tryMap(_ frame: PageFrameNumber) throws {
+        try check(frame)
+        if let failure = table.tryGet(frame.rawValue, adding: PageWord.refOne | PageWord.mapOne) {
+            throw PageTable.error(for: failure, frame: frame.rawValue, what: "map")
+        }
+    }
+
+    /// Drops a mapping added with ``tryMap(_:)``.
+    package func unmap(_ frame: PageFrameNumber) {
+        precondition(frame.rawValue < UInt64(count), "\(frame) is outside the page map")
+        table.put(frame.rawValue, removing: PageWord.refOne | PageWord.mapOne)
+    }
+
+    /// Pins `frames` (all or none): `pin_user_pages` on device frames, without the file checks that
+    /// ``DAXMapping/pin(offset:count:access:lifetime:)`` makes.
+    package func pin(_ frames: some Sequence<PageFrameNumber>, lifetime: PinLifetime = .shortTerm) throws -> PinnedPages
+    {
+        let runs = FrameRuns(frames)
+        for run in runs.runs where run.start + UInt64(run.count) > UInt64(count) {
+            throw DAXError(
+                .invalidArgument, "frames \(run.start)..<\(run.start + UInt64(run.count)) are outside the device")
+        }
+        guard runs.pageCount > 0 else { throw DAXError(.invalidArgument, "no frames to pin") }
+        return try pin(runs: runs, lifetime: lifetime)
+    }
+
+    /// Pins `count` contiguous frames from `first` for short-term use.
+    package func pin(first: PageFrameNumber, count pages: Int) throws -> PinnedPages {
+        guard pages > 0, first.rawValue < UInt64(count), UInt64(pages) <= UInt64(count) - first.rawValue else {
+            throw DAXError(
+                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(count) pages")
+        }
+        let run = FrameRun(start: first.rawValue, count: pages)
+        if pages == 1 { try table.pinOne(run.start) } else { try table.pin(.single(run)) }
+        return PinnedPages(table: table, head: run)
+    }
+
+    /// Pins `count` contiguous frames from `first`.
+    package func pin(first: PageFrameNumber, count pages: Int, lifetime: PinLifetime) throws -> PinnedPages {
+        guard case .longTerm = lifetime else { return try pin(first: first, count: pages) }
+        guard pages > 0, first.rawValue < UInt64(count), UInt64(pages) <= UInt64(count) - first.rawValue else {
+            throw DAXError(
+                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(count) pages")
+        }
+        return try pin(runs: .single(FrameRun(start: first.rawValue, count: pages)), lifetime: lifetime)
+    }
+
+    func pin(runs: FrameRuns, lifetime: PinLifetime) throws -> PinnedPages {
+        try table.pin(runs)
+        switch lifetime {
+        case .shortTerm:
+            return PinnedPages(table: table, runs: runs, lease: nil)
+        case .longTerm(let onRevoke):
+            let lease = PinLease(table: table, runs: runs, onRevoke: onRevoke)
+            lease.register()
+            return PinnedPages(table: table, runs: runs, lease: lease)
+        }
+    }
+
+    /// Live long-term pins that hold any frame `contains` accepts.
+    func leases(where contains: (UInt64) -> Bool) -> [PinLease] {
+        let all = table.core.pointee.leases.withLock { Array($0.values) }
+        return all.filter { lease in
+            var hit = false
+            lease.runs.forEachFrame { frame in
+                hit = contains(frame)
+                return !hit
+            }
+            return hit
+        }
+    }
+
+    // MARK: - Freeze
+
+    /// The kernel's `page_ref_freeze`: if the page has exactly `expectedRefCount` references and
+    /// no pin, marks it frozen so that every try-get, pin and map fails until ``unfreeze(_:)``.
+    /// Returns false if anyone holds a reference beyond those expected.
+    package func freeze(_ frame: PageFrameNumber, expectedRefCount: Int) -> Bool {
+        guard frame.rawValue < UInt64(count) else { return false }
+        let counts = table.descriptor(frame.rawValue)
+        var old = counts.pointee.counts.load(ordering: .relaxed)
+        while true {
+            guard PageWord.refCount(old) == UInt64(expectedRefCount), PageWord.pinCount(old) == 0,
+                old & PageWord.frozen == 0
+            else { return false }
+            let (exchanged, current) = counts.pointee.counts.compareExchange(
+                expected: old, desired: old | PageWord.frozen, ordering: .sequentiallyConsistent)
+            if exchanged { return true }
+            old = current
+        }
+    }
+
+    /// Ends a freeze (`page_ref_unfreeze`).
+    package func unfreeze(_ frame: PageFrameNumber) {
+        precondition(frame.rawValue < UInt64(count), "\(frame) is outside the page map")
+        let old = table.descriptor(frame.rawValue).pointee.counts.bitwiseAnd(
+            ~PageWord.frozen,
+            ordering: .sequentiallyConsistent
+        ).oldValue
+        precondition(old & PageWord.frozen != 0, "unfreeze of \(frame), which is not frozen")
+    }
+
+    // MARK: - Waiting
+
+    /// Sleeps until every page of `frames` has no reference beyond its mappings and no pin, or
+    /// until `timeout` passes. Woken by the final put or unpin; never polls. Returns whether all
+    /// pages were idle.
+    package func waitUntilIdle(_ frames: some Sequence<PageFrameNumber>, timeout: Duration) -> Bool {
+        waitUntil(frames.map(\.rawValue), deadline: Deadline(after: timeout), PageWord.isIdleExceptMappings)
+    }
+
+    /// Sleeps until `isIdle` holds for every frame's counts word, or the deadline passes.
+    func waitUntil(_ frames: [UInt64], deadline: Deadline, _ isIdle: (UInt64) -> Bool) -> Bool {
+        if frames.allSatisfy({ isIdle(table.word($0)) }) { return true }
+        let queue = table.core.pointee.waitQueue
+        let waiter = PageWaitQueue.Waiter()
+        queue.register(waiter)
+        defer { queue.unregister(waiter) }
+        var next = 0
+        while true {
+            // Pages before `next` were idle when last looked at; find the first busy one from there.
+            while next < frames.count {
+                let counts = table.descriptor(frames[next])
+                if isIdle(counts.pointee.counts.load(ordering: .acquiring)) {
+                    next += 1
+                    continue
+                }
+                let word = counts.pointee.counts.bitwiseOr(PageWord.waiters, ordering: .sequentiallyConsistent).newValue
+                if isIdle(word) {
+                    next += 1
+                    continue
+                }
+                break
+            }
+            if next == frames.count {
+                // Idle one by one; confirm all at once, since an early page may have been taken again.
+                if let busy = frames.firstIndex(where: { !isIdle(table.word($0)) }) {
+                    next = busy
+                    continue
+                }
+                return true
+            }
+            if waiter.semaphore.wait(timeout: deadline.dispatchTime) == .timedOut {
+                return frames.allSatisfy { isIdle(table.word($0)) }
+            }
+        }
+    }
+
+    // MARK: - Allocation state (the allocator's side)
+
+    /// Marks a free, idle page allocated to `inode` at `index`. Fails (returns false) if the page is
+    /// allocated, quarantined or referenced: invariant 1 checked at the last moment.
+    package func markAllocated(_ frame: UInt64, inode: UInt32, index: UInt64) -> Bool {
+        let counts = table.descriptor(frame)
+        var old = counts.pointee.counts.load(ordering: .relaxed)
+        while true {
+            guard old & (PageWord.allocated | PageWord.quarantined | PageWord.frozen) == 0,
+                PageWord.refCount(old) == 0
+            else { return false }
+            let (exchanged, current) = counts.pointee.counts.compareExchange(
+                expected: old, desired: old | PageWord.allocated, ordering: .sequentiallyConsistent)
+            if exchanged { break }
+            old = current
+        }
+        counts.pointee.owner.store(PageOwner.pack(inode: inode, index: index), ordering: .releasing)
+        return true
+    }
+
+    /// Records which file page a block now holds (after a move within a file).
+    func setOwner(_ frame: UInt64, inode: UInt32, index: UInt64) {
+        table.descriptor(frame).pointee.owner.store(PageOwner.pack(inode: inode, index: index), ordering: .releasing)
+    }
+
+    /// Frees an allocated page: idle pages become free at once (returns true); a page still
+    /// referenced or pinned becomes quarantined (returns false) and is handed to the quarantine
+    /// release hook by its final put or unpin.
+    package func markFree(_ frame: UInt64) -> Bool {
+        let counts = table.descriptor(frame)
+        var old = counts.pointee.counts.load(ordering: .relaxed)
+        while true {
+            precondition(old & PageWord.allocated != 0, "free of pfn \(frame), which is not allocated")
+            let busy = PageWord.refCount(old) > 0
+            let new = (old & ~PageWord.allocated) | (busy ? PageWord.quarantined : 0)
+            let (exchanged, current) = counts.pointee.counts.compareExchange(
+                expected: old, desired: new, ordering: .sequentiallyConsistent)
+            if exchanged {
+                counts.pointee.owner.store(0, ordering: .relaxed)
+                return !busy
+            }
+            old = current
+        }
+    }
+
+    /// Sets the closure that the final put or unpin of a quarantined page calls.
+    func setQuarantineRelease(_ release: (@Sendable (PageFrameNumber) -> Void)?) {
+        table.core.pointee.quarantineRelease.withLock { $0 = release }
+    }
+
+    /// Clears every allocated flag (unmount): the file system's blocks are no longer owned.
+    /// Pages still referenced keep their counts.
+    func clearAllocation(_ frames: Range<UInt64>) {
+        for frame in frames {
+            let counts = table.descriptor(frame)
+            if counts.pointee.counts.load(ordering: .relaxed) & PageWord.allocated != 0 {
+                counts.pointee.counts.bitwiseAnd(~PageWord.allocated, ordering: .sequentiallyConsistent)
+                counts.pointee.owner.store(0, ordering: .relaxed)
+            }
+        }
+    }
+}

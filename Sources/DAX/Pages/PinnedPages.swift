@@ -1,0 +1,155 @@
+import Synchronization
+
+/// How long a pin may last.
+public enum PinLifetime: Sendable {
+    /// Transient I/O (O_DIRECT, a short DMA): truncate waits for it; it is never revoked.
+    case shortTerm
+    /// A pin that may last indefinitely (an RDMA registration): a lease. When a truncate or
+    /// punch needs the pages, `onRevoke` asks the holder to let go; after the grace period the
+    /// pin is revoked (FOLL_LONGTERM, which Linux refuses on fsdax, allowed here as a lease).
+    case longTerm(onRevoke: @Sendable () -> Void)
+}
+
+/// A set of pinned pages, released exactly once: by `release()` or when it goes out of scope.
+///
+/// The kernel's `pin_user_pages` result. While it lives, every page in ``frames`` has its
+/// `pinCount` and `refCount` raised by one, so truncate cannot hand the blocks to another file.
+public struct PinnedPages: ~Copyable, Sendable {
+    let table: PageTable
+    /// The first run of pinned frames; for most pins the only one.
+    let head: FrameRun
+    /// Further runs, or the lease of a long-term pin; nil for a one-run short-term pin, so that
+    /// the common pin holds no reference-counted object.
+    let extra: PinExtra?
+
+    init(table: PageTable, head: FrameRun) {
+        self.table = table
+        self.head = head
+        self.extra = nil
+    }
+
+    init(table: PageTable, runs: FrameRuns, lease: PinLease?) {
+        self.table = table
+        self.head = runs.runs[0]
+        self.extra = (runs.runs.count == 1 && lease == nil) ? nil : PinExtra(runs: runs, lease: lease)
+    }
+
+    var runs: FrameRuns { extra?.runs ?? .single(head) }
+
+    var lease: PinLease? { extra?.lease }
+
+    /// The pinned device pages, in the order of the pinned range.
+    public var frames: [PageFrameNumber] { runs.frames }
+
+    /// Pages pinned.
+    public var count: Int { extra?.runs.pageCount ?? head.count }
+
+    /// True once a long-term pin's lease was revoked: its counts are already dropped, and the DMA
+    /// engine refuses to touch its pages. Releasing it then changes no count.
+    public var isRevoked: Bool { extra?.lease?.isRevoked ?? false }
+
+    /// True for a long-term pin (a lease).
+    public var isLongTerm: Bool { extra?.lease != nil }
+
+    /// Drops the pins (the kernel's `unpin_user_pages`). The pages may be truncated afterwards.
+    public consuming func release() {
+        // `deinit` runs as `self` ends here and does the unpinning, exactly once.
+    }
+
+    deinit {
+        if let extra {
+            if let lease = extra.lease { lease.release() } else { table.unpin(extra.runs) }
+        } else if head.count == 1 {
+            table.unpinOneCounted(head.start)
+        } else {
+            table.unpin(.single(head))
+        }
+    }
+}
+
+/// What a pin needs beyond one run of frames: more runs, or a lease.
+final class PinExtra: Sendable {
+    let runs: FrameRuns
+    let lease: PinLease?
+
+    init(runs: FrameRuns, lease: PinLease?) {
+        self.runs = runs
+        self.lease = lease
+    }
+}
+
+/// The shared state of a long-term pin: who holds it, and whether it was released or revoked.
+///
+/// Revocation and DMA access exclude each other through ``withAccess(_:)``: a revoke waits for
+/// an access in flight, and no access starts after it (the IOMMU or on-demand-paging invalidation
+/// of an RDMA NIC).
+final class PinLease: Sendable {
+    enum State { case active, released, revoked }
+
+    let table: PageTable
+    let runs: FrameRuns
+    private let onRevoke: @Sendable () -> Void
+    private let state = Mutex(State.active)
+    private let revokeRequested = Atomic<Bool>(false)
+
+    init(table: PageTable, runs: FrameRuns, onRevoke: @escaping @Sendable () -> Void) {
+        self.table = table
+        self.runs = runs
+        self.onRevoke = onRevoke
+    }
+
+    var isRevoked: Bool { state.withLock { $0 == .revoked } }
+    var isActive: Bool { state.withLock { $0 == .active } }
+
+    /// The holder lets go. Changes no count if the lease was revoked first.
+    func release() {
+        let wasActive = state.withLock { state in
+            defer { if state == .active { state = .released } }
+            return state == .active
+        }
+        guard wasActive else { return }
+        unregister()
+        table.unpin(runs)
+    }
+
+    /// Asks the holder to let go by calling its `onRevoke`, once.
+    func requestRelease() {
+        guard isActive, !revokeRequested.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        onRevoke()
+    }
+
+    /// Revokes the lease: waits for an access in flight, drops the counts (counted as released),
+    /// and makes every later access fail. Returns false if it was no longer active.
+    @discardableResult
+    func revoke() -> Bool {
+        let revoked = state.withLock { state in
+            guard state == .active else { return false }
+            state = .revoked
+            // Unpin while holding the state lock, so no access can still be copying.
+            table.unpin(runs)
+            return true
+        }
+        if revoked { unregister() }
+        return revoked
+    }
+
+    /// Runs `body` while the lease cannot be revoked; throws `.revoked` if it already was.
+    func withAccess<T>(_ body: () throws -> T) throws -> T {
+        try state.withLock { state in
+            switch state {
+            case .active: return try body()
+            case .revoked:
+                throw DAXError(.revoked, "the pin's lease was revoked: its pages may belong to another file now")
+            case .released: throw DAXError(.invalidArgument, "the pin was released")
+            }
+        }
+    }
+
+    func register() {
+        table.core.pointee.leases.withLock { $0[ObjectIdentifier(self)] = self }
+    }
+
+    private func unregister() {
+        _ = table.core.pointee.leases.withLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
+    }
+}

@@ -1,0 +1,193 @@
+import CLibPMem
+import Foundation
+import Testing
+
+@testable import DAX
+
+@Suite("PMemDevice")
+struct DeviceTests {
+    @Test("create, write, reopen: the bytes are still there")
+    func reopenKeepsBytes() throws {
+        let path = TemporaryDevice.uniquePath("reopen")
+        defer { unlink(path) }
+        let pattern = (0..<10_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+        do {
+            let device = try PMemDevice.create(path: path, size: 4 << 20)
+            #expect(device.size == 4 << 20)
+            #expect(device.pageCount == 1024)
+            #expect(device.pages.count == 1024)
+            try device.write(pattern, at: 123_456)
+            // Raw stores through the mapping, persisted by hand.
+            device.baseAddress.storeBytes(of: 0xDEAD_BEEF_CAFE_F00D as UInt64, toByteOffset: 4096, as: UInt64.self)
+            device.persist(offset: 4096, count: 8)
+            device.close()
+            #expect(device.isClosed)
+        }
+        let reopened = try PMemDevice.open(path: path)
+        defer { reopened.close() }
+        #expect(reopened.size == 4 << 20)
+        #expect(try reopened.read(count: pattern.count, at: 123_456) == pattern)
+        #expect(reopened.baseAddress.load(fromByteOffset: 4096, as: UInt64.self) == 0xDEAD_BEEF_CAFE_F00D)
+        // Untouched bytes of a new device read as zeros.
+        #expect(try reopened.read(count: 64, at: 2 << 20) == [UInt8](repeating: 0, count: 64))
+    }
+
+    @Test("create refuses an existing file and leaves it untouched")
+    func createRefusesExisting() throws {
+        let path = TemporaryDevice.uniquePath("exists")
+        defer { unlink(path) }
+        let original = Data("not a device".utf8)
+        FileManager.default.createFile(atPath: path, contents: original)
+        let error = expectDAXError(.alreadyExists) { try PMemDevice.create(path: path, size: 4 << 20) }
+        #expect(error?.message.contains(path) == true)
+        #expect(error?.errno == EEXIST)
+        #expect(FileManager.default.contents(atPath: path) == original)
+    }
+
+    @Test(
+        "bad sizes are refused before anything is created",
+        arguments: [
+            0, -4096, 4095, 4097, (4 << 20) + 1, 1 << 20, PMemDevice.minimumSize - 4096, PMemDevice.maximumSize + 4096,
+        ])
+    func badSizes(size: Int) throws {
+        let path = TemporaryDevice.uniquePath("size")
+        defer { unlink(path) }
+        let error = expectDAXError(.invalidArgument) { try PMemDevice.create(path: path, size: size) }
+        #expect(error?.message.contains("\(size)") == true)
+        #expect(!FileManager.default.fileExists(atPath: path))
+    }
+
+    @Test("a device larger than the free space is refused without filling /dev/shm")
+    func noSpace() throws {
+        let path = TemporaryDevice.uniquePath("huge")
+        defer { unlink(path) }
+        expectDAXError(.noSpace) { try PMemDevice.create(path: path, size: 4 << 40) }
+        #expect(!FileManager.default.fileExists(atPath: path))
+    }
+
+    @Test("create in a missing directory fails with notFound and creates nothing")
+    func missingDirectory() throws {
+        let path = "/dev/shm/daxtest-no-such-dir-\(getpid())/device"
+        expectDAXError(.notFound) { try PMemDevice.create(path: path, size: 4 << 20) }
+        #expect(!FileManager.default.fileExists(atPath: path))
+    }
+
+    @Test("open of a wrong path says what is wrong")
+    func openErrors() throws {
+        expectDAXError(.notFound) { try PMemDevice.open(path: "/dev/shm/daxtest-missing-\(UUID())") }
+        expectDAXError(.isADirectory) { try PMemDevice.open(path: "/dev/shm") }
+        expectDAXError(.invalidArgument) { try PMemDevice.open(path: "") }
+        let path = TemporaryDevice.uniquePath("odd")
+        defer { unlink(path) }
+        FileManager.default.createFile(atPath: path, contents: Data(count: 5000))
+        let error = expectDAXError(.invalidArgument) { try PMemDevice.open(path: path) }
+        #expect(error?.message.contains("5000") == true)
+        #expect((try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) == 5000)
+    }
+
+    @Test("tmpfs is reported honestly: not pmem, MAP_SYNC refused with a reason")
+    func honestReport() throws {
+        guard ProcessInfo.processInfo.environment["PMEM_IS_PMEM_FORCE"] == nil else { return }
+        let temporary = try TemporaryDevice()
+        let device = temporary.device
+        #expect(!device.isPersistentMemory)
+        #expect(device.persistence == .msync)
+        #expect(device.requestedPersistence == .automatic)
+        guard case .refused(let reason) = device.mapSync else {
+            Issue.record("MAP_SYNC granted on tmpfs")
+            return
+        }
+        #expect(reason.contains("tmpfs"))
+    }
+
+    @Test("cache-flush mode flushes and fences, never msyncs")
+    func cacheFlushMode() throws {
+        let counter = CallCounter()
+        var options = PMemDevice.Options()
+        options.persistence = .cacheFlush
+        options.systemCalls = counter.systemCalls
+        let temporary = try TemporaryDevice(options: options)
+        let device = temporary.device
+        #expect(device.persistence == .cacheFlush)
+        device.persist(offset: 0, count: 64)
+        device.flush(offset: 4096, count: 128)
+        device.drain()
+        try device.write([1, 2, 3], at: 8192, flags: [.nonTemporal, .noDrain])
+        #expect(counter.persists.load(ordering: .relaxed) == 1)
+        #expect(counter.flushes.load(ordering: .relaxed) == 1)
+        #expect(counter.drains.load(ordering: .relaxed) == 1)
+        #expect(counter.msyncs.load(ordering: .relaxed) == 0)
+        #expect(counter.copies.load(ordering: .relaxed) == 1)
+        #expect(counter.copyFlags.withLock { $0 } == [UInt32(PMEM_F_MEM_NONTEMPORAL | PMEM_F_MEM_NODRAIN)])
+        #expect(try device.read(count: 3, at: 8192) == [1, 2, 3])
+    }
+
+    @Test("msync mode msyncs, and its failures are reported")
+    func msyncMode() throws {
+        let counter = CallCounter()
+        var options = PMemDevice.Options()
+        options.persistence = .msync
+        options.systemCalls = counter.systemCalls
+        let temporary = try TemporaryDevice(options: options)
+        let device = temporary.device
+        #expect(device.persistence == .msync)
+        device.persist(offset: 100, count: 10)
+        try device.write([9, 9], at: 5000)
+        device.drain()
+        #expect(counter.msyncs.load(ordering: .relaxed) == 2)
+        #expect(counter.persists.load(ordering: .relaxed) == 0)
+        #expect(counter.drains.load(ordering: .relaxed) == 0)
+        #expect(counter.copies.load(ordering: .relaxed) == 0)
+
+        counter.msyncFailure.store(EIO, ordering: .relaxed)
+        let error = expectDAXError(.io) { try device.msync(offset: 0, count: 4096) }
+        #expect(error?.errno == EIO)
+        #expect(device.persistenceErrors == 0)
+        // persist cannot throw: it falls back to flushing the cache lines and counts the failure.
+        device.persist(offset: 0, count: 64)
+        #expect(device.persistenceErrors == 1)
+        #expect(counter.persists.load(ordering: .relaxed) == 1)
+    }
+
+    @Test("a failing pmem_map_file keeps errno and libpmem's message")
+    func mapFailure() throws {
+        var options = PMemDevice.Options()
+        options.systemCalls = .injectable
+        options.systemCalls.pmemMapFile = { _, _, _, _ in
+            errno = ENOSPC
+            return nil
+        }
+        let path = TemporaryDevice.uniquePath("mapfail")
+        defer { unlink(path) }
+        let error = expectDAXError(.noSpace) { try PMemDevice.create(path: path, size: 4 << 20, options: options) }
+        #expect(error?.errno == ENOSPC)
+        #expect(error?.message.contains("pmem_map_file") == true)
+        #expect(!FileManager.default.fileExists(atPath: path))
+    }
+
+    @Test("byte access outside the device is an error and writes nothing")
+    func outOfRange() throws {
+        let temporary = try TemporaryDevice(size: 4 << 20)
+        let device = temporary.device
+        expectDAXError(.invalidArgument) { try device.write([1, 2, 3, 4], at: (4 << 20) - 2) }
+        expectDAXError(.invalidArgument) { try device.write([1], at: -1) }
+        expectDAXError(.invalidArgument) { try device.read(count: 10, at: 4 << 20) }
+        expectDAXError(.invalidArgument) { try device.read(count: -1, at: 0) }
+        #expect(try device.read(count: 2, at: (4 << 20) - 2) == [0, 0])
+    }
+
+    @Test("fill and copy with temporal and non-temporal stores land on the device")
+    func fillAndCopy() throws {
+        var options = PMemDevice.Options()
+        options.persistence = .cacheFlush
+        let temporary = try TemporaryDevice(options: options)
+        let device = temporary.device
+        device.fill(offset: 65536, count: 1 << 20, value: 0xAB, flags: .nonTemporal)
+        let source = [UInt8](repeating: 0x5C, count: 300)
+        source.withUnsafeBytes { device.copy($0, toOffset: 100, flags: [.temporal, .noDrain]) }
+        device.drain()
+        #expect(try device.read(count: 1 << 20, at: 65536).allSatisfy { $0 == 0xAB })
+        #expect(try device.read(count: 300, at: 100) == source)
+        #expect(try device.read(count: 1, at: 65536 + (1 << 20)) == [0])
+    }
+}
