@@ -7,7 +7,7 @@ public struct PinTotals: Sendable, Equatable {
     public var acquired: Int
     /// Pages unpinned, or revoked with their lease.
     public var released: Int
-    /// Descriptors with `pinCount > 0`.
+    /// Descriptors with `pinCount > 0` (exact when no pin or unpin is in progress).
     public var pinnedPages: Int
 }
 
@@ -93,7 +93,8 @@ public final class PageMap: Sendable {
     public var pinsAcquired: Int { table.totals().acquired }
     /// Pages unpinned or revoked since the map was made (`nr_foll_pin_released`).
     public var pinsReleased: Int { table.totals().released }
-    /// Descriptors whose `pinCount` is above zero now.
+    /// Descriptors whose `pinCount` is above zero now. Exact when no pin or unpin is in progress;
+    /// while other threads pin and unpin shared pages it may be off by the transitions in flight.
     public var pinnedPageCount: Int { table.totals().pinnedPages }
 
     // MARK: - References (package API: the layers above use these)
