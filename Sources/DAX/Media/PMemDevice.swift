@@ -74,6 +74,8 @@ public final class PMemDevice: Sendable {
     private let state = Atomic<Int>(State.open)
     /// Mounted file systems and registered DMA regions: they keep the mapping alive past `close`.
     private let users = Atomic<Int>(0)
+    /// Set while a file system of this process is mounted on the device.
+    let isMounted = Atomic<Bool>(false)
 
     // MARK: - Creating and opening
 

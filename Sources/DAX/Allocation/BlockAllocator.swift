@@ -1,0 +1,190 @@
+import Synchronization
+
+/// A run of device blocks (page frames).
+struct BlockRun: Sendable, Hashable, CustomStringConvertible {
+    var start: UInt64
+    var count: UInt64
+
+    var end: UInt64 { start + count }
+    var range: Range<UInt64> { start..<end }
+
+    var description: String { "\(start)..<\(end)" }
+}
+
+/// Which data blocks can be handed out now: the runtime side of the block bitmap.
+///
+/// A block is *available* when the device's bitmap says it is free **and** no reference, pin or
+/// mapping holds it (invariant 1). Blocks freed while still pinned are *quarantined*: free on the
+/// device, unavailable here, until the page map's final unpin hands them back (invariant 2). The
+/// allocator re-checks each block's descriptor as it takes it, so a busy block is never handed out
+/// even if the bookkeeping were wrong.
+final class BlockAllocator: Sendable {
+    struct State: ~Copyable {
+        /// One bit per data block: 1 = available.
+        var available: [UInt64]
+        var availableCount: Int
+        var quarantined: Int = 0
+        /// Next-fit position, as a data-block index.
+        var cursor: Int = 0
+        /// Available blocks found busy at allocation (a bookkeeping bug if ever non-zero).
+        var skippedBusy: Int = 0
+    }
+
+    let pages: PageMap
+    let dataStart: UInt64
+    let dataBlocks: Int
+    fileprivate let state: Mutex<State>
+
+    /// `allocated(i)` says whether data-block index `i` is allocated on the device.
+    init(pages: PageMap, dataStart: UInt64, dataBlocks: Int, allocated: (Int) -> Bool) {
+        self.pages = pages
+        self.dataStart = dataStart
+        self.dataBlocks = dataBlocks
+        var words = [UInt64](repeating: 0, count: (dataBlocks + 63) / 64)
+        var count = 0
+        for index in 0..<dataBlocks where !allocated(index) {
+            words[index / 64] |= 1 << UInt64(index % 64)
+            count += 1
+        }
+        state = Mutex(State(available: words, availableCount: count))
+    }
+
+    /// Blocks that can be allocated now.
+    var freeBlocks: Int { state.withLock { $0.availableCount } }
+    /// Blocks free on the device but held back by pins or references.
+    var quarantinedBlocks: Int { state.withLock { $0.quarantined } }
+    var skippedBusyBlocks: Int { state.withLock { $0.skippedBusy } }
+
+    /// Takes `count` blocks, as few runs as the free space allows, starting the search at `goal`
+    /// (a block number; the block after the file's last one keeps files contiguous). Marks each
+    /// block's descriptor allocated to `inode` at page `firstIndex + n` (metadata blocks pass
+    /// `nil`). All or nothing: `.noSpace` if fewer blocks are available.
+    func allocate(_ count: Int, goal: UInt64?, inode: UInt32, firstIndex: UInt64?) throws -> [BlockRun] {
+        precondition(count > 0)
+        return try state.withLock { state in
+            guard state.availableCount >= count else {
+                throw DAXError(.noSpace, "no space: \(count) blocks needed, \(state.availableCount) free"
+                    + (state.quarantined > 0 ? " and \(state.quarantined) held by pins" : ""))
+            }
+            var runs: [BlockRun] = []
+            var taken = 0
+            let first = goal.flatMap { $0 >= dataStart && $0 < dataStart + UInt64(dataBlocks) ? Int($0 - dataStart) : nil }
+                ?? state.cursor
+            // One sweep: from `first` to the end, then from 0 back to `first`.
+            var position = first
+            var limit = dataBlocks
+            var wrapped = false
+            while taken < count {
+                guard let start = Self.nextSet(in: state.available, from: position, limit: limit) else {
+                    if wrapped { break }
+                    wrapped = true
+                    position = 0
+                    limit = first
+                    continue
+                }
+                var block = start
+                while block < limit, taken < count, Self.isSet(state.available, block) {
+                    let frame = dataStart + UInt64(block)
+                    let pageIndex = firstIndex.map { $0 + UInt64(taken) } ?? PageOwner.indexLimit
+                    block += 1
+                    guard pages.markAllocated(frame, inode: inode, index: pageIndex) else {
+                        // Free on the device yet referenced: invariant 1 says never hand it out.
+                        // It stays available; a later allocation retries it once it is idle.
+                        state.skippedBusy += 1
+                        break
+                    }
+                    Self.clear(&state.available, Int(frame - dataStart))
+                    state.availableCount -= 1
+                    if let last = runs.last, last.end == frame {
+                        runs[runs.count - 1].count += 1
+                    } else {
+                        runs.append(BlockRun(start: frame, count: 1))
+                    }
+                    taken += 1
+                }
+                position = block
+            }
+            guard taken == count else {
+                for run in runs { Self.giveBack(run, to: &state, pages: pages, dataStart: dataStart) }
+                throw DAXError(.noSpace, "no space: \(count) blocks needed, only \(taken) free and idle")
+            }
+            state.cursor = position < dataBlocks ? position : 0
+            return runs
+        }
+    }
+
+    /// Returns blocks that were taken with `allocate` but never committed to the device.
+    func unallocate(_ runs: [BlockRun]) {
+        state.withLock { state in
+            for run in runs { Self.giveBack(run, to: &state, pages: pages, dataStart: dataStart) }
+        }
+    }
+
+    private static func giveBack(_ run: BlockRun, to state: inout State, pages: PageMap, dataStart: UInt64) {
+        for frame in run.range {
+            let released = pages.markFree(frame)
+            precondition(released, "a block taken and given back in one operation was referenced")
+            set(&state.available, Int(frame - dataStart))
+            state.availableCount += 1
+        }
+    }
+
+    /// Blocks freed on the device by a committed transaction: idle ones become available now,
+    /// busy ones are quarantined until their final unpin or put calls ``quarantineEnded(_:)``.
+    func release(_ runs: [BlockRun]) {
+        state.withLock { state in
+            for run in runs {
+                for frame in run.range {
+                    if pages.markFree(frame) {
+                        Self.set(&state.available, Int(frame - dataStart))
+                        state.availableCount += 1
+                    } else {
+                        state.quarantined += 1
+                    }
+                }
+            }
+        }
+    }
+
+    /// The final put or unpin of a quarantined block: it may be reused now.
+    func quarantineEnded(_ frame: PageFrameNumber) {
+        state.withLock { state in
+            let index = Int(frame.rawValue - dataStart)
+            precondition(index >= 0 && index < dataBlocks && !Self.isSet(state.available, index),
+                         "quarantine ended for \(frame), which is not a quarantined data block")
+            Self.set(&state.available, index)
+            state.availableCount += 1
+            state.quarantined -= 1
+        }
+    }
+
+    /// Whether data-block index `index` is available, for `check`.
+    func isAvailable(_ index: Int) -> Bool { state.withLock { Self.isSet($0.available, index) } }
+
+    // MARK: Bit words
+
+    private static func isSet(_ words: [UInt64], _ index: Int) -> Bool { words[index / 64] & (1 << UInt64(index % 64)) != 0 }
+    private static func set(_ words: inout [UInt64], _ index: Int) { words[index / 64] |= 1 << UInt64(index % 64) }
+    private static func clear(_ words: inout [UInt64], _ index: Int) { words[index / 64] &= ~(1 << UInt64(index % 64)) }
+
+    /// The first set bit at or after `from`, below `limit`.
+    private static func nextSet(in words: [UInt64], from: Int, limit: Int) -> Int? {
+        guard from < limit else { return nil }
+        var wordIndex = from / 64
+        var word = words[wordIndex] & (~0 << UInt64(from % 64))
+        while true {
+            if word != 0 {
+                let bit = wordIndex * 64 + word.trailingZeroBitCount
+                return bit < limit ? bit : nil
+            }
+            wordIndex += 1
+            guard wordIndex < words.count else { return nil }
+            word = words[wordIndex]
+        }
+    }
+}
+
+extension BlockAllocator {
+    /// A copy of the availability bits, for `check`.
+    func snapshot() -> [UInt64] { state.withLock { $0.available } }
+}

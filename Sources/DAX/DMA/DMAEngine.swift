@@ -1,0 +1,135 @@
+import Synchronization
+
+/// A device that does DMA, such as an RDMA NIC: it writes and reads pinned pages by frame, through
+/// the device's own mapping, never through a file's virtual mapping.
+///
+/// ``register(_:)`` is a memory registration: the engine takes ownership of a pin until
+/// ``deregister(_:)``. If the pin was a long-term one and its lease is revoked (a truncate with
+/// `.revokeLeases`), every later access throws `.revoked` and writes nothing, the way an IOMMU or
+/// on-demand-paging invalidation cuts a NIC off. Thread-safe.
+public final class DMAEngine: Sendable {
+    let device: PMemDevice
+    /// Bytes written and read by DMA, for statistics.
+    let bytesWritten = Atomic<Int>(0)
+    let bytesRead = Atomic<Int>(0)
+
+    public init(device: PMemDevice) {
+        self.device = device
+    }
+
+    /// Takes ownership of `pin`, like an RDMA memory registration.
+    public func register(_ pin: consuming PinnedPages) -> DMARegion {
+        DMARegion(device: device, pin: pin)
+    }
+
+    /// Writes `bytes` at `offset` of the region (counted from the start of its first pinned page,
+    /// across its pages in order), by frame. Throws `.revoked` once the lease was revoked,
+    /// `.invalidArgument` for a range outside the region or a deregistered region; then nothing
+    /// is written.
+    public func write(_ bytes: [UInt8], to region: DMARegion, at offset: Int) throws {
+        try checkOwner(region)
+        try region.withAccess(offset: offset, count: bytes.count, what: "write") {
+            bytes.withUnsafeBytes { source in
+                region.forEachChunk(offset: offset, count: bytes.count) { deviceOffset, at, length in
+                    device.copy(UnsafeRawBufferPointer(rebasing: source[at..<(at + length)]), toOffset: deviceOffset,
+                                flags: .noDrain)
+                }
+            }
+            device.drain()
+        }
+        bytesWritten.wrappingAdd(bytes.count, ordering: .relaxed)
+    }
+
+    /// Reads `count` bytes at `offset` of the region, by frame. Throws as ``write(_:to:at:)`` does.
+    public func read(count: Int, from region: DMARegion, at offset: Int) throws -> [UInt8] {
+        try checkOwner(region)
+        let bytes = try region.withAccess(offset: offset, count: count, what: "read") {
+            [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+                region.forEachChunk(offset: offset, count: count) { deviceOffset, at, length in
+                    UnsafeMutableRawPointer(buffer.baseAddress! + at).copyMemory(from: device.base + deviceOffset,
+                                                                                 byteCount: length)
+                }
+                initialized = count
+            }
+        }
+        bytesRead.wrappingAdd(count, ordering: .relaxed)
+        return bytes
+    }
+
+    /// Releases the region's pin (waiting for an access in flight). Idempotent.
+    public func deregister(_ region: DMARegion) {
+        region.deregister()
+    }
+
+    private func checkOwner(_ region: DMARegion) throws {
+        guard region.device === device else {
+            throw DAXError(.invalidArgument, "the DMA region belongs to device \(region.device.path), not \(device.path)")
+        }
+    }
+}
+
+/// Pinned pages registered with a ``DMAEngine``.
+public final class DMARegion: Sendable {
+    /// The pinned frames, in order; `offset` counts across them.
+    public let frames: [PageFrameNumber]
+    let device: PMemDevice
+    private let lease: PinLease?
+    /// The pin, until deregistered. Held while an access is in flight, so a deregister waits.
+    private let pin: Mutex<PinnedPages?>
+    /// Whether the device's mapping was retained (it stays mapped while the region lives).
+    private let retainsDevice: Bool
+
+    init(device: PMemDevice, pin: consuming PinnedPages) {
+        self.device = device
+        self.frames = pin.frames
+        self.lease = pin.lease
+        self.pin = Mutex(Optional(pin))
+        self.retainsDevice = (try? device.retainUse(for: "register a DMA region")) != nil
+    }
+
+    deinit { deregister() }
+
+    /// True once the lease of its long-term pin was revoked.
+    public var isRevoked: Bool { lease?.isRevoked ?? false }
+
+    /// True once deregistered.
+    public var isDeregistered: Bool { pin.withLock { $0 == nil } }
+
+    /// Bytes the region covers.
+    public var count: Int { frames.count * PMemDevice.pageSize }
+
+    func deregister() {
+        let taken = pin.withLock { $0.take() }
+        guard let taken else { return }
+        taken.release()
+        if retainsDevice { device.releaseUse() }
+    }
+
+    /// Runs `body` while the region can be neither deregistered nor revoked.
+    func withAccess<T: Sendable>(offset: Int, count: Int, what: String, _ body: () throws -> T) throws -> T {
+        guard offset >= 0, count >= 0, offset <= self.count, count <= self.count - offset else {
+            throw DAXError(.invalidArgument, "cannot DMA-\(what) \(count) bytes at offset \(offset): outside the region "
+                + "of \(self.count) bytes")
+        }
+        guard retainsDevice else { throw DAXError(.invalidArgument, "cannot DMA-\(what): device \(device.path) is closed") }
+        return try pin.withLock { pin in
+            guard pin != nil else { throw DAXError(.invalidArgument, "cannot DMA-\(what): the region was deregistered") }
+            if let lease { return try lease.withAccess(body) }
+            return try body()
+        }
+    }
+
+    /// Splits `offset..<offset+count` of the region into pieces within one frame each:
+    /// `(device offset, offset in the caller's buffer, length)`.
+    func forEachChunk(offset: Int, count: Int, _ body: (Int, Int, Int) -> Void) {
+        var done = 0
+        while done < count {
+            let position = offset + done
+            let page = position / PMemDevice.pageSize
+            let within = position % PMemDevice.pageSize
+            let length = min(count - done, PMemDevice.pageSize - within)
+            body(frames[page].deviceOffset + within, done, length)
+            done += length
+        }
+    }
+}

@@ -1,0 +1,101 @@
+/// What `check` found.
+public struct CheckReport: Sendable, Equatable, CustomStringConvertible {
+    /// True when no problem was found.
+    public var isClean: Bool
+    /// One sentence per problem, naming the inode, block or structure.
+    public var problems: [String]
+
+    public init(isClean: Bool, problems: [String]) {
+        self.isClean = isClean
+        self.problems = problems
+    }
+
+    public var description: String {
+        isClean ? "clean" : "\(problems.count) problems:\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
+    }
+}
+
+extension DAXFileSystem {
+    /// fsck, read-only: validates every structure on the device (checksums, extents, bitmap against
+    /// extents, link counts, sizes, the directory tree, the orphan list, an empty journal), and that
+    /// the file system's DRAM state agrees with the device.
+    public func check() throws -> CheckReport {
+        try checkMounted()
+        var problems: [String] = []
+        namespace.withReadLock {
+            let scan = journal.withNoCommits { () -> Scanner.Result in
+                let scan = Scanner.scan(device: device, superblock: superblock, journalMustBeEmpty: true)
+                problems += compareAllocator(with: scan.bitmap)
+                return scan
+            }
+            problems += scan.problems
+            if scan.suppressed > 0 { problems.append("and \(scan.suppressed) more problems") }
+            if scan.orphans != orphans.withLock({ $0 }) {
+                problems.append("the orphan list on the device \(scan.orphans) differs from the mounted one")
+            }
+            // Directories change only under the namespace lock, which is held: compare them now.
+            for (number, inode) in table.withLock({ $0.inodes }) where inode.directory != nil {
+                if inode.directory?.entries.mapValues(\.inode) != scan.inodes[number]?.directory?.entries.mapValues(\.inode) {
+                    problems.append("directory \(number): entries in memory differ from the device")
+                }
+            }
+        }
+        let inodes = table.withLock { $0.inodes }
+        for (_, inode) in inodes.sorted(by: { $0.key < $1.key }) { problems += compare(inode) }
+        return CheckReport(isClean: problems.isEmpty, problems: problems)
+    }
+
+    /// A block the allocator would hand out must be free on the device, and so must a quarantined one.
+    private func compareAllocator(with bitmap: [UInt64]) -> [String] {
+        var problems: [String] = []
+        let available = allocator.snapshot()
+        for index in 0..<Int(superblock.dataBlocks) {
+            let onDevice = Scanner.isAllocated(bitmap, index)
+            let frame = PageFrameNumber(rawValue: superblock.dataStart + UInt64(index))
+            if onDevice, available[index / 64] & (1 << UInt64(index % 64)) != 0 {
+                problems.append("block \(frame.rawValue) is allocated on the device but the allocator would hand it out")
+            }
+            if onDevice, device.pages.state(of: frame).isQuarantined {
+                problems.append("block \(frame.rawValue) is quarantined but allocated on the device")
+            }
+            if problems.count > 20 { break }
+        }
+        return problems
+    }
+
+    /// Compares one inode's DRAM state with the device, under its lock.
+    private func compare(_ inode: Inode) -> [String] {
+        inode.lock.withReadLock {
+            if inode.users.withLock({ $0.reclaimed }) { return [] }
+            let reader = ByteReader(device.base + superblock.inodeOffset(inode.number), count: Superblock.inodeSize)
+            guard case .success(let record) = InodeRecord.decode(reader), record.kind != .free else {
+                return ["inode \(inode.number) is in use in memory but not on the device"]
+            }
+            var problems: [String] = []
+            if record.kind != inode.record.kind || record.size != inode.record.size
+                || record.linkCount != inode.record.linkCount
+            {
+                problems.append("inode \(inode.number): memory says \(inode.record.kind) of \(inode.record.size) bytes "
+                    + "with \(inode.record.linkCount) links, the device \(record.kind) of \(record.size) with "
+                    + "\(record.linkCount)")
+            }
+            var stored = inode.record
+            inode.extents.store(into: &stored)
+            if stored.extentCount != record.extentCount || stored.leafCount != record.leafCount
+                || stored.firstLeaf != record.firstLeaf || stored.inlineExtents != record.inlineExtents
+            {
+                problems.append("inode \(inode.number): extents in memory differ from the device")
+            }
+            for leaf in inode.extents.leafBlocks.enumerated() {
+                let leafReader = ByteReader(device.base + Int(leaf.element) * Superblock.blockSize, count: Superblock.blockSize)
+                guard case .success(let (extents, _)) = ExtentLeaf.decode(leafReader, owner: inode.number),
+                      extents == inode.extents.leaves[leaf.offset].extents
+                else {
+                    problems.append("inode \(inode.number): extent leaf \(leaf.offset) differs from the device")
+                    continue
+                }
+            }
+            return problems
+        }
+    }
+}

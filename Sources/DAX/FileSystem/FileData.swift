@@ -1,0 +1,281 @@
+/// The data path of regular files: write, read, allocate, and the plans of truncate and punch.
+/// Callers hold the inode's lock (exclusively to change anything).
+extension DAXFileSystem {
+    static let pageSize = Superblock.blockSize
+    /// Largest file size: 2^52 bytes (extents address 2^40 pages).
+    public static let maximumFileSize = Int(Extent.maximumFileSize)
+
+    static func page(_ offset: Int) -> UInt64 { UInt64(offset / pageSize) }
+    static func pageUp(_ offset: Int) -> UInt64 { UInt64((offset + pageSize - 1) / pageSize) }
+
+    /// How new blocks are prepared before a change links them.
+    enum Zeroing {
+        /// Zero all of them (allocate, map).
+        case all
+        /// Zero only what the write to `bytes` will not fill.
+        case except(Range<Int>)
+    }
+
+    /// Allocates blocks for the holes of `pages` into `map` and `change`, zeroing them as told.
+    /// Returns the new extents. Gives nothing back on failure: the caller abandons `change`.
+    func fillHoles(
+        _ inode: Inode, _ pages: Range<UInt64>, map: inout ExtentMap, change: inout PendingChange, zeroing: Zeroing
+    ) throws -> [Extent] {
+        var added: [Extent] = []
+        for hole in map.holes(in: pages) {
+            let runs = try allocator.allocate(Int(hole.count), goal: map.goal(before: hole.lowerBound),
+                                              inode: inode.number, firstIndex: hole.lowerBound)
+            change.allocate(runs, superblock: superblock)
+            var logical = hole.lowerBound
+            var extents: [Extent] = []
+            for run in runs {
+                var start = run.start
+                var remaining = run.count
+                while remaining > 0 {
+                    let length = min(remaining, Extent.maximumLength)
+                    extents.append(Extent(logical: logical, physical: start, length: length))
+                    logical += length
+                    start += length
+                    remaining -= length
+                }
+            }
+            try editExtents(&map, of: inode.number, replacing: hole, with: extents, change: &change)
+            added += extents
+        }
+        for extent in added { zero(extent, zeroing) }
+        return added
+    }
+
+    /// Zeroes the parts of a new extent that must read as zeros (no stale data, invariant 4).
+    private func zero(_ extent: Extent, _ zeroing: Zeroing) {
+        let start = Int(extent.logical) * Self.pageSize
+        let end = Int(extent.logicalEnd) * Self.pageSize
+        let deviceStart = Int(extent.physical) * Self.pageSize
+        switch zeroing {
+        case .all:
+            device.fill(offset: deviceStart, count: end - start, flags: [.nonTemporal, .noDrain])
+        case .except(let written):
+            if written.lowerBound > start {
+                device.fill(offset: deviceStart, count: min(written.lowerBound, end) - start, flags: .noDrain)
+            }
+            if written.upperBound < end {
+                let from = max(written.upperBound, start)
+                device.fill(offset: deviceStart + (from - start), count: end - from, flags: .noDrain)
+            }
+        }
+    }
+
+    /// Zeroes the bytes of the page holding `size` that lie past it: stores through a mapping may
+    /// have left data there, which must not reappear when the file grows.
+    func zeroPastEnd(of inode: Inode, size: Int, map: ExtentMap) {
+        guard size % Self.pageSize != 0, let extent = map.extent(containing: Self.page(size)) else { return }
+        let page = Self.page(size)
+        let offset = Int(extent.block(for: page)) * Self.pageSize + size % Self.pageSize
+        device.fill(offset: offset, count: Self.pageSize - size % Self.pageSize, flags: .noDrain)
+    }
+
+    /// Writes `source` at `offset`: allocates holes, fills, then commits what points at the data.
+    func writeData(_ inode: Inode, _ source: UnsafeRawBufferPointer, at offset: Int) throws {
+        let end = offset + source.count
+        let pages = Self.page(offset)..<Self.pageUp(end)
+        var change = PendingChange()
+        var map = inode.extents
+        var record = inode.record
+        do {
+            let oldSize = Int(record.size)
+            _ = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .except(offset..<end))
+            if end > oldSize {
+                zeroPastEnd(of: inode, size: oldSize, map: inode.extents)
+                record.size = UInt64(end)
+                record.modificationTime = Clock.realtimeNanoseconds
+                record.changeTime = record.modificationTime
+            }
+            if !change.transaction.isEmpty || end > oldSize {
+                var stored = record
+                map.store(into: &stored)
+                change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+            }
+            try journal.checkFits(change.transaction, what: "write of \(source.count) bytes")
+            copy(source, into: map, at: offset)
+            device.drain()
+            try commit(change, what: "write of \(source.count) bytes")
+        } catch {
+            abandon(change)
+            throw error
+        }
+        inode.extents = map
+        inode.record = record
+    }
+
+    /// Copies `source` to the file bytes at `offset`, all of which are mapped in `map`.
+    private func copy(_ source: UnsafeRawBufferPointer, into map: ExtentMap, at offset: Int) {
+        let end = offset + source.count
+        for slice in map.extents(in: Self.page(offset)..<Self.pageUp(end)) {
+            let from = max(offset, Int(slice.logical) * Self.pageSize)
+            let to = min(end, Int(slice.logicalEnd) * Self.pageSize)
+            let deviceOffset = Int(slice.physical) * Self.pageSize + (from - Int(slice.logical) * Self.pageSize)
+            device.copy(UnsafeRawBufferPointer(rebasing: source[(from - offset)..<(to - offset)]), toOffset: deviceOffset,
+                        flags: .noDrain)
+        }
+    }
+
+    /// Reads up to `count` bytes at `offset`; short at the end of the file; holes read as zeros.
+    func readData(_ inode: Inode, count: Int, at offset: Int) -> [UInt8] {
+        let size = Int(inode.record.size)
+        guard offset < size, count > 0 else { return [] }
+        let length = min(count, size - offset)
+        let end = offset + length
+        return [UInt8](unsafeUninitializedCapacity: length) { buffer, initialized in
+            let target = UnsafeMutableRawPointer(buffer.baseAddress!)
+            var position = offset
+            for slice in inode.extents.extents(in: Self.page(offset)..<Self.pageUp(end)) {
+                let from = max(offset, Int(slice.logical) * Self.pageSize)
+                let to = min(end, Int(slice.logicalEnd) * Self.pageSize)
+                if from > position { (target + (position - offset)).initializeMemory(as: UInt8.self, repeating: 0, count: from - position) }
+                let deviceOffset = Int(slice.physical) * Self.pageSize + (from - Int(slice.logical) * Self.pageSize)
+                (target + (from - offset)).copyMemory(from: device.base + deviceOffset, byteCount: to - from)
+                position = to
+            }
+            if position < end {
+                (target + (position - offset)).initializeMemory(as: UInt8.self, repeating: 0, count: end - position)
+            }
+            initialized = length
+        }
+    }
+
+    /// fallocate: gives the holes of the range zeroed blocks; the size grows to cover it.
+    func allocateData(_ inode: Inode, offset: Int, count: Int) throws {
+        let end = offset + count
+        var change = PendingChange()
+        var map = inode.extents
+        var record = inode.record
+        do {
+            let added = try fillHoles(inode, Self.page(offset)..<Self.pageUp(end), map: &map, change: &change,
+                                      zeroing: .all)
+            let oldSize = Int(record.size)
+            if end > oldSize {
+                zeroPastEnd(of: inode, size: oldSize, map: inode.extents)
+                record.size = UInt64(end)
+                record.changeTime = Clock.realtimeNanoseconds
+            }
+            guard !added.isEmpty || end > oldSize else { return }
+            var stored = record
+            map.store(into: &stored)
+            change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+            device.drain()
+            try commit(change, what: "allocate of \(count) bytes")
+        } catch {
+            abandon(change)
+            throw error
+        }
+        inode.extents = map
+        inode.record = record
+    }
+
+    /// The device frames of the file's pages `pages`, nil for holes.
+    func frames(_ inode: Inode, pages: Range<UInt64>) -> [PageFrameNumber?] {
+        var result = [PageFrameNumber?](repeating: nil, count: pages.count)
+        for slice in inode.extents.extents(in: pages) {
+            for page in slice.logicalRange {
+                result[Int(page - pages.lowerBound)] = PageFrameNumber(rawValue: slice.block(for: page))
+            }
+        }
+        return result
+    }
+
+    // MARK: - Layout changes (truncate, punch): planned here, carried out by the mapping layer
+
+    /// A planned truncate or punch: what it frees, zeroes and writes.
+    struct LayoutChange {
+        var change = PendingChange()
+        var extents: ExtentMap
+        var record: InodeRecord
+        /// File pages whose blocks go.
+        var freedPages: Range<UInt64>
+        /// File byte ranges to zero in kept pages (partial pages at the edges).
+        var zeroRanges: [Range<Int>] = []
+        /// Whether anything leaves the file (break layouts needed).
+        var removesBlocks: Bool { !change.freed.isEmpty }
+    }
+
+    /// Plans setting the size to `size` (smaller or larger).
+    func planResize(_ inode: Inode, to size: Int) throws -> LayoutChange {
+        let oldSize = Int(inode.record.size)
+        var plan = LayoutChange(extents: inode.extents, record: inode.record, freedPages: 0..<0)
+        plan.record.size = UInt64(size)
+        plan.record.modificationTime = Clock.realtimeNanoseconds
+        plan.record.changeTime = plan.record.modificationTime
+        if size < oldSize {
+            let firstFreed = Self.pageUp(size)
+            let end = max(plan.extents.endPage, firstFreed)
+            plan.freedPages = firstFreed..<end
+            if end > firstFreed {
+                try editExtents(&plan.extents, of: inode.number, replacing: plan.freedPages, with: [],
+                                change: &plan.change)
+            }
+            if size % Self.pageSize != 0 { plan.zeroRanges = [size..<(Int(firstFreed) * Self.pageSize)] }
+        } else if size > oldSize, oldSize % Self.pageSize != 0 {
+            plan.zeroRanges = [oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)]
+        }
+        var stored = plan.record
+        plan.extents.store(into: &stored)
+        plan.change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+        try journal.checkFits(plan.change.transaction, what: "truncate to \(size) bytes")
+        return plan
+    }
+
+    /// Plans a hole over `offset..<offset+count`: whole pages lose their blocks, partial ones are zeroed.
+    func planPunch(_ inode: Inode, offset: Int, count: Int) throws -> LayoutChange {
+        let size = Int(inode.record.size)
+        let end = min(offset + count, max(size, offset))
+        var plan = LayoutChange(extents: inode.extents, record: inode.record, freedPages: 0..<0)
+        guard end > offset else { return plan }
+        let first = Self.pageUp(offset)
+        let last = Self.page(end)
+        if first < last {
+            plan.freedPages = first..<last
+            try editExtents(&plan.extents, of: inode.number, replacing: plan.freedPages, with: [], change: &plan.change)
+        }
+        let firstWhole = Int(first) * Self.pageSize
+        let lastWhole = Int(last) * Self.pageSize
+        if first > last {
+            plan.zeroRanges = [offset..<end]  // inside one page
+        } else {
+            if offset < firstWhole { plan.zeroRanges.append(offset..<firstWhole) }
+            if end > lastWhole { plan.zeroRanges.append(lastWhole..<end) }
+        }
+        if !plan.change.transaction.isEmpty {
+            plan.record.changeTime = Clock.realtimeNanoseconds
+            var stored = plan.record
+            plan.extents.store(into: &stored)
+            plan.change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+        }
+        try journal.checkFits(plan.change.transaction, what: "punch of \(count) bytes")
+        return plan
+    }
+
+    /// Carries out a planned layout change once break layouts allowed it: zeroes the partial pages,
+    /// commits, lets `unmapFreed` take the freed pages out of every mapping, then returns the blocks
+    /// to the allocator (busy ones quarantined) and installs the new extents.
+    func carryOut(_ plan: LayoutChange, on inode: Inode, unmapFreed: () -> Void) throws {
+        for range in plan.zeroRanges {
+            for slice in inode.extents.extents(in: Self.page(range.lowerBound)..<Self.pageUp(range.upperBound)) {
+                let from = max(range.lowerBound, Int(slice.logical) * Self.pageSize)
+                let to = min(range.upperBound, Int(slice.logicalEnd) * Self.pageSize)
+                device.fill(offset: Int(slice.physical) * Self.pageSize + from - Int(slice.logical) * Self.pageSize,
+                            count: to - from, flags: .noDrain)
+            }
+        }
+        device.drain()
+        do {
+            try journal.commit(plan.change.transaction, what: "truncate")
+        } catch {
+            abandon(plan.change)
+            throw error
+        }
+        unmapFreed()
+        allocator.release(plan.change.freed)
+        inode.extents = plan.extents
+        inode.record = plan.record
+    }
+}

@@ -1,0 +1,96 @@
+import Synchronization
+
+/// A file or directory in DRAM: its on-device record, its extents, and who uses it.
+///
+/// `lock` guards `record`, `extents` and `directory`: readers of data share it, anything that
+/// changes the file takes it exclusively. `users` counts open handles and live mappings, which
+/// keep a removed file's blocks (an orphan) until the last one goes. The mapping layer's state (the
+/// kernel's `address_space`: invalidate lock, layout generation, live mappings) lives here too.
+final class Inode: @unchecked Sendable {
+    let number: UInt32
+    let lock = ReadWriteLock()
+    var record: InodeRecord
+    var extents: ExtentMap
+    /// Entries of a directory; nil for a file.
+    var directory: DirectoryIndex?
+
+    struct Users {
+        var handles = 0
+        var mappings = 0
+        /// Blocks and inode were freed: the last user of an orphan went.
+        var reclaimed = false
+    }
+
+    let users = Mutex(Users())
+
+    /// Taken exclusively by truncate and punch (break layouts) and shared by new mappings and by
+    /// the slow path of pin: the kernel's `mapping->invalidate_lock`.
+    let invalidateLock = ReadWriteLock()
+    /// Bumped whenever pages leave the file's mappings; a fast pin re-validates against it.
+    let layoutGeneration = Atomic<UInt64>(0)
+    /// Live mappings of the file, weakly held (a mapping unregisters itself when unmapped).
+    let mappings = Mutex<[ObjectIdentifier: WeakMapping]>([:])
+
+    init(number: UInt32, record: InodeRecord, extents: ExtentMap, directory: DirectoryIndex? = nil) {
+        self.number = number
+        self.record = record
+        self.extents = extents
+        self.directory = directory
+    }
+
+    var isDirectory: Bool { record.kind == .directory }
+
+    /// The record as it should be on the device now (extents folded in).
+    var encodedRecord: [UInt8] {
+        var copy = record
+        extents.store(into: &copy)
+        return copy.encode()
+    }
+
+    /// Live mappings, strongly held for the caller's use.
+    var liveMappings: [AnyObject] {
+        mappings.withLock { $0.values.compactMap(\.object) }
+    }
+}
+
+/// A mapping registered with its inode, held weakly.
+struct WeakMapping: @unchecked Sendable {
+    weak var object: AnyObject?
+}
+
+/// A directory's entries in DRAM, and where each lives on the device.
+struct DirectoryIndex: Sendable {
+    struct SlotAddress: Hashable, Sendable {
+        /// Index of the directory block in the directory (its file page).
+        var block: Int
+        var slot: Int
+    }
+
+    struct Entry: Sendable {
+        var inode: UInt32
+        var kind: InodeRecord.Kind
+        var slot: SlotAddress
+    }
+
+    var entries: [[UInt8]: Entry] = [:]
+    /// Free slots of the directory's blocks (a stack; which free slot is reused does not matter).
+    var freeSlots: [SlotAddress] = []
+    /// Directory blocks.
+    var blockCount = 0
+
+    var isEmpty: Bool { entries.isEmpty }
+
+    /// Names in byte order (UTF-8 byte order is code-point order).
+    var sortedNames: [String] {
+        entries.keys.sorted { $0.lexicographicallyPrecedes($1) }.map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    mutating func addBlock() {
+        for slot in (0..<DirectoryFormat.slotsPerBlock).reversed() {
+            freeSlots.append(SlotAddress(block: blockCount, slot: slot))
+        }
+        blockCount += 1
+    }
+
+    mutating func release(_ slot: SlotAddress) { freeSlots.append(slot) }
+}

@@ -1,0 +1,250 @@
+import Synchronization
+
+/// A metadata change built in DRAM and committed to the journal at once. See `docs/format.md`.
+struct Transaction {
+    enum Record {
+        /// Write `bytes` at device offset `offset`.
+        case write(offset: Int, bytes: [UInt8])
+        /// Set (`value` true) or clear the bitmap bits of data-block indices `range`.
+        case bits(range: Range<UInt64>, value: Bool)
+    }
+
+    static let recordHeaderSize = 24
+
+    private(set) var records: [Record] = []
+    /// Bytes the records take in the journal.
+    private(set) var encodedSize = 0
+
+    var isEmpty: Bool { records.isEmpty }
+
+    mutating func write(_ bytes: [UInt8], at offset: Int) {
+        records.append(.write(offset: offset, bytes: bytes))
+        encodedSize += Self.recordHeaderSize + (bytes.count + 7) & ~7
+    }
+
+    /// Marks data-block indices `range` allocated (true) or free (false) in the bitmap.
+    mutating func setBits(_ range: Range<UInt64>, to value: Bool) {
+        guard !range.isEmpty else { return }
+        records.append(.bits(range: range, value: value))
+        encodedSize += Self.recordHeaderSize
+    }
+
+    fileprivate func encode() -> [UInt8] {
+        var e = ByteEncoder(count: encodedSize)
+        var at = 0
+        for record in records {
+            switch record {
+            case .write(let offset, let bytes):
+                e.put(UInt32(1), at: at)
+                e.put(UInt32(bytes.count), at: at + 4)
+                e.put(UInt64(offset), at: at + 8)
+                e.put(bytes, at: at + Self.recordHeaderSize)
+                at += Self.recordHeaderSize + (bytes.count + 7) & ~7
+            case .bits(let range, let value):
+                e.put(UInt32(value ? 2 : 3), at: at)
+                e.put(range.lowerBound, at: at + 8)
+                e.put(UInt64(range.count), at: at + 16)
+                at += Self.recordHeaderSize
+            }
+        }
+        return e.bytes
+    }
+}
+
+/// The redo journal: commits one transaction at a time and replays a committed one at mount.
+final class Journal: Sendable {
+    static let headerMagic: UInt32 = 0x484A_5844  // "DXJH"
+    static let headerSize = 64
+
+    let device: PMemDevice
+    let superblock: Superblock
+    private let sequence: Mutex<UInt64>
+    /// Transactions committed since mount.
+    let commits = Atomic<Int>(0)
+
+    init(device: PMemDevice, superblock: Superblock, sequence: UInt64) {
+        self.device = device
+        self.superblock = superblock
+        self.sequence = Mutex(sequence)
+    }
+
+    var headerOffset: Int { Int(superblock.journalStart) * Superblock.blockSize }
+    var recordsOffset: Int { headerOffset + Superblock.blockSize }
+    /// Bytes available for one transaction's records.
+    var capacity: Int { (Int(superblock.journalBlocks) - 1) * Superblock.blockSize }
+
+    /// Throws `.noSpace` if `transaction` cannot fit the journal; then nothing may be written.
+    func checkFits(_ transaction: Transaction, what: String) throws {
+        guard transaction.encodedSize <= capacity else {
+            throw DAXError(.noSpace, "\(what) needs a metadata transaction of \(transaction.encodedSize) bytes; "
+                + "the journal holds \(capacity) (format a larger device or with a larger journal)")
+        }
+    }
+
+    /// Makes `transaction` durable and applies it: records, commit header, in place, empty header.
+    func commit(_ transaction: Transaction, what: String) throws {
+        guard !transaction.isEmpty else { return }
+        try checkFits(transaction, what: what)
+        let records = transaction.encode()
+        try sequence.withLock { sequence in
+            sequence &+= 1
+            try device.write(records, at: recordsOffset)
+            try device.write(
+                Self.header(sequence: sequence, committed: true, count: transaction.records.count, records: records),
+                at: headerOffset)
+            apply(transaction.records)
+            try device.write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
+        }
+        commits.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    /// Runs `body` with no transaction in flight: `check` reads a still device.
+    func withNoCommits<T>(_ body: () throws -> T) rethrows -> T {
+        try sequence.withLock { _ in try body() }
+    }
+
+    private func apply(_ records: [Transaction.Record]) {
+        for record in records {
+            switch record {
+            case .write(let offset, let bytes):
+                bytes.withUnsafeBytes { device.copy($0, toOffset: offset, flags: .noDrain) }
+            case .bits(let range, let value):
+                Self.applyBits(range, value: value, device: device, superblock: superblock)
+            }
+        }
+        device.drain()
+    }
+
+    static func header(sequence: UInt64, committed: Bool, count: Int, records: [UInt8]) -> [UInt8] {
+        var e = ByteEncoder(count: headerSize)
+        e.put(headerMagic, at: 0)
+        e.put(sequence, at: 8)
+        e.put(UInt32(committed ? 1 : 0), at: 16)
+        e.put(UInt32(count), at: 20)
+        e.put(UInt64(records.count), at: 24)
+        e.put(CRC32C.checksum(records), at: 32)
+        e.sealCRC(of: 8..<headerSize, at: 4)
+        return e.bytes
+    }
+
+    /// Sets or clears bitmap bits in place and reseals the checksum of every bitmap block touched.
+    static func applyBits(_ range: Range<UInt64>, value: Bool, device: PMemDevice, superblock: Superblock) {
+        let bitsPerBlock = UInt64(Superblock.bitsPerBitmapBlock)
+        var index = range.lowerBound
+        while index < range.upperBound {
+            let block = index / bitsPerBlock
+            let blockEnd = min(range.upperBound, (block + 1) * bitsPerBlock)
+            let blockOffset = (Int(superblock.bitmapStart) + Int(block)) * Superblock.blockSize
+            let bytes = (device.base + blockOffset).assumingMemoryBound(to: UInt8.self)
+            var bit = Int(index - block * bitsPerBlock)
+            let end = Int(blockEnd - block * bitsPerBlock)
+            // Whole bytes with one memset, the ragged ends bit by bit.
+            while bit < end && bit % 8 != 0 {
+                setBit(bytes, bit, value)
+                bit += 1
+            }
+            if end - bit >= 8 {
+                let whole = (end - bit) / 8
+                (bytes + bit / 8).update(repeating: value ? 0xFF : 0, count: whole)
+                bit += whole * 8
+            }
+            while bit < end {
+                setBit(bytes, bit, value)
+                bit += 1
+            }
+            let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: bytes, count: Superblock.bitmapBytesPerBlock))
+            UnsafeMutableRawPointer(bytes + Superblock.bitmapBytesPerBlock).storeBytes(of: crc.littleEndian, as: UInt32.self)
+            device.flush(offset: blockOffset, count: Superblock.blockSize)
+            index = blockEnd
+        }
+    }
+
+    private static func setBit(_ bytes: UnsafeMutablePointer<UInt8>, _ bit: Int, _ value: Bool) {
+        if value { bytes[bit / 8] |= 1 << (bit % 8) } else { bytes[bit / 8] &= ~(1 << (bit % 8)) }
+    }
+
+    // MARK: - Recovery
+
+    /// What the journal held at mount.
+    enum RecoveryOutcome: Equatable {
+        case empty
+        /// A torn header: a crash while committing or emptying; nothing to replay.
+        case tornHeader
+        case replayed(records: Int)
+    }
+
+    /// Replays a committed transaction, if any. Returns what it found and the last sequence number.
+    static func recover(device: PMemDevice, superblock: Superblock) throws -> (RecoveryOutcome, UInt64) {
+        let headerOffset = Int(superblock.journalStart) * Superblock.blockSize
+        let header = ByteReader(device.base + headerOffset, count: headerSize)
+        guard header.get(UInt32.self, at: 0) == headerMagic else {
+            throw DAXError(.corrupted, "journal header at block \(superblock.journalStart) has a bad magic number")
+        }
+        guard header.get(UInt32.self, at: 4) == header.crc(of: 8..<headerSize) else { return (.tornHeader, 0) }
+        let sequence: UInt64 = header.get(at: 8)
+        let state: UInt32 = header.get(at: 16)
+        guard state == 1 else {
+            guard state == 0 else { throw DAXError(.corrupted, "journal header has unknown state \(state)") }
+            return (.empty, sequence)
+        }
+        let count = Int(header.get(UInt32.self, at: 20))
+        let length: UInt64 = header.get(at: 24)
+        let capacity = (Int(superblock.journalBlocks) - 1) * Superblock.blockSize
+        guard length <= UInt64(capacity) else {
+            throw DAXError(.corrupted, "journal header claims \(length) bytes of records; the journal holds \(capacity)")
+        }
+        let recordsBase = device.base + headerOffset + Superblock.blockSize
+        let area = ByteReader(recordsBase, count: Int(length))
+        guard header.get(UInt32.self, at: 32) == area.crc(of: 0..<Int(length)) else {
+            // The header was written after the records were durable, so this is damage, not a crash.
+            throw DAXError(.corrupted, "journal records do not match their checksum in the committed header")
+        }
+        let records = try decode(area, count: count, superblock: superblock)
+        let journal = Journal(device: device, superblock: superblock, sequence: sequence)
+        journal.apply(records)
+        try device.write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
+        return (.replayed(records: records.count), sequence)
+    }
+
+    /// Decodes and validates records: writes must land outside the superblock and the journal, bits
+    /// inside the bitmap.
+    private static func decode(_ area: ByteReader, count: Int, superblock: Superblock) throws -> [Transaction.Record] {
+        var records: [Transaction.Record] = []
+        var at = 0
+        let firstWritable = Int(superblock.inodeStart) * Superblock.blockSize
+        let deviceBytes = Int(superblock.totalBlocks) * Superblock.blockSize
+        for index in 0..<count {
+            guard at + Transaction.recordHeaderSize <= area.count else {
+                throw DAXError(.corrupted, "journal record \(index) runs past the committed records")
+            }
+            let kind: UInt32 = area.get(at: at)
+            switch kind {
+            case 1:
+                let length = Int(area.get(UInt32.self, at: at + 4))
+                let offset: UInt64 = area.get(at: at + 8)
+                let padded = (length + 7) & ~7
+                guard at + Transaction.recordHeaderSize + padded <= area.count,
+                      offset >= UInt64(firstWritable), offset + UInt64(length) <= UInt64(deviceBytes)
+                else {
+                    throw DAXError(.corrupted, "journal record \(index) writes \(length) bytes at offset \(offset), outside "
+                        + "the metadata and data regions")
+                }
+                let start = at + Transaction.recordHeaderSize
+                records.append(.write(offset: Int(offset), bytes: area.bytes(start..<(start + length))))
+                at += Transaction.recordHeaderSize + padded
+            case 2, 3:
+                let first: UInt64 = area.get(at: at + 8)
+                let bits: UInt64 = area.get(at: at + 16)
+                guard bits > 0, first < superblock.dataBlocks, bits <= superblock.dataBlocks - first else {
+                    throw DAXError(.corrupted, "journal record \(index) changes bitmap bits \(first) + \(bits), outside "
+                        + "the \(superblock.dataBlocks) data blocks")
+                }
+                records.append(.bits(range: first..<(first + bits), value: kind == 2))
+                at += Transaction.recordHeaderSize
+            default:
+                throw DAXError(.corrupted, "journal record \(index) has unknown kind \(kind)")
+            }
+        }
+        return records
+    }
+}

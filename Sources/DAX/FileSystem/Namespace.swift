@@ -1,0 +1,335 @@
+/// The directory tree: create, open, mkdir, remove, rename, list. Every change is one transaction,
+/// made under the namespace lock.
+extension DAXFileSystem {
+    /// Creates a new empty regular file and opens it for reading and writing.
+    /// Throws `.alreadyExists` if the path exists, `.notFound` if the parent does not.
+    public func create(_ path: String) throws -> DAXFile {
+        try checkMounted()
+        let inode = try namespace.withWriteLock {
+            let inode = try makeNode(path, kind: .file)
+            inode.users.withLock { $0.handles += 1 }
+            return inode
+        }
+        return DAXFile(fileSystem: self, inode: inode, path: path, access: .readWrite)
+    }
+
+    /// Opens an existing regular file. Throws `.notFound`, or `.isADirectory` for a directory.
+    public func open(_ path: String, access: Access = .readWrite) throws -> DAXFile {
+        try checkMounted()
+        let inode = try namespace.withReadLock { () throws -> Inode in
+            let (parent, name) = try Paths.split(path, what: "open")
+            let directory = try resolveDirectory(parent, path: path)
+            guard let entry = directory.directory?.entries[name] else {
+                throw DAXError(.notFound, "no such file: \(Paths.debug(path))")
+            }
+            guard entry.kind == .file else { throw DAXError(.isADirectory, "\(Paths.debug(path)) is a directory") }
+            // Counted under the namespace lock, so a concurrent remove sees the handle.
+            let inode = try self.inode(entry.inode)
+            inode.users.withLock { $0.handles += 1 }
+            return inode
+        }
+        return DAXFile(fileSystem: self, inode: inode, path: path, access: access)
+    }
+
+    /// Creates a directory. Throws `.alreadyExists` if the path exists.
+    public func createDirectory(_ path: String) throws {
+        try checkMounted()
+        _ = try namespace.withWriteLock { try makeNode(path, kind: .directory) }
+    }
+
+    /// The names in a directory, sorted (by bytes, which for UTF-8 is code-point order).
+    public func contentsOfDirectory(_ path: String) throws -> [String] {
+        try checkMounted()
+        return try namespace.withReadLock {
+            let directory = try resolveDirectory(try Paths.components(path), path: path)
+            return directory.directory?.sortedNames ?? []
+        }
+    }
+
+    /// Removes a file or an empty directory. A file that is open, mapped or pinned loses its name
+    /// at once and keeps its blocks until the last close or unmap (an orphan; its pinned blocks
+    /// stay quarantined until unpinned).
+    public func remove(_ path: String) throws {
+        try checkMounted()
+        try namespace.withWriteLock {
+            let (parentPath, name) = try Paths.split(path, what: "remove")
+            let parent = try resolveDirectory(parentPath, path: path)
+            guard let entry = parent.directory?.entries[name] else {
+                throw DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
+            }
+            let target = try inode(entry.inode)
+            if entry.kind == .directory, target.directory?.isEmpty == false {
+                throw DAXError(.directoryNotEmpty, "directory \(Paths.debug(path)) is not empty")
+            }
+            var change = PendingChange()
+            change.transaction.write(DirectoryFormat.emptySlot, at: slotOffset(parent, entry.slot))
+            try unlink(target, change: &change, what: "remove \(Paths.debug(path))")
+            parent.directory?.entries[name] = nil
+            parent.directory?.release(entry.slot)
+        }
+    }
+
+    /// Renames atomically. An existing file at `newPath` is replaced (an empty directory by a
+    /// directory); after a crash exactly one of the two names exists.
+    public func rename(_ path: String, to newPath: String) throws {
+        try checkMounted()
+        try namespace.withWriteLock {
+            let (fromPath, fromName) = try Paths.split(path, what: "rename")
+            let (toPath, toName) = try Paths.split(newPath, what: "rename onto")
+            let from = try resolveDirectory(fromPath, path: path)
+            let to = try resolveDirectory(toPath, path: newPath)
+            guard let entry = from.directory?.entries[fromName] else {
+                throw DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
+            }
+            if from === to, fromName == toName { return }
+            if entry.kind == .directory {
+                // A directory cannot move into itself or below itself.
+                var ancestor: Inode? = to
+                while let current = ancestor {
+                    if current.number == entry.inode {
+                        throw DAXError(.invalidArgument, "cannot move directory \(Paths.debug(path)) into itself "
+                            + "(\(Paths.debug(newPath)))")
+                    }
+                    ancestor = current.number == Superblock.rootInode ? nil : try inode(current.record.parent)
+                }
+            }
+            let replaced = to.directory?.entries[toName]
+            if let replaced {
+                switch (entry.kind, replaced.kind) {
+                case (.directory, .file):
+                    throw DAXError(.notADirectory, "cannot replace file \(Paths.debug(newPath)) with a directory")
+                case (.file, .directory):
+                    throw DAXError(.isADirectory, "cannot replace directory \(Paths.debug(newPath)) with a file")
+                case (.directory, .directory) where try inode(replaced.inode).directory?.isEmpty == false:
+                    throw DAXError(.directoryNotEmpty, "directory \(Paths.debug(newPath)) is not empty")
+                default: break
+                }
+            }
+            var change = PendingChange()
+            let moved = try inode(entry.inode)
+            let slot: DirectoryIndex.SlotAddress
+            var toExtents: ExtentMap?
+            if let replaced {
+                slot = replaced.slot
+            } else {
+                (slot, toExtents) = try planSlot(in: to, change: &change)
+            }
+            let entryBytes = DirectoryFormat.encodeSlot(inode: entry.inode, name: toName, kind: entry.kind)
+            change.transaction.write(entryBytes, at: slotOffset(to, slot, extents: toExtents))
+            change.transaction.write(DirectoryFormat.emptySlot, at: slotOffset(from, entry.slot))
+            var movedRecord: InodeRecord?
+            if entry.kind == .directory, from !== to {
+                var record = moved.record
+                record.parent = to.number
+                record.changeTime = Clock.realtimeNanoseconds
+                movedRecord = record
+                var copy = record
+                moved.extents.store(into: &copy)
+                change.transaction.write(copy.encode(), at: superblock.inodeOffset(moved.number))
+            }
+            if let replaced {
+                try unlink(try inode(replaced.inode), change: &change, what: "rename onto \(Paths.debug(newPath))")
+            } else {
+                try commit(change, what: "rename \(Paths.debug(path))")
+                installSlot(in: to, extents: toExtents)
+            }
+            if let movedRecord { moved.record = movedRecord }
+            from.directory?.entries[fromName] = nil
+            from.directory?.release(entry.slot)
+            if replaced == nil { _ = to.directory?.freeSlots.removeLast() }
+            to.directory?.entries[toName] = DirectoryIndex.Entry(inode: entry.inode, kind: entry.kind, slot: slot)
+        }
+    }
+
+    // MARK: - Helpers (namespace lock held)
+
+    func inode(_ number: UInt32) throws -> Inode {
+        guard let inode = table.withLock({ $0.inodes[number] }) else {
+            throw DAXError(.corrupted, "inode \(number) is named in a directory but not loaded")
+        }
+        return inode
+    }
+
+    /// The directory at `components`, from the root.
+    func resolveDirectory(_ components: [[UInt8]], path: String) throws -> Inode {
+        var current = try inode(Superblock.rootInode)
+        for (index, name) in components.enumerated() {
+            guard let entry = current.directory?.entries[name] else {
+                let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
+                throw DAXError(.notFound, "no such directory \(Paths.debug("/" + prefix)) in \(Paths.debug(path))")
+            }
+            guard entry.kind == .directory else {
+                let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
+                throw DAXError(.notADirectory, "\(Paths.debug("/" + prefix)) in \(Paths.debug(path)) is not a directory")
+            }
+            current = try inode(entry.inode)
+        }
+        return current
+    }
+
+    /// Device offset of a directory slot. `extents` overrides the directory's extents when the
+    /// slot is in a block that a pending change adds.
+    func slotOffset(_ directory: Inode, _ slot: DirectoryIndex.SlotAddress, extents: ExtentMap? = nil) -> Int {
+        let map = extents ?? directory.extents
+        guard let extent = map.extent(containing: UInt64(slot.block)) else {
+            preconditionFailure("directory \(directory.number) has no block \(slot.block)")
+        }
+        return Int(extent.block(for: UInt64(slot.block))) * Superblock.blockSize + DirectoryFormat.slotOffset(slot.slot)
+    }
+
+    /// A free slot of `directory`: an existing one, or the first of a new block, zeroed with its
+    /// header and added to the directory by `change`. Returns the directory's new extents when a
+    /// block is added (install with ``installSlot(in:extents:)`` after the commit).
+    func planSlot(in directory: Inode, change: inout PendingChange) throws -> (DirectoryIndex.SlotAddress, ExtentMap?) {
+        if let slot = directory.directory?.freeSlots.last { return (slot, nil) }
+        let page = UInt64(directory.directory?.blockCount ?? 0)
+        let runs = try allocator.allocate(1, goal: directory.extents.goal(before: page), inode: directory.number,
+                                          firstIndex: nil)
+        change.allocate(runs, superblock: superblock)
+        let block = runs[0].start
+        // Not linked yet: write it in place, then let the transaction link it.
+        device.fill(offset: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
+        try device.write(DirectoryFormat.header(owner: directory.number, index: UInt32(page)),
+                         at: Int(block) * Superblock.blockSize)
+        var map = directory.extents
+        try editExtents(&map, of: directory.number, replacing: page..<(page + 1),
+                        with: [Extent(logical: page, physical: block, length: 1)], change: &change)
+        var record = directory.record
+        record.size = (page + 1) * UInt64(Superblock.blockSize)
+        record.modificationTime = Clock.realtimeNanoseconds
+        map.store(into: &record)
+        change.transaction.write(record.encode(), at: superblock.inodeOffset(directory.number))
+        return (DirectoryIndex.SlotAddress(block: Int(page), slot: 0), map)
+    }
+
+    /// Installs a block added by ``planSlot(in:change:)`` once its change committed.
+    func installSlot(in directory: Inode, extents: ExtentMap?) {
+        guard let extents else { return }
+        directory.extents = extents
+        directory.record.size = UInt64(extents.blockCount) * UInt64(Superblock.blockSize)
+        directory.directory?.addBlock()
+    }
+
+    /// Creates a file or directory at `path` with one transaction.
+    private func makeNode(_ path: String, kind: InodeRecord.Kind) throws -> Inode {
+        let (parentPath, name) = try Paths.split(path, what: "create")
+        let parent = try resolveDirectory(parentPath, path: path)
+        guard parent.directory?.entries[name] == nil else {
+            throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists")
+        }
+        guard let number = table.withLock({ $0.takeNumber() }) else {
+            throw DAXError(.noSpace, "cannot create \(Paths.debug(path)): all \(superblock.inodeCount) inodes are in use")
+        }
+        var change = PendingChange()
+        do {
+            let (slot, parentExtents) = try planSlot(in: parent, change: &change)
+            let now = Clock.realtimeNanoseconds
+            var record = InodeRecord()
+            record.kind = kind
+            record.linkCount = 1
+            let old = ByteReader(device.base + superblock.inodeOffset(number), count: Superblock.inodeSize)
+            record.generation = old.get(UInt32.self, at: 12) &+ 1
+            record.modificationTime = now
+            record.changeTime = now
+            record.parent = kind == .directory ? parent.number : 0
+            change.transaction.write(record.encode(), at: superblock.inodeOffset(number))
+            change.transaction.write(DirectoryFormat.encodeSlot(inode: number, name: name, kind: kind),
+                                     at: slotOffset(parent, slot, extents: parentExtents))
+            try commit(change, what: "create \(Paths.debug(path))")
+            installSlot(in: parent, extents: parentExtents)
+            _ = parent.directory?.freeSlots.popLast()
+            let inode = Inode(number: number, record: record, extents: ExtentMap(),
+                              directory: kind == .directory ? DirectoryIndex() : nil)
+            table.withLock { $0.insert(inode) }
+            parent.directory?.entries[name] = DirectoryIndex.Entry(inode: number, kind: kind, slot: slot)
+            return inode
+        } catch {
+            abandon(change)
+            table.withLock { $0.release(number) }
+            throw error
+        }
+    }
+
+    /// Drops the one name of `target` in `change` (whose directory-slot records are already in it)
+    /// and commits: a file still open or mapped becomes an orphan, anything else is freed.
+    private func unlink(_ target: Inode, change: inout PendingChange, what: String) throws {
+        try target.lock.withWriteLock {
+            try target.users.withLock { users in
+                if users.handles > 0 || users.mappings > 0 {
+                    try orphans.withLock { orphans in
+                        var record = target.record
+                        record.linkCount = 0
+                        record.nextOrphan = orphans.first ?? 0
+                        record.changeTime = Clock.realtimeNanoseconds
+                        var copy = record
+                        target.extents.store(into: &copy)
+                        change.transaction.write(copy.encode(), at: superblock.inodeOffset(target.number))
+                        var sb = superblock
+                        sb.orphanHead = target.number
+                        change.transaction.write(sb.encode(), at: 0)
+                        try commit(change, what: what)
+                        target.record = record
+                        orphans.insert(target.number, at: 0)
+                    }
+                } else {
+                    freeInode(target, change: &change)
+                    try commit(change, what: what)
+                    target.record.linkCount = 0
+                    users.reclaimed = true
+                    table.withLock { $0.release(target.number) }
+                }
+            }
+        }
+    }
+
+    /// Frees an orphan whose last handle or mapping went: one transaction takes it off the orphan
+    /// list and frees its blocks and inode.
+    func reclaim(_ inode: Inode) throws {
+        try inode.lock.withWriteLock {
+            try orphans.withLock { orphans in
+                guard let position = orphans.firstIndex(of: inode.number) else { return }
+                var change = PendingChange()
+                let next = position + 1 < orphans.count ? orphans[position + 1] : 0
+                if position == 0 {
+                    var sb = superblock
+                    sb.orphanHead = next
+                    change.transaction.write(sb.encode(), at: 0)
+                } else {
+                    let previous = try self.inode(orphans[position - 1])
+                    previous.record.nextOrphan = next
+                    change.transaction.write(previous.encodedRecord, at: superblock.inodeOffset(previous.number))
+                }
+                freeInode(inode, change: &change)
+                try commit(change, what: "free removed file \(inode.number)")
+                orphans.remove(at: position)
+                inode.extents = ExtentMap()
+                table.withLock { $0.release(inode.number) }
+            }
+        }
+    }
+
+    /// Mount: frees what the orphan list still holds (files removed while open before a crash).
+    func reclaimOrphansAtMount() throws {
+        for number in orphans.withLock({ $0 }) {
+            let inode = try self.inode(number)
+            inode.users.withLock { $0.reclaimed = true }
+            try reclaim(inode)
+        }
+    }
+
+    /// Called when a handle or mapping of `inode` goes: frees an orphan nobody uses any more.
+    func releaseUser(_ inode: Inode, handle: Bool) {
+        let reclaimNow = inode.users.withLock { users -> Bool in
+            if handle { users.handles -= 1 } else { users.mappings -= 1 }
+            guard users.handles == 0, users.mappings == 0, !users.reclaimed,
+                  orphans.withLock({ $0.contains(inode.number) })
+            else { return false }
+            users.reclaimed = true
+            return true
+        }
+        guard reclaimNow, isMounted else { return }
+        // A failure here (the journal cannot fail short of a closed device) leaves the orphan on the
+        // list; the next mount frees it.
+        try? reclaim(inode)
+    }
+}

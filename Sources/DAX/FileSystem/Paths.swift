@@ -1,0 +1,38 @@
+/// Path syntax: `/a/b/c` or `a/b/c` (from the root); empty components are ignored.
+enum Paths {
+    /// The components of `path`, validated. Throws `.invalidArgument` for an empty path, a name
+    /// longer than 255 bytes, or a `.`/`..` component.
+    static func components(_ path: String) throws -> [[UInt8]] {
+        guard !path.isEmpty else { throw DAXError(.invalidArgument, "path is empty") }
+        guard !path.utf8.contains(0) else { throw DAXError(.invalidArgument, "path \(debug(path)) contains a NUL byte") }
+        let parts = path.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: true).map(Array.init)
+        for part in parts {
+            if part.count > DirectoryFormat.maximumNameLength {
+                throw DAXError(.invalidArgument,
+                               "name \(debug(String(decoding: part.prefix(40), as: UTF8.self)))... in \(debug(path)) is "
+                                   + "\(part.count) bytes long; names are at most 255 bytes")
+            }
+            if part == [UInt8(ascii: ".")] || part == [UInt8(ascii: "."), UInt8(ascii: ".")] {
+                throw DAXError(.invalidArgument, "path \(debug(path)) has a '.' or '..' component, which DAXFS does not resolve")
+            }
+        }
+        return parts
+    }
+
+    /// The parent's components and the last name. Throws `.invalidArgument` for the root itself.
+    static func split(_ path: String, what: String) throws -> (parent: [[UInt8]], name: [UInt8]) {
+        var parts = try components(path)
+        guard let name = parts.popLast() else {
+            throw DAXError(.invalidArgument, "cannot \(what) the root directory")
+        }
+        return (parts, name)
+    }
+
+    static func isValidName(_ name: [UInt8]) -> Bool {
+        !name.isEmpty && name.count <= DirectoryFormat.maximumNameLength && !name.contains(0)
+            && !name.contains(UInt8(ascii: "/")) && name != [46] && name != [46, 46]
+    }
+
+    /// The path quoted for messages.
+    static func debug(_ path: String) -> String { "\"\(path)\"" }
+}

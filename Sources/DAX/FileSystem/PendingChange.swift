@@ -1,0 +1,91 @@
+/// A metadata change in the making: its transaction, the blocks it took from the allocator (given
+/// back if it fails) and the blocks it frees (released to the allocator once it committed).
+struct PendingChange {
+    var transaction = Transaction()
+    private(set) var allocated: [BlockRun] = []
+    private(set) var freed: [BlockRun] = []
+
+    /// Records blocks taken from the allocator as allocated on the device.
+    mutating func allocate(_ runs: [BlockRun], superblock: Superblock) {
+        for run in runs {
+            transaction.setBits((run.start - superblock.dataStart)..<(run.end - superblock.dataStart), to: true)
+        }
+        allocated += runs
+    }
+
+    /// Records blocks as free on the device; the allocator gets them after the commit.
+    mutating func free(_ runs: [BlockRun], superblock: Superblock) {
+        for run in Self.coalesced(runs) {
+            transaction.setBits((run.start - superblock.dataStart)..<(run.end - superblock.dataStart), to: false)
+        }
+        freed += runs
+    }
+
+    mutating func free(_ extents: [Extent], superblock: Superblock) {
+        free(extents.map { BlockRun(start: $0.physical, count: $0.length) }, superblock: superblock)
+    }
+
+    mutating func freeBlocks(_ blocks: [UInt64], superblock: Superblock) {
+        free(blocks.map { BlockRun(start: $0, count: 1) }, superblock: superblock)
+    }
+
+    /// Sorted runs with neighbours joined: fewer bitmap records.
+    static func coalesced(_ runs: [BlockRun]) -> [BlockRun] {
+        var result: [BlockRun] = []
+        for run in runs.sorted(by: { $0.start < $1.start }) {
+            if let last = result.last, last.end == run.start {
+                result[result.count - 1].count += run.count
+            } else {
+                result.append(run)
+            }
+        }
+        return result
+    }
+}
+
+extension DAXFileSystem {
+    /// Commits `change`; on failure gives its blocks back and rethrows. On success releases the
+    /// blocks it freed (quarantining the busy ones).
+    func commit(_ change: PendingChange, what: String) throws {
+        do {
+            try journal.commit(change.transaction, what: what)
+        } catch {
+            allocator.unallocate(change.allocated)
+            throw error
+        }
+        allocator.release(change.freed)
+    }
+
+    /// Gives back the blocks of a change that will not be committed.
+    func abandon(_ change: PendingChange) {
+        allocator.unallocate(change.allocated)
+    }
+
+    /// Replaces what maps `pages` of `inode` with `extents` in `map` (a copy the caller installs
+    /// after the commit), taking leaf blocks as needed and freeing what is removed.
+    func editExtents(
+        _ map: inout ExtentMap, of inode: UInt32, replacing pages: Range<UInt64>, with extents: [Extent],
+        change: inout PendingChange
+    ) throws {
+        let plan = map.plan(replacing: pages, with: extents)
+        var leafBlocks: [UInt64] = []
+        if plan.newLeafBlocks > 0 {
+            let runs = try allocator.allocate(plan.newLeafBlocks, goal: nil, inode: inode, firstIndex: nil)
+            change.allocate(runs, superblock: superblock)
+            leafBlocks = runs.flatMap { Array($0.range) }
+        }
+        let freedLeaves = map.apply(plan, newBlocks: leafBlocks, owner: inode, transaction: &change.transaction,
+                                    superblock: superblock)
+        change.freeBlocks(freedLeaves, superblock: superblock)
+        change.free(plan.removed, superblock: superblock)
+    }
+
+    /// Frees every block of `inode` and the inode itself, in `change`.
+    func freeInode(_ inode: Inode, change: inout PendingChange) {
+        change.free(inode.extents.allExtents, superblock: superblock)
+        change.freeBlocks(inode.extents.leafBlocks, superblock: superblock)
+        var record = InodeRecord()
+        record.generation = inode.record.generation
+        change.transaction.write(record.encode(), at: superblock.inodeOffset(inode.number))
+    }
+}

@@ -1,0 +1,336 @@
+/// Reads all metadata from the device and validates it: what `mount` builds DRAM from and what
+/// `check` reports on. It never trusts a count, pointer or length before bounding it, so damaged
+/// metadata produces problems, never a crash.
+struct Scanner {
+    struct ScannedInode {
+        var record: InodeRecord
+        var extents: ExtentMap
+        var directory: DirectoryIndex?
+    }
+
+    struct Result {
+        var inodes: [UInt32: ScannedInode] = [:]
+        /// Device bitmap, one bit per data block.
+        var bitmap: [UInt64] = []
+        var orphans: [UInt32] = []
+        var problems: [String] = []
+        /// Problems beyond the first `limit` are only counted.
+        var suppressed = 0
+    }
+
+    let device: PMemDevice
+    let superblock: Superblock
+    let limit = 50
+    private(set) var result = Result()
+    /// Owner of each data block, from extents and leaves.
+    private var owners: [UInt32]
+
+    init(device: PMemDevice, superblock: Superblock) {
+        self.device = device
+        self.superblock = superblock
+        owners = [UInt32](repeating: 0, count: Int(superblock.dataBlocks))
+    }
+
+    private mutating func problem(_ text: String) {
+        if result.problems.count < limit { result.problems.append(text) } else { result.suppressed += 1 }
+    }
+
+    private func reader(block: UInt64) -> ByteReader {
+        ByteReader(device.base + Int(block) * Superblock.blockSize, count: Superblock.blockSize)
+    }
+
+    private func isDataBlock(_ block: UInt64) -> Bool { superblock.dataRange.contains(block) }
+
+    /// Runs every check. `journalMustBeEmpty` is true for `check` of a mounted file system.
+    static func scan(device: PMemDevice, superblock: Superblock, journalMustBeEmpty: Bool) -> Result {
+        var scanner = Scanner(device: device, superblock: superblock)
+        if journalMustBeEmpty { scanner.checkJournal() }
+        scanner.scanInodes()
+        scanner.scanDirectories()
+        scanner.checkTree()
+        scanner.checkOrphans()
+        scanner.checkBitmap()
+        return scanner.result
+    }
+
+    private mutating func checkJournal() {
+        let header = ByteReader(device.base + Int(superblock.journalStart) * Superblock.blockSize, count: Journal.headerSize)
+        if header.get(UInt32.self, at: 0) != Journal.headerMagic {
+            problem("journal header has a bad magic number")
+        } else if header.get(UInt32.self, at: 4) != header.crc(of: 8..<Journal.headerSize) {
+            problem("journal header checksum mismatch")
+        } else if header.get(UInt32.self, at: 16) != 0 {
+            problem("journal holds a transaction that was not applied")
+        }
+    }
+
+    // MARK: Inodes and extents
+
+    private mutating func scanInodes() {
+        for number in 1...UInt32(superblock.inodeCount) {
+            let offset = superblock.inodeOffset(number)
+            let reader = ByteReader(device.base + offset, count: Superblock.inodeSize)
+            switch InodeRecord.decode(reader) {
+            case .failure(let reason):
+                problem("inode \(number): \(reason)")
+            case .success(let record):
+                guard record.kind != .free else { continue }
+                guard let extents = loadExtents(number, record) else { continue }
+                result.inodes[number] = ScannedInode(record: record, extents: extents)
+            }
+        }
+        if result.inodes[Superblock.rootInode]?.record.kind != .directory {
+            problem("root inode \(Superblock.rootInode) is not a directory")
+        }
+    }
+
+    private mutating func loadExtents(_ number: UInt32, _ record: InodeRecord) -> ExtentMap? {
+        let map: ExtentMap
+        if record.leafCount == 0 {
+            map = ExtentMap(inline: record.inlineExtents)
+        } else {
+            var leaves: [ExtentMap.Leaf] = []
+            var block = record.firstLeaf
+            for index in 0..<Int(min(record.leafCount, UInt32(superblock.dataBlocks))) {
+                guard isDataBlock(block) else {
+                    problem("inode \(number): extent leaf \(index) points at block \(block), outside the data region")
+                    return nil
+                }
+                guard claim(block, for: number, what: "extent leaf") else { return nil }
+                switch ExtentLeaf.decode(reader(block: block), owner: number) {
+                case .failure(let reason):
+                    problem("inode \(number): leaf at block \(block): \(reason)")
+                    return nil
+                case .success(let (extents, next)):
+                    leaves.append(ExtentMap.Leaf(block: block, extents: extents))
+                    block = next
+                }
+            }
+            guard block == 0, leaves.count == Int(record.leafCount) else {
+                problem("inode \(number): extent leaf chain does not end after \(record.leafCount) leaves")
+                return nil
+            }
+            map = ExtentMap(leaves: leaves)
+        }
+        let extents = map.allExtents
+        guard UInt32(extents.count) == record.extentCount else {
+            problem("inode \(number): holds \(extents.count) extents, its record says \(record.extentCount)")
+            return nil
+        }
+        for (index, extent) in extents.enumerated() {
+            if index > 0, extents[index - 1].logicalEnd > extent.logical {
+                problem("inode \(number): extents \(index - 1) and \(index) overlap or are out of order")
+                return nil
+            }
+            guard extent.physical >= superblock.dataStart, extent.physicalEnd <= superblock.totalBlocks else {
+                problem("inode \(number): extent \(extent) lies outside the data region")
+                return nil
+            }
+        }
+        for extent in extents {
+            for block in extent.physical..<extent.physicalEnd where !claim(block, for: number, what: "data") {
+                return nil
+            }
+        }
+        if map.blockCount != record.blockCount {
+            problem("inode \(number): extents map \(map.blockCount) blocks, its record says \(record.blockCount)")
+        }
+        let pageSize = UInt64(Superblock.blockSize)
+        if record.kind == .file, map.endPage > (record.size + pageSize - 1) / pageSize {
+            problem("inode \(number): blocks mapped past its size \(record.size)")
+        }
+        return map
+    }
+
+    /// Records `number` as the owner of `block`; a second owner is a problem.
+    private mutating func claim(_ block: UInt64, for number: UInt32, what: String) -> Bool {
+        let index = Int(block - superblock.dataStart)
+        if owners[index] != 0 {
+            problem("block \(block) (\(what) of inode \(number)) is also owned by inode \(owners[index])")
+            return false
+        }
+        owners[index] = number
+        return true
+    }
+
+    // MARK: Directories
+
+    /// References to each inode from directory entries, and each entry's parent directory.
+    private var references: [UInt32: [UInt32]] = [:]
+
+    private mutating func scanDirectories() {
+        for number in result.inodes.keys.sorted() {
+            guard let inode = result.inodes[number], inode.record.kind == .directory else { continue }
+            let blocks = inode.extents.allExtents
+            var index = DirectoryIndex()
+            var pages: UInt64 = 0
+            for extent in blocks {
+                if extent.logical != pages {
+                    problem("directory \(number) has a hole at block \(pages)")
+                    break
+                }
+                for page in extent.logicalRange {
+                    readDirectoryBlock(number, page: page, block: extent.block(for: page), into: &index)
+                }
+                pages = extent.logicalEnd
+            }
+            if inode.record.size != pages * UInt64(Superblock.blockSize) {
+                problem("directory \(number) has size \(inode.record.size) for \(pages) blocks")
+            }
+            result.inodes[number]?.directory = index
+        }
+    }
+
+    private mutating func readDirectoryBlock(_ number: UInt32, page: UInt64, block: UInt64, into index: inout DirectoryIndex) {
+        let reader = reader(block: block)
+        let blockIndex = index.blockCount
+        index.blockCount += 1
+        guard DirectoryFormat.validHeader(reader, owner: number, index: UInt32(page)) else {
+            problem("directory \(number) block \(page) (block \(block)): bad header")
+            return
+        }
+        for slot in 0..<DirectoryFormat.slotsPerBlock {
+            let address = DirectoryIndex.SlotAddress(block: blockIndex, slot: slot)
+            let slotReader = ByteReader(reader.base + DirectoryFormat.slotOffset(slot), count: DirectoryFormat.slotSize)
+            switch DirectoryFormat.decodeSlot(slotReader) {
+            case .empty:
+                index.freeSlots.append(address)
+            case .damaged(let reason):
+                problem("directory \(number) block \(page) slot \(slot): \(reason)")
+            case .entry(let child, let name, let kind):
+                let printable = String(decoding: name, as: UTF8.self)
+                guard child >= 1, UInt64(child) <= superblock.inodeCount, let target = result.inodes[child] else {
+                    problem("directory \(number) entry \"\(printable)\" names inode \(child), which is not in use")
+                    continue
+                }
+                guard target.record.kind == kind else {
+                    problem("directory \(number) entry \"\(printable)\" has the wrong type for inode \(child)")
+                    continue
+                }
+                guard index.entries[name] == nil else {
+                    problem("directory \(number) has two entries named \"\(printable)\"")
+                    continue
+                }
+                index.entries[name] = DirectoryIndex.Entry(inode: child, kind: kind, slot: address)
+                references[child, default: []].append(number)
+            }
+        }
+    }
+
+    // MARK: Tree, links, orphans
+
+    private mutating func checkTree() {
+        guard result.inodes[Superblock.rootInode]?.record.kind == .directory else { return }
+        if result.inodes[Superblock.rootInode]?.record.parent != Superblock.rootInode {
+            problem("root directory's parent is not itself")
+        }
+        if references[Superblock.rootInode] != nil { problem("the root directory has a name in a directory") }
+        // Every directory is reached from the root exactly once.
+        var reached: Set<UInt32> = [Superblock.rootInode]
+        var queue: [UInt32] = [Superblock.rootInode]
+        while let directory = queue.popLast() {
+            let entries = result.inodes[directory]?.directory?.entries ?? [:]
+            for entry in entries.values where entry.kind == .directory {
+                guard reached.insert(entry.inode).inserted else {
+                    problem("directory \(entry.inode) is reached twice (a cycle or a second name)")
+                    continue
+                }
+                if result.inodes[entry.inode]?.record.parent != directory {
+                    problem("directory \(entry.inode) is in directory \(directory) but names another parent")
+                }
+                queue.append(entry.inode)
+            }
+        }
+        for (number, inode) in result.inodes.sorted(by: { $0.key < $1.key }) where number != Superblock.rootInode {
+            let names = references[number]?.count ?? 0
+            if inode.record.linkCount > 1 {
+                problem("inode \(number) has link count \(inode.record.linkCount); DAXFS has no hard links")
+            } else if Int(inode.record.linkCount) != names {
+                problem("inode \(number) has link count \(inode.record.linkCount) but \(names) directory entries")
+            }
+            if inode.record.kind == .directory, names == 1, !reached.contains(number) {
+                problem("directory \(number) is not reachable from the root")
+            }
+        }
+    }
+
+    private mutating func checkOrphans() {
+        var seen: Set<UInt32> = []
+        var number = superblock.orphanHead
+        var previous: UInt32 = 0
+        while number != 0 {
+            guard UInt64(number) <= superblock.inodeCount, let inode = result.inodes[number] else {
+                problem("orphan list names inode \(number) (after \(previous)), which is not in use")
+                break
+            }
+            guard seen.insert(number).inserted else {
+                problem("orphan list loops back to inode \(number)")
+                break
+            }
+            if inode.record.linkCount != 0 || inode.record.kind != .file {
+                problem("orphan list holds inode \(number), which is not a removed file")
+            }
+            result.orphans.append(number)
+            previous = number
+            number = inode.record.nextOrphan
+        }
+        for (number, inode) in result.inodes where inode.record.linkCount == 0 && number != Superblock.rootInode {
+            if !seen.contains(number) { problem("inode \(number) has no links but is not on the orphan list") }
+        }
+    }
+
+    // MARK: Bitmap
+
+    private mutating func checkBitmap() {
+        let dataBlocks = Int(superblock.dataBlocks)
+        result.bitmap = [UInt64](repeating: 0, count: (dataBlocks + 63) / 64)
+        var leaked = 0
+        var missing = 0
+        var firstLeaked: Int?
+        var firstMissing: Int?
+        for bitmapBlock in 0..<Int(superblock.bitmapBlocks) {
+            let reader = reader(block: superblock.bitmapStart + UInt64(bitmapBlock))
+            guard reader.get(UInt32.self, at: Superblock.bitmapBytesPerBlock)
+                == reader.crc(of: 0..<Superblock.bitmapBytesPerBlock)
+            else {
+                problem("bitmap block \(bitmapBlock) checksum mismatch")
+                continue
+            }
+            let first = bitmapBlock * Superblock.bitsPerBitmapBlock
+            let end = min(dataBlocks, first + Superblock.bitsPerBitmapBlock)
+            guard first < end else { continue }
+            for index in first..<end {
+                let bit = index - first
+                let set = reader.get(UInt8.self, at: bit / 8) & (1 << UInt8(bit % 8)) != 0
+                if set { result.bitmap[index / 64] |= 1 << UInt64(index % 64) }
+                let owned = owners[index] != 0
+                if set && !owned {
+                    leaked += 1
+                    if firstLeaked == nil { firstLeaked = index }
+                } else if !set && owned {
+                    missing += 1
+                    if firstMissing == nil { firstMissing = index }
+                }
+            }
+            // Bits past the data region must be clear.
+            if end == dataBlocks, end - first < Superblock.bitsPerBitmapBlock {
+                for bit in (end - first)..<Superblock.bitsPerBitmapBlock
+                where reader.get(UInt8.self, at: bit / 8) & (1 << UInt8(bit % 8)) != 0 {
+                    problem("bitmap marks block \(superblock.dataStart + UInt64(first + bit)), past the data region")
+                    break
+                }
+            }
+        }
+        if let firstLeaked {
+            problem("\(leaked) blocks are marked allocated but owned by no file (leaked), the first is block "
+                + "\(superblock.dataStart + UInt64(firstLeaked))")
+        }
+        if let firstMissing {
+            problem("\(missing) blocks are owned by a file but marked free, the first is block "
+                + "\(superblock.dataStart + UInt64(firstMissing)) (inode \(owners[firstMissing]))")
+        }
+    }
+
+    /// Whether data-block index `index` is allocated in a scanned bitmap.
+    static func isAllocated(_ bitmap: [UInt64], _ index: Int) -> Bool { bitmap[index / 64] & (1 << UInt64(index % 64)) != 0 }
+}

@@ -1,0 +1,145 @@
+/// What truncate and punch do about pages that are still referenced or pinned.
+public enum BusyPolicy: Sendable {
+    /// Throw `.busy` and change nothing (the EBUSY Doug Ledford asked the kernel for).
+    case fail
+    /// Sleep until the pins drop, woken by the final unpin; throw `.timedOut` and change nothing
+    /// if they do not drop in time.
+    case wait(timeout: Duration)
+    /// Go on: pinned blocks are freed on the device but quarantined until their last unpin.
+    case deferFree
+    /// Ask each long-term pin holder in the range to let go (its `onRevoke`), wait up to `grace`,
+    /// then revoke what remains; short-term pins are waited for (up to `grace` again).
+    case revokeLeases(grace: Duration)
+}
+
+extension BusyPolicy {
+    /// `.deferFree`: busy pages do not stop the change.
+    var goesOnWhenBusy: Bool {
+        if case .deferFree = self { return true }
+        return false
+    }
+}
+
+extension DAXFile {
+    /// Sets the size. Shrinking frees the blocks past the new end after breaking layouts (DESIGN
+    /// section 5): the pages leave every mapping (a later access there faults), and pages that are
+    /// still pinned are dealt with as `ifBusy` says. All or nothing: a failure leaves size,
+    /// contents and mappings as they were.
+    public func truncate(to size: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
+        try checkWritable("truncate")
+        try Self.checkRange(size, 0, "truncate", path)
+        try fileSystem.changeLayout(inode, policy: policy, what: "truncate \(Paths.debug(path)) to \(size) bytes") {
+            try fileSystem.planResize(inode, to: size)
+        }
+    }
+
+    /// Frees the blocks of the whole pages in `offset..<offset+count` and zeroes the partial pages
+    /// at its edges; the size does not change. Busy pages are handled as for ``truncate(to:ifBusy:)``.
+    public func punchHole(offset: Int, count: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
+        try checkWritable("punch a hole in")
+        try Self.checkRange(offset, count, "punch a hole in", path)
+        guard count > 0 else { return }
+        try fileSystem.changeLayout(inode, policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))") {
+            try fileSystem.planPunch(inode, offset: offset, count: count)
+        }
+    }
+}
+
+extension DAXFileSystem {
+    /// Break layouts, then carry out the layout change `plan` makes (DESIGN section 5):
+    /// 1. take the invalidate lock: no new mapping or slow pin starts;
+    /// 2. detach the pages from every live mapping and bump the layout generation, so that a pin
+    ///    racing in backs off (the gup-fast rule, `docs/pinning.md`);
+    /// 3. scan the pages for references beyond their mappings and for pins;
+    /// 4. act on `policy` if any are busy;
+    /// 5. commit, replace the pages in the mappings by faulting ones, release the blocks.
+    func changeLayout(_ inode: Inode, policy: BusyPolicy, what: String, plan: () throws -> LayoutChange) throws {
+        let started = ContinuousClock.now
+        /// When the lease holders were asked to let go plus the grace period (`.revokeLeases`).
+        var graceEnd: ContinuousClock.Instant?
+        while true {
+            inode.invalidateLock.lockForWriting()
+            inode.lock.lockForWriting()
+            var locked = true
+            func unlock() {
+                guard locked else { return }
+                inode.lock.unlock()
+                inode.invalidateLock.unlock()
+                locked = false
+            }
+            defer { unlock() }
+
+            let layout = try plan()
+            guard layout.removesBlocks else {
+                try carryOut(layout, on: inode) {}
+                return
+            }
+            let mappings = inode.liveMappings.compactMap { $0 as? DAXMapping }.filter { $0.detach(layout.freedPages) }
+            inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
+            let frames = layout.change.freed.flatMap { Array($0.range) }
+            var busy = busyFrames(frames)
+
+            if !busy.isEmpty, case .revokeLeases(let grace) = policy, let end = graceEnd, ContinuousClock.now >= end {
+                // The grace period is over: revoke every lease that still holds a page. Revocation
+                // waits for a DMA access in flight, then drops the pin's counts.
+                for lease in device.pages.leases(where: Set(busy).contains) {
+                    lease.requestRelease()
+                    lease.revoke()
+                }
+                busy = busyFrames(busy)
+                if !busy.isEmpty, ContinuousClock.now >= end + grace {
+                    restore(mappings, inode)
+                    throw timedOut(what, busy, "short-term pins or references outlived the grace period")
+                }
+            }
+            if busy.isEmpty || policy.goesOnWhenBusy {
+                try carryOut(layout, on: inode) { for mapping in mappings { mapping.zapDetached() } }
+                return
+            }
+
+            // Busy, and the policy says not to go on now: put everything back, then unlock.
+            restore(mappings, inode)
+            unlock()
+            switch policy {
+            case .fail:
+                throw DAXError(.busy, "cannot \(what): \(busy.count) pages are pinned or referenced, the first is "
+                    + "pfn \(busy[0]) (\(device.pages.state(of: PageFrameNumber(rawValue: busy[0]))))")
+            case .deferFree:
+                preconditionFailure("deferFree never waits")
+            case .wait(let timeout):
+                let deadline = started + timeout
+                guard ContinuousClock.now < deadline,
+                      device.pages.waitUntil(busy, deadline: Deadline(after: deadline - ContinuousClock.now),
+                                             PageWord.isIdleExceptMappings)
+                else {
+                    throw timedOut(what, busyFrames(busy), "waited \(timeout)")
+                }
+            case .revokeLeases(let grace):
+                if graceEnd == nil {
+                    graceEnd = ContinuousClock.now + grace
+                    // Ask without holding any lock: a holder may use the file to let go.
+                    for lease in device.pages.leases(where: Set(busy).contains) { lease.requestRelease() }
+                }
+                // Until the grace ends; after it, short-term pins get one more grace period.
+                let until = ContinuousClock.now < graceEnd! ? graceEnd! : graceEnd! + grace
+                _ = device.pages.waitUntil(busy, deadline: Deadline(after: until - ContinuousClock.now),
+                                           PageWord.isIdleExceptMappings)
+            }
+        }
+    }
+
+    private func restore(_ mappings: [DAXMapping], _ inode: Inode) {
+        for mapping in mappings { mapping.restore() }
+        inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
+    }
+
+    /// Frames referenced beyond their mappings, or pinned.
+    private func busyFrames(_ frames: [UInt64]) -> [UInt64] {
+        frames.filter { !PageWord.isIdleExceptMappings(device.pages.table.word($0)) }
+    }
+
+    private func timedOut(_ what: String, _ busy: [UInt64], _ why: String) -> DAXError {
+        DAXError(.timedOut, "cannot \(what): \(busy.count) pages stayed pinned (\(why))"
+            + (busy.first.map { ", the first is pfn \($0)" } ?? ""))
+    }
+}

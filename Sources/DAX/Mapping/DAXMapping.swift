@@ -1,0 +1,236 @@
+import CLibPMem
+import Glibc
+import Synchronization
+
+/// A direct (DAX) mapping of part of a file: loads and stores reach the device pages themselves.
+///
+/// The mapping is a reserved virtual range into which each extent of the file is mapped from the
+/// device file (`mmap(MAP_SHARED | MAP_FIXED)` at the block's device offset), so a byte stored at
+/// `baseAddress + i` is the byte at `frame * 4096 + i % 4096` of the device (invariant 3). Each
+/// mapped page holds a reference and a map count on its descriptor. Pages that a truncate or punch
+/// removes are replaced by a region that raises SIGBUS on access (invariant 6).
+public final class DAXMapping: Sendable {
+    /// The first byte of the mapping (file offset `offset` of ``map(offset:count:access:)``).
+    public var baseAddress: UnsafeMutableRawPointer { base }
+    /// Bytes asked for.
+    public let count: Int
+    /// How the mapping may be accessed.
+    public let access: Access
+
+    nonisolated(unsafe) let base: UnsafeMutableRawPointer
+    /// Bytes reserved: `count` rounded up to whole pages.
+    let length: Int
+    let fileSystem: DAXFileSystem
+    let inode: Inode
+    let path: String
+    /// File page of `base`.
+    let firstPage: UInt64
+    let pageCount: Int
+    /// Pins for writing are allowed: mapped `.readWrite` from a file opened `.readWrite`.
+    let writable: Bool
+    let table: PageTable
+    /// The page table: each page's frame, 0 when not mapped (frame 0 is the superblock, never file
+    /// data). Read without a lock by the pin fast path; written under `state`.
+    nonisolated(unsafe) let entries: UnsafeMutablePointer<Atomic<UInt64>>
+
+    struct State {
+        var unmapped = false
+        /// Pages detached by a break-layouts in progress: their frames, still mapped and counted
+        /// until the change commits (then zapped) or fails (then restored).
+        var detached: [Int: UInt64] = [:]
+    }
+
+    let state = Mutex(State())
+
+    init(file: DAXFile, firstPage: UInt64, count: Int, access: Access, writable: Bool, base: UnsafeMutableRawPointer,
+         frames: [UInt64]) {
+        self.fileSystem = file.fileSystem
+        self.inode = file.inode
+        self.path = file.path
+        self.firstPage = firstPage
+        self.count = count
+        self.length = frames.count * PMemDevice.pageSize
+        self.pageCount = frames.count
+        self.access = access
+        self.writable = writable
+        self.base = base
+        self.table = file.fileSystem.device.pages.table
+        entries = .allocate(capacity: frames.count)
+        for (index, frame) in frames.enumerated() { (entries + index).initialize(to: Atomic(frame)) }
+    }
+
+    deinit {
+        unmap()
+        entries.deinitialize(count: pageCount)
+        entries.deallocate()
+    }
+
+    /// The frame page `index` of the mapping shows now, nil if unmapped.
+    func frame(at index: Int) -> UInt64? {
+        let frame = entries[index].load(ordering: .acquiring)
+        return frame == 0 ? nil : frame
+    }
+
+    /// Makes `count` bytes at `offset` of the mapping durable, through the mapping's own addresses:
+    /// `pmem_persist` (or `msync` of the mapping, as the device's persistence mode says).
+    public func persist(offset: Int, count: Int) {
+        precondition(offset >= 0 && count >= 0 && offset <= length && count <= length - offset,
+                     "persist of \(count) bytes at \(offset) is outside the mapping of \(length) bytes")
+        let device = fileSystem.device
+        if device.persistence == .cacheFlush {
+            if device.systemCalls.isLive { pmem_persist(base + offset, count) } else { device.systemCalls.persist(base + offset, count) }
+        } else if device.systemCalls.msync(base + offset, count) != 0 {
+            device.systemCalls.persist(base + offset, count)
+        }
+    }
+
+    /// Unmaps: the addresses become invalid, the pages' map counts drop. A removed file whose last
+    /// handle is closed is freed with its last mapping. Idempotent.
+    public func unmap() {
+        let wasMapped = state.withLock { state -> Bool in
+            guard !state.unmapped else { return false }
+            state.unmapped = true
+            _ = fileSystem.device.systemCalls.munmap(base, length)
+            let pages = fileSystem.device.pages
+            for index in 0..<pageCount {
+                let frame = entries[index].exchange(0, ordering: .acquiringAndReleasing)
+                if frame != 0 { pages.unmap(PageFrameNumber(rawValue: frame)) }
+            }
+            for frame in state.detached.values { pages.unmap(PageFrameNumber(rawValue: frame)) }
+            state.detached = [:]
+            return true
+        }
+        guard wasMapped else { return }
+        inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        _ = inode.mappings.withLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
+        fileSystem.releaseUser(inode, handle: false)
+    }
+
+    /// True once unmapped.
+    public var isUnmapped: Bool { state.withLock { $0.unmapped } }
+
+    // MARK: - Break layouts support
+
+    /// Detaches the pages of file pages `pages` from the page table (pins can no longer find them);
+    /// they stay mapped and counted. Returns whether any page was detached.
+    func detach(_ pages: Range<UInt64>) -> Bool {
+        state.withLock { state in
+            guard !state.unmapped, let local = localRange(pages) else { return false }
+            var any = false
+            for index in local {
+                let frame = entries[index].exchange(0, ordering: .sequentiallyConsistent)
+                if frame != 0 {
+                    state.detached[index] = frame
+                    any = true
+                }
+            }
+            return any
+        }
+    }
+
+    /// Puts detached pages back: the layout change did not happen.
+    func restore() {
+        state.withLock { state in
+            guard !state.unmapped else { return }
+            for (index, frame) in state.detached { entries[index].store(frame, ordering: .sequentiallyConsistent) }
+            state.detached = [:]
+        }
+    }
+
+    /// The layout change committed: detached pages are replaced by a region that faults, and
+    /// their map counts drop.
+    func zapDetached() {
+        state.withLock { state in
+            guard !state.unmapped else { return }
+            let pages = fileSystem.device.pages
+            let indices = state.detached.keys.sorted()
+            var start = 0
+            while start < indices.count {
+                var end = start + 1
+                while end < indices.count, indices[end] == indices[end - 1] + 1 { end += 1 }
+                MappingRegion.replaceWithFaulting(base + indices[start] * PMemDevice.pageSize,
+                                                  length: (end - start) * PMemDevice.pageSize, access: access,
+                                                  calls: fileSystem.device.systemCalls)
+                start = end
+            }
+            for frame in state.detached.values { pages.unmap(PageFrameNumber(rawValue: frame)) }
+            state.detached = [:]
+        }
+    }
+
+    /// Maps new blocks at file pages that show nothing now (after a punch), for a pin.
+    func populate(_ extents: [Extent]) throws {
+        try state.withLock { state in
+            guard !state.unmapped else { return }
+            for extent in extents {
+                guard let local = localRange(extent.logicalRange) else { continue }
+                for index in local where entries[index].load(ordering: .relaxed) == 0 {
+                    let page = firstPage + UInt64(index)
+                    let frame = extent.block(for: page)
+                    try MappingRegion.mapDevicePage(fileSystem.device, frame: frame,
+                                                    at: base + index * PMemDevice.pageSize, access: access)
+                    try fileSystem.device.pages.tryMap(PageFrameNumber(rawValue: frame))
+                    entries[index].store(frame, ordering: .sequentiallyConsistent)
+                }
+            }
+        }
+    }
+
+    /// The mapping's page indices for file pages `pages`, nil if they do not meet.
+    func localRange(_ pages: Range<UInt64>) -> Range<Int>? {
+        let start = max(pages.lowerBound, firstPage)
+        let end = min(pages.upperBound, firstPage + UInt64(pageCount))
+        guard start < end else { return nil }
+        return Int(start - firstPage)..<Int(end - firstPage)
+    }
+}
+
+/// The virtual memory of mappings: reserving ranges, mapping device pages, and the region that
+/// raises SIGBUS where pages were truncated away.
+enum MappingRegion {
+    /// A memfd of size 0: any access to a shared mapping of it is past its end, and the kernel
+    /// sends SIGBUS, exactly as for a page truncated out of a file mapping.
+    static let faultingFile: Int32 = dax_memfd_create("dax-truncated-pages", dax_MFD_CLOEXEC)
+
+    static func protection(_ access: Access) -> Int32 {
+        access == .readWrite ? PROT_READ | PROT_WRITE : PROT_READ
+    }
+
+    /// Reserves `length` bytes of address space that fault until something is mapped there.
+    static func reserve(_ length: Int, calls: SystemCalls) throws -> UnsafeMutableRawPointer {
+        guard let base = calls.mmap(nil, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) else {
+            throw DAXError.system("mmap", "cannot reserve \(length) bytes of address space for a mapping", errno: errno)
+        }
+        return base
+    }
+
+    /// Maps `pages` device pages from `frame` at `address`, populated.
+    static func mapDevice(
+        _ device: PMemDevice, frame: UInt64, pages: Int, at address: UnsafeMutableRawPointer, access: Access
+    ) throws {
+        let length = pages * PMemDevice.pageSize
+        guard device.systemCalls.mmap(address, length, protection(access), MAP_SHARED | MAP_FIXED | MAP_POPULATE,
+                                      device.fd, Int(frame) * PMemDevice.pageSize) != nil
+        else {
+            let code = errno
+            throw DAXError.system("mmap", "cannot map \(pages) device pages at pfn \(frame)"
+                + (code == ENODEV || code == EINVAL ? " (a device-DAX character device maps only 2 MiB-aligned ranges)" : ""),
+                errno: code)
+        }
+    }
+
+    static func mapDevicePage(_ device: PMemDevice, frame: UInt64, at address: UnsafeMutableRawPointer, access: Access) throws {
+        try mapDevice(device, frame: frame, pages: 1, at: address, access: access)
+    }
+
+    /// Replaces `length` bytes at `address` by the faulting region (PROT_NONE if memfd is missing).
+    static func replaceWithFaulting(_ address: UnsafeMutableRawPointer, length: Int, access: Access, calls: SystemCalls) {
+        if faultingFile >= 0,
+           calls.mmap(address, length, protection(access), MAP_SHARED | MAP_FIXED, faultingFile, 0) != nil
+        {
+            return
+        }
+        let fallback = calls.mmap(address, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
+        precondition(fallback != nil, "cannot unmap truncated pages from a mapping: errno \(errno)")
+    }
+}

@@ -1,0 +1,83 @@
+extension DAXFile {
+    /// A direct (DAX) mapping of `count` bytes from `offset`: loads and stores reach the device
+    /// pages themselves. Holes in the range get zeroed blocks first.
+    ///
+    /// `offset` must be a multiple of the page size, and the range must lie within the file's size
+    /// rounded up to a page (extend the file with `truncate` or `allocate` first): as with `mmap`,
+    /// a mapping never changes the file's size. A `.readWrite` mapping needs a file opened
+    /// `.readWrite`; stores through a `.readOnly` mapping fault.
+    public func map(offset: Int = 0, count: Int, access: Access = .readWrite) throws -> DAXMapping {
+        try checkOpen("map")
+        if access == .readWrite, self.access != .readWrite {
+            throw DAXError(.permissionDenied, "cannot map \(Paths.debug(path)) for writing: it was opened read-only")
+        }
+        try Self.checkRange(offset, count, "map", path)
+        guard count > 0, offset % PMemDevice.pageSize == 0 else {
+            throw DAXError(.invalidArgument, "cannot map \(count) bytes at offset \(offset) of \(Paths.debug(path)): "
+                + "the offset must be a multiple of \(PMemDevice.pageSize) and the count positive")
+        }
+        let fs = fileSystem
+        let device = fs.device
+        let first = DAXFileSystem.page(offset)
+        let pages = first..<DAXFileSystem.pageUp(offset + count)
+        return try inode.invalidateLock.withReadLock {
+            try inode.lock.withWriteLock {
+                let size = Int(inode.record.size)
+                guard Int(pages.upperBound) * PMemDevice.pageSize <= (size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
+                    * PMemDevice.pageSize
+                else {
+                    throw DAXError(.invalidArgument, "cannot map \(offset)..<\(offset + count) of \(Paths.debug(path)): "
+                        + "the file has only \(size) bytes (extend it with truncate or allocate first)")
+                }
+                try fs.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")
+                let base = try MappingRegion.reserve(pages.count * PMemDevice.pageSize, calls: device.systemCalls)
+                var frames = [UInt64](repeating: 0, count: pages.count)
+                var mappedCounts = 0
+                do {
+                    for slice in inode.extents.extents(in: pages) {
+                        let index = Int(slice.logical - first)
+                        try MappingRegion.mapDevice(device, frame: slice.physical, pages: Int(slice.length),
+                                                    at: base + index * PMemDevice.pageSize, access: access)
+                        for page in 0..<Int(slice.length) {
+                            try device.pages.tryMap(PageFrameNumber(rawValue: slice.physical + UInt64(page)))
+                            frames[index + page] = slice.physical + UInt64(page)
+                            mappedCounts += 1
+                        }
+                    }
+                } catch {
+                    for frame in frames where frame != 0 { device.pages.unmap(PageFrameNumber(rawValue: frame)) }
+                    _ = device.systemCalls.munmap(base, pages.count * PMemDevice.pageSize)
+                    throw error
+                }
+                let mapping = DAXMapping(file: self, firstPage: first, count: count, access: access,
+                                         writable: access == .readWrite && self.access == .readWrite, base: base,
+                                         frames: frames)
+                inode.users.withLock { $0.mappings += 1 }
+                inode.mappings.withLock { $0[ObjectIdentifier(mapping)] = WeakMapping(object: mapping) }
+                return mapping
+            }
+        }
+    }
+}
+
+extension DAXFileSystem {
+    /// Gives the holes of `pages` zeroed blocks, as mapping and pinning need (inode lock held
+    /// exclusively).
+    func fillHolesZeroed(_ inode: Inode, _ pages: Range<UInt64>, what: String) throws {
+        guard !inode.extents.holes(in: pages).isEmpty else { return }
+        var change = PendingChange()
+        var map = inode.extents
+        do {
+            _ = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .all)
+            var record = inode.record
+            map.store(into: &record)
+            change.transaction.write(record.encode(), at: superblock.inodeOffset(inode.number))
+            device.drain()
+            try commit(change, what: what)
+        } catch {
+            abandon(change)
+            throw error
+        }
+        inode.extents = map
+    }
+}

@@ -1,0 +1,109 @@
+extension DAXMapping {
+    /// `get_user_pages`/`pin_user_pages`: resolves the pages of `offset..<offset+count` to their
+    /// frames and pins them, so that no truncate can hand the blocks to another file while a
+    /// device uses them (it waits, fails, quarantines or revokes, as its ``BusyPolicy`` says).
+    ///
+    /// A `.readWrite` pin needs a `.readWrite` mapping of a file opened `.readWrite`
+    /// (`.permissionDenied` otherwise). Pages a punch removed get new zeroed blocks for a
+    /// `.readWrite` pin; pages a truncate cut off, or a range outside the mapping, are
+    /// `.invalidArgument`. See `docs/pinning.md` for why a pin and a truncate cannot both win.
+    public func pin(
+        offset: Int, count: Int, access: Access = .readWrite, lifetime: PinLifetime = .shortTerm
+    ) throws -> PinnedPages {
+        guard offset >= 0, count > 0, offset <= self.count, count <= self.count - offset else {
+            throw DAXError(.invalidArgument, "cannot pin \(count) bytes at offset \(offset): outside the mapping of "
+                + "\(self.count) bytes of \(Paths.debug(path))")
+        }
+        if access == .readWrite, !writable {
+            throw DAXError(.permissionDenied, "cannot pin pages of \(Paths.debug(path)) for writing: the mapping or "
+                + "the file is read-only")
+        }
+        let first = offset / PMemDevice.pageSize
+        let last = (offset + count - 1) / PMemDevice.pageSize
+        if case .shortTerm = lifetime, first == last, let pinned = pinOneFast(first) { return pinned }
+        if case .shortTerm = lifetime, let pinned = pinFast(first...last) { return pinned }
+        return try pinSlow(first...last, access: access, lifetime: lifetime)
+    }
+
+    /// gup-fast for one page: try-get, then re-validate the layout generation; nil sends the
+    /// caller to the slow path.
+    @inline(__always)
+    private func pinOneFast(_ index: Int) -> PinnedPages? {
+        let generation = inode.layoutGeneration.load(ordering: .acquiring)
+        let frame = entries[index].load(ordering: .acquiring)
+        guard frame != 0, case .success(let firstPin) = table.tryPin(frame) else { return nil }
+        guard inode.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
+            // A truncate detached pages after we looked: back off without counting anything.
+            let lastPin = table.unpinOne(frame)
+            table.tally(firstPin ? 1 : 0, .pinnedUp, lastPin ? 1 : 0, .pinnedDown)
+            return nil
+        }
+        table.tally(1, .acquired, firstPin ? 1 : 0, .pinnedUp)
+        return PinnedPages(table: table, head: FrameRun(start: frame, count: 1))
+    }
+
+    /// gup-fast for a range.
+    private func pinFast(_ pages: ClosedRange<Int>) -> PinnedPages? {
+        let generation = inode.layoutGeneration.load(ordering: .acquiring)
+        var frames: [PageFrameNumber] = []
+        frames.reserveCapacity(pages.count)
+        for index in pages {
+            let frame = entries[index].load(ordering: .acquiring)
+            guard frame != 0 else { return nil }
+            frames.append(PageFrameNumber(rawValue: frame))
+        }
+        let runs = FrameRuns(frames)
+        guard (try? table.pin(runs)) != nil else { return nil }
+        guard inode.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
+            // Undo as a release of what was just acquired, so the totals stay balanced.
+            table.unpin(runs)
+            return nil
+        }
+        return PinnedPages(table: table, runs: runs, lease: nil)
+    }
+
+    /// gup-slow: under the invalidate lock no truncate runs; resolve missing pages, then pin.
+    private func pinSlow(_ pages: ClosedRange<Int>, access: Access, lifetime: PinLifetime) throws -> PinnedPages {
+        try inode.invalidateLock.withReadLock {
+            guard !isUnmapped else {
+                throw DAXError(.invalidArgument, "cannot pin pages of \(Paths.debug(path)): the mapping was unmapped")
+            }
+            let missing = pages.filter { entries[$0].load(ordering: .acquiring) == 0 }
+            if !missing.isEmpty { try resolve(missing, access: access) }
+            var frames: [PageFrameNumber] = []
+            for index in pages {
+                let frame = entries[index].load(ordering: .acquiring)
+                guard frame != 0 else {
+                    throw DAXError(.invalidArgument, "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
+                        + "it is no longer mapped")
+                }
+                frames.append(PageFrameNumber(rawValue: frame))
+            }
+            return try fileSystem.device.pages.pin(runs: FrameRuns(frames), lifetime: lifetime)
+        }
+    }
+
+    /// Maps pages this mapping does not show: past the end of the file they stay faulting (an
+    /// error); inside it (after a punch) a `.readWrite` pin gives them blocks, as a write fault would.
+    private func resolve(_ missing: [Int], access: Access) throws {
+        try inode.lock.withWriteLock {
+            let size = Int(inode.record.size)
+            for index in missing where Int(firstPage) + index >= (size + PMemDevice.pageSize - 1) / PMemDevice.pageSize {
+                throw DAXError(.invalidArgument, "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
+                    + "a truncate cut it off (the file has \(size) bytes); the mapping faults there")
+            }
+            let pages = UInt64(missing.first!)..<(UInt64(missing.last!) + 1)
+            let filePages = (firstPage + pages.lowerBound)..<(firstPage + pages.upperBound)
+            if !inode.extents.holes(in: filePages).isEmpty {
+                guard access == .readWrite else {
+                    throw DAXError(.invalidArgument, "cannot pin a hole of \(Paths.debug(path)) for reading: a punch "
+                        + "removed its block; only a .readWrite pin allocates one")
+                }
+                try fileSystem.fillHolesZeroed(inode, filePages, what: "pin of \(Paths.debug(path))")
+            }
+            // Every live mapping that shows nothing there gets the blocks, as its own fault would.
+            let extents = inode.extents.extents(in: filePages)
+            for mapping in inode.liveMappings.compactMap({ $0 as? DAXMapping }) { try mapping.populate(extents) }
+        }
+    }
+}
