@@ -42,9 +42,20 @@ let package = Package(
             path: "Benchmarks/daxbench"
         ),
 
+        // Crash tests: a workload model shared by the tests and a worker process they SIGKILL.
+        .target(
+            name: "DAXTorture",
+            dependencies: ["DAX"],
+            path: "Tests/Torture"
+        ),
+        .executableTarget(
+            name: "daxcrashworker",
+            dependencies: ["DAX", "DAXTorture"],
+            path: "Tests/CrashWorker"
+        ),
         .testTarget(
             name: "DAXTests",
-            dependencies: ["DAX"]
+            dependencies: ["DAX", "DAXTorture", "daxcrashworker"]
         ),
     ]
 )

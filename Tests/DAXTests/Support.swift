@@ -108,3 +108,81 @@ final class PinBox: Sendable {
         taken?.release()
     }
 }
+
+/// A formatted file system on its own device, unmounted and removed when the value goes.
+final class TemporaryFileSystem: @unchecked Sendable {
+    let temporary: TemporaryDevice
+    let fs: DAXFileSystem
+    var device: PMemDevice { temporary.device }
+
+    init(
+        size: Int = 16 << 20, options: DAXFileSystem.FormatOptions = .init(), name: String = "fs",
+        deviceOptions: PMemDevice.Options = .init()
+    ) throws {
+        temporary = try TemporaryDevice(size: size, options: deviceOptions, name: name)
+        fs = try DAXFileSystem.format(temporary.device, options: options)
+    }
+
+    /// Unmounts and mounts again, as after a reboot of the process.
+    func remount() throws -> DAXFileSystem {
+        try fs.unmount()
+        return try DAXFileSystem.mount(temporary.device)
+    }
+
+    deinit { try? fs.unmount() }
+}
+
+/// A deterministic byte pattern.
+func pattern(_ count: Int, seed: Int = 1) -> [UInt8] {
+    (0..<count).map { UInt8(truncatingIfNeeded: ($0 &* 131) &+ ($0 >> 8) &+ seed &* 17) }
+}
+
+/// A helper process built next to the test binary (by this package), reading its output by line.
+final class ChildProcess: @unchecked Sendable {
+    let process = Process()
+    private let output = Pipe()
+    private var buffer = Data()
+    private(set) var lines: [String] = []
+
+    static func executable(_ name: String) -> String {
+        let me =
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        return URL(fileURLWithPath: me).deletingLastPathComponent().appendingPathComponent(name).path
+    }
+
+    init(_ name: String, _ arguments: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: Self.executable(name))
+        process.arguments = arguments
+        process.standardOutput = output
+        process.standardError = FileHandle.standardError
+        try process.run()
+    }
+
+    /// Reads until a line starting with `prefix` arrives (nil at end of output).
+    func waitForLine(startingWith prefix: String) -> String? {
+        while true {
+            if let line = lines.first(where: { $0.hasPrefix(prefix) }) { return line }
+            guard readMore() else { return nil }
+        }
+    }
+
+    /// Reads what is there; false at end of output.
+    @discardableResult
+    private func readMore() -> Bool {
+        let data = output.fileHandleForReading.availableData
+        guard !data.isEmpty else { return false }
+        buffer.append(data)
+        while let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+            lines.append(String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self))
+            buffer.removeSubrange(buffer.startIndex...newline)
+        }
+        return true
+    }
+
+    /// SIGKILL, then collect every line it wrote.
+    func kill() {
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        while readMore() {}
+    }
+}

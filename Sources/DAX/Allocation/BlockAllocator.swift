@@ -63,12 +63,15 @@ final class BlockAllocator: Sendable {
         precondition(count > 0)
         return try state.withLock { state in
             guard state.availableCount >= count else {
-                throw DAXError(.noSpace, "no space: \(count) blocks needed, \(state.availableCount) free"
-                    + (state.quarantined > 0 ? " and \(state.quarantined) held by pins" : ""))
+                throw DAXError(
+                    .noSpace,
+                    "no space: \(count) blocks needed, \(state.availableCount) free"
+                        + (state.quarantined > 0 ? " and \(state.quarantined) held by pins" : ""))
             }
             var runs: [BlockRun] = []
             var taken = 0
-            let first = goal.flatMap { $0 >= dataStart && $0 < dataStart + UInt64(dataBlocks) ? Int($0 - dataStart) : nil }
+            let first =
+                goal.flatMap { $0 >= dataStart && $0 < dataStart + UInt64(dataBlocks) ? Int($0 - dataStart) : nil }
                 ?? state.cursor
             // One sweep: from `first` to the end, then from 0 back to `first`.
             var position = first
@@ -150,8 +153,9 @@ final class BlockAllocator: Sendable {
     func quarantineEnded(_ frame: PageFrameNumber) {
         state.withLock { state in
             let index = Int(frame.rawValue - dataStart)
-            precondition(index >= 0 && index < dataBlocks && !Self.isSet(state.available, index),
-                         "quarantine ended for \(frame), which is not a quarantined data block")
+            precondition(
+                index >= 0 && index < dataBlocks && !Self.isSet(state.available, index),
+                "quarantine ended for \(frame), which is not a quarantined data block")
             Self.set(&state.available, index)
             state.availableCount += 1
             state.quarantined -= 1
@@ -163,7 +167,9 @@ final class BlockAllocator: Sendable {
 
     // MARK: Bit words
 
-    private static func isSet(_ words: [UInt64], _ index: Int) -> Bool { words[index / 64] & (1 << UInt64(index % 64)) != 0 }
+    private static func isSet(_ words: [UInt64], _ index: Int) -> Bool {
+        words[index / 64] & (1 << UInt64(index % 64)) != 0
+    }
     private static func set(_ words: inout [UInt64], _ index: Int) { words[index / 64] |= 1 << UInt64(index % 64) }
     private static func clear(_ words: inout [UInt64], _ index: Int) { words[index / 64] &= ~(1 << UInt64(index % 64)) }
 

@@ -31,8 +31,9 @@ public final class DMAEngine: Sendable {
         try region.withAccess(offset: offset, count: bytes.count, what: "write") {
             bytes.withUnsafeBytes { source in
                 region.forEachChunk(offset: offset, count: bytes.count) { deviceOffset, at, length in
-                    device.copy(UnsafeRawBufferPointer(rebasing: source[at..<(at + length)]), toOffset: deviceOffset,
-                                flags: .noDrain)
+                    device.copy(
+                        UnsafeRawBufferPointer(rebasing: source[at..<(at + length)]), toOffset: deviceOffset,
+                        flags: .noDrain)
                 }
             }
             device.drain()
@@ -46,8 +47,9 @@ public final class DMAEngine: Sendable {
         let bytes = try region.withAccess(offset: offset, count: count, what: "read") {
             [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
                 region.forEachChunk(offset: offset, count: count) { deviceOffset, at, length in
-                    UnsafeMutableRawPointer(buffer.baseAddress! + at).copyMemory(from: device.base + deviceOffset,
-                                                                                 byteCount: length)
+                    UnsafeMutableRawPointer(buffer.baseAddress! + at).copyMemory(
+                        from: device.base + deviceOffset,
+                        byteCount: length)
                 }
                 initialized = count
             }
@@ -63,7 +65,8 @@ public final class DMAEngine: Sendable {
 
     private func checkOwner(_ region: DMARegion) throws {
         guard region.device === device else {
-            throw DAXError(.invalidArgument, "the DMA region belongs to device \(region.device.path), not \(device.path)")
+            throw DAXError(
+                .invalidArgument, "the DMA region belongs to device \(region.device.path), not \(device.path)")
         }
     }
 }
@@ -108,12 +111,18 @@ public final class DMARegion: Sendable {
     /// Runs `body` while the region can be neither deregistered nor revoked.
     func withAccess<T: Sendable>(offset: Int, count: Int, what: String, _ body: () throws -> T) throws -> T {
         guard offset >= 0, count >= 0, offset <= self.count, count <= self.count - offset else {
-            throw DAXError(.invalidArgument, "cannot DMA-\(what) \(count) bytes at offset \(offset): outside the region "
-                + "of \(self.count) bytes")
+            throw DAXError(
+                .invalidArgument,
+                "cannot DMA-\(what) \(count) bytes at offset \(offset): outside the region "
+                    + "of \(self.count) bytes")
         }
-        guard retainsDevice else { throw DAXError(.invalidArgument, "cannot DMA-\(what): device \(device.path) is closed") }
+        guard retainsDevice else {
+            throw DAXError(.invalidArgument, "cannot DMA-\(what): device \(device.path) is closed")
+        }
         return try pin.withLock { pin in
-            guard pin != nil else { throw DAXError(.invalidArgument, "cannot DMA-\(what): the region was deregistered") }
+            guard pin != nil else {
+                throw DAXError(.invalidArgument, "cannot DMA-\(what): the region was deregistered")
+            }
             if let lease { return try lease.withAccess(body) }
             return try body()
         }

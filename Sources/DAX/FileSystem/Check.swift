@@ -24,7 +24,20 @@ extension DAXFileSystem {
         var problems: [String] = []
         namespace.withReadLock {
             let scan = journal.withNoCommits { () -> Scanner.Result in
-                let scan = Scanner.scan(device: device, superblock: superblock, journalMustBeEmpty: true)
+                // The superblock as the device has it now (its orphan head changes at run time).
+                let current: Superblock
+                do {
+                    current = try Superblock.decode(
+                        ByteReader(device.base, count: Superblock.size),
+                        deviceBlocks: UInt64(device.pageCount))
+                } catch {
+                    problems.append("\(error)")
+                    return Scanner.Result()
+                }
+                var expected = superblock
+                expected.orphanHead = current.orphanHead
+                if expected != current { problems.append("the superblock changed since mount beyond its orphan head") }
+                let scan = Scanner.scan(device: device, superblock: current, journalMustBeEmpty: true)
                 problems += compareAllocator(with: scan.bitmap)
                 return scan
             }
@@ -35,7 +48,9 @@ extension DAXFileSystem {
             }
             // Directories change only under the namespace lock, which is held: compare them now.
             for (number, inode) in table.withLock({ $0.inodes }) where inode.directory != nil {
-                if inode.directory?.entries.mapValues(\.inode) != scan.inodes[number]?.directory?.entries.mapValues(\.inode) {
+                if inode.directory?.entries.mapValues(\.inode)
+                    != scan.inodes[number]?.directory?.entries.mapValues(\.inode)
+                {
                     problems.append("directory \(number): entries in memory differ from the device")
                 }
             }
@@ -53,7 +68,8 @@ extension DAXFileSystem {
             let onDevice = Scanner.isAllocated(bitmap, index)
             let frame = PageFrameNumber(rawValue: superblock.dataStart + UInt64(index))
             if onDevice, available[index / 64] & (1 << UInt64(index % 64)) != 0 {
-                problems.append("block \(frame.rawValue) is allocated on the device but the allocator would hand it out")
+                problems.append(
+                    "block \(frame.rawValue) is allocated on the device but the allocator would hand it out")
             }
             if onDevice, device.pages.state(of: frame).isQuarantined {
                 problems.append("block \(frame.rawValue) is quarantined but allocated on the device")
@@ -75,9 +91,10 @@ extension DAXFileSystem {
             if record.kind != inode.record.kind || record.size != inode.record.size
                 || record.linkCount != inode.record.linkCount
             {
-                problems.append("inode \(inode.number): memory says \(inode.record.kind) of \(inode.record.size) bytes "
-                    + "with \(inode.record.linkCount) links, the device \(record.kind) of \(record.size) with "
-                    + "\(record.linkCount)")
+                problems.append(
+                    "inode \(inode.number): memory says \(inode.record.kind) of \(inode.record.size) bytes "
+                        + "with \(inode.record.linkCount) links, the device \(record.kind) of \(record.size) with "
+                        + "\(record.linkCount)")
             }
             var stored = inode.record
             inode.extents.store(into: &stored)
@@ -87,9 +104,10 @@ extension DAXFileSystem {
                 problems.append("inode \(inode.number): extents in memory differ from the device")
             }
             for leaf in inode.extents.leafBlocks.enumerated() {
-                let leafReader = ByteReader(device.base + Int(leaf.element) * Superblock.blockSize, count: Superblock.blockSize)
+                let leafReader = ByteReader(
+                    device.base + Int(leaf.element) * Superblock.blockSize, count: Superblock.blockSize)
                 guard case .success(let (extents, _)) = ExtentLeaf.decode(leafReader, owner: inode.number),
-                      extents == inode.extents.leaves[leaf.offset].extents
+                    extents == inode.extents.leaves[leaf.offset].extents
                 else {
                     problems.append("inode \(inode.number): extent leaf \(leaf.offset) differs from the device")
                     continue

@@ -47,7 +47,9 @@ public final class DAXFile: Sendable {
     public var isClosed: Bool { closed.load(ordering: .acquiring) }
 
     func checkOpen(_ operation: String) throws {
-        guard !isClosed else { throw DAXError(.invalidArgument, "cannot \(operation) \(Paths.debug(path)): the file is closed") }
+        guard !isClosed else {
+            throw DAXError(.invalidArgument, "cannot \(operation) \(Paths.debug(path)): the file is closed")
+        }
         try fileSystem.checkMounted()
     }
 
@@ -60,11 +62,15 @@ public final class DAXFile: Sendable {
 
     static func checkRange(_ offset: Int, _ count: Int, _ operation: String, _ path: String) throws {
         guard offset >= 0, count >= 0 else {
-            throw DAXError(.invalidArgument, "cannot \(operation) \(Paths.debug(path)): negative offset \(offset) or count \(count)")
+            throw DAXError(
+                .invalidArgument,
+                "cannot \(operation) \(Paths.debug(path)): negative offset \(offset) or count \(count)")
         }
         guard count <= DAXFileSystem.maximumFileSize, offset <= DAXFileSystem.maximumFileSize - count else {
-            throw DAXError(.invalidArgument, "cannot \(operation) \(Paths.debug(path)) at \(offset) + \(count): past the "
-                + "largest file size of \(DAXFileSystem.maximumFileSize) bytes")
+            throw DAXError(
+                .invalidArgument,
+                "cannot \(operation) \(Paths.debug(path)) at \(offset) + \(count): past the "
+                    + "largest file size of \(DAXFileSystem.maximumFileSize) bytes")
         }
     }
 

@@ -48,18 +48,22 @@ public final class DAXFileSystem: Sendable {
         self.superblock = superblock
         self.journal = journal
         let bitmap = scan.bitmap
-        allocator = BlockAllocator(pages: device.pages, dataStart: superblock.dataStart,
-                                   dataBlocks: Int(superblock.dataBlocks)) { Scanner.isAllocated(bitmap, $0) }
+        allocator = BlockAllocator(
+            pages: device.pages, dataStart: superblock.dataStart,
+            dataBlocks: Int(superblock.dataBlocks)
+        ) { Scanner.isAllocated(bitmap, $0) }
         var inodes = InodeTable(count: Int(superblock.inodeCount))
         for (number, scanned) in scan.inodes {
-            let inode = Inode(number: number, record: scanned.record, extents: scanned.extents,
-                              directory: scanned.directory)
+            let inode = Inode(
+                number: number, record: scanned.record, extents: scanned.extents,
+                directory: scanned.directory)
             inodes.insert(inode)
             // Descriptors learn which file page each block holds.
             for extent in scanned.extents.allExtents {
                 for page in extent.logicalRange {
-                    let marked = device.pages.markAllocated(extent.block(for: page), inode: number,
-                                                            index: scanned.record.kind == .file ? page : PageOwner.indexLimit)
+                    let marked = device.pages.markAllocated(
+                        extent.block(for: page), inode: number,
+                        index: scanned.record.kind == .file ? page : PageOwner.indexLimit)
                     precondition(marked, "block \(extent.block(for: page)) busy at mount")
                 }
             }
@@ -78,8 +82,9 @@ public final class DAXFileSystem: Sendable {
     /// Throws `.busy` if a file system is mounted on the device (here or in another process).
     public static func format(_ device: PMemDevice, options: FormatOptions = .init()) throws -> DAXFileSystem {
         try withExclusiveDevice(device) {
-            let sb = try Superblock.layout(totalBlocks: UInt64(device.pageCount), bytesPerInode: options.bytesPerInode,
-                                           journalBlocks: options.journalBlocks)
+            let sb = try Superblock.layout(
+                totalBlocks: UInt64(device.pageCount), bytesPerInode: options.bytesPerInode,
+                journalBlocks: options.journalBlocks)
             try writeEmptyFileSystem(sb, on: device, progress: options.progress)
         }
         return try mount(device)
@@ -111,24 +116,38 @@ public final class DAXFileSystem: Sendable {
         guard device.size >= PMemDevice.minimumSize else {
             throw DAXError(.corrupted, "device \(device.path) is too small to hold a DAXFS")
         }
-        let sb = try Superblock.decode(ByteReader(device.base, count: Superblock.size),
-                                       deviceBlocks: UInt64(device.pageCount))
-        let (_, sequence) = try Journal.recover(device: device, superblock: sb)
+        let sb = try Superblock.decode(
+            ByteReader(device.base, count: Superblock.size),
+            deviceBlocks: UInt64(device.pageCount))
+        let (outcome, sequence) = try Journal.recover(device: device, superblock: sb)
         let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false)
         guard scan.problems.isEmpty else {
             let more = scan.problems.count - 3 + scan.suppressed
-            throw DAXError(.corrupted, "file system on \(device.path) is damaged: "
-                + scan.problems.prefix(3).joined(separator: "; ") + (more > 0 ? "; and \(more) more (run check)" : ""))
+            throw DAXError(
+                .corrupted,
+                "file system on \(device.path) is damaged: "
+                    + scan.problems.prefix(3).joined(separator: "; ")
+                    + (more > 0 ? "; and \(more) more (run check)" : ""))
         }
-        let fs = DAXFileSystem(device: device, superblock: sb, journal: Journal(device: device, superblock: sb,
-                                                                                 sequence: sequence), scan: scan)
+        if outcome == .tornHeader {
+            // A crash while committing or emptying: nothing to replay; leave an empty journal.
+            try device.write(
+                Journal.header(sequence: sequence, committed: false, count: 0, records: []),
+                at: Int(sb.journalStart) * Superblock.blockSize)
+        }
+        let fs = DAXFileSystem(
+            device: device, superblock: sb,
+            journal: Journal(
+                device: device, superblock: sb,
+                sequence: sequence), scan: scan)
         device.pages.setQuarantineRelease { [weak allocator = fs.allocator] frame in allocator?.quarantineEnded(frame) }
         return fs
     }
 
     /// Takes the device for this process (`isMounted`) and from other processes (`flock`).
     private static func lockDevice(_ device: PMemDevice) throws {
-        guard device.isMounted.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
+        guard
+            device.isMounted.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else { throw DAXError(.busy, "a file system on \(device.path) is already mounted in this process") }
         guard flock(device.fd, LOCK_EX | LOCK_NB) == 0 else {
             let code = errno
@@ -172,8 +191,9 @@ public final class DAXFileSystem: Sendable {
             progress?(Double(offset - clearStart) / Double(clearEnd - clearStart))
         }
         device.drain()
-        try device.write(Journal.header(sequence: 0, committed: false, count: 0, records: []),
-                         at: Int(sb.journalStart) * blockSize)
+        try device.write(
+            Journal.header(sequence: 0, committed: false, count: 0, records: []),
+            at: Int(sb.journalStart) * blockSize)
         let emptyCRC = CRC32C.checksum([UInt8](repeating: 0, count: Superblock.bitmapBytesPerBlock))
         for block in 0..<sb.bitmapBlocks {
             var crc = ByteEncoder(count: 4)
@@ -278,8 +298,10 @@ public struct Statistics: Sendable, Equatable {
     /// Metadata transactions committed since mount.
     public var journalCommits: Int = 0
 
-    public init(totalBlocks: Int, freeBlocks: Int, quarantinedBlocks: Int, pinnedPages: Int, pinsAcquired: Int,
-                pinsReleased: Int) {
+    public init(
+        totalBlocks: Int, freeBlocks: Int, quarantinedBlocks: Int, pinnedPages: Int, pinsAcquired: Int,
+        pinsReleased: Int
+    ) {
         self.totalBlocks = totalBlocks
         self.freeBlocks = freeBlocks
         self.quarantinedBlocks = quarantinedBlocks
@@ -288,10 +310,13 @@ public struct Statistics: Sendable, Equatable {
         self.pinsReleased = pinsReleased
     }
 
-    init(totalBlocks: Int, freeBlocks: Int, quarantinedBlocks: Int, pinnedPages: Int, pinsAcquired: Int,
-         pinsReleased: Int, files: Int, directories: Int, totalInodes: Int, journalCommits: Int) {
-        self.init(totalBlocks: totalBlocks, freeBlocks: freeBlocks, quarantinedBlocks: quarantinedBlocks,
-                  pinnedPages: pinnedPages, pinsAcquired: pinsAcquired, pinsReleased: pinsReleased)
+    init(
+        totalBlocks: Int, freeBlocks: Int, quarantinedBlocks: Int, pinnedPages: Int, pinsAcquired: Int,
+        pinsReleased: Int, files: Int, directories: Int, totalInodes: Int, journalCommits: Int
+    ) {
+        self.init(
+            totalBlocks: totalBlocks, freeBlocks: freeBlocks, quarantinedBlocks: quarantinedBlocks,
+            pinnedPages: pinnedPages, pinsAcquired: pinsAcquired, pinsReleased: pinsReleased)
         self.files = files
         self.directories = directories
         self.totalInodes = totalInodes

@@ -40,7 +40,11 @@ struct ExtentMap: Sendable, Equatable {
         var high = leaves.count - 1
         while low < high {
             let middle = (low + high + 1) / 2
-            if let first = leaves[middle].extents.first, first.logical <= page { low = middle } else { high = middle - 1 }
+            if let first = leaves[middle].extents.first, first.logical <= page {
+                low = middle
+            } else {
+                high = middle - 1
+            }
         }
         return low
     }
@@ -119,7 +123,10 @@ struct ExtentMap: Sendable, Equatable {
         while last + 1 < leaves.count, let next = leaves[last + 1].extents.first, next.logical < pages.upperBound {
             last += 1
         }
-        if isInline { first = 0; last = 0 }
+        if isInline {
+            first = 0
+            last = 0
+        }
         var extents: [Extent] = []
         var removed: [Extent] = []
         var inserted = false
@@ -129,7 +136,10 @@ struct ExtentMap: Sendable, Equatable {
                 continue
             }
             if extent.logical >= pages.upperBound {
-                if !inserted { extents += replacement; inserted = true }
+                if !inserted {
+                    extents += replacement
+                    inserted = true
+                }
                 extents.append(extent)
                 continue
             }
@@ -137,7 +147,10 @@ struct ExtentMap: Sendable, Equatable {
             if extent.logical < pages.lowerBound { extents.append(extent.slice(extent.logical..<pages.lowerBound)) }
             removed.append(extent.slice(pages))
             if extent.logicalEnd > pages.upperBound {
-                if !inserted { extents += replacement; inserted = true }
+                if !inserted {
+                    extents += replacement
+                    inserted = true
+                }
                 extents.append(extent.slice(pages.upperBound..<extent.logicalEnd))
             }
         }
@@ -147,19 +160,23 @@ struct ExtentMap: Sendable, Equatable {
         let total = extentCount - leaves[first...last].reduce(0) { $0 + $1.extents.count } + extents.count
         if total <= Self.inlineCapacity {
             // Small enough to live in the inode: all leaves go.
-            let all = Self.merged(Array(leaves[..<first].flatMap(\.extents)) + extents
-                + Array(leaves[(last + 1)...].flatMap(\.extents)))
-            return Edit(first: 0, last: leaves.count - 1, extents: all, removed: removed, rewritesAll: !isInline,
-                        becomesInline: true, newLeafBlocks: 0)
+            let all = Self.merged(
+                Array(leaves[..<first].flatMap(\.extents)) + extents
+                    + Array(leaves[(last + 1)...].flatMap(\.extents)))
+            return Edit(
+                first: 0, last: leaves.count - 1, extents: all, removed: removed, rewritesAll: !isInline,
+                becomesInline: true, newLeafBlocks: 0)
         }
         if isInline {
             let leafCount = (extents.count + Self.leafCapacity - 1) / Self.leafCapacity
-            return Edit(first: 0, last: 0, extents: extents, removed: removed, rewritesAll: true, becomesInline: false,
-                        newLeafBlocks: leafCount)
+            return Edit(
+                first: 0, last: 0, extents: extents, removed: removed, rewritesAll: true, becomesInline: false,
+                newLeafBlocks: leafCount)
         }
         let leafCount = (extents.count + Self.leafCapacity - 1) / Self.leafCapacity
-        return Edit(first: first, last: last, extents: extents, removed: removed, rewritesAll: false,
-                    becomesInline: false, newLeafBlocks: max(0, leafCount - (last - first + 1)))
+        return Edit(
+            first: first, last: last, extents: extents, removed: removed, rewritesAll: false,
+            becomesInline: false, newLeafBlocks: max(0, leafCount - (last - first + 1)))
     }
 
     /// Applies `edit`, taking leaf blocks from `newBlocks`: writes every changed leaf into
@@ -188,7 +205,8 @@ struct ExtentMap: Sendable, Equatable {
         // Write the new leaves; if the span vanished, the leaf before it, whose next pointer changed.
         // (A span that survives starts at its old first block, so that pointer stays right.)
         let firstWritten = edit.rewritesAll ? 0 : edit.first
-        let toWrite = newLeaves.isEmpty
+        let toWrite =
+            newLeaves.isEmpty
             ? (firstWritten > 0 ? [firstWritten - 1] : [])
             : Array(firstWritten..<(firstWritten + newLeaves.count))
         for index in toWrite where leaves[index].block != 0 {

@@ -23,8 +23,9 @@ extension DAXFileSystem {
     ) throws -> [Extent] {
         var added: [Extent] = []
         for hole in map.holes(in: pages) {
-            let runs = try allocator.allocate(Int(hole.count), goal: map.goal(before: hole.lowerBound),
-                                              inode: inode.number, firstIndex: hole.lowerBound)
+            let runs = try allocator.allocate(
+                Int(hole.count), goal: map.goal(before: hole.lowerBound),
+                inode: inode.number, firstIndex: hole.lowerBound)
             change.allocate(runs, superblock: superblock)
             var logical = hole.lowerBound
             var extents: [Extent] = []
@@ -114,8 +115,9 @@ extension DAXFileSystem {
             let from = max(offset, Int(slice.logical) * Self.pageSize)
             let to = min(end, Int(slice.logicalEnd) * Self.pageSize)
             let deviceOffset = Int(slice.physical) * Self.pageSize + (from - Int(slice.logical) * Self.pageSize)
-            device.copy(UnsafeRawBufferPointer(rebasing: source[(from - offset)..<(to - offset)]), toOffset: deviceOffset,
-                        flags: .noDrain)
+            device.copy(
+                UnsafeRawBufferPointer(rebasing: source[(from - offset)..<(to - offset)]), toOffset: deviceOffset,
+                flags: .noDrain)
         }
     }
 
@@ -131,7 +133,10 @@ extension DAXFileSystem {
             for slice in inode.extents.extents(in: Self.page(offset)..<Self.pageUp(end)) {
                 let from = max(offset, Int(slice.logical) * Self.pageSize)
                 let to = min(end, Int(slice.logicalEnd) * Self.pageSize)
-                if from > position { (target + (position - offset)).initializeMemory(as: UInt8.self, repeating: 0, count: from - position) }
+                if from > position {
+                    (target + (position - offset)).initializeMemory(
+                        as: UInt8.self, repeating: 0, count: from - position)
+                }
                 let deviceOffset = Int(slice.physical) * Self.pageSize + (from - Int(slice.logical) * Self.pageSize)
                 (target + (from - offset)).copyMemory(from: device.base + deviceOffset, byteCount: to - from)
                 position = to
@@ -150,8 +155,9 @@ extension DAXFileSystem {
         var map = inode.extents
         var record = inode.record
         do {
-            let added = try fillHoles(inode, Self.page(offset)..<Self.pageUp(end), map: &map, change: &change,
-                                      zeroing: .all)
+            let added = try fillHoles(
+                inode, Self.page(offset)..<Self.pageUp(end), map: &map, change: &change,
+                zeroing: .all)
             let oldSize = Int(record.size)
             if end > oldSize {
                 zeroPastEnd(of: inode, size: oldSize, map: inode.extents)
@@ -210,8 +216,9 @@ extension DAXFileSystem {
             let end = max(plan.extents.endPage, firstFreed)
             plan.freedPages = firstFreed..<end
             if end > firstFreed {
-                try editExtents(&plan.extents, of: inode.number, replacing: plan.freedPages, with: [],
-                                change: &plan.change)
+                try editExtents(
+                    &plan.extents, of: inode.number, replacing: plan.freedPages, with: [],
+                    change: &plan.change)
             }
             if size % Self.pageSize != 0 { plan.zeroRanges = [size..<(Int(firstFreed) * Self.pageSize)] }
         } else if size > oldSize, oldSize % Self.pageSize != 0 {
@@ -262,8 +269,9 @@ extension DAXFileSystem {
             for slice in inode.extents.extents(in: Self.page(range.lowerBound)..<Self.pageUp(range.upperBound)) {
                 let from = max(range.lowerBound, Int(slice.logical) * Self.pageSize)
                 let to = min(range.upperBound, Int(slice.logicalEnd) * Self.pageSize)
-                device.fill(offset: Int(slice.physical) * Self.pageSize + from - Int(slice.logical) * Self.pageSize,
-                            count: to - from, flags: .noDrain)
+                device.fill(
+                    offset: Int(slice.physical) * Self.pageSize + from - Int(slice.logical) * Self.pageSize,
+                    count: to - from, flags: .noDrain)
             }
         }
         device.drain()

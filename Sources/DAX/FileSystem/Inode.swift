@@ -93,4 +93,10 @@ struct DirectoryIndex: Sendable {
     }
 
     mutating func release(_ slot: SlotAddress) { freeSlots.append(slot) }
+
+    /// Takes `slot`, which `DAXFileSystem.planSlot` chose: the top of the free stack.
+    mutating func take(_ slot: SlotAddress) {
+        precondition(freeSlots.last == slot, "directory slot \(slot) is not the one planned")
+        freeSlots.removeLast()
+    }
 }

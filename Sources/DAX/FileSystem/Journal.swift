@@ -29,6 +29,9 @@ struct Transaction {
         encodedSize += Self.recordHeaderSize
     }
 
+    /// The records as they go into the journal (tests simulate a crash after the commit point).
+    func encodeForTesting() -> [UInt8] { encode() }
+
     fileprivate func encode() -> [UInt8] {
         var e = ByteEncoder(count: encodedSize)
         var at = 0
@@ -76,8 +79,10 @@ final class Journal: Sendable {
     /// Throws `.noSpace` if `transaction` cannot fit the journal; then nothing may be written.
     func checkFits(_ transaction: Transaction, what: String) throws {
         guard transaction.encodedSize <= capacity else {
-            throw DAXError(.noSpace, "\(what) needs a metadata transaction of \(transaction.encodedSize) bytes; "
-                + "the journal holds \(capacity) (format a larger device or with a larger journal)")
+            throw DAXError(
+                .noSpace,
+                "\(what) needs a metadata transaction of \(transaction.encodedSize) bytes; "
+                    + "the journal holds \(capacity) (format a larger device or with a larger journal)")
         }
     }
 
@@ -153,7 +158,8 @@ final class Journal: Sendable {
                 bit += 1
             }
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: bytes, count: Superblock.bitmapBytesPerBlock))
-            UnsafeMutableRawPointer(bytes + Superblock.bitmapBytesPerBlock).storeBytes(of: crc.littleEndian, as: UInt32.self)
+            UnsafeMutableRawPointer(bytes + Superblock.bitmapBytesPerBlock).storeBytes(
+                of: crc.littleEndian, as: UInt32.self)
             device.flush(offset: blockOffset, count: Superblock.blockSize)
             index = blockEnd
         }
@@ -191,7 +197,8 @@ final class Journal: Sendable {
         let length: UInt64 = header.get(at: 24)
         let capacity = (Int(superblock.journalBlocks) - 1) * Superblock.blockSize
         guard length <= UInt64(capacity) else {
-            throw DAXError(.corrupted, "journal header claims \(length) bytes of records; the journal holds \(capacity)")
+            throw DAXError(
+                .corrupted, "journal header claims \(length) bytes of records; the journal holds \(capacity)")
         }
         let recordsBase = device.base + headerOffset + Superblock.blockSize
         let area = ByteReader(recordsBase, count: Int(length))
@@ -224,10 +231,12 @@ final class Journal: Sendable {
                 let offset: UInt64 = area.get(at: at + 8)
                 let padded = (length + 7) & ~7
                 guard at + Transaction.recordHeaderSize + padded <= area.count,
-                      offset >= UInt64(firstWritable), offset + UInt64(length) <= UInt64(deviceBytes)
+                    offset >= UInt64(firstWritable), offset + UInt64(length) <= UInt64(deviceBytes)
                 else {
-                    throw DAXError(.corrupted, "journal record \(index) writes \(length) bytes at offset \(offset), outside "
-                        + "the metadata and data regions")
+                    throw DAXError(
+                        .corrupted,
+                        "journal record \(index) writes \(length) bytes at offset \(offset), outside "
+                            + "the metadata and data regions")
                 }
                 let start = at + Transaction.recordHeaderSize
                 records.append(.write(offset: Int(offset), bytes: area.bytes(start..<(start + length))))
@@ -236,8 +245,10 @@ final class Journal: Sendable {
                 let first: UInt64 = area.get(at: at + 8)
                 let bits: UInt64 = area.get(at: at + 16)
                 guard bits > 0, first < superblock.dataBlocks, bits <= superblock.dataBlocks - first else {
-                    throw DAXError(.corrupted, "journal record \(index) changes bitmap bits \(first) + \(bits), outside "
-                        + "the \(superblock.dataBlocks) data blocks")
+                    throw DAXError(
+                        .corrupted,
+                        "journal record \(index) changes bitmap bits \(first) + \(bits), outside "
+                            + "the \(superblock.dataBlocks) data blocks")
                 }
                 records.append(.bits(range: first..<(first + bits), value: kind == 2))
                 at += Transaction.recordHeaderSize

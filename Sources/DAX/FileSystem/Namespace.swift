@@ -87,8 +87,10 @@ extension DAXFileSystem {
                 var ancestor: Inode? = to
                 while let current = ancestor {
                     if current.number == entry.inode {
-                        throw DAXError(.invalidArgument, "cannot move directory \(Paths.debug(path)) into itself "
-                            + "(\(Paths.debug(newPath)))")
+                        throw DAXError(
+                            .invalidArgument,
+                            "cannot move directory \(Paths.debug(path)) into itself "
+                                + "(\(Paths.debug(newPath)))")
                     }
                     ancestor = current.number == Superblock.rootInode ? nil : try inode(current.record.parent)
                 }
@@ -132,11 +134,11 @@ extension DAXFileSystem {
             } else {
                 try commit(change, what: "rename \(Paths.debug(path))")
                 installSlot(in: to, extents: toExtents)
+                to.directory?.take(slot)
             }
             if let movedRecord { moved.record = movedRecord }
             from.directory?.entries[fromName] = nil
             from.directory?.release(entry.slot)
-            if replaced == nil { _ = to.directory?.freeSlots.removeLast() }
             to.directory?.entries[toName] = DirectoryIndex.Entry(inode: entry.inode, kind: entry.kind, slot: slot)
         }
     }
@@ -160,7 +162,8 @@ extension DAXFileSystem {
             }
             guard entry.kind == .directory else {
                 let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
-                throw DAXError(.notADirectory, "\(Paths.debug("/" + prefix)) in \(Paths.debug(path)) is not a directory")
+                throw DAXError(
+                    .notADirectory, "\(Paths.debug("/" + prefix)) in \(Paths.debug(path)) is not a directory")
             }
             current = try inode(entry.inode)
         }
@@ -183,17 +186,20 @@ extension DAXFileSystem {
     func planSlot(in directory: Inode, change: inout PendingChange) throws -> (DirectoryIndex.SlotAddress, ExtentMap?) {
         if let slot = directory.directory?.freeSlots.last { return (slot, nil) }
         let page = UInt64(directory.directory?.blockCount ?? 0)
-        let runs = try allocator.allocate(1, goal: directory.extents.goal(before: page), inode: directory.number,
-                                          firstIndex: nil)
+        let runs = try allocator.allocate(
+            1, goal: directory.extents.goal(before: page), inode: directory.number,
+            firstIndex: nil)
         change.allocate(runs, superblock: superblock)
         let block = runs[0].start
         // Not linked yet: write it in place, then let the transaction link it.
         device.fill(offset: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
-        try device.write(DirectoryFormat.header(owner: directory.number, index: UInt32(page)),
-                         at: Int(block) * Superblock.blockSize)
+        try device.write(
+            DirectoryFormat.header(owner: directory.number, index: UInt32(page)),
+            at: Int(block) * Superblock.blockSize)
         var map = directory.extents
-        try editExtents(&map, of: directory.number, replacing: page..<(page + 1),
-                        with: [Extent(logical: page, physical: block, length: 1)], change: &change)
+        try editExtents(
+            &map, of: directory.number, replacing: page..<(page + 1),
+            with: [Extent(logical: page, physical: block, length: 1)], change: &change)
         var record = directory.record
         record.size = (page + 1) * UInt64(Superblock.blockSize)
         record.modificationTime = Clock.realtimeNanoseconds
@@ -218,7 +224,8 @@ extension DAXFileSystem {
             throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists")
         }
         guard let number = table.withLock({ $0.takeNumber() }) else {
-            throw DAXError(.noSpace, "cannot create \(Paths.debug(path)): all \(superblock.inodeCount) inodes are in use")
+            throw DAXError(
+                .noSpace, "cannot create \(Paths.debug(path)): all \(superblock.inodeCount) inodes are in use")
         }
         var change = PendingChange()
         do {
@@ -233,13 +240,15 @@ extension DAXFileSystem {
             record.changeTime = now
             record.parent = kind == .directory ? parent.number : 0
             change.transaction.write(record.encode(), at: superblock.inodeOffset(number))
-            change.transaction.write(DirectoryFormat.encodeSlot(inode: number, name: name, kind: kind),
-                                     at: slotOffset(parent, slot, extents: parentExtents))
+            change.transaction.write(
+                DirectoryFormat.encodeSlot(inode: number, name: name, kind: kind),
+                at: slotOffset(parent, slot, extents: parentExtents))
             try commit(change, what: "create \(Paths.debug(path))")
             installSlot(in: parent, extents: parentExtents)
-            _ = parent.directory?.freeSlots.popLast()
-            let inode = Inode(number: number, record: record, extents: ExtentMap(),
-                              directory: kind == .directory ? DirectoryIndex() : nil)
+            parent.directory?.take(slot)
+            let inode = Inode(
+                number: number, record: record, extents: ExtentMap(),
+                directory: kind == .directory ? DirectoryIndex() : nil)
             table.withLock { $0.insert(inode) }
             parent.directory?.entries[name] = DirectoryIndex.Entry(inode: number, kind: kind, slot: slot)
             return inode
@@ -322,7 +331,7 @@ extension DAXFileSystem {
         let reclaimNow = inode.users.withLock { users -> Bool in
             if handle { users.handles -= 1 } else { users.mappings -= 1 }
             guard users.handles == 0, users.mappings == 0, !users.reclaimed,
-                  orphans.withLock({ $0.contains(inode.number) })
+                orphans.withLock({ $0.contains(inode.number) })
             else { return false }
             users.reclaimed = true
             return true

@@ -4,16 +4,20 @@ enum Paths {
     /// longer than 255 bytes, or a `.`/`..` component.
     static func components(_ path: String) throws -> [[UInt8]] {
         guard !path.isEmpty else { throw DAXError(.invalidArgument, "path is empty") }
-        guard !path.utf8.contains(0) else { throw DAXError(.invalidArgument, "path \(debug(path)) contains a NUL byte") }
+        guard !path.utf8.contains(0) else {
+            throw DAXError(.invalidArgument, "path \(debug(path)) contains a NUL byte")
+        }
         let parts = path.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: true).map(Array.init)
         for part in parts {
             if part.count > DirectoryFormat.maximumNameLength {
-                throw DAXError(.invalidArgument,
-                               "name \(debug(String(decoding: part.prefix(40), as: UTF8.self)))... in \(debug(path)) is "
-                                   + "\(part.count) bytes long; names are at most 255 bytes")
+                throw DAXError(
+                    .invalidArgument,
+                    "name \(debug(String(decoding: part.prefix(40), as: UTF8.self)))... in \(debug(path)) is "
+                        + "\(part.count) bytes long; names are at most 255 bytes")
             }
             if part == [UInt8(ascii: ".")] || part == [UInt8(ascii: "."), UInt8(ascii: ".")] {
-                throw DAXError(.invalidArgument, "path \(debug(path)) has a '.' or '..' component, which DAXFS does not resolve")
+                throw DAXError(
+                    .invalidArgument, "path \(debug(path)) has a '.' or '..' component, which DAXFS does not resolve")
             }
         }
         return parts

@@ -74,8 +74,9 @@ extension DAXFileSystem {
             change.allocate(runs, superblock: superblock)
             leafBlocks = runs.flatMap { Array($0.range) }
         }
-        let freedLeaves = map.apply(plan, newBlocks: leafBlocks, owner: inode, transaction: &change.transaction,
-                                    superblock: superblock)
+        let freedLeaves = map.apply(
+            plan, newBlocks: leafBlocks, owner: inode, transaction: &change.transaction,
+            superblock: superblock)
         change.freeBlocks(freedLeaves, superblock: superblock)
         change.free(plan.removed, superblock: superblock)
     }

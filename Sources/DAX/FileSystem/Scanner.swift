@@ -54,7 +54,8 @@ struct Scanner {
     }
 
     private mutating func checkJournal() {
-        let header = ByteReader(device.base + Int(superblock.journalStart) * Superblock.blockSize, count: Journal.headerSize)
+        let header = ByteReader(
+            device.base + Int(superblock.journalStart) * Superblock.blockSize, count: Journal.headerSize)
         if header.get(UInt32.self, at: 0) != Journal.headerMagic {
             problem("journal header has a bad magic number")
         } else if header.get(UInt32.self, at: 4) != header.crc(of: 8..<Journal.headerSize) {
@@ -181,7 +182,9 @@ struct Scanner {
         }
     }
 
-    private mutating func readDirectoryBlock(_ number: UInt32, page: UInt64, block: UInt64, into index: inout DirectoryIndex) {
+    private mutating func readDirectoryBlock(
+        _ number: UInt32, page: UInt64, block: UInt64, into index: inout DirectoryIndex
+    ) {
         let reader = reader(block: block)
         let blockIndex = index.blockCount
         index.blockCount += 1
@@ -290,8 +293,9 @@ struct Scanner {
         var firstMissing: Int?
         for bitmapBlock in 0..<Int(superblock.bitmapBlocks) {
             let reader = reader(block: superblock.bitmapStart + UInt64(bitmapBlock))
-            guard reader.get(UInt32.self, at: Superblock.bitmapBytesPerBlock)
-                == reader.crc(of: 0..<Superblock.bitmapBytesPerBlock)
+            guard
+                reader.get(UInt32.self, at: Superblock.bitmapBytesPerBlock)
+                    == reader.crc(of: 0..<Superblock.bitmapBytesPerBlock)
             else {
                 problem("bitmap block \(bitmapBlock) checksum mismatch")
                 continue
@@ -322,15 +326,19 @@ struct Scanner {
             }
         }
         if let firstLeaked {
-            problem("\(leaked) blocks are marked allocated but owned by no file (leaked), the first is block "
-                + "\(superblock.dataStart + UInt64(firstLeaked))")
+            problem(
+                "\(leaked) blocks are marked allocated but owned by no file (leaked), the first is block "
+                    + "\(superblock.dataStart + UInt64(firstLeaked))")
         }
         if let firstMissing {
-            problem("\(missing) blocks are owned by a file but marked free, the first is block "
-                + "\(superblock.dataStart + UInt64(firstMissing)) (inode \(owners[firstMissing]))")
+            problem(
+                "\(missing) blocks are owned by a file but marked free, the first is block "
+                    + "\(superblock.dataStart + UInt64(firstMissing)) (inode \(owners[firstMissing]))")
         }
     }
 
     /// Whether data-block index `index` is allocated in a scanned bitmap.
-    static func isAllocated(_ bitmap: [UInt64], _ index: Int) -> Bool { bitmap[index / 64] & (1 << UInt64(index % 64)) != 0 }
+    static func isAllocated(_ bitmap: [UInt64], _ index: Int) -> Bool {
+        bitmap[index / 64] & (1 << UInt64(index % 64)) != 0
+    }
 }

@@ -39,7 +39,9 @@ extension DAXFile {
         try checkWritable("punch a hole in")
         try Self.checkRange(offset, count, "punch a hole in", path)
         guard count > 0 else { return }
-        try fileSystem.changeLayout(inode, policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))") {
+        try fileSystem.changeLayout(
+            inode, policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))"
+        ) {
             try fileSystem.planPunch(inode, offset: offset, count: count)
         }
     }
@@ -102,15 +104,18 @@ extension DAXFileSystem {
             unlock()
             switch policy {
             case .fail:
-                throw DAXError(.busy, "cannot \(what): \(busy.count) pages are pinned or referenced, the first is "
-                    + "pfn \(busy[0]) (\(device.pages.state(of: PageFrameNumber(rawValue: busy[0]))))")
+                throw DAXError(
+                    .busy,
+                    "cannot \(what): \(busy.count) pages are pinned or referenced, the first is "
+                        + "pfn \(busy[0]) (\(device.pages.state(of: PageFrameNumber(rawValue: busy[0]))))")
             case .deferFree:
                 preconditionFailure("deferFree never waits")
             case .wait(let timeout):
                 let deadline = started + timeout
                 guard ContinuousClock.now < deadline,
-                      device.pages.waitUntil(busy, deadline: Deadline(after: deadline - ContinuousClock.now),
-                                             PageWord.isIdleExceptMappings)
+                    device.pages.waitUntil(
+                        busy, deadline: Deadline(after: deadline - ContinuousClock.now),
+                        PageWord.isIdleExceptMappings)
                 else {
                     throw timedOut(what, busyFrames(busy), "waited \(timeout)")
                 }
@@ -122,8 +127,9 @@ extension DAXFileSystem {
                 }
                 // Until the grace ends; after it, short-term pins get one more grace period.
                 let until = ContinuousClock.now < graceEnd! ? graceEnd! : graceEnd! + grace
-                _ = device.pages.waitUntil(busy, deadline: Deadline(after: until - ContinuousClock.now),
-                                           PageWord.isIdleExceptMappings)
+                _ = device.pages.waitUntil(
+                    busy, deadline: Deadline(after: until - ContinuousClock.now),
+                    PageWord.isIdleExceptMappings)
             }
         }
     }
@@ -139,7 +145,9 @@ extension DAXFileSystem {
     }
 
     private func timedOut(_ what: String, _ busy: [UInt64], _ why: String) -> DAXError {
-        DAXError(.timedOut, "cannot \(what): \(busy.count) pages stayed pinned (\(why))"
-            + (busy.first.map { ", the first is pfn \($0)" } ?? ""))
+        DAXError(
+            .timedOut,
+            "cannot \(what): \(busy.count) pages stayed pinned (\(why))"
+                + (busy.first.map { ", the first is pfn \($0)" } ?? ""))
     }
 }

@@ -42,8 +42,10 @@ public final class DAXMapping: Sendable {
 
     let state = Mutex(State())
 
-    init(file: DAXFile, firstPage: UInt64, count: Int, access: Access, writable: Bool, base: UnsafeMutableRawPointer,
-         frames: [UInt64]) {
+    init(
+        file: DAXFile, firstPage: UInt64, count: Int, access: Access, writable: Bool, base: UnsafeMutableRawPointer,
+        frames: [UInt64]
+    ) {
         self.fileSystem = file.fileSystem
         self.inode = file.inode
         self.path = file.path
@@ -74,11 +76,16 @@ public final class DAXMapping: Sendable {
     /// Makes `count` bytes at `offset` of the mapping durable, through the mapping's own addresses:
     /// `pmem_persist` (or `msync` of the mapping, as the device's persistence mode says).
     public func persist(offset: Int, count: Int) {
-        precondition(offset >= 0 && count >= 0 && offset <= length && count <= length - offset,
-                     "persist of \(count) bytes at \(offset) is outside the mapping of \(length) bytes")
+        precondition(
+            offset >= 0 && count >= 0 && offset <= length && count <= length - offset,
+            "persist of \(count) bytes at \(offset) is outside the mapping of \(length) bytes")
         let device = fileSystem.device
         if device.persistence == .cacheFlush {
-            if device.systemCalls.isLive { pmem_persist(base + offset, count) } else { device.systemCalls.persist(base + offset, count) }
+            if device.systemCalls.isLive {
+                pmem_persist(base + offset, count)
+            } else {
+                device.systemCalls.persist(base + offset, count)
+            }
         } else if device.systemCalls.msync(base + offset, count) != 0 {
             device.systemCalls.persist(base + offset, count)
         }
@@ -148,9 +155,10 @@ public final class DAXMapping: Sendable {
             while start < indices.count {
                 var end = start + 1
                 while end < indices.count, indices[end] == indices[end - 1] + 1 { end += 1 }
-                MappingRegion.replaceWithFaulting(base + indices[start] * PMemDevice.pageSize,
-                                                  length: (end - start) * PMemDevice.pageSize, access: access,
-                                                  calls: fileSystem.device.systemCalls)
+                MappingRegion.replaceWithFaulting(
+                    base + indices[start] * PMemDevice.pageSize,
+                    length: (end - start) * PMemDevice.pageSize, access: access,
+                    calls: fileSystem.device.systemCalls)
                 start = end
             }
             for frame in state.detached.values { pages.unmap(PageFrameNumber(rawValue: frame)) }
@@ -167,8 +175,9 @@ public final class DAXMapping: Sendable {
                 for index in local where entries[index].load(ordering: .relaxed) == 0 {
                     let page = firstPage + UInt64(index)
                     let frame = extent.block(for: page)
-                    try MappingRegion.mapDevicePage(fileSystem.device, frame: frame,
-                                                    at: base + index * PMemDevice.pageSize, access: access)
+                    try MappingRegion.mapDevicePage(
+                        fileSystem.device, frame: frame,
+                        at: base + index * PMemDevice.pageSize, access: access)
                     try fileSystem.device.pages.tryMap(PageFrameNumber(rawValue: frame))
                     entries[index].store(frame, ordering: .sequentiallyConsistent)
                 }
@@ -209,28 +218,37 @@ enum MappingRegion {
         _ device: PMemDevice, frame: UInt64, pages: Int, at address: UnsafeMutableRawPointer, access: Access
     ) throws {
         let length = pages * PMemDevice.pageSize
-        guard device.systemCalls.mmap(address, length, protection(access), MAP_SHARED | MAP_FIXED | MAP_POPULATE,
-                                      device.fd, Int(frame) * PMemDevice.pageSize) != nil
+        guard
+            device.systemCalls.mmap(
+                address, length, protection(access), MAP_SHARED | MAP_FIXED | MAP_POPULATE,
+                device.fd, Int(frame) * PMemDevice.pageSize) != nil
         else {
             let code = errno
-            throw DAXError.system("mmap", "cannot map \(pages) device pages at pfn \(frame)"
-                + (code == ENODEV || code == EINVAL ? " (a device-DAX character device maps only 2 MiB-aligned ranges)" : ""),
+            throw DAXError.system(
+                "mmap",
+                "cannot map \(pages) device pages at pfn \(frame)"
+                    + (code == ENODEV || code == EINVAL
+                        ? " (a device-DAX character device maps only 2 MiB-aligned ranges)" : ""),
                 errno: code)
         }
     }
 
-    static func mapDevicePage(_ device: PMemDevice, frame: UInt64, at address: UnsafeMutableRawPointer, access: Access) throws {
+    static func mapDevicePage(_ device: PMemDevice, frame: UInt64, at address: UnsafeMutableRawPointer, access: Access)
+        throws
+    {
         try mapDevice(device, frame: frame, pages: 1, at: address, access: access)
     }
 
     /// Replaces `length` bytes at `address` by the faulting region (PROT_NONE if memfd is missing).
-    static func replaceWithFaulting(_ address: UnsafeMutableRawPointer, length: Int, access: Access, calls: SystemCalls) {
+    static func replaceWithFaulting(_ address: UnsafeMutableRawPointer, length: Int, access: Access, calls: SystemCalls)
+    {
         if faultingFile >= 0,
-           calls.mmap(address, length, protection(access), MAP_SHARED | MAP_FIXED, faultingFile, 0) != nil
+            calls.mmap(address, length, protection(access), MAP_SHARED | MAP_FIXED, faultingFile, 0) != nil
         {
             return
         }
-        let fallback = calls.mmap(address, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
+        let fallback = calls.mmap(
+            address, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
         precondition(fallback != nil, "cannot unmap truncated pages from a mapping: errno \(errno)")
     }
 }

@@ -13,8 +13,10 @@ extension DAXFile {
         }
         try Self.checkRange(offset, count, "map", path)
         guard count > 0, offset % PMemDevice.pageSize == 0 else {
-            throw DAXError(.invalidArgument, "cannot map \(count) bytes at offset \(offset) of \(Paths.debug(path)): "
-                + "the offset must be a multiple of \(PMemDevice.pageSize) and the count positive")
+            throw DAXError(
+                .invalidArgument,
+                "cannot map \(count) bytes at offset \(offset) of \(Paths.debug(path)): "
+                    + "the offset must be a multiple of \(PMemDevice.pageSize) and the count positive")
         }
         let fs = fileSystem
         let device = fs.device
@@ -23,11 +25,15 @@ extension DAXFile {
         return try inode.invalidateLock.withReadLock {
             try inode.lock.withWriteLock {
                 let size = Int(inode.record.size)
-                guard Int(pages.upperBound) * PMemDevice.pageSize <= (size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
-                    * PMemDevice.pageSize
+                guard
+                    Int(pages.upperBound) * PMemDevice.pageSize <= (size + PMemDevice.pageSize - 1)
+                        / PMemDevice.pageSize
+                        * PMemDevice.pageSize
                 else {
-                    throw DAXError(.invalidArgument, "cannot map \(offset)..<\(offset + count) of \(Paths.debug(path)): "
-                        + "the file has only \(size) bytes (extend it with truncate or allocate first)")
+                    throw DAXError(
+                        .invalidArgument,
+                        "cannot map \(offset)..<\(offset + count) of \(Paths.debug(path)): "
+                            + "the file has only \(size) bytes (extend it with truncate or allocate first)")
                 }
                 try fs.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")
                 let base = try MappingRegion.reserve(pages.count * PMemDevice.pageSize, calls: device.systemCalls)
@@ -36,8 +42,9 @@ extension DAXFile {
                 do {
                     for slice in inode.extents.extents(in: pages) {
                         let index = Int(slice.logical - first)
-                        try MappingRegion.mapDevice(device, frame: slice.physical, pages: Int(slice.length),
-                                                    at: base + index * PMemDevice.pageSize, access: access)
+                        try MappingRegion.mapDevice(
+                            device, frame: slice.physical, pages: Int(slice.length),
+                            at: base + index * PMemDevice.pageSize, access: access)
                         for page in 0..<Int(slice.length) {
                             try device.pages.tryMap(PageFrameNumber(rawValue: slice.physical + UInt64(page)))
                             frames[index + page] = slice.physical + UInt64(page)
@@ -49,9 +56,10 @@ extension DAXFile {
                     _ = device.systemCalls.munmap(base, pages.count * PMemDevice.pageSize)
                     throw error
                 }
-                let mapping = DAXMapping(file: self, firstPage: first, count: count, access: access,
-                                         writable: access == .readWrite && self.access == .readWrite, base: base,
-                                         frames: frames)
+                let mapping = DAXMapping(
+                    file: self, firstPage: first, count: count, access: access,
+                    writable: access == .readWrite && self.access == .readWrite, base: base,
+                    frames: frames)
                 inode.users.withLock { $0.mappings += 1 }
                 inode.mappings.withLock { $0[ObjectIdentifier(mapping)] = WeakMapping(object: mapping) }
                 return mapping

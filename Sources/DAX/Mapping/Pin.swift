@@ -11,12 +11,16 @@ extension DAXMapping {
         offset: Int, count: Int, access: Access = .readWrite, lifetime: PinLifetime = .shortTerm
     ) throws -> PinnedPages {
         guard offset >= 0, count > 0, offset <= self.count, count <= self.count - offset else {
-            throw DAXError(.invalidArgument, "cannot pin \(count) bytes at offset \(offset): outside the mapping of "
-                + "\(self.count) bytes of \(Paths.debug(path))")
+            throw DAXError(
+                .invalidArgument,
+                "cannot pin \(count) bytes at offset \(offset): outside the mapping of "
+                    + "\(self.count) bytes of \(Paths.debug(path))")
         }
         if access == .readWrite, !writable {
-            throw DAXError(.permissionDenied, "cannot pin pages of \(Paths.debug(path)) for writing: the mapping or "
-                + "the file is read-only")
+            throw DAXError(
+                .permissionDenied,
+                "cannot pin pages of \(Paths.debug(path)) for writing: the mapping or "
+                    + "the file is read-only")
         }
         let first = offset / PMemDevice.pageSize
         let last = (offset + count - 1) / PMemDevice.pageSize
@@ -74,8 +78,10 @@ extension DAXMapping {
             for index in pages {
                 let frame = entries[index].load(ordering: .acquiring)
                 guard frame != 0 else {
-                    throw DAXError(.invalidArgument, "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
-                        + "it is no longer mapped")
+                    throw DAXError(
+                        .invalidArgument,
+                        "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
+                            + "it is no longer mapped")
                 }
                 frames.append(PageFrameNumber(rawValue: frame))
             }
@@ -88,16 +94,21 @@ extension DAXMapping {
     private func resolve(_ missing: [Int], access: Access) throws {
         try inode.lock.withWriteLock {
             let size = Int(inode.record.size)
-            for index in missing where Int(firstPage) + index >= (size + PMemDevice.pageSize - 1) / PMemDevice.pageSize {
-                throw DAXError(.invalidArgument, "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
-                    + "a truncate cut it off (the file has \(size) bytes); the mapping faults there")
+            for index in missing where Int(firstPage) + index >= (size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
+            {
+                throw DAXError(
+                    .invalidArgument,
+                    "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
+                        + "a truncate cut it off (the file has \(size) bytes); the mapping faults there")
             }
             let pages = UInt64(missing.first!)..<(UInt64(missing.last!) + 1)
             let filePages = (firstPage + pages.lowerBound)..<(firstPage + pages.upperBound)
             if !inode.extents.holes(in: filePages).isEmpty {
                 guard access == .readWrite else {
-                    throw DAXError(.invalidArgument, "cannot pin a hole of \(Paths.debug(path)) for reading: a punch "
-                        + "removed its block; only a .readWrite pin allocates one")
+                    throw DAXError(
+                        .invalidArgument,
+                        "cannot pin a hole of \(Paths.debug(path)) for reading: a punch "
+                            + "removed its block; only a .readWrite pin allocates one")
                 }
                 try fileSystem.fillHolesZeroed(inode, filePages, what: "pin of \(Paths.debug(path))")
             }

@@ -49,7 +49,9 @@ enum DirectoryFormat {
         }
         let length = Int(reader.get(UInt16.self, at: 8))
         guard length >= 1, length <= maximumNameLength else { return .damaged("name length \(length)") }
-        guard reader.get(UInt32.self, at: 0) == reader.crc(of: 4..<(16 + length)) else { return .damaged("checksum mismatch") }
+        guard reader.get(UInt32.self, at: 0) == reader.crc(of: 4..<(16 + length)) else {
+            return .damaged("checksum mismatch")
+        }
         guard let kind = InodeRecord.Kind(rawValue: reader.get(at: 10)), kind != .free else {
             return .damaged("entry type \(reader.get(UInt8.self, at: 10))")
         }

@@ -50,7 +50,9 @@ struct InodeRecord: Equatable, Sendable {
         guard reader.get(UInt32.self, at: 0) == reader.crc(of: 4..<Superblock.inodeSize) else {
             return .failure(.checksum)
         }
-        guard let kind = Kind(rawValue: reader.get(at: 4)) else { return .failure(.field("type \(reader.get(UInt8.self, at: 4))")) }
+        guard let kind = Kind(rawValue: reader.get(at: 4)) else {
+            return .failure(.field("type \(reader.get(UInt8.self, at: 4))"))
+        }
         var record = InodeRecord(
             kind: kind, linkCount: reader.get(at: 8), generation: reader.get(at: 12), size: reader.get(at: 16),
             blockCount: reader.get(at: 24), modificationTime: reader.get(at: 32), changeTime: reader.get(at: 40),
@@ -127,7 +129,9 @@ struct Extent: Equatable, Hashable, Sendable, CustomStringConvertible {
         let word0: UInt64 = reader.get(at: offset)
         let word1: UInt64 = reader.get(at: offset + 8)
         let extent = Extent(logical: word0 & (logicalLimit - 1), physical: word1, length: (word0 >> 40) & maximumLength)
-        guard extent.length > 0, extent.logicalEnd <= logicalLimit, word0 >> 63 == 0, word1 >> 48 == 0 else { return nil }
+        guard extent.length > 0, extent.logicalEnd <= logicalLimit, word0 >> 63 == 0, word1 >> 48 == 0 else {
+            return nil
+        }
         return extent
     }
 

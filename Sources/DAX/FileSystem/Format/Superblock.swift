@@ -34,7 +34,8 @@ struct Superblock: Equatable, Sendable {
             throw DAXError(.invalidArgument, "journal of \(journal) blocks is too small (at least 8)")
         }
         guard bytesPerInode >= 1024, bytesPerInode % 1024 == 0 else {
-            throw DAXError(.invalidArgument, "bytes per inode \(bytesPerInode) must be a multiple of 1024, at least 1024")
+            throw DAXError(
+                .invalidArgument, "bytes per inode \(bytesPerInode) must be a multiple of 1024, at least 1024")
         }
         let inodes = min(max(total * blockSize / bytesPerInode, 64), maximumInodes)
         let inodeBlocks = (inodes + inodesPerBlock - 1) / inodesPerBlock
@@ -45,8 +46,10 @@ struct Superblock: Equatable, Sendable {
         let dataStart = before + bitmapBlocks
         let dataBlocks = total - dataStart
         guard dataBlocks >= 16 else {
-            throw DAXError(.noSpace, "a device of \(total) blocks leaves \(dataBlocks) data blocks after metadata; "
-                + "\(journal) journal and \(inodeBlocks) inode table blocks need a larger device")
+            throw DAXError(
+                .noSpace,
+                "a device of \(total) blocks leaves \(dataBlocks) data blocks after metadata; "
+                    + "\(journal) journal and \(inodeBlocks) inode table blocks need a larger device")
         }
         return Superblock(
             totalBlocks: totalBlocks, journalStart: 1, journalBlocks: UInt64(journal), inodeStart: UInt64(1 + journal),
@@ -114,7 +117,9 @@ struct Superblock: Equatable, Sendable {
         if totalBlocks != deviceBlocks {
             return "it describes \(totalBlocks) blocks but the device has \(deviceBlocks)"
         }
-        if journalStart != 1 || journalBlocks < 8 || journalBlocks > 1 << 20 { return "journal at \(journalStart) of \(journalBlocks) blocks" }
+        if journalStart != 1 || journalBlocks < 8 || journalBlocks > 1 << 20 {
+            return "journal at \(journalStart) of \(journalBlocks) blocks"
+        }
         if inodeStart != journalStart + journalBlocks { return "inode table does not follow the journal" }
         if inodeCount == 0 || inodeCount > UInt64(Self.maximumInodes)
             || inodeBlocks != (inodeCount + UInt64(Self.inodesPerBlock) - 1) / UInt64(Self.inodesPerBlock)
@@ -123,7 +128,9 @@ struct Superblock: Equatable, Sendable {
         }
         if bitmapStart != inodeStart + inodeBlocks { return "bitmap does not follow the inode table" }
         if dataStart != bitmapStart + bitmapBlocks { return "data region does not follow the bitmap" }
-        if dataStart >= totalBlocks || dataBlocks != totalBlocks - dataStart { return "data region of \(dataBlocks) blocks" }
+        if dataStart >= totalBlocks || dataBlocks != totalBlocks - dataStart {
+            return "data region of \(dataBlocks) blocks"
+        }
         if bitmapBlocks * UInt64(Self.bitsPerBitmapBlock) < dataBlocks { return "bitmap too small for the data region" }
         if orphanHead > inodeCount { return "orphan list head \(orphanHead) is not an inode" }
         return nil

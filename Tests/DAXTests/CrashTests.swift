@@ -1,0 +1,197 @@
+import DAXTorture
+import Foundation
+import Testing
+
+@testable import DAX
+
+let longTests = ProcessInfo.processInfo.environment["DAX_LONG_TESTS"] == "1"
+
+@Suite("Crash consistency (SIGKILL)", .serialized)
+struct CrashTests {
+    @Test("a workload killed at random moments: mount recovers, check is clean, returned operations are there")
+    func killedWorkload() throws {
+        let kills = longTests ? 300 : 30
+        let t = try TemporaryFileSystem(size: 32 << 20, name: "crash")
+        try t.fs.unmount()
+        var model = Model()
+        var random = SeededRandom(seed: 0xDA7A)
+        var operationsSurvived = 0
+        for kill in 0..<kills {
+            let seed = random.next()
+            let child = try ChildProcess("daxcrashworker", ["workload", t.temporary.path, "\(seed)"])
+            guard child.waitForLine(startingWith: "ready") != nil else {
+                Issue.record("kill \(kill): the worker did not start")
+                return
+            }
+            usleep(UInt32(1_000 + random.next() % 40_000))
+            child.kill()
+            let done = child.lines.compactMap { $0.hasPrefix("done ") ? Int($0.dropFirst(5)) : nil }.last ?? -1
+            operationsSurvived += done + 1
+
+            // Regenerate what the worker did: operations 0...done returned, done + 1 was in flight.
+            var workload = Workload(model: model, seed: seed)
+            for _ in 0..<(done + 1) { _ = workload.next() }
+            let returned = workload.model
+            let inFlight = workload.next()
+            var candidates = [returned, workload.model]
+            if case .create(let path, _) = inFlight {
+                // create is two steps (the name, then the bytes): the empty file is a valid state too.
+                var created = returned
+                created.files[path] = []
+                candidates.append(created)
+            }
+            let lenient = Set([inFlight.fileChangedInPlace].compactMap { $0 })
+
+            let fs = try DAXFileSystem.mount(t.device)
+            let report = try fs.check()
+            #expect(report.isClean, "kill \(kill) during \(inFlight): \(report)")
+            let actual = try Model(reading: fs)
+            let matched = candidates.contains { actual.matches($0, lenient: lenient) }
+            #expect(
+                matched,
+                """
+                kill \(kill): \(done + 1) operations returned, in flight: \(inFlight)
+                on the device: \(actual)
+                expected:      \(returned)
+                or:            \(workload.model)
+                """)
+            try fs.unmount()
+            guard report.isClean, matched else { return }
+            model = actual
+        }
+        // The kills must have landed inside work, not before it.
+        #expect(operationsSurvived > kills)
+    }
+
+    @Test("a process that pins, truncates with .deferFree and dies: the quarantined blocks are free after mount")
+    func killedWhilePinned() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "pincrash")
+        let file = try t.fs.create("/pinned")
+        try file.write(pattern(64 << 10), at: 0)
+        file.close()
+        try t.fs.unmount()
+        let child = try ChildProcess("daxcrashworker", ["pin-truncate", t.temporary.path])
+        let line = child.waitForLine(startingWith: "quarantined")
+        #expect(line == "quarantined 16 16")
+        child.kill()
+
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.check().isClean)
+        let statistics = fs.statistics()
+        #expect(statistics.quarantinedBlocks == 0)
+        #expect(statistics.pinnedPages == 0)
+        #expect(statistics.freeBlocks == statistics.totalBlocks - 1)  // all but the root directory's block
+        #expect(try fs.open("/pinned").size == 0)
+        // Every block, the once-quarantined ones included, can be allocated again.
+        let hog = try fs.create("/hog")
+        try hog.allocate(offset: 0, count: statistics.freeBlocks * 4096)
+        #expect(fs.statistics().freeBlocks == 0)
+        #expect(try fs.check().isClean)
+    }
+
+    @Test("a transaction committed but not applied is replayed by mount")
+    func replaysCommittedTransaction() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "replay")
+        let file = try t.fs.create("/f")
+        try file.write(pattern(100), at: 0)
+        file.close()
+        let sb = t.fs.superblock
+        try t.fs.unmount()
+        // A crash right after the commit point: records and committed header durable, nothing applied.
+        var record = InodeRecord.decode(ByteReader(t.device.base + sb.inodeOffset(2), count: 256))
+        guard case .success(var inode) = record else {
+            Issue.record("inode 2 unreadable")
+            return
+        }
+        inode.size = 42
+        record = .success(inode)
+        var transaction = Transaction()
+        transaction.write(inode.encode(), at: sb.inodeOffset(2))
+        let records = transaction.encodeForTesting()
+        try t.device.write(records, at: Int(sb.journalStart + 1) * 4096)
+        try t.device.write(
+            Journal.header(sequence: 99, committed: true, count: 1, records: records),
+            at: Int(sb.journalStart) * 4096)
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.open("/f").size == 42)
+        #expect(try fs.check().isClean)
+    }
+
+    @Test("a torn journal header is discarded: nothing was applied, nothing is replayed")
+    func discardsTornHeader() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "torn")
+        _ = try t.fs.create("/f")
+        let sb = t.fs.superblock
+        try t.fs.unmount()
+        var header = Journal.header(sequence: 7, committed: true, count: 1, records: [1, 2, 3])
+        header[20] ^= 0xFF  // a torn write: the checksum no longer matches
+        try t.device.write(header, at: Int(sb.journalStart) * 4096)
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.contentsOfDirectory("/") == ["f"])
+        #expect(try fs.check().isClean)
+    }
+}
+
+@Suite("Corruption")
+struct CorruptionTests {
+    @Test("random byte flips in metadata: mount and check throw or succeed, never crash")
+    func randomFlips() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "flip")
+        let fs = t.fs
+        try fs.createDirectory("/dir")
+        for index in 0..<20 {
+            let file = try fs.create("/dir/file\(index)")
+            try file.write(pattern(3000 * index), at: 0)
+        }
+        let fragmented = try fs.create("/fragmented")
+        let spacer = try fs.create("/spacer")
+        for page in 0..<20 {
+            try fragmented.write([UInt8(page)], at: page * 4096)
+            try spacer.write([1], at: page * 4096)
+        }
+        let sb = fs.superblock
+        // Where metadata lives: the metadata regions, directory blocks and extent leaves.
+        var targets: [Range<Int>] = [
+            0..<256, Int(sb.journalStart) * 4096..<(Int(sb.journalStart) * 4096 + 64),
+            sb.inodeOffset(1)..<sb.inodeOffset(64),
+            Int(sb.bitmapStart) * 4096..<Int(sb.dataStart) * 4096,
+        ]
+        for inode in fs.table.withLock({ Array($0.inodes.values) }) {
+            for block in inode.extents.leafBlocks { targets.append(Int(block) * 4096..<Int(block + 1) * 4096) }
+            if inode.directory != nil {
+                for extent in inode.extents.allExtents {
+                    targets.append(Int(extent.physical) * 4096..<Int(extent.physicalEnd) * 4096)
+                }
+            }
+        }
+        try fs.unmount()
+        let image = try t.device.read(count: t.device.size, at: 0)
+        var random = SeededRandom(seed: 7)
+        var outcomes: [String: Int] = [:]
+        for _ in 0..<(longTests ? 3000 : 300) {
+            image.withUnsafeBytes { t.device.copy($0, toOffset: 0) }
+            for _ in 0..<(1 + Int(random.next() % 4)) {
+                let target = targets[Int(random.next() % UInt64(targets.count))]
+                let offset = target.lowerBound + Int(random.next() % UInt64(target.count))
+                try t.device.write(
+                    [UInt8(truncatingIfNeeded: random.next() | 1) ^ t.device.read(count: 1, at: offset)[0]],
+                    at: offset)
+            }
+            do {
+                let mounted = try DAXFileSystem.mount(t.device)
+                let report = try mounted.check()
+                _ = try? Model(reading: mounted)
+                outcomes[report.isClean ? "mounted clean" : "mounted, check found damage", default: 0] += 1
+                try mounted.unmount()
+            } catch let error as DAXError {
+                outcomes["refused: \(error.code)", default: 0] += 1
+            }
+        }
+        // Damage is found, not ignored: most flips hit a checksum.
+        #expect((outcomes["refused: corrupted"] ?? 0) > 100, "\(outcomes)")
+        #expect(outcomes.keys.allSatisfy { $0.hasPrefix("mounted") || $0 == "refused: corrupted" }, "\(outcomes)")
+    }
+}

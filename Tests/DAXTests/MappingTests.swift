@@ -1,0 +1,192 @@
+import Foundation
+import Testing
+
+@testable import DAX
+
+/// A file system on a device whose path is already unlinked: for exit tests, whose child process
+/// dies by a signal and cannot clean up.
+func unlinkedFileSystem() throws -> DAXFileSystem {
+    let path = TemporaryDevice.uniquePath("exit")
+    let device = try PMemDevice.create(path: path, size: 8 << 20)
+    unlink(path)
+    return try DAXFileSystem.format(device)
+}
+
+@Suite("DAXMapping")
+struct MappingTests {
+    @Test("zero copy: a store through the mapping is the byte at frame * 4096 + offset of the device")
+    func zeroCopy() throws {
+        let t = try TemporaryFileSystem()
+        let file = try t.fs.create("/f")
+        try file.truncate(to: 5 * 4096)
+        let mapping = try file.map(count: 5 * 4096)
+        defer { mapping.unmap() }
+        for page in 0..<5 {
+            mapping.baseAddress.storeBytes(
+                of: UInt64(0xC0FFEE00 + page), toByteOffset: page * 4096 + 8, as: UInt64.self)
+        }
+        mapping.persist(offset: 0, count: 5 * 4096)
+        let frames = try file.frames(offset: 0, count: 5 * 4096)
+        for (page, frame) in frames.enumerated() {
+            #expect(
+                t.device.baseAddress.load(fromByteOffset: frame!.deviceOffset + 8, as: UInt64.self)
+                    == UInt64(0xC0FFEE00 + page))
+        }
+        // And the other way: a write to the file shows in the mapping without any copy.
+        try file.write([0x5A], at: 3 * 4096 + 1)
+        #expect(mapping.baseAddress.load(fromByteOffset: 3 * 4096 + 1, as: UInt8.self) == 0x5A)
+        // Both views are the same physical page: same address through the device, too.
+        #expect(try file.read(count: 8, at: 4096 + 8) == withUnsafeBytes(of: UInt64(0xC0FFEE01)) { Array($0) })
+    }
+
+    @Test("map and unmap move refCount and mapCount; two mappings count twice")
+    func counts() throws {
+        let t = try TemporaryFileSystem()
+        let file = try t.fs.create("/f")
+        try file.write(pattern(8192), at: 0)
+        let frame = try file.frames(offset: 0, count: 1)[0]!
+        #expect(
+            t.fs.pages.state(of: frame)
+                == PageState(
+                    refCount: 0, pinCount: 0, mapCount: 0, isAllocated: true,
+                    isQuarantined: false))
+        let first = try file.map(count: 8192)
+        let second = try file.map(count: 4096, access: .readOnly)
+        #expect(
+            t.fs.pages.state(of: frame)
+                == PageState(
+                    refCount: 2, pinCount: 0, mapCount: 2, isAllocated: true,
+                    isQuarantined: false))
+        first.unmap()
+        first.unmap()
+        #expect(t.fs.pages.state(of: frame).mapCount == 1)
+        #expect(second.baseAddress.load(as: UInt8.self) == pattern(1)[0])
+        second.unmap()
+        #expect(t.fs.pages.state(of: frame).refCount == 0)
+    }
+
+    @Test("mapping allocates holes, zeroed; its range must fit the file")
+    func mappingRules() throws {
+        let t = try TemporaryFileSystem()
+        let file = try t.fs.create("/f")
+        try file.truncate(to: 10_000)
+        #expect(try file.frames(offset: 0, count: 10_000).allSatisfy { $0 == nil })
+        let mapping = try file.map(count: 12_288)  // the whole last page may be mapped
+        #expect(try file.frames(offset: 0, count: 10_000).allSatisfy { $0 != nil })
+        #expect(UnsafeRawBufferPointer(start: mapping.baseAddress, count: 12_288).allSatisfy { $0 == 0 })
+        mapping.unmap()
+        expectDAXError(.invalidArgument) { try file.map(count: 12_289) }
+        expectDAXError(.invalidArgument) { try file.map(offset: 100, count: 100) }
+        expectDAXError(.invalidArgument) { try file.map(count: 0) }
+        let mapped = try file.map(offset: 8192, count: 100)
+        mapped.baseAddress.storeBytes(of: 7, as: UInt8.self)
+        #expect(try file.read(count: 1, at: 8192) == [7])
+        mapped.unmap()
+        #expect(try t.fs.check().isClean)
+    }
+
+    @Test("unmount is refused while a file is mapped; a removed mapped file lives until unmapped")
+    func mappedFileLifetime() throws {
+        let t = try TemporaryFileSystem()
+        let fs = t.fs
+        let file = try fs.create("/m")
+        try file.write(pattern(16_384), at: 0)
+        let mapping = try file.map(count: 16_384)
+        file.close()
+        let error = expectDAXError(.busy) { try fs.unmount() }
+        #expect(error?.message.contains("mapped") == true)
+        let free = fs.statistics().freeBlocks
+        try fs.remove("/m")
+        #expect(try fs.contentsOfDirectory("/").isEmpty)
+        #expect(fs.statistics().freeBlocks == free)
+        #expect(UnsafeRawBufferPointer(start: mapping.baseAddress, count: 16_384).elementsEqual(pattern(16_384)))
+        mapping.baseAddress.storeBytes(of: 1, as: UInt8.self)  // still a live mapping
+        #expect(try fs.check().isClean)
+        mapping.unmap()
+        #expect(fs.statistics().freeBlocks == free + 4)
+        #expect(try fs.check().isClean)
+        try fs.unmount()
+    }
+
+    @Test("a mapping's own persist flushes through it")
+    func persistThroughMapping() throws {
+        let counter = CallCounter()
+        var options = PMemDevice.Options()
+        options.persistence = .cacheFlush
+        options.systemCalls = counter.systemCalls
+        let t = try TemporaryFileSystem(deviceOptions: options)
+        let file = try t.fs.create("/f")
+        try file.truncate(to: 4096)
+        let mapping = try file.map(count: 4096)
+        let before = counter.persists.load(ordering: .relaxed)
+        mapping.baseAddress.storeBytes(of: 42, as: UInt64.self)
+        mapping.persist(offset: 0, count: 8)
+        #expect(counter.persists.load(ordering: .relaxed) == before + 1)
+        mapping.unmap()
+    }
+
+    @Test("a load after truncate raises SIGBUS instead of reading a block someone else owns")
+    func loadAfterTruncateFaults() async {
+        await #expect(processExitsWith: .signal(SIGBUS)) {
+            let fs = try unlinkedFileSystem()
+            let file = try fs.create("/f")
+            try file.write(pattern(3 * 4096), at: 0)
+            let mapping = try file.map(count: 3 * 4096)
+            try file.truncate(to: 4096)
+            // The first page is still there.
+            _ = mapping.baseAddress.load(as: UInt8.self)
+            let other = try fs.create("/other")
+            try other.write(pattern(2 * 4096, seed: 9), at: 0)  // may reuse the freed blocks
+            _ = mapping.baseAddress.load(fromByteOffset: 2 * 4096, as: UInt8.self)
+        }
+    }
+
+    @Test("a store after punch raises SIGBUS")
+    func storeAfterPunchFaults() async {
+        await #expect(processExitsWith: .signal(SIGBUS)) {
+            let fs = try unlinkedFileSystem()
+            let file = try fs.create("/f")
+            try file.write(pattern(4 * 4096), at: 0)
+            let mapping = try file.map(count: 4 * 4096)
+            try file.punchHole(offset: 4096, count: 4096)
+            mapping.baseAddress.storeBytes(of: 1, toByteOffset: 0, as: UInt8.self)  // page 0 is fine
+            mapping.baseAddress.storeBytes(of: 1, toByteOffset: 4096, as: UInt8.self)
+        }
+    }
+
+    @Test("a store through a read-only mapping faults (SIGSEGV)")
+    func readOnlyMappingRejectsStores() async {
+        await #expect(processExitsWith: .signal(SIGSEGV)) {
+            let fs = try unlinkedFileSystem()
+            let file = try fs.create("/f")
+            try file.write([1, 2, 3], at: 0)
+            let mapping = try file.map(count: 3, access: .readOnly)
+            guard mapping.baseAddress.load(as: UInt8.self) == 1 else { exit(0) }
+            mapping.baseAddress.storeBytes(of: 9, as: UInt8.self)
+        }
+    }
+
+    @Test("truncate unmaps from every live mapping, and a failed truncate leaves them as they were")
+    func truncateAndMappings() throws {
+        let t = try TemporaryFileSystem()
+        let file = try t.fs.create("/f")
+        try file.write(pattern(4 * 4096), at: 0)
+        let frames = try file.frames(offset: 0, count: 4 * 4096)
+        let a = try file.map(count: 4 * 4096)
+        let b = try file.map(offset: 8192, count: 8192)
+        #expect(t.fs.pages.state(of: frames[3]!).mapCount == 2)
+        try file.truncate(to: 2 * 4096)
+        #expect(
+            t.fs.pages.state(of: frames[3]!)
+                == PageState(
+                    refCount: 0, pinCount: 0, mapCount: 0, isAllocated: false,
+                    isQuarantined: false))
+        #expect(t.fs.pages.state(of: frames[1]!).mapCount == 1)
+        #expect(a.frame(at: 3) == nil && a.frame(at: 1) == frames[1]!.rawValue)
+        #expect(b.frame(at: 0) == nil)
+        #expect(a.baseAddress.load(fromByteOffset: 4096, as: UInt8.self) == pattern(8192)[4096])
+        a.unmap()
+        b.unmap()
+        #expect(try t.fs.check().isClean)
+    }
+}
