@@ -1,4 +1,7 @@
+#define _GNU_SOURCE
 #include "CBenchPeers.h"
+
+#include <fcntl.h>
 
 #include <libpmem.h>
 #include <string.h>
@@ -29,5 +32,19 @@ void cbench_memcpy_chunks(void *destination, const void *source, size_t length, 
     for (size_t done = 0; done < length; done += chunk) {
         size_t n = length - done < chunk ? length - done : chunk;
         memcpy((char *)destination + done, (const char *)source + done, n);
+    }
+}
+
+int cbench_fallocate(int fd, int64_t length) { return fallocate(fd, 0, 0, (off_t)length); }
+
+void cbench_pmem_write_loop(void *destination, const void *source, size_t length, size_t request) {
+    for (size_t done = 0; done + request <= length; done += request) {
+        pmem_memcpy((char *)destination + done, source, request, PMEM_F_MEM_NONTEMPORAL);
+    }
+}
+
+void cbench_read_loop(void *buffer, const void *source, size_t length, size_t request) {
+    for (size_t done = 0; done + request <= length; done += request) {
+        memcpy(buffer, (const char *)source + done, request);
     }
 }

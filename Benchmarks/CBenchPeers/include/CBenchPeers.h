@@ -18,4 +18,14 @@ void cbench_atomic_pair_loop(uint64_t *counter, uint64_t iterations);
 /// Copies `length` bytes from `source` to `destination` in `chunk`-byte memcpy calls.
 void cbench_memcpy_chunks(void *destination, const void *source, size_t length, size_t chunk);
 
+/// What fio's libpmem engine does per write with direct=1 sync=1, over `length` bytes in
+/// `request`-byte steps: `pmem_memcpy(dst, src, request, PMEM_F_MEM_NONTEMPORAL)` (which drains).
+void cbench_pmem_write_loop(void *destination, const void *source, size_t length, size_t request);
+
+/// What fio's libpmem engine does per read: `memcpy` from the mapping into one buffer.
+void cbench_read_loop(void *buffer, const void *source, size_t length, size_t request);
+
+/// `fallocate(fd, 0, 0, length)`: what tmpfs does to give a file `length` bytes of zeroed pages.
+int cbench_fallocate(int fd, int64_t length);
+
 #endif

@@ -101,6 +101,14 @@ public final class DAXFile: Sendable {
         return inode.lock.withReadLock { fileSystem.readData(inode, count: count, at: offset) }
     }
 
+    /// Reads into `buffer` (up to its size) at `offset`, without allocating; returns the bytes
+    /// read: fewer at the end of the file, 0 past it.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+        try checkOpen("read")
+        try Self.checkRange(offset, buffer.count, "read", path)
+        return inode.lock.withReadLock { fileSystem.readData(inode, into: buffer, at: offset) }
+    }
+
     /// fallocate: gives the range zeroed blocks where it has none, and grows the size to cover it.
     public func allocate(offset: Int, count: Int) throws {
         try checkWritable("allocate")

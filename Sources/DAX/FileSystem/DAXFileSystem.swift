@@ -28,6 +28,8 @@ public final class DAXFileSystem: Sendable {
     let table: Mutex<InodeTable>
     let orphans: Mutex<[UInt32]>
     let mountState = Mutex(MountState())
+    /// `mountState.mounted`, readable without the lock on every file operation.
+    private let mountedFlag = Atomic<Bool>(true)
     /// Page-map pin totals at mount: statistics count from there.
     let pinBaseline: PinTotals
 
@@ -235,6 +237,7 @@ public final class DAXFileSystem: Sendable {
                     throw DAXError(.busy, "cannot unmount \(device.path): \(pinned) pages are pinned")
                 }
                 state.mounted = false
+                mountedFlag.store(false, ordering: .releasing)
                 return state.handles.values.compactMap(\.file)
             }
             for handle in handles { handle.closeForUnmount() }
@@ -250,7 +253,7 @@ public final class DAXFileSystem: Sendable {
     }
 
     /// Whether the file system is mounted.
-    public var isMounted: Bool { mountState.withLock { $0.mounted } }
+    public var isMounted: Bool { mountedFlag.load(ordering: .acquiring) }
 
     func checkMounted() throws {
         guard isMounted else { throw DAXError(.invalidArgument, "the file system on \(device.path) is unmounted") }

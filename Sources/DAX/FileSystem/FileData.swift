@@ -75,9 +75,23 @@ extension DAXFileSystem {
         device.fill(offset: offset, count: Self.pageSize - size % Self.pageSize, flags: .noDrain)
     }
 
+    /// The device offset of file bytes `offset..<end` when one extent holds them all.
+    @inline(__always)
+    private func contiguousDeviceOffset(_ inode: Inode, _ offset: Int, _ end: Int) -> Int? {
+        guard let extent = inode.extents.extent(containing: Self.page(offset)),
+            Int(extent.logicalEnd) * Self.pageSize >= end
+        else { return nil }
+        return Int(extent.physical) * Self.pageSize + offset - Int(extent.logical) * Self.pageSize
+    }
+
     /// Writes `source` at `offset`: allocates holes, fills, then commits what points at the data.
     func writeData(_ inode: Inode, _ source: UnsafeRawBufferPointer, at offset: Int) throws {
         let end = offset + source.count
+        if end <= Int(inode.record.size), let deviceOffset = contiguousDeviceOffset(inode, offset, end) {
+            // An overwrite inside one extent: no metadata changes, the data goes straight in.
+            device.copy(source, toOffset: deviceOffset)
+            return
+        }
         let pages = Self.page(offset)..<Self.pageUp(end)
         var change = PendingChange()
         var map = inode.extents
@@ -123,29 +137,38 @@ extension DAXFileSystem {
 
     /// Reads up to `count` bytes at `offset`; short at the end of the file; holes read as zeros.
     func readData(_ inode: Inode, count: Int, at offset: Int) -> [UInt8] {
-        let size = Int(inode.record.size)
-        guard offset < size, count > 0 else { return [] }
-        let length = min(count, size - offset)
-        let end = offset + length
+        let length = max(0, min(count, Int(inode.record.size) - offset))
+        guard length > 0 else { return [] }
         return [UInt8](unsafeUninitializedCapacity: length) { buffer, initialized in
-            let target = UnsafeMutableRawPointer(buffer.baseAddress!)
-            var position = offset
-            for slice in inode.extents.extents(in: Self.page(offset)..<Self.pageUp(end)) {
-                let from = max(offset, Int(slice.logical) * Self.pageSize)
-                let to = min(end, Int(slice.logicalEnd) * Self.pageSize)
-                if from > position {
-                    (target + (position - offset)).initializeMemory(
-                        as: UInt8.self, repeating: 0, count: from - position)
-                }
-                let deviceOffset = Int(slice.physical) * Self.pageSize + (from - Int(slice.logical) * Self.pageSize)
-                (target + (from - offset)).copyMemory(from: device.base + deviceOffset, byteCount: to - from)
-                position = to
-            }
-            if position < end {
-                (target + (position - offset)).initializeMemory(as: UInt8.self, repeating: 0, count: end - position)
-            }
-            initialized = length
+            initialized = readData(inode, into: UnsafeMutableRawBufferPointer(buffer), at: offset)
         }
+    }
+
+    /// Reads into `buffer`; returns the bytes read.
+    func readData(_ inode: Inode, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) -> Int {
+        let size = Int(inode.record.size)
+        guard offset < size, buffer.count > 0, let target = buffer.baseAddress else { return 0 }
+        let length = min(buffer.count, size - offset)
+        let end = offset + length
+        if let deviceOffset = contiguousDeviceOffset(inode, offset, end) {
+            target.copyMemory(from: device.base + deviceOffset, byteCount: length)
+            return length
+        }
+        var position = offset
+        for slice in inode.extents.extents(in: Self.page(offset)..<Self.pageUp(end)) {
+            let from = max(offset, Int(slice.logical) * Self.pageSize)
+            let to = min(end, Int(slice.logicalEnd) * Self.pageSize)
+            if from > position {
+                (target + (position - offset)).initializeMemory(as: UInt8.self, repeating: 0, count: from - position)
+            }
+            let deviceOffset = Int(slice.physical) * Self.pageSize + (from - Int(slice.logical) * Self.pageSize)
+            (target + (from - offset)).copyMemory(from: device.base + deviceOffset, byteCount: to - from)
+            position = to
+        }
+        if position < end {
+            (target + (position - offset)).initializeMemory(as: UInt8.self, repeating: 0, count: end - position)
+        }
+        return length
     }
 
     /// fallocate: gives the holes of the range zeroed blocks; the size grows to cover it.

@@ -53,12 +53,12 @@ extension DAXFileSystem {
             allocator.unallocate(change.allocated)
             throw error
         }
-        allocator.release(change.freed)
+        if !change.freed.isEmpty { allocator.release(change.freed) }
     }
 
     /// Gives back the blocks of a change that will not be committed.
     func abandon(_ change: PendingChange) {
-        allocator.unallocate(change.allocated)
+        if !change.allocated.isEmpty { allocator.unallocate(change.allocated) }
     }
 
     /// Replaces what maps `pages` of `inode` with `extents` in `map` (a copy the caller installs
