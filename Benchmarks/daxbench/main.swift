@@ -29,7 +29,7 @@ while let argument = arguments.next() {
     }
 }
 
-let benchmarks = PagesBenchmarks.all + MediaBenchmarks.all + FileSystemBenchmarks.all
+let benchmarks = PagesBenchmarks.all + MediaBenchmarks.all + FileSystemBenchmarks.all + PinningBenchmarks.all
 if list {
     for benchmark in benchmarks {
         print("\(benchmark.name)\t\(benchmark.unit)\tvs \(benchmark.peerName)\t\(benchmark.goal)")

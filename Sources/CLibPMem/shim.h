@@ -16,6 +16,20 @@
 // it must be combined with MAP_SHARED_VALIDATE so that a kernel that does not know it refuses.
 #ifndef MAP_SHARED_VALIDATE
 #define MAP_SHARED_VALIDATE 0x03
+/// ThreadSanitizer's annotations, weak: present only in a `--sanitize=thread` build. The standard
+/// library's `Mutex` waits with futexes that TSan cannot see on Linux, so DAX tells it about each
+/// lock hand-over (see `Mutex.withTrackedLock`). Without TSan these are a never-taken branch.
+void __tsan_acquire(void *address) __attribute__((weak));
+void __tsan_release(void *address) __attribute__((weak));
+
+static inline void dax_tsan_acquire(void *address) {
+    if (__tsan_acquire) __tsan_acquire(address);
+}
+
+static inline void dax_tsan_release(void *address) {
+    if (__tsan_release) __tsan_release(address);
+}
+
 /// CRC-32C (Castagnoli) of `length` bytes, continuing from `crc`, with the SSE4.2 `crc32`
 /// instruction. Only call it when `dax_cpu_has_crc32c()` says the CPU has the instruction.
 __attribute__((target("sse4.2")))
@@ -46,6 +60,20 @@ static inline int dax_cpu_has_crc32c(void) {
 #endif
 #ifndef MAP_SYNC
 #define MAP_SYNC 0x80000
+/// ThreadSanitizer's annotations, weak: present only in a `--sanitize=thread` build. The standard
+/// library's `Mutex` waits with futexes that TSan cannot see on Linux, so DAX tells it about each
+/// lock hand-over (see `Mutex.withTrackedLock`). Without TSan these are a never-taken branch.
+void __tsan_acquire(void *address) __attribute__((weak));
+void __tsan_release(void *address) __attribute__((weak));
+
+static inline void dax_tsan_acquire(void *address) {
+    if (__tsan_acquire) __tsan_acquire(address);
+}
+
+static inline void dax_tsan_release(void *address) {
+    if (__tsan_release) __tsan_release(address);
+}
+
 /// CRC-32C (Castagnoli) of `length` bytes, continuing from `crc`, with the SSE4.2 `crc32`
 /// instruction. Only call it when `dax_cpu_has_crc32c()` says the CPU has the instruction.
 __attribute__((target("sse4.2")))
@@ -82,6 +110,20 @@ static const unsigned int dax_MFD_CLOEXEC = 0x0001U;
 /// Calls `memfd_create(2)` through `syscall(2)` (Glibc's Swift module does not export it).
 static inline int dax_memfd_create(const char *name, unsigned int flags) {
     return (int)syscall(SYS_memfd_create, name, flags);
+}
+
+/// ThreadSanitizer's annotations, weak: present only in a `--sanitize=thread` build. The standard
+/// library's `Mutex` waits with futexes that TSan cannot see on Linux, so DAX tells it about each
+/// lock hand-over (see `Mutex.withTrackedLock`). Without TSan these are a never-taken branch.
+void __tsan_acquire(void *address) __attribute__((weak));
+void __tsan_release(void *address) __attribute__((weak));
+
+static inline void dax_tsan_acquire(void *address) {
+    if (__tsan_acquire) __tsan_acquire(address);
+}
+
+static inline void dax_tsan_release(void *address) {
+    if (__tsan_release) __tsan_release(address);
 }
 
 /// CRC-32C (Castagnoli) of `length` bytes, continuing from `crc`, with the SSE4.2 `crc32`

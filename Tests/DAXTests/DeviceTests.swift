@@ -118,7 +118,7 @@ struct DeviceTests {
         #expect(counter.drains.load(ordering: .relaxed) == 1)
         #expect(counter.msyncs.load(ordering: .relaxed) == 0)
         #expect(counter.copies.load(ordering: .relaxed) == 1)
-        #expect(counter.copyFlags.withLock { $0 } == [UInt32(PMEM_F_MEM_NONTEMPORAL | PMEM_F_MEM_NODRAIN)])
+        #expect(counter.copyFlags.withTrackedLock { $0 } == [UInt32(PMEM_F_MEM_NONTEMPORAL | PMEM_F_MEM_NODRAIN)])
         #expect(try device.read(count: 3, at: 8192) == [1, 2, 3])
     }
 

@@ -131,11 +131,11 @@ struct PageMapTests {
                 let pin = try! pages.pin(first: PageFrameNumber(rawValue: UInt64(16 + round % 16)), count: 1)
                 pin.release()
             }
-            held.withLock { $0 += kept.count }
+            held.withTrackedLock { $0 += kept.count }
             // Threads exit holding nothing but `kept`, released here; their tallies fold into the totals.
             kept.release()
         }
-        #expect(held.withLock { $0 } == 16)
+        #expect(held.withTrackedLock { $0 } == 16)
         #expect(pages.pinsAcquired - pages.pinsReleased == Self.sumOfPinCounts(pages))
         let pin = try pages.pin(first: PageFrameNumber(rawValue: 0), count: 7)
         #expect(pages.pinsAcquired - pages.pinsReleased == 7)
@@ -258,7 +258,7 @@ struct PageMapTests {
         let temporary = try Self.device()
         let pages = temporary.device.pages
         let released = Mutex<[PageFrameNumber]>([])
-        pages.setQuarantineRelease { frame in released.withLock { $0.append(frame) } }
+        pages.setQuarantineRelease { frame in released.withTrackedLock { $0.append(frame) } }
         let frame = PageFrameNumber(rawValue: 50)
         let first = try pages.pin(first: frame, count: 1)
         let second = try pages.pin(first: frame, count: 1)
@@ -272,9 +272,9 @@ struct PageMapTests {
         #expect(!pages.markAllocated(frame.rawValue, inode: 1, index: 0))
         #expect(!pages.tryGet(frame))
         first.release()
-        #expect(released.withLock { $0 }.isEmpty)
+        #expect(released.withTrackedLock { $0 }.isEmpty)
         second.release()
-        #expect(released.withLock { $0 } == [frame])
+        #expect(released.withTrackedLock { $0 } == [frame])
         #expect(
             pages.state(of: frame)
                 == PageState(
@@ -283,7 +283,7 @@ struct PageMapTests {
         #expect(pages.markAllocated(frame.rawValue, inode: 2, index: 0))
         // An idle page is freed at once.
         #expect(pages.markFree(frame.rawValue))
-        #expect(released.withLock { $0 }.count == 1)
+        #expect(released.withTrackedLock { $0 }.count == 1)
     }
 
     @Test("a long-term pin's lease: asked, then revoked; the holder's release changes nothing")
@@ -314,5 +314,23 @@ struct PageMapTests {
         #expect(pages.pinsAcquired == 2)
         #expect(pages.state(of: PageFrameNumber(rawValue: 61)).refCount == 0)
         #expect(pages.leases { _ in true }.isEmpty)
+    }
+
+    @Test("the quarantine hook costs the same on its 200,000th call as on its first")
+    func quarantineHookDoesNotGrow() throws {
+        // A closure kept bare in a Mutex was re-wrapped on every access; 200,000 releases then
+        // ran 200,000 nested thunks and overflowed the stack.
+        let temporary = try Self.device()
+        let pages = temporary.device.pages
+        let released = Counter()
+        pages.setQuarantineRelease { _ in released.increment() }
+        let frame = PageFrameNumber(rawValue: 5)
+        for _ in 0..<200_000 {
+            let pin = try pages.pin(first: frame, count: 1)
+            #expect(!pages.markFree(frame.rawValue))
+            pin.release()
+            #expect(pages.markAllocated(frame.rawValue, inode: 1, index: 0))
+        }
+        #expect(released.value == 200_000)
     }
 }

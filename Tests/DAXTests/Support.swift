@@ -90,7 +90,7 @@ final class CallCounter: Sendable {
         }
         calls.memcpy = { to, from, length, flags in
             self.copies.wrappingAdd(1, ordering: .relaxed)
-            self.copyFlags.withLock { $0.append(flags) }
+            self.copyFlags.withTrackedLock { $0.append(flags) }
             SystemCalls.live.memcpy(to, from, length, flags)
         }
         return calls
@@ -104,7 +104,7 @@ final class PinBox: Sendable {
     init(_ pin: consuming PinnedPages) { self.pin = Mutex(Optional(pin)) }
 
     func release() {
-        let taken = pin.withLock { $0.take() }
+        let taken = pin.withTrackedLock { $0.take() }
         taken?.release()
     }
 }

@@ -50,10 +50,10 @@ final class BlockAllocator: Sendable {
     }
 
     /// Blocks that can be allocated now.
-    var freeBlocks: Int { state.withLock { $0.availableCount } }
+    var freeBlocks: Int { state.withTrackedLock { $0.availableCount } }
     /// Blocks free on the device but held back by pins or references.
-    var quarantinedBlocks: Int { state.withLock { $0.quarantined } }
-    var skippedBusyBlocks: Int { state.withLock { $0.skippedBusy } }
+    var quarantinedBlocks: Int { state.withTrackedLock { $0.quarantined } }
+    var skippedBusyBlocks: Int { state.withTrackedLock { $0.skippedBusy } }
 
     /// Takes `count` blocks, as few runs as the free space allows, starting the search at `goal`
     /// (a block number; the block after the file's last one keeps files contiguous). Marks each
@@ -61,7 +61,7 @@ final class BlockAllocator: Sendable {
     /// `nil`). All or nothing: `.noSpace` if fewer blocks are available.
     func allocate(_ count: Int, goal: UInt64?, inode: UInt32, firstIndex: UInt64?) throws -> [BlockRun] {
         precondition(count > 0)
-        return try state.withLock { state in
+        return try state.withTrackedLock { state in
             guard state.availableCount >= count else {
                 throw DAXError(
                     .noSpace,
@@ -118,7 +118,7 @@ final class BlockAllocator: Sendable {
 
     /// Returns blocks that were taken with `allocate` but never committed to the device.
     func unallocate(_ runs: [BlockRun]) {
-        state.withLock { state in
+        state.withTrackedLock { state in
             for run in runs { Self.giveBack(run, to: &state, pages: pages, dataStart: dataStart) }
         }
     }
@@ -135,7 +135,7 @@ final class BlockAllocator: Sendable {
     /// Blocks freed on the device by a committed transaction: idle ones become available now,
     /// busy ones are quarantined until their final unpin or put calls ``quarantineEnded(_:)``.
     func release(_ runs: [BlockRun]) {
-        state.withLock { state in
+        state.withTrackedLock { state in
             for run in runs {
                 for frame in run.range {
                     if pages.markFree(frame) {
@@ -151,7 +151,7 @@ final class BlockAllocator: Sendable {
 
     /// The final put or unpin of a quarantined block: it may be reused now.
     func quarantineEnded(_ frame: PageFrameNumber) {
-        state.withLock { state in
+        state.withTrackedLock { state in
             let index = Int(frame.rawValue - dataStart)
             precondition(
                 index >= 0 && index < dataBlocks && !Self.isSet(state.available, index),
@@ -163,7 +163,7 @@ final class BlockAllocator: Sendable {
     }
 
     /// Whether data-block index `index` is available, for `check`.
-    func isAvailable(_ index: Int) -> Bool { state.withLock { Self.isSet($0.available, index) } }
+    func isAvailable(_ index: Int) -> Bool { state.withTrackedLock { Self.isSet($0.available, index) } }
 
     // MARK: Bit words
 
@@ -192,5 +192,5 @@ final class BlockAllocator: Sendable {
 
 extension BlockAllocator {
     /// A copy of the availability bits, for `check`.
-    func snapshot() -> [UInt64] { state.withLock { $0.available } }
+    func snapshot() -> [UInt64] { state.withTrackedLock { $0.available } }
 }

@@ -96,13 +96,13 @@ public final class DMARegion: Sendable {
     public var isRevoked: Bool { lease?.isRevoked ?? false }
 
     /// True once deregistered.
-    public var isDeregistered: Bool { pin.withLock { $0 == nil } }
+    public var isDeregistered: Bool { pin.withTrackedLock { $0 == nil } }
 
     /// Bytes the region covers.
     public var count: Int { frames.count * PMemDevice.pageSize }
 
     func deregister() {
-        let taken = pin.withLock { $0.take() }
+        let taken = pin.withTrackedLock { $0.take() }
         guard let taken else { return }
         taken.release()
         if retainsDevice { device.releaseUse() }
@@ -119,7 +119,7 @@ public final class DMARegion: Sendable {
         guard retainsDevice else {
             throw DAXError(.invalidArgument, "cannot DMA-\(what): device \(device.path) is closed")
         }
-        return try pin.withLock { pin in
+        return try pin.withTrackedLock { pin in
             guard pin != nil else {
                 throw DAXError(.invalidArgument, "cannot DMA-\(what): the region was deregistered")
             }

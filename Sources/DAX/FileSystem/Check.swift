@@ -43,11 +43,11 @@ extension DAXFileSystem {
             }
             problems += scan.problems
             if scan.suppressed > 0 { problems.append("and \(scan.suppressed) more problems") }
-            if scan.orphans != orphans.withLock({ $0 }) {
+            if scan.orphans != orphans.withTrackedLock({ $0 }) {
                 problems.append("the orphan list on the device \(scan.orphans) differs from the mounted one")
             }
             // Directories change only under the namespace lock, which is held: compare them now.
-            for (number, inode) in table.withLock({ $0.inodes }) where inode.directory != nil {
+            for (number, inode) in table.withTrackedLock({ $0.inodes }) where inode.directory != nil {
                 if inode.directory?.entries.mapValues(\.inode)
                     != scan.inodes[number]?.directory?.entries.mapValues(\.inode)
                 {
@@ -55,7 +55,7 @@ extension DAXFileSystem {
                 }
             }
         }
-        let inodes = table.withLock { $0.inodes }
+        let inodes = table.withTrackedLock { $0.inodes }
         for (_, inode) in inodes.sorted(by: { $0.key < $1.key }) { problems += compare(inode) }
         return CheckReport(isClean: problems.isEmpty, problems: problems)
     }
@@ -82,7 +82,7 @@ extension DAXFileSystem {
     /// Compares one inode's DRAM state with the device, under its lock.
     private func compare(_ inode: Inode) -> [String] {
         inode.lock.withReadLock {
-            if inode.users.withLock({ $0.reclaimed }) { return [] }
+            if inode.users.withTrackedLock({ $0.reclaimed }) { return [] }
             let reader = ByteReader(device.base + superblock.inodeOffset(inode.number), count: Superblock.inodeSize)
             guard case .success(let record) = InodeRecord.decode(reader), record.kind != .free else {
                 return ["inode \(inode.number) is in use in memory but not on the device"]

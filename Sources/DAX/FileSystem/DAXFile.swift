@@ -19,7 +19,9 @@ public final class DAXFile: Sendable {
         self.inode = inode
         self.path = path
         self.access = access
-        fileSystem.mountState.withLock { $0.handles[ObjectIdentifier(self)] = DAXFileSystem.WeakHandle(file: self) }
+        fileSystem.mountState.withTrackedLock {
+            $0.handles[ObjectIdentifier(self)] = DAXFileSystem.WeakHandle(file: self)
+        }
     }
 
     deinit { close() }
@@ -33,14 +35,14 @@ public final class DAXFile: Sendable {
     /// Closes the handle. The last close of a removed file frees its blocks. Idempotent.
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        fileSystem.mountState.withLock { _ = $0.handles.removeValue(forKey: ObjectIdentifier(self)) }
+        fileSystem.mountState.withTrackedLock { _ = $0.handles.removeValue(forKey: ObjectIdentifier(self)) }
         fileSystem.releaseUser(inode, handle: true)
     }
 
     /// Unmount closes handles without freeing anything yet.
     func closeForUnmount() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        inode.users.withLock { $0.handles -= 1 }
+        inode.users.withTrackedLock { $0.handles -= 1 }
     }
 
     /// True once closed (or its file system unmounted).

@@ -118,6 +118,15 @@ public final class DAXFileSystem: Sendable {
         guard device.size >= PMemDevice.minimumSize else {
             throw DAXError(.corrupted, "device \(device.path) is too small to hold a DAXFS")
         }
+        let totals = device.pages.pinTotals
+        guard totals.acquired == totals.released else {
+            // Pins from an earlier mount in this process still hold pages: their blocks may be
+            // free on the device, and a new mount must not hand them out.
+            throw DAXError(
+                .busy,
+                "cannot mount \(device.path): \(totals.acquired - totals.released) pages are still "
+                    + "pinned from an earlier mount; release those pins first")
+        }
         let sb = try Superblock.decode(
             ByteReader(device.base, count: Superblock.size),
             deviceBlocks: UInt64(device.pageCount))
@@ -223,11 +232,11 @@ public final class DAXFileSystem: Sendable {
     /// file is mapped or pages are pinned; then nothing changes.
     public func unmount() throws {
         try namespace.withWriteLock {
-            let handles: [DAXFile] = try mountState.withLock { state in
+            let handles: [DAXFile] = try mountState.withTrackedLock { state in
                 guard state.mounted else { throw DAXError(.invalidArgument, "the file system is not mounted") }
                 // The table lock is a leaf: take the inodes out, then look at their users.
-                let inodes = table.withLock { Array($0.inodes.values) }
-                let mapped = inodes.filter { $0.users.withLock { $0.mappings > 0 } }.count
+                let inodes = table.withTrackedLock { Array($0.inodes.values) }
+                let mapped = inodes.filter { $0.users.withTrackedLock { $0.mappings > 0 } }.count
                 guard mapped == 0 else {
                     throw DAXError(.busy, "cannot unmount \(device.path): \(mapped) files are mapped")
                 }
@@ -243,9 +252,20 @@ public final class DAXFileSystem: Sendable {
             for handle in handles { handle.closeForUnmount() }
         }
         // Removed files that were open are freed now that nothing holds them.
-        for number in orphans.withLock({ $0 }) {
-            if let inode = table.withLock({ $0.inodes[number] }) { try? reclaim(inode) }
+        for number in orphans.withTrackedLock({ $0 }) {
+            if let inode = table.withTrackedLock({ $0.inodes[number] }) { try? reclaim(inode) }
         }
+        releaseDevice()
+    }
+
+    deinit {
+        // Dropped without unmount (no handle or mapping can remain: they hold the file system).
+        // Release the device so that it can be mounted again; orphans are freed by that mount.
+        if mountedFlag.load(ordering: .acquiring) { releaseDevice() }
+    }
+
+    /// The page map forgets the file system's blocks; the device can be mounted again.
+    private func releaseDevice() {
         device.pages.setQuarantineRelease(nil)
         device.pages.clearAllocation(superblock.dataStart..<superblock.totalBlocks)
         Self.unlockDevice(device)
@@ -264,9 +284,9 @@ public final class DAXFileSystem: Sendable {
     /// Block usage and pin totals now.
     public func statistics() -> Statistics {
         let totals = device.pages.pinTotals
-        let (files, directories) = table.withLock { table in
+        let (files, directories) = table.withTrackedLock { table in
             table.inodes.values.reduce(into: (0, 0)) { counts, inode in
-                if inode.directory != nil { counts.1 += 1 } else { counts.0 += 1 }
+                if inode.isDirectory { counts.1 += 1 } else { counts.0 += 1 }
             }
         }
         return Statistics(

@@ -14,20 +14,29 @@ struct ExtentMap: Sendable, Equatable {
     static let leafCapacity = ExtentLeaf.capacity
 
     private(set) var leaves: [Leaf] = [Leaf(block: 0, extents: [])]
+    /// Extents in all leaves, kept up to date by every edit (a fragmented file has many).
+    private(set) var extentCount = 0
+    /// Blocks the extents map.
+    private(set) var blockCount: UInt64 = 0
 
     init() {}
 
     /// Rebuilds the map from what the device holds (already validated).
-    init(inline: [Extent]) { leaves = [Leaf(block: 0, extents: inline)] }
+    init(inline: [Extent]) { self.init(leaves: [Leaf(block: 0, extents: inline)]) }
 
     init(leaves: [Leaf]) {
         precondition(!leaves.isEmpty)
         self.leaves = leaves
+        (extentCount, blockCount) = Self.counts(leaves[...])
+    }
+
+    private static func counts(_ leaves: ArraySlice<Leaf>) -> (Int, UInt64) {
+        leaves.reduce((0, 0)) { sum, leaf in
+            (sum.0 + leaf.extents.count, sum.1 + leaf.extents.reduce(0) { $0 + $1.length })
+        }
     }
 
     var isInline: Bool { leaves.count == 1 && leaves[0].block == 0 }
-    var extentCount: Int { leaves.reduce(0) { $0 + $1.extents.count } }
-    var blockCount: UInt64 { leaves.reduce(0) { $0 + $1.extents.reduce(0) { $0 + $1.length } } }
     var allExtents: [Extent] { leaves.flatMap(\.extents) }
     var leafBlocks: [UInt64] { isInline ? [] : leaves.map(\.block) }
     var isEmpty: Bool { leaves.allSatisfy { $0.extents.isEmpty } }
@@ -186,6 +195,13 @@ struct ExtentMap: Sendable, Equatable {
         _ edit: Edit, newBlocks: [UInt64], owner: UInt32, transaction: inout Transaction, superblock: Superblock
     ) -> [UInt64] {
         precondition(newBlocks.count == edit.newLeafBlocks, "extent edit needs \(edit.newLeafBlocks) leaf blocks")
+        // The counts: the span replaced goes (the whole map when it is rewritten), the new extents come.
+        let replaced =
+            edit.becomesInline || edit.rewritesAll
+            ? (extentCount, blockCount)
+            : Self.counts(leaves[edit.first...edit.last])
+        extentCount += edit.extents.count - replaced.0
+        blockCount = blockCount - replaced.1 + edit.extents.reduce(0) { $0 + $1.length }
         if edit.becomesInline {
             let freed = leafBlocks
             leaves = [Leaf(block: 0, extents: edit.extents)]

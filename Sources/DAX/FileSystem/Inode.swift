@@ -8,6 +8,8 @@ import Synchronization
 /// kernel's `address_space`: invalidate lock, layout generation, live mappings) lives here too.
 final class Inode: @unchecked Sendable {
     let number: UInt32
+    /// File or directory: fixed for the inode's life, so readable without a lock.
+    let kind: InodeRecord.Kind
     let lock = ReadWriteLock()
     var record: InodeRecord
     var extents: ExtentMap
@@ -33,12 +35,13 @@ final class Inode: @unchecked Sendable {
 
     init(number: UInt32, record: InodeRecord, extents: ExtentMap, directory: DirectoryIndex? = nil) {
         self.number = number
+        self.kind = record.kind
         self.record = record
         self.extents = extents
         self.directory = directory
     }
 
-    var isDirectory: Bool { record.kind == .directory }
+    var isDirectory: Bool { kind == .directory }
 
     /// The record as it should be on the device now (extents folded in).
     var encodedRecord: [UInt8] {
@@ -49,7 +52,7 @@ final class Inode: @unchecked Sendable {
 
     /// Live mappings, strongly held for the caller's use.
     var liveMappings: [AnyObject] {
-        mappings.withLock { $0.values.compactMap(\.object) }
+        mappings.withTrackedLock { $0.values.compactMap(\.object) }
     }
 }
 

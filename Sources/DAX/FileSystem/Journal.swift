@@ -91,7 +91,7 @@ final class Journal: Sendable {
         guard !transaction.isEmpty else { return }
         try checkFits(transaction, what: what)
         let records = transaction.encode()
-        try sequence.withLock { sequence in
+        try sequence.withTrackedLock { sequence in
             sequence &+= 1
             try device.write(records, at: recordsOffset)
             try device.write(
@@ -105,18 +105,21 @@ final class Journal: Sendable {
 
     /// Runs `body` with no transaction in flight: `check` reads a still device.
     func withNoCommits<T>(_ body: () throws -> T) rethrows -> T {
-        try sequence.withLock { _ in try body() }
+        try sequence.withTrackedLock { _ in try body() }
     }
 
     private func apply(_ records: [Transaction.Record]) {
+        var touchedBitmapBlocks = Set<UInt64>()
         for record in records {
             switch record {
             case .write(let offset, let bytes):
                 bytes.withUnsafeBytes { device.copy($0, toOffset: offset, flags: .noDrain) }
             case .bits(let range, let value):
-                Self.applyBits(range, value: value, device: device, superblock: superblock)
+                Self.setBits(range, value: value, device: device, superblock: superblock, touched: &touchedBitmapBlocks)
             }
         }
+        // Each bitmap block is sealed and flushed once, however many records touched it.
+        Self.sealBitmapBlocks(touchedBitmapBlocks, device: device, superblock: superblock)
         device.drain()
     }
 
@@ -132,8 +135,11 @@ final class Journal: Sendable {
         return e.bytes
     }
 
-    /// Sets or clears bitmap bits in place and reseals the checksum of every bitmap block touched.
-    static func applyBits(_ range: Range<UInt64>, value: Bool, device: PMemDevice, superblock: Superblock) {
+    /// Sets or clears bitmap bits in place, noting the bitmap blocks touched (sealed afterwards by
+    /// ``sealBitmapBlocks(_:device:superblock:)``).
+    static func setBits(
+        _ range: Range<UInt64>, value: Bool, device: PMemDevice, superblock: Superblock, touched: inout Set<UInt64>
+    ) {
         let bitsPerBlock = UInt64(Superblock.bitsPerBitmapBlock)
         var index = range.lowerBound
         while index < range.upperBound {
@@ -143,7 +149,7 @@ final class Journal: Sendable {
             let bytes = (device.base + blockOffset).assumingMemoryBound(to: UInt8.self)
             var bit = Int(index - block * bitsPerBlock)
             let end = Int(blockEnd - block * bitsPerBlock)
-            // Whole bytes with one memset, the ragged ends bit by bit.
+            // Whole bytes with one fill, the ragged ends bit by bit.
             while bit < end && bit % 8 != 0 {
                 setBit(bytes, bit, value)
                 bit += 1
@@ -157,11 +163,19 @@ final class Journal: Sendable {
                 setBit(bytes, bit, value)
                 bit += 1
             }
-            let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: bytes, count: Superblock.bitmapBytesPerBlock))
-            UnsafeMutableRawPointer(bytes + Superblock.bitmapBytesPerBlock).storeBytes(
-                of: crc.littleEndian, as: UInt32.self)
-            device.flush(offset: blockOffset, count: Superblock.blockSize)
+            touched.insert(block)
             index = blockEnd
+        }
+    }
+
+    /// Recomputes the checksum of each bitmap block in `blocks` and flushes it.
+    static func sealBitmapBlocks(_ blocks: Set<UInt64>, device: PMemDevice, superblock: Superblock) {
+        for block in blocks {
+            let blockOffset = (Int(superblock.bitmapStart) + Int(block)) * Superblock.blockSize
+            let bytes = device.base + blockOffset
+            let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: bytes, count: Superblock.bitmapBytesPerBlock))
+            (bytes + Superblock.bitmapBytesPerBlock).storeBytes(of: crc.littleEndian, as: UInt32.self)
+            device.flush(offset: blockOffset, count: Superblock.blockSize)
         }
     }
 

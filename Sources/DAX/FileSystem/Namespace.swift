@@ -7,7 +7,7 @@ extension DAXFileSystem {
         try checkMounted()
         let inode = try namespace.withWriteLock {
             let inode = try makeNode(path, kind: .file)
-            inode.users.withLock { $0.handles += 1 }
+            inode.users.withTrackedLock { $0.handles += 1 }
             return inode
         }
         return DAXFile(fileSystem: self, inode: inode, path: path, access: .readWrite)
@@ -25,7 +25,7 @@ extension DAXFileSystem {
             guard entry.kind == .file else { throw DAXError(.isADirectory, "\(Paths.debug(path)) is a directory") }
             // Counted under the namespace lock, so a concurrent remove sees the handle.
             let inode = try self.inode(entry.inode)
-            inode.users.withLock { $0.handles += 1 }
+            inode.users.withTrackedLock { $0.handles += 1 }
             return inode
         }
         return DAXFile(fileSystem: self, inode: inode, path: path, access: access)
@@ -146,7 +146,7 @@ extension DAXFileSystem {
     // MARK: - Helpers (namespace lock held)
 
     func inode(_ number: UInt32) throws -> Inode {
-        guard let inode = table.withLock({ $0.inodes[number] }) else {
+        guard let inode = table.withTrackedLock({ $0.inodes[number] }) else {
             throw DAXError(.corrupted, "inode \(number) is named in a directory but not loaded")
         }
         return inode
@@ -223,7 +223,7 @@ extension DAXFileSystem {
         guard parent.directory?.entries[name] == nil else {
             throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists")
         }
-        guard let number = table.withLock({ $0.takeNumber() }) else {
+        guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
             throw DAXError(
                 .noSpace, "cannot create \(Paths.debug(path)): all \(superblock.inodeCount) inodes are in use")
         }
@@ -249,12 +249,12 @@ extension DAXFileSystem {
             let inode = Inode(
                 number: number, record: record, extents: ExtentMap(),
                 directory: kind == .directory ? DirectoryIndex() : nil)
-            table.withLock { $0.insert(inode) }
+            table.withTrackedLock { $0.insert(inode) }
             parent.directory?.entries[name] = DirectoryIndex.Entry(inode: number, kind: kind, slot: slot)
             return inode
         } catch {
             abandon(change)
-            table.withLock { $0.release(number) }
+            table.withTrackedLock { $0.release(number) }
             throw error
         }
     }
@@ -263,9 +263,9 @@ extension DAXFileSystem {
     /// and commits: a file still open or mapped becomes an orphan, anything else is freed.
     private func unlink(_ target: Inode, change: inout PendingChange, what: String) throws {
         try target.lock.withWriteLock {
-            try target.users.withLock { users in
+            try target.users.withTrackedLock { users in
                 if users.handles > 0 || users.mappings > 0 {
-                    try orphans.withLock { orphans in
+                    try orphans.withTrackedLock { orphans in
                         var record = target.record
                         record.linkCount = 0
                         record.nextOrphan = orphans.first ?? 0
@@ -285,7 +285,7 @@ extension DAXFileSystem {
                     try commit(change, what: what)
                     target.record.linkCount = 0
                     users.reclaimed = true
-                    table.withLock { $0.release(target.number) }
+                    table.withTrackedLock { $0.release(target.number) }
                 }
             }
         }
@@ -295,7 +295,7 @@ extension DAXFileSystem {
     /// list and frees its blocks and inode.
     func reclaim(_ inode: Inode) throws {
         try inode.lock.withWriteLock {
-            try orphans.withLock { orphans in
+            try orphans.withTrackedLock { orphans in
                 guard let position = orphans.firstIndex(of: inode.number) else { return }
                 var change = PendingChange()
                 let next = position + 1 < orphans.count ? orphans[position + 1] : 0
@@ -312,26 +312,26 @@ extension DAXFileSystem {
                 try commit(change, what: "free removed file \(inode.number)")
                 orphans.remove(at: position)
                 inode.extents = ExtentMap()
-                table.withLock { $0.release(inode.number) }
+                table.withTrackedLock { $0.release(inode.number) }
             }
         }
     }
 
     /// Mount: frees what the orphan list still holds (files removed while open before a crash).
     func reclaimOrphansAtMount() throws {
-        for number in orphans.withLock({ $0 }) {
+        for number in orphans.withTrackedLock({ $0 }) {
             let inode = try self.inode(number)
-            inode.users.withLock { $0.reclaimed = true }
+            inode.users.withTrackedLock { $0.reclaimed = true }
             try reclaim(inode)
         }
     }
 
     /// Called when a handle or mapping of `inode` goes: frees an orphan nobody uses any more.
     func releaseUser(_ inode: Inode, handle: Bool) {
-        let reclaimNow = inode.users.withLock { users -> Bool in
+        let reclaimNow = inode.users.withTrackedLock { users -> Bool in
             if handle { users.handles -= 1 } else { users.mappings -= 1 }
             guard users.handles == 0, users.mappings == 0, !users.reclaimed,
-                orphans.withLock({ $0.contains(inode.number) })
+                orphans.withTrackedLock({ $0.contains(inode.number) })
             else { return false }
             users.reclaimed = true
             return true

@@ -84,10 +84,7 @@ extension DAXFileSystem {
             if !busy.isEmpty, case .revokeLeases(let grace) = policy, let end = graceEnd, ContinuousClock.now >= end {
                 // The grace period is over: revoke every lease that still holds a page. Revocation
                 // waits for a DMA access in flight, then drops the pin's counts.
-                for lease in device.pages.leases(where: Set(busy).contains) {
-                    lease.requestRelease()
-                    lease.revoke()
-                }
+                for lease in device.pages.leases(where: Set(busy).contains) { lease.revoke() }
                 busy = busyFrames(busy)
                 if !busy.isEmpty, ContinuousClock.now >= end + grace {
                     restore(mappings, inode)
@@ -139,9 +136,13 @@ extension DAXFileSystem {
         inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
     }
 
-    /// Frames referenced beyond their mappings, or pinned.
+    /// Frames referenced beyond their mappings, or pinned. Sequentially consistent loads: the
+    /// argument of `docs/pinning.md` (R3 follows R2 in the total order) needs them.
     private func busyFrames(_ frames: [UInt64]) -> [UInt64] {
-        frames.filter { !PageWord.isIdleExceptMappings(device.pages.table.word($0)) }
+        let table = device.pages.table
+        return frames.filter {
+            !PageWord.isIdleExceptMappings(table.descriptor($0).pointee.counts.load(ordering: .sequentiallyConsistent))
+        }
     }
 
     private func timedOut(_ what: String, _ busy: [UInt64], _ why: String) -> DAXError {

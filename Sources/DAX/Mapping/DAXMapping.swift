@@ -94,7 +94,7 @@ public final class DAXMapping: Sendable {
     /// Unmaps: the addresses become invalid, the pages' map counts drop. A removed file whose last
     /// handle is closed is freed with its last mapping. Idempotent.
     public func unmap() {
-        let wasMapped = state.withLock { state -> Bool in
+        let wasMapped = state.withTrackedLock { state -> Bool in
             guard !state.unmapped else { return false }
             state.unmapped = true
             _ = fileSystem.device.systemCalls.munmap(base, length)
@@ -109,19 +109,19 @@ public final class DAXMapping: Sendable {
         }
         guard wasMapped else { return }
         inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
-        _ = inode.mappings.withLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
+        _ = inode.mappings.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
         fileSystem.releaseUser(inode, handle: false)
     }
 
     /// True once unmapped.
-    public var isUnmapped: Bool { state.withLock { $0.unmapped } }
+    public var isUnmapped: Bool { state.withTrackedLock { $0.unmapped } }
 
     // MARK: - Break layouts support
 
     /// Detaches the pages of file pages `pages` from the page table (pins can no longer find them);
     /// they stay mapped and counted. Returns whether any page was detached.
     func detach(_ pages: Range<UInt64>) -> Bool {
-        state.withLock { state in
+        state.withTrackedLock { state in
             guard !state.unmapped, let local = localRange(pages) else { return false }
             var any = false
             for index in local {
@@ -137,7 +137,7 @@ public final class DAXMapping: Sendable {
 
     /// Puts detached pages back: the layout change did not happen.
     func restore() {
-        state.withLock { state in
+        state.withTrackedLock { state in
             guard !state.unmapped else { return }
             for (index, frame) in state.detached { entries[index].store(frame, ordering: .sequentiallyConsistent) }
             state.detached = [:]
@@ -147,7 +147,7 @@ public final class DAXMapping: Sendable {
     /// The layout change committed: detached pages are replaced by a region that faults, and
     /// their map counts drop.
     func zapDetached() {
-        state.withLock { state in
+        state.withTrackedLock { state in
             guard !state.unmapped else { return }
             let pages = fileSystem.device.pages
             let indices = state.detached.keys.sorted()
@@ -168,7 +168,7 @@ public final class DAXMapping: Sendable {
 
     /// Maps new blocks at file pages that show nothing now (after a punch), for a pin.
     func populate(_ extents: [Extent]) throws {
-        try state.withLock { state in
+        try state.withTrackedLock { state in
             guard !state.unmapped else { return }
             for extent in extents {
                 guard let local = localRange(extent.logicalRange) else { continue }

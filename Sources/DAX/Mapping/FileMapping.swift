@@ -60,8 +60,8 @@ extension DAXFile {
                     file: self, firstPage: first, count: count, access: access,
                     writable: access == .readWrite && self.access == .readWrite, base: base,
                     frames: frames)
-                inode.users.withLock { $0.mappings += 1 }
-                inode.mappings.withLock { $0[ObjectIdentifier(mapping)] = WeakMapping(object: mapping) }
+                inode.users.withTrackedLock { $0.mappings += 1 }
+                inode.mappings.withTrackedLock { $0[ObjectIdentifier(mapping)] = WeakMapping(object: mapping) }
                 return mapping
             }
         }

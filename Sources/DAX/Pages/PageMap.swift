@@ -179,7 +179,7 @@ public final class PageMap: Sendable {
 
     /// Live long-term pins that hold any frame `contains` accepts.
     func leases(where contains: (UInt64) -> Bool) -> [PinLease] {
-        let all = table.core.pointee.leases.withLock { Array($0.values) }
+        let all = table.core.pointee.leases.withTrackedLock { Array($0.values) }
         return all.filter { lease in
             var hit = false
             lease.runs.forEachFrame { frame in
@@ -313,7 +313,7 @@ public final class PageMap: Sendable {
 
     /// Sets the closure that the final put or unpin of a quarantined page calls.
     func setQuarantineRelease(_ release: (@Sendable (PageFrameNumber) -> Void)?) {
-        table.core.pointee.quarantineRelease.withLock { $0 = release }
+        table.core.pointee.quarantineRelease.withTrackedLock { $0 = QuarantineHook(release: release) }
     }
 
     /// Clears every allocated flag (unmount): the file system's blocks are no longer owned.

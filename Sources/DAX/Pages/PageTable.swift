@@ -42,9 +42,16 @@ struct PageTableCore: ~Copyable {
     let sharedTallies = SharedTallies()
     let waitQueue = PageWaitQueue()
     /// Called by the final put or unpin of a quarantined page (the allocator returns the block).
-    let quarantineRelease = Mutex<(@Sendable (PageFrameNumber) -> Void)?>(nil)
+    let quarantineRelease = Mutex(QuarantineHook())
     /// Live long-term pins, for revocation.
     let leases = Mutex<[ObjectIdentifier: PinLease]>([:])
+}
+
+/// The allocator's hook for the end of a quarantine, wrapped in a struct: a bare closure kept in a
+/// `Mutex` is re-abstracted, and its wrapper stored back, on every generic `inout` access, so each
+/// call would run one more thunk than the last.
+struct QuarantineHook: Sendable {
+    var release: (@Sendable (PageFrameNumber) -> Void)?
 }
 
 /// A reference to a ``PageTableCore`` that pins can carry.
@@ -244,8 +251,8 @@ struct PageTable: @unchecked Sendable {
             // Only one decrement takes the count of a free page to zero, and no try-get can raise
             // it again (the page is not allocated), so exactly one caller gets here per quarantine.
             counts.pointee.counts.bitwiseAnd(~PageWord.quarantined, ordering: .sequentiallyConsistent)
-            let release = core.pointee.quarantineRelease.withLock { $0 }
-            release?(PageFrameNumber(rawValue: frame))
+            let hook = core.pointee.quarantineRelease.withTrackedLock { $0 }
+            hook.release?(PageFrameNumber(rawValue: frame))
         }
         if old & PageWord.waiters != 0 {
             counts.pointee.counts.bitwiseAnd(~PageWord.waiters, ordering: .sequentiallyConsistent)

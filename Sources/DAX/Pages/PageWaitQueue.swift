@@ -16,16 +16,16 @@ final class PageWaitQueue: Sendable {
     let wakeUps = Atomic<Int>(0)
 
     func register(_ waiter: Waiter) {
-        waiters.withLock { $0[ObjectIdentifier(waiter)] = waiter }
+        waiters.withTrackedLock { $0[ObjectIdentifier(waiter)] = waiter }
     }
 
     func unregister(_ waiter: Waiter) {
-        _ = waiters.withLock { $0.removeValue(forKey: ObjectIdentifier(waiter)) }
+        _ = waiters.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(waiter)) }
     }
 
     func wakeAll() {
         wakeUps.wrappingAdd(1, ordering: .relaxed)
-        waiters.withLock { waiters in
+        waiters.withTrackedLock { waiters in
             for waiter in waiters.values { waiter.semaphore.signal() }
         }
     }

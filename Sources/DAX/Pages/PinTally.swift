@@ -62,14 +62,14 @@ enum PinTally {
         let raw = UnsafeMutableRawPointer.allocate(byteCount: blockWords * 8, alignment: 64)
         raw.initializeMemory(as: UInt64.self, repeating: 0, count: blockWords)
         let block = ThreadBlock(raw: raw)
-        registry.withLock { $0.blocks.append(block) }
+        registry.withTrackedLock { $0.blocks.append(block) }
         pthread_setspecific(threadKey, raw)
         return raw.assumingMemoryBound(to: Atomic<UInt64>.self)
     }
 
     static func retire(_ raw: UnsafeMutableRawPointer) {
         let block = ThreadBlock(raw: raw)
-        registry.withLock { registry in
+        registry.withTrackedLock { registry in
             for i in 0..<blockWords { registry.retired[i] &+= block.counters[i].load(ordering: .acquiring) }
             registry.blocks.removeAll { $0 == block }
         }
@@ -101,7 +101,7 @@ enum PinTally {
     /// counted here happened after its acquire, which the second pass then sees. So even while
     /// other threads pin and unpin, acquired - released never drops below the pins outstanding.
     static func totals(slot: Int) -> [UInt64] {
-        registry.withLock { registry in
+        registry.withTrackedLock { registry in
             let base = slot * fieldCount
             var sums = Array(registry.retired[base..<(base + fieldCount)])
             for field in [Field.released, .pinnedDown, .acquired, .pinnedUp] {
@@ -115,7 +115,7 @@ enum PinTally {
 
     /// Takes a free slot, zeroed in every block, or nil when all are taken.
     static func claimSlot() -> Int? {
-        registry.withLock { registry in
+        registry.withTrackedLock { registry in
             guard let slot = registry.freeSlots.popLast() else { return nil }
             for i in 0..<fieldCount {
                 registry.retired[slot * fieldCount + i] = 0
@@ -129,6 +129,6 @@ enum PinTally {
 
     /// Gives a slot back. Only when no pin of its page map is outstanding.
     static func releaseSlot(_ slot: Int) {
-        registry.withLock { $0.freeSlots.append(slot) }
+        registry.withTrackedLock { $0.freeSlots.append(slot) }
     }
 }

@@ -98,12 +98,12 @@ final class PinLease: Sendable {
         self.onRevoke = onRevoke
     }
 
-    var isRevoked: Bool { state.withLock { $0 == .revoked } }
-    var isActive: Bool { state.withLock { $0 == .active } }
+    var isRevoked: Bool { state.withTrackedLock { $0 == .revoked } }
+    var isActive: Bool { state.withTrackedLock { $0 == .active } }
 
     /// The holder lets go. Changes no count if the lease was revoked first.
     func release() {
-        let wasActive = state.withLock { state in
+        let wasActive = state.withTrackedLock { state in
             defer { if state == .active { state = .released } }
             return state == .active
         }
@@ -122,7 +122,7 @@ final class PinLease: Sendable {
     /// and makes every later access fail. Returns false if it was no longer active.
     @discardableResult
     func revoke() -> Bool {
-        let revoked = state.withLock { state in
+        let revoked = state.withTrackedLock { state in
             guard state == .active else { return false }
             state = .revoked
             // Unpin while holding the state lock, so no access can still be copying.
@@ -135,7 +135,7 @@ final class PinLease: Sendable {
 
     /// Runs `body` while the lease cannot be revoked; throws `.revoked` if it already was.
     func withAccess<T>(_ body: () throws -> T) throws -> T {
-        try state.withLock { state in
+        try state.withTrackedLock { state in
             switch state {
             case .active: return try body()
             case .revoked:
@@ -146,10 +146,10 @@ final class PinLease: Sendable {
     }
 
     func register() {
-        table.core.pointee.leases.withLock { $0[ObjectIdentifier(self)] = self }
+        table.core.pointee.leases.withTrackedLock { $0[ObjectIdentifier(self)] = self }
     }
 
     private func unregister() {
-        _ = table.core.pointee.leases.withLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
+        _ = table.core.pointee.leases.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
     }
 }

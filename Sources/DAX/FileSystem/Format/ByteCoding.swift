@@ -10,11 +10,13 @@ struct ByteEncoder {
         }
     }
 
-    mutating func put(_ source: some Collection<UInt8>, at offset: Int) {
-        var index = offset
-        for byte in source {
-            bytes[index] = byte
-            index += 1
+    mutating func put(_ source: [UInt8], at offset: Int) {
+        precondition(offset >= 0 && offset + source.count <= bytes.count, "encoding past the end of a record")
+        guard !source.isEmpty else { return }
+        bytes.withUnsafeMutableBytes { target in
+            source.withUnsafeBytes {
+                (target.baseAddress! + offset).copyMemory(from: $0.baseAddress!, byteCount: $0.count)
+            }
         }
     }
 

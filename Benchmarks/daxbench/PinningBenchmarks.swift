@@ -1,0 +1,128 @@
+import CBenchPeers
+import DAX
+import Foundation
+
+/// Pinned pages held for a benchmark (a class, so closures can share it).
+final class PinHolder {
+    private var pins: [DMARegion] = []
+    let engine: DMAEngine
+
+    init(device: PMemDevice) { engine = DMAEngine(device: device) }
+
+    func hold(_ pin: consuming PinnedPages) { pins.append(engine.register(pin)) }
+
+    func releaseAll() {
+        for region in pins { engine.deregister(region) }
+        pins = []
+    }
+}
+
+enum PinningBenchmarks {
+    static var all: [Benchmark] { [pinUnpinMapping, truncatePinned, allocateWithQuarantine] }
+
+    /// pin+unpin of one page through a `DAXMapping` (the gup-fast path) vs a bare atomic pair.
+    static var pinUnpinMapping: Benchmark {
+        Benchmark(name: "pin-unpin", unit: "ns", peerName: "atomic inc+dec pair (C)", goal: .atMost(3.0)) { context in
+            let setup = try BenchFileSystem(context, name: "pinmap", size: 16 << 20)
+            let file = try setup.fs.create("/pinned")
+            try file.truncate(to: 64 << 10)
+            let mapping = try file.map(count: 64 << 10)
+            defer { mapping.unmap() }
+            let counter = AlignedCounter()
+            let iterations = context.quick ? 2_000_000 : 10_000_000
+            return try context.interleave(
+                ours: {
+                    try nanosecondsPerIteration(iterations) {
+                        for _ in 0..<iterations {
+                            let pin = try mapping.pin(offset: 8192, count: 4096)
+                            pin.release()
+                        }
+                    }
+                },
+                peer: {
+                    nanosecondsPerIteration(iterations) { cbench_atomic_pair_loop(counter.pointer, UInt64(iterations)) }
+                })
+        }
+    }
+
+    /// Truncate a mapped 1 GiB file to 0 with `.deferFree` while 1% of its pages (one in a
+    /// hundred) are pinned, vs the same file with none pinned.
+    static var truncatePinned: Benchmark {
+        Benchmark(name: "truncate-1GiB-1pct-pinned", unit: "ms", peerName: "ours, nothing pinned", goal: .atMost(1.2)) {
+            context in
+            let bytes = 1 << 30
+            let setup = try BenchFileSystem(context, name: "truncpin", size: bytes + bytes / 4)
+            let file = try setup.fs.create("/f")
+            let holder = PinHolder(device: setup.bench.device)
+            func truncate(pinning: Bool) throws -> Double {
+                try file.allocate(offset: 0, count: bytes)
+                let mapping = try file.map(count: bytes)
+                if pinning {
+                    for page in stride(from: 0, to: bytes / 4096, by: 100) {
+                        holder.hold(try mapping.pin(offset: page * 4096, count: 4096))
+                    }
+                }
+                let start = now()
+                try file.truncate(to: 0, ifBusy: .deferFree)
+                let elapsed = Double(now() - start) / 1e6
+                mapping.unmap()
+                holder.releaseAll()
+                return elapsed
+            }
+            return try context.interleave(ours: { try truncate(pinning: true) }, peer: { try truncate(pinning: false) })
+        }
+    }
+
+    /// Allocate 100 MiB while every tenth free block is quarantined (pinned, then freed with
+    /// `.deferFree`), so the allocator must skip them, vs the same device with nothing quarantined
+    /// (those blocks free too, the free space contiguous).
+    static var allocateWithQuarantine: Benchmark {
+        Benchmark(
+            name: "allocate-with-quarantine", unit: "ms", peerName: "ours, nothing quarantined",
+            goal: .atMost(1.2)
+        ) { context in
+            let setup = try BenchFileSystem(context, name: "quarantine", size: 512 << 20)
+            let fs = setup.fs
+            let target = try fs.create("/target")
+            let size = 100 << 20
+            func allocations() throws -> [Double] {
+                try (0...context.repetitions).map { _ in
+                    let start = now()
+                    try target.allocate(offset: 0, count: size)
+                    let elapsed = Double(now() - start) / 1e6
+                    try target.truncate(to: 0)
+                    return elapsed
+                }.dropFirst().map { $0 }  // the first one warms up
+            }
+            // Interleave two files page by page, so that /q holds every tenth block, then free the
+            // other file: pin all of /q and free it with .deferFree.
+            let q = try fs.create("/q")
+            let spacer = try fs.create("/spacer")
+            let blocks = fs.statistics().freeBlocks - 2048  // room for both files' extent leaves
+            let page = [UInt8](repeating: 1, count: 4096)
+            for index in 0..<blocks {
+                if index % 10 == 0 {
+                    try q.write(page, at: index / 10 * 4096)
+                } else {
+                    try spacer.write(page, at: (index - index / 10 - 1) * 4096)
+                }
+            }
+            spacer.close()
+            try fs.remove("/spacer")
+            let mapping = try q.map(count: q.size)
+            let holder = PinHolder(device: setup.bench.device)
+            holder.hold(try mapping.pin(offset: 0, count: q.size))
+            try q.truncate(to: 0, ifBusy: .deferFree)
+            let quarantined = fs.statistics().quarantinedBlocks
+            guard quarantined * 10 >= (quarantined + fs.statistics().freeBlocks) * 9 / 10 else {
+                throw BenchError("quarantine not set up: \(quarantined) blocks")
+            }
+            var samples = Samples()
+            samples.ours = try allocations()
+            holder.releaseAll()
+            mapping.unmap()
+            samples.peer = try allocations()
+            return samples
+        }
+    }
+}
