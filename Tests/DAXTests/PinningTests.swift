@@ -225,10 +225,10 @@ struct PinningTests {
         let view = try reader.map(count: 4 * 4096, access: .readOnly)
         expectDAXError(.permissionDenied) { try view.pin(offset: 0, count: 4096, access: .readWrite) }
         let nic = DMAEngine(device: t.device)
+        // A hostile reader ignores the request to let go.
+        let ignore: @Sendable () -> Void = {}
         let region = nic.register(
-            try view.pin(
-                offset: 0, count: 4 * 4096, access: .readOnly,
-                lifetime: .longTerm(onRevoke: { /* a hostile reader ignores it */  })))
+            try view.pin(offset: 0, count: 4 * 4096, access: .readOnly, lifetime: .longTerm(onRevoke: ignore)))
         expectDAXError(.busy) { try owner.truncate(to: 0, ifBusy: .fail) }
         expectDAXError(.timedOut) { try owner.truncate(to: 0, ifBusy: .wait(timeout: .milliseconds(50))) }
         #expect(owner.size == 4 * 4096)
