@@ -30,6 +30,32 @@ let package = Package(
             ]
         ),
 
+        // Example apps: each an executable target with a README.
+        .executableTarget(
+            name: "kvstore",
+            dependencies: ["DAX", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "examples/kvstore",
+            exclude: ["README.md"]
+        ),
+        .executableTarget(
+            name: "pmemlog",
+            dependencies: ["DAX", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "examples/pmemlog",
+            exclude: ["README.md"]
+        ),
+        .executableTarget(
+            name: "simple-copy",
+            dependencies: ["DAX", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "examples/simple-copy",
+            exclude: ["README.md"]
+        ),
+        .executableTarget(
+            name: "rdma-buffer",
+            dependencies: ["DAX", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "examples/rdma-buffer",
+            exclude: ["README.md"]
+        ),
+
         // Benchmarks: an executable target so that peers written in C run in the same process.
         .target(
             name: "CBenchPeers",
@@ -55,7 +81,9 @@ let package = Package(
         ),
         .testTarget(
             name: "DAXTests",
-            dependencies: ["DAX", "DAXTorture", "daxcrashworker"]
+            dependencies: [
+                "DAX", "DAXTorture", "daxcrashworker", "daxemu", "kvstore", "pmemlog", "simple-copy", "rdma-buffer",
+            ]
         ),
     ]
 )

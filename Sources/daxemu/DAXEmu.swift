@@ -6,11 +6,18 @@ struct DAXEmu: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "daxemu",
         abstract: "A persistent-memory DAX emulator: pmem devices on /dev/shm, page pins, a DAX file system.",
-        subcommands: [Create.self, Info.self, Demo.self]
+        discussion: """
+            Every command works on --device PATH (default $DAXEMU_DEVICE, else /dev/shm/daxemu).
+            Start with `daxemu demo`, or `daxemu create --size 1G && daxemu format`.
+            """,
+        subcommands: [
+            Create.self, Format.self, Info.self, ListCommand.self, MakeDirectory.self, Put.self, Get.self,
+            Remove.self, Move.self, Truncate.self, Fsck.self, Frames.self, MapCommand.self, Demo.self,
+        ]
     )
 }
 
-/// Runs the command; a `DAXError` becomes one sentence on stderr and exit status 1.
+/// Runs the command; an error becomes one sentence on stderr and a non-zero exit status.
 @main
 enum Main {
     static func main() {
@@ -20,6 +27,9 @@ enum Main {
         } catch let error as DAXError {
             printError(error.message + (error.errno.map { " (\(String(cString: strerror($0))))" } ?? ""))
             exit(1)
+        } catch let error as CommandError {
+            printError(error.description)
+            exit(1)
         } catch {
             DAXEmu.exit(withError: error)
         }
@@ -28,6 +38,5 @@ enum Main {
 
 /// Writes `daxemu: MESSAGE` on stderr.
 func printError(_ message: String) {
-    let line = "daxemu: \(message)\n"
-    _ = line.withCString { write(2, $0, strlen($0)) }
+    writeStderr("daxemu: \(message)\n")
 }

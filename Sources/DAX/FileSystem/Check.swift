@@ -4,6 +4,8 @@ public struct CheckReport: Sendable, Equatable, CustomStringConvertible {
     public var isClean: Bool
     /// One sentence per problem, naming the inode, block or structure.
     public var problems: [String]
+    /// Facts that are not problems (a transaction awaiting replay, orphans awaiting a mount).
+    public var notes: [String] = []
 
     public init(isClean: Bool, problems: [String]) {
         self.isClean = isClean

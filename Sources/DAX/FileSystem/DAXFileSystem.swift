@@ -19,7 +19,8 @@ public final class DAXFileSystem: Sendable {
         public init() {}
     }
 
-    let device: PMemDevice
+    /// The device the file system lives on.
+    public let device: PMemDevice
     let superblock: Superblock
     let journal: Journal
     let allocator: BlockAllocator

@@ -91,6 +91,30 @@ public final class DAXMapping: Sendable {
         }
     }
 
+    /// Copies `source` to `offset` of the mapping with libpmem's persistent copy (`pmem_memcpy`
+    /// with `flags`: non-temporal, no-drain, ...), through the mapping's own addresses; in `.msync`
+    /// mode a plain copy followed by `msync` of the range. With `.noDrain`, call ``drain()`` once
+    /// after the last copy, as PMDK's `simple_copy` does.
+    public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
+        precondition(
+            offset >= 0 && source.count <= length && offset <= length - source.count,
+            "copy of \(source.count) bytes at \(offset) is outside the mapping of \(length) bytes")
+        guard let from = source.baseAddress, source.count > 0 else { return }
+        let device = fileSystem.device
+        if device.persistence == .cacheFlush {
+            device.systemCalls.memcpy(base + offset, from, source.count, flags.rawValue)
+        } else {
+            (base + offset).copyMemory(from: from, byteCount: source.count)
+            if !flags.contains(.noFlush), device.systemCalls.msync(base + offset, source.count) != 0 {
+                device.systemCalls.persist(base + offset, source.count)
+            }
+        }
+    }
+
+    /// Waits until flushed and non-temporal stores are durable (`pmem_drain`; nothing in `.msync`
+    /// mode).
+    public func drain() { fileSystem.device.drain() }
+
     /// Unmaps: the addresses become invalid, the pages' map counts drop. A removed file whose last
     /// handle is closed is freed with its last mapping. Idempotent.
     public func unmap() {

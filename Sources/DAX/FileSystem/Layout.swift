@@ -1,0 +1,120 @@
+import Glibc
+
+/// Where the file system's regions lie on the device, in frames.
+public struct FileSystemLayout: Sendable, Equatable {
+    /// Block 0.
+    public var superblock: Range<PageFrameNumber>
+    /// The redo journal.
+    public var journal: Range<PageFrameNumber>
+    /// 256-byte inodes, 16 per block.
+    public var inodeTable: Range<PageFrameNumber>
+    /// One bit per data block.
+    public var bitmap: Range<PageFrameNumber>
+    /// File data, directory blocks and extent leaves.
+    public var data: Range<PageFrameNumber>
+    /// Inodes the file system can hold.
+    public var inodeCount: Int
+
+    init(_ sb: Superblock) {
+        func frames(_ start: UInt64, _ count: UInt64) -> Range<PageFrameNumber> {
+            PageFrameNumber(rawValue: start)..<PageFrameNumber(rawValue: start + count)
+        }
+        superblock = frames(0, 1)
+        journal = frames(sb.journalStart, sb.journalBlocks)
+        inodeTable = frames(sb.inodeStart, sb.inodeBlocks)
+        bitmap = frames(sb.bitmapStart, sb.bitmapBlocks)
+        data = frames(sb.dataStart, sb.dataBlocks)
+        inodeCount = Int(sb.inodeCount)
+    }
+}
+
+extension PageState {
+    /// The page index a descriptor records for blocks that hold a file's metadata (directory
+    /// blocks, extent leaves) rather than its data.
+    public static let metadataPageIndex: UInt64 = PageOwner.indexLimit
+
+    /// The block holds file data (not a directory block or an extent leaf).
+    public var holdsFileData: Bool { isAllocated && ownerInode != 0 && ownerPageIndex != Self.metadataPageIndex }
+}
+
+extension DAXFileSystem {
+    /// Where the regions lie.
+    public var layout: FileSystemLayout { FileSystemLayout(superblock) }
+
+    /// fsck of a device that is not mounted: validates everything `check()` does, reading only.
+    /// A transaction committed but not yet applied (a crash) is not replayed, only noted: the
+    /// structures checked are those the device holds now. Throws `.busy` if a file system on the
+    /// device is mounted (here or in another process), `.corrupted` if the device holds no DAXFS.
+    public static func check(_ device: PMemDevice) throws -> CheckReport {
+        guard !device.isMounted.load(ordering: .acquiring) else {
+            throw DAXError(.busy, "the file system on \(device.path) is mounted in this process; use its check()")
+        }
+        guard flock(device.fd, LOCK_SH | LOCK_NB) == 0 else {
+            throw DAXError(.busy, "the file system on \(device.path) is mounted by another process", errno: errno)
+        }
+        defer { flock(device.fd, LOCK_UN) }
+        let sb = try Superblock.decode(
+            ByteReader(device.base, count: Superblock.size),
+            deviceBlocks: UInt64(device.pageCount))
+        var report = CheckReport(isClean: true, problems: [])
+        let header = ByteReader(device.base + Int(sb.journalStart) * Superblock.blockSize, count: Journal.headerSize)
+        let committed =
+            header.get(UInt32.self, at: 0) == Journal.headerMagic
+            && header.get(UInt32.self, at: 4) == header.crc(of: 8..<Journal.headerSize)
+            && header.get(UInt32.self, at: 16) == 1
+        if committed {
+            report.notes.append("the journal holds a committed transaction; the next mount replays it")
+        }
+        let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false)
+        report.problems = scan.problems + (scan.suppressed > 0 ? ["and \(scan.suppressed) more problems"] : [])
+        if !scan.orphans.isEmpty {
+            report.notes.append(
+                "\(scan.orphans.count) removed files are still on the orphan list; the next mount frees them")
+        }
+        report.isClean = report.problems.isEmpty
+        return report
+    }
+}
+
+/// What `attributes(of:)` says about a file or directory.
+public struct FileAttributes: Sendable, Equatable {
+    public enum Kind: String, Sendable { case file, directory }
+
+    public var kind: Kind
+    /// Bytes (a directory: 4096 per directory block).
+    public var size: Int
+    /// Data blocks the file holds (holes hold none).
+    public var blocks: Int
+    public var inode: UInt32
+    /// Nanoseconds since the epoch.
+    public var modificationTime: UInt64
+}
+
+extension DAXFileSystem {
+    /// Whether the device holds a DAXFS superblock (valid magic and checksum).
+    public static func isFormatted(_ device: PMemDevice) -> Bool {
+        (try? Superblock.decode(
+            ByteReader(device.base, count: Superblock.size),
+            deviceBlocks: UInt64(device.pageCount))) != nil
+    }
+
+    /// Kind, size and blocks of the file or directory at `path`.
+    public func attributes(of path: String) throws -> FileAttributes {
+        try checkMounted()
+        let inode = try namespace.withReadLock { () throws -> Inode in
+            let components = try Paths.components(path)
+            guard let name = components.last else { return try self.inode(Superblock.rootInode) }
+            let parent = try resolveDirectory(Array(components.dropLast()), path: path)
+            guard let entry = parent.directory?.entries[name] else {
+                throw DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
+            }
+            return try self.inode(entry.inode)
+        }
+        return inode.lock.withReadLock {
+            FileAttributes(
+                kind: inode.isDirectory ? .directory : .file, size: Int(inode.record.size),
+                blocks: Int(inode.extents.blockCount), inode: inode.number,
+                modificationTime: inode.record.modificationTime)
+        }
+    }
+}

@@ -1,0 +1,286 @@
+import ArgumentParser
+import DAX
+import Foundation
+
+struct ListCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "ls", abstract: "List a directory.")
+
+    @OptionGroup var device: DeviceOptions
+
+    @Argument(help: "The directory (default /).")
+    var directory = "/"
+
+    @Flag(name: .shortAndLong, help: "Show type, size and blocks.")
+    var long = false
+
+    @Flag(help: "Print JSON: a list of {name, type, size, blocks, inode}.")
+    var json = false
+
+    func run() throws {
+        let entries = try device.withFileSystem { fs in
+            try fs.contentsOfDirectory(directory).map { name in
+                (name, try fs.attributes(of: directory == "/" ? "/" + name : directory + "/" + name))
+            }
+        }
+        if json {
+            print(
+                try jsonText(
+                    entries.map { name, a in
+                        [
+                            "name": name, "type": a.kind.rawValue, "size": a.size, "blocks": a.blocks,
+                            "inode": Int(a.inode),
+                        ]
+                    }))
+        } else if long {
+            for (name, a) in entries {
+                let size = String(a.size).padding(toLength: 12, withPad: " ", startingAt: 0)
+                print(
+                    "\(a.kind == .directory ? "d" : "-")  \(size) \(String(a.blocks).padding(toLength: 8, withPad: " ", startingAt: 0)) \(name)"
+                )
+            }
+        } else {
+            for (name, a) in entries { print(a.kind == .directory ? name + "/" : name) }
+        }
+    }
+}
+
+struct MakeDirectory: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "mkdir", abstract: "Create a directory.")
+
+    @OptionGroup var device: DeviceOptions
+
+    @Argument(help: "The directory to create.")
+    var directory: String
+
+    @Flag(name: .shortAndLong, help: "Create missing parents too; an existing directory is fine.")
+    var parents = false
+
+    func run() throws {
+        try device.withFileSystem { fs in
+            guard parents else { return try fs.createDirectory(directory) }
+            var path = ""
+            for component in directory.split(separator: "/") {
+                path += "/" + component
+                do {
+                    try fs.createDirectory(path)
+                } catch let error as DAXError where error.code == .alreadyExists {
+                    guard try fs.attributes(of: path).kind == .directory else { throw error }
+                }
+            }
+        }
+    }
+}
+
+struct Put: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Copy a local file into the file system (replacing DEST if it is a file).")
+
+    @OptionGroup var device: DeviceOptions
+
+    @Argument(help: "The local file to read.")
+    var local: String
+
+    @Argument(help: "Where to put it; a directory keeps the local name.")
+    var destination: String
+
+    func run() throws {
+        let input = open(local, O_RDONLY)
+        guard input >= 0 else { throw CommandError("cannot read \(local): \(String(cString: strerror(errno)))") }
+        defer { close(input) }
+        var info = stat()
+        fstat(input, &info)
+        guard info.st_mode & S_IFMT == S_IFREG else { throw CommandError("\(local) is not a regular file") }
+        let size = Int(info.st_size)
+        try device.withFileSystem { fs in
+            var target = destination
+            if (try? fs.attributes(of: destination))?.kind == .directory {
+                target =
+                    (destination.hasSuffix("/") ? destination : destination + "/")
+                    + (local.split(separator: "/").last.map(String.init) ?? local)
+            }
+            let file: DAXFile
+            do {
+                file = try fs.create(target)
+            } catch let error as DAXError where error.code == .alreadyExists {
+                file = try fs.open(target)
+                try file.truncate(to: 0)
+            }
+            defer { file.close() }
+            if size > 0 { try file.allocate(offset: 0, count: size) }  // contiguous blocks, fails early if full
+            let progress = Progress("put \(target)")
+            let chunk = 1 << 20
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+            defer { buffer.deallocate() }
+            var offset = 0
+            while offset < size {
+                let count = read(input, buffer.baseAddress, min(chunk, size - offset))
+                guard count > 0 else {
+                    throw CommandError(
+                        "cannot read \(local) at offset \(offset): \(count == 0 ? "it shrank" : String(cString: strerror(errno)))"
+                    )
+                }
+                try file.write(UnsafeRawBufferPointer(rebasing: buffer[0..<count]), at: offset)
+                offset += count
+                progress.update(Double(offset) / Double(size))
+            }
+            progress.finish()
+        }
+    }
+}
+
+struct Get: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Copy a file out of the file system ('-' for stdout).")
+
+    @OptionGroup var device: DeviceOptions
+
+    @Argument(help: "The file to read.")
+    var source: String
+
+    @Argument(help: "The local file to write, or - for standard output.")
+    var local: String
+
+    func run() throws {
+        try device.withFileSystem { fs in
+            let file = try fs.open(source, access: .readOnly)
+            defer { file.close() }
+            let output = local == "-" ? 1 : open(local, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            guard output >= 0 else { throw CommandError("cannot write \(local): \(String(cString: strerror(errno)))") }
+            defer { if output != 1 { close(output) } }
+            let size = file.size
+            let progress = Progress("get \(source)")
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+            defer { buffer.deallocate() }
+            var offset = 0
+            while offset < size {
+                let count = try file.read(into: buffer, at: offset)
+                guard count > 0 else { break }
+                var written = 0
+                while written < count {
+                    let n = write(output, buffer.baseAddress! + written, count - written)
+                    guard n > 0 else {
+                        throw CommandError("cannot write \(local): \(String(cString: strerror(errno)))")
+                    }
+                    written += n
+                }
+                offset += count
+                if output != 1 { progress.update(Double(offset) / Double(size)) }
+            }
+            progress.finish()
+        }
+    }
+}
+
+struct Remove: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "rm", abstract: "Remove a file or an empty directory.")
+
+    @OptionGroup var device: DeviceOptions
+
+    @Argument(help: "What to remove.")
+    var paths: [String]
+
+    func run() throws {
+        guard !paths.isEmpty else { throw CommandError("rm needs a path") }
+        try device.withFileSystem { fs in for path in paths { try fs.remove(path) } }
+    }
+}
+
+struct Move: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "mv", abstract: "Rename atomically (replaces a file).")
+
+    @OptionGroup var device: DeviceOptions
+
+    @Argument var source: String
+    @Argument var destination: String
+
+    func run() throws {
+        try device.withFileSystem { fs in try fs.rename(source, to: destination) }
+    }
+}
+
+struct Truncate: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Set a file's size (shrinking frees its blocks).")
+
+    @OptionGroup var device: DeviceOptions
+
+    @Argument var file: String
+    @Argument(help: "The new size: 0, 4096, 64K, 1M...")
+    var size: ByteCount
+
+    func run() throws {
+        try device.withFileSystem { fs in
+            let handle = try fs.open(file)
+            defer { handle.close() }
+            try handle.truncate(to: size.bytes)
+        }
+    }
+}
+
+struct Frames: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show where each page of a file lives on the device: its frame and device offset.",
+        discussion: "A program that maps the device with libpmem finds page P's bytes at the device offset shown.")
+
+    @OptionGroup var device: DeviceOptions
+
+    @Argument var file: String
+
+    @Flag(help: "Print JSON: a list of {page, frame, deviceOffset}, frame and deviceOffset null for a hole.")
+    var json = false
+
+    func run() throws {
+        let frames = try device.withFileSystem { fs in
+            let handle = try fs.open(file, access: .readOnly)
+            defer { handle.close() }
+            return try handle.frames(offset: 0, count: handle.size)
+        }
+        if json {
+            print(
+                try jsonText(
+                    frames.enumerated().map { page, frame -> [String: Any] in
+                        [
+                            "page": page, "frame": frame.map { Int($0.rawValue) as Any } ?? NSNull(),
+                            "deviceOffset": frame.map { $0.deviceOffset as Any } ?? NSNull(),
+                        ]
+                    }))
+        } else {
+            print("page      frame     device offset")
+            for (page, frame) in frames.enumerated() {
+                let left = String(page).padding(toLength: 10, withPad: " ", startingAt: 0)
+                guard let frame else {
+                    print(left + "-         (hole)")
+                    continue
+                }
+                print(
+                    left + String(frame.rawValue).padding(toLength: 10, withPad: " ", startingAt: 0)
+                        + "\(frame.deviceOffset)")
+            }
+        }
+    }
+}
+
+struct Fsck: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check the file system without changing it: exit 0 when clean, 1 with the problems listed.")
+
+    @OptionGroup var device: DeviceOptions
+
+    func run() throws {
+        let opened = try device.open()
+        defer { opened.close() }
+        let report: CheckReport
+        do {
+            report = try DAXFileSystem.check(opened)
+        } catch let error as DAXError where error.code == .corrupted {
+            print("\(opened.path): damaged: \(error.message)")
+            throw ExitCode(1)
+        }
+        for note in report.notes { print("note: \(note)") }
+        if report.isClean {
+            print("\(opened.path): clean")
+        } else {
+            print("\(opened.path): \(report.problems.count) problems")
+            for problem in report.problems { print("  - \(problem)") }
+            throw ExitCode(1)
+        }
+    }
+}

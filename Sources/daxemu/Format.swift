@@ -1,0 +1,34 @@
+import ArgumentParser
+import DAX
+
+struct Format: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write an empty DAX file system on the device (refuses one that holds a file system).")
+
+    @OptionGroup var device: DeviceOptions
+
+    @Flag(help: "Erase a file system that is already there.")
+    var force = false
+
+    @Option(help: "Device bytes per inode: how many files fit (default 16K).")
+    var bytesPerInode: ByteCount = ByteCount(bytes: 16 << 10)
+
+    func run() throws {
+        let opened = try device.open()
+        defer { opened.close() }
+        if DAXFileSystem.isFormatted(opened), !force {
+            throw CommandError("\(opened.path) already holds a DAX file system; add --force to erase it")
+        }
+        var options = DAXFileSystem.FormatOptions()
+        options.bytesPerInode = bytesPerInode.bytes
+        let progress = Progress("formatting \(opened.path)")
+        options.progress = { progress.update($0) }
+        let fs = try DAXFileSystem.format(opened, options: options)
+        progress.finish()
+        let statistics = fs.statistics()
+        try fs.unmount()
+        print(
+            "formatted \(opened.path): \(statistics.totalBlocks) data blocks "
+                + "(\(ByteCount.format(statistics.totalBlocks * 4096))), \(statistics.totalInodes) inodes")
+    }
+}

@@ -1,0 +1,225 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import DAX
+
+/// What a finished command printed.
+struct CommandResult {
+    var status: Int32
+    /// Standard output as raw bytes (it may hold a binary file).
+    var outputData: Data
+    var errors: String
+    var output: String { String(decoding: outputData, as: UTF8.self) }
+}
+
+/// Runs a binary built by this package to completion.
+func runCommand(_ name: String, _ arguments: [String], environment: [String: String] = [:]) throws -> CommandResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: ChildProcess.executable(name))
+    process.arguments = arguments
+    var env = ProcessInfo.processInfo.environment
+    env.removeValue(forKey: "DAXEMU_DEVICE")
+    for (key, value) in environment { env[key] = value }
+    process.environment = env
+    let output = Pipe()
+    let errors = Pipe()
+    process.standardOutput = output
+    process.standardError = errors
+    try process.run()
+    // Read both pipes while it runs, so a chatty child never blocks on a full pipe.
+    let errorData = Mutex<Data>(Data())
+    let drained = DispatchSemaphore(value: 0)
+    Thread.detachNewThread {
+        let data = errors.fileHandleForReading.readDataToEndOfFile()
+        errorData.withTrackedLock { $0 = data }
+        drained.signal()
+    }
+    let outputData = output.fileHandleForReading.readDataToEndOfFile()
+    drained.wait()
+    process.waitUntilExit()
+    return CommandResult(
+        status: process.terminationStatus, outputData: outputData,
+        errors: String(decoding: errorData.withTrackedLock { $0 }, as: UTF8.self))
+}
+
+/// A device path for a command-line test, removed when the value goes.
+final class DevicePath: @unchecked Sendable {
+    let path = TemporaryDevice.uniquePath("cli")
+    deinit { unlink(path) }
+}
+
+/// An error from a command: exit status not 0, one line on stderr naming the program, no trace.
+func expectCleanFailure(
+    _ result: CommandResult, _ program: String = "daxemu", mentioning text: String? = nil,
+    sourceLocation: SourceLocation = #_sourceLocation
+) {
+    #expect(result.status != 0, sourceLocation: sourceLocation)
+    let lines = result.errors.split(separator: "\n")
+    #expect(lines.count == 1, "stderr: \(result.errors)", sourceLocation: sourceLocation)
+    #expect(result.errors.hasPrefix("\(program): "), "stderr: \(result.errors)", sourceLocation: sourceLocation)
+    #expect(
+        !result.errors.contains("Backtrac") && !result.errors.contains("Fatal error"), sourceLocation: sourceLocation)
+    if let text { #expect(result.errors.contains(text), "stderr: \(result.errors)", sourceLocation: sourceLocation) }
+}
+
+@Suite("daxemu, the built binary")
+struct CommandLineTests {
+    @Test("create, info, format: the device is reported honestly, bad input is refused cleanly")
+    func deviceCommands() throws {
+        let device = DevicePath()
+        let created = try runCommand("daxemu", ["create", "--device", device.path, "--size", "8M"])
+        #expect(created.status == 0, "\(created.errors)")
+        expectCleanFailure(
+            try runCommand("daxemu", ["create", "--device", device.path, "--size", "8M"]),
+            mentioning: "exists")
+        expectCleanFailure(
+            try runCommand("daxemu", ["create", "--device", device.path + "-odd", "--size", "3K"]),
+            mentioning: "3072")
+        expectCleanFailure(
+            try runCommand("daxemu", ["info", "--device", "/dev/shm/no-such-device-\(getpid())"]),
+            mentioning: "no-such-device")
+
+        let info = try runCommand("daxemu", ["info", "--json"], environment: ["DAXEMU_DEVICE": device.path])
+        #expect(info.status == 0)
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(info.output.utf8)) as? [String: Any])
+        #expect(json["size"] as? Int == 8 << 20)
+        #expect(json["is_pmem"] as? Bool == false)
+        #expect(json["map_sync"] as? Bool == false)
+        #expect((json["map_sync_refused_because"] as? String)?.contains("tmpfs") == true)
+        #expect(json["filesystem"] is NSNull)
+
+        #expect(try runCommand("daxemu", ["format", "-d", device.path]).status == 0)
+        expectCleanFailure(try runCommand("daxemu", ["format", "-d", device.path]), mentioning: "--force")
+        #expect(try runCommand("daxemu", ["format", "-d", device.path, "--force"]).status == 0)
+        let formatted = try runCommand("daxemu", ["info", "--json", "-d", device.path])
+        let fs = try #require(
+            (try JSONSerialization.jsonObject(with: Data(formatted.output.utf8)) as? [String: Any])?["filesystem"]
+                as? [String: Any])
+        #expect(fs["directories"] as? Int == 1 && fs["files"] as? Int == 0)
+        #expect(fs["quarantined_blocks"] as? Int == 0)
+        #expect(try runCommand("daxemu", ["info", "-d", device.path]).output.contains("MAP_SYNC     refused"))
+    }
+
+    @Test("put, get, ls, mkdir, mv, truncate, rm: the bytes go in and come out")
+    func fileCommands() throws {
+        let device = DevicePath()
+        _ = try runCommand("daxemu", ["create", "-d", device.path, "--size", "16M"])
+        _ = try runCommand("daxemu", ["format", "-d", device.path])
+        let local = NSTemporaryDirectory() + "daxemu-put-\(getpid())"
+        let back = local + ".back"
+        defer {
+            unlink(local)
+            unlink(back)
+        }
+        let data = Data(pattern(300_000, seed: 5))
+        try data.write(to: URL(fileURLWithPath: local))
+        let env = ["DAXEMU_DEVICE": device.path]
+        #expect(try runCommand("daxemu", ["mkdir", "-p", "/a/b"], environment: env).status == 0)
+        let put = try runCommand("daxemu", ["put", local, "/a/b/data"], environment: env)
+        #expect(put.status == 0)
+        #expect(!put.errors.contains("\r"), "no progress when not on a terminal")
+        #expect(try runCommand("daxemu", ["get", "/a/b/data", back], environment: env).status == 0)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: back)) == data)
+        let toStdout = try runCommand("daxemu", ["get", "/a/b/data", "-"], environment: env)
+        #expect(toStdout.outputData == data)
+        #expect(try runCommand("daxemu", ["put", local, "/a"], environment: env).status == 0)  // into a directory
+        #expect(
+            try runCommand("daxemu", ["ls", "/a"], environment: env).output == "b/\n"
+                + (local as NSString).lastPathComponent + "\n")
+        let listing = try runCommand("daxemu", ["ls", "/a/b", "--json"], environment: env)
+        let entries = try #require(
+            try JSONSerialization.jsonObject(with: Data(listing.output.utf8)) as? [[String: Any]])
+        #expect(entries.count == 1 && entries[0]["name"] as? String == "data" && entries[0]["size"] as? Int == 300_000)
+        #expect(entries[0]["type"] as? String == "file")
+        #expect(try runCommand("daxemu", ["mv", "/a/b/data", "/moved"], environment: env).status == 0)
+        #expect(try runCommand("daxemu", ["truncate", "/moved", "100"], environment: env).status == 0)
+        #expect(try runCommand("daxemu", ["get", "/moved", "-"], environment: env).outputData == data.prefix(100))
+        expectCleanFailure(try runCommand("daxemu", ["rm", "/a"], environment: env), mentioning: "not empty")
+        expectCleanFailure(
+            try runCommand("daxemu", ["get", "/nothing", back], environment: env), mentioning: "/nothing")
+        expectCleanFailure(
+            try runCommand("daxemu", ["put", "/no/such/local/file", "/x"], environment: env),
+            mentioning: "/no/such/local/file")
+        #expect(try runCommand("daxemu", ["rm", "/moved"], environment: env).status == 0)
+        #expect(try runCommand("daxemu", ["fsck"], environment: env).status == 0)
+    }
+
+    @Test("frames --json: a program reading the device file finds the file's bytes there")
+    func framesForOutsiders() throws {
+        let device = DevicePath()
+        _ = try runCommand("daxemu", ["create", "-d", device.path, "--size", "8M"])
+        _ = try runCommand("daxemu", ["format", "-d", device.path])
+        let local = NSTemporaryDirectory() + "daxemu-frames-\(getpid())"
+        defer { unlink(local) }
+        let data = Data(pattern(3 * 4096 + 500, seed: 11))
+        try data.write(to: URL(fileURLWithPath: local))
+        _ = try runCommand("daxemu", ["put", "-d", device.path, local, "/f"])
+        let result = try runCommand("daxemu", ["frames", "-d", device.path, "/f", "--json"])
+        let frames = try #require(try JSONSerialization.jsonObject(with: Data(result.output.utf8)) as? [[String: Any]])
+        #expect(frames.count == 4)
+        let raw = try Data(contentsOf: URL(fileURLWithPath: device.path))
+        for entry in frames {
+            let page = try #require(entry["page"] as? Int)
+            let offset = try #require(entry["deviceOffset"] as? Int)
+            #expect(entry["frame"] as? Int == offset / 4096)
+            let length = min(4096, data.count - page * 4096)
+            #expect(raw[offset..<(offset + length)] == data[(page * 4096)..<(page * 4096 + length)])
+        }
+    }
+
+    @Test("fsck: clean is 0, damage is listed with exit 1, garbage is reported, nothing crashes")
+    func fsck() throws {
+        let device = DevicePath()
+        _ = try runCommand("daxemu", ["create", "-d", device.path, "--size", "8M"])
+        _ = try runCommand("daxemu", ["format", "-d", device.path])
+        _ = try runCommand("daxemu", ["mkdir", "-d", device.path, "/d"])
+        let clean = try runCommand("daxemu", ["fsck", "-d", device.path])
+        #expect(clean.status == 0 && clean.output.contains("clean"))
+        // Damage the root directory's inode (the first inode) through the device file.
+        let fs = try DAXFileSystem.mount(try PMemDevice.open(path: device.path))
+        let offset = fs.superblock.inodeOffset(1) + 20
+        try fs.unmount()
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: device.path))
+        try handle.seek(toOffset: UInt64(offset))
+        try handle.write(contentsOf: Data([0x77]))
+        try handle.close()
+        let damaged = try runCommand("daxemu", ["fsck", "-d", device.path])
+        #expect(damaged.status == 1)
+        #expect(damaged.output.contains("inode 1"), "\(damaged.output)")
+        expectCleanFailure(try runCommand("daxemu", ["ls", "-d", device.path]), mentioning: "damaged")
+        // A device of garbage.
+        let garbage = try FileHandle(forUpdating: URL(fileURLWithPath: device.path))
+        try garbage.write(contentsOf: Data(pattern(4096, seed: 3)))
+        try garbage.close()
+        let refused = try runCommand("daxemu", ["fsck", "-d", device.path])
+        #expect(refused.status == 1 && refused.output.contains("damaged"))
+        #expect(!refused.errors.contains("Backtrac"))
+    }
+
+    @Test("map draws the pages in the terminal and as SVG")
+    func map() throws {
+        let device = DevicePath()
+        _ = try runCommand("daxemu", ["create", "-d", device.path, "--size", "8M"])
+        _ = try runCommand("daxemu", ["format", "-d", device.path])
+        let svg = NSTemporaryDirectory() + "daxemu-map-\(getpid()).svg"
+        defer { unlink(svg) }
+        let result = try runCommand("daxemu", ["map", "-d", device.path, "--svg", svg])
+        #expect(result.status == 0)
+        #expect(result.output.contains("J journal") && result.output.contains(". free"))
+        let picture = try String(contentsOfFile: svg, encoding: .utf8)
+        #expect(picture.hasPrefix("<svg") && picture.contains("inode table") && picture.hasSuffix("</svg>\n"))
+    }
+
+    @Test("demo: the seed story runs end to end and leaves the device clean")
+    func demo() throws {
+        let device = DevicePath()
+        let result = try runCommand("daxemu", ["demo", "--fast", "-d", device.path])
+        #expect(result.status == 0, "\(result.errors)")
+        for text in ["busy", "timedOut", "revoked", "quarantined", "only zeros", "check(): clean"] {
+            #expect(result.output.contains(text), "demo output lacks \(text)")
+        }
+        #expect(try runCommand("daxemu", ["fsck", "-d", device.path]).status == 0)
+        #expect(try runCommand("daxemu", ["ls", "-d", device.path]).output.isEmpty)
+    }
+}

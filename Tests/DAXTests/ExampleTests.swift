@@ -1,0 +1,138 @@
+import DAXTorture
+import Foundation
+import Testing
+
+@testable import DAX
+
+/// A formatted device for an example, removed when the value goes.
+final class ExampleDevice: @unchecked Sendable {
+    let device = DevicePath()
+    var path: String { device.path }
+
+    init(size: String = "64M") throws {
+        #expect(try runCommand("daxemu", ["create", "-d", device.path, "--size", size]).status == 0)
+        #expect(try runCommand("daxemu", ["format", "-d", device.path]).status == 0)
+    }
+}
+
+@Suite("Examples", .serialized)
+struct ExampleTests {
+    @Test("kvstore: put, get, delete, check; absent keys exit 1")
+    func kvstoreBasics() throws {
+        let e = try ExampleDevice()
+        let kv = { (arguments: [String]) in try runCommand("kvstore", ["--device", e.path] + arguments) }
+        #expect(try kv(["put", "color", "blue"]).status == 0)
+        #expect(try kv(["put", "shape", "round"]).status == 0)
+        #expect(try kv(["put", "color", "green"]).status == 0)
+        #expect(try kv(["get", "color"]).output == "green\n")
+        #expect(try kv(["get", "missing"]).status == 1)
+        #expect(try kv(["delete", "color"]).status == 0)
+        #expect(try kv(["get", "color"]).status == 1)
+        let check = try kv(["check"])
+        #expect(check.status == 0 && check.output == "ok: 1 keys\n")
+        expectCleanFailure(
+            try runCommand("kvstore", ["--device", e.path + "-missing", "get", "x"]), "kvstore",
+            mentioning: "daxemu create")
+    }
+
+    @Test("kvstore load killed with SIGKILL: check passes and every printed key is readable")
+    func kvstoreCrash() throws {
+        let e = try ExampleDevice(size: "256M")
+        var random = SeededRandom(seed: 99)
+        var total = 0
+        for round in 0..<(longTests ? 20 : 4) {
+            let child = try ChildProcess(
+                "kvstore", ["--device", e.path, "--file", "/kv", "load", "--count", "2000000"])
+            _ = child.waitForLine(startingWith: "0")
+            usleep(UInt32(20_000 + random.next() % 200_000))
+            child.kill()
+            let printed = child.lines.compactMap { Int($0) }
+            #expect(!printed.isEmpty, "round \(round): load printed nothing")
+            total = max(total, (printed.last ?? -1) + 1)
+            let check = try runCommand("kvstore", ["--device", e.path, "--file", "/kv", "check"])
+            #expect(check.status == 0, "round \(round): \(check.output)")
+            // Every key printed (in this round or an earlier one) reads back with its value.
+            let fs = try DAXFileSystem.mount(try PMemDevice.open(path: e.path))
+            let file = try fs.open("/kv", access: .readOnly)
+            let mapping = try file.map(count: file.size, access: .readOnly)
+            let store = KVView(mapping: mapping)
+            var missing = 0
+            for i in 0..<total where store.value(of: "key-\(i)") != "value-\(i)" { missing += 1 }
+            #expect(missing == 0, "round \(round): \(missing) of \(total) printed keys unreadable")
+            mapping.unmap()
+            file.close()
+            try fs.unmount()
+        }
+        #expect(total > 100)
+    }
+
+    @Test("pmemlog: append, walk, rewind")
+    func pmemlog() throws {
+        let e = try ExampleDevice()
+        let log = { (arguments: [String]) in try runCommand("pmemlog", ["--device", e.path] + arguments) }
+        #expect(try log(["append", "one", "two", "three and four"]).status == 0)
+        #expect(try log(["append", "five"]).status == 0)
+        #expect(try log(["walk"]).output == "one\ntwo\nthree and four\nfive\n")
+        #expect(try log(["rewind"]).status == 0)
+        #expect(try log(["walk"]).output.isEmpty)
+        #expect(try log(["append", "after"]).status == 0)
+        #expect(try log(["walk"]).output == "after\n")
+    }
+
+    @Test("simple-copy: non-temporal copies in, the same bytes out")
+    func simpleCopy() throws {
+        let e = try ExampleDevice()
+        let local = NSTemporaryDirectory() + "simple-copy-\(getpid())"
+        defer { unlink(local) }
+        let data = Data(pattern(2_500_000, seed: 21))
+        try data.write(to: URL(fileURLWithPath: local))
+        let copy = try runCommand("simple-copy", ["--device", e.path, "--chunk", "65536", local, "/copy"])
+        #expect(copy.status == 0, "\(copy.errors)")
+        #expect(try runCommand("daxemu", ["get", "-d", e.path, "/copy", "-"]).outputData == data)
+        expectCleanFailure(
+            try runCommand("simple-copy", ["--device", e.path, local, "/copy"]), "simple-copy",
+            mentioning: "exists")
+    }
+
+    @Test("rdma-buffer: the lease is revoked, the NIC refused, nothing corrupted", arguments: [false, true])
+    func rdmaBuffer(cooperative: Bool) throws {
+        let e = try ExampleDevice()
+        let result = try runCommand("rdma-buffer", ["--device", e.path] + (cooperative ? ["--cooperative"] : []))
+        #expect(result.status == 0, "\(result.output)\(result.errors)")
+        #expect(result.output.contains(cooperative ? "had let go in time" : "lease revoked: true"))
+        #expect(result.output.contains(cooperative ? "region was deregistered" : "refused: revoked"))
+        #expect(result.output.contains("reads only zeros"))
+        #expect(result.output.contains("file system clean"))
+    }
+}
+
+/// Reads a kvstore file the way the example lays it out (see examples/kvstore/KVStore.swift),
+/// independently of the example's own code.
+struct KVView {
+    let mapping: DAXMapping
+
+    func value(of key: String) -> String? {
+        let base = mapping.baseAddress
+        let buckets = Int(base.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
+        let keyBytes = Array(key.utf8)
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in keyBytes {
+            hash ^= UInt64(byte)
+            hash = hash &* 0x100_0000_01B3
+        }
+        var offset = Int(base.loadUnaligned(fromByteOffset: 4096 + Int(hash % UInt64(buckets)) * 8, as: UInt64.self))
+        while offset != 0 {
+            let keyLength = Int(base.loadUnaligned(fromByteOffset: offset + 8, as: UInt32.self))
+            let valueLength = base.loadUnaligned(fromByteOffset: offset + 12, as: UInt32.self)
+            let stored = [UInt8](UnsafeRawBufferPointer(start: base + offset + 24, count: keyLength))
+            if stored == keyBytes {
+                guard valueLength != 0xFFFF_FFFF else { return nil }
+                return String(
+                    decoding: UnsafeRawBufferPointer(start: base + offset + 24 + keyLength, count: Int(valueLength)),
+                    as: UTF8.self)
+            }
+            offset = Int(base.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+        }
+        return nil
+    }
+}

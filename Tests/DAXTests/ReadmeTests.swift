@@ -1,0 +1,33 @@
+import DAX
+import Foundation
+import Testing
+
+@Suite("README")
+struct ReadmeTests {
+    @Test("the README's example runs and does what its comments say")
+    func readmeExample() throws {
+        let path = "/dev/shm/mystore-\(getpid())"
+        defer { unlink(path) }
+        // The example of README.md, with its path made unique.
+        let device = try PMemDevice.create(path: path, size: 64 << 20)
+        let fs = try DAXFileSystem.format(device)
+        let file = try fs.create("/journal")
+        try file.truncate(to: 1 << 20)
+
+        let mapping = try file.map(count: 1 << 20)
+        mapping.baseAddress.storeBytes(of: 42 as UInt64, toByteOffset: 0, as: UInt64.self)
+        mapping.persist(offset: 0, count: 8)
+
+        let nic = DMAEngine(device: device)
+        let region = nic.register(try mapping.pin(offset: 0, count: 4096))
+        try nic.write(Array("from the NIC".utf8), to: region, at: 8)
+
+        try file.truncate(to: 0, ifBusy: .deferFree)
+        #expect(fs.statistics().quarantinedBlocks == 1)
+        nic.deregister(region)
+        #expect(fs.statistics().quarantinedBlocks == 0)
+        mapping.unmap()
+        try fs.unmount()
+        device.close()
+    }
+}

@@ -1,0 +1,169 @@
+import ArgumentParser
+import DAX
+import Foundation
+
+/// Options every kvstore command takes.
+struct StoreOptions: ParsableArguments {
+    @Option(help: "The device (default $DAXEMU_DEVICE, else /dev/shm/daxemu); it must hold a DAX file system.")
+    var device: String?
+
+    @Option(help: "The store's file in the DAX file system.")
+    var file = "/kvstore"
+
+    @Option(help: "Buckets of a new store.")
+    var buckets = 1 << 20
+
+    @Option(help: "How stores are made durable: automatic, cache-flush or msync.")
+    var persistence = "automatic"
+
+    var devicePath: String {
+        device ?? ProcessInfo.processInfo.environment["DAXEMU_DEVICE"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? "/dev/shm/daxemu"
+    }
+
+    /// Opens device, file system and store around `body`.
+    func withStore<T>(_ body: (KVStore) throws -> T) throws -> T {
+        var options = PMemDevice.Options()
+        switch persistence {
+        case "automatic": options.persistence = .automatic
+        case "cache-flush": options.persistence = .cacheFlush
+        case "msync": options.persistence = .msync
+        default: throw KVError("--persistence is automatic, cache-flush or msync, not \(persistence)")
+        }
+        let device: PMemDevice
+        do {
+            device = try PMemDevice.open(path: devicePath, options: options)
+        } catch let error as DAXError where error.code == .notFound {
+            throw KVError(
+                "no device at \(devicePath): create one with `daxemu create --device \(devicePath)` "
+                    + "and `daxemu format --device \(devicePath)`")
+        }
+        defer { device.close() }
+        let fs = try DAXFileSystem.mount(device)
+        defer { try? fs.unmount() }
+        let store = try KVStore(fileSystem: fs, path: file, buckets: buckets)
+        defer { store.close() }
+        return try body(store)
+    }
+}
+
+@main
+struct KVStoreCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "kvstore",
+        abstract: "A persistent hash table on a DAX mapping: direct loads and stores, crash-atomic updates.",
+        subcommands: [Put.self, Get.self, Delete.self, Check.self, Load.self, Bench.self])
+
+    @OptionGroup var options: StoreOptions
+
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let error as DAXError {
+            FileHandle.standardError.write(Data("kvstore: \(error.message)\n".utf8))
+            Foundation.exit(1)
+        } catch let error as KVError {
+            FileHandle.standardError.write(Data("kvstore: \(error)\n".utf8))
+            Foundation.exit(1)
+        } catch {
+            exit(withError: error)
+        }
+    }
+}
+
+struct Put: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Store VALUE under KEY.")
+    @ParentCommand var root: KVStoreCommand
+    var options: StoreOptions { root.options }
+    @Argument var key: String
+    @Argument var value: String
+
+    func run() throws {
+        try options.withStore { try $0.put(Array(key.utf8), Array(value.utf8)) }
+    }
+}
+
+struct Get: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the value of KEY; exit 1 if it is absent.")
+    @ParentCommand var root: KVStoreCommand
+    var options: StoreOptions { root.options }
+    @Argument var key: String
+
+    func run() throws {
+        guard let value = try options.withStore({ $0.get(Array(key.utf8)) }) else { throw ExitCode(1) }
+        print(String(decoding: value, as: UTF8.self))
+    }
+}
+
+struct Delete: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Remove KEY.")
+    @ParentCommand var root: KVStoreCommand
+    var options: StoreOptions { root.options }
+    @Argument var key: String
+
+    func run() throws {
+        try options.withStore { try $0.delete(Array(key.utf8)) }
+    }
+}
+
+struct Check: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Verify the store's structure; exit 1 if it is broken.")
+    @ParentCommand var root: KVStoreCommand
+    var options: StoreOptions { root.options }
+
+    func run() throws {
+        let (keys, problems) = try options.withStore { $0.verify() }
+        if problems.isEmpty {
+            print("ok: \(keys) keys")
+        } else {
+            for problem in problems { print(problem) }
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct Load: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Put key-i -> value-i for i in 0..<COUNT, printing i once each put has returned.")
+    @ParentCommand var root: KVStoreCommand
+    var options: StoreOptions { root.options }
+    @Option var count: Int
+
+    func run() throws {
+        try options.withStore { store in
+            for i in 0..<count {
+                try store.put(Array("key-\(i)".utf8), Array("value-\(i)".utf8))
+                let line = "\(i)\n"
+                _ = line.withCString { write(1, $0, strlen($0)) }
+            }
+        }
+    }
+}
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Time COUNT puts and gets of 16-byte keys and 64-byte values; print ops/s as JSON.")
+    @ParentCommand var root: KVStoreCommand
+    var options: StoreOptions { root.options }
+    @Option var count = 1_000_000
+
+    func run() throws {
+        let result = try options.withStore { store -> [String: Double] in
+            func key(_ i: Int) -> [UInt8] { Array(String(format: "k%015d", i).utf8) }
+            let value = [UInt8](repeating: 0x76, count: 64)
+            let keys = (0..<count).map(key)
+            var start = DispatchTime.now().uptimeNanoseconds
+            for key in keys { try store.put(key, value) }
+            let puts = Double(count) / (Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+            start = DispatchTime.now().uptimeNanoseconds
+            var found = 0
+            for key in keys where store.get(key) != nil { found += 1 }
+            let gets = Double(count) / (Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+            guard found == count else { throw KVError("only \(found) of \(count) keys read back") }
+            return ["puts_per_second": puts, "gets_per_second": gets]
+        }
+        let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
+        print(String(decoding: data, as: UTF8.self))
+    }
+}

@@ -1,0 +1,164 @@
+import ArgumentParser
+import DAX
+import Foundation
+
+/// An append-only log in one DAX file, after PMDK's pmemlog: append, walk, rewind.
+///
+/// The file starts with a 4 KiB header whose first word is magic and whose second is the end of
+/// the log (a file offset). A record is `length (8) | bytes`, padded to 8. `append` writes the
+/// record past the end and persists it, then moves the end with one aligned 8-byte store and
+/// persists that: a crash leaves either the old log or the new one. `rewind` stores the start.
+final class PersistentLog {
+    static let magic: UInt64 = 0x01_474F_4C58_4144  // "DAXLOG\x01"
+    static let start = 4096
+
+    let file: DAXFile
+    private(set) var mapping: DAXMapping
+
+    init(fileSystem fs: DAXFileSystem, path: String) throws {
+        do {
+            file = try fs.open(path)
+        } catch let error as DAXError where error.code == .notFound {
+            file = try fs.create(path)
+        }
+        if file.size == 0 {
+            try file.truncate(to: 1 << 20)
+            mapping = try file.map(count: file.size)
+            store(UInt64(Self.start), at: 8)
+            store(Self.magic, at: 0)
+        } else {
+            mapping = try file.map(count: file.size)
+            guard load(0) == Self.magic else { throw LogError("\(path) is not a log") }
+            guard (Self.start...file.size).contains(Int(load(8))) else {
+                throw LogError("\(path) has a damaged end pointer")
+            }
+        }
+    }
+
+    var end: Int { Int(load(8)) }
+
+    func append(_ bytes: [UInt8]) throws {
+        let size = 8 + (bytes.count + 7) / 8 * 8
+        let offset = end
+        if offset + size > mapping.count {
+            var newSize = mapping.count
+            while newSize < offset + size { newSize *= 2 }
+            mapping.unmap()
+            try file.truncate(to: newSize)
+            mapping = try file.map(count: newSize)
+        }
+        var record = [UInt8](repeating: 0, count: size)
+        withUnsafeBytes(of: UInt64(bytes.count).littleEndian) { record.replaceSubrange(0..<8, with: $0) }
+        record.replaceSubrange(8..<(8 + bytes.count), with: bytes)
+        record.withUnsafeBytes { mapping.copy($0, toOffset: offset) }
+        store(UInt64(offset + size), at: 8)
+    }
+
+    /// Calls `body` with each record, oldest first.
+    func walk(_ body: ([UInt8]) -> Void) {
+        var offset = Self.start
+        let end = end
+        while offset < end {
+            let length = Int(load(offset))
+            guard length >= 0, offset + 8 + length <= end else { return }
+            body([UInt8](UnsafeRawBufferPointer(start: mapping.baseAddress + offset + 8, count: length)))
+            offset += 8 + (length + 7) / 8 * 8
+        }
+    }
+
+    func rewind() { store(UInt64(Self.start), at: 8) }
+
+    func close() {
+        mapping.unmap()
+        file.close()
+    }
+
+    private func load(_ offset: Int) -> UInt64 {
+        UInt64(littleEndian: mapping.baseAddress.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+    }
+
+    /// One aligned 8-byte store, persisted: the log's commit.
+    private func store(_ value: UInt64, at offset: Int) {
+        (mapping.baseAddress + offset).storeBytes(of: value.littleEndian, as: UInt64.self)
+        mapping.persist(offset: offset, count: 8)
+    }
+}
+
+struct LogError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+struct LogOptions: ParsableArguments {
+    @Option(help: "The device (default $DAXEMU_DEVICE, else /dev/shm/daxemu); it must hold a DAX file system.")
+    var device: String?
+
+    @Option(help: "The log's file in the DAX file system.")
+    var file = "/pmemlog"
+
+    func withLog<T>(_ body: (PersistentLog) throws -> T) throws -> T {
+        let path =
+            device ?? ProcessInfo.processInfo.environment["DAXEMU_DEVICE"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? "/dev/shm/daxemu"
+        let opened = try PMemDevice.open(path: path)
+        defer { opened.close() }
+        let fs = try DAXFileSystem.mount(opened)
+        defer { try? fs.unmount() }
+        let log = try PersistentLog(fileSystem: fs, path: file)
+        defer { log.close() }
+        return try body(log)
+    }
+}
+
+@main
+struct PMemLog: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pmemlog", abstract: "An append-only, crash-safe log on a DAX mapping.",
+        subcommands: [Append.self, Walk.self, Rewind.self])
+
+    @OptionGroup var options: LogOptions
+
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let error as DAXError {
+            FileHandle.standardError.write(Data("pmemlog: \(error.message)\n".utf8))
+            Foundation.exit(1)
+        } catch let error as LogError {
+            FileHandle.standardError.write(Data("pmemlog: \(error)\n".utf8))
+            Foundation.exit(1)
+        } catch {
+            exit(withError: error)
+        }
+    }
+}
+
+struct Append: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Append each argument as a record.")
+    @ParentCommand var root: PMemLog
+    var options: LogOptions { root.options }
+    @Argument var records: [String]
+
+    func run() throws {
+        try options.withLog { log in for record in records { try log.append(Array(record.utf8)) } }
+    }
+}
+
+struct Walk: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print every record, oldest first.")
+    @ParentCommand var root: PMemLog
+    var options: LogOptions { root.options }
+
+    func run() throws {
+        try options.withLog { log in log.walk { print(String(decoding: $0, as: UTF8.self)) } }
+    }
+}
+
+struct Rewind: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Empty the log.")
+    @ParentCommand var root: PMemLog
+    var options: LogOptions { root.options }
+
+    func run() throws { try options.withLog { $0.rewind() } }
+}

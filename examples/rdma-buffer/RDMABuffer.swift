@@ -1,0 +1,167 @@
+import ArgumentParser
+import DAX
+import Foundation
+import Synchronization
+
+/// A storage server registers a buffer that lives in a DAX file with its RDMA NIC (a long-term
+/// pin), and the NIC keeps writing into it. An administrator truncates the file. What happens,
+/// step by step: the server is asked to let go; if it does not, its lease is revoked after the
+/// grace period, the NIC is refused from then on, and no byte of the NIC's ever reaches a block that
+/// another file now owns.
+@main
+struct RDMABuffer: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rdma-buffer",
+        abstract: "An RDMA buffer on a DAX file, and what an administrator's truncate does to it.")
+
+    @Option(help: "The device (default $DAXEMU_DEVICE, else /dev/shm/daxemu); it must hold a DAX file system.")
+    var device: String?
+
+    @Option(help: "Pages in the registered buffer.")
+    var pages = 64
+
+    @Option(help: "Milliseconds the server gets to let go before its lease is revoked.")
+    var graceMilliseconds = 200
+
+    @Flag(help: "The server lets go when asked (deregisters), instead of ignoring the request.")
+    var cooperative = false
+
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let error as DAXError {
+            FileHandle.standardError.write(Data("rdma-buffer: \(error.message)\n".utf8))
+            Foundation.exit(1)
+        } catch {
+            exit(withError: error)
+        }
+    }
+
+    func run() throws {
+        guard pages > 0 else { throw ValidationError("--pages must be positive") }
+        let path =
+            device ?? ProcessInfo.processInfo.environment["DAXEMU_DEVICE"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? "/dev/shm/daxemu"
+        let opened = try PMemDevice.open(path: path)
+        defer { opened.close() }
+        let fs = try DAXFileSystem.mount(opened)
+        defer { try? fs.unmount() }
+        let bytes = pages * 4096
+        let file = try fs.create("/rdma-buffer-\(getpid())")
+        defer {
+            file.close()
+            try? fs.remove(file.path)
+        }
+        try file.write([UInt8](repeating: 0x53, count: bytes), at: 0)
+        let frames = try file.frames(offset: 0, count: bytes).compactMap { $0 }
+        let mapping = try file.map(count: bytes)
+
+        // The server registers the buffer with its NIC: a long-term pin, a lease.
+        let nic = DMAEngine(device: opened)
+        let server = Server(nic: nic, cooperative: cooperative)
+        let pin = try mapping.pin(offset: 0, count: bytes, lifetime: .longTerm(onRevoke: { server.askedToLetGo() }))
+        server.region = nic.register(pin)
+        print("server: registered \(pages) pages (frames \(frames.first!.rawValue)...) with the NIC")
+
+        // The NIC writes messages into the buffer until it is cut off (revoked, or deregistered).
+        let nicDone = DispatchSemaphore(value: 0)
+        let stats = NICStats()
+        let registration = server.region!
+        Thread.detachNewThread {
+            var sequence = 0
+            while true {
+                let message = Array("message \(sequence) from the NIC ".utf8)
+                do {
+                    try nic.write(message, to: registration, at: (sequence * 64) % (bytes - 64))
+                    stats.delivered.wrappingAdd(1, ordering: .relaxed)
+                } catch let error as DAXError {
+                    stats.refusal.withLock { $0 = "\(error.code): \(error.message)" }
+                    break
+                } catch {
+                    break
+                }
+                sequence += 1
+                usleep(2_000)
+            }
+            nicDone.signal()
+        }
+        usleep(50_000)
+
+        print("admin: truncating the file to 0 with .revokeLeases(grace: \(graceMilliseconds) ms)")
+        let started = Date()
+        try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .milliseconds(graceMilliseconds)))
+        print("admin: done after \(Int(Date().timeIntervalSince(started) * 1000)) ms; the file has \(file.size) bytes")
+        nicDone.wait()
+        if let region = server.takeRegion() {
+            print("server: lease revoked: \(region.isRevoked)")
+            nic.deregister(region)  // the holder's own release changes no count
+        } else {
+            print("server: had let go in time")
+        }
+        print(
+            "nic: \(stats.delivered.load(ordering: .relaxed)) messages delivered, then refused: "
+                + (stats.refusal.withLock { $0 } ?? "?"))
+        mapping.unmap()
+
+        // Nothing was corrupted: the freed blocks go to another file, which reads only zeros.
+        let other = try fs.create("/rdma-after-\(getpid())")
+        defer {
+            other.close()
+            try? fs.remove(other.path)
+        }
+        try other.allocate(offset: 0, count: fs.statistics().freeBlocks * 4096)
+        let reused = Set(try other.frames(offset: 0, count: other.size).compactMap { $0 }).intersection(frames)
+        let clean = try other.read(count: other.size, at: 0).allSatisfy { $0 == 0 }
+        let statistics = fs.statistics()
+        print(
+            "check: another file took \(reused.count) of the buffer's \(frames.count) blocks and reads "
+                + (clean ? "only zeros" : "FOREIGN BYTES"))
+        print(
+            "check: pins \(statistics.pinsAcquired) acquired, \(statistics.pinsReleased) released; "
+                + "file system \(try fs.check().isClean ? "clean" : "NOT CLEAN")")
+        guard clean, reused.count == frames.count, statistics.pinsAcquired == statistics.pinsReleased else {
+            throw ExitCode(1)
+        }
+    }
+}
+
+/// The storage server's side of the registration.
+final class Server: @unchecked Sendable {
+    let nic: DMAEngine
+    let cooperative: Bool
+    private let lock = NSLock()
+    private var registration: DMARegion?
+
+    init(nic: DMAEngine, cooperative: Bool) {
+        self.nic = nic
+        self.cooperative = cooperative
+    }
+
+    var region: DMARegion? {
+        get { lock.withLock { registration } }
+        set { lock.withLock { registration = newValue } }
+    }
+
+    func takeRegion() -> DMARegion? {
+        lock.withLock {
+            defer { registration = nil }
+            return registration
+        }
+    }
+
+    /// The lease's `onRevoke`: asked to let go of the buffer.
+    func askedToLetGo() {
+        if cooperative, let region = takeRegion() {
+            print("server: asked to let go; deregistering")
+            nic.deregister(region)
+        } else {
+            print("server: asked to let go, but a transfer is in flight; holding on")
+        }
+    }
+}
+
+final class NICStats: Sendable {
+    let delivered = Atomic(0)
+    let refusal = Mutex<String?>(nil)
+}

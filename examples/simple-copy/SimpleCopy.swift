@@ -1,0 +1,72 @@
+import ArgumentParser
+import DAX
+import Foundation
+
+/// Copies a host file into a DAX file the way PMDK's simple_copy does: map the destination, copy
+/// each chunk with a non-temporal persistent copy that does not wait (`pmem_memcpy` with
+/// NONTEMPORAL | NODRAIN), and drain once at the end.
+@main
+struct SimpleCopy: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "simple-copy", abstract: "Copy a host file into a DAX file with non-temporal persistent copies.")
+
+    @Option(help: "The device (default $DAXEMU_DEVICE, else /dev/shm/daxemu); it must hold a DAX file system.")
+    var device: String?
+
+    @Option(help: "Bytes per copy.")
+    var chunk = 1 << 20
+
+    @Argument(help: "The host file to read.")
+    var source: String
+
+    @Argument(help: "The DAX file to create (it must not exist).")
+    var destination: String
+
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let error as DAXError {
+            FileHandle.standardError.write(Data("simple-copy: \(error.message)\n".utf8))
+            Foundation.exit(1)
+        } catch {
+            exit(withError: error)
+        }
+    }
+
+    func run() throws {
+        guard chunk > 0 else { throw ValidationError("--chunk must be positive") }
+        let input = open(source, O_RDONLY)
+        guard input >= 0 else { throw ValidationError("cannot read \(source): \(String(cString: strerror(errno)))") }
+        defer { close(input) }
+        var info = stat()
+        fstat(input, &info)
+        let size = Int(info.st_size)
+        let path =
+            device ?? ProcessInfo.processInfo.environment["DAXEMU_DEVICE"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? "/dev/shm/daxemu"
+        let opened = try PMemDevice.open(path: path)
+        defer { opened.close() }
+        let fs = try DAXFileSystem.mount(opened)
+        defer { try? fs.unmount() }
+        let file = try fs.create(destination)
+        defer { file.close() }
+        guard size > 0 else { return }
+        try file.truncate(to: size)
+        let mapping = try file.map(count: size)
+        defer { mapping.unmap() }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buffer.deallocate() }
+        var offset = 0
+        while offset < size {
+            let count = read(input, buffer.baseAddress, min(chunk, size - offset))
+            guard count > 0 else { throw ValidationError("\(source) ended early at \(offset) bytes") }
+            mapping.copy(
+                UnsafeRawBufferPointer(rebasing: buffer[0..<count]), toOffset: offset,
+                flags: [.nonTemporal, .noDrain])
+            offset += count
+        }
+        mapping.drain()
+        print("copied \(size) bytes to \(destination)")
+    }
+}
