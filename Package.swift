@@ -60,7 +60,8 @@ let package = Package(
         .target(
             name: "CBenchPeers",
             dependencies: ["CLibPMem"],
-            path: "Benchmarks/CBenchPeers"
+            path: "Benchmarks/CBenchPeers",
+            linkerSettings: [.linkedLibrary("lmdb")]
         ),
         .executableTarget(
             name: "daxbench",

@@ -1,7 +1,10 @@
 #define _GNU_SOURCE
 #include "CBenchPeers.h"
 
+#include <errno.h>
 #include <fcntl.h>
+#include <lmdb.h>
+#include <stdio.h>
 
 #include <libpmem.h>
 #include <string.h>
@@ -47,4 +50,45 @@ void cbench_read_loop(void *buffer, const void *source, size_t length, size_t re
     for (size_t done = 0; done + request <= length; done += request) {
         memcpy(buffer, (const char *)source + done, request);
     }
+}
+
+int cbench_lmdb(const char *path, size_t mapsize, int count, int value_size, double *puts_per_second,
+                double *gets_per_second) {
+    MDB_env *env;
+    MDB_dbi dbi;
+    MDB_txn *txn;
+    char key[32];
+    char value[4096];
+    int rc;
+    if (value_size > (int)sizeof(value)) return EINVAL;
+    memset(value, 0x76, sizeof(value));
+    if ((rc = mdb_env_create(&env)) != 0) return rc;
+    if ((rc = mdb_env_set_mapsize(env, mapsize)) != 0) goto out;
+    if ((rc = mdb_env_open(env, path, MDB_NOSUBDIR | MDB_WRITEMAP, 0600)) != 0) goto out;
+    if ((rc = mdb_txn_begin(env, NULL, 0, &txn)) != 0) goto out;
+    if ((rc = mdb_dbi_open(txn, NULL, 0, &dbi)) != 0) { mdb_txn_abort(txn); goto out; }
+    if ((rc = mdb_txn_commit(txn)) != 0) goto out;
+
+    uint64_t start = cbench_now_ns();
+    for (int i = 0; i < count; i++) {
+        snprintf(key, sizeof(key), "k%015d", i);
+        MDB_val k = {16, key}, v = {(size_t)value_size, value};
+        if ((rc = mdb_txn_begin(env, NULL, 0, &txn)) != 0) goto out;
+        if ((rc = mdb_put(txn, dbi, &k, &v, 0)) != 0) { mdb_txn_abort(txn); goto out; }
+        if ((rc = mdb_txn_commit(txn)) != 0) goto out;
+    }
+    *puts_per_second = count / ((cbench_now_ns() - start) / 1e9);
+
+    start = cbench_now_ns();
+    if ((rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) != 0) goto out;
+    for (int i = 0; i < count; i++) {
+        snprintf(key, sizeof(key), "k%015d", i);
+        MDB_val k = {16, key}, v;
+        if ((rc = mdb_get(txn, dbi, &k, &v)) != 0) { mdb_txn_abort(txn); goto out; }
+    }
+    mdb_txn_abort(txn);
+    *gets_per_second = count / ((cbench_now_ns() - start) / 1e9);
+out:
+    mdb_env_close(env);
+    return rc;
 }

@@ -28,4 +28,11 @@ void cbench_read_loop(void *buffer, const void *source, size_t length, size_t re
 /// `fallocate(fd, 0, 0, length)`: what tmpfs does to give a file `length` bytes of zeroed pages.
 int cbench_fallocate(int fd, int64_t length);
 
+/// LMDB on a file at `path` (MDB_NOSUBDIR | MDB_WRITEMAP, map `mapsize` bytes): `count` puts of
+/// 16-byte keys `k%015d` and `value_size`-byte values, one write transaction each (durable when it
+/// returns, as a kvstore put is), then `count` gets in one read transaction. Returns 0 and the rates
+/// in operations per second, or an LMDB error code.
+int cbench_lmdb(const char *path, size_t mapsize, int count, int value_size, double *puts_per_second,
+                double *gets_per_second);
+
 #endif

@@ -48,6 +48,15 @@ public final class DAXFile: Sendable {
     /// True once closed (or its file system unmounted).
     public var isClosed: Bool { closed.load(ordering: .acquiring) }
 
+    /// Runs a file operation: checks that the handle is open (and writable if asked) and holds the
+    /// file system's operations lock shared, so that `unmount` waits for it to finish.
+    func operation<T: ~Copyable>(_ name: String, writable: Bool = false, _ body: () throws -> T) throws -> T {
+        try fileSystem.operations.withReadLock {
+            if writable { try checkWritable(name) } else { try checkOpen(name) }
+            return try body()
+        }
+    }
+
     func checkOpen(_ operation: String) throws {
         guard !isClosed else {
             throw DAXError(.invalidArgument, "cannot \(operation) \(Paths.debug(path)): the file is closed")
@@ -80,58 +89,73 @@ public final class DAXFile: Sendable {
     /// that the write does not cover read as zeros. Throws `.permissionDenied` on a read-only
     /// handle and `.noSpace` (changing nothing) when blocks run out.
     public func write(_ bytes: [UInt8], at offset: Int) throws {
-        try checkWritable("write")
-        try Self.checkRange(offset, bytes.count, "write", path)
-        guard !bytes.isEmpty else { return }
-        try inode.lock.withWriteLock {
-            try bytes.withUnsafeBytes { try fileSystem.writeData(inode, $0, at: offset) }
-        }
+        try bytes.withUnsafeBytes { try write($0, at: offset) }
     }
 
     /// Writes the bytes of `buffer` at `offset` (see ``write(_:at:)``), without an array.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
-        try checkWritable("write")
-        try Self.checkRange(offset, buffer.count, "write", path)
-        guard buffer.count > 0 else { return }
-        try inode.lock.withWriteLock { try fileSystem.writeData(inode, buffer, at: offset) }
+        try operation("write", writable: true) {
+            try Self.checkRange(offset, buffer.count, "write", path)
+            guard buffer.count > 0 else { return }
+            try inode.lock.withWriteLock {
+                try inode.checkLive(path)
+                try fileSystem.writeData(inode, buffer, at: offset)
+            }
+        }
     }
 
     /// Reads up to `count` bytes at `offset`: fewer at the end of the file, none past it.
     public func read(count: Int, at offset: Int) throws -> [UInt8] {
-        try checkOpen("read")
-        try Self.checkRange(offset, count, "read", path)
-        return inode.lock.withReadLock { fileSystem.readData(inode, count: count, at: offset) }
+        try operation("read") {
+            try Self.checkRange(offset, count, "read", path)
+            return try inode.lock.withReadLock {
+                try inode.checkLive(path)
+                return fileSystem.readData(inode, count: count, at: offset)
+            }
+        }
     }
 
     /// Reads into `buffer` (up to its size) at `offset`, without allocating; returns the bytes
     /// read: fewer at the end of the file, 0 past it.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
-        try checkOpen("read")
-        try Self.checkRange(offset, buffer.count, "read", path)
-        return inode.lock.withReadLock { fileSystem.readData(inode, into: buffer, at: offset) }
+        try operation("read") {
+            try Self.checkRange(offset, buffer.count, "read", path)
+            return try inode.lock.withReadLock {
+                try inode.checkLive(path)
+                return fileSystem.readData(inode, into: buffer, at: offset)
+            }
+        }
     }
 
     /// fallocate: gives the range zeroed blocks where it has none, and grows the size to cover it.
     public func allocate(offset: Int, count: Int) throws {
-        try checkWritable("allocate")
-        try Self.checkRange(offset, count, "allocate", path)
-        guard count > 0 else {
-            throw DAXError(.invalidArgument, "cannot allocate 0 bytes of \(Paths.debug(path))")
+        try operation("allocate", writable: true) {
+            try Self.checkRange(offset, count, "allocate", path)
+            guard count > 0 else {
+                throw DAXError(.invalidArgument, "cannot allocate 0 bytes of \(Paths.debug(path))")
+            }
+            try inode.lock.withWriteLock {
+                try inode.checkLive(path)
+                try fileSystem.allocateData(inode, offset: offset, count: count)
+            }
         }
-        try inode.lock.withWriteLock { try fileSystem.allocateData(inode, offset: offset, count: count) }
     }
 
     /// The device pages backing `[offset, offset+count)`, one entry per page; nil for a hole.
     /// The bytes of page `i` are at device offset `frame * 4096`: a program using libpmem on the
     /// device finds them there.
     public func frames(offset: Int, count: Int) throws -> [PageFrameNumber?] {
-        try checkOpen("look up the frames of")
-        try Self.checkRange(offset, count, "look up the frames of", path)
-        guard count > 0 else { return [] }
-        let pages = DAXFileSystem.page(offset)..<DAXFileSystem.pageUp(offset + count)
-        guard pages.count <= 1 << 28 else {
-            throw DAXError(.invalidArgument, "cannot list \(pages.count) frames of \(Paths.debug(path)) at once")
+        try operation("look up the frames of") {
+            try Self.checkRange(offset, count, "look up the frames of", path)
+            guard count > 0 else { return [] }
+            let pages = DAXFileSystem.page(offset)..<DAXFileSystem.pageUp(offset + count)
+            guard pages.count <= 1 << 28 else {
+                throw DAXError(.invalidArgument, "cannot list \(pages.count) frames of \(Paths.debug(path)) at once")
+            }
+            return try inode.lock.withReadLock {
+                try inode.checkLive(path)
+                return fileSystem.frames(inode, pages: pages)
+            }
         }
-        return inode.lock.withReadLock { fileSystem.frames(inode, pages: pages) }
     }
 }

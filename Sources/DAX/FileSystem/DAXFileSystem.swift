@@ -26,6 +26,8 @@ public final class DAXFileSystem: Sendable {
     let allocator: BlockAllocator
     /// Serializes changes of the directory tree; lookups share it.
     let namespace = ReadWriteLock()
+    /// Held shared by every file operation, exclusively by `unmount`, which so waits for them.
+    let operations = ReadWriteLock()
     let table: Mutex<InodeTable>
     let orphans: Mutex<[UInt32]>
     let mountState = Mutex(MountState())
@@ -128,10 +130,14 @@ public final class DAXFileSystem: Sendable {
                 "cannot mount \(device.path): \(totals.acquired - totals.released) pages are still "
                     + "pinned from an earlier mount; release those pins first")
         }
+        let before = try Superblock.decode(
+            ByteReader(device.base, count: Superblock.size),
+            deviceBlocks: UInt64(device.pageCount))
+        let (outcome, sequence) = try Journal.recover(device: device, superblock: before)
+        // The replay may have rewritten the superblock (its orphan head): read it again.
         let sb = try Superblock.decode(
             ByteReader(device.base, count: Superblock.size),
             deviceBlocks: UInt64(device.pageCount))
-        let (outcome, sequence) = try Journal.recover(device: device, superblock: sb)
         let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false)
         guard scan.problems.isEmpty else {
             let more = scan.problems.count - 3 + scan.suppressed
@@ -232,6 +238,15 @@ public final class DAXFileSystem: Sendable {
     /// Closes every handle, frees removed files, and releases the device. Throws `.busy` while a
     /// file is mapped or pages are pinned; then nothing changes.
     public func unmount() throws {
+        try operations.withWriteLock { try unmountExclusively() }
+        // Removed files that were open are freed now that nothing holds them.
+        for number in orphans.withTrackedLock({ $0 }) {
+            if let inode = table.withTrackedLock({ $0.inodes[number] }) { try? reclaim(inode) }
+        }
+        releaseDevice()
+    }
+
+    private func unmountExclusively() throws {
         try namespace.withWriteLock {
             let handles: [DAXFile] = try mountState.withTrackedLock { state in
                 guard state.mounted else { throw DAXError(.invalidArgument, "the file system is not mounted") }
@@ -252,11 +267,6 @@ public final class DAXFileSystem: Sendable {
             }
             for handle in handles { handle.closeForUnmount() }
         }
-        // Removed files that were open are freed now that nothing holds them.
-        for number in orphans.withTrackedLock({ $0 }) {
-            if let inode = table.withTrackedLock({ $0.inodes[number] }) { try? reclaim(inode) }
-        }
-        releaseDevice()
     }
 
     deinit {

@@ -250,8 +250,19 @@ extension DAXFileSystem {
         var stored = plan.record
         plan.extents.store(into: &stored)
         plan.change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
-        try journal.checkFits(plan.change.transaction, what: "truncate to \(size) bytes")
+        try fits(plan, what: "truncate to \(size) bytes")
         return plan
+    }
+
+    /// Throws `.noSpace` if the plan's transaction cannot fit the journal, after giving back the leaf
+    /// blocks the plan took.
+    private func fits(_ plan: LayoutChange, what: String) throws {
+        do {
+            try journal.checkFits(plan.change.transaction, what: what)
+        } catch {
+            abandon(plan.change)
+            throw error
+        }
     }
 
     /// Plans a hole over `offset..<offset+count`: whole pages lose their blocks, partial ones are zeroed.
@@ -280,7 +291,7 @@ extension DAXFileSystem {
             plan.extents.store(into: &stored)
             plan.change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
         }
-        try journal.checkFits(plan.change.transaction, what: "punch of \(count) bytes")
+        try fits(plan, what: "punch of \(count) bytes")
         return plan
     }
 
@@ -288,6 +299,8 @@ extension DAXFileSystem {
     /// commits, lets `unmapFreed` take the freed pages out of every mapping, then returns the blocks
     /// to the allocator (busy ones quarantined) and installs the new extents.
     func carryOut(_ plan: LayoutChange, on inode: Inode, unmapFreed: () -> Void) throws {
+        // The only way the commit can fail is a transaction too large: find out before zeroing.
+        try journal.checkFits(plan.change.transaction, what: "truncate")
         for range in plan.zeroRanges {
             for slice in inode.extents.extents(in: Self.page(range.lowerBound)..<Self.pageUp(range.upperBound)) {
                 let from = max(range.lowerBound, Int(slice.logical) * Self.pageSize)
@@ -298,12 +311,8 @@ extension DAXFileSystem {
             }
         }
         device.drain()
-        do {
-            try journal.commit(plan.change.transaction, what: "truncate")
-        } catch {
-            abandon(plan.change)
-            throw error
-        }
+        // A failure gives nothing back here: the caller owns the plan's blocks (`changeLayout`).
+        try journal.commit(plan.change.transaction, what: "truncate")
         unmapFreed()
         allocator.release(plan.change.freed)
         inode.extents = plan.extents

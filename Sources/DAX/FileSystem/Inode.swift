@@ -15,6 +15,16 @@ final class Inode: @unchecked Sendable {
     var extents: ExtentMap
     /// Entries of a directory; nil for a file.
     var directory: DirectoryIndex?
+    /// The inode and its blocks were freed (its number may already belong to another file). Set
+    /// under `lock`; every operation checks it once it holds the lock.
+    var isFreed = false
+
+    /// Throws if the inode was freed: an operation that raced the last close of its file.
+    func checkLive(_ path: String) throws {
+        guard !isFreed else {
+            throw DAXError(.invalidArgument, "\(Paths.debug(path)) was closed and freed while the operation started")
+        }
+    }
 
     struct Users {
         var handles = 0

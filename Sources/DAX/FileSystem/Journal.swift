@@ -91,16 +91,23 @@ final class Journal: Sendable {
         guard !transaction.isEmpty else { return }
         try checkFits(transaction, what: what)
         let records = transaction.encode()
-        try sequence.withTrackedLock { sequence in
+        // Nothing below can fail: the device's mapping stays while a file system uses it (even
+        // after `close`), so no error is ever reported after the commit point as if it were a rollback.
+        sequence.withTrackedLock { sequence in
             sequence &+= 1
-            try device.write(records, at: recordsOffset)
-            try device.write(
+            write(records, at: recordsOffset)
+            write(
                 Self.header(sequence: sequence, committed: true, count: transaction.records.count, records: records),
                 at: headerOffset)
             apply(transaction.records)
-            try device.write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
+            write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
         }
         commits.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    /// A durable copy to the device (`pmem_memcpy` and drain, or `msync`), which cannot fail.
+    private func write(_ bytes: [UInt8], at offset: Int) {
+        bytes.withUnsafeBytes { device.copy($0, toOffset: offset) }
     }
 
     /// Runs `body` with no transaction in flight: `check` reads a still device.
@@ -223,11 +230,12 @@ final class Journal: Sendable {
         let records = try decode(area, count: count, superblock: superblock)
         let journal = Journal(device: device, superblock: superblock, sequence: sequence)
         journal.apply(records)
-        try device.write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
+        journal.write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
         return (.replayed(records: records.count), sequence)
     }
 
-    /// Decodes and validates records: writes must land outside the superblock and the journal, bits
+    /// Decodes and validates records: a write must rewrite exactly the superblock's first 256 bytes
+    /// or land past the journal, inside the device; bits
     /// inside the bitmap.
     private static func decode(_ area: ByteReader, count: Int, superblock: Superblock) throws -> [Transaction.Record] {
         var records: [Transaction.Record] = []
@@ -244,13 +252,15 @@ final class Journal: Sendable {
                 let length = Int(area.get(UInt32.self, at: at + 4))
                 let offset: UInt64 = area.get(at: at + 8)
                 let padded = (length + 7) & ~7
+                let superblockRecord = offset == 0 && length == Superblock.size
                 guard at + Transaction.recordHeaderSize + padded <= area.count,
-                    offset >= UInt64(firstWritable), offset + UInt64(length) <= UInt64(deviceBytes)
+                    superblockRecord
+                        || (offset >= UInt64(firstWritable) && offset + UInt64(length) <= UInt64(deviceBytes))
                 else {
                     throw DAXError(
                         .corrupted,
                         "journal record \(index) writes \(length) bytes at offset \(offset), outside "
-                            + "the metadata and data regions")
+                            + "the superblock and the metadata and data regions")
                 }
                 let start = at + Transaction.recordHeaderSize
                 records.append(.write(offset: Int(offset), bytes: area.bytes(start..<(start + length))))

@@ -108,6 +108,9 @@ extension DAXFileSystem {
                 }
             }
             var change = PendingChange()
+            // Whatever fails before the commit gives back the directory block planSlot took.
+            var committed = false
+            defer { if !committed { abandon(change) } }
             let moved = try inode(entry.inode)
             let slot: DirectoryIndex.SlotAddress
             var toExtents: ExtentMap?
@@ -136,6 +139,7 @@ extension DAXFileSystem {
                 installSlot(in: to, extents: toExtents)
                 to.directory?.take(slot)
             }
+            committed = true
             if let movedRecord { moved.record = movedRecord }
             from.directory?.entries[fromName] = nil
             from.directory?.release(entry.slot)
@@ -193,9 +197,9 @@ extension DAXFileSystem {
         let block = runs[0].start
         // Not linked yet: write it in place, then let the transaction link it.
         device.fill(offset: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
-        try device.write(
-            DirectoryFormat.header(owner: directory.number, index: UInt32(page)),
-            at: Int(block) * Superblock.blockSize)
+        DirectoryFormat.header(owner: directory.number, index: UInt32(page)).withUnsafeBytes {
+            device.copy($0, toOffset: Int(block) * Superblock.blockSize)
+        }
         var map = directory.extents
         try editExtents(
             &map, of: directory.number, replacing: page..<(page + 1),
@@ -284,6 +288,7 @@ extension DAXFileSystem {
                     freeInode(target, change: &change)
                     try commit(change, what: what)
                     target.record.linkCount = 0
+                    target.isFreed = true
                     users.reclaimed = true
                     table.withTrackedLock { $0.release(target.number) }
                 }
@@ -294,26 +299,62 @@ extension DAXFileSystem {
     /// Frees an orphan whose last handle or mapping went: one transaction takes it off the orphan
     /// list and frees its blocks and inode.
     func reclaim(_ inode: Inode) throws {
-        try inode.lock.withWriteLock {
-            try orphans.withTrackedLock { orphans in
-                guard let position = orphans.firstIndex(of: inode.number) else { return }
-                var change = PendingChange()
-                let next = position + 1 < orphans.count ? orphans[position + 1] : 0
-                if position == 0 {
-                    var sb = superblock
-                    sb.orphanHead = next
-                    change.transaction.write(sb.encode(), at: 0)
-                } else {
-                    let previous = try self.inode(orphans[position - 1])
-                    previous.record.nextOrphan = next
-                    change.transaction.write(previous.encodedRecord, at: superblock.inodeOffset(previous.number))
-                }
-                freeInode(inode, change: &change)
-                try commit(change, what: "free removed file \(inode.number)")
-                orphans.remove(at: position)
-                inode.extents = ExtentMap()
-                table.withTrackedLock { $0.release(inode.number) }
+        // Shared with lookups; `unmount` (which holds it exclusively) cannot run in between.
+        try namespace.withReadLock { try reclaimLocked(inode) }
+    }
+
+    private func reclaimLocked(_ inode: Inode) throws {
+        while true {
+            // The orphan before this one on the list, whose `next` must change: found without
+            // holding any inode lock, then locked first. Locks go in list order (the predecessor,
+            // then this inode); the list only grows at its head, so that order never inverts.
+            enum Position {
+                case absent, head
+                case after(UInt32)
             }
+            let position: Position = orphans.withTrackedLock { orphans in
+                guard let index = orphans.firstIndex(of: inode.number) else { return .absent }
+                return index == 0 ? .head : .after(orphans[index - 1])
+            }
+            let previous: Inode?
+            switch position {
+            case .absent: return
+            case .head: previous = nil
+            case .after(let number): previous = try self.inode(number)
+            }
+            previous?.lock.lockForWriting()
+            defer { previous?.lock.unlock() }
+            let done = try inode.lock.withWriteLock {
+                try orphans.withTrackedLock { orphans -> Bool in
+                    guard let index = orphans.firstIndex(of: inode.number) else { return true }
+                    guard (index == 0 ? nil : orphans[index - 1]) == previous?.number else { return false }
+                    var change = PendingChange()
+                    let next = index + 1 < orphans.count ? orphans[index + 1] : 0
+                    var previousRecord: InodeRecord?
+                    if let previous {
+                        var record = previous.record
+                        record.nextOrphan = next
+                        previousRecord = record
+                        var stored = record
+                        previous.extents.store(into: &stored)
+                        change.transaction.write(stored.encode(), at: superblock.inodeOffset(previous.number))
+                    } else {
+                        var sb = superblock
+                        sb.orphanHead = next
+                        change.transaction.write(sb.encode(), at: 0)
+                    }
+                    freeInode(inode, change: &change)
+                    try commit(change, what: "free removed file \(inode.number)")
+                    if let previous, let previousRecord { previous.record = previousRecord }
+                    orphans.remove(at: index)
+                    inode.extents = ExtentMap()
+                    inode.isFreed = true
+                    table.withTrackedLock { $0.release(inode.number) }
+                    return true
+                }
+            }
+            // The list changed while nothing was locked: look again.
+            if done { return }
         }
     }
 

@@ -44,15 +44,11 @@ struct PendingChange {
 }
 
 extension DAXFileSystem {
-    /// Commits `change`; on failure gives its blocks back and rethrows. On success releases the
-    /// blocks it freed (quarantining the busy ones).
+    /// Commits `change`, then releases the blocks it freed (quarantining the busy ones). If it
+    /// throws (the transaction does not fit the journal; nothing was written), the caller still owns
+    /// the blocks the change took and gives them back with ``abandon(_:)``.
     func commit(_ change: PendingChange, what: String) throws {
-        do {
-            try journal.commit(change.transaction, what: what)
-        } catch {
-            allocator.unallocate(change.allocated)
-            throw error
-        }
+        try journal.commit(change.transaction, what: what)
         if !change.freed.isEmpty { allocator.release(change.freed) }
     }
 

@@ -26,23 +26,27 @@ extension DAXFile {
     /// still pinned are dealt with as `ifBusy` says. All or nothing: a failure leaves size,
     /// contents and mappings as they were.
     public func truncate(to size: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
-        try checkWritable("truncate")
-        try Self.checkRange(size, 0, "truncate", path)
-        try fileSystem.changeLayout(inode, policy: policy, what: "truncate \(Paths.debug(path)) to \(size) bytes") {
-            try fileSystem.planResize(inode, to: size)
+        try operation("truncate", writable: true) {
+            try Self.checkRange(size, 0, "truncate", path)
+            try fileSystem.changeLayout(inode, policy: policy, what: "truncate \(Paths.debug(path)) to \(size) bytes") {
+                try inode.checkLive(path)
+                return try fileSystem.planResize(inode, to: size)
+            }
         }
     }
 
     /// Frees the blocks of the whole pages in `offset..<offset+count` and zeroes the partial pages
     /// at its edges; the size does not change. Busy pages are handled as for ``truncate(to:ifBusy:)``.
     public func punchHole(offset: Int, count: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
-        try checkWritable("punch a hole in")
-        try Self.checkRange(offset, count, "punch a hole in", path)
-        guard count > 0 else { return }
-        try fileSystem.changeLayout(
-            inode, policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))"
-        ) {
-            try fileSystem.planPunch(inode, offset: offset, count: count)
+        try operation("punch a hole in", writable: true) {
+            try Self.checkRange(offset, count, "punch a hole in", path)
+            guard count > 0 else { return }
+            try fileSystem.changeLayout(
+                inode, policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))"
+            ) {
+                try inode.checkLive(path)
+                return try fileSystem.planPunch(inode, offset: offset, count: count)
+            }
         }
     }
 }
@@ -60,6 +64,10 @@ extension DAXFileSystem {
         /// When the lease holders were asked to let go plus the grace period (`.revokeLeases`).
         var graceEnd: ContinuousClock.Instant?
         while true {
+            // Mappings found under the locks stay referenced until after the unlock: if one held
+            // the last reference, its deinit (unmap, perhaps freeing an orphan) would need these locks.
+            var held: [DAXMapping] = []
+            defer { withExtendedLifetime(held) {} }
             inode.invalidateLock.lockForWriting()
             inode.lock.lockForWriting()
             var locked = true
@@ -72,11 +80,16 @@ extension DAXFileSystem {
             defer { unlock() }
 
             let layout = try plan()
+            // The plan may have taken leaf blocks: every way out that does not carry it out gives them back.
+            var carriedOut = false
+            defer { if !carriedOut { abandon(layout.change) } }
             guard layout.removesBlocks else {
                 try carryOut(layout, on: inode) {}
+                carriedOut = true
                 return
             }
-            let mappings = inode.liveMappings.compactMap { $0 as? DAXMapping }.filter { $0.detach(layout.freedPages) }
+            held = inode.liveMappings.compactMap { $0 as? DAXMapping }
+            let mappings = held.filter { $0.detach(layout.freedPages) }
             inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
             let frames = layout.change.freed.flatMap { Array($0.range) }
             var busy = busyFrames(frames)
@@ -92,7 +105,13 @@ extension DAXFileSystem {
                 }
             }
             if busy.isEmpty || policy.goesOnWhenBusy {
-                try carryOut(layout, on: inode) { for mapping in mappings { mapping.zapDetached() } }
+                do {
+                    try carryOut(layout, on: inode) { for mapping in mappings { mapping.zapDetached() } }
+                } catch {
+                    restore(mappings, inode)
+                    throw error
+                }
+                carriedOut = true
                 return
             }
 

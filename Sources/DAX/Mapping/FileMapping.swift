@@ -7,7 +7,10 @@ extension DAXFile {
     /// a mapping never changes the file's size. A `.readWrite` mapping needs a file opened
     /// `.readWrite`; stores through a `.readOnly` mapping fault.
     public func map(offset: Int = 0, count: Int, access: Access = .readWrite) throws -> DAXMapping {
-        try checkOpen("map")
+        try operation("map") { try mapLocked(offset: offset, count: count, access: access) }
+    }
+
+    private func mapLocked(offset: Int, count: Int, access: Access) throws -> DAXMapping {
         if access == .readWrite, self.access != .readWrite {
             throw DAXError(.permissionDenied, "cannot map \(Paths.debug(path)) for writing: it was opened read-only")
         }
@@ -24,6 +27,7 @@ extension DAXFile {
         let pages = first..<DAXFileSystem.pageUp(offset + count)
         return try inode.invalidateLock.withReadLock {
             try inode.lock.withWriteLock {
+                try inode.checkLive(path)
                 let size = Int(inode.record.size)
                 guard
                     Int(pages.upperBound) * PMemDevice.pageSize <= (size + PMemDevice.pageSize - 1)

@@ -69,30 +69,43 @@ extension DAXMapping {
     /// gup-slow: under the invalidate lock no truncate runs; resolve missing pages, then pin.
     private func pinSlow(_ pages: ClosedRange<Int>, access: Access, lifetime: PinLifetime) throws -> PinnedPages {
         try inode.invalidateLock.withReadLock {
-            guard !isUnmapped else {
-                throw DAXError(.invalidArgument, "cannot pin pages of \(Paths.debug(path)): the mapping was unmapped")
-            }
-            let missing = pages.filter { entries[$0].load(ordering: .acquiring) == 0 }
-            if !missing.isEmpty { try resolve(missing, access: access) }
-            var frames: [PageFrameNumber] = []
-            for index in pages {
-                let frame = entries[index].load(ordering: .acquiring)
-                guard frame != 0 else {
+            // No truncate runs now, but an unmap can (and may free an orphan's blocks): re-validate
+            // against the layout generation after pinning, as the fast path does.
+            while true {
+                guard !isUnmapped else {
                     throw DAXError(
-                        .invalidArgument,
-                        "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
-                            + "it is no longer mapped")
+                        .invalidArgument, "cannot pin pages of \(Paths.debug(path)): the mapping was unmapped")
                 }
-                frames.append(PageFrameNumber(rawValue: frame))
+                let generation = inode.layoutGeneration.load(ordering: .sequentiallyConsistent)
+                let missing = pages.filter { entries[$0].load(ordering: .acquiring) == 0 }
+                if !missing.isEmpty { try resolve(missing, access: access) }
+                var frames: [PageFrameNumber] = []
+                for index in pages {
+                    let frame = entries[index].load(ordering: .acquiring)
+                    guard frame != 0 else {
+                        throw DAXError(
+                            .invalidArgument,
+                            "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
+                                + "it is no longer mapped")
+                    }
+                    frames.append(PageFrameNumber(rawValue: frame))
+                }
+                let pinned = try fileSystem.device.pages.pin(runs: FrameRuns(frames), lifetime: lifetime)
+                if inode.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation { return pinned }
+                pinned.release()  // the layout changed under us: let go and look again
             }
-            return try fileSystem.device.pages.pin(runs: FrameRuns(frames), lifetime: lifetime)
         }
     }
 
     /// Maps pages this mapping does not show: past the end of the file they stay faulting (an
     /// error); inside it (after a punch) a `.readWrite` pin gives them blocks, as a write fault would.
     private func resolve(_ missing: [Int], access: Access) throws {
+        // Mappings found under the lock stay referenced past it: a last reference dropped under the
+        // lock would run a deinit that needs it.
+        var held: [DAXMapping] = []
+        defer { withExtendedLifetime(held) {} }
         try inode.lock.withWriteLock {
+            try inode.checkLive(path)
             let size = Int(inode.record.size)
             for index in missing where Int(firstPage) + index >= (size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
             {
@@ -114,7 +127,8 @@ extension DAXMapping {
             }
             // Every live mapping that shows nothing there gets the blocks, as its own fault would.
             let extents = inode.extents.extents(in: filePages)
-            for mapping in inode.liveMappings.compactMap({ $0 as? DAXMapping }) { try mapping.populate(extents) }
+            held = inode.liveMappings.compactMap { $0 as? DAXMapping }
+            for mapping in held { try mapping.populate(extents) }
         }
     }
 }
