@@ -68,7 +68,7 @@ enum FileSystemBenchmarks {
     static var writeBandwidthWarm: Benchmark {
         Benchmark(
             name: "write-bandwidth-warm", unit: "GB/s", peerName: "fio's pmem_memcpy calls from C, warm",
-            goal: .atLeast(0.9)
+            goal: .atLeast(0.9), minimumRepetitions: 15
         ) { context in
             try bandwidth(context, write: true, warmPeer: true)
         }
@@ -77,7 +77,7 @@ enum FileSystemBenchmarks {
     static var readBandwidthWarm: Benchmark {
         Benchmark(
             name: "read-bandwidth-warm", unit: "GB/s", peerName: "fio's memcpy calls from C, warm",
-            goal: .atLeast(0.9)
+            goal: .atLeast(0.9), minimumRepetitions: 15
         ) { context in
             try bandwidth(context, write: false, warmPeer: true)
         }

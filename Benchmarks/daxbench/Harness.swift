@@ -30,8 +30,20 @@ struct Benchmark {
     var unit: String
     var peerName: String
     var goal: Goal
+    /// At least this many repetitions: rows whose samples are short need more against the noise.
+    var minimumRepetitions = 0
     /// Runs both sides `repetitions` times, interleaved, and returns the samples.
     var run: (_ context: BenchContext) throws -> Samples
+
+    init(name: String, unit: String, peerName: String, goal: Goal, minimumRepetitions: Int = 0,
+         run: @escaping (_ context: BenchContext) throws -> Samples) {
+        self.name = name
+        self.unit = unit
+        self.peerName = peerName
+        self.goal = goal
+        self.minimumRepetitions = minimumRepetitions
+        self.run = run
+    }
 }
 
 struct Samples {
@@ -150,4 +162,19 @@ func writeJSON(_ results: [Result], to path: String) throws {
             .withoutEscapingSlashes,
         ])
     try data.write(to: URL(fileURLWithPath: path))
+}
+
+/// The results as a Markdown table.
+func markdownTable(_ results: [Result]) -> String {
+    var lines = [
+        "| name | ours | peer | peer is | unit | ratio | goal | holds |",
+        "|---|---:|---:|---|---|---:|---|---|",
+    ]
+    for result in results {
+        let holds = result.holds.map { $0 ? "yes" : "**no**" } ?? "-"
+        lines.append("| `\(result.benchmark.name)` | \(format(result.ours)) | \(format(result.peer)) | "
+            + "\(result.benchmark.peerName) | \(result.benchmark.unit) | \(format(result.ratio)) | "
+            + "`\(result.benchmark.goal)` | \(holds) |")
+    }
+    return lines.joined(separator: "\n") + "\n"
 }

@@ -2,11 +2,17 @@ import Foundation
 
 /// daxbench: every comparison of DAX against its peers, in one process.
 ///
-///   daxbench [--quick] [--json FILE] [--only NAME[,NAME...]] [--list] [--repetitions N] [--dir DIR]
-let usage = "usage: daxbench [--quick] [--json FILE] [--only NAME[,NAME...]] [--list] [--repetitions N] [--dir DIR]"
+///   daxbench [--quick] [--json FILE] [--markdown FILE] [--plot FILE.svg] [--only NAME[,NAME...]]
+///            [--list] [--repetitions N] [--dir DIR]
+let usage = """
+    usage: daxbench [--quick] [--json FILE] [--markdown FILE] [--plot FILE.svg] [--only NAME[,NAME...]] \
+    [--list] [--repetitions N] [--dir DIR]
+    """
 
 var quick = false
 var jsonPath: String?
+var markdownPath: String?
+var plotPath: String?
 var only: Set<String>?
 var repetitions: Int?
 var directory = "/dev/shm"
@@ -16,6 +22,8 @@ while let argument = arguments.next() {
     switch argument {
     case "--quick": quick = true
     case "--json": jsonPath = arguments.next()
+    case "--markdown": markdownPath = arguments.next()
+    case "--plot": plotPath = arguments.next()
     case "--only": only = Set((arguments.next() ?? "").split(separator: ",").map(String.init))
     case "--repetitions": repetitions = arguments.next().flatMap(Int.init)
     case "--dir": directory = arguments.next() ?? directory
@@ -29,7 +37,15 @@ while let argument = arguments.next() {
     }
 }
 
-let benchmarks = PagesBenchmarks.all + MediaBenchmarks.all + FileSystemBenchmarks.all + PinningBenchmarks.all
+// The rows of the performance table, in its order, then the extra comparisons.
+let benchmarks: [Benchmark] = [
+    PinningBenchmarks.pinUnpinMapping, MediaBenchmarks.persist64, FileSystemBenchmarks.mappedStoreBandwidth,
+    FileSystemBenchmarks.writeBandwidth, FileSystemBenchmarks.readBandwidth, FileSystemBenchmarks.truncate1GiB,
+    FileSystemBenchmarks.allocate1GiB, PinningBenchmarks.truncatePinned, PinningBenchmarks.allocateWithQuarantine,
+    PagesBenchmarks.descriptorBytes, KVStoreBenchmarks.puts, KVStoreBenchmarks.gets,
+    PagesBenchmarks.pinUnpinPageMap, PagesBenchmarks.pin256, FileSystemBenchmarks.writeBandwidthWarm,
+    FileSystemBenchmarks.readBandwidthWarm, FileSystemBenchmarks.createRemove,
+]
 if list {
     for benchmark in benchmarks {
         print("\(benchmark.name)\t\(benchmark.unit)\tvs \(benchmark.peerName)\t\(benchmark.goal)")
@@ -53,7 +69,12 @@ var failed = false
 for benchmark in benchmarks where only?.contains(benchmark.name) ?? true {
     FileHandle.standardError.write(Data("running \(benchmark.name)...\n".utf8))
     do {
-        let samples = try benchmark.run(context)
+        var rowContext = context
+        rowContext.repetitions = max(context.repetitions, benchmark.minimumRepetitions)
+        let samples = try benchmark.run(rowContext)
+        if ProcessInfo.processInfo.environment["DAXBENCH_SAMPLES"] != nil {
+            FileHandle.standardError.write(Data("  ours: \(samples.ours.map(format))\n  peer: \(samples.peer.map(format))\n".utf8))
+        }
         results.append(Result(benchmark: benchmark, ours: median(samples.ours), peer: median(samples.peer)))
     } catch {
         FileHandle.standardError.write(Data("daxbench: \(benchmark.name) failed: \(error)\n".utf8))
@@ -61,6 +82,31 @@ for benchmark in benchmarks where only?.contains(benchmark.name) ?? true {
     }
 }
 printTable(results)
+if let markdownPath {
+    do {
+        try markdownTable(results).write(toFile: markdownPath, atomically: true, encoding: .utf8)
+    } catch {
+        FileHandle.standardError.write(Data("daxbench: cannot write \(markdownPath): \(error)\n".utf8))
+        failed = true
+    }
+}
+if let plotPath {
+    do {
+        let points = try WriteBandwidthPlot.measure(context)
+        try WriteBandwidthPlot.svg(points, machine: machineDescription()).write(toFile: plotPath, atomically: true,
+                                                                                 encoding: .utf8)
+        print("\nwrite bandwidth by request size (GB/s), plotted in \(plotPath):")
+        print("size      ours    fio     fio's calls, warm")
+        for point in points {
+            print("\(String(point.size).padding(toLength: 9, withPad: " ", startingAt: 0)) "
+                + "\(format(point.ours).padding(toLength: 7, withPad: " ", startingAt: 0)) "
+                + "\(format(point.fio).padding(toLength: 7, withPad: " ", startingAt: 0)) \(format(point.warm))")
+        }
+    } catch {
+        FileHandle.standardError.write(Data("daxbench: cannot plot: \(error)\n".utf8))
+        failed = true
+    }
+}
 if let jsonPath {
     do {
         try writeJSON(results, to: jsonPath)

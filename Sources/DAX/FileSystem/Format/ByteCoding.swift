@@ -5,9 +5,8 @@ struct ByteEncoder {
     init(count: Int) { bytes = [UInt8](repeating: 0, count: count) }
 
     mutating func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-        withUnsafeBytes(of: value.littleEndian) { source in
-            for i in 0..<source.count { bytes[offset + i] = source[i] }
-        }
+        precondition(offset >= 0 && offset + MemoryLayout<T>.size <= bytes.count, "encoding past the end of a record")
+        bytes.withUnsafeMutableBytes { $0.storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self) }
     }
 
     mutating func put(_ source: [UInt8], at offset: Int) {
