@@ -35,8 +35,10 @@ struct Benchmark {
     /// Runs both sides `repetitions` times, interleaved, and returns the samples.
     var run: (_ context: BenchContext) throws -> Samples
 
-    init(name: String, unit: String, peerName: String, goal: Goal, minimumRepetitions: Int = 0,
-         run: @escaping (_ context: BenchContext) throws -> Samples) {
+    init(
+        name: String, unit: String, peerName: String, goal: Goal, minimumRepetitions: Int = 0,
+        run: @escaping (_ context: BenchContext) throws -> Samples
+    ) {
         self.name = name
         self.unit = unit
         self.peerName = peerName
@@ -172,9 +174,10 @@ func markdownTable(_ results: [Result]) -> String {
     ]
     for result in results {
         let holds = result.holds.map { $0 ? "yes" : "**no**" } ?? "-"
-        lines.append("| `\(result.benchmark.name)` | \(format(result.ours)) | \(format(result.peer)) | "
-            + "\(result.benchmark.peerName) | \(result.benchmark.unit) | \(format(result.ratio)) | "
-            + "`\(result.benchmark.goal)` | \(holds) |")
+        lines.append(
+            "| `\(result.benchmark.name)` | \(format(result.ours)) | \(format(result.peer)) | "
+                + "\(result.benchmark.peerName) | \(result.benchmark.unit) | \(format(result.ratio)) | "
+                + "`\(result.benchmark.goal)` | \(holds) |")
     }
     return lines.joined(separator: "\n") + "\n"
 }

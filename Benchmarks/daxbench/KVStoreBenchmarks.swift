@@ -8,16 +8,20 @@ enum KVStoreBenchmarks {
     static var all: [Benchmark] { [puts, gets] }
 
     static var puts: Benchmark {
-        Benchmark(name: "kvstore-put", unit: "ops/s", peerName: "LMDB, MDB_WRITEMAP, a transaction per put",
-                  goal: .report) { context in
+        Benchmark(
+            name: "kvstore-put", unit: "ops/s", peerName: "LMDB, MDB_WRITEMAP, a transaction per put",
+            goal: .report
+        ) { context in
             let results = try comparison(context)
             return Samples(ours: results.map(\.ours.puts), peer: results.map(\.peer.puts))
         }
     }
 
     static var gets: Benchmark {
-        Benchmark(name: "kvstore-get", unit: "ops/s", peerName: "LMDB, MDB_WRITEMAP, one read transaction",
-                  goal: .report) { context in
+        Benchmark(
+            name: "kvstore-get", unit: "ops/s", peerName: "LMDB, MDB_WRITEMAP, one read transaction",
+            goal: .report
+        ) { context in
             let results = try comparison(context)
             return Samples(ours: results.map(\.ours.gets), peer: results.map(\.peer.gets))
         }
@@ -49,23 +53,26 @@ enum KVStoreBenchmarks {
     private static func kvstore(_ context: BenchContext, count: Int) throws -> Rates {
         let bench = try BenchDevice(context, name: "kvstore", size: 512 << 20)
         try DAXFileSystem.format(bench.device).unmount()
-        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let me =
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         let binary = URL(fileURLWithPath: me).deletingLastPathComponent().appendingPathComponent("kvstore").path
         guard FileManager.default.isExecutableFile(atPath: binary) else {
             throw BenchError("kvstore is not built next to daxbench (swift build -c release --product kvstore)")
         }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["--device", bench.path, "--file", "/kv", "--persistence", "cache-flush", "bench",
-                             "--count", "\(count)"]
+        process.arguments = [
+            "--device", bench.path, "--file", "/kv", "--persistence", "cache-flush", "bench",
+            "--count", "\(count)",
+        ]
         let output = Pipe()
         process.standardOutput = output
         try process.run()
         let data = output.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         guard process.terminationStatus == 0,
-              let json = try JSONSerialization.jsonObject(with: data) as? [String: Double],
-              let puts = json["puts_per_second"], let gets = json["gets_per_second"]
+            let json = try JSONSerialization.jsonObject(with: data) as? [String: Double],
+            let puts = json["puts_per_second"], let gets = json["gets_per_second"]
         else { throw BenchError("kvstore bench failed (status \(process.terminationStatus))") }
         return Rates(puts: puts, gets: gets)
     }

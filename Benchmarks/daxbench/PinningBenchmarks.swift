@@ -79,8 +79,10 @@ enum PinningBenchmarks {
     /// same memory: two devices differ by more than the quarantine does. Cycles of: build the
     /// quarantine, time ours, release the pins, time the peer.
     static var allocateWithQuarantine: Benchmark {
-        Benchmark(name: "allocate-with-quarantine", unit: "ms", peerName: "ours, nothing quarantined",
-                  goal: .atMost(1.2)) { context in
+        Benchmark(
+            name: "allocate-with-quarantine", unit: "ms", peerName: "ours, nothing quarantined",
+            goal: .atMost(1.2)
+        ) { context in
             let setup = try BenchFileSystem(context, name: "quarantine", size: 512 << 20)
             let fs = setup.fs
             let target = try fs.create("/target")

@@ -19,8 +19,9 @@ enum WriteBandwidthPlot {
             FileHandle.standardError.write(Data("plotting write bandwidth for \(size)-byte requests...\n".utf8))
             let bytes = 256 << 20
             let fio = try FileSystemBenchmarks.bandwidth(plotContext, write: true, request: size, bytes: bytes)
-            let warm = try FileSystemBenchmarks.bandwidth(plotContext, write: true, request: size, warmPeer: true,
-                                                          bytes: bytes)
+            let warm = try FileSystemBenchmarks.bandwidth(
+                plotContext, write: true, request: size, warmPeer: true,
+                bytes: bytes)
             return Point(size: size, ours: median(fio.ours + warm.ours), fio: median(fio.peer), warm: median(warm.peer))
         }
     }
@@ -47,15 +48,18 @@ enum WriteBandwidthPlot {
             """
         for tick in 0...5 {
             let value = maximum * Double(tick) / 5
-            svg += "<line x1=\"\(left)\" x2=\"\(left + plotWidth)\" y1=\"\(y(value))\" y2=\"\(y(value))\" stroke=\"#ddd\"/>\n"
-            svg += "<text x=\"\(left - 8)\" y=\"\(y(value) + 4)\" text-anchor=\"end\">\(String(format: "%.0f", value))</text>\n"
+            svg +=
+                "<line x1=\"\(left)\" x2=\"\(left + plotWidth)\" y1=\"\(y(value))\" y2=\"\(y(value))\" stroke=\"#ddd\"/>\n"
+            svg +=
+                "<text x=\"\(left - 8)\" y=\"\(y(value) + 4)\" text-anchor=\"end\">\(String(format: "%.0f", value))</text>\n"
         }
         for (index, point) in points.enumerated() {
             let label = point.size >= 1 << 20 ? "\(point.size >> 20) MiB" : "\(point.size >> 10) KiB"
             svg += "<text x=\"\(x(index))\" y=\"\(top + plotHeight + 18)\" text-anchor=\"middle\">\(label)</text>\n"
         }
         svg += "<text x=\"\(left + plotWidth / 2)\" y=\"\(height - 16)\" text-anchor=\"middle\">request size</text>\n"
-        svg += "<text x=\"18\" y=\"\(top + plotHeight / 2)\" transform=\"rotate(-90 18 \(top + plotHeight / 2))\" "
+        svg +=
+            "<text x=\"18\" y=\"\(top + plotHeight / 2)\" transform=\"rotate(-90 18 \(top + plotHeight / 2))\" "
             + "text-anchor=\"middle\">GB/s</text>\n"
         let series: [(String, String, KeyPath<Point, Double>)] = [
             ("DAXFile.write", "#c00000", \.ours),
@@ -64,12 +68,14 @@ enum WriteBandwidthPlot {
         ]
         for (index, (name, color, path)) in series.enumerated() {
             let coordinates = points.enumerated().map { "\(x($0.offset)),\(y($0.element[keyPath: path]))" }
-            svg += "<polyline fill=\"none\" stroke=\"\(color)\" stroke-width=\"2.5\" points=\"\(coordinates.joined(separator: " "))\"/>\n"
+            svg +=
+                "<polyline fill=\"none\" stroke=\"\(color)\" stroke-width=\"2.5\" points=\"\(coordinates.joined(separator: " "))\"/>\n"
             for (offset, point) in points.enumerated() {
                 svg += "<circle cx=\"\(x(offset))\" cy=\"\(y(point[keyPath: path]))\" r=\"3.5\" fill=\"\(color)\"/>\n"
             }
             let legendY = top + 20 + Double(index) * 22
-            svg += "<rect x=\"\(left + plotWidth + 20)\" y=\"\(legendY - 10)\" width=\"14\" height=\"4\" fill=\"\(color)\"/>\n"
+            svg +=
+                "<rect x=\"\(left + plotWidth + 20)\" y=\"\(legendY - 10)\" width=\"14\" height=\"4\" fill=\"\(color)\"/>\n"
             svg += "<text x=\"\(left + plotWidth + 40)\" y=\"\(legendY - 4)\">\(name)</text>\n"
         }
         return svg + "</svg>\n"

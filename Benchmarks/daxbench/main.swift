@@ -73,7 +73,8 @@ for benchmark in benchmarks where only?.contains(benchmark.name) ?? true {
         rowContext.repetitions = max(context.repetitions, benchmark.minimumRepetitions)
         let samples = try benchmark.run(rowContext)
         if ProcessInfo.processInfo.environment["DAXBENCH_SAMPLES"] != nil {
-            FileHandle.standardError.write(Data("  ours: \(samples.ours.map(format))\n  peer: \(samples.peer.map(format))\n".utf8))
+            FileHandle.standardError.write(
+                Data("  ours: \(samples.ours.map(format))\n  peer: \(samples.peer.map(format))\n".utf8))
         }
         results.append(Result(benchmark: benchmark, ours: median(samples.ours), peer: median(samples.peer)))
     } catch {
@@ -93,14 +94,16 @@ if let markdownPath {
 if let plotPath {
     do {
         let points = try WriteBandwidthPlot.measure(context)
-        try WriteBandwidthPlot.svg(points, machine: machineDescription()).write(toFile: plotPath, atomically: true,
-                                                                                 encoding: .utf8)
+        try WriteBandwidthPlot.svg(points, machine: machineDescription()).write(
+            toFile: plotPath, atomically: true,
+            encoding: .utf8)
         print("\nwrite bandwidth by request size (GB/s), plotted in \(plotPath):")
         print("size      ours    fio     fio's calls, warm")
         for point in points {
-            print("\(String(point.size).padding(toLength: 9, withPad: " ", startingAt: 0)) "
-                + "\(format(point.ours).padding(toLength: 7, withPad: " ", startingAt: 0)) "
-                + "\(format(point.fio).padding(toLength: 7, withPad: " ", startingAt: 0)) \(format(point.warm))")
+            print(
+                "\(String(point.size).padding(toLength: 9, withPad: " ", startingAt: 0)) "
+                    + "\(format(point.ours).padding(toLength: 7, withPad: " ", startingAt: 0)) "
+                    + "\(format(point.fio).padding(toLength: 7, withPad: " ", startingAt: 0)) \(format(point.warm))")
         }
     } catch {
         FileHandle.standardError.write(Data("daxbench: cannot plot: \(error)\n".utf8))

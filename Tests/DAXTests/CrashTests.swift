@@ -119,6 +119,49 @@ struct CrashTests {
         #expect(try fs.check().isClean)
     }
 
+    @Test("a committed transaction whose bitmap change is a mask (many nearby runs) is replayed")
+    func replaysMaskRecords() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "mask")
+        let file = try t.fs.create("/f")
+        let spacer = try t.fs.create("/s")
+        for page in 0..<200 {
+            try file.write([UInt8(page)], at: page * 4096)
+            try spacer.write([1], at: page * 4096)
+        }
+        spacer.close()
+        try t.fs.remove("/s")
+        let frames = try file.frames(offset: 0, count: 200 * 4096).map { $0! }
+        file.close()
+        let sb = t.fs.superblock
+        try t.fs.unmount()
+        // The device as if the allocation of those 200 scattered blocks had been committed but
+        // not applied: bits clear, and the transaction that sets them in the journal.
+        var touched = Set<UInt64>()
+        var transaction = Transaction()
+        for frame in frames {
+            let index = frame.rawValue - sb.dataStart
+            Journal.setBits(index..<(index + 1), value: false, device: t.device, superblock: sb, touched: &touched)
+            transaction.setBits(index..<(index + 1), to: true)
+        }
+        Journal.sealBitmapBlocks(touched, device: t.device, superblock: sb)
+        let records = transaction.records
+        #expect(records.count == 1)
+        guard case .mask(_, _, true) = records[0] else {
+            Issue.record("200 runs two blocks apart should make one mask record, not \(records.count) records")
+            return
+        }
+        expectDAXError(.corrupted) { try DAXFileSystem.mount(t.device) }  // without the journal: damaged
+        let encoded = transaction.encodeForTesting()
+        try t.device.write(encoded, at: Int(sb.journalStart + 1) * 4096)
+        try t.device.write(
+            Journal.header(sequence: 5, committed: true, count: records.count, records: encoded),
+            at: Int(sb.journalStart) * 4096)
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.check().isClean)
+        #expect(try fs.open("/f").read(count: 1, at: 150 * 4096) == [150])
+    }
+
     @Test("a torn journal header is discarded: nothing was applied, nothing is replayed")
     func discardsTornHeader() throws {
         let t = try TemporaryFileSystem(size: 4 << 20, name: "torn")

@@ -68,13 +68,14 @@ struct RegressionTests {
     func allocationTooLargeForJournal() throws {
         var options = DAXFileSystem.FormatOptions()
         options.journalBlocks = 8
-        let t = try TemporaryFileSystem(size: 16 << 20, options: options, name: "smalljournal")
+        let t = try TemporaryFileSystem(size: 32 << 20, options: options, name: "smalljournal")
         let a = try t.fs.create("/a")
-        try a.allocate(offset: 0, count: 2400 * 4096)
+        try a.allocate(offset: 0, count: 5000 * 4096)
         let filler = try t.fs.create("/filler")
         try filler.allocate(offset: 0, count: t.fs.statistics().freeBlocks * 4096)
-        // Free every other block: the free space is 1200 single blocks.
-        for page in stride(from: 1, to: 2400, by: 2) {
+        // Free every other block: the free space is 2500 single blocks. An allocation taking them
+        // all needs about 10 extent leaves, more than the 7 blocks of the journal's record area.
+        for page in stride(from: 1, to: 5000, by: 2) {
             try a.punchHole(offset: page * 4096, count: 4096, ifBusy: .fail)
         }
         let free = t.fs.statistics().freeBlocks

@@ -7,33 +7,85 @@ struct Transaction {
         case write(offset: Int, bytes: [UInt8])
         /// Set (`value` true) or clear the bitmap bits of data-block indices `range`.
         case bits(range: Range<UInt64>, value: Bool)
+        /// Set (OR, `value` true) or clear (AND-NOT) the bitmap bits that `mask` has set, the mask's
+        /// bit 0 being data-block index `first` (a multiple of 8). Many nearby runs in one record.
+        case mask(first: UInt64, mask: [UInt8], value: Bool)
     }
 
     static let recordHeaderSize = 24
+    /// Runs closer than this (in bits) share a mask record.
+    static let maskGap: UInt64 = 512
 
-    private(set) var records: [Record] = []
-    /// Bytes the records take in the journal.
-    private(set) var encodedSize = 0
+    private var writes: [Record] = []
+    private var writeSize = 0
+    private var setRanges: [Range<UInt64>] = []
+    private var clearRanges: [Range<UInt64>] = []
 
-    var isEmpty: Bool { records.isEmpty }
+    var isEmpty: Bool { writes.isEmpty && setRanges.isEmpty && clearRanges.isEmpty }
 
     mutating func write(_ bytes: [UInt8], at offset: Int) {
-        records.append(.write(offset: offset, bytes: bytes))
-        encodedSize += Self.recordHeaderSize + (bytes.count + 7) & ~7
+        writes.append(.write(offset: offset, bytes: bytes))
+        writeSize += Self.recordHeaderSize + (bytes.count + 7) & ~7
     }
 
     /// Marks data-block indices `range` allocated (true) or free (false) in the bitmap.
     mutating func setBits(_ range: Range<UInt64>, to value: Bool) {
         guard !range.isEmpty else { return }
-        records.append(.bits(range: range, value: value))
-        encodedSize += Self.recordHeaderSize
+        if value { setRanges.append(range) } else { clearRanges.append(range) }
+    }
+
+    /// The records, bitmap changes last: runs that lie close together become one mask record
+    /// when that is smaller (an allocation that skips quarantined blocks has thousands of runs).
+    var records: [Record] {
+        writes + Self.bitRecords(setRanges, value: true) + Self.bitRecords(clearRanges, value: false)
+    }
+
+    /// Bytes the records take in the journal.
+    var encodedSize: Int { Self.size(of: records) }
+
+    static func size(of records: [Record]) -> Int {
+        records.reduce(0) { total, record in
+            switch record {
+            case .write(_, let bytes): total + recordHeaderSize + (bytes.count + 7) & ~7
+            case .bits: total + recordHeaderSize
+            case .mask(_, let mask, _): total + recordHeaderSize + (mask.count + 7) & ~7
+            }
+        }
+    }
+
+    private static func bitRecords(_ ranges: [Range<UInt64>], value: Bool) -> [Record] {
+        guard !ranges.isEmpty else { return [] }
+        var records: [Record] = []
+        var cluster: [Range<UInt64>] = []
+        func flush() {
+            guard let first = cluster.first, let last = cluster.last else { return }
+            let start = first.lowerBound & ~7
+            let end = (last.upperBound + 7) & ~7
+            let maskBytes = Int((end - start) / 8)
+            if cluster.count == 1 || recordHeaderSize + (maskBytes + 7) & ~7 >= recordHeaderSize * cluster.count {
+                records += cluster.map { .bits(range: $0, value: value) }
+            } else {
+                var mask = [UInt8](repeating: 0, count: maskBytes)
+                for range in cluster {
+                    for bit in range { mask[Int((bit - start) / 8)] |= 1 << UInt8((bit - start) % 8) }
+                }
+                records.append(.mask(first: start, mask: mask, value: value))
+            }
+            cluster = []
+        }
+        for range in ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) {
+            if let last = cluster.last, range.lowerBound > last.upperBound + maskGap { flush() }
+            cluster.append(range)
+        }
+        flush()
+        return records
     }
 
     /// The records as they go into the journal (tests simulate a crash after the commit point).
-    func encodeForTesting() -> [UInt8] { encode() }
+    func encodeForTesting() -> [UInt8] { Self.encode(records) }
 
-    fileprivate func encode() -> [UInt8] {
-        var e = ByteEncoder(count: encodedSize)
+    fileprivate static func encode(_ records: [Record]) -> [UInt8] {
+        var e = ByteEncoder(count: size(of: records))
         var at = 0
         for record in records {
             switch record {
@@ -41,13 +93,20 @@ struct Transaction {
                 e.put(UInt32(1), at: at)
                 e.put(UInt32(bytes.count), at: at + 4)
                 e.put(UInt64(offset), at: at + 8)
-                e.put(bytes, at: at + Self.recordHeaderSize)
-                at += Self.recordHeaderSize + (bytes.count + 7) & ~7
+                e.put(bytes, at: at + recordHeaderSize)
+                at += recordHeaderSize + (bytes.count + 7) & ~7
             case .bits(let range, let value):
                 e.put(UInt32(value ? 2 : 3), at: at)
                 e.put(range.lowerBound, at: at + 8)
                 e.put(UInt64(range.count), at: at + 16)
-                at += Self.recordHeaderSize
+                at += recordHeaderSize
+            case .mask(let first, let mask, let value):
+                e.put(UInt32(value ? 4 : 5), at: at)
+                e.put(UInt32(mask.count), at: at + 4)
+                e.put(first, at: at + 8)
+                e.put(UInt64(mask.count * 8), at: at + 16)
+                e.put(mask, at: at + recordHeaderSize)
+                at += recordHeaderSize + (mask.count + 7) & ~7
             }
         }
         return e.bytes
@@ -78,10 +137,14 @@ final class Journal: Sendable {
 
     /// Throws `.noSpace` if `transaction` cannot fit the journal; then nothing may be written.
     func checkFits(_ transaction: Transaction, what: String) throws {
-        guard transaction.encodedSize <= capacity else {
+        try checkFits(size: transaction.encodedSize, what: what)
+    }
+
+    private func checkFits(size: Int, what: String) throws {
+        guard size <= capacity else {
             throw DAXError(
                 .noSpace,
-                "\(what) needs a metadata transaction of \(transaction.encodedSize) bytes; "
+                "\(what) needs a metadata transaction of \(size) bytes; "
                     + "the journal holds \(capacity) (format a larger device or with a larger journal)")
         }
     }
@@ -89,17 +152,18 @@ final class Journal: Sendable {
     /// Makes `transaction` durable and applies it: records, commit header, in place, empty header.
     func commit(_ transaction: Transaction, what: String) throws {
         guard !transaction.isEmpty else { return }
-        try checkFits(transaction, what: what)
-        let records = transaction.encode()
+        let recordList = transaction.records
+        try checkFits(size: Transaction.size(of: recordList), what: what)
+        let records = Transaction.encode(recordList)
         // Nothing below can fail: the device's mapping stays while a file system uses it (even
         // after `close`), so no error is ever reported after the commit point as if it were a rollback.
         sequence.withTrackedLock { sequence in
             sequence &+= 1
             write(records, at: recordsOffset)
             write(
-                Self.header(sequence: sequence, committed: true, count: transaction.records.count, records: records),
+                Self.header(sequence: sequence, committed: true, count: recordList.count, records: records),
                 at: headerOffset)
-            apply(transaction.records)
+            apply(recordList)
             write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
         }
         commits.wrappingAdd(1, ordering: .relaxed)
@@ -123,6 +187,10 @@ final class Journal: Sendable {
                 bytes.withUnsafeBytes { device.copy($0, toOffset: offset, flags: .noDrain) }
             case .bits(let range, let value):
                 Self.setBits(range, value: value, device: device, superblock: superblock, touched: &touchedBitmapBlocks)
+            case .mask(let first, let mask, let value):
+                Self.applyMask(
+                    mask, from: first, value: value, device: device, superblock: superblock,
+                    touched: &touchedBitmapBlocks)
             }
         }
         // Each bitmap block is sealed and flushed once, however many records touched it.
@@ -172,6 +240,34 @@ final class Journal: Sendable {
             }
             touched.insert(block)
             index = blockEnd
+        }
+    }
+
+    /// ORs (or clears) `mask` into the bitmap from data-block index `first` (a multiple of 8);
+    /// bits past the data region are never set.
+    static func applyMask(
+        _ mask: [UInt8], from first: UInt64, value: Bool, device: PMemDevice, superblock: Superblock,
+        touched: inout Set<UInt64>
+    ) {
+        let bytesPerBlock = UInt64(Superblock.bitmapBytesPerBlock)
+        var lastBlock = UInt64.max
+        for (index, byte) in mask.enumerated() where byte != 0 {
+            let bit = first + UInt64(index) * 8
+            var bits = byte
+            if bit + 8 > superblock.dataBlocks {
+                bits &= UInt8(truncatingIfNeeded: (1 << (superblock.dataBlocks - bit)) - 1)
+            }
+            let byteIndex = bit / 8
+            let block = byteIndex / bytesPerBlock
+            let target =
+                device.base + (Int(superblock.bitmapStart) + Int(block)) * Superblock.blockSize
+                + Int(byteIndex % bytesPerBlock)
+            let current = target.load(as: UInt8.self)
+            target.storeBytes(of: value ? current | bits : current & ~bits, as: UInt8.self)
+            if block != lastBlock {
+                touched.insert(block)
+                lastBlock = block
+            }
         }
     }
 
@@ -276,6 +372,23 @@ final class Journal: Sendable {
                 }
                 records.append(.bits(range: first..<(first + bits), value: kind == 2))
                 at += Transaction.recordHeaderSize
+            case 4, 5:
+                let length = Int(area.get(UInt32.self, at: at + 4))
+                let first: UInt64 = area.get(at: at + 8)
+                let bits: UInt64 = area.get(at: at + 16)
+                let padded = (length + 7) & ~7
+                guard at + Transaction.recordHeaderSize + padded <= area.count, first % 8 == 0,
+                    bits == UInt64(length) * 8, first < superblock.dataBlocks,
+                    bits <= (superblock.dataBlocks + 7) / 8 * 8 - first
+                else {
+                    throw DAXError(
+                        .corrupted,
+                        "journal record \(index) masks bitmap bits \(first) + \(bits), outside the "
+                            + "\(superblock.dataBlocks) data blocks")
+                }
+                let start = at + Transaction.recordHeaderSize
+                records.append(.mask(first: first, mask: area.bytes(start..<(start + length)), value: kind == 4))
+                at += Transaction.recordHeaderSize + padded
             default:
                 throw DAXError(.corrupted, "journal record \(index) has unknown kind \(kind)")
             }
