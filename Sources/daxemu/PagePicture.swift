@@ -161,7 +161,7 @@ struct PagePicture {
             let y = legendTop + index * 20
             svg += "<rect x=\"16\" y=\"\(y)\" width=\"14\" height=\"14\" fill=\"\(kind.svgColor)\" stroke=\"#999\"/>\n"
             svg +=
-                "<text x=\"38\" y=\"\(y + 12)\" font-size=\"12\">\(escape(kind.name)): \(counts[kind]!) pages</text>\n"
+                "<text x=\"38\" y=\"\(y + 12)\" font-size=\"12\">\(escape(kind.name)): \(counts[kind]!) page\(counts[kind]! == 1 ? "" : "s")</text>\n"
         }
         return svg + "</svg>\n"
     }
