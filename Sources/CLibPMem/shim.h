@@ -16,95 +16,12 @@
 // it must be combined with MAP_SHARED_VALIDATE so that a kernel that does not know it refuses.
 #ifndef MAP_SHARED_VALIDATE
 #define MAP_SHARED_VALIDATE 0x03
-/// ThreadSanitizer's annotations, weak: present only in a `--sanitize=thread` build. The standard
-/// library's `Mutex` waits with futexes that TSan cannot see on Linux, so DAX tells it about each
-/// lock hand-over (see `Mutex.withTrackedLock`). Without TSan these are a never-taken branch.
-void __tsan_acquire(void *address) __attribute__((weak));
-void __tsan_release(void *address) __attribute__((weak));
-
-static inline void dax_tsan_acquire(void *address) {
-    if (__tsan_acquire) __tsan_acquire(address);
-}
-
-static inline void dax_tsan_release(void *address) {
-    if (__tsan_release) __tsan_release(address);
-}
-
-/// CRC-32C (Castagnoli) of `length` bytes, continuing from `crc`, with the SSE4.2 `crc32`
-/// instruction. Only call it when `dax_cpu_has_crc32c()` says the CPU has the instruction.
-__attribute__((target("sse4.2")))
-static inline uint32_t dax_crc32c_hardware(uint32_t crc, const void *data, size_t length) {
-    const uint8_t *bytes = (const uint8_t *)data;
-    uint64_t value = ~crc;
-    while (length >= 8) {
-        uint64_t word;
-        __builtin_memcpy(&word, bytes, 8);
-        value = __builtin_ia32_crc32di(value, word);
-        bytes += 8;
-        length -= 8;
-    }
-    uint32_t small = (uint32_t)value;
-    while (length > 0) {
-        small = __builtin_ia32_crc32qi(small, *bytes);
-        bytes += 1;
-        length -= 1;
-    }
-    return ~small;
-}
-
-/// Whether the CPU has SSE4.2's `crc32` instruction.
-static inline int dax_cpu_has_crc32c(void) {
-    return __builtin_cpu_supports("sse4.2");
-}
-
 #endif
 #ifndef MAP_SYNC
 #define MAP_SYNC 0x80000
-/// ThreadSanitizer's annotations, weak: present only in a `--sanitize=thread` build. The standard
-/// library's `Mutex` waits with futexes that TSan cannot see on Linux, so DAX tells it about each
-/// lock hand-over (see `Mutex.withTrackedLock`). Without TSan these are a never-taken branch.
-void __tsan_acquire(void *address) __attribute__((weak));
-void __tsan_release(void *address) __attribute__((weak));
-
-static inline void dax_tsan_acquire(void *address) {
-    if (__tsan_acquire) __tsan_acquire(address);
-}
-
-static inline void dax_tsan_release(void *address) {
-    if (__tsan_release) __tsan_release(address);
-}
-
-/// CRC-32C (Castagnoli) of `length` bytes, continuing from `crc`, with the SSE4.2 `crc32`
-/// instruction. Only call it when `dax_cpu_has_crc32c()` says the CPU has the instruction.
-__attribute__((target("sse4.2")))
-static inline uint32_t dax_crc32c_hardware(uint32_t crc, const void *data, size_t length) {
-    const uint8_t *bytes = (const uint8_t *)data;
-    uint64_t value = ~crc;
-    while (length >= 8) {
-        uint64_t word;
-        __builtin_memcpy(&word, bytes, 8);
-        value = __builtin_ia32_crc32di(value, word);
-        bytes += 8;
-        length -= 8;
-    }
-    uint32_t small = (uint32_t)value;
-    while (length > 0) {
-        small = __builtin_ia32_crc32qi(small, *bytes);
-        bytes += 1;
-        length -= 1;
-    }
-    return ~small;
-}
-
-/// Whether the CPU has SSE4.2's `crc32` instruction.
-static inline int dax_cpu_has_crc32c(void) {
-    return __builtin_cpu_supports("sse4.2");
-}
-
 #endif
 static const int dax_MAP_SHARED_VALIDATE = MAP_SHARED_VALIDATE;
 static const int dax_MAP_SYNC = MAP_SYNC;
-static const int dax_MAP_FIXED_NOREPLACE = 0x100000;
 static const unsigned int dax_MFD_CLOEXEC = 0x0001U;
 
 /// Calls `memfd_create(2)` through `syscall(2)` (Glibc's Swift module does not export it).

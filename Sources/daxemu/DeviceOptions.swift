@@ -11,13 +11,7 @@ struct DeviceOptions: ParsableArguments {
             discussion: "Default: $DAXEMU_DEVICE, else /dev/shm/daxemu."))
     var device: String?
 
-    var path: String {
-        if let device { return device }
-        if let fromEnvironment = getenv("DAXEMU_DEVICE"), fromEnvironment.pointee != 0 {
-            return String(cString: fromEnvironment)
-        }
-        return "/dev/shm/daxemu"
-    }
+    var path: String { device ?? PMemDevice.defaultPath }
 
     @Option(help: "How stores are made durable: automatic, cache-flush or msync.")
     var persistence: PersistenceChoice = .automatic

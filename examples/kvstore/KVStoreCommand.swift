@@ -16,10 +16,7 @@ struct StoreOptions: ParsableArguments {
     @Option(help: "How stores are made durable: automatic, cache-flush or msync.")
     var persistence = "automatic"
 
-    var devicePath: String {
-        device ?? ProcessInfo.processInfo.environment["DAXEMU_DEVICE"].flatMap { $0.isEmpty ? nil : $0 }
-            ?? "/dev/shm/daxemu"
-    }
+    var devicePath: String { device ?? PMemDevice.defaultPath }
 
     /// Opens device, file system and store around `body`.
     func withStore<T>(_ body: (KVStore) throws -> T) throws -> T {

@@ -97,9 +97,7 @@ struct LogOptions: ParsableArguments {
     var file = "/pmemlog"
 
     func withLog<T>(_ body: (PersistentLog) throws -> T) throws -> T {
-        let path =
-            device ?? ProcessInfo.processInfo.environment["DAXEMU_DEVICE"].flatMap { $0.isEmpty ? nil : $0 }
-            ?? "/dev/shm/daxemu"
+        let path = device ?? PMemDevice.defaultPath
         let opened = try PMemDevice.open(path: path)
         defer { opened.close() }
         let fs = try DAXFileSystem.mount(opened)

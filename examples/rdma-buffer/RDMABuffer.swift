@@ -40,9 +40,7 @@ struct RDMABuffer: ParsableCommand {
 
     func run() throws {
         guard pages > 0 else { throw ValidationError("--pages must be positive") }
-        let path =
-            device ?? ProcessInfo.processInfo.environment["DAXEMU_DEVICE"].flatMap { $0.isEmpty ? nil : $0 }
-            ?? "/dev/shm/daxemu"
+        let path = device ?? PMemDevice.defaultPath
         let opened = try PMemDevice.open(path: path)
         defer { opened.close() }
         let fs = try DAXFileSystem.mount(opened)

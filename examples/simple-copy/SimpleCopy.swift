@@ -42,9 +42,7 @@ struct SimpleCopy: ParsableCommand {
         var info = stat()
         fstat(input, &info)
         let size = Int(info.st_size)
-        let path =
-            device ?? ProcessInfo.processInfo.environment["DAXEMU_DEVICE"].flatMap { $0.isEmpty ? nil : $0 }
-            ?? "/dev/shm/daxemu"
+        let path = device ?? PMemDevice.defaultPath
         let opened = try PMemDevice.open(path: path)
         defer { opened.close() }
         let fs = try DAXFileSystem.mount(opened)

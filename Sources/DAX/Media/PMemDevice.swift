@@ -17,6 +17,13 @@ public final class PMemDevice: Sendable {
     /// The largest device: 16 TiB (2^32 pages).
     public static let maximumSize = 16 << 40
 
+    /// The device tools and examples use when none is named: `$DAXEMU_DEVICE` if set and not
+    /// empty, else `/dev/shm/daxemu`.
+    public static var defaultPath: String {
+        if let path = getenv("DAXEMU_DEVICE"), path.pointee != 0 { return String(cString: path) }
+        return "/dev/shm/daxemu"
+    }
+
     /// How a device is opened or created.
     public struct Options: Sendable {
         /// How stores are made durable; `.automatic` follows libpmem's answer.
