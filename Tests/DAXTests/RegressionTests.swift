@@ -133,8 +133,10 @@ struct RegressionTests {
             x.close()  // frees x: p's next changes while p is being written
             usleep(100)
             current.withTrackedLock { $0 = nil }
-            p.close()
+            // Checked while p is still on the list: freeing p would erase the record a lost
+            // update of its `next` corrupts.
             let report = try fs.check()
+            p.close()
             guard report.isClean else {
                 Issue.record("round \(round): \(report)")
                 return
@@ -164,5 +166,187 @@ struct RegressionTests {
         defer { try? fs.unmount() }
         #expect(try fs.check().isClean)
         #expect(try fs.open("/busy").size > 0)
+    }
+
+    // MARK: - Second review
+
+    @Test("last closes of many orphans at once free every one of them")
+    func concurrentOrphanCloses() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "orphancloses")
+        let fs = t.fs
+        for round in 0..<(longTests ? 300 : 40) {
+            let files = try (0..<16).map { index in
+                let file = try fs.create("/f\(round)-\(index)")
+                try file.write([UInt8(index)], at: 0)
+                return file
+            }
+            for index in 0..<16 { try fs.remove("/f\(round)-\(index)") }
+            let free = fs.statistics().freeBlocks  // the orphans still hold one block each
+            let box = Mutex(files)
+            onThreads(16) { index in box.withTrackedLock { $0[index] }.close() }
+            let left = fs.orphans.withTrackedLock { $0 }
+            guard left.isEmpty, fs.statistics().freeBlocks == free + 16 else {
+                Issue.record("round \(round): orphans \(left) still hold blocks")
+                return
+            }
+        }
+        #expect(fs.statistics().files == 0)
+        #expect(try fs.check().isClean)
+    }
+
+    @Test("a directory operation queued behind unmount fails and leaves the device alone")
+    func namespaceOperationAfterUnmount() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "lateCreate")
+        let fs = t.fs
+        // Hold the namespace lock so that unmount (holding the operations lock) queues behind it,
+        // then start a create that would queue behind unmount.
+        fs.namespace.lockForReading()
+        let unmounted = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            try? fs.unmount()
+            unmounted.signal()
+        }
+        usleep(50_000)
+        let outcome = Mutex<Result<Void, DAXError>?>(nil)
+        let created = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            do {
+                try fs.create("/late").close()
+                outcome.withTrackedLock { $0 = .success(()) }
+            } catch let error as DAXError {
+                outcome.withTrackedLock { $0 = .failure(error) }
+            } catch {}
+            created.signal()
+        }
+        usleep(50_000)
+        fs.namespace.unlock()
+        unmounted.wait()
+        created.wait()
+        #expect(!fs.isMounted)
+        guard case .failure(let error) = try #require(outcome.withTrackedLock { $0 }) else {
+            Issue.record("create succeeded on an unmounted file system")
+            return
+        }
+        #expect(error.code == .invalidArgument)
+        let again = try DAXFileSystem.mount(t.device)
+        #expect(try again.contentsOfDirectory("/").isEmpty)
+        try again.unmount()
+    }
+
+    @Test("a truncate waiting for a pin does not hold up other files while unmount is asked for")
+    func waitingTruncateDoesNotBlockUnmount() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "waitstall")
+        let a = try t.fs.create("/a")
+        try a.write(pattern(8 * 4096), at: 0)
+        let b = try t.fs.create("/b")
+        try b.write([1, 2, 3], at: 0)
+        let mapping = try a.map(count: 8 * 4096)
+        let pin = PinBox(try mapping.pin(offset: 4 * 4096, count: 4096))
+        let truncated = DispatchSemaphore(value: 0)
+        let truncateResult = Mutex<Bool>(false)
+        Thread.detachNewThread {
+            let done = (try? a.truncate(to: 4096, ifBusy: .wait(timeout: .seconds(20)))) != nil
+            truncateResult.withTrackedLock { $0 = done }
+            truncated.signal()
+        }
+        usleep(100_000)
+        // The pin is held, so unmount must refuse at once rather than queue behind the wait.
+        let unmountCode = Mutex<DAXError.Code?>(nil)
+        let unmounted = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            do { try t.fs.unmount() } catch let error as DAXError {
+                unmountCode.withTrackedLock { $0 = error.code }
+            } catch {}
+            unmounted.signal()
+        }
+        #expect(unmounted.wait(timeout: .now() + 5) == .success)
+        #expect(unmountCode.withTrackedLock { $0 } == .busy)
+        #expect(try b.read(count: 3, at: 0) == [1, 2, 3])
+        #expect(truncated.wait(timeout: .now()) == .timedOut)  // still waiting for the pin
+        pin.release()
+        truncated.wait()
+        #expect(truncateResult.withTrackedLock { $0 })
+        #expect(a.size == 4096)
+        mapping.unmap()
+    }
+
+    @Test("a lease holder may use the file system to let go")
+    func revokeCallbackUsesFileSystem() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "revokeuse")
+        let a = try t.fs.create("/a")
+        try a.write(pattern(4 * 4096), at: 0)
+        let mapping = try a.map(count: 4 * 4096)
+        let lease = PinBox()
+        let letGo = DispatchSemaphore(value: 0)
+        lease.set(
+            try mapping.pin(
+                offset: 4096, count: 4096,
+                lifetime: .longTerm(onRevoke: {
+                    // Let go from another thread that first writes a note to a file.
+                    Thread.detachNewThread {
+                        if let note = try? t.fs.create("/released") {
+                            _ = try? note.write([1], at: 0)
+                            note.close()
+                        }
+                        lease.release()
+                        letGo.signal()
+                    }
+                })))
+        try a.truncate(to: 4096, ifBusy: .revokeLeases(grace: .seconds(30)))
+        letGo.wait()
+        #expect(a.size == 4096)
+        #expect(try t.fs.contentsOfDirectory("/") == ["a", "released"])
+        mapping.unmap()
+    }
+
+    @Test("crafted metadata with valid checksums is refused with .corrupted, never a trap")
+    func craftedMetadataIsRefused() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "crafted")
+        let sb = t.fs.superblock
+        try t.fs.unmount()
+        let original = try t.device.read(count: t.device.size, at: 0)
+
+        /// Every refusal leaves the device as it was.
+        func expectRefusedUnchanged(_ what: String) throws {
+            let before = try t.device.read(count: t.device.size, at: 0)
+            expectDAXError(.corrupted) { _ = try DAXFileSystem.mount(t.device) }
+            let report: CheckReport
+            do { report = try DAXFileSystem.check(t.device) } catch let error as DAXError {
+                #expect(error.code == .corrupted, "\(what)")
+                #expect(try t.device.read(count: t.device.size, at: 0) == before, "\(what)")
+                return
+            }
+            #expect(!report.isClean, "\(what): fsck calls a device mount refuses clean")
+            #expect(report.problems.first?.hasPrefix("journal:") == true, "\(what): \(report)")
+            #expect(try t.device.read(count: t.device.size, at: 0) == before, "\(what)")
+        }
+
+        // A journal write record at an offset whose end overflows.
+        var transaction = Transaction()
+        transaction.write([1, 2, 3, 4], at: Int(sb.dataStart) * 4096)
+        var records = transaction.encodeForTesting()
+        withUnsafeBytes(of: UInt64(0xFFFF_FFFF_FFFF_FFFC).littleEndian) { records.replaceSubrange(8..<16, with: $0) }
+        let header = Journal.header(sequence: 7, committed: true, count: 1, records: records)
+        try t.device.write(records, at: Int(sb.journalStart + 1) * 4096)
+        try t.device.write(header, at: Int(sb.journalStart) * 4096)
+        try expectRefusedUnchanged("write record past the end of the address space")
+
+        // Records that do not match the committed header's checksum.
+        try t.device.write(original, at: 0)
+        try t.device.write(header, at: Int(sb.journalStart) * 4096)
+        try expectRefusedUnchanged("records that fail their checksum")
+
+        // A superblock whose bitmap size overflows the geometry arithmetic.
+        try t.device.write(original, at: 0)
+        var bad = sb
+        bad.bitmapBlocks = 0xFFFF_FFFF_FFFF_FFF0
+        try t.device.write(bad.encode(), at: 0)
+        #expect(!DAXFileSystem.isFormatted(t.device))
+        try expectRefusedUnchanged("superblock with an overflowing bitmap size")
+
+        try t.device.write(original, at: 0)
+        let fs = try DAXFileSystem.mount(t.device)
+        #expect(try fs.check().isClean)
+        try fs.unmount()
     }
 }

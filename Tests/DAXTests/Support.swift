@@ -103,6 +103,14 @@ final class PinBox: Sendable {
 
     init(_ pin: consuming PinnedPages) { self.pin = Mutex(Optional(pin)) }
 
+    /// Empty, for a pin whose callback must capture the box before the pin exists.
+    init() { pin = Mutex(nil) }
+
+    func set(_ pin: consuming PinnedPages) {
+        var incoming = Optional(pin)
+        self.pin.withTrackedLock { $0 = incoming.take() }
+    }
+
     func release() {
         let taken = pin.withTrackedLock { $0.take() }
         taken?.release()

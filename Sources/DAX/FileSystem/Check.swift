@@ -22,9 +22,8 @@ extension DAXFileSystem {
     /// extents, link counts, sizes, the directory tree, the orphan list, an empty journal), and that
     /// the file system's DRAM state agrees with the device.
     public func check() throws -> CheckReport {
-        try checkMounted()
         var problems: [String] = []
-        namespace.withReadLock {
+        try namespaceOperation(exclusive: false) {
             let scan = journal.withNoCommits { () -> Scanner.Result in
                 // The superblock as the device has it now (its orphan head changes at run time).
                 let current: Superblock

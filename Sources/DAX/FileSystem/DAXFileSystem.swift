@@ -239,10 +239,6 @@ public final class DAXFileSystem: Sendable {
     /// file is mapped or pages are pinned; then nothing changes.
     public func unmount() throws {
         try operations.withWriteLock { try unmountExclusively() }
-        // Removed files that were open are freed now that nothing holds them.
-        for number in orphans.withTrackedLock({ $0 }) {
-            if let inode = table.withTrackedLock({ $0.inodes[number] }) { try? reclaim(inode) }
-        }
         releaseDevice()
     }
 
@@ -266,6 +262,11 @@ public final class DAXFileSystem: Sendable {
                 return state.handles.values.compactMap(\.file)
             }
             for handle in handles { handle.closeForUnmount() }
+            // Removed files that were open are freed now that nothing holds them. A failure (the
+            // journal fails only on a closed device) leaves the orphan for the next mount to free.
+            for number in orphans.withTrackedLock({ $0 }) {
+                if let inode = table.withTrackedLock({ $0.inodes[number] }) { try? reclaimLocked(inode) }
+            }
         }
     }
 

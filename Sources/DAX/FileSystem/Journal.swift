@@ -296,19 +296,29 @@ final class Journal: Sendable {
         case replayed(records: Int)
     }
 
-    /// Replays a committed transaction, if any. Returns what it found and the last sequence number.
-    static func recover(device: PMemDevice, superblock: Superblock) throws -> (RecoveryOutcome, UInt64) {
+    /// What the journal area holds, validated but not applied.
+    enum Contents {
+        case empty(sequence: UInt64)
+        /// A torn header: a crash while committing or emptying; nothing to replay.
+        case tornHeader
+        case committed(sequence: UInt64, records: [Transaction.Record])
+    }
+
+    /// Reads and validates the journal without changing the device: throws `.corrupted` for
+    /// anything a crash cannot leave behind (a bad magic, an unknown state, records that do not
+    /// match the committed header's checksum or that write outside the metadata and data regions).
+    static func read(device: PMemDevice, superblock: Superblock) throws -> Contents {
         let headerOffset = Int(superblock.journalStart) * Superblock.blockSize
         let header = ByteReader(device.base + headerOffset, count: headerSize)
         guard header.get(UInt32.self, at: 0) == headerMagic else {
             throw DAXError(.corrupted, "journal header at block \(superblock.journalStart) has a bad magic number")
         }
-        guard header.get(UInt32.self, at: 4) == header.crc(of: 8..<headerSize) else { return (.tornHeader, 0) }
+        guard header.get(UInt32.self, at: 4) == header.crc(of: 8..<headerSize) else { return .tornHeader }
         let sequence: UInt64 = header.get(at: 8)
         let state: UInt32 = header.get(at: 16)
         guard state == 1 else {
             guard state == 0 else { throw DAXError(.corrupted, "journal header has unknown state \(state)") }
-            return (.empty, sequence)
+            return .empty(sequence: sequence)
         }
         let count = Int(header.get(UInt32.self, at: 20))
         let length: UInt64 = header.get(at: 24)
@@ -317,17 +327,29 @@ final class Journal: Sendable {
             throw DAXError(
                 .corrupted, "journal header claims \(length) bytes of records; the journal holds \(capacity)")
         }
-        let recordsBase = device.base + headerOffset + Superblock.blockSize
-        let area = ByteReader(recordsBase, count: Int(length))
+        let area = ByteReader(device.base + headerOffset + Superblock.blockSize, count: Int(length))
         guard header.get(UInt32.self, at: 32) == area.crc(of: 0..<Int(length)) else {
             // The header was written after the records were durable, so this is damage, not a crash.
             throw DAXError(.corrupted, "journal records do not match their checksum in the committed header")
         }
-        let records = try decode(area, count: count, superblock: superblock)
-        let journal = Journal(device: device, superblock: superblock, sequence: sequence)
-        journal.apply(records)
-        journal.write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
-        return (.replayed(records: records.count), sequence)
+        return .committed(sequence: sequence, records: try decode(area, count: count, superblock: superblock))
+    }
+
+    /// Replays a committed transaction, if any. Returns what it found and the last sequence number.
+    static func recover(device: PMemDevice, superblock: Superblock) throws -> (RecoveryOutcome, UInt64) {
+        switch try read(device: device, superblock: superblock) {
+        case .empty(let sequence):
+            return (.empty, sequence)
+        case .tornHeader:
+            return (.tornHeader, 0)
+        case .committed(let sequence, let records):
+            let journal = Journal(device: device, superblock: superblock, sequence: sequence)
+            journal.apply(records)
+            journal.write(
+                Self.header(sequence: sequence, committed: false, count: 0, records: []),
+                at: Int(superblock.journalStart) * Superblock.blockSize)
+            return (.replayed(records: records.count), sequence)
+        }
     }
 
     /// Decodes and validates records: a write must rewrite exactly the superblock's first 256 bytes
@@ -351,7 +373,8 @@ final class Journal: Sendable {
                 let superblockRecord = offset == 0 && length == Superblock.size
                 guard at + Transaction.recordHeaderSize + padded <= area.count,
                     superblockRecord
-                        || (offset >= UInt64(firstWritable) && offset + UInt64(length) <= UInt64(deviceBytes))
+                        || (offset >= UInt64(firstWritable) && offset <= UInt64(deviceBytes)
+                            && UInt64(length) <= UInt64(deviceBytes) - offset)
                 else {
                     throw DAXError(
                         .corrupted,

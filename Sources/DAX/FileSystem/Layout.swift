@@ -57,16 +57,23 @@ extension DAXFileSystem {
             ByteReader(device.base, count: Superblock.size),
             deviceBlocks: UInt64(device.pageCount))
         var report = CheckReport(isClean: true, problems: [])
-        let header = ByteReader(device.base + Int(sb.journalStart) * Superblock.blockSize, count: Journal.headerSize)
-        let committed =
-            header.get(UInt32.self, at: 0) == Journal.headerMagic
-            && header.get(UInt32.self, at: 4) == header.crc(of: 8..<Journal.headerSize)
-            && header.get(UInt32.self, at: 16) == 1
-        if committed {
-            report.notes.append("the journal holds a committed transaction; the next mount replays it")
+        // The journal is validated exactly as mount would before replaying it.
+        var journalProblems: [String] = []
+        do {
+            switch try Journal.read(device: device, superblock: sb) {
+            case .empty: break
+            case .tornHeader:
+                report.notes.append("the journal header is torn (a crash while committing); the next mount discards it")
+            case .committed(_, let records):
+                report.notes.append(
+                    "the journal holds a committed transaction of \(records.count) records; the next mount replays it")
+            }
+        } catch let error as DAXError {
+            journalProblems.append("journal: \(error.message); mount will refuse the device")
         }
         let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false)
-        report.problems = scan.problems + (scan.suppressed > 0 ? ["and \(scan.suppressed) more problems"] : [])
+        report.problems =
+            journalProblems + scan.problems + (scan.suppressed > 0 ? ["and \(scan.suppressed) more problems"] : [])
         if !scan.orphans.isEmpty {
             report.notes.append(
                 "\(scan.orphans.count) removed files are still on the orphan list; the next mount frees them")
@@ -100,8 +107,7 @@ extension DAXFileSystem {
 
     /// Kind, size and blocks of the file or directory at `path`.
     public func attributes(of path: String) throws -> FileAttributes {
-        try checkMounted()
-        let inode = try namespace.withReadLock { () throws -> Inode in
+        let inode = try namespaceOperation(exclusive: false) { () throws -> Inode in
             let components = try Paths.components(path)
             guard let name = components.last else { return try self.inode(Superblock.rootInode) }
             let parent = try resolveDirectory(Array(components.dropLast()), path: path)

@@ -4,8 +4,7 @@ extension DAXFileSystem {
     /// Creates a new empty regular file and opens it for reading and writing.
     /// Throws `.alreadyExists` if the path exists, `.notFound` if the parent does not.
     public func create(_ path: String) throws -> DAXFile {
-        try checkMounted()
-        let inode = try namespace.withWriteLock {
+        let inode = try namespaceOperation(exclusive: true) {
             let inode = try makeNode(path, kind: .file)
             inode.users.withTrackedLock { $0.handles += 1 }
             return inode
@@ -15,8 +14,7 @@ extension DAXFileSystem {
 
     /// Opens an existing regular file. Throws `.notFound`, or `.isADirectory` for a directory.
     public func open(_ path: String, access: Access = .readWrite) throws -> DAXFile {
-        try checkMounted()
-        let inode = try namespace.withReadLock { () throws -> Inode in
+        let inode = try namespaceOperation(exclusive: false) { () throws -> Inode in
             let (parent, name) = try Paths.split(path, what: "open")
             let directory = try resolveDirectory(parent, path: path)
             guard let entry = directory.directory?.entries[name] else {
@@ -33,14 +31,12 @@ extension DAXFileSystem {
 
     /// Creates a directory. Throws `.alreadyExists` if the path exists.
     public func createDirectory(_ path: String) throws {
-        try checkMounted()
-        _ = try namespace.withWriteLock { try makeNode(path, kind: .directory) }
+        _ = try namespaceOperation(exclusive: true) { try makeNode(path, kind: .directory) }
     }
 
     /// The names in a directory, sorted (by bytes, which for UTF-8 is code-point order).
     public func contentsOfDirectory(_ path: String) throws -> [String] {
-        try checkMounted()
-        return try namespace.withReadLock {
+        try namespaceOperation(exclusive: false) {
             let directory = try resolveDirectory(try Paths.components(path), path: path)
             return directory.directory?.sortedNames ?? []
         }
@@ -50,8 +46,7 @@ extension DAXFileSystem {
     /// at once and keeps its blocks until the last close or unmap (an orphan; its pinned blocks
     /// stay quarantined until unpinned).
     public func remove(_ path: String) throws {
-        try checkMounted()
-        try namespace.withWriteLock {
+        try namespaceOperation(exclusive: true) {
             let (parentPath, name) = try Paths.split(path, what: "remove")
             let parent = try resolveDirectory(parentPath, path: path)
             guard let entry = parent.directory?.entries[name] else {
@@ -72,8 +67,7 @@ extension DAXFileSystem {
     /// Renames atomically. An existing file at `newPath` is replaced (an empty directory by a
     /// directory); after a crash exactly one of the two names exists.
     public func rename(_ path: String, to newPath: String) throws {
-        try checkMounted()
-        try namespace.withWriteLock {
+        try namespaceOperation(exclusive: true) {
             let (fromPath, fromName) = try Paths.split(path, what: "rename")
             let (toPath, toName) = try Paths.split(newPath, what: "rename onto")
             let from = try resolveDirectory(fromPath, path: path)
@@ -148,6 +142,16 @@ extension DAXFileSystem {
     }
 
     // MARK: - Helpers (namespace lock held)
+
+    /// Runs a directory operation: holds the operations lock shared (so that `unmount` waits for
+    /// it, and one that waited for the namespace lock cannot run after `unmount`), checks that the
+    /// file system is still mounted, then takes the namespace lock.
+    func namespaceOperation<T>(exclusive: Bool, _ body: () throws -> T) throws -> T {
+        try operations.withReadLock {
+            try checkMounted()
+            return exclusive ? try namespace.withWriteLock(body) : try namespace.withReadLock(body)
+        }
+    }
 
     func inode(_ number: UInt32) throws -> Inode {
         guard let inode = table.withTrackedLock({ $0.inodes[number] }) else {
@@ -299,28 +303,36 @@ extension DAXFileSystem {
     /// Frees an orphan whose last handle or mapping went: one transaction takes it off the orphan
     /// list and frees its blocks and inode.
     func reclaim(_ inode: Inode) throws {
-        // Shared with lookups; `unmount` (which holds it exclusively) cannot run in between.
-        try namespace.withReadLock { try reclaimLocked(inode) }
+        // Shared with lookups. `unmount` frees every orphan itself, holding the lock exclusively
+        // after it cleared the mounted flag: nothing is committed once it has let go.
+        try namespace.withReadLock {
+            guard isMounted else { return }
+            try reclaimLocked(inode)
+        }
     }
 
-    private func reclaimLocked(_ inode: Inode) throws {
+    /// ``reclaim(_:)`` with the namespace lock held (shared or exclusively).
+    func reclaimLocked(_ inode: Inode) throws {
         while true {
             // The orphan before this one on the list, whose `next` must change: found without
             // holding any inode lock, then locked first. Locks go in list order (the predecessor,
             // then this inode); the list only grows at its head, so that order never inverts.
             enum Position {
                 case absent, head
-                case after(UInt32)
+                case after(Inode)
             }
+            // Looked up under the orphans lock: an orphan on the list is in the table until the
+            // reclaim that takes it off, which needs this lock too.
             let position: Position = orphans.withTrackedLock { orphans in
                 guard let index = orphans.firstIndex(of: inode.number) else { return .absent }
-                return index == 0 ? .head : .after(orphans[index - 1])
+                guard index > 0 else { return .head }
+                return table.withTrackedLock { $0.inodes[orphans[index - 1]] }.map(Position.after) ?? .absent
             }
             let previous: Inode?
             switch position {
             case .absent: return
             case .head: previous = nil
-            case .after(let number): previous = try self.inode(number)
+            case .after(let inode): previous = inode
             }
             previous?.lock.lockForWriting()
             defer { previous?.lock.unlock() }

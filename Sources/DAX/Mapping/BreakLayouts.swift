@@ -26,27 +26,27 @@ extension DAXFile {
     /// still pinned are dealt with as `ifBusy` says. All or nothing: a failure leaves size,
     /// contents and mappings as they were.
     public func truncate(to size: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
-        try operation("truncate", writable: true) {
-            try Self.checkRange(size, 0, "truncate", path)
-            try fileSystem.changeLayout(inode, policy: policy, what: "truncate \(Paths.debug(path)) to \(size) bytes") {
-                try inode.checkLive(path)
-                return try fileSystem.planResize(inode, to: size)
-            }
+        try Self.checkRange(size, 0, "truncate", path)
+        try fileSystem.changeLayout(
+            inode, policy: policy, what: "truncate \(Paths.debug(path)) to \(size) bytes",
+            guarded: { try operation("truncate", writable: true, $0) }
+        ) {
+            try inode.checkLive(path)
+            return try fileSystem.planResize(inode, to: size)
         }
     }
 
     /// Frees the blocks of the whole pages in `offset..<offset+count` and zeroes the partial pages
     /// at its edges; the size does not change. Busy pages are handled as for ``truncate(to:ifBusy:)``.
     public func punchHole(offset: Int, count: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
-        try operation("punch a hole in", writable: true) {
-            try Self.checkRange(offset, count, "punch a hole in", path)
-            guard count > 0 else { return }
-            try fileSystem.changeLayout(
-                inode, policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))"
-            ) {
-                try inode.checkLive(path)
-                return try fileSystem.planPunch(inode, offset: offset, count: count)
-            }
+        try Self.checkRange(offset, count, "punch a hole in", path)
+        guard count > 0 else { return try operation("punch a hole in", writable: true) {} }
+        try fileSystem.changeLayout(
+            inode, policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))",
+            guarded: { try operation("punch a hole in", writable: true, $0) }
+        ) {
+            try inode.checkLive(path)
+            return try fileSystem.planPunch(inode, offset: offset, count: count)
         }
     }
 }
@@ -59,65 +59,28 @@ extension DAXFileSystem {
     /// 3. scan the pages for references beyond their mappings and for pins;
     /// 4. act on `policy` if any are busy;
     /// 5. commit, replace the pages in the mappings by faulting ones, release the blocks.
-    func changeLayout(_ inode: Inode, policy: BusyPolicy, what: String, plan: () throws -> LayoutChange) throws {
+    ///
+    /// Each attempt runs inside `guarded` (the file operation's checks and the operations lock);
+    /// waiting for pins happens between attempts, outside it, so that a pending `unmount` does not
+    /// hold up every other file operation behind the wait, and a lease holder can use the file
+    /// system to let go.
+    func changeLayout(
+        _ inode: Inode, policy: BusyPolicy, what: String,
+        guarded: (() throws -> [UInt64]) throws -> [UInt64],
+        plan: () throws -> LayoutChange
+    ) throws {
         let started = ContinuousClock.now
         /// When the lease holders were asked to let go plus the grace period (`.revokeLeases`).
         var graceEnd: ContinuousClock.Instant?
         while true {
-            // Mappings found under the locks stay referenced until after the unlock: if one held
-            // the last reference, its deinit (unmap, perhaps freeing an orphan) would need these locks.
-            var held: [DAXMapping] = []
-            defer { withExtendedLifetime(held) {} }
-            inode.invalidateLock.lockForWriting()
-            inode.lock.lockForWriting()
-            var locked = true
-            func unlock() {
-                guard locked else { return }
-                inode.lock.unlock()
-                inode.invalidateLock.unlock()
-                locked = false
-            }
-            defer { unlock() }
-
-            let layout = try plan()
-            // The plan may have taken leaf blocks: every way out that does not carry it out gives them back.
-            var carriedOut = false
-            defer { if !carriedOut { abandon(layout.change) } }
-            guard layout.removesBlocks else {
-                try carryOut(layout, on: inode) {}
-                carriedOut = true
-                return
-            }
-            held = inode.liveMappings.compactMap { $0 as? DAXMapping }
-            let mappings = held.filter { $0.detach(layout.freedPages) }
-            inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
-            let frames = layout.change.freed.flatMap { Array($0.range) }
-            var busy = busyFrames(frames)
-
-            if !busy.isEmpty, case .revokeLeases(let grace) = policy, let end = graceEnd, ContinuousClock.now >= end {
-                // The grace period is over: revoke every lease that still holds a page. Revocation
-                // waits for a DMA access in flight, then drops the pin's counts.
-                for lease in device.pages.leases(where: Set(busy).contains) { lease.revoke() }
-                busy = busyFrames(busy)
-                if !busy.isEmpty, ContinuousClock.now >= end + grace {
-                    restore(mappings, inode)
-                    throw timedOut(what, busy, "short-term pins or references outlived the grace period")
+            // Not escaping in fact; the compiler cannot tell that `guarded` does not call `plan`.
+            let busy = try withoutActuallyEscaping(plan) { plan in
+                let deadline = graceEnd
+                return try guarded {
+                    try attemptLayoutChange(inode, policy: policy, what: what, graceEnd: deadline, plan: plan)
                 }
             }
-            if busy.isEmpty || policy.goesOnWhenBusy {
-                do {
-                    try carryOut(layout, on: inode) { for mapping in mappings { mapping.zapDetached() } }
-                } catch {
-                    restore(mappings, inode)
-                    throw error
-                }
-                carriedOut = true
-                return
-            }
-
-            // Busy, and the policy says not to go on now: put everything back, then unlock.
-            restore(mappings, inode)
-            unlock()
+            if busy.isEmpty { return }
             switch policy {
             case .fail:
                 throw DAXError(
@@ -138,7 +101,7 @@ extension DAXFileSystem {
             case .revokeLeases(let grace):
                 if graceEnd == nil {
                     graceEnd = ContinuousClock.now + grace
-                    // Ask without holding any lock: a holder may use the file to let go.
+                    // Asked without holding any lock: a holder may use the file to let go.
                     for lease in device.pages.leases(where: Set(busy).contains) { lease.requestRelease() }
                 }
                 // Until the grace ends; after it, short-term pins get one more grace period.
@@ -148,6 +111,64 @@ extension DAXFileSystem {
                     PageWord.isIdleExceptMappings)
             }
         }
+    }
+
+    /// One attempt of ``changeLayout(_:policy:what:guarded:plan:)``: carries the change out and
+    /// returns no frames, or puts everything back and returns the busy frames to wait for.
+    private func attemptLayoutChange(
+        _ inode: Inode, policy: BusyPolicy, what: String, graceEnd: ContinuousClock.Instant?,
+        plan: () throws -> LayoutChange
+    ) throws -> [UInt64] {
+        // Mappings found under the locks stay referenced until after the unlock: if one held the
+        // last reference, its deinit (unmap, perhaps freeing an orphan) would need these locks.
+        var held: [DAXMapping] = []
+        defer { withExtendedLifetime(held) {} }
+        inode.invalidateLock.lockForWriting()
+        inode.lock.lockForWriting()
+        defer {
+            inode.lock.unlock()
+            inode.invalidateLock.unlock()
+        }
+
+        let layout = try plan()
+        // The plan may have taken leaf blocks: every way out that does not carry it out gives them back.
+        var carriedOut = false
+        defer { if !carriedOut { abandon(layout.change) } }
+        guard layout.removesBlocks else {
+            try carryOut(layout, on: inode) {}
+            carriedOut = true
+            return []
+        }
+        held = inode.liveMappings.compactMap { $0 as? DAXMapping }
+        let mappings = held.filter { $0.detach(layout.freedPages) }
+        inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        let frames = layout.change.freed.flatMap { Array($0.range) }
+        var busy = busyFrames(frames)
+
+        if !busy.isEmpty, case .revokeLeases(let grace) = policy, let end = graceEnd, ContinuousClock.now >= end {
+            // The grace period is over: revoke every lease that still holds a page. Revocation
+            // waits for a DMA access in flight, then drops the pin's counts.
+            for lease in device.pages.leases(where: Set(busy).contains) { lease.revoke() }
+            busy = busyFrames(busy)
+            if !busy.isEmpty, ContinuousClock.now >= end + grace {
+                restore(mappings, inode)
+                throw timedOut(what, busy, "short-term pins or references outlived the grace period")
+            }
+        }
+        if busy.isEmpty || policy.goesOnWhenBusy {
+            do {
+                try carryOut(layout, on: inode) { for mapping in mappings { mapping.zapDetached() } }
+            } catch {
+                restore(mappings, inode)
+                throw error
+            }
+            carriedOut = true
+            return []
+        }
+
+        // Busy, and the policy says not to go on now: put everything back.
+        restore(mappings, inode)
+        return busy
     }
 
     private func restore(_ mappings: [DAXMapping], _ inode: Inode) {

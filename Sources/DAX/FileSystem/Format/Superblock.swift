@@ -127,6 +127,7 @@ struct Superblock: Equatable, Sendable {
             return "\(inodeCount) inodes in \(inodeBlocks) blocks"
         }
         if bitmapStart != inodeStart + inodeBlocks { return "bitmap does not follow the inode table" }
+        if bitmapBlocks == 0 || bitmapBlocks > totalBlocks { return "bitmap of \(bitmapBlocks) blocks" }
         if dataStart != bitmapStart + bitmapBlocks { return "data region does not follow the bitmap" }
         if dataStart >= totalBlocks || dataBlocks != totalBlocks - dataStart {
             return "data region of \(dataBlocks) blocks"
