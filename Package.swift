@@ -22,10 +22,15 @@ let package = Package(
             name: "DAX",
             dependencies: ["CLibPMem"]
         ),
+        // How every program here reports errors: one line on stderr and an exit status.
+        .target(
+            name: "CommandLineSupport",
+            dependencies: ["DAX", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
         .executableTarget(
             name: "daxemu",
             dependencies: [
-                "DAX",
+                "DAX", "CommandLineSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -33,25 +38,33 @@ let package = Package(
         // Example apps: each an executable target with a README.
         .executableTarget(
             name: "kvstore",
-            dependencies: ["DAX", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: [
+                "DAX", "CommandLineSupport", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
             path: "examples/kvstore",
             exclude: ["README.md"]
         ),
         .executableTarget(
             name: "pmemlog",
-            dependencies: ["DAX", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: [
+                "DAX", "CommandLineSupport", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
             path: "examples/pmemlog",
             exclude: ["README.md"]
         ),
         .executableTarget(
             name: "simple-copy",
-            dependencies: ["DAX", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: [
+                "DAX", "CommandLineSupport", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
             path: "examples/simple-copy",
             exclude: ["README.md"]
         ),
         .executableTarget(
             name: "rdma-buffer",
-            dependencies: ["DAX", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: [
+                "DAX", "CommandLineSupport", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
             path: "examples/rdma-buffer",
             exclude: ["README.md"]
         ),

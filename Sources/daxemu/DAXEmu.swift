@@ -1,6 +1,6 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
-import Glibc
 
 struct DAXEmu: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -17,26 +17,8 @@ struct DAXEmu: ParsableCommand {
     )
 }
 
-/// Runs the command; an error becomes one sentence on stderr and a non-zero exit status.
+/// Runs the command; an error becomes one line on stderr and a non-zero exit status.
 @main
 enum Main {
-    static func main() {
-        do {
-            var command = try DAXEmu.parseAsRoot()
-            try command.run()
-        } catch let error as DAXError {
-            printError(error.message + (error.errno.map { " (\(String(cString: strerror($0))))" } ?? ""))
-            exit(1)
-        } catch let error as CommandError {
-            printError(error.description)
-            exit(1)
-        } catch {
-            DAXEmu.exit(withError: error)
-        }
-    }
-}
-
-/// Writes `daxemu: MESSAGE` on stderr.
-func printError(_ message: String) {
-    writeStderr("daxemu: \(message)\n")
+    static func main() { DAXEmu.mainReportingErrors() }
 }

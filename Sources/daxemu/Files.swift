@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 
@@ -98,32 +99,26 @@ struct Put: ParsableCommand {
                     (destination.hasSuffix("/") ? destination : destination + "/")
                     + (local.split(separator: "/").last.map(String.init) ?? local)
             }
-            let file: DAXFile
-            do {
-                file = try fs.create(target)
-            } catch let error as DAXError where error.code == .alreadyExists {
-                file = try fs.open(target)
-                try file.truncate(to: 0)
-            }
-            defer { file.close() }
-            if size > 0 { try file.allocate(offset: 0, count: size) }  // contiguous blocks, fails early if full
-            let progress = Progress("put \(target)")
-            let chunk = 1 << 20
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
-            defer { buffer.deallocate() }
-            var offset = 0
-            while offset < size {
-                let count = read(input, buffer.baseAddress, min(chunk, size - offset))
-                guard count > 0 else {
-                    throw CommandError(
-                        "cannot read \(local) at offset \(offset): \(count == 0 ? "it shrank" : String(cString: strerror(errno)))"
-                    )
+            // A put that fails (no space, a bad read) or is killed leaves an existing DEST as it was.
+            try fs.createAtomically(target) { file in
+                if size > 0 { try file.allocate(offset: 0, count: size) }  // contiguous blocks, fails early if full
+                let progress = Progress("put \(target)")
+                let chunk = 1 << 20
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+                defer { buffer.deallocate() }
+                var offset = 0
+                while offset < size {
+                    let count = read(input, buffer.baseAddress, min(chunk, size - offset))
+                    guard count > 0 else {
+                        let reason = count == 0 ? "it shrank" : String(cString: strerror(errno))
+                        throw CommandError("cannot read \(local) at offset \(offset): \(reason)")
+                    }
+                    try file.write(UnsafeRawBufferPointer(rebasing: buffer[0..<count]), at: offset)
+                    offset += count
+                    progress.update(Double(offset) / Double(size))
                 }
-                try file.write(UnsafeRawBufferPointer(rebasing: buffer[0..<count]), at: offset)
-                offset += count
-                progress.update(Double(offset) / Double(size))
+                progress.finish()
             }
-            progress.finish()
         }
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 
@@ -19,8 +20,11 @@ struct MapCommand: ParsableCommand {
     @Option(help: "Cells per line of the terminal picture.")
     var columns = 64
 
+    func validate() throws {
+        guard (1...4096).contains(columns) else { throw ValidationError("--columns is 1 to 4096, not \(columns)") }
+    }
+
     func run() throws {
-        guard columns > 0 else { throw CommandError("--columns must be positive") }
         let picture = try device.withFileSystem { fs in PagePicture(fileSystem: fs, device: fs.device) }
         print(picture.terminal(columns: columns))
         if let svg {

@@ -60,9 +60,3 @@ func jsonText(_ value: Any) throws -> String {
         ])
     return String(decoding: data, as: UTF8.self)
 }
-
-/// A user-facing error that is not a `DAXError` (bad local files, bad arguments).
-struct CommandError: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}

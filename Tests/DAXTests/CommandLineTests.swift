@@ -168,6 +168,61 @@ struct CommandLineTests {
         }
     }
 
+    @Test("bad arguments: one line on stderr naming the program and where help is, exit 64, no trap")
+    func badArguments() throws {
+        let device = try ExampleDevice(size: "8M")
+        let cases: [(String, [String], String)] = [
+            ("daxemu", ["truncate", "/x"], "daxemu truncate --help"),
+            ("daxemu", ["map", "--columns", "1152921504606846976"], "--columns"),
+            ("daxemu", ["ls", "--bogus"], "--bogus"),
+            ("kvstore", ["--buckets", "0", "put", "a", "b"], "--buckets"),
+            ("kvstore", ["--buckets=-1", "put", "a", "b"], "--buckets"),
+            ("kvstore", ["--buckets", "2305843009213693952", "put", "a", "b"], "--buckets"),
+            ("kvstore", ["load", "--count=-1"], "--count"),
+            ("kvstore", ["bench", "--count=0"], "--count"),
+            ("simple-copy", ["--chunk", "4611686018427387904", "/etc/hostname", "/y"], "--chunk"),
+            ("rdma-buffer", ["--pages", "4611686018427387904"], "--pages"),
+            ("rdma-buffer", ["--grace-milliseconds=-5"], "--grace-milliseconds"),
+        ]
+        for (program, arguments, text) in cases {
+            // daxemu takes the device after the subcommand, the examples before it.
+            let result = try runCommand(
+                program, program == "daxemu" ? arguments + ["-d", device.path] : ["--device", device.path] + arguments)
+            expectCleanFailure(result, program, mentioning: text)
+            #expect(result.status == 64, "\(program) \(arguments): \(result.status)")
+        }
+        // None of them touched the file system.
+        let listing = try runCommand("daxemu", ["ls", "-d", device.path, "/"])
+        #expect(listing.status == 0 && listing.output.isEmpty, "\(listing.output)")
+        #expect(try runCommand("daxemu", ["--help"]).status == 0)
+    }
+
+    @Test("put over an existing file that does not fit leaves the file as it was")
+    func failedPutKeepsDestination() throws {
+        let device = try ExampleDevice(size: "16M")
+        let small = NSTemporaryDirectory() + "daxemu-keep-\(getpid())"
+        let big = small + ".big"
+        defer {
+            unlink(small)
+            unlink(big)
+        }
+        let kept = Data(pattern(10_000, seed: 8))
+        try kept.write(to: URL(fileURLWithPath: small))
+        try Data(count: 30 << 20).write(to: URL(fileURLWithPath: big))
+        let env = ["DAXEMU_DEVICE": device.path]
+        #expect(try runCommand("daxemu", ["put", small, "/keep"], environment: env).status == 0)
+        expectCleanFailure(try runCommand("daxemu", ["put", big, "/keep"], environment: env), mentioning: "no space")
+        #expect(try runCommand("daxemu", ["get", "/keep", "-"], environment: env).outputData == kept)
+        #expect(try runCommand("daxemu", ["ls", "/"], environment: env).output == "keep\n")  // no partial file
+        // Replacing works when it fits.
+        let replacement = Data(pattern(5_000, seed: 9))
+        try replacement.write(to: URL(fileURLWithPath: small))
+        #expect(try runCommand("daxemu", ["put", small, "/keep"], environment: env).status == 0)
+        #expect(try runCommand("daxemu", ["get", "/keep", "-"], environment: env).outputData == replacement)
+        expectCleanFailure(try runCommand("daxemu", ["put", small, "/nodir/x"], environment: env), mentioning: "/nodir")
+        #expect(try runCommand("daxemu", ["fsck"], environment: env).status == 0)
+    }
+
     @Test("fsck: clean is 0, damage is listed with exit 1, garbage is reported, nothing crashes")
     func fsck() throws {
         let device = DevicePath()

@@ -4,7 +4,7 @@ import Testing
 
 @testable import DAX
 
-/// A formatted device for an example, removed when the value goes.
+/// A device formatted by `daxemu` for a command-line or example test, removed when the value goes.
 final class ExampleDevice: @unchecked Sendable {
     let device = DevicePath()
     var path: String { device.path }
@@ -94,6 +94,62 @@ struct ExampleTests {
             mentioning: "exists")
     }
 
+    @Test("kvstore and pmemlog refuse damaged files with one line, never a trap")
+    func damagedFilesAreRefused() throws {
+        let e = try ExampleDevice()
+        let kv = { (arguments: [String]) in try runCommand("kvstore", ["--device", e.path, "--buckets", "64"] + arguments) }
+        let log = { (arguments: [String]) in try runCommand("pmemlog", ["--device", e.path] + arguments) }
+        #expect(try kv(["put", "k", "v"]).status == 0)
+        #expect(try log(["append", "one", "two"]).status == 0)
+        /// Writes `value` at `offset` of a file through the library, as damage would.
+        func damage(_ path: String, at offset: Int, _ value: UInt64) throws {
+            let device = try PMemDevice.open(path: e.path)
+            defer { device.close() }
+            let fs = try DAXFileSystem.mount(device)
+            defer { try? fs.unmount() }
+            let file = try fs.open(path)
+            defer { file.close() }
+            try file.write(withUnsafeBytes(of: value.littleEndian) { Array($0) }, at: offset)
+        }
+        // A bucket head far outside the file: get and check say so.
+        let bucket = Int(KVView.hash(Array("k".utf8)) % 64)
+        try damage("/kvstore", at: 4096 + bucket * 8, 0x1000_0000_0000)
+        expectCleanFailure(try kv(["get", "k"]), "kvstore", mentioning: "damaged")
+        let check = try kv(["check"])
+        #expect(check.status == 1 && check.output.contains("outside the log"), "\(check.output)")
+        try damage("/kvstore", at: 4096 + bucket * 8, 1 << 63)
+        #expect(try kv(["check"]).status == 1)
+        // Header fields that do not fit an Int.
+        try damage("/kvstore", at: 16, UInt64.max - 7)
+        expectCleanFailure(try kv(["check"]), "kvstore", mentioning: "damaged header")
+        // The log's end pointer, then a record length past the end.
+        try damage("/pmemlog", at: 8, 1 << 63)
+        expectCleanFailure(try log(["walk"]), "pmemlog", mentioning: "end pointer")
+        try damage("/pmemlog", at: 8, 4096 + 32)
+        try damage("/pmemlog", at: 4096, UInt64.max)
+        let walked = try log(["walk"])
+        #expect(walked.status == 0 && walked.output.isEmpty)
+    }
+
+    @Test("a store or log whose creation failed can be created afterwards; nothing half-made is left")
+    func failedCreationLeavesNothing() throws {
+        let e = try ExampleDevice(size: "24M")
+        // 1M buckets need 8 MiB plus a 16 MiB log: more than the device has. 1024 buckets fit.
+        expectCleanFailure(try runCommand("kvstore", ["--device", e.path, "put", "a", "b"]), "kvstore", mentioning: "no space")
+        #expect(try runCommand("daxemu", ["ls", "-d", e.path, "/"]).output.isEmpty)
+        #expect(try runCommand("kvstore", ["--device", e.path, "--buckets", "1024", "put", "a", "b"]).status == 0)
+        #expect(try runCommand("kvstore", ["--device", e.path, "get", "a"]).output == "b\n")
+        #expect(try runCommand("daxemu", ["ls", "-d", e.path, "/"]).output == "kvstore\n")
+        // simple-copy: a source larger than the space left leaves no partial destination.
+        let local = NSTemporaryDirectory() + "simple-copy-big-\(getpid())"
+        defer { unlink(local) }
+        try Data(count: 20 << 20).write(to: URL(fileURLWithPath: local))
+        expectCleanFailure(
+            try runCommand("simple-copy", ["--device", e.path, local, "/big"]), "simple-copy", mentioning: "no space")
+        #expect(try runCommand("daxemu", ["ls", "-d", e.path, "/"]).output == "kvstore\n")
+        #expect(try runCommand("daxemu", ["fsck", "-d", e.path]).status == 0)
+    }
+
     @Test("rdma-buffer: the lease is revoked, the NIC refused, nothing corrupted", arguments: [false, true])
     func rdmaBuffer(cooperative: Bool) throws {
         let e = try ExampleDevice()
@@ -111,15 +167,21 @@ struct ExampleTests {
 struct KVView {
     let mapping: DAXMapping
 
+    /// FNV-1a, which picks a key's bucket.
+    static func hash(_ bytes: [UInt8]) -> UInt64 {
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in bytes {
+            hash ^= UInt64(byte)
+            hash = hash &* 0x100_0000_01B3
+        }
+        return hash
+    }
+
     func value(of key: String) -> String? {
         let base = mapping.baseAddress
         let buckets = Int(base.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
         let keyBytes = Array(key.utf8)
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        for byte in keyBytes {
-            hash ^= UInt64(byte)
-            hash = hash &* 0x100_0000_01B3
-        }
+        let hash = Self.hash(keyBytes)
         var offset = Int(base.loadUnaligned(fromByteOffset: 4096 + Int(hash % UInt64(buckets)) * 8, as: UInt64.self))
         while offset != 0 {
             let keyLength = Int(base.loadUnaligned(fromByteOffset: offset + 8, as: UInt32.self))

@@ -1,3 +1,4 @@
+import CommandLineSupport
 import DAX
 import Foundation
 
@@ -24,6 +25,7 @@ final class KVStore {
     static let deletion: UInt32 = 0xFFFF_FFFF
     static let maximumKey = 1 << 16
     static let maximumValue = 1 << 24
+    static let maximumBuckets = 1 << 28
 
     let file: DAXFile
     private(set) var mapping: DAXMapping
@@ -33,48 +35,56 @@ final class KVStore {
     private(set) var cursor: Int
     private var putsSinceHint = 0
 
-    /// Opens the store in `path`, creating it with `buckets` buckets if it does not exist.
+    /// Opens the store in `path`, creating it with `buckets` buckets if it does not exist (or is an
+    /// empty file).
     init(fileSystem fs: DAXFileSystem, path: String, buckets: Int = 1 << 20) throws {
-        let created: Bool
+        guard (1...Self.maximumBuckets).contains(buckets) else {
+            throw CommandError("a store has 1 to \(Self.maximumBuckets) buckets, not \(buckets)")
+        }
         do {
             file = try fs.open(path)
-            created = false
         } catch let error as DAXError where error.code == .notFound {
-            file = try fs.create(path)
-            created = true
+            // Built under another name and renamed into place: a creation that fails or is
+            // killed halfway never leaves a file at `path` that is not a store.
+            try fs.createAtomically(path) { try Self.build(in: $0, buckets: buckets) }
+            file = try fs.open(path)
         }
-        if created || file.size == 0 {
-            bucketCount = buckets
-            entriesStart = Self.headerSize + (buckets * 8 + 4095) / 4096 * 4096
-            try file.truncate(to: entriesStart + (16 << 20))
-            let fresh = try file.map(count: file.size)
-            mapping = fresh
-            // Buckets and log are zero (fresh blocks); write the header last: it makes the store.
-            var header = [UInt8](repeating: 0, count: 40)
-            Self.put(Self.magic, into: &header, at: 0)
-            Self.put(UInt64(1), into: &header, at: 8)
-            Self.put(UInt64(bucketCount), into: &header, at: 16)
-            Self.put(UInt64(entriesStart), into: &header, at: 24)
-            Self.put(UInt64(entriesStart), into: &header, at: 32)
-            header.withUnsafeBytes { fresh.copy($0, toOffset: 0) }
-            cursor = entriesStart
-        } else {
-            guard file.size >= Self.headerSize else { throw KVError("\(path) is not a kvstore (too small)") }
-            mapping = try file.map(count: file.size)
-            let base = mapping.baseAddress
-            guard base.loadUnaligned(as: UInt64.self) == Self.magic,
-                base.loadUnaligned(fromByteOffset: 8, as: UInt64.self) == 1
-            else { throw KVError("\(path) is not a kvstore (bad magic or version)") }
-            bucketCount = Int(base.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
-            entriesStart = Int(base.loadUnaligned(fromByteOffset: 24, as: UInt64.self))
-            guard bucketCount > 0, entriesStart == Self.headerSize + (bucketCount * 8 + 4095) / 4096 * 4096,
-                entriesStart <= file.size
-            else { throw KVError("\(path) has a damaged header") }
-            let hint = Int(base.loadUnaligned(fromByteOffset: 32, as: UInt64.self))
-            cursor = (entriesStart...file.size).contains(hint) ? hint : entriesStart
-            // Entries written after the hint was stored: walk forward while they are whole.
-            while let size = entrySize(at: cursor) { cursor += size }
-        }
+        if file.size == 0 { try Self.build(in: file, buckets: buckets) }
+        guard file.size >= Self.headerSize else { throw CommandError("\(path) is not a kvstore (too small)") }
+        mapping = try file.map(count: file.size)
+        let base = mapping.baseAddress
+        guard base.loadUnaligned(as: UInt64.self) == Self.magic,
+            base.loadUnaligned(fromByteOffset: 8, as: UInt64.self) == 1
+        else { throw CommandError("\(path) is not a kvstore (bad magic or version)") }
+        // Every field is range-checked before it is used as an Int.
+        let buckets = base.loadUnaligned(fromByteOffset: 16, as: UInt64.self)
+        let start = base.loadUnaligned(fromByteOffset: 24, as: UInt64.self)
+        guard (1...UInt64(Self.maximumBuckets)).contains(buckets),
+            start == UInt64(Self.headerSize) + (buckets * 8 + 4095) / 4096 * 4096, start <= UInt64(file.size)
+        else { throw CommandError("\(path) has a damaged header (\(buckets) buckets, entries at \(start))") }
+        bucketCount = Int(buckets)
+        entriesStart = Int(start)
+        let hint = base.loadUnaligned(fromByteOffset: 32, as: UInt64.self)
+        cursor = (UInt64(entriesStart)...UInt64(file.size)).contains(hint) ? Int(hint) : entriesStart
+        // Entries written after the hint was stored: walk forward while they are whole.
+        while let size = entrySize(at: cursor) { cursor += size }
+    }
+
+    /// Lays a new store out in the empty `file`: zeroed buckets and log, then the header, which
+    /// makes it a store.
+    private static func build(in file: DAXFile, buckets: Int) throws {
+        let entriesStart = headerSize + (buckets * 8 + 4095) / 4096 * 4096
+        // Every block now, zeroed: a device too small for the store fails here, before it exists.
+        try file.allocate(offset: 0, count: entriesStart + (16 << 20))
+        let mapping = try file.map(count: headerSize)
+        defer { mapping.unmap() }
+        var header = [UInt8](repeating: 0, count: 40)
+        put(magic, into: &header, at: 0)
+        put(UInt64(1), into: &header, at: 8)
+        put(UInt64(buckets), into: &header, at: 16)
+        put(UInt64(entriesStart), into: &header, at: 24)
+        put(UInt64(entriesStart), into: &header, at: 32)
+        header.withUnsafeBytes { mapping.copy($0, toOffset: 0) }
     }
 
     /// Stores the cursor hint (so the next open scans less) and unmaps.
@@ -90,13 +100,23 @@ final class KVStore {
 
     func delete(_ key: [UInt8]) throws { try append(key, [], deletion: true) }
 
-    /// The value of `key`, or nil.
-    func get(_ key: [UInt8]) -> [UInt8]? {
-        var offset = head(of: bucket(for: key))
+    /// The value of `key`, or nil. Throws if the chain leads outside the log (a damaged store).
+    func get(_ key: [UInt8]) throws -> [UInt8]? {
+        let bucket = bucket(for: key)
+        var offset = head(of: bucket)
+        var newer = cursor
         while offset != 0 {
+            // Each link goes back in the log to an entry whose lengths fit before the next one.
+            guard offset >= entriesStart, offset < newer, offset <= cursor - Self.entryHeader else {
+                throw damaged(bucket, offset)
+            }
             let base = mapping.baseAddress + offset
             let keyLength = Int(base.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
             let valueLength = base.loadUnaligned(fromByteOffset: 12, as: UInt32.self)
+            let stored = valueLength == Self.deletion ? 0 : Int(valueLength)
+            guard keyLength <= Self.maximumKey, stored <= Self.maximumValue,
+                Self.entryHeader + keyLength + stored <= cursor - offset
+            else { throw damaged(bucket, offset) }
             if keyLength == key.count,
                 key.withUnsafeBytes({ memcmp($0.baseAddress!, base + Self.entryHeader, keyLength) == 0 })
             {
@@ -104,17 +124,22 @@ final class KVStore {
                 return [UInt8](
                     UnsafeRawBufferPointer(start: base + Self.entryHeader + keyLength, count: Int(valueLength)))
             }
-            offset = Int(base.loadUnaligned(as: UInt64.self))
+            newer = offset
+            offset = Int(truncatingIfNeeded: base.loadUnaligned(as: UInt64.self))
         }
         return nil
     }
 
+    private func damaged(_ bucket: Int, _ offset: Int) -> CommandError {
+        CommandError("the store is damaged: bucket \(bucket) links to \(offset), outside its log (run `kvstore check`)")
+    }
+
     private func append(_ key: [UInt8], _ value: [UInt8], deletion: Bool) throws {
         guard !key.isEmpty, key.count <= Self.maximumKey else {
-            throw KVError("keys are 1 to \(Self.maximumKey) bytes; this one has \(key.count)")
+            throw CommandError("keys are 1 to \(Self.maximumKey) bytes; this one has \(key.count)")
         }
         guard value.count <= Self.maximumValue else {
-            throw KVError("values are at most \(Self.maximumValue) bytes; this one has \(value.count)")
+            throw CommandError("values are at most \(Self.maximumValue) bytes; this one has \(value.count)")
         }
         let size = Self.entryHeader + (key.count + value.count + 7) / 8 * 8
         if cursor + size > mapping.count { try grow(to: cursor + size) }
@@ -122,7 +147,7 @@ final class KVStore {
         let offset = cursor
         // 1. The entry, past the end of the log, persisted.
         var entry = [UInt8](repeating: 0, count: size)
-        Self.put(UInt64(head(of: bucket)), into: &entry, at: 0)
+        Self.put(UInt64(truncatingIfNeeded: head(of: bucket)), into: &entry, at: 0)
         Self.put(UInt32(key.count), into: &entry, at: 8)
         Self.put(deletion ? Self.deletion : UInt32(value.count), into: &entry, at: 12)
         entry.replaceSubrange(Self.entryHeader..<(Self.entryHeader + key.count), with: key)
@@ -182,7 +207,7 @@ final class KVStore {
                 if seen.insert(key).inserted, base.loadUnaligned(fromByteOffset: 12, as: UInt32.self) != Self.deletion {
                     live += 1
                 }
-                let next = Int(base.loadUnaligned(as: UInt64.self))
+                let next = Int(truncatingIfNeeded: base.loadUnaligned(as: UInt64.self))
                 guard next < offset else {
                     problems.append("bucket \(bucket): entry at \(offset) links forward to \(next)")
                     break
@@ -210,8 +235,11 @@ final class KVStore {
         return Self.checksum(entry) == checksum ? size : nil
     }
 
+    /// The newest entry of the bucket's chain; a damaged value comes out negative or out of range,
+    /// never traps.
     private func head(of bucket: Int) -> Int {
-        Int(UInt64(littleEndian: (mapping.baseAddress + Self.headerSize + bucket * 8).load(as: UInt64.self)))
+        let stored = (mapping.baseAddress + Self.headerSize + bucket * 8).load(as: UInt64.self)
+        return Int(truncatingIfNeeded: UInt64(littleEndian: stored))
     }
 
     private func bucket(for key: [UInt8]) -> Int { Int(Self.fnv1a(key) % UInt64(bucketCount)) }
@@ -237,7 +265,3 @@ final class KVStore {
     }
 }
 
-struct KVError: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 
@@ -18,6 +19,12 @@ struct StoreOptions: ParsableArguments {
 
     var devicePath: String { device ?? PMemDevice.defaultPath }
 
+    func validate() throws {
+        guard (1...KVStore.maximumBuckets).contains(buckets) else {
+            throw ValidationError("--buckets is 1 to \(KVStore.maximumBuckets), not \(buckets)")
+        }
+    }
+
     /// Opens device, file system and store around `body`.
     func withStore<T>(_ body: (KVStore) throws -> T) throws -> T {
         var options = PMemDevice.Options()
@@ -25,13 +32,13 @@ struct StoreOptions: ParsableArguments {
         case "automatic": options.persistence = .automatic
         case "cache-flush": options.persistence = .cacheFlush
         case "msync": options.persistence = .msync
-        default: throw KVError("--persistence is automatic, cache-flush or msync, not \(persistence)")
+        default: throw CommandError("--persistence is automatic, cache-flush or msync, not \(persistence)")
         }
         let device: PMemDevice
         do {
             device = try PMemDevice.open(path: devicePath, options: options)
         } catch let error as DAXError where error.code == .notFound {
-            throw KVError(
+            throw CommandError(
                 "no device at \(devicePath): create one with `daxemu create --device \(devicePath)` "
                     + "and `daxemu format --device \(devicePath)`")
         }
@@ -53,20 +60,7 @@ struct KVStoreCommand: ParsableCommand {
 
     @OptionGroup var options: StoreOptions
 
-    static func main() {
-        do {
-            var command = try parseAsRoot()
-            try command.run()
-        } catch let error as DAXError {
-            FileHandle.standardError.write(Data("kvstore: \(error.message)\n".utf8))
-            Foundation.exit(1)
-        } catch let error as KVError {
-            FileHandle.standardError.write(Data("kvstore: \(error)\n".utf8))
-            Foundation.exit(1)
-        } catch {
-            exit(withError: error)
-        }
-    }
+    static func main() { mainReportingErrors() }
 }
 
 struct Put: ParsableCommand {
@@ -88,7 +82,7 @@ struct Get: ParsableCommand {
     @Argument var key: String
 
     func run() throws {
-        guard let value = try options.withStore({ $0.get(Array(key.utf8)) }) else { throw ExitCode(1) }
+        guard let value = try options.withStore({ try $0.get(Array(key.utf8)) }) else { throw ExitCode(1) }
         print(String(decoding: value, as: UTF8.self))
     }
 }
@@ -127,6 +121,10 @@ struct Load: ParsableCommand {
     var options: StoreOptions { root.options }
     @Option var count: Int
 
+    func validate() throws {
+        guard count >= 0 else { throw ValidationError("--count cannot be negative") }
+    }
+
     func run() throws {
         try options.withStore { store in
             for i in 0..<count {
@@ -145,6 +143,10 @@ struct Bench: ParsableCommand {
     var options: StoreOptions { root.options }
     @Option var count = 1_000_000
 
+    func validate() throws {
+        guard count > 0 else { throw ValidationError("--count must be positive") }
+    }
+
     func run() throws {
         let result = try options.withStore { store -> [String: Double] in
             func key(_ i: Int) -> [UInt8] { Array(String(format: "k%015d", i).utf8) }
@@ -155,9 +157,9 @@ struct Bench: ParsableCommand {
             let puts = Double(count) / (Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
             start = DispatchTime.now().uptimeNanoseconds
             var found = 0
-            for key in keys where store.get(key) != nil { found += 1 }
+            for key in keys where try store.get(key) != nil { found += 1 }
             let gets = Double(count) / (Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
-            guard found == count else { throw KVError("only \(found) of \(count) keys read back") }
+            guard found == count else { throw CommandError("only \(found) of \(count) keys read back") }
             return ["puts_per_second": puts, "gets_per_second": gets]
         }
         let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 
@@ -19,23 +20,28 @@ final class PersistentLog {
         do {
             file = try fs.open(path)
         } catch let error as DAXError where error.code == .notFound {
-            file = try fs.create(path)
-        }
-        if file.size == 0 {
-            try file.truncate(to: 1 << 20)
-            mapping = try file.map(count: file.size)
-            store(UInt64(Self.start), at: 8)
-            store(Self.magic, at: 0)
-        } else {
-            mapping = try file.map(count: file.size)
-            guard load(0) == Self.magic else { throw LogError("\(path) is not a log") }
-            guard (Self.start...file.size).contains(Int(load(8))) else {
-                throw LogError("\(path) has a damaged end pointer")
+            // Made under another name and renamed into place: a creation that fails or is killed
+            // never leaves a file at `path` that is not a log.
+            try fs.createAtomically(path) { new in
+                try new.allocate(offset: 0, count: 1 << 20)
+                var header = [UInt8](repeating: 0, count: 16)
+                withUnsafeBytes(of: Self.magic.littleEndian) { header.replaceSubrange(0..<8, with: $0) }
+                withUnsafeBytes(of: UInt64(Self.start).littleEndian) { header.replaceSubrange(8..<16, with: $0) }
+                try new.write(header, at: 0)
             }
+            file = try fs.open(path)
+        }
+        guard file.size >= Self.start else { throw CommandError("\(path) is not a log (too small)") }
+        mapping = try file.map(count: file.size)
+        guard load(0) == Self.magic else { throw CommandError("\(path) is not a log") }
+        // Range-checked as an unsigned value: a damaged pointer must not trap on its way to Int.
+        guard (UInt64(Self.start)...UInt64(file.size)).contains(load(8)) else {
+            throw CommandError("\(path) has a damaged end pointer")
         }
     }
 
-    var end: Int { Int(load(8)) }
+    /// Where the next record goes (checked against the file's size when the log was opened).
+    var end: Int { Int(truncatingIfNeeded: load(8)) }
 
     func append(_ bytes: [UInt8]) throws {
         let size = 8 + (bytes.count + 7) / 8 * 8
@@ -58,11 +64,13 @@ final class PersistentLog {
     func walk(_ body: ([UInt8]) -> Void) {
         var offset = Self.start
         let end = end
-        while offset < end {
-            let length = Int(load(offset))
-            guard length >= 0, offset + 8 + length <= end else { return }
-            body([UInt8](UnsafeRawBufferPointer(start: mapping.baseAddress + offset + 8, count: length)))
-            offset += 8 + (length + 7) / 8 * 8
+        // A damaged record (a length past the end) ends the walk.
+        while end - offset >= 8 {
+            let length = load(offset)
+            guard length <= UInt64(end - offset - 8) else { return }
+            let count = Int(length)
+            body([UInt8](UnsafeRawBufferPointer(start: mapping.baseAddress + offset + 8, count: count)))
+            offset += 8 + (count + 7) / 8 * 8
         }
     }
 
@@ -82,11 +90,6 @@ final class PersistentLog {
         (mapping.baseAddress + offset).storeBytes(of: value.littleEndian, as: UInt64.self)
         mapping.persist(offset: offset, count: 8)
     }
-}
-
-struct LogError: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
 }
 
 struct LogOptions: ParsableArguments {
@@ -116,20 +119,7 @@ struct PMemLog: ParsableCommand {
 
     @OptionGroup var options: LogOptions
 
-    static func main() {
-        do {
-            var command = try parseAsRoot()
-            try command.run()
-        } catch let error as DAXError {
-            FileHandle.standardError.write(Data("pmemlog: \(error.message)\n".utf8))
-            Foundation.exit(1)
-        } catch let error as LogError {
-            FileHandle.standardError.write(Data("pmemlog: \(error)\n".utf8))
-            Foundation.exit(1)
-        } catch {
-            exit(withError: error)
-        }
-    }
+    static func main() { mainReportingErrors() }
 }
 
 struct Append: ParsableCommand {

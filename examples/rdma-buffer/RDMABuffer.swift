@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 import Synchronization
@@ -26,20 +27,16 @@ struct RDMABuffer: ParsableCommand {
     @Flag(help: "The server lets go when asked (deregisters), instead of ignoring the request.")
     var cooperative = false
 
-    static func main() {
-        do {
-            var command = try parseAsRoot()
-            try command.run()
-        } catch let error as DAXError {
-            FileHandle.standardError.write(Data("rdma-buffer: \(error.message)\n".utf8))
-            Foundation.exit(1)
-        } catch {
-            exit(withError: error)
+    static func main() { mainReportingErrors() }
+
+    func validate() throws {
+        guard (1...(1 << 22)).contains(pages) else { throw ValidationError("--pages is 1 to 4194304, not \(pages)") }
+        guard (0...3_600_000).contains(graceMilliseconds) else {
+            throw ValidationError("--grace-milliseconds is 0 to 3600000, not \(graceMilliseconds)")
         }
     }
 
     func run() throws {
-        guard pages > 0 else { throw ValidationError("--pages must be positive") }
         let path = device ?? PMemDevice.defaultPath
         let opened = try PMemDevice.open(path: path)
         defer { opened.close() }

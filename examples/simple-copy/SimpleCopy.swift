@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 
@@ -22,22 +23,15 @@ struct SimpleCopy: ParsableCommand {
     @Argument(help: "The DAX file to create (it must not exist).")
     var destination: String
 
-    static func main() {
-        do {
-            var command = try parseAsRoot()
-            try command.run()
-        } catch let error as DAXError {
-            FileHandle.standardError.write(Data("simple-copy: \(error.message)\n".utf8))
-            Foundation.exit(1)
-        } catch {
-            exit(withError: error)
-        }
+    static func main() { mainReportingErrors() }
+
+    func validate() throws {
+        guard (1...(1 << 30)).contains(chunk) else { throw ValidationError("--chunk is 1 to 1073741824, not \(chunk)") }
     }
 
     func run() throws {
-        guard chunk > 0 else { throw ValidationError("--chunk must be positive") }
         let input = open(source, O_RDONLY)
-        guard input >= 0 else { throw ValidationError("cannot read \(source): \(String(cString: strerror(errno)))") }
+        guard input >= 0 else { throw CommandError("cannot read \(source): \(String(cString: strerror(errno)))") }
         defer { close(input) }
         var info = stat()
         fstat(input, &info)
@@ -48,8 +42,15 @@ struct SimpleCopy: ParsableCommand {
         let fs = try DAXFileSystem.mount(opened)
         defer { try? fs.unmount() }
         let file = try fs.create(destination)
-        defer { file.close() }
-        guard size > 0 else { return }
+        var copied = false
+        defer {
+            file.close()
+            if !copied { try? fs.remove(destination) }  // a failed copy leaves no partial file
+        }
+        guard size > 0 else {
+            copied = true
+            return
+        }
         try file.truncate(to: size)
         let mapping = try file.map(count: size)
         defer { mapping.unmap() }
@@ -58,13 +59,14 @@ struct SimpleCopy: ParsableCommand {
         var offset = 0
         while offset < size {
             let count = read(input, buffer.baseAddress, min(chunk, size - offset))
-            guard count > 0 else { throw ValidationError("\(source) ended early at \(offset) bytes") }
+            guard count > 0 else { throw CommandError("\(source) ended early at \(offset) bytes") }
             mapping.copy(
                 UnsafeRawBufferPointer(rebasing: buffer[0..<count]), toOffset: offset,
                 flags: [.nonTemporal, .noDrain])
             offset += count
         }
         mapping.drain()
+        copied = true
         print("copied \(size) bytes to \(destination)")
     }
 }
