@@ -13,10 +13,10 @@ extension ParsableCommand {
     /// Parses the arguments and runs the command. Every failure becomes one line on stderr,
     /// `NAME: what went wrong`, and an exit status: 1 for a failed command, 64 for bad arguments
     /// (then the line ends with where to find help). `--help` and `--version` print as usual.
-    public static func mainReportingErrors() -> Never {
+    public static func mainReportingErrors(arguments: [String]? = nil) -> Never {
         let name = configuration.commandName ?? _commandName
         do {
-            var command = try parseAsRoot()
+            var command = try parseAsRoot(arguments)
             try command.run()
             Glibc.exit(0)
         } catch let error as DAXError {

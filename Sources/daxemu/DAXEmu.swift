@@ -20,5 +20,8 @@ struct DAXEmu: ParsableCommand {
 /// Runs the command; an error becomes one line on stderr and a non-zero exit status.
 @main
 enum Main {
-    static func main() { DAXEmu.mainReportingErrors() }
+    static func main() {
+        let arguments = DeviceOptions.movedAfterSubcommand(Array(CommandLine.arguments.dropFirst()))
+        DAXEmu.mainReportingErrors(arguments: arguments)
+    }
 }

@@ -23,6 +23,27 @@ struct DeviceOptions: ParsableArguments {
     }
 
     func open() throws -> PMemDevice { try PMemDevice.open(path: path, options: options) }
+
+    /// The arguments with device options given before the subcommand (`daxemu -d PATH ls`, as the
+    /// examples take them) moved after it, where each subcommand declares them.
+    static func movedAfterSubcommand(_ arguments: [String]) -> [String] {
+        var moved: [String] = []
+        var index = 0
+        while index < arguments.count {
+            let argument = arguments[index]
+            if ["-d", "--device", "--persistence"].contains(argument), index + 1 < arguments.count {
+                moved += arguments[index...(index + 1)]
+                index += 2
+            } else if argument.hasPrefix("--device=") || argument.hasPrefix("--persistence=") {
+                moved.append(argument)
+                index += 1
+            } else {
+                break
+            }
+        }
+        guard !moved.isEmpty, index < arguments.count, !arguments[index].hasPrefix("-") else { return arguments }
+        return [arguments[index]] + moved + arguments[(index + 1)...]
+    }
 }
 
 enum PersistenceChoice: String, ExpressibleByArgument, CaseIterable {

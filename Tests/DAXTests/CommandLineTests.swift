@@ -99,6 +99,10 @@ struct CommandLineTests {
         #expect(fs["directories"] as? Int == 1 && fs["files"] as? Int == 0)
         #expect(fs["quarantined_blocks"] as? Int == 0)
         #expect(try runCommand("daxemu", ["info", "-d", device.path]).output.contains("MAP_SYNC     refused"))
+        // The device may also come before the subcommand, as the examples take it.
+        let before = try runCommand("daxemu", ["--device", device.path, "info", "--json"])
+        let beforeJSON = try #require(try JSONSerialization.jsonObject(with: before.outputData) as? [String: Any])
+        #expect(before.status == 0 && beforeJSON["size"] as? Int == 8 << 20 && beforeJSON["filesystem"] is [String: Any])
     }
 
     @Test("put, get, ls, mkdir, mv, truncate, rm: the bytes go in and come out")
