@@ -96,7 +96,8 @@ let package = Package(
         .testTarget(
             name: "DAXTests",
             dependencies: [
-                "DAX", "DAXTorture", "daxcrashworker", "daxemu", "kvstore", "pmemlog", "simple-copy", "rdma-buffer",
+                "DAX", "DAXTorture", "CommandLineSupport", "daxcrashworker", "daxemu", "kvstore", "pmemlog",
+                "simple-copy", "rdma-buffer",
             ]
         ),
     ]

@@ -1,6 +1,7 @@
 import ArgumentParser
 import DAX
 import Glibc
+import Synchronization
 
 /// A failure that is not a `DAXError` (a bad local file, a damaged store, a bad option value), told
 /// to the user as one line.
@@ -19,6 +20,10 @@ extension ParsableCommand {
             var command = try parseAsRoot(arguments)
             try command.run()
             Glibc.exit(0)
+        } catch let code as ExitCode {
+            // A result, not a failure (`get` of an absent key, `check` of a broken store): the
+            // command has already said what it had to.
+            Glibc.exit(code.rawValue)
         } catch let error as DAXError {
             let reason = error.errno.map { " (\(String(cString: strerror($0))))" } ?? ""
             report("\(name): \(error.message)\(reason)")
@@ -58,25 +63,33 @@ extension Substring {
 extension DAXFileSystem {
     /// Creates the file at `path`, or replaces the file there, all at once: `build` fills a new
     /// file under a temporary name in the same directory, which is then renamed over `path`. A
-    /// build that throws leaves `path` as it was; so does a process killed during it (its temporary
-    /// file, `.<hash of the name>.partial`, is removed by the next call for the same path).
+    /// build that throws leaves `path` as it was; so does a process killed during it. Its
+    /// temporary file, `.<hash of the name>.<pid>.<n>.partial`, is removed by the next call for
+    /// the same path from another process (only one process at a time mounts a device).
     public func createAtomically(_ path: String, build: (DAXFile) throws -> Void) throws {
         // Refuse what the rename would refuse, before any work: a bad path or parent, a directory.
+        let slash = path.utf8.lastIndex(of: UInt8(ascii: "/"))
+        let directory = slash.map { String(path[...$0]) } ?? ""
+        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
         do {
             if try attributes(of: path).kind == .directory {
                 throw DAXError(.isADirectory, "cannot replace directory \(path) with a file")
             }
         } catch let error as DAXError where error.code == .notFound {
-            let parent = String(path.prefix(upTo: path.lastIndex(of: "/") ?? path.startIndex))
-            guard try attributes(of: parent.isEmpty ? "/" : parent).kind == .directory else {
-                throw DAXError(.notADirectory, "\(parent) is not a directory")
+            guard try attributes(of: directory.isEmpty ? "/" : directory).kind == .directory else {
+                throw DAXError(.notADirectory, "\(directory) is not a directory")
             }
         }
-        let name = path.split(separator: "/").last.map(String.init) ?? path
         var hash: UInt64 = 0xCBF2_9CE4_8422_2325
         for byte in name.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
-        let temporary = String(path.dropLast(name.utf8.count)) + ".\(String(hash, radix: 16)).partial"
-        try? remove(temporary)
+        let prefix = ".\(String(hash, radix: 16))."
+        let mine = "\(prefix)\(getpid())."
+        for stale in try contentsOfDirectory(directory.isEmpty ? "/" : directory)
+        where stale.hasPrefix(prefix) && stale.hasSuffix(".partial") && !stale.hasPrefix(mine) {
+            try? remove(directory + stale)
+        }
+        // Unique within this process too: concurrent calls for one path never share a file.
+        let temporary = directory + mine + "\(partialFiles.add(1, ordering: .relaxed).oldValue).partial"
         let file = try create(temporary)
         do {
             try build(file)
@@ -89,3 +102,5 @@ extension DAXFileSystem {
         }
     }
 }
+
+private let partialFiles = Atomic<Int>(0)

@@ -74,7 +74,11 @@ struct MakeDirectory: ParsableCommand {
 
 struct Put: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Copy a local file into the file system (replacing DEST if it is a file).")
+        abstract: "Copy a local file into the file system (replacing DEST if it is a file).",
+        discussion: """
+            The copy is written under a temporary name beside DEST and renamed over it when whole, \
+            so a put that fails leaves DEST as it was; replacing a file needs room for both.
+            """)
 
     @OptionGroup var device: DeviceOptions
 

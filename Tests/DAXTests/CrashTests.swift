@@ -140,10 +140,10 @@ struct CrashTests {
         var transaction = Transaction()
         for frame in frames {
             let index = frame.rawValue - sb.dataStart
-            Journal.setBits(index..<(index + 1), value: false, device: t.device, superblock: sb, touched: &touched)
+            Journal.setBits(index..<(index + 1), value: false, medium: t.device, superblock: sb, touched: &touched)
             transaction.setBits(index..<(index + 1), to: true)
         }
-        Journal.sealBitmapBlocks(touched, device: t.device, superblock: sb)
+        Journal.sealBitmapBlocks(touched, medium: t.device, superblock: sb)
         let records = transaction.records
         #expect(records.count == 1)
         guard case .mask(_, _, true) = records[0] else {
@@ -151,11 +151,19 @@ struct CrashTests {
             return
         }
         expectDAXError(.corrupted) { try DAXFileSystem.mount(t.device) }  // without the journal: damaged
+        #expect(try !DAXFileSystem.check(t.device).isClean)
         let encoded = transaction.encodeForTesting()
         try t.device.write(encoded, at: Int(sb.journalStart + 1) * 4096)
         try t.device.write(
             Journal.header(sequence: 5, committed: true, count: records.count, records: encoded),
             at: Int(sb.journalStart) * 4096)
+        // Offline fsck checks what mount will see, replaying into a private view: clean, and the
+        // device is not changed.
+        let image = try t.device.read(count: t.device.size, at: 0)
+        let offline = try DAXFileSystem.check(t.device)
+        #expect(offline.isClean, "\(offline)")
+        #expect(offline.notes.contains { $0.contains("checked as it will be after that") }, "\(offline.notes)")
+        #expect(try t.device.read(count: t.device.size, at: 0) == image)
         let fs = try DAXFileSystem.mount(t.device)
         defer { try? fs.unmount() }
         #expect(try fs.check().isClean)

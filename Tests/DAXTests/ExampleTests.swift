@@ -25,7 +25,8 @@ struct ExampleTests {
         #expect(try kv(["put", "shape", "round"]).status == 0)
         #expect(try kv(["put", "color", "green"]).status == 0)
         #expect(try kv(["get", "color"]).output == "green\n")
-        #expect(try kv(["get", "missing"]).status == 1)
+        let missing = try kv(["get", "missing"])
+        #expect(missing.status == 1 && missing.output.isEmpty && missing.errors.isEmpty, "\(missing.errors)")
         #expect(try kv(["delete", "color"]).status == 0)
         #expect(try kv(["get", "color"]).status == 1)
         let check = try kv(["check"])
@@ -117,6 +118,7 @@ struct ExampleTests {
         expectCleanFailure(try kv(["get", "k"]), "kvstore", mentioning: "damaged")
         let check = try kv(["check"])
         #expect(check.status == 1 && check.output.contains("outside the log"), "\(check.output)")
+        #expect(check.errors.isEmpty, "\(check.errors)")
         try damage("/kvstore", at: 4096 + bucket * 8, 1 << 63)
         #expect(try kv(["check"]).status == 1)
         // Header fields that do not fit an Int.
@@ -148,6 +150,14 @@ struct ExampleTests {
             try runCommand("simple-copy", ["--device", e.path, local, "/big"]), "simple-copy", mentioning: "no space")
         #expect(try runCommand("daxemu", ["ls", "-d", e.path, "/"]).output == "kvstore\n")
         #expect(try runCommand("daxemu", ["fsck", "-d", e.path]).status == 0)
+        // An empty file where the log or store goes (say, created by hand) becomes one.
+        #expect(try runCommand("daxemu", ["put", "-d", e.path, "/dev/null", "/log"]).status != 0)  // not a regular file
+        let empty = NSTemporaryDirectory() + "empty-\(getpid())"
+        defer { unlink(empty) }
+        FileManager.default.createFile(atPath: empty, contents: Data())
+        #expect(try runCommand("daxemu", ["put", "-d", e.path, empty, "/log"]).status == 0)
+        #expect(try runCommand("pmemlog", ["--device", e.path, "--file", "/log", "append", "x"]).status == 0)
+        #expect(try runCommand("pmemlog", ["--device", e.path, "--file", "/log", "walk"]).output == "x\n")
     }
 
     @Test("rdma-buffer: the lease is revoked, the NIC refused, nothing corrupted", arguments: [false, true])

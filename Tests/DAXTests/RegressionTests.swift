@@ -1,3 +1,4 @@
+import CommandLineSupport
 import Foundation
 import Synchronization
 import Testing
@@ -348,5 +349,77 @@ struct RegressionTests {
         let fs = try DAXFileSystem.mount(t.device)
         #expect(try fs.check().isClean)
         try fs.unmount()
+    }
+
+    // MARK: - Third review
+
+    @Test("check() racing unmount reports no false problems and reads no unmapped memory")
+    func checkRacingUnmount() throws {
+        for round in 0..<(longTests ? 100 : 15) {
+            let t = try TemporaryFileSystem(size: 8 << 20, name: "checkrace")
+            let fs = t.fs
+            // Removed while open: unmount frees them while check() may be comparing them.
+            let open = try (0..<8).map { index in
+                let file = try fs.create("/o\(index)")
+                try file.write(pattern(5000), at: 0)
+                try fs.remove("/o\(index)")
+                return file
+            }
+            let reports = Mutex<[CheckReport]>([])
+            let done = DispatchSemaphore(value: 0)
+            Thread.detachNewThread {
+                while let report = try? fs.check() { reports.withTrackedLock { $0.append(report) } }
+                done.signal()
+            }
+            usleep(2000)
+            try fs.unmount()
+            t.device.close()  // the mapping of the device goes: a check still reading it would fault
+            done.wait()
+            withExtendedLifetime(open) {}
+            let unclean = reports.withTrackedLock { $0.filter { !$0.isClean } }
+            guard unclean.isEmpty else {
+                Issue.record("round \(round): \(unclean[0])")
+                return
+            }
+        }
+    }
+
+    @Test("createAtomically: concurrent calls for one path never mix; a failed one leaves the other's file")
+    func createAtomicallyConcurrently() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "atomic")
+        let fs = t.fs
+        try fs.createDirectory("/dir")
+        struct Halfway: Error {}
+        for round in 0..<20 {
+            let path = "/dir/é\(round)"
+            let winner = pattern(40_000, seed: round)
+            let outcomes = Mutex<[Bool]>([])
+            onThreads(2) { index in
+                let succeeded = (try? fs.createAtomically(path) { file in
+                    for chunk in stride(from: 0, to: winner.count, by: 4096) {
+                        let bytes = index == 0 ? winner : pattern(winner.count, seed: 1000 + round)
+                        try file.write(Array(bytes[chunk..<min(chunk + 4096, bytes.count)]), at: chunk)
+                        if index == 1, chunk >= 16384 { throw Halfway() }
+                        usleep(50)
+                    }
+                }) != nil
+                outcomes.withTrackedLock { $0.append(succeeded && index == 0) }
+            }
+            #expect(outcomes.withTrackedLock { $0.filter { $0 }.count } == 1, "round \(round): the whole build failed")
+            let file = try fs.open(path)
+            #expect(try file.read(count: 50_000, at: 0) == winner, "round \(round)")
+            file.close()
+        }
+        // Temporary files stay in the target's directory and none is left behind.
+        #expect(try fs.contentsOfDirectory("/dir").count == 20)
+        #expect(try fs.contentsOfDirectory("/") == ["dir"])
+        // One left by a process that was killed (another pid) is cleared by the next call.
+        let name = "é0"
+        let stale = "/dir/.\(String(KVView.hash(Array(name.utf8)), radix: 16)).999999999.0.partial"
+        try fs.create(stale).close()
+        try fs.createAtomically("/dir/" + name) { try $0.write([7], at: 0) }
+        #expect(try fs.contentsOfDirectory("/dir").count == 20)
+        #expect(try fs.open("/dir/" + name).read(count: 2, at: 0) == [7])
+        #expect(try fs.check().isClean)
     }
 }

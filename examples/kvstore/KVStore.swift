@@ -41,15 +41,22 @@ final class KVStore {
         guard (1...Self.maximumBuckets).contains(buckets) else {
             throw CommandError("a store has 1 to \(Self.maximumBuckets) buckets, not \(buckets)")
         }
+        let existing: DAXFile?
         do {
-            file = try fs.open(path)
+            existing = try fs.open(path)
         } catch let error as DAXError where error.code == .notFound {
-            // Built under another name and renamed into place: a creation that fails or is
-            // killed halfway never leaves a file at `path` that is not a store.
+            existing = nil
+        }
+        if let existing, existing.size > 0 {
+            file = existing
+        } else {
+            // Built under another name and renamed into place (over an empty file, if one is
+            // there): a creation that fails or is killed never leaves a file at `path` that is not
+            // a store.
+            existing?.close()
             try fs.createAtomically(path) { try Self.build(in: $0, buckets: buckets) }
             file = try fs.open(path)
         }
-        if file.size == 0 { try Self.build(in: file, buckets: buckets) }
         guard file.size >= Self.headerSize else { throw CommandError("\(path) is not a kvstore (too small)") }
         mapping = try file.map(count: file.size)
         let base = mapping.baseAddress

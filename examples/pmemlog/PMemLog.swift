@@ -17,11 +17,19 @@ final class PersistentLog {
     private(set) var mapping: DAXMapping
 
     init(fileSystem fs: DAXFileSystem, path: String) throws {
+        let existing: DAXFile?
         do {
-            file = try fs.open(path)
+            existing = try fs.open(path)
         } catch let error as DAXError where error.code == .notFound {
-            // Made under another name and renamed into place: a creation that fails or is killed
-            // never leaves a file at `path` that is not a log.
+            existing = nil
+        }
+        if let existing, existing.size > 0 {
+            file = existing
+        } else {
+            // Made under another name and renamed into place (over an empty file, if one is
+            // there): a creation that fails or is killed never leaves a file at `path` that is not
+            // a log.
+            existing?.close()
             try fs.createAtomically(path) { new in
                 try new.allocate(offset: 0, count: 1 << 20)
                 var header = [UInt8](repeating: 0, count: 16)

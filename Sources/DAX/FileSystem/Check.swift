@@ -22,8 +22,17 @@ extension DAXFileSystem {
     /// extents, link counts, sizes, the directory tree, the orphan list, an empty journal), and that
     /// the file system's DRAM state agrees with the device.
     public func check() throws -> CheckReport {
+        // The operations lock for the whole check: `unmount` (and a `close` of the device after
+        // it) waits until every inode has been compared.
+        try operations.withReadLock {
+            try checkMounted()
+            return checkLocked()
+        }
+    }
+
+    private func checkLocked() -> CheckReport {
         var problems: [String] = []
-        try namespaceOperation(exclusive: false) {
+        namespace.withReadLock {
             let scan = journal.withNoCommits { () -> Scanner.Result in
                 // The superblock as the device has it now (its orphan head changes at run time).
                 let current: Superblock
@@ -83,7 +92,8 @@ extension DAXFileSystem {
     /// Compares one inode's DRAM state with the device, under its lock.
     private func compare(_ inode: Inode) -> [String] {
         inode.lock.withReadLock {
-            if inode.users.withTrackedLock({ $0.reclaimed }) { return [] }
+            // Freed since the table was read, or about to be: nothing on the device to compare.
+            if inode.isFreed || inode.users.withTrackedLock({ $0.reclaimed }) { return [] }
             let reader = ByteReader(device.base + superblock.inodeOffset(inode.number), count: Superblock.inodeSize)
             guard case .success(let record) = InodeRecord.decode(reader), record.kind != .free else {
                 return ["inode \(inode.number) is in use in memory but not on the device"]

@@ -180,22 +180,27 @@ final class Journal: Sendable {
     }
 
     private func apply(_ records: [Transaction.Record]) {
+        Self.apply(records, to: device, superblock: superblock)
+    }
+
+    /// Applies `records` in place on `medium` (the device, or a private view of it).
+    static func apply(_ records: [Transaction.Record], to medium: some RecordMedium, superblock: Superblock) {
         var touchedBitmapBlocks = Set<UInt64>()
         for record in records {
             switch record {
             case .write(let offset, let bytes):
-                bytes.withUnsafeBytes { device.copy($0, toOffset: offset, flags: .noDrain) }
+                bytes.withUnsafeBytes { medium.copy($0, toOffset: offset, flags: .noDrain) }
             case .bits(let range, let value):
-                Self.setBits(range, value: value, device: device, superblock: superblock, touched: &touchedBitmapBlocks)
+                setBits(range, value: value, medium: medium, superblock: superblock, touched: &touchedBitmapBlocks)
             case .mask(let first, let mask, let value):
-                Self.applyMask(
-                    mask, from: first, value: value, device: device, superblock: superblock,
+                applyMask(
+                    mask, from: first, value: value, medium: medium, superblock: superblock,
                     touched: &touchedBitmapBlocks)
             }
         }
         // Each bitmap block is sealed and flushed once, however many records touched it.
-        Self.sealBitmapBlocks(touchedBitmapBlocks, device: device, superblock: superblock)
-        device.drain()
+        sealBitmapBlocks(touchedBitmapBlocks, medium: medium, superblock: superblock)
+        medium.drain()
     }
 
     static func header(sequence: UInt64, committed: Bool, count: Int, records: [UInt8]) -> [UInt8] {
@@ -211,9 +216,10 @@ final class Journal: Sendable {
     }
 
     /// Sets or clears bitmap bits in place, noting the bitmap blocks touched (sealed afterwards by
-    /// ``sealBitmapBlocks(_:device:superblock:)``).
+    /// ``sealBitmapBlocks(_:medium:superblock:)``).
     static func setBits(
-        _ range: Range<UInt64>, value: Bool, device: PMemDevice, superblock: Superblock, touched: inout Set<UInt64>
+        _ range: Range<UInt64>, value: Bool, medium: some RecordMedium, superblock: Superblock,
+        touched: inout Set<UInt64>
     ) {
         let bitsPerBlock = UInt64(Superblock.bitsPerBitmapBlock)
         var index = range.lowerBound
@@ -221,7 +227,7 @@ final class Journal: Sendable {
             let block = index / bitsPerBlock
             let blockEnd = min(range.upperBound, (block + 1) * bitsPerBlock)
             let blockOffset = (Int(superblock.bitmapStart) + Int(block)) * Superblock.blockSize
-            let bytes = (device.base + blockOffset).assumingMemoryBound(to: UInt8.self)
+            let bytes = (medium.base + blockOffset).assumingMemoryBound(to: UInt8.self)
             var bit = Int(index - block * bitsPerBlock)
             let end = Int(blockEnd - block * bitsPerBlock)
             // Whole bytes with one fill, the ragged ends bit by bit.
@@ -246,7 +252,7 @@ final class Journal: Sendable {
     /// ORs (or clears) `mask` into the bitmap from data-block index `first` (a multiple of 8);
     /// bits past the data region are never set.
     static func applyMask(
-        _ mask: [UInt8], from first: UInt64, value: Bool, device: PMemDevice, superblock: Superblock,
+        _ mask: [UInt8], from first: UInt64, value: Bool, medium: some RecordMedium, superblock: Superblock,
         touched: inout Set<UInt64>
     ) {
         let bytesPerBlock = UInt64(Superblock.bitmapBytesPerBlock)
@@ -260,7 +266,7 @@ final class Journal: Sendable {
             let byteIndex = bit / 8
             let block = byteIndex / bytesPerBlock
             let target =
-                device.base + (Int(superblock.bitmapStart) + Int(block)) * Superblock.blockSize
+                medium.base + (Int(superblock.bitmapStart) + Int(block)) * Superblock.blockSize
                 + Int(byteIndex % bytesPerBlock)
             let current = target.load(as: UInt8.self)
             target.storeBytes(of: value ? current | bits : current & ~bits, as: UInt8.self)
@@ -272,13 +278,13 @@ final class Journal: Sendable {
     }
 
     /// Recomputes the checksum of each bitmap block in `blocks` and flushes it.
-    static func sealBitmapBlocks(_ blocks: Set<UInt64>, device: PMemDevice, superblock: Superblock) {
+    static func sealBitmapBlocks(_ blocks: Set<UInt64>, medium: some RecordMedium, superblock: Superblock) {
         for block in blocks {
             let blockOffset = (Int(superblock.bitmapStart) + Int(block)) * Superblock.blockSize
-            let bytes = device.base + blockOffset
+            let bytes = medium.base + blockOffset
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: bytes, count: Superblock.bitmapBytesPerBlock))
             (bytes + Superblock.bitmapBytesPerBlock).storeBytes(of: crc.littleEndian, as: UInt32.self)
-            device.flush(offset: blockOffset, count: Superblock.blockSize)
+            medium.flush(offset: blockOffset, count: Superblock.blockSize)
         }
     }
 

@@ -41,10 +41,11 @@ extension DAXFileSystem {
     /// Where the regions lie.
     public var layout: FileSystemLayout { FileSystemLayout(superblock) }
 
-    /// fsck of a device that is not mounted: validates everything `check()` does, reading only.
-    /// A transaction committed but not yet applied (a crash) is not replayed, only noted: the
-    /// structures checked are those the device holds now. Throws `.busy` if a file system on the
-    /// device is mounted (here or in another process), `.corrupted` if the device holds no DAXFS.
+    /// fsck of a device that is not mounted: validates everything `check()` does, changing nothing.
+    /// A transaction committed but not yet applied (a crash) is replayed into a private
+    /// copy-on-write view of the device, so that the structures checked are those the next mount
+    /// will see. Throws `.busy` if a file system on the device is mounted (here or in another
+    /// process), `.corrupted` if the device holds no DAXFS.
     public static func check(_ device: PMemDevice) throws -> CheckReport {
         guard !device.isMounted.load(ordering: .acquiring) else {
             throw DAXError(.busy, "the file system on \(device.path) is mounted in this process; use its check()")
@@ -53,25 +54,38 @@ extension DAXFileSystem {
             throw DAXError(.busy, "the file system on \(device.path) is mounted by another process", errno: errno)
         }
         defer { flock(device.fd, LOCK_UN) }
-        let sb = try Superblock.decode(
+        var sb = try Superblock.decode(
             ByteReader(device.base, count: Superblock.size),
             deviceBlocks: UInt64(device.pageCount))
         var report = CheckReport(isClean: true, problems: [])
         // The journal is validated exactly as mount would before replaying it.
         var journalProblems: [String] = []
+        var view: PrivateView?
         do {
             switch try Journal.read(device: device, superblock: sb) {
             case .empty: break
             case .tornHeader:
                 report.notes.append("the journal header is torn (a crash while committing); the next mount discards it")
             case .committed(_, let records):
-                report.notes.append(
-                    "the journal holds a committed transaction of \(records.count) records; the next mount replays it")
+                let pending =
+                    "the journal holds a committed transaction of \(records.count) records, which the next mount replays"
+                if let replayed = try? PrivateView(of: device) {
+                    Journal.apply(records, to: replayed, superblock: sb)
+                    view = replayed
+                    report.notes.append(pending + "; checked as it will be after that")
+                    // The transaction may have moved the orphan head; a damaged superblock is a problem.
+                    sb = try Superblock.decode(
+                        ByteReader(replayed.base, count: Superblock.size), deviceBlocks: UInt64(device.pageCount))
+                } else {
+                    report.notes.append(pending + "; checked as the device is now, before it (no private view)")
+                }
             }
         } catch let error as DAXError {
             journalProblems.append("journal: \(error.message); mount will refuse the device")
         }
-        let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false)
+        let scan = withExtendedLifetime(view) {
+            Scanner.scan(base: view?.base ?? device.base, superblock: sb, journalMustBeEmpty: false)
+        }
         report.problems =
             journalProblems + scan.problems + (scan.suppressed > 0 ? ["and \(scan.suppressed) more problems"] : [])
         if !scan.orphans.isEmpty {

@@ -18,15 +18,16 @@ struct Scanner {
         var suppressed = 0
     }
 
-    let device: PMemDevice
+    /// The device's bytes, or a private view of them with a pending transaction replayed.
+    let base: UnsafeRawPointer
     let superblock: Superblock
     let limit = 50
     private(set) var result = Result()
     /// Owner of each data block, from extents and leaves.
     private var owners: [UInt32]
 
-    init(device: PMemDevice, superblock: Superblock) {
-        self.device = device
+    init(base: UnsafeRawPointer, superblock: Superblock) {
+        self.base = base
         self.superblock = superblock
         owners = [UInt32](repeating: 0, count: Int(superblock.dataBlocks))
     }
@@ -36,14 +37,18 @@ struct Scanner {
     }
 
     private func reader(block: UInt64) -> ByteReader {
-        ByteReader(device.base + Int(block) * Superblock.blockSize, count: Superblock.blockSize)
+        ByteReader(base + Int(block) * Superblock.blockSize, count: Superblock.blockSize)
     }
 
     private func isDataBlock(_ block: UInt64) -> Bool { superblock.dataRange.contains(block) }
 
     /// Runs every check. `journalMustBeEmpty` is true for `check` of a mounted file system.
     static func scan(device: PMemDevice, superblock: Superblock, journalMustBeEmpty: Bool) -> Result {
-        var scanner = Scanner(device: device, superblock: superblock)
+        scan(base: device.base, superblock: superblock, journalMustBeEmpty: journalMustBeEmpty)
+    }
+
+    static func scan(base: UnsafeRawPointer, superblock: Superblock, journalMustBeEmpty: Bool) -> Result {
+        var scanner = Scanner(base: base, superblock: superblock)
         if journalMustBeEmpty { scanner.checkJournal() }
         scanner.scanInodes()
         scanner.scanDirectories()
@@ -55,7 +60,7 @@ struct Scanner {
 
     private mutating func checkJournal() {
         let header = ByteReader(
-            device.base + Int(superblock.journalStart) * Superblock.blockSize, count: Journal.headerSize)
+            base + Int(superblock.journalStart) * Superblock.blockSize, count: Journal.headerSize)
         if header.get(UInt32.self, at: 0) != Journal.headerMagic {
             problem("journal header has a bad magic number")
         } else if header.get(UInt32.self, at: 4) != header.crc(of: 8..<Journal.headerSize) {
@@ -70,7 +75,7 @@ struct Scanner {
     private mutating func scanInodes() {
         for number in 1...UInt32(superblock.inodeCount) {
             let offset = superblock.inodeOffset(number)
-            let reader = ByteReader(device.base + offset, count: Superblock.inodeSize)
+            let reader = ByteReader(base + offset, count: Superblock.inodeSize)
             switch InodeRecord.decode(reader) {
             case .failure(let reason):
                 problem("inode \(number): \(reason)")
