@@ -37,7 +37,7 @@ struct DeviceTests {
         let path = TemporaryDevice.uniquePath("exists")
         defer { unlink(path) }
         let original = Data("not a device".utf8)
-        FileManager.default.createFile(atPath: path, contents: original)
+        #expect(FileManager.default.createFile(atPath: path, contents: original))
         let error = expectDAXError(.alreadyExists) { try PMemDevice.create(path: path, size: 4 << 20) }
         #expect(error?.message.contains(path) == true)
         #expect(error?.errno == EEXIST)
@@ -79,7 +79,7 @@ struct DeviceTests {
         expectDAXError(.invalidArgument) { try PMemDevice.open(path: "") }
         let path = TemporaryDevice.uniquePath("odd")
         defer { unlink(path) }
-        FileManager.default.createFile(atPath: path, contents: Data(count: 5000))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(count: 5000)))
         let error = expectDAXError(.invalidArgument) { try PMemDevice.open(path: path) }
         #expect(error?.message.contains("5000") == true)
         #expect((try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) == 5000)

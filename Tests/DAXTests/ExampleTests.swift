@@ -154,7 +154,7 @@ struct ExampleTests {
         #expect(try runCommand("daxemu", ["put", "-d", e.path, "/dev/null", "/log"]).status != 0)  // not a regular file
         let empty = NSTemporaryDirectory() + "empty-\(getpid())"
         defer { unlink(empty) }
-        FileManager.default.createFile(atPath: empty, contents: Data())
+        #expect(FileManager.default.createFile(atPath: empty, contents: Data()))
         #expect(try runCommand("daxemu", ["put", "-d", e.path, empty, "/log"]).status == 0)
         #expect(try runCommand("pmemlog", ["--device", e.path, "--file", "/log", "append", "x"]).status == 0)
         #expect(try runCommand("pmemlog", ["--device", e.path, "--file", "/log", "walk"]).output == "x\n")

@@ -86,11 +86,11 @@ struct PageMapTests {
         let temporary = try Self.device(allocated: 8)
         let pages = temporary.device.pages
         // Frames 6, 7 are allocated, 8 is not: the pin of 6..<9 must take back what it took.
-        expectDAXError(.invalidArgument) { try pages.pin(first: PageFrameNumber(rawValue: 6), count: 3) }
+        expectDAXError(.invalidArgument) { _ = try pages.pin(first: PageFrameNumber(rawValue: 6), count: 3) }
         for frame in 6..<9 { #expect(pages.state(of: PageFrameNumber(rawValue: UInt64(frame))).refCount == 0) }
         #expect(pages.pinsAcquired == 0)
         #expect(pages.pinnedPageCount == 0)
-        expectDAXError(.invalidArgument) { try pages.pin(first: PageFrameNumber(rawValue: 1020), count: 10) }
+        expectDAXError(.invalidArgument) { _ = try pages.pin(first: PageFrameNumber(rawValue: 1020), count: 10) }
     }
 
     @Test("concurrent pins and unpins from 8 threads balance to zero")
@@ -161,7 +161,7 @@ struct PageMapTests {
         #expect(pages.freeze(frame, expectedRefCount: 1))
         #expect(!pages.tryGet(frame))
         #expect(pages.state(of: frame).isFrozen)
-        expectDAXError(.busy) { try pages.pin(first: frame, count: 1) }
+        expectDAXError(.busy) { _ = try pages.pin(first: frame, count: 1) }
         expectDAXError(.busy) { try pages.tryMap(frame) }
         #expect(pages.state(of: frame).refCount == 1)
         pages.unfreeze(frame)

@@ -223,7 +223,7 @@ struct PinningTests {
         try owner.write(pattern(4 * 4096), at: 0)
         let reader = try t.fs.open("/public", access: .readOnly)
         let view = try reader.map(count: 4 * 4096, access: .readOnly)
-        expectDAXError(.permissionDenied) { try view.pin(offset: 0, count: 4096, access: .readWrite) }
+        expectDAXError(.permissionDenied) { _ = try view.pin(offset: 0, count: 4096, access: .readWrite) }
         let nic = DMAEngine(device: t.device)
         // A hostile reader ignores the request to let go.
         let ignore: @Sendable () -> Void = {}
@@ -248,13 +248,13 @@ struct PinningTests {
         let file = try t.fs.create("/f")
         try file.write(pattern(8 * 4096), at: 0)
         let mapping = try file.map(count: 8 * 4096)
-        expectDAXError(.invalidArgument) { try mapping.pin(offset: 7 * 4096, count: 8192) }
-        expectDAXError(.invalidArgument) { try mapping.pin(offset: -1, count: 1) }
-        expectDAXError(.invalidArgument) { try mapping.pin(offset: 0, count: 0) }
+        expectDAXError(.invalidArgument) { _ = try mapping.pin(offset: 7 * 4096, count: 8192) }
+        expectDAXError(.invalidArgument) { _ = try mapping.pin(offset: -1, count: 1) }
+        expectDAXError(.invalidArgument) { _ = try mapping.pin(offset: 0, count: 0) }
         try file.punchHole(offset: 2 * 4096, count: 4096)
         try file.truncate(to: 6 * 4096)
-        expectDAXError(.invalidArgument) { try mapping.pin(offset: 6 * 4096, count: 10) }  // truncated away
-        expectDAXError(.invalidArgument) { try mapping.pin(offset: 2 * 4096, count: 10, access: .readOnly) }
+        expectDAXError(.invalidArgument) { _ = try mapping.pin(offset: 6 * 4096, count: 10) }  // truncated away
+        expectDAXError(.invalidArgument) { _ = try mapping.pin(offset: 2 * 4096, count: 10, access: .readOnly) }
         // A write pin of the punched page gives it a new zeroed block, in the mapping too.
         let pin = try mapping.pin(offset: 2 * 4096, count: 10)
         let frame = pin.frames[0]
@@ -265,7 +265,7 @@ struct PinningTests {
         #expect(try file.read(count: 1, at: 2 * 4096) == [0xAB])
         pin.release()
         mapping.unmap()
-        expectDAXError(.invalidArgument) { try mapping.pin(offset: 0, count: 1) }
+        expectDAXError(.invalidArgument) { _ = try mapping.pin(offset: 0, count: 1) }
         #expect(try t.fs.check().isClean)
     }
 
@@ -278,7 +278,7 @@ struct PinningTests {
         let frame = PageFrameNumber(rawValue: mapping.frame(at: 0)!)
         // Mapped once, not pinned: the expected count is the mapping's reference.
         #expect(t.fs.pages.freeze(frame, expectedRefCount: 1))
-        expectDAXError(.busy) { try mapping.pin(offset: 0, count: 1) }  // frozen: the pin backs off
+        expectDAXError(.busy) { _ = try mapping.pin(offset: 0, count: 1) }  // frozen: the pin backs off
         t.fs.pages.unfreeze(frame)
         let pin = try mapping.pin(offset: 0, count: 1)
         #expect(!t.fs.pages.freeze(frame, expectedRefCount: 2))  // an extra reference: refuse (EAGAIN)
