@@ -422,4 +422,34 @@ struct RegressionTests {
         #expect(try fs.open("/dir/" + name).read(count: 2, at: 0) == [7])
         #expect(try fs.check().isClean)
     }
+
+    @Test("the counts balance as soon as a truncate woken by another thread's final unpin returns")
+    func balanceAfterWokenTruncate() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "wokenbalance")
+        let engine = DMAEngine(device: t.device)
+        for round in 0..<1000 {
+            let file = try t.fs.create("/f\(round)")
+            try file.write(pattern(2 * 4096, seed: round), at: 0)
+            let mapping = try file.map(count: 2 * 4096)
+            let frame = try #require(try file.frames(offset: 0, count: 4096)[0])
+            let region = engine.register(try mapping.pin(offset: 0, count: 2 * 4096))
+            // The release races the truncate's first scan or wakes its wait: both must see it counted.
+            let delay = UInt32(round % 4) * 500
+            Thread.detachNewThread {
+                usleep(delay)
+                engine.deregister(region)
+            }
+            try file.truncate(to: 0, ifBusy: .wait(timeout: .seconds(10)))
+            let s = t.fs.statistics()
+            let state = t.fs.pages.state(of: frame)
+            guard s.pinsAcquired - s.pinsReleased == 0, s.pinnedPages == 0, state.pinCount == 0 else {
+                let counts = "acquired \(s.pinsAcquired), released \(s.pinsReleased), pinned pages \(s.pinnedPages)"
+                Issue.record("round \(round): \(counts), pinCount \(state.pinCount)")
+                return
+            }
+            mapping.unmap()
+            file.close()
+            try t.fs.remove("/f\(round)")
+        }
+    }
 }

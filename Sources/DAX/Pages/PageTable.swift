@@ -70,23 +70,19 @@ struct PageTable: @unchecked Sendable {
 
     // MARK: Tallies
 
+    /// Starts a change of pin counts: see ``PinTally`` for why readers wait for it.
     @inline(__always)
-    func tally(_ n: Int, _ field: PinTally.Field) {
-        guard n != 0 else { return }
-        let slot = core.pointee.tallySlot
-        if slot >= 0 {
-            PinTally.add(n, slot: slot, field)
-        } else {
-            core.pointee.sharedTallies.add(n, field)
-        }
-    }
+    func beginChange() -> PinTally.Block { PinTally.begin() }
 
-    /// Adds to two counters with one look-up of the thread's block.
     @inline(__always)
-    func tally(_ n: Int, _ field: PinTally.Field, _ m: Int, _ other: PinTally.Field) {
+    func endChange(_ block: PinTally.Block) { PinTally.end(block) }
+
+    /// Adds to two counters, inside a change (`block` from ``beginChange()``).
+    @inline(__always)
+    func tally(_ n: Int, _ field: PinTally.Field, _ m: Int, _ other: PinTally.Field, in block: PinTally.Block) {
         let slot = core.pointee.tallySlot
         if slot >= 0 {
-            PinTally.add(n, field, m, other, slot: slot)
+            PinTally.add(n, field, m, other, slot: slot, block: block)
         } else {
             core.pointee.sharedTallies.add(n, field)
             core.pointee.sharedTallies.add(m, other)
@@ -95,7 +91,13 @@ struct PageTable: @unchecked Sendable {
 
     func totals() -> PinTotals {
         let slot = core.pointee.tallySlot
-        let sums = slot >= 0 ? PinTally.totals(slot: slot) : core.pointee.sharedTallies.values
+        let sums: [UInt64]
+        if slot >= 0 {
+            sums = PinTally.totals(slot: slot)
+        } else {
+            PinTally.waitForChanges()
+            sums = core.pointee.sharedTallies.values
+        }
         return PinTotals(
             acquired: Int(truncatingIfNeeded: sums[0]), released: Int(truncatingIfNeeded: sums[1]),
             pinnedPages: Int(truncatingIfNeeded: sums[2] &- sums[3]))
@@ -142,6 +144,8 @@ struct PageTable: @unchecked Sendable {
 
     /// Pins every frame of `runs`, all or none.
     func pin(_ runs: FrameRuns) throws {
+        let change = beginChange()
+        defer { endChange(change) }
         var pinned = 0
         var firstPins = 0
         var failure: (UInt64, GetFailure)?
@@ -165,17 +169,19 @@ struct PageTable: @unchecked Sendable {
                 undone += 1
                 return true
             }
-            tally(firstPins, .pinnedUp, lastPins, .pinnedDown)
+            tally(firstPins, .pinnedUp, lastPins, .pinnedDown, in: change)
             throw Self.error(for: reason, frame: frame, what: "pin")
         }
-        tally(pinned, .acquired, firstPins, .pinnedUp)
+        tally(pinned, .acquired, firstPins, .pinnedUp, in: change)
     }
 
     /// Pins one frame: the fast path of a one-page pin.
     @inline(__always)
     func pinOne(_ frame: UInt64) throws {
+        let change = beginChange()
+        defer { endChange(change) }
         switch tryPin(frame) {
-        case .success(let first): tally(1, .acquired, first ? 1 : 0, .pinnedUp)
+        case .success(let first): tally(1, .acquired, first ? 1 : 0, .pinnedUp, in: change)
         case .failure(let reason): throw Self.error(for: reason, frame: frame, what: "pin")
         }
     }
@@ -183,12 +189,16 @@ struct PageTable: @unchecked Sendable {
     /// Unpins one frame and counts it released: the fast path of a one-page release.
     @inline(__always)
     func unpinOneCounted(_ frame: UInt64) {
+        let change = beginChange()
         let last = unpinOne(frame)
-        tally(1, .released, last ? 1 : 0, .pinnedDown)
+        tally(1, .released, last ? 1 : 0, .pinnedDown, in: change)
+        endChange(change)
     }
 
     /// Unpins every frame of `runs` and counts them as released.
     func unpin(_ runs: FrameRuns) {
+        let change = beginChange()
+        defer { endChange(change) }
         var released = 0
         var lastPins = 0
         runs.forEachFrame { frame in
@@ -196,7 +206,7 @@ struct PageTable: @unchecked Sendable {
             released += 1
             return true
         }
-        tally(released, .released, lastPins, .pinnedDown)
+        tally(released, .released, lastPins, .pinnedDown, in: change)
     }
 
     static func error(for failure: GetFailure, frame: UInt64, what: String) -> DAXError {

@@ -7,6 +7,11 @@ import Synchronization
 /// a plain load and store: no locked instruction on the pin path. A reader sums every live block
 /// plus the totals of exited threads under the registry lock. Each ``PageMap`` owns one slot of
 /// every block; slots are reused once a page map is gone with no pin outstanding.
+///
+/// A pin or unpin changes a descriptor first and counts afterwards, so a reader could see the page
+/// idle (a truncate woken by the final unpin) and then totals that do not count that unpin yet.
+/// Each block therefore has a change sequence, odd from ``begin()`` to ``end(_:)``, bracketing the
+/// descriptor change and its tally; a reader waits out every change in flight before it sums.
 enum PinTally {
     /// Counters kept per slot.
     enum Field: Int, CaseIterable {
@@ -19,7 +24,9 @@ enum PinTally {
     /// Page maps that can have exact per-thread tallies at once; more fall back to shared atomics.
     static let slotCount = 256
     static let fieldCount = Field.allCases.count
-    static let blockWords = slotCount * fieldCount
+    /// The index of a block's change sequence, after its counters.
+    static let sequenceIndex = slotCount * fieldCount
+    static let blockWords = sequenceIndex + 1
 
     typealias Block = UnsafeMutablePointer<Atomic<UInt64>>
 
@@ -76,17 +83,29 @@ enum PinTally {
         raw.deallocate()
     }
 
-    /// Adds `n` to the calling thread's counter. Only this thread writes it.
+    /// Starts a change of pin counts on the calling thread: call before touching a descriptor, and
+    /// ``end(_:)`` after counting it. The odd sequence is stored before the descriptor's atomic
+    /// update, whose release ordering makes it visible to anyone who sees that update.
     @inline(__always)
-    static func add(_ n: Int, slot: Int, _ field: Field) {
-        let counter = currentBlock() + (slot &* fieldCount &+ field.rawValue)
-        counter.pointee.store(counter.pointee.load(ordering: .relaxed) &+ UInt64(n), ordering: .releasing)
+    static func begin() -> Block {
+        let block = currentBlock()
+        let sequence = block + sequenceIndex
+        sequence.pointee.store(sequence.pointee.load(ordering: .relaxed) &+ 1, ordering: .relaxed)
+        return block
     }
 
-    /// Adds to two of the calling thread's counters.
+    /// Ends the change ``begin()`` started; its tallies are visible to a reader that sees this.
     @inline(__always)
-    static func add(_ n: Int, _ field: Field, _ m: Int, _ other: Field, slot: Int) {
-        let counters = currentBlock() + slot &* fieldCount
+    static func end(_ block: Block) {
+        let sequence = block + sequenceIndex
+        sequence.pointee.store(sequence.pointee.load(ordering: .relaxed) &+ 1, ordering: .releasing)
+    }
+
+    /// Adds to two of the calling thread's counters (`block` is the thread's, from ``begin()``).
+    /// Only this thread writes them.
+    @inline(__always)
+    static func add(_ n: Int, _ field: Field, _ m: Int, _ other: Field, slot: Int, block: Block) {
+        let counters = block + slot &* fieldCount
         let a = counters + field.rawValue
         a.pointee.store(a.pointee.load(ordering: .relaxed) &+ UInt64(n), ordering: .releasing)
         if m != 0 {
@@ -102,6 +121,7 @@ enum PinTally {
     /// other threads pin and unpin, acquired - released never drops below the pins outstanding.
     static func totals(slot: Int) -> [UInt64] {
         registry.withTrackedLock { registry in
+            waitForChanges(in: registry.blocks)
             let base = slot * fieldCount
             var sums = Array(registry.retired[base..<(base + fieldCount)])
             for field in [Field.released, .pinnedDown, .acquired, .pinnedUp] {
@@ -111,6 +131,27 @@ enum PinTally {
             }
             return sums
         }
+    }
+
+    /// Waits until no change that began before this call is in flight: a pin or unpin whose
+    /// descriptor update the caller may have seen is counted once this returns. Bounded (a change
+    /// lasts nanoseconds unless its thread is descheduled), so a stalled thread cannot hang a reader.
+    static func waitForChanges(in blocks: [ThreadBlock]) {
+        for block in blocks {
+            let sequence = block.counters + sequenceIndex
+            let started = sequence.pointee.load(ordering: .acquiring)
+            guard started & 1 == 1 else { continue }
+            var spins = 0
+            while sequence.pointee.load(ordering: .acquiring) == started, spins < 100_000 {
+                spins += 1
+                if spins > 100 { sched_yield() }
+            }
+        }
+    }
+
+    /// Waits out the changes in flight on every thread (for the shared-atomics fallback).
+    static func waitForChanges() {
+        registry.withTrackedLock { waitForChanges(in: $0.blocks) }
     }
 
     /// Takes a free slot, zeroed in every block, or nil when all are taken.
