@@ -452,4 +452,64 @@ struct RegressionTests {
             try t.fs.remove("/f\(round)")
         }
     }
+
+    @Test(".revokeLeases that times out on a short-term pin revokes no lease")
+    func timedOutRevokeKeepsLeases() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "keeplease")
+        let file = try t.fs.create("/f")
+        try file.write(pattern(4 * 4096, seed: 3), at: 0)
+        let mapping = try file.map(count: 4 * 4096)
+        let asked = Atomic(0)
+        let engine = DMAEngine(device: t.device)
+        let lease = engine.register(
+            try mapping.pin(offset: 4096, count: 4096, lifetime: .longTerm(onRevoke: { asked.wrappingAdd(1, ordering: .relaxed) })))
+        let shortPin = try mapping.pin(offset: 0, count: 4096)
+        let framesBefore = try file.frames(offset: 0, count: 4 * 4096)
+        let started = ContinuousClock.now
+        expectDAXError(.timedOut) { try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .milliseconds(50))) }
+        #expect(ContinuousClock.now - started >= .milliseconds(100))
+        #expect(asked.load(ordering: .relaxed) == 1)
+        #expect(!lease.isRevoked)
+        try engine.write([0xAB], to: lease, at: 0)
+        #expect(file.size == 4 * 4096)
+        #expect(try file.frames(offset: 0, count: 4 * 4096) == framesBefore)
+        var expected = pattern(4 * 4096, seed: 3)
+        expected[4096] = 0xAB
+        #expect(try file.read(count: 4 * 4096, at: 0) == expected)
+        let s = t.fs.statistics()
+        #expect(s.pinsAcquired == 2 && s.pinsReleased == 0)
+        shortPin.release()
+        engine.deregister(lease)
+        mapping.unmap()
+        #expect(t.fs.statistics().pinsReleased == 2)
+    }
+
+    @Test(".revokeLeases revokes as soon as the short-term pins are gone, within the second grace period")
+    func revokeAfterShortTermPinGoes() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "laterevoke")
+        let file = try t.fs.create("/f")
+        try file.write(pattern(4 * 4096), at: 0)
+        let mapping = try file.map(count: 4 * 4096)
+        let engine = DMAEngine(device: t.device)
+        // The lease and the short-term pin share a page, so only the lease's pin is revocable there.
+        let lease = engine.register(try mapping.pin(offset: 0, count: 2 * 4096, lifetime: .longTerm(onRevoke: {})))
+        let shortPin = PinBox(try mapping.pin(offset: 4096, count: 4096))
+        Thread.detachNewThread {
+            usleep(1_500_000)  // past the grace of 1 s, well inside the second one
+            shortPin.release()
+        }
+        let started = ContinuousClock.now
+        try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .seconds(1)))
+        let took = ContinuousClock.now - started
+        #expect(took >= .milliseconds(1400) && took < .milliseconds(1950), "took \(took)")
+        #expect(lease.isRevoked)
+        #expect(file.size == 0)
+        expectDAXError(.revoked) { try engine.write([1], to: lease, at: 0) }
+        let s = t.fs.statistics()
+        #expect(s.pinsAcquired == 3 && s.pinsReleased == 3 && s.pinnedPages == 0)
+        engine.deregister(lease)
+        #expect(t.fs.statistics().pinsReleased == 3)
+        mapping.unmap()
+        #expect(try t.fs.check().isClean)
+    }
 }

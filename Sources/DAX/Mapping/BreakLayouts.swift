@@ -8,7 +8,9 @@ public enum BusyPolicy: Sendable {
     /// Go on: pinned blocks are freed on the device but quarantined until their last unpin.
     case deferFree
     /// Ask each long-term pin holder in the range to let go (its `onRevoke`), wait up to `grace`,
-    /// then revoke what remains; short-term pins are waited for (up to `grace` again).
+    /// then revoke the leases that remain. Short-term pins and other references are waited for, up
+    /// to `grace` again; leases are revoked only once nothing else holds the pages, so a truncate
+    /// that times out (`.timedOut`) has revoked nothing (though the holders were asked).
     case revokeLeases(grace: Duration)
 }
 
@@ -104,11 +106,18 @@ extension DAXFileSystem {
                     // Asked without holding any lock: a holder may use the file to let go.
                     for lease in device.pages.leases(where: Set(busy).contains) { lease.requestRelease() }
                 }
-                // Until the grace ends; after it, short-term pins get one more grace period.
-                let until = ContinuousClock.now < graceEnd! ? graceEnd! : graceEnd! + grace
-                _ = device.pages.waitUntil(
-                    busy, deadline: Deadline(after: until - ContinuousClock.now),
-                    PageWord.isIdleExceptMappings)
+                if ContinuousClock.now < graceEnd! {
+                    // Until the grace ends, for the holders to let go.
+                    _ = device.pages.waitUntil(
+                        busy, deadline: Deadline(after: graceEnd! - ContinuousClock.now),
+                        PageWord.isIdleExceptMappings)
+                } else {
+                    // After it, one more grace period for what no revocation can take away.
+                    let leasePins = device.pages.leasePins(on: busy)
+                    _ = device.pages.waitUntil(
+                        busy, deadline: Deadline(after: graceEnd! + grace - ContinuousClock.now)
+                    ) { frame, word in PageWord.isIdleExceptMappingsAndLeases(word, leasePins: leasePins[frame] ?? 0) }
+                }
             }
         }
     }
@@ -146,13 +155,25 @@ extension DAXFileSystem {
         var busy = busyFrames(frames)
 
         if !busy.isEmpty, case .revokeLeases(let grace) = policy, let end = graceEnd, ContinuousClock.now >= end {
-            // The grace period is over: revoke every lease that still holds a page. Revocation
-            // waits for a DMA access in flight, then drops the pin's counts.
-            for lease in device.pages.leases(where: Set(busy).contains) { lease.revoke() }
-            busy = busyFrames(busy)
+            // The grace period is over. Revoke the leases only if that leaves every page idle: with
+            // short-term pins still there the change may yet time out, and a failed truncate must
+            // not have cut the holders off. (No lease can start now: the invalidate lock is held.)
+            let leasePins = device.pages.leasePins(on: busy)
+            let table = device.pages.table
+            let onlyLeases = busy.allSatisfy {
+                PageWord.isIdleExceptMappingsAndLeases(
+                    table.descriptor($0).pointee.counts.load(ordering: .sequentiallyConsistent),
+                    leasePins: leasePins[$0] ?? 0)
+            }
+            if onlyLeases {
+                // Revocation waits for a DMA access in flight, then drops the pin's counts.
+                for lease in device.pages.leases(where: Set(busy).contains) { lease.revoke() }
+                busy = busyFrames(busy)
+            }
             if !busy.isEmpty, ContinuousClock.now >= end + grace {
                 restore(mappings, inode)
-                throw timedOut(what, busy, "short-term pins or references outlived the grace period")
+                throw timedOut(
+                    what, busy, "short-term pins or references outlived the grace period; no lease was revoked")
             }
         }
         if busy.isEmpty || policy.goesOnWhenBusy {

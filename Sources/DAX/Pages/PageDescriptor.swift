@@ -39,6 +39,12 @@ enum PageWord {
     @inline(__always) static func isIdleExceptMappings(_ w: UInt64) -> Bool {
         refCount(w) == mapCount(w) && pinCount(w) == 0
     }
+
+    /// Idle but for mappings and `leasePins` pins that leases hold (each with its reference): what
+    /// revoking those leases would leave idle.
+    @inline(__always) static func isIdleExceptMappingsAndLeases(_ w: UInt64, leasePins: UInt64) -> Bool {
+        pinCount(w) <= leasePins && refCount(w) <= mapCount(w) + pinCount(w)
+    }
 }
 
 /// The bit layout of `PageDescriptor.owner`: inode number and page index in that file.

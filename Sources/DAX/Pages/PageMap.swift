@@ -7,7 +7,8 @@ public struct PinTotals: Sendable, Equatable {
     public var acquired: Int
     /// Pages unpinned, or revoked with their lease.
     public var released: Int
-    /// Descriptors with `pinCount > 0` (exact when no pin or unpin is in progress).
+    /// Descriptors with `pinCount > 0`. Every pin or unpin whose effect on a descriptor the reader
+    /// has seen (a truncate that found the page idle, say) is counted; one racing the read may not be.
     public var pinnedPages: Int
 }
 
@@ -87,7 +88,8 @@ public final class PageMap: Sendable {
     // MARK: - Pin totals
 
     /// The pin totals, read together: under concurrent pinning, `acquired - released` is never
-    /// below the number of pins outstanding throughout the read.
+    /// below the number of pins outstanding throughout the read, and a pin or unpin the caller has
+    /// seen take effect on a descriptor is counted (the read waits out changes in flight).
     public var pinTotals: PinTotals { table.totals() }
     /// Pages pinned since the map was made (the kernel's `nr_foll_pin_acquired`).
     public var pinsAcquired: Int { table.totals().acquired }
@@ -190,6 +192,19 @@ public final class PageMap: Sendable {
         }
     }
 
+    /// How many pins the active leases hold on each of `frames` (absent: none).
+    func leasePins(on frames: [UInt64]) -> [UInt64: UInt64] {
+        let wanted = Set(frames)
+        var pins: [UInt64: UInt64] = [:]
+        for lease in leases(where: wanted.contains) where lease.isActive {
+            lease.runs.forEachFrame { frame in
+                if wanted.contains(frame) { pins[frame, default: 0] += 1 }
+                return true
+            }
+        }
+        return pins
+    }
+
     // MARK: - Freeze
 
     /// The kernel's `page_ref_freeze`: if the page has exactly `expectedRefCount` references and
@@ -231,7 +246,12 @@ public final class PageMap: Sendable {
 
     /// Sleeps until `isIdle` holds for every frame's counts word, or the deadline passes.
     func waitUntil(_ frames: [UInt64], deadline: Deadline, _ isIdle: (UInt64) -> Bool) -> Bool {
-        if frames.allSatisfy({ isIdle(table.word($0)) }) { return true }
+        waitUntil(frames, deadline: deadline) { _, word in isIdle(word) }
+    }
+
+    /// Sleeps until `isIdle(frame, word)` holds for every frame, or the deadline passes.
+    func waitUntil(_ frames: [UInt64], deadline: Deadline, _ isIdle: (UInt64, UInt64) -> Bool) -> Bool {
+        if frames.allSatisfy({ isIdle($0, table.word($0)) }) { return true }
         let queue = table.core.pointee.waitQueue
         let waiter = PageWaitQueue.Waiter()
         queue.register(waiter)
@@ -241,12 +261,12 @@ public final class PageMap: Sendable {
             // Pages before `next` were idle when last looked at; find the first busy one from there.
             while next < frames.count {
                 let counts = table.descriptor(frames[next])
-                if isIdle(counts.pointee.counts.load(ordering: .acquiring)) {
+                if isIdle(frames[next], counts.pointee.counts.load(ordering: .acquiring)) {
                     next += 1
                     continue
                 }
                 let word = counts.pointee.counts.bitwiseOr(PageWord.waiters, ordering: .sequentiallyConsistent).newValue
-                if isIdle(word) {
+                if isIdle(frames[next], word) {
                     next += 1
                     continue
                 }
@@ -254,14 +274,14 @@ public final class PageMap: Sendable {
             }
             if next == frames.count {
                 // Idle one by one; confirm all at once, since an early page may have been taken again.
-                if let busy = frames.firstIndex(where: { !isIdle(table.word($0)) }) {
+                if let busy = frames.firstIndex(where: { !isIdle($0, table.word($0)) }) {
                     next = busy
                     continue
                 }
                 return true
             }
             if waiter.semaphore.wait(timeout: deadline.dispatchTime) == .timedOut {
-                return frames.allSatisfy { isIdle(table.word($0)) }
+                return frames.allSatisfy { isIdle($0, table.word($0)) }
             }
         }
     }
