@@ -512,4 +512,26 @@ struct RegressionTests {
         mapping.unmap()
         #expect(try t.fs.check().isClean)
     }
+
+    @Test("errors found deep down say which call, path and range they stopped")
+    func errorsNameTheirSubject() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "messages")
+        let file = try t.fs.create("/big")
+        let free = t.fs.statistics().freeBlocks
+        let tooMuch = (free + 10) * 4096
+        let noSpace = try #require(expectDAXError(.noSpace) { try file.allocate(offset: 0, count: tooMuch) })
+        #expect(noSpace.message.contains("allocate") && noSpace.message.contains("/big"))
+        #expect(noSpace.message.contains("\(tooMuch)"))
+        #expect(t.fs.statistics().freeBlocks == free && file.size == 0)
+        try file.allocate(offset: 0, count: free * 4096)
+        try t.fs.createDirectory("/dir")  // its first entry needs a block
+        let full = try #require(expectDAXError(.noSpace) { _ = try t.fs.create("/dir/more") })
+        #expect(full.message.contains("/dir/more"), "\(full)")
+        #expect(try t.fs.contentsOfDirectory("/dir").isEmpty)
+        file.close()
+        try t.fs.unmount()
+        memset(t.device.baseAddress, 0x5A, 4096)
+        let garbage = try #require(expectDAXError(.corrupted) { _ = try DAXFileSystem.mount(t.device) })
+        #expect(garbage.message.contains(t.device.path), "\(garbage)")
+    }
 }

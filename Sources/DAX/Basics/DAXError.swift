@@ -70,6 +70,16 @@ public struct DAXError: Error, CustomStringConvertible, Sendable {
 }
 
 extension DAXError {
+    /// The error with `what` ("cannot write /f at 0 + 4096") in front of its message, unless the
+    /// message names `subject` already: a cause found deep down (no space, a damaged superblock)
+    /// then says which call and which path or range it stopped.
+    func context(_ what: String, naming subject: String) -> DAXError {
+        guard !message.contains(subject) else { return self }
+        var error = self
+        error.message = "\(what): \(message)"
+        return error
+    }
+
     /// An error for a failed system call: the code follows `errno`, the message keeps its text.
     static func system(_ call: String, _ what: String, errno code: Int32) -> DAXError {
         DAXError(Code(errno: code), "\(what): \(call) failed", errno: code)

@@ -123,8 +123,15 @@ public final class DMARegion: Sendable {
             guard pin != nil else {
                 throw DAXError(.invalidArgument, "cannot DMA-\(what): the region was deregistered")
             }
-            if let lease { return try lease.withAccess(body) }
-            return try body()
+            guard let lease else { return try body() }
+            do {
+                return try lease.withAccess(body)
+            } catch let error as DAXError {
+                let first = frames.first.map { " from \($0)" } ?? ""
+                throw error.context(
+                    "cannot DMA-\(what) \(count) bytes at offset \(offset) of the region of \(self.count) bytes\(first)",
+                    naming: "DMA-")
+            }
         }
     }
 

@@ -50,10 +50,17 @@ public final class DAXFile: Sendable {
 
     /// Runs a file operation: checks that the handle is open (and writable if asked) and holds the
     /// file system's operations lock shared, so that `unmount` waits for it to finish.
-    func operation<T: ~Copyable>(_ name: String, writable: Bool = false, _ body: () throws -> T) throws -> T {
-        try fileSystem.operations.withReadLock {
-            if writable { try checkWritable(name) } else { try checkOpen(name) }
-            return try body()
+    func operation<T: ~Copyable>(
+        _ name: String, writable: Bool = false, range: (offset: Int, count: Int)? = nil, _ body: () throws -> T
+    ) throws -> T {
+        do {
+            return try fileSystem.operations.withReadLock {
+                if writable { try checkWritable(name) } else { try checkOpen(name) }
+                return try body()
+            }
+        } catch let error as DAXError {
+            let subject = Paths.debug(path)
+            throw error.context("cannot \(name) \(subject)" + (range.map { " at \($0.offset) + \($0.count)" } ?? ""), naming: subject)
         }
     }
 
@@ -94,7 +101,7 @@ public final class DAXFile: Sendable {
 
     /// Writes the bytes of `buffer` at `offset` (see ``write(_:at:)``), without an array.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
-        try operation("write", writable: true) {
+        try operation("write", writable: true, range: (offset, buffer.count)) {
             try Self.checkRange(offset, buffer.count, "write", path)
             guard buffer.count > 0 else { return }
             try inode.lock.withWriteLock {
@@ -129,7 +136,7 @@ public final class DAXFile: Sendable {
 
     /// fallocate: gives the range zeroed blocks where it has none, and grows the size to cover it.
     public func allocate(offset: Int, count: Int) throws {
-        try operation("allocate", writable: true) {
+        try operation("allocate", writable: true, range: (offset, count)) {
             try Self.checkRange(offset, count, "allocate", path)
             guard count > 0 else {
                 throw DAXError(.invalidArgument, "cannot allocate 0 bytes of \(Paths.debug(path))")

@@ -86,11 +86,15 @@ public final class DAXFileSystem: Sendable {
     /// Writes an empty file system on the device, erasing what it held, and mounts it.
     /// Throws `.busy` if a file system is mounted on the device (here or in another process).
     public static func format(_ device: PMemDevice, options: FormatOptions = .init()) throws -> DAXFileSystem {
-        try withExclusiveDevice(device) {
-            let sb = try Superblock.layout(
-                totalBlocks: UInt64(device.pageCount), bytesPerInode: options.bytesPerInode,
-                journalBlocks: options.journalBlocks)
-            try writeEmptyFileSystem(sb, on: device, progress: options.progress)
+        do {
+            try withExclusiveDevice(device) {
+                let sb = try Superblock.layout(
+                    totalBlocks: UInt64(device.pageCount), bytesPerInode: options.bytesPerInode,
+                    journalBlocks: options.journalBlocks)
+                try writeEmptyFileSystem(sb, on: device, progress: options.progress)
+            }
+        } catch let error as DAXError {
+            throw error.context("cannot format \(device.path)", naming: device.path)
         }
         return try mount(device)
     }
@@ -100,6 +104,14 @@ public final class DAXFileSystem: Sendable {
     /// Throws `.corrupted` (saying what and where) for a device that holds no DAXFS or a damaged
     /// one, and `.busy` if it is mounted already.
     public static func mount(_ device: PMemDevice) throws -> DAXFileSystem {
+        do {
+            return try mountRetainingDevice(device)
+        } catch let error as DAXError {
+            throw error.context("cannot mount \(device.path)", naming: device.path)
+        }
+    }
+
+    private static func mountRetainingDevice(_ device: PMemDevice) throws -> DAXFileSystem {
         try device.retainUse(for: "mount")
         do {
             try lockDevice(device)

@@ -121,7 +121,7 @@ extension DAXFileSystem {
 
     /// Kind, size and blocks of the file or directory at `path`.
     public func attributes(of path: String) throws -> FileAttributes {
-        let inode = try namespaceOperation(exclusive: false) { () throws -> Inode in
+        let inode = try namespaceOperation(exclusive: false, "look up", path) { () throws -> Inode in
             let components = try Paths.components(path)
             guard let name = components.last else { return try self.inode(Superblock.rootInode) }
             let parent = try resolveDirectory(Array(components.dropLast()), path: path)

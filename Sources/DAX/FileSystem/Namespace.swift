@@ -4,7 +4,7 @@ extension DAXFileSystem {
     /// Creates a new empty regular file and opens it for reading and writing.
     /// Throws `.alreadyExists` if the path exists, `.notFound` if the parent does not.
     public func create(_ path: String) throws -> DAXFile {
-        let inode = try namespaceOperation(exclusive: true) {
+        let inode = try namespaceOperation(exclusive: true, "create", path) {
             let inode = try makeNode(path, kind: .file)
             inode.users.withTrackedLock { $0.handles += 1 }
             return inode
@@ -14,7 +14,7 @@ extension DAXFileSystem {
 
     /// Opens an existing regular file. Throws `.notFound`, or `.isADirectory` for a directory.
     public func open(_ path: String, access: Access = .readWrite) throws -> DAXFile {
-        let inode = try namespaceOperation(exclusive: false) { () throws -> Inode in
+        let inode = try namespaceOperation(exclusive: false, "open", path) { () throws -> Inode in
             let (parent, name) = try Paths.split(path, what: "open")
             let directory = try resolveDirectory(parent, path: path)
             guard let entry = directory.directory?.entries[name] else {
@@ -31,12 +31,12 @@ extension DAXFileSystem {
 
     /// Creates a directory. Throws `.alreadyExists` if the path exists.
     public func createDirectory(_ path: String) throws {
-        _ = try namespaceOperation(exclusive: true) { try makeNode(path, kind: .directory) }
+        _ = try namespaceOperation(exclusive: true, "create directory", path) { try makeNode(path, kind: .directory) }
     }
 
     /// The names in a directory, sorted (by bytes, which for UTF-8 is code-point order).
     public func contentsOfDirectory(_ path: String) throws -> [String] {
-        try namespaceOperation(exclusive: false) {
+        try namespaceOperation(exclusive: false, "list", path) {
             let directory = try resolveDirectory(try Paths.components(path), path: path)
             return directory.directory?.sortedNames ?? []
         }
@@ -46,7 +46,7 @@ extension DAXFileSystem {
     /// at once and keeps its blocks until the last close or unmap (an orphan; its pinned blocks
     /// stay quarantined until unpinned).
     public func remove(_ path: String) throws {
-        try namespaceOperation(exclusive: true) {
+        try namespaceOperation(exclusive: true, "remove", path) {
             let (parentPath, name) = try Paths.split(path, what: "remove")
             let parent = try resolveDirectory(parentPath, path: path)
             guard let entry = parent.directory?.entries[name] else {
@@ -67,7 +67,7 @@ extension DAXFileSystem {
     /// Renames atomically. An existing file at `newPath` is replaced (an empty directory by a
     /// directory); after a crash exactly one of the two names exists.
     public func rename(_ path: String, to newPath: String) throws {
-        try namespaceOperation(exclusive: true) {
+        try namespaceOperation(exclusive: true, "rename", path, to: newPath) {
             let (fromPath, fromName) = try Paths.split(path, what: "rename")
             let (toPath, toName) = try Paths.split(newPath, what: "rename onto")
             let from = try resolveDirectory(fromPath, path: path)
@@ -146,10 +146,19 @@ extension DAXFileSystem {
     /// Runs a directory operation: holds the operations lock shared (so that `unmount` waits for
     /// it, and one that waited for the namespace lock cannot run after `unmount`), checks that the
     /// file system is still mounted, then takes the namespace lock.
-    func namespaceOperation<T>(exclusive: Bool, _ body: () throws -> T) throws -> T {
-        try operations.withReadLock {
-            try checkMounted()
-            return exclusive ? try namespace.withWriteLock(body) : try namespace.withReadLock(body)
+    /// An error that does not name `path` gets "cannot `what` `path` [to `newPath`]" in front.
+    func namespaceOperation<T>(
+        exclusive: Bool, _ what: String, _ path: String, to newPath: String? = nil, _ body: () throws -> T
+    ) throws -> T {
+        do {
+            return try operations.withReadLock {
+                try checkMounted()
+                return exclusive ? try namespace.withWriteLock(body) : try namespace.withReadLock(body)
+            }
+        } catch let error as DAXError {
+            let subject = Paths.debug(path)
+            let target = newPath.map { " to \(Paths.debug($0))" } ?? ""
+            throw error.context("cannot \(what) \(subject)\(target)", naming: subject)
         }
     }
 

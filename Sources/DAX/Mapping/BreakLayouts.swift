@@ -45,7 +45,7 @@ extension DAXFile {
         guard count > 0 else { return try operation("punch a hole in", writable: true) {} }
         try fileSystem.changeLayout(
             inode, policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))",
-            guarded: { try operation("punch a hole in", writable: true, $0) }
+            guarded: { try operation("punch a hole in", writable: true, range: (offset, count), $0) }
         ) {
             try inode.checkLive(path)
             return try fileSystem.planPunch(inode, offset: offset, count: count)
