@@ -345,6 +345,24 @@ struct RegressionTests {
         #expect(!DAXFileSystem.isFormatted(t.device))
         try expectRefusedUnchanged("superblock with an overflowing bitmap size")
 
+        // A well-formed committed transaction whose replay would break the file system (it zeroes
+        // the root's inode record): refused before the replay touches the device.
+        try t.device.write(original, at: 0)
+        var breaking = Transaction()
+        breaking.write([UInt8](repeating: 0, count: 256), at: Int(sb.inodeStart) * 4096)
+        let breakingRecords = breaking.encodeForTesting()
+        try t.device.write(breakingRecords, at: Int(sb.journalStart + 1) * 4096)
+        try t.device.write(
+            Journal.header(sequence: 9, committed: true, count: 1, records: breakingRecords),
+            at: Int(sb.journalStart) * 4096)
+        let crafted = try t.device.read(count: t.device.size, at: 0)
+        let refusal = expectDAXError(.corrupted) { _ = try DAXFileSystem.mount(t.device) }
+        #expect(refusal?.message.contains("after replaying its journal") == true, "\(String(describing: refusal))")
+        #expect(try t.device.read(count: t.device.size, at: 0) == crafted)
+        let report = try DAXFileSystem.check(t.device)
+        #expect(!report.isClean)
+        #expect(try t.device.read(count: t.device.size, at: 0) == crafted)
+
         try t.device.write(original, at: 0)
         let fs = try DAXFileSystem.mount(t.device)
         #expect(try fs.check().isClean)

@@ -145,20 +145,14 @@ public final class DAXFileSystem: Sendable {
         let before = try Superblock.decode(
             ByteReader(device.base, count: Superblock.size),
             deviceBlocks: UInt64(device.pageCount))
+        try checkReplay(device, superblock: before)
         let (outcome, sequence) = try Journal.recover(device: device, superblock: before)
         // The replay may have rewritten the superblock (its orphan head): read it again.
         let sb = try Superblock.decode(
             ByteReader(device.base, count: Superblock.size),
             deviceBlocks: UInt64(device.pageCount))
         let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false)
-        guard scan.problems.isEmpty else {
-            let more = scan.problems.count - 3 + scan.suppressed
-            throw DAXError(
-                .corrupted,
-                "file system on \(device.path) is damaged: "
-                    + scan.problems.prefix(3).joined(separator: "; ")
-                    + (more > 0 ? "; and \(more) more (run check)" : ""))
-        }
+        try refuseDamage(scan, device)
         if outcome == .tornHeader {
             // A crash while committing or emptying: nothing to replay; leave an empty journal.
             try device.write(
@@ -243,6 +237,33 @@ public final class DAXFileSystem: Sendable {
         final.formatTime = now
         final.uuid = (0..<16).map { _ in UInt8.random(in: 0...255) }
         try device.write(final.encode(), at: 0)
+    }
+
+    /// A committed transaction is replayed first into a private view, and the result checked as
+    /// mount checks it: a crafted or damaged journal that would leave a broken file system is
+    /// refused before it changes the device. (Without a private view, a device-DAX character
+    /// device, the replay goes ahead and the check after it refuses.)
+    private static func checkReplay(_ device: PMemDevice, superblock: Superblock) throws {
+        guard case .committed(_, let records) = try Journal.read(device: device, superblock: superblock),
+            let view = try? PrivateView(of: device)
+        else { return }
+        Journal.apply(records, to: view, superblock: superblock)
+        let replayed = try Superblock.decode(
+            ByteReader(view.base, count: Superblock.size), deviceBlocks: UInt64(device.pageCount))
+        let scan = withExtendedLifetime(view) {
+            Scanner.scan(base: view.base, superblock: replayed, journalMustBeEmpty: false)
+        }
+        try refuseDamage(scan, device, " after replaying its journal (the device was left as it was)")
+    }
+
+    private static func refuseDamage(_ scan: Scanner.Result, _ device: PMemDevice, _ when: String = "") throws {
+        guard !scan.problems.isEmpty else { return }
+        let more = scan.problems.count - 3 + scan.suppressed
+        throw DAXError(
+            .corrupted,
+            "file system on \(device.path) is damaged\(when): "
+                + scan.problems.prefix(3).joined(separator: "; ")
+                + (more > 0 ? "; and \(more) more (run check)" : ""))
     }
 
     // MARK: - Unmount
