@@ -552,4 +552,30 @@ struct RegressionTests {
         let garbage = try #require(expectDAXError(.corrupted) { _ = try DAXFileSystem.mount(t.device) })
         #expect(garbage.message.contains(t.device.path), "\(garbage)")
     }
+
+    // MARK: - Black-box testing
+
+    @Test("a file of exactly the largest size: truncate and a write of its last byte, then remount clean")
+    func largestFileSize() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "largest")
+        let largest = DAXFileSystem.maximumFileSize
+        let file = try t.fs.create("/f")
+        try file.write([1, 2, 3], at: 0)
+        try file.truncate(to: largest)
+        #expect(file.size == largest)
+        try file.write([9], at: largest - 1)
+        #expect(try file.read(count: 1, at: largest - 1) == [9])
+        expectDAXError(.invalidArgument) { try file.truncate(to: largest + 1) }
+        expectDAXError(.invalidArgument) { try file.write([1], at: largest) }
+        #expect(try t.fs.check().isClean)
+        file.close()
+        let again = try t.remount()
+        let reopened = try again.open("/f")
+        #expect(reopened.size == largest)
+        #expect(try reopened.read(count: 3, at: 0) == [1, 2, 3])
+        #expect(try reopened.read(count: 1, at: largest - 1) == [9])
+        reopened.close()
+        #expect(try again.check().isClean)
+        try again.unmount()
+    }
 }

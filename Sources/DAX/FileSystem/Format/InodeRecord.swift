@@ -59,7 +59,7 @@ struct InodeRecord: Equatable, Sendable {
             parent: reader.get(at: 48), nextOrphan: reader.get(at: 52), extentCount: reader.get(at: 56),
             leafCount: reader.get(at: 60), firstLeaf: reader.get(at: 64))
         if kind == .free { return .success(record) }
-        if record.size >= Extent.maximumFileSize { return .failure(.field("size \(record.size)")) }
+        if record.size > Extent.maximumFileSize { return .failure(.field("size \(record.size)")) }
         if record.leafCount == 0 {
             guard record.extentCount <= UInt32(Self.inlineExtentCapacity) else {
                 return .failure(.field("\(record.extentCount) inline extents"))
