@@ -8,6 +8,18 @@ import Synchronization
 public struct CommandError: Error, CustomStringConvertible {
     public var description: String
     public init(_ description: String) { self.description = description }
+
+    /// Throws unless every command-line argument is valid UTF-8. Swift turns invalid bytes into
+    /// U+FFFD, so two different byte strings would arrive as one key or record.
+    public static func requireUTF8Arguments(for what: String) throws {
+        for index in 1..<Int(CommandLine.argc) {
+            guard let raw = CommandLine.unsafeArgv[index] else { continue }
+            let bytes = UnsafeRawBufferPointer(start: raw, count: strlen(raw)).bindMemory(to: UInt8.self)
+            guard String(validating: bytes, as: UTF8.self) != nil else {
+                throw CommandError("argument \(index) is not valid UTF-8 (\(what) are UTF-8 text)")
+            }
+        }
+    }
 }
 
 extension ParsableCommand {
@@ -90,14 +102,20 @@ extension DAXFileSystem {
         }
         // Unique within this process too: concurrent calls for one path never share a file.
         let temporary = directory + mine + "\(partialFiles.add(1, ordering: .relaxed).oldValue).partial"
-        let file = try create(temporary)
         do {
-            try build(file)
-            file.close()
-            try rename(temporary, to: path)
-        } catch {
-            file.close()
-            try? remove(temporary)
+            let file = try create(temporary)
+            do {
+                try build(file)
+                file.close()
+                try rename(temporary, to: path)
+            } catch {
+                file.close()
+                try? remove(temporary)
+                throw error
+            }
+        } catch var error as DAXError {
+            // Told about the file the user named, not the temporary one it was built in.
+            error.message = error.message.replacing(temporary, with: path)
             throw error
         }
     }

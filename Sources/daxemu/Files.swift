@@ -34,10 +34,8 @@ struct ListCommand: ParsableCommand {
                     }))
         } else if long {
             for (name, a) in entries {
-                let size = String(a.size).padding(toLength: 12, withPad: " ", startingAt: 0)
-                print(
-                    "\(a.kind == .directory ? "d" : "-")  \(size) \(String(a.blocks).padding(toLength: 8, withPad: " ", startingAt: 0)) \(name)"
-                )
+                let kind = a.kind == .directory ? "d" : "-"
+                print("\(kind)  \(padded(String(a.size), to: 12)) \(padded(String(a.blocks), to: 8)) \(name)")
             }
         } else {
             for (name, a) in entries { print(a.kind == .directory ? name + "/" : name) }
@@ -223,37 +221,67 @@ struct Frames: ParsableCommand {
 
     @Argument var file: String
 
-    @Flag(help: "Print JSON: a list of {page, frame, deviceOffset}, frame and deviceOffset null for a hole.")
+    @Flag(help: "Print JSON: a list of {page, frame, deviceOffset} for the pages that have a block (holes are left out).")
     var json = false
 
+    /// Pages looked up at a time: a huge sparse file is streamed, never held in memory whole.
+    static let window = 1 << 16
+
     func run() throws {
-        let frames = try device.withFileSystem { fs in
+        try device.withFileSystem { fs in
             let handle = try fs.open(file, access: .readOnly)
             defer { handle.close() }
-            return try handle.frames(offset: 0, count: handle.size)
-        }
-        if json {
-            print(
-                try jsonText(
-                    frames.enumerated().map { page, frame -> [String: Any] in
-                        [
-                            "page": page, "frame": frame.map { Int($0.rawValue) as Any } ?? NSNull(),
-                            "deviceOffset": frame.map { $0.deviceOffset as Any } ?? NSNull(),
-                        ]
-                    }))
-        } else {
-            print("page      frame     device offset")
-            for (page, frame) in frames.enumerated() {
-                let left = String(page).padding(toLength: 10, withPad: " ", startingAt: 0)
-                guard let frame else {
-                    print(left + "-         (hole)")
-                    continue
-                }
-                print(
-                    left + String(frame.rawValue).padding(toLength: 10, withPad: " ", startingAt: 0)
-                        + "\(frame.deviceOffset)")
+            let pages = (handle.size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
+            var output = FramesOutput(json: json)
+            var first = 0
+            while first < pages {
+                let count = min(Self.window, pages - first)
+                let frames = try handle.frames(
+                    offset: first * PMemDevice.pageSize,
+                    count: min(count * PMemDevice.pageSize, handle.size - first * PMemDevice.pageSize))
+                for (index, frame) in frames.enumerated() { output.add(page: first + index, frame) }
+                first += count
             }
+            output.finish(pages: pages)
         }
+    }
+}
+
+/// The lines of `daxemu frames`, written as they come: a run of holes is one line.
+private struct FramesOutput {
+    let json: Bool
+    var holeStart: Int?
+    var entries = 0
+
+    init(json: Bool) {
+        self.json = json
+        print(json ? "[" : "page      frame     device offset")
+    }
+
+    mutating func add(page: Int, _ frame: PageFrameNumber?) {
+        guard let frame else {
+            if holeStart == nil { holeStart = page }
+            return
+        }
+        endHole(at: page)
+        if json {
+            print((entries > 0 ? "," : "") + "{\"page\": \(page), \"frame\": \(frame.rawValue), \"deviceOffset\": \(frame.deviceOffset)}")
+        } else {
+            print(padded(String(page), to: 9) + " " + padded(String(frame.rawValue), to: 9) + " \(frame.deviceOffset)")
+        }
+        entries += 1
+    }
+
+    mutating func finish(pages: Int) {
+        endHole(at: pages)
+        if json { print("]") }
+    }
+
+    private mutating func endHole(at page: Int) {
+        guard let start = holeStart else { return }
+        holeStart = nil
+        guard !json else { return }
+        print(padded(page - start == 1 ? String(start) : "\(start)-\(page - 1)", to: 9) + " " + padded("-", to: 9) + " (hole)")
     }
 }
 

@@ -60,3 +60,8 @@ func jsonText(_ value: Any) throws -> String {
         ])
     return String(decoding: data, as: UTF8.self)
 }
+
+/// `text` left-aligned in a column of `width`, never cut: a longer text keeps every character.
+func padded(_ text: String, to width: Int) -> String {
+    text.count >= width ? text : text.padding(toLength: width, withPad: " ", startingAt: 0)
+}

@@ -172,6 +172,23 @@ struct CommandLineTests {
         }
     }
 
+    @Test("frames of a huge sparse file: one line per run of holes; ls -l keeps every digit of a size")
+    func framesOfSparseFile() throws {
+        let device = try ExampleDevice(size: "8M")
+        _ = try runCommand("daxemu", ["put", "-d", device.path, "/etc/hostname", "/f"])
+        #expect(try runCommand("daxemu", ["truncate", "-d", device.path, "/f", "1G"]).status == 0)
+        let text = try runCommand("daxemu", ["frames", "-d", device.path, "/f"])
+        let lines = text.output.split(separator: "\n")
+        #expect(text.status == 0 && lines.count == 3, "\(text.output.prefix(300))")
+        #expect(lines.last?.hasPrefix("1-262143 ") == true && lines.last?.hasSuffix("(hole)") == true)
+        let json = try runCommand("daxemu", ["frames", "-d", device.path, "/f", "--json"])
+        let entries = try #require(try JSONSerialization.jsonObject(with: Data(json.output.utf8)) as? [[String: Any]])
+        #expect(entries.count == 1 && entries[0]["page"] as? Int == 0)
+        #expect(try runCommand("daxemu", ["truncate", "-d", device.path, "/f", "1T"]).status == 0)
+        let listing = try runCommand("daxemu", ["ls", "-l", "-d", device.path, "/"])
+        #expect(listing.output.contains(" 1099511627776 "), "\(listing.output)")
+    }
+
     @Test("bad arguments: one line on stderr naming the program and where help is, exit 64, no trap")
     func badArguments() throws {
         let device = try ExampleDevice(size: "8M")

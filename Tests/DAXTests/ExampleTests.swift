@@ -160,6 +160,55 @@ struct ExampleTests {
         #expect(try runCommand("pmemlog", ["--device", e.path, "--file", "/log", "walk"]).output == "x\n")
     }
 
+    @Test("read-only commands create nothing; a load that fills the device leaves every printed key readable")
+    func examplesAtTheEdges() throws {
+        let e = try ExampleDevice(size: "24M")
+        let ls = { try runCommand("daxemu", ["ls", "-d", e.path, "/"]).output }
+        for arguments in [["get", "a"], ["delete", "a"], ["check"]] {
+            expectCleanFailure(
+                try runCommand("kvstore", ["--device", e.path, "--file", "/typo"] + arguments), "kvstore",
+                mentioning: "no store at /typo")
+        }
+        expectCleanFailure(
+            try runCommand("pmemlog", ["--device", e.path, "--file", "/typo", "walk"]), "pmemlog", mentioning: "no log")
+        #expect(try ls().isEmpty)
+        // The store's log doubles from 16 MiB: the second doubling does not fit on 24 MiB.
+        let load = try runCommand("kvstore", ["--device", e.path, "--buckets", "1024", "load", "--count", "5000000"])
+        #expect(load.status == 1 && load.errors.contains("no space"), "\(load.errors)")
+        let printed = load.output.split(separator: "\n").count
+        #expect(printed > 100_000)
+        let kv = { (arguments: [String]) in try runCommand("kvstore", ["--device", e.path] + arguments) }
+        #expect(try kv(["get", "key-0"]).output == "value-0\n")
+        #expect(try kv(["get", "key-\(printed - 1)"]).output == "value-\(printed - 1)\n")
+        #expect(try kv(["check"]).output == "ok: \(printed) keys\n")
+        #expect(try runCommand("daxemu", ["fsck", "-d", e.path]).status == 0)
+        // simple-copy sizes the destination from the source: a pipe or device is refused.
+        expectCleanFailure(
+            try runCommand("simple-copy", ["--device", e.path, "/dev/null", "/copy"]), "simple-copy",
+            mentioning: "not a regular file")
+        #expect(try ls() == "kvstore\n")
+    }
+
+    @Test("rdma-buffer on fragmented free space: the buffer's blocks go to data and extent leaves")
+    func rdmaBufferFragmented() throws {
+        let e = try ExampleDevice(size: "16M")
+        do {
+            let device = try PMemDevice.open(path: e.path)
+            defer { device.close() }
+            let fs = try DAXFileSystem.mount(device)
+            for i in 0..<300 {
+                let file = try fs.create("/f\(i)")
+                try file.write(pattern(20_000, seed: i), at: 0)
+                file.close()
+            }
+            for i in stride(from: 0, to: 300, by: 2) { try fs.remove("/f\(i)") }
+            try fs.unmount()
+        }
+        let result = try runCommand("rdma-buffer", ["--device", e.path])
+        #expect(result.status == 0, "\(result.output)\(result.errors)")
+        #expect(result.output.contains("reads only zeros") && result.output.contains("file system clean"))
+    }
+
     @Test("rdma-buffer: the lease is revoked, the NIC refused, nothing corrupted", arguments: [false, true])
     func rdmaBuffer(cooperative: Bool) throws {
         let e = try ExampleDevice()

@@ -35,9 +35,9 @@ final class KVStore {
     private(set) var cursor: Int
     private var putsSinceHint = 0
 
-    /// Opens the store in `path`, creating it with `buckets` buckets if it does not exist (or is an
-    /// empty file).
-    init(fileSystem fs: DAXFileSystem, path: String, buckets: Int = 1 << 20) throws {
+    /// Opens the store in `path`; when `create` is set, creates it with `buckets` buckets if it
+    /// does not exist (or is an empty file).
+    init(fileSystem fs: DAXFileSystem, path: String, buckets: Int = 1 << 20, create: Bool = true) throws {
         guard (1...Self.maximumBuckets).contains(buckets) else {
             throw CommandError("a store has 1 to \(Self.maximumBuckets) buckets, not \(buckets)")
         }
@@ -49,6 +49,12 @@ final class KVStore {
         }
         if let existing, existing.size > 0 {
             file = existing
+        } else if !create {
+            existing?.close()
+            throw CommandError(
+                existing == nil
+                    ? "no store at \(path) (`kvstore put` or `kvstore load` creates one)"
+                    : "\(path) is an empty file, not a store (`kvstore put` makes it one)")
         } else {
             // Built under another name and renamed into place (over an empty file, if one is
             // there): a creation that fails or is killed never leaves a file at `path` that is not
@@ -182,9 +188,11 @@ final class KVStore {
     private func grow(to needed: Int) throws {
         var size = mapping.count
         while size < needed { size *= 2 }
+        // Blocks first, all or nothing: on a full device `.noSpace` leaves the store as it was (a
+        // size grown past the file's blocks would make every later open need space to map it).
+        try file.allocate(offset: mapping.count, count: size - mapping.count)
         storeHint()
         mapping.unmap()
-        try file.truncate(to: size)
         mapping = try file.map(count: size)
     }
 

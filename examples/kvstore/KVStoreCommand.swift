@@ -25,8 +25,8 @@ struct StoreOptions: ParsableArguments {
         }
     }
 
-    /// Opens device, file system and store around `body`.
-    func withStore<T>(_ body: (KVStore) throws -> T) throws -> T {
+    /// Opens device, file system and store around `body`; only commands that write create a store.
+    func withStore<T>(creating create: Bool = false, _ body: (KVStore) throws -> T) throws -> T {
         var options = PMemDevice.Options()
         switch persistence {
         case "automatic": options.persistence = .automatic
@@ -45,7 +45,7 @@ struct StoreOptions: ParsableArguments {
         defer { device.close() }
         let fs = try DAXFileSystem.mount(device)
         defer { try? fs.unmount() }
-        let store = try KVStore(fileSystem: fs, path: file, buckets: buckets)
+        let store = try KVStore(fileSystem: fs, path: file, buckets: buckets, create: create)
         defer { store.close() }
         return try body(store)
     }
@@ -71,7 +71,8 @@ struct Put: ParsableCommand {
     @Argument var value: String
 
     func run() throws {
-        try options.withStore { try $0.put(Array(key.utf8), Array(value.utf8)) }
+        try CommandError.requireUTF8Arguments(for: "keys and values")
+        try options.withStore(creating: true) { try $0.put(Array(key.utf8), Array(value.utf8)) }
     }
 }
 
@@ -82,6 +83,7 @@ struct Get: ParsableCommand {
     @Argument var key: String
 
     func run() throws {
+        try CommandError.requireUTF8Arguments(for: "keys")
         guard let value = try options.withStore({ try $0.get(Array(key.utf8)) }) else { throw ExitCode(1) }
         print(String(decoding: value, as: UTF8.self))
     }
@@ -94,6 +96,7 @@ struct Delete: ParsableCommand {
     @Argument var key: String
 
     func run() throws {
+        try CommandError.requireUTF8Arguments(for: "keys")
         try options.withStore { try $0.delete(Array(key.utf8)) }
     }
 }
@@ -126,7 +129,7 @@ struct Load: ParsableCommand {
     }
 
     func run() throws {
-        try options.withStore { store in
+        try options.withStore(creating: true) { store in
             for i in 0..<count {
                 try store.put(Array("key-\(i)".utf8), Array("value-\(i)".utf8))
                 let line = "\(i)\n"
@@ -148,7 +151,7 @@ struct Bench: ParsableCommand {
     }
 
     func run() throws {
-        let result = try options.withStore { store -> [String: Double] in
+        let result = try options.withStore(creating: true) { store -> [String: Double] in
             func key(_ i: Int) -> [UInt8] { Array(String(format: "k%015d", i).utf8) }
             let value = [UInt8](repeating: 0x76, count: 64)
             let keys = (0..<count).map(key)

@@ -16,7 +16,7 @@ final class PersistentLog {
     let file: DAXFile
     private(set) var mapping: DAXMapping
 
-    init(fileSystem fs: DAXFileSystem, path: String) throws {
+    init(fileSystem fs: DAXFileSystem, path: String, create: Bool) throws {
         let existing: DAXFile?
         do {
             existing = try fs.open(path)
@@ -25,6 +25,12 @@ final class PersistentLog {
         }
         if let existing, existing.size > 0 {
             file = existing
+        } else if !create {
+            existing?.close()
+            throw CommandError(
+                existing == nil
+                    ? "no log at \(path) (`pmemlog append` creates one)"
+                    : "\(path) is an empty file, not a log (`pmemlog append` makes it one)")
         } else {
             // Made under another name and renamed into place (over an empty file, if one is
             // there): a creation that fails or is killed never leaves a file at `path` that is not
@@ -57,8 +63,9 @@ final class PersistentLog {
         if offset + size > mapping.count {
             var newSize = mapping.count
             while newSize < offset + size { newSize *= 2 }
+            // Blocks first, all or nothing: a full device leaves the log readable as it was.
+            try file.allocate(offset: mapping.count, count: newSize - mapping.count)
             mapping.unmap()
-            try file.truncate(to: newSize)
             mapping = try file.map(count: newSize)
         }
         var record = [UInt8](repeating: 0, count: size)
@@ -107,13 +114,14 @@ struct LogOptions: ParsableArguments {
     @Option(help: "The log's file in the DAX file system.")
     var file = "/pmemlog"
 
-    func withLog<T>(_ body: (PersistentLog) throws -> T) throws -> T {
+    /// Opens device, file system and log around `body`; only `append` creates a log.
+    func withLog<T>(creating create: Bool = false, _ body: (PersistentLog) throws -> T) throws -> T {
         let path = device ?? PMemDevice.defaultPath
         let opened = try PMemDevice.open(path: path)
         defer { opened.close() }
         let fs = try DAXFileSystem.mount(opened)
         defer { try? fs.unmount() }
-        let log = try PersistentLog(fileSystem: fs, path: file)
+        let log = try PersistentLog(fileSystem: fs, path: file, create: create)
         defer { log.close() }
         return try body(log)
     }
@@ -137,7 +145,8 @@ struct Append: ParsableCommand {
     @Argument var records: [String]
 
     func run() throws {
-        try options.withLog { log in for record in records { try log.append(Array(record.utf8)) } }
+        try CommandError.requireUTF8Arguments(for: "records")
+        try options.withLog(creating: true) { log in for record in records { try log.append(Array(record.utf8)) } }
     }
 }
 

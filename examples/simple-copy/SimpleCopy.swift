@@ -34,7 +34,10 @@ struct SimpleCopy: ParsableCommand {
         guard input >= 0 else { throw CommandError("cannot read \(source): \(String(cString: strerror(errno)))") }
         defer { close(input) }
         var info = stat()
-        fstat(input, &info)
+        guard fstat(input, &info) == 0, info.st_mode & S_IFMT == S_IFREG else {
+            // The destination is sized and mapped up front, so the source's size must be known.
+            throw CommandError("\(source) is not a regular file (a pipe or device has no size to map the destination to)")
+        }
         let size = Int(info.st_size)
         let path = device ?? PMemDevice.defaultPath
         let opened = try PMemDevice.open(path: path)
@@ -49,6 +52,7 @@ struct SimpleCopy: ParsableCommand {
         }
         guard size > 0 else {
             copied = true
+            print("copied 0 bytes to \(destination)")
             return
         }
         try file.truncate(to: size)
