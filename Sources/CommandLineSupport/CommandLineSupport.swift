@@ -37,7 +37,9 @@ extension ParsableCommand {
             // command has already said what it had to.
             Glibc.exit(code.rawValue)
         } catch let error as DAXError {
-            let reason = error.errno.map { " (\(String(cString: strerror($0))))" } ?? ""
+            // The errno's text, unless the message (libpmem's, say) ends with it already.
+            let text = error.errno.map { String(cString: strerror($0)) }
+            let reason = text.map { error.message.hasSuffix($0) ? "" : " (\($0))" } ?? ""
             report("\(name): \(error.message)\(reason)")
             Glibc.exit(1)
         } catch {

@@ -4,11 +4,11 @@ import DAX
 import Foundation
 
 struct ListCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "ls", abstract: "List a directory.")
+    static let configuration = CommandConfiguration(commandName: "ls", abstract: "List a directory, or show a file.")
 
     @OptionGroup var device: DeviceOptions
 
-    @Argument(help: "The directory (default /).")
+    @Argument(help: "The directory (default /), or a file, which is listed alone as given.")
     var directory = "/"
 
     @Flag(name: .shortAndLong, help: "Show type, size and blocks.")
@@ -18,8 +18,10 @@ struct ListCommand: ParsableCommand {
     var json = false
 
     func run() throws {
-        let entries = try device.withFileSystem { fs in
-            try fs.contentsOfDirectory(directory).map { name in
+        let entries = try device.withFileSystem { fs -> [(String, FileAttributes)] in
+            let target = try fs.attributes(of: directory)
+            if target.kind == .file { return [(directory, target)] }
+            return try fs.contentsOfDirectory(directory).map { name in
                 (name, try fs.attributes(of: directory == "/" ? "/" + name : directory + "/" + name))
             }
         }

@@ -89,7 +89,7 @@ struct FileSystemReport {
             text = [
                 "file system  DAXFS: \(ByteCount.format(used * 4096)) used of \(ByteCount.format(s.totalBlocks * 4096)) "
                     + "(\(s.freeBlocks) of \(s.totalBlocks) blocks free)",
-                "files        \(s.files) files, \(s.directories) directories, \(s.totalInodes) inodes",
+                "files        \(count(s.files, "file")), \(count(s.directories, "directory", "directories")), \(s.totalInodes) inodes",
                 "pins         \(s.pinnedPages) pages pinned, \(s.quarantinedBlocks) blocks quarantined "
                     + "(pins live in the process that takes them; this one holds none)",
             ].joined(separator: "\n")

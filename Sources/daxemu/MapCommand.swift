@@ -28,10 +28,17 @@ struct MapCommand: ParsableCommand {
         let picture = try device.withFileSystem { fs in PagePicture(fileSystem: fs, device: fs.device) }
         print(picture.terminal(columns: columns))
         if let svg {
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: svg, isDirectory: &isDirectory), isDirectory.boolValue {
+                throw CommandError("cannot write \(svg): it is a directory; give a file name for the picture")
+            }
             do {
                 try picture.svgDocument().write(toFile: svg, atomically: true, encoding: .utf8)
             } catch {
-                throw CommandError("cannot write \(svg): \(error.localizedDescription)")
+                // Foundation's own text names a Cocoa error domain; the POSIX cause is more use.
+                let cause = (error as NSError).userInfo[NSUnderlyingErrorKey] as? NSError
+                let reason = cause.map { String(cString: strerror(Int32($0.code))) } ?? error.localizedDescription
+                throw CommandError("cannot write \(svg): \(reason)")
             }
             print("wrote \(svg)")
         }

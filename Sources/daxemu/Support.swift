@@ -65,3 +65,8 @@ func jsonText(_ value: Any) throws -> String {
 func padded(_ text: String, to width: Int) -> String {
     text.count >= width ? text : text.padding(toLength: width, withPad: " ", startingAt: 0)
 }
+
+/// "1 file", "2 files".
+func count(_ n: Int, _ singular: String, _ plural: String? = nil) -> String {
+    "\(n) \(n == 1 ? singular : plural ?? singular + "s")"
+}
