@@ -9,13 +9,15 @@ public struct CommandError: Error, CustomStringConvertible {
     public var description: String
     public init(_ description: String) { self.description = description }
 
-    /// Throws unless every command-line argument is valid UTF-8. Swift turns invalid bytes into
-    /// U+FFFD, so two different byte strings would arrive as one key or record.
-    public static func requireUTF8Arguments(for what: String) throws {
+    /// Throws if one of `values` came from a command-line argument that is not valid UTF-8. Swift
+    /// turns invalid bytes into U+FFFD, so two different byte strings would arrive as one key or
+    /// record.
+    public static func requireUTF8(_ values: [String], for what: String) throws {
         for index in 1..<Int(CommandLine.argc) {
             guard let raw = CommandLine.unsafeArgv[index] else { continue }
             let bytes = UnsafeRawBufferPointer(start: raw, count: strlen(raw)).bindMemory(to: UInt8.self)
-            guard String(validating: bytes, as: UTF8.self) != nil else {
+            guard String(validating: bytes, as: UTF8.self) == nil else { continue }
+            if values.contains(String(decoding: bytes, as: UTF8.self)) {
                 throw CommandError("argument \(index) is not valid UTF-8 (\(what) are UTF-8 text)")
             }
         }
@@ -104,12 +106,11 @@ extension DAXFileSystem {
         }
         // Unique within this process too: concurrent calls for one path never share a file.
         let temporary = directory + mine + "\(partialFiles.add(1, ordering: .relaxed).oldValue).partial"
+        let file: DAXFile
         do {
-            let file = try create(temporary)
+            file = try create(temporary)
             do {
                 try build(file)
-                file.close()
-                try rename(temporary, to: path)
             } catch {
                 file.close()
                 try? remove(temporary)
@@ -118,6 +119,13 @@ extension DAXFileSystem {
         } catch var error as DAXError {
             // Told about the file the user named, not the temporary one it was built in.
             error.message = error.message.replacing(temporary, with: path)
+            throw error
+        }
+        file.close()
+        do {
+            try rename(temporary, to: path)
+        } catch {
+            try? remove(temporary)
             throw error
         }
     }

@@ -578,4 +578,45 @@ struct RegressionTests {
         #expect(try again.check().isClean)
         try again.unmount()
     }
+
+    @Test(".revokeLeases racing a transient reference never revokes and then claims it revoked nothing")
+    func revokeRacingTransientReference() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "revoketransient")
+        let engine = DMAEngine(device: t.device)
+        var inconsistent: [String] = []
+        for round in 0..<(longTests ? 2000 : 300) {
+            let file = try t.fs.create("/f\(round)")
+            try file.write(pattern(4096, seed: round), at: 0)
+            let mapping = try file.map(count: 4096)
+            let frame = try #require(try file.frames(offset: 0, count: 4096)[0])
+            let region = engine.register(try mapping.pin(offset: 0, count: 4096, lifetime: .longTerm(onRevoke: {})))
+            let stop = Atomic(false)
+            let stopped = DispatchSemaphore(value: 0)
+            Thread.detachNewThread {
+                // Takes and drops a reference over and over, as a pinner backing off would.
+                while !stop.load(ordering: .relaxed) {
+                    if t.fs.pages.tryGet(frame) { t.fs.pages.put(frame) }
+                }
+                stopped.signal()
+            }
+            do {
+                try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .zero))
+                if !region.isRevoked { inconsistent.append("round \(round): truncated, lease not revoked") }
+            } catch let error as DAXError {
+                if error.code != .timedOut || (region.isRevoked && !error.message.contains("after the leases were revoked")) {
+                    inconsistent.append("round \(round): \(error), revoked \(region.isRevoked)")
+                }
+            }
+            stop.store(true, ordering: .relaxed)
+            stopped.wait()
+            engine.deregister(region)
+            mapping.unmap()
+            file.close()
+            try t.fs.remove("/f\(round)")
+        }
+        #expect(inconsistent.count == 0, "\(inconsistent.prefix(3))")
+        #expect(try t.fs.check().isClean)
+        let s = t.fs.statistics()
+        #expect(s.pinsAcquired == s.pinsReleased && s.pinnedPages == 0)
+    }
 }

@@ -71,7 +71,7 @@ struct Put: ParsableCommand {
     @Argument var value: String
 
     func run() throws {
-        try CommandError.requireUTF8Arguments(for: "keys and values")
+        try CommandError.requireUTF8([key, value], for: "keys and values")
         try options.withStore(creating: true) { try $0.put(Array(key.utf8), Array(value.utf8)) }
     }
 }
@@ -83,7 +83,7 @@ struct Get: ParsableCommand {
     @Argument var key: String
 
     func run() throws {
-        try CommandError.requireUTF8Arguments(for: "keys")
+        try CommandError.requireUTF8([key], for: "keys")
         guard let value = try options.withStore({ try $0.get(Array(key.utf8)) }) else { throw ExitCode(1) }
         print(String(decoding: value, as: UTF8.self))
     }
@@ -96,7 +96,7 @@ struct Delete: ParsableCommand {
     @Argument var key: String
 
     func run() throws {
-        try CommandError.requireUTF8Arguments(for: "keys")
+        try CommandError.requireUTF8([key], for: "keys")
         try options.withStore { try $0.delete(Array(key.utf8)) }
     }
 }

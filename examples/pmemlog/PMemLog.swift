@@ -145,7 +145,7 @@ struct Append: ParsableCommand {
     @Argument var records: [String]
 
     func run() throws {
-        try CommandError.requireUTF8Arguments(for: "records")
+        try CommandError.requireUTF8(records, for: "records")
         try options.withLog(creating: true) { log in for record in records { try log.append(Array(record.utf8)) } }
     }
 }

@@ -27,7 +27,7 @@ enum Paths {
     static func split(_ path: String, what: String) throws -> (parent: [[UInt8]], name: [UInt8]) {
         var parts = try components(path)
         guard let name = parts.popLast() else {
-            throw DAXError(.invalidArgument, "cannot \(what) the root directory")
+            throw DAXError(.invalidArgument, "cannot \(what) \(debug(path)): it is the root directory")
         }
         return (parts, name)
     }

@@ -1,3 +1,5 @@
+import Glibc
+
 /// What truncate and punch do about pages that are still referenced or pinned.
 public enum BusyPolicy: Sendable {
     /// Throw `.busy` and change nothing (the EBUSY Doug Ledford asked the kernel for).
@@ -10,7 +12,8 @@ public enum BusyPolicy: Sendable {
     /// Ask each long-term pin holder in the range to let go (its `onRevoke`), wait up to `grace`,
     /// then revoke the leases that remain. Short-term pins and other references are waited for, up
     /// to `grace` again; leases are revoked only once nothing else holds the pages, so a truncate
-    /// that times out (`.timedOut`) has revoked nothing (though the holders were asked).
+    /// that times out (`.timedOut`) has revoked nothing (though the holders were asked), unless its
+    /// message says that a reference appeared after the revocation and outlived the grace period.
     case revokeLeases(grace: Duration)
 }
 
@@ -74,12 +77,15 @@ extension DAXFileSystem {
         let started = ContinuousClock.now
         /// When the lease holders were asked to let go plus the grace period (`.revokeLeases`).
         var graceEnd: ContinuousClock.Instant?
+        /// Whether leases were revoked (`.revokeLeases`): a later failure must say so.
+        var revoked = false
         while true {
             // Not escaping in fact; the compiler cannot tell that `guarded` does not call `plan`.
             let busy = try withoutActuallyEscaping(plan) { plan in
                 let deadline = graceEnd
                 return try guarded {
-                    try attemptLayoutChange(inode, policy: policy, what: what, graceEnd: deadline, plan: plan)
+                    try attemptLayoutChange(
+                        inode, policy: policy, what: what, graceEnd: deadline, revoked: &revoked, plan: plan)
                 }
             }
             if busy.isEmpty { return }
@@ -126,7 +132,7 @@ extension DAXFileSystem {
     /// returns no frames, or puts everything back and returns the busy frames to wait for.
     private func attemptLayoutChange(
         _ inode: Inode, policy: BusyPolicy, what: String, graceEnd: ContinuousClock.Instant?,
-        plan: () throws -> LayoutChange
+        revoked: inout Bool, plan: () throws -> LayoutChange
     ) throws -> [UInt64] {
         // Mappings found under the locks stay referenced until after the unlock: if one held the
         // last reference, its deinit (unmap, perhaps freeing an orphan) would need these locks.
@@ -168,12 +174,16 @@ extension DAXFileSystem {
             if onlyLeases {
                 // Revocation waits for a DMA access in flight, then drops the pin's counts.
                 for lease in device.pages.leases(where: Set(busy).contains) { lease.revoke() }
-                busy = busyFrames(busy)
+                revoked = true
+                busy = waitOutTransientReferences(busyFrames(busy))
             }
             if !busy.isEmpty, ContinuousClock.now >= end + grace {
                 restore(mappings, inode)
                 throw timedOut(
-                    what, busy, "short-term pins or references outlived the grace period; no lease was revoked")
+                    what, busy,
+                    revoked
+                        ? "references outlived the grace period after the leases were revoked"
+                        : "short-term pins or references outlived the grace period; no lease was revoked")
             }
         }
         if busy.isEmpty || policy.goesOnWhenBusy {
@@ -189,6 +199,19 @@ extension DAXFileSystem {
 
         // Busy, and the policy says not to go on now: put everything back.
         restore(mappings, inode)
+        return busy
+    }
+
+    /// After a revocation, with the invalidate lock held, no pin or mapping of the pages can
+    /// start; what still holds one is a pinner backing off (gup-fast saw the old layout) or
+    /// another transient get. Wait those out here rather than fail after cutting holders off.
+    private func waitOutTransientReferences(_ frames: [UInt64]) -> [UInt64] {
+        var busy = frames
+        let deadline = ContinuousClock.now + .milliseconds(100)
+        while !busy.isEmpty, ContinuousClock.now < deadline {
+            sched_yield()
+            busy = busyFrames(busy)
+        }
         return busy
     }
 

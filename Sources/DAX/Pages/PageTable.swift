@@ -197,16 +197,25 @@ struct PageTable: @unchecked Sendable {
 
     /// Unpins every frame of `runs` and counts them as released.
     func unpin(_ runs: FrameRuns) {
-        let change = beginChange()
-        defer { endChange(change) }
+        // A change at a time of at most `PinTally.changePages` pages, each counted as it ends: a
+        // reader never waits long for one (a quarantined page's unpin runs the allocator's hook).
+        var change = beginChange()
         var released = 0
         var lastPins = 0
         runs.forEachFrame { frame in
             if unpinOne(frame) { lastPins += 1 }
             released += 1
+            if released == PinTally.changePages {
+                tally(released, .released, lastPins, .pinnedDown, in: change)
+                endChange(change)
+                change = beginChange()
+                released = 0
+                lastPins = 0
+            }
             return true
         }
         tally(released, .released, lastPins, .pinnedDown, in: change)
+        endChange(change)
     }
 
     static func error(for failure: GetFailure, frame: UInt64, what: String) -> DAXError {

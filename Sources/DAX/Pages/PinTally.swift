@@ -90,7 +90,9 @@ enum PinTally {
     static func begin() -> Block {
         let block = currentBlock()
         let sequence = block + sequenceIndex
-        sequence.pointee.store(sequence.pointee.load(ordering: .relaxed) &+ 1, ordering: .relaxed)
+        // Releasing: a reader that sees this odd value (leaving its wait for the previous change)
+        // must also see that change's tallies.
+        sequence.pointee.store(sequence.pointee.load(ordering: .relaxed) &+ 1, ordering: .releasing)
         return block
     }
 
@@ -134,20 +136,31 @@ enum PinTally {
     }
 
     /// Waits until no change that began before this call is in flight: a pin or unpin whose
-    /// descriptor update the caller may have seen is counted once this returns. Bounded (a change
-    /// lasts nanoseconds unless its thread is descheduled), so a stalled thread cannot hang a reader.
+    /// descriptor update the caller may have seen is counted once this returns. A change is short
+    /// (an unpin of many pages closes and reopens it every ``changePages``); the wait skips the
+    /// calling thread's own block (a reader inside a change, say a page map freed by a quarantine
+    /// hook) and gives up after a second, so that nothing can hang a reader.
     static func waitForChanges(in blocks: [ThreadBlock]) {
-        for block in blocks {
+        let own = pthread_getspecific(threadKey)
+        var deadline: ContinuousClock.Instant?
+        for block in blocks where block.raw != own {
             let sequence = block.counters + sequenceIndex
             let started = sequence.pointee.load(ordering: .acquiring)
             guard started & 1 == 1 else { continue }
             var spins = 0
-            while sequence.pointee.load(ordering: .acquiring) == started, spins < 100_000 {
+            while sequence.pointee.load(ordering: .acquiring) == started {
                 spins += 1
-                if spins > 100 { sched_yield() }
+                guard spins > 100 else { continue }
+                let limit = deadline ?? ContinuousClock.now + .seconds(1)
+                deadline = limit
+                if ContinuousClock.now >= limit { break }
+                sched_yield()
             }
         }
     }
+
+    /// Pages one change covers at most in a long unpin, which tallies as it goes.
+    static let changePages = 64
 
     /// Waits out the changes in flight on every thread (for the shared-atomics fallback).
     static func waitForChanges() {

@@ -92,7 +92,9 @@ struct Extent: Equatable, Hashable, Sendable, CustomStringConvertible {
     static let size = 16
     static let maximumLength: UInt64 = (1 << 23) - 1
     static let logicalLimit: UInt64 = 1 << 40
-    static let maximumFileSize: UInt64 = logicalLimit * UInt64(Superblock.blockSize)
+    /// One page short of `logicalLimit`: page index 2^40 - 1 is the descriptors' metadata marker
+    /// (`PageOwner.indexLimit`), so no file page may have it.
+    static let maximumFileSize: UInt64 = (logicalLimit - 1) * UInt64(Superblock.blockSize)
 
     /// First file page.
     var logical: UInt64
