@@ -173,8 +173,7 @@ extension DAXFileSystem {
             }
             if onlyLeases {
                 // Revocation waits for a DMA access in flight, then drops the pin's counts.
-                for lease in device.pages.leases(where: Set(busy).contains) { lease.revoke() }
-                revoked = true
+                for lease in device.pages.leases(where: Set(busy).contains) where lease.revoke() { revoked = true }
                 busy = waitOutTransientReferences(busyFrames(busy))
             }
             if !busy.isEmpty, ContinuousClock.now >= end + grace {
