@@ -619,4 +619,26 @@ struct RegressionTests {
         let s = t.fs.statistics()
         #expect(s.pinsAcquired == s.pinsReleased && s.pinnedPages == 0)
     }
+
+    @Test("a punch that covers the last, partly filled page frees its block")
+    func punchFreesPartialLastPage() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "punchlast")
+        let file = try t.fs.create("/p")
+        let data = pattern(2 * 4096 + 10, seed: 4)
+        try file.write(data, at: 0)
+        let free = t.fs.statistics().freeBlocks
+        try file.punchHole(offset: 2 * 4096 + 5, count: 4096)  // not from the page's start: zeroes only
+        #expect(try file.frames(offset: 2 * 4096, count: 1)[0] != nil)
+        #expect(try file.read(count: 10, at: 2 * 4096) == Array(data[8192..<8197]) + [0, 0, 0, 0, 0])
+        try file.punchHole(offset: 2 * 4096, count: 4096)
+        #expect(try file.frames(offset: 2 * 4096, count: 1) == [nil])
+        #expect(t.fs.statistics().freeBlocks == free + 1)
+        #expect(file.size == 2 * 4096 + 10)
+        #expect(try file.read(count: 10, at: 2 * 4096) == [UInt8](repeating: 0, count: 10))
+        try file.punchHole(offset: 4096, count: 100 * 4096)
+        #expect(try file.frames(offset: 0, count: 3 * 4096).map { $0 == nil } == [false, true, true])
+        #expect(t.fs.statistics().freeBlocks == free + 2)
+        #expect(try file.read(count: 4096, at: 0) == Array(data[0..<4096]))
+        #expect(try t.fs.check().isClean)
+    }
 }

@@ -267,8 +267,10 @@ extension DAXFileSystem {
 
     /// Plans a hole over `offset..<offset+count`: whole pages lose their blocks, partial ones are zeroed.
     func planPunch(_ inode: Inode, offset: Int, count: Int) throws -> LayoutChange {
-        let size = Int(inode.record.size)
-        let end = min(offset + count, max(size, offset))
+        // Up to the end of the last page: its bytes past the size read as zeros anyway, so a punch
+        // that covers the page's bytes up to that end frees its block.
+        let pagedSize = Int(Self.pageUp(Int(inode.record.size))) * Self.pageSize
+        let end = min(offset + count, max(pagedSize, offset))
         var plan = LayoutChange(extents: inode.extents, record: inode.record, freedPages: 0..<0)
         guard end > offset else { return plan }
         let first = Self.pageUp(offset)
