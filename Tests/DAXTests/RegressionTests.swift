@@ -641,4 +641,39 @@ struct RegressionTests {
         #expect(try file.read(count: 4096, at: 0) == Array(data[0..<4096]))
         #expect(try t.fs.check().isClean)
     }
+
+    @Test("a write or allocate that fills a page punched while mapped shows the new block in the mappings")
+    func refillPunchedMappedPage() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "refill")
+        let file = try t.fs.create("/f")
+        try file.write(pattern(3 * 4096, seed: 6), at: 0)
+        let writable = try file.map(count: 3 * 4096)
+        let readOnly = try file.map(count: 3 * 4096, access: .readOnly)
+        try file.punchHole(offset: 4096, count: 4096)
+        // The punched page faults now: a .readOnly pin there is refused, nothing is mapped.
+        expectDAXError(.invalidArgument) { _ = try readOnly.pin(offset: 4096, count: 1, access: .readOnly) }
+        try file.write([0x5A], at: 4096 + 5)
+        let frame = try #require(try file.frames(offset: 4096, count: 1)[0])
+        #expect(t.fs.pages.state(of: frame).mapCount == 2)
+        for mapping in [writable, readOnly] {
+            // Pinnable again, so mapped: the load below cannot fault.
+            let pin = try mapping.pin(offset: 4096, count: 1, access: .readOnly)
+            #expect(pin.frames == [frame])
+            #expect(mapping.baseAddress.load(fromByteOffset: 4096 + 5, as: UInt8.self) == 0x5A)
+            #expect(mapping.baseAddress.load(fromByteOffset: 4096 + 6, as: UInt8.self) == 0)
+            pin.release()
+        }
+        // A store through the mapping reaches the new block (zero copy).
+        writable.baseAddress.storeBytes(of: 0x66, toByteOffset: 4096 + 7, as: UInt8.self)
+        #expect(try file.read(count: 3, at: 4096 + 5) == [0x5A, 0, 0x66])
+        // allocate does the same.
+        try file.punchHole(offset: 2 * 4096, count: 4096)
+        try file.allocate(offset: 2 * 4096, count: 4096)
+        let allocated = try #require(try file.frames(offset: 2 * 4096, count: 1)[0])
+        #expect(t.fs.pages.state(of: allocated).mapCount == 2)
+        writable.unmap()
+        readOnly.unmap()
+        #expect(t.fs.pages.state(of: frame).mapCount == 0 && t.fs.pages.state(of: allocated).refCount == 0)
+        #expect(try t.fs.check().isClean)
+    }
 }

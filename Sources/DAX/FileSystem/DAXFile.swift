@@ -101,12 +101,16 @@ public final class DAXFile: Sendable {
 
     /// Writes the bytes of `buffer` at `offset` (see ``write(_:at:)``), without an array.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
+        // Mappings shown new blocks are released only after every lock (see `showInMappings`).
+        var shown: [DAXMapping] = []
+        defer { withExtendedLifetime(shown) {} }
         try operation("write", writable: true, range: (offset, buffer.count)) {
             try Self.checkRange(offset, buffer.count, "write", path)
             guard buffer.count > 0 else { return }
             try inode.lock.withWriteLock {
                 try inode.checkLive(path)
-                try fileSystem.writeData(inode, buffer, at: offset)
+                let added = try fileSystem.writeData(inode, buffer, at: offset)
+                shown = fileSystem.showInMappings(inode, added)
             }
         }
     }
@@ -136,6 +140,8 @@ public final class DAXFile: Sendable {
 
     /// fallocate: gives the range zeroed blocks where it has none, and grows the size to cover it.
     public func allocate(offset: Int, count: Int) throws {
+        var shown: [DAXMapping] = []
+        defer { withExtendedLifetime(shown) {} }
         try operation("allocate", writable: true, range: (offset, count)) {
             try Self.checkRange(offset, count, "allocate", path)
             guard count > 0 else {
@@ -143,7 +149,8 @@ public final class DAXFile: Sendable {
             }
             try inode.lock.withWriteLock {
                 try inode.checkLive(path)
-                try fileSystem.allocateData(inode, offset: offset, count: count)
+                let added = try fileSystem.allocateData(inode, offset: offset, count: count)
+                shown = fileSystem.showInMappings(inode, added)
             }
         }
     }

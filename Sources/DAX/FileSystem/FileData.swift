@@ -85,20 +85,23 @@ extension DAXFileSystem {
     }
 
     /// Writes `source` at `offset`: allocates holes, fills, then commits what points at the data.
-    func writeData(_ inode: Inode, _ source: UnsafeRawBufferPointer, at offset: Int) throws {
+    /// Returns the extents it added (blocks for holes), for ``showInMappings(_:_:)``.
+    @discardableResult
+    func writeData(_ inode: Inode, _ source: UnsafeRawBufferPointer, at offset: Int) throws -> [Extent] {
         let end = offset + source.count
         if end <= Int(inode.record.size), let deviceOffset = contiguousDeviceOffset(inode, offset, end) {
             // An overwrite inside one extent: no metadata changes, the data goes straight in.
             device.copy(source, toOffset: deviceOffset)
-            return
+            return []
         }
         let pages = Self.page(offset)..<Self.pageUp(end)
         var change = PendingChange()
         var map = inode.extents
         var record = inode.record
+        let added: [Extent]
         do {
             let oldSize = Int(record.size)
-            _ = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .except(offset..<end))
+            added = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .except(offset..<end))
             if end > oldSize {
                 zeroPastEnd(of: inode, size: oldSize, map: inode.extents)
                 record.size = UInt64(end)
@@ -120,6 +123,20 @@ extension DAXFileSystem {
         }
         inode.extents = map
         inode.record = record
+        return added
+    }
+
+    /// Blocks that filled holes show up in every live mapping that showed nothing there (a page
+    /// punched while mapped), as the kernel's next fault would map them; until then a load there
+    /// faults. Inode lock held exclusively. Returns the mappings looked at: the caller keeps them
+    /// until the lock is released, since a last reference dropped under it would run an unmap
+    /// that needs the lock.
+    func showInMappings(_ inode: Inode, _ extents: [Extent]) -> [DAXMapping] {
+        guard !extents.isEmpty else { return [] }
+        let mappings = inode.liveMappings.compactMap { $0 as? DAXMapping }
+        // A page that cannot be mapped (a count at its limit) keeps faulting, as before.
+        for mapping in mappings { try? mapping.populate(extents) }
+        return mappings
     }
 
     /// Copies `source` to the file bytes at `offset`, all of which are mapped in `map`.
@@ -172,7 +189,9 @@ extension DAXFileSystem {
     }
 
     /// fallocate: gives the holes of the range zeroed blocks; the size grows to cover it.
-    func allocateData(_ inode: Inode, offset: Int, count: Int) throws {
+    /// Returns the extents it added, for ``showInMappings(_:_:)``.
+    @discardableResult
+    func allocateData(_ inode: Inode, offset: Int, count: Int) throws -> [Extent] {
         let end = offset + count
         var change = PendingChange()
         var map = inode.extents
@@ -187,18 +206,19 @@ extension DAXFileSystem {
                 record.size = UInt64(end)
                 record.changeTime = Clock.realtimeNanoseconds
             }
-            guard !added.isEmpty || end > oldSize else { return }
+            guard !added.isEmpty || end > oldSize else { return [] }
             var stored = record
             map.store(into: &stored)
             change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
             device.drain()
             try commit(change, what: "allocate of \(count) bytes")
+            inode.extents = map
+            inode.record = record
+            return added
         } catch {
             abandon(change)
             throw error
         }
-        inode.extents = map
-        inode.record = record
     }
 
     /// The device frames of the file's pages `pages`, nil for holes.
