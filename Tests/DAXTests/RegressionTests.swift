@@ -630,7 +630,7 @@ struct RegressionTests {
         try file.punchHole(offset: 2 * 4096 + 5, count: 4096)  // not from the page's start: zeroes only
         #expect(try file.frames(offset: 2 * 4096, count: 1)[0] != nil)
         #expect(try file.read(count: 10, at: 2 * 4096) == Array(data[8192..<8197]) + [0, 0, 0, 0, 0])
-        try file.punchHole(offset: 2 * 4096, count: 4096)
+        try file.punchHole(offset: 2 * 4096, count: 10)  // exactly to the end of the file
         #expect(try file.frames(offset: 2 * 4096, count: 1) == [nil])
         #expect(t.fs.statistics().freeBlocks == free + 1)
         #expect(file.size == 2 * 4096 + 10)
@@ -671,9 +671,22 @@ struct RegressionTests {
         try file.allocate(offset: 2 * 4096, count: 4096)
         let allocated = try #require(try file.frames(offset: 2 * 4096, count: 1)[0])
         #expect(t.fs.pages.state(of: allocated).mapCount == 2)
+        // So does a map that fills the hole for itself.
+        try file.punchHole(offset: 0, count: 4096)
+        let third = try file.map(offset: 0, count: 4096)
+        let refilled = try #require(try file.frames(offset: 0, count: 1)[0])
+        #expect(t.fs.pages.state(of: refilled).mapCount == 3)
+        try file.write([0x77], at: 1)
+        let pin = try readOnly.pin(offset: 0, count: 1, access: .readOnly)
+        #expect(pin.frames == [refilled])
+        #expect(readOnly.baseAddress.load(fromByteOffset: 1, as: UInt8.self) == 0x77)
+        pin.release()
+        third.unmap()
         writable.unmap()
         readOnly.unmap()
-        #expect(t.fs.pages.state(of: frame).mapCount == 0 && t.fs.pages.state(of: allocated).refCount == 0)
+        for page in [frame, allocated, refilled] {
+            #expect(t.fs.pages.state(of: page).mapCount == 0 && t.fs.pages.state(of: page).refCount == 0)
+        }
         #expect(try t.fs.check().isClean)
     }
 }

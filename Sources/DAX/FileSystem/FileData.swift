@@ -134,7 +134,7 @@ extension DAXFileSystem {
     func showInMappings(_ inode: Inode, _ extents: [Extent]) -> [DAXMapping] {
         guard !extents.isEmpty else { return [] }
         let mappings = inode.liveMappings.compactMap { $0 as? DAXMapping }
-        // A page that cannot be mapped (a count at its limit) keeps faulting, as before.
+        // A page that cannot be counted or mapped (a count at its limit) keeps faulting.
         for mapping in mappings { try? mapping.populate(extents) }
         return mappings
     }
@@ -287,10 +287,11 @@ extension DAXFileSystem {
 
     /// Plans a hole over `offset..<offset+count`: whole pages lose their blocks, partial ones are zeroed.
     func planPunch(_ inode: Inode, offset: Int, count: Int) throws -> LayoutChange {
-        // Up to the end of the last page: its bytes past the size read as zeros anyway, so a punch
-        // that covers the page's bytes up to that end frees its block.
-        let pagedSize = Int(Self.pageUp(Int(inode.record.size))) * Self.pageSize
-        let end = min(offset + count, max(pagedSize, offset))
+        // A punch that reaches the end of the file reaches the end of its last page: the bytes past
+        // the size read as zeros anyway, so a punch from the page's start frees its block.
+        let size = Int(inode.record.size)
+        let pagedSize = Int(Self.pageUp(size)) * Self.pageSize
+        let end = offset + count >= size ? max(pagedSize, offset) : offset + count
         var plan = LayoutChange(extents: inode.extents, record: inode.record, freedPages: 0..<0)
         guard end > offset else { return plan }
         let first = Self.pageUp(offset)

@@ -190,7 +190,10 @@ public final class DAXMapping: Sendable {
         }
     }
 
-    /// Maps new blocks at file pages that show nothing now (after a punch), for a pin.
+    /// Maps the blocks of `extents` at the pages of this mapping that show nothing now (punched
+    /// while mapped, or cut off and then given blocks again), as the kernel's next fault would.
+    /// Counted first: a page that cannot be counted or mapped keeps faulting, never shows
+    /// uncounted.
     func populate(_ extents: [Extent]) throws {
         try state.withTrackedLock { state in
             guard !state.unmapped else { return }
@@ -198,12 +201,17 @@ public final class DAXMapping: Sendable {
                 guard let local = localRange(extent.logicalRange) else { continue }
                 for index in local where entries[index].load(ordering: .relaxed) == 0 {
                     let page = firstPage + UInt64(index)
-                    let frame = extent.block(for: page)
-                    try MappingRegion.mapDevicePage(
-                        fileSystem.device, frame: frame,
-                        at: base + index * PMemDevice.pageSize, access: access)
-                    try fileSystem.device.pages.tryMap(PageFrameNumber(rawValue: frame))
-                    entries[index].store(frame, ordering: .sequentiallyConsistent)
+                    let frame = PageFrameNumber(rawValue: extent.block(for: page))
+                    try fileSystem.device.pages.tryMap(frame)
+                    do {
+                        try MappingRegion.mapDevicePage(
+                            fileSystem.device, frame: frame.rawValue,
+                            at: base + index * PMemDevice.pageSize, access: access)
+                    } catch {
+                        fileSystem.device.pages.unmap(frame)
+                        throw error
+                    }
+                    entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
                 }
             }
         }

@@ -7,10 +7,13 @@ extension DAXFile {
     /// a mapping never changes the file's size. A `.readWrite` mapping needs a file opened
     /// `.readWrite`; stores through a `.readOnly` mapping fault.
     public func map(offset: Int = 0, count: Int, access: Access = .readWrite) throws -> DAXMapping {
-        try operation("map") { try mapLocked(offset: offset, count: count, access: access) }
+        // Older mappings shown the blocks that filled holes are released only after every lock.
+        var shown: [DAXMapping] = []
+        defer { withExtendedLifetime(shown) {} }
+        return try operation("map") { try mapLocked(offset: offset, count: count, access: access, shown: &shown) }
     }
 
-    private func mapLocked(offset: Int, count: Int, access: Access) throws -> DAXMapping {
+    private func mapLocked(offset: Int, count: Int, access: Access, shown: inout [DAXMapping]) throws -> DAXMapping {
         if access == .readWrite, self.access != .readWrite {
             throw DAXError(.permissionDenied, "cannot map \(Paths.debug(path)) for writing: it was opened read-only")
         }
@@ -39,7 +42,9 @@ extension DAXFile {
                         "cannot map \(offset)..<\(offset + count) of \(Paths.debug(path)): "
                             + "the file has only \(size) bytes (extend it with truncate or allocate first)")
                 }
-                try fs.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")
+                let added = try fs.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")
+                // Older mappings of those pages (punched while mapped) see the new blocks too.
+                shown = fs.showInMappings(inode, added)
                 let base = try MappingRegion.reserve(pages.count * PMemDevice.pageSize, calls: device.systemCalls)
                 var frames = [UInt64](repeating: 0, count: pages.count)
                 var mappedCounts = 0
@@ -74,13 +79,15 @@ extension DAXFile {
 
 extension DAXFileSystem {
     /// Gives the holes of `pages` zeroed blocks, as mapping and pinning need (inode lock held
-    /// exclusively).
-    func fillHolesZeroed(_ inode: Inode, _ pages: Range<UInt64>, what: String) throws {
-        guard !inode.extents.holes(in: pages).isEmpty else { return }
+    /// exclusively). Returns the extents added.
+    @discardableResult
+    func fillHolesZeroed(_ inode: Inode, _ pages: Range<UInt64>, what: String) throws -> [Extent] {
+        guard !inode.extents.holes(in: pages).isEmpty else { return [] }
         var change = PendingChange()
         var map = inode.extents
+        let added: [Extent]
         do {
-            _ = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .all)
+            added = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .all)
             var record = inode.record
             map.store(into: &record)
             change.transaction.write(record.encode(), at: superblock.inodeOffset(inode.number))
@@ -91,5 +98,6 @@ extension DAXFileSystem {
             throw error
         }
         inode.extents = map
+        return added
     }
 }
