@@ -154,6 +154,25 @@ struct MappingTests {
         }
     }
 
+    @Test("a hole a read-only mapping shows as the zero page faults once a truncate cuts it off")
+    func zeroPageAfterTruncateFaults() async {
+        await #expect(processExitsWith: .signal(SIGBUS)) {
+            let fs = try unlinkedFileSystem()
+            let file = try fs.create("/f")
+            try file.write([1], at: 4096)
+            try file.truncate(to: 3 * 4096)  // pages 0 and 2 are holes
+            let mapping = try file.map(count: 3 * 4096, access: .readOnly)
+            guard mapping.baseAddress.load(fromByteOffset: 2 * 4096, as: UInt8.self) == 0 else { exit(0) }
+            // A truncate that fails (page 1 is pinned) leaves the zero page readable.
+            let pin = try mapping.pin(offset: 4096, count: 1, access: .readOnly)
+            guard (try? file.truncate(to: 4096, ifBusy: .fail)) == nil else { exit(0) }
+            pin.release()
+            guard mapping.baseAddress.load(fromByteOffset: 2 * 4096, as: UInt8.self) == 0 else { exit(0) }
+            try file.truncate(to: 4096)
+            _ = mapping.baseAddress.load(fromByteOffset: 2 * 4096, as: UInt8.self)
+        }
+    }
+
     @Test("a store through a read-only mapping faults (SIGSEGV)")
     func readOnlyMappingRejectsStores() async {
         await #expect(processExitsWith: .signal(SIGSEGV)) {

@@ -689,4 +689,45 @@ struct RegressionTests {
         }
         #expect(try t.fs.check().isClean)
     }
+
+    @Test("a read-only mapping of holes changes nothing, works on a full file system, and shows later writes")
+    func readOnlyMappingOfHoles() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "rohole")
+        let writer = try t.fs.create("/sparse")
+        try writer.write([7], at: 0)
+        try writer.truncate(to: 8 * 4096)
+        let filler = try t.fs.create("/filler")
+        try filler.allocate(offset: 0, count: t.fs.statistics().freeBlocks * 4096)
+        let framesBefore = try writer.frames(offset: 0, count: 8 * 4096)
+        let free = t.fs.statistics().freeBlocks
+        let reader = try t.fs.open("/sparse", access: .readOnly)
+        let mapping = try reader.map(count: 8 * 4096, access: .readOnly)
+        #expect(try writer.frames(offset: 0, count: 8 * 4096) == framesBefore)
+        #expect(t.fs.statistics().freeBlocks == free)
+        let bytes = UnsafeRawBufferPointer(start: mapping.baseAddress, count: 8 * 4096)
+        #expect(bytes[0] == 7 && bytes[1...].allSatisfy { $0 == 0 })
+        // A .readOnly pin of a hole has no block to pin.
+        expectDAXError(.invalidArgument) { _ = try mapping.pin(offset: 3 * 4096, count: 1, access: .readOnly) }
+        // A writer fills a hole: the read-only mapping shows the new block, counted.
+        try filler.truncate(to: 0)
+        try writer.write([0x42], at: 3 * 4096 + 9)
+        let frame = try #require(try writer.frames(offset: 3 * 4096, count: 1)[0])
+        #expect(t.fs.pages.state(of: frame).mapCount == 1)
+        #expect(bytes[3 * 4096 + 9] == 0x42)
+        let pin = try mapping.pin(offset: 3 * 4096, count: 1, access: .readOnly)
+        #expect(pin.frames == [frame])
+        pin.release()
+        // So does a .readWrite mapping that fills the rest.
+        let full = try writer.map(count: 8 * 4096)
+        full.baseAddress.storeBytes(of: 0x24, toByteOffset: 6 * 4096, as: UInt8.self)
+        #expect(bytes[6 * 4096] == 0x24)
+        full.unmap()
+        mapping.unmap()
+        for page in try writer.frames(offset: 0, count: 8 * 4096) {
+            let state = t.fs.pages.state(of: try #require(page))
+            #expect(state.mapCount == 0 && state.refCount == 0)
+        }
+        reader.close()
+        #expect(try t.fs.check().isClean)
+    }
 }

@@ -243,8 +243,19 @@ extension DAXFileSystem {
         var freedPages: Range<UInt64>
         /// File byte ranges to zero in kept pages (partial pages at the edges).
         var zeroRanges: [Range<Int>] = []
+        /// File pages past the new end of the file (a shrinking truncate): every mapping must fault
+        /// there afterwards, holes it shows as the zero page included.
+        var cutPages: Range<UInt64> = 0..<0
         /// Whether anything leaves the file (break layouts needed).
         var removesBlocks: Bool { !change.freed.isEmpty }
+        /// Whether mappings must change (break layouts needed): blocks go, or pages are cut off.
+        var changesMappings: Bool { removesBlocks || !cutPages.isEmpty }
+        /// The pages to take out of every mapping: the freed ones and the cut-off ones.
+        var unmappedPages: Range<UInt64> {
+            guard !cutPages.isEmpty else { return freedPages }
+            guard !freedPages.isEmpty else { return cutPages }
+            return min(freedPages.lowerBound, cutPages.lowerBound)..<max(freedPages.upperBound, cutPages.upperBound)
+        }
     }
 
     /// Plans setting the size to `size` (smaller or larger).
@@ -258,6 +269,7 @@ extension DAXFileSystem {
             let firstFreed = Self.pageUp(size)
             let end = max(plan.extents.endPage, firstFreed)
             plan.freedPages = firstFreed..<end
+            plan.cutPages = firstFreed..<max(Self.pageUp(oldSize), firstFreed)
             if end > firstFreed {
                 try editExtents(
                     &plan.extents, of: inode.number, replacing: plan.freedPages, with: [],

@@ -149,13 +149,13 @@ extension DAXFileSystem {
         // The plan may have taken leaf blocks: every way out that does not carry it out gives them back.
         var carriedOut = false
         defer { if !carriedOut { abandon(layout.change) } }
-        guard layout.removesBlocks else {
+        guard layout.changesMappings else {
             try carryOut(layout, on: inode) {}
             carriedOut = true
             return []
         }
         held = inode.liveMappings.compactMap { $0 as? DAXMapping }
-        let mappings = held.filter { $0.detach(layout.freedPages) }
+        let mappings = held.filter { $0.detach(layout.unmappedPages) }
         inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
         let frames = layout.change.freed.flatMap { Array($0.range) }
         var busy = busyFrames(frames)

@@ -38,14 +38,19 @@ public final class DAXMapping: Sendable {
         /// Pages detached by a break-layouts in progress: their frames, still mapped and counted
         /// until the change commits (then zapped) or fails (then restored).
         var detached: [Int: UInt64] = [:]
+        /// Holes a `.readOnly` mapping shows as the zero page (no block, nothing counted).
+        var zeroPages: Set<Int> = []
+        /// Zero pages in the range of a break-layouts in progress: they fault if it commits.
+        var detachedZeroPages: Set<Int> = []
     }
 
-    let state = Mutex(State())
+    let state: Mutex<State>
 
     init(
         file: DAXFile, firstPage: UInt64, count: Int, access: Access, writable: Bool, base: UnsafeMutableRawPointer,
-        frames: [UInt64]
+        frames: [UInt64], zeroPages: Set<Int> = []
     ) {
+        self.state = Mutex(State(zeroPages: zeroPages))
         self.fileSystem = file.fileSystem
         self.inode = file.inode
         self.path = file.path
@@ -153,6 +158,9 @@ public final class DAXMapping: Sendable {
                 if frame != 0 {
                     state.detached[index] = frame
                     any = true
+                } else if state.zeroPages.remove(index) != nil {
+                    state.detachedZeroPages.insert(index)
+                    any = true
                 }
             }
             return any
@@ -165,6 +173,8 @@ public final class DAXMapping: Sendable {
             guard !state.unmapped else { return }
             for (index, frame) in state.detached { entries[index].store(frame, ordering: .sequentiallyConsistent) }
             state.detached = [:]
+            state.zeroPages.formUnion(state.detachedZeroPages)
+            state.detachedZeroPages = []
         }
     }
 
@@ -174,7 +184,8 @@ public final class DAXMapping: Sendable {
         state.withTrackedLock { state in
             guard !state.unmapped else { return }
             let pages = fileSystem.device.pages
-            let indices = state.detached.keys.sorted()
+            let indices = Set(state.detached.keys).union(state.detachedZeroPages).sorted()
+            state.detachedZeroPages = []
             var start = 0
             while start < indices.count {
                 var end = start + 1
@@ -212,6 +223,7 @@ public final class DAXMapping: Sendable {
                         throw error
                     }
                     entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
+                    state.zeroPages.remove(index)
                 }
             }
         }
@@ -269,6 +281,15 @@ enum MappingRegion {
         throws
     {
         try mapDevice(device, frame: frame, pages: 1, at: address, access: access)
+    }
+
+    /// Maps the zero page, read-only, over `length` bytes at `address`: a hole as a read-only
+    /// mapping shows it (the kernel maps its shared zero page there).
+    static func mapZeroPages(_ address: UnsafeMutableRawPointer, length: Int, calls: SystemCalls) throws {
+        guard calls.mmap(address, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) != nil
+        else {
+            throw DAXError.system("mmap", "cannot map \(length) bytes of zero pages for holes", errno: errno)
+        }
     }
 
     /// Replaces `length` bytes at `address` by the faulting region (PROT_NONE if memfd is missing).

@@ -1,6 +1,8 @@
 extension DAXFile {
     /// A direct (DAX) mapping of `count` bytes from `offset`: loads and stores reach the device
-    /// pages themselves. Holes in the range get zeroed blocks first.
+    /// pages themselves. A `.readWrite` mapping gives the holes in its range zeroed blocks first; a
+    /// `.readOnly` one shows them as the zero page and changes nothing (as the kernel does), until
+    /// a `write`, `allocate` or another mapping gives them blocks, which it then shows.
     ///
     /// `offset` must be a multiple of the page size, and the range must lie within the file's size
     /// rounded up to a page (extend the file with `truncate` or `allocate` first): as with `mmap`,
@@ -42,13 +44,23 @@ extension DAXFile {
                         "cannot map \(offset)..<\(offset + count) of \(Paths.debug(path)): "
                             + "the file has only \(size) bytes (extend it with truncate or allocate first)")
                 }
-                let added = try fs.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")
-                // Older mappings of those pages (punched while mapped) see the new blocks too.
-                shown = fs.showInMappings(inode, added)
+                if access == .readWrite {
+                    let added = try fs.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")
+                    // Older mappings of those pages (punched while mapped) see the new blocks too.
+                    shown = fs.showInMappings(inode, added)
+                }
                 let base = try MappingRegion.reserve(pages.count * PMemDevice.pageSize, calls: device.systemCalls)
                 var frames = [UInt64](repeating: 0, count: pages.count)
+                var zeroPages: Set<Int> = []
                 var mappedCounts = 0
                 do {
+                    for hole in inode.extents.holes(in: pages) {  // only in a .readOnly mapping
+                        let index = Int(hole.lowerBound - first)
+                        try MappingRegion.mapZeroPages(
+                            base + index * PMemDevice.pageSize, length: hole.count * PMemDevice.pageSize,
+                            calls: device.systemCalls)
+                        zeroPages.formUnion(index..<(index + hole.count))
+                    }
                     for slice in inode.extents.extents(in: pages) {
                         let index = Int(slice.logical - first)
                         try MappingRegion.mapDevice(
@@ -68,7 +80,7 @@ extension DAXFile {
                 let mapping = DAXMapping(
                     file: self, firstPage: first, count: count, access: access,
                     writable: access == .readWrite && self.access == .readWrite, base: base,
-                    frames: frames)
+                    frames: frames, zeroPages: zeroPages)
                 inode.users.withTrackedLock { $0.mappings += 1 }
                 inode.mappings.withTrackedLock { $0[ObjectIdentifier(mapping)] = WeakMapping(object: mapping) }
                 return mapping

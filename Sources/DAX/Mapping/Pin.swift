@@ -123,8 +123,8 @@ extension DAXMapping {
                 guard access == .readWrite else {
                     throw DAXError(
                         .invalidArgument,
-                        "cannot pin a hole of \(Paths.debug(path)) for reading: a punch "
-                            + "removed its block; only a .readWrite pin allocates one")
+                        "cannot pin a hole of \(Paths.debug(path)) for reading: the page has no "
+                            + "block (never written, or punched); only a .readWrite pin allocates one")
                 }
                 try fileSystem.fillHolesZeroed(inode, filePages, what: "pin of \(Paths.debug(path))")
             }
