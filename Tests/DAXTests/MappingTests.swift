@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 
 @testable import DAX
@@ -11,6 +12,9 @@ func unlinkedFileSystem() throws -> DAXFileSystem {
     unlink(path)
     return try DAXFileSystem.format(device)
 }
+
+/// Tells an exit test's injected `mmap` to refuse device pages (a global: exit tests capture nothing).
+private let failDeviceMapsInChild = Atomic(false)
 
 @Suite("DAXMapping")
 struct MappingTests {
@@ -170,6 +174,35 @@ struct MappingTests {
             guard mapping.baseAddress.load(fromByteOffset: 2 * 4096, as: UInt8.self) == 0 else { exit(0) }
             try file.truncate(to: 4096)
             _ = mapping.baseAddress.load(fromByteOffset: 2 * 4096, as: UInt8.self)
+        }
+    }
+
+    @Test("a zero page that cannot be replaced by the new block faults rather than read stale zeros")
+    func unreplaceableZeroPageFaults() async {
+        await #expect(processExitsWith: .signal(SIGBUS)) {
+            var calls = SystemCalls.injectable
+            calls.mmap = { address, length, protection, flags, fd, offset in
+                // Device pages are mapped with MAP_POPULATE; refuse those when told (ENOMEM, as at
+                // the process's limit of map entries).
+                if failDeviceMapsInChild.load(ordering: .relaxed), flags & MAP_POPULATE != 0 {
+                    errno = ENOMEM
+                    return nil
+                }
+                return SystemCalls.live.mmap(address, length, protection, flags, fd, offset)
+            }
+            var options = PMemDevice.Options()
+            options.systemCalls = calls
+            let path = TemporaryDevice.uniquePath("zerofail")
+            let device = try PMemDevice.create(path: path, size: 8 << 20, options: options)
+            unlink(path)
+            let fs = try DAXFileSystem.format(device)
+            let file = try fs.create("/f")
+            try file.truncate(to: 2 * 4096)
+            let mapping = try file.map(count: 2 * 4096, access: .readOnly)
+            guard mapping.baseAddress.load(fromByteOffset: 4096, as: UInt8.self) == 0 else { exit(0) }
+            failDeviceMapsInChild.store(true, ordering: .relaxed)
+            try file.write([0x42], at: 4096)
+            _ = mapping.baseAddress.load(fromByteOffset: 4096, as: UInt8.self)  // not a stale 0
         }
     }
 

@@ -718,6 +718,9 @@ struct RegressionTests {
         #expect(pin.frames == [frame])
         pin.release()
         // So does a .readWrite mapping that fills the rest.
+        // A punch that frees a block leaves the holes around it reading zeros (still holes).
+        try writer.punchHole(offset: 2 * 4096, count: 3 * 4096)
+        #expect(bytes[2 * 4096] == 0 && bytes[4 * 4096] == 0)
         let full = try writer.map(count: 8 * 4096)
         full.baseAddress.storeBytes(of: 0x24, toByteOffset: 6 * 4096, as: UInt8.self)
         #expect(bytes[6 * 4096] == 0x24)

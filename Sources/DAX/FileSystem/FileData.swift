@@ -134,8 +134,7 @@ extension DAXFileSystem {
     func showInMappings(_ inode: Inode, _ extents: [Extent]) -> [DAXMapping] {
         guard !extents.isEmpty else { return [] }
         let mappings = inode.liveMappings.compactMap { $0 as? DAXMapping }
-        // A page that cannot be counted or mapped (a count at its limit) keeps faulting.
-        for mapping in mappings { try? mapping.populate(extents) }
+        for mapping in mappings { mapping.populate(extents) }
         return mappings
     }
 

@@ -155,7 +155,7 @@ extension DAXFileSystem {
             return []
         }
         held = inode.liveMappings.compactMap { $0 as? DAXMapping }
-        let mappings = held.filter { $0.detach(layout.unmappedPages) }
+        let mappings = held.filter { $0.detach(layout.unmappedPages, cut: layout.cutPages) }
         inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
         let frames = layout.change.freed.flatMap { Array($0.range) }
         var busy = busyFrames(frames)

@@ -101,6 +101,7 @@ public final class DAXMapping: Sendable {
     /// mode a plain copy followed by `msync` of the range. With `.noDrain`, call ``drain()`` once
     /// after the last copy, as PMDK's `simple_copy` does.
     public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
+        precondition(access == .readWrite, "copy into a read-only mapping of \(path)")
         precondition(
             offset >= 0 && source.count <= length && offset <= length - source.count,
             "copy of \(source.count) bytes at \(offset) is outside the mapping of \(length) bytes")
@@ -149,16 +150,19 @@ public final class DAXMapping: Sendable {
 
     /// Detaches the pages of file pages `pages` from the page table (pins can no longer find them);
     /// they stay mapped and counted. Returns whether any page was detached.
-    func detach(_ pages: Range<UInt64>) -> Bool {
+    /// Zero pages (holes of a `.readOnly` mapping) are detached only in `cut`, the pages past the
+    /// new end of the file: a punched hole is still a hole, and reads as zeros.
+    func detach(_ pages: Range<UInt64>, cut: Range<UInt64>) -> Bool {
         state.withTrackedLock { state in
             guard !state.unmapped, let local = localRange(pages) else { return false }
+            let cutLocal = localRange(cut) ?? 0..<0
             var any = false
             for index in local {
                 let frame = entries[index].exchange(0, ordering: .sequentiallyConsistent)
                 if frame != 0 {
                     state.detached[index] = frame
                     any = true
-                } else if state.zeroPages.remove(index) != nil {
+                } else if cutLocal.contains(index), state.zeroPages.remove(index) != nil {
                     state.detachedZeroPages.insert(index)
                     any = true
                 }
@@ -205,25 +209,34 @@ public final class DAXMapping: Sendable {
     /// while mapped, or cut off and then given blocks again), as the kernel's next fault would.
     /// Counted first: a page that cannot be counted or mapped keeps faulting, never shows
     /// uncounted.
-    func populate(_ extents: [Extent]) throws {
-        try state.withTrackedLock { state in
+    func populate(_ extents: [Extent]) {
+        state.withTrackedLock { state in
             guard !state.unmapped else { return }
             for extent in extents {
                 guard let local = localRange(extent.logicalRange) else { continue }
                 for index in local where entries[index].load(ordering: .relaxed) == 0 {
                     let page = firstPage + UInt64(index)
                     let frame = PageFrameNumber(rawValue: extent.block(for: page))
-                    try fileSystem.device.pages.tryMap(frame)
+                    let address = base + index * PMemDevice.pageSize
                     do {
-                        try MappingRegion.mapDevicePage(
-                            fileSystem.device, frame: frame.rawValue,
-                            at: base + index * PMemDevice.pageSize, access: access)
+                        try fileSystem.device.pages.tryMap(frame)
+                        do {
+                            try MappingRegion.mapDevicePage(fileSystem.device, frame: frame.rawValue, at: address, access: access)
+                        } catch {
+                            fileSystem.device.pages.unmap(frame)
+                            throw error
+                        }
+                        entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
+                        state.zeroPages.remove(index)
                     } catch {
-                        fileSystem.device.pages.unmap(frame)
-                        throw error
+                        // Not shown (a count at its limit, the process out of map entries): a
+                        // zero page there would read stale zeros over data, so it faults instead.
+                        if state.zeroPages.remove(index) != nil {
+                            MappingRegion.replaceWithFaulting(
+                                address, length: PMemDevice.pageSize, access: access,
+                                calls: fileSystem.device.systemCalls)
+                        }
                     }
-                    entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
-                    state.zeroPages.remove(index)
                 }
             }
         }

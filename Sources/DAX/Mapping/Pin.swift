@@ -131,7 +131,7 @@ extension DAXMapping {
             // Every live mapping that shows nothing there gets the blocks, as its own fault would.
             let extents = inode.extents.extents(in: filePages)
             held = inode.liveMappings.compactMap { $0 as? DAXMapping }
-            for mapping in held { try mapping.populate(extents) }
+            for mapping in held { mapping.populate(extents) }
         }
     }
 }
