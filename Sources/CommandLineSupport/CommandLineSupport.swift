@@ -77,6 +77,32 @@ extension Substring {
 }
 
 extension DAXFileSystem {
+    /// Opens an app's file at `path` (a store, a log: `kind`). A missing or empty one is made by
+    /// `build` under another name and renamed into place (``createAtomically(_:build:)``), so a
+    /// creation that fails or is killed never leaves a file at `path` that is not one. Without
+    /// `build` (a command that only reads) a missing or empty file is an error naming `maker`,
+    /// the command that makes one.
+    public func openOrCreate(
+        _ path: String, kind: String, maker: String, build: ((DAXFile) throws -> Void)?
+    ) throws -> DAXFile {
+        let existing: DAXFile?
+        do {
+            existing = try open(path)
+        } catch let error as DAXError where error.code == .notFound {
+            existing = nil
+        }
+        if let existing, existing.size > 0 { return existing }
+        existing?.close()
+        guard let build else {
+            throw CommandError(
+                existing == nil
+                    ? "no \(kind) at \(path) (\(maker) creates one)"
+                    : "\(path) is an empty file, not a \(kind) (\(maker) makes it one)")
+        }
+        try createAtomically(path, build: build)
+        return try open(path)
+    }
+
     /// Creates the file at `path`, or replaces the file there, all at once: `build` fills a new
     /// file under a temporary name in the same directory, which is then renamed over `path`. A
     /// build that throws leaves `path` as it was; so does a process killed during it. Its

@@ -41,28 +41,9 @@ final class KVStore {
         guard (1...Self.maximumBuckets).contains(buckets) else {
             throw CommandError("a store has 1 to \(Self.maximumBuckets) buckets, not \(buckets)")
         }
-        let existing: DAXFile?
-        do {
-            existing = try fs.open(path)
-        } catch let error as DAXError where error.code == .notFound {
-            existing = nil
-        }
-        if let existing, existing.size > 0 {
-            file = existing
-        } else if !create {
-            existing?.close()
-            throw CommandError(
-                existing == nil
-                    ? "no store at \(path) (`kvstore put` or `kvstore load` creates one)"
-                    : "\(path) is an empty file, not a store (`kvstore put` makes it one)")
-        } else {
-            // Built under another name and renamed into place (over an empty file, if one is
-            // there): a creation that fails or is killed never leaves a file at `path` that is not
-            // a store.
-            existing?.close()
-            try fs.createAtomically(path) { try Self.build(in: $0, buckets: buckets) }
-            file = try fs.open(path)
-        }
+        file = try fs.openOrCreate(
+            path, kind: "store", maker: "`kvstore put` or `kvstore load`",
+            build: create ? { try Self.build(in: $0, buckets: buckets) } : nil)
         guard file.size >= Self.headerSize else { throw CommandError("\(path) is not a kvstore (too small)") }
         mapping = try file.map(count: file.size)
         let base = mapping.baseAddress

@@ -17,34 +17,8 @@ final class PersistentLog {
     private(set) var mapping: DAXMapping
 
     init(fileSystem fs: DAXFileSystem, path: String, create: Bool) throws {
-        let existing: DAXFile?
-        do {
-            existing = try fs.open(path)
-        } catch let error as DAXError where error.code == .notFound {
-            existing = nil
-        }
-        if let existing, existing.size > 0 {
-            file = existing
-        } else if !create {
-            existing?.close()
-            throw CommandError(
-                existing == nil
-                    ? "no log at \(path) (`pmemlog append` creates one)"
-                    : "\(path) is an empty file, not a log (`pmemlog append` makes it one)")
-        } else {
-            // Made under another name and renamed into place (over an empty file, if one is
-            // there): a creation that fails or is killed never leaves a file at `path` that is not
-            // a log.
-            existing?.close()
-            try fs.createAtomically(path) { new in
-                try new.allocate(offset: 0, count: 1 << 20)
-                var header = [UInt8](repeating: 0, count: 16)
-                withUnsafeBytes(of: Self.magic.littleEndian) { header.replaceSubrange(0..<8, with: $0) }
-                withUnsafeBytes(of: UInt64(Self.start).littleEndian) { header.replaceSubrange(8..<16, with: $0) }
-                try new.write(header, at: 0)
-            }
-            file = try fs.open(path)
-        }
+        file = try fs.openOrCreate(
+            path, kind: "log", maker: "`pmemlog append`", build: create ? { try Self.build(in: $0) } : nil)
         guard file.size >= Self.start else { throw CommandError("\(path) is not a log (too small)") }
         mapping = try file.map(count: file.size)
         guard load(0) == Self.magic else { throw CommandError("\(path) is not a log") }
@@ -73,6 +47,15 @@ final class PersistentLog {
         record.replaceSubrange(8..<(8 + bytes.count), with: bytes)
         record.withUnsafeBytes { mapping.copy($0, toOffset: offset) }
         store(UInt64(offset + size), at: 8)
+    }
+
+    /// Lays a new, empty log out in the empty `file`: 1 MiB of blocks, then the header.
+    private static func build(in file: DAXFile) throws {
+        try file.allocate(offset: 0, count: 1 << 20)
+        var header = [UInt8](repeating: 0, count: 16)
+        withUnsafeBytes(of: magic.littleEndian) { header.replaceSubrange(0..<8, with: $0) }
+        withUnsafeBytes(of: UInt64(start).littleEndian) { header.replaceSubrange(8..<16, with: $0) }
+        try file.write(header, at: 0)
     }
 
     /// Calls `body` with each record, oldest first.
