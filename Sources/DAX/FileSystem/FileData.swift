@@ -233,15 +233,14 @@ extension DAXFileSystem {
 
     // MARK: - Layout changes (truncate, punch): planned here, carried out by the mapping layer
 
-    /// A planned truncate or punch: what it frees, zeroes and writes.
+    /// A planned truncate or punch: what it frees and writes. The zeroing of the partial pages at
+    /// its edges is part of its transaction, so a crash leaves them zeroed only if it committed.
     struct LayoutChange {
         var change = PendingChange()
         var extents: ExtentMap
         var record: InodeRecord
         /// File pages whose blocks go.
         var freedPages: Range<UInt64>
-        /// File byte ranges to zero in kept pages (partial pages at the edges).
-        var zeroRanges: [Range<Int>] = []
         /// File pages past the new end of the file (a shrinking truncate): every mapping must fault
         /// there afterwards, holes it shows as the zero page included.
         var cutPages: Range<UInt64> = 0..<0
@@ -274,9 +273,11 @@ extension DAXFileSystem {
                     &plan.extents, of: inode.number, replacing: plan.freedPages, with: [],
                     change: &plan.change)
             }
-            if size % Self.pageSize != 0 { plan.zeroRanges = [size..<(Int(firstFreed) * Self.pageSize)] }
+            if size % Self.pageSize != 0 {
+                journalZeroing([size..<(Int(firstFreed) * Self.pageSize)], of: plan.extents, in: &plan.change)
+            }
         } else if size > oldSize, oldSize % Self.pageSize != 0 {
-            plan.zeroRanges = [oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)]
+            journalZeroing([oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)], of: plan.extents, in: &plan.change)
         }
         var stored = plan.record
         plan.extents.store(into: &stored)
@@ -313,38 +314,43 @@ extension DAXFileSystem {
         }
         let firstWhole = Int(first) * Self.pageSize
         let lastWhole = Int(last) * Self.pageSize
-        if first > last {
-            plan.zeroRanges = [offset..<end]  // inside one page
-        } else {
-            if offset < firstWhole { plan.zeroRanges.append(offset..<firstWhole) }
-            if end > lastWhole { plan.zeroRanges.append(lastWhole..<end) }
-        }
         if !plan.change.transaction.isEmpty {
             plan.record.changeTime = Clock.realtimeNanoseconds
             var stored = plan.record
             plan.extents.store(into: &stored)
             plan.change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
         }
+        if first > last {
+            journalZeroing([offset..<end], of: plan.extents, in: &plan.change)  // inside one page
+        } else {
+            journalZeroing(
+                [offset..<min(firstWhole, end), max(lastWhole, offset)..<end].filter { !$0.isEmpty },
+                of: plan.extents, in: &plan.change)
+        }
         try fits(plan, what: "punch of \(count) bytes")
         return plan
     }
 
-    /// Carries out a planned layout change once break layouts allowed it: zeroes the partial pages,
-    /// commits, lets `unmapFreed` take the freed pages out of every mapping, then returns the blocks
-    /// to the allocator (busy ones quarantined) and installs the new extents.
-    func carryOut(_ plan: LayoutChange, on inode: Inode, unmapFreed: () -> Void) throws {
-        // The only way the commit can fail is a transaction too large: find out before zeroing.
-        try journal.checkFits(plan.change.transaction, what: "truncate")
-        for range in plan.zeroRanges {
-            for slice in inode.extents.extents(in: Self.page(range.lowerBound)..<Self.pageUp(range.upperBound)) {
+    /// Adds the zeroing of file bytes `ranges` (kept partial pages at the edges of a truncate or
+    /// punch) to `change` as write records: the zeros reach the device with the commit, or, after a
+    /// crash before it, not at all (invariant 8). Holes need nothing; they read as zeros.
+    private func journalZeroing(_ ranges: [Range<Int>], of map: ExtentMap, in change: inout PendingChange) {
+        for range in ranges {
+            for slice in map.extents(in: Self.page(range.lowerBound)..<Self.pageUp(range.upperBound)) {
                 let from = max(range.lowerBound, Int(slice.logical) * Self.pageSize)
                 let to = min(range.upperBound, Int(slice.logicalEnd) * Self.pageSize)
-                device.fill(
-                    offset: Int(slice.physical) * Self.pageSize + from - Int(slice.logical) * Self.pageSize,
-                    count: to - from, flags: .noDrain)
+                guard to > from else { continue }
+                change.transaction.write(
+                    [UInt8](repeating: 0, count: to - from),
+                    at: Int(slice.physical) * Self.pageSize + from - Int(slice.logical) * Self.pageSize)
             }
         }
-        device.drain()
+    }
+
+    /// Carries out a planned layout change once break layouts allowed it: commits (the zeroing of
+    /// the partial pages with it), lets `unmapFreed` take the freed pages out of every mapping, then
+    /// returns the blocks to the allocator (busy ones quarantined) and installs the new extents.
+    func carryOut(_ plan: LayoutChange, on inode: Inode, unmapFreed: () -> Void) throws {
         // A failure gives nothing back here: the caller owns the plan's blocks (`changeLayout`).
         try journal.commit(plan.change.transaction, what: "truncate")
         unmapFreed()
