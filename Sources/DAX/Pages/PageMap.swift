@@ -135,15 +135,16 @@ public final class PageMap: Sendable {
 
     /// Pins `frames` (all or none): `pin_user_pages` on device frames, without the file checks that
     /// ``DAXMapping/pin(offset:count:access:lifetime:)`` makes.
-    package func pin(_ frames: some Sequence<PageFrameNumber>, lifetime: PinLifetime = .shortTerm) throws -> PinnedPages
-    {
+    package func pin(
+        _ frames: some Sequence<PageFrameNumber>, access: Access = .readWrite, lifetime: PinLifetime = .shortTerm
+    ) throws -> PinnedPages {
         let runs = FrameRuns(frames)
         for run in runs.runs where run.start + UInt64(run.count) > UInt64(count) {
             throw DAXError(
                 .invalidArgument, "frames \(run.start)..<\(run.start + UInt64(run.count)) are outside the device")
         }
         guard runs.pageCount > 0 else { throw DAXError(.invalidArgument, "no frames to pin") }
-        return try pin(runs: runs, lifetime: lifetime)
+        return try pin(runs: runs, access: access, lifetime: lifetime)
     }
 
     /// Pins `count` contiguous frames from `first` for short-term use.
@@ -154,7 +155,7 @@ public final class PageMap: Sendable {
         }
         let run = FrameRun(start: first.rawValue, count: pages)
         if pages == 1 { try table.pinOne(run.start) } else { try table.pin(.single(run)) }
-        return PinnedPages(table: table, head: run)
+        return PinnedPages(table: table, head: run, access: .readWrite)
     }
 
     /// Pins `count` contiguous frames from `first`.
@@ -164,18 +165,19 @@ public final class PageMap: Sendable {
             throw DAXError(
                 .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(count) pages")
         }
-        return try pin(runs: .single(FrameRun(start: first.rawValue, count: pages)), lifetime: lifetime)
+        return try pin(
+            runs: .single(FrameRun(start: first.rawValue, count: pages)), access: .readWrite, lifetime: lifetime)
     }
 
-    func pin(runs: FrameRuns, lifetime: PinLifetime) throws -> PinnedPages {
+    func pin(runs: FrameRuns, access: Access, lifetime: PinLifetime) throws -> PinnedPages {
         try table.pin(runs)
         switch lifetime {
         case .shortTerm:
-            return PinnedPages(table: table, runs: runs, lease: nil)
+            return PinnedPages(table: table, runs: runs, lease: nil, access: access)
         case .longTerm(let onRevoke):
             let lease = PinLease(table: table, runs: runs, onRevoke: onRevoke)
             lease.register()
-            return PinnedPages(table: table, runs: runs, lease: lease)
+            return PinnedPages(table: table, runs: runs, lease: lease, access: access)
         }
     }
 
