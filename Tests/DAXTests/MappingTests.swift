@@ -218,6 +218,22 @@ struct MappingTests {
         }
     }
 
+    @Test("a read-only mapping cannot be made writable: mprotect(PROT_WRITE) is EACCES", arguments: [true, false])
+    func readOnlyMappingStaysReadOnly(fileOpenedReadOnly: Bool) throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "mprotect")
+        let owner = try t.fs.create("/f")
+        try owner.write(pattern(3 * 4096), at: 0)
+        let file = fileOpenedReadOnly ? try t.fs.open("/f", access: .readOnly) : owner
+        let mapping = try file.map(count: 3 * 4096, access: .readOnly)
+        defer { mapping.unmap() }
+        errno = 0
+        #expect(mprotect(mapping.baseAddress, 3 * 4096, PROT_READ | PROT_WRITE) == -1)
+        #expect(errno == EACCES)
+        #expect(mprotect(mapping.baseAddress + 4096, 4096, PROT_READ | PROT_WRITE) == -1)
+        #expect(try owner.read(count: 3 * 4096, at: 0) == pattern(3 * 4096))
+        #expect(mapping.baseAddress.load(fromByteOffset: 4096, as: UInt8.self) == pattern(3 * 4096)[4096])
+    }
+
     @Test("truncate unmaps from every live mapping, and a failed truncate leaves them as they were")
     func truncateAndMappings() throws {
         let t = try TemporaryFileSystem()

@@ -270,7 +270,8 @@ enum MappingRegion {
         return base
     }
 
-    /// Maps `pages` device pages from `frame` at `address`, populated.
+    /// Maps `pages` device pages from `frame` at `address`, populated: a `.readOnly` mapping from
+    /// the device's read-only descriptor, so that it cannot be made writable with `mprotect`.
     static func mapDevice(
         _ device: PMemDevice, frame: UInt64, pages: Int, at address: UnsafeMutableRawPointer, access: Access
     ) throws {
@@ -278,7 +279,7 @@ enum MappingRegion {
         guard
             device.systemCalls.mmap(
                 address, length, protection(access), MAP_SHARED | MAP_FIXED | MAP_POPULATE,
-                device.fd, Int(frame) * PMemDevice.pageSize) != nil
+                access == .readWrite ? device.fd : device.readOnlyFD, Int(frame) * PMemDevice.pageSize) != nil
         else {
             let code = errno
             throw DAXError.system(

@@ -65,9 +65,13 @@ public final class PMemDevice: Sendable {
     public var pageCount: Int { size / Self.pageSize }
 
     nonisolated(unsafe) let base: UnsafeMutableRawPointer
-    /// An `O_RDWR` descriptor of the device file: file mappings are made from it, and mounting
-    /// takes an exclusive `flock` on it.
+    /// An `O_RDWR` descriptor of the device file: writable file mappings are made from it, and
+    /// mounting takes an exclusive `flock` on it.
     let fd: Int32
+    /// An `O_RDONLY` descriptor of the device file: read-only file mappings are made from it, so
+    /// that `mprotect(PROT_WRITE)` on one fails with `EACCES`, as for any shared mapping of a
+    /// read-only descriptor, instead of making the file writable.
+    let readOnlyFD: Int32
     let systemCalls: SystemCalls
     private let flushesCaches: Bool
     /// Cache-flush mode with the live seam: `persist` calls `pmem_persist` and nothing else.
@@ -154,6 +158,12 @@ public final class PMemDevice: Sendable {
         let calls = options.systemCalls
         let fd = calls.open(path, O_RDWR | O_CLOEXEC, 0)
         guard fd >= 0 else { throw DAXError.system("open", "cannot open device \(path)", errno: Glibc.errno) }
+        let readOnlyFD = calls.open(path, O_RDONLY | O_CLOEXEC, 0)
+        guard readOnlyFD >= 0 else {
+            let code = Glibc.errno
+            Glibc.close(fd)
+            throw DAXError.system("open", "cannot open device \(path) for reading", errno: code)
+        }
         var info = stat()
         fstat(fd, &info)
         self.isDeviceDAX = (info.st_mode & S_IFMT) == S_IFCHR
@@ -162,6 +172,7 @@ public final class PMemDevice: Sendable {
         self.base = mapping.address
         self.isPersistentMemory = mapping.isPmem
         self.fd = fd
+        self.readOnlyFD = readOnlyFD
         self.systemCalls = calls
         self.requestedPersistence = options.persistence
         switch options.persistence {
@@ -175,6 +186,7 @@ public final class PMemDevice: Sendable {
             self.pages = try PageMap(pageCount: mapping.length / Self.pageSize)
         } catch {
             Glibc.close(fd)
+            Glibc.close(readOnlyFD)
             throw error
         }
     }
@@ -183,6 +195,7 @@ public final class PMemDevice: Sendable {
         if state.load(ordering: .acquiring) != State.unmapped {
             _ = systemCalls.pmemUnmap(base, size)
             Glibc.close(fd)
+            Glibc.close(readOnlyFD)
         }
     }
 
@@ -279,6 +292,7 @@ public final class PMemDevice: Sendable {
         else { return }
         _ = systemCalls.pmemUnmap(base, size)
         Glibc.close(fd)
+        Glibc.close(readOnlyFD)
     }
 
     // MARK: - Persistence
