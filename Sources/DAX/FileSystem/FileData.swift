@@ -1,3 +1,5 @@
+import Glibc
+
 /// The data path of regular files: write, read, allocate, and the plans of truncate and punch.
 /// Callers hold the inode's lock (exclusively to change anything).
 extension DAXFileSystem {
@@ -150,6 +152,14 @@ extension DAXFileSystem {
                 flags: .noDrain)
         }
     }
+
+    /// The largest result ``DAXFile/read(count:at:)`` allocates: half of the machine's memory.
+    static let largestReadResult: Int = {
+        let pages = sysconf(Int32(_SC_PHYS_PAGES))
+        let pageBytes = sysconf(Int32(_SC_PAGESIZE))
+        guard pages > 0, pageBytes > 0 else { return 1 << 30 }
+        return pages / 2 * pageBytes
+    }()
 
     /// Reads up to `count` bytes at `offset`; short at the end of the file; holes read as zeros.
     func readData(_ inode: Inode, count: Int, at offset: Int) -> [UInt8] {
