@@ -33,27 +33,34 @@ extension DAXFileSystem {
     private func checkLocked() -> CheckReport {
         var problems: [String] = []
         namespace.withReadLock {
-            let scan = journal.withNoCommits { () -> Scanner.Result in
-                // The superblock as the device has it now (its orphan head changes at run time).
-                let current: Superblock
-                do {
-                    current = try Superblock.decode(
-                        ByteReader(device.base, count: Superblock.size),
-                        deviceBlocks: UInt64(device.pageCount))
-                } catch {
-                    problems.append("\(error)")
-                    return Scanner.Result()
+            // The orphan list changes (on the device and in memory at once) only under the orphans
+            // lock, which a commit nests inside: holding it, then the journal, the device's list and
+            // the mounted one are read at one moment, while removed files are closed alongside.
+            let (scan, mountedOrphans) = orphans.withTrackedLock { mountedOrphans in
+                journal.withNoCommits { () -> (Scanner.Result, [UInt32]) in
+                    // The superblock as the device has it now (its orphan head changes at run time).
+                    let current: Superblock
+                    do {
+                        current = try Superblock.decode(
+                            ByteReader(device.base, count: Superblock.size),
+                            deviceBlocks: UInt64(device.pageCount))
+                    } catch {
+                        problems.append("\(error)")
+                        return (Scanner.Result(), mountedOrphans)
+                    }
+                    var expected = superblock
+                    expected.orphanHead = current.orphanHead
+                    if expected != current {
+                        problems.append("the superblock changed since mount beyond its orphan head")
+                    }
+                    let scan = Scanner.scan(device: device, superblock: current, journalMustBeEmpty: true)
+                    problems += compareAllocator(with: scan.bitmap)
+                    return (scan, mountedOrphans)
                 }
-                var expected = superblock
-                expected.orphanHead = current.orphanHead
-                if expected != current { problems.append("the superblock changed since mount beyond its orphan head") }
-                let scan = Scanner.scan(device: device, superblock: current, journalMustBeEmpty: true)
-                problems += compareAllocator(with: scan.bitmap)
-                return scan
             }
             problems += scan.problems
             if scan.suppressed > 0 { problems.append("and \(scan.suppressed) more problems") }
-            if scan.orphans != orphans.withTrackedLock({ $0 }) {
+            if scan.orphans != mountedOrphans {
                 problems.append("the orphan list on the device \(scan.orphans) differs from the mounted one")
             }
             // Directories change only under the namespace lock, which is held: compare them now.
