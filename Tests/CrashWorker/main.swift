@@ -9,6 +9,8 @@ import Glibc
 ///   daxcrashworker pin-truncate DEVICE    mount, pin the pages of /pinned, truncate it with
 ///                                         .deferFree, print "quarantined N", then wait to be killed
 ///   daxcrashworker hold DEVICE            mount, print "ready", then wait to be killed
+///   daxcrashworker orphan DEVICE PATH     mount, open PATH and remove it (an orphan), print
+///                                         "ready", then wait to be killed
 ///   daxcrashworker kill-at-copy DEVICE N OPERATION ARGUMENTS...
 ///                                         mount in cache-flush mode, then run one operation
 ///                                         (`truncate PATH SIZE` or `punch PATH OFFSET COUNT`) and
@@ -83,6 +85,14 @@ do {
         default: fail("unknown operation \(arguments[4...].joined(separator: " "))")
         }
         fail("the operation finished before its copy \(copies)")
+    case "orphan":
+        guard arguments.count == 4 else { fail("orphan needs a path") }
+        let file = try fs.open(arguments[3])
+        try fs.remove(arguments[3])
+        say("ready")
+        withExtendedLifetime(file) {
+            while true { pause() }
+        }
     case "hold":
         say("ready")
         while true { pause() }

@@ -33,6 +33,11 @@ public final class PMemDevice: Sendable {
         /// Create the file sparse (`PMEM_FILE_SPARSE`): no `posix_fallocate`, so creation is
         /// instant but a full `/dev/shm` shows up later as SIGBUS instead of at creation.
         public var sparse: Bool = false
+        /// Open the device for reading only: `O_RDONLY` and a `PROT_READ` mapping, which needs
+        /// only read permission on the file. Every store path is refused: the throwing ones with
+        /// `.permissionDenied`, ``copy(_:toOffset:flags:)`` and ``fill(offset:count:value:flags:)``
+        /// (which cannot throw) with a precondition failure. `create` refuses it.
+        public var readOnly: Bool = false
         /// The system-call seam; tests inject failures here.
         package var systemCalls: SystemCalls = .live
 
@@ -49,6 +54,8 @@ public final class PMemDevice: Sendable {
     public let isDeviceDAX: Bool
     /// Whether the kernel grants `MAP_SYNC` mappings of the device, and why not.
     public let mapSync: MapSyncStatus
+    /// True when the device was opened with ``Options/readOnly``.
+    public let isReadOnly: Bool
     /// The mode asked for in ``Options``.
     public let requestedPersistence: PersistenceMode
     /// The mode in effect: `.cacheFlush` or `.msync` (`.automatic` resolved).
@@ -96,6 +103,9 @@ public final class PMemDevice: Sendable {
     /// ``maximumSize``, and fit in the free space of the file system holding `path`. Nothing is
     /// created when any check fails. Calls `pmem_map_file(PMEM_FILE_CREATE | PMEM_FILE_EXCL)`.
     public static func create(path: String, size: Int, options: Options = .init()) throws -> PMemDevice {
+        guard !options.readOnly else {
+            throw DAXError(.invalidArgument, "cannot create device \(path) read-only: a new device must be written")
+        }
         try validate(size: size, path: path)
         try checkFreeSpace(for: size, at: path)
         let calls = options.systemCalls
@@ -113,6 +123,25 @@ public final class PMemDevice: Sendable {
             _ = calls.pmemUnmap(mapping.address, mapping.length)
             unlink(path)
             throw error
+        }
+    }
+
+    /// Opens the device at `path`, or creates it with `size` when nothing is there. `size` is used
+    /// only for creating: an existing device keeps its own size. Another process creating the same
+    /// path at the same moment is not an error; this one opens what it created.
+    public static func openOrCreate(path: String, size: Int, options: Options = .init()) throws -> PMemDevice {
+        guard !path.isEmpty else { throw DAXError(.invalidArgument, "device path is empty") }
+        while true {
+            var info = stat()
+            if stat(path, &info) == 0 { return try open(path: path, options: options) }
+            guard Glibc.errno == ENOENT else {
+                throw DAXError.system("stat", "cannot open or create device \(path)", errno: Glibc.errno)
+            }
+            do {
+                return try create(path: path, size: size, options: options)
+            } catch let error as DAXError where error.code == .alreadyExists {
+                continue  // created by someone else since the stat: open it
+            }
         }
     }
 
@@ -138,7 +167,8 @@ public final class PMemDevice: Sendable {
             }
         }
         let calls = options.systemCalls
-        guard let mapping = calls.pmemMapFile(path, 0, 0, 0) else {
+        let mapped = options.readOnly ? try mapReadOnly(path, calls: calls) : calls.pmemMapFile(path, 0, 0, 0)
+        guard let mapping = mapped else {
             throw DAXError.pmem(
                 "pmem_map_file", "cannot open device \(path)", errno: Glibc.errno,
                 message: pmemErrorMessage())
@@ -147,16 +177,55 @@ public final class PMemDevice: Sendable {
             try validate(size: mapping.length, path: path)
             return try PMemDevice(path: path, mapping: mapping, options: options)
         } catch {
-            _ = calls.pmemUnmap(mapping.address, mapping.length)
+            unmap(mapping.address, mapping.length, readOnly: options.readOnly, calls: calls)
             throw error
         }
+    }
+
+    /// Maps the whole device `PROT_READ` from an `O_RDONLY` descriptor (libpmem's `pmem_map_file`
+    /// always opens for writing); asks `pmem_is_pmem` about the mapping.
+    private static func mapReadOnly(_ path: String, calls: SystemCalls) throws -> (
+        address: UnsafeMutableRawPointer, length: Int, isPmem: Bool
+    )? {
+        let fd = calls.open(path, O_RDONLY | O_CLOEXEC, 0)
+        guard fd >= 0 else {
+            throw DAXError.system("open", "cannot open device \(path) for reading", errno: Glibc.errno)
+        }
+        defer { Glibc.close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            throw DAXError.system("fstat", "cannot open device \(path) for reading", errno: Glibc.errno)
+        }
+        let length = (info.st_mode & S_IFMT) == S_IFCHR ? deviceDAXSize(path) : Int(info.st_size)
+        guard length > 0 else {
+            throw DAXError(.invalidArgument, "cannot open device \(path) read-only: its size is unknown")
+        }
+        guard let address = calls.mmap(nil, length, PROT_READ, MAP_SHARED, fd, 0) else {
+            throw DAXError.system("mmap", "cannot map device \(path) read-only", errno: Glibc.errno)
+        }
+        return (address, length, pmem_is_pmem(address, length) != 0)
+    }
+
+    /// The size of a device-DAX character device, from sysfs (0 if it cannot be read).
+    private static func deviceDAXSize(_ path: String) -> Int {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return 0 }
+        let major = (info.st_rdev >> 8) & 0xFFF
+        let minor = (info.st_rdev & 0xFF) | ((info.st_rdev >> 12) & 0xFFF00)
+        let fd = Glibc.open("/sys/dev/char/\(major):\(minor)/size", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return 0 }
+        defer { Glibc.close(fd) }
+        var text = [UInt8](repeating: 0, count: 32)
+        let count = text.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { return 0 }
+        return Int(String(decoding: text[..<count], as: UTF8.self).filter(\.isNumber)) ?? 0
     }
 
     private init(
         path: String, mapping: (address: UnsafeMutableRawPointer, length: Int, isPmem: Bool), options: Options
     ) throws {
         let calls = options.systemCalls
-        let fd = calls.open(path, O_RDWR | O_CLOEXEC, 0)
+        let fd = calls.open(path, (options.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC, 0)
         guard fd >= 0 else { throw DAXError.system("open", "cannot open device \(path)", errno: Glibc.errno) }
         let readOnlyFD = calls.open(path, O_RDONLY | O_CLOEXEC, 0)
         guard readOnlyFD >= 0 else {
@@ -173,6 +242,7 @@ public final class PMemDevice: Sendable {
         self.isPersistentMemory = mapping.isPmem
         self.fd = fd
         self.readOnlyFD = readOnlyFD
+        self.isReadOnly = options.readOnly
         self.systemCalls = calls
         self.requestedPersistence = options.persistence
         switch options.persistence {
@@ -181,7 +251,7 @@ public final class PMemDevice: Sendable {
         }
         self.flushesCaches = persistence == .cacheFlush
         self.persistsDirectly = flushesCaches && calls.isLive
-        self.mapSync = Self.probeMapSync(fd: fd, calls: calls)
+        self.mapSync = Self.probeMapSync(fd: fd, readOnly: options.readOnly, calls: calls)
         do {
             self.pages = try PageMap(pageCount: mapping.length / Self.pageSize)
         } catch {
@@ -193,7 +263,7 @@ public final class PMemDevice: Sendable {
 
     deinit {
         if state.load(ordering: .acquiring) != State.unmapped {
-            _ = systemCalls.pmemUnmap(base, size)
+            Self.unmap(base, size, readOnly: isReadOnly, calls: systemCalls)
             Glibc.close(fd)
             Glibc.close(readOnlyFD)
         }
@@ -224,7 +294,12 @@ public final class PMemDevice: Sendable {
         let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
         var info = statvfs()
         guard statvfs(directory.isEmpty ? "/" : directory, &info) == 0 else {
-            throw DAXError.system("statvfs", "cannot create device \(path)", errno: Glibc.errno)
+            let code = Glibc.errno
+            if code == ENOENT || code == ENOTDIR {
+                throw DAXError(
+                    .notFound, "cannot create device \(path): the directory \(directory) does not exist")
+            }
+            throw DAXError.system("statvfs", "cannot create device \(path)", errno: code)
         }
         let free = Int(info.f_bavail) &* Int(info.f_frsize)
         guard size <= free else {
@@ -235,9 +310,10 @@ public final class PMemDevice: Sendable {
     }
 
     /// Asks the kernel for a one-page `MAP_SHARED_VALIDATE | MAP_SYNC` mapping of the device.
-    private static func probeMapSync(fd: Int32, calls: SystemCalls) -> MapSyncStatus {
+    private static func probeMapSync(fd: Int32, readOnly: Bool, calls: SystemCalls) -> MapSyncStatus {
         let flags = dax_MAP_SHARED_VALIDATE | dax_MAP_SYNC
-        guard let probe = calls.mmap(nil, pageSize, PROT_READ | PROT_WRITE, flags, fd, 0) else {
+        let protection = readOnly ? PROT_READ : PROT_READ | PROT_WRITE
+        guard let probe = calls.mmap(nil, pageSize, protection, flags, fd, 0) else {
             let code = Glibc.errno
             switch code {
             case EOPNOTSUPP:
@@ -290,9 +366,14 @@ public final class PMemDevice: Sendable {
             state.compareExchange(expected: State.closing, desired: State.unmapped, ordering: .sequentiallyConsistent)
                 .exchanged
         else { return }
-        _ = systemCalls.pmemUnmap(base, size)
+        Self.unmap(base, size, readOnly: isReadOnly, calls: systemCalls)
         Glibc.close(fd)
         Glibc.close(readOnlyFD)
+    }
+
+    /// `pmem_unmap` for a mapping libpmem made, `munmap` for a read-only one made here.
+    private static func unmap(_ address: UnsafeMutableRawPointer, _ length: Int, readOnly: Bool, calls: SystemCalls) {
+        if readOnly { _ = calls.munmap(address, length) } else { _ = calls.pmemUnmap(address, length) }
     }
 
     // MARK: - Persistence
@@ -360,6 +441,7 @@ public final class PMemDevice: Sendable {
     public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
         guard let from = source.baseAddress, source.count > 0 else { return }
         checkRange(offset, source.count)
+        checkWritable()
         let to = base + offset
         if flushesCaches {
             if systemCalls.isLive {
@@ -378,6 +460,7 @@ public final class PMemDevice: Sendable {
     public func fill(offset: Int, count: Int, value: UInt8 = 0, flags: CopyFlags = []) {
         guard count > 0 else { return }
         checkRange(offset, count)
+        checkWritable()
         let to = base + offset
         if flushesCaches {
             if systemCalls.isLive {
@@ -397,6 +480,10 @@ public final class PMemDevice: Sendable {
     /// Throws `.invalidArgument` for a range outside the device; then nothing is written.
     public func write(_ bytes: [UInt8], at offset: Int, flags: CopyFlags = []) throws {
         try validateRange(offset, bytes.count)
+        guard !isReadOnly else {
+            throw DAXError(
+                .permissionDenied, "cannot write \(bytes.count) bytes at offset \(offset) of \(path): opened read-only")
+        }
         bytes.withUnsafeBytes { copy($0, toOffset: offset, flags: flags) }
     }
 
@@ -425,6 +512,16 @@ public final class PMemDevice: Sendable {
         if _slowPath(offset < 0 || count < 0 || offset > size || count > size &- offset) {
             rangeFailure(offset, count)
         }
+    }
+
+    @inline(__always)
+    private func checkWritable() {
+        if _slowPath(isReadOnly) { readOnlyFailure() }
+    }
+
+    @inline(never)
+    private func readOnlyFailure() -> Never {
+        preconditionFailure("device \(path) was opened read-only: nothing may be stored to it")
     }
 
     @inline(never)
