@@ -29,6 +29,13 @@ static inline int dax_memfd_create(const char *name, unsigned int flags) {
     return (int)syscall(SYS_memfd_create, name, flags);
 }
 
+/// Calls `fallocate(2)` through `syscall(2)` (Glibc's Swift module does not export it).
+static inline int dax_fallocate(int fd, int mode, int64_t offset, int64_t length) {
+    return (int)syscall(SYS_fallocate, fd, mode, offset, length);
+}
+static const int dax_FALLOC_FL_KEEP_SIZE = 0x01;
+static const int dax_FALLOC_FL_PUNCH_HOLE = 0x02;
+
 /// ThreadSanitizer's annotations, weak: present only in a `--sanitize=thread` build. The standard
 /// library's `Mutex` waits with futexes that TSan cannot see on Linux, so DAX tells it about each
 /// lock hand-over (see `Mutex.withTrackedLock`). Without TSan these are a never-taken branch.

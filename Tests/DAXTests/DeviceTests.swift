@@ -1,5 +1,6 @@
 import CLibPMem
 import Foundation
+import Synchronization
 import Testing
 
 @testable import DAX
@@ -189,5 +190,78 @@ struct DeviceTests {
         #expect(try device.read(count: 1 << 20, at: 65536).allSatisfy { $0 == 0xAB })
         #expect(try device.read(count: 300, at: 100) == source)
         #expect(try device.read(count: 1, at: 65536 + (1 << 20)) == [0])
+    }
+}
+
+@Suite("Sparse devices: storage given as blocks come into use")
+struct SparseDeviceTests {
+    /// A sparse device whose `fallocate` fails with ENOSPC while `full` is set (a full /dev/shm).
+    final class FillingUp: @unchecked Sendable {
+        final class Flags: Sendable {
+            let full = Atomic(false)
+            let backed = Atomic(0)
+        }
+        let flags = Flags()
+        let temporary: TemporaryDevice
+
+        init() throws {
+            let flags = self.flags
+            var options = PMemDevice.Options()
+            options.sparse = true
+            var calls = SystemCalls.injectable
+            calls.fallocate = { fd, mode, offset, length in
+                if flags.full.load(ordering: .relaxed) {
+                    errno = ENOSPC
+                    return -1
+                }
+                flags.backed.wrappingAdd(1, ordering: .relaxed)
+                return SystemCalls.live.fallocate(fd, mode, offset, length)
+            }
+            options.systemCalls = calls
+            temporary = try TemporaryDevice(size: 8 << 20, options: options, name: "sparse")
+        }
+    }
+
+    @Test("a full /dev/shm is .noSpace at allocation and at commit; nothing changes, no SIGBUS")
+    func fullBackingStoreIsNoSpace() throws {
+        let t = try FillingUp()
+        let device = t.temporary.device
+        #expect(device.isSparse)
+        let fs = try DAXFileSystem.format(device)
+        let file = try fs.create("/f")
+        try file.write(pattern(4096), at: 0)
+        #expect(t.flags.backed.load(ordering: .relaxed) > 0)
+        let before = fs.statistics()
+
+        t.flags.full.store(true, ordering: .relaxed)
+        let error = expectDAXError(.noSpace) { try file.write(pattern(64 << 10, seed: 2), at: 8192) }
+        #expect(error?.message.contains("full") == true, "\(String(describing: error))")
+        expectDAXError(.noSpace) { try file.allocate(offset: 1 << 20, count: 4096) }
+        expectDAXError(.noSpace) { try fs.create("/g") }
+        expectDAXError(.noSpace) { try fs.createDirectory("/d") }
+        #expect(file.size == 4096)
+        #expect(try file.read(count: 8192, at: 0) == pattern(4096))
+        #expect(fs.statistics().freeBlocks == before.freeBlocks)
+        #expect(try fs.contentsOfDirectory("/") == ["f"])
+        #expect(try fs.check().isClean)
+
+        t.flags.full.store(false, ordering: .relaxed)
+        try file.write(pattern(64 << 10, seed: 2), at: 8192)
+        #expect(try file.read(count: 64 << 10, at: 8192) == pattern(64 << 10, seed: 2))
+        #expect(try fs.check().isClean)
+        try fs.unmount()
+    }
+
+    @Test("a device created whole is not sparse and makes no fallocate calls")
+    func wholeDeviceIsNotBacked() throws {
+        let t = try TemporaryDevice(size: 4 << 20, name: "whole")
+        #expect(!t.device.isSparse)
+        try t.device.back(offset: 0, count: 4 << 20)  // a no-op
+        expectDAXError(.invalidArgument) {
+            var options = PMemDevice.Options()
+            options.sparse = true
+            let sparse = try TemporaryDevice(size: 4 << 20, options: options, name: "sparserange")
+            try sparse.device.back(offset: 4 << 20, count: 1)
+        }
     }
 }

@@ -38,6 +38,8 @@ package struct SystemCalls: Sendable {
     package var munmap: @Sendable (_ address: UnsafeMutableRawPointer, _ length: Int) -> Int32
     /// `open(2)`.
     package var open: @Sendable (_ path: String, _ flags: Int32, _ mode: mode_t) -> Int32
+    /// `fallocate(2)`: gives a file's range storage (mode 0) or punches it out.
+    package var fallocate: @Sendable (_ fd: Int32, _ mode: Int32, _ offset: Int, _ length: Int) -> Int32
 
     /// True for ``live``: hot paths then call libpmem directly instead of through a closure.
     package var isLive: Bool
@@ -63,6 +65,7 @@ package struct SystemCalls: Sendable {
         },
         munmap: { address, length in Glibc.munmap(address, length) },
         open: { path, flags, mode in Glibc.open(path, flags, mode) },
+        fallocate: { fd, mode, offset, length in dax_fallocate(fd, mode, Int64(offset), Int64(length)) },
         isLive: true
     )
 

@@ -242,6 +242,8 @@ public final class DAXFileSystem: Sendable {
         _ sb: Superblock, on device: PMemDevice, progress: (@Sendable (Double) -> Void)?
     ) throws {
         let blockSize = Superblock.blockSize
+        // A sparse device gets storage for its metadata first: a full /dev/shm is .noSpace now.
+        try device.back(offset: 0, count: Int(sb.dataStart) * blockSize)
         device.fill(offset: 0, count: blockSize, flags: .nonTemporal)
         // Journal header and the inode table must read as zeros; clear them in chunks for progress.
         let clearStart = Int(sb.journalStart) * blockSize

@@ -25,7 +25,7 @@ extension DAXFileSystem {
     ) throws -> [Extent] {
         var added: [Extent] = []
         for hole in map.holes(in: pages) {
-            let runs = try allocator.allocate(
+            let runs = try allocateBacked(
                 Int(hole.count), goal: map.goal(before: hole.lowerBound),
                 inode: inode.number, firstIndex: hole.lowerBound)
             change.allocate(runs, superblock: superblock)

@@ -155,8 +155,10 @@ final class Journal: Sendable {
         let recordList = transaction.records
         try checkFits(size: Transaction.size(of: recordList), what: what)
         let records = Transaction.encode(recordList)
+        try backTargets(of: recordList, recordBytes: records.count)
         // Nothing below can fail: the device's mapping stays while a file system uses it (even
-        // after `close`), so no error is ever reported after the commit point as if it were a rollback.
+        // after `close`), and on a sparse device every byte written has storage by now, so no
+        // error is ever reported after the commit point as if it were a rollback.
         sequence.withTrackedLock { sequence in
             sequence &+= 1
             write(records, at: recordsOffset)
@@ -167,6 +169,30 @@ final class Journal: Sendable {
             write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
         }
         commits.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    /// On a sparse device, gives storage to everything a commit of `records` writes (the journal's
+    /// header and records, each record's target, the bitmap blocks it changes) before any of it is
+    /// written: a full `/dev/shm` is `.noSpace` with nothing changed, never a SIGBUS mid-commit.
+    private func backTargets(of records: [Transaction.Record], recordBytes: Int) throws {
+        guard device.isSparse else { return }
+        try device.back(offset: headerOffset, count: Superblock.blockSize + recordBytes)
+        let bitsPerBlock = UInt64(Superblock.bitsPerBitmapBlock)
+        func backBitmap(_ bits: Range<UInt64>) throws {
+            guard !bits.isEmpty else { return }
+            let first = bits.lowerBound / bitsPerBlock
+            let last = (bits.upperBound - 1) / bitsPerBlock
+            try device.back(
+                offset: Int(superblock.bitmapStart + first) * Superblock.blockSize,
+                count: Int(last - first + 1) * Superblock.blockSize)
+        }
+        for record in records {
+            switch record {
+            case .write(let offset, let bytes): try device.back(offset: offset, count: bytes.count)
+            case .bits(let range, _): try backBitmap(range)
+            case .mask(let first, let mask, _): try backBitmap(first..<(first + UInt64(mask.count * 8)))
+            }
+        }
     }
 
     /// A durable copy to the device (`pmem_memcpy` and drain, or `msync`), which cannot fail.

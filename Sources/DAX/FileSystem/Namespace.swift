@@ -213,7 +213,7 @@ extension DAXFileSystem {
     func planSlot(in directory: Inode, change: inout PendingChange) throws -> (DirectoryIndex.SlotAddress, ExtentMap?) {
         if let slot = directory.directory?.freeSlots.last { return (slot, nil) }
         let page = UInt64(directory.directory?.blockCount ?? 0)
-        let runs = try allocator.allocate(
+        let runs = try allocateBacked(
             1, goal: directory.extents.goal(before: page), inode: directory.number,
             firstIndex: nil)
         change.allocate(runs, superblock: superblock)

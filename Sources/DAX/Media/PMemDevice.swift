@@ -56,6 +56,10 @@ public final class PMemDevice: Sendable {
     public let mapSync: MapSyncStatus
     /// True when the device was opened with ``Options/readOnly``.
     public let isReadOnly: Bool
+    /// True when the device file had holes when opened (created with ``Options/sparse``, or such
+    /// a file opened later): blocks are then given storage (``back(offset:count:)``) as they come
+    /// into use, so that a full `/dev/shm` is a `.noSpace` error, not a SIGBUS on a later store.
+    public let isSparse: Bool
     /// The mode asked for in ``Options``.
     public let requestedPersistence: PersistenceMode
     /// The mode in effect: `.cacheFlush` or `.msync` (`.automatic` resolved).
@@ -236,6 +240,8 @@ public final class PMemDevice: Sendable {
         var info = stat()
         fstat(fd, &info)
         self.isDeviceDAX = (info.st_mode & S_IFMT) == S_IFCHR
+        self.isSparse =
+            !options.readOnly && (info.st_mode & S_IFMT) == S_IFREG && Int(info.st_blocks) * 512 < Int(info.st_size)
         self.path = path
         self.size = mapping.length
         self.base = mapping.address
@@ -471,6 +477,29 @@ public final class PMemDevice: Sendable {
         } else {
             memset(to, Int32(value), count)
             if !flags.contains(.noFlush) { syncOrFlush(to, count) }
+        }
+    }
+
+    // MARK: - Backing a sparse device
+
+    /// Gives `count` bytes at `offset` storage in the file system holding the device (`fallocate`),
+    /// so that a store there cannot fail later; a no-op unless ``isSparse``. Throws `.noSpace` when
+    /// that file system is full (on `/dev/shm`: the machine's shared memory), changing nothing.
+    public func back(offset: Int, count: Int) throws {
+        guard isSparse, count > 0 else { return }
+        try validateRange(offset, count)
+        let start = offset / Self.pageSize * Self.pageSize
+        let end = (offset + count + Self.pageSize - 1) / Self.pageSize * Self.pageSize
+        while systemCalls.fallocate(fd, 0, start, end - start) != 0 {
+            let code = Glibc.errno
+            if code == EINTR { continue }
+            if code == ENOSPC {
+                throw DAXError(
+                    .noSpace,
+                    "cannot back \(end - start) bytes at offset \(start) of sparse device \(path): the file "
+                        + "system holding it is full", errno: code)
+            }
+            throw DAXError.system("fallocate", "cannot back \(end - start) bytes at offset \(start) of \(path)", errno: code)
         }
     }
 
