@@ -11,6 +11,8 @@ import Glibc
 ///   daxcrashworker hold DEVICE            mount, print "ready", then wait to be killed
 ///   daxcrashworker orphan DEVICE PATH     mount, open PATH and remove it (an orphan), print
 ///                                         "ready", then wait to be killed
+///   daxcrashworker unnamed DEVICE         mount, create an unnamed file in / and write 64 KiB to
+///                                         it, print "ready", then wait to be killed
 ///   daxcrashworker kill-at-copy DEVICE N OPERATION ARGUMENTS...
 ///                                         mount in cache-flush mode, then run one operation
 ///                                         (`truncate PATH SIZE` or `punch PATH OFFSET COUNT`) and
@@ -89,6 +91,13 @@ do {
         guard arguments.count == 4 else { fail("orphan needs a path") }
         let file = try fs.open(arguments[3])
         try fs.remove(arguments[3])
+        say("ready")
+        withExtendedLifetime(file) {
+            while true { pause() }
+        }
+    case "unnamed":
+        let file = try fs.createUnnamed(in: "/")
+        try file.write([UInt8](repeating: 0xAB, count: 64 << 10), at: 0)
         say("ready")
         withExtendedLifetime(file) {
             while true { pause() }

@@ -1,0 +1,125 @@
+/// Files created without a name (Linux's `O_TMPFILE`) and named once complete (`linkat`): a
+/// program that builds a file and dies half way leaves nothing behind, since the file is on the
+/// orphan list from its first moment and the next mount frees it.
+extension DAXFileSystem {
+    /// Creates a regular file with no name, in the file system of `directory` (which must exist),
+    /// open for reading and writing: the kernel's `open(directory, O_TMPFILE)`. It is an orphan
+    /// from the start: its last close frees it, and so does the next mount after a crash, unless
+    /// ``link(_:at:)`` gave it a name first. Its ``DAXFile/path`` says `(unnamed N)` until then.
+    public func createUnnamed(in directory: String) throws -> DAXFile {
+        let inode = try namespaceOperation(exclusive: true, "create an unnamed file in", directory) { () throws -> Inode in
+            _ = try resolveDirectory(try Paths.components(directory), path: directory)
+            guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
+                throw DAXError(
+                    .noSpace,
+                    "cannot create an unnamed file in \(Paths.debug(directory)): all \(superblock.inodeCount) "
+                        + "inodes are in use")
+            }
+            do {
+                return try orphans.withTrackedLock { orphans in
+                    let now = Clock.realtimeNanoseconds
+                    var record = InodeRecord()
+                    record.kind = .file
+                    record.linkCount = 0
+                    let old = ByteReader(device.base + superblock.inodeOffset(number), count: Superblock.inodeSize)
+                    record.generation = old.get(UInt32.self, at: 12) &+ 1
+                    record.modificationTime = now
+                    record.changeTime = now
+                    record.nextOrphan = orphans.first ?? 0
+                    var change = PendingChange()
+                    change.transaction.write(record.encode(), at: superblock.inodeOffset(number))
+                    var sb = superblock
+                    sb.orphanHead = number
+                    change.transaction.write(sb.encode(), at: 0)
+                    try commit(change, what: "create an unnamed file")
+                    orphans.insert(number, at: 0)
+                    let inode = Inode(number: number, record: record, extents: ExtentMap())
+                    inode.users.withTrackedLock { $0.handles += 1 }
+                    table.withTrackedLock { $0.insert(inode) }
+                    return inode
+                }
+            } catch {
+                table.withTrackedLock { $0.release(number) }
+                throw error
+            }
+        }
+        let prefix = directory.hasSuffix("/") ? directory : directory + "/"
+        return DAXFile(fileSystem: self, inode: inode, path: "\(prefix)(unnamed \(inode.number))", access: .readWrite)
+    }
+
+    /// Gives the unnamed file `file` (from ``createUnnamed(in:)``, still open) the name `path`,
+    /// which must not exist: the kernel's `linkat` of an `O_TMPFILE` file. One transaction takes
+    /// it off the orphan list and adds the directory entry, so after a crash the file is either
+    /// complete under its name or gone. Throws `.alreadyExists`, `.notFound` for a missing parent,
+    /// `.invalidArgument` for a file that has a name already, was closed, or belongs to another
+    /// file system.
+    public func link(_ file: DAXFile, at path: String) throws {
+        try namespaceOperation(exclusive: true, "link", path) {
+            guard file.fileSystem === self else {
+                throw DAXError(.invalidArgument, "\(Paths.debug(file.path)) belongs to another file system")
+            }
+            try file.checkWritable("link")
+            let inode = file.inode
+            let (parentPath, name) = try Paths.split(path, what: "link")
+            let parent = try resolveDirectory(parentPath, path: path)
+            guard parent.directory?.entries[name] == nil else {
+                throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists")
+            }
+            // With the namespace lock held exclusively, nothing else changes the orphan list:
+            // take the predecessor's lock (list order, as a reclaim does), then the inode's.
+            let previous: Inode? = try orphans.withTrackedLock { orphans in
+                guard let index = orphans.firstIndex(of: inode.number), inode.record.linkCount == 0 else {
+                    throw DAXError(
+                        .invalidArgument, "\(Paths.debug(file.path)) is not an unnamed file: it has a name already")
+                }
+                return index == 0 ? nil : try self.inode(orphans[index - 1])
+            }
+            previous?.lock.lockForWriting()
+            defer { previous?.lock.unlock() }
+            try inode.lock.withWriteLock {
+                try inode.checkLive(file.path)
+                try orphans.withTrackedLock { orphans in
+                    guard let index = orphans.firstIndex(of: inode.number) else {
+                        preconditionFailure("unnamed inode \(inode.number) left the orphan list under the namespace lock")
+                    }
+                    var change = PendingChange()
+                    var committed = false
+                    defer { if !committed { abandon(change) } }
+                    let (slot, parentExtents) = try planSlot(in: parent, change: &change)
+                    change.transaction.write(
+                        DirectoryFormat.encodeSlot(inode: inode.number, name: name, kind: .file),
+                        at: slotOffset(parent, slot, extents: parentExtents))
+                    let next = index + 1 < orphans.count ? orphans[index + 1] : 0
+                    var previousRecord: InodeRecord?
+                    if let previous {
+                        var record = previous.record
+                        record.nextOrphan = next
+                        previousRecord = record
+                        var stored = record
+                        previous.extents.store(into: &stored)
+                        change.transaction.write(stored.encode(), at: superblock.inodeOffset(previous.number))
+                    } else {
+                        var sb = superblock
+                        sb.orphanHead = next
+                        change.transaction.write(sb.encode(), at: 0)
+                    }
+                    var record = inode.record
+                    record.linkCount = 1
+                    record.nextOrphan = 0
+                    record.changeTime = Clock.realtimeNanoseconds
+                    var stored = record
+                    inode.extents.store(into: &stored)
+                    change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+                    try commit(change, what: "link \(Paths.debug(path))")
+                    committed = true
+                    installSlot(in: parent, extents: parentExtents)
+                    parent.directory?.take(slot)
+                    parent.directory?.entries[name] = DirectoryIndex.Entry(inode: inode.number, kind: .file, slot: slot)
+                    if let previous, let previousRecord { previous.record = previousRecord }
+                    inode.record = record
+                    orphans.remove(at: index)
+                }
+            }
+        }
+    }
+}
