@@ -104,57 +104,34 @@ extension DAXFileSystem {
     }
 
     /// Creates the file at `path`, or replaces the file there, all at once: `build` fills a new
-    /// file under a temporary name in the same directory, which is then renamed over `path`. A
-    /// build that throws leaves `path` as it was; so does a process killed during it. Its
-    /// temporary file, `.<hash of the name>.<pid>.<n>.partial`, is removed by the next call for
-    /// the same path from another process (only one process at a time mounts a device).
+    /// unnamed file (``DAXFileSystem/createUnnamed(in:)``, on the orphan list from its first
+    /// moment), which is then linked at `path` in one transaction. A build that throws leaves
+    /// `path` as it was; so does a process killed during it, and the next mount frees what it
+    /// had written.
     public func createAtomically(_ path: String, build: (DAXFile) throws -> Void) throws {
-        // Refuse what the rename would refuse, before any work: a bad path or parent, a directory.
+        // Refuse what the link would refuse, before any work: a bad path or parent, a directory.
         let slash = path.utf8.lastIndex(of: UInt8(ascii: "/"))
-        let directory = slash.map { String(path[...$0]) } ?? ""
-        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        let directory = slash.map { String(path[...$0]) } ?? "/"
         do {
             if try attributes(of: path).kind == .directory {
                 throw DAXError(.isADirectory, "cannot replace directory \(path) with a file")
             }
         } catch let error as DAXError where error.code == .notFound {
-            guard try attributes(of: directory.isEmpty ? "/" : directory).kind == .directory else {
+            guard try attributes(of: directory).kind == .directory else {
                 throw DAXError(.notADirectory, "\(directory) is not a directory")
             }
         }
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        for byte in name.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
-        let prefix = ".\(String(hash, radix: 16))."
-        let mine = "\(prefix)\(getpid())."
-        for stale in try contentsOfDirectory(directory.isEmpty ? "/" : directory)
-        where stale.hasPrefix(prefix) && stale.hasSuffix(".partial") && !stale.hasPrefix(mine) {
-            try? remove(directory + stale)
-        }
-        // Unique within this process too: concurrent calls for one path never share a file.
-        let temporary = directory + mine + "\(partialFiles.add(1, ordering: .relaxed).oldValue).partial"
-        let file: DAXFile
+        let file = try createUnnamed(in: directory)
+        defer { file.close() }
         do {
-            file = try create(temporary)
-            do {
-                try build(file)
-            } catch {
-                file.close()
-                try? remove(temporary)
-                throw error
-            }
+            try build(file)
         } catch var error as DAXError {
-            // Told about the file the user named, not the temporary one it was built in.
-            error.message = error.message.replacing(temporary, with: path)
+            // Told about the file the user named, not the unnamed one it was built in.
+            error.message = error.message.replacing(file.path, with: path)
             throw error
         }
-        file.close()
-        do {
-            try rename(temporary, to: path)
-        } catch {
-            try? remove(temporary)
-            throw error
-        }
+        try link(file, at: path, replacing: true)
     }
 }
 
-private let partialFiles = Atomic<Int>(0)
+

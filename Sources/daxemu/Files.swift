@@ -76,8 +76,9 @@ struct Put: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Copy a local file into the file system (replacing DEST if it is a file).",
         discussion: """
-            The copy is written under a temporary name beside DEST and renamed over it when whole, \
-            so a put that fails leaves DEST as it was; replacing a file needs room for both.
+            The copy is written into an unnamed file (on the orphan list, like O_TMPFILE) and linked \
+            over DEST when whole, so a put that fails or is killed leaves DEST as it was and the \
+            next mount frees what it had copied; replacing a file needs room for both.
             """)
 
     @OptionGroup var device: DeviceOptions

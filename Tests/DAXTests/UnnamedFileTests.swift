@@ -51,6 +51,49 @@ struct UnnamedFileTests {
         #expect(try t.fs.check().isClean)
     }
 
+    @Test("link replacing: a closed file's blocks are freed; an open one lives on as an orphan until closed")
+    func linkReplacing() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "tmpreplace")
+        try t.fs.createDirectory("/d")
+        let old = try t.fs.create("/d/store")
+        try old.write(pattern(4 * 4096, seed: 1), at: 0)
+        old.close()
+        let baseline = t.fs.statistics().freeBlocks
+        let new = try t.fs.createUnnamed(in: "/d")
+        try new.write(pattern(2 * 4096, seed: 2), at: 0)
+        expectDAXError(.alreadyExists) { try t.fs.link(new, at: "/d/store") }
+        expectDAXError(.isADirectory) { try t.fs.link(new, at: "/d", replacing: true) }
+        try t.fs.link(new, at: "/d/store", replacing: true)
+        new.close()
+        #expect(t.fs.statistics().freeBlocks == baseline - 2 + 4)
+        let check = try t.fs.open("/d/store")
+        #expect(try check.read(count: 1 << 20, at: 0) == pattern(2 * 4096, seed: 2))
+        check.close()
+        #expect(try t.fs.check().isClean)
+
+        // Replacing a file that is still open: its reader keeps its bytes until it closes.
+        let reader = try t.fs.open("/d/store", access: .readOnly)
+        let newer = try t.fs.createUnnamed(in: "/")
+        try newer.write(pattern(3 * 4096, seed: 3), at: 0)
+        let another = try t.fs.createUnnamed(in: "/")  // the orphan list holds more than one
+        try t.fs.link(newer, at: "/d/store", replacing: true)
+        #expect(try reader.read(count: 1 << 20, at: 0) == pattern(2 * 4096, seed: 2))
+        let current = try t.fs.open("/d/store")
+        #expect(try current.read(count: 1 << 20, at: 0) == pattern(3 * 4096, seed: 3))
+        current.close()
+        #expect(try t.fs.check().isClean)
+        let held = t.fs.statistics().freeBlocks
+        reader.close()
+        #expect(t.fs.statistics().freeBlocks == held + 2)
+        another.close()
+        #expect(try t.fs.check().isClean)
+        try t.fs.unmount()
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.contentsOfDirectory("/d") == ["store"])
+        #expect(try fs.check().isClean)
+    }
+
     @Test("a process killed while building an unnamed file leaves nothing after the next mount")
     func killedWhileBuildingLeavesNothing() throws {
         let t = try TemporaryFileSystem(size: 8 << 20, name: "tmpkill")

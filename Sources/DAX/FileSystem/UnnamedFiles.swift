@@ -47,13 +47,16 @@ extension DAXFileSystem {
         return DAXFile(fileSystem: self, inode: inode, path: "\(prefix)(unnamed \(inode.number))", access: .readWrite)
     }
 
-    /// Gives the unnamed file `file` (from ``createUnnamed(in:)``, still open) the name `path`,
-    /// which must not exist: the kernel's `linkat` of an `O_TMPFILE` file. One transaction takes
-    /// it off the orphan list and adds the directory entry, so after a crash the file is either
-    /// complete under its name or gone. Throws `.alreadyExists`, `.notFound` for a missing parent,
+    /// Gives the unnamed file `file` (from ``createUnnamed(in:)``, still open) the name `path`:
+    /// the kernel's `linkat` of an `O_TMPFILE` file. One transaction takes it off the orphan list
+    /// and writes the directory entry, so after a crash the file is either complete under its
+    /// name or gone. With `replacing`, a file already at `path` is replaced in the same
+    /// transaction (as ``rename(_:to:)`` replaces one): it becomes an orphan if it is open or
+    /// mapped, else its blocks are freed. Throws `.alreadyExists` (without `replacing`),
+    /// `.isADirectory` for a directory at `path`, `.notFound` for a missing parent,
     /// `.invalidArgument` for a file that has a name already, was closed, or belongs to another
     /// file system.
-    public func link(_ file: DAXFile, at path: String) throws {
+    public func link(_ file: DAXFile, at path: String, replacing: Bool = false) throws {
         try namespaceOperation(exclusive: true, "link", path) {
             guard file.fileSystem === self else {
                 throw DAXError(.invalidArgument, "\(Paths.debug(file.path)) belongs to another file system")
@@ -62,11 +65,17 @@ extension DAXFileSystem {
             let inode = file.inode
             let (parentPath, name) = try Paths.split(path, what: "link")
             let parent = try resolveDirectory(parentPath, path: path)
-            guard parent.directory?.entries[name] == nil else {
-                throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists")
+            let existing = parent.directory?.entries[name]
+            if let existing {
+                guard replacing else { throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists") }
+                guard existing.kind == .file else {
+                    throw DAXError(.isADirectory, "cannot replace directory \(Paths.debug(path)) with a file")
+                }
             }
-            // With the namespace lock held exclusively, nothing else changes the orphan list:
-            // take the predecessor's lock (list order, as a reclaim does), then the inode's.
+            let replaced = try existing.map { try self.inode($0.inode) }
+            // With the namespace lock held exclusively, nothing else changes the orphan list.
+            // Locks in the order a reclaim takes them: the predecessor on the list, then the
+            // inode; then the replaced file (a named file, never on the list) and its users.
             let previous: Inode? = try orphans.withTrackedLock { orphans in
                 guard let index = orphans.firstIndex(of: inode.number), inode.record.linkCount == 0 else {
                     throw DAXError(
@@ -76,50 +85,113 @@ extension DAXFileSystem {
             }
             previous?.lock.lockForWriting()
             defer { previous?.lock.unlock() }
+            replaced?.lock.lockForWriting()
+            defer { replaced?.lock.unlock() }
             try inode.lock.withWriteLock {
                 try inode.checkLive(file.path)
-                try orphans.withTrackedLock { orphans in
-                    guard let index = orphans.firstIndex(of: inode.number) else {
-                        preconditionFailure("unnamed inode \(inode.number) left the orphan list under the namespace lock")
-                    }
-                    var change = PendingChange()
-                    var committed = false
-                    defer { if !committed { abandon(change) } }
-                    let (slot, parentExtents) = try planSlot(in: parent, change: &change)
-                    change.transaction.write(
-                        DirectoryFormat.encodeSlot(inode: inode.number, name: name, kind: .file),
-                        at: slotOffset(parent, slot, extents: parentExtents))
-                    let next = index + 1 < orphans.count ? orphans[index + 1] : 0
-                    var previousRecord: InodeRecord?
-                    if let previous {
-                        var record = previous.record
-                        record.nextOrphan = next
-                        previousRecord = record
-                        var stored = record
-                        previous.extents.store(into: &stored)
-                        change.transaction.write(stored.encode(), at: superblock.inodeOffset(previous.number))
-                    } else {
-                        var sb = superblock
-                        sb.orphanHead = next
-                        change.transaction.write(sb.encode(), at: 0)
-                    }
-                    var record = inode.record
-                    record.linkCount = 1
-                    record.nextOrphan = 0
-                    record.changeTime = Clock.realtimeNanoseconds
-                    var stored = record
-                    inode.extents.store(into: &stored)
-                    change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
-                    try commit(change, what: "link \(Paths.debug(path))")
-                    committed = true
-                    installSlot(in: parent, extents: parentExtents)
-                    parent.directory?.take(slot)
-                    parent.directory?.entries[name] = DirectoryIndex.Entry(inode: inode.number, kind: .file, slot: slot)
-                    if let previous, let previousRecord { previous.record = previousRecord }
-                    inode.record = record
-                    orphans.remove(at: index)
-                }
+                try linkLocked(
+                    inode, name: name, in: parent, previous: previous, replacing: existing.map { ($0, replaced!) },
+                    path: path)
             }
         }
+    }
+
+    /// ``link(_:at:replacing:)`` with every lock but the users' and the orphans' held.
+    private func linkLocked(
+        _ inode: Inode, name: [UInt8], in parent: Inode, previous: Inode?,
+        replacing: (entry: DirectoryIndex.Entry, inode: Inode)?, path: String
+    ) throws {
+        // The replaced file's users cannot change while this decides whether it becomes an orphan.
+        try withUsers(of: replacing?.inode) { users in
+            try orphans.withTrackedLock { orphans in
+                guard let index = orphans.firstIndex(of: inode.number) else {
+                    preconditionFailure("unnamed inode \(inode.number) left the orphan list under the namespace lock")
+                }
+                var change = PendingChange()
+                var committed = false
+                defer { if !committed { abandon(change) } }
+                var list = orphans
+                list.remove(at: index)
+                var previousRecord: InodeRecord?
+                if let previous {
+                    var record = previous.record
+                    record.nextOrphan = index < list.count ? list[index] : 0
+                    previousRecord = record
+                    var stored = record
+                    previous.extents.store(into: &stored)
+                    change.transaction.write(stored.encode(), at: superblock.inodeOffset(previous.number))
+                }
+                let slot: DirectoryIndex.SlotAddress
+                var parentExtents: ExtentMap?
+                var replacedRecord: InodeRecord?
+                if let replacing, let users {
+                    slot = replacing.entry.slot
+                    if users.handles > 0 || users.mappings > 0 {
+                        // Still open or mapped: an orphan at the head of the list, like a removed file.
+                        var record = replacing.inode.record
+                        record.linkCount = 0
+                        record.nextOrphan = list.first ?? 0
+                        record.changeTime = Clock.realtimeNanoseconds
+                        replacedRecord = record
+                        var stored = record
+                        replacing.inode.extents.store(into: &stored)
+                        change.transaction.write(stored.encode(), at: superblock.inodeOffset(replacing.inode.number))
+                        list.insert(replacing.inode.number, at: 0)
+                    } else {
+                        freeInode(replacing.inode, change: &change)
+                    }
+                } else {
+                    (slot, parentExtents) = try planSlot(in: parent, change: &change)
+                }
+                if list.first != orphans.first {
+                    var sb = superblock
+                    sb.orphanHead = list.first ?? 0
+                    change.transaction.write(sb.encode(), at: 0)
+                }
+                change.transaction.write(
+                    DirectoryFormat.encodeSlot(inode: inode.number, name: name, kind: .file),
+                    at: slotOffset(parent, slot, extents: parentExtents))
+                var record = inode.record
+                record.linkCount = 1
+                record.nextOrphan = 0
+                record.changeTime = Clock.realtimeNanoseconds
+                var stored = record
+                inode.extents.store(into: &stored)
+                change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+                try commit(change, what: "link \(Paths.debug(path))")
+                committed = true
+
+                if let replacing {
+                    if let replacedRecord {
+                        replacing.inode.record = replacedRecord
+                    } else {
+                        replacing.inode.record.linkCount = 0
+                        replacing.inode.isFreed = true
+                        users?.reclaimed = true
+                        table.withTrackedLock { $0.release(replacing.inode.number) }
+                    }
+                } else {
+                    installSlot(in: parent, extents: parentExtents)
+                    parent.directory?.take(slot)
+                }
+                parent.directory?.entries[name] = DirectoryIndex.Entry(inode: inode.number, kind: .file, slot: slot)
+                if let previous, let previousRecord { previous.record = previousRecord }
+                inode.record = record
+                orphans = list
+            }
+        }
+    }
+}
+
+/// Runs `body` holding the users lock of `inode`, or with nil when there is no inode.
+private func withUsers<T>(of inode: Inode?, _ body: (inout Inode.Users?) throws -> T) throws -> T {
+    guard let inode else {
+        var none: Inode.Users? = nil
+        return try body(&none)
+    }
+    return try inode.users.withTrackedLock { users in
+        var held: Inode.Users? = users
+        defer { users = held! }
+        return try body(&held)
     }
 }
