@@ -10,6 +10,10 @@ extension DAXMapping {
     public func pin(
         offset: Int, count: Int, access: Access = .readWrite, lifetime: PinLifetime = .shortTerm
     ) throws -> PinnedPages {
+        guard count != 0 else {
+            throw DAXError(
+                .invalidArgument, "cannot pin 0 bytes at offset \(offset) of \(Paths.debug(path)): a pin holds at least one byte")
+        }
         guard offset >= 0, count > 0, offset <= self.count, count <= self.count - offset else {
             throw DAXError(
                 .invalidArgument,
