@@ -13,7 +13,7 @@ public struct CheckReport: Sendable, Equatable, CustomStringConvertible {
     }
 
     public var description: String {
-        isClean ? "clean" : "\(problems.count) problems:\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
+        isClean ? "clean" : "\(problems.count) problem\(problems.count == 1 ? "" : "s"):\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
     }
 }
 
