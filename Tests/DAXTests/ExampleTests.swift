@@ -30,7 +30,7 @@ struct ExampleTests {
         #expect(try kv(["delete", "color"]).status == 0)
         #expect(try kv(["get", "color"]).status == 1)
         let check = try kv(["check"])
-        #expect(check.status == 0 && check.output == "ok: 1 keys\n")
+        #expect(check.status == 0 && check.output == "ok: 1 key\n")
         expectCleanFailure(
             try runCommand("kvstore", ["--device", e.path + "-missing", "get", "x"]), "kvstore",
             mentioning: "daxemu create")

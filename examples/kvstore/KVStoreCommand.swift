@@ -71,7 +71,6 @@ struct Put: ParsableCommand {
     @Argument var value: String
 
     func run() throws {
-        try CommandError.requireUTF8([key, value], for: "keys and values")
         try options.withStore(creating: true) { try $0.put(Array(key.utf8), Array(value.utf8)) }
     }
 }
@@ -83,7 +82,6 @@ struct Get: ParsableCommand {
     @Argument var key: String
 
     func run() throws {
-        try CommandError.requireUTF8([key], for: "keys")
         guard let value = try options.withStore({ try $0.get(Array(key.utf8)) }) else { throw ExitCode(1) }
         print(String(decoding: value, as: UTF8.self))
     }
@@ -96,7 +94,6 @@ struct Delete: ParsableCommand {
     @Argument var key: String
 
     func run() throws {
-        try CommandError.requireUTF8([key], for: "keys")
         try options.withStore { try $0.delete(Array(key.utf8)) }
     }
 }
@@ -109,7 +106,7 @@ struct Check: ParsableCommand {
     func run() throws {
         let (keys, problems) = try options.withStore { $0.verify() }
         if problems.isEmpty {
-            print("ok: \(keys) keys")
+            print("ok: \(counted(keys, "key"))")
         } else {
             for problem in problems { print(problem) }
             throw ExitCode(1)
