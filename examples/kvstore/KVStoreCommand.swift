@@ -25,8 +25,8 @@ struct StoreOptions: ParsableArguments {
         }
     }
 
-    /// Opens device, file system and store around `body`; only commands that write create a store.
-    func withStore<T>(creating create: Bool = false, _ body: (KVStore) throws -> T) throws -> T {
+    /// Opens device and file system around `body`.
+    func withFileSystem<T>(_ body: (DAXFileSystem) throws -> T) throws -> T {
         var options = PMemDevice.Options()
         switch persistence {
         case "automatic": options.persistence = .automatic
@@ -45,9 +45,16 @@ struct StoreOptions: ParsableArguments {
         defer { device.close() }
         let fs = try DAXFileSystem.mount(device)
         defer { try? fs.unmount() }
-        let store = try KVStore(fileSystem: fs, path: file, buckets: buckets, create: create)
-        defer { store.close() }
-        return try body(store)
+        return try body(fs)
+    }
+
+    /// Opens device, file system and store around `body`; only commands that write create a store.
+    func withStore<T>(creating create: Bool = false, _ body: (KVStore) throws -> T) throws -> T {
+        try withFileSystem { fs in
+            let store = try KVStore(fileSystem: fs, path: file, buckets: buckets, create: create)
+            defer { store.close() }
+            return try body(store)
+        }
     }
 }
 
@@ -138,7 +145,11 @@ struct Load: ParsableCommand {
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Time COUNT puts and gets of 16-byte keys and 64-byte values; print ops/s as JSON.")
+        abstract: "Time COUNT puts and gets of 16-byte keys and 64-byte values; print ops/s as JSON.",
+        discussion: """
+            The keys go into a scratch store of its own, removed at the end: the store in --file is \
+            never touched.
+            """)
     @ParentCommand var root: KVStoreCommand
     var options: StoreOptions { root.options }
     @Option var count = 1_000_000
@@ -147,8 +158,18 @@ struct Bench: ParsableCommand {
         guard count > 0 else { throw ValidationError("--count must be positive") }
     }
 
+    struct Result: Encodable {
+        var putsPerSecond: Double
+        var getsPerSecond: Double
+    }
+
     func run() throws {
-        let result = try options.withStore(creating: true) { store -> [String: Double] in
+        var scratch = options
+        scratch.file = "/.kvstore-bench-\(getpid())"
+        let result = try scratch.withFileSystem { fs in
+            defer { try? fs.remove(scratch.file) }
+            let store = try KVStore(fileSystem: fs, path: scratch.file, buckets: options.buckets, create: true)
+            defer { store.close() }
             func key(_ i: Int) -> [UInt8] { Array(String(format: "k%015d", i).utf8) }
             let value = [UInt8](repeating: 0x76, count: 64)
             let keys = (0..<count).map(key)
@@ -160,9 +181,10 @@ struct Bench: ParsableCommand {
             for key in keys where try store.get(key) != nil { found += 1 }
             let gets = Double(count) / (Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
             guard found == count else { throw CommandError("only \(found) of \(count) keys read back") }
-            return ["puts_per_second": puts, "gets_per_second": gets]
+            return Result(putsPerSecond: puts, getsPerSecond: gets)
         }
-        let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
-        print(String(decoding: data, as: UTF8.self))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        print(String(decoding: try encoder.encode(result), as: UTF8.self))
     }
 }
