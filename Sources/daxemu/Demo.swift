@@ -20,12 +20,18 @@ struct Demo: ParsableCommand {
     @Flag(help: "Do not pause between acts.")
     var fast = false
 
+    func validate() throws {
+        try size.validate(
+            "--size", multipleOf: PMemDevice.pageSize, in: PMemDevice.minimumSize...PMemDevice.maximumSize)
+    }
+
     func run() throws {
         let opened: PMemDevice
         if FileManager.default.fileExists(atPath: device.path) {
             opened = try device.open()
             act("The device", "Opened \(opened.path).")
         } else {
+            try Create.checkPlace(for: device.path, size: size.bytes, sparse: false)
             opened = try PMemDevice.create(path: device.path, size: size.bytes, options: device.options)
             act("The device", "Created \(opened.path) (\(size)); `rm \(opened.path)` removes it.")
         }

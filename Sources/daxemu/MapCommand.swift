@@ -25,13 +25,10 @@ struct MapCommand: ParsableCommand {
     }
 
     func run() throws {
+        if let svg { try Self.checkWritable(svg) }
         let picture = try device.withFileSystem { fs in PagePicture(fileSystem: fs, device: fs.device) }
         print(picture.terminal(columns: columns))
         if let svg {
-            var isDirectory: ObjCBool = false
-            if FileManager.default.fileExists(atPath: svg, isDirectory: &isDirectory), isDirectory.boolValue {
-                throw CommandError("cannot write \(svg): it is a directory; give a file name for the picture")
-            }
             do {
                 try picture.svgDocument().write(toFile: svg, atomically: true, encoding: .utf8)
             } catch {
@@ -41,6 +38,23 @@ struct MapCommand: ParsableCommand {
                 throw CommandError("cannot write \(svg): \(reason)")
             }
             print("wrote \(svg)")
+        }
+    }
+
+    /// Refuses, before anything is drawn, a picture file that cannot be written: a directory, or
+    /// one whose directory is missing or not writable.
+    static func checkWritable(_ path: String) throws {
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue {
+            throw CommandError("cannot write \(path): it is a directory; give a file name for the picture")
+        }
+        let directory = (path as NSString).deletingLastPathComponent
+        let shown = directory.isEmpty ? "." : directory
+        guard FileManager.default.fileExists(atPath: shown, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw CommandError("cannot write \(path): \(shown): no such directory")
+        }
+        guard access(shown, W_OK) == 0 else {
+            throw CommandError("cannot write \(path): \(shown): \(String(cString: strerror(errno)))")
         }
     }
 }
