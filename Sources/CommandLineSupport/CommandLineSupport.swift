@@ -118,8 +118,11 @@ extension ParsableCommand {
             report("\(name): \(message) (see '\(path.joined(separator: " ")) --help' for more information)")
             Glibc.exit(ExitCode.validationFailure.rawValue)
         }
+        // The subcommand, once parsed: a bad argument found while it runs names its help.
+        var subcommand: ParsableCommand.Type?
         do {
             var command = try parseAsRoot(arguments)
+            if type(of: command) != Self.self { subcommand = type(of: command) }
             try command.run()
             Glibc.exit(0)
         } catch let code as ExitCode {
@@ -138,7 +141,9 @@ extension ParsableCommand {
             guard code != .success else { self.exit(withError: error) }
             let message = message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
             var line = "\(name): \(message)"
-            if code == .validationFailure,
+            if code == .validationFailure, error is ValidationError, let subcommand {
+                line += " (see '\(name) \(subcommand._commandName) --help' for more information)"
+            } else if code == .validationFailure,
                 let hint = fullMessage(for: error).split(separator: "\n").last(where: { $0.contains("--help") })
             {
                 let trimmed = hint.trimmingCharacters(in: " .")

@@ -195,4 +195,51 @@ struct CommandLineHabitTests {
         #expect(fsck.output.contains("  - 1 block is marked allocated but owned by no file"), "\(fsck.output)")
         #expect(CheckReport(isClean: false, problems: ["x"]).description == "1 problem:\n  - x")
     }
+
+    @Test("map: a frame range, a file, a legend of the states present, a readable SVG of a 1 GiB device")
+    func map() throws {
+        let device = DevicePath()
+        #expect(try runCommand("daxemu", ["create", "-d", device.path, "--size", "1G", "--sparse"]).status == 0)
+        #expect(try runCommand("daxemu", ["format", "-d", device.path]).status == 0)
+        let local = NSTemporaryDirectory() + "daxemu-map-\(getpid())"
+        let svg = local + ".svg"
+        defer {
+            unlink(local)
+            unlink(svg)
+        }
+        try Data(pattern(5 * 4096, seed: 2)).write(to: URL(fileURLWithPath: local))
+        let daxemu = { (arguments: [String]) in try runCommand("daxemu", arguments + ["-d", device.path]) }
+        #expect(try daxemu(["put", local, "/f1"]).status == 0)
+        #expect(try daxemu(["mkdir", "/dir"]).status == 0)
+        #expect(try daxemu(["put", "/etc/hostname", "/dir/f2"]).status == 0)
+
+        let whole = try daxemu(["map", "--svg", svg])
+        #expect(whole.status == 0 && whole.output.contains("J journal") && whole.output.contains("# file data"))
+        for absent in ["quarantined", "pinned", "mapped", "F "] { #expect(!whole.output.contains(absent), "\(absent)") }
+        let picture = try String(contentsOfFile: svg, encoding: .utf8)
+        for label in [">superblock: frame 0, ", ">journal: frames 1-", ">inode table: frames ", ">/f1: frames ", ">/dir/f2: frame "] {
+            #expect(picture.contains(label), "the SVG lacks \(label)")
+        }
+        #expect(!picture.contains("quarantined") && !picture.contains("pinned"), "a legend of the states present")
+        // Squares of 12 pixels, at most 4096 of them, however large the device.
+        let squares = picture.split(separator: "\n").filter { $0.hasPrefix("<rect x=") && $0.contains("height=\"12\" fill") }
+        #expect(squares.count > 10 && squares.count <= 4096)
+        #expect(picture.contains("one square = 64 pages (256 KiB)"))
+
+        // A file: the frames from its first to its last, all its own.
+        let runs = try #require(try JSONSerialization.jsonObject(with: try daxemu(["frames", "/f1", "--json"]).outputData) as? [[String: Any]])
+        let first = try #require(runs.first?["frame"] as? Int)
+        let file = try daxemu(["map", "/f1"])
+        #expect(file.status == 0 && file.output.hasPrefix("\(device.path), frames \(first)-\(first + 4);"), "\(file.output)")
+        #expect(file.output.contains("\n  FFFFF\n") && file.output.contains("F /f1 (5)"), "\(file.output)")
+        // A frame range.
+        let range = try daxemu(["map", "--frames", "0-9"])
+        #expect(range.output.contains("\n  SJJJJJJJJJ\n  S superblock (1)  J journal (9)"), "\(range.output)")
+        for bad in ["9-3", "0-262144", "x"] {
+            let result = try daxemu(["map", "--frames", bad])
+            expectCleanFailure(result, mentioning: "--frames")
+            #expect(result.status == 64 && result.output.isEmpty)
+        }
+        expectCleanFailure(try daxemu(["map", "/dir"]), mentioning: "directory")
+    }
 }
