@@ -6,7 +6,7 @@ import Synchronization
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract:
-            "The seed story, narrated and live: a mapped file, an RDMA NIC pinning it, truncate under each policy.",
+            "The story of truncate versus a pinned page, narrated and live: a mapped file, an RDMA NIC pinning it, truncate under each policy.",
         discussion: """
             Works in /demo on the device (created and formatted if missing; other files are left alone) \
             and removes what it made at the end.

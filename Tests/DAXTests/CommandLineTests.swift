@@ -307,7 +307,7 @@ struct CommandLineTests {
         #expect(picture.hasPrefix("<svg") && picture.contains("inode table") && picture.hasSuffix("</svg>\n"))
     }
 
-    @Test("demo: the seed story runs end to end and leaves the device clean")
+    @Test("demo: the pinning story runs end to end and leaves the device clean")
     func demo() throws {
         let device = DevicePath()
         let result = try runCommand("daxemu", ["demo", "--fast", "-d", device.path])

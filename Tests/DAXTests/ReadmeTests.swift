@@ -42,4 +42,23 @@ struct ReadmeTests {
         let truncates = readme.split(separator: "\n").filter { $0.contains(".truncate(to:") }
         #expect(truncates.count == 2 && truncates.allSatisfy { $0.contains("ifBusy:") })
     }
+
+    @Test("the docs name no design notes or seed files: they stand on their own")
+    func docsStandAlone() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..").standardized
+        var documents = ["README.md", "Sources/DAX/DAX.docc/DAX.md"]
+        for folder in ["docs", "examples"] {
+            let enumerator = FileManager.default.enumerator(atPath: root.appendingPathComponent(folder).path)
+            while let path = enumerator?.nextObject() as? String {
+                if path.hasSuffix(".md") { documents.append(folder + "/" + path) }
+            }
+        }
+        #expect(documents.count > 8)
+        for document in documents {
+            let text = try String(contentsOf: root.appendingPathComponent(document), encoding: .utf8)
+            for name in ["DESIGN.md", "API.md", "DESIGN section", "seed 0", "seed `"] {
+                #expect(!text.contains(name), "\(document) mentions \(name)")
+            }
+        }
+    }
 }
