@@ -55,6 +55,8 @@ struct CommandLineHabitTests {
             ("daxemu", ["ls", "-d", e.path, "f"], "start with /"),
             ("daxemu", ["map", "-d", e.path, "--columns", "-3"], "--columns -3 is negative"),
             ("kvstore", ["--device", e.path, "--buckets", "-1", "put", "a", "b"], "--buckets -1 is negative"),
+            ("kvstore", ["--device", e.path, "--persistence", "fast", "get", "a"], "--persistence is automatic"),
+            ("kvstore", ["--device", e.path, "put", "", "b"], "keys are 1 to 65536 bytes; this one has 0"),
         ]
         for (program, arguments, text) in cases {
             let result = try runCommand(program, arguments)

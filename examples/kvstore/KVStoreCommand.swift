@@ -23,6 +23,19 @@ struct StoreOptions: ParsableArguments {
         guard (1...KVStore.maximumBuckets).contains(buckets) else {
             throw ValidationError("--buckets is 1 to \(KVStore.maximumBuckets), not \(buckets)")
         }
+        guard ["automatic", "cache-flush", "msync"].contains(persistence) else {
+            throw ValidationError("--persistence is automatic, cache-flush or msync, not \(persistence)")
+        }
+    }
+
+    /// Throws a bad-argument error for a key or value the store cannot hold.
+    static func validate(key: String, value: String = "") throws {
+        guard (1...KVStore.maximumKey).contains(key.utf8.count) else {
+            throw ValidationError("keys are 1 to \(KVStore.maximumKey) bytes; this one has \(key.utf8.count)")
+        }
+        guard value.utf8.count <= KVStore.maximumValue else {
+            throw ValidationError("values are at most \(KVStore.maximumValue) bytes; this one has \(value.utf8.count)")
+        }
     }
 
     /// Opens device and file system around `body`.
@@ -77,6 +90,8 @@ struct Put: ParsableCommand {
     @Argument var key: String
     @Argument var value: String
 
+    func validate() throws { try StoreOptions.validate(key: key, value: value) }
+
     func run() throws {
         try options.withStore(creating: true) { try $0.put(Array(key.utf8), Array(value.utf8)) }
     }
@@ -87,6 +102,8 @@ struct Get: ParsableCommand {
     @ParentCommand var root: KVStoreCommand
     var options: StoreOptions { root.options }
     @Argument var key: String
+
+    func validate() throws { try StoreOptions.validate(key: key) }
 
     func run() throws {
         guard let value = try options.withStore({ try $0.get(Array(key.utf8)) }) else { throw ExitCode(1) }
@@ -99,6 +116,8 @@ struct Delete: ParsableCommand {
     @ParentCommand var root: KVStoreCommand
     var options: StoreOptions { root.options }
     @Argument var key: String
+
+    func validate() throws { try StoreOptions.validate(key: key) }
 
     func run() throws {
         try options.withStore { try $0.delete(Array(key.utf8)) }
