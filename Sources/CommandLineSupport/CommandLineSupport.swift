@@ -37,31 +37,30 @@ public func escapedForDisplay(_ text: String, backslashes: Bool = true) -> Strin
 /// `bytes` as text for display: UTF-8 escaped as ``escapedForDisplay(_:)`` does, and each byte
 /// that is not part of valid UTF-8 as `\xNN`.
 public func escapedForDisplay(_ bytes: some Collection<UInt8>) -> String {
+    let bytes = Array(bytes)
     var result = ""
-    var rest = Array(bytes)[...]
-    while !rest.isEmpty {
-        // The longest valid prefix, then one bad byte.
-        var end = rest.endIndex
-        while end > rest.startIndex, String(validating: rest[..<end], as: UTF8.self) == nil { end -= 1 }
-        if end > rest.startIndex {
-            result += escapedForDisplay(String(decoding: rest[..<end], as: UTF8.self))
-            rest = rest[end...]
-        } else {
-            result += "\\x" + String(rest.first!, radix: 16, uppercase: true).leftPadded(to: 2)
-            rest = rest.dropFirst()
+    var parser = Unicode.UTF8.ForwardParser()
+    var iterator = bytes.makeIterator()
+    var position = 0
+    while true {
+        switch parser.parseScalar(from: &iterator) {
+        case .valid(let encoded):
+            result += escapedForDisplay(String(Unicode.UTF8.decode(encoded)))
+            position += encoded.count
+        case .error(let length):
+            for byte in bytes[position..<(position + length)] {
+                let hex = String(byte, radix: 16, uppercase: true)
+                result += "\\x" + (hex.count == 1 ? "0" + hex : hex)
+            }
+            position += length
+        case .emptyInput:
+            return result
         }
-    }
-    return result
-}
-
-extension String {
-    fileprivate func leftPadded(to width: Int) -> String {
-        count >= width ? self : String(repeating: "0", count: width - count) + self
     }
 }
 
 /// What is wrong with the raw command line before it is parsed, if anything.
-private enum ArgumentProblem: Error {
+private enum ArgumentProblem {
     /// Argument `index` (from 1) is not valid UTF-8; Swift would turn its bad bytes into U+FFFD, so
     /// two different names would arrive as one.
     case notUTF8(index: Int, shown: String)

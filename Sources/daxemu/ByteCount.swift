@@ -31,7 +31,8 @@ struct ByteCount: ExpressibleByArgument, CustomStringConvertible {
         }
         guard range.contains(bytes) else {
             throw ValidationError(
-                "\(what) \(Self.format(bytes)) is outside \(Self.format(range.lowerBound)) to \(Self.format(range.upperBound))")
+                "\(what) \(Self.format(bytes)) is outside \(Self.format(range.lowerBound)) to \(Self.format(range.upperBound))"
+            )
         }
     }
 

@@ -30,7 +30,8 @@ struct ListCommand: ParsableCommand {
     /// One line of the listing.
     struct Entry: Encodable {
         var name: String
-        var type: FileAttributes.Kind.RawValue
+        /// `file` or `directory`.
+        var type: String
         var size: Int
         var blocks: Int
         var inode: UInt32
@@ -42,10 +43,12 @@ struct ListCommand: ParsableCommand {
             blocks = attributes.blocks
             inode = attributes.inode
         }
+
+        var isDirectory: Bool { type == FileAttributes.Kind.directory.rawValue }
     }
 
     func run() throws {
-        var entries = try device.withFileSystem { fs -> [Entry] in
+        let entries = try device.withFileSystem { fs -> [Entry] in
             let target = try fs.attributes(of: directory)
             if target.kind == .file { return [Entry(directory, target)] }
             let base = directory.hasSuffix("/") ? directory : directory + "/"
@@ -62,13 +65,13 @@ struct ListCommand: ParsableCommand {
             print(try jsonText(entries))
             return
         }
-        entries = entries.map { var entry = $0; entry.name = escapedForDisplay(entry.name); return entry }
         for entry in entries {
+            let name = escapedForDisplay(entry.name)
             if long {
-                let kind = entry.type == FileAttributes.Kind.directory.rawValue ? "d" : "-"
-                print("\(kind)  \(padded(String(entry.size), to: 12)) \(padded(String(entry.blocks), to: 8)) \(entry.name)")
+                let sizes = padded(String(entry.size), to: 12) + " " + padded(String(entry.blocks), to: 8)
+                print("\(entry.isDirectory ? "d" : "-")  \(sizes) \(name)")
             } else {
-                print(entry.type == FileAttributes.Kind.directory.rawValue ? entry.name + "/" : entry.name)
+                print(entry.isDirectory ? name + "/" : name)
             }
         }
     }

@@ -17,7 +17,8 @@ struct Frames: ParsableCommand {
     @Argument var file: String
 
     @Flag(
-        help: "Print JSON: a list of runs {page, count, frame, deviceOffset}, first page and frame of each (holes are left out)."
+        help:
+            "Print JSON: a list of runs {page, count, frame, deviceOffset}, first page and frame of each (holes are left out)."
     )
     var json = false
 

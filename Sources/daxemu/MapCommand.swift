@@ -38,7 +38,9 @@ struct MapCommand: ParsableCommand {
             var selected: (UInt32, String)?
             if let file {
                 let attributes = try fs.attributes(of: file)
-                guard attributes.kind == .file else { throw CommandError("\(file) is a directory; map draws a file's pages") }
+                guard attributes.kind == .file else {
+                    throw CommandError("\(file) is a directory; map draws a file's pages")
+                }
                 selected = (attributes.inode, file)
                 if range == nil { range = try Self.span(of: file, in: fs) }
             }

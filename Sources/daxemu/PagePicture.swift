@@ -200,7 +200,9 @@ struct PagePicture {
             lines.append("  " + line)
         }
         let counts = counts
-        let legend = PageKind.allCases.filter { counts[$0] != nil }.map { "\($0.symbol) \(name(of: $0)) (\(counts[$0]!))" }
+        let legend = PageKind.allCases.filter { counts[$0] != nil }.map {
+            "\($0.symbol) \(name(of: $0)) (\(counts[$0]!))"
+        }
         lines.append("  " + legend.joined(separator: "  "))
         return lines.joined(separator: "\n")
     }

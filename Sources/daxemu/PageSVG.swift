@@ -83,12 +83,14 @@ extension PagePicture {
             let cell = region.first / pagesPerCell
             let cellX = 16 + (cell % columns) * cellSize + cellSize / 2
             let cellY = top + (cell / columns) * cellSize + cellSize / 2
-            let swatch = region.kind == .fileData ? colorOfFile[region.first] ?? region.kind.svgColor : region.kind.svgColor
+            let swatch =
+                region.kind == .fileData ? colorOfFile[region.first] ?? region.kind.svgColor : region.kind.svgColor
             svg +=
                 "<polyline points=\"\(cellX),\(cellY) \(16 + gridWidth + 8),\(cellY) \(labelX - 6),\(y - 4)\" "
                 + "fill=\"none\" stroke=\"#333\" stroke-width=\"0.8\"/>\n"
             svg += "<circle cx=\"\(cellX)\" cy=\"\(cellY)\" r=\"2.5\" fill=\"#333\"/>\n"
-            svg += "<rect x=\"\(labelX)\" y=\"\(y - 10)\" width=\"12\" height=\"12\" fill=\"\(swatch)\" stroke=\"#999\"/>\n"
+            svg +=
+                "<rect x=\"\(labelX)\" y=\"\(y - 10)\" width=\"12\" height=\"12\" fill=\"\(swatch)\" stroke=\"#999\"/>\n"
             svg += "<text x=\"\(labelX + 18)\" y=\"\(y)\" font-size=\"12\">\(escape(describe(region)))</text>\n"
         }
         // The legend: only the states present.
@@ -101,7 +103,8 @@ extension PagePicture {
         }
         if omitted > 0 {
             let y = legendTop + present.count * 20 + 12
-            svg += "<text x=\"16\" y=\"\(y)\" font-size=\"12\">and \(counted(omitted, "more file")), not labelled</text>\n"
+            svg +=
+                "<text x=\"16\" y=\"\(y)\" font-size=\"12\">and \(counted(omitted, "more file")), not labelled</text>\n"
         }
         return svg + "</svg>\n"
     }
@@ -112,7 +115,8 @@ extension PagePicture {
             region.first == region.last
             ? "frame \(start + region.first)" : "frames \(start + region.first)-\(start + region.last)"
         let runs = region.runs == 1 ? "" : " in \(counted(region.runs, "run"))"
-        return "\(region.name): \(frames), \(counted(region.pages, "page"))\(runs) (\(ByteCount.format(region.pages * 4096)))"
+        return
+            "\(region.name): \(frames), \(counted(region.pages, "page"))\(runs) (\(ByteCount.format(region.pages * 4096)))"
     }
 
     private func escape(_ text: String) -> String {

@@ -33,7 +33,8 @@ struct CommandLineHabitTests {
         #expect(try daxemu(["ls", "/dir"]).output == "f\n")
         #expect(try daxemu(["mv", "/dir/f", "/g"]).status == 0)  // a name that is not there: a rename
         #expect(try daxemu(["ls", "/"]).output == "dir/\ng\n")
-        #expect(try daxemu(["get", "/g", "-"]).outputData == (try Data(contentsOf: URL(fileURLWithPath: "/etc/hostname"))))
+        #expect(
+            try daxemu(["get", "/g", "-"]).outputData == (try Data(contentsOf: URL(fileURLWithPath: "/etc/hostname"))))
     }
 
     @Test("--version; negative numbers and other bad arguments say what is wrong and exit 64")
@@ -103,7 +104,9 @@ struct CommandLineHabitTests {
             expectCleanFailure(result, mentioning: text)
             #expect(!result.errors.contains("failed"), "library words: \(result.errors)")
         }
-        #expect(try runCommand("daxemu", ["create", "-d", directory + "/dev", "--size", "16T"]).errors.contains(" free in "))
+        #expect(
+            try runCommand("daxemu", ["create", "-d", directory + "/dev", "--size", "16T"]).errors.contains(" free in ")
+        )
         #expect(try FileManager.default.contentsOfDirectory(atPath: directory).isEmpty, "nothing was created")
         // map --svg into a missing directory fails before it draws anything.
         let map = try runCommand("daxemu", ["map", "-d", e.path, "--svg", directory + "/no/pages.svg"])
@@ -123,7 +126,9 @@ struct CommandLineHabitTests {
             "\"$PMEMLOG\" --device \(dev) append \"$(printf 'r\\377')\"",
         ] {
             let result = try runShell(script)
-            expectCleanFailure(result, script.contains("DAXEMU") ? "daxemu" : script.contains("KVSTORE") ? "kvstore" : "pmemlog", mentioning: "\\xFF")
+            expectCleanFailure(
+                result, script.contains("DAXEMU") ? "daxemu" : script.contains("KVSTORE") ? "kvstore" : "pmemlog",
+                mentioning: "\\xFF")
             #expect(result.status == 64, "\(script): \(result.status)")
         }
         #expect(try runCommand("daxemu", ["ls", "-a", "-d", e.path]).output == "./\n../\n", "nothing was made")
@@ -134,7 +139,8 @@ struct CommandLineHabitTests {
         let entries = try #require(try JSONSerialization.jsonObject(with: json.outputData) as? [[String: Any]])
         #expect(entries.first?["name"] as? String == "two\nlines\\")
         // An error naming it is still one line.
-        expectCleanFailure(try runCommand("daxemu", ["mkdir", "-d", e.path, "/two\nlines\\"]), mentioning: "two\\nlines")
+        expectCleanFailure(
+            try runCommand("daxemu", ["mkdir", "-d", e.path, "/two\nlines\\"]), mentioning: "two\\nlines")
         // pmemlog keeps the record, and walk shows it on one line.
         #expect(try runCommand("pmemlog", ["--device", e.path, "append", "one\ntwo", "tab\there"]).status == 0)
         #expect(try runCommand("pmemlog", ["--device", e.path, "walk"]).output == "one\\ntwo\ntab\\there\n")
@@ -153,7 +159,9 @@ struct CommandLineHabitTests {
             let get = try runOnTerminal("\"$DAXEMU\" " + command)
             #expect(get.status == 0 && get.output.contains("get /big [") && get.output.contains("100%"), "\(get)")
         }
-        #expect(try Data(contentsOf: URL(fileURLWithPath: local + ".back")) == Data(contentsOf: URL(fileURLWithPath: local)))
+        #expect(
+            try Data(contentsOf: URL(fileURLWithPath: local + ".back")) == Data(contentsOf: URL(fileURLWithPath: local))
+        )
         // Bytes to the terminal itself get no progress mixed in.
         try Data("bytes for the terminal".utf8).write(to: URL(fileURLWithPath: local))
         _ = try runCommand("daxemu", ["put", "-d", e.path, local, "/h"])
@@ -165,7 +173,9 @@ struct CommandLineHabitTests {
     @Test("kvstore bench never touches the user's store")
     func benchLeavesStoreAlone() throws {
         let e = try ExampleDevice(size: "64M")
-        let kv = { (arguments: [String]) in try runCommand("kvstore", ["--device", e.path, "--buckets", "1024"] + arguments) }
+        let kv = { (arguments: [String]) in
+            try runCommand("kvstore", ["--device", e.path, "--buckets", "1024"] + arguments)
+        }
         #expect(try kv(["put", "mine", "kept"]).status == 0)
         let bench = try kv(["bench", "--count", "2000"])
         #expect(bench.status == 0, "\(bench.errors)")
@@ -219,20 +229,29 @@ struct CommandLineHabitTests {
         #expect(whole.status == 0 && whole.output.contains("J journal") && whole.output.contains("# file data"))
         for absent in ["quarantined", "pinned", "mapped", "F "] { #expect(!whole.output.contains(absent), "\(absent)") }
         let picture = try String(contentsOfFile: svg, encoding: .utf8)
-        for label in [">superblock: frame 0, ", ">journal: frames 1-", ">inode table: frames ", ">/f1: frames ", ">/dir/f2: frame "] {
+        for label in [
+            ">superblock: frame 0, ", ">journal: frames 1-", ">inode table: frames ", ">/f1: frames ",
+            ">/dir/f2: frame ",
+        ] {
             #expect(picture.contains(label), "the SVG lacks \(label)")
         }
         #expect(!picture.contains("quarantined") && !picture.contains("pinned"), "a legend of the states present")
         // Squares of 12 pixels, at most 4096 of them, however large the device.
-        let squares = picture.split(separator: "\n").filter { $0.hasPrefix("<rect x=") && $0.contains("height=\"12\" fill") }
+        let squares = picture.split(separator: "\n").filter {
+            $0.hasPrefix("<rect x=") && $0.contains("height=\"12\" fill")
+        }
         #expect(squares.count > 10 && squares.count <= 4096)
         #expect(picture.contains("one square = 64 pages (256 KiB)"))
 
         // A file: the frames from its first to its last, all its own.
-        let runs = try #require(try JSONSerialization.jsonObject(with: try daxemu(["frames", "/f1", "--json"]).outputData) as? [[String: Any]])
+        let runs = try #require(
+            try JSONSerialization.jsonObject(with: try daxemu(["frames", "/f1", "--json"]).outputData)
+                as? [[String: Any]])
         let first = try #require(runs.first?["frame"] as? Int)
         let file = try daxemu(["map", "/f1"])
-        #expect(file.status == 0 && file.output.hasPrefix("\(device.path), frames \(first)-\(first + 4);"), "\(file.output)")
+        #expect(
+            file.status == 0 && file.output.hasPrefix("\(device.path), frames \(first)-\(first + 4);"), "\(file.output)"
+        )
         #expect(file.output.contains("\n  FFFFF\n") && file.output.contains("F /f1 (5)"), "\(file.output)")
         // A frame range.
         let range = try daxemu(["map", "--frames", "0-9"])

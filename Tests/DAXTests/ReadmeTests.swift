@@ -45,7 +45,8 @@ struct ReadmeTests {
 
     @Test("the docs name no design notes or seed files: they stand on their own")
     func docsStandAlone() throws {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..").standardized
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..")
+            .standardized
         var documents = ["README.md", "Sources/DAX/DAX.docc/DAX.md"]
         for folder in ["docs", "examples"] {
             let enumerator = FileManager.default.enumerator(atPath: root.appendingPathComponent(folder).path)
