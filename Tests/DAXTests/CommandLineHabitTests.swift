@@ -144,6 +144,15 @@ struct CommandLineHabitTests {
         // pmemlog keeps the record, and walk shows it on one line.
         #expect(try runCommand("pmemlog", ["--device", e.path, "append", "one\ntwo", "tab\there"]).status == 0)
         #expect(try runCommand("pmemlog", ["--device", e.path, "walk"]).output == "one\\ntwo\ntab\\there\n")
+        // A record that another program wrote with bytes that are not UTF-8 shows them as \xNN.
+        do {
+            let fs = try DAXFileSystem.mount(try PMemDevice.open(path: e.path))
+            defer { try? fs.unmount() }
+            let log = try fs.open("/pmemlog")
+            defer { log.close() }
+            try log.write([0xFF, 0xE2, 0x82], at: 4096 + 8 + 1)  // inside the first record, "one\ntwo"
+        }
+        #expect(try runCommand("pmemlog", ["--device", e.path, "walk"]).output == "o\\xFF\\xE2\\x82two\ntab\\there\n")
     }
 
     @Test("get shows progress on a terminal as put does, also when the bytes go to a pipe")
