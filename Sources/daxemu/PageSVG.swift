@@ -87,7 +87,7 @@ extension PagePicture {
                 region.kind == .fileData ? colorOfFile[region.first] ?? region.kind.svgColor : region.kind.svgColor
             svg +=
                 "<polyline points=\"\(cellX),\(cellY) \(16 + gridWidth + 8),\(cellY) \(labelX - 6),\(y - 4)\" "
-                + "fill=\"none\" stroke=\"#333\" stroke-width=\"0.8\"/>\n"
+                + "fill=\"none\" stroke=\"#444\" stroke-width=\"0.6\" stroke-opacity=\"0.7\"/>\n"
             svg += "<circle cx=\"\(cellX)\" cy=\"\(cellY)\" r=\"2.5\" fill=\"#333\"/>\n"
             svg +=
                 "<rect x=\"\(labelX)\" y=\"\(y - 10)\" width=\"12\" height=\"12\" fill=\"\(swatch)\" stroke=\"#999\"/>\n"
