@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 import Synchronization
@@ -53,8 +54,9 @@ struct Demo: ParsableCommand {
         act(
             "The end",
             """
-            Every pin was released exactly once: \(totals.pinsAcquired) pages pinned, \(totals.pinsReleased) \
-            released, \(totals.pinnedPages) pinned now, \(totals.quarantinedBlocks) blocks quarantined. \
+            Every pin was released exactly once: \(counted(totals.pinsAcquired, "page")) pinned, \
+            \(totals.pinsReleased) released, \(totals.pinnedPages) pinned now, \
+            \(counted(totals.quarantinedBlocks, "block")) quarantined. \
             check(): \(try fs.check().isClean ? "clean" : "NOT clean").
             """)
     }

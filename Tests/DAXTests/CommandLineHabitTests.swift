@@ -202,6 +202,10 @@ struct CommandLineHabitTests {
         #expect(info.contains("0 files, 1 directory,") && info.contains("0 pages pinned, 0 blocks quarantined"))
         _ = try runCommand("daxemu", ["put", "-d", e.path, "/etc/hostname", "/f"])
         #expect(try runCommand("daxemu", ["info", "-d", e.path]).output.contains("1 file, 1 directory,"))
+        let one = NSTemporaryDirectory() + "one-byte-\(getpid())"
+        defer { unlink(one) }
+        try Data("x".utf8).write(to: URL(fileURLWithPath: one))
+        #expect(try runCommand("simple-copy", ["--device", e.path, one, "/one"]).output == "copied 1 byte to /one\n")
         // Damage that fsck reports as exactly one problem: a link count.
         let fs = try DAXFileSystem.mount(try PMemDevice.open(path: e.path))
         let offset = fs.superblock.inodeOffset(1) + 20

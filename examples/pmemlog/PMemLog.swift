@@ -135,7 +135,9 @@ struct Append: ParsableCommand {
 struct Walk: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Print every record, oldest first, one a line.",
-        discussion: "A newline, tab, other control character or backslash in a record is shown escaped (\\n, \\t, \\u{1B}, \\\\).")
+        discussion:
+            "A newline, tab, other control character or backslash in a record is shown escaped (\\n, \\t, \\u{1B}, \\\\)."
+    )
     @ParentCommand var root: PMemLog
     var options: LogOptions { root.options }
 
