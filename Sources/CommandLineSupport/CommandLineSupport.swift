@@ -108,8 +108,10 @@ extension ParsableCommand {
             switch problem {
             case .notUTF8(let index, let shown):
                 message = "argument \(index) (\(shown)) is not valid UTF-8; names, paths and values are UTF-8 text"
-            case .negative(let number, let option):
-                message = "\(option.map { "\($0) " } ?? "")\(number) is negative; sizes and counts are 0 or more"
+            case .negative(let number, let option?):
+                message = "\(option) \(number) is negative; sizes and counts are 0 or more"
+            case .negative(let number, nil):
+                message = "\(number) is negative, and no size or count is; an argument that starts with - goes after --"
             }
             // The help hint names the subcommand, as the parser's own hints do.
             let names = configuration.subcommands.map { $0._commandName }

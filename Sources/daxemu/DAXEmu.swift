@@ -9,6 +9,7 @@ struct DAXEmu: ParsableCommand {
         discussion: """
             Every command works on --device PATH (default $DAXEMU_DEVICE, else /dev/shm/daxemu).
             Start with `daxemu demo`, or `daxemu create --size 1G && daxemu format`.
+            Exit status: 0 on success, 1 when a command fails, 64 for a bad argument.
             """,
         version: "daxemu \(daxemuVersion)",
         subcommands: [

@@ -49,7 +49,7 @@ struct CommandLineHabitTests {
             ("daxemu", ["create", "--device", fresh, "-s", "-1G"], "-1G is negative"),
             ("daxemu", ["create", "--device", fresh, "--size", "0"], "--size must be positive"),
             ("daxemu", ["create", "--device", fresh, "--size", "1M"], "outside 2 MiB to 16 TiB"),
-            ("daxemu", ["truncate", "-d", e.path, "/f", "-5"], "-5 is negative"),
+            ("daxemu", ["truncate", "-d", e.path, "/f", "-5"], "-5 is negative, and no size or count is"),
             ("daxemu", ["truncate", "/f", "-5", "-d", e.path], "daxemu truncate --help"),
             ("daxemu", ["truncate", "-d", e.path, "/f", "8192T"], "larger than the largest file"),
             ("daxemu", ["format", "-d", e.path, "--force", "--bytes-per-inode", "0"], "--bytes-per-inode"),
@@ -144,6 +144,9 @@ struct CommandLineHabitTests {
         // pmemlog keeps the record, and walk shows it on one line.
         #expect(try runCommand("pmemlog", ["--device", e.path, "append", "one\ntwo", "tab\there"]).status == 0)
         #expect(try runCommand("pmemlog", ["--device", e.path, "walk"]).output == "one\\ntwo\ntab\\there\n")
+        // A value that starts with - goes after --, as the error says.
+        #expect(try runCommand("kvstore", ["--device", e.path, "--buckets", "64", "put", "t", "--", "-5"]).status == 0)
+        #expect(try runCommand("kvstore", ["--device", e.path, "get", "t"]).output == "-5\n")
         // A record that another program wrote with bytes that are not UTF-8 shows them as \xNN.
         do {
             let fs = try DAXFileSystem.mount(try PMemDevice.open(path: e.path))
