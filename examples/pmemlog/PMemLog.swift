@@ -128,18 +128,21 @@ struct Append: ParsableCommand {
     @Argument var records: [String]
 
     func run() throws {
-        try CommandError.requireUTF8(records, for: "records")
         try options.withLog(creating: true) { log in for record in records { try log.append(Array(record.utf8)) } }
     }
 }
 
 struct Walk: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Print every record, oldest first.")
+    static let configuration = CommandConfiguration(
+        abstract: "Print every record, oldest first, one a line.",
+        discussion:
+            "A newline, tab, other control character or backslash in a record is shown escaped (\\n, \\t, \\u{1B}, \\\\)."
+    )
     @ParentCommand var root: PMemLog
     var options: LogOptions { root.options }
 
     func run() throws {
-        try options.withLog { log in log.walk { print(String(decoding: $0, as: UTF8.self)) } }
+        try options.withLog { log in log.walk { print(escapedForDisplay($0)) } }
     }
 }
 

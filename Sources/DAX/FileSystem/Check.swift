@@ -13,7 +13,9 @@ public struct CheckReport: Sendable, Equatable, CustomStringConvertible {
     }
 
     public var description: String {
-        isClean ? "clean" : "\(problems.count) problems:\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
+        guard !isClean else { return "clean" }
+        let count = problems.count == 1 ? "1 problem" : "\(problems.count) problems"
+        return "\(count):\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
     }
 }
 

@@ -332,12 +332,12 @@ struct Scanner {
         }
         if let firstLeaked {
             problem(
-                "\(leaked) blocks are marked allocated but owned by no file (leaked), the first is block "
+                "\(leaked == 1 ? "1 block is" : "\(leaked) blocks are") marked allocated but owned by no file (leaked), the first is block "
                     + "\(superblock.dataStart + UInt64(firstLeaked))")
         }
         if let firstMissing {
             problem(
-                "\(missing) blocks are owned by a file but marked free, the first is block "
+                "\(missing == 1 ? "1 block is" : "\(missing) blocks are") owned by a file but marked free, the first is block "
                     + "\(superblock.dataStart + UInt64(firstMissing)) (inode \(owners[firstMissing]))")
         }
     }
