@@ -47,6 +47,50 @@ extension DAXFileSystem {
         return DAXFile(fileSystem: self, inode: inode, path: "\(prefix)(unnamed \(inode.number))", access: .readWrite)
     }
 
+    /// Creates the file at `path`, or replaces the file there, all at once: `build` fills a new
+    /// unnamed file (``DAXFileSystem/createUnnamed(in:)``, on the orphan list from its first
+    /// moment), which is then linked at `path` in one transaction. A build that throws leaves
+    /// `path` as it was; so does a process killed during it, and the next mount frees what it
+    /// had written.
+    public func createAtomically(_ path: String, build: (DAXFile) throws -> Void) throws {
+        // Refuse what the link would refuse, before any work: a bad path or parent, a directory.
+        let slash = path.utf8.lastIndex(of: UInt8(ascii: "/"))
+        let directory = slash.map { String(path[...$0]) } ?? "/"
+        do {
+            if try attributes(of: path).kind == .directory {
+                throw DAXError(.isADirectory, "cannot replace directory \(path) with a file")
+            }
+        } catch let error as DAXError where error.code == .notFound {
+            guard try attributes(of: directory).kind == .directory else {
+                throw DAXError(.notADirectory, "\(directory) is not a directory")
+            }
+        }
+        let file = try createUnnamed(in: directory)
+        defer { file.close() }
+        do {
+            try build(file)
+        } catch var error as DAXError {
+            // Told about the file the user named, not the unnamed one it was built in.
+            error.message = error.message.replacing(file.path, with: path)
+            throw error
+        }
+        try link(file, at: path, replacing: true)
+    }
+
+    /// Opens the file at `path` for reading and writing, or, when there is none or it is empty,
+    /// makes it with `build` through ``createAtomically(_:build:)`` and opens that: how an app
+    /// opens its store or log, so that a creation that fails or is killed never leaves a file at
+    /// `path` that is not one.
+    public func openOrCreate(_ path: String, build: (DAXFile) throws -> Void) throws -> DAXFile {
+        do {
+            let existing = try open(path)
+            if existing.size > 0 { return existing }
+            existing.close()
+        } catch let error as DAXError where error.code == .notFound {}
+        try createAtomically(path, build: build)
+        return try open(path)
+    }
+
     /// Gives the unnamed file `file` (from ``createUnnamed(in:)``, still open) the name `path`:
     /// the kernel's `linkat` of an `O_TMPFILE` file. One transaction takes it off the orphan list
     /// and writes the directory entry, so after a crash the file is either complete under its
