@@ -35,6 +35,8 @@ static inline int dax_fallocate(int fd, int mode, int64_t offset, int64_t length
 }
 static const int dax_FALLOC_FL_KEEP_SIZE = 0x01;
 static const int dax_FALLOC_FL_PUNCH_HOLE = 0x02;
+static const int dax_SEEK_DATA = 3;
+static const int dax_SEEK_HOLE = 4;
 
 /// ThreadSanitizer's annotations, weak: present only in a `--sanitize=thread` build. The standard
 /// library's `Mutex` waits with futexes that TSan cannot see on Linux, so DAX tells it about each

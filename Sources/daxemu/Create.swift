@@ -3,6 +3,12 @@ import CommandLineSupport
 import DAX
 import Glibc
 
+/// One line on stderr.
+private func warn(_ line: String) {
+    let text = line + "\n"
+    _ = text.withCString { write(2, $0, strlen($0)) }
+}
+
 struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create a device file (refuses an existing one).")
@@ -12,7 +18,11 @@ struct Create: ParsableCommand {
     @Option(name: .shortAndLong, help: "Size: a multiple of 4096 of at least 2M, e.g. 64M, 1G.")
     var size: ByteCount = ByteCount(bytes: 1 << 30)
 
-    @Flag(help: "Create the file sparse: instant, but a full /dev/shm shows up later as SIGBUS.")
+    @Flag(
+        help: """
+            Create the file sparse: instant, and it may be larger than the free space; blocks get \
+            storage as files use them, and a full /dev/shm is then a 'no space' error.
+            """)
     var sparse = false
 
     func validate() throws {
@@ -51,12 +61,17 @@ struct Create: ParsableCommand {
             throw CommandError("cannot create device \(path): \(shown) is not a directory")
         }
         var space = statvfs()
-        if !sparse, statvfs(shown, &space) == 0 {
+        if statvfs(shown, &space) == 0 {
             let free = Int(space.f_bavail) &* Int(space.f_frsize)
-            guard size <= free else {
+            if size > free, sparse {
+                warn(
+                    "warning: \(ByteCount.format(size)) requested, \(ByteCount.format(free)) free in \(shown); "
+                        + "the sparse device fills up before its end")
+            }
+            guard size <= free || sparse else {
                 throw CommandError(
                     "cannot create device \(path): \(ByteCount.format(size)) requested, "
-                        + "\(ByteCount.format(free)) free in \(shown)")
+                        + "\(ByteCount.format(free)) free in \(shown) (--sparse allows a larger one)")
             }
         }
     }

@@ -265,3 +265,51 @@ struct SparseDeviceTests {
         }
     }
 }
+
+@Suite("Scale: memory and storage follow what is used, not the device's size")
+struct ScaleTests {
+    /// Bytes of storage the device file holds.
+    static func storage(_ path: String) -> Int {
+        var info = stat()
+        return stat(path, &info) == 0 ? Int(info.st_blocks) * 512 : -1
+    }
+
+    @Test("a 1 TiB sparse device formats, mounts, checks and unmounts using a few MiB")
+    func terabyteSparseDevice() throws {
+        var options = PMemDevice.Options()
+        options.sparse = true
+        let t = try TemporaryDevice(size: 1 << 40, options: options, name: "tera")
+        #expect(t.device.isSparse)
+        let fs = try DAXFileSystem.format(t.device)
+        #expect(Self.storage(t.path) <= 1 << 20, "format stored \(Self.storage(t.path)) bytes")
+        let file = try fs.create("/data")
+        try file.write(pattern(3 << 20), at: 0)
+        try fs.createDirectory("/dir")
+        #expect(try fs.check().isClean)
+        try fs.unmount()
+        let report = try DAXFileSystem.check(t.device)
+        #expect(report.isClean, "\(report)")
+        let mounted = try DAXFileSystem.mount(t.device)
+        #expect(try mounted.open("/data").read(count: 4 << 20, at: 0) == pattern(3 << 20))
+        let statistics = mounted.statistics()
+        #expect(statistics.totalBlocks - statistics.freeBlocks == 768 + 1, "the file's blocks and the root directory's")
+        try mounted.unmount()
+        #expect(Self.storage(t.path) <= 8 << 20, "the device file stores \(Self.storage(t.path)) bytes")
+        // The descriptor table is 4 GiB of address space; only what was touched is memory.
+        #expect(t.device.pages.reservedTableBytes == (1 << 40) / 4096 * 16)
+        #expect(t.device.pages.residentTableBytes < 64 << 20, "\(t.device.pages.residentTableBytes)")
+    }
+
+    @Test("a bitmap block never written is empty; one damaged byte in it is still found")
+    func zeroBitmapBlocks() throws {
+        let t = try TemporaryFileSystem(size: 64 << 20, name: "zerobitmap")
+        let sb = t.fs.superblock
+        try t.fs.unmount()
+        // Format leaves bitmap blocks as zeros, checksum included: valid, every block free.
+        #expect(try t.device.read(count: 4096, at: Int(sb.bitmapStart) * 4096).allSatisfy { $0 == 0 })
+        #expect(try DAXFileSystem.check(t.device).isClean)
+        try t.device.write([0x01], at: Int(sb.bitmapStart) * 4096 + 100)
+        let report = try DAXFileSystem.check(t.device)
+        #expect(report.problems.contains { $0.contains("bitmap block 0 checksum mismatch") }, "\(report)")
+    }
+}

@@ -58,11 +58,9 @@ public final class DAXFileSystem: Sendable {
         self.access = access
         self.superblock = superblock
         self.journal = journal
-        let bitmap = scan.bitmap
         allocator = BlockAllocator(
-            pages: device.pages, dataStart: superblock.dataStart,
-            dataBlocks: Int(superblock.dataBlocks)
-        ) { Scanner.isAllocated(bitmap, $0) }
+            pages: device.pages, dataStart: superblock.dataStart, dataBlocks: Int(superblock.dataBlocks),
+            allocated: scan.bitmap, allocatedCount: scan.allocatedBlocks)
         var inodes = InodeTable(count: Int(superblock.inodeCount))
         for (number, scanned) in scan.inodes {
             let inode = Inode(
@@ -242,30 +240,33 @@ public final class DAXFileSystem: Sendable {
         _ sb: Superblock, on device: PMemDevice, progress: (@Sendable (Double) -> Void)?
     ) throws {
         let blockSize = Superblock.blockSize
-        // A sparse device gets storage for its metadata first: a full /dev/shm is .noSpace now.
-        try device.back(offset: 0, count: Int(sb.dataStart) * blockSize)
-        device.fill(offset: 0, count: blockSize, flags: .nonTemporal)
-        // Journal header and the inode table must read as zeros; clear them in chunks for progress.
-        let clearStart = Int(sb.journalStart) * blockSize
-        let clearEnd = Int(sb.dataStart) * blockSize
-        let chunk = 64 << 20
-        var offset = clearStart
-        while offset < clearEnd {
-            let count = min(chunk, clearEnd - offset)
-            device.fill(offset: offset, count: count, flags: [.nonTemporal, .noDrain])
-            offset += count
-            progress?(Double(offset - clearStart) / Double(clearEnd - clearStart))
+        let metadataBytes = Int(sb.dataStart) * blockSize
+        if device.isSparse {
+            // Punched out rather than filled: a hole reads as zeros and holds no memory, so a
+            // 1 TiB device formats in no time and uses only the blocks written below.
+            device.zero(offset: 0, count: metadataBytes)
+            progress?(1)
+            for block in [0, sb.journalStart, UInt64(sb.inodeOffset(Superblock.rootInode) / blockSize)] {
+                try device.back(offset: Int(block) * blockSize, count: blockSize)
+            }
+        } else {
+            device.fill(offset: 0, count: blockSize, flags: .nonTemporal)
+            // Journal header, inode table and bitmap must read as zeros (a zero bitmap block is an
+            // empty one); clear them in chunks for progress.
+            let clearStart = Int(sb.journalStart) * blockSize
+            let chunk = 64 << 20
+            var offset = clearStart
+            while offset < metadataBytes {
+                let count = min(chunk, metadataBytes - offset)
+                device.fill(offset: offset, count: count, flags: [.nonTemporal, .noDrain])
+                offset += count
+                progress?(Double(offset - clearStart) / Double(metadataBytes - clearStart))
+            }
+            device.drain()
         }
-        device.drain()
         try device.write(
             Journal.header(sequence: 0, committed: false, count: 0, records: []),
             at: Int(sb.journalStart) * blockSize)
-        let emptyCRC = CRC32C.checksum([UInt8](repeating: 0, count: Superblock.bitmapBytesPerBlock))
-        for block in 0..<sb.bitmapBlocks {
-            var crc = ByteEncoder(count: 4)
-            crc.put(emptyCRC, at: 0)
-            try device.write(crc.bytes, at: Int(sb.bitmapStart + block) * blockSize + Superblock.bitmapBytesPerBlock)
-        }
         let now = Clock.realtimeNanoseconds
         var root = InodeRecord()
         root.kind = .directory
@@ -292,8 +293,11 @@ public final class DAXFileSystem: Sendable {
         Journal.apply(records, to: view, superblock: superblock)
         let replayed = try Superblock.decode(
             ByteReader(view.base, count: Superblock.size), deviceBlocks: UInt64(device.pageCount))
+        let written = Journal.targets(of: records, superblock: superblock)
+        let ranges: ((Range<Int>) -> [Range<Int>])? =
+            device.isSparse ? { device.dataRanges(in: $0, alsoWritten: written) } : nil
         let scan = withExtendedLifetime(view) {
-            Scanner.scan(base: view.base, superblock: replayed, journalMustBeEmpty: false)
+            Scanner.scan(base: view.base, superblock: replayed, journalMustBeEmpty: false, dataRanges: ranges)
         }
         try refuseDamage(scan, device, " after replaying its journal (the device was left as it was)")
     }

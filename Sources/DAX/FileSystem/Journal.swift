@@ -177,22 +177,28 @@ final class Journal: Sendable {
     private func backTargets(of records: [Transaction.Record], recordBytes: Int) throws {
         guard device.isSparse else { return }
         try device.back(offset: headerOffset, count: Superblock.blockSize + recordBytes)
+        for range in Self.targets(of: records, superblock: superblock) {
+            try device.back(offset: range.lowerBound, count: range.count)
+        }
+    }
+
+    /// The device bytes that applying `records` writes: each write's range, and the whole bitmap
+    /// blocks that bit records change (their checksums are rewritten too).
+    static func targets(of records: [Transaction.Record], superblock: Superblock) -> [Range<Int>] {
         let bitsPerBlock = UInt64(Superblock.bitsPerBitmapBlock)
-        func backBitmap(_ bits: Range<UInt64>) throws {
-            guard !bits.isEmpty else { return }
-            let first = bits.lowerBound / bitsPerBlock
-            let last = (bits.upperBound - 1) / bitsPerBlock
-            try device.back(
-                offset: Int(superblock.bitmapStart + first) * Superblock.blockSize,
-                count: Int(last - first + 1) * Superblock.blockSize)
+        func bitmapBlocks(_ bits: Range<UInt64>) -> Range<Int> {
+            guard !bits.isEmpty else { return 0..<0 }
+            let first = Int(superblock.bitmapStart + bits.lowerBound / bitsPerBlock)
+            let last = Int(superblock.bitmapStart + (bits.upperBound - 1) / bitsPerBlock)
+            return first * Superblock.blockSize..<(last + 1) * Superblock.blockSize
         }
-        for record in records {
+        return records.map { record in
             switch record {
-            case .write(let offset, let bytes): try device.back(offset: offset, count: bytes.count)
-            case .bits(let range, _): try backBitmap(range)
-            case .mask(let first, let mask, _): try backBitmap(first..<(first + UInt64(mask.count * 8)))
+            case .write(let offset, let bytes): offset..<(offset + bytes.count)
+            case .bits(let range, _): bitmapBlocks(range)
+            case .mask(let first, let mask, _): bitmapBlocks(first..<(first + UInt64(mask.count * 8)))
             }
-        }
+        }.filter { !$0.isEmpty }
     }
 
     /// A durable copy to the device (`pmem_memcpy` and drain, or `msync`), which cannot fail.

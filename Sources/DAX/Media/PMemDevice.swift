@@ -111,7 +111,15 @@ public final class PMemDevice: Sendable {
             throw DAXError(.invalidArgument, "cannot create device \(path) read-only: a new device must be written")
         }
         try validate(size: size, path: path)
-        try checkFreeSpace(for: size, at: path)
+        // A sparse device uses space only as blocks come into use, so it may be larger than the
+        // free space (its file system then fails with .noSpace when that runs out).
+        let free = try freeSpace(at: path)
+        guard options.sparse || size <= free else {
+            throw DAXError(
+                .noSpace,
+                "cannot create device \(path) of \(size) bytes: its directory has \(free) bytes free "
+                    + "(a sparse device may be larger)")
+        }
         let calls = options.systemCalls
         var flags = PMEM_FILE_CREATE | PMEM_FILE_EXCL
         if options.sparse { flags |= PMEM_FILE_SPARSE }
@@ -294,9 +302,9 @@ public final class PMemDevice: Sendable {
         }
     }
 
-    /// Refuses up front a device that the file system holding it cannot back: otherwise tmpfs
-    /// would fill the machine's memory before `posix_fallocate` gives up.
-    private static func checkFreeSpace(for size: Int, at path: String) throws {
+    /// Bytes free in the file system that would hold a device at `path`: a device that is not
+    /// sparse must fit, or tmpfs would fill the machine's memory before `posix_fallocate` gives up.
+    static func freeSpace(at path: String) throws -> Int {
         let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
         var info = statvfs()
         guard statvfs(directory.isEmpty ? "/" : directory, &info) == 0 else {
@@ -307,12 +315,7 @@ public final class PMemDevice: Sendable {
             }
             throw DAXError.system("statvfs", "cannot create device \(path)", errno: code)
         }
-        let free = Int(info.f_bavail) &* Int(info.f_frsize)
-        guard size <= free else {
-            throw DAXError(
-                .noSpace,
-                "cannot create device \(path) of \(size) bytes: \(directory) has \(free) bytes free")
-        }
+        return Int(info.f_bavail) &* Int(info.f_frsize)
     }
 
     /// Asks the kernel for a one-page `MAP_SHARED_VALIDATE | MAP_SYNC` mapping of the device.
@@ -501,6 +504,64 @@ public final class PMemDevice: Sendable {
             }
             throw DAXError.system("fallocate", "cannot back \(end - start) bytes at offset \(start) of \(path)", errno: code)
         }
+    }
+
+    /// The parts of device bytes `range` that hold data in the device file, in order, holes left
+    /// out (`lseek` with `SEEK_DATA` and `SEEK_HOLE`): what a scan of metadata needs to read, since
+    /// a hole reads as zeros, and reading one through a mapping of a tmpfs file would give it a
+    /// page of memory. The whole range on a device that is not ``isSparse``. With `written`, the
+    /// ranges a private view of the device changed are counted as data too.
+    func dataRanges(in range: Range<Int>, alsoWritten written: [Range<Int>] = []) -> [Range<Int>] {
+        guard written.isEmpty else {
+            // Merge in `written` (what a private view of the device has changed), in order.
+            let all = (dataRanges(in: range) + written.map { $0.clamped(to: range) }.filter { !$0.isEmpty })
+                .sorted { $0.lowerBound < $1.lowerBound }
+            var merged: [Range<Int>] = []
+            for next in all {
+                if let last = merged.last, next.lowerBound <= last.upperBound {
+                    merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, next.upperBound)
+                } else {
+                    merged.append(next)
+                }
+            }
+            return merged
+        }
+        guard isSparse, !range.isEmpty else { return range.isEmpty ? [] : [range] }
+        var ranges: [Range<Int>] = []
+        var position = range.lowerBound
+        while position < range.upperBound {
+            let data = systemCalls.lseek(fd, position, dax_SEEK_DATA)
+            if data < 0 {
+                // ENXIO: no data at or after `position`; anything else: take the rest as data.
+                if Glibc.errno != ENXIO { ranges.append(position..<range.upperBound) }
+                break
+            }
+            guard data < range.upperBound else { break }
+            let hole = systemCalls.lseek(fd, data, dax_SEEK_HOLE)
+            let end = hole < 0 ? range.upperBound : min(hole, range.upperBound)
+            ranges.append(max(data, range.lowerBound)..<end)
+            position = end
+        }
+        return ranges
+    }
+
+    /// Sets `count` bytes at `offset` to zero and makes that durable. On a sparse device the whole
+    /// pages inside the range are punched out of the file (`fallocate(PUNCH_HOLE)`), which costs
+    /// in proportion to what they held and leaves them using no memory; the ragged ends are filled.
+    func zero(offset: Int, count: Int) {
+        guard count > 0 else { return }
+        checkRange(offset, count)
+        checkWritable()
+        let first = (offset + Self.pageSize - 1) / Self.pageSize * Self.pageSize
+        let last = (offset + count) / Self.pageSize * Self.pageSize
+        guard isSparse, first < last,
+            systemCalls.fallocate(fd, dax_FALLOC_FL_PUNCH_HOLE | dax_FALLOC_FL_KEEP_SIZE, first, last - first) == 0
+        else {
+            fill(offset: offset, count: count, flags: .nonTemporal)
+            return
+        }
+        fill(offset: offset, count: first - offset)
+        fill(offset: last, count: offset + count - last)
     }
 
     // MARK: - Bounds-checked byte access

@@ -341,12 +341,42 @@ public final class PageMap: Sendable {
     /// Clears every allocated flag (unmount): the file system's blocks are no longer owned.
     /// Pages still referenced keep their counts.
     func clearAllocation(_ frames: Range<UInt64>) {
-        for frame in frames {
-            let counts = table.descriptor(frame)
-            if counts.pointee.counts.load(ordering: .relaxed) & PageWord.allocated != 0 {
-                counts.pointee.counts.bitwiseAnd(~PageWord.allocated, ordering: .sequentiallyConsistent)
-                counts.pointee.owner.store(0, ordering: .relaxed)
+        // Only the parts of the table that were ever written can hold an allocated mark: skip the
+        // rest a table page at a time (`mincore`), so that unmount of a huge device costs in
+        // proportion to the blocks used, and reading it does not map the whole table.
+        for resident in residentFrames(in: frames) {
+            for frame in resident {
+                let counts = table.descriptor(frame)
+                if counts.pointee.counts.load(ordering: .relaxed) & PageWord.allocated != 0 {
+                    counts.pointee.counts.bitwiseAnd(~PageWord.allocated, ordering: .sequentiallyConsistent)
+                    counts.pointee.owner.store(0, ordering: .relaxed)
+                }
             }
         }
+    }
+
+    /// The runs of `frames` whose descriptors lie in table pages the kernel has backed; all of
+    /// `frames` if `mincore` fails.
+    private func residentFrames(in frames: Range<UInt64>) -> [Range<UInt64>] {
+        guard !frames.isEmpty else { return [] }
+        let pageSize = Int(getpagesize())
+        let perPage = UInt64(pageSize / MemoryLayout<PageDescriptor>.stride)
+        let firstPage = Int(frames.lowerBound / perPage)
+        let lastPage = Int((frames.upperBound - 1) / perPage)
+        var vector = [UInt8](repeating: 0, count: lastPage - firstPage + 1)
+        let start = UnsafeMutableRawPointer(table.core.pointee.descriptors) + firstPage * pageSize
+        let status = vector.withUnsafeMutableBufferPointer { mincore(start, $0.count * pageSize, $0.baseAddress) }
+        guard status == 0 else { return [frames] }
+        var runs: [Range<UInt64>] = []
+        for (offset, byte) in vector.enumerated() where byte & 1 != 0 {
+            let page = UInt64(firstPage + offset)
+            let run = max(page * perPage, frames.lowerBound)..<min((page + 1) * perPage, frames.upperBound)
+            if let last = runs.last, last.upperBound == run.lowerBound {
+                runs[runs.count - 1] = last.lowerBound..<run.upperBound
+            } else {
+                runs.append(run)
+            }
+        }
+        return runs
     }
 }
