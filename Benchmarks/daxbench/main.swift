@@ -45,7 +45,7 @@ let benchmarks: [Benchmark] = [
     PagesBenchmarks.descriptorBytes, KVStoreBenchmarks.puts, KVStoreBenchmarks.gets,
     PagesBenchmarks.pinUnpinPageMap, PagesBenchmarks.pin256, FileSystemBenchmarks.writeBandwidthWarm,
     FileSystemBenchmarks.readBandwidthWarm, FileSystemBenchmarks.createRemove,
-]
+] + ScaleBenchmarks.all
 if list {
     for benchmark in benchmarks {
         print("\(benchmark.name)\t\(benchmark.unit)\tvs \(benchmark.peerName)\t\(benchmark.goal)")

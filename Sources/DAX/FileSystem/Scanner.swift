@@ -33,6 +33,8 @@ struct Scanner {
     /// so that memory follows the blocks in use, not the device's size.
     private let owners: LazyZeroedArray<UInt32>
     private let owned: LazyBitmap
+    /// Owned blocks per bitmap block: a bitmap block whose count is 0 needs no comparing.
+    private var ownedPerBitmapBlock: [Int: Int] = [:]
 
     init(base: UnsafeRawPointer, superblock: Superblock, dataRanges: ((Range<Int>) -> [Range<Int>])? = nil) {
         self.base = base
@@ -199,6 +201,7 @@ struct Scanner {
         }
         owners[index] = number
         owned.set(index)
+        ownedPerBitmapBlock[index / Superblock.bitsPerBitmapBlock, default: 0] += 1
         return true
     }
 
@@ -348,6 +351,7 @@ struct Scanner {
             let end = min(dataBlocks, first + Superblock.bitsPerBitmapBlock)
             guard holding.contains(superblock.bitmapStart + UInt64(bitmapBlock)) else {
                 // A hole of a sparse device: every block it covers is free. Owned ones are missing.
+                guard ownedPerBitmapBlock[bitmapBlock] != nil else { continue }
                 var index = first
                 while let owner = owned.nextSet(from: index, limit: end) {
                     missing += 1

@@ -368,7 +368,18 @@ public final class PageMap: Sendable {
         let status = vector.withUnsafeMutableBufferPointer { mincore(start, $0.count * pageSize, $0.baseAddress) }
         guard status == 0 else { return [frames] }
         var runs: [Range<UInt64>] = []
-        for (offset, byte) in vector.enumerated() where byte & 1 != 0 {
+        var offset = 0
+        while offset < vector.count {
+            // Eight table pages at a time while none is resident: the common case, by far.
+            if offset + 8 <= vector.count,
+                vector.withUnsafeBytes({ $0.loadUnaligned(fromByteOffset: offset, as: UInt64.self) })
+                    & 0x0101_0101_0101_0101 == 0
+            {
+                offset += 8
+                continue
+            }
+            defer { offset += 1 }
+            guard vector[offset] & 1 != 0 else { continue }
             let page = UInt64(firstPage + offset)
             let run = max(page * perPage, frames.lowerBound)..<min((page + 1) * perPage, frames.upperBound)
             if let last = runs.last, last.upperBound == run.lowerBound {
