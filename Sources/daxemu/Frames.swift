@@ -29,7 +29,7 @@ struct Frames: ParsableCommand {
 
     func run() throws {
         var output = FramesOutput(json: json)
-        try device.withFileSystem { fs in
+        try device.withFileSystem(access: .readOnly) { fs in
             let handle = try fs.open(file, access: .readOnly)
             defer { handle.close() }
             let pages = (handle.size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
@@ -108,7 +108,7 @@ struct Fsck: ParsableCommand {
     @OptionGroup var device: DeviceOptions
 
     func run() throws {
-        let opened = try device.open()
+        let opened = try device.open(readOnly: true)
         defer { opened.close() }
         let report: CheckReport
         do {
