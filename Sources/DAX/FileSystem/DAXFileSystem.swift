@@ -145,7 +145,7 @@ public final class DAXFileSystem: Sendable {
         }
     }
 
-    private static func refuseReadOnly(_ device: PMemDevice, _ what: String) throws {
+    static func refuseReadOnly(_ device: PMemDevice, _ what: String) throws {
         guard device.isReadOnly else { return }
         throw DAXError(
             .permissionDenied,
@@ -231,8 +231,8 @@ public final class DAXFileSystem: Sendable {
         device.isMounted.store(false, ordering: .releasing)
     }
 
-    private static func withExclusiveDevice(_ device: PMemDevice, _ body: () throws -> Void) throws {
-        try device.retainUse(for: "format")
+    static func withExclusiveDevice(_ device: PMemDevice, for what: String = "format", _ body: () throws -> Void) throws {
+        try device.retainUse(for: what)
         defer { device.releaseUse() }
         try lockDevice(device)
         defer { unlockDevice(device) }

@@ -55,6 +55,11 @@ extension DAXFileSystem {
             throw DAXError(.busy, "the file system on \(device.path) is mounted by another process", errno: errno)
         }
         defer { flock(device.fd, LOCK_UN) }
+        return try checkUnmounted(device)
+    }
+
+    /// The offline check, with the device locked by the caller.
+    static func checkUnmounted(_ device: PMemDevice) throws -> CheckReport {
         var (sb, primaryDamage) = try Superblock.locate(base: device.base, deviceBlocks: UInt64(device.pageCount))
         var report = CheckReport(isClean: true, problems: [])
         // The journal is validated exactly as mount would before replaying it.
