@@ -164,7 +164,12 @@ struct RepairTests {
         let fs = try DAXFileSystem.mount(f.device, access: .readOnly)
         let block = try fs.open("/f2", access: .readOnly).frames(offset: 0, count: 4096)[0]!.rawValue
         try fs.unmount()
-        try f.craftInode(f.inodes["/f3"]!) { $0.inlineExtents[0].physical = block }
+        // One block of /f3 made to point at /f2's first one (and at nothing else).
+        try f.craftInode(f.inodes["/f3"]!) {
+            $0.inlineExtents = [Extent(logical: 0, physical: block, length: 1)]
+            $0.extentCount = 1
+            $0.blockCount = 1
+        }
         let report = try f.repairAndVerify(lost: ["/f2", "/f3"])
         #expect(report.actions.filter { $0.contains("is also claimed by") }.count == 2, "\(report)")
     }

@@ -12,6 +12,8 @@ public struct FileSystemLayout: Sendable, Equatable {
     public var bitmap: Range<PageFrameNumber>
     /// File data, directory blocks and extent leaves.
     public var data: Range<PageFrameNumber>
+    /// The backup superblock: the device's last block (empty for a version 1 file system).
+    public var backupSuperblock: Range<PageFrameNumber>
     /// Inodes the file system can hold.
     public var inodeCount: Int
 
@@ -24,6 +26,7 @@ public struct FileSystemLayout: Sendable, Equatable {
         inodeTable = frames(sb.inodeStart, sb.inodeBlocks)
         bitmap = frames(sb.bitmapStart, sb.bitmapBlocks)
         data = frames(sb.dataStart, sb.dataBlocks)
+        backupSuperblock = sb.backupBlock.map { frames($0, 1) } ?? frames(sb.dataEnd, 0)
         inodeCount = Int(sb.inodeCount)
     }
 }
@@ -140,9 +143,8 @@ extension DAXFileSystem {
         if header.get(UInt32.self, at: 0) == Journal.headerMagic { return "a DAXFS journal header in block 1" }
         // The inode table where format's default layout (of either version) puts it.
         for journal in [nil, 8, 64] as [Int?] {
-            guard var sb = try? Superblock.layout(totalBlocks: blocks, bytesPerInode: 16 << 10, journalBlocks: journal)
+            guard let sb = try? Superblock.layout(totalBlocks: blocks, bytesPerInode: 16 << 10, journalBlocks: journal)
             else { continue }
-            sb.totalBlocks = blocks
             guard sb.inodeOffset(Superblock.rootInode) + Superblock.inodeSize <= device.size else { continue }
             let reader = ByteReader(device.base + sb.inodeOffset(Superblock.rootInode), count: Superblock.inodeSize)
             if case .success(let root) = InodeRecord.decode(reader), root.kind == .directory,
