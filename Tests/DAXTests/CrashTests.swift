@@ -246,6 +246,7 @@ struct CorruptionTests {
             0..<256, Int(sb.journalStart) * 4096..<(Int(sb.journalStart) * 4096 + 64),
             sb.inodeOffset(1)..<sb.inodeOffset(64),
             Int(sb.bitmapStart) * 4096..<Int(sb.dataStart) * 4096,
+            Int(sb.totalBlocks - 1) * 4096..<(Int(sb.totalBlocks - 1) * 4096 + 256),  // the backup superblock
         ]
         for inode in fs.table.withTrackedLock({ Array($0.inodes.values) }) {
             for block in inode.extents.leafBlocks { targets.append(Int(block) * 4096..<Int(block + 1) * 4096) }

@@ -151,6 +151,17 @@ struct DamageTests {
         #expect(try f.device.read(count: f.device.size, at: 0) == image, "a read-only mount wrote")
     }
 
+    @Test("a damaged journal header: read-write mount refuses, read-only ignores it and reads every file")
+    func degradedJournal() throws {
+        let f = try DamagedFixture(name: "dgjournal")
+        try f.flip(Int(f.sb.journalStart) * 4096)
+        expectDAXError(.corrupted) { try DAXFileSystem.mount(f.device) }
+        let fs = try DAXFileSystem.mount(f.device, access: .readOnly)
+        defer { try? fs.unmount() }
+        #expect(fs.damage.first?.hasPrefix("journal:") == true, "\(fs.damage)")
+        try f.expectIntact(fs)
+    }
+
     @Test("a damaged inode: check says it is damaged and why; read-only opens the others, the damaged one is .corrupted")
     func degradedInode() throws {
         let f = try DamagedFixture(name: "dginode")

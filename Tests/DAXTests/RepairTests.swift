@@ -174,6 +174,43 @@ struct RepairTests {
         #expect(report.actions.filter { $0.contains("is also claimed by") }.count == 2, "\(report)")
     }
 
+    @Test("a damaged root inode: a new root, and every file and directory under /lost+found with its bytes")
+    func damagedRoot() throws {
+        let f = try DamagedFixture(name: "rproot")
+        try f.flip(f.sb.inodeOffset(Superblock.rootInode) + 30)
+        let report = try f.repairAndVerify(lost: Set(f.files.keys))
+        #expect(report.actions.contains { $0.hasPrefix("the root directory (inode 1) was lost") }, "\(report)")
+        let fs = try DAXFileSystem.mount(f.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.contentsOfDirectory("/") == ["lost+found"])
+        for (path, bytes) in f.files {
+            let found =
+                path.hasPrefix("/dir/")
+                ? "/lost+found/#\(f.inodes["/dir"]!)/\(path.dropFirst(5))" : "/lost+found/#\(f.inodes[path]!)"
+            #expect(try fs.open(found).read(count: 1 << 20, at: 0) == bytes, "\(found)")
+        }
+    }
+
+    @Test("a removed file left on the orphan list is freed and the list emptied, as mount would")
+    func orphan() throws {
+        let f = try DamagedFixture(name: "rporphan")
+        let number = f.inodes["/f3"]!
+        try f.device.write([UInt8](repeating: 0, count: DirectoryFormat.slotSize), at: try f.slotOffset(of: "/f3"))
+        try f.craftInode(number) { $0.linkCount = 0 }
+        var sb = f.sb
+        sb.orphanHead = number
+        try f.device.write(sb.encode(), at: 0)
+        let before = try DAXFileSystem.check(f.device)
+        #expect(before.isClean, "\(before)")
+        #expect(before.notes.contains { $0.contains("orphan list") })
+        let report = try f.repairAndVerify(lost: ["/f3"])
+        #expect(report.actions.contains { $0.contains("inode \(number) is a removed file") }, "\(report)")
+        #expect(report.actions.contains("emptied the orphan list (its removed files were freed)"), "\(report)")
+        #expect(report.lostAndFound.isEmpty)
+        let after = try DAXFileSystem.check(f.device)
+        #expect(after.notes.isEmpty, "\(after.notes)")
+    }
+
     @Test("repair stopped by a crash after any transaction: repair again finishes it, the files intact")
     func crashMidRepair() throws {
         let f = try DamagedFixture(name: "rpcrash")
