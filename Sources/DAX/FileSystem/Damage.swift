@@ -44,8 +44,11 @@ extension DAXFileSystem {
         }
         let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false, primaryDamage: primaryDamage)
         guard scan.inodes[Superblock.rootInode]?.record.kind == .directory else {
-            try refuseDamage(scan, device, ": its root directory cannot be read")
-            preconditionFailure("a scan without a root directory found no problem")
+            throw DAXError(
+                .corrupted,
+                "file system on \(device.path) is damaged: its root directory cannot be read ("
+                    + (scan.damagedInodes[Superblock.rootInode] ?? "it is not a directory")
+                    + "), so nothing can be; run `daxemu fsck --repair` (DAXFileSystem.repair) to repair it")
         }
         problems += scan.problems
         if scan.suppressed > 0 { problems.append("and \(scan.suppressed) more problems") }
