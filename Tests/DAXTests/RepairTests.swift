@@ -14,6 +14,15 @@ extension DamagedFixture {
         return fs.slotOffset(directory, entry.slot)
     }
 
+    /// The device blocks of `path`'s pages.
+    func blocks(of path: String) throws -> [UInt64] {
+        let fs = try DAXFileSystem.mount(device, access: .readOnly)
+        defer { try? fs.unmount() }
+        let file = try fs.open(path, access: .readOnly)
+        defer { file.close() }
+        return try file.frames(offset: 0, count: file.size).compactMap { $0?.rawValue }
+    }
+
     /// Rewrites inode `number` with `change` applied and a valid checksum.
     func craftInode(_ number: UInt32, _ change: (inout InodeRecord) -> Void) throws {
         let reader = ByteReader(device.base + sb.inodeOffset(number), count: Superblock.inodeSize)
@@ -161,9 +170,7 @@ struct RepairTests {
     @Test("two files claiming one block: neither is trusted, both are cleared, the rest is intact")
     func sharedBlock() throws {
         let f = try DamagedFixture(name: "rpshare")
-        let fs = try DAXFileSystem.mount(f.device, access: .readOnly)
-        let block = try fs.open("/f2", access: .readOnly).frames(offset: 0, count: 4096)[0]!.rawValue
-        try fs.unmount()
+        let block = try f.blocks(of: "/f2")[0]
         // One block of /f3 made to point at /f2's first one (and at nothing else).
         try f.craftInode(f.inodes["/f3"]!) {
             $0.inlineExtents = [Extent(logical: 0, physical: block, length: 1)]
@@ -218,8 +225,16 @@ struct RepairTests {
         try f.flip(f.sb.inodeOffset(f.inodes["/f2"]!) + 30)
         try f.flip(Int(f.directoryBlock) * 4096 + 2)
         try f.device.write([UInt8](repeating: 0, count: DirectoryFormat.slotSize), at: try f.slotOffset(of: "/f1"))
+        // /f3 and /f0 share a block: both are cleared in one transaction, never one of them alone.
+        let shared = try f.blocks(of: "/f0")[0]
+        try f.craftInode(f.inodes["/f3"]!) {
+            $0.inlineExtents = [Extent(logical: 0, physical: shared, length: 1)]
+            $0.extentCount = 1
+            $0.blockCount = 1
+        }
         let damaged = try f.device.read(count: f.device.size, at: 0)
-        let lost = Set(["/f2"] + f.files.keys.filter { $0.hasPrefix("/dir/") || $0 == "/f1" })
+        let cleared: Set<String> = ["/f0", "/f2", "/f3"]
+        let lost = cleared.union(f.files.keys.filter { $0.hasPrefix("/dir/") || $0 == "/f1" })
         var stops = 0
         for stop in 0..<200 {
             damaged.withUnsafeBytes { f.device.copy($0, toOffset: 0) }
@@ -236,7 +251,8 @@ struct RepairTests {
                 "stop \(stop): \(report)")
             try f.repairAndVerify(lost: lost)
             let fs = try DAXFileSystem.mount(f.device)
-            for path in lost where path != "/f2" {
+            #expect(try fs.contentsOfDirectory("/").filter { cleared.contains("/" + $0) }.isEmpty, "stop \(stop)")
+            for path in lost where !cleared.contains(path) {
                 let found = try fs.contentsOfDirectory("/lost+found").filter { $0.hasPrefix("#\(f.inodes[path]!)") }
                 #expect(found.count == 1, "stop \(stop): \(path)")
             }

@@ -92,8 +92,8 @@ extension DAXFileSystem {
         let plan = try Salvage.plan(base: device.base, superblock: sb)
         actions += plan.actions
         try commit(
-            plan.writes, device: device, superblock: sb, sequence: sequence, stop: stop,
-            writesPerTransaction: writesPerTransaction)
+            plan.writes, keepingTogether: plan.atomicRuns, device: device, superblock: sb, sequence: sequence,
+            stop: stop, writesPerTransaction: writesPerTransaction)
 
         let check = try checkUnmounted(device)
         guard check.isClean else {
@@ -158,10 +158,11 @@ extension DAXFileSystem {
         actions.append("the backup superblock in block \(block) was wrong (\(why)); rewrote it from block 0")
     }
 
-    /// Commits `writes` through the journal in order, as many per transaction as fit.
+    /// Commits `writes` through the journal in order, as many per transaction as fit; each of
+    /// `runs` goes into one transaction (unless it alone is larger than the journal).
     private static func commit(
-        _ writes: [(offset: Int, bytes: [UInt8])], device: PMemDevice, superblock: Superblock, sequence: UInt64,
-        stop: Int?, writesPerTransaction: Int
+        _ writes: [(offset: Int, bytes: [UInt8])], keepingTogether runs: [Range<Int>], device: PMemDevice,
+        superblock: Superblock, sequence: UInt64, stop: Int?, writesPerTransaction: Int
     ) throws {
         let journal = Journal(device: device, superblock: superblock, sequence: sequence)
         var batch = Transaction()
@@ -187,11 +188,24 @@ extension DAXFileSystem {
             size = 0
             count = 0
         }
-        for write in writes {
-            let recordSize = Transaction.recordHeaderSize + (write.bytes.count + 7) & ~7
-            if size + recordSize > journal.capacity || count == writesPerTransaction { try flush() }
-            batch.write(write.bytes, at: write.offset)
-            size += recordSize
+        func recordSize(_ index: Int) -> Int { Transaction.recordHeaderSize + (writes[index].bytes.count + 7) & ~7 }
+        let runStarts = Dictionary(runs.map { ($0.lowerBound, $0) }, uniquingKeysWith: { first, _ in first })
+        var runEnd = 0
+        for index in writes.indices {
+            if let run = runStarts[index] {
+                let runSize = run.reduce(0) { $0 + recordSize($1) }
+                if runSize <= journal.capacity, size + runSize > journal.capacity || count + run.count > writesPerTransaction {
+                    try flush()
+                }
+                runEnd = run.upperBound
+            }
+            if index >= runEnd, size + recordSize(index) > journal.capacity || count >= writesPerTransaction {
+                try flush()
+            } else if index < runEnd, size + recordSize(index) > journal.capacity {
+                try flush()  // a run larger than the journal: split where it must be
+            }
+            batch.write(writes[index].bytes, at: writes[index].offset)
+            size += recordSize(index)
             count += 1
         }
         try flush()

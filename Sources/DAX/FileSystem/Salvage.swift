@@ -31,6 +31,10 @@ struct Salvage {
     var actions: [String] = []
     /// Device offset and bytes, in the order they must reach the device.
     var writes: [(offset: Int, bytes: [UInt8])] = []
+    /// Runs of `writes` that must reach the device in one transaction: decisions that a prefix
+    /// would change (clearing one of two inodes that share a block would let the next plan keep
+    /// the other).
+    var atomicRuns: [Range<Int>] = []
     /// Paths given to what had no name.
     var lostAndFound: [String] = []
     var kept: [UInt32: Kept] = [:]
@@ -173,6 +177,8 @@ struct Salvage {
                 }
             }
         }
+        let first = writes.count
+        defer { if writes.count > first { atomicRuns.append(first..<writes.count) } }
         for (number, conflict) in conflicts.sorted(by: { $0.key < $1.key }) {
             let other = conflict.other == number ? "itself" : "inode \(conflict.other)"
             say(
