@@ -333,8 +333,8 @@ struct Fsck: ParsableCommand {
         }
         for action in report.actions { print("repaired: \(action)") }
         for note in report.check.notes { print("note: \(note)") }
-        print(
-            "\(opened.path): "
-                + (report.changedNothing ? "clean, nothing to repair" : "repaired (\(report.actions.count) steps); now clean"))
+        let outcome =
+            report.changedNothing ? "clean, nothing to repair" : "repaired (\(report.actions.count) steps); now clean"
+        print("\(opened.path): \(outcome)")
     }
 }

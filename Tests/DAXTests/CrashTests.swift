@@ -225,7 +225,7 @@ struct CrashTests {
 
 @Suite("Corruption")
 struct CorruptionTests {
-    @Test("random byte flips in metadata: mount, check and repair throw or succeed, never crash; repair leaves check clean")
+    @Test("random byte flips in metadata: mount, check, repair never crash; repair leaves it clean or refuses")
     func randomFlips() throws {
         let t = try TemporaryFileSystem(size: 4 << 20, name: "flip")
         let fs = t.fs

@@ -162,7 +162,8 @@ struct DamageTests {
         try f.expectIntact(fs)
     }
 
-    @Test("a damaged inode: check says it is damaged and why; read-only opens the others, the damaged one is .corrupted")
+    @Test(
+        "a damaged inode: check says it is damaged and why; read-only opens the others, the damaged one is .corrupted")
     func degradedInode() throws {
         let f = try DamagedFixture(name: "dginode")
         let number = f.inodes["/f2"]!

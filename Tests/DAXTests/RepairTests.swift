@@ -90,8 +90,11 @@ struct RepairTests {
         let number = f.inodes["/f2"]!
         try f.flip(f.sb.inodeOffset(number) + 30)
         let report = try f.repairAndVerify(lost: ["/f2"])
-        #expect(report.actions.first == "inode \(number) is damaged (checksum mismatch); cleared it: what it held is lost")
-        #expect(report.actions.contains { $0.contains("entry \"f2\" names inode \(number), which was cleared") }, "\(report)")
+        #expect(
+            report.actions.first == "inode \(number) is damaged (checksum mismatch); cleared it: what it held is lost")
+        #expect(
+            report.actions.contains { $0.contains("entry \"f2\" names inode \(number), which was cleared") },
+            "\(report)")
         #expect(report.actions.contains { $0.hasPrefix("bitmap block 0") }, "its blocks are free again")
         let fs = try DAXFileSystem.mount(f.device)
         defer { try? fs.unmount() }
@@ -147,7 +150,8 @@ struct RepairTests {
         #expect(!DAXFileSystem.isFormatted(f.device))
         let report = try f.repairAndVerify()
         #expect(report.actions.first?.hasPrefix("the superblock in block 0 was damaged") == true, "\(report)")
-        #expect(report.actions.first?.hasSuffix("restored it from the backup in block \(f.device.pageCount - 1)") == true)
+        #expect(
+            report.actions.first?.hasSuffix("restored it from the backup in block \(f.device.pageCount - 1)") == true)
         #expect(DAXFileSystem.isFormatted(f.device))
         // A damaged backup is rewritten from block 0.
         try f.flip((f.device.pageCount - 1) * 4096 + 40)

@@ -231,7 +231,9 @@ public final class DAXFileSystem: Sendable {
         device.isMounted.store(false, ordering: .releasing)
     }
 
-    static func withExclusiveDevice(_ device: PMemDevice, for what: String = "format", _ body: () throws -> Void) throws {
+    static func withExclusiveDevice(
+        _ device: PMemDevice, for what: String = "format", _ body: () throws -> Void
+    ) throws {
         try device.retainUse(for: what)
         defer { device.releaseUse() }
         try lockDevice(device)

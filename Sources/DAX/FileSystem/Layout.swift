@@ -92,7 +92,8 @@ extension DAXFileSystem {
         }
         let scan = withExtendedLifetime(view) {
             Scanner.scan(
-                base: view?.base ?? device.base, superblock: sb, journalMustBeEmpty: false, primaryDamage: primaryDamage)
+                base: view?.base ?? device.base, superblock: sb, journalMustBeEmpty: false,
+                primaryDamage: primaryDamage)
         }
         report.problems =
             journalProblems + scan.problems + (scan.suppressed > 0 ? ["and \(scan.suppressed) more problems"] : [])

@@ -85,7 +85,8 @@ extension DAXFileSystem {
         if let primaryDamage, let backup = sb.backupBlock {
             try device.write(sb.encode(), at: 0)
             actions.append(
-                "the superblock in block 0 was damaged (\(primaryDamage)); restored it from the backup in block \(backup)")
+                "the superblock in block 0 was damaged (\(primaryDamage)); restored it from the backup in block \(backup)"
+            )
         }
         try restoreBackup(device, superblock: sb, actions: &actions)
 
@@ -121,7 +122,8 @@ extension DAXFileSystem {
                 return sequence
             case .tornHeader:
                 try empty(0)
-                actions.append("the journal header was torn (a crash while committing or emptying); emptied the journal")
+                actions.append(
+                    "the journal header was torn (a crash while committing or emptying); emptied the journal")
                 return 0
             case .committed(let sequence, let records):
                 Journal.apply(records, to: device, superblock: sb)
@@ -194,7 +196,9 @@ extension DAXFileSystem {
         for index in writes.indices {
             if let run = runStarts[index] {
                 let runSize = run.reduce(0) { $0 + recordSize($1) }
-                if runSize <= journal.capacity, size + runSize > journal.capacity || count + run.count > writesPerTransaction {
+                if runSize <= journal.capacity,
+                    size + runSize > journal.capacity || count + run.count > writesPerTransaction
+                {
                     try flush()
                 }
                 runEnd = run.upperBound

@@ -250,7 +250,9 @@ struct Salvage {
             }
             if let cut {
                 guard inode.extents.isInline else {
-                    say("directory \(number) has a hole at block \(pages); cleared it (what it held goes to /lost+found)")
+                    say(
+                        "directory \(number) has a hole at block \(pages); cleared it (what it held goes to /lost+found)"
+                    )
                     drop(number, "its blocks had a hole")
                     continue
                 }

@@ -68,7 +68,9 @@ extension Salvage {
             }
             if inode.record.kind == .directory, inode.record.parent != parent {
                 if unplaced.contains(number) == false {
-                    say("directory \(number) named parent \(inode.record.parent) but is in directory \(parent); corrected")
+                    say(
+                        "directory \(number) named parent \(inode.record.parent) but is in directory \(parent); corrected"
+                    )
                 }
                 inode.record.parent = parent
                 inode.changed = true
@@ -146,7 +148,8 @@ extension Salvage {
         }
         owners[Int(block - superblock.dataStart)] = directory
         // Data first: the block is whole on the device before a record links it.
-        writes.append((Int(block) * Superblock.blockSize, Self.emptyDirectoryBlock(owner: directory, index: UInt32(page))))
+        writes.append(
+            (Int(block) * Superblock.blockSize, Self.emptyDirectoryBlock(owner: directory, index: UInt32(page))))
         inode.extents = ExtentMap(inline: extents)
         inode.record.size = (page + 1) * UInt64(Superblock.blockSize)
         inode.record.modificationTime = now

@@ -254,7 +254,8 @@ struct Scanner {
             case .entry(let child, let name, let kind):
                 let printable = String(decoding: name, as: UTF8.self)
                 if let reason = result.damagedInodes[child] {
-                    problem("directory \(number) entry \"\(printable)\" names inode \(child), which is damaged: \(reason)")
+                    problem(
+                        "directory \(number) entry \"\(printable)\" names inode \(child), which is damaged: \(reason)")
                     index.damagedEntries[name] = child
                     continue
                 }

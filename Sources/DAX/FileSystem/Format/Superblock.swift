@@ -119,7 +119,8 @@ struct Superblock: Equatable, Sendable {
             throw DAXError(.corrupted, "superblock block size or root inode is wrong")
         }
         let sb = Superblock(
-            version: version, totalBlocks: reader.get(at: 24), journalStart: reader.get(at: 32), journalBlocks: reader.get(at: 40),
+            version: version, totalBlocks: reader.get(at: 24), journalStart: reader.get(at: 32),
+            journalBlocks: reader.get(at: 40),
             inodeStart: reader.get(at: 48), inodeBlocks: reader.get(at: 56), inodeCount: reader.get(at: 64),
             bitmapStart: reader.get(at: 72), bitmapBlocks: reader.get(at: 80), dataStart: reader.get(at: 88),
             dataBlocks: reader.get(at: 96), orphanHead: reader.get(at: 112), uuid: reader.bytes(120..<136),
