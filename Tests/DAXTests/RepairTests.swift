@@ -202,6 +202,35 @@ struct RepairTests {
         }
     }
 
+    @Test("a damaged directory inode of 40 files: all of them under /lost+found, which takes several blocks")
+    func manyLost() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "rpmany")
+        try t.fs.createDirectory("/big")
+        var files: [String: [UInt8]] = [:]
+        for index in 0..<40 {
+            let bytes = pattern(100 + index * 300, seed: index)
+            let file = try t.fs.create("/big/file\(index)")
+            try file.write(bytes, at: 0)
+            files["#\(file.inode.number)"] = bytes
+            file.close()
+        }
+        let directory = try t.fs.attributes(of: "/big").inode
+        let sb = t.fs.superblock
+        try t.fs.unmount()
+        let offset = sb.inodeOffset(directory) + 20
+        try t.device.write([try t.device.read(count: 1, at: offset)[0] ^ 0xFF], at: offset)
+        let report = try DAXFileSystem.repair(t.device)
+        #expect(report.lostAndFound.count == 40, "\(report)")
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.check().isClean)
+        #expect(try fs.attributes(of: "/lost+found").size == 3 * 4096)
+        #expect(try fs.contentsOfDirectory("/lost+found").sorted() == files.keys.sorted())
+        for (name, bytes) in files {
+            #expect(try fs.open("/lost+found/" + name).read(count: 1 << 20, at: 0) == bytes, "\(name)")
+        }
+    }
+
     @Test("a removed file left on the orphan list is freed and the list emptied, as mount would")
     func orphan() throws {
         let f = try DamagedFixture(name: "rporphan")

@@ -36,14 +36,16 @@ extension Salvage {
         }
         if !unplaced.isEmpty {
             let home = try lostAndFoundDirectory(named: &named)
+            var taken = Set((entries[home] ?? []).map(\.name))
             for number in unplaced {
                 guard let inode = kept[number] else { continue }
                 var name = "#\(number)"
                 var suffix = 0
-                while entries[home]?.contains(where: { $0.name == Array(name.utf8) }) == true {
+                while taken.contains(Array(name.utf8)) {
                     suffix += 1
                     name = "#\(number).\(suffix)"
                 }
+                taken.insert(Array(name.utf8))
                 try addEntry(to: home, name: Array(name.utf8), child: number, kind: inode.record.kind)
                 named[number] = home
                 let path = "/\(homeName)/\(name)"
@@ -83,8 +85,10 @@ extension Salvage {
     /// naming an inode that already has a name is removed (DAXFS has no hard links).
     mutating func visit(_ directory: UInt32, named: inout [UInt32: UInt32]) {
         var queue = [directory]
-        while !queue.isEmpty {
-            let current = queue.removeFirst()
+        var next = 0
+        while next < queue.count {
+            let current = queue[next]
+            next += 1
             var keptEntries: [Entry] = []
             for entry in entries[current] ?? [] {
                 if entry.child == Superblock.rootInode || named[entry.child] != nil {
@@ -141,7 +145,8 @@ extension Salvage {
             throw DAXError(.noSpace, "directory \(directory) is too fragmented for repair to add a block to it")
         }
         let page = inode.extents.endPage
-        let block = try allocateBlock()
+        // The block after the directory's last, when free, keeps it one extent.
+        let block = try allocateBlock(goal: inode.extents.allExtents.last?.physicalEnd)
         let extents = ExtentMap.merged(inode.extents.allExtents + [Extent(logical: page, physical: block, length: 1)])
         guard extents.count <= InodeRecord.inlineExtentCapacity else {
             throw DAXError(.noSpace, "directory \(directory) is too fragmented for repair to add a block to it")
@@ -161,7 +166,10 @@ extension Salvage {
         }
     }
 
-    mutating func allocateBlock() throws -> UInt64 {
+    mutating func allocateBlock(goal: UInt64?) throws -> UInt64 {
+        if let goal, superblock.dataRange.contains(goal), owners[Int(goal - superblock.dataStart)] == 0 {
+            return goal
+        }
         for step in 0..<owners.count {
             let index = (allocationCursor + step) % owners.count
             if owners[index] == 0 {
