@@ -319,6 +319,7 @@ struct Fsck: ParsableCommand {
         } else {
             print("\(opened.path): \(report.problems.count) problems")
             for problem in report.problems { print("  - \(problem)") }
+            print("`daxemu fsck --repair` repairs it (unmounted); a read-only mount reads what is intact")
             throw ExitCode(1)
         }
     }

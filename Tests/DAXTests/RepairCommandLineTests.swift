@@ -38,6 +38,7 @@ struct RepairCommandLineTests {
         let found = try runCommand("daxemu", ["fsck", "-d", device.path])
         #expect(found.status == 1, "\(found.output)")
         #expect(found.output.contains("superblock in block 0 is damaged"), "\(found.output)")
+        #expect(found.output.contains("fsck --repair"), "\(found.output)")
 
         let repaired = try runCommand("daxemu", ["fsck", "--repair", "-d", device.path])
         #expect(repaired.status == 0, "\(repaired.output)\(repaired.errors)")
