@@ -186,7 +186,12 @@ public final class DAXFileSystem: Sendable {
         }
         if access == .readOnly { return try mountDegradable(device) }
         let (before, primaryDamage) = try Superblock.locate(base: device.base, deviceBlocks: UInt64(device.pageCount))
-        if let primaryDamage { throw DAXError(.corrupted, "\(primaryDamage); " + Self.repairAdvice) }
+        if let primaryDamage, let backup = before.backupBlock {
+            throw DAXError(
+                .corrupted,
+                "the superblock in block 0 is damaged (\(primaryDamage)); the backup in block \(backup) is intact; "
+                    + Self.repairAdvice)
+        }
         try checkReplay(device, superblock: before)
         let (outcome, sequence) = try Journal.recover(device: device, superblock: before)
         // The replay may have rewritten the superblock (its orphan head): read it again.
@@ -212,7 +217,7 @@ public final class DAXFileSystem: Sendable {
 
     /// Takes the device for this process (`isMounted`) and from other processes (`flock`:
     /// exclusive, or shared for a read-only mount, which other read-only mounts may share).
-    static func lockDevice(_ device: PMemDevice, shared: Bool = false) throws {
+    private static func lockDevice(_ device: PMemDevice, shared: Bool = false) throws {
         guard
             device.isMounted.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else { throw DAXError(.busy, "a file system on \(device.path) is already mounted in this process") }
@@ -226,7 +231,7 @@ public final class DAXFileSystem: Sendable {
         }
     }
 
-    static func unlockDevice(_ device: PMemDevice) {
+    private static func unlockDevice(_ device: PMemDevice) {
         flock(device.fd, LOCK_UN)
         device.isMounted.store(false, ordering: .releasing)
     }
@@ -305,7 +310,7 @@ public final class DAXFileSystem: Sendable {
         try refuseDamage(scan, device, " after replaying its journal (the device was left as it was)")
     }
 
-    static func refuseDamage(_ scan: Scanner.Result, _ device: PMemDevice, _ when: String = "") throws {
+    private static func refuseDamage(_ scan: Scanner.Result, _ device: PMemDevice, _ when: String = "") throws {
         guard !scan.problems.isEmpty else { return }
         let more = scan.problems.count - 3 + scan.suppressed
         throw DAXError(
