@@ -181,6 +181,22 @@ struct DamageTests {
         #expect(error?.message.contains("checksum mismatch") == true)
     }
 
+    @Test("a damaged directory inode: its files are .corrupted naming it; a damaged root refuses even read-only")
+    func degradedDirectoryInode() throws {
+        let f = try DamagedFixture(name: "dgdirinode")
+        try f.flip(f.sb.inodeOffset(f.inodes["/dir"]!) + 20)
+        let fs = try DAXFileSystem.mount(f.device, access: .readOnly)
+        try f.expectIntact(fs, except: Set(f.files.keys.filter { $0.hasPrefix("/dir/") }))
+        let error = expectDAXError(.corrupted) { try fs.open("/dir/g1", access: .readOnly) }
+        #expect(error?.message.contains("\"/dir\" is damaged") == true, "\(error.map { "\($0)" } ?? "")")
+        try fs.unmount()
+
+        try f.flip(f.sb.inodeOffset(Superblock.rootInode) + 20)
+        let refused = expectDAXError(.corrupted) { try DAXFileSystem.mount(f.device, access: .readOnly) }
+        #expect(refused?.message.contains("root directory cannot be read") == true)
+        #expect(refused?.message.contains("fsck --repair") == true)
+    }
+
     @Test("a damaged directory block: the files elsewhere read, a name in it is .corrupted, not .notFound")
     func degradedDirectoryBlock() throws {
         let f = try DamagedFixture(name: "dgdir")
