@@ -133,6 +133,26 @@ struct RepairTests {
         #expect(try fs.open(found).read(count: 1 << 20, at: 0) == f.files["/f1"])
     }
 
+    @Test("a second entry of a name and a second name of an inode are removed; the first ones stay")
+    func duplicateNames() throws {
+        let f = try DamagedFixture(name: "rpdup")
+        let rootBlock = try f.slotOffset(of: "/f0") / 4096 * 4096
+        let slot = { (index: Int) in rootBlock + DirectoryFormat.slotOffset(index) }
+        // The root has 5 entries in its first slots: the last two slots are free.
+        try f.device.write(
+            DirectoryFormat.encodeSlot(inode: f.inodes["/f2"]!, name: Array("f1".utf8), kind: .file), at: slot(13))
+        try f.device.write(
+            DirectoryFormat.encodeSlot(inode: f.inodes["/f3"]!, name: Array("other".utf8), kind: .file), at: slot(14))
+        let report = try f.repairAndVerify()
+        #expect(report.actions.contains("directory 1 has a second entry named \"f1\"; removed it"), "\(report)")
+        #expect(
+            report.actions.contains { $0.contains("entry \"other\" is a second name for inode \(f.inodes["/f3"]!)") },
+            "\(report)")
+        let fs = try DAXFileSystem.mount(f.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.contentsOfDirectory("/") == ["dir", "f0", "f1", "f2", "f3"])
+    }
+
     @Test("a damaged journal header is discarded; the files keep their bytes")
     func damagedJournal() throws {
         let f = try DamagedFixture(name: "rpjournal")

@@ -275,6 +275,7 @@ struct Salvage {
             guard let inode = kept[number], inode.record.kind == .directory else { continue }
             entries[number] = []
             freeSlots[number] = []
+            var names = Set<[UInt8]>()
             for page in 0..<inode.extents.endPage {
                 guard let block = inode.extents.extent(containing: page)?.block(for: page) else { continue }
                 let blockOffset = Int(block) * Superblock.blockSize
@@ -299,7 +300,7 @@ struct Salvage {
                     case .entry(let child, let name, let kind):
                         let quoted = Paths.debug(String(decoding: name, as: UTF8.self))
                         if let target = kept[child], target.record.kind == kind {
-                            if entries[number]!.contains(where: { $0.name == name }) {
+                            if !names.insert(name).inserted {
                                 say("directory \(number) has a second entry named \(quoted); removed it")
                                 clearSlot(offset, of: number)
                             } else {
