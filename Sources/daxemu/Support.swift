@@ -48,6 +48,13 @@ extension DeviceOptions {
         let device = try open(readOnly: access == .readOnly)
         defer { device.close() }
         let fs = try DAXFileSystem.mount(device, access: access)
+        if fs.isDegraded {
+            // A read-only mount of a damaged device reads what is intact: say what is not.
+            writeStderr(
+                "daxemu: warning: the file system is damaged (\(fs.damage.first ?? "see fsck"))"
+                    + "\(fs.damage.count > 1 ? " and \(fs.damage.count - 1) more" : ""); only intact files can be read; "
+                    + "`daxemu fsck --repair` repairs it\n")
+        }
         do {
             let result = try body(fs)
             try fs.unmount()
