@@ -62,7 +62,7 @@ final class BlockAllocator: Sendable {
             guard state.availableCount >= count else {
                 throw DAXError(
                     .noSpace,
-                    "no space: \(count) blocks needed, \(state.availableCount) free"
+                    "no space: \(counted(count, "block")) needed, \(state.availableCount) free"
                         + (state.quarantined > 0 ? " and \(state.quarantined) held by pins" : ""))
             }
             var runs: [BlockRun] = []
@@ -106,7 +106,7 @@ final class BlockAllocator: Sendable {
             }
             guard taken == count else {
                 for run in runs { Self.giveBack(run, to: &state, pages: pages, dataStart: dataStart) }
-                throw DAXError(.noSpace, "no space: \(count) blocks needed, only \(taken) free and idle")
+                throw DAXError(.noSpace, "no space: \(counted(count, "block")) needed, only \(taken) free and idle")
             }
             state.cursor = position < dataBlocks ? position : 0
             return runs

@@ -3,3 +3,8 @@
 func counted(_ count: some BinaryInteger, _ noun: String, plural: String? = nil) -> String {
     "\(count) \(count == 1 ? noun : plural ?? noun + "s")"
 }
+
+/// ``counted(_:_:plural:)`` with the verb: "1 page is", "2 pages are".
+func countedAre(_ count: some BinaryInteger, _ noun: String, plural: String? = nil) -> String {
+    counted(count, noun, plural: plural) + (count == 1 ? " is" : " are")
+}

@@ -36,7 +36,7 @@ public final class DMAEngine: Sendable {
             guard region.access == .readWrite else {
                 throw DAXError(
                     .permissionDenied,
-                    "cannot DMA-write \(bytes.count) bytes at offset \(offset): the region's pages were "
+                    "cannot DMA-write \(counted(bytes.count, "byte")) at offset \(offset): the region's pages were "
                         + "pinned .readOnly (a reader of the file may not change it)")
             }
             bytes.withUnsafeBytes { source in
@@ -135,8 +135,8 @@ public final class DMARegion: Sendable {
         guard offset >= 0, count >= 0, offset <= self.count, count <= self.count - offset else {
             throw DAXError(
                 .invalidArgument,
-                "cannot DMA-\(what) \(count) bytes at offset \(offset): outside the region "
-                    + "of \(self.count) bytes")
+                "cannot DMA-\(what) \(counted(count, "byte")) at offset \(offset): outside the region "
+                    + "of \(counted(self.count, "byte"))")
         }
         guard retainsDevice else {
             throw DAXError(.invalidArgument, "cannot DMA-\(what): device \(device.path) is closed")
@@ -151,7 +151,7 @@ public final class DMARegion: Sendable {
             } catch let error as DAXError {
                 let first = frames.first.map { " from \($0)" } ?? ""
                 throw error.context(
-                    "cannot DMA-\(what) \(count) bytes at offset \(offset) of the region of \(self.count) bytes\(first)",
+                    "cannot DMA-\(what) \(counted(count, "byte")) at offset \(offset) of the region of \(counted(self.count, "byte"))\(first)",
                     naming: "DMA-")
             }
         }

@@ -14,7 +14,7 @@ public struct CheckReport: Sendable, Equatable, CustomStringConvertible {
 
     public var description: String {
         guard !isClean else { return "clean" }
-        let count = problems.count == 1 ? "1 problem" : "\(problems.count) problems"
+        let count = counted(problems.count, "problem")
         return "\(count):\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
     }
 }
@@ -122,7 +122,7 @@ extension DAXFileSystem {
                 || record.linkCount != inode.record.linkCount
             {
                 problems.append(
-                    "inode \(inode.number): memory says \(inode.record.kind) of \(inode.record.size) bytes "
+                    "inode \(inode.number): memory says \(inode.record.kind) of \(counted(inode.record.size, "byte")) "
                         + "with \(inode.record.linkCount) links, the device \(record.kind) of \(record.size) with "
                         + "\(record.linkCount)")
             }

@@ -88,7 +88,7 @@ public final class DAXFile: Sendable {
             throw DAXError(
                 .invalidArgument,
                 "cannot \(operation) \(Paths.debug(path)) at \(offset) + \(count): past the "
-                    + "largest file size of \(DAXFileSystem.maximumFileSize) bytes")
+                    + "largest file size of \(counted(DAXFileSystem.maximumFileSize, "byte"))")
         }
     }
 
@@ -130,8 +130,8 @@ public final class DAXFile: Sendable {
                 guard length <= limit else {
                     throw DAXError(
                         .noSpace,
-                        "cannot read \(length) bytes at offset \(offset) of \(Paths.debug(path)) into one array: "
-                            + "more than half of the machine's memory (\(limit) bytes); read it in pieces "
+                        "cannot read \(counted(length, "byte")) at offset \(offset) of \(Paths.debug(path)) into one array: "
+                            + "more than half of the machine's memory (\(counted(limit, "byte"))); read it in pieces "
                             + "with read(into:at:) or map it")
                 }
                 return fileSystem.readData(inode, count: count, at: offset)

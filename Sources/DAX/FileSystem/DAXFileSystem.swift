@@ -179,7 +179,7 @@ public final class DAXFileSystem: Sendable {
             // free on the device, and a new mount must not hand them out.
             throw DAXError(
                 .busy,
-                "cannot mount \(device.path): \(totals.acquired - totals.released) pages are still "
+                "cannot mount \(device.path): \(countedAre(totals.acquired - totals.released, "page")) still "
                     + "pinned from an earlier mount; release those pins first")
         }
         if access == .readOnly { return try mountDegradable(device) }
@@ -344,12 +344,12 @@ public final class DAXFileSystem: Sendable {
                 let inodes = table.withTrackedLock { Array($0.inodes.values) }
                 let mapped = inodes.filter { $0.users.withTrackedLock { $0.mappings > 0 } }.count
                 guard mapped == 0 else {
-                    throw DAXError(.busy, "cannot unmount \(device.path): \(mapped) files are mapped")
+                    throw DAXError(.busy, "cannot unmount \(device.path): \(countedAre(mapped, "file")) mapped")
                 }
                 let totals = device.pages.pinTotals
                 let pinned = totals.acquired - totals.released
                 guard pinned == 0, allocator.quarantinedBlocks == 0 else {
-                    throw DAXError(.busy, "cannot unmount \(device.path): \(pinned) pages are pinned")
+                    throw DAXError(.busy, "cannot unmount \(device.path): \(countedAre(pinned, "page")) pinned")
                 }
                 state.mounted = false
                 mountedFlag.store(false, ordering: .releasing)

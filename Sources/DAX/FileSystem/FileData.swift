@@ -115,10 +115,10 @@ extension DAXFileSystem {
                 map.store(into: &stored)
                 change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
             }
-            try journal.checkFits(change.transaction, what: "write of \(source.count) bytes")
+            try journal.checkFits(change.transaction, what: "write of \(counted(source.count, "byte"))")
             copy(source, into: map, at: offset)
             device.drain()
-            try commit(change, what: "write of \(source.count) bytes")
+            try commit(change, what: "write of \(counted(source.count, "byte"))")
         } catch {
             abandon(change)
             throw error
@@ -220,7 +220,7 @@ extension DAXFileSystem {
             map.store(into: &stored)
             change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
             device.drain()
-            try commit(change, what: "allocate of \(count) bytes")
+            try commit(change, what: "allocate of \(counted(count, "byte"))")
             inode.extents = map
             inode.record = record
             return added
@@ -292,7 +292,7 @@ extension DAXFileSystem {
         var stored = plan.record
         plan.extents.store(into: &stored)
         plan.change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
-        try fits(plan, what: "truncate to \(size) bytes")
+        try fits(plan, what: "truncate to \(counted(size, "byte"))")
         return plan
     }
 
@@ -337,7 +337,7 @@ extension DAXFileSystem {
                 [offset..<min(firstWhole, end), max(lastWhole, offset)..<end].filter { !$0.isEmpty },
                 of: plan.extents, in: &plan.change)
         }
-        try fits(plan, what: "punch of \(count) bytes")
+        try fits(plan, what: "punch of \(counted(count, "byte"))")
         return plan
     }
 

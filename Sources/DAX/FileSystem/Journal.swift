@@ -144,7 +144,7 @@ final class Journal: Sendable {
         guard size <= capacity else {
             throw DAXError(
                 .noSpace,
-                "\(what) needs a metadata transaction of \(size) bytes; "
+                "\(what) needs a metadata transaction of \(counted(size, "byte")); "
                     + "the journal holds \(capacity) (format a larger device or with a larger journal)")
         }
     }
@@ -363,7 +363,7 @@ final class Journal: Sendable {
         let capacity = (Int(superblock.journalBlocks) - 1) * Superblock.blockSize
         guard length <= UInt64(capacity) else {
             throw DAXError(
-                .corrupted, "journal header claims \(length) bytes of records; the journal holds \(capacity)")
+                .corrupted, "journal header claims \(counted(length, "byte")) of records; the journal holds \(capacity)")
         }
         let area = ByteReader(device.base + headerOffset + Superblock.blockSize, count: Int(length))
         guard header.get(UInt32.self, at: 32) == area.crc(of: 0..<Int(length)) else {
@@ -416,7 +416,7 @@ final class Journal: Sendable {
                 else {
                     throw DAXError(
                         .corrupted,
-                        "journal record \(index) writes \(length) bytes at offset \(offset), outside "
+                        "journal record \(index) writes \(counted(length, "byte")) at offset \(offset), outside "
                             + "the superblock and the metadata and data regions")
                 }
                 let start = at + Transaction.recordHeaderSize

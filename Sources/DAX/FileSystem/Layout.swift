@@ -76,7 +76,7 @@ extension DAXFileSystem {
                 report.notes.append("the journal header is torn (a crash while committing); the next mount discards it")
             case .committed(_, let records):
                 let pending =
-                    "the journal holds a committed transaction of \(records.count) records, which the next mount replays"
+                    "the journal holds a committed transaction of \(counted(records.count, "record")), which the next mount replays"
                 if let replayed = try? PrivateView(of: device) {
                     Journal.apply(records, to: replayed, superblock: sb)
                     replayedRanges = Journal.targets(of: records, superblock: sb)

@@ -254,7 +254,7 @@ extension DAXFileSystem {
         }
         guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
             throw DAXError(
-                .noSpace, "cannot create \(Paths.debug(path)): all \(superblock.inodeCount) inodes are in use")
+                .noSpace, "cannot create \(Paths.debug(path)): all \(countedAre(superblock.inodeCount, "inode")) in use")
         }
         var change = PendingChange()
         do {

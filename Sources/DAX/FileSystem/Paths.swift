@@ -13,7 +13,7 @@ enum Paths {
                 throw DAXError(
                     .invalidArgument,
                     "name \(debug(String(decoding: part.prefix(40), as: UTF8.self)))... in \(debug(path)) is "
-                        + "\(part.count) bytes long; names are at most 255 bytes")
+                        + "\(counted(part.count, "byte")) long; names are at most 255 bytes")
             }
             if part == [UInt8(ascii: ".")] || part == [UInt8(ascii: "."), UInt8(ascii: ".")] {
                 throw DAXError(

@@ -141,13 +141,13 @@ struct Salvage {
                 }
             }
             guard block == 0, leaves.count == Int(record.leafCount) else {
-                return .failure(.field("extent leaf chain (it does not end after \(record.leafCount) leaves)"))
+                return .failure(.field("extent leaf chain (it does not end after \(counted(record.leafCount, "leaf", plural: "leaves")))"))
             }
             map = ExtentMap(leaves: leaves)
         }
         let extents = map.allExtents
         guard UInt32(extents.count) == record.extentCount else {
-            return .failure(.field("extent count (\(extents.count) extents, the record says \(record.extentCount))"))
+            return .failure(.field("extent count (\(counted(extents.count, "extent")), the record says \(record.extentCount))"))
         }
         for (index, extent) in extents.enumerated() {
             if index > 0, extents[index - 1].logicalEnd > extent.logical {
@@ -192,7 +192,7 @@ struct Salvage {
             var fixed = inode
             if inode.record.blockCount != inode.extents.blockCount {
                 say(
-                    "inode \(number): its record says \(inode.record.blockCount) blocks, its extents map "
+                    "inode \(number): its record says \(counted(inode.record.blockCount, "block")), its extents map "
                         + "\(inode.extents.blockCount); corrected the record")
                 fixed.record.blockCount = inode.extents.blockCount
                 fixed.changed = true
@@ -200,7 +200,7 @@ struct Salvage {
             let pages = (inode.record.size + UInt64(Superblock.blockSize) - 1) / UInt64(Superblock.blockSize)
             if inode.record.kind == .file, inode.extents.endPage > pages {
                 let size = inode.extents.endPage * UInt64(Superblock.blockSize)
-                say("file inode \(number): blocks are mapped past its size \(inode.record.size); made it \(size) bytes")
+                say("file inode \(number): blocks are mapped past its size \(inode.record.size); made it \(counted(size, "byte"))")
                 fixed.record.size = size
                 fixed.changed = true
             }
@@ -263,7 +263,7 @@ struct Salvage {
             }
             let size = pages * UInt64(Superblock.blockSize)
             if kept[number]?.record.size != size {
-                say("directory \(number) has size \(inode.record.size) for \(pages) blocks; made it \(size)")
+                say("directory \(number) has size \(inode.record.size) for \(counted(pages, "block")); made it \(size)")
                 kept[number]?.record.size = size
                 kept[number]?.changed = true
             }

@@ -52,7 +52,7 @@ extension Salvage {
                 lostAndFound.append(path)
                 let what =
                     inode.record.kind == .directory
-                    ? "a directory" : "a file of \(inode.record.size) bytes"
+                    ? "a directory" : "a file of \(counted(inode.record.size, "byte"))"
                 say("inode \(number) (\(what)) had no name; moved it to \(path)")
             }
         }

@@ -202,14 +202,14 @@ struct Scanner {
                 }
             }
             guard block == 0, leaves.count == Int(record.leafCount) else {
-                problem("inode \(number): extent leaf chain does not end after \(record.leafCount) leaves")
+                problem("inode \(number): extent leaf chain does not end after \(counted(record.leafCount, "leaf", plural: "leaves"))")
                 return nil
             }
             map = ExtentMap(leaves: leaves)
         }
         let extents = map.allExtents
         guard UInt32(extents.count) == record.extentCount else {
-            problem("inode \(number): holds \(extents.count) extents, its record says \(record.extentCount)")
+            problem("inode \(number): holds \(counted(extents.count, "extent")), its record says \(record.extentCount)")
             return nil
         }
         for (index, extent) in extents.enumerated() {
@@ -228,7 +228,7 @@ struct Scanner {
             }
         }
         if map.blockCount != record.blockCount {
-            problem("inode \(number): extents map \(map.blockCount) blocks, its record says \(record.blockCount)")
+            problem("inode \(number): extents map \(counted(map.blockCount, "block")), its record says \(record.blockCount)")
         }
         let pageSize = UInt64(Superblock.blockSize)
         if record.kind == .file, map.endPage > (record.size + pageSize - 1) / pageSize {
@@ -272,7 +272,7 @@ struct Scanner {
                 pages = extent.logicalEnd
             }
             if inode.record.size != pages * UInt64(Superblock.blockSize) {
-                problem("directory \(number) has size \(inode.record.size) for \(pages) blocks")
+                problem("directory \(number) has size \(inode.record.size) for \(counted(pages, "block"))")
             }
             result.inodes[number]?.directory = index
         }
@@ -465,12 +465,12 @@ struct Scanner {
         result.allocatedBlocks = allocated
         if let firstLeaked {
             problem(
-                "\(leaked == 1 ? "1 block is" : "\(leaked) blocks are") marked allocated but owned by no file (leaked), the first is block "
+                "\(leaked == 1 ? "1 block is" : "\(counted(leaked, "block")) are") marked allocated but owned by no file (leaked), the first is block "
                     + "\(superblock.dataStart + UInt64(firstLeaked))")
         }
         if let firstMissing {
             problem(
-                "\(missing == 1 ? "1 block is" : "\(missing) blocks are") owned by a file but marked free, the first is block "
+                "\(missing == 1 ? "1 block is" : "\(counted(missing, "block")) are") owned by a file but marked free, the first is block "
                     + "\(superblock.dataStart + UInt64(firstMissing)) (inode \(owners[firstMissing]))")
         }
     }

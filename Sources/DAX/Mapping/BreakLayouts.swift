@@ -33,7 +33,7 @@ extension DAXFile {
     public func truncate(to size: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
         try Self.checkRange(size, 0, "truncate", path)
         try fileSystem.changeLayout(
-            inode, policy: policy, what: "truncate \(Paths.debug(path)) to \(size) bytes",
+            inode, policy: policy, what: "truncate \(Paths.debug(path)) to \(counted(size, "byte"))",
             guarded: { try operation("truncate", writable: true, $0) }
         ) {
             try inode.checkLive(path)
@@ -93,7 +93,7 @@ extension DAXFileSystem {
             case .fail:
                 throw DAXError(
                     .busy,
-                    "cannot \(what): \(busy.count) pages are pinned or referenced, the first is "
+                    "cannot \(what): \(countedAre(busy.count, "page")) pinned or referenced, the first is "
                         + "pfn \(busy[0]) (\(device.pages.state(of: PageFrameNumber(rawValue: busy[0]))))")
             case .deferFree:
                 preconditionFailure("deferFree never waits")
@@ -231,7 +231,7 @@ extension DAXFileSystem {
     private func timedOut(_ what: String, _ busy: [UInt64], _ why: String) -> DAXError {
         DAXError(
             .timedOut,
-            "cannot \(what): \(busy.count) pages stayed pinned (\(why))"
+            "cannot \(what): \(counted(busy.count, "page")) stayed pinned (\(why))"
                 + (busy.first.map { ", the first is pfn \($0)" } ?? ""))
     }
 }

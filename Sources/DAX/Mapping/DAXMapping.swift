@@ -83,7 +83,7 @@ public final class DAXMapping: Sendable {
     public func persist(offset: Int, count: Int) {
         precondition(
             offset >= 0 && count >= 0 && offset <= length && count <= length - offset,
-            "persist of \(count) bytes at \(offset) is outside the mapping of \(length) bytes")
+            "persist of \(counted(count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
         let device = fileSystem.device
         if device.persistence == .cacheFlush {
             if device.systemCalls.isLive {
@@ -104,7 +104,7 @@ public final class DAXMapping: Sendable {
         precondition(access == .readWrite, "copy into a read-only mapping of \(path)")
         precondition(
             offset >= 0 && source.count <= length && offset <= length - source.count,
-            "copy of \(source.count) bytes at \(offset) is outside the mapping of \(length) bytes")
+            "copy of \(counted(source.count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
         guard let from = source.baseAddress, source.count > 0 else { return }
         let device = fileSystem.device
         if device.persistence == .cacheFlush {
@@ -265,7 +265,7 @@ enum MappingRegion {
     /// Reserves `length` bytes of address space that fault until something is mapped there.
     static func reserve(_ length: Int, calls: SystemCalls) throws -> UnsafeMutableRawPointer {
         guard let base = calls.mmap(nil, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) else {
-            throw DAXError.system("mmap", "cannot reserve \(length) bytes of address space for a mapping", errno: errno)
+            throw DAXError.system("mmap", "cannot reserve \(counted(length, "byte")) of address space for a mapping", errno: errno)
         }
         return base
     }
@@ -302,7 +302,7 @@ enum MappingRegion {
     static func mapZeroPages(_ address: UnsafeMutableRawPointer, length: Int, calls: SystemCalls) throws {
         guard calls.mmap(address, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) != nil
         else {
-            throw DAXError.system("mmap", "cannot map \(length) bytes of zero pages for holes", errno: errno)
+            throw DAXError.system("mmap", "cannot map \(counted(length, "byte")) of zero pages for holes", errno: errno)
         }
     }
 

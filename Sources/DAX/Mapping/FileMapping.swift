@@ -23,7 +23,7 @@ extension DAXFile {
         guard count > 0, offset % PMemDevice.pageSize == 0 else {
             throw DAXError(
                 .invalidArgument,
-                "cannot map \(count) bytes at offset \(offset) of \(Paths.debug(path)): "
+                "cannot map \(counted(count, "byte")) at offset \(offset) of \(Paths.debug(path)): "
                     + "the offset must be a multiple of \(PMemDevice.pageSize) and the count positive")
         }
         let fs = fileSystem
@@ -42,7 +42,7 @@ extension DAXFile {
                     throw DAXError(
                         .invalidArgument,
                         "cannot map \(offset)..<\(offset + count) of \(Paths.debug(path)): "
-                            + "the file has only \(size) bytes (extend it with truncate or allocate first)")
+                            + "the file has only \(counted(size, "byte")) (extend it with truncate or allocate first)")
                 }
                 if access == .readWrite {
                     let added = try fs.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")

@@ -17,8 +17,8 @@ extension DAXMapping {
         guard offset >= 0, count > 0, offset <= self.count, count <= self.count - offset else {
             throw DAXError(
                 .invalidArgument,
-                "cannot pin \(count) bytes at offset \(offset): outside the mapping of "
-                    + "\(self.count) bytes of \(Paths.debug(path))")
+                "cannot pin \(counted(count, "byte")) at offset \(offset): outside the mapping of "
+                    + "\(counted(self.count, "byte")) of \(Paths.debug(path))")
         }
         if access == .readWrite, !writable {
             throw DAXError(
@@ -120,7 +120,7 @@ extension DAXMapping {
                 throw DAXError(
                     .invalidArgument,
                     "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
-                        + "a truncate cut it off (the file has \(size) bytes); the mapping faults there")
+                        + "a truncate cut it off (the file has \(counted(size, "byte"))); the mapping faults there")
             }
             let pages = UInt64(missing.first!)..<(UInt64(missing.last!) + 1)
             let filePages = (firstPage + pages.lowerBound)..<(firstPage + pages.upperBound)

@@ -117,7 +117,7 @@ public final class PMemDevice: Sendable {
         guard options.sparse || size <= free else {
             throw DAXError(
                 .noSpace,
-                "cannot create device \(path) of \(size) bytes: its directory has \(free) bytes free "
+                "cannot create device \(path) of \(counted(size, "byte")): its directory has \(counted(free, "byte")) free "
                     + "(a sparse device may be larger)")
         }
         let calls = options.systemCalls
@@ -126,7 +126,7 @@ public final class PMemDevice: Sendable {
         guard let mapping = calls.pmemMapFile(path, size, Int32(flags), mode_t(options.permissions)) else {
             let code = Glibc.errno
             throw DAXError.pmem(
-                "pmem_map_file", "cannot create device \(path) of \(size) bytes",
+                "pmem_map_file", "cannot create device \(path) of \(counted(size, "byte"))",
                 errno: code, message: pmemErrorMessage())
         }
         do {
@@ -175,7 +175,7 @@ public final class PMemDevice: Sendable {
                 throw DAXError(
                     .invalidArgument,
                     "cannot open device \(path): its size \(size) is not a multiple of \(pageSize) "
-                        + "between \(minimumSize) and \(maximumSize) bytes")
+                        + "between \(minimumSize) and \(counted(maximumSize, "byte"))")
             }
         }
         let calls = options.systemCalls
@@ -292,12 +292,12 @@ public final class PMemDevice: Sendable {
         guard size >= minimumSize else {
             throw DAXError(
                 .invalidArgument,
-                "device size \(size) for \(path) is below the minimum of \(minimumSize) bytes (2 MiB)")
+                "device size \(size) for \(path) is below the minimum of \(counted(minimumSize, "byte")) (2 MiB)")
         }
         guard size <= maximumSize else {
             throw DAXError(
                 .invalidArgument,
-                "device size \(size) for \(path) is above the maximum of \(maximumSize) bytes (16 TiB)")
+                "device size \(size) for \(path) is above the maximum of \(counted(maximumSize, "byte")) (16 TiB)")
         }
     }
 
@@ -427,7 +427,7 @@ public final class PMemDevice: Sendable {
         checkRange(offset, count)
         guard systemCalls.msync(base + offset, count) == 0 else {
             throw DAXError.system(
-                "msync", "cannot persist \(count) bytes at offset \(offset) of \(path)",
+                "msync", "cannot persist \(counted(count, "byte")) at offset \(offset) of \(path)",
                 errno: Glibc.errno)
         }
     }
@@ -498,10 +498,10 @@ public final class PMemDevice: Sendable {
             if code == ENOSPC {
                 throw DAXError(
                     .noSpace,
-                    "cannot back \(end - start) bytes at offset \(start) of sparse device \(path): the file "
+                    "cannot back \(counted(end - start, "byte")) at offset \(start) of sparse device \(path): the file "
                         + "system holding it is full", errno: code)
             }
-            throw DAXError.system("fallocate", "cannot back \(end - start) bytes at offset \(start) of \(path)", errno: code)
+            throw DAXError.system("fallocate", "cannot back \(counted(end - start, "byte")) at offset \(start) of \(path)", errno: code)
         }
     }
 
@@ -571,7 +571,7 @@ public final class PMemDevice: Sendable {
         try validateRange(offset, bytes.count)
         guard !isReadOnly else {
             throw DAXError(
-                .permissionDenied, "cannot write \(bytes.count) bytes at offset \(offset) of \(path): opened read-only")
+                .permissionDenied, "cannot write \(counted(bytes.count, "byte")) at offset \(offset) of \(path): opened read-only")
         }
         bytes.withUnsafeBytes { copy($0, toOffset: offset, flags: flags) }
     }
@@ -592,7 +592,7 @@ public final class PMemDevice: Sendable {
         guard offset >= 0, count >= 0, offset <= size, count <= size - offset else {
             throw DAXError(
                 .invalidArgument,
-                "range of \(count) bytes at offset \(offset) is outside device \(path) of \(size) bytes")
+                "range of \(counted(count, "byte")) at offset \(offset) is outside device \(path) of \(counted(size, "byte"))")
         }
     }
 

@@ -31,7 +31,7 @@ public final class PageMap: Sendable {
         let memory = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard let memory, memory != MAP_FAILED else {
             throw DAXError.system(
-                "mmap", "cannot reserve \(bytes) bytes for \(pageCount) page descriptors",
+                "mmap", "cannot reserve \(counted(bytes, "byte")) for \(pageCount) page descriptors",
                 errno: Glibc.errno)
         }
         // Zeroed memory is a valid table: no counts, no flags, no owner.
@@ -103,7 +103,7 @@ public final class PageMap: Sendable {
 
     private func check(_ frame: PageFrameNumber) throws {
         guard frame.rawValue < UInt64(count) else {
-            throw DAXError(.invalidArgument, "\(frame) is outside the device's \(count) pages")
+            throw DAXError(.invalidArgument, "\(frame) is outside the device's \(counted(count, "page"))")
         }
     }
 
@@ -151,7 +151,7 @@ public final class PageMap: Sendable {
     package func pin(first: PageFrameNumber, count pages: Int) throws -> PinnedPages {
         guard pages > 0, first.rawValue < UInt64(count), UInt64(pages) <= UInt64(count) - first.rawValue else {
             throw DAXError(
-                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(count) pages")
+                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
         let run = FrameRun(start: first.rawValue, count: pages)
         if pages == 1 { try table.pinOne(run.start) } else { try table.pin(.single(run)) }
@@ -163,7 +163,7 @@ public final class PageMap: Sendable {
         guard case .longTerm = lifetime else { return try pin(first: first, count: pages) }
         guard pages > 0, first.rawValue < UInt64(count), UInt64(pages) <= UInt64(count) - first.rawValue else {
             throw DAXError(
-                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(count) pages")
+                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
         return try pin(
             runs: .single(FrameRun(start: first.rawValue, count: pages)), access: .readWrite, lifetime: lifetime)

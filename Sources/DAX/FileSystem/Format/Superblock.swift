@@ -37,7 +37,7 @@ struct Superblock: Equatable, Sendable {
         let total = Int(totalBlocks)
         let journal = requested ?? min(max(total / 64, 64), 8192)
         guard journal >= 8 else {
-            throw DAXError(.invalidArgument, "journal of \(journal) blocks is too small (at least 8)")
+            throw DAXError(.invalidArgument, "journal of \(counted(journal, "block")) is too small (at least 8)")
         }
         guard bytesPerInode >= 1024, bytesPerInode % 1024 == 0 else {
             throw DAXError(
@@ -56,7 +56,7 @@ struct Superblock: Equatable, Sendable {
         guard dataBlocks >= 16 else {
             throw DAXError(
                 .noSpace,
-                "a device of \(total) blocks leaves \(dataBlocks) data blocks after metadata; "
+                "a device of \(counted(total, "block")) leaves \(dataBlocks) data blocks after metadata; "
                     + "\(journal) journal and \(inodeBlocks) inode table blocks need a larger device")
         }
         return Superblock(
@@ -134,22 +134,22 @@ struct Superblock: Equatable, Sendable {
     /// Why the regions do not tile the device, or nil.
     func geometryProblem(deviceBlocks: UInt64) -> String? {
         if totalBlocks != deviceBlocks {
-            return "it describes \(totalBlocks) blocks but the device has \(deviceBlocks)"
+            return "it describes \(counted(totalBlocks, "block")) but the device has \(deviceBlocks)"
         }
         if journalStart != 1 || journalBlocks < 8 || journalBlocks > 1 << 20 {
-            return "journal at \(journalStart) of \(journalBlocks) blocks"
+            return "journal at \(journalStart) of \(counted(journalBlocks, "block"))"
         }
         if inodeStart != journalStart + journalBlocks { return "inode table does not follow the journal" }
         if inodeCount == 0 || inodeCount > UInt64(Self.maximumInodes)
             || inodeBlocks != (inodeCount + UInt64(Self.inodesPerBlock) - 1) / UInt64(Self.inodesPerBlock)
         {
-            return "\(inodeCount) inodes in \(inodeBlocks) blocks"
+            return "\(counted(inodeCount, "inode")) in \(counted(inodeBlocks, "block"))"
         }
         if bitmapStart != inodeStart + inodeBlocks { return "bitmap does not follow the inode table" }
-        if bitmapBlocks == 0 || bitmapBlocks > totalBlocks { return "bitmap of \(bitmapBlocks) blocks" }
+        if bitmapBlocks == 0 || bitmapBlocks > totalBlocks { return "bitmap of \(counted(bitmapBlocks, "block"))" }
         if dataStart != bitmapStart + bitmapBlocks { return "data region does not follow the bitmap" }
         if dataStart >= dataEnd || dataBlocks != dataEnd - dataStart {
-            return "data region of \(dataBlocks) blocks"
+            return "data region of \(counted(dataBlocks, "block"))"
         }
         if bitmapBlocks * UInt64(Self.bitsPerBitmapBlock) < dataBlocks { return "bitmap too small for the data region" }
         if orphanHead > inodeCount { return "orphan list head \(orphanHead) is not an inode" }
