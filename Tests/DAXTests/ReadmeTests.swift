@@ -31,6 +31,44 @@ struct ReadmeTests {
         device.close()
     }
 
+    @Test("the README's second example runs: open-or-create, unnamed files, scoped pins, leases, read-only, repair")
+    func readmeSecondExample() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "readme2")
+        let other = try TemporaryFileSystem(size: 8 << 20, name: "readme2other")
+        try other.fs.unmount()
+        let fs = t.fs
+        let device = t.device
+        let otherDevice = other.device
+
+        let store = try fs.openOrCreate("/store") { try $0.allocate(offset: 0, count: 1 << 20) }
+        let draft = try fs.createUnnamed(in: "/")
+        try draft.write(Array("draft".utf8), at: 0)
+        try fs.link(draft, at: "/draft", replacing: true)
+
+        let storeMapping = try store.map(count: 1 << 20)
+        let frames = try storeMapping.withPin(offset: 0, count: 4096) { pin in pin.frames }
+        let lease = try storeMapping.pin(offset: 0, count: 4096, lifetime: .longTerm(releasing: { $0.release() }))
+
+        #expect(frames == [try store.frames(offset: 0, count: 1)[0]!])
+        #expect(try fs.contentsOfDirectory("/") == ["draft", "store"])
+        let isLease = lease.isLongTerm
+        #expect(isLease)
+        lease.release()
+        storeMapping.unmap()
+        draft.close()
+        store.close()
+        try fs.unmount()
+
+        var readOnly = PMemDevice.Options()
+        readOnly.readOnly = true
+        let reader = try DAXFileSystem.mount(try PMemDevice.open(path: device.path, options: readOnly), access: .readOnly)
+        let report = try DAXFileSystem.repair(otherDevice)
+
+        #expect(try reader.open("/draft", access: .readOnly).read(count: 5, at: 0) == Array("draft".utf8))
+        #expect(report.changedNothing)
+        try reader.unmount()
+    }
+
     @Test("the README shows that example, with the busy policy of every truncate spelled out")
     func readmeShowsTheExample() throws {
         let readme = try String(
@@ -38,6 +76,8 @@ struct ReadmeTests {
                 "../../README.md"), encoding: .utf8)
         #expect(readme.contains("try file.truncate(to: 1 << 20, ifBusy: .fail)"))
         #expect(readme.contains("try file.truncate(to: 0, ifBusy: .deferFree)"))
+        #expect(readme.contains("let draft = try fs.createUnnamed(in: \"/\")"))
+        #expect(readme.contains("let report = try DAXFileSystem.repair(otherDevice)"))
         // A truncate without a policy waits 30 s when a page is pinned: none in the README.
         let truncates = readme.split(separator: "\n").filter { $0.contains(".truncate(to:") }
         #expect(truncates.count == 2 && truncates.allSatisfy { $0.contains("ifBusy:") })

@@ -205,6 +205,8 @@ extension Salvage {
             sealed.sealCRC(of: 0..<Superblock.bitmapBytesPerBlock, at: Superblock.bitmapBytesPerBlock)
             let blockReader = reader(block: superblock.bitmapStart + UInt64(bitmapBlock))
             guard blockReader.bytes(0..<Superblock.blockSize) != sealed.bytes else { continue }
+            // A block never written since format is all zeros, checksum included: all free, valid.
+            if bytes.allSatisfy({ $0 == 0 }), Scanner.isZero(blockReader) { continue }
             let crcValid =
                 blockReader.get(UInt32.self, at: Superblock.bitmapBytesPerBlock)
                 == blockReader.crc(of: 0..<Superblock.bitmapBytesPerBlock)
