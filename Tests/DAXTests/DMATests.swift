@@ -95,4 +95,28 @@ struct DMATests {
         #expect(statistics.pinsAcquired == statistics.pinsReleased)
         #expect(try t.fs.check().isClean)
     }
+
+    @Test("DMA from and into the caller's buffers, across page boundaries, by frame")
+    func rawBuffers() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "dmaraw")
+        let file = try t.fs.create("/f")
+        try file.write(pattern(3 * 4096), at: 0)
+        let mapping = try file.map(count: 3 * 4096)
+        let nic = DMAEngine(device: t.device)
+        let region = nic.register(try mapping.pin(offset: 0, count: 3 * 4096))
+        let message = pattern(5000, seed: 9)
+        try message.withUnsafeBytes { try nic.write(from: $0, to: region, at: 4000) }
+        #expect(try file.read(count: 5000, at: 4000) == message)
+        var back = [UInt8](repeating: 0, count: 5000)
+        try back.withUnsafeMutableBytes { try nic.read(into: $0, from: region, at: 4000) }
+        #expect(back == message)
+        var outside = [UInt8](repeating: 7, count: 10)
+        expectDAXError(.invalidArgument) {
+            try outside.withUnsafeMutableBytes { try nic.read(into: $0, from: region, at: 3 * 4096 - 5) }
+        }
+        #expect(outside == [UInt8](repeating: 7, count: 10))
+        expectDAXError(.invalidArgument) { try nic.read(count: 1 << 40, from: region, at: 0) }
+        nic.deregister(region)
+        mapping.unmap()
+    }
 }

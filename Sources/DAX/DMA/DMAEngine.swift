@@ -31,41 +31,53 @@ public final class DMAEngine: Sendable {
     /// range outside the region, a deregistered region, or a pin of another device; then nothing
     /// is written.
     public func write(_ bytes: [UInt8], to region: DMARegion, at offset: Int) throws {
+        try bytes.withUnsafeBytes { try write(from: $0, to: region, at: offset) }
+    }
+
+    /// Writes the bytes of `source` at `offset` of the region, by frame, straight from the
+    /// caller's memory (no array is made). Throws as ``write(_:to:at:)`` does.
+    public func write(from source: UnsafeRawBufferPointer, to region: DMARegion, at offset: Int) throws {
         try checkOwner(region)
-        try region.withAccess(offset: offset, count: bytes.count, what: "write") {
+        try region.withAccess(offset: offset, count: source.count, what: "write") {
             guard region.access == .readWrite else {
                 throw DAXError(
                     .permissionDenied,
-                    "cannot DMA-write \(counted(bytes.count, "byte")) at offset \(offset): the region's pages were "
+                    "cannot DMA-write \(counted(source.count, "byte")) at offset \(offset): the region's pages were "
                         + "pinned .readOnly (a reader of the file may not change it)")
             }
-            bytes.withUnsafeBytes { source in
-                region.forEachChunk(offset: offset, count: bytes.count) { deviceOffset, at, length in
-                    device.copy(
-                        UnsafeRawBufferPointer(rebasing: source[at..<(at + length)]), toOffset: deviceOffset,
-                        flags: .noDrain)
-                }
+            region.forEachChunk(offset: offset, count: source.count) { deviceOffset, at, length in
+                device.copy(
+                    UnsafeRawBufferPointer(rebasing: source[at..<(at + length)]), toOffset: deviceOffset, flags: .noDrain)
             }
             device.drain()
         }
-        bytesWritten.wrappingAdd(bytes.count, ordering: .relaxed)
+        bytesWritten.wrappingAdd(source.count, ordering: .relaxed)
     }
 
     /// Reads `count` bytes at `offset` of the region, by frame. Throws as ``write(_:to:at:)`` does.
     public func read(count: Int, from region: DMARegion, at offset: Int) throws -> [UInt8] {
+        guard count >= 0, count <= region.count else {
+            throw DAXError(
+                .invalidArgument,
+                "cannot DMA-read \(counted(count, "byte")) at offset \(offset): outside the region of "
+                    + "\(counted(region.count, "byte"))")
+        }
+        return try [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            try read(into: UnsafeMutableRawBufferPointer(buffer), from: region, at: offset)
+            initialized = count
+        }
+    }
+
+    /// Reads `buffer.count` bytes at `offset` of the region into `buffer`, by frame, straight into
+    /// the caller's memory. Throws as ``write(_:to:at:)`` does; then `buffer` is unchanged.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, from region: DMARegion, at offset: Int) throws {
         try checkOwner(region)
-        let bytes = try region.withAccess(offset: offset, count: count, what: "read") {
-            [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
-                region.forEachChunk(offset: offset, count: count) { deviceOffset, at, length in
-                    UnsafeMutableRawPointer(buffer.baseAddress! + at).copyMemory(
-                        from: device.base + deviceOffset,
-                        byteCount: length)
-                }
-                initialized = count
+        try region.withAccess(offset: offset, count: buffer.count, what: "read") {
+            region.forEachChunk(offset: offset, count: buffer.count) { deviceOffset, at, length in
+                (buffer.baseAddress! + at).copyMemory(from: device.base + deviceOffset, byteCount: length)
             }
         }
-        bytesRead.wrappingAdd(count, ordering: .relaxed)
-        return bytes
+        bytesRead.wrappingAdd(buffer.count, ordering: .relaxed)
     }
 
     /// Releases the region's pin (waiting for an access in flight). Idempotent.
