@@ -38,6 +38,10 @@ package struct SystemCalls: Sendable {
     package var munmap: @Sendable (_ address: UnsafeMutableRawPointer, _ length: Int) -> Int32
     /// `open(2)`.
     package var open: @Sendable (_ path: String, _ flags: Int32, _ mode: mode_t) -> Int32
+    /// `userfaultfd(2)` with `flags`; -1 with `errno` on failure.
+    package var userfaultfd: @Sendable (_ flags: Int32) -> Int32
+    /// `ioctl(2)` with a pointer argument; -1 with `errno` on failure.
+    package var ioctl: @Sendable (_ fd: Int32, _ request: UInt, _ argument: UnsafeMutableRawPointer) -> Int32
 
     /// True for ``live``: hot paths then call libpmem directly instead of through a closure.
     package var isLive: Bool
@@ -63,6 +67,8 @@ package struct SystemCalls: Sendable {
         },
         munmap: { address, length in Glibc.munmap(address, length) },
         open: { path, flags, mode in Glibc.open(path, flags, mode) },
+        userfaultfd: { flags in dax_userfaultfd(flags) },
+        ioctl: { fd, request, argument in dax_ioctl(fd, request, argument) },
         isLive: true
     )
 

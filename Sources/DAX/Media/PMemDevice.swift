@@ -33,6 +33,10 @@ public final class PMemDevice: Sendable {
         /// Create the file sparse (`PMEM_FILE_SPARSE`): no `posix_fallocate`, so creation is
         /// instant but a full `/dev/shm` shows up later as SIGBUS instead of at creation.
         public var sparse: Bool = false
+        /// Keeps what reached the persistence domain apart from what the CPU sees, so that
+        /// ``PMemDevice/powerFail(writingImageTo:keeping:)`` can tell what a power failure would
+        /// leave; nil: off. See `docs/crash-emulation.md`.
+        public var powerFailureEmulation: PersistenceDomain? = nil
         /// The system-call seam; tests inject failures here.
         package var systemCalls: SystemCalls = .live
 
@@ -70,8 +74,14 @@ public final class PMemDevice: Sendable {
     let fd: Int32
     let systemCalls: SystemCalls
     private let flushesCaches: Bool
-    /// Cache-flush mode with the live seam: `persist` calls `pmem_persist` and nothing else.
+    /// Cache-flush mode with the live seam and no emulation: `persist` calls `pmem_persist` and
+    /// nothing else.
     private let persistsDirectly: Bool
+    /// The media copy of a device with power-failure emulation.
+    let emulation: MediaCopy?
+    /// A crash image opened for a checker: mapped `MAP_PRIVATE`, so that nothing stored reaches
+    /// the image's file (file mappings of it are private too).
+    let isPrivateImage: Bool
 
     private enum State {
         static let open = 0
@@ -104,7 +114,7 @@ public final class PMemDevice: Sendable {
                 errno: code, message: pmemErrorMessage())
         }
         do {
-            return try PMemDevice(path: path, mapping: mapping, options: options)
+            return try PMemDevice(path: path, mapping: mapping, options: options, created: true)
         } catch {
             _ = calls.pmemUnmap(mapping.address, mapping.length)
             unlink(path)
@@ -141,18 +151,19 @@ public final class PMemDevice: Sendable {
         }
         do {
             try validate(size: mapping.length, path: path)
-            return try PMemDevice(path: path, mapping: mapping, options: options)
+            return try PMemDevice(path: path, mapping: mapping, options: options, created: false)
         } catch {
             _ = calls.pmemUnmap(mapping.address, mapping.length)
             throw error
         }
     }
 
-    private init(
-        path: String, mapping: (address: UnsafeMutableRawPointer, length: Int, isPmem: Bool), options: Options
+    init(
+        path: String, mapping: (address: UnsafeMutableRawPointer, length: Int, isPmem: Bool), options: Options,
+        created: Bool, privateImageFD: Int32? = nil
     ) throws {
         let calls = options.systemCalls
-        let fd = calls.open(path, O_RDWR | O_CLOEXEC, 0)
+        let fd = privateImageFD ?? calls.open(path, O_RDWR | O_CLOEXEC, 0)
         guard fd >= 0 else { throw DAXError.system("open", "cannot open device \(path)", errno: Glibc.errno) }
         var info = stat()
         fstat(fd, &info)
@@ -169,10 +180,18 @@ public final class PMemDevice: Sendable {
         case .cacheFlush, .msync: self.persistence = options.persistence
         }
         self.flushesCaches = persistence == .cacheFlush
-        self.persistsDirectly = flushesCaches && calls.isLive
-        self.mapSync = Self.probeMapSync(fd: fd, calls: calls)
+        self.persistsDirectly = flushesCaches && calls.isLive && options.powerFailureEmulation == nil
+        self.isPrivateImage = privateImageFD != nil
+        self.mapSync =
+            privateImageFD == nil
+            ? Self.probeMapSync(fd: fd, calls: calls) : .refused(reason: "a crash image is mapped privately")
         do {
             self.pages = try PageMap(pageCount: mapping.length / Self.pageSize)
+            self.emulation = try options.powerFailureEmulation.map { domain in
+                try MediaCopy(
+                    domain: domain, cpu: mapping.address, size: mapping.length, deviceFD: fd, copyingDevice: !created,
+                    path: path)
+            }
         } catch {
             Glibc.close(fd)
             throw error
@@ -181,9 +200,14 @@ public final class PMemDevice: Sendable {
 
     deinit {
         if state.load(ordering: .acquiring) != State.unmapped {
-            _ = systemCalls.pmemUnmap(base, size)
+            emulation?.close()
+            unmapMapping()
             Glibc.close(fd)
         }
+    }
+
+    private func unmapMapping() {
+        if isPrivateImage { _ = systemCalls.munmap(base, size) } else { _ = systemCalls.pmemUnmap(base, size) }
     }
 
     private static func validate(size: Int, path: String) throws {
@@ -277,7 +301,8 @@ public final class PMemDevice: Sendable {
             state.compareExchange(expected: State.closing, desired: State.unmapped, ordering: .sequentiallyConsistent)
                 .exchanged
         else { return }
-        _ = systemCalls.pmemUnmap(base, size)
+        emulation?.close()
+        unmapMapping()
         Glibc.close(fd)
     }
 
@@ -297,7 +322,13 @@ public final class PMemDevice: Sendable {
 
     @inline(never)
     private func persistThroughSeam(_ address: UnsafeMutableRawPointer, _ count: Int) {
-        if flushesCaches { systemCalls.persist(address, count) } else { syncOrFlush(address, count) }
+        if let emulation {
+            emulation.persist(offset: address - base, count: count)
+        } else if flushesCaches {
+            systemCalls.persist(address, count)
+        } else {
+            syncOrFlush(address, count)
+        }
     }
 
     /// Starts write-back of the range's cache lines without waiting: `pmem_flush` (in `.msync`
@@ -306,6 +337,9 @@ public final class PMemDevice: Sendable {
         checkRange(offset, count)
         if persistsDirectly {
             pmem_flush(base + offset, count)
+        } else if let emulation {
+            emulation.flush(offset: offset, count: count)
+            if !flushesCaches { emulation.fence() }
         } else if flushesCaches {
             systemCalls.flush(base + offset, count)
         } else {
@@ -316,7 +350,13 @@ public final class PMemDevice: Sendable {
     /// Waits until flushed lines are durable: `pmem_drain` (SFENCE). A no-op in `.msync` mode,
     /// where every flush already waited.
     public func drain() {
-        if persistsDirectly { pmem_drain() } else if flushesCaches { systemCalls.drain() }
+        if persistsDirectly {
+            pmem_drain()
+        } else if let emulation {
+            if flushesCaches { emulation.fence() }
+        } else if flushesCaches {
+            systemCalls.drain()
+        }
     }
 
     /// Calls `pmem_msync` on the range, whatever the mode, and reports its failure.
@@ -347,7 +387,10 @@ public final class PMemDevice: Sendable {
         guard let from = source.baseAddress, source.count > 0 else { return }
         checkRange(offset, source.count)
         let to = base + offset
-        if flushesCaches {
+        if let emulation {
+            to.copyMemory(from: from, byteCount: source.count)
+            emulatedPersistence(emulation, offset, source.count, flags)
+        } else if flushesCaches {
             if systemCalls.isLive {
                 pmem_memcpy(to, from, source.count, flags.rawValue)
             } else {
@@ -365,7 +408,10 @@ public final class PMemDevice: Sendable {
         guard count > 0 else { return }
         checkRange(offset, count)
         let to = base + offset
-        if flushesCaches {
+        if let emulation {
+            memset(to, Int32(value), count)
+            emulatedPersistence(emulation, offset, count, flags)
+        } else if flushesCaches {
             if systemCalls.isLive {
                 pmem_memset(to, Int32(value), count, flags.rawValue)
             } else {
@@ -374,6 +420,17 @@ public final class PMemDevice: Sendable {
         } else {
             memset(to, Int32(value), count)
             if !flags.contains(.noFlush) { syncOrFlush(to, count) }
+        }
+    }
+
+    /// What a persistent copy or fill with `flags` does to the media copy: flush unless
+    /// `.noFlush`, then fence unless `.noDrain` (in `.msync` mode the flush itself waits).
+    private func emulatedPersistence(_ emulation: MediaCopy, _ offset: Int, _ count: Int, _ flags: CopyFlags) {
+        guard !flags.contains(.noFlush) else { return }
+        if !flushesCaches || !flags.contains(.noDrain) {
+            emulation.persist(offset: offset, count: count)
+        } else {
+            emulation.flush(offset: offset, count: count)
         }
     }
 
