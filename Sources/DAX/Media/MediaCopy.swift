@@ -222,8 +222,9 @@ final class MediaCopy: Sendable {
     func fence() {
         let number = fences.wrappingAdd(1, ordering: .relaxed).newValue
         notifyObserver(number)
-        guard domain == .adr else { return }
-        state.withLock { applyFlushed(&$0) }
+        state.withLock { state in
+            if domain == .adr { applyFlushed(&state) } else { state.generation &+= 1 }
+        }
     }
 
     /// Flush then fence, in one step: `pmem_persist` of the range.
@@ -233,7 +234,10 @@ final class MediaCopy: Sendable {
             flush(offset: offset, count: count)
             notifyObserver(number)
         }
-        guard domain == .adr else { return }
+        guard domain == .adr else {
+            state.withLock { $0.generation &+= 1 }
+            return
+        }
         state.withLock { state in
             applyFlushed(&state)
             guard count > 0 else { return }
@@ -274,7 +278,7 @@ final class MediaCopy: Sendable {
     /// The lines that differ between the CPU's view and the media copy, sorted, and the media
     /// copy's generation. Dirty pages found equal are write-protected again and become clean.
     func inFlight() -> (lines: [Int], generation: Int) {
-        guard domain == .adr else { return ([], 0) }
+        guard domain == .adr else { return ([], state.withLock { $0.generation }) }
         return state.withLock { state in
             var lines: [Int] = []
             var clean: [Int] = []
@@ -411,7 +415,9 @@ final class MediaCopy: Sendable {
 /// The crash explorer's hook: called on the thread that fences, before the fence takes effect,
 /// with the fence's number since the device was opened.
 final class FenceObserver: Sendable {
-    let body: @Sendable (Int) -> Void
+    /// Called only on the thread that runs the explorer's workload, while the explorer waits in
+    /// it: the explorer's contract is a workload that fences from that one thread.
+    nonisolated(unsafe) let body: (Int) -> Void
 
-    init(_ body: @escaping @Sendable (Int) -> Void) { self.body = body }
+    init(_ body: @escaping (Int) -> Void) { self.body = body }
 }
