@@ -240,8 +240,12 @@ extension DAXFileSystem {
         var record: InodeRecord
         /// File pages whose blocks go.
         var freedPages: Range<UInt64>
-        /// File byte ranges to zero in kept pages (partial pages at the edges).
+        /// File byte ranges to zero in kept pages (partial pages at the edges), before the commit.
         var zeroRanges: [Range<Int>] = []
+        /// The tail of the new last page of a shrinking truncate, zeroed after the commit: zeroed
+        /// before, a crash would leave the old size with those bytes gone. Until it is zeroed the
+        /// tail lies past the end of the file, and every way of growing the file zeroes it first.
+        var tailRanges: [Range<Int>] = []
         /// File pages past the new end of the file (a shrinking truncate): every mapping must fault
         /// there afterwards, holes it shows as the zero page included.
         var cutPages: Range<UInt64> = 0..<0
@@ -274,7 +278,7 @@ extension DAXFileSystem {
                     &plan.extents, of: inode.number, replacing: plan.freedPages, with: [],
                     change: &plan.change)
             }
-            if size % Self.pageSize != 0 { plan.zeroRanges = [size..<(Int(firstFreed) * Self.pageSize)] }
+            if size % Self.pageSize != 0 { plan.tailRanges = [size..<(Int(firstFreed) * Self.pageSize)] }
         } else if size > oldSize, oldSize % Self.pageSize != 0 {
             plan.zeroRanges = [oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)]
         }
@@ -329,13 +333,9 @@ extension DAXFileSystem {
         return plan
     }
 
-    /// Carries out a planned layout change once break layouts allowed it: zeroes the partial pages,
-    /// commits, lets `unmapFreed` take the freed pages out of every mapping, then returns the blocks
-    /// to the allocator (busy ones quarantined) and installs the new extents.
-    func carryOut(_ plan: LayoutChange, on inode: Inode, unmapFreed: () -> Void) throws {
-        // The only way the commit can fail is a transaction too large: find out before zeroing.
-        try journal.checkFits(plan.change.transaction, what: "truncate")
-        for range in plan.zeroRanges {
+    /// Zeroes file byte `ranges` where the file's current extents have blocks, durably.
+    private func zero(_ ranges: [Range<Int>], of inode: Inode) {
+        for range in ranges {
             for slice in inode.extents.extents(in: Self.page(range.lowerBound)..<Self.pageUp(range.upperBound)) {
                 let from = max(range.lowerBound, Int(slice.logical) * Self.pageSize)
                 let to = min(range.upperBound, Int(slice.logicalEnd) * Self.pageSize)
@@ -345,8 +345,18 @@ extension DAXFileSystem {
             }
         }
         device.drain()
+    }
+
+    /// Carries out a planned layout change once break layouts allowed it: zeroes the partial pages,
+    /// commits, zeroes the tail of a shrinking truncate, lets `unmapFreed` take the freed pages out of every mapping, then returns the blocks
+    /// to the allocator (busy ones quarantined) and installs the new extents.
+    func carryOut(_ plan: LayoutChange, on inode: Inode, unmapFreed: () -> Void) throws {
+        // The only way the commit can fail is a transaction too large: find out before zeroing.
+        try journal.checkFits(plan.change.transaction, what: "truncate")
+        zero(plan.zeroRanges, of: inode)
         // A failure gives nothing back here: the caller owns the plan's blocks (`changeLayout`).
         try journal.commit(plan.change.transaction, what: "truncate")
+        if !plan.tailRanges.isEmpty { zero(plan.tailRanges, of: inode) }
         unmapFreed()
         allocator.release(plan.change.freed)
         inode.extents = plan.extents
