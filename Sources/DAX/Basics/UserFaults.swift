@@ -63,7 +63,9 @@ final class UserFaults: Sendable {
     /// Faults handled, for tests and statistics.
     let faultsHandled = Atomic<Int>(0)
 
-    private init(calls: SystemCalls) throws {
+    /// Opens a userfaultfd through `calls` and starts its thread; use ``shared``, not this (tests
+    /// call it with failing calls to see the error).
+    init(calls: SystemCalls) throws {
         self.calls = calls
         var fd: Int32 = -1
         let device = calls.open("/dev/userfaultfd", O_RDWR | O_CLOEXEC, 0)
