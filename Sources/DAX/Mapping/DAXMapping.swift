@@ -308,11 +308,13 @@ enum MappingRegion {
         exposed: Bool = false
     ) throws {
         let length = pages * PMemDevice.pageSize
-        let sharing = device.isPrivateImage ? MAP_PRIVATE : MAP_SHARED
+        // Populating a private writable mapping would copy every page: a crash image's pages
+        // are copied only when the checker stores to them.
+        let sharing = device.isPrivateImage ? MAP_PRIVATE : MAP_SHARED | MAP_POPULATE
         device.noteUnmapped(address, length: length)
         guard
             device.systemCalls.mmap(
-                address, length, protection(access), sharing | MAP_FIXED | MAP_POPULATE,
+                address, length, protection(access), sharing | MAP_FIXED,
                 device.fd, Int(frame) * PMemDevice.pageSize) != nil
         else {
             let code = errno
@@ -342,7 +344,9 @@ enum MappingRegion {
     /// Maps the zero page, read-only, over `length` bytes at `address`: a hole as a read-only
     /// mapping shows it (the kernel maps its shared zero page there).
     static func mapZeroPages(_ address: UnsafeMutableRawPointer, length: Int, calls: SystemCalls) throws {
-        guard calls.mmap(address, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) != nil
+        guard
+            calls.mmap(address, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
+                != nil
         else {
             throw DAXError.system("mmap", "cannot map \(length) bytes of zero pages for holes", errno: errno)
         }

@@ -61,8 +61,9 @@ public struct CrashExplorer: Sendable {
 
     /// Runs the workload again up to the failure's crash point, writes its image to `path` (a
     /// device file for ``PMemDevice/open(path:options:)`` and a debugger), and runs `check` on it
-    /// once more. Returns what `check` threw now, nil if it passed (the workload is not
-    /// deterministic, or the bug is gone). Throws `.alreadyExists` if `path` exists, and
+    /// once more, at the crash point as the exploration did (a checker may look at what the
+    /// workload has done so far). Returns what `check` threw now, nil if it passed (the workload
+    /// is not deterministic, or the bug is gone). Throws `.alreadyExists` if `path` exists, and
     /// `.invalidArgument` when the workload never reaches the crash point.
     public func replay(
         _ failure: CrashFailure, keepingImageAt path: String, setup: (PMemDevice) throws -> Void = { _ in },
@@ -73,20 +74,13 @@ public struct CrashExplorer: Sendable {
         }
         let run = try Run(self, replaying: (failure, path))
         defer { run.close() }
-        try run.go(setup: setup, workload: workload, check: { _ in })
+        try run.go(setup: setup, workload: workload, check: check)
         guard run.replayed else {
             throw DAXError(
                 .invalidArgument,
                 "cannot replay crash point \(failure.crashPoint): the workload has only \(run.points) crash points")
         }
-        let image = try PMemDevice.open(path: path)
-        defer { image.close() }
-        do {
-            try check(image)
-            return nil
-        } catch {
-            return "\(error)"
-        }
+        return run.failures.first?.error
     }
 
     private func validate() throws {
@@ -153,13 +147,15 @@ public struct CrashExplorer: Sendable {
             let (lines, generation) = media.inFlight()
             if let replaying {
                 guard point == replaying.failure.crashPoint else { return }
+                let kept = CrashImagePlan.image(seed: replaying.failure.seed, of: lines)
                 do {
-                    try media.writeImage(
-                        to: replaying.path, keeping: CrashImagePlan.image(seed: replaying.failure.seed, of: lines))
+                    try media.writeImage(to: replaying.path, keeping: kept)
                     replayed = true
                 } catch {
                     internalError = error
+                    return
                 }
+                checkImage(point: point, seed: replaying.failure.seed, kept: kept, check)
                 return
             }
             if lines.isEmpty, generation == checkedGeneration { return }
@@ -168,23 +164,27 @@ public struct CrashExplorer: Sendable {
                 point: point, lineCount: lines.count, randomImages: explorer.imagesPerPoint,
                 explorerSeed: explorer.seed)
             for seed in seeds where explorer.shard.owns(point: point, seed: seed) {
-                let kept = CrashImagePlan.image(seed: seed, of: lines)
-                do {
-                    try media.withLinesApplied(kept) {
-                        let image = try PMemDevice.openPrivateImage(
-                            fd: media.fd, size: device.size, name: "crash image \(point)/\(seed)")
-                        defer { image.close() }
-                        do {
-                            try check(image)
-                        } catch {
-                            failures.append(CrashFailure(crashPoint: point, seed: seed, error: "\(error)"))
-                        }
-                    }
-                } catch {
-                    internalError = error
-                    return
-                }
+                checkImage(point: point, seed: seed, kept: CrashImagePlan.image(seed: seed, of: lines), check)
+                guard internalError == nil else { return }
                 images += 1
+            }
+        }
+
+        /// Runs `check` on the media copy with `kept` applied, opened privately.
+        private func checkImage(point: Int, seed: UInt64, kept: [KeptLine], _ check: (PMemDevice) throws -> Void) {
+            do {
+                try media.withLinesApplied(kept) {
+                    let image = try PMemDevice.openPrivateImage(
+                        fd: media.fd, size: device.size, name: "crash image \(point)/\(seed)")
+                    defer { image.close() }
+                    do {
+                        try check(image)
+                    } catch {
+                        failures.append(CrashFailure(crashPoint: point, seed: seed, error: "\(error)"))
+                    }
+                }
+            } catch {
+                internalError = error
             }
         }
     }
