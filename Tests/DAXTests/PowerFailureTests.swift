@@ -195,6 +195,39 @@ struct PowerFailureTests {
     }
 }
 
+extension PowerFailureTests {
+    @Test("threads storing and persisting at once: every persisted store is in the image, none is lost")
+    func concurrentStores() throws {
+        let t = try EmulatedDevice(size: 4 << 20)
+        let device = t.device
+        let rounds = 200
+        onThreads(4) { thread in
+            for round in 0..<rounds {
+                // Each thread its own lines, on pages the others use too.
+                let offset = 8192 + (round % 16) * 4096 + thread * 64
+                store(UInt64(round + 1), device, at: offset)
+                if round % 3 != 2 { device.persist(offset: offset, count: 8) }
+                _ = device.unpersistedRanges()
+            }
+        }
+        let image = try t.image()
+        var unpersisted = 0
+        for thread in 0..<4 {
+            for slot in 0..<16 {
+                let offset = 8192 + slot * 4096 + thread * 64
+                let rounds = (0..<rounds).filter { $0 % 16 == slot }
+                let last = rounds.last!
+                let persistedRound: Int? = rounds.last { $0 % 3 != 2 }
+                let persisted = persistedRound.map { UInt64($0 + 1) } ?? 0
+                #expect(load(device, at: offset) == UInt64(last + 1))
+                #expect(load(image, at: offset) == persisted)
+                if last % 3 == 2 { unpersisted += 1 }
+            }
+        }
+        #expect(device.unpersistedRanges().count == unpersisted)
+    }
+}
+
 @Suite("userfaultfd")
 struct UserFaultsTests {
     @Test("without /dev/userfaultfd or the system call, the error says what is missing and why")
