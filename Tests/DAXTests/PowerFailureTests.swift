@@ -94,6 +94,20 @@ struct PowerFailureTests {
         #expect(device.unpersistedRanges() == [128..<136])
     }
 
+    @Test("msync persists its range under emulation, in either persistence mode")
+    func msyncPersists() throws {
+        for mode in [PersistenceMode.cacheFlush, .msync] {
+            let t = try EmulatedDevice(persistence: mode)
+            store(0x5151, t.device, at: 20480)
+            store(0x5252, t.device, at: 28672)
+            try t.device.msync(offset: 20480, count: 8)
+            t.device.flush(offset: 28672, count: 8)  // in .msync mode a flush waits, so persists
+            let image = try t.image()
+            #expect(load(image, at: 20480) == 0x5151)
+            #expect(load(image, at: 28672) == (mode == .msync ? 0x5252 : 0))
+        }
+    }
+
     @Test("under eADR every store survives and nothing is ever unpersisted")
     func eadr() throws {
         let t = try EmulatedDevice(domain: .eadr)

@@ -359,7 +359,8 @@ public final class PMemDevice: Sendable {
         }
     }
 
-    /// Calls `pmem_msync` on the range, whatever the mode, and reports its failure.
+    /// Calls `pmem_msync` on the range, whatever the mode, and reports its failure. Under
+    /// power-failure emulation a successful `msync` persists the range, as it would on a DAX file.
     public func msync(offset: Int, count: Int) throws {
         checkRange(offset, count)
         guard systemCalls.msync(base + offset, count) == 0 else {
@@ -367,6 +368,7 @@ public final class PMemDevice: Sendable {
                 "msync", "cannot persist \(count) bytes at offset \(offset) of \(path)",
                 errno: Glibc.errno)
         }
+        emulation?.persist(offset: offset, count: count)
     }
 
     /// Errors of `msync` in ``persist(offset:count:)`` since the device was opened.
