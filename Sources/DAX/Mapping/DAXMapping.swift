@@ -153,8 +153,9 @@ public final class DAXMapping: Sendable {
         let wasMapped = state.withTrackedLock { state -> Bool in
             guard !state.unmapped else { return false }
             state.unmapped = true
-            _ = fileSystem.device.systemCalls.munmap(base, length)
+            // Before the range is given back: a mapping made there next is tracked afresh.
             fileSystem.device.noteUnmapped(base, length: length)
+            _ = fileSystem.device.systemCalls.munmap(base, length)
             let pages = fileSystem.device.pages
             for index in 0..<pageCount {
                 let frame = entries[index].exchange(0, ordering: .acquiringAndReleasing)

@@ -74,8 +74,8 @@ extension DAXFile {
                     }
                 } catch {
                     for frame in frames where frame != 0 { device.pages.unmap(PageFrameNumber(rawValue: frame)) }
-                    _ = device.systemCalls.munmap(base, pages.count * PMemDevice.pageSize)
                     device.noteUnmapped(base, length: pages.count * PMemDevice.pageSize)
+                    _ = device.systemCalls.munmap(base, pages.count * PMemDevice.pageSize)
                     throw error
                 }
                 let mapping = DAXMapping(
