@@ -145,6 +145,25 @@ struct CrashExplorerTests {
         #expect(report.failures.isEmpty)
     }
 
+    @Test("a bad configuration is refused before anything runs, and leaves no device behind")
+    func badConfiguration() throws {
+        let directory = TemporaryDevice.uniquePath("explore-dir")
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        nonisolated(unsafe) var ran = false
+        var small = CrashExplorer(deviceSize: 4096)
+        small.directory = directory
+        expectDAXError(.invalidArgument) { try small.explore(workload: { _ in ran = true }, check: { _ in }) }
+        var negative = CrashExplorer(deviceSize: 2 << 20, imagesPerPoint: -1)
+        negative.directory = directory
+        expectDAXError(.invalidArgument) { try negative.explore(workload: { _ in ran = true }, check: { _ in }) }
+        #expect(!ran)
+        var good = CrashExplorer(deviceSize: 2 << 20)
+        good.directory = directory
+        _ = try good.explore(workload: { device in TinyLog.append(0, to: device, planted: false) }, check: { _ in })
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory).isEmpty)
+    }
+
     @Test("what the checker stores never reaches the next image")
     func checkerStoresAreThrownAway() throws {
         let report = try explorer.explore(

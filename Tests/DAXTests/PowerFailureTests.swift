@@ -94,6 +94,41 @@ struct PowerFailureTests {
         #expect(device.unpersistedRanges() == [128..<136])
     }
 
+    @Test("pages punched out of a mapping and mapped again, and a mapping made anew, stay tracked")
+    func remappedPagesStayTracked() throws {
+        let t = try EmulatedDevice(size: 8 << 20)
+        let fs = try DAXFileSystem.format(t.device)
+        defer { try? fs.unmount() }
+        let file = try fs.create("/data")
+        try file.allocate(offset: 0, count: 2 * PMemDevice.pageSize)
+        let mapping = try file.map(count: 2 * PMemDevice.pageSize)
+        try file.punchHole(offset: 4096, count: 4096)  // zapped out of the mapping
+        try file.write([1], at: 4096)  // a new block, shown in the mapping again
+        let frame = try #require(try file.frames(offset: 4096, count: 4096).first ?? nil)
+        #expect(t.device.unpersistedRanges().isEmpty)
+        mapping.baseAddress.storeBytes(of: 0x77 as UInt8, toByteOffset: 4096 + 200, as: UInt8.self)
+        #expect(t.device.unpersistedRanges() == [(frame.deviceOffset + 200)..<(frame.deviceOffset + 201)])
+        mapping.persist(offset: 4096 + 200, count: 1)
+        mapping.unmap()
+
+        let again = try file.map(count: 2 * PMemDevice.pageSize)
+        defer { again.unmap() }
+        again.baseAddress.storeBytes(of: 0x78 as UInt8, toByteOffset: 4096 + 300, as: UInt8.self)
+        #expect(t.device.unpersistedRanges() == [(frame.deviceOffset + 300)..<(frame.deviceOffset + 301)])
+        #expect(try t.image(.all).read(count: 1, at: frame.deviceOffset + 300) == [0x78])
+        #expect(try t.image(.none).read(count: 1, at: frame.deviceOffset + 200) == [0x77])
+    }
+
+    @Test("a closed device writes no image")
+    func closedDevice() throws {
+        let t = try EmulatedDevice()
+        t.device.close()
+        let path = TemporaryDevice.uniquePath("closed")
+        expectDAXError(.invalidArgument) { try t.device.powerFail(writingImageTo: path) }
+        #expect(access(path, F_OK) != 0)
+        #expect(t.device.unpersistedRanges().isEmpty)
+    }
+
     @Test("msync persists its range under emulation, in either persistence mode")
     func msyncPersists() throws {
         for mode in [PersistenceMode.cacheFlush, .msync] {
