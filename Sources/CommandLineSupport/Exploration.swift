@@ -5,29 +5,38 @@ import Foundation
 /// The options of every `explore` command (`daxemu explore`, `kvstore explore`, `pmemlog explore`):
 /// the explorer's settings, the shard, the JSON report and the replay of one failure.
 public struct ExploreOptions: ParsableArguments {
+    /// `--images-per-point`: ``CrashExplorer/imagesPerPoint``.
     @Option(help: "Seeded random crash images per crash point, on top of none, all and small subsets.")
     public var imagesPerPoint = 8
 
+    /// `--seed`: ``CrashExplorer/seed``, and the workload's seed where it has one.
     @Option(help: "Seed of the workload and of the random images.")
     public var seed: UInt64 = 1
 
+    /// `--domain`: `adr` or `eadr`.
     @Option(help: "The persistence domain: adr (flushed and fenced lines survive) or eadr (every store).")
     public var domain = "adr"
 
+    /// `--shard K/N`: ``CrashExplorer/shard``.
     @Option(help: "Check only shard K of N (1 <= K <= N); N runs check what one run checks.")
     public var shard: String?
 
+    /// `--json FILE`: where the report goes as JSON.
     @Option(help: "Write the report as JSON to this file (join shards with `daxemu explore-merge`).")
     public var json: String?
 
+    /// `--replay POINT:SEED`: the failure to replay.
     @Option(help: "Replay one failure, POINT:SEED, and keep its image (needs --keep).")
     public var replay: String?
 
+    /// `--keep FILE`: where the replayed image is kept.
     @Option(help: "Where --replay writes the failure's crash image, a device file.")
     public var keep: String?
 
+    /// The defaults.
     public init() {}
 
+    /// Refuses values the explorer cannot take.
     public func validate() throws {
         guard imagesPerPoint >= 0 else { throw ValidationError("--images-per-point is 0 or more") }
         guard ["adr", "eadr"].contains(domain) else { throw ValidationError("--domain is adr or eadr, not \(domain)") }
@@ -96,5 +105,6 @@ public final class OperationProgress {
     /// Operations that returned; the next one is in flight.
     public var completed = 0
 
+    /// Nothing completed yet.
     public init() {}
 }

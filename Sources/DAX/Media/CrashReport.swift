@@ -42,6 +42,7 @@ public struct CrashShard: Sendable, Hashable, Codable, CustomStringConvertible {
         return Int(mix.next() % UInt64(count)) == index - 1
     }
 
+    /// `K/N`, as ``init(parsing:)`` reads it.
     public var description: String { "\(index)/\(count)" }
 }
 
@@ -120,5 +121,6 @@ public struct CrashFailure: Sendable, CustomStringConvertible, Codable, Equatabl
         self.error = error
     }
 
+    /// One line: the crash point, the seed and the error.
     public var description: String { "crash point \(crashPoint), seed \(seed): \(error)" }
 }

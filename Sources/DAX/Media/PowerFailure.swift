@@ -9,6 +9,7 @@ public enum PersistenceDomain: Sendable, Equatable, Hashable, CustomStringConver
     /// The CPU caches are in the domain: every store survives (eADR).
     case eadr
 
+    /// `adr` or `eadr`.
     public var description: String {
         switch self {
         case .adr: "adr"
