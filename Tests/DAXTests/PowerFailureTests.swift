@@ -63,6 +63,24 @@ struct PowerFailureTests {
         all.close()
     }
 
+    @Test("a store after a flush and before its fence stays in flight: the fence persists the flushed content")
+    func storeBetweenFlushAndFence() throws {
+        let t = try EmulatedDevice()
+        let device = t.device
+        store(1, device, at: 36864)
+        device.flush(offset: 36864, count: 8)
+        store(2, device, at: 36864)  // through the same page: it faults and saves the flushed line
+        store(3, device, at: 36864 + 64)  // another line of the page, never flushed
+        device.drain()
+        #expect(load(try t.image(.none), at: 36864) == 1)
+        #expect(load(try t.image(.none), at: 36864 + 64) == 0)
+        #expect(load(try t.image(.all), at: 36864) == 2)
+        #expect(device.unpersistedRanges() == [36864..<36865, (36864 + 64)..<(36864 + 65)])
+        device.persist(offset: 36864, count: 128)
+        #expect(device.unpersistedRanges().isEmpty)
+        #expect(load(try t.image(.none), at: 36864) == 2)
+    }
+
     @Test("a page found persistent is write-protected again: its next store is tracked")
     func reprotection() throws {
         let t = try EmulatedDevice()

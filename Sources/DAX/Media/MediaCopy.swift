@@ -8,8 +8,9 @@ import Synchronization
 /// the device's size. Stores are tracked by page with userfaultfd in write-protect mode: every
 /// page that matches the media copy is write-protected in the device's mapping and in every DAX
 /// file mapping of it (an *alias*); its first store faults, and the fault thread marks the page
-/// dirty and lets the store through. `flush` marks 64-byte lines; a fence copies the marked lines
-/// from the CPU's view to the media copy, with the content they have at the fence. The lines in
+/// dirty and lets the store through. `flush` marks 64-byte lines and write-protects their pages
+/// until the fence (a store in between first saves the flushed content); a fence copies the
+/// marked lines to the media copy with the content they had when flushed. The lines in
 /// flight are the lines of dirty pages that differ from the media copy; finding them compares
 /// only dirty pages, and a dirty page found equal again is write-protected (in every alias) and
 /// clean. So a crash point costs in proportion to the pages stored since the last one, never a
@@ -44,6 +45,12 @@ final class MediaCopy: Sendable {
         var dirty: Set<Int> = []
         /// Lines flushed and not yet fenced: device page -> bit per line.
         var flushed: [Int: UInt64] = [:]
+        /// Pages with flushed lines, write-protected by the flush: a store to one before the fence
+        /// first saves the flushed content of its flushed lines in `snapshots`.
+        var flushedPages: Set<Int> = []
+        /// The content a flushed line had when it was flushed, for lines stored to again before
+        /// the fence: the fence persists this, and the newer store stays in flight.
+        var snapshots: [Int: CacheLine] = [:]
         /// The device's mapping first, then every DAX file mapping of the device.
         var aliases: [Alias] = []
         /// Bumped whenever a fence changes the media copy.
@@ -181,12 +188,33 @@ final class MediaCopy: Sendable {
         }
     }
 
-    /// The fault thread: a store to a clean page. Marks it dirty and lets the store through, under
-    /// the lock so that a crash point cannot find the page clean between the two.
+    /// The fault thread: a store to a clean page, or to a page with flushed lines. Saves the
+    /// flushed lines' content, marks the page dirty and lets the store through, under the lock so
+    /// that a crash point cannot find the page clean between the two.
     private func storeFault(page: Int, at address: UInt) {
         state.withLock { state in
+            if state.flushedPages.remove(page) != nil, let bits = state.flushed[page] {
+                var remaining = bits
+                while remaining != 0 {
+                    let line = page * Self.linesPerPage + remaining.trailingZeroBitCount
+                    remaining &= remaining - 1
+                    if state.snapshots[line] == nil { state.snapshots[line] = CacheLine(cpu + line * Self.lineSize) }
+                }
+            }
             state.dirty.insert(page)
             faults?.writeProtect(UnsafeMutableRawPointer(bitPattern: address)!, length: Self.pageSize, false)
+        }
+    }
+
+    /// Write-protects `pages` in every alias, one call per alias.
+    private func writeProtectEverywhere(pages: Range<Int>, _ state: borrowing State) {
+        for alias in state.aliases {
+            let low = max(pages.lowerBound, alias.firstPage)
+            let high = min(pages.upperBound, alias.firstPage + alias.pages)
+            guard low < high else { continue }
+            let address = alias.start + UInt((low - alias.firstPage) * Self.pageSize)
+            faults?.writeProtect(
+                UnsafeMutableRawPointer(bitPattern: address)!, length: (high - low) * Self.pageSize, true)
         }
     }
 
@@ -199,7 +227,9 @@ final class MediaCopy: Sendable {
 
     // MARK: - Flush and fence
 
-    /// Marks the lines of the range flushed: the next fence makes them persistent.
+    /// Marks the lines of the range flushed: the next fence makes them persistent with the
+    /// content they have now. Their pages are write-protected until the fence, so that a store
+    /// to one in between first saves that content (the store itself stays in flight).
     func flush(offset: Int, count: Int) {
         guard domain == .adr, count > 0 else { return }
         let first = offset / Self.lineSize
@@ -212,8 +242,15 @@ final class MediaCopy: Sendable {
                 let to = min(Self.linesPerPage - 1, from + (last - line))
                 let bits = to - from == 63 ? UInt64.max : ((UInt64(1) << UInt64(to - from + 1)) - 1) << UInt64(from)
                 state.flushed[page, default: 0] |= bits
+                state.flushedPages.insert(page)
+                if !state.snapshots.isEmpty {
+                    for index in (page * Self.linesPerPage + from)...(page * Self.linesPerPage + to) {
+                        state.snapshots.removeValue(forKey: index)
+                    }
+                }
                 line += to - from + 1
             }
+            writeProtectEverywhere(pages: (first / Self.linesPerPage)..<(last / Self.linesPerPage + 1), state)
         }
     }
 
@@ -230,10 +267,7 @@ final class MediaCopy: Sendable {
     /// Flush then fence, in one step: `pmem_persist` of the range.
     func persist(offset: Int, count: Int) {
         let number = fences.wrappingAdd(1, ordering: .relaxed).newValue
-        if observer.withLock({ $0 != nil }) {
-            flush(offset: offset, count: count)
-            notifyObserver(number)
-        }
+        notifyObserver(number)
         guard domain == .adr else {
             state.withLock { $0.generation &+= 1 }
             return
@@ -255,6 +289,11 @@ final class MediaCopy: Sendable {
 
     private func applyFlushed(_ state: inout State) {
         guard !state.flushed.isEmpty else { return }
+        defer {
+            for (line, content) in state.snapshots { content.store(to: media + line * Self.lineSize) }
+            state.snapshots.removeAll()
+            state.flushedPages.removeAll(keepingCapacity: true)
+        }
         for (page, bits) in state.flushed {
             let pageOffset = page * Self.pageSize
             if bits == .max {
@@ -409,6 +448,23 @@ final class MediaCopy: Sendable {
             }
             offset = hole
         }
+    }
+}
+
+/// The content of one 64-byte cache line.
+struct CacheLine {
+    private var words: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64)
+
+    /// Copies the line at `address`.
+    init(_ address: UnsafeRawPointer) {
+        words = (0, 0, 0, 0, 0, 0, 0, 0)
+        withUnsafeMutableBytes(of: &words) { $0.baseAddress!.copyMemory(from: address, byteCount: 64) }
+    }
+
+    /// Copies the line to `address`.
+    func store(to address: UnsafeMutableRawPointer) {
+        var words = words
+        withUnsafeBytes(of: &words) { address.copyMemory(from: $0.baseAddress!, byteCount: 64) }
     }
 }
 
