@@ -123,7 +123,7 @@ final class UserFaults: Sendable {
         request.range.len = UInt64(length)
         request.mode = modes.rawValue
         let start = UInt(bitPattern: address)
-        try registrations.withLock { list in
+        try registrations.withTrackedLock { list in
             guard
                 withUnsafeMutablePointer(
                     to: &request,
@@ -147,7 +147,7 @@ final class UserFaults: Sendable {
     /// partly overlaps keeps the rest.
     func forget(_ address: UnsafeMutableRawPointer, length: Int) {
         let start = UInt(bitPattern: address)
-        registrations.withLock { Self.remove(start..<(start + UInt(length)), from: &$0) }
+        registrations.withTrackedLock { Self.remove(start..<(start + UInt(length)), from: &$0) }
     }
 
     /// Sets (`protect` true) or clears write protection of `length` bytes at `address`; clearing
@@ -191,7 +191,7 @@ final class UserFaults: Sendable {
     }
 
     private func handler(for address: UInt) -> (@Sendable (UserFault) -> Void)? {
-        registrations.withLock { list in
+        registrations.withTrackedLock { list in
             var low = 0
             var high = list.count
             while low < high {

@@ -120,7 +120,7 @@ public struct CrashExplorer: Sendable {
         }
 
         func close() {
-            media.observer.withLock { $0 = nil }
+            media.observer.withTrackedLock { $0 = nil }
             device.close()
         }
 
@@ -131,10 +131,10 @@ public struct CrashExplorer: Sendable {
             try setup(device)
             try withoutActuallyEscaping(check) { check in
                 firstFence = media.fences.load(ordering: .relaxed)
-                media.observer.withLock {
+                media.observer.withTrackedLock {
                     $0 = FenceObserver { [self] number in crashPoint(number - firstFence, check) }
                 }
-                defer { media.observer.withLock { $0 = nil } }
+                defer { media.observer.withTrackedLock { $0 = nil } }
                 try workload(device)
                 crashPoint(media.fences.load(ordering: .relaxed) - firstFence + 1, check)
             }

@@ -114,7 +114,7 @@ final class MediaCopy: Sendable {
 
     /// Drops the aliases' handlers and the media copy.
     func close() {
-        let aliases = state.withLock { state in
+        let aliases = state.withTrackedLock { state in
             defer { state.aliases = [] }
             return state.aliases
         }
@@ -152,7 +152,7 @@ final class MediaCopy: Sendable {
         try faults.register(address, length: pages * Self.pageSize, modes: .writeProtect) { [self] fault in
             storeFault(page: firstPage + Int((fault.address - start) / UInt(Self.pageSize)), at: fault.address)
         }
-        state.withLock { state in
+        state.withTrackedLock { state in
             state.aliases.append(Alias(start: start, pages: pages, firstPage: firstPage))
             faults.writeProtect(address, length: pages * Self.pageSize, true)
             if exposed { state.dirty.formUnion(firstPage..<(firstPage + pages)) }
@@ -165,7 +165,7 @@ final class MediaCopy: Sendable {
         let low = UInt(bitPattern: address)
         let high = low + UInt(length)
         faults.forget(address, length: length)
-        state.withLock { state in
+        state.withTrackedLock { state in
             var kept: [Alias] = []
             for alias in state.aliases {
                 let end = alias.start + UInt(alias.pages * Self.pageSize)
@@ -192,7 +192,7 @@ final class MediaCopy: Sendable {
     /// flushed lines' content, marks the page dirty and lets the store through, under the lock so
     /// that a crash point cannot find the page clean between the two.
     private func storeFault(page: Int, at address: UInt) {
-        state.withLock { state in
+        state.withTrackedLock { state in
             if state.flushedPages.remove(page) != nil, let bits = state.flushed[page] {
                 var remaining = bits
                 while remaining != 0 {
@@ -234,7 +234,7 @@ final class MediaCopy: Sendable {
         guard domain == .adr, count > 0 else { return }
         let first = offset / Self.lineSize
         let last = (offset + count - 1) / Self.lineSize
-        state.withLock { state in
+        state.withTrackedLock { state in
             var line = first
             while line <= last {
                 let page = line / Self.linesPerPage
@@ -259,7 +259,7 @@ final class MediaCopy: Sendable {
     func fence() {
         let number = fences.wrappingAdd(1, ordering: .relaxed).newValue
         notifyObserver(number)
-        state.withLock { state in
+        state.withTrackedLock { state in
             if domain == .adr { applyFlushed(&state) } else { state.generation &+= 1 }
         }
     }
@@ -269,10 +269,10 @@ final class MediaCopy: Sendable {
         let number = fences.wrappingAdd(1, ordering: .relaxed).newValue
         notifyObserver(number)
         guard domain == .adr else {
-            state.withLock { $0.generation &+= 1 }
+            state.withTrackedLock { $0.generation &+= 1 }
             return
         }
-        state.withLock { state in
+        state.withTrackedLock { state in
             applyFlushed(&state)
             guard count > 0 else { return }
             let first = offset / Self.lineSize * Self.lineSize
@@ -283,7 +283,7 @@ final class MediaCopy: Sendable {
     }
 
     private func notifyObserver(_ number: Int) {
-        guard let observer = observer.withLock({ $0 }) else { return }
+        guard let observer = observer.withTrackedLock({ $0 }) else { return }
         observer.body(number)
     }
 
@@ -317,8 +317,8 @@ final class MediaCopy: Sendable {
     /// The lines that differ between the CPU's view and the media copy, sorted, and the media
     /// copy's generation. Dirty pages found equal are write-protected again and become clean.
     func inFlight() -> (lines: [Int], generation: Int) {
-        guard domain == .adr else { return ([], state.withLock { $0.generation }) }
-        return state.withLock { state in
+        guard domain == .adr else { return ([], state.withTrackedLock { $0.generation }) }
+        return state.withTrackedLock { state in
             var lines: [Int] = []
             var clean: [Int] = []
             for page in state.dirty.sorted() {
