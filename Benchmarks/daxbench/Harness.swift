@@ -5,12 +5,15 @@ import Foundation
 enum Goal: CustomStringConvertible {
     case atMost(Double)
     case atLeast(Double)
+    /// A limit on our own figure, in the row's unit (the ratio is reported beside it).
+    case oursAtMost(Double)
     case report
 
-    func holds(_ ratio: Double) -> Bool? {
+    func holds(ours: Double, ratio: Double) -> Bool? {
         switch self {
         case .atMost(let limit): ratio <= limit
         case .atLeast(let limit): ratio >= limit
+        case .oursAtMost(let limit): ours <= limit
         case .report: nil
         }
     }
@@ -19,6 +22,7 @@ enum Goal: CustomStringConvertible {
         switch self {
         case .atMost(let limit): "<= \(limit)"
         case .atLeast(let limit): ">= \(limit)"
+        case .oursAtMost(let limit): "ours <= \(limit)"
         case .report: "report"
         }
     }
@@ -59,7 +63,7 @@ struct Result {
     var ours: Double
     var peer: Double
     var ratio: Double { peer == 0 ? .infinity : ours / peer }
-    var holds: Bool? { benchmark.goal.holds(ratio) }
+    var holds: Bool? { benchmark.goal.holds(ours: ours, ratio: ratio) }
 }
 
 /// Settings every benchmark sees.

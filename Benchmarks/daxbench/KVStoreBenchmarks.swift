@@ -62,7 +62,7 @@ enum KVStoreBenchmarks {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = [
-            "--device", bench.path, "--file", "/kv", "--persistence", "cache-flush", "bench",
+            "--device", bench.path, "--persistence", "cache-flush", "bench",
             "--count", "\(count)",
         ]
         let output = Pipe()
@@ -72,7 +72,7 @@ enum KVStoreBenchmarks {
         process.waitUntilExit()
         guard process.terminationStatus == 0,
             let json = try JSONSerialization.jsonObject(with: data) as? [String: Double],
-            let puts = json["puts_per_second"], let gets = json["gets_per_second"]
+            let puts = json["putsPerSecond"], let gets = json["getsPerSecond"]
         else { throw BenchError("kvstore bench failed (status \(process.terminationStatus))") }
         return Rates(puts: puts, gets: gets)
     }

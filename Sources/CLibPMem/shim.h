@@ -25,14 +25,20 @@
 static const int dax_MAP_SHARED_VALIDATE = MAP_SHARED_VALIDATE;
 static const int dax_MAP_SYNC = MAP_SYNC;
 static const unsigned int dax_MFD_CLOEXEC = 0x0001U;
-// lseek(2) whences for sparse files (Glibc's Swift module hides them behind _GNU_SOURCE).
-static const int dax_SEEK_DATA = 3;
-static const int dax_SEEK_HOLE = 4;
 
 /// Calls `memfd_create(2)` through `syscall(2)` (Glibc's Swift module does not export it).
 static inline int dax_memfd_create(const char *name, unsigned int flags) {
     return (int)syscall(SYS_memfd_create, name, flags);
 }
+
+/// Calls `fallocate(2)` through `syscall(2)` (Glibc's Swift module does not export it).
+static inline int dax_fallocate(int fd, int mode, int64_t offset, int64_t length) {
+    return (int)syscall(SYS_fallocate, fd, mode, offset, length);
+}
+static const int dax_FALLOC_FL_KEEP_SIZE = 0x01;
+static const int dax_FALLOC_FL_PUNCH_HOLE = 0x02;
+static const int dax_SEEK_DATA = 3;
+static const int dax_SEEK_HOLE = 4;
 
 // userfaultfd(2): the ioctl numbers are function-like macros that Swift cannot import.
 static const unsigned long dax_USERFAULTFD_IOC_NEW = USERFAULTFD_IOC_NEW;

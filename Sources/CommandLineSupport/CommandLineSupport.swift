@@ -8,30 +8,122 @@ import Synchronization
 public struct CommandError: Error, CustomStringConvertible {
     public var description: String
     public init(_ description: String) { self.description = description }
+}
 
-    /// Throws if one of `values` came from a command-line argument that is not valid UTF-8. Swift
-    /// turns invalid bytes into U+FFFD, so two different byte strings would arrive as one key or
-    /// record.
-    public static func requireUTF8(_ values: [String], for what: String) throws {
-        for index in 1..<Int(CommandLine.argc) {
-            guard let raw = CommandLine.unsafeArgv[index] else { continue }
-            let bytes = UnsafeRawBufferPointer(start: raw, count: strlen(raw)).bindMemory(to: UInt8.self)
-            guard String(validating: bytes, as: UTF8.self) == nil else { continue }
-            if values.contains(String(decoding: bytes, as: UTF8.self)) {
-                throw CommandError("argument \(index) is not valid UTF-8 (\(what) are UTF-8 text)")
-            }
+/// "1 file", "2 files", "0 directories" (with `plural`).
+public func counted(_ n: Int, _ singular: String, _ plural: String? = nil) -> String {
+    "\(n) \(n == 1 ? singular : plural ?? singular + "s")"
+}
+
+/// `text` with what a terminal would not show as itself written as an escape: `\n`, `\t`, `\r`,
+/// `\\` (unless `backslashes` is false), and `\u{NN}` for other control characters. A name or
+/// record printed this way takes one line and says which bytes it holds.
+public func escapedForDisplay(_ text: String, backslashes: Bool = true) -> String {
+    var result = ""
+    for scalar in text.unicodeScalars {
+        switch scalar {
+        case "\n": result += "\\n"
+        case "\t": result += "\\t"
+        case "\r": result += "\\r"
+        case "\\" where backslashes: result += "\\\\"
+        case _ where scalar.value < 0x20 || (0x7F...0x9F).contains(scalar.value):
+            result += "\\u{\(String(scalar.value, radix: 16, uppercase: true))}"
+        default: result.unicodeScalars.append(scalar)
         }
     }
+    return result
+}
+
+/// `bytes` as text for display: UTF-8 escaped as ``escapedForDisplay(_:)`` does, and each byte
+/// that is not part of valid UTF-8 as `\xNN`.
+public func escapedForDisplay(_ bytes: some Collection<UInt8>) -> String {
+    let bytes = Array(bytes)
+    var result = ""
+    var parser = Unicode.UTF8.ForwardParser()
+    var iterator = bytes.makeIterator()
+    var position = 0
+    while true {
+        switch parser.parseScalar(from: &iterator) {
+        case .valid(let encoded):
+            result += escapedForDisplay(String(Unicode.UTF8.decode(encoded)))
+            position += encoded.count
+        case .error(let length):
+            for byte in bytes[position..<(position + length)] {
+                let hex = String(byte, radix: 16, uppercase: true)
+                result += "\\x" + (hex.count == 1 ? "0" + hex : hex)
+            }
+            position += length
+        case .emptyInput:
+            return result
+        }
+    }
+}
+
+/// What is wrong with the raw command line before it is parsed, if anything.
+private enum ArgumentProblem {
+    /// Argument `index` (from 1) is not valid UTF-8; Swift would turn its bad bytes into U+FFFD, so
+    /// two different names would arrive as one.
+    case notUTF8(index: Int, shown: String)
+    /// A negative number (`-5`, after `option` if it is an option's value): no program here takes
+    /// one, and the parser would take it for an option and say something else.
+    case negative(String, option: String?)
+}
+
+private func rawArgumentProblem() -> ArgumentProblem? {
+    for index in 1..<Int(CommandLine.argc) {
+        guard let raw = CommandLine.unsafeArgv[index] else { continue }
+        let bytes = UnsafeRawBufferPointer(start: raw, count: strlen(raw)).bindMemory(to: UInt8.self)
+        if String(validating: bytes, as: UTF8.self) == nil {
+            return .notUTF8(index: index, shown: escapedForDisplay(bytes))
+        }
+    }
+    return nil
+}
+
+/// `-5`, `-1G`, `-0.5`: a token that reads as a negative number, not as an option.
+private func isNegativeNumber(_ token: String) -> Bool {
+    let utf8 = Array(token.utf8)
+    return utf8.count >= 2 && utf8[0] == UInt8(ascii: "-") && (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(utf8[1])
 }
 
 extension ParsableCommand {
     /// Parses the arguments and runs the command. Every failure becomes one line on stderr,
     /// `NAME: what went wrong`, and an exit status: 1 for a failed command, 64 for bad arguments
     /// (then the line ends with where to find help). `--help` and `--version` print as usual.
+    ///
+    /// Two mistakes are caught before the parser sees them, as bad arguments: an argument that is
+    /// not valid UTF-8 (every name, path and value here is UTF-8 text), and a negative number
+    /// (`--size -5`, `truncate /f -5`), which no program here takes.
     public static func mainReportingErrors(arguments: [String]? = nil) -> Never {
         let name = configuration.commandName ?? _commandName
+        let arguments = arguments ?? Array(CommandLine.arguments.dropFirst())
+        var problem = rawArgumentProblem()
+        if problem == nil, let index = arguments.prefix(while: { $0 != "--" }).firstIndex(where: isNegativeNumber) {
+            let previous = index > 0 ? arguments[index - 1] : ""
+            let isOption = previous.hasPrefix("-") && !previous.contains("=") && !isNegativeNumber(previous)
+            problem = .negative(arguments[index], option: isOption ? previous : nil)
+        }
+        if let problem {
+            let message: String
+            switch problem {
+            case .notUTF8(let index, let shown):
+                message = "argument \(index) (\(shown)) is not valid UTF-8; names, paths and values are UTF-8 text"
+            case .negative(let number, let option?):
+                message = "\(option) \(number) is negative; sizes and counts are 0 or more"
+            case .negative(let number, nil):
+                message = "\(number) is negative, and no size or count is; an argument that starts with - goes after --"
+            }
+            // The help hint names the subcommand, as the parser's own hints do.
+            let names = configuration.subcommands.map { $0._commandName }
+            let path = [name] + (arguments.first(where: names.contains).map { [$0] } ?? [])
+            report("\(name): \(message) (see '\(path.joined(separator: " ")) --help' for more information)")
+            Glibc.exit(ExitCode.validationFailure.rawValue)
+        }
+        // The subcommand, once parsed: a bad argument found while it runs names its help.
+        var subcommand: ParsableCommand.Type?
         do {
             var command = try parseAsRoot(arguments)
+            if type(of: command) != Self.self { subcommand = type(of: command) }
             try command.run()
             Glibc.exit(0)
         } catch let code as ExitCode {
@@ -50,7 +142,9 @@ extension ParsableCommand {
             guard code != .success else { self.exit(withError: error) }
             let message = message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
             var line = "\(name): \(message)"
-            if code == .validationFailure,
+            if code == .validationFailure, error is ValidationError, let subcommand {
+                line += " (see '\(name) \(subcommand._commandName) --help' for more information)"
+            } else if code == .validationFailure,
                 let hint = fullMessage(for: error).split(separator: "\n").last(where: { $0.contains("--help") })
             {
                 let trimmed = hint.trimmingCharacters(in: " .")
@@ -62,8 +156,9 @@ extension ParsableCommand {
     }
 }
 
+/// Writes `line` to stderr as one line: a name with a newline in it is shown escaped.
 private func report(_ line: String) {
-    let text = line + "\n"
+    let text = escapedForDisplay(line, backslashes: false) + "\n"
     _ = text.withCString { write(STDERR_FILENO, $0, strlen($0)) }
 }
 
@@ -76,85 +171,5 @@ extension Substring {
     }
 }
 
-extension DAXFileSystem {
-    /// Opens an app's file at `path` (a store, a log: `kind`). A missing or empty one is made by
-    /// `build` under another name and renamed into place (``createAtomically(_:build:)``), so a
-    /// creation that fails or is killed never leaves a file at `path` that is not one. Without
-    /// `build` (a command that only reads) a missing or empty file is an error naming `maker`,
-    /// the command that makes one.
-    public func openOrCreate(
-        _ path: String, kind: String, maker: String, build: ((DAXFile) throws -> Void)?
-    ) throws -> DAXFile {
-        let existing: DAXFile?
-        do {
-            existing = try open(path)
-        } catch let error as DAXError where error.code == .notFound {
-            existing = nil
-        }
-        if let existing, existing.size > 0 { return existing }
-        existing?.close()
-        guard let build else {
-            throw CommandError(
-                existing == nil
-                    ? "no \(kind) at \(path) (\(maker) creates one)"
-                    : "\(path) is an empty file, not a \(kind) (\(maker) makes it one)")
-        }
-        try createAtomically(path, build: build)
-        return try open(path)
-    }
 
-    /// Creates the file at `path`, or replaces the file there, all at once: `build` fills a new
-    /// file under a temporary name in the same directory, which is then renamed over `path`. A
-    /// build that throws leaves `path` as it was; so does a process killed during it. Its
-    /// temporary file, `.<hash of the name>.<pid>.<n>.partial`, is removed by the next call for
-    /// the same path from another process (only one process at a time mounts a device).
-    public func createAtomically(_ path: String, build: (DAXFile) throws -> Void) throws {
-        // Refuse what the rename would refuse, before any work: a bad path or parent, a directory.
-        let slash = path.utf8.lastIndex(of: UInt8(ascii: "/"))
-        let directory = slash.map { String(path[...$0]) } ?? ""
-        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
-        do {
-            if try attributes(of: path).kind == .directory {
-                throw DAXError(.isADirectory, "cannot replace directory \(path) with a file")
-            }
-        } catch let error as DAXError where error.code == .notFound {
-            guard try attributes(of: directory.isEmpty ? "/" : directory).kind == .directory else {
-                throw DAXError(.notADirectory, "\(directory) is not a directory")
-            }
-        }
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        for byte in name.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
-        let prefix = ".\(String(hash, radix: 16))."
-        let mine = "\(prefix)\(getpid())."
-        for stale in try contentsOfDirectory(directory.isEmpty ? "/" : directory)
-        where stale.hasPrefix(prefix) && stale.hasSuffix(".partial") && !stale.hasPrefix(mine) {
-            try? remove(directory + stale)
-        }
-        // Unique within this process too: concurrent calls for one path never share a file.
-        let temporary = directory + mine + "\(partialFiles.add(1, ordering: .relaxed).oldValue).partial"
-        let file: DAXFile
-        do {
-            file = try create(temporary)
-            do {
-                try build(file)
-            } catch {
-                file.close()
-                try? remove(temporary)
-                throw error
-            }
-        } catch var error as DAXError {
-            // Told about the file the user named, not the temporary one it was built in.
-            error.message = error.message.replacing(temporary, with: path)
-            throw error
-        }
-        file.close()
-        do {
-            try rename(temporary, to: path)
-        } catch {
-            try? remove(temporary)
-            throw error
-        }
-    }
-}
 
-private let partialFiles = Atomic<Int>(0)

@@ -21,6 +21,21 @@ struct ByteCount: ExpressibleByArgument, CustomStringConvertible {
 
     var description: String { Self.format(bytes) }
 
+    /// Throws a bad-argument error unless the size is a positive multiple of `multiple` in `range`:
+    /// `what` names the argument (`--size`).
+    func validate(_ what: String, multipleOf multiple: Int = 1, in range: ClosedRange<Int>) throws {
+        guard bytes > 0 else { throw ValidationError("\(what) must be positive, not \(bytes)") }
+        guard bytes % multiple == 0 else {
+            throw ValidationError(
+                "\(what) \(Self.format(bytes)) (\(bytes) bytes) is not a multiple of \(Self.format(multiple))")
+        }
+        guard range.contains(bytes) else {
+            throw ValidationError(
+                "\(what) \(Self.format(bytes)) is outside \(Self.format(range.lowerBound)) to \(Self.format(range.upperBound))"
+            )
+        }
+    }
+
     /// `1.5 GiB`, `64 KiB`, `512 B`.
     static func format(_ bytes: Int) -> String {
         let units = ["B", "KiB", "MiB", "GiB", "TiB"]

@@ -9,7 +9,9 @@ struct DAXEmu: ParsableCommand {
         discussion: """
             Every command works on --device PATH (default $DAXEMU_DEVICE, else /dev/shm/daxemu).
             Start with `daxemu demo`, or `daxemu create --size 1G && daxemu format`.
+            Exit status: 0 on success, 1 when a command fails, 64 for a bad argument.
             """,
+        version: "daxemu \(daxemuVersion)",
         subcommands: [
             Create.self, Format.self, Info.self, ListCommand.self, MakeDirectory.self, Put.self, Get.self,
             Remove.self, Move.self, Truncate.self, Fsck.self, Frames.self, MapCommand.self, Demo.self, Explore.self,
@@ -17,6 +19,9 @@ struct DAXEmu: ParsableCommand {
         ]
     )
 }
+
+/// The version `daxemu --version` prints.
+let daxemuVersion = "0.1.0"
 
 /// Runs the command; an error becomes one line on stderr and a non-zero exit status.
 @main

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 import Synchronization
@@ -6,7 +7,7 @@ import Synchronization
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract:
-            "The seed story, narrated and live: a mapped file, an RDMA NIC pinning it, truncate under each policy.",
+            "The story of truncate versus a pinned page, narrated and live: a mapped file, an RDMA NIC pinning it, truncate under each policy.",
         discussion: """
             Works in /demo on the device (created and formatted if missing; other files are left alone) \
             and removes what it made at the end.
@@ -20,12 +21,18 @@ struct Demo: ParsableCommand {
     @Flag(help: "Do not pause between acts.")
     var fast = false
 
+    func validate() throws {
+        try size.validate(
+            "--size", multipleOf: PMemDevice.pageSize, in: PMemDevice.minimumSize...PMemDevice.maximumSize)
+    }
+
     func run() throws {
         let opened: PMemDevice
         if FileManager.default.fileExists(atPath: device.path) {
             opened = try device.open()
             act("The device", "Opened \(opened.path).")
         } else {
+            try Create.checkPlace(for: device.path, size: size.bytes, sparse: false)
             opened = try PMemDevice.create(path: device.path, size: size.bytes, options: device.options)
             act("The device", "Created \(opened.path) (\(size)); `rm \(opened.path)` removes it.")
         }
@@ -47,8 +54,9 @@ struct Demo: ParsableCommand {
         act(
             "The end",
             """
-            Every pin was released exactly once: \(totals.pinsAcquired) pages pinned, \(totals.pinsReleased) \
-            released, \(totals.pinnedPages) pinned now, \(totals.quarantinedBlocks) blocks quarantined. \
+            Every pin was released exactly once: \(counted(totals.pinsAcquired, "page")) pinned, \
+            \(totals.pinsReleased) released, \(totals.pinnedPages) pinned now, \
+            \(counted(totals.quarantinedBlocks, "block")) quarantined. \
             check(): \(try fs.check().isClean ? "clean" : "NOT clean").
             """)
     }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Glibc
 
@@ -22,7 +23,14 @@ struct DeviceOptions: ParsableArguments {
         return options
     }
 
-    func open() throws -> PMemDevice { try PMemDevice.open(path: path, options: options) }
+    /// Opens the device; a missing one is told in the user's words, with the command that makes it.
+    func open() throws -> PMemDevice {
+        do {
+            return try PMemDevice.open(path: path, options: options)
+        } catch let error as DAXError where error.code == .notFound {
+            throw CommandError("no device at \(path) (`daxemu create --device \(path)` makes one)")
+        }
+    }
 
     /// The arguments with device options given before the subcommand (`daxemu -d PATH ls`, as the
     /// examples take them) moved after it, where each subcommand declares them.

@@ -4,7 +4,12 @@ import DAX
 import Foundation
 
 struct ListCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "ls", abstract: "List a directory, or show a file.")
+    static let configuration = CommandConfiguration(
+        commandName: "ls", abstract: "List a directory, or show a file.",
+        discussion: """
+            A name holding a newline, tab, other control character or backslash is shown escaped \
+            (\\n, \\t, \\u{1B}, \\\\); --json gives names as they are.
+            """)
 
     @OptionGroup var device: DeviceOptions
 
@@ -14,33 +19,60 @@ struct ListCommand: ParsableCommand {
     @Flag(name: .shortAndLong, help: "Show type, size and blocks.")
     var long = false
 
+    @Flag(name: .shortAndLong, help: "Show names that start with a dot too, and . and .. (not in --json).")
+    var all = false
+
     @Flag(help: "Print JSON: a list of {name, type, size, blocks, inode}.")
     var json = false
 
+    func validate() throws { try requireDevicePath(directory) }
+
+    /// One line of the listing.
+    struct Entry: Encodable {
+        var name: String
+        /// `file` or `directory`.
+        var type: String
+        var size: Int
+        var blocks: Int
+        var inode: UInt32
+
+        init(_ name: String, _ attributes: FileAttributes) {
+            self.name = name
+            type = attributes.kind.rawValue
+            size = attributes.size
+            blocks = attributes.blocks
+            inode = attributes.inode
+        }
+
+        var isDirectory: Bool { type == FileAttributes.Kind.directory.rawValue }
+    }
+
     func run() throws {
-        let entries = try device.withFileSystem { fs -> [(String, FileAttributes)] in
+        let entries = try device.withFileSystem { fs -> [Entry] in
             let target = try fs.attributes(of: directory)
-            if target.kind == .file { return [(directory, target)] }
-            return try fs.contentsOfDirectory(directory).map { name in
-                (name, try fs.attributes(of: directory == "/" ? "/" + name : directory + "/" + name))
+            if target.kind == .file { return [Entry(directory, target)] }
+            let base = directory.hasSuffix("/") ? directory : directory + "/"
+            var entries = try fs.contentsOfDirectory(directory).filter { all || !$0.hasPrefix(".") }.map { name in
+                Entry(name, try fs.attributes(of: base + name))
             }
+            if all, !json {
+                let parent = try fs.attributes(of: parentPath(of: directory))
+                entries.insert(contentsOf: [Entry(".", target), Entry("..", parent)], at: 0)
+            }
+            return entries
         }
         if json {
-            print(
-                try jsonText(
-                    entries.map { name, a in
-                        [
-                            "name": name, "type": a.kind.rawValue, "size": a.size, "blocks": a.blocks,
-                            "inode": Int(a.inode),
-                        ]
-                    }))
-        } else if long {
-            for (name, a) in entries {
-                let kind = a.kind == .directory ? "d" : "-"
-                print("\(kind)  \(padded(String(a.size), to: 12)) \(padded(String(a.blocks), to: 8)) \(name)")
+            print(try jsonText(entries))
+            return
+        }
+        for entry in entries {
+            let name = escapedForDisplay(entry.name)
+            if long {
+                let sizes = padded(String(entry.size), to: 12) + " " + padded(String(entry.blocks), to: 8)
+                print("\(entry.isDirectory ? "d" : "-")  \(sizes) \(name)")
+            } else {
+                print(entry.isDirectory ? name + "/" : name)
             }
-        } else {
-            for (name, a) in entries { print(a.kind == .directory ? name + "/" : name) }
         }
     }
 }
@@ -55,6 +87,8 @@ struct MakeDirectory: ParsableCommand {
 
     @Flag(name: .shortAndLong, help: "Create missing parents too; an existing directory is fine.")
     var parents = false
+
+    func validate() throws { try requireDevicePath(directory) }
 
     func run() throws {
         try device.withFileSystem { fs in
@@ -76,8 +110,9 @@ struct Put: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Copy a local file into the file system (replacing DEST if it is a file).",
         discussion: """
-            The copy is written under a temporary name beside DEST and renamed over it when whole, \
-            so a put that fails leaves DEST as it was; replacing a file needs room for both.
+            The copy is written into an unnamed file (on the orphan list, like O_TMPFILE) and linked \
+            over DEST when whole, so a put that fails or is killed leaves DEST as it was and the \
+            next mount frees what it had copied; replacing a file needs room for both.
             """)
 
     @OptionGroup var device: DeviceOptions
@@ -87,6 +122,8 @@ struct Put: ParsableCommand {
 
     @Argument(help: "Where to put it; a directory keeps the local name.")
     var destination: String
+
+    func validate() throws { try requireDevicePath(destination) }
 
     func run() throws {
         let input = open(local, O_RDONLY)
@@ -99,9 +136,7 @@ struct Put: ParsableCommand {
         try device.withFileSystem { fs in
             var target = destination
             if (try? fs.attributes(of: destination))?.kind == .directory {
-                target =
-                    (destination.hasSuffix("/") ? destination : destination + "/")
-                    + (local.split(separator: "/").last.map(String.init) ?? local)
+                target = (destination.hasSuffix("/") ? destination : destination + "/") + lastComponent(of: local)
             }
             // A put that fails (no space, a bad read) or is killed leaves an existing DEST as it was.
             try fs.createAtomically(target) { file in
@@ -138,6 +173,8 @@ struct Get: ParsableCommand {
     @Argument(help: "The local file to write, or - for standard output.")
     var local: String
 
+    func validate() throws { try requireDevicePath(source) }
+
     func run() throws {
         try device.withFileSystem { fs in
             let file = try fs.open(source, access: .readOnly)
@@ -146,7 +183,8 @@ struct Get: ParsableCommand {
             guard output >= 0 else { throw CommandError("cannot write \(local): \(String(cString: strerror(errno)))") }
             defer { if output != 1 { close(output) } }
             let size = file.size
-            let progress = Progress("get \(source)")
+            // Progress on stderr, unless the bytes themselves go to the terminal.
+            let progress = Progress("get \(source)", shown: output != 1 || isatty(1) == 0)
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
             defer { buffer.deallocate() }
             var offset = 0
@@ -162,7 +200,7 @@ struct Get: ParsableCommand {
                     written += n
                 }
                 offset += count
-                if output != 1 { progress.update(Double(offset) / Double(size)) }
+                progress.update(Double(offset) / Double(size))
             }
             progress.finish()
         }
@@ -177,22 +215,42 @@ struct Remove: ParsableCommand {
     @Argument(help: "What to remove.")
     var paths: [String]
 
+    func validate() throws {
+        guard !paths.isEmpty else { throw ValidationError("rm needs a path") }
+        for path in paths { try requireDevicePath(path) }
+    }
+
     func run() throws {
-        guard !paths.isEmpty else { throw CommandError("rm needs a path") }
         try device.withFileSystem { fs in for path in paths { try fs.remove(path) } }
     }
 }
 
 struct Move: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "mv", abstract: "Rename atomically (replaces a file).")
+    static let configuration = CommandConfiguration(
+        commandName: "mv", abstract: "Move or rename atomically, as mv(1) does.",
+        discussion: """
+            Into DEST if it is a directory (keeping the name); otherwise SOURCE becomes DEST, \
+            replacing a file there.
+            """)
 
     @OptionGroup var device: DeviceOptions
 
     @Argument var source: String
     @Argument var destination: String
 
+    func validate() throws {
+        try requireDevicePath(source)
+        try requireDevicePath(destination)
+    }
+
     func run() throws {
-        try device.withFileSystem { fs in try fs.rename(source, to: destination) }
+        try device.withFileSystem { fs in
+            var target = destination
+            if (try? fs.attributes(of: destination))?.kind == .directory {
+                target = (destination.hasSuffix("/") ? destination : destination + "/") + lastComponent(of: source)
+            }
+            try fs.rename(source, to: target)
+        }
     }
 }
 
@@ -205,111 +263,19 @@ struct Truncate: ParsableCommand {
     @Argument(help: "The new size: 0, 4096, 64K, 1M...")
     var size: ByteCount
 
+    func validate() throws {
+        try requireDevicePath(file)
+        guard size.bytes <= DAXFileSystem.maximumFileSize else {
+            throw ValidationError(
+                "\(size) is larger than the largest file, \(ByteCount.format(DAXFileSystem.maximumFileSize))")
+        }
+    }
+
     func run() throws {
         try device.withFileSystem { fs in
             let handle = try fs.open(file)
             defer { handle.close() }
             try handle.truncate(to: size.bytes)
-        }
-    }
-}
-
-struct Frames: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Show where each page of a file lives on the device: its frame and device offset.",
-        discussion: "A program that maps the device with libpmem finds page P's bytes at the device offset shown.")
-
-    @OptionGroup var device: DeviceOptions
-
-    @Argument var file: String
-
-    @Flag(help: "Print JSON: a list of {page, frame, deviceOffset} for the pages that have a block (holes are left out).")
-    var json = false
-
-    /// Pages looked up at a time: a huge sparse file is streamed, never held in memory whole.
-    static let window = 1 << 16
-
-    func run() throws {
-        try device.withFileSystem { fs in
-            let handle = try fs.open(file, access: .readOnly)
-            defer { handle.close() }
-            let pages = (handle.size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
-            var output = FramesOutput(json: json)
-            var first = 0
-            while first < pages {
-                let count = min(Self.window, pages - first)
-                let frames = try handle.frames(
-                    offset: first * PMemDevice.pageSize,
-                    count: min(count * PMemDevice.pageSize, handle.size - first * PMemDevice.pageSize))
-                for (index, frame) in frames.enumerated() { output.add(page: first + index, frame) }
-                first += count
-            }
-            output.finish(pages: pages)
-        }
-    }
-}
-
-/// The lines of `daxemu frames`, written as they come: a run of holes is one line.
-private struct FramesOutput {
-    let json: Bool
-    var holeStart: Int?
-    var entries = 0
-
-    init(json: Bool) {
-        self.json = json
-        print(json ? "[" : "page      frame     device offset")
-    }
-
-    mutating func add(page: Int, _ frame: PageFrameNumber?) {
-        guard let frame else {
-            if holeStart == nil { holeStart = page }
-            return
-        }
-        endHole(at: page)
-        if json {
-            print((entries > 0 ? "," : "") + "{\"page\": \(page), \"frame\": \(frame.rawValue), \"deviceOffset\": \(frame.deviceOffset)}")
-        } else {
-            print(padded(String(page), to: 9) + " " + padded(String(frame.rawValue), to: 9) + " \(frame.deviceOffset)")
-        }
-        entries += 1
-    }
-
-    mutating func finish(pages: Int) {
-        endHole(at: pages)
-        if json { print("]") }
-    }
-
-    private mutating func endHole(at page: Int) {
-        guard let start = holeStart else { return }
-        holeStart = nil
-        guard !json else { return }
-        print(padded(page - start == 1 ? String(start) : "\(start)-\(page - 1)", to: 9) + " " + padded("-", to: 9) + " (hole)")
-    }
-}
-
-struct Fsck: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Check the file system without changing it: exit 0 when clean, 1 with the problems listed.")
-
-    @OptionGroup var device: DeviceOptions
-
-    func run() throws {
-        let opened = try device.open()
-        defer { opened.close() }
-        let report: CheckReport
-        do {
-            report = try DAXFileSystem.check(opened)
-        } catch let error as DAXError where error.code == .corrupted {
-            print("\(opened.path): damaged: \(error.message)")
-            throw ExitCode(1)
-        }
-        for note in report.notes { print("note: \(note)") }
-        if report.isClean {
-            print("\(opened.path): clean")
-        } else {
-            print("\(opened.path): \(report.problems.count) problems")
-            for problem in report.problems { print("  - \(problem)") }
-            throw ExitCode(1)
         }
     }
 }

@@ -14,6 +14,10 @@ struct Format: ParsableCommand {
     @Option(help: "Device bytes per inode: how many files fit (default 16K).")
     var bytesPerInode: ByteCount = ByteCount(bytes: 16 << 10)
 
+    func validate() throws {
+        try bytesPerInode.validate("--bytes-per-inode", multipleOf: 1024, in: 1024...PMemDevice.maximumSize)
+    }
+
     func run() throws {
         let opened = try device.open()
         defer { opened.close() }
@@ -29,7 +33,7 @@ struct Format: ParsableCommand {
         let statistics = fs.statistics()
         try fs.unmount()
         print(
-            "formatted \(opened.path): \(statistics.totalBlocks) data blocks "
-                + "(\(ByteCount.format(statistics.totalBlocks * 4096))), \(statistics.totalInodes) inodes")
+            "formatted \(opened.path): \(counted(statistics.totalBlocks, "data block")) "
+                + "(\(ByteCount.format(statistics.totalBlocks * 4096))), \(counted(statistics.totalInodes, "inode"))")
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 
@@ -17,8 +18,8 @@ struct Info: ParsableCommand {
         let deviceReport = DeviceReport(opened)
         let fileSystem = FileSystemReport(opened)
         if json {
-            var object = deviceReport.object
-            object["filesystem"] = fileSystem.object
+            var object = deviceReport.json
+            object.fileSystem = fileSystem.json
             print(try jsonText(object))
         } else {
             print(deviceReport.text)
@@ -27,28 +28,69 @@ struct Info: ParsableCommand {
     }
 }
 
+/// What `info --json` prints: the device, the pins this process holds, and the file system.
+struct InfoJSON: Encodable {
+    var path: String
+    var size: Int
+    var pages: Int
+    var isPersistentMemory: Bool
+    var isDeviceDAX: Bool
+    var mapSync: Bool
+    /// Why the kernel refused `MAP_SYNC`; absent when it granted it.
+    var mapSyncRefusedBecause: String?
+    var persistence: String
+    var persistenceRequested: String
+    var descriptorBytes: Int
+    var descriptorTableReserved: Int
+    var pins: Pins
+    var fileSystem: FileSystemJSON?
+
+    /// Pins live in the process that takes them: these are this process's.
+    struct Pins: Encodable {
+        var acquired: Int
+        var released: Int
+        var pinnedPages: Int
+    }
+}
+
+/// The file system part of `info --json`: `state` is `none`, `mounted` or `unreadable`.
+struct FileSystemJSON: Encodable {
+    var state: String
+    var totalBlocks: Int?
+    var freeBlocks: Int?
+    var usedBlocks: Int?
+    var quarantinedBlocks: Int?
+    var files: Int?
+    var directories: Int?
+    var inodes: Int?
+    var error: String?
+    var code: String?
+
+    init(state: String) { self.state = state }
+}
+
 /// What `info` says about a device.
 struct DeviceReport {
-    var object: [String: Any]
+    var json: InfoJSON
     var text: String
 
     init(_ device: PMemDevice) {
         let totals = device.pages.pinTotals
-        var mapSyncReason: Any = NSNull()
+        var mapSyncReason: String?
         if case .refused(let reason) = device.mapSync { mapSyncReason = reason }
-        object = [
-            "path": device.path, "size": device.size, "pages": device.pageCount,
-            "is_pmem": device.isPersistentMemory, "device_dax": device.isDeviceDAX,
-            "map_sync": device.mapSync.isGranted, "map_sync_refused_because": mapSyncReason,
-            "persistence": device.persistence.description,
-            "persistence_requested": device.requestedPersistence.description,
-            "descriptor_bytes": PageMap.bytesPerDescriptor,
-            "descriptor_table_reserved": device.pages.reservedTableBytes,
-            "pins_acquired": totals.acquired, "pins_released": totals.released, "pinned_pages": totals.pinnedPages,
-        ]
+        json = InfoJSON(
+            path: device.path, size: device.size, pages: device.pageCount,
+            isPersistentMemory: device.isPersistentMemory, isDeviceDAX: device.isDeviceDAX,
+            mapSync: device.mapSync.isGranted, mapSyncRefusedBecause: mapSyncReason,
+            persistence: device.persistence.description,
+            persistenceRequested: device.requestedPersistence.description,
+            descriptorBytes: PageMap.bytesPerDescriptor,
+            descriptorTableReserved: device.pages.reservedTableBytes,
+            pins: .init(
+                acquired: Int(totals.acquired), released: Int(totals.released), pinnedPages: Int(totals.pinnedPages)))
         var lines = [
             "device       \(device.path)",
-            "size         \(ByteCount.format(device.size)) (\(device.size) bytes, \(device.pageCount) pages of 4 KiB)",
+            "size         \(ByteCount.format(device.size)) (\(device.size) bytes, \(counted(device.pageCount, "page")) of 4 KiB)",
             "pmem         \(device.isPersistentMemory ? "yes" : "no") (pmem_is_pmem)\(device.isDeviceDAX ? ", device DAX" : "")",
             "MAP_SYNC     \(device.mapSync)",
             "persistence  \(device.persistence)" + (device.requestedPersistence == .automatic ? " (automatic)" : ""),
@@ -66,12 +108,12 @@ struct DeviceReport {
 
 /// What `info` says about the file system on a device, if there is one.
 struct FileSystemReport {
-    var object: Any
+    var json: FileSystemJSON
     var text: String
 
     init(_ device: PMemDevice) {
         guard DAXFileSystem.isFormatted(device) else {
-            object = NSNull()
+            json = FileSystemJSON(state: "none")
             text = "file system  none (daxemu format makes one)"
             return
         }
@@ -80,24 +122,30 @@ struct FileSystemReport {
             defer { try? fs.unmount() }
             let s = fs.statistics()
             let used = s.totalBlocks - s.freeBlocks - s.quarantinedBlocks
-            object = [
-                "total_blocks": s.totalBlocks, "free_blocks": s.freeBlocks, "used_blocks": used,
-                "quarantined_blocks": s.quarantinedBlocks, "files": s.files, "directories": s.directories,
-                "inodes": s.totalInodes, "pinned_pages": s.pinnedPages, "pins_acquired": s.pinsAcquired,
-                "pins_released": s.pinsReleased,
-            ]
+            json = FileSystemJSON(state: "mounted")
+            json.totalBlocks = s.totalBlocks
+            json.freeBlocks = s.freeBlocks
+            json.usedBlocks = used
+            json.quarantinedBlocks = s.quarantinedBlocks
+            json.files = s.files
+            json.directories = s.directories
+            json.inodes = s.totalInodes
             text = [
                 "file system  DAXFS: \(ByteCount.format(used * 4096)) used of \(ByteCount.format(s.totalBlocks * 4096)) "
-                    + "(\(s.freeBlocks) of \(s.totalBlocks) blocks free)",
-                "files        \(count(s.files, "file")), \(count(s.directories, "directory", "directories")), \(s.totalInodes) inodes",
-                "pins         \(s.pinnedPages) pages pinned, \(s.quarantinedBlocks) blocks quarantined "
-                    + "(pins live in the process that takes them; this one holds none)",
+                    + "(\(s.freeBlocks) of \(counted(s.totalBlocks, "block")) free)",
+                "files        \(counted(s.files, "file")), \(counted(s.directories, "directory", "directories")), "
+                    + counted(s.totalInodes, "inode"),
+                "pins         \(counted(s.pinnedPages, "page")) pinned, \(counted(s.quarantinedBlocks, "block")) "
+                    + "quarantined (pins live in the process that takes them; this one holds none)",
             ].joined(separator: "\n")
         } catch let error as DAXError {
-            object = ["error": error.message, "code": error.code.description]
+            json = FileSystemJSON(state: "unreadable")
+            json.error = error.message
+            json.code = error.code.description
             text = "file system  \(error.code == .busy ? "in use" : "unreadable"): \(error.message)"
         } catch {
-            object = ["error": "\(error)"]
+            json = FileSystemJSON(state: "unreadable")
+            json.error = "\(error)"
             text = "file system  unreadable: \(error)"
         }
     }

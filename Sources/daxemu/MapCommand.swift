@@ -6,13 +6,19 @@ import Foundation
 struct MapCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "map",
-        abstract: "Draw the device's pages: metadata, free, file data (and mapped, pinned, quarantined).",
+        abstract: "Draw the device's pages, or some frames, or a file's: metadata, free, file data.",
         discussion: """
             Mappings and pins belong to the process that makes them, as in the kernel; this command \
             shows the device as a fresh mount sees it. `daxemu demo` draws them live.
             """)
 
     @OptionGroup var device: DeviceOptions
+
+    @Argument(help: "A file: draw the frames from its first page's to its last's, its pages marked F.")
+    var file: String?
+
+    @Option(help: "The frames to draw, FIRST-LAST or one frame (default: the whole device, or the file's).")
+    var frames: FrameRange?
 
     @Option(help: "Also write an SVG picture to this file.")
     var svg: String?
@@ -22,16 +28,31 @@ struct MapCommand: ParsableCommand {
 
     func validate() throws {
         guard (1...4096).contains(columns) else { throw ValidationError("--columns is 1 to 4096, not \(columns)") }
+        if let file { try requireDevicePath(file) }
     }
 
     func run() throws {
-        let picture = try device.withFileSystem { fs in PagePicture(fileSystem: fs, device: fs.device) }
+        if let svg { try Self.checkWritable(svg) }
+        let picture = try device.withFileSystem { fs in
+            var range = frames.map { $0.first..<($0.last + 1) }
+            var selected: (UInt32, String)?
+            if let file {
+                let attributes = try fs.attributes(of: file)
+                guard attributes.kind == .file else {
+                    throw CommandError("\(file) is a directory; map draws a file's pages")
+                }
+                selected = (attributes.inode, file)
+                if range == nil { range = try Self.span(of: file, in: fs) }
+            }
+            if let range, range.upperBound > fs.device.pageCount {
+                throw ValidationError(
+                    "--frames \(range.lowerBound)-\(range.upperBound - 1) goes past the device's last frame, "
+                        + "\(fs.device.pageCount - 1)")
+            }
+            return PagePicture(fileSystem: fs, device: fs.device, frames: range, selected: selected)
+        }
         print(picture.terminal(columns: columns))
         if let svg {
-            var isDirectory: ObjCBool = false
-            if FileManager.default.fileExists(atPath: svg, isDirectory: &isDirectory), isDirectory.boolValue {
-                throw CommandError("cannot write \(svg): it is a directory; give a file name for the picture")
-            }
             do {
                 try picture.svgDocument().write(toFile: svg, atomically: true, encoding: .utf8)
             } catch {
@@ -42,5 +63,57 @@ struct MapCommand: ParsableCommand {
             }
             print("wrote \(svg)")
         }
+    }
+
+    /// The frames from the lowest to the highest that holds a page of `file`.
+    static func span(of file: String, in fs: DAXFileSystem) throws -> Range<Int> {
+        let handle = try fs.open(file, access: .readOnly)
+        defer { handle.close() }
+        var lowest = Int.max
+        var highest = -1
+        var offset = 0
+        let window = Frames.window * PMemDevice.pageSize
+        while offset < handle.size {
+            for frame in try handle.frames(offset: offset, count: min(window, handle.size - offset)) {
+                guard let frame else { continue }
+                lowest = min(lowest, Int(frame.rawValue))
+                highest = max(highest, Int(frame.rawValue))
+            }
+            offset += window
+        }
+        guard highest >= 0 else { throw CommandError("\(file) has no blocks on the device (it is empty or a hole)") }
+        return lowest..<(highest + 1)
+    }
+
+    /// Refuses, before anything is drawn, a picture file that cannot be written: a directory, or
+    /// one whose directory is missing or not writable.
+    static func checkWritable(_ path: String) throws {
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue {
+            throw CommandError("cannot write \(path): it is a directory; give a file name for the picture")
+        }
+        let directory = (path as NSString).deletingLastPathComponent
+        let shown = directory.isEmpty ? "." : directory
+        guard FileManager.default.fileExists(atPath: shown, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw CommandError("cannot write \(path): \(shown): no such directory")
+        }
+        guard access(shown, W_OK) == 0 else {
+            throw CommandError("cannot write \(path): \(shown): \(String(cString: strerror(errno)))")
+        }
+    }
+}
+
+/// `FIRST-LAST` or `FRAME`: frames of the device, both ends included.
+struct FrameRange: ExpressibleByArgument {
+    var first: Int
+    var last: Int
+
+    init?(argument: String) {
+        let parts = argument.split(separator: "-", omittingEmptySubsequences: false)
+        guard (1...2).contains(parts.count), let first = Int(parts[0]), let last = Int(parts.last!), first >= 0,
+            first <= last
+        else { return nil }
+        self.first = first
+        self.last = last
     }
 }

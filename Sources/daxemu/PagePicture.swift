@@ -1,9 +1,10 @@
+import CommandLineSupport
 import DAX
 import Foundation
 
 /// What a page is, for pictures. Later cases win when one cell covers several pages.
 enum PageKind: Int, CaseIterable, Comparable {
-    case free, superblock, journal, inodes, bitmap, fileMetadata, fileData, mapped, pinned, quarantined
+    case free, superblock, journal, inodes, bitmap, fileMetadata, fileData, selected, mapped, pinned, quarantined
 
     static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
 
@@ -16,6 +17,7 @@ enum PageKind: Int, CaseIterable, Comparable {
         case .bitmap: "B"
         case .fileMetadata: "d"
         case .fileData: "#"
+        case .selected: "F"
         case .mapped: "M"
         case .pinned: "P"
         case .quarantined: "Q"
@@ -31,6 +33,7 @@ enum PageKind: Int, CaseIterable, Comparable {
         case .bitmap: "bitmap"
         case .fileMetadata: "directory blocks and extent leaves"
         case .fileData: "file data"
+        case .selected: "the file's pages"
         case .mapped: "mapped"
         case .pinned: "pinned"
         case .quarantined: "quarantined (free on the device, held by a pin)"
@@ -44,6 +47,7 @@ enum PageKind: Int, CaseIterable, Comparable {
         case .superblock, .journal, .inodes, .bitmap: "36"
         case .fileMetadata: "34"
         case .fileData: "32"
+        case .selected: "1;92"
         case .mapped: "33"
         case .pinned: "35"
         case .quarantined: "31"
@@ -59,6 +63,7 @@ enum PageKind: Int, CaseIterable, Comparable {
         case .bitmap: "#9dc3e6"
         case .fileMetadata: "#7030a0"
         case .fileData: "#70ad47"
+        case .selected: "#2f6b12"
         case .mapped: "#ffc000"
         case .pinned: "#ed7d31"
         case .quarantined: "#c00000"
@@ -66,31 +71,105 @@ enum PageKind: Int, CaseIterable, Comparable {
     }
 }
 
-/// The kinds of the device's pages, from the file system's layout and the page descriptors.
-struct PagePicture {
-    let kinds: [PageKind]
-    let title: String
+/// A labelled part of a picture: a metadata region or a file, where its pages lie.
+struct PictureRegion {
+    var name: String
+    var kind: PageKind
+    /// Index (in the picture) of its first page, pages it has there, and runs of consecutive pages.
+    var first: Int
+    var last: Int
+    var pages: Int
+    var runs: Int
+}
 
-    init(fileSystem fs: DAXFileSystem, device: PMemDevice, frames: Range<Int>? = nil) {
+/// The kinds of the device's pages, from the file system's layout and the page descriptors, and
+/// which file holds each.
+struct PagePicture {
+    let start: Int
+    let kinds: [PageKind]
+    /// The inode whose file holds each page (0: none).
+    let owners: [UInt32]
+    /// Metadata regions and files, in the order of their first page.
+    let regions: [PictureRegion]
+    let title: String
+    /// The file the picture is drawn for, if one was given.
+    let selected: String?
+
+    /// A picture of `frames` (default: the whole device); the pages of the file `selected` (an
+    /// inode and its path) are drawn as such.
+    init(
+        fileSystem fs: DAXFileSystem, device: PMemDevice, frames: Range<Int>? = nil,
+        selected: (inode: UInt32, path: String)? = nil
+    ) {
         let layout = fs.layout
         let range = frames ?? 0..<device.pageCount
-        kinds = range.map { index in
-            let frame = PageFrameNumber(rawValue: UInt64(index))
-            if layout.superblock.contains(frame) { return .superblock }
-            if layout.journal.contains(frame) { return .journal }
-            if layout.inodeTable.contains(frame) { return .inodes }
-            if layout.bitmap.contains(frame) { return .bitmap }
-            let state = fs.pages.state(of: frame)
-            if state.isQuarantined { return .quarantined }
-            if state.pinCount > 0 { return .pinned }
-            if state.mapCount > 0 { return .mapped }
-            if state.holdsFileData { return .fileData }
-            if state.isAllocated { return .fileMetadata }
-            return .free
+        start = range.lowerBound
+        self.selected = selected?.path
+        var owners = [UInt32](repeating: 0, count: range.count)
+        var kinds = [PageKind](repeating: .free, count: range.count)
+        for (index, frameIndex) in range.enumerated() {
+            let frame = PageFrameNumber(rawValue: UInt64(frameIndex))
+            kinds[index] = {
+                if layout.superblock.contains(frame) { return .superblock }
+                if layout.journal.contains(frame) { return .journal }
+                if layout.inodeTable.contains(frame) { return .inodes }
+                if layout.bitmap.contains(frame) { return .bitmap }
+                let state = fs.pages.state(of: frame)
+                if state.holdsFileData { owners[index] = state.ownerInode }
+                if state.isQuarantined { return .quarantined }
+                if state.pinCount > 0 { return .pinned }
+                if state.mapCount > 0 { return .mapped }
+                if state.holdsFileData { return state.ownerInode == selected?.inode ? .selected : .fileData }
+                if state.isAllocated { return .fileMetadata }
+                return .free
+            }()
         }
+        self.kinds = kinds
+        self.owners = owners
+        regions = Self.regions(kinds: kinds, owners: owners, names: Self.fileNames(fs))
         title =
-            frames.map { "\(device.path), frames \($0.lowerBound)..<\($0.upperBound)" }
-            ?? "\(device.path): \(device.pageCount) pages of 4 KiB"
+            frames.map { "\(device.path), frames \($0.lowerBound)-\($0.upperBound - 1)" }
+            ?? "\(device.path): \(counted(device.pageCount, "page")) of 4 KiB"
+    }
+
+    /// Every file's path by inode, from a walk of the directory tree.
+    private static func fileNames(_ fs: DAXFileSystem) -> [UInt32: String] {
+        var names: [UInt32: String] = [:]
+        var directories = ["/"]
+        while let directory = directories.popLast() {
+            for name in (try? fs.contentsOfDirectory(directory)) ?? [] {
+                let path = (directory == "/" ? "/" : directory + "/") + name
+                guard let attributes = try? fs.attributes(of: path) else { continue }
+                if attributes.kind == .directory { directories.append(path) } else { names[attributes.inode] = path }
+            }
+        }
+        return names
+    }
+
+    /// The metadata regions and the files in the picture, each with where its pages lie.
+    private static func regions(kinds: [PageKind], owners: [UInt32], names: [UInt32: String]) -> [PictureRegion] {
+        var byKind: [PageKind: PictureRegion] = [:]
+        var byOwner: [UInt32: PictureRegion] = [:]
+        func note(_ region: inout PictureRegion?, _ index: Int, name: String, kind: PageKind) {
+            if var seen = region {
+                if seen.last != index - 1 { seen.runs += 1 }
+                seen.last = index
+                seen.pages += 1
+                region = seen
+            } else {
+                region = PictureRegion(name: name, kind: kind, first: index, last: index, pages: 1, runs: 1)
+            }
+        }
+        for (index, kind) in kinds.enumerated() {
+            switch kind {
+            case .superblock, .journal, .inodes, .bitmap: note(&byKind[kind], index, name: kind.name, kind: kind)
+            default:
+                let owner = owners[index]
+                guard owner != 0 else { continue }
+                note(&byOwner[owner], index, name: escapedForDisplay(names[owner] ?? "inode \(owner)"), kind: .fileData)
+            }
+        }
+        return (Array(byKind.values) + Array(byOwner.values)).sorted { $0.first < $1.first }
     }
 
     /// Pages of each kind.
@@ -103,11 +182,17 @@ struct PagePicture {
         }
     }
 
-    /// A compact picture for a terminal: at most `rows` lines of `columns` cells, with a legend.
+    /// The legend's name of a kind: the selected file's kind is the file.
+    func name(of kind: PageKind) -> String {
+        kind == .selected ? selected.map { escapedForDisplay($0) } ?? kind.name : kind.name
+    }
+
+    /// A compact picture for a terminal: at most `rows` lines of `columns` cells, with a legend of
+    /// the kinds present.
     func terminal(columns: Int = 64, rows: Int = 16, color: Bool = isatty(1) == 1) -> String {
         let pagesPerCell = max(1, (kinds.count + columns * rows - 1) / (columns * rows))
         let cells = cells(pagesPerCell: pagesPerCell)
-        var lines = ["\(title); one cell = \(pagesPerCell) page\(pagesPerCell == 1 ? "" : "s")"]
+        var lines = ["\(title); one cell = \(counted(pagesPerCell, "page"))"]
         for row in stride(from: 0, to: cells.count, by: columns) {
             let line = cells[row..<min(cells.count, row + columns)].map { kind in
                 color ? "\u{1B}[\(kind.ansi)m\(kind.symbol)\u{1B}[0m" : String(kind.symbol)
@@ -115,59 +200,10 @@ struct PagePicture {
             lines.append("  " + line)
         }
         let counts = counts
-        let legend = PageKind.allCases.filter { counts[$0] != nil }.map { "\($0.symbol) \($0.name) (\(counts[$0]!))" }
+        let legend = PageKind.allCases.filter { counts[$0] != nil }.map {
+            "\($0.symbol) \(name(of: $0)) (\(counts[$0]!))"
+        }
         lines.append("  " + legend.joined(separator: "  "))
         return lines.joined(separator: "\n")
-    }
-
-    /// An SVG picture: a grid of squares, runs of one kind drawn as one rectangle, and a legend.
-    func svgDocument(columns: Int = 256, maximumCells: Int = 65_536) -> String {
-        let pagesPerCell = max(1, (kinds.count + maximumCells - 1) / maximumCells)
-        let cells = cells(pagesPerCell: pagesPerCell)
-        let size = 4
-        let rows = (cells.count + columns - 1) / columns
-        let gridHeight = rows * size
-        let legendTop = gridHeight + 56
-        let counts = counts
-        let present = PageKind.allCases.filter { counts[$0] != nil }
-        let height = legendTop + present.count * 20 + 16
-        let width = max(columns * size + 32, 520)
-        var svg = """
-            <svg xmlns="http://www.w3.org/2000/svg" width="\(width)" height="\(height)" viewBox="0 0 \(width) \(height)" \
-            font-family="Helvetica, Arial, sans-serif">
-            <rect width="100%" height="100%" fill="white"/>
-            <text x="16" y="24" font-size="15" font-weight="bold">\(escape(title))</text>
-            <text x="16" y="42" font-size="11" fill="#555">one square = \(pagesPerCell) page\(pagesPerCell == 1 ? "" : "s") \
-            of 4 KiB; the strongest state in it wins (quarantined, pinned, mapped, data, metadata, free)</text>
-            <g transform="translate(16,50)">
-
-            """
-        for row in 0..<rows {
-            var column = 0
-            let start = row * columns
-            let end = min(cells.count, start + columns)
-            while start + column < end {
-                let kind = cells[start + column]
-                var run = 1
-                while start + column + run < end, cells[start + column + run] == kind { run += 1 }
-                svg +=
-                    "<rect x=\"\(column * size)\" y=\"\(row * size)\" width=\"\(run * size)\" height=\"\(size)\" "
-                    + "fill=\"\(kind.svgColor)\"/>\n"
-                column += run
-            }
-        }
-        svg += "</g>\n"
-        for (index, kind) in present.enumerated() {
-            let y = legendTop + index * 20
-            svg += "<rect x=\"16\" y=\"\(y)\" width=\"14\" height=\"14\" fill=\"\(kind.svgColor)\" stroke=\"#999\"/>\n"
-            svg +=
-                "<text x=\"38\" y=\"\(y + 12)\" font-size=\"12\">\(escape(kind.name)): \(counts[kind]!) page\(counts[kind]! == 1 ? "" : "s")</text>\n"
-        }
-        return svg + "</svg>\n"
-    }
-
-    private func escape(_ text: String) -> String {
-        text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
-            .replacingOccurrences(of: ">", with: "&gt;")
     }
 }

@@ -1,3 +1,5 @@
+import ArgumentParser
+import CommandLineSupport
 import DAX
 import Foundation
 
@@ -8,12 +10,17 @@ let stderrIsTerminal = isatty(2) == 1
 final class Progress: @unchecked Sendable {
     private let label: String
     private let lock = NSLock()
+    private let shown: Bool
     private var lastPercent = -1
 
-    init(_ label: String) { self.label = label }
+    /// A display that is `shown` only on a terminal, and only when `shown` is set.
+    init(_ label: String, shown: Bool = true) {
+        self.label = label
+        self.shown = shown && stderrIsTerminal
+    }
 
     func update(_ fraction: Double) {
-        guard stderrIsTerminal else { return }
+        guard shown else { return }
         let percent = Int(min(max(fraction, 0), 1) * 100)
         lock.withLock {
             guard percent != lastPercent else { return }
@@ -24,7 +31,7 @@ final class Progress: @unchecked Sendable {
     }
 
     func finish() {
-        guard stderrIsTerminal, lastPercent >= 0 else { return }
+        guard shown, lastPercent >= 0 else { return }
         writeStderr("\n")
     }
 }
@@ -50,15 +57,12 @@ extension DeviceOptions {
     }
 }
 
-/// JSON text for plain values (dictionaries, arrays, strings, numbers, NSNull), keys sorted.
-func jsonText(_ value: Any) throws -> String {
-    let data = try JSONSerialization.data(
-        withJSONObject: value,
-        options: [
-            .prettyPrinted, .sortedKeys,
-            .withoutEscapingSlashes, .fragmentsAllowed,
-        ])
-    return String(decoding: data, as: UTF8.self)
+/// JSON text for what a command prints: camelCase keys (the library's property names), sorted,
+/// pretty-printed.
+func jsonText(_ value: some Encodable) throws -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    return String(decoding: try encoder.encode(value), as: UTF8.self)
 }
 
 /// `text` left-aligned in a column of `width`, never cut: a longer text keeps every character.
@@ -66,7 +70,21 @@ func padded(_ text: String, to width: Int) -> String {
     text.count >= width ? text : text.padding(toLength: width, withPad: " ", startingAt: 0)
 }
 
-/// "1 file", "2 files".
-func count(_ n: Int, _ singular: String, _ plural: String? = nil) -> String {
-    "\(n) \(n == 1 ? singular : plural ?? singular + "s")"
+/// The directory that holds `path` (`/` for `/` itself).
+func parentPath(of path: String) -> String {
+    var components = path.split(separator: "/")
+    _ = components.popLast()
+    return "/" + components.joined(separator: "/")
+}
+
+/// The last component of `path`.
+func lastComponent(of path: String) -> String {
+    path.split(separator: "/").last.map(String.init) ?? path
+}
+
+/// Throws a bad-argument error unless `path` names something on the device: an absolute path.
+func requireDevicePath(_ path: String) throws {
+    guard path.hasPrefix("/") else {
+        throw ValidationError("\(escapedForDisplay(path)): paths on the device start with /")
+    }
 }

@@ -90,6 +90,43 @@ struct CrashTests {
         #expect(try fs.check().isClean)
     }
 
+    /// A truncate or punch that zeroes partial pages, and the file's bytes after it.
+    static let zeroingChanges: [(operation: [String], after: @Sendable ([UInt8]) -> [UInt8])] = [
+        (["truncate", "5000"], { Array($0[..<5000]) }),  // the new last page keeps 904 bytes
+        (["truncate", "14000"], { $0 + [UInt8](repeating: 0, count: 14000 - $0.count) }),  // grows over a tail
+        (["punch", "100", "9000"], { Array($0[..<100]) + [UInt8](repeating: 0, count: 9000) + $0[9100...] }),
+        (["punch", "5000", "100"], { Array($0[..<5000]) + [UInt8](repeating: 0, count: 100) + $0[5100...] }),
+    ]
+
+    @Test(
+        "a truncate or punch killed before its commit changes nothing; killed after it, it is whole",
+        arguments: zeroingChanges.indices, [1, 3])
+    func zeroingIsPartOfTheCommit(change: Int, killAtCopy: Int) throws {
+        let (operation, after) = Self.zeroingChanges[change]
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "zerocrash")
+        let file = try t.fs.create("/f")
+        let before = pattern(3 * 4096 - 1000)
+        try file.write(before, at: 0)
+        file.close()
+        try t.fs.unmount()
+        // The worker dies at the journal's first copy (its records: the commit point is not
+        // reached) or its third (the first in-place write after the committed header).
+        let child = try ChildProcess(
+            "daxcrashworker", ["kill-at-copy", t.temporary.path, "\(killAtCopy)", operation[0], "/f"] + operation[1...])
+        #expect(child.waitForEnd() == SIGKILL, "\(operation): \(child.lines)")
+
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        let report = try fs.check()
+        #expect(report.isClean, "\(report)")
+        let expected = killAtCopy == 1 ? before : after(before)
+        let reopened = try fs.open("/f")
+        let bytes = try reopened.read(count: 1 << 20, at: 0)
+        #expect(bytes.count == expected.count, "\(operation) killed at copy \(killAtCopy)")
+        let differs = zip(bytes, expected).enumerated().first { $0.element.0 != $0.element.1 }?.offset
+        #expect(differs == nil, "\(operation) killed at copy \(killAtCopy): the file differs at byte \(differs ?? 0)")
+    }
+
     @Test("a transaction committed but not applied is replayed by mount")
     func replaysCommittedTransaction() throws {
         let t = try TemporaryFileSystem(size: 4 << 20, name: "replay")

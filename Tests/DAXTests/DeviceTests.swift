@@ -1,5 +1,6 @@
 import CLibPMem
 import Foundation
+import Synchronization
 import Testing
 
 @testable import DAX
@@ -189,5 +190,126 @@ struct DeviceTests {
         #expect(try device.read(count: 1 << 20, at: 65536).allSatisfy { $0 == 0xAB })
         #expect(try device.read(count: 300, at: 100) == source)
         #expect(try device.read(count: 1, at: 65536 + (1 << 20)) == [0])
+    }
+}
+
+@Suite("Sparse devices: storage given as blocks come into use")
+struct SparseDeviceTests {
+    /// A sparse device whose `fallocate` fails with ENOSPC while `full` is set (a full /dev/shm).
+    final class FillingUp: @unchecked Sendable {
+        final class Flags: Sendable {
+            let full = Atomic(false)
+            let backed = Atomic(0)
+        }
+        let flags = Flags()
+        let temporary: TemporaryDevice
+
+        init() throws {
+            let flags = self.flags
+            var options = PMemDevice.Options()
+            options.sparse = true
+            var calls = SystemCalls.injectable
+            calls.fallocate = { fd, mode, offset, length in
+                if flags.full.load(ordering: .relaxed) {
+                    errno = ENOSPC
+                    return -1
+                }
+                flags.backed.wrappingAdd(1, ordering: .relaxed)
+                return SystemCalls.live.fallocate(fd, mode, offset, length)
+            }
+            options.systemCalls = calls
+            temporary = try TemporaryDevice(size: 8 << 20, options: options, name: "sparse")
+        }
+    }
+
+    @Test("a full /dev/shm is .noSpace at allocation and at commit; nothing changes, no SIGBUS")
+    func fullBackingStoreIsNoSpace() throws {
+        let t = try FillingUp()
+        let device = t.temporary.device
+        #expect(device.isSparse)
+        let fs = try DAXFileSystem.format(device)
+        let file = try fs.create("/f")
+        try file.write(pattern(4096), at: 0)
+        #expect(t.flags.backed.load(ordering: .relaxed) > 0)
+        let before = fs.statistics()
+
+        t.flags.full.store(true, ordering: .relaxed)
+        let error = expectDAXError(.noSpace) { try file.write(pattern(64 << 10, seed: 2), at: 8192) }
+        #expect(error?.message.contains("full") == true, "\(String(describing: error))")
+        expectDAXError(.noSpace) { try file.allocate(offset: 1 << 20, count: 4096) }
+        expectDAXError(.noSpace) { try fs.create("/g") }
+        expectDAXError(.noSpace) { try fs.createDirectory("/d") }
+        #expect(file.size == 4096)
+        #expect(try file.read(count: 8192, at: 0) == pattern(4096))
+        #expect(fs.statistics().freeBlocks == before.freeBlocks)
+        #expect(try fs.contentsOfDirectory("/") == ["f"])
+        #expect(try fs.check().isClean)
+
+        t.flags.full.store(false, ordering: .relaxed)
+        try file.write(pattern(64 << 10, seed: 2), at: 8192)
+        #expect(try file.read(count: 64 << 10, at: 8192) == pattern(64 << 10, seed: 2))
+        #expect(try fs.check().isClean)
+        try fs.unmount()
+    }
+
+    @Test("a device created whole is not sparse and makes no fallocate calls")
+    func wholeDeviceIsNotBacked() throws {
+        let t = try TemporaryDevice(size: 4 << 20, name: "whole")
+        #expect(!t.device.isSparse)
+        try t.device.back(offset: 0, count: 4 << 20)  // a no-op
+        expectDAXError(.invalidArgument) {
+            var options = PMemDevice.Options()
+            options.sparse = true
+            let sparse = try TemporaryDevice(size: 4 << 20, options: options, name: "sparserange")
+            try sparse.device.back(offset: 4 << 20, count: 1)
+        }
+    }
+}
+
+@Suite("Scale: memory and storage follow what is used, not the device's size")
+struct ScaleTests {
+    /// Bytes of storage the device file holds.
+    static func storage(_ path: String) -> Int {
+        var info = stat()
+        return stat(path, &info) == 0 ? Int(info.st_blocks) * 512 : -1
+    }
+
+    @Test("a 1 TiB sparse device formats, mounts, checks and unmounts using a few MiB")
+    func terabyteSparseDevice() throws {
+        var options = PMemDevice.Options()
+        options.sparse = true
+        let t = try TemporaryDevice(size: 1 << 40, options: options, name: "tera")
+        #expect(t.device.isSparse)
+        let fs = try DAXFileSystem.format(t.device)
+        #expect(Self.storage(t.path) <= 1 << 20, "format stored \(Self.storage(t.path)) bytes")
+        let file = try fs.create("/data")
+        try file.write(pattern(3 << 20), at: 0)
+        try fs.createDirectory("/dir")
+        #expect(try fs.check().isClean)
+        try fs.unmount()
+        let report = try DAXFileSystem.check(t.device)
+        #expect(report.isClean, "\(report)")
+        let mounted = try DAXFileSystem.mount(t.device)
+        #expect(try mounted.open("/data").read(count: 4 << 20, at: 0) == pattern(3 << 20))
+        let statistics = mounted.statistics()
+        #expect(statistics.totalBlocks - statistics.freeBlocks == 768 + 1, "the file's blocks and the root directory's")
+        try mounted.unmount()
+        #expect(Self.storage(t.path) <= 8 << 20, "the device file stores \(Self.storage(t.path)) bytes")
+        // The descriptor table is 4 GiB of address space; only what was touched is memory.
+        #expect(t.device.pages.reservedTableBytes == (1 << 40) / 4096 * 16)
+        #expect(t.device.pages.residentTableBytes < 64 << 20, "\(t.device.pages.residentTableBytes)")
+    }
+
+    @Test("a bitmap block never written is empty; one damaged byte in it is still found")
+    func zeroBitmapBlocks() throws {
+        let t = try TemporaryFileSystem(size: 64 << 20, name: "zerobitmap")
+        let sb = t.fs.superblock
+        try t.fs.unmount()
+        // Format leaves bitmap blocks as zeros, checksum included: valid, every block free.
+        #expect(try t.device.read(count: 4096, at: Int(sb.bitmapStart) * 4096).allSatisfy { $0 == 0 })
+        #expect(try DAXFileSystem.check(t.device).isClean)
+        try t.device.write([0x01], at: Int(sb.bitmapStart) * 4096 + 100)
+        let report = try DAXFileSystem.check(t.device)
+        #expect(report.problems.contains { $0.contains("bitmap block 0 checksum mismatch") }, "\(report)")
     }
 }

@@ -213,6 +213,22 @@ struct FileDataTests {
         #expect(try fs.check().isClean)
     }
 
+    @Test("a read too large for memory is .noSpace, not a crash; reading it in pieces works")
+    func hugeReadIsAnError() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "hugeread")
+        let file = try t.fs.create("/sparse")
+        try file.truncate(to: 1 << 42)  // 4 TiB of holes on a 4 MiB device
+        try file.write([7, 8, 9], at: (1 << 42) - 3)
+        let error = expectDAXError(.noSpace) { try file.read(count: 1 << 42, at: 0) }
+        #expect(error?.message.contains("in pieces") == true, "\(String(describing: error))")
+        #expect(try file.read(count: 1 << 42, at: (1 << 42) - 4) == [0, 7, 8, 9])
+        var piece = [UInt8](repeating: 0xFF, count: 4096)
+        let read = try piece.withUnsafeMutableBytes { try file.read(into: $0, at: (1 << 42) - 4096) }
+        #expect(read == 4096)
+        #expect(piece[..<4093].allSatisfy { $0 == 0 } && Array(piece[4093...]) == [7, 8, 9])
+        #expect(file.size == 1 << 42)
+    }
+
     @Test("threads writing different files at once: every byte where it belongs")
     func parallelFiles() throws {
         let t = try TemporaryFileSystem(size: 64 << 20)

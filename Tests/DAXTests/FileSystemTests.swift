@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 
 @testable import DAX
@@ -181,6 +182,45 @@ struct FileSystemTests {
         file.close()
         #expect(fs.statistics().freeBlocks == free)
         #expect(try fs.check().isClean)
+    }
+
+    @Test("check() while other threads remove open files and close them reports nothing")
+    func checkAlongsideOrphanChurn() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "checkchurn")
+        let fs = t.fs
+        let checks = longTests ? 2000 : 150
+        let done = Atomic(false)
+        let problems = ProblemLog()
+        let churned = Atomic(0)
+        onThreads(3) { role in
+            if role == 0 {
+                for _ in 0..<checks {
+                    do {
+                        let report = try fs.check()
+                        if !report.isClean { problems.add("\(report)") }
+                    } catch { problems.add("check threw \(error)") }
+                }
+                done.store(true, ordering: .releasing)
+                return
+            }
+            // Each file becomes an orphan (removed while open), then is freed by its close.
+            var round = 0
+            while !done.load(ordering: .acquiring) {
+                do {
+                    let path = "/churn\(role)-\(round % 8)"
+                    let file = try fs.create(path)
+                    try file.write([UInt8(round & 0xFF)], at: 0)
+                    try fs.remove(path)
+                    file.close()
+                    churned.wrappingAdd(1, ordering: .relaxed)
+                } catch { problems.add("churn \(role): \(error)") }
+                round += 1
+            }
+        }
+        #expect(problems.all.isEmpty, "\(problems.all.prefix(3))")
+        #expect(churned.load(ordering: .relaxed) > 0)
+        #expect(try fs.check().isClean)
+        #expect(fs.statistics().freeBlocks == fs.statistics().totalBlocks - 1)
     }
 
     @Test("unmount frees orphans; mount refuses a second mount and garbage")

@@ -218,6 +218,22 @@ struct MappingTests {
         }
     }
 
+    @Test("a read-only mapping cannot be made writable: mprotect(PROT_WRITE) is EACCES", arguments: [true, false])
+    func readOnlyMappingStaysReadOnly(fileOpenedReadOnly: Bool) throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "mprotect")
+        let owner = try t.fs.create("/f")
+        try owner.write(pattern(3 * 4096), at: 0)
+        let file = fileOpenedReadOnly ? try t.fs.open("/f", access: .readOnly) : owner
+        let mapping = try file.map(count: 3 * 4096, access: .readOnly)
+        defer { mapping.unmap() }
+        errno = 0
+        #expect(mprotect(mapping.baseAddress, 3 * 4096, PROT_READ | PROT_WRITE) == -1)
+        #expect(errno == EACCES)
+        #expect(mprotect(mapping.baseAddress + 4096, 4096, PROT_READ | PROT_WRITE) == -1)
+        #expect(try owner.read(count: 3 * 4096, at: 0) == pattern(3 * 4096))
+        #expect(mapping.baseAddress.load(fromByteOffset: 4096, as: UInt8.self) == pattern(3 * 4096)[4096])
+    }
+
     @Test("truncate unmaps from every live mapping, and a failed truncate leaves them as they were")
     func truncateAndMappings() throws {
         let t = try TemporaryFileSystem()
@@ -240,5 +256,51 @@ struct MappingTests {
         a.unmap()
         b.unmap()
         #expect(try t.fs.check().isClean)
+    }
+}
+
+@Suite("DAXMapping: scoped access")
+struct ScopedAccessTests {
+    @Test("withUnsafeMutableBytes is the mapping's bytes, bounded; withPin releases when the body ends")
+    func scopedBuffersAndPins() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "scoped")
+        let file = try t.fs.create("/f")
+        try file.write(pattern(2 * 4096), at: 0)
+        let mapping = try file.map(count: 2 * 4096 - 100)
+        defer { mapping.unmap() }
+        mapping.withUnsafeMutableBytes { bytes in
+            #expect(bytes.count == 2 * 4096 - 100)
+            bytes[4096] = 0xEE
+        }
+        #expect(try file.read(count: 1, at: 4096) == [0xEE])
+        #expect(mapping.withUnsafeBytes { Array($0[0..<4]) } == Array(pattern(4)))
+
+        struct Stop: Error {}
+        let frame = try file.frames(offset: 4096, count: 1)[0]!
+        let seen = try mapping.withPin(offset: 4096, count: 10) { pin in
+            #expect(t.fs.pages.state(of: frame).pinCount == 1)
+            return pin.frames
+        }
+        #expect(seen == [frame])
+        #expect(t.fs.pages.state(of: frame).pinCount == 0)
+        #expect(throws: Stop.self) {
+            try mapping.withPin(offset: 0, count: 1) { _ in throw Stop() }
+        }
+        #expect(t.fs.statistics().pinnedPages == 0)
+        let statistics = t.fs.statistics()
+        #expect(statistics.pinsAcquired == statistics.pinsReleased)
+        let error = expectDAXError(.invalidArgument) { try mapping.pin(offset: 0, count: 0).release() }
+        #expect(error?.message.contains("at least one byte") == true, "\(String(describing: error))")
+    }
+
+    @Test("Statistics reads as a sentence, with plurals right")
+    func statisticsDescription() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "statsdesc")
+        let file = try t.fs.create("/f")
+        try file.write([1], at: 0)
+        let text = "\(t.fs.statistics())"
+        #expect(text.contains("1 file and 1 directory"), "\(text)")
+        #expect(text.contains("0 pages pinned"), "\(text)")
+        #expect(!text.contains("1 files"), "\(text)")
     }
 }

@@ -12,7 +12,7 @@ struct ReadmeTests {
         let device = try PMemDevice.create(path: path, size: 64 << 20)
         let fs = try DAXFileSystem.format(device)
         let file = try fs.create("/journal")
-        try file.truncate(to: 1 << 20)
+        try file.truncate(to: 1 << 20, ifBusy: .fail)
 
         let mapping = try file.map(count: 1 << 20)
         mapping.baseAddress.storeBytes(of: 42 as UInt64, toByteOffset: 0, as: UInt64.self)
@@ -29,5 +29,37 @@ struct ReadmeTests {
         mapping.unmap()
         try fs.unmount()
         device.close()
+    }
+
+    @Test("the README shows that example, with the busy policy of every truncate spelled out")
+    func readmeShowsTheExample() throws {
+        let readme = try String(
+            contentsOf: URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+                "../../README.md"), encoding: .utf8)
+        #expect(readme.contains("try file.truncate(to: 1 << 20, ifBusy: .fail)"))
+        #expect(readme.contains("try file.truncate(to: 0, ifBusy: .deferFree)"))
+        // A truncate without a policy waits 30 s when a page is pinned: none in the README.
+        let truncates = readme.split(separator: "\n").filter { $0.contains(".truncate(to:") }
+        #expect(truncates.count == 2 && truncates.allSatisfy { $0.contains("ifBusy:") })
+    }
+
+    @Test("the docs name no design notes or seed files: they stand on their own")
+    func docsStandAlone() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..")
+            .standardized
+        var documents = ["README.md", "Sources/DAX/DAX.docc/DAX.md"]
+        for folder in ["docs", "examples"] {
+            let enumerator = FileManager.default.enumerator(atPath: root.appendingPathComponent(folder).path)
+            while let path = enumerator?.nextObject() as? String {
+                if path.hasSuffix(".md") { documents.append(folder + "/" + path) }
+            }
+        }
+        #expect(documents.count > 8)
+        for document in documents {
+            let text = try String(contentsOf: root.appendingPathComponent(document), encoding: .utf8)
+            for name in ["DESIGN.md", "API.md", "DESIGN section", "seed 0", "seed `"] {
+                #expect(!text.contains(name), "\(document) mentions \(name)")
+            }
+        }
     }
 }

@@ -187,6 +187,14 @@ final class ChildProcess: @unchecked Sendable {
         return true
     }
 
+    /// Waits for the process to end by itself and collects every line it wrote; returns the signal
+    /// that ended it, or nil if it exited.
+    func waitForEnd() -> Int32? {
+        while readMore() {}
+        process.waitUntilExit()
+        return process.terminationReason == .uncaughtSignal ? process.terminationStatus : nil
+    }
+
     /// SIGKILL, then collect every line it wrote.
     func kill() {
         Glibc.kill(process.processIdentifier, SIGKILL)

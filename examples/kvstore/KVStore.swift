@@ -41,9 +41,16 @@ final class KVStore {
         guard (1...Self.maximumBuckets).contains(buckets) else {
             throw CommandError("a store has 1 to \(Self.maximumBuckets) buckets, not \(buckets)")
         }
-        file = try fs.openOrCreate(
-            path, kind: "store", maker: "`kvstore put` or `kvstore load`",
-            build: create ? { try Self.build(in: $0, buckets: buckets) } : nil)
+        // A store is made whole in an unnamed file and linked at `path` (DAX's createAtomically),
+        // so a kill while making it leaves no half-made store there.
+        do {
+            file =
+                create
+                ? try fs.openOrCreate(path) { try Self.build(in: $0, buckets: buckets) }
+                : try fs.open(path)
+        } catch let error as DAXError where error.code == .notFound && !create {
+            throw CommandError("no store at \(path) (`kvstore put` or `kvstore load` creates one)")
+        }
         guard file.size >= Self.headerSize else { throw CommandError("\(path) is not a kvstore (too small)") }
         mapping = try file.map(count: file.size)
         let base = mapping.baseAddress

@@ -23,10 +23,23 @@ struct StoreOptions: ParsableArguments {
         guard (1...KVStore.maximumBuckets).contains(buckets) else {
             throw ValidationError("--buckets is 1 to \(KVStore.maximumBuckets), not \(buckets)")
         }
+        guard ["automatic", "cache-flush", "msync"].contains(persistence) else {
+            throw ValidationError("--persistence is automatic, cache-flush or msync, not \(persistence)")
+        }
     }
 
-    /// Opens device, file system and store around `body`; only commands that write create a store.
-    func withStore<T>(creating create: Bool = false, _ body: (KVStore) throws -> T) throws -> T {
+    /// Throws a bad-argument error for a key or value the store cannot hold.
+    static func validate(key: String, value: String = "") throws {
+        guard (1...KVStore.maximumKey).contains(key.utf8.count) else {
+            throw ValidationError("keys are 1 to \(KVStore.maximumKey) bytes; this one has \(key.utf8.count)")
+        }
+        guard value.utf8.count <= KVStore.maximumValue else {
+            throw ValidationError("values are at most \(KVStore.maximumValue) bytes; this one has \(value.utf8.count)")
+        }
+    }
+
+    /// Opens device and file system around `body`.
+    func withFileSystem<T>(_ body: (DAXFileSystem) throws -> T) throws -> T {
         var options = PMemDevice.Options()
         switch persistence {
         case "automatic": options.persistence = .automatic
@@ -45,9 +58,16 @@ struct StoreOptions: ParsableArguments {
         defer { device.close() }
         let fs = try DAXFileSystem.mount(device)
         defer { try? fs.unmount() }
-        let store = try KVStore(fileSystem: fs, path: file, buckets: buckets, create: create)
-        defer { store.close() }
-        return try body(store)
+        return try body(fs)
+    }
+
+    /// Opens device, file system and store around `body`; only commands that write create a store.
+    func withStore<T>(creating create: Bool = false, _ body: (KVStore) throws -> T) throws -> T {
+        try withFileSystem { fs in
+            let store = try KVStore(fileSystem: fs, path: file, buckets: buckets, create: create)
+            defer { store.close() }
+            return try body(store)
+        }
     }
 }
 
@@ -70,8 +90,9 @@ struct Put: ParsableCommand {
     @Argument var key: String
     @Argument var value: String
 
+    func validate() throws { try StoreOptions.validate(key: key, value: value) }
+
     func run() throws {
-        try CommandError.requireUTF8([key, value], for: "keys and values")
         try options.withStore(creating: true) { try $0.put(Array(key.utf8), Array(value.utf8)) }
     }
 }
@@ -82,8 +103,9 @@ struct Get: ParsableCommand {
     var options: StoreOptions { root.options }
     @Argument var key: String
 
+    func validate() throws { try StoreOptions.validate(key: key) }
+
     func run() throws {
-        try CommandError.requireUTF8([key], for: "keys")
         guard let value = try options.withStore({ try $0.get(Array(key.utf8)) }) else { throw ExitCode(1) }
         print(String(decoding: value, as: UTF8.self))
     }
@@ -95,8 +117,9 @@ struct Delete: ParsableCommand {
     var options: StoreOptions { root.options }
     @Argument var key: String
 
+    func validate() throws { try StoreOptions.validate(key: key) }
+
     func run() throws {
-        try CommandError.requireUTF8([key], for: "keys")
         try options.withStore { try $0.delete(Array(key.utf8)) }
     }
 }
@@ -109,7 +132,7 @@ struct Check: ParsableCommand {
     func run() throws {
         let (keys, problems) = try options.withStore { $0.verify() }
         if problems.isEmpty {
-            print("ok: \(keys) keys")
+            print("ok: \(counted(keys, "key"))")
         } else {
             for problem in problems { print(problem) }
             throw ExitCode(1)
@@ -141,7 +164,11 @@ struct Load: ParsableCommand {
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Time COUNT puts and gets of 16-byte keys and 64-byte values; print ops/s as JSON.")
+        abstract: "Time COUNT puts and gets of 16-byte keys and 64-byte values; print ops/s as JSON.",
+        discussion: """
+            The keys go into a scratch store of its own, removed at the end: the store in --file is \
+            never touched.
+            """)
     @ParentCommand var root: KVStoreCommand
     var options: StoreOptions { root.options }
     @Option var count = 1_000_000
@@ -150,8 +177,18 @@ struct Bench: ParsableCommand {
         guard count > 0 else { throw ValidationError("--count must be positive") }
     }
 
+    struct Result: Encodable {
+        var putsPerSecond: Double
+        var getsPerSecond: Double
+    }
+
     func run() throws {
-        let result = try options.withStore(creating: true) { store -> [String: Double] in
+        var scratch = options
+        scratch.file = "/.kvstore-bench-\(getpid())"
+        let result = try scratch.withFileSystem { fs in
+            defer { try? fs.remove(scratch.file) }
+            let store = try KVStore(fileSystem: fs, path: scratch.file, buckets: options.buckets, create: true)
+            defer { store.close() }
             func key(_ i: Int) -> [UInt8] { Array(String(format: "k%015d", i).utf8) }
             let value = [UInt8](repeating: 0x76, count: 64)
             let keys = (0..<count).map(key)
@@ -163,9 +200,10 @@ struct Bench: ParsableCommand {
             for key in keys where try store.get(key) != nil { found += 1 }
             let gets = Double(count) / (Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
             guard found == count else { throw CommandError("only \(found) of \(count) keys read back") }
-            return ["puts_per_second": puts, "gets_per_second": gets]
+            return Result(putsPerSecond: puts, getsPerSecond: gets)
         }
-        let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
-        print(String(decoding: data, as: UTF8.self))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        print(String(decoding: try encoder.encode(result), as: UTF8.self))
     }
 }

@@ -17,8 +17,13 @@ final class PersistentLog {
     private(set) var mapping: DAXMapping
 
     init(fileSystem fs: DAXFileSystem, path: String, create: Bool) throws {
-        file = try fs.openOrCreate(
-            path, kind: "log", maker: "`pmemlog append`", build: create ? { try Self.build(in: $0) } : nil)
+        // A log is made whole in an unnamed file and linked at `path` (DAX's createAtomically),
+        // so a kill while making it leaves no half-made log there.
+        do {
+            file = create ? try fs.openOrCreate(path) { try Self.build(in: $0) } : try fs.open(path)
+        } catch let error as DAXError where error.code == .notFound && !create {
+            throw CommandError("no log at \(path) (`pmemlog append` creates one)")
+        }
         guard file.size >= Self.start else { throw CommandError("\(path) is not a log (too small)") }
         mapping = try file.map(count: file.size)
         guard load(0) == Self.magic else { throw CommandError("\(path) is not a log") }
@@ -128,18 +133,21 @@ struct Append: ParsableCommand {
     @Argument var records: [String]
 
     func run() throws {
-        try CommandError.requireUTF8(records, for: "records")
         try options.withLog(creating: true) { log in for record in records { try log.append(Array(record.utf8)) } }
     }
 }
 
 struct Walk: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Print every record, oldest first.")
+    static let configuration = CommandConfiguration(
+        abstract: "Print every record, oldest first, one a line.",
+        discussion:
+            "A newline, tab, other control character or backslash in a record is shown escaped (\\n, \\t, \\u{1B}, \\\\)."
+    )
     @ParentCommand var root: PMemLog
     var options: LogOptions { root.options }
 
     func run() throws {
-        try options.withLog { log in log.walk { print(String(decoding: $0, as: UTF8.self)) } }
+        try options.withLog { log in log.walk { print(escapedForDisplay($0)) } }
     }
 }
 

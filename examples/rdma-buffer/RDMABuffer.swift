@@ -57,7 +57,7 @@ struct RDMABuffer: ParsableCommand {
         let server = Server(nic: nic, cooperative: cooperative)
         let pin = try mapping.pin(offset: 0, count: bytes, lifetime: .longTerm(onRevoke: { server.askedToLetGo() }))
         server.region = nic.register(pin)
-        print("server: registered \(pages) pages (frames \(frames.first!.rawValue)...) with the NIC")
+        print("server: registered \(counted(pages, "page")) (frames \(frames.first!.rawValue)...) with the NIC")
 
         // The NIC writes messages into the buffer until it is cut off (revoked, or deregistered).
         let nicDone = DispatchSemaphore(value: 0)
@@ -86,7 +86,8 @@ struct RDMABuffer: ParsableCommand {
         print("admin: truncating the file to 0 with .revokeLeases(grace: \(graceMilliseconds) ms)")
         let started = Date()
         try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .milliseconds(graceMilliseconds)))
-        print("admin: done after \(Int(Date().timeIntervalSince(started) * 1000)) ms; the file has \(file.size) bytes")
+        let elapsed = Int(Date().timeIntervalSince(started) * 1000)
+        print("admin: done after \(elapsed) ms; the file has \(counted(file.size, "byte"))")
         nicDone.wait()
         if let region = server.takeRegion() {
             print("server: lease revoked: \(region.isRevoked)")
@@ -121,7 +122,7 @@ struct RDMABuffer: ParsableCommand {
         let clean = try other.read(count: other.size, at: 0).allSatisfy { $0 == 0 }
         let statistics = fs.statistics()
         print(
-            "check: another file took \(reused.count) of the buffer's \(frames.count) blocks"
+            "check: another file took \(reused.count) of the buffer's \(counted(frames.count, "block"))"
                 + (handedOut > reused.count ? " (and \(handedOut - reused.count) for its extent tree)" : "")
                 + " and reads " + (clean ? "only zeros" : "FOREIGN BYTES"))
         print(

@@ -71,6 +71,6 @@ struct SimpleCopy: ParsableCommand {
         }
         mapping.drain()
         copied = true
-        print("copied \(size) bytes to \(destination)")
+        print("copied \(counted(size, "byte")) to \(destination)")
     }
 }

@@ -20,8 +20,9 @@ struct BlockRun: Sendable, Hashable, CustomStringConvertible {
 /// even if the bookkeeping were wrong.
 final class BlockAllocator: Sendable {
     struct State: ~Copyable {
-        /// One bit per data block: 1 = available.
-        var available: [UInt64]
+        /// One bit per data block: 1 = not available (allocated on the device, being handed out,
+        /// or quarantined). Lazily zeroed: the free part of a huge device costs no memory.
+        let used: LazyBitmap
         var availableCount: Int
         var quarantined: Int = 0
         /// Next-fit position, as a data-block index.
@@ -35,18 +36,14 @@ final class BlockAllocator: Sendable {
     let dataBlocks: Int
     fileprivate let state: Mutex<State>
 
-    /// `allocated(i)` says whether data-block index `i` is allocated on the device.
-    init(pages: PageMap, dataStart: UInt64, dataBlocks: Int, allocated: (Int) -> Bool) {
+    /// Takes over `allocated`, the device's bitmap as scanned (bit `i` set: data-block index `i`
+    /// is allocated), of which `allocatedCount` bits are set. Nothing else may use it afterwards.
+    init(pages: PageMap, dataStart: UInt64, dataBlocks: Int, allocated: LazyBitmap, allocatedCount: Int) {
+        precondition(allocated.count == dataBlocks, "a bitmap of \(allocated.count) bits for \(dataBlocks) blocks")
         self.pages = pages
         self.dataStart = dataStart
         self.dataBlocks = dataBlocks
-        var words = [UInt64](repeating: 0, count: (dataBlocks + 63) / 64)
-        var count = 0
-        for index in 0..<dataBlocks where !allocated(index) {
-            words[index / 64] |= 1 << UInt64(index % 64)
-            count += 1
-        }
-        state = Mutex(State(available: words, availableCount: count))
+        state = Mutex(State(used: allocated, availableCount: dataBlocks - allocatedCount))
     }
 
     /// Blocks that can be allocated now.
@@ -78,7 +75,7 @@ final class BlockAllocator: Sendable {
             var limit = dataBlocks
             var wrapped = false
             while taken < count {
-                guard let start = Self.nextSet(in: state.available, from: position, limit: limit) else {
+                guard let start = state.used.nextClear(from: position, limit: limit) else {
                     if wrapped { break }
                     wrapped = true
                     position = 0
@@ -86,7 +83,7 @@ final class BlockAllocator: Sendable {
                     continue
                 }
                 var block = start
-                while block < limit, taken < count, Self.isSet(state.available, block) {
+                while block < limit, taken < count, !state.used[block] {
                     let frame = dataStart + UInt64(block)
                     let pageIndex = firstIndex.map { $0 + UInt64(taken) } ?? PageOwner.indexLimit
                     block += 1
@@ -96,7 +93,7 @@ final class BlockAllocator: Sendable {
                         state.skippedBusy += 1
                         break
                     }
-                    Self.clear(&state.available, Int(frame - dataStart))
+                    state.used.set(Int(frame - dataStart))
                     state.availableCount -= 1
                     if let last = runs.last, last.end == frame {
                         runs[runs.count - 1].count += 1
@@ -127,7 +124,7 @@ final class BlockAllocator: Sendable {
         for frame in run.range {
             let released = pages.markFree(frame)
             precondition(released, "a block taken and given back in one operation was referenced")
-            set(&state.available, Int(frame - dataStart))
+            state.used.clear(Int(frame - dataStart))
             state.availableCount += 1
         }
     }
@@ -139,7 +136,7 @@ final class BlockAllocator: Sendable {
             for run in runs {
                 for frame in run.range {
                     if pages.markFree(frame) {
-                        Self.set(&state.available, Int(frame - dataStart))
+                        state.used.clear(Int(frame - dataStart))
                         state.availableCount += 1
                     } else {
                         state.quarantined += 1
@@ -154,43 +151,20 @@ final class BlockAllocator: Sendable {
         state.withTrackedLock { state in
             let index = Int(frame.rawValue - dataStart)
             precondition(
-                index >= 0 && index < dataBlocks && !Self.isSet(state.available, index),
+                index >= 0 && index < dataBlocks && state.used[index],
                 "quarantine ended for \(frame), which is not a quarantined data block")
-            Self.set(&state.available, index)
+            state.used.clear(index)
             state.availableCount += 1
             state.quarantined -= 1
         }
     }
 
     /// Whether data-block index `index` is available, for `check`.
-    func isAvailable(_ index: Int) -> Bool { state.withTrackedLock { Self.isSet($0.available, index) } }
+    func isAvailable(_ index: Int) -> Bool { state.withTrackedLock { !$0.used[index] } }
 
-    // MARK: Bit words
-
-    private static func isSet(_ words: [UInt64], _ index: Int) -> Bool {
-        words[index / 64] & (1 << UInt64(index % 64)) != 0
+    /// Runs `body` with the bits of the blocks that cannot be handed out now (set: allocated,
+    /// being handed out, or quarantined), under the allocator's lock, for `check`.
+    func withUnavailableBits<T>(_ body: (LazyBitmap) throws -> T) rethrows -> T {
+        try state.withTrackedLock { state in try body(state.used) }
     }
-    private static func set(_ words: inout [UInt64], _ index: Int) { words[index / 64] |= 1 << UInt64(index % 64) }
-    private static func clear(_ words: inout [UInt64], _ index: Int) { words[index / 64] &= ~(1 << UInt64(index % 64)) }
-
-    /// The first set bit at or after `from`, below `limit`.
-    private static func nextSet(in words: [UInt64], from: Int, limit: Int) -> Int? {
-        guard from < limit else { return nil }
-        var wordIndex = from / 64
-        var word = words[wordIndex] & (~0 << UInt64(from % 64))
-        while true {
-            if word != 0 {
-                let bit = wordIndex * 64 + word.trailingZeroBitCount
-                return bit < limit ? bit : nil
-            }
-            wordIndex += 1
-            guard wordIndex < words.count else { return nil }
-            word = words[wordIndex]
-        }
-    }
-}
-
-extension BlockAllocator {
-    /// A copy of the availability bits, for `check`.
-    func snapshot() -> [UInt64] { state.withTrackedLock { $0.available } }
 }

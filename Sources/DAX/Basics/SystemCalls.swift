@@ -38,6 +38,10 @@ package struct SystemCalls: Sendable {
     package var munmap: @Sendable (_ address: UnsafeMutableRawPointer, _ length: Int) -> Int32
     /// `open(2)`.
     package var open: @Sendable (_ path: String, _ flags: Int32, _ mode: mode_t) -> Int32
+    /// `fallocate(2)`: gives a file's range storage (mode 0) or punches it out.
+    package var fallocate: @Sendable (_ fd: Int32, _ mode: Int32, _ offset: Int, _ length: Int) -> Int32
+    /// `lseek(2)`, for `SEEK_DATA` and `SEEK_HOLE`: -1 with `errno` on failure (`ENXIO` past the data).
+    package var lseek: @Sendable (_ fd: Int32, _ offset: Int, _ whence: Int32) -> Int
     /// `userfaultfd(2)` with `flags`; -1 with `errno` on failure.
     package var userfaultfd: @Sendable (_ flags: Int32) -> Int32
     /// `ioctl(2)` with a pointer argument; -1 with `errno` on failure.
@@ -67,6 +71,8 @@ package struct SystemCalls: Sendable {
         },
         munmap: { address, length in Glibc.munmap(address, length) },
         open: { path, flags, mode in Glibc.open(path, flags, mode) },
+        fallocate: { fd, mode, offset, length in dax_fallocate(fd, mode, Int64(offset), Int64(length)) },
+        lseek: { fd, offset, whence in Int(Glibc.lseek(fd, off_t(offset), whence)) },
         userfaultfd: { flags in dax_userfaultfd(flags) },
         ioctl: { fd, request, argument in dax_ioctl(fd, request, argument) },
         isLive: true

@@ -17,18 +17,28 @@ public final class DMAEngine: Sendable {
         self.device = device
     }
 
-    /// Takes ownership of `pin`, like an RDMA memory registration.
+    /// Takes ownership of `pin`, like an RDMA memory registration. The region keeps the pin's
+    /// ``Access``: the engine writes only through a `.readWrite` pin. A pin of another device's
+    /// pages is held (and released at ``deregister(_:)``) but never accessed: its frame numbers
+    /// mean other bytes on this engine's device, so every access throws `.invalidArgument`.
     public func register(_ pin: consuming PinnedPages) -> DMARegion {
         DMARegion(device: device, pin: pin)
     }
 
     /// Writes `bytes` at `offset` of the region (counted from the start of its first pinned page,
     /// across its pages in order), by frame. Throws `.revoked` once the lease was revoked,
-    /// `.invalidArgument` for a range outside the region or a deregistered region; then nothing
+    /// `.permissionDenied` for a region whose pin was taken `.readOnly`, `.invalidArgument` for a
+    /// range outside the region, a deregistered region, or a pin of another device; then nothing
     /// is written.
     public func write(_ bytes: [UInt8], to region: DMARegion, at offset: Int) throws {
         try checkOwner(region)
         try region.withAccess(offset: offset, count: bytes.count, what: "write") {
+            guard region.access == .readWrite else {
+                throw DAXError(
+                    .permissionDenied,
+                    "cannot DMA-write \(bytes.count) bytes at offset \(offset): the region's pages were "
+                        + "pinned .readOnly (a reader of the file may not change it)")
+            }
             bytes.withUnsafeBytes { source in
                 region.forEachChunk(offset: offset, count: bytes.count) { deviceOffset, at, length in
                     device.copy(
@@ -75,7 +85,11 @@ public final class DMAEngine: Sendable {
 public final class DMARegion: Sendable {
     /// The pinned frames, in order; `offset` counts across them.
     public let frames: [PageFrameNumber]
+    /// The access the pin was taken with: `.readOnly` regions can only be read by DMA.
+    public let access: Access
     let device: PMemDevice
+    /// Whether the pin holds pages of `device` (a pin of another device is never accessed).
+    private let isOnDevice: Bool
     private let lease: PinLease?
     /// The pin, until deregistered. Held while an access is in flight, so a deregister waits.
     private let pin: Mutex<PinnedPages?>
@@ -85,6 +99,8 @@ public final class DMARegion: Sendable {
     init(device: PMemDevice, pin: consuming PinnedPages) {
         self.device = device
         self.frames = pin.frames
+        self.access = pin.access
+        self.isOnDevice = pin.belongs(to: device.pages)
         self.lease = pin.lease
         self.pin = Mutex(Optional(pin))
         self.retainsDevice = (try? device.retainUse(for: "register a DMA region")) != nil
@@ -110,6 +126,12 @@ public final class DMARegion: Sendable {
 
     /// Runs `body` while the region can be neither deregistered nor revoked.
     func withAccess<T: Sendable>(offset: Int, count: Int, what: String, _ body: () throws -> T) throws -> T {
+        guard isOnDevice else {
+            throw DAXError(
+                .invalidArgument,
+                "cannot DMA-\(what): the region's pin holds pages of another device, not of \(device.path) "
+                    + "(its frame numbers would reach other bytes here)")
+        }
         guard offset >= 0, count >= 0, offset <= self.count, count <= self.count - offset else {
             throw DAXError(
                 .invalidArgument,

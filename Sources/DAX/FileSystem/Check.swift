@@ -13,7 +13,9 @@ public struct CheckReport: Sendable, Equatable, CustomStringConvertible {
     }
 
     public var description: String {
-        isClean ? "clean" : "\(problems.count) problems:\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
+        guard !isClean else { return "clean" }
+        let count = problems.count == 1 ? "1 problem" : "\(problems.count) problems"
+        return "\(count):\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
     }
 }
 
@@ -33,27 +35,34 @@ extension DAXFileSystem {
     private func checkLocked() -> CheckReport {
         var problems: [String] = []
         namespace.withReadLock {
-            let scan = journal.withNoCommits { () -> Scanner.Result in
-                // The superblock as the device has it now (its orphan head changes at run time).
-                let current: Superblock
-                do {
-                    current = try Superblock.decode(
-                        ByteReader(device.base, count: Superblock.size),
-                        deviceBlocks: UInt64(device.pageCount))
-                } catch {
-                    problems.append("\(error)")
-                    return Scanner.Result()
+            // The orphan list changes (on the device and in memory at once) only under the orphans
+            // lock, which a commit nests inside: holding it, then the journal, the device's list and
+            // the mounted one are read at one moment, while removed files are closed alongside.
+            let (scan, mountedOrphans) = orphans.withTrackedLock { mountedOrphans in
+                journal.withNoCommits { () -> (Scanner.Result, [UInt32]) in
+                    // The superblock as the device has it now (its orphan head changes at run time).
+                    let current: Superblock
+                    do {
+                        current = try Superblock.decode(
+                            ByteReader(device.base, count: Superblock.size),
+                            deviceBlocks: UInt64(device.pageCount))
+                    } catch {
+                        problems.append("\(error)")
+                        return (Scanner.Result(), mountedOrphans)
+                    }
+                    var expected = superblock
+                    expected.orphanHead = current.orphanHead
+                    if expected != current {
+                        problems.append("the superblock changed since mount beyond its orphan head")
+                    }
+                    let scan = Scanner.scan(device: device, superblock: current, journalMustBeEmpty: true)
+                    problems += compareAllocator(with: scan.bitmap)
+                    return (scan, mountedOrphans)
                 }
-                var expected = superblock
-                expected.orphanHead = current.orphanHead
-                if expected != current { problems.append("the superblock changed since mount beyond its orphan head") }
-                let scan = Scanner.scan(device: device, superblock: current, journalMustBeEmpty: true)
-                problems += compareAllocator(with: scan.bitmap)
-                return scan
             }
             problems += scan.problems
             if scan.suppressed > 0 { problems.append("and \(scan.suppressed) more problems") }
-            if scan.orphans != orphans.withTrackedLock({ $0 }) {
+            if scan.orphans != mountedOrphans {
                 problems.append("the orphan list on the device \(scan.orphans) differs from the mounted one")
             }
             // Directories change only under the namespace lock, which is held: compare them now.
@@ -70,21 +79,29 @@ extension DAXFileSystem {
         return CheckReport(isClean: problems.isEmpty, problems: problems)
     }
 
-    /// A block the allocator would hand out must be free on the device, and so must a quarantined one.
-    private func compareAllocator(with bitmap: [UInt64]) -> [String] {
+    /// A block the allocator would hand out must be free on the device, and so must a quarantined
+    /// one. A word of 64 blocks at a time: only blocks allocated on the device are looked at.
+    private func compareAllocator(with bitmap: LazyBitmap) -> [String] {
         var problems: [String] = []
-        let available = allocator.snapshot()
-        for index in 0..<Int(superblock.dataBlocks) {
-            let onDevice = Scanner.isAllocated(bitmap, index)
-            let frame = PageFrameNumber(rawValue: superblock.dataStart + UInt64(index))
-            if onDevice, available[index / 64] & (1 << UInt64(index % 64)) != 0 {
-                problems.append(
-                    "block \(frame.rawValue) is allocated on the device but the allocator would hand it out")
+        allocator.withUnavailableBits { unavailable in
+            for wordIndex in 0..<bitmap.wordCount {
+                let onDevice = bitmap.words[wordIndex]
+                guard onDevice != 0 else { continue }
+                var bits = onDevice
+                while bits != 0, problems.count <= 20 {
+                    let index = wordIndex * 64 + bits.trailingZeroBitCount
+                    bits &= bits - 1
+                    let frame = PageFrameNumber(rawValue: superblock.dataStart + UInt64(index))
+                    if !unavailable[index] {
+                        problems.append(
+                            "block \(frame.rawValue) is allocated on the device but the allocator would hand it out")
+                    }
+                    if device.pages.state(of: frame).isQuarantined {
+                        problems.append("block \(frame.rawValue) is quarantined but allocated on the device")
+                    }
+                }
+                if problems.count > 20 { break }
             }
-            if onDevice, device.pages.state(of: frame).isQuarantined {
-                problems.append("block \(frame.rawValue) is quarantined but allocated on the device")
-            }
-            if problems.count > 20 { break }
         }
         return problems
     }

@@ -116,11 +116,24 @@ public final class DAXFile: Sendable {
     }
 
     /// Reads up to `count` bytes at `offset`: fewer at the end of the file, none past it.
+    ///
+    /// The result is one array in memory: a read whose result would take more than half of the
+    /// machine's memory throws `.noSpace` (read such a range in pieces with ``read(into:at:)``, or
+    /// map it) rather than kill the process when the allocation fails.
     public func read(count: Int, at offset: Int) throws -> [UInt8] {
         try operation("read") {
             try Self.checkRange(offset, count, "read", path)
             return try inode.lock.withReadLock {
                 try inode.checkLive(path)
+                let length = max(0, min(count, Int(inode.record.size) - offset))
+                let limit = DAXFileSystem.largestReadResult
+                guard length <= limit else {
+                    throw DAXError(
+                        .noSpace,
+                        "cannot read \(length) bytes at offset \(offset) of \(Paths.debug(path)) into one array: "
+                            + "more than half of the machine's memory (\(limit) bytes); read it in pieces "
+                            + "with read(into:at:) or map it")
+                }
                 return fileSystem.readData(inode, count: count, at: offset)
             }
         }

@@ -21,6 +21,9 @@ public final class DAXFileSystem: Sendable {
 
     /// The device the file system lives on.
     public let device: PMemDevice
+    /// `.readOnly` for a file system mounted with ``mount(_:access:)`` read-only: nothing on the
+    /// device changes while it is mounted.
+    public let access: Access
     let superblock: Superblock
     let journal: Journal
     let allocator: BlockAllocator
@@ -48,15 +51,16 @@ public final class DAXFileSystem: Sendable {
     /// The device's page map.
     public var pages: PageMap { device.pages }
 
-    private init(device: PMemDevice, superblock: Superblock, journal: Journal, scan: Scanner.Result) {
+    private init(
+        device: PMemDevice, access: Access, superblock: Superblock, journal: Journal, scan: Scanner.Result
+    ) {
         self.device = device
+        self.access = access
         self.superblock = superblock
         self.journal = journal
-        let bitmap = scan.bitmap
         allocator = BlockAllocator(
-            pages: device.pages, dataStart: superblock.dataStart,
-            dataBlocks: Int(superblock.dataBlocks)
-        ) { Scanner.isAllocated(bitmap, $0) }
+            pages: device.pages, dataStart: superblock.dataStart, dataBlocks: Int(superblock.dataBlocks),
+            allocated: scan.bitmap, allocatedCount: scan.allocatedBlocks)
         var inodes = InodeTable(count: Int(superblock.inodeCount))
         for (number, scanned) in scan.inodes {
             let inode = Inode(
@@ -87,6 +91,7 @@ public final class DAXFileSystem: Sendable {
     /// Throws `.busy` if a file system is mounted on the device (here or in another process).
     public static func format(_ device: PMemDevice, options: FormatOptions = .init()) throws -> DAXFileSystem {
         do {
+            try refuseReadOnly(device, "format")
             try withExclusiveDevice(device) {
                 let sb = try Superblock.layout(
                     totalBlocks: UInt64(device.pageCount), bytesPerInode: options.bytesPerInode,
@@ -104,20 +109,39 @@ public final class DAXFileSystem: Sendable {
     /// Throws `.corrupted` (saying what and where) for a device that holds no DAXFS or a damaged
     /// one, and `.busy` if it is mounted already.
     public static func mount(_ device: PMemDevice) throws -> DAXFileSystem {
+        try mount(device, access: .readWrite)
+    }
+
+    /// Mounts with `access`. `.readOnly` is what `check`, `info`, `ls` and `get` need: it writes
+    /// nothing to the device (so a device opened with ``PMemDevice/Options/readOnly`` will do),
+    /// shares the device with other read-only mounts and offline checks (a shared `flock`), frees
+    /// no orphans, and refuses every change with `.permissionDenied`. It refuses a device whose
+    /// journal holds a committed transaction that a read-write mount would replay (a crash):
+    /// mount read-write once, or check it offline, which sees it as after the replay.
+    public static func mount(_ device: PMemDevice, access: Access) throws -> DAXFileSystem {
         do {
-            return try mountRetainingDevice(device)
+            if access == .readWrite { try refuseReadOnly(device, "mount read-write") }
+            return try mountRetainingDevice(device, access: access)
         } catch let error as DAXError {
             throw error.context("cannot mount \(device.path)", naming: device.path)
         }
     }
 
-    private static func mountRetainingDevice(_ device: PMemDevice) throws -> DAXFileSystem {
+    private static func refuseReadOnly(_ device: PMemDevice, _ what: String) throws {
+        guard device.isReadOnly else { return }
+        throw DAXError(
+            .permissionDenied,
+            "cannot \(what) \(device.path): the device was opened read-only"
+                + (what.hasPrefix("mount") ? " (mount it with access: .readOnly)" : ""))
+    }
+
+    private static func mountRetainingDevice(_ device: PMemDevice, access: Access) throws -> DAXFileSystem {
         try device.retainUse(for: "mount")
         do {
-            try lockDevice(device)
+            try lockDevice(device, shared: access == .readOnly)
             do {
-                let fs = try mountLocked(device)
-                try fs.reclaimOrphansAtMount()
+                let fs = try mountLocked(device, access: access)
+                if access == .readWrite { try fs.reclaimOrphansAtMount() }
                 return fs
             } catch {
                 unlockDevice(device)
@@ -129,7 +153,7 @@ public final class DAXFileSystem: Sendable {
         }
     }
 
-    private static func mountLocked(_ device: PMemDevice) throws -> DAXFileSystem {
+    private static func mountLocked(_ device: PMemDevice, access: Access) throws -> DAXFileSystem {
         guard device.size >= PMemDevice.minimumSize else {
             throw DAXError(.corrupted, "device \(device.path) is too small to hold a DAXFS")
         }
@@ -145,22 +169,35 @@ public final class DAXFileSystem: Sendable {
         let before = try Superblock.decode(
             ByteReader(device.base, count: Superblock.size),
             deviceBlocks: UInt64(device.pageCount))
-        try checkReplay(device, superblock: before)
-        let (outcome, sequence) = try Journal.recover(device: device, superblock: before)
+        let (outcome, sequence): (Journal.RecoveryOutcome, UInt64)
+        if access == .readOnly {
+            switch try Journal.read(device: device, superblock: before) {
+            case .empty(let last): (outcome, sequence) = (.empty, last)
+            case .tornHeader: (outcome, sequence) = (.tornHeader, 0)
+            case .committed:
+                throw DAXError(
+                    .permissionDenied,
+                    "the journal holds a committed transaction (a crash) that only a read-write mount "
+                        + "can replay; mount read-write once, or check the device offline")
+            }
+        } else {
+            try checkReplay(device, superblock: before)
+            (outcome, sequence) = try Journal.recover(device: device, superblock: before)
+        }
         // The replay may have rewritten the superblock (its orphan head): read it again.
         let sb = try Superblock.decode(
             ByteReader(device.base, count: Superblock.size),
             deviceBlocks: UInt64(device.pageCount))
         let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false)
         try refuseDamage(scan, device)
-        if outcome == .tornHeader {
+        if outcome == .tornHeader, access == .readWrite {
             // A crash while committing or emptying: nothing to replay; leave an empty journal.
             try device.write(
                 Journal.header(sequence: sequence, committed: false, count: 0, records: []),
                 at: Int(sb.journalStart) * Superblock.blockSize)
         }
         let fs = DAXFileSystem(
-            device: device, superblock: sb,
+            device: device, access: access, superblock: sb,
             journal: Journal(
                 device: device, superblock: sb,
                 sequence: sequence), scan: scan)
@@ -168,13 +205,14 @@ public final class DAXFileSystem: Sendable {
         return fs
     }
 
-    /// Takes the device for this process (`isMounted`) and from other processes (`flock`).
-    private static func lockDevice(_ device: PMemDevice) throws {
+    /// Takes the device for this process (`isMounted`) and from other processes (`flock`:
+    /// exclusive, or shared for a read-only mount, which other read-only mounts may share).
+    private static func lockDevice(_ device: PMemDevice, shared: Bool = false) throws {
         guard
             device.isMounted.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else { throw DAXError(.busy, "a file system on \(device.path) is already mounted in this process") }
         // A crash image opened for a checker is private to this process: nothing to lock out.
-        guard device.isPrivateImage || flock(device.fd, LOCK_EX | LOCK_NB) == 0 else {
+        guard device.isPrivateImage || flock(device.fd, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0 else {
             let code = errno
             device.isMounted.store(false, ordering: .releasing)
             if code == EWOULDBLOCK {
@@ -203,28 +241,33 @@ public final class DAXFileSystem: Sendable {
         _ sb: Superblock, on device: PMemDevice, progress: (@Sendable (Double) -> Void)?
     ) throws {
         let blockSize = Superblock.blockSize
-        device.fill(offset: 0, count: blockSize, flags: .nonTemporal)
-        // Journal header and the inode table must read as zeros; clear them in chunks for progress.
-        let clearStart = Int(sb.journalStart) * blockSize
-        let clearEnd = Int(sb.dataStart) * blockSize
-        let chunk = 64 << 20
-        var offset = clearStart
-        while offset < clearEnd {
-            let count = min(chunk, clearEnd - offset)
-            device.fill(offset: offset, count: count, flags: [.nonTemporal, .noDrain])
-            offset += count
-            progress?(Double(offset - clearStart) / Double(clearEnd - clearStart))
+        let metadataBytes = Int(sb.dataStart) * blockSize
+        if device.isSparse {
+            // Punched out rather than filled: a hole reads as zeros and holds no memory, so a
+            // 1 TiB device formats in no time and uses only the blocks written below.
+            device.zero(offset: 0, count: metadataBytes)
+            progress?(1)
+            for block in [0, sb.journalStart, UInt64(sb.inodeOffset(Superblock.rootInode) / blockSize)] {
+                try device.back(offset: Int(block) * blockSize, count: blockSize)
+            }
+        } else {
+            device.fill(offset: 0, count: blockSize, flags: .nonTemporal)
+            // Journal header, inode table and bitmap must read as zeros (a zero bitmap block is an
+            // empty one); clear them in chunks for progress.
+            let clearStart = Int(sb.journalStart) * blockSize
+            let chunk = 64 << 20
+            var offset = clearStart
+            while offset < metadataBytes {
+                let count = min(chunk, metadataBytes - offset)
+                device.fill(offset: offset, count: count, flags: [.nonTemporal, .noDrain])
+                offset += count
+                progress?(Double(offset - clearStart) / Double(metadataBytes - clearStart))
+            }
+            device.drain()
         }
-        device.drain()
         try device.write(
             Journal.header(sequence: 0, committed: false, count: 0, records: []),
             at: Int(sb.journalStart) * blockSize)
-        let emptyCRC = CRC32C.checksum([UInt8](repeating: 0, count: Superblock.bitmapBytesPerBlock))
-        for block in 0..<sb.bitmapBlocks {
-            var crc = ByteEncoder(count: 4)
-            crc.put(emptyCRC, at: 0)
-            try device.write(crc.bytes, at: Int(sb.bitmapStart + block) * blockSize + Superblock.bitmapBytesPerBlock)
-        }
         let now = Clock.realtimeNanoseconds
         var root = InodeRecord()
         root.kind = .directory
@@ -251,8 +294,11 @@ public final class DAXFileSystem: Sendable {
         Journal.apply(records, to: view, superblock: superblock)
         let replayed = try Superblock.decode(
             ByteReader(view.base, count: Superblock.size), deviceBlocks: UInt64(device.pageCount))
+        let written = Journal.targets(of: records, superblock: superblock)
+        let ranges: ((Range<Int>) -> [Range<Int>])? =
+            device.isSparse ? { device.dataRanges(in: $0, alsoWritten: written) } : nil
         let scan = withExtendedLifetime(view) {
-            Scanner.scan(base: view.base, superblock: replayed, journalMustBeEmpty: false)
+            Scanner.scan(base: view.base, superblock: replayed, journalMustBeEmpty: false, dataRanges: ranges)
         }
         try refuseDamage(scan, device, " after replaying its journal (the device was left as it was)")
     }
@@ -298,7 +344,8 @@ public final class DAXFileSystem: Sendable {
             for handle in handles { handle.closeForUnmount() }
             // Removed files that were open are freed now that nothing holds them. A failure (the
             // journal fails only on a closed device) leaves the orphan for the next mount to free.
-            for number in orphans.withTrackedLock({ $0 }) {
+            // A read-only mount changes nothing: the next read-write mount frees them.
+            for number in orphans.withTrackedLock({ access == .readWrite ? $0 : [] }) {
                 if let inode = table.withTrackedLock({ $0.inodes[number] }) { try? reclaimLocked(inode) }
             }
         }
@@ -396,36 +443,34 @@ public struct Statistics: Sendable, Equatable {
 /// Inode numbers in use and their DRAM inodes.
 struct InodeTable {
     var inodes: [UInt32: Inode] = [:]
-    private var used: [UInt64]
+    /// Bit `n` set: inode number `n` is in use. Lazily zeroed: 16 M inodes cost nothing unused.
+    private let used: LazyBitmap
     private var cursor = 1
     let count: Int
 
     init(count: Int) {
         self.count = count
-        used = [UInt64](repeating: 0, count: (count + 64) / 64)
+        used = LazyBitmap(count: count + 1)
+        used.set(0)  // there is no inode 0
     }
 
     mutating func insert(_ inode: Inode) {
         inodes[inode.number] = inode
-        used[Int(inode.number) / 64] |= 1 << UInt64(inode.number % 64)
+        used.set(Int(inode.number))
     }
 
-    /// A free inode number, marked used; nil when all are taken.
+    /// A free inode number, marked used; nil when all are taken. Next fit from the last one taken.
     mutating func takeNumber() -> UInt32? {
-        for step in 0..<count {
-            let number = (cursor - 1 + step) % count + 1
-            if used[number / 64] & (1 << UInt64(number % 64)) == 0 {
-                used[number / 64] |= 1 << UInt64(number % 64)
-                cursor = number % count + 1
-                return UInt32(number)
-            }
-        }
-        return nil
+        guard let number = used.nextClear(from: cursor, limit: count + 1) ?? used.nextClear(from: 1, limit: cursor)
+        else { return nil }
+        used.set(number)
+        cursor = number % count + 1
+        return UInt32(number)
     }
 
     /// Gives back a number taken with `takeNumber` (the inode was freed or never created).
     mutating func release(_ number: UInt32) {
-        used[Int(number) / 64] &= ~(1 << UInt64(number % 64))
+        used.clear(Int(number))
         inodes[number] = nil
     }
 }

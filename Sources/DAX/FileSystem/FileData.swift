@@ -1,3 +1,5 @@
+import Glibc
+
 /// The data path of regular files: write, read, allocate, and the plans of truncate and punch.
 /// Callers hold the inode's lock (exclusively to change anything).
 extension DAXFileSystem {
@@ -23,7 +25,7 @@ extension DAXFileSystem {
     ) throws -> [Extent] {
         var added: [Extent] = []
         for hole in map.holes(in: pages) {
-            let runs = try allocator.allocate(
+            let runs = try allocateBacked(
                 Int(hole.count), goal: map.goal(before: hole.lowerBound),
                 inode: inode.number, firstIndex: hole.lowerBound)
             change.allocate(runs, superblock: superblock)
@@ -151,6 +153,14 @@ extension DAXFileSystem {
         }
     }
 
+    /// The largest result ``DAXFile/read(count:at:)`` allocates: half of the machine's memory.
+    static let largestReadResult: Int = {
+        let pages = sysconf(Int32(_SC_PHYS_PAGES))
+        let pageBytes = sysconf(Int32(_SC_PAGESIZE))
+        guard pages > 0, pageBytes > 0 else { return 1 << 30 }
+        return pages / 2 * pageBytes
+    }()
+
     /// Reads up to `count` bytes at `offset`; short at the end of the file; holes read as zeros.
     func readData(_ inode: Inode, count: Int, at offset: Int) -> [UInt8] {
         let length = max(0, min(count, Int(inode.record.size) - offset))
@@ -233,19 +243,14 @@ extension DAXFileSystem {
 
     // MARK: - Layout changes (truncate, punch): planned here, carried out by the mapping layer
 
-    /// A planned truncate or punch: what it frees, zeroes and writes.
+    /// A planned truncate or punch: what it frees and writes. The zeroing of the partial pages at
+    /// its edges is part of its transaction, so a crash leaves them zeroed only if it committed.
     struct LayoutChange {
         var change = PendingChange()
         var extents: ExtentMap
         var record: InodeRecord
         /// File pages whose blocks go.
         var freedPages: Range<UInt64>
-        /// File byte ranges to zero in kept pages (partial pages at the edges), before the commit.
-        var zeroRanges: [Range<Int>] = []
-        /// The tail of the new last page of a shrinking truncate, zeroed after the commit: zeroed
-        /// before, a crash would leave the old size with those bytes gone. Until it is zeroed the
-        /// tail lies past the end of the file, and every way of growing the file zeroes it first.
-        var tailRanges: [Range<Int>] = []
         /// File pages past the new end of the file (a shrinking truncate): every mapping must fault
         /// there afterwards, holes it shows as the zero page included.
         var cutPages: Range<UInt64> = 0..<0
@@ -278,9 +283,11 @@ extension DAXFileSystem {
                     &plan.extents, of: inode.number, replacing: plan.freedPages, with: [],
                     change: &plan.change)
             }
-            if size % Self.pageSize != 0 { plan.tailRanges = [size..<(Int(firstFreed) * Self.pageSize)] }
+            if size % Self.pageSize != 0 {
+                journalZeroing([size..<(Int(firstFreed) * Self.pageSize)], of: plan.extents, in: &plan.change)
+            }
         } else if size > oldSize, oldSize % Self.pageSize != 0 {
-            plan.zeroRanges = [oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)]
+            journalZeroing([oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)], of: plan.extents, in: &plan.change)
         }
         var stored = plan.record
         plan.extents.store(into: &stored)
@@ -317,46 +324,45 @@ extension DAXFileSystem {
         }
         let firstWhole = Int(first) * Self.pageSize
         let lastWhole = Int(last) * Self.pageSize
-        if first > last {
-            plan.zeroRanges = [offset..<end]  // inside one page
-        } else {
-            if offset < firstWhole { plan.zeroRanges.append(offset..<firstWhole) }
-            if end > lastWhole { plan.zeroRanges.append(lastWhole..<end) }
-        }
         if !plan.change.transaction.isEmpty {
             plan.record.changeTime = Clock.realtimeNanoseconds
             var stored = plan.record
             plan.extents.store(into: &stored)
             plan.change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
         }
+        if first > last {
+            journalZeroing([offset..<end], of: plan.extents, in: &plan.change)  // inside one page
+        } else {
+            journalZeroing(
+                [offset..<min(firstWhole, end), max(lastWhole, offset)..<end].filter { !$0.isEmpty },
+                of: plan.extents, in: &plan.change)
+        }
         try fits(plan, what: "punch of \(count) bytes")
         return plan
     }
 
-    /// Zeroes file byte `ranges` where the file's current extents have blocks, durably.
-    private func zero(_ ranges: [Range<Int>], of inode: Inode) {
+    /// Adds the zeroing of file bytes `ranges` (kept partial pages at the edges of a truncate or
+    /// punch) to `change` as write records: the zeros reach the device with the commit, or, after a
+    /// crash before it, not at all (invariant 8). Holes need nothing; they read as zeros.
+    private func journalZeroing(_ ranges: [Range<Int>], of map: ExtentMap, in change: inout PendingChange) {
         for range in ranges {
-            for slice in inode.extents.extents(in: Self.page(range.lowerBound)..<Self.pageUp(range.upperBound)) {
+            for slice in map.extents(in: Self.page(range.lowerBound)..<Self.pageUp(range.upperBound)) {
                 let from = max(range.lowerBound, Int(slice.logical) * Self.pageSize)
                 let to = min(range.upperBound, Int(slice.logicalEnd) * Self.pageSize)
-                device.fill(
-                    offset: Int(slice.physical) * Self.pageSize + from - Int(slice.logical) * Self.pageSize,
-                    count: to - from, flags: .noDrain)
+                guard to > from else { continue }
+                change.transaction.write(
+                    [UInt8](repeating: 0, count: to - from),
+                    at: Int(slice.physical) * Self.pageSize + from - Int(slice.logical) * Self.pageSize)
             }
         }
-        device.drain()
     }
 
-    /// Carries out a planned layout change once break layouts allowed it: zeroes the partial pages,
-    /// commits, zeroes the tail of a shrinking truncate, lets `unmapFreed` take the freed pages out of every mapping, then returns the blocks
-    /// to the allocator (busy ones quarantined) and installs the new extents.
+    /// Carries out a planned layout change once break layouts allowed it: commits (the zeroing of
+    /// the partial pages with it), lets `unmapFreed` take the freed pages out of every mapping, then
+    /// returns the blocks to the allocator (busy ones quarantined) and installs the new extents.
     func carryOut(_ plan: LayoutChange, on inode: Inode, unmapFreed: () -> Void) throws {
-        // The only way the commit can fail is a transaction too large: find out before zeroing.
-        try journal.checkFits(plan.change.transaction, what: "truncate")
-        zero(plan.zeroRanges, of: inode)
         // A failure gives nothing back here: the caller owns the plan's blocks (`changeLayout`).
         try journal.commit(plan.change.transaction, what: "truncate")
-        if !plan.tailRanges.isEmpty { zero(plan.tailRanges, of: inode) }
         unmapFreed()
         allocator.release(plan.change.freed)
         inode.extents = plan.extents

@@ -155,8 +155,10 @@ final class Journal: Sendable {
         let recordList = transaction.records
         try checkFits(size: Transaction.size(of: recordList), what: what)
         let records = Transaction.encode(recordList)
+        try backTargets(of: recordList, recordBytes: records.count)
         // Nothing below can fail: the device's mapping stays while a file system uses it (even
-        // after `close`), so no error is ever reported after the commit point as if it were a rollback.
+        // after `close`), and on a sparse device every byte written has storage by now, so no
+        // error is ever reported after the commit point as if it were a rollback.
         sequence.withTrackedLock { sequence in
             sequence &+= 1
             write(records, at: recordsOffset)
@@ -167,6 +169,36 @@ final class Journal: Sendable {
             write(Self.header(sequence: sequence, committed: false, count: 0, records: []), at: headerOffset)
         }
         commits.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    /// On a sparse device, gives storage to everything a commit of `records` writes (the journal's
+    /// header and records, each record's target, the bitmap blocks it changes) before any of it is
+    /// written: a full `/dev/shm` is `.noSpace` with nothing changed, never a SIGBUS mid-commit.
+    private func backTargets(of records: [Transaction.Record], recordBytes: Int) throws {
+        guard device.isSparse else { return }
+        try device.back(offset: headerOffset, count: Superblock.blockSize + recordBytes)
+        for range in Self.targets(of: records, superblock: superblock) {
+            try device.back(offset: range.lowerBound, count: range.count)
+        }
+    }
+
+    /// The device bytes that applying `records` writes: each write's range, and the whole bitmap
+    /// blocks that bit records change (their checksums are rewritten too).
+    static func targets(of records: [Transaction.Record], superblock: Superblock) -> [Range<Int>] {
+        let bitsPerBlock = UInt64(Superblock.bitsPerBitmapBlock)
+        func bitmapBlocks(_ bits: Range<UInt64>) -> Range<Int> {
+            guard !bits.isEmpty else { return 0..<0 }
+            let first = Int(superblock.bitmapStart + bits.lowerBound / bitsPerBlock)
+            let last = Int(superblock.bitmapStart + (bits.upperBound - 1) / bitsPerBlock)
+            return first * Superblock.blockSize..<(last + 1) * Superblock.blockSize
+        }
+        return records.map { record in
+            switch record {
+            case .write(let offset, let bytes): offset..<(offset + bytes.count)
+            case .bits(let range, _): bitmapBlocks(range)
+            case .mask(let first, let mask, _): bitmapBlocks(first..<(first + UInt64(mask.count * 8)))
+            }
+        }.filter { !$0.isEmpty }
     }
 
     /// A durable copy to the device (`pmem_memcpy` and drain, or `msync`), which cannot fail.

@@ -61,6 +61,7 @@ extension DAXFileSystem {
         // The journal is validated exactly as mount would before replaying it.
         var journalProblems: [String] = []
         var view: PrivateView?
+        var replayedRanges: [Range<Int>] = []
         do {
             switch try Journal.read(device: device, superblock: sb) {
             case .empty: break
@@ -71,6 +72,7 @@ extension DAXFileSystem {
                     "the journal holds a committed transaction of \(records.count) records, which the next mount replays"
                 if let replayed = try? PrivateView(of: device) {
                     Journal.apply(records, to: replayed, superblock: sb)
+                    replayedRanges = Journal.targets(of: records, superblock: sb)
                     view = replayed
                     report.notes.append(pending + "; checked as it will be after that")
                     // The transaction may have moved the orphan head; a damaged superblock is a problem.
@@ -83,8 +85,10 @@ extension DAXFileSystem {
         } catch let error as DAXError {
             journalProblems.append("journal: \(error.message); mount will refuse the device")
         }
+        let ranges: ((Range<Int>) -> [Range<Int>])? =
+            device.isSparse ? { device.dataRanges(in: $0, alsoWritten: replayedRanges) } : nil
         let scan = withExtendedLifetime(view) {
-            Scanner.scan(base: view?.base ?? device.base, superblock: sb, journalMustBeEmpty: false)
+            Scanner.scan(base: view?.base ?? device.base, superblock: sb, journalMustBeEmpty: false, dataRanges: ranges)
         }
         report.problems =
             journalProblems + scan.problems + (scan.suppressed > 0 ? ["and \(scan.suppressed) more problems"] : [])

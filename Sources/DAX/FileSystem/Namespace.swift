@@ -15,6 +15,7 @@ extension DAXFileSystem {
     /// Opens an existing regular file. Throws `.notFound`, or `.isADirectory` for a directory.
     public func open(_ path: String, access: Access = .readWrite) throws -> DAXFile {
         let inode = try namespaceOperation(exclusive: false, "open", path) { () throws -> Inode in
+            if access == .readWrite { try checkWritable() }
             let (parent, name) = try Paths.split(path, what: "open")
             let directory = try resolveDirectory(parent, path: path)
             guard let entry = directory.directory?.entries[name] else {
@@ -153,12 +154,21 @@ extension DAXFileSystem {
         do {
             return try operations.withReadLock {
                 try checkMounted()
+                // Every exclusive directory operation changes the tree.
+                if exclusive { try checkWritable() }
                 return exclusive ? try namespace.withWriteLock(body) : try namespace.withReadLock(body)
             }
         } catch let error as DAXError {
             let subject = Paths.debug(path)
             let target = newPath.map { " to \(Paths.debug($0))" } ?? ""
             throw error.context("cannot \(what) \(subject)\(target)", naming: subject)
+        }
+    }
+
+    /// Throws `.permissionDenied` on a file system mounted read-only.
+    func checkWritable() throws {
+        guard access == .readWrite else {
+            throw DAXError(.permissionDenied, "the file system on \(device.path) is mounted read-only")
         }
     }
 
@@ -203,7 +213,7 @@ extension DAXFileSystem {
     func planSlot(in directory: Inode, change: inout PendingChange) throws -> (DirectoryIndex.SlotAddress, ExtentMap?) {
         if let slot = directory.directory?.freeSlots.last { return (slot, nil) }
         let page = UInt64(directory.directory?.blockCount ?? 0)
-        let runs = try allocator.allocate(
+        let runs = try allocateBacked(
             1, goal: directory.extents.goal(before: page), inode: directory.number,
             firstIndex: nil)
         change.allocate(runs, superblock: superblock)
@@ -398,7 +408,7 @@ extension DAXFileSystem {
             users.reclaimed = true
             return true
         }
-        guard reclaimNow, isMounted else { return }
+        guard reclaimNow, isMounted, access == .readWrite else { return }
         // A failure here (the journal cannot fail short of a closed device) leaves the orphan on the
         // list; the next mount frees it.
         try? reclaim(inode)

@@ -52,6 +52,22 @@ extension DAXFileSystem {
         if !change.freed.isEmpty { allocator.release(change.freed) }
     }
 
+    /// Takes blocks from the allocator (see ``BlockAllocator/allocate(_:goal:inode:firstIndex:)``)
+    /// and, on a sparse device, gives them storage first: a full `/dev/shm` is `.noSpace` here,
+    /// with the blocks given back, rather than a SIGBUS at the first store into one.
+    func allocateBacked(_ count: Int, goal: UInt64?, inode: UInt32, firstIndex: UInt64?) throws -> [BlockRun] {
+        let runs = try allocator.allocate(count, goal: goal, inode: inode, firstIndex: firstIndex)
+        do {
+            for run in runs {
+                try device.back(offset: Int(run.start) * Superblock.blockSize, count: Int(run.count) * Superblock.blockSize)
+            }
+        } catch {
+            allocator.unallocate(runs)
+            throw error
+        }
+        return runs
+    }
+
     /// Gives back the blocks of a change that will not be committed.
     func abandon(_ change: PendingChange) {
         if !change.allocated.isEmpty { allocator.unallocate(change.allocated) }
@@ -66,7 +82,7 @@ extension DAXFileSystem {
         let plan = map.plan(replacing: pages, with: extents)
         var leafBlocks: [UInt64] = []
         if plan.newLeafBlocks > 0 {
-            let runs = try allocator.allocate(plan.newLeafBlocks, goal: nil, inode: inode, firstIndex: nil)
+            let runs = try allocateBacked(plan.newLeafBlocks, goal: nil, inode: inode, firstIndex: nil)
             change.allocate(runs, superblock: superblock)
             leafBlocks = runs.flatMap { Array($0.range) }
         }

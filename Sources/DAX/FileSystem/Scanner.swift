@@ -10,8 +10,10 @@ struct Scanner {
 
     struct Result {
         var inodes: [UInt32: ScannedInode] = [:]
-        /// Device bitmap, one bit per data block.
-        var bitmap: [UInt64] = []
+        /// Device bitmap, one bit per data block (lazily zeroed: a huge, empty device costs nothing).
+        var bitmap = LazyBitmap(count: 0)
+        /// Bits set in ``bitmap``.
+        var allocatedBlocks = 0
         var orphans: [UInt32] = []
         var problems: [String] = []
         /// Problems beyond the first `limit` are only counted.
@@ -21,15 +23,34 @@ struct Scanner {
     /// The device's bytes, or a private view of them with a pending transaction replayed.
     let base: UnsafeRawPointer
     let superblock: Superblock
+    /// The parts of a range of device bytes that hold data; the rest are holes of a sparse device,
+    /// which read as zeros and are not read (reading a hole of a tmpfs file through a mapping
+    /// would give it memory). nil: everything holds data.
+    let dataRanges: ((Range<Int>) -> [Range<Int>])?
     let limit = 50
     private(set) var result = Result()
-    /// Owner of each data block, from extents and leaves.
-    private var owners: [UInt32]
+    /// Owner of each data block, from extents and leaves, and which blocks have one: lazily zeroed,
+    /// so that memory follows the blocks in use, not the device's size.
+    private let owners: LazyZeroedArray<UInt32>
+    private let owned: LazyBitmap
+    /// Owned blocks per bitmap block: a bitmap block whose count is 0 needs no comparing.
+    private var ownedPerBitmapBlock: [Int: Int] = [:]
 
-    init(base: UnsafeRawPointer, superblock: Superblock) {
+    init(base: UnsafeRawPointer, superblock: Superblock, dataRanges: ((Range<Int>) -> [Range<Int>])? = nil) {
         self.base = base
         self.superblock = superblock
-        owners = [UInt32](repeating: 0, count: Int(superblock.dataBlocks))
+        self.dataRanges = dataRanges
+        owners = LazyZeroedArray(count: Int(superblock.dataBlocks))
+        owned = LazyBitmap(count: Int(superblock.dataBlocks))
+    }
+
+    /// The blocks of `blocks` that hold data (all of them without ``dataRanges``).
+    private func blocksHoldingData(_ blocks: Range<UInt64>) -> [Range<UInt64>] {
+        guard let dataRanges else { return [blocks] }
+        let size = Superblock.blockSize
+        return dataRanges(Int(blocks.lowerBound) * size..<Int(blocks.upperBound) * size).map {
+            UInt64($0.lowerBound / size)..<UInt64(($0.upperBound + size - 1) / size)
+        }
     }
 
     private mutating func problem(_ text: String) {
@@ -42,13 +63,28 @@ struct Scanner {
 
     private func isDataBlock(_ block: UInt64) -> Bool { superblock.dataRange.contains(block) }
 
-    /// Runs every check. `journalMustBeEmpty` is true for `check` of a mounted file system.
-    static func scan(device: PMemDevice, superblock: Superblock, journalMustBeEmpty: Bool) -> Result {
-        scan(base: device.base, superblock: superblock, journalMustBeEmpty: journalMustBeEmpty)
+    /// Whether a whole block reads as zeros.
+    static func isZero(_ block: ByteReader) -> Bool {
+        var offset = 0
+        while offset + 8 <= block.count {
+            guard block.get(UInt64.self, at: offset) == 0 else { return false }
+            offset += 8
+        }
+        return true
     }
 
-    static func scan(base: UnsafeRawPointer, superblock: Superblock, journalMustBeEmpty: Bool) -> Result {
-        var scanner = Scanner(base: base, superblock: superblock)
+    /// Runs every check. `journalMustBeEmpty` is true for `check` of a mounted file system.
+    static func scan(device: PMemDevice, superblock: Superblock, journalMustBeEmpty: Bool) -> Result {
+        let ranges: ((Range<Int>) -> [Range<Int>])? = device.isSparse ? { device.dataRanges(in: $0) } : nil
+        return scan(
+            base: device.base, superblock: superblock, journalMustBeEmpty: journalMustBeEmpty, dataRanges: ranges)
+    }
+
+    static func scan(
+        base: UnsafeRawPointer, superblock: Superblock, journalMustBeEmpty: Bool,
+        dataRanges: ((Range<Int>) -> [Range<Int>])? = nil
+    ) -> Result {
+        var scanner = Scanner(base: base, superblock: superblock, dataRanges: dataRanges)
         if journalMustBeEmpty { scanner.checkJournal() }
         scanner.scanInodes()
         scanner.scanDirectories()
@@ -73,7 +109,15 @@ struct Scanner {
     // MARK: Inodes and extents
 
     private mutating func scanInodes() {
-        for number in 1...UInt32(superblock.inodeCount) {
+        // Only inode blocks that hold data: a hole holds free inodes.
+        let table = superblock.inodeStart..<(superblock.inodeStart + superblock.inodeBlocks)
+        let perBlock = UInt64(Superblock.blockSize / Superblock.inodeSize)
+        let count = superblock.inodeCount
+        let numbers = blocksHoldingData(table).lazy.flatMap { blocks in
+            UInt32((blocks.lowerBound - table.lowerBound) * perBlock + 1)...UInt32(
+                min((blocks.upperBound - table.lowerBound) * perBlock, count))
+        }
+        for number in numbers {
             let offset = superblock.inodeOffset(number)
             let reader = ByteReader(base + offset, count: Superblock.inodeSize)
             switch InodeRecord.decode(reader) {
@@ -151,11 +195,13 @@ struct Scanner {
     /// Records `number` as the owner of `block`; a second owner is a problem.
     private mutating func claim(_ block: UInt64, for number: UInt32, what: String) -> Bool {
         let index = Int(block - superblock.dataStart)
-        if owners[index] != 0 {
+        if owned[index] {
             problem("block \(block) (\(what) of inode \(number)) is also owned by inode \(owners[index])")
             return false
         }
         owners[index] = number
+        owned.set(index)
+        ownedPerBitmapBlock[index / Superblock.bitsPerBitmapBlock, default: 0] += 1
         return true
     }
 
@@ -291,34 +337,59 @@ struct Scanner {
 
     private mutating func checkBitmap() {
         let dataBlocks = Int(superblock.dataBlocks)
-        result.bitmap = [UInt64](repeating: 0, count: (dataBlocks + 63) / 64)
+        let bitmap = LazyBitmap(count: dataBlocks)
+        var allocated = 0
         var leaked = 0
         var missing = 0
         var firstLeaked: Int?
         var firstMissing: Int?
+        let bitmapRegion = superblock.bitmapStart..<(superblock.bitmapStart + superblock.bitmapBlocks)
+        var holding = Set<UInt64>()
+        for blocks in blocksHoldingData(bitmapRegion) { holding.formUnion(blocks) }
         for bitmapBlock in 0..<Int(superblock.bitmapBlocks) {
+            let first = bitmapBlock * Superblock.bitsPerBitmapBlock
+            let end = min(dataBlocks, first + Superblock.bitsPerBitmapBlock)
+            guard holding.contains(superblock.bitmapStart + UInt64(bitmapBlock)) else {
+                // A hole of a sparse device: every block it covers is free. Owned ones are missing.
+                guard ownedPerBitmapBlock[bitmapBlock] != nil else { continue }
+                var index = first
+                while let owner = owned.nextSet(from: index, limit: end) {
+                    missing += 1
+                    if firstMissing == nil { firstMissing = owner }
+                    index = owner + 1
+                }
+                continue
+            }
             let reader = reader(block: superblock.bitmapStart + UInt64(bitmapBlock))
             guard
                 reader.get(UInt32.self, at: Superblock.bitmapBytesPerBlock)
                     == reader.crc(of: 0..<Superblock.bitmapBytesPerBlock)
+                    || Self.isZero(reader)  // never written since format: every block free
             else {
                 problem("bitmap block \(bitmapBlock) checksum mismatch")
                 continue
             }
-            let first = bitmapBlock * Superblock.bitsPerBitmapBlock
-            let end = min(dataBlocks, first + Superblock.bitsPerBitmapBlock)
             guard first < end else { continue }
-            for index in first..<end {
-                let bit = index - first
-                let set = reader.get(UInt8.self, at: bit / 8) & (1 << UInt8(bit % 8)) != 0
-                if set { result.bitmap[index / 64] |= 1 << UInt64(index % 64) }
-                let owned = owners[index] != 0
-                if set && !owned {
-                    leaked += 1
-                    if firstLeaked == nil { firstLeaked = index }
-                } else if !set && owned {
-                    missing += 1
-                    if firstMissing == nil { firstMissing = index }
+            // A byte at a time: `first` is a multiple of 8, so each byte is 8 bits of one word.
+            for byteIndex in 0..<((end - first + 7) / 8) {
+                let index = first + byteIndex * 8
+                let bits = min(8, end - index)
+                let mask = UInt8(truncatingIfNeeded: (1 << bits) - 1)
+                let onDevice = reader.get(UInt8.self, at: byteIndex) & mask
+                let ownedBits = UInt8(truncatingIfNeeded: owned.words[index / 64] >> UInt64(index % 64)) & mask
+                if onDevice != 0 {
+                    bitmap.words[index / 64] |= UInt64(onDevice) << UInt64(index % 64)
+                    allocated += onDevice.nonzeroBitCount
+                }
+                guard onDevice != ownedBits else { continue }
+                for bit in 0..<bits where (onDevice ^ ownedBits) & (1 << UInt8(bit)) != 0 {
+                    if onDevice & (1 << UInt8(bit)) != 0 {
+                        leaked += 1
+                        if firstLeaked == nil { firstLeaked = index + bit }
+                    } else {
+                        missing += 1
+                        if firstMissing == nil { firstMissing = index + bit }
+                    }
                 }
             }
             // Bits past the data region must be clear.
@@ -330,20 +401,17 @@ struct Scanner {
                 }
             }
         }
+        result.bitmap = bitmap
+        result.allocatedBlocks = allocated
         if let firstLeaked {
             problem(
-                "\(leaked) blocks are marked allocated but owned by no file (leaked), the first is block "
+                "\(leaked == 1 ? "1 block is" : "\(leaked) blocks are") marked allocated but owned by no file (leaked), the first is block "
                     + "\(superblock.dataStart + UInt64(firstLeaked))")
         }
         if let firstMissing {
             problem(
-                "\(missing) blocks are owned by a file but marked free, the first is block "
+                "\(missing == 1 ? "1 block is" : "\(missing) blocks are") owned by a file but marked free, the first is block "
                     + "\(superblock.dataStart + UInt64(firstMissing)) (inode \(owners[firstMissing]))")
         }
-    }
-
-    /// Whether data-block index `index` is allocated in a scanned bitmap.
-    static func isAllocated(_ bitmap: [UInt64], _ index: Int) -> Bool {
-        bitmap[index / 64] & (1 << UInt64(index % 64)) != 0
     }
 }

@@ -301,7 +301,8 @@ enum MappingRegion {
         return base
     }
 
-    /// Maps `pages` device pages from `frame` at `address`, populated.
+    /// Maps `pages` device pages from `frame` at `address`, populated: a `.readOnly` mapping from
+    /// the device's read-only descriptor, so that it cannot be made writable with `mprotect`.
     /// An emulated device tracks stores through the new pages (`exposed`: in a mapping that
     /// other threads may already use). A crash image opened for a checker is mapped privately.
     static func mapDevice(
@@ -316,7 +317,7 @@ enum MappingRegion {
         guard
             device.systemCalls.mmap(
                 address, length, protection(access), sharing | MAP_FIXED,
-                device.fd, Int(frame) * PMemDevice.pageSize) != nil
+                access == .readWrite ? device.fd : device.readOnlyFD, Int(frame) * PMemDevice.pageSize) != nil
         else {
             let code = errno
             throw DAXError.system(

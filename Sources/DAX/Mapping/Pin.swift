@@ -10,6 +10,10 @@ extension DAXMapping {
     public func pin(
         offset: Int, count: Int, access: Access = .readWrite, lifetime: PinLifetime = .shortTerm
     ) throws -> PinnedPages {
+        guard count != 0 else {
+            throw DAXError(
+                .invalidArgument, "cannot pin 0 bytes at offset \(offset) of \(Paths.debug(path)): a pin holds at least one byte")
+        }
         guard offset >= 0, count > 0, offset <= self.count, count <= self.count - offset else {
             throw DAXError(
                 .invalidArgument,
@@ -24,15 +28,15 @@ extension DAXMapping {
         }
         let first = offset / PMemDevice.pageSize
         let last = (offset + count - 1) / PMemDevice.pageSize
-        if case .shortTerm = lifetime, first == last, let pinned = pinOneFast(first) { return pinned }
-        if case .shortTerm = lifetime, let pinned = pinFast(first...last) { return pinned }
+        if case .shortTerm = lifetime, first == last, let pinned = pinOneFast(first, access: access) { return pinned }
+        if case .shortTerm = lifetime, let pinned = pinFast(first...last, access: access) { return pinned }
         return try pinSlow(first...last, access: access, lifetime: lifetime)
     }
 
     /// gup-fast for one page: try-get, then re-validate the layout generation; nil sends the
     /// caller to the slow path.
     @inline(__always)
-    private func pinOneFast(_ index: Int) -> PinnedPages? {
+    private func pinOneFast(_ index: Int, access: Access) -> PinnedPages? {
         let generation = inode.layoutGeneration.load(ordering: .acquiring)
         let frame = entries[index].load(ordering: .acquiring)
         guard frame != 0 else { return nil }
@@ -46,11 +50,11 @@ extension DAXMapping {
             return nil
         }
         table.tally(1, .acquired, firstPin ? 1 : 0, .pinnedUp, in: change)
-        return PinnedPages(table: table, head: FrameRun(start: frame, count: 1))
+        return PinnedPages(table: table, head: FrameRun(start: frame, count: 1), access: access)
     }
 
     /// gup-fast for a range.
-    private func pinFast(_ pages: ClosedRange<Int>) -> PinnedPages? {
+    private func pinFast(_ pages: ClosedRange<Int>, access: Access) -> PinnedPages? {
         let generation = inode.layoutGeneration.load(ordering: .acquiring)
         var frames: [PageFrameNumber] = []
         frames.reserveCapacity(pages.count)
@@ -66,7 +70,7 @@ extension DAXMapping {
             table.unpin(runs)
             return nil
         }
-        return PinnedPages(table: table, runs: runs, lease: nil)
+        return PinnedPages(table: table, runs: runs, lease: nil, access: access)
     }
 
     /// gup-slow: under the invalidate lock no truncate runs; resolve missing pages, then pin.
@@ -93,7 +97,8 @@ extension DAXMapping {
                     }
                     frames.append(PageFrameNumber(rawValue: frame))
                 }
-                let pinned = try fileSystem.device.pages.pin(runs: FrameRuns(frames), lifetime: lifetime)
+                let pinned = try fileSystem.device.pages.pin(
+                    runs: FrameRuns(frames), access: access, lifetime: lifetime)
                 if inode.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation { return pinned }
                 pinned.release()  // the layout changed under us: let go and look again
             }

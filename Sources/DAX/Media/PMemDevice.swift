@@ -37,6 +37,11 @@ public final class PMemDevice: Sendable {
         /// ``PMemDevice/powerFail(writingImageTo:keeping:)`` can tell what a power failure would
         /// leave; nil: off. See `docs/crash-emulation.md`.
         public var powerFailureEmulation: PersistenceDomain? = nil
+        /// Open the device for reading only: `O_RDONLY` and a `PROT_READ` mapping, which needs
+        /// only read permission on the file. Every store path is refused: the throwing ones with
+        /// `.permissionDenied`, ``copy(_:toOffset:flags:)`` and ``fill(offset:count:value:flags:)``
+        /// (which cannot throw) with a precondition failure. `create` refuses it.
+        public var readOnly: Bool = false
         /// The system-call seam; tests inject failures here.
         package var systemCalls: SystemCalls = .live
 
@@ -53,6 +58,12 @@ public final class PMemDevice: Sendable {
     public let isDeviceDAX: Bool
     /// Whether the kernel grants `MAP_SYNC` mappings of the device, and why not.
     public let mapSync: MapSyncStatus
+    /// True when the device was opened with ``Options/readOnly``.
+    public let isReadOnly: Bool
+    /// True when the device file had holes when opened (created with ``Options/sparse``, or such
+    /// a file opened later): blocks are then given storage (``back(offset:count:)``) as they come
+    /// into use, so that a full `/dev/shm` is a `.noSpace` error, not a SIGBUS on a later store.
+    public let isSparse: Bool
     /// The mode asked for in ``Options``.
     public let requestedPersistence: PersistenceMode
     /// The mode in effect: `.cacheFlush` or `.msync` (`.automatic` resolved).
@@ -69,9 +80,13 @@ public final class PMemDevice: Sendable {
     public var pageCount: Int { size / Self.pageSize }
 
     nonisolated(unsafe) let base: UnsafeMutableRawPointer
-    /// An `O_RDWR` descriptor of the device file: file mappings are made from it, and mounting
-    /// takes an exclusive `flock` on it.
+    /// An `O_RDWR` descriptor of the device file: writable file mappings are made from it, and
+    /// mounting takes an exclusive `flock` on it.
     let fd: Int32
+    /// An `O_RDONLY` descriptor of the device file: read-only file mappings are made from it, so
+    /// that `mprotect(PROT_WRITE)` on one fails with `EACCES`, as for any shared mapping of a
+    /// read-only descriptor, instead of making the file writable.
+    let readOnlyFD: Int32
     let systemCalls: SystemCalls
     private let flushesCaches: Bool
     /// Cache-flush mode with the live seam and no emulation: `persist` calls `pmem_persist` and
@@ -102,8 +117,19 @@ public final class PMemDevice: Sendable {
     /// ``maximumSize``, and fit in the free space of the file system holding `path`. Nothing is
     /// created when any check fails. Calls `pmem_map_file(PMEM_FILE_CREATE | PMEM_FILE_EXCL)`.
     public static func create(path: String, size: Int, options: Options = .init()) throws -> PMemDevice {
+        guard !options.readOnly else {
+            throw DAXError(.invalidArgument, "cannot create device \(path) read-only: a new device must be written")
+        }
         try validate(size: size, path: path)
-        try checkFreeSpace(for: size, at: path)
+        // A sparse device uses space only as blocks come into use, so it may be larger than the
+        // free space (its file system then fails with .noSpace when that runs out).
+        let free = try freeSpace(at: path)
+        guard options.sparse || size <= free else {
+            throw DAXError(
+                .noSpace,
+                "cannot create device \(path) of \(size) bytes: its directory has \(free) bytes free "
+                    + "(a sparse device may be larger)")
+        }
         let calls = options.systemCalls
         var flags = PMEM_FILE_CREATE | PMEM_FILE_EXCL
         if options.sparse { flags |= PMEM_FILE_SPARSE }
@@ -119,6 +145,25 @@ public final class PMemDevice: Sendable {
             _ = calls.pmemUnmap(mapping.address, mapping.length)
             unlink(path)
             throw error
+        }
+    }
+
+    /// Opens the device at `path`, or creates it with `size` when nothing is there. `size` is used
+    /// only for creating: an existing device keeps its own size. Another process creating the same
+    /// path at the same moment is not an error; this one opens what it created.
+    public static func openOrCreate(path: String, size: Int, options: Options = .init()) throws -> PMemDevice {
+        guard !path.isEmpty else { throw DAXError(.invalidArgument, "device path is empty") }
+        while true {
+            var info = stat()
+            if stat(path, &info) == 0 { return try open(path: path, options: options) }
+            guard Glibc.errno == ENOENT else {
+                throw DAXError.system("stat", "cannot open or create device \(path)", errno: Glibc.errno)
+            }
+            do {
+                return try create(path: path, size: size, options: options)
+            } catch let error as DAXError where error.code == .alreadyExists {
+                continue  // created by someone else since the stat: open it
+            }
         }
     }
 
@@ -144,7 +189,8 @@ public final class PMemDevice: Sendable {
             }
         }
         let calls = options.systemCalls
-        guard let mapping = calls.pmemMapFile(path, 0, 0, 0) else {
+        let mapped = options.readOnly ? try mapReadOnly(path, calls: calls) : calls.pmemMapFile(path, 0, 0, 0)
+        guard let mapping = mapped else {
             throw DAXError.pmem(
                 "pmem_map_file", "cannot open device \(path)", errno: Glibc.errno,
                 message: pmemErrorMessage())
@@ -153,26 +199,82 @@ public final class PMemDevice: Sendable {
             try validate(size: mapping.length, path: path)
             return try PMemDevice(path: path, mapping: mapping, options: options, created: false)
         } catch {
-            _ = calls.pmemUnmap(mapping.address, mapping.length)
+            unmap(mapping.address, mapping.length, readOnly: options.readOnly, calls: calls)
             throw error
         }
     }
 
+    /// Maps the whole device `PROT_READ` from an `O_RDONLY` descriptor (libpmem's `pmem_map_file`
+    /// always opens for writing); asks `pmem_is_pmem` about the mapping.
+    private static func mapReadOnly(_ path: String, calls: SystemCalls) throws -> (
+        address: UnsafeMutableRawPointer, length: Int, isPmem: Bool
+    )? {
+        let fd = calls.open(path, O_RDONLY | O_CLOEXEC, 0)
+        guard fd >= 0 else {
+            throw DAXError.system("open", "cannot open device \(path) for reading", errno: Glibc.errno)
+        }
+        defer { Glibc.close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            throw DAXError.system("fstat", "cannot open device \(path) for reading", errno: Glibc.errno)
+        }
+        let length = (info.st_mode & S_IFMT) == S_IFCHR ? deviceDAXSize(path) : Int(info.st_size)
+        guard length > 0 else {
+            throw DAXError(.invalidArgument, "cannot open device \(path) read-only: its size is unknown")
+        }
+        guard let address = calls.mmap(nil, length, PROT_READ, MAP_SHARED, fd, 0) else {
+            throw DAXError.system("mmap", "cannot map device \(path) read-only", errno: Glibc.errno)
+        }
+        return (address, length, pmem_is_pmem(address, length) != 0)
+    }
+
+    /// The size of a device-DAX character device, from sysfs (0 if it cannot be read).
+    private static func deviceDAXSize(_ path: String) -> Int {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return 0 }
+        let major = (info.st_rdev >> 8) & 0xFFF
+        let minor = (info.st_rdev & 0xFF) | ((info.st_rdev >> 12) & 0xFFF00)
+        let fd = Glibc.open("/sys/dev/char/\(major):\(minor)/size", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return 0 }
+        defer { Glibc.close(fd) }
+        var text = [UInt8](repeating: 0, count: 32)
+        let count = text.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { return 0 }
+        return Int(String(decoding: text[..<count], as: UTF8.self).filter(\.isNumber)) ?? 0
+    }
+
+    /// `privateImageFD`: a crash image's descriptor, already mapped privately at `mapping`.
     init(
         path: String, mapping: (address: UnsafeMutableRawPointer, length: Int, isPmem: Bool), options: Options,
         created: Bool, privateImageFD: Int32? = nil
     ) throws {
         let calls = options.systemCalls
-        let fd = privateImageFD ?? calls.open(path, O_RDWR | O_CLOEXEC, 0)
+        guard !(options.readOnly && options.powerFailureEmulation != nil) else {
+            throw DAXError(
+                .invalidArgument, "cannot emulate power failures on \(path) opened read-only: nothing is stored")
+        }
+        let fd = privateImageFD ?? calls.open(path, (options.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC, 0)
         guard fd >= 0 else { throw DAXError.system("open", "cannot open device \(path)", errno: Glibc.errno) }
+        let readOnlyFD = privateImageFD.map { dup($0) } ?? calls.open(path, O_RDONLY | O_CLOEXEC, 0)
+        guard readOnlyFD >= 0 else {
+            let code = Glibc.errno
+            Glibc.close(fd)
+            throw DAXError.system("open", "cannot open device \(path) for reading", errno: code)
+        }
         var info = stat()
         fstat(fd, &info)
         self.isDeviceDAX = (info.st_mode & S_IFMT) == S_IFCHR
+        // A crash image's holes say nothing of what its checker stored privately: all of it is data.
+        self.isSparse =
+            !options.readOnly && privateImageFD == nil && (info.st_mode & S_IFMT) == S_IFREG
+            && Int(info.st_blocks) * 512 < Int(info.st_size)
         self.path = path
         self.size = mapping.length
         self.base = mapping.address
         self.isPersistentMemory = mapping.isPmem
         self.fd = fd
+        self.readOnlyFD = readOnlyFD
+        self.isReadOnly = options.readOnly
         self.systemCalls = calls
         self.requestedPersistence = options.persistence
         switch options.persistence {
@@ -184,7 +286,8 @@ public final class PMemDevice: Sendable {
         self.isPrivateImage = privateImageFD != nil
         self.mapSync =
             privateImageFD == nil
-            ? Self.probeMapSync(fd: fd, calls: calls) : .refused(reason: "a crash image is mapped privately")
+            ? Self.probeMapSync(fd: fd, readOnly: options.readOnly, calls: calls)
+            : .refused(reason: "a crash image is mapped privately")
         do {
             self.pages = try PageMap(pageCount: mapping.length / Self.pageSize)
             self.emulation = try options.powerFailureEmulation.map { domain in
@@ -194,6 +297,7 @@ public final class PMemDevice: Sendable {
             }
         } catch {
             Glibc.close(fd)
+            Glibc.close(readOnlyFD)
             throw error
         }
     }
@@ -203,11 +307,16 @@ public final class PMemDevice: Sendable {
             emulation?.close()
             unmapMapping()
             Glibc.close(fd)
+            Glibc.close(readOnlyFD)
         }
     }
 
     private func unmapMapping() {
-        if isPrivateImage { _ = systemCalls.munmap(base, size) } else { _ = systemCalls.pmemUnmap(base, size) }
+        if isPrivateImage {
+            _ = systemCalls.munmap(base, size)
+        } else {
+            Self.unmap(base, size, readOnly: isReadOnly, calls: systemCalls)
+        }
     }
 
     private static func validate(size: Int, path: String) throws {
@@ -229,26 +338,27 @@ public final class PMemDevice: Sendable {
         }
     }
 
-    /// Refuses up front a device that the file system holding it cannot back: otherwise tmpfs
-    /// would fill the machine's memory before `posix_fallocate` gives up.
-    private static func checkFreeSpace(for size: Int, at path: String) throws {
+    /// Bytes free in the file system that would hold a device at `path`: a device that is not
+    /// sparse must fit, or tmpfs would fill the machine's memory before `posix_fallocate` gives up.
+    static func freeSpace(at path: String) throws -> Int {
         let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
         var info = statvfs()
         guard statvfs(directory.isEmpty ? "/" : directory, &info) == 0 else {
-            throw DAXError.system("statvfs", "cannot create device \(path)", errno: Glibc.errno)
+            let code = Glibc.errno
+            if code == ENOENT || code == ENOTDIR {
+                throw DAXError(
+                    .notFound, "cannot create device \(path): the directory \(directory) does not exist")
+            }
+            throw DAXError.system("statvfs", "cannot create device \(path)", errno: code)
         }
-        let free = Int(info.f_bavail) &* Int(info.f_frsize)
-        guard size <= free else {
-            throw DAXError(
-                .noSpace,
-                "cannot create device \(path) of \(size) bytes: \(directory) has \(free) bytes free")
-        }
+        return Int(info.f_bavail) &* Int(info.f_frsize)
     }
 
     /// Asks the kernel for a one-page `MAP_SHARED_VALIDATE | MAP_SYNC` mapping of the device.
-    private static func probeMapSync(fd: Int32, calls: SystemCalls) -> MapSyncStatus {
+    private static func probeMapSync(fd: Int32, readOnly: Bool, calls: SystemCalls) -> MapSyncStatus {
         let flags = dax_MAP_SHARED_VALIDATE | dax_MAP_SYNC
-        guard let probe = calls.mmap(nil, pageSize, PROT_READ | PROT_WRITE, flags, fd, 0) else {
+        let protection = readOnly ? PROT_READ : PROT_READ | PROT_WRITE
+        guard let probe = calls.mmap(nil, pageSize, protection, flags, fd, 0) else {
             let code = Glibc.errno
             switch code {
             case EOPNOTSUPP:
@@ -304,6 +414,12 @@ public final class PMemDevice: Sendable {
         emulation?.close()
         unmapMapping()
         Glibc.close(fd)
+        Glibc.close(readOnlyFD)
+    }
+
+    /// `pmem_unmap` for a mapping libpmem made, `munmap` for a read-only one made here.
+    private static func unmap(_ address: UnsafeMutableRawPointer, _ length: Int, readOnly: Bool, calls: SystemCalls) {
+        if readOnly { _ = calls.munmap(address, length) } else { _ = calls.pmemUnmap(address, length) }
     }
 
     // MARK: - Persistence
@@ -388,6 +504,7 @@ public final class PMemDevice: Sendable {
     public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
         guard let from = source.baseAddress, source.count > 0 else { return }
         checkRange(offset, source.count)
+        checkWritable()
         let to = base + offset
         if let emulation {
             to.copyMemory(from: from, byteCount: source.count)
@@ -409,6 +526,7 @@ public final class PMemDevice: Sendable {
     public func fill(offset: Int, count: Int, value: UInt8 = 0, flags: CopyFlags = []) {
         guard count > 0 else { return }
         checkRange(offset, count)
+        checkWritable()
         let to = base + offset
         if let emulation {
             memset(to, Int32(value), count)
@@ -436,12 +554,99 @@ public final class PMemDevice: Sendable {
         }
     }
 
+    // MARK: - Backing a sparse device
+
+    /// Gives `count` bytes at `offset` storage in the file system holding the device (`fallocate`),
+    /// so that a store there cannot fail later; a no-op unless ``isSparse``. Throws `.noSpace` when
+    /// that file system is full (on `/dev/shm`: the machine's shared memory), changing nothing.
+    public func back(offset: Int, count: Int) throws {
+        guard isSparse, count > 0 else { return }
+        try validateRange(offset, count)
+        let start = offset / Self.pageSize * Self.pageSize
+        let end = (offset + count + Self.pageSize - 1) / Self.pageSize * Self.pageSize
+        while systemCalls.fallocate(fd, 0, start, end - start) != 0 {
+            let code = Glibc.errno
+            if code == EINTR { continue }
+            if code == ENOSPC {
+                throw DAXError(
+                    .noSpace,
+                    "cannot back \(end - start) bytes at offset \(start) of sparse device \(path): the file "
+                        + "system holding it is full", errno: code)
+            }
+            throw DAXError.system("fallocate", "cannot back \(end - start) bytes at offset \(start) of \(path)", errno: code)
+        }
+    }
+
+    /// The parts of device bytes `range` that hold data in the device file, in order, holes left
+    /// out (`lseek` with `SEEK_DATA` and `SEEK_HOLE`): what a scan of metadata needs to read, since
+    /// a hole reads as zeros, and reading one through a mapping of a tmpfs file would give it a
+    /// page of memory. The whole range on a device that is not ``isSparse``. With `written`, the
+    /// ranges a private view of the device changed are counted as data too.
+    func dataRanges(in range: Range<Int>, alsoWritten written: [Range<Int>] = []) -> [Range<Int>] {
+        guard written.isEmpty else {
+            // Merge in `written` (what a private view of the device has changed), in order.
+            let all = (dataRanges(in: range) + written.map { $0.clamped(to: range) }.filter { !$0.isEmpty })
+                .sorted { $0.lowerBound < $1.lowerBound }
+            var merged: [Range<Int>] = []
+            for next in all {
+                if let last = merged.last, next.lowerBound <= last.upperBound {
+                    merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, next.upperBound)
+                } else {
+                    merged.append(next)
+                }
+            }
+            return merged
+        }
+        guard isSparse, !range.isEmpty else { return range.isEmpty ? [] : [range] }
+        var ranges: [Range<Int>] = []
+        var position = range.lowerBound
+        while position < range.upperBound {
+            let data = systemCalls.lseek(fd, position, dax_SEEK_DATA)
+            if data < 0 {
+                // ENXIO: no data at or after `position`; anything else: take the rest as data.
+                if Glibc.errno != ENXIO { ranges.append(position..<range.upperBound) }
+                break
+            }
+            guard data < range.upperBound else { break }
+            let hole = systemCalls.lseek(fd, data, dax_SEEK_HOLE)
+            let end = hole < 0 ? range.upperBound : min(hole, range.upperBound)
+            ranges.append(max(data, range.lowerBound)..<end)
+            position = end
+        }
+        return ranges
+    }
+
+    /// Sets `count` bytes at `offset` to zero and makes that durable. On a sparse device the whole
+    /// pages inside the range are punched out of the file (`fallocate(PUNCH_HOLE)`), which costs
+    /// in proportion to what they held and leaves them using no memory; the ragged ends are filled.
+    func zero(offset: Int, count: Int) {
+        guard count > 0 else { return }
+        checkRange(offset, count)
+        checkWritable()
+        let first = (offset + Self.pageSize - 1) / Self.pageSize * Self.pageSize
+        let last = (offset + count) / Self.pageSize * Self.pageSize
+        // Under emulation the zeros are stores like any other: a punched hole would change the
+        // pages without a store to track.
+        guard isSparse, emulation == nil, first < last,
+            systemCalls.fallocate(fd, dax_FALLOC_FL_PUNCH_HOLE | dax_FALLOC_FL_KEEP_SIZE, first, last - first) == 0
+        else {
+            fill(offset: offset, count: count, flags: .nonTemporal)
+            return
+        }
+        fill(offset: offset, count: first - offset)
+        fill(offset: last, count: offset + count - last)
+    }
+
     // MARK: - Bounds-checked byte access
 
     /// Writes `bytes` at `offset` durably (see ``copy(_:toOffset:flags:)``).
     /// Throws `.invalidArgument` for a range outside the device; then nothing is written.
     public func write(_ bytes: [UInt8], at offset: Int, flags: CopyFlags = []) throws {
         try validateRange(offset, bytes.count)
+        guard !isReadOnly else {
+            throw DAXError(
+                .permissionDenied, "cannot write \(bytes.count) bytes at offset \(offset) of \(path): opened read-only")
+        }
         bytes.withUnsafeBytes { copy($0, toOffset: offset, flags: flags) }
     }
 
@@ -470,6 +675,16 @@ public final class PMemDevice: Sendable {
         if _slowPath(offset < 0 || count < 0 || offset > size || count > size &- offset) {
             rangeFailure(offset, count)
         }
+    }
+
+    @inline(__always)
+    private func checkWritable() {
+        if _slowPath(isReadOnly) { readOnlyFailure() }
+    }
+
+    @inline(never)
+    private func readOnlyFailure() -> Never {
+        preconditionFailure("device \(path) was opened read-only: nothing may be stored to it")
     }
 
     @inline(never)

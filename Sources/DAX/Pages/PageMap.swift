@@ -135,15 +135,16 @@ public final class PageMap: Sendable {
 
     /// Pins `frames` (all or none): `pin_user_pages` on device frames, without the file checks that
     /// ``DAXMapping/pin(offset:count:access:lifetime:)`` makes.
-    package func pin(_ frames: some Sequence<PageFrameNumber>, lifetime: PinLifetime = .shortTerm) throws -> PinnedPages
-    {
+    package func pin(
+        _ frames: some Sequence<PageFrameNumber>, access: Access = .readWrite, lifetime: PinLifetime = .shortTerm
+    ) throws -> PinnedPages {
         let runs = FrameRuns(frames)
         for run in runs.runs where run.start + UInt64(run.count) > UInt64(count) {
             throw DAXError(
                 .invalidArgument, "frames \(run.start)..<\(run.start + UInt64(run.count)) are outside the device")
         }
         guard runs.pageCount > 0 else { throw DAXError(.invalidArgument, "no frames to pin") }
-        return try pin(runs: runs, lifetime: lifetime)
+        return try pin(runs: runs, access: access, lifetime: lifetime)
     }
 
     /// Pins `count` contiguous frames from `first` for short-term use.
@@ -154,7 +155,7 @@ public final class PageMap: Sendable {
         }
         let run = FrameRun(start: first.rawValue, count: pages)
         if pages == 1 { try table.pinOne(run.start) } else { try table.pin(.single(run)) }
-        return PinnedPages(table: table, head: run)
+        return PinnedPages(table: table, head: run, access: .readWrite)
     }
 
     /// Pins `count` contiguous frames from `first`.
@@ -164,18 +165,19 @@ public final class PageMap: Sendable {
             throw DAXError(
                 .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(count) pages")
         }
-        return try pin(runs: .single(FrameRun(start: first.rawValue, count: pages)), lifetime: lifetime)
+        return try pin(
+            runs: .single(FrameRun(start: first.rawValue, count: pages)), access: .readWrite, lifetime: lifetime)
     }
 
-    func pin(runs: FrameRuns, lifetime: PinLifetime) throws -> PinnedPages {
+    func pin(runs: FrameRuns, access: Access, lifetime: PinLifetime) throws -> PinnedPages {
         try table.pin(runs)
         switch lifetime {
         case .shortTerm:
-            return PinnedPages(table: table, runs: runs, lease: nil)
+            return PinnedPages(table: table, runs: runs, lease: nil, access: access)
         case .longTerm(let onRevoke):
             let lease = PinLease(table: table, runs: runs, onRevoke: onRevoke)
             lease.register()
-            return PinnedPages(table: table, runs: runs, lease: lease)
+            return PinnedPages(table: table, runs: runs, lease: lease, access: access)
         }
     }
 
@@ -339,12 +341,53 @@ public final class PageMap: Sendable {
     /// Clears every allocated flag (unmount): the file system's blocks are no longer owned.
     /// Pages still referenced keep their counts.
     func clearAllocation(_ frames: Range<UInt64>) {
-        for frame in frames {
-            let counts = table.descriptor(frame)
-            if counts.pointee.counts.load(ordering: .relaxed) & PageWord.allocated != 0 {
-                counts.pointee.counts.bitwiseAnd(~PageWord.allocated, ordering: .sequentiallyConsistent)
-                counts.pointee.owner.store(0, ordering: .relaxed)
+        // Only the parts of the table that were ever written can hold an allocated mark: skip the
+        // rest a table page at a time (`mincore`), so that unmount of a huge device costs in
+        // proportion to the blocks used, and reading it does not map the whole table.
+        for resident in residentFrames(in: frames) {
+            for frame in resident {
+                let counts = table.descriptor(frame)
+                if counts.pointee.counts.load(ordering: .relaxed) & PageWord.allocated != 0 {
+                    counts.pointee.counts.bitwiseAnd(~PageWord.allocated, ordering: .sequentiallyConsistent)
+                    counts.pointee.owner.store(0, ordering: .relaxed)
+                }
             }
         }
+    }
+
+    /// The runs of `frames` whose descriptors lie in table pages the kernel has backed; all of
+    /// `frames` if `mincore` fails.
+    private func residentFrames(in frames: Range<UInt64>) -> [Range<UInt64>] {
+        guard !frames.isEmpty else { return [] }
+        let pageSize = Int(getpagesize())
+        let perPage = UInt64(pageSize / MemoryLayout<PageDescriptor>.stride)
+        let firstPage = Int(frames.lowerBound / perPage)
+        let lastPage = Int((frames.upperBound - 1) / perPage)
+        var vector = [UInt8](repeating: 0, count: lastPage - firstPage + 1)
+        let start = UnsafeMutableRawPointer(table.core.pointee.descriptors) + firstPage * pageSize
+        let status = vector.withUnsafeMutableBufferPointer { mincore(start, $0.count * pageSize, $0.baseAddress) }
+        guard status == 0 else { return [frames] }
+        var runs: [Range<UInt64>] = []
+        var offset = 0
+        while offset < vector.count {
+            // Eight table pages at a time while none is resident: the common case, by far.
+            if offset + 8 <= vector.count,
+                vector.withUnsafeBytes({ $0.loadUnaligned(fromByteOffset: offset, as: UInt64.self) })
+                    & 0x0101_0101_0101_0101 == 0
+            {
+                offset += 8
+                continue
+            }
+            defer { offset += 1 }
+            guard vector[offset] & 1 != 0 else { continue }
+            let page = UInt64(firstPage + offset)
+            let run = max(page * perPage, frames.lowerBound)..<min((page + 1) * perPage, frames.upperBound)
+            if let last = runs.last, last.upperBound == run.lowerBound {
+                runs[runs.count - 1] = last.lowerBound..<run.upperBound
+            } else {
+                runs.append(run)
+            }
+        }
+        return runs
     }
 }

@@ -21,18 +21,26 @@ public struct PinnedPages: ~Copyable, Sendable {
     /// Further runs, or the lease of a long-term pin; nil for a one-run short-term pin, so that
     /// the common pin holds no reference-counted object.
     let extra: PinExtra?
+    /// What the pin was taken for: a device may write the pages only through a `.readWrite` pin
+    /// (the kernel's `FOLL_WRITE`).
+    public let access: Access
 
-    init(table: PageTable, head: FrameRun) {
+    init(table: PageTable, head: FrameRun, access: Access) {
         self.table = table
         self.head = head
         self.extra = nil
+        self.access = access
     }
 
-    init(table: PageTable, runs: FrameRuns, lease: PinLease?) {
+    init(table: PageTable, runs: FrameRuns, lease: PinLease?, access: Access) {
         self.table = table
         self.head = runs.runs[0]
         self.extra = (runs.runs.count == 1 && lease == nil) ? nil : PinExtra(runs: runs, lease: lease)
+        self.access = access
     }
+
+    /// True when the pin holds pages of the page map `pages`.
+    func belongs(to pages: PageMap) -> Bool { table.core == pages.table.core }
 
     var runs: FrameRuns { extra?.runs ?? .single(head) }
 

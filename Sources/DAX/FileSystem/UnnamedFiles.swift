@@ -1,0 +1,241 @@
+/// Files created without a name (Linux's `O_TMPFILE`) and named once complete (`linkat`): a
+/// program that builds a file and dies half way leaves nothing behind, since the file is on the
+/// orphan list from its first moment and the next mount frees it.
+extension DAXFileSystem {
+    /// Creates a regular file with no name, in the file system of `directory` (which must exist),
+    /// open for reading and writing: the kernel's `open(directory, O_TMPFILE)`. It is an orphan
+    /// from the start: its last close frees it, and so does the next mount after a crash, unless
+    /// ``link(_:at:)`` gave it a name first. Its ``DAXFile/path`` says `(unnamed N)` until then.
+    public func createUnnamed(in directory: String) throws -> DAXFile {
+        let inode = try namespaceOperation(exclusive: true, "create an unnamed file in", directory) { () throws -> Inode in
+            _ = try resolveDirectory(try Paths.components(directory), path: directory)
+            guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
+                throw DAXError(
+                    .noSpace,
+                    "cannot create an unnamed file in \(Paths.debug(directory)): all \(superblock.inodeCount) "
+                        + "inodes are in use")
+            }
+            do {
+                return try orphans.withTrackedLock { orphans in
+                    let now = Clock.realtimeNanoseconds
+                    var record = InodeRecord()
+                    record.kind = .file
+                    record.linkCount = 0
+                    let old = ByteReader(device.base + superblock.inodeOffset(number), count: Superblock.inodeSize)
+                    record.generation = old.get(UInt32.self, at: 12) &+ 1
+                    record.modificationTime = now
+                    record.changeTime = now
+                    record.nextOrphan = orphans.first ?? 0
+                    var change = PendingChange()
+                    change.transaction.write(record.encode(), at: superblock.inodeOffset(number))
+                    var sb = superblock
+                    sb.orphanHead = number
+                    change.transaction.write(sb.encode(), at: 0)
+                    try commit(change, what: "create an unnamed file")
+                    orphans.insert(number, at: 0)
+                    let inode = Inode(number: number, record: record, extents: ExtentMap())
+                    inode.users.withTrackedLock { $0.handles += 1 }
+                    table.withTrackedLock { $0.insert(inode) }
+                    return inode
+                }
+            } catch {
+                table.withTrackedLock { $0.release(number) }
+                throw error
+            }
+        }
+        let prefix = directory.hasSuffix("/") ? directory : directory + "/"
+        return DAXFile(fileSystem: self, inode: inode, path: "\(prefix)(unnamed \(inode.number))", access: .readWrite)
+    }
+
+    /// Creates the file at `path`, or replaces the file there, all at once: `build` fills a new
+    /// unnamed file (``DAXFileSystem/createUnnamed(in:)``, on the orphan list from its first
+    /// moment), which is then linked at `path` in one transaction. A build that throws leaves
+    /// `path` as it was; so does a process killed during it, and the next mount frees what it
+    /// had written.
+    public func createAtomically(_ path: String, build: (DAXFile) throws -> Void) throws {
+        // Refuse what the link would refuse, before any work: a bad path or parent, a directory.
+        let slash = path.utf8.lastIndex(of: UInt8(ascii: "/"))
+        let directory = slash.map { String(path[...$0]) } ?? "/"
+        do {
+            if try attributes(of: path).kind == .directory {
+                throw DAXError(.isADirectory, "cannot replace directory \(path) with a file")
+            }
+        } catch let error as DAXError where error.code == .notFound {
+            guard try attributes(of: directory).kind == .directory else {
+                throw DAXError(.notADirectory, "\(directory) is not a directory")
+            }
+        }
+        let file = try createUnnamed(in: directory)
+        defer { file.close() }
+        do {
+            try build(file)
+        } catch var error as DAXError {
+            // Told about the file the user named, not the unnamed one it was built in.
+            error.message = error.message.replacing(file.path, with: path)
+            throw error
+        }
+        try link(file, at: path, replacing: true)
+    }
+
+    /// Opens the file at `path` for reading and writing, or, when there is none or it is empty,
+    /// makes it with `build` through ``createAtomically(_:build:)`` and opens that: how an app
+    /// opens its store or log, so that a creation that fails or is killed never leaves a file at
+    /// `path` that is not one.
+    public func openOrCreate(_ path: String, build: (DAXFile) throws -> Void) throws -> DAXFile {
+        do {
+            let existing = try open(path)
+            if existing.size > 0 { return existing }
+            existing.close()
+        } catch let error as DAXError where error.code == .notFound {}
+        try createAtomically(path, build: build)
+        return try open(path)
+    }
+
+    /// Gives the unnamed file `file` (from ``createUnnamed(in:)``, still open) the name `path`:
+    /// the kernel's `linkat` of an `O_TMPFILE` file. One transaction takes it off the orphan list
+    /// and writes the directory entry, so after a crash the file is either complete under its
+    /// name or gone. With `replacing`, a file already at `path` is replaced in the same
+    /// transaction (as ``rename(_:to:)`` replaces one): it becomes an orphan if it is open or
+    /// mapped, else its blocks are freed. Throws `.alreadyExists` (without `replacing`),
+    /// `.isADirectory` for a directory at `path`, `.notFound` for a missing parent,
+    /// `.invalidArgument` for a file that has a name already, was closed, or belongs to another
+    /// file system.
+    public func link(_ file: DAXFile, at path: String, replacing: Bool = false) throws {
+        try namespaceOperation(exclusive: true, "link", path) {
+            guard file.fileSystem === self else {
+                throw DAXError(.invalidArgument, "\(Paths.debug(file.path)) belongs to another file system")
+            }
+            try file.checkWritable("link")
+            let inode = file.inode
+            let (parentPath, name) = try Paths.split(path, what: "link")
+            let parent = try resolveDirectory(parentPath, path: path)
+            let existing = parent.directory?.entries[name]
+            if let existing {
+                guard replacing else { throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists") }
+                guard existing.kind == .file else {
+                    throw DAXError(.isADirectory, "cannot replace directory \(Paths.debug(path)) with a file")
+                }
+            }
+            let replaced = try existing.map { try self.inode($0.inode) }
+            // With the namespace lock held exclusively, nothing else changes the orphan list.
+            // Locks in the order a reclaim takes them: the predecessor on the list, then the
+            // inode; then the replaced file (a named file, never on the list) and its users.
+            let previous: Inode? = try orphans.withTrackedLock { orphans in
+                guard let index = orphans.firstIndex(of: inode.number), inode.record.linkCount == 0 else {
+                    throw DAXError(
+                        .invalidArgument, "\(Paths.debug(file.path)) is not an unnamed file: it has a name already")
+                }
+                return index == 0 ? nil : try self.inode(orphans[index - 1])
+            }
+            previous?.lock.lockForWriting()
+            defer { previous?.lock.unlock() }
+            replaced?.lock.lockForWriting()
+            defer { replaced?.lock.unlock() }
+            try inode.lock.withWriteLock {
+                try inode.checkLive(file.path)
+                try linkLocked(
+                    inode, name: name, in: parent, previous: previous, replacing: existing.map { ($0, replaced!) },
+                    path: path)
+            }
+        }
+    }
+
+    /// ``link(_:at:replacing:)`` with every lock but the users' and the orphans' held.
+    private func linkLocked(
+        _ inode: Inode, name: [UInt8], in parent: Inode, previous: Inode?,
+        replacing: (entry: DirectoryIndex.Entry, inode: Inode)?, path: String
+    ) throws {
+        // The replaced file's users cannot change while this decides whether it becomes an orphan.
+        try withUsers(of: replacing?.inode) { users in
+            try orphans.withTrackedLock { orphans in
+                guard let index = orphans.firstIndex(of: inode.number) else {
+                    preconditionFailure("unnamed inode \(inode.number) left the orphan list under the namespace lock")
+                }
+                var change = PendingChange()
+                var committed = false
+                defer { if !committed { abandon(change) } }
+                var list = orphans
+                list.remove(at: index)
+                var previousRecord: InodeRecord?
+                if let previous {
+                    var record = previous.record
+                    record.nextOrphan = index < list.count ? list[index] : 0
+                    previousRecord = record
+                    var stored = record
+                    previous.extents.store(into: &stored)
+                    change.transaction.write(stored.encode(), at: superblock.inodeOffset(previous.number))
+                }
+                let slot: DirectoryIndex.SlotAddress
+                var parentExtents: ExtentMap?
+                var replacedRecord: InodeRecord?
+                if let replacing, let users {
+                    slot = replacing.entry.slot
+                    if users.handles > 0 || users.mappings > 0 {
+                        // Still open or mapped: an orphan at the head of the list, like a removed file.
+                        var record = replacing.inode.record
+                        record.linkCount = 0
+                        record.nextOrphan = list.first ?? 0
+                        record.changeTime = Clock.realtimeNanoseconds
+                        replacedRecord = record
+                        var stored = record
+                        replacing.inode.extents.store(into: &stored)
+                        change.transaction.write(stored.encode(), at: superblock.inodeOffset(replacing.inode.number))
+                        list.insert(replacing.inode.number, at: 0)
+                    } else {
+                        freeInode(replacing.inode, change: &change)
+                    }
+                } else {
+                    (slot, parentExtents) = try planSlot(in: parent, change: &change)
+                }
+                if list.first != orphans.first {
+                    var sb = superblock
+                    sb.orphanHead = list.first ?? 0
+                    change.transaction.write(sb.encode(), at: 0)
+                }
+                change.transaction.write(
+                    DirectoryFormat.encodeSlot(inode: inode.number, name: name, kind: .file),
+                    at: slotOffset(parent, slot, extents: parentExtents))
+                var record = inode.record
+                record.linkCount = 1
+                record.nextOrphan = 0
+                record.changeTime = Clock.realtimeNanoseconds
+                var stored = record
+                inode.extents.store(into: &stored)
+                change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+                try commit(change, what: "link \(Paths.debug(path))")
+                committed = true
+
+                if let replacing {
+                    if let replacedRecord {
+                        replacing.inode.record = replacedRecord
+                    } else {
+                        replacing.inode.record.linkCount = 0
+                        replacing.inode.isFreed = true
+                        users?.reclaimed = true
+                        table.withTrackedLock { $0.release(replacing.inode.number) }
+                    }
+                } else {
+                    installSlot(in: parent, extents: parentExtents)
+                    parent.directory?.take(slot)
+                }
+                parent.directory?.entries[name] = DirectoryIndex.Entry(inode: inode.number, kind: .file, slot: slot)
+                if let previous, let previousRecord { previous.record = previousRecord }
+                inode.record = record
+                orphans = list
+            }
+        }
+    }
+}
+
+/// Runs `body` holding the users lock of `inode`, or with nil when there is no inode.
+private func withUsers<T>(of inode: Inode?, _ body: (inout Inode.Users?) throws -> T) throws -> T {
+    guard let inode else {
+        var none: Inode.Users? = nil
+        return try body(&none)
+    }
+    return try inode.users.withTrackedLock { users in
+        var held: Inode.Users? = users
+        defer { users = held! }
+        return try body(&held)
+    }
+}

@@ -1,0 +1,129 @@
+import ArgumentParser
+import CommandLineSupport
+import DAX
+import Foundation
+
+struct Frames: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show where a file's pages live on the device: runs of pages and their frames.",
+        discussion: """
+            One line per run of pages on consecutive frames, `PAGES -> FRAMES at OFFSET`, and per run \
+            of holes. A program that maps the device with libpmem finds page P of a run at \
+            OFFSET + (P - first page) * 4096.
+            """)
+
+    @OptionGroup var device: DeviceOptions
+
+    @Argument var file: String
+
+    @Flag(
+        help:
+            "Print JSON: a list of runs {page, count, frame, deviceOffset}, first page and frame of each (holes are left out)."
+    )
+    var json = false
+
+    func validate() throws { try requireDevicePath(file) }
+
+    /// Pages looked up at a time: a huge sparse file is streamed, never held in memory whole.
+    static let window = 1 << 16
+
+    func run() throws {
+        var output = FramesOutput(json: json)
+        try device.withFileSystem { fs in
+            let handle = try fs.open(file, access: .readOnly)
+            defer { handle.close() }
+            let pages = (handle.size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
+            var first = 0
+            while first < pages {
+                let count = min(Self.window, pages - first)
+                let frames = try handle.frames(
+                    offset: first * PMemDevice.pageSize,
+                    count: min(count * PMemDevice.pageSize, handle.size - first * PMemDevice.pageSize))
+                for (index, frame) in frames.enumerated() { output.add(page: first + index, frame) }
+                first += count
+            }
+        }
+        try output.finish()
+    }
+}
+
+/// A run of a file's pages on consecutive frames (`frame` nil: a run of holes).
+struct FrameRun: Encodable {
+    var page: Int
+    var count: Int
+    var frame: UInt64?
+    var deviceOffset: Int?
+
+    /// `0-262143 -> 1000-263143 at 4096000`, `5 -> hole`.
+    var text: String {
+        func span(_ first: Int) -> String { count == 1 ? "\(first)" : "\(first)-\(first + count - 1)" }
+        guard let frame, let deviceOffset else { return "\(span(page)) -> hole" }
+        return "\(span(page)) -> \(span(Int(frame))) at \(deviceOffset)"
+    }
+}
+
+/// The runs of `daxemu frames`: text lines as they come; JSON, which leaves holes out, at the end.
+private struct FramesOutput {
+    let json: Bool
+    var current: FrameRun?
+    var runs: [FrameRun] = []
+
+    init(json: Bool) {
+        self.json = json
+        if !json { print("pages -> frames at device offset") }
+    }
+
+    mutating func add(page: Int, _ frame: PageFrameNumber?) {
+        if var run = current, run.page + run.count == page,
+            run.frame.map({ frame?.rawValue == $0 + UInt64(run.count) }) ?? (frame == nil)
+        {
+            run.count += 1
+            current = run
+            return
+        }
+        end()
+        current = FrameRun(page: page, count: 1, frame: frame?.rawValue, deviceOffset: frame?.deviceOffset)
+    }
+
+    mutating func finish() throws {
+        end()
+        if json { print(try jsonText(runs)) }
+    }
+
+    private mutating func end() {
+        guard let run = current else { return }
+        current = nil
+        if !json {
+            print(run.text)
+        } else if run.frame != nil {
+            runs.append(run)
+        }
+    }
+}
+
+struct Fsck: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check the file system without changing it: exit 0 when clean, 1 with the problems listed.")
+
+    @OptionGroup var device: DeviceOptions
+
+    func run() throws {
+        let opened = try device.open()
+        defer { opened.close() }
+        let report: CheckReport
+        do {
+            report = try DAXFileSystem.check(opened)
+        } catch let error as DAXError where error.code == .corrupted {
+            print("\(opened.path): damaged: \(error.message)")
+            throw ExitCode(1)
+        }
+        for note in report.notes { print("note: \(note)") }
+        if report.isClean {
+            print("\(opened.path): clean")
+        } else {
+            print("\(opened.path): \(counted(report.problems.count, "problem"))")
+            for problem in report.problems { print("  - \(problem)") }
+            throw ExitCode(1)
+        }
+    }
+}

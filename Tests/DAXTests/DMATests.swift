@@ -1,0 +1,75 @@
+import Foundation
+import Testing
+
+@testable import DAX
+
+@Suite("DMA engine: what a device may touch")
+struct DMATests {
+    enum Lifetime: CaseIterable { case shortTerm, longTerm }
+
+    @Test("a .readOnly pin lets the engine read but never write the file", arguments: Lifetime.allCases, [true, false])
+    func readOnlyPinCannotBeWritten(lifetime: Lifetime, openedReadOnly: Bool) throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "dmaro")
+        let owner = try t.fs.create("/public")
+        try owner.write(pattern(2 * 4096), at: 0)
+        let reader = openedReadOnly ? try t.fs.open("/public", access: .readOnly) : owner
+        let mapping = try reader.map(count: 2 * 4096, access: openedReadOnly ? .readOnly : .readWrite)
+        let pin = try mapping.pin(
+            offset: 0, count: 2 * 4096, access: .readOnly,
+            lifetime: lifetime == .shortTerm ? .shortTerm : .longTerm(onRevoke: {}))
+        #expect(pin.access == .readOnly)
+        let nic = DMAEngine(device: t.device)
+        let region = nic.register(pin)
+        #expect(region.access == .readOnly)
+
+        let error = expectDAXError(.permissionDenied) { try nic.write([0xEE, 0xEE], to: region, at: 4095) }
+        #expect(error?.message.contains("readOnly") == true, "\(String(describing: error))")
+        #expect(try owner.read(count: 2 * 4096, at: 0) == pattern(2 * 4096))
+        #expect(try nic.read(count: 16, from: region, at: 4090) == Array(pattern(2 * 4096)[4090..<4106]))
+        nic.deregister(region)
+        #expect(t.fs.statistics().pinnedPages == 0)
+    }
+
+    @Test("a revoked read-only region stays .revoked, not .permissionDenied")
+    func revokedReadOnlyStaysRevoked() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "dmarorev")
+        let owner = try t.fs.create("/public")
+        try owner.write(pattern(4096), at: 0)
+        let reader = try t.fs.open("/public", access: .readOnly)
+        let mapping = try reader.map(count: 4096, access: .readOnly)
+        let nic = DMAEngine(device: t.device)
+        let region = nic.register(
+            try mapping.pin(offset: 0, count: 4096, access: .readOnly, lifetime: .longTerm(onRevoke: {})))
+        mapping.unmap()
+        try owner.truncate(to: 0, ifBusy: .revokeLeases(grace: .zero))
+        #expect(region.isRevoked)
+        expectDAXError(.revoked) { try nic.write([1], to: region, at: 0) }
+        expectDAXError(.revoked) { try nic.read(count: 1, from: region, at: 0) }
+        nic.deregister(region)
+    }
+
+    @Test("a pin of another device's pages is never accessed by this device's engine")
+    func pinOfAnotherDeviceIsRefused() throws {
+        let mine = try TemporaryFileSystem(size: 4 << 20, name: "dmamine")
+        let theirs = try TemporaryFileSystem(size: 4 << 20, name: "dmatheirs")
+        // The same layout on both: this device's file has the frame numbers of the other's pin.
+        let victim = try mine.fs.create("/victim")
+        try victim.write(pattern(4096, seed: 3), at: 0)
+        let other = try theirs.fs.create("/other")
+        try other.write(pattern(4096, seed: 4), at: 0)
+        #expect(try victim.frames(offset: 0, count: 4096) == other.frames(offset: 0, count: 4096))
+
+        let mapping = try other.map(count: 4096)
+        let nic = DMAEngine(device: mine.device)
+        let region = nic.register(try mapping.pin(offset: 0, count: 4096))
+        expectDAXError(.invalidArgument) { try nic.write([0xAA], to: region, at: 0) }
+        expectDAXError(.invalidArgument) { try nic.read(count: 1, from: region, at: 0) }
+        #expect(try victim.read(count: 4096, at: 0) == pattern(4096, seed: 3))
+        #expect(try other.read(count: 4096, at: 0) == pattern(4096, seed: 4))
+        #expect(theirs.fs.statistics().pinnedPages == 1)
+        nic.deregister(region)
+        #expect(theirs.fs.statistics().pinnedPages == 0)
+        let statistics = theirs.fs.statistics()
+        #expect(statistics.pinsAcquired == statistics.pinsReleased)
+    }
+}
