@@ -23,8 +23,11 @@ struct DeviceOptions: ParsableArguments {
         return options
     }
 
-    /// Opens the device; a missing one is told in the user's words, with the command that makes it.
-    func open() throws -> PMemDevice {
+    /// Opens the device (`readOnly`: for reading only, which needs only read permission); a
+    /// missing one is told in the user's words, with the command that makes it.
+    func open(readOnly: Bool = false) throws -> PMemDevice {
+        var options = options
+        options.readOnly = readOnly
         do {
             return try PMemDevice.open(path: path, options: options)
         } catch let error as DAXError where error.code == .notFound {

@@ -48,7 +48,7 @@ struct ListCommand: ParsableCommand {
     }
 
     func run() throws {
-        let entries = try device.withFileSystem { fs -> [Entry] in
+        let entries = try device.withFileSystem(access: .readOnly) { fs -> [Entry] in
             let target = try fs.attributes(of: directory)
             if target.kind == .file { return [Entry(directory, target)] }
             let base = directory.hasSuffix("/") ? directory : directory + "/"
@@ -176,7 +176,7 @@ struct Get: ParsableCommand {
     func validate() throws { try requireDevicePath(source) }
 
     func run() throws {
-        try device.withFileSystem { fs in
+        try device.withFileSystem(access: .readOnly) { fs in
             let file = try fs.open(source, access: .readOnly)
             defer { file.close() }
             let output = local == "-" ? 1 : open(local, O_WRONLY | O_CREAT | O_TRUNC, 0o644)

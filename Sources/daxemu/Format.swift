@@ -4,7 +4,7 @@ import DAX
 
 struct Format: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Write an empty DAX file system on the device (refuses one that holds a file system).")
+        abstract: "Write an empty DAX file system on the device (refuses one that still looks like a file system).")
 
     @OptionGroup var device: DeviceOptions
 
@@ -21,10 +21,13 @@ struct Format: ParsableCommand {
     func run() throws {
         let opened = try device.open()
         defer { opened.close() }
-        if DAXFileSystem.isFormatted(opened), !force {
-            throw CommandError("\(opened.path) already holds a DAX file system; add --force to erase it")
+        if !force, let found = DAXFileSystem.existingFileSystem(on: opened) {
+            throw CommandError(
+                "\(opened.path) still holds a DAX file system (\(found)); "
+                    + "`daxemu fsck --repair` repairs it, --force erases it")
         }
         var options = DAXFileSystem.FormatOptions()
+        options.overwritesExistingFileSystem = force
         options.bytesPerInode = bytesPerInode.bytes
         let progress = Progress("formatting \(opened.path)")
         options.progress = { progress.update($0) }

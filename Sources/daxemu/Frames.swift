@@ -29,7 +29,7 @@ struct Frames: ParsableCommand {
 
     func run() throws {
         var output = FramesOutput(json: json)
-        try device.withFileSystem { fs in
+        try device.withFileSystem(access: .readOnly) { fs in
             let handle = try fs.open(file, access: .readOnly)
             defer { handle.close() }
             let pages = (handle.size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
@@ -103,13 +103,23 @@ private struct FramesOutput {
 
 struct Fsck: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Check the file system without changing it: exit 0 when clean, 1 with the problems listed.")
+        abstract: "Check the file system without changing it: exit 0 when clean, 1 with the problems listed.",
+        discussion: """
+            Without --repair the device is opened for reading only. With --repair, repair what check \
+            finds (the device must not be mounted): rebuild the bitmap, link counts, the journal, the \
+            orphan list and a damaged superblock; clear damaged inodes; move files that lost their name \
+            to /lost+found. Each step is printed. Exit 0 when the file system is consistent afterwards.
+            """)
 
     @OptionGroup var device: DeviceOptions
 
+    @Flag(help: "Repair the damage found, saying each step (the device must not be mounted).")
+    var repair = false
+
     func run() throws {
-        let opened = try device.open()
+        let opened = try device.open(readOnly: !repair)
         defer { opened.close() }
+        if repair { return try runRepair(opened) }
         let report: CheckReport
         do {
             report = try DAXFileSystem.check(opened)
@@ -123,7 +133,24 @@ struct Fsck: ParsableCommand {
         } else {
             print("\(opened.path): \(counted(report.problems.count, "problem"))")
             for problem in report.problems { print("  - \(problem)") }
+            print("`daxemu fsck --repair` repairs it (unmounted); a read-only mount reads what is intact")
             throw ExitCode(1)
         }
+    }
+
+    private func runRepair(_ opened: PMemDevice) throws {
+        let report: RepairReport
+        do {
+            report = try DAXFileSystem.repair(opened)
+        } catch let error as DAXError where error.code == .corrupted {
+            print("\(opened.path): cannot repair: \(error.message)")
+            throw ExitCode(1)
+        }
+        for action in report.actions { print("repaired: \(action)") }
+        for note in report.check.notes { print("note: \(note)") }
+        let outcome =
+            report.changedNothing
+            ? "clean, nothing to repair" : "repaired (\(counted(report.actions.count, "step"))); now clean"
+        print("\(opened.path): \(outcome)")
     }
 }

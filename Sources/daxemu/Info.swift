@@ -13,7 +13,7 @@ struct Info: ParsableCommand {
     var json = false
 
     func run() throws {
-        let opened = try device.open()
+        let opened = try device.open(readOnly: true)
         defer { opened.close() }
         let deviceReport = DeviceReport(opened)
         let fileSystem = FileSystemReport(opened)
@@ -118,7 +118,7 @@ struct FileSystemReport {
             return
         }
         do {
-            let fs = try DAXFileSystem.mount(device)
+            let fs = try DAXFileSystem.mount(device, access: .readOnly)
             defer { try? fs.unmount() }
             let s = fs.statistics()
             let used = s.totalBlocks - s.freeBlocks - s.quarantinedBlocks

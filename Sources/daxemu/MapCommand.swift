@@ -33,7 +33,7 @@ struct MapCommand: ParsableCommand {
 
     func run() throws {
         if let svg { try Self.checkWritable(svg) }
-        let picture = try device.withFileSystem { fs in
+        let picture = try device.withFileSystem(access: .readOnly) { fs in
             var range = frames.map { $0.first..<($0.last + 1) }
             var selected: (UInt32, String)?
             if let file {

@@ -41,11 +41,20 @@ func writeStderr(_ text: String) {
 }
 
 extension DeviceOptions {
-    /// Opens the device and mounts its file system around `body`, unmounting afterwards.
-    func withFileSystem<T>(_ body: (DAXFileSystem) throws -> T) throws -> T {
-        let device = try open()
+    /// Opens the device and mounts its file system around `body`, unmounting afterwards. A command
+    /// that only reads passes `.readOnly`: the device is opened for reading only and nothing on it
+    /// changes, so a device the user may only read can be inspected.
+    func withFileSystem<T>(access: Access = .readWrite, _ body: (DAXFileSystem) throws -> T) throws -> T {
+        let device = try open(readOnly: access == .readOnly)
         defer { device.close() }
-        let fs = try DAXFileSystem.mount(device)
+        let fs = try DAXFileSystem.mount(device, access: access)
+        if fs.isDegraded {
+            // A read-only mount of a damaged device reads what is intact: say what is not.
+            writeStderr(
+                "daxemu: warning: the file system is damaged (\(fs.damage.first ?? "see fsck"))"
+                    + "\(fs.damage.count > 1 ? " and \(fs.damage.count - 1) more" : ""); only intact files can be read; "
+                    + "`daxemu fsck --repair` repairs it\n")
+        }
         do {
             let result = try body(fs)
             try fs.unmount()

@@ -225,7 +225,7 @@ struct CrashTests {
 
 @Suite("Corruption")
 struct CorruptionTests {
-    @Test("random byte flips in metadata: mount and check throw or succeed, never crash")
+    @Test("random byte flips in metadata: mount, check, repair never crash; repair leaves it clean or refuses")
     func randomFlips() throws {
         let t = try TemporaryFileSystem(size: 4 << 20, name: "flip")
         let fs = t.fs
@@ -246,6 +246,7 @@ struct CorruptionTests {
             0..<256, Int(sb.journalStart) * 4096..<(Int(sb.journalStart) * 4096 + 64),
             sb.inodeOffset(1)..<sb.inodeOffset(64),
             Int(sb.bitmapStart) * 4096..<Int(sb.dataStart) * 4096,
+            Int(sb.totalBlocks - 1) * 4096..<(Int(sb.totalBlocks - 1) * 4096 + 256),  // the backup superblock
         ]
         for inode in fs.table.withTrackedLock({ Array($0.inodes.values) }) {
             for block in inode.extents.leafBlocks { targets.append(Int(block) * 4096..<Int(block + 1) * 4096) }
@@ -259,6 +260,7 @@ struct CorruptionTests {
         let image = try t.device.read(count: t.device.size, at: 0)
         var random = SeededRandom(seed: 7)
         var outcomes: [String: Int] = [:]
+        var repairs: [String: Int] = [:]
         for _ in 0..<(longTests ? 3000 : 300) {
             image.withUnsafeBytes { t.device.copy($0, toOffset: 0) }
             for _ in 0..<(1 + Int(random.next() % 4)) {
@@ -277,9 +279,31 @@ struct CorruptionTests {
             } catch let error as DAXError {
                 outcomes["refused: \(error.code)", default: 0] += 1
             }
+            // Repair either leaves a file system that mounts read-write, checks clean and reads
+            // whole, or refuses with .corrupted.
+            let report: RepairReport
+            do {
+                report = try DAXFileSystem.repair(t.device)
+            } catch let error as DAXError {
+                repairs["repair refused: \(error.code)", default: 0] += 1
+                #expect(error.code == .corrupted, "\(error)")
+                continue
+            }
+            repairs[report.changedNothing ? "nothing to repair" : "repaired", default: 0] += 1
+            #expect(report.check.isClean)
+            do {
+                let repaired = try DAXFileSystem.mount(t.device)
+                let after = try repaired.check()
+                #expect(after.isClean, "after repair: \(after)\nrepair did: \(report)")
+                _ = try Model(reading: repaired)
+                try repaired.unmount()
+            } catch {
+                Issue.record("after repair: \(error)\nrepair did: \(report)")
+            }
         }
         // Damage is found, not ignored: most flips hit a checksum.
         #expect((outcomes["refused: corrupted"] ?? 0) > 100, "\(outcomes)")
         #expect(outcomes.keys.allSatisfy { $0.hasPrefix("mounted") || $0 == "refused: corrupted" }, "\(outcomes)")
+        #expect((repairs["repaired"] ?? 0) > 100, "\(repairs)")
     }
 }

@@ -72,4 +72,27 @@ struct DMATests {
         let statistics = theirs.fs.statistics()
         #expect(statistics.pinsAcquired == statistics.pinsReleased)
     }
+
+    @Test("a lease holder handed its LeaseHandle lets go without a reference to its region")
+    func leaseHandleReleases() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "leasehandle")
+        let file = try t.fs.create("/buffer")
+        try file.write(pattern(2 * 4096), at: 0)
+        let mapping = try file.map(count: 2 * 4096)
+        let nic = DMAEngine(device: t.device)
+        let region = nic.register(
+            try mapping.pin(offset: 0, count: 2 * 4096, lifetime: .longTerm(releasing: { $0.release() })))
+        mapping.unmap()
+        try nic.write([1, 2, 3], to: region, at: 0)
+        // The grace is long: only the holder letting go at once makes this return now, unrevoked.
+        try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .seconds(600)))
+        #expect(!region.isRevoked)
+        #expect(file.size == 0)
+        expectDAXError(.invalidArgument) { try nic.write([9], to: region, at: 0) }
+        nic.deregister(region)
+        let statistics = t.fs.statistics()
+        #expect(statistics.pinnedPages == 0 && statistics.quarantinedBlocks == 0)
+        #expect(statistics.pinsAcquired == statistics.pinsReleased)
+        #expect(try t.fs.check().isClean)
+    }
 }

@@ -215,7 +215,7 @@ struct ExampleTests {
         let result = try runCommand("rdma-buffer", ["--device", e.path] + (cooperative ? ["--cooperative"] : []))
         #expect(result.status == 0, "\(result.output)\(result.errors)")
         #expect(result.output.contains(cooperative ? "had let go in time" : "lease revoked: true"))
-        #expect(result.output.contains(cooperative ? "region was deregistered" : "refused: revoked"))
+        #expect(result.output.contains(cooperative ? "released by its holder" : "refused: revoked"))
         #expect(result.output.contains("reads only zeros"))
         #expect(result.output.contains("file system clean"))
     }

@@ -52,17 +52,23 @@ struct RDMABuffer: ParsableCommand {
         let frames = try file.frames(offset: 0, count: bytes).compactMap { $0 }
         let mapping = try file.map(count: bytes)
 
-        // The server registers the buffer with its NIC: a long-term pin, a lease.
+        // The server registers the buffer with its NIC: a long-term pin, a lease. When a truncate
+        // asks it to let go, its onRevoke gets the lease's handle and, if it can, releases it.
         let nic = DMAEngine(device: opened)
-        let server = Server(nic: nic, cooperative: cooperative)
-        let pin = try mapping.pin(offset: 0, count: bytes, lifetime: .longTerm(onRevoke: { server.askedToLetGo() }))
-        server.region = nic.register(pin)
+        let lease = PinLifetime.longTerm(releasing: { [cooperative] lease in
+            if cooperative {
+                print("server: asked to let go; releasing the registration")
+                lease.release()
+            } else {
+                print("server: asked to let go, but a transfer is in flight; holding on")
+            }
+        })
+        let registration = nic.register(try mapping.pin(offset: 0, count: bytes, lifetime: lease))
         print("server: registered \(counted(pages, "page")) (frames \(frames.first!.rawValue)...) with the NIC")
 
         // The NIC writes messages into the buffer until it is cut off (revoked, or deregistered).
         let nicDone = DispatchSemaphore(value: 0)
         let stats = NICStats()
-        let registration = server.region!
         Thread.detachNewThread {
             var sequence = 0
             while true {
@@ -89,12 +95,8 @@ struct RDMABuffer: ParsableCommand {
         let elapsed = Int(Date().timeIntervalSince(started) * 1000)
         print("admin: done after \(elapsed) ms; the file has \(counted(file.size, "byte"))")
         nicDone.wait()
-        if let region = server.takeRegion() {
-            print("server: lease revoked: \(region.isRevoked)")
-            nic.deregister(region)  // the holder's own release changes no count
-        } else {
-            print("server: had let go in time")
-        }
+        print(registration.isRevoked ? "server: lease revoked: true" : "server: had let go in time")
+        nic.deregister(registration)  // after a revocation or a release, this changes no count
         print(
             "nic: \(stats.delivered.load(ordering: .relaxed)) messages delivered, then refused: "
                 + (stats.refusal.withLock { $0 } ?? "?"))
@@ -130,41 +132,6 @@ struct RDMABuffer: ParsableCommand {
                 + "file system \(try fs.check().isClean ? "clean" : "NOT CLEAN")")
         guard clean, handedOut == frames.count, statistics.pinsAcquired == statistics.pinsReleased else {
             throw ExitCode(1)
-        }
-    }
-}
-
-/// The storage server's side of the registration.
-final class Server: @unchecked Sendable {
-    let nic: DMAEngine
-    let cooperative: Bool
-    private let lock = NSLock()
-    private var registration: DMARegion?
-
-    init(nic: DMAEngine, cooperative: Bool) {
-        self.nic = nic
-        self.cooperative = cooperative
-    }
-
-    var region: DMARegion? {
-        get { lock.withLock { registration } }
-        set { lock.withLock { registration = newValue } }
-    }
-
-    func takeRegion() -> DMARegion? {
-        lock.withLock {
-            defer { registration = nil }
-            return registration
-        }
-    }
-
-    /// The lease's `onRevoke`: asked to let go of the buffer.
-    func askedToLetGo() {
-        if cooperative, let region = takeRegion() {
-            print("server: asked to let go; deregistering")
-            nic.deregister(region)
-        } else {
-            print("server: asked to let go, but a transfer is in flight; holding on")
         }
     }
 }

@@ -73,9 +73,11 @@ extension DAXFileSystem {
                     problems.append("directory \(number): entries in memory differ from the device")
                 }
             }
+            // Each inode under its own lock, and still under the namespace lock: a directory's
+            // record changes under the namespace lock only, so it is never read half-written.
+            let inodes = table.withTrackedLock { $0.inodes }
+            for (_, inode) in inodes.sorted(by: { $0.key < $1.key }) { problems += compare(inode) }
         }
-        let inodes = table.withTrackedLock { $0.inodes }
-        for (_, inode) in inodes.sorted(by: { $0.key < $1.key }) { problems += compare(inode) }
         return CheckReport(isClean: problems.isEmpty, problems: problems)
     }
 

@@ -15,6 +15,10 @@ public final class DAXFileSystem: Sendable {
         public var journalBlocks: Int?
         /// Called with the fraction done while the metadata regions are cleared.
         public var progress: (@Sendable (Double) -> Void)?
+        /// Format even over what still looks like a file system (see
+        /// ``DAXFileSystem/existingFileSystem(on:)``); without it such a device is refused with
+        /// `.alreadyExists`.
+        public var overwritesExistingFileSystem = false
 
         public init() {}
     }
@@ -25,6 +29,8 @@ public final class DAXFileSystem: Sendable {
     /// device changes while it is mounted.
     public let access: Access
     let superblock: Superblock
+    /// What a degraded read-only mount found damaged; empty otherwise.
+    let damageFound: Damage
     let journal: Journal
     let allocator: BlockAllocator
     /// Serializes changes of the directory tree; lookups share it.
@@ -51,11 +57,13 @@ public final class DAXFileSystem: Sendable {
     /// The device's page map.
     public var pages: PageMap { device.pages }
 
-    private init(
-        device: PMemDevice, access: Access, superblock: Superblock, journal: Journal, scan: Scanner.Result
+    init(
+        device: PMemDevice, access: Access, superblock: Superblock, journal: Journal, scan: Scanner.Result,
+        damage: Damage = Damage()
     ) {
         self.device = device
         self.access = access
+        self.damageFound = damage
         self.superblock = superblock
         self.journal = journal
         allocator = BlockAllocator(
@@ -88,11 +96,19 @@ public final class DAXFileSystem: Sendable {
     // MARK: - Format and mount
 
     /// Writes an empty file system on the device, erasing what it held, and mounts it.
-    /// Throws `.busy` if a file system is mounted on the device (here or in another process).
+    /// Throws `.alreadyExists` if the device still looks like a file system, damaged or not
+    /// (unless `options.overwritesExistingFileSystem`), and `.busy` if a file system is mounted on
+    /// the device (here or in another process).
     public static func format(_ device: PMemDevice, options: FormatOptions = .init()) throws -> DAXFileSystem {
         do {
             try refuseReadOnly(device, "format")
             try withExclusiveDevice(device) {
+                if !options.overwritesExistingFileSystem, let found = existingFileSystem(on: device) {
+                    throw DAXError(
+                        .alreadyExists,
+                        "the device holds a file system (\(found)); repair it, or format with "
+                            + "overwritesExistingFileSystem to erase it")
+                }
                 let sb = try Superblock.layout(
                     totalBlocks: UInt64(device.pageCount), bytesPerInode: options.bytesPerInode,
                     journalBlocks: options.journalBlocks)
@@ -127,7 +143,7 @@ public final class DAXFileSystem: Sendable {
         }
     }
 
-    private static func refuseReadOnly(_ device: PMemDevice, _ what: String) throws {
+    static func refuseReadOnly(_ device: PMemDevice, _ what: String) throws {
         guard device.isReadOnly else { return }
         throw DAXError(
             .permissionDenied,
@@ -166,24 +182,16 @@ public final class DAXFileSystem: Sendable {
                 "cannot mount \(device.path): \(totals.acquired - totals.released) pages are still "
                     + "pinned from an earlier mount; release those pins first")
         }
-        let before = try Superblock.decode(
-            ByteReader(device.base, count: Superblock.size),
-            deviceBlocks: UInt64(device.pageCount))
-        let (outcome, sequence): (Journal.RecoveryOutcome, UInt64)
-        if access == .readOnly {
-            switch try Journal.read(device: device, superblock: before) {
-            case .empty(let last): (outcome, sequence) = (.empty, last)
-            case .tornHeader: (outcome, sequence) = (.tornHeader, 0)
-            case .committed:
-                throw DAXError(
-                    .permissionDenied,
-                    "the journal holds a committed transaction (a crash) that only a read-write mount "
-                        + "can replay; mount read-write once, or check the device offline")
-            }
-        } else {
-            try checkReplay(device, superblock: before)
-            (outcome, sequence) = try Journal.recover(device: device, superblock: before)
+        if access == .readOnly { return try mountDegradable(device) }
+        let (before, primaryDamage) = try Superblock.locate(base: device.base, deviceBlocks: UInt64(device.pageCount))
+        if let primaryDamage, let backup = before.backupBlock {
+            throw DAXError(
+                .corrupted,
+                "the superblock in block 0 is damaged (\(primaryDamage)); the backup in block \(backup) is intact; "
+                    + Self.repairAdvice)
         }
+        try checkReplay(device, superblock: before)
+        let (outcome, sequence) = try Journal.recover(device: device, superblock: before)
         // The replay may have rewritten the superblock (its orphan head): read it again.
         let sb = try Superblock.decode(
             ByteReader(device.base, count: Superblock.size),
@@ -227,8 +235,10 @@ public final class DAXFileSystem: Sendable {
         device.isMounted.store(false, ordering: .releasing)
     }
 
-    private static func withExclusiveDevice(_ device: PMemDevice, _ body: () throws -> Void) throws {
-        try device.retainUse(for: "format")
+    static func withExclusiveDevice(
+        _ device: PMemDevice, for what: String = "format", _ body: () throws -> Void
+    ) throws {
+        try device.retainUse(for: what)
         defer { device.releaseUse() }
         try lockDevice(device)
         defer { unlockDevice(device) }
@@ -247,7 +257,8 @@ public final class DAXFileSystem: Sendable {
             // 1 TiB device formats in no time and uses only the blocks written below.
             device.zero(offset: 0, count: metadataBytes)
             progress?(1)
-            for block in [0, sb.journalStart, UInt64(sb.inodeOffset(Superblock.rootInode) / blockSize)] {
+            let written = [0, sb.journalStart, UInt64(sb.inodeOffset(Superblock.rootInode) / blockSize)]
+            for block in written + (sb.backupBlock.map { [$0] } ?? []) {
                 try device.back(offset: Int(block) * blockSize, count: blockSize)
             }
         } else {
@@ -280,6 +291,10 @@ public final class DAXFileSystem: Sendable {
         var final = sb
         final.formatTime = now
         final.uuid = (0..<16).map { _ in UInt8.random(in: 0...255) }
+        if let backup = final.backupBlock {
+            device.fill(offset: Int(backup) * blockSize, count: blockSize, flags: .nonTemporal)
+            try device.write(final.encode(), at: Int(backup) * blockSize)
+        }
         try device.write(final.encode(), at: 0)
     }
 
@@ -310,7 +325,7 @@ public final class DAXFileSystem: Sendable {
             .corrupted,
             "file system on \(device.path) is damaged\(when): "
                 + scan.problems.prefix(3).joined(separator: "; ")
-                + (more > 0 ? "; and \(more) more (run check)" : ""))
+                + (more > 0 ? "; and \(more) more" : "") + "; " + repairAdvice)
     }
 
     // MARK: - Unmount

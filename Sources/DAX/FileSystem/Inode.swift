@@ -86,6 +86,10 @@ struct DirectoryIndex: Sendable {
     }
 
     var entries: [[UInt8]: Entry] = [:]
+    /// Entries naming an inode that is damaged (a degraded read-only mount names them in errors).
+    var damagedEntries: [[UInt8]: UInt32] = [:]
+    /// What is damaged in the directory's blocks: a name missing from `entries` may have been there.
+    var damage: [String] = []
     /// Free slots of the directory's blocks (a stack; which free slot is reused does not matter).
     var freeSlots: [SlotAddress] = []
     /// Directory blocks.

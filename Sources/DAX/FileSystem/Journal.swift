@@ -391,13 +391,13 @@ final class Journal: Sendable {
     }
 
     /// Decodes and validates records: a write must rewrite exactly the superblock's first 256 bytes
-    /// or land past the journal, inside the device; bits
-    /// inside the bitmap.
+    /// or land past the journal and before the end of the data region (never on the backup
+    /// superblock); bits inside the bitmap.
     private static func decode(_ area: ByteReader, count: Int, superblock: Superblock) throws -> [Transaction.Record] {
         var records: [Transaction.Record] = []
         var at = 0
         let firstWritable = Int(superblock.inodeStart) * Superblock.blockSize
-        let deviceBytes = Int(superblock.totalBlocks) * Superblock.blockSize
+        let writableEnd = Int(superblock.dataEnd) * Superblock.blockSize
         for index in 0..<count {
             guard at + Transaction.recordHeaderSize <= area.count else {
                 throw DAXError(.corrupted, "journal record \(index) runs past the committed records")
@@ -411,8 +411,8 @@ final class Journal: Sendable {
                 let superblockRecord = offset == 0 && length == Superblock.size
                 guard at + Transaction.recordHeaderSize + padded <= area.count,
                     superblockRecord
-                        || (offset >= UInt64(firstWritable) && offset <= UInt64(deviceBytes)
-                            && UInt64(length) <= UInt64(deviceBytes) - offset)
+                        || (offset >= UInt64(firstWritable) && offset <= UInt64(writableEnd)
+                            && UInt64(length) <= UInt64(writableEnd) - offset)
                 else {
                     throw DAXError(
                         .corrupted,

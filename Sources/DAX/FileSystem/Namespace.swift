@@ -19,7 +19,8 @@ extension DAXFileSystem {
             let (parent, name) = try Paths.split(path, what: "open")
             let directory = try resolveDirectory(parent, path: path)
             guard let entry = directory.directory?.entries[name] else {
-                throw DAXError(.notFound, "no such file: \(Paths.debug(path))")
+                throw damageHiding(name, in: directory, path: path)
+                    ?? DAXError(.notFound, "no such file: \(Paths.debug(path))")
             }
             guard entry.kind == .file else { throw DAXError(.isADirectory, "\(Paths.debug(path)) is a directory") }
             // Counted under the namespace lock, so a concurrent remove sees the handle.
@@ -185,7 +186,8 @@ extension DAXFileSystem {
         for (index, name) in components.enumerated() {
             guard let entry = current.directory?.entries[name] else {
                 let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
-                throw DAXError(.notFound, "no such directory \(Paths.debug("/" + prefix)) in \(Paths.debug(path))")
+                throw damageHiding(name, in: current, path: "/" + prefix)
+                    ?? DAXError(.notFound, "no such directory \(Paths.debug("/" + prefix)) in \(Paths.debug(path))")
             }
             guard entry.kind == .directory else {
                 let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")

@@ -15,6 +15,8 @@ struct Scanner {
         /// Bits set in ``bitmap``.
         var allocatedBlocks = 0
         var orphans: [UInt32] = []
+        /// Inodes that are in use but cannot be loaded (a bad checksum, field or extent), and why.
+        var damagedInodes: [UInt32: String] = [:]
         var problems: [String] = []
         /// Problems beyond the first `limit` are only counted.
         var suppressed = 0
@@ -36,9 +38,16 @@ struct Scanner {
     /// Owned blocks per bitmap block: a bitmap block whose count is 0 needs no comparing.
     private var ownedPerBitmapBlock: [Int: Int] = [:]
 
-    init(base: UnsafeRawPointer, superblock: Superblock, dataRanges: ((Range<Int>) -> [Range<Int>])? = nil) {
+    /// Why block 0's superblock is not used (the backup is), or nil.
+    let primaryDamage: String?
+
+    init(
+        base: UnsafeRawPointer, superblock: Superblock, primaryDamage: String? = nil,
+        dataRanges: ((Range<Int>) -> [Range<Int>])? = nil
+    ) {
         self.base = base
         self.superblock = superblock
+        self.primaryDamage = primaryDamage
         self.dataRanges = dataRanges
         owners = LazyZeroedArray(count: Int(superblock.dataBlocks))
         owned = LazyBitmap(count: Int(superblock.dataBlocks))
@@ -53,7 +62,11 @@ struct Scanner {
         }
     }
 
+    /// The last problem found, counted or not.
+    private var lastProblem = ""
+
     private mutating func problem(_ text: String) {
+        lastProblem = text
         if result.problems.count < limit { result.problems.append(text) } else { result.suppressed += 1 }
     }
 
@@ -74,17 +87,24 @@ struct Scanner {
     }
 
     /// Runs every check. `journalMustBeEmpty` is true for `check` of a mounted file system.
-    static func scan(device: PMemDevice, superblock: Superblock, journalMustBeEmpty: Bool) -> Result {
+    static func scan(
+        device: PMemDevice, superblock: Superblock, journalMustBeEmpty: Bool, primaryDamage: String? = nil
+    ) -> Result {
         let ranges: ((Range<Int>) -> [Range<Int>])? = device.isSparse ? { device.dataRanges(in: $0) } : nil
         return scan(
-            base: device.base, superblock: superblock, journalMustBeEmpty: journalMustBeEmpty, dataRanges: ranges)
+            base: device.base, superblock: superblock, journalMustBeEmpty: journalMustBeEmpty,
+            primaryDamage: primaryDamage, dataRanges: ranges)
     }
 
+    /// Runs every check on `base`. With `primaryDamage`, `superblock` is the backup: block 0's
+    /// damage is a problem, and the orphan list (whose head only block 0 keeps) is not followed.
+    /// `dataRanges` says which parts of a sparse device hold data (the rest read as zeros).
     static func scan(
-        base: UnsafeRawPointer, superblock: Superblock, journalMustBeEmpty: Bool,
+        base: UnsafeRawPointer, superblock: Superblock, journalMustBeEmpty: Bool, primaryDamage: String? = nil,
         dataRanges: ((Range<Int>) -> [Range<Int>])? = nil
     ) -> Result {
-        var scanner = Scanner(base: base, superblock: superblock, dataRanges: dataRanges)
+        var scanner = Scanner(base: base, superblock: superblock, primaryDamage: primaryDamage, dataRanges: dataRanges)
+        scanner.checkSuperblocks()
         if journalMustBeEmpty { scanner.checkJournal() }
         scanner.scanInodes()
         scanner.scanDirectories()
@@ -92,6 +112,25 @@ struct Scanner {
         scanner.checkOrphans()
         scanner.checkBitmap()
         return scanner.result
+    }
+
+    /// Block 0 damaged (the backup is in use), or the backup damaged or different from block 0.
+    private mutating func checkSuperblocks() {
+        guard let block = superblock.backupBlock else { return }
+        if let primaryDamage {
+            problem("the superblock in block 0 is damaged (\(primaryDamage)); the backup in block \(block) is used")
+            return
+        }
+        do {
+            var backup = try Superblock.decode(
+                reader(block: block), deviceBlocks: superblock.totalBlocks, block: block)
+            backup.orphanHead = superblock.orphanHead
+            if backup != superblock { problem("the backup superblock in block \(block) differs from block 0") }
+        } catch let error as DAXError {
+            problem(error.message)
+        } catch {
+            problem("the backup superblock in block \(block): \(error)")
+        }
     }
 
     private mutating func checkJournal() {
@@ -123,9 +162,15 @@ struct Scanner {
             switch InodeRecord.decode(reader) {
             case .failure(let reason):
                 problem("inode \(number): \(reason)")
+                result.damagedInodes[number] = "\(reason)"
             case .success(let record):
                 guard record.kind != .free else { continue }
-                guard let extents = loadExtents(number, record) else { continue }
+                guard let extents = loadExtents(number, record) else {
+                    let prefix = "inode \(number): "
+                    result.damagedInodes[number] =
+                        lastProblem.hasPrefix(prefix) ? String(lastProblem.dropFirst(prefix.count)) : lastProblem
+                    continue
+                }
                 result.inodes[number] = ScannedInode(record: record, extents: extents)
             }
         }
@@ -172,7 +217,7 @@ struct Scanner {
                 problem("inode \(number): extents \(index - 1) and \(index) overlap or are out of order")
                 return nil
             }
-            guard extent.physical >= superblock.dataStart, extent.physicalEnd <= superblock.totalBlocks else {
+            guard extent.physical >= superblock.dataStart, extent.physicalEnd <= superblock.dataEnd else {
                 problem("inode \(number): extent \(extent) lies outside the data region")
                 return nil
             }
@@ -241,6 +286,7 @@ struct Scanner {
         index.blockCount += 1
         guard DirectoryFormat.validHeader(reader, owner: number, index: UInt32(page)) else {
             problem("directory \(number) block \(page) (block \(block)): bad header")
+            index.damage.append("its block \(page) (block \(block)) has a bad header")
             return
         }
         for slot in 0..<DirectoryFormat.slotsPerBlock {
@@ -251,8 +297,15 @@ struct Scanner {
                 index.freeSlots.append(address)
             case .damaged(let reason):
                 problem("directory \(number) block \(page) slot \(slot): \(reason)")
+                index.damage.append("slot \(slot) of its block \(page) is damaged (\(reason))")
             case .entry(let child, let name, let kind):
                 let printable = String(decoding: name, as: UTF8.self)
+                if let reason = result.damagedInodes[child] {
+                    problem(
+                        "directory \(number) entry \"\(printable)\" names inode \(child), which is damaged: \(reason)")
+                    index.damagedEntries[name] = child
+                    continue
+                }
                 guard child >= 1, UInt64(child) <= superblock.inodeCount, let target = result.inodes[child] else {
                     problem("directory \(number) entry \"\(printable)\" names inode \(child), which is not in use")
                     continue
@@ -309,6 +362,13 @@ struct Scanner {
     }
 
     private mutating func checkOrphans() {
+        guard primaryDamage == nil else {
+            // The backup's orphan head is the one of format time: the removed files are those
+            // with no links.
+            result.orphans = result.inodes.filter { $0.key != Superblock.rootInode && $0.value.record.linkCount == 0 }
+                .keys.sorted()
+            return
+        }
         var seen: Set<UInt32> = []
         var number = superblock.orphanHead
         var previous: UInt32 = 0

@@ -266,8 +266,7 @@ public final class PMemDevice: Sendable {
         self.isDeviceDAX = (info.st_mode & S_IFMT) == S_IFCHR
         // A crash image's holes say nothing of what its checker stored privately: all of it is data.
         self.isSparse =
-            !options.readOnly && privateImageFD == nil && (info.st_mode & S_IFMT) == S_IFREG
-            && Int(info.st_blocks) * 512 < Int(info.st_size)
+            privateImageFD == nil && (info.st_mode & S_IFMT) == S_IFREG && Int(info.st_blocks) * 512 < Int(info.st_size)
         self.path = path
         self.size = mapping.length
         self.base = mapping.address
@@ -560,7 +559,7 @@ public final class PMemDevice: Sendable {
     /// so that a store there cannot fail later; a no-op unless ``isSparse``. Throws `.noSpace` when
     /// that file system is full (on `/dev/shm`: the machine's shared memory), changing nothing.
     public func back(offset: Int, count: Int) throws {
-        guard isSparse, count > 0 else { return }
+        guard isSparse, !isReadOnly, count > 0 else { return }
         try validateRange(offset, count)
         let start = offset / Self.pageSize * Self.pageSize
         let end = (offset + count + Self.pageSize - 1) / Self.pageSize * Self.pageSize

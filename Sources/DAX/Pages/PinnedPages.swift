@@ -123,8 +123,11 @@ final class PinLease: Sendable {
     /// Asks the holder to let go by calling its `onRevoke`, once.
     func requestRelease() {
         guard isActive, !revokeRequested.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        onRevoke()
+        Self.$askingToLetGo.withValue(self) { onRevoke() }
     }
+
+    /// The lease whose `onRevoke` runs on this thread now (``PinLifetime/longTerm(releasing:)``).
+    @TaskLocal static var askingToLetGo: PinLease?
 
     /// Revokes the lease: waits for an access in flight, drops the counts (counted as released),
     /// and makes every later access fail. Returns false if it was no longer active.
@@ -148,7 +151,7 @@ final class PinLease: Sendable {
             case .active: return try body()
             case .revoked:
                 throw DAXError(.revoked, "the pin's lease was revoked: its pages may belong to another file now")
-            case .released: throw DAXError(.invalidArgument, "the pin was released")
+            case .released: throw DAXError(.invalidArgument, "the pin was released by its holder")
             }
         }
     }
@@ -159,5 +162,29 @@ final class PinLease: Sendable {
 
     private func unregister() {
         _ = table.core.pointee.leases.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
+    }
+}
+
+/// What a lease's holder is handed when it is asked to let go: releasing it drops the pin's counts
+/// at once, as deregistering the DMA region that holds the pin would (that region's later accesses
+/// then fail, and its deregistration changes no count). A holder so needs no reference of its own
+/// to its region, nor a box to keep one in.
+public struct LeaseHandle: Sendable {
+    let lease: PinLease
+
+    /// Lets go of the pinned pages (once; later calls do nothing).
+    public func release() { lease.release() }
+
+    /// True once the lease was revoked: its pages may belong to another file now.
+    public var isRevoked: Bool { lease.isRevoked }
+}
+
+extension PinLifetime {
+    /// A lease whose `onRevoke` receives its ``LeaseHandle``: `.longTerm(releasing: { $0.release() })`
+    /// lets go as soon as a truncate asks. The handle is valid only while `onRevoke` runs.
+    public static func longTerm(releasing onRevoke: @escaping @Sendable (LeaseHandle) -> Void) -> PinLifetime {
+        .longTerm(onRevoke: {
+            if let lease = PinLease.askingToLetGo { onRevoke(LeaseHandle(lease: lease)) }
+        })
     }
 }

@@ -1,7 +1,11 @@
-/// The file system's geometry and root facts, in block 0. See `docs/format.md`.
+/// The file system's geometry and root facts, in block 0, and from version 2 a backup copy in the
+/// device's last block. See `docs/format.md`.
 struct Superblock: Equatable, Sendable {
     static let magic: [UInt8] = [0x44, 0x41, 0x58, 0x46, 0x53, 0x00, 0x01, 0x0A]  // "DAXFS\0\x01\n"
-    static let version: UInt32 = 1
+    /// The version `format` writes: 2 keeps a backup superblock in the last block.
+    static let version: UInt32 = 2
+    /// Versions a mount reads: 1 (no backup; the data region runs to the end of the device) and 2.
+    static let readableVersions: ClosedRange<UInt32> = 1...2
     static let size = 256
     static let blockSize = 4096
     static let inodeSize = 256
@@ -12,6 +16,8 @@ struct Superblock: Equatable, Sendable {
     /// The owner field of a page descriptor has 24 bits for the inode number.
     static let maximumInodes = (1 << 24) - 1
 
+    /// 1 or 2; see `hasBackup`.
+    var version: UInt32 = Superblock.version
     var totalBlocks: UInt64
     var journalStart: UInt64
     var journalBlocks: UInt64
@@ -40,11 +46,13 @@ struct Superblock: Equatable, Sendable {
         let inodes = min(max(total * blockSize / bytesPerInode, 64), maximumInodes)
         let inodeBlocks = (inodes + inodesPerBlock - 1) / inodesPerBlock
         let before = 1 + journal + inodeBlocks
-        // The bitmap covers what remains after itself: grow it until it does.
+        // The last block holds the backup superblock; the bitmap covers what remains after itself
+        // and before the backup: grow it until it does.
+        let end = total - 1
         var bitmapBlocks = 1
-        while (total - before - bitmapBlocks) > bitmapBlocks * bitsPerBitmapBlock { bitmapBlocks += 1 }
+        while (end - before - bitmapBlocks) > bitmapBlocks * bitsPerBitmapBlock { bitmapBlocks += 1 }
         let dataStart = before + bitmapBlocks
-        let dataBlocks = total - dataStart
+        let dataBlocks = end - dataStart
         guard dataBlocks >= 16 else {
             throw DAXError(
                 .noSpace,
@@ -60,7 +68,7 @@ struct Superblock: Equatable, Sendable {
     func encode() -> [UInt8] {
         var e = ByteEncoder(count: Self.size)
         e.put(Self.magic, at: 0)
-        e.put(Self.version, at: 8)
+        e.put(version, at: 8)
         e.put(UInt32(0), at: 12)
         e.put(UInt32(Self.blockSize), at: 16)
         e.put(totalBlocks, at: 24)
@@ -81,17 +89,27 @@ struct Superblock: Equatable, Sendable {
         return e.bytes
     }
 
-    /// Decodes and validates block 0. Throws `.corrupted` saying what is wrong.
-    static func decode(_ reader: ByteReader, deviceBlocks: UInt64) throws -> Superblock {
+    /// Decodes and validates a superblock (block 0's, or the backup in `block`). Throws
+    /// `.corrupted` saying what is wrong.
+    static func decode(_ reader: ByteReader, deviceBlocks: UInt64, block: UInt64 = 0) throws -> Superblock {
+        let which = block == 0 ? "superblock" : "backup superblock in block \(block)"
         guard reader.bytes(0..<8) == magic else {
-            throw DAXError(.corrupted, "no DAXFS file system on the device: the superblock magic is missing")
+            throw DAXError(
+                .corrupted,
+                block == 0
+                    ? "no DAXFS file system on the device: the superblock magic is missing"
+                    : "the \(which) has no DAXFS magic")
         }
         guard reader.get(UInt32.self, at: 252) == reader.crc(of: 0..<252) else {
-            throw DAXError(.corrupted, "superblock checksum mismatch at block 0")
+            throw DAXError(.corrupted, "\(which) checksum mismatch" + (block == 0 ? " at block 0" : ""))
         }
         let version: UInt32 = reader.get(at: 8)
-        guard version == Self.version else {
-            throw DAXError(.corrupted, "superblock version \(version) is not supported (this build reads version 1)")
+        guard readableVersions.contains(version) else {
+            throw DAXError(
+                .corrupted, "\(which) version \(version) is not supported (this build reads versions 1 and 2)")
+        }
+        guard block == 0 || version >= 2 else {
+            throw DAXError(.corrupted, "the \(which) says version \(version), which keeps no backup")
         }
         let features: UInt32 = reader.get(at: 12)
         guard features == 0 else {
@@ -101,13 +119,14 @@ struct Superblock: Equatable, Sendable {
             throw DAXError(.corrupted, "superblock block size or root inode is wrong")
         }
         let sb = Superblock(
-            totalBlocks: reader.get(at: 24), journalStart: reader.get(at: 32), journalBlocks: reader.get(at: 40),
+            version: version, totalBlocks: reader.get(at: 24), journalStart: reader.get(at: 32),
+            journalBlocks: reader.get(at: 40),
             inodeStart: reader.get(at: 48), inodeBlocks: reader.get(at: 56), inodeCount: reader.get(at: 64),
             bitmapStart: reader.get(at: 72), bitmapBlocks: reader.get(at: 80), dataStart: reader.get(at: 88),
             dataBlocks: reader.get(at: 96), orphanHead: reader.get(at: 112), uuid: reader.bytes(120..<136),
             formatTime: reader.get(at: 136))
         if let problem = sb.geometryProblem(deviceBlocks: deviceBlocks) {
-            throw DAXError(.corrupted, "superblock geometry is inconsistent: \(problem)")
+            throw DAXError(.corrupted, "\(which) geometry is inconsistent: \(problem)")
         }
         return sb
     }
@@ -129,7 +148,7 @@ struct Superblock: Equatable, Sendable {
         if bitmapStart != inodeStart + inodeBlocks { return "bitmap does not follow the inode table" }
         if bitmapBlocks == 0 || bitmapBlocks > totalBlocks { return "bitmap of \(bitmapBlocks) blocks" }
         if dataStart != bitmapStart + bitmapBlocks { return "data region does not follow the bitmap" }
-        if dataStart >= totalBlocks || dataBlocks != totalBlocks - dataStart {
+        if dataStart >= dataEnd || dataBlocks != dataEnd - dataStart {
             return "data region of \(dataBlocks) blocks"
         }
         if bitmapBlocks * UInt64(Self.bitsPerBitmapBlock) < dataBlocks { return "bitmap too small for the data region" }
@@ -149,5 +168,35 @@ struct Superblock: Equatable, Sendable {
         return (Int(bitmapStart) + block) * Self.blockSize + within
     }
 
-    var dataRange: Range<UInt64> { dataStart..<totalBlocks }
+    /// Whether the last block holds a backup copy (version 2 and later).
+    var hasBackup: Bool { version >= 2 }
+
+    /// The block of the backup superblock (the device's last), or nil for version 1.
+    var backupBlock: UInt64? { hasBackup ? max(totalBlocks, 1) - 1 : nil }
+
+    /// The block after the data region: the backup's block, or the end of the device.
+    var dataEnd: UInt64 { hasBackup ? max(totalBlocks, 1) - 1 : totalBlocks }
+
+    var dataRange: Range<UInt64> { dataStart..<dataEnd }
+}
+
+extension Superblock {
+    /// Block 0's superblock, or the backup in the last block when block 0 is damaged, with what
+    /// is wrong with block 0 in that case. Throws `.corrupted` when neither can be used.
+    static func locate(base: UnsafeRawPointer, deviceBlocks: UInt64) throws -> (Superblock, primaryDamage: String?) {
+        do {
+            return (try decode(ByteReader(base, count: size), deviceBlocks: deviceBlocks), nil)
+        } catch let primary as DAXError {
+            guard deviceBlocks >= 2 else { throw primary }
+            let block = deviceBlocks - 1
+            let reader = ByteReader(base + Int(block) * blockSize, count: size)
+            do {
+                return (try decode(reader, deviceBlocks: deviceBlocks, block: block), primary.message)
+            } catch let backup as DAXError {
+                // A device without a backup (version 1, or never formatted) says only what block 0 lacks.
+                guard reader.bytes(0..<8) == magic else { throw primary }
+                throw DAXError(.corrupted, primary.message + "; and " + backup.message)
+            }
+        }
+    }
 }

@@ -1,0 +1,77 @@
+import Foundation
+import Testing
+
+@testable import DAX
+
+@Suite("daxemu fsck --repair and format, the built binary")
+struct RepairCommandLineTests {
+    /// XORs the byte at `offset` of the device file.
+    static func flip(_ path: String, at offset: Int) throws {
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        try handle.seek(toOffset: UInt64(offset))
+        let byte = try handle.read(upToCount: 1)?.first ?? 0
+        try handle.seek(toOffset: UInt64(offset))
+        try handle.write(contentsOf: Data([byte ^ 0x5A]))
+    }
+
+    @Test("a damaged superblock and bitmap: format refuses, fsck --repair says each step, the files come back")
+    func repairAndFormat() throws {
+        let device = DevicePath()
+        #expect(try runCommand("daxemu", ["create", "-d", device.path, "--size", "8M"]).status == 0)
+        #expect(try runCommand("daxemu", ["format", "-d", device.path]).status == 0)
+        let local = NSTemporaryDirectory() + "daxemu-repair-\(getpid())"
+        defer { unlink(local) }
+        let data = Data(pattern(3 * 4096 + 123, seed: 5))
+        try data.write(to: URL(fileURLWithPath: local))
+        #expect(try runCommand("daxemu", ["put", "-d", device.path, local, "/a"]).status == 0)
+        let opened = try PMemDevice.open(path: device.path)
+        let fs = try DAXFileSystem.mount(opened)
+        let bitmap = Int(fs.superblock.bitmapStart) * 4096 + 1
+        try fs.unmount()
+        opened.close()
+        try Self.flip(device.path, at: 0)
+        try Self.flip(device.path, at: bitmap)
+
+        expectCleanFailure(try runCommand("daxemu", ["format", "-d", device.path]), mentioning: "fsck --repair")
+        // Reading commands mount read-only, in a degraded mode that reads what is intact.
+        let degraded = try runCommand("daxemu", ["ls", "-d", device.path])
+        #expect(degraded.status == 0 && degraded.output == "a\n", "\(degraded.output) \(degraded.errors)")
+        #expect(degraded.errors.contains("damaged") && degraded.errors.contains("fsck --repair"), "\(degraded.errors)")
+        #expect(try runCommand("daxemu", ["get", "-d", device.path, "/a", "-"]).outputData == data)
+        let found = try runCommand("daxemu", ["fsck", "-d", device.path])
+        #expect(found.status == 1, "\(found.output)")
+        #expect(found.output.contains("superblock in block 0 is damaged"), "\(found.output)")
+        #expect(found.output.contains("fsck --repair"), "\(found.output)")
+
+        let repaired = try runCommand("daxemu", ["fsck", "--repair", "-d", device.path])
+        #expect(repaired.status == 0, "\(repaired.output)\(repaired.errors)")
+        let lines = repaired.output.split(separator: "\n").map(String.init)
+        #expect(lines.first?.hasPrefix("repaired: the superblock in block 0 was damaged") == true, "\(lines)")
+        #expect(lines.contains { $0.hasPrefix("repaired: bitmap block 0 is damaged") }, "\(lines)")
+        #expect(lines.last?.hasSuffix("now clean") == true, "\(lines)")
+
+        let clean = try runCommand("daxemu", ["fsck", "-d", device.path])
+        #expect(clean.status == 0 && clean.output.contains("clean"), "\(clean.output)")
+        #expect(try runCommand("daxemu", ["get", "-d", device.path, "/a", "-"]).outputData == data)
+        let again = try runCommand("daxemu", ["fsck", "--repair", "-d", device.path])
+        #expect(again.status == 0 && again.output.contains("nothing to repair"), "\(again.output)")
+
+        expectCleanFailure(try runCommand("daxemu", ["format", "-d", device.path]), mentioning: "--force")
+        #expect(try runCommand("daxemu", ["format", "--force", "-d", device.path]).status == 0)
+        let listed = try runCommand("daxemu", ["ls", "-d", device.path])
+        #expect(listed.status == 0 && !listed.output.contains("a"), "\(listed.output)")
+    }
+
+    @Test("fsck --repair of a device with no file system fails cleanly and changes nothing")
+    func repairRefusesGarbage() throws {
+        let device = DevicePath()
+        #expect(try runCommand("daxemu", ["create", "-d", device.path, "--size", "8M"]).status == 0)
+        let result = try runCommand("daxemu", ["fsck", "--repair", "-d", device.path])
+        #expect(result.status == 1, "\(result.output)\(result.errors)")
+        #expect(result.output.contains("cannot repair"), "\(result.output)")
+        #expect(!result.errors.contains("Backtrac"))
+        let raw = try Data(contentsOf: URL(fileURLWithPath: device.path))
+        #expect(raw.allSatisfy { $0 == 0 })
+    }
+}
