@@ -20,11 +20,15 @@ final class BenchDevice {
     let device: PMemDevice
     let path: String
 
-    init(_ context: BenchContext, name: String, size: Int, persistence: PersistenceMode = .cacheFlush) throws {
+    init(
+        _ context: BenchContext, name: String, size: Int, persistence: PersistenceMode = .cacheFlush,
+        emulation: PersistenceDomain? = nil
+    ) throws {
         path = context.devicePath(name)
         unlink(path)
         var options = PMemDevice.Options()
         options.persistence = persistence
+        options.powerFailureEmulation = emulation
         device = try PMemDevice.create(path: path, size: size, options: options)
     }
 

@@ -44,7 +44,8 @@ let benchmarks: [Benchmark] = [
     FileSystemBenchmarks.allocate1GiB, PinningBenchmarks.truncatePinned, PinningBenchmarks.allocateWithQuarantine,
     PagesBenchmarks.descriptorBytes, KVStoreBenchmarks.puts, KVStoreBenchmarks.gets,
     PagesBenchmarks.pinUnpinPageMap, PagesBenchmarks.pin256, FileSystemBenchmarks.writeBandwidthWarm,
-    FileSystemBenchmarks.readBandwidthWarm, FileSystemBenchmarks.createRemove,
+    FileSystemBenchmarks.readBandwidthWarm, FileSystemBenchmarks.createRemove, CrashBenchmarks.imagesPerSecond,
+    CrashBenchmarks.crashPointScaling, CrashBenchmarks.persist64Emulated,
 ] + ScaleBenchmarks.all
 if list {
     for benchmark in benchmarks {

@@ -6,6 +6,8 @@
 #include <libpmem.h>
 
 #include <errno.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
 #include <stdint.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -37,6 +39,44 @@ static const int dax_FALLOC_FL_KEEP_SIZE = 0x01;
 static const int dax_FALLOC_FL_PUNCH_HOLE = 0x02;
 static const int dax_SEEK_DATA = 3;
 static const int dax_SEEK_HOLE = 4;
+
+// userfaultfd(2): the ioctl numbers are function-like macros that Swift cannot import.
+static const unsigned long dax_USERFAULTFD_IOC_NEW = USERFAULTFD_IOC_NEW;
+static const unsigned long dax_UFFDIO_API = UFFDIO_API;
+static const unsigned long dax_UFFDIO_REGISTER = UFFDIO_REGISTER;
+static const unsigned long dax_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
+static const unsigned long dax_UFFDIO_WRITEPROTECT = UFFDIO_WRITEPROTECT;
+static const unsigned long dax_UFFDIO_WAKE = UFFDIO_WAKE;
+static const unsigned long long dax_UFFD_API = UFFD_API;
+static const unsigned long long dax_UFFD_FEATURE_WP_HUGETLBFS_SHMEM = UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+static const unsigned long long dax_UFFD_USER_MODE_ONLY = UFFD_USER_MODE_ONLY;
+static const unsigned long long dax_UFFDIO_REGISTER_MODE_WP = UFFDIO_REGISTER_MODE_WP;
+static const unsigned long long dax_UFFDIO_REGISTER_MODE_MISSING = UFFDIO_REGISTER_MODE_MISSING;
+static const unsigned long long dax_UFFDIO_WRITEPROTECT_MODE_WP = UFFDIO_WRITEPROTECT_MODE_WP;
+static const unsigned long long dax_UFFD_PAGEFAULT_FLAG_WRITE = UFFD_PAGEFAULT_FLAG_WRITE;
+static const unsigned long long dax_UFFD_PAGEFAULT_FLAG_WP = UFFD_PAGEFAULT_FLAG_WP;
+
+/// Calls `userfaultfd(2)` through `syscall(2)`.
+static inline int dax_userfaultfd(int flags) {
+    return (int)syscall(SYS_userfaultfd, flags);
+}
+
+/// Calls `ioctl(2)` with a pointer argument (Swift cannot call the variadic `ioctl`).
+static inline int dax_ioctl(int fd, unsigned long request, void *argument) {
+    return ioctl(fd, request, argument);
+}
+
+/// Reads one message from a userfaultfd; returns 1 and the fault's address and flags for a page
+/// fault, 0 for another event, -1 with errno set when `read(2)` fails.
+static inline int dax_uffd_read_fault(int fd, uint64_t *address, uint64_t *flags) {
+    struct uffd_msg message;
+    ssize_t got = read(fd, &message, sizeof message);
+    if (got != (ssize_t)sizeof message) return -1;
+    if (message.event != UFFD_EVENT_PAGEFAULT) return 0;
+    *address = message.arg.pagefault.address;
+    *flags = message.arg.pagefault.flags;
+    return 1;
+}
 
 /// ThreadSanitizer's annotations, weak: present only in a `--sanitize=thread` build. The standard
 /// library's `Mutex` waits with futexes that TSan cannot see on Linux, so DAX tells it about each

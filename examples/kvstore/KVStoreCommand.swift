@@ -76,7 +76,7 @@ struct KVStoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvstore",
         abstract: "A persistent hash table on a DAX mapping: direct loads and stores, crash-atomic updates.",
-        subcommands: [Put.self, Get.self, Delete.self, Check.self, Load.self, Bench.self])
+        subcommands: [Put.self, Get.self, Delete.self, Check.self, Load.self, Bench.self, Explore.self])
 
     @OptionGroup var options: StoreOptions
 

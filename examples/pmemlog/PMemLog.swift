@@ -119,7 +119,7 @@ struct LogOptions: ParsableArguments {
 struct PMemLog: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pmemlog", abstract: "An append-only, crash-safe log on a DAX mapping.",
-        subcommands: [Append.self, Walk.self, Rewind.self])
+        subcommands: [Append.self, Walk.self, Rewind.self, Explore.self])
 
     @OptionGroup var options: LogOptions
 

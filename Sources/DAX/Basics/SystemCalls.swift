@@ -42,6 +42,10 @@ package struct SystemCalls: Sendable {
     package var fallocate: @Sendable (_ fd: Int32, _ mode: Int32, _ offset: Int, _ length: Int) -> Int32
     /// `lseek(2)`, for `SEEK_DATA` and `SEEK_HOLE`: -1 with `errno` on failure (`ENXIO` past the data).
     package var lseek: @Sendable (_ fd: Int32, _ offset: Int, _ whence: Int32) -> Int
+    /// `userfaultfd(2)` with `flags`; -1 with `errno` on failure.
+    package var userfaultfd: @Sendable (_ flags: Int32) -> Int32
+    /// `ioctl(2)` with a pointer argument; -1 with `errno` on failure.
+    package var ioctl: @Sendable (_ fd: Int32, _ request: UInt, _ argument: UnsafeMutableRawPointer) -> Int32
 
     /// True for ``live``: hot paths then call libpmem directly instead of through a closure.
     package var isLive: Bool
@@ -69,6 +73,8 @@ package struct SystemCalls: Sendable {
         open: { path, flags, mode in Glibc.open(path, flags, mode) },
         fallocate: { fd, mode, offset, length in dax_fallocate(fd, mode, Int64(offset), Int64(length)) },
         lseek: { fd, offset, whence in Int(Glibc.lseek(fd, off_t(offset), whence)) },
+        userfaultfd: { flags in dax_userfaultfd(flags) },
+        ioctl: { fd, request, argument in dax_ioctl(fd, request, argument) },
         isLive: true
     )
 

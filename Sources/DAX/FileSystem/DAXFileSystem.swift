@@ -219,7 +219,8 @@ public final class DAXFileSystem: Sendable {
         guard
             device.isMounted.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else { throw DAXError(.busy, "a file system on \(device.path) is already mounted in this process") }
-        guard flock(device.fd, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0 else {
+        // A crash image opened for a checker is private to this process: nothing to lock out.
+        guard device.isPrivateImage || flock(device.fd, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0 else {
             let code = errno
             device.isMounted.store(false, ordering: .releasing)
             if code == EWOULDBLOCK {

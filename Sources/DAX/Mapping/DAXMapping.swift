@@ -85,7 +85,10 @@ public final class DAXMapping: Sendable {
             offset >= 0 && count >= 0 && offset <= length && count <= length - offset,
             "persist of \(counted(count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
         let device = fileSystem.device
-        if device.persistence == .cacheFlush {
+        if _slowPath(device.emulation != nil) {
+            flushDevicePages(offset: offset, count: count)
+            device.drain()
+        } else if device.persistence == .cacheFlush {
             if device.systemCalls.isLive {
                 pmem_persist(base + offset, count)
             } else {
@@ -107,13 +110,36 @@ public final class DAXMapping: Sendable {
             "copy of \(counted(source.count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
         guard let from = source.baseAddress, source.count > 0 else { return }
         let device = fileSystem.device
-        if device.persistence == .cacheFlush {
+        if _slowPath(device.emulation != nil) {
+            (base + offset).copyMemory(from: from, byteCount: source.count)
+            guard !flags.contains(.noFlush) else { return }
+            flushDevicePages(offset: offset, count: source.count)
+            if !flags.contains(.noDrain) { device.drain() }
+        } else if device.persistence == .cacheFlush {
             device.systemCalls.memcpy(base + offset, from, source.count, flags.rawValue)
         } else {
             (base + offset).copyMemory(from: from, byteCount: source.count)
             if !flags.contains(.noFlush), device.systemCalls.msync(base + offset, source.count) != 0 {
                 device.systemCalls.persist(base + offset, source.count)
             }
+        }
+    }
+
+    /// Flushes the device lines behind `count` bytes at `offset` of the mapping, page by page
+    /// through the page table (an emulated device tracks lines by device offset). Pages that
+    /// show no block (holes, pages cut away) have nothing to flush.
+    private func flushDevicePages(offset: Int, count: Int) {
+        guard count > 0 else { return }
+        var position = offset
+        let end = offset + count
+        while position < end {
+            let index = position / PMemDevice.pageSize
+            let within = position % PMemDevice.pageSize
+            let length = min(end - position, PMemDevice.pageSize - within)
+            if let frame = frame(at: index) {
+                fileSystem.device.flush(offset: Int(frame) * PMemDevice.pageSize + within, count: length)
+            }
+            position += length
         }
     }
 
@@ -127,6 +153,8 @@ public final class DAXMapping: Sendable {
         let wasMapped = state.withTrackedLock { state -> Bool in
             guard !state.unmapped else { return false }
             state.unmapped = true
+            // Before the range is given back: a mapping made there next is tracked afresh.
+            fileSystem.device.noteUnmapped(base, length: length)
             _ = fileSystem.device.systemCalls.munmap(base, length)
             let pages = fileSystem.device.pages
             for index in 0..<pageCount {
@@ -198,6 +226,8 @@ public final class DAXMapping: Sendable {
                     base + indices[start] * PMemDevice.pageSize,
                     length: (end - start) * PMemDevice.pageSize, access: access,
                     calls: fileSystem.device.systemCalls)
+                fileSystem.device.noteUnmapped(
+                    base + indices[start] * PMemDevice.pageSize, length: (end - start) * PMemDevice.pageSize)
                 start = end
             }
             for frame in state.detached.values { pages.unmap(PageFrameNumber(rawValue: frame)) }
@@ -221,7 +251,8 @@ public final class DAXMapping: Sendable {
                     do {
                         try fileSystem.device.pages.tryMap(frame)
                         do {
-                            try MappingRegion.mapDevicePage(fileSystem.device, frame: frame.rawValue, at: address, access: access)
+                            try MappingRegion.mapDevicePage(
+                                fileSystem.device, frame: frame.rawValue, at: address, access: access, exposed: true)
                         } catch {
                             fileSystem.device.pages.unmap(frame)
                             throw error
@@ -272,13 +303,20 @@ enum MappingRegion {
 
     /// Maps `pages` device pages from `frame` at `address`, populated: a `.readOnly` mapping from
     /// the device's read-only descriptor, so that it cannot be made writable with `mprotect`.
+    /// An emulated device tracks stores through the new pages (`exposed`: in a mapping that
+    /// other threads may already use). A crash image opened for a checker is mapped privately.
     static func mapDevice(
-        _ device: PMemDevice, frame: UInt64, pages: Int, at address: UnsafeMutableRawPointer, access: Access
+        _ device: PMemDevice, frame: UInt64, pages: Int, at address: UnsafeMutableRawPointer, access: Access,
+        exposed: Bool = false
     ) throws {
         let length = pages * PMemDevice.pageSize
+        // Populating a private writable mapping would copy every page: a crash image's pages
+        // are copied only when the checker stores to them.
+        let sharing = device.isPrivateImage ? MAP_PRIVATE : MAP_SHARED | MAP_POPULATE
+        device.noteUnmapped(address, length: length)
         guard
             device.systemCalls.mmap(
-                address, length, protection(access), MAP_SHARED | MAP_FIXED | MAP_POPULATE,
+                address, length, protection(access), sharing | MAP_FIXED,
                 access == .readWrite ? device.fd : device.readOnlyFD, Int(frame) * PMemDevice.pageSize) != nil
         else {
             let code = errno
@@ -289,18 +327,28 @@ enum MappingRegion {
                         ? " (a device-DAX character device maps only 2 MiB-aligned ranges)" : ""),
                 errno: code)
         }
+        if access == .readWrite {
+            do {
+                try device.noteMapped(address, frame: frame, pages: pages, exposed: exposed)
+            } catch {
+                replaceWithFaulting(address, length: length, access: access, calls: device.systemCalls)
+                throw error
+            }
+        }
     }
 
-    static func mapDevicePage(_ device: PMemDevice, frame: UInt64, at address: UnsafeMutableRawPointer, access: Access)
-        throws
-    {
-        try mapDevice(device, frame: frame, pages: 1, at: address, access: access)
+    static func mapDevicePage(
+        _ device: PMemDevice, frame: UInt64, at address: UnsafeMutableRawPointer, access: Access, exposed: Bool = false
+    ) throws {
+        try mapDevice(device, frame: frame, pages: 1, at: address, access: access, exposed: exposed)
     }
 
     /// Maps the zero page, read-only, over `length` bytes at `address`: a hole as a read-only
     /// mapping shows it (the kernel maps its shared zero page there).
     static func mapZeroPages(_ address: UnsafeMutableRawPointer, length: Int, calls: SystemCalls) throws {
-        guard calls.mmap(address, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) != nil
+        guard
+            calls.mmap(address, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
+                != nil
         else {
             throw DAXError.system("mmap", "cannot map \(counted(length, "byte")) of zero pages for holes", errno: errno)
         }

@@ -74,6 +74,7 @@ extension DAXFile {
                     }
                 } catch {
                     for frame in frames where frame != 0 { device.pages.unmap(PageFrameNumber(rawValue: frame)) }
+                    device.noteUnmapped(base, length: pages.count * PMemDevice.pageSize)
                     _ = device.systemCalls.munmap(base, pages.count * PMemDevice.pageSize)
                     throw error
                 }

@@ -33,6 +33,10 @@ public final class PMemDevice: Sendable {
         /// Create the file sparse (`PMEM_FILE_SPARSE`): no `posix_fallocate`, so creation is
         /// instant but a full `/dev/shm` shows up later as SIGBUS instead of at creation.
         public var sparse: Bool = false
+        /// Keeps what reached the persistence domain apart from what the CPU sees, so that
+        /// ``PMemDevice/powerFail(writingImageTo:keeping:)`` can tell what a power failure would
+        /// leave; nil: off. See `docs/crash-emulation.md`.
+        public var powerFailureEmulation: PersistenceDomain? = nil
         /// Open the device for reading only: `O_RDONLY` and a `PROT_READ` mapping, which needs
         /// only read permission on the file. Every store path is refused: the throwing ones with
         /// `.permissionDenied`, ``copy(_:toOffset:flags:)`` and ``fill(offset:count:value:flags:)``
@@ -85,8 +89,14 @@ public final class PMemDevice: Sendable {
     let readOnlyFD: Int32
     let systemCalls: SystemCalls
     private let flushesCaches: Bool
-    /// Cache-flush mode with the live seam: `persist` calls `pmem_persist` and nothing else.
+    /// Cache-flush mode with the live seam and no emulation: `persist` calls `pmem_persist` and
+    /// nothing else.
     private let persistsDirectly: Bool
+    /// The media copy of a device with power-failure emulation.
+    let emulation: MediaCopy?
+    /// A crash image opened for a checker: mapped `MAP_PRIVATE`, so that nothing stored reaches
+    /// the image's file (file mappings of it are private too).
+    let isPrivateImage: Bool
 
     private enum State {
         static let open = 0
@@ -130,7 +140,7 @@ public final class PMemDevice: Sendable {
                 errno: code, message: pmemErrorMessage())
         }
         do {
-            return try PMemDevice(path: path, mapping: mapping, options: options)
+            return try PMemDevice(path: path, mapping: mapping, options: options, created: true)
         } catch {
             _ = calls.pmemUnmap(mapping.address, mapping.length)
             unlink(path)
@@ -187,7 +197,7 @@ public final class PMemDevice: Sendable {
         }
         do {
             try validate(size: mapping.length, path: path)
-            return try PMemDevice(path: path, mapping: mapping, options: options)
+            return try PMemDevice(path: path, mapping: mapping, options: options, created: false)
         } catch {
             unmap(mapping.address, mapping.length, readOnly: options.readOnly, calls: calls)
             throw error
@@ -233,13 +243,19 @@ public final class PMemDevice: Sendable {
         return Int(String(decoding: text[..<count], as: UTF8.self).filter(\.isNumber)) ?? 0
     }
 
-    private init(
-        path: String, mapping: (address: UnsafeMutableRawPointer, length: Int, isPmem: Bool), options: Options
+    /// `privateImageFD`: a crash image's descriptor, already mapped privately at `mapping`.
+    init(
+        path: String, mapping: (address: UnsafeMutableRawPointer, length: Int, isPmem: Bool), options: Options,
+        created: Bool, privateImageFD: Int32? = nil
     ) throws {
         let calls = options.systemCalls
-        let fd = calls.open(path, (options.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC, 0)
+        guard !(options.readOnly && options.powerFailureEmulation != nil) else {
+            throw DAXError(
+                .invalidArgument, "cannot emulate power failures on \(path) opened read-only: nothing is stored")
+        }
+        let fd = privateImageFD ?? calls.open(path, (options.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC, 0)
         guard fd >= 0 else { throw DAXError.system("open", "cannot open device \(path)", errno: Glibc.errno) }
-        let readOnlyFD = calls.open(path, O_RDONLY | O_CLOEXEC, 0)
+        let readOnlyFD = privateImageFD.map { dup($0) } ?? calls.open(path, O_RDONLY | O_CLOEXEC, 0)
         guard readOnlyFD >= 0 else {
             let code = Glibc.errno
             Glibc.close(fd)
@@ -248,7 +264,9 @@ public final class PMemDevice: Sendable {
         var info = stat()
         fstat(fd, &info)
         self.isDeviceDAX = (info.st_mode & S_IFMT) == S_IFCHR
-        self.isSparse = (info.st_mode & S_IFMT) == S_IFREG && Int(info.st_blocks) * 512 < Int(info.st_size)
+        // A crash image's holes say nothing of what its checker stored privately: all of it is data.
+        self.isSparse =
+            privateImageFD == nil && (info.st_mode & S_IFMT) == S_IFREG && Int(info.st_blocks) * 512 < Int(info.st_size)
         self.path = path
         self.size = mapping.length
         self.base = mapping.address
@@ -263,10 +281,19 @@ public final class PMemDevice: Sendable {
         case .cacheFlush, .msync: self.persistence = options.persistence
         }
         self.flushesCaches = persistence == .cacheFlush
-        self.persistsDirectly = flushesCaches && calls.isLive
-        self.mapSync = Self.probeMapSync(fd: fd, readOnly: options.readOnly, calls: calls)
+        self.persistsDirectly = flushesCaches && calls.isLive && options.powerFailureEmulation == nil
+        self.isPrivateImage = privateImageFD != nil
+        self.mapSync =
+            privateImageFD == nil
+            ? Self.probeMapSync(fd: fd, readOnly: options.readOnly, calls: calls)
+            : .refused(reason: "a crash image is mapped privately")
         do {
             self.pages = try PageMap(pageCount: mapping.length / Self.pageSize)
+            self.emulation = try options.powerFailureEmulation.map { domain in
+                try MediaCopy(
+                    domain: domain, cpu: mapping.address, size: mapping.length, deviceFD: fd, copyingDevice: !created,
+                    path: path)
+            }
         } catch {
             Glibc.close(fd)
             Glibc.close(readOnlyFD)
@@ -276,9 +303,18 @@ public final class PMemDevice: Sendable {
 
     deinit {
         if state.load(ordering: .acquiring) != State.unmapped {
-            Self.unmap(base, size, readOnly: isReadOnly, calls: systemCalls)
+            emulation?.close()
+            unmapMapping()
             Glibc.close(fd)
             Glibc.close(readOnlyFD)
+        }
+    }
+
+    private func unmapMapping() {
+        if isPrivateImage {
+            _ = systemCalls.munmap(base, size)
+        } else {
+            Self.unmap(base, size, readOnly: isReadOnly, calls: systemCalls)
         }
     }
 
@@ -374,7 +410,8 @@ public final class PMemDevice: Sendable {
             state.compareExchange(expected: State.closing, desired: State.unmapped, ordering: .sequentiallyConsistent)
                 .exchanged
         else { return }
-        Self.unmap(base, size, readOnly: isReadOnly, calls: systemCalls)
+        emulation?.close()
+        unmapMapping()
         Glibc.close(fd)
         Glibc.close(readOnlyFD)
     }
@@ -400,7 +437,13 @@ public final class PMemDevice: Sendable {
 
     @inline(never)
     private func persistThroughSeam(_ address: UnsafeMutableRawPointer, _ count: Int) {
-        if flushesCaches { systemCalls.persist(address, count) } else { syncOrFlush(address, count) }
+        if let emulation {
+            emulation.persist(offset: address - base, count: count)
+        } else if flushesCaches {
+            systemCalls.persist(address, count)
+        } else {
+            syncOrFlush(address, count)
+        }
     }
 
     /// Starts write-back of the range's cache lines without waiting: `pmem_flush` (in `.msync`
@@ -409,6 +452,9 @@ public final class PMemDevice: Sendable {
         checkRange(offset, count)
         if persistsDirectly {
             pmem_flush(base + offset, count)
+        } else if let emulation {
+            emulation.flush(offset: offset, count: count)
+            if !flushesCaches { emulation.fence() }
         } else if flushesCaches {
             systemCalls.flush(base + offset, count)
         } else {
@@ -419,10 +465,17 @@ public final class PMemDevice: Sendable {
     /// Waits until flushed lines are durable: `pmem_drain` (SFENCE). A no-op in `.msync` mode,
     /// where every flush already waited.
     public func drain() {
-        if persistsDirectly { pmem_drain() } else if flushesCaches { systemCalls.drain() }
+        if persistsDirectly {
+            pmem_drain()
+        } else if let emulation {
+            if flushesCaches { emulation.fence() }
+        } else if flushesCaches {
+            systemCalls.drain()
+        }
     }
 
-    /// Calls `pmem_msync` on the range, whatever the mode, and reports its failure.
+    /// Calls `pmem_msync` on the range, whatever the mode, and reports its failure. Under
+    /// power-failure emulation a successful `msync` persists the range, as it would on a DAX file.
     public func msync(offset: Int, count: Int) throws {
         checkRange(offset, count)
         guard systemCalls.msync(base + offset, count) == 0 else {
@@ -430,6 +483,7 @@ public final class PMemDevice: Sendable {
                 "msync", "cannot persist \(counted(count, "byte")) at offset \(offset) of \(path)",
                 errno: Glibc.errno)
         }
+        emulation?.persist(offset: offset, count: count)
     }
 
     /// Errors of `msync` in ``persist(offset:count:)`` since the device was opened.
@@ -451,7 +505,10 @@ public final class PMemDevice: Sendable {
         checkRange(offset, source.count)
         checkWritable()
         let to = base + offset
-        if flushesCaches {
+        if let emulation {
+            to.copyMemory(from: from, byteCount: source.count)
+            emulatedPersistence(emulation, offset, source.count, flags)
+        } else if flushesCaches {
             if systemCalls.isLive {
                 pmem_memcpy(to, from, source.count, flags.rawValue)
             } else {
@@ -470,7 +527,10 @@ public final class PMemDevice: Sendable {
         checkRange(offset, count)
         checkWritable()
         let to = base + offset
-        if flushesCaches {
+        if let emulation {
+            memset(to, Int32(value), count)
+            emulatedPersistence(emulation, offset, count, flags)
+        } else if flushesCaches {
             if systemCalls.isLive {
                 pmem_memset(to, Int32(value), count, flags.rawValue)
             } else {
@@ -479,6 +539,17 @@ public final class PMemDevice: Sendable {
         } else {
             memset(to, Int32(value), count)
             if !flags.contains(.noFlush) { syncOrFlush(to, count) }
+        }
+    }
+
+    /// What a persistent copy or fill with `flags` does to the media copy: flush unless
+    /// `.noFlush`, then fence unless `.noDrain` (in `.msync` mode the flush itself waits).
+    private func emulatedPersistence(_ emulation: MediaCopy, _ offset: Int, _ count: Int, _ flags: CopyFlags) {
+        guard !flags.contains(.noFlush) else { return }
+        if !flushesCaches || !flags.contains(.noDrain) {
+            emulation.persist(offset: offset, count: count)
+        } else {
+            emulation.flush(offset: offset, count: count)
         }
     }
 
@@ -553,7 +624,9 @@ public final class PMemDevice: Sendable {
         checkWritable()
         let first = (offset + Self.pageSize - 1) / Self.pageSize * Self.pageSize
         let last = (offset + count) / Self.pageSize * Self.pageSize
-        guard isSparse, first < last,
+        // Under emulation the zeros are stores like any other: a punched hole would change the
+        // pages without a store to track.
+        guard isSparse, emulation == nil, first < last,
             systemCalls.fallocate(fd, dax_FALLOC_FL_PUNCH_HOLE | dax_FALLOC_FL_KEEP_SIZE, first, last - first) == 0
         else {
             fill(offset: offset, count: count, flags: .nonTemporal)

@@ -1,0 +1,110 @@
+import ArgumentParser
+import DAX
+import Foundation
+
+/// The options of every `explore` command (`daxemu explore`, `kvstore explore`, `pmemlog explore`):
+/// the explorer's settings, the shard, the JSON report and the replay of one failure.
+public struct ExploreOptions: ParsableArguments {
+    /// `--images-per-point`: ``CrashExplorer/imagesPerPoint``.
+    @Option(help: "Seeded random crash images per crash point, on top of none, all and small subsets.")
+    public var imagesPerPoint = 8
+
+    /// `--seed`: ``CrashExplorer/seed``, and the workload's seed where it has one.
+    @Option(help: "Seed of the workload and of the random images.")
+    public var seed: UInt64 = 1
+
+    /// `--domain`: `adr` or `eadr`.
+    @Option(help: "The persistence domain: adr (flushed and fenced lines survive) or eadr (every store).")
+    public var domain = "adr"
+
+    /// `--shard K/N`: ``CrashExplorer/shard``.
+    @Option(help: "Check only shard K of N (1 <= K <= N); N runs check what one run checks.")
+    public var shard: String?
+
+    /// `--json FILE`: where the report goes as JSON.
+    @Option(help: "Write the report as JSON to this file (join shards with `daxemu explore-merge`).")
+    public var json: String?
+
+    /// `--replay POINT:SEED`: the failure to replay.
+    @Option(help: "Replay one failure, POINT:SEED, and keep its image (needs --keep).")
+    public var replay: String?
+
+    /// `--keep FILE`: where the replayed image is kept.
+    @Option(help: "Where --replay writes the failure's crash image, a device file.")
+    public var keep: String?
+
+    /// The defaults.
+    public init() {}
+
+    /// Refuses values the explorer cannot take.
+    public func validate() throws {
+        guard imagesPerPoint >= 0 else { throw ValidationError("--images-per-point is 0 or more") }
+        guard ["adr", "eadr"].contains(domain) else { throw ValidationError("--domain is adr or eadr, not \(domain)") }
+        guard (replay == nil) == (keep == nil) else { throw ValidationError("--replay and --keep go together") }
+    }
+
+    /// The explorer these options describe, on a device of `deviceSize` bytes.
+    public func explorer(deviceSize: Int) throws -> CrashExplorer {
+        var explorer = CrashExplorer(
+            deviceSize: deviceSize, domain: domain == "eadr" ? .eadr : .adr, imagesPerPoint: imagesPerPoint,
+            seed: seed)
+        if let shard { explorer.shard = try CrashShard(parsing: shard) }
+        return explorer
+    }
+
+    /// Explores (or replays, with `--replay`), prints what it found, writes `--json`, and exits
+    /// with status 1 when a crash image failed its check.
+    public func run(
+        deviceSize: Int, setup: (PMemDevice) throws -> Void, workload: (PMemDevice) throws -> Void,
+        check: (PMemDevice) throws -> Void
+    ) throws {
+        let explorer = try explorer(deviceSize: deviceSize)
+        if let replay, let keep {
+            let parts = replay.split(separator: ":")
+            guard parts.count == 2, let point = Int(parts[0]), let seed = UInt64(parts[1]) else {
+                throw CommandError("--replay is POINT:SEED, as a failure line prints it, not \(replay)")
+            }
+            let failure = CrashFailure(crashPoint: point, seed: seed, error: "")
+            let error = try explorer.replay(
+                failure, keepingImageAt: keep, setup: setup, workload: workload, check: check)
+            print("crash image of point \(point), seed \(seed) kept in \(keep)")
+            if let error {
+                print("check fails: \(error)")
+                throw ExitCode(1)
+            }
+            print("check passes on it now")
+            return
+        }
+        let report = try explorer.explore(setup: setup, workload: workload, check: check)
+        try Self.report(report, json: json)
+    }
+
+    /// Prints a report (and the replay command of each failure) and writes it as JSON to `json`;
+    /// exits with status 1 when it holds failures.
+    public static func report(_ report: CrashReport, json: String?) throws {
+        let shards = report.isComplete ? "" : " (shards \(report.shards.map(\.description).joined(separator: ", ")))"
+        Swift.print(
+            "crash points: \(report.crashPoints), images checked: \(report.imagesChecked)\(shards), "
+                + "images per second: \(Int(report.imagesPerSecond.rounded())), failures: \(report.failures.count)")
+        for failure in report.failures.prefix(20) {
+            Swift.print("  \(failure)  (replay: --replay \(failure.crashPoint):\(failure.seed) --keep FILE)")
+        }
+        if report.failures.count > 20 { Swift.print("  ... and \(report.failures.count - 20) more") }
+        if let json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try encoder.encode(report).write(to: URL(fileURLWithPath: json))
+        }
+        if !report.failures.isEmpty { throw ExitCode(1) }
+    }
+}
+
+/// Per-operation bookkeeping a checker needs: which operation was in flight at a crash point, so
+/// that the state found can be compared with the state before it and after it.
+public final class OperationProgress {
+    /// Operations that returned; the next one is in flight.
+    public var completed = 0
+
+    /// Nothing completed yet.
+    public init() {}
+}

@@ -1,0 +1,126 @@
+/// Part of a crash-exploration campaign: shard `index` (from 1) of `count`.
+///
+/// Each crash image (a crash point and a seed) belongs to exactly one shard, chosen by a hash of
+/// the two, so `count` runs with shards 1 through `count` check exactly the images one run
+/// checks, each once. Every shard runs the whole workload: crash points are found by running it.
+public struct CrashShard: Sendable, Hashable, Codable, CustomStringConvertible {
+    /// From 1 to ``count``.
+    public let index: Int
+    /// Shards in the campaign, at least 1.
+    public let count: Int
+
+    /// The whole campaign in one run.
+    public static let all = CrashShard(checkedIndex: 1, count: 1)
+
+    /// Throws `.invalidArgument` unless `1 <= index <= count`.
+    public init(index: Int, count: Int) throws {
+        guard count >= 1, index >= 1, index <= count else {
+            throw DAXError(
+                .invalidArgument, "shard \(index)/\(count) is not one of 1/\(count) through \(count)/\(count)")
+        }
+        self.init(checkedIndex: index, count: count)
+    }
+
+    /// Parses `K/N` (for example `3/8`, as a CI matrix or a Slurm array passes it).
+    public init(parsing text: String) throws {
+        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, let index = Int(parts[0]), let count = Int(parts[1]) else {
+            throw DAXError(.invalidArgument, "shard '\(text)' is not K/N, such as 1/4")
+        }
+        try self.init(index: index, count: count)
+    }
+
+    private init(checkedIndex index: Int, count: Int) {
+        self.index = index
+        self.count = count
+    }
+
+    /// Whether the image of `seed` at crash point `point` is this shard's.
+    func owns(point: Int, seed: UInt64) -> Bool {
+        guard count > 1 else { return true }
+        var mix = SplitMix64(seed: UInt64(point) &* 0x9E37_79B9_7F4A_7C15 ^ seed)
+        return Int(mix.next() % UInt64(count)) == index - 1
+    }
+
+    /// `K/N`, as ``init(parsing:)`` reads it.
+    public var description: String { "\(index)/\(count)" }
+}
+
+/// What a crash exploration found.
+public struct CrashReport: Sendable, Codable, Equatable {
+    /// Fences of the workload, and the end of the workload: each a moment a power failure was
+    /// emulated at.
+    public var crashPoints: Int
+    /// Crash images the checker ran on (in this shard).
+    public var imagesChecked: Int
+    /// Images the checker rejected, by crash point then seed; empty when every image passed.
+    public var failures: [CrashFailure]
+    /// The shards this report covers, sorted (all of them after a complete merge).
+    public var shards: [CrashShard]
+    /// Seconds the exploration took (the sum over merged shards).
+    public var seconds: Double
+
+    /// Creates a report.
+    public init(
+        crashPoints: Int, imagesChecked: Int, failures: [CrashFailure], shards: [CrashShard] = [.all],
+        seconds: Double = 0
+    ) {
+        self.crashPoints = crashPoints
+        self.imagesChecked = imagesChecked
+        self.failures = failures
+        self.shards = shards
+        self.seconds = seconds
+    }
+
+    /// Images checked per second of exploration.
+    public var imagesPerSecond: Double { seconds > 0 ? Double(imagesChecked) / seconds : 0 }
+
+    /// Joins the reports of the shards of one campaign. Throws `.invalidArgument` when they are
+    /// not shards of one campaign (different shard counts or crash points, a shard twice, none).
+    public static func merge(_ reports: [CrashReport]) throws -> CrashReport {
+        guard let first = reports.first else { throw DAXError(.invalidArgument, "no crash reports to merge") }
+        var shards: [CrashShard] = []
+        for report in reports {
+            guard report.crashPoints == first.crashPoints else {
+                throw DAXError(
+                    .invalidArgument,
+                    "cannot merge crash reports of different runs: \(report.crashPoints) crash points "
+                        + "against \(first.crashPoints)")
+            }
+            shards += report.shards
+        }
+        guard Set(shards.map(\.count)).count == 1 else {
+            throw DAXError(.invalidArgument, "cannot merge shards of campaigns of different sizes: \(shards)")
+        }
+        guard Set(shards).count == shards.count else {
+            throw DAXError(.invalidArgument, "cannot merge crash reports: a shard appears twice in \(shards)")
+        }
+        return CrashReport(
+            crashPoints: first.crashPoints, imagesChecked: reports.map(\.imagesChecked).reduce(0, +),
+            failures: reports.flatMap(\.failures).sorted { ($0.crashPoint, $0.seed) < ($1.crashPoint, $1.seed) },
+            shards: shards.sorted { $0.index < $1.index }, seconds: reports.map(\.seconds).reduce(0, +))
+    }
+
+    /// True when the shards cover the whole campaign.
+    public var isComplete: Bool { shards.count == shards.first?.count }
+}
+
+/// A crash image the checker rejected.
+public struct CrashFailure: Sendable, CustomStringConvertible, Codable, Equatable {
+    /// Which fence of the workload, counted from 1 (one past the last fence: after the workload).
+    public var crashPoint: Int
+    /// Replays the image with ``CrashExplorer/replay(_:keepingImageAt:setup:workload:check:)``.
+    public var seed: UInt64
+    /// What `check` threw.
+    public var error: String
+
+    /// Creates a failure record.
+    public init(crashPoint: Int, seed: UInt64, error: String) {
+        self.crashPoint = crashPoint
+        self.seed = seed
+        self.error = error
+    }
+
+    /// One line: the crash point, the seed and the error.
+    public var description: String { "crash point \(crashPoint), seed \(seed): \(error)" }
+}

@@ -1,0 +1,67 @@
+import Foundation
+import Testing
+
+@testable import DAX
+
+@Suite("explore commands")
+struct ExploreCommandTests {
+    func images(in output: String) -> Int? {
+        guard let range = output.range(of: "images checked: ") else { return nil }
+        return Int(output[range.upperBound...].prefix { $0.isNumber })
+    }
+
+    @Test("daxemu explore checks every crash image of random operations; shards merge to the same count")
+    func daxemuExplore() throws {
+        let whole = try runCommand("daxemu", ["explore", "--ops", "3", "--images-per-point", "0", "--seed", "3"])
+        #expect(whole.status == 0, "\(whole.errors)")
+        #expect(whole.output.contains("failures: 0"))
+        let total = try #require(images(in: whole.output))
+
+        let first = DevicePath()
+        let second = DevicePath()
+        for (index, path) in [(1, first.path), (2, second.path)] {
+            let shard = try runCommand(
+                "daxemu",
+                [
+                    "explore", "--ops", "3", "--images-per-point", "0", "--seed", "3", "--shard", "\(index)/2",
+                    "--json", path,
+                ])
+            #expect(shard.status == 0, "\(shard.errors)")
+            #expect((images(in: shard.output) ?? total) < total)
+        }
+        let merged = try runCommand("daxemu", ["explore-merge", first.path, second.path])
+        #expect(merged.status == 0, "\(merged.errors)")
+        #expect(images(in: merged.output) == total)
+
+        let partial = try runCommand("daxemu", ["explore-merge", first.path])
+        #expect(partial.status == 1)
+        #expect(partial.output.contains("missing shards: 2"))
+        expectCleanFailure(try runCommand("daxemu", ["explore-merge", first.path, first.path]), mentioning: "twice")
+    }
+
+    @Test("daxemu explore refuses bad options and replays a crash point into a device file")
+    func daxemuOptionsAndReplay() throws {
+        expectCleanFailure(try runCommand("daxemu", ["explore", "--ops", "2", "--shard", "3/2"]), mentioning: "shard")
+        let unpaired = try runCommand("daxemu", ["explore", "--replay", "1:0"])
+        #expect(unpaired.status == 64)
+        let kept = DevicePath()
+        let replay = try runCommand("daxemu", ["explore", "--ops", "2", "--replay", "2:1", "--keep", kept.path])
+        #expect(replay.status == 0, "\(replay.errors)")
+        #expect(replay.output.contains("kept in \(kept.path)"))
+        let device = try PMemDevice.open(path: kept.path)
+        defer { device.close() }
+        #expect(DAXFileSystem.isFormatted(device))
+    }
+
+    @Test("kvstore explore and pmemlog explore pass: their updates are crash-atomic")
+    func examples() throws {
+        let kvstore = try runCommand("kvstore", ["explore", "--ops", "5", "--images-per-point", "0"])
+        #expect(kvstore.status == 0, "\(kvstore.errors)")
+        #expect(kvstore.output.contains("failures: 0"))
+        #expect((images(in: kvstore.output) ?? 0) > 5)
+        let pmemlog = try runCommand("pmemlog", ["explore", "--records", "4", "--images-per-point", "0"])
+        #expect(pmemlog.status == 0, "\(pmemlog.errors)")
+        #expect(pmemlog.output.contains("failures: 0"))
+        #expect((images(in: pmemlog.output) ?? 0) > 4)
+    }
+}
