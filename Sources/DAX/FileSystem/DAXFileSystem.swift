@@ -428,6 +428,11 @@ public struct Statistics: Sendable, Equatable {
     public var totalInodes: Int = 0
     /// Metadata transactions committed since mount.
     public var journalCommits: Int = 0
+    /// Faults resolved on the file system's mappings since mount (all zero without a fault
+    /// handler: ``DAXFileSystem/faultHandling``).
+    public var faults = FaultCounts()
+    /// Data blocks owned by more than one file (reflinks, dedup): none until blocks can be shared.
+    public var sharedBlocks: Int = 0
 
     public init(
         totalBlocks: Int, freeBlocks: Int, quarantinedBlocks: Int, pinnedPages: Int, pinsAcquired: Int,

@@ -1,0 +1,92 @@
+/// The parts of the file system's contract that wait for the fault handler: what they say today,
+/// truthfully, and what they refuse.
+///
+/// Faults on DAX mappings (zero-page and allocating faults, copy-on-write) need a `userfaultfd`
+/// handler that this version does not have: mappings are populated when they are made. Sharing
+/// blocks between files (reflink, snapshots, dedup) and moving pages (migration) are built on those
+/// faults, so they are refused with `.unsupported` until it lands, rather than done in a way that a
+/// device writing by frame could see through (a store to a shared page must fault and copy first).
+extension DAXFileSystem {
+    /// Which fault handling is in effect. This version has none: see ``FaultHandling/unavailable(reason:)``.
+    public var faultHandling: FaultHandling {
+        .unavailable(
+            reason: "this version populates a mapping when it is made: holes of a read-only mapping show the zero "
+                + "page, a writable mapping gives them blocks, and a page a truncate cut off faults with SIGBUS "
+                + "until the file grows over it and something maps it again; there is no userfaultfd handler yet")
+    }
+
+    /// reflink (`FICLONE`): `destination` would share the source's blocks copy-on-write. Not built
+    /// yet: throws `.unsupported` and changes nothing (it needs write-protect faults, see above).
+    public func clone(_ source: String, to destination: String, ifPinned: PinnedPagePolicy = .copy) throws {
+        throw DAXError(
+            .unsupported,
+            "cannot clone \(Paths.debug(source)) to \(Paths.debug(destination)): sharing blocks copy-on-write "
+                + "needs the fault handler, which this version does not have")
+    }
+
+    /// `FIDEDUPERANGE`: where the ranges hold the same bytes, `destination` would share `source`'s
+    /// blocks. Not built yet: throws `.unsupported` and changes nothing.
+    public func deduplicate(
+        _ source: String, offset: Int, _ destination: String, offset destinationOffset: Int, count: Int
+    ) throws -> Int {
+        throw DAXError(
+            .unsupported,
+            "cannot deduplicate \(Paths.debug(destination)) against \(Paths.debug(source)): sharing blocks "
+                + "needs the fault handler, which this version does not have")
+    }
+}
+
+/// What ``DAXFileSystem/clone(_:to:ifPinned:)`` does with pages of the source that are pinned.
+public enum PinnedPagePolicy: Sendable {
+    /// Pinned pages are copied into the clone now; the pinned frames stay with the source (fork's
+    /// early copy of pinned pages).
+    case copy
+    /// `.busy`, nothing changes.
+    case fail
+    /// Until no page of the source is pinned; `.timedOut` changes nothing.
+    case wait(timeout: Duration)
+    /// Share pinned pages anyway, as a file system that ignores pins would: a device writing by
+    /// frame changes the clone too.
+    case unsafeShare
+}
+
+/// What ``DAXFile/migrate(offset:count:)`` did.
+public struct MigrationResult: Sendable, Equatable {
+    /// Pages moved to new blocks.
+    public var migrated: Int
+    /// File page indexes left in place: an unexpected reference (a pin).
+    public var busy: [Int]
+
+    /// A result of `migrated` pages moved and `busy` left in place.
+    public init(migrated: Int, busy: [Int]) {
+        self.migrated = migrated
+        self.busy = busy
+    }
+}
+
+extension DAXFile {
+    /// `migrate_pages` for the file's pages in the range. Not built yet: throws `.unsupported` and
+    /// changes nothing (moving a mapped page needs the fault handler, see ``DAXFileSystem``).
+    public func migrate(offset: Int, count: Int) throws -> MigrationResult {
+        throw DAXError(
+            .unsupported,
+            "cannot migrate \(Paths.debug(path)) at \(offset) + \(count): moving mapped pages needs the fault "
+                + "handler, which this version does not have")
+    }
+
+    /// fsync: makes every store through the file's mappings durable, and its metadata (which every
+    /// change already committed durably). Without write-protect tracking of dirty pages it makes
+    /// every block the file holds durable (`pmem_persist`, or `msync` in `.msync` mode), the way
+    /// the kernel's `dax_writeback_mapping_range` would with every page tagged dirty.
+    public func sync() throws {
+        try operation("sync") {
+            try inode.lock.withReadLock {
+                try inode.checkLive(path)
+                for extent in inode.extents.allExtents {
+                    fileSystem.device.persist(
+                        offset: Int(extent.physical) * PMemDevice.pageSize, count: Int(extent.length) * PMemDevice.pageSize)
+                }
+            }
+        }
+    }
+}
