@@ -1,9 +1,10 @@
 import Foundation
+import Synchronization
 import Testing
 
 @testable import DAX
 
-@Suite("sync, and the fault and forking calls this version refuses")
+@Suite("sync, migrate, and the fault and forking calls this version refuses")
 struct SyncAndContractTests {
     @Test("sync makes stores through a mapping survive a power failure; before it they are lost")
     func syncPersistsMappedStores() throws {
@@ -32,7 +33,7 @@ struct SyncAndContractTests {
         try fs.unmount()
     }
 
-    @Test("no fault handler is claimed; clone, deduplicate and migrate are .unsupported and change nothing")
+    @Test("no fault handler is claimed; clone and deduplicate are .unsupported and change nothing")
     func refusedCalls() throws {
         let t = try TemporaryFileSystem(size: 4 << 20, name: "refused")
         guard case .unavailable(let reason) = t.fs.faultHandling else {
@@ -46,12 +47,135 @@ struct SyncAndContractTests {
         expectDAXError(.unsupported) { try t.fs.clone("/a", to: "/b") }
         expectDAXError(.unsupported) { try t.fs.clone("/a", to: "/b", ifPinned: .unsafeShare) }
         expectDAXError(.unsupported) { try t.fs.deduplicate("/a", offset: 0, "/a", offset: 4096, count: 4096) }
-        expectDAXError(.unsupported) { try file.migrate(offset: 0, count: 8192) }
         #expect(try t.fs.contentsOfDirectory("/") == ["a"])
         #expect(try file.read(count: 8192, at: 0) == pattern(8192))
         let after = t.fs.statistics()
         #expect(after == before)
         #expect(after.faults == FaultCounts() && after.sharedBlocks == 0)
         #expect(try t.fs.check().isClean)
+    }
+
+    @Test("migrate moves every page to a new block, keeps every byte, and maps the new frames; a pinned page stays")
+    func migrateKeepsBytesAndSkipsPins() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "migrate")
+        // A fragmented file: its pages interleaved with another file's.
+        let file = try t.fs.create("/f")
+        let spacer = try t.fs.create("/spacer")
+        for page in 0..<8 {
+            try file.write(pattern(4096, seed: page), at: page * 4096)
+            try spacer.write([1], at: page * 4096)
+        }
+        try t.fs.remove("/spacer")
+        spacer.close()
+        let before = try file.frames(offset: 0, count: 8 * 4096).map { $0! }
+        let mapping = try file.map(count: 8 * 4096)
+        let second = try file.map(offset: 4096, count: 2 * 4096, access: .readOnly)
+        let nic = DMAEngine(device: t.device)
+        let region = nic.register(try mapping.pin(offset: 3 * 4096, count: 1))
+
+        let result = try file.migrate(offset: 0, count: 8 * 4096)
+        #expect(result.migrated == 7)
+        #expect(result.busy == [3])
+        let after = try file.frames(offset: 0, count: 8 * 4096).map { $0! }
+        #expect(after[3] == before[3], "the pinned page stays where it is")
+        for page in [0, 1, 2, 4, 5, 6, 7] { #expect(after[page] != before[page]) }
+        #expect(Set(after).count == 8)
+        for page in 0..<8 {
+            #expect(try file.read(count: 4096, at: page * 4096) == pattern(4096, seed: page), "page \(page)")
+            #expect(mapping.baseAddress.load(fromByteOffset: page * 4096 + 7, as: UInt8.self) == pattern(4096, seed: page)[7])
+            #expect(t.device.pages.state(of: after[page]).mapCount == (page == 1 || page == 2 ? 2 : 1))
+        }
+        #expect(second.baseAddress.load(fromByteOffset: 5, as: UInt8.self) == pattern(4096, seed: 1)[5])
+        // The moved pages' old blocks are free again; a store through the mapping reaches the new block.
+        for page in [0, 1, 2, 4, 5, 6, 7] { #expect(!t.device.pages.state(of: before[page]).isAllocated) }
+        mapping.baseAddress.storeBytes(of: 0xEE, toByteOffset: 5 * 4096, as: UInt8.self)
+        #expect(try t.device.read(count: 1, at: after[5].deviceOffset) == [0xEE])
+        // The NIC still writes the file through the pinned frame.
+        try nic.write([0xD0], to: region, at: 0)
+        #expect(try file.read(count: 1, at: 3 * 4096) == [0xD0])
+        nic.deregister(region)
+        #expect(try file.migrate(offset: 3 * 4096, count: 1) == MigrationResult(migrated: 1, busy: []))
+        #expect(try file.read(count: 1, at: 3 * 4096) == [0xD0])
+        #expect(try t.fs.check().isClean)
+        let statistics = t.fs.statistics()
+        #expect(statistics.pinsAcquired == statistics.pinsReleased && statistics.pinnedPages == 0)
+        mapping.unmap()
+        second.unmap()
+        file.close()
+        try t.fs.unmount()
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        let reopened = try fs.open("/f")
+        for page in 0..<8 where page != 3 && page != 5 {
+            #expect(try reopened.read(count: 4096, at: page * 4096) == pattern(4096, seed: page))
+        }
+        #expect(try fs.check().isClean)
+    }
+
+    @Test("migrating a fragmented file gathers it into one extent where the free space allows")
+    func migrateDefragments() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "defrag")
+        let file = try t.fs.create("/f")
+        let spacer = try t.fs.create("/spacer")
+        for page in 0..<16 {
+            try file.write(pattern(100, seed: page), at: page * 4096)
+            try spacer.write([1], at: page * 4096)
+        }
+        try t.fs.remove("/spacer")
+        let runs = { (frames: [PageFrameNumber?]) in
+            zip(frames.dropFirst(), frames).filter { $0.0!.rawValue != $0.1!.rawValue + 1 }.count + 1
+        }
+        #expect(runs(try file.frames(offset: 0, count: 16 * 4096)) == 16)
+        #expect(try file.migrate(offset: 0, count: 16 * 4096).migrated == 16)
+        #expect(runs(try file.frames(offset: 0, count: 16 * 4096)) == 1)
+        for page in 0..<16 { #expect(try file.read(count: 100, at: page * 4096) == pattern(100, seed: page)) }
+        #expect(try file.migrate(offset: 1 << 20, count: 4096) == MigrationResult(migrated: 0, busy: []))
+        expectDAXError(.invalidArgument) { try file.migrate(offset: -1, count: 4096) }
+        #expect(try t.fs.check().isClean)
+    }
+
+    @Test("threads pin, DMA-write canaries and unpin while another migrates the file: no write is lost")
+    func migrateRacesPinners() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "migrace")
+        let pages = 16
+        let file = try t.fs.create("/f")
+        try file.write([UInt8](repeating: 0, count: pages * 4096), at: 0)
+        let mapping = try file.map(count: pages * 4096)
+        let nic = DMAEngine(device: t.device)
+        let rounds = longTests ? 20_000 : 2_000
+        let problems = ProblemLog()
+        let migrated = Atomic(0)
+        let pinnersDone = Atomic(0)
+        onThreads(3) { role in
+            if role == 2 {
+                // Migrate until both pinners are done, then once more.
+                repeat {
+                    do {
+                        migrated.wrappingAdd(try file.migrate(offset: 0, count: pages * 4096).migrated, ordering: .relaxed)
+                    } catch { problems.add("migrate: \(error)") }
+                } while pinnersDone.load(ordering: .acquiring) < 2
+                return
+            }
+            for round in 0..<rounds {
+                let page = (round * 7 + role * 3) % pages
+                let slot = page * 4096 + role * 8
+                let canary = UInt64(role + 1) << 56 | UInt64(round)
+                do {
+                    let region = nic.register(try mapping.pin(offset: slot, count: 8))
+                    try withUnsafeBytes(of: canary.littleEndian) { try nic.write(from: $0, to: region, at: slot % 4096) }
+                    nic.deregister(region)
+                    let bytes = try file.read(count: 8, at: slot)
+                    let seen = bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+                    if UInt64(littleEndian: seen) != canary { problems.add("round \(round): page \(page) lost a DMA write") }
+                } catch { problems.add("pinner \(role): \(error)") }
+            }
+            pinnersDone.wrappingAdd(1, ordering: .releasing)
+        }
+        #expect(problems.all.isEmpty, "\(problems.all)")
+        #expect(migrated.load(ordering: .relaxed) > 0)
+        let statistics = t.fs.statistics()
+        #expect(statistics.pinsAcquired == statistics.pinsReleased && statistics.pinnedPages == 0)
+        #expect(try t.fs.check().isClean)
+        mapping.unmap()
     }
 }

@@ -6,6 +6,7 @@
 /// blocks between files (reflink, snapshots, dedup) and moving pages (migration) are built on those
 /// faults, so they are refused with `.unsupported` until it lands, rather than done in a way that a
 /// device writing by frame could see through (a store to a shared page must fault and copy first).
+/// Migration needs no fault: it maps the new block into every mapping at once (`Migrate.swift`).
 extension DAXFileSystem {
     /// Which fault handling is in effect. This version has none: see ``FaultHandling/unavailable(reason:)``.
     public var faultHandling: FaultHandling {
@@ -65,15 +66,6 @@ public struct MigrationResult: Sendable, Equatable {
 }
 
 extension DAXFile {
-    /// `migrate_pages` for the file's pages in the range. Not built yet: throws `.unsupported` and
-    /// changes nothing (moving a mapped page needs the fault handler, see ``DAXFileSystem``).
-    public func migrate(offset: Int, count: Int) throws -> MigrationResult {
-        throw DAXError(
-            .unsupported,
-            "cannot migrate \(Paths.debug(path)) at \(offset) + \(count): moving mapped pages needs the fault "
-                + "handler, which this version does not have")
-    }
-
     /// fsync: makes every store through the file's mappings durable, and its metadata (which every
     /// change already committed durably). Without write-protect tracking of dirty pages it makes
     /// every block the file holds durable (`pmem_persist`, or `msync` in `.msync` mode), the way

@@ -221,7 +221,7 @@ extension DAXFileSystem {
 
     /// Frames referenced beyond their mappings, or pinned. Sequentially consistent loads: the
     /// argument of `docs/pinning.md` (R3 follows R2 in the total order) needs them.
-    private func busyFrames(_ frames: [UInt64]) -> [UInt64] {
+    func busyFrames(_ frames: [UInt64]) -> [UInt64] {
         let table = device.pages.table
         return frames.filter {
             !PageWord.isIdleExceptMappings(table.descriptor($0).pointee.counts.load(ordering: .sequentiallyConsistent))
