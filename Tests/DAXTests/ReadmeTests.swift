@@ -65,6 +65,11 @@ struct ReadmeTests {
         let report = try DAXFileSystem.repair(otherDevice)
 
         #expect(try reader.open("/draft", access: .readOnly).read(count: 5, at: 0) == Array("draft".utf8))
+        let other2 = try TemporaryFileSystem(size: 4 << 20, name: "readme2migrate")
+        let file = try other2.fs.create("/f")
+        try file.write(pattern(3 * 4096), at: 0)
+        let result = try file.migrate(offset: 0, count: file.size)
+        #expect(result == MigrationResult(migrated: 3, busy: []))
         #expect(report.changedNothing)
         try reader.unmount()
     }

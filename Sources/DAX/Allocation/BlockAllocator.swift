@@ -159,6 +159,21 @@ final class BlockAllocator: Sendable {
         }
     }
 
+    /// The first block of the first run of at least `length` available blocks, or nil: a goal
+    /// for an allocation that should be contiguous (migration gathering a file).
+    func firstAvailableRun(length: Int) -> UInt64? {
+        guard length > 0 else { return nil }
+        return state.withTrackedLock { state in
+            var position = 0
+            while let start = state.used.nextClear(from: position, limit: dataBlocks) {
+                let end = state.used.nextSet(from: start, limit: dataBlocks) ?? dataBlocks
+                if end - start >= length { return dataStart + UInt64(start) }
+                position = end
+            }
+            return nil
+        }
+    }
+
     /// Whether data-block index `index` is available, for `check`.
     func isAvailable(_ index: Int) -> Bool { state.withTrackedLock { !$0.used[index] } }
 

@@ -96,9 +96,10 @@ extension DAXFileSystem {
         var record = inode.record
         var moved: [Extent] = []
         do {
-            // One block per page, each asked for just after the last: contiguous where the free
-            // space allows, and owned by the file page it holds.
-            var goal: UInt64?
+            // One block per page, each asked for just after the last, from the first free run
+            // long enough for all of them: contiguous where the free space allows, and each block
+            // owned by the file page it holds.
+            var goal = allocator.firstAvailableRun(length: frozen.count)
             for candidate in frozen {
                 let run = try allocateBacked(1, goal: goal, inode: inode.number, firstIndex: candidate.page)
                 change.allocate(run, superblock: superblock)
