@@ -46,7 +46,7 @@ let benchmarks: [Benchmark] = [
     PagesBenchmarks.pinUnpinPageMap, PagesBenchmarks.pin256, FileSystemBenchmarks.writeBandwidthWarm,
     FileSystemBenchmarks.readBandwidthWarm, FileSystemBenchmarks.createRemove, CrashBenchmarks.imagesPerSecond,
     CrashBenchmarks.crashPointScaling, CrashBenchmarks.persist64Emulated,
-] + ScaleBenchmarks.all
+] + ScaleBenchmarks.all + [MigrationBenchmarks.migrate1GiB]
 if list {
     for benchmark in benchmarks {
         print("\(benchmark.name)\t\(benchmark.unit)\tvs \(benchmark.peerName)\t\(benchmark.goal)")

@@ -244,30 +244,65 @@ public final class DAXMapping: Sendable {
             guard !state.unmapped else { return }
             for extent in extents {
                 guard let local = localRange(extent.logicalRange) else { continue }
-                for index in local where entries[index].load(ordering: .relaxed) == 0 {
-                    let page = firstPage + UInt64(index)
-                    let frame = PageFrameNumber(rawValue: extent.block(for: page))
-                    let address = base + index * PMemDevice.pageSize
-                    do {
-                        try fileSystem.device.pages.tryMap(frame)
-                        do {
-                            try MappingRegion.mapDevicePage(
-                                fileSystem.device, frame: frame.rawValue, at: address, access: access, exposed: true)
-                        } catch {
-                            fileSystem.device.pages.unmap(frame)
-                            throw error
-                        }
-                        entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
-                        state.zeroPages.remove(index)
-                    } catch {
-                        // Not shown (a count at its limit, the process out of map entries): a
-                        // zero page there would read stale zeros over data, so it faults instead.
-                        if state.zeroPages.remove(index) != nil {
-                            MappingRegion.replaceWithFaulting(
-                                address, length: PMemDevice.pageSize, access: access,
-                                calls: fileSystem.device.systemCalls)
-                        }
+                // Runs of pages that show nothing, each mapped with one mmap.
+                var index = local.lowerBound
+                while index < local.upperBound {
+                    guard entries[index].load(ordering: .relaxed) == 0 else {
+                        index += 1
+                        continue
                     }
+                    var end = index + 1
+                    while end < local.upperBound, entries[end].load(ordering: .relaxed) == 0 { end += 1 }
+                    populateRun(index..<end, of: extent, &state)
+                    index = end
+                }
+            }
+        }
+    }
+
+    /// Maps pages `run` of the mapping, all showing nothing now, from `extent`: counted first,
+    /// then one `mmap`; if that fails, page by page, and a page that cannot be shown faults.
+    private func populateRun(_ run: Range<Int>, of extent: Extent, _ state: inout State) {
+        let pageMap = fileSystem.device.pages
+        let firstFrame = extent.block(for: firstPage + UInt64(run.lowerBound))
+        var counted = 0
+        for index in run {
+            guard (try? pageMap.tryMap(PageFrameNumber(rawValue: firstFrame + UInt64(index - run.lowerBound)))) != nil
+            else { break }
+            counted += 1
+        }
+        if counted == run.count,
+            (try? MappingRegion.mapDevice(
+                fileSystem.device, frame: firstFrame, pages: run.count, at: base + run.lowerBound * PMemDevice.pageSize,
+                access: access, exposed: true)) != nil
+        {
+            for index in run {
+                entries[index].store(firstFrame + UInt64(index - run.lowerBound), ordering: .sequentiallyConsistent)
+                state.zeroPages.remove(index)
+            }
+            return
+        }
+        for step in 0..<counted { pageMap.unmap(PageFrameNumber(rawValue: firstFrame + UInt64(step))) }
+        for index in run {
+            let frame = PageFrameNumber(rawValue: firstFrame + UInt64(index - run.lowerBound))
+            let address = base + index * PMemDevice.pageSize
+            do {
+                try pageMap.tryMap(frame)
+                do {
+                    try MappingRegion.mapDevicePage(
+                        fileSystem.device, frame: frame.rawValue, at: address, access: access, exposed: true)
+                } catch {
+                    pageMap.unmap(frame)
+                    throw error
+                }
+                entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
+                state.zeroPages.remove(index)
+            } catch {
+                // Not shown (a count at its limit, the process out of map entries): a zero page
+                // there would read stale zeros over data, so it faults instead.
+                if state.zeroPages.remove(index) != nil {
+                    MappingRegion.replaceWithFaulting(
+                        address, length: PMemDevice.pageSize, access: access, calls: fileSystem.device.systemCalls)
                 }
             }
         }

@@ -96,27 +96,35 @@ extension DAXFileSystem {
         var record = inode.record
         var moved: [Extent] = []
         do {
-            // One block per page, each asked for just after the last, from the first free run
-            // long enough for all of them: contiguous where the free space allows, and each block
-            // owned by the file page it holds.
+            // New blocks for each run of consecutive pages, from the first free run long enough
+            // for all of them: contiguous where the free space allows, each block owned by the
+            // file page it holds. Then the bytes, and the extents pointed at them.
+            let oldBlocks = Dictionary(uniqueKeysWithValues: frozen.map { ($0.page, $0.block) })
             var goal = allocator.firstAvailableRun(length: frozen.count)
-            for candidate in frozen {
-                let run = try allocateBacked(1, goal: goal, inode: inode.number, firstIndex: candidate.page)
-                change.allocate(run, superblock: superblock)
-                let block = run[0].start
-                goal = block + 1
-                (device.base + Int(candidate.block) * Self.pageSize).withMemoryRebound(
-                    to: UInt8.self, capacity: Self.pageSize
-                ) { source in
-                    device.copy(
-                        UnsafeRawBufferPointer(start: source, count: Self.pageSize), toOffset: Int(block) * Self.pageSize,
-                        flags: [.nonTemporal, .noDrain])
+            for pageRun in Self.runs(of: frozen.map(\.page)) {
+                let runs = try allocateBacked(
+                    pageRun.count, goal: goal, inode: inode.number, firstIndex: pageRun.lowerBound)
+                change.allocate(runs, superblock: superblock)
+                var page = pageRun.lowerBound
+                for run in runs {
+                    for step in 0..<run.count {
+                        let source = device.base + Int(oldBlocks[page + step]!) * Self.pageSize
+                        device.copy(
+                            UnsafeRawBufferPointer(start: source, count: Self.pageSize),
+                            toOffset: Int(run.start + step) * Self.pageSize, flags: [.nonTemporal, .noDrain])
+                    }
+                    var done: UInt64 = 0
+                    while done < run.count {
+                        let length = min(run.count - done, Extent.maximumLength)
+                        let extent = Extent(logical: page + done, physical: run.start + done, length: length)
+                        try editExtents(
+                            &map, of: inode.number, replacing: extent.logicalRange, with: [extent], change: &change)
+                        moved.append(extent)
+                        done += length
+                    }
+                    page += run.count
+                    goal = run.end
                 }
-                let extent = Extent(logical: candidate.page, physical: block, length: 1)
-                try editExtents(
-                    &map, of: inode.number, replacing: candidate.page..<(candidate.page + 1), with: [extent],
-                    change: &change)
-                moved.append(extent)
             }
             device.drain()
             record.changeTime = Clock.realtimeNanoseconds
