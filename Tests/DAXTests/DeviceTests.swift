@@ -313,3 +313,38 @@ struct ScaleTests {
         #expect(report.problems.contains { $0.contains("bitmap block 0 checksum mismatch") }, "\(report)")
     }
 }
+
+@Suite("Sparse devices give storage back")
+struct SparseStorageTests {
+    @Test("what a removed or truncated file held goes back to /dev/shm; a pinned block keeps its bytes until unpinned")
+    func freedBlocksAreGivenBack() throws {
+        var options = PMemDevice.Options()
+        options.sparse = true
+        let t = try TemporaryDevice(size: 256 << 20, options: options, name: "giveback")
+        let fs = try DAXFileSystem.format(t.device)
+        let base = ScaleTests.storage(t.path)
+        let big = try fs.create("/big")
+        try big.write([UInt8](repeating: 7, count: 16 << 20), at: 0)
+        #expect(ScaleTests.storage(t.path) >= base + (16 << 20))
+        big.close()
+        try fs.remove("/big")
+        #expect(ScaleTests.storage(t.path) < base + (1 << 20), "\(ScaleTests.storage(t.path) - base) bytes kept")
+
+        // A pinned block freed by a truncate keeps its bytes for the NIC, and goes back at the unpin.
+        let file = try fs.create("/pinned")
+        try file.write([UInt8](repeating: 9, count: 8192), at: 0)
+        let mapping = try file.map(count: 8192)
+        let nic = DMAEngine(device: t.device)
+        let region = nic.register(try mapping.pin(offset: 0, count: 4096))
+        let frame = region.frames[0]
+        try file.truncate(to: 0, ifBusy: .deferFree)
+        #expect(try nic.read(count: 4, from: region, at: 0) == [9, 9, 9, 9])
+        let held = ScaleTests.storage(t.path)
+        nic.deregister(region)
+        #expect(ScaleTests.storage(t.path) == held - 4096)
+        #expect(try t.device.read(count: 4, at: frame.deviceOffset) == [0, 0, 0, 0])
+        mapping.unmap()
+        #expect(try fs.check().isClean)
+        try fs.unmount()
+    }
+}

@@ -131,18 +131,27 @@ final class BlockAllocator: Sendable {
 
     /// Blocks freed on the device by a committed transaction: idle ones become available now,
     /// busy ones are quarantined until their final unpin or put calls ``quarantineEnded(_:)``.
-    func release(_ runs: [BlockRun]) {
+    /// Returns the runs that became available (for a sparse device to give their storage back).
+    @discardableResult
+    func release(_ runs: [BlockRun]) -> [BlockRun] {
         state.withTrackedLock { state in
+            var available: [BlockRun] = []
             for run in runs {
                 for frame in run.range {
                     if pages.markFree(frame) {
                         state.used.clear(Int(frame - dataStart))
                         state.availableCount += 1
+                        if let last = available.last, last.end == frame {
+                            available[available.count - 1].count += 1
+                        } else {
+                            available.append(BlockRun(start: frame, count: 1))
+                        }
                     } else {
                         state.quarantined += 1
                     }
                 }
             }
+            return available
         }
     }
 

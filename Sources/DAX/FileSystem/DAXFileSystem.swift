@@ -209,7 +209,7 @@ public final class DAXFileSystem: Sendable {
             journal: Journal(
                 device: device, superblock: sb,
                 sequence: sequence), scan: scan)
-        device.pages.setQuarantineRelease { [weak allocator = fs.allocator] frame in allocator?.quarantineEnded(frame) }
+        fs.watchQuarantine()
         return fs
     }
 

@@ -56,7 +56,7 @@ extension DAXFileSystem {
             device: device, access: .readOnly, superblock: sb,
             journal: Journal(device: device, superblock: sb, sequence: sequence), scan: scan,
             damage: Damage(problems: problems, inodes: scan.damagedInodes))
-        device.pages.setQuarantineRelease { [weak allocator = fs.allocator] frame in allocator?.quarantineEnded(frame) }
+        fs.watchQuarantine()
         return fs
     }
 

@@ -154,12 +154,7 @@ extension DAXFileSystem {
     }
 
     /// The largest result ``DAXFile/read(count:at:)`` allocates: half of the machine's memory.
-    static let largestReadResult: Int = {
-        let pages = sysconf(Int32(_SC_PHYS_PAGES))
-        let pageBytes = sysconf(Int32(_SC_PAGESIZE))
-        guard pages > 0, pageBytes > 0 else { return 1 << 30 }
-        return pages / 2 * pageBytes
-    }()
+    static var largestReadResult: Int { PMemDevice.largestReadResult }
 
     /// Reads up to `count` bytes at `offset`; short at the end of the file; holes read as zeros.
     func readData(_ inode: Inode, count: Int, at offset: Int) -> [UInt8] {
@@ -364,7 +359,7 @@ extension DAXFileSystem {
         // A failure gives nothing back here: the caller owns the plan's blocks (`changeLayout`).
         try journal.commit(plan.change.transaction, what: "truncate")
         unmapFreed()
-        allocator.release(plan.change.freed)
+        releaseFreed(plan.change.freed)
         inode.extents = plan.extents
         inode.record = plan.record
     }

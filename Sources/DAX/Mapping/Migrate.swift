@@ -146,7 +146,7 @@ extension DAXFileSystem {
         inode.record = record
         for mapping in held { mapping.populate(moved) }
         for candidate in frozen { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }
-        allocator.release(change.freed)
+        releaseFreed(change.freed)
         return MigrationResult(migrated: frozen.count, busy: busy)
     }
 

@@ -649,9 +649,17 @@ public final class PMemDevice: Sendable {
         bytes.withUnsafeBytes { copy($0, toOffset: offset, flags: flags) }
     }
 
-    /// Reads `count` bytes at `offset`. Throws `.invalidArgument` for a range outside the device.
+    /// Reads `count` bytes at `offset`. Throws `.invalidArgument` for a range outside the device,
+    /// and `.noSpace` for a result that would take more than half of the machine's memory (read
+    /// such a range in pieces, or through ``baseAddress``) rather than abort when it cannot be had.
     public func read(count: Int, at offset: Int) throws -> [UInt8] {
         try validateRange(offset, count)
+        guard count <= Self.largestReadResult else {
+            throw DAXError(
+                .noSpace,
+                "cannot read \(counted(count, "byte")) at offset \(offset) of \(path) into one array: more than half "
+                    + "of the machine's memory (\(counted(Self.largestReadResult, "byte"))); read it in pieces")
+        }
         return [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
             if count > 0 {
                 buffer.baseAddress!.update(from: (base + offset).assumingMemoryBound(to: UInt8.self), count: count)
@@ -659,6 +667,14 @@ public final class PMemDevice: Sendable {
             initialized = count
         }
     }
+
+    /// The largest result ``read(count:at:)`` (and a file's read) allocates: half of the machine's memory.
+    package static let largestReadResult: Int = {
+        let pages = sysconf(Int32(_SC_PHYS_PAGES))
+        let pageBytes = sysconf(Int32(_SC_PAGESIZE))
+        guard pages > 0, pageBytes > 0 else { return 1 << 30 }
+        return pages / 2 * pageBytes
+    }()
 
     func validateRange(_ offset: Int, _ count: Int) throws {
         guard !isClosed else { throw DAXError(.invalidArgument, "device \(path) is closed") }
