@@ -1421,3 +1421,92 @@ struct BlackBoxMediaBadInputTests {
         }
     }
 }
+
+@Suite("BlackBoxMedia: read-only device edge cases")
+struct BlackBoxMediaReadOnlyEdgeTests {
+    @Test("DMA through a read-only pin on a read-only device and mount: reads work, writes refused, device file unchanged")
+    func dmaOnReadOnlyDevice() throws {
+        let made = try bbMakePopulatedDevice("rodma")
+        defer { unlink(made.path) }
+        let before = bbFileBytes(made.path)
+        let device = try PMemDevice.open(path: made.path, options: bbReadOnlyOptions)
+        defer { device.close() }
+        let fs = try DAXFileSystem.mount(device, access: .readOnly)
+        let file = try fs.open("/a", access: .readOnly)
+        let mapping = try file.map(count: made.a.count, access: .readOnly)
+        let engine = DMAEngine(device: device)
+        let short = engine.register(try mapping.pin(offset: 0, count: 4096, access: .readOnly))
+        let long = engine.register(
+            try mapping.pin(offset: 4096, count: 8192, access: .readOnly, lifetime: .longTerm(onRevoke: {})))
+        #expect(try engine.read(count: 4096, from: short, at: 0) == Array(made.a[0..<4096]))
+        #expect(try engine.read(count: 8192, from: long, at: 0) == Array(made.a[4096..<12288]))
+        bbExpect(.permissionDenied, "short-term") { try engine.write([0], to: short, at: 0) }
+        bbExpect(.permissionDenied, "long-term") { try engine.write([0], to: long, at: 100) }
+        bbExpect(.permissionDenied, "read-write pin on a read-only mount") {
+            let pin = try mapping.pin(offset: 0, count: 4096, access: .readWrite)
+            pin.release()
+        }
+        #expect(fs.statistics().pinnedPages == 3)
+        engine.deregister(short)
+        engine.deregister(long)
+        let stats = fs.statistics()
+        #expect(stats.pinnedPages == 0)
+        #expect(stats.pinsAcquired == stats.pinsReleased)
+        #expect(stats.pinsAcquired == 3)
+        mapping.unmap()
+        file.close()
+        try fs.unmount()
+        #expect(bbFileBytes(made.path) == before)
+    }
+
+    @Test("a read-only mount of a never-formatted device is a clear DAXError")
+    func unformattedReadOnly() throws {
+        let path = bbPath("unformatted")
+        defer { unlink(path) }
+        try PMemDevice.create(path: path, size: 4 << 20).close()
+        let before = bbFileBytes(path)
+        let device = try PMemDevice.open(path: path, options: bbReadOnlyOptions)
+        defer { device.close() }
+        let error = bbExpectAnyDAXError("mount of zeros") { try DAXFileSystem.mount(device, access: .readOnly) }
+        #expect(error?.code == .corrupted, "\(String(describing: error))")
+        #expect(bbFileBytes(path) == before)
+    }
+
+    @Test("punchHole .deferFree of a pinned page quarantines it; the hole reads zeros; counts balance")
+    func punchDeferFree() throws {
+        let path = bbPath("punch")
+        defer { unlink(path) }
+        let device = try PMemDevice.create(path: path, size: 8 << 20)
+        defer { device.close() }
+        let fs = try DAXFileSystem.format(device)
+        defer { try? fs.unmount() }
+        let file = try fs.create("/p")
+        let data = bbPattern(4 * 4096, seed: 31)
+        try file.write(data, at: 0)
+        let base = fs.statistics()
+        let mapping = try file.map(count: 4 * 4096)
+        let pin = try mapping.pin(offset: 2 * 4096, count: 4096)
+        let frame = pin.frames[0]
+        bbExpect(.busy, "punch .fail") { try file.punchHole(offset: 4096, count: 2 * 4096, ifBusy: .fail) }
+        #expect(try file.read(count: data.count, at: 0) == data)
+        try file.punchHole(offset: 4096, count: 2 * 4096, ifBusy: .deferFree)
+        #expect(file.size == data.count, "a punch keeps the size")
+        let frames = try file.frames(offset: 0, count: data.count)
+        #expect(frames[1] == nil && frames[2] == nil && frames[0] != nil && frames[3] != nil)
+        var expected = data
+        expected.replaceSubrange(4096..<3 * 4096, with: [UInt8](repeating: 0, count: 2 * 4096))
+        #expect(try file.read(count: data.count, at: 0) == expected)
+        let stats = fs.statistics()
+        #expect(stats.quarantinedBlocks == 1)
+        #expect(stats.freeBlocks == base.freeBlocks + 1)
+        #expect(fs.pages.state(of: frame).isQuarantined)
+        #expect(try fs.check().isClean)
+        pin.release()
+        let after = fs.statistics()
+        #expect(after.quarantinedBlocks == 0)
+        #expect(after.freeBlocks == base.freeBlocks + 2)
+        #expect(after.pinsAcquired == after.pinsReleased)
+        mapping.unmap()
+        file.close()
+    }
+}
