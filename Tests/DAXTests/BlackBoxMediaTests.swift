@@ -1510,3 +1510,69 @@ struct BlackBoxMediaReadOnlyEdgeTests {
         file.close()
     }
 }
+
+@Suite("BlackBoxMedia: crash atomicity of truncate and punch (CrashExplorer)")
+struct BlackBoxMediaCrashTests {
+    static let data = bbPattern(3 * 4096, seed: 41)
+
+    private func explore(
+        _ workload: @escaping (DAXFile) throws -> Void, allowed: @escaping (Int, [UInt8]) -> Bool
+    ) throws -> CrashReport {
+        let explorer = CrashExplorer(deviceSize: 4 << 20, domain: .adr, imagesPerPoint: 4, seed: 7)
+        return try explorer.explore(
+            setup: { device in
+                let fs = try DAXFileSystem.format(device)
+                let file = try fs.create("/t")
+                try file.write(Self.data, at: 0)
+                file.close()
+                try fs.unmount()
+            },
+            workload: { device in
+                let fs = try DAXFileSystem.mount(device)
+                let file = try fs.open("/t")
+                try workload(file)
+                file.close()
+                try fs.unmount()
+            },
+            check: { device in
+                let fs = try DAXFileSystem.mount(device)
+                defer { try? fs.unmount() }
+                let report = try fs.check()
+                guard report.isClean else { throw BBCrashCheckFailure(what: "check: \(report.problems)") }
+                let file = try fs.open("/t", access: .readOnly)
+                defer { file.close() }
+                let bytes = try file.read(count: 4 * 4096, at: 0)
+                guard allowed(file.size, bytes) else {
+                    let firstDiff = zip(bytes, Self.data).enumerated().first { $0.element.0 != $0.element.1 }?.offset
+                    throw BBCrashCheckFailure(what: "size \(file.size), first byte unlike the old data at \(String(describing: firstDiff))")
+                }
+            })
+    }
+
+    @Test("a truncate to a size inside a page, cut by a crash at any fence: old file whole, or new")
+    func truncateInsidePage() throws {
+        let newSize = 4096 + 100
+        let report = try explore({ try $0.truncate(to: newSize, ifBusy: .fail) }) { size, bytes in
+            (size == Self.data.count && bytes == Self.data) || (size == newSize && bytes == Array(Self.data[0..<newSize]))
+        }
+        #expect(report.crashPoints > 0)
+        #expect(report.failures.isEmpty, "\(report.failures.prefix(3))")
+    }
+
+    @Test("a punch of a partial page range, cut by a crash at any fence: old bytes, or the range zeroed")
+    func punchPartial() throws {
+        let range = 1000..<(2 * 4096 + 500)
+        var punched = Self.data
+        punched.replaceSubrange(range, with: [UInt8](repeating: 0, count: range.count))
+        let report = try explore({ try $0.punchHole(offset: range.lowerBound, count: range.count, ifBusy: .fail) }) {
+            size, bytes in size == Self.data.count && (bytes == Self.data || bytes == punched)
+        }
+        #expect(report.crashPoints > 0)
+        #expect(report.failures.isEmpty, "\(report.failures.prefix(3))")
+    }
+}
+
+private struct BBCrashCheckFailure: Error, CustomStringConvertible {
+    var what: String
+    var description: String { what }
+}
