@@ -1576,3 +1576,96 @@ private struct BBCrashCheckFailure: Error, CustomStringConvertible {
     var what: String
     var description: String { what }
 }
+
+@Suite("BlackBoxMedia: check alongside heavier work")
+struct BlackBoxMediaHeavyConcurrencyTests {
+    @Test("create/rename/remove/close orphans, directories and pinned orphans while two threads check()", arguments: 1...3)
+    func heavy(seed: Int) throws {
+        let path = bbPath("heavy\(seed)")
+        defer { unlink(path) }
+        let device = try PMemDevice.create(path: path, size: 32 << 20)
+        defer { device.close() }
+        let fs = try DAXFileSystem.format(device)
+        defer { try? fs.unmount() }
+        let workers = 3
+        let checkers = 2
+        let rounds = 40
+        let state = BBConcurrencyState()
+        let group = DispatchGroup()
+        for worker in 0..<workers {
+            group.enter()
+            Thread.detachNewThread {
+                defer {
+                    state.finished.wrappingAdd(1, ordering: .sequentiallyConsistent)
+                    group.leave()
+                }
+                do {
+                    let dir = "/d\(worker)"
+                    try fs.createDirectory(dir)
+                    for round in 0..<rounds {
+                        let name = "\(dir)/f\(round)"
+                        let file = try fs.create(name)
+                        try file.write(bbPattern(4096 * (1 + (round + seed) % 3), seed: round), at: 0)
+                        try fs.rename(name, to: "\(dir)/g\(round)")
+                        switch (round + seed) % 4 {
+                        case 0:
+                            try fs.remove("\(dir)/g\(round)")
+                            file.close()
+                        case 1:
+                            let mapping = try file.map(count: 4096)
+                            let pin = try mapping.pin(offset: 0, count: 4096)
+                            try fs.remove("\(dir)/g\(round)")
+                            file.close()
+                            mapping.unmap()
+                            pin.release()
+                        case 2:
+                            try fs.createDirectory("\(dir)/sub\(round)")
+                            file.close()
+                            try fs.remove("\(dir)/g\(round)")
+                            try fs.remove("\(dir)/sub\(round)")
+                        default:
+                            try file.truncate(to: 10, ifBusy: .fail)
+                            try fs.remove("\(dir)/g\(round)")
+                            file.close()
+                        }
+                    }
+                    try fs.remove(dir)
+                } catch {
+                    state.problems.withLock { $0.append("worker \(worker): \(error)") }
+                }
+            }
+        }
+        for _ in 0..<checkers {
+            group.enter()
+            Thread.detachNewThread {
+                defer { group.leave() }
+                repeat {
+                    do {
+                        let report = try fs.check()
+                        state.checks.wrappingAdd(1, ordering: .relaxed)
+                        if !report.isClean { state.problems.withLock { $0.append(contentsOf: report.problems) } }
+                    } catch {
+                        state.problems.withLock { $0.append("check threw: \(error)") }
+                    }
+                } while state.finished.load(ordering: .sequentiallyConsistent) < workers
+            }
+        }
+        group.wait()
+        let found = state.problems.withLock { $0 }
+        #expect(found.isEmpty, "\(found.count) problems: \(found.prefix(5))")
+        #expect(state.checks.load(ordering: .relaxed) >= checkers)
+        #expect(try fs.contentsOfDirectory("/") == [])
+        #expect(try fs.check().isClean)
+        let stats = fs.statistics()
+        #expect(stats.pinnedPages == 0)
+        #expect(stats.quarantinedBlocks == 0)
+        #expect(stats.pinsAcquired == stats.pinsReleased)
+        // Everything freed: a remount sees the same free count.
+        let free = stats.freeBlocks
+        try fs.unmount()
+        let again = try DAXFileSystem.mount(device)
+        #expect(again.statistics().freeBlocks == free)
+        #expect(try again.check().isClean)
+        try again.unmount()
+    }
+}
