@@ -1669,3 +1669,72 @@ struct BlackBoxMediaHeavyConcurrencyTests {
         try again.unmount()
     }
 }
+
+@Suite("BlackBoxMedia: odd device files")
+struct BlackBoxMediaOddFileTests {
+    private func makeFile(_ name: String, size: Int) throws -> String {
+        let path = bbPath(name)
+        let bytes = Data(bbPattern(size, seed: 51))
+        #expect(FileManager.default.createFile(atPath: path, contents: bytes))
+        return path
+    }
+
+    @Test("openOrCreate and open of a 100-byte file: a DAXError, the file untouched")
+    func tinyFile() throws {
+        let path = try makeFile("tiny", size: 100)
+        defer { unlink(path) }
+        let before = bbFileBytes(path)
+        bbExpectAnyDAXError("openOrCreate of a 100-byte file") { try PMemDevice.openOrCreate(path: path, size: 4 << 20) }
+        #expect(bbFileBytes(path) == before)
+        bbExpectAnyDAXError("open of a 100-byte file") { try PMemDevice.open(path: path) }
+        bbExpectAnyDAXError("read-only open of a 100-byte file") { try PMemDevice.open(path: path, options: bbReadOnlyOptions) }
+        #expect(bbFileBytes(path) == before)
+    }
+
+    @Test("open of a device file whose size is not a multiple of the page size: refused, or nothing lost silently")
+    func unalignedFile() throws {
+        let size = (4 << 20) + 100
+        let path = try makeFile("unalignedfile", size: size)
+        defer { unlink(path) }
+        let before = bbFileBytes(path)
+        do {
+            let device = try PMemDevice.open(path: path, options: bbReadOnlyOptions)
+            #expect(device.size % PMemDevice.pageSize == 0)
+            Issue.record("opened a \(size)-byte device file as \(device.size) bytes: \(size - device.size) bytes silently out of reach")
+            device.close()
+        } catch let error as DAXError {
+            #expect(error.code == .invalidArgument || error.code == .corrupted, "\(error)")
+            #expect(error.message.contains(path), "\(error)")
+        }
+        #expect(bbFileBytes(path) == before)
+    }
+
+    @Test("openOrCreate with readOnly opens an existing device read-only")
+    func openOrCreateReadOnly() throws {
+        let path = bbPath("oocro")
+        defer { unlink(path) }
+        do {
+            let device = try PMemDevice.create(path: path, size: 4 << 20)
+            try device.write([5, 6, 7], at: 4096)
+            device.close()
+        }
+        let before = bbFileBytes(path)
+        let device = try PMemDevice.openOrCreate(path: path, size: 4 << 20, options: bbReadOnlyOptions)
+        defer { device.close() }
+        #expect(try device.read(count: 3, at: 4096) == [5, 6, 7])
+        let error = bbExpect(.permissionDenied, "write to read-only") { try device.write([1], at: 0) }
+        #expect(error?.message.contains(path) == true, "\(String(describing: error))")
+        #expect(bbFileBytes(path) == before)
+    }
+
+    @Test("out-of-range device errors name the device and the range")
+    func rangeMessages() throws {
+        let path = bbPath("rangemsg")
+        defer { unlink(path) }
+        let device = try PMemDevice.create(path: path, size: 4 << 20)
+        defer { device.close() }
+        let error = bbExpect(.invalidArgument, "write past the end") { try device.write([1, 2, 3, 4], at: (4 << 20) - 2) }
+        #expect(error?.message.contains(path) == true, "\(String(describing: error))")
+        #expect(error?.message.contains("\((4 << 20) - 2)") == true, "\(String(describing: error))")
+    }
+}
