@@ -1738,3 +1738,80 @@ struct BlackBoxMediaOddFileTests {
         #expect(error?.message.contains("\((4 << 20) - 2)") == true, "\(String(describing: error))")
     }
 }
+
+@Suite("BlackBoxMedia: pin lifetimes and unmount")
+struct BlackBoxMediaPinLifetimeTests {
+    @Test("a pin dropped without release is released once; unmount is .busy while pinned or mapped")
+    func dropAndUnmount() throws {
+        let path = bbPath("drop")
+        defer { unlink(path) }
+        let device = try PMemDevice.create(path: path, size: 8 << 20)
+        defer { device.close() }
+        let fs = try DAXFileSystem.format(device)
+        let file = try fs.create("/x")
+        try file.write(bbPattern(8192, seed: 61), at: 0)
+        let mapping = try file.map(count: 8192)
+        do {
+            let pin = try mapping.pin(offset: 0, count: 8192)
+            #expect(pin.frames.count == 2)
+            #expect(fs.statistics().pinnedPages == 2)
+            bbExpect(.busy, "unmount while pinned") { try fs.unmount() }
+            #expect(try fs.open("/x").read(count: 8192, at: 0) == bbPattern(8192, seed: 61), "unmount .busy changed something")
+        }
+        var stats = fs.statistics()
+        #expect(stats.pinnedPages == 0, "a dropped pin was not released")
+        #expect(stats.pinsAcquired == 2 && stats.pinsReleased == 2)
+        let engine = DMAEngine(device: device)
+        let region = engine.register(try mapping.pin(offset: 4096, count: 4096))
+        bbExpect(.busy, "unmount while registered") { try fs.unmount() }
+        engine.deregister(region)
+        bbExpect(.busy, "unmount while mapped") { try fs.unmount() }
+        mapping.unmap()
+        file.close()
+        stats = fs.statistics()
+        #expect(stats.pinsAcquired == 3 && stats.pinsReleased == 3)
+        #expect(bbPinSum(fs.pages) == 0)
+        try fs.unmount()
+    }
+
+    @Test("deregister twice neither traps nor releases twice (child process)")
+    func deregisterTwice() async {
+        let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            let path = "/dev/shm/bbmedia-dereg-\(getpid())"
+            guard let device = try? PMemDevice.create(path: path, size: 8 << 20) else { exit(2) }
+            unlink(path)
+            do {
+                let fs = try DAXFileSystem.format(device)
+                let file = try fs.create("/x")
+                try file.allocate(offset: 0, count: 4096)
+                let mapping = try file.map(count: 4096)
+                let engine = DMAEngine(device: device)
+                let region = engine.register(try mapping.pin(offset: 0, count: 4096))
+                engine.deregister(region)
+                FileHandle.standardError.write(Data("step second deregister\n".utf8))
+                engine.deregister(region)
+                let stats = fs.statistics()
+                guard stats.pinsAcquired == 1, stats.pinsReleased == 1, stats.pinnedPages == 0 else {
+                    FileHandle.standardError.write(Data("mismatch \(stats)\n".utf8))
+                    exit(3)
+                }
+                FileHandle.standardError.write(Data("step write after deregister\n".utf8))
+                do {
+                    try engine.write([1], to: region, at: 0)
+                    FileHandle.standardError.write(Data("mismatch write after deregister went through\n".utf8))
+                    exit(4)
+                } catch is DAXError {}
+            } catch {
+                FileHandle.standardError.write(Data("error \(error)\n".utf8))
+                exit(5)
+            }
+            exit(77)
+        }
+        if let result, result.exitStatus != .exitCode(77) {
+            let lines = String(decoding: result.standardErrorContent, as: UTF8.self).split(separator: "\n")
+            Issue.record(
+                "child ended \(result.exitStatus): \(lines.filter { $0.hasPrefix("step") || $0.hasPrefix("mismatch") || $0.contains("rror") }.prefix(6))"
+            )
+        }
+    }
+}
