@@ -1815,3 +1815,100 @@ struct BlackBoxMediaPinLifetimeTests {
         }
     }
 }
+
+/// A directory on a small tmpfs of its own (for example in a private mount namespace:
+/// `unshare -m sh -c 'mount -t tmpfs -o size=32m tmpfs DIR && BBMEDIA_SMALL_TMPFS=DIR swift test ...'`).
+/// The test is skipped without it: filling the shared /dev/shm would disturb everything else.
+private let bbSmallTmpfs = ProcessInfo.processInfo.environment["BBMEDIA_SMALL_TMPFS"]
+
+/// The child of the full-tmpfs tests: exits 77 when every step went as the contract says.
+private func bbFullTmpfsChild(failedAllocate: Bool) -> Never {
+    guard let directory = ProcessInfo.processInfo.environment["BBMEDIA_SMALL_TMPFS"] else { exit(2) }
+    let path = "\(directory)/bbmedia-full-\(getpid())"
+    func say(_ line: String) { FileHandle.standardError.write(Data("\(line)\n".utf8)) }
+    func fail(_ line: String, _ code: Int32) -> Never {
+        say("mismatch \(line)")
+        unlink(path)
+        exit(code)
+    }
+    var options = PMemDevice.Options()
+    options.sparse = true
+    do {
+        say("step create")
+        let device = try PMemDevice.create(path: path, size: 256 << 20, options: options)
+        say("step format")
+        let fs = try DAXFileSystem.format(device)
+        let file = try fs.create("/big")
+        let chunk = bbPattern(1 << 20, seed: 71)
+        var written = 0
+        say("step write until full")
+        do {
+            while written < 256 << 20 {
+                try file.write(chunk, at: written)
+                written += chunk.count
+            }
+            fail("wrote \(written) bytes on a smaller tmpfs", 3)
+        } catch let error as DAXError {
+            guard error.code == .noSpace else { fail("write ended with \(error)", 4) }
+        }
+        if failedAllocate {
+            say("step allocate when full")
+            do {
+                try fs.create("/more").allocate(offset: 0, count: 64 << 20)
+                fail("allocate of 64 MiB went through", 5)
+            } catch let error as DAXError where error.code == .noSpace {}
+            try fs.remove("/more")
+        }
+        say("step check, written \(written)")
+        guard try fs.check().isClean else { fail("check not clean", 6) }
+        guard file.size >= written, try file.read(count: 4096, at: 0) == Array(chunk[0..<4096]) else { fail("data", 7) }
+        let freeBefore = fs.statistics().freeBlocks
+        say("step remove /big (\(written) bytes), free blocks \(freeBefore)")
+        file.close()
+        try fs.remove("/big")
+        say("step write 1 MiB again, free blocks \(fs.statistics().freeBlocks)")
+        let small = try fs.create("/small")
+        try small.write(chunk, at: 0)
+        guard try small.read(count: chunk.count, at: 0) == chunk else { fail("small", 8) }
+        small.close()
+        guard try fs.check().isClean else { fail("check after", 9) }
+        try fs.unmount()
+        device.close()
+        unlink(path)
+    } catch {
+        say("error \(error)")
+        unlink(path)
+        exit(10)
+    }
+    exit(77)
+}
+
+private func bbReportChild(_ result: ExitTest.Result?) {
+    if let result, result.exitStatus != .exitCode(77) {
+        let lines = String(decoding: result.standardErrorContent, as: UTF8.self).split(separator: "\n")
+        Issue.record(
+            "child ended \(result.exitStatus): \(lines.filter { $0.hasPrefix("step") || $0.hasPrefix("mismatch") || $0.contains("rror") || $0.contains("Crash") }.prefix(10))"
+        )
+    }
+}
+
+@Suite("BlackBoxMedia: a full tmpfs under a sparse device", .serialized)
+struct BlackBoxMediaFullTmpfsTests {
+    @Test(
+        "writes to a sparse device larger than its tmpfs end in .noSpace, not SIGBUS; removing the file makes room again",
+        .enabled(if: bbSmallTmpfs != nil, "set BBMEDIA_SMALL_TMPFS to a directory on a small tmpfs"))
+    func fullTmpfs() async {
+        bbReportChild(await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            bbFullTmpfsChild(failedAllocate: false)
+        })
+    }
+
+    @Test(
+        "the same after an allocate refused with .noSpace",
+        .enabled(if: bbSmallTmpfs != nil, "set BBMEDIA_SMALL_TMPFS to a directory on a small tmpfs"))
+    func fullTmpfsAfterFailedAllocate() async {
+        bbReportChild(await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            bbFullTmpfsChild(failedAllocate: true)
+        })
+    }
+}
