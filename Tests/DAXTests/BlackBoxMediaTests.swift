@@ -1912,3 +1912,39 @@ struct BlackBoxMediaFullTmpfsTests {
         })
     }
 }
+
+@Suite("BlackBoxMedia: backing of a sparse device")
+struct BlackBoxMediaSparseBackingTests {
+    private func backedBytes(_ path: String) -> Int {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return -1 }
+        return Int(info.st_blocks) * 512
+    }
+
+    @Test("removed files give their tmpfs space back, or their blocks are reused: a new 1 MiB file does not grow the backing")
+    func removedSpaceComesBack() throws {
+        let path = bbPath("backing")
+        defer { unlink(path) }
+        var options = PMemDevice.Options()
+        options.sparse = true
+        let device = try PMemDevice.create(path: path, size: 256 << 20, options: options)
+        defer { device.close() }
+        let fs = try DAXFileSystem.format(device)
+        defer { try? fs.unmount() }
+        let empty = backedBytes(path)
+        #expect(empty < 64 << 20, "a formatted sparse device holds \(empty) bytes of tmpfs")
+        let big = try fs.create("/big")
+        let chunk = bbPattern(1 << 20, seed: 81)
+        for index in 0..<16 { try big.write(chunk, at: index << 20) }
+        big.close()
+        let peak = backedBytes(path)
+        #expect(peak >= empty + (16 << 20))
+        try fs.remove("/big")
+        let small = try fs.create("/small")
+        try small.write(chunk, at: 0)
+        small.close()
+        let after = backedBytes(path)
+        #expect(after <= peak + (256 << 10), "backing grew from \(peak) to \(after) bytes for a 1 MiB file after 16 MiB were freed")
+        #expect(try fs.check().isClean)
+    }
+}
