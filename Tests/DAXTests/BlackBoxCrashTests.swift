@@ -1,0 +1,844 @@
+// Black-box tests of crash emulation, written only from the contract: /work/shared/API.md
+// ("Crash emulation: what survives a power failure" and the persistence primitives) and
+// /work/shared/DESIGN.md (section 7.4, invariant 14, and "bad input gets a clear DAXError and
+// changes nothing"). Only the public API is used: `import DAX`, never `@testable`.
+
+import DAX
+import Foundation
+import Testing
+
+// MARK: - Helpers (public API only)
+
+private let lineSize = 64
+private let pageSize = PMemDevice.pageSize
+
+private func uniqueShmPath(_ name: String) -> String {
+    "/dev/shm/daxbb-crash-\(getpid())-\(name)-\(UUID().uuidString.prefix(8))"
+}
+
+/// Options of an emulated device. `.cacheFlush` so that `drain` is a real fence (in `.msync`
+/// mode API.md says `drain` is a no-op and `flush` is an msync).
+private func emulatedOptions(_ domain: PersistenceDomain = .adr) -> PMemDevice.Options {
+    var options = PMemDevice.Options()
+    options.persistence = .cacheFlush
+    options.powerFailureEmulation = domain
+    return options
+}
+
+/// Creates an emulated device under /dev/shm, runs `body`, then closes and removes it.
+private func withDevice<T>(
+    size: Int = 4 << 20, options: PMemDevice.Options = emulatedOptions(), name: String = "dev",
+    _ body: (PMemDevice) throws -> T
+) throws -> T {
+    let path = uniqueShmPath(name)
+    let device = try PMemDevice.create(path: path, size: size, options: options)
+    defer {
+        device.close()
+        unlink(path)
+    }
+    return try body(device)
+}
+
+/// Writes a power-failure image of `device`, reads all of it back through `PMemDevice.open`,
+/// and removes the image file.
+private func image(of device: PMemDevice, keeping: InFlightLines) throws -> [UInt8] {
+    let path = uniqueShmPath("img")
+    defer { unlink(path) }
+    try device.powerFail(writingImageTo: path, keeping: keeping)
+    let opened = try PMemDevice.open(path: path)
+    defer { opened.close() }
+    #expect(opened.size == device.size)
+    return try opened.read(count: opened.size, at: 0)
+}
+
+/// A plain CPU store (no flush, no fence) through the device's own mapping.
+private func store(_ bytes: [UInt8], to device: PMemDevice, at offset: Int) {
+    bytes.withUnsafeBytes { source in
+        (device.baseAddress + offset).copyMemory(from: source.baseAddress!, byteCount: source.count)
+    }
+}
+
+private func storeWord(_ value: UInt64, to device: PMemDevice, at offset: Int) {
+    device.baseAddress.storeBytes(of: value, toByteOffset: offset, as: UInt64.self)
+}
+
+private func word(_ bytes: [UInt8], at offset: Int) -> UInt64 {
+    bytes[offset..<offset + 8].withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+}
+
+private func bytes(_ value: UInt8, _ count: Int) -> [UInt8] { [UInt8](repeating: value, count: count) }
+
+/// The 64-byte lines a range touches, as a range of byte offsets rounded out to lines.
+private func lineRange(_ range: Range<Int>) -> Range<Int> {
+    (range.lowerBound / lineSize * lineSize)..<((range.upperBound + lineSize - 1) / lineSize * lineSize)
+}
+
+/// True when every byte of `range` lies in one of `ranges`.
+private func covered(_ range: Range<Int>, by ranges: [Range<Int>]) -> Bool {
+    range.allSatisfy { offset in ranges.contains { $0.contains(offset) } }
+}
+
+/// True when every byte of every range in `ranges` lies in one of `allowed`.
+private func contained(_ ranges: [Range<Int>], in allowed: [Range<Int>]) -> Bool {
+    ranges.allSatisfy { covered($0, by: allowed) }
+}
+
+private func expectDAXCode<T>(
+    _ code: DAXError.Code, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> T
+) {
+    do {
+        _ = try body()
+        Issue.record("expected DAXError \(code), nothing was thrown", sourceLocation: sourceLocation)
+    } catch let error as DAXError {
+        #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
+        #expect(!error.message.isEmpty, sourceLocation: sourceLocation)
+    } catch {
+        Issue.record("expected DAXError \(code), got \(error)", sourceLocation: sourceLocation)
+    }
+}
+
+/// What a checker throws; its description must come back in `CrashFailure.error`.
+private struct CheckerError: Error, CustomStringConvertible {
+    var description: String
+}
+
+// MARK: - powerFail and the persistence domain
+
+@Suite("BlackBoxCrash: power-failure images")
+struct BlackBoxCrashImageTests {
+    @Test("a persisted store survives keeping .none; an unflushed one does not; .all keeps both")
+    func persistedVersusUnflushed() throws {
+        try withDevice { device throws in
+            let persisted = bytes(0xA5, 64)
+            let unflushed = bytes(0x5A, 64)
+            store(persisted, to: device, at: 0)
+            device.persist(offset: 0, count: 64)
+            store(unflushed, to: device, at: 8192)
+
+            let none = try image(of: device, keeping: .none)
+            #expect(Array(none[0..<64]) == persisted)
+            #expect(Array(none[8192..<8256]) == bytes(0, 64))
+
+            let all = try image(of: device, keeping: .all)
+            #expect(Array(all[0..<64]) == persisted)
+            #expect(Array(all[8192..<8256]) == unflushed)
+
+            // The device goes on running and the CPU still sees both stores.
+            #expect(try device.read(count: 64, at: 8192) == unflushed)
+            #expect(try device.read(count: 64, at: 0) == persisted)
+        }
+    }
+
+    @Test("flush without drain is in flight: in .all, not in .none; after drain in both")
+    func flushWithoutDrain() throws {
+        try withDevice { device throws in
+            let data = bytes(0x3C, 128)
+            store(data, to: device, at: 4096)
+            device.flush(offset: 4096, count: 128)
+
+            #expect(try Array(image(of: device, keeping: .none)[4096..<4224]) == bytes(0, 128))
+            #expect(try Array(image(of: device, keeping: .all)[4096..<4224]) == data)
+            #expect(covered(4096..<4224, by: device.unpersistedRanges()))
+
+            device.drain()
+            #expect(try Array(image(of: device, keeping: .none)[4096..<4224]) == data)
+            #expect(device.unpersistedRanges().isEmpty)
+        }
+    }
+
+    @Test("under .eadr every store survives, even with no flush at all")
+    func eadrKeepsEveryStore() throws {
+        try withDevice(options: emulatedOptions(.eadr)) { device throws in
+            let data = bytes(0x77, 200)
+            store(data, to: device, at: 12_345)
+            storeWord(0x0102_0304_0506_0708, to: device, at: 65_536)
+
+            let none = try image(of: device, keeping: .none)
+            #expect(Array(none[12_345..<12_545]) == data)
+            #expect(word(none, at: 65_536) == 0x0102_0304_0506_0708)
+            // Under eADR every store is persistent, so nothing is unpersisted.
+            #expect(device.unpersistedRanges().isEmpty)
+        }
+    }
+
+    @Test("a .random(seed:) image is reproducible and holds, per 8-byte word, the persisted or the stored value")
+    func randomImagesAreWordAtomicAndReproducible() throws {
+        try withDevice { device throws in
+            let base = 16_384
+            let words = 64 * 8  // 64 lines of 8 words
+            // Every byte of the old and new values differs, so a torn word shows.
+            func old(_ i: Int) -> UInt64 { 0x1111_1111_1111_1111 &* UInt64(i % 7 + 1) }
+            func new(_ i: Int) -> UInt64 { 0x8080_8080_8080_8080 | UInt64(i) &* 0x0001_0203_0405_0607 }
+            for i in 0..<words { storeWord(old(i), to: device, at: base + i * 8) }
+            device.persist(offset: base, count: words * 8)
+            // A persisted region never stored again: every image must hold it.
+            store(bytes(0x6B, 512), to: device, at: 1024)
+            device.persist(offset: 1024, count: 512)
+            for i in 0..<words { storeWord(new(i), to: device, at: base + i * 8) }
+            // Half of the lines flushed (in flight too), half not flushed at all.
+            device.flush(offset: base, count: words * 8 / 2)
+
+            var sawOld = false
+            var sawNew = false
+            for seed: UInt64 in [1, 2, 3, 42, 0xDEAD_BEEF] {
+                let first = try image(of: device, keeping: .random(seed: seed))
+                let second = try image(of: device, keeping: .random(seed: seed))
+                #expect(first == second, "seed \(seed) gave two different images")
+                for i in 0..<words {
+                    let value = word(first, at: base + i * 8)
+                    #expect(value == old(i) || value == new(i), "seed \(seed), word \(i): \(String(value, radix: 16))")
+                    if value == old(i) { sawOld = true }
+                    if value == new(i) { sawNew = true }
+                }
+                // Nothing outside the stored range appears.
+                #expect(Array(first[1024..<1536]) == bytes(0x6B, 512), "seed \(seed) lost persisted bytes")
+                #expect(first[0..<1024].allSatisfy { $0 == 0 } && first[1536..<base].allSatisfy { $0 == 0 })
+                #expect(first[(base + words * 8)...].allSatisfy { $0 == 0 })
+            }
+            // A seeded *subset* of 512 in-flight words over 5 seeds: expect both outcomes seen.
+            #expect(sawOld && sawNew, "random images kept all or nothing: old \(sawOld) new \(sawNew)")
+        }
+    }
+
+    @Test("stores after powerFail returns never reach the image already written")
+    func storesAfterPowerFailDoNotReachImage() throws {
+        try withDevice { device throws in
+            let path = uniqueShmPath("img")
+            defer { unlink(path) }
+            storeWord(0xAAAA_AAAA_AAAA_AAAA, to: device, at: 0)
+            try device.powerFail(writingImageTo: path, keeping: .all)
+
+            // After the crash point: an overwrite, a new store, both persisted.
+            storeWord(0xBBBB_BBBB_BBBB_BBBB, to: device, at: 0)
+            storeWord(0xCCCC_CCCC_CCCC_CCCC, to: device, at: 8192)
+            device.persist(offset: 0, count: 8)
+            device.persist(offset: 8192, count: 8)
+
+            let opened = try PMemDevice.open(path: path)
+            defer { opened.close() }
+            let image = try opened.read(count: opened.size, at: 0)
+            #expect(word(image, at: 0) == 0xAAAA_AAAA_AAAA_AAAA)
+            #expect(word(image, at: 8192) == 0)
+            #expect(image[8...].allSatisfy { $0 == 0 })
+            // The device itself holds the newer values.
+            #expect(try device.read(count: 8, at: 8192) == bytes(0xCC, 8))
+        }
+    }
+
+    @Test("powerFail to an existing path is .alreadyExists and leaves that file unchanged")
+    func powerFailToExistingPath() throws {
+        try withDevice { device throws in
+            let path = uniqueShmPath("existing")
+            defer { unlink(path) }
+            let original = Data("not a device image, keep me".utf8)
+            #expect(FileManager.default.createFile(atPath: path, contents: original))
+            storeWord(42, to: device, at: 0)
+            device.persist(offset: 0, count: 8)
+
+            expectDAXCode(.alreadyExists) { try device.powerFail(writingImageTo: path, keeping: .all) }
+            #expect(FileManager.default.contents(atPath: path) == original)
+        }
+    }
+
+    @Test("powerFail without emulation is .unsupported and creates nothing")
+    func powerFailWithoutEmulation() throws {
+        var options = PMemDevice.Options()
+        options.persistence = .cacheFlush
+        try withDevice(options: options) { device throws in
+            let path = uniqueShmPath("img")
+            defer { unlink(path) }
+            expectDAXCode(.unsupported) { try device.powerFail(writingImageTo: path) }
+            #expect(!FileManager.default.fileExists(atPath: path))
+        }
+    }
+
+    @Test("powerFail into a missing directory is a DAXError and creates nothing")
+    func powerFailIntoMissingDirectory() throws {
+        try withDevice { device throws in
+            let path = "/dev/shm/daxbb-no-such-dir-\(UUID().uuidString)/image"
+            do {
+                try device.powerFail(writingImageTo: path)
+                Issue.record("powerFail into a missing directory did not throw")
+            } catch let error as DAXError {
+                #expect(!error.message.isEmpty)
+            }
+            #expect(!FileManager.default.fileExists(atPath: path))
+        }
+    }
+
+    @Test("the image opens with PMemDevice.open and has the device's size")
+    func imageOpensWithDeviceSize() throws {
+        try withDevice(size: 3 << 20) { device throws in
+            let path = uniqueShmPath("img")
+            defer { unlink(path) }
+            store(Array("hello".utf8), to: device, at: 100)
+            device.persist(offset: 100, count: 5)
+            try device.powerFail(writingImageTo: path, keeping: .none)
+            let attributes = try FileManager.default.attributesOfItem(atPath: path)
+            #expect((attributes[.size] as? NSNumber)?.intValue == 3 << 20)
+            let opened = try PMemDevice.open(path: path)
+            defer { opened.close() }
+            #expect(opened.size == 3 << 20)
+            #expect(opened.pageCount == (3 << 20) / pageSize)
+            #expect(try opened.read(count: 5, at: 100) == Array("hello".utf8))
+        }
+    }
+
+    @Test("powerFail(.all) does not persist the in-flight lines: the device's media copy is unchanged")
+    func powerFailAllChangesNothing() throws {
+        try withDevice { device throws in
+            storeWord(0x1234_5678_9ABC_DEF0, to: device, at: 4096)
+            let before = device.unpersistedRanges()
+            #expect(covered(4096..<4104, by: before))
+            #expect(word(try image(of: device, keeping: .all), at: 4096) == 0x1234_5678_9ABC_DEF0)
+            // The store is still in flight, not persisted by making an image.
+            #expect(device.unpersistedRanges() == before)
+            #expect(word(try image(of: device, keeping: .none), at: 4096) == 0)
+        }
+    }
+
+    @Test("a store after flush and before the fence: the image holds one whole value, and .all the newest")
+    func storeBetweenFlushAndFence() throws {
+        try withDevice { device throws in
+            let first: UInt64 = 0x0F0F_0F0F_0F0F_0F0F
+            let second: UInt64 = 0xF0F0_F0F0_F0F0_F0F0
+            storeWord(first, to: device, at: 8192)
+            device.flush(offset: 8192, count: 8)
+            storeWord(second, to: device, at: 8192)
+            device.drain()
+            let none = word(try image(of: device, keeping: .none), at: 8192)
+            // Real hardware may persist either; never a torn word, never nothing (it was flushed).
+            #expect(none == first || none == second, "\(String(none, radix: 16))")
+            if none == first {
+                // Then the newer store is still unpersisted and must be listed.
+                #expect(covered(8192..<8200, by: device.unpersistedRanges()))
+            }
+            #expect(word(try image(of: device, keeping: .all), at: 8192) == second)
+        }
+    }
+
+    @Test("an existing device file opened with emulation: its contents count as persisted")
+    func openedDeviceContentsArePersisted() throws {
+        let path = uniqueShmPath("plain")
+        defer { unlink(path) }
+        var plainOptions = PMemDevice.Options()
+        plainOptions.persistence = .cacheFlush
+        let plain = try PMemDevice.create(path: path, size: 4 << 20, options: plainOptions)
+        try plain.write(bytes(0x5E, 5000), at: 3000)
+        plain.persist(offset: 3000, count: 5000)
+        plain.close()
+
+        let device = try PMemDevice.open(path: path, options: emulatedOptions())
+        defer { device.close() }
+        #expect(device.unpersistedRanges().isEmpty, "\(device.unpersistedRanges())")
+        let none = try image(of: device, keeping: .none)
+        #expect(Array(none[3000..<8000]) == bytes(0x5E, 5000))
+        #expect(none[0..<3000].allSatisfy { $0 == 0 } && none[8000...].allSatisfy { $0 == 0 })
+    }
+
+    @Test("under .eadr a .random image equals what the CPU sees")
+    func eadrRandomImage() throws {
+        try withDevice(options: emulatedOptions(.eadr)) { device throws in
+            store(bytes(0x21, 300), to: device, at: 700)
+            device.flush(offset: 700, count: 100)
+            let seen = try device.read(count: device.size, at: 0)
+            #expect(try image(of: device, keeping: .random(seed: 11)) == seen)
+            #expect(try image(of: device, keeping: .none) == seen)
+        }
+    }
+}
+
+// MARK: - unpersistedRanges
+
+@Suite("BlackBoxCrash: unpersisted ranges")
+struct BlackBoxCrashUnpersistedTests {
+    // Granularity accepted: every stored, unpersisted byte must be covered, and every listed
+    // byte must lie in a 64-byte cache line that holds such a byte (cache-line granularity).
+    // Stored bytes are chosen to differ from what is on the media.
+
+    @Test("lists exactly the stored, unpersisted ranges (to the cache line) and is empty after persist")
+    func listsUnpersistedRanges() throws {
+        try withDevice { device throws in
+            #expect(device.unpersistedRanges().isEmpty)
+            let first = 100..<108
+            let second = (8192 + 64 * 3)..<(8192 + 64 * 3 + 100)  // spans two lines
+            let third = 65_536 + 4090..<65_536 + 4100  // crosses a page boundary
+            for range in [first, second, third] {
+                store(bytes(0xEE, range.count), to: device, at: range.lowerBound)
+            }
+            var ranges = device.unpersistedRanges()
+            for range in [first, second, third] {
+                #expect(covered(range, by: ranges), "\(range) not in \(ranges)")
+            }
+            #expect(contained(ranges, in: [first, second, third].map(lineRange)), "\(ranges) lists more")
+
+            device.persist(offset: second.lowerBound, count: second.count)
+            ranges = device.unpersistedRanges()
+            #expect(covered(first, by: ranges) && covered(third, by: ranges), "\(ranges)")
+            #expect(contained(ranges, in: [first, third].map(lineRange)), "\(ranges) lists more")
+
+            device.persist(offset: first.lowerBound, count: first.count)
+            device.persist(offset: third.lowerBound, count: third.count)
+            #expect(device.unpersistedRanges().isEmpty, "\(device.unpersistedRanges())")
+        }
+    }
+
+    @Test("a flushed but not fenced line is still unpersisted")
+    func flushedNotFenced() throws {
+        try withDevice { device throws in
+            store(bytes(0x11, 64), to: device, at: 640)
+            device.flush(offset: 640, count: 64)
+            let ranges = device.unpersistedRanges()
+            #expect(covered(640..<704, by: ranges) && contained(ranges, in: [640..<704]), "\(ranges)")
+            device.drain()
+            #expect(device.unpersistedRanges().isEmpty)
+        }
+    }
+
+    @Test("empty when emulation is off, whatever was stored")
+    func emptyWithoutEmulation() throws {
+        var options = PMemDevice.Options()
+        options.persistence = .cacheFlush
+        try withDevice(options: options) { device throws in
+            store(bytes(0x99, 4096), to: device, at: 0)
+            #expect(device.unpersistedRanges().isEmpty)
+        }
+    }
+
+    @Test("copy and fill follow their flags: [] persists, .noDrain waits for a fence, .noFlush for a flush")
+    func copyAndFillFlags() throws {
+        try withDevice { device throws in
+            let a = bytes(0xA1, 64)
+            let b = bytes(0xB2, 64)
+            let c = bytes(0xC3, 64)
+            // The fully persistent calls first: their fence would also move earlier flushed lines.
+            a.withUnsafeBytes { device.copy($0, toOffset: 0) }
+            device.fill(offset: 12_288, count: 64, value: 0xD4)
+            b.withUnsafeBytes { device.copy($0, toOffset: 4096, flags: .noDrain) }
+            c.withUnsafeBytes { device.copy($0, toOffset: 8192, flags: .noFlush) }
+            device.fill(offset: 16_384, count: 64, value: 0xE5, flags: .noDrain)
+
+            var none = try image(of: device, keeping: .none)
+            #expect(Array(none[0..<64]) == a)
+            #expect(Array(none[4096..<4160]) == bytes(0, 64))
+            #expect(Array(none[8192..<8256]) == bytes(0, 64))
+            #expect(Array(none[12_288..<12_352]) == bytes(0xD4, 64))
+            #expect(Array(none[16_384..<16_448]) == bytes(0, 64))
+            let all = try image(of: device, keeping: .all)
+            #expect(Array(all[4096..<4160]) == b)
+            #expect(Array(all[8192..<8256]) == c)
+            #expect(Array(all[16_384..<16_448]) == bytes(0xE5, 64))
+            let ranges = device.unpersistedRanges()
+            #expect(covered(4096..<4160, by: ranges) && covered(8192..<8256, by: ranges))
+            #expect(covered(16_384..<16_448, by: ranges))
+            #expect(contained(ranges, in: [4096..<4160, 8192..<8256, 16_384..<16_448]), "\(ranges)")
+
+            // The fence moves the flushed (.noDrain) lines; the .noFlush line was never flushed.
+            device.drain()
+            none = try image(of: device, keeping: .none)
+            #expect(Array(none[4096..<4160]) == b)
+            #expect(Array(none[16_384..<16_448]) == bytes(0xE5, 64))
+            #expect(Array(none[8192..<8256]) == bytes(0, 64))
+            #expect(covered(8192..<8256, by: device.unpersistedRanges()))
+
+            device.flush(offset: 8192, count: 64)
+            device.drain()
+            none = try image(of: device, keeping: .none)
+            #expect(Array(none[8192..<8256]) == c)
+            #expect(device.unpersistedRanges().isEmpty)
+        }
+    }
+
+    @Test("device.write persists unless its flags say otherwise")
+    func deviceWrite() throws {
+        try withDevice { device throws in
+            try device.write(bytes(0x42, 100), at: 300)
+            try device.write(bytes(0x43, 64), at: 4096, flags: .noDrain)
+            let none = try image(of: device, keeping: .none)
+            #expect(Array(none[300..<400]) == bytes(0x42, 100))
+            #expect(Array(none[4096..<4160]) == bytes(0, 64))
+            #expect(covered(4096..<4160, by: device.unpersistedRanges()))
+            #expect(!device.unpersistedRanges().contains { $0.overlaps(300..<400) })
+        }
+    }
+}
+
+// MARK: - Stores through file mappings and DMA
+
+@Suite("BlackBoxCrash: mappings and DMA are tracked")
+struct BlackBoxCrashMappingTests {
+    @Test("stores through a DAXFileSystem file mapping are tracked; mapping.persist persists them")
+    func fileMappingStores() throws {
+        try withDevice(size: 8 << 20, name: "fs") { device throws in
+            let fs = try DAXFileSystem.format(device)
+            defer { try? fs.unmount() }
+            let file = try fs.create("/data")
+            defer { file.close() }
+            try file.allocate(offset: 0, count: 4 * pageSize)
+            let mapping = try file.map(count: 4 * pageSize)
+            defer { mapping.unmap() }
+            let frames = try file.frames(offset: 0, count: 4 * pageSize)
+            let frame = try #require(frames[2])
+            let deviceOffset = Int(frame.rawValue) * pageSize + 128
+            #expect(device.unpersistedRanges().isEmpty, "format/create/allocate left \(device.unpersistedRanges())")
+
+            let data = bytes(0x6D, 64)
+            data.withUnsafeBytes { source in
+                (mapping.baseAddress + 2 * pageSize + 128).copyMemory(from: source.baseAddress!, byteCount: 64)
+            }
+            let target = deviceOffset..<deviceOffset + 64
+            let ranges = device.unpersistedRanges()
+            #expect(covered(target, by: ranges), "\(target) not in \(ranges)")
+            #expect(contained(ranges, in: [target]), "\(ranges)")
+            #expect(try Array(image(of: device, keeping: .none)[target]) == bytes(0, 64))
+            #expect(try Array(image(of: device, keeping: .all)[target]) == data)
+
+            mapping.persist(offset: 2 * pageSize + 128, count: 64)
+            #expect(device.unpersistedRanges().isEmpty)
+            #expect(try Array(image(of: device, keeping: .none)[target]) == data)
+
+            // DAXMapping.copy with .noDrain, then DAXMapping.drain.
+            let more = bytes(0x4E, 64)
+            more.withUnsafeBytes { mapping.copy($0, toOffset: 3 * pageSize, flags: .noDrain) }
+            let other = Int(try #require(frames[3]).rawValue) * pageSize
+            #expect(try Array(image(of: device, keeping: .none)[other..<other + 64]) == bytes(0, 64))
+            #expect(covered(other..<other + 64, by: device.unpersistedRanges()))
+            mapping.drain()
+            #expect(try Array(image(of: device, keeping: .none)[other..<other + 64]) == more)
+            #expect(device.unpersistedRanges().isEmpty)
+        }
+    }
+
+    @Test("DMAEngine.write by frame is tracked: in the .all image, and persisted or listed as unpersisted")
+    func dmaWrites() throws {
+        try withDevice(size: 8 << 20, name: "dma") { device throws in
+            let fs = try DAXFileSystem.format(device)
+            defer { try? fs.unmount() }
+            let file = try fs.create("/buffer")
+            defer { file.close() }
+            try file.allocate(offset: 0, count: 2 * pageSize)
+            let mapping = try file.map(count: 2 * pageSize)
+            defer { mapping.unmap() }
+            let nic = DMAEngine(device: device)
+            let region = nic.register(try mapping.pin(offset: 0, count: 2 * pageSize))
+            defer { nic.deregister(region) }
+            let data = bytes(0xD7, 100)
+            // Offset 4000 crosses into the second pinned page.
+            try nic.write(data, to: region, at: 4000)
+
+            let frames = region.frames
+            let first = Int(frames[0].rawValue) * pageSize
+            let second = Int(frames[1].rawValue) * pageSize
+            let targets = [(first + 4000)..<(first + 4096), second..<(second + 4)]
+            let all = try image(of: device, keeping: .all)
+            #expect(Array(all[targets[0]]) + Array(all[targets[1]]) == data)
+            // Tracked: every byte is either persisted already or listed as unpersisted.
+            let none = try image(of: device, keeping: .none)
+            let ranges = device.unpersistedRanges()
+            var offsetInData = 0
+            for target in targets {
+                for offset in target {
+                    #expect(none[offset] == data[offsetInData] || ranges.contains { $0.contains(offset) },
+                            "DMA byte at device offset \(offset) neither persisted nor listed")
+                    offsetInData += 1
+                }
+            }
+        }
+    }
+}
+
+// MARK: - CrashExplorer
+
+/// A log-like layout: a 64-byte record at 4096 and a "published" flag at 0.
+private let recordOffset = 4096
+private let record: [UInt8] = (0..<64).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 11) }
+private let flagValue: UInt64 = 0xF1A6_F1A6_F1A6_F1A6
+
+private func checkRecord(_ image: PMemDevice) throws {
+    let flag = word(try image.read(count: 8, at: 0), at: 0)
+    if flag == flagValue {
+        let stored = try image.read(count: 64, at: recordOffset)
+        if stored != record { throw CheckerError(description: "bbx: flag published but record torn") }
+    } else if flag != 0 {
+        throw CheckerError(description: "bbx: flag torn \(String(flag, radix: 16))")
+    }
+}
+
+@Suite("BlackBoxCrash: CrashExplorer")
+struct BlackBoxCrashExplorerTests {
+    @Test("a correct workload (record, persist, flag, persist) passes every image")
+    func correctWorkloadPasses() throws {
+        let report = try CrashExplorer(deviceSize: 4 << 20).explore(
+            workload: { device throws in
+                store(record, to: device, at: recordOffset)
+                device.persist(offset: recordOffset, count: 64)
+                storeWord(flagValue, to: device, at: 0)
+                device.persist(offset: 0, count: 8)
+            },
+            check: checkRecord)
+        #expect(report.failures.isEmpty, "\(report.failures)")
+        #expect(report.crashPoints > 0)
+        #expect(report.imagesChecked > 0)
+    }
+
+    @Test("a planted bug (flag persisted before the record) is reported with the checker's error")
+    func plantedBugIsFound() throws {
+        let report = try CrashExplorer(deviceSize: 4 << 20).explore(
+            workload: { device throws in
+                store(record, to: device, at: recordOffset)
+                storeWord(flagValue, to: device, at: 0)
+                device.persist(offset: 0, count: 8)
+                device.persist(offset: recordOffset, count: 64)
+            },
+            check: checkRecord)
+        #expect(!report.failures.isEmpty)
+        #expect(report.crashPoints >= 2)
+        // At the fence inside persist(record) (point 2) the flag is persisted and the record is
+        // in flight, so the image keeping nothing in flight must fail there.
+        #expect(report.failures.contains { $0.crashPoint == 2 }, "\(report.failures)")
+        #expect(report.failures.count <= report.imagesChecked)
+        for failure in report.failures {
+            #expect(failure.crashPoint >= 1 && failure.crashPoint <= report.crashPoints, "\(failure)")
+            #expect(failure.error.contains("bbx: flag published but record torn"), "\(failure.error)")
+            #expect(!failure.description.isEmpty)
+        }
+    }
+
+    @Test("imagesPerPoint changes imagesChecked")
+    func imagesPerPointMatters() throws {
+        func run(_ imagesPerPoint: Int) throws -> CrashReport {
+            try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: imagesPerPoint, seed: 5).explore(
+                workload: { device throws in
+                    for i in 0..<4 {
+                        store(bytes(UInt8(i + 1), 256), to: device, at: i * 4096)
+                        device.persist(offset: i * 4096, count: 256)
+                    }
+                },
+                check: { _ in })
+        }
+        let few = try run(1)
+        let many = try run(16)
+        #expect(few.crashPoints == many.crashPoints)
+        #expect(few.failures.isEmpty && many.failures.isEmpty)
+        #expect(many.imagesChecked > few.imagesChecked, "1: \(few.imagesChecked), 16: \(many.imagesChecked)")
+    }
+
+    @Test("a checker that always throws fails every image at every crash point")
+    func alwaysThrowingChecker() throws {
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 2).explore(
+            workload: { device throws in
+                for i in 0..<3 {
+                    storeWord(UInt64(i + 1) &* 0x0101_0101_0101_0101, to: device, at: i * 64)
+                    device.persist(offset: i * 64, count: 8)
+                }
+            },
+            check: { _ in throw CheckerError(description: "bbx: always") })
+        #expect(report.crashPoints >= 3)
+        #expect(report.imagesChecked > 0)
+        #expect(report.failures.count == report.imagesChecked)
+        #expect(report.failures.allSatisfy { $0.error.contains("bbx: always") })
+        #expect(Set(report.failures.map(\.crashPoint)) == Set(1...report.crashPoints),
+                "points \(report.crashPoints), failed at \(Set(report.failures.map(\.crashPoint)).sorted())")
+    }
+
+    @Test("invariant 14 at every crash point: never less than persisted, nothing stored after the crash point")
+    func invariant14AtEveryPoint() throws {
+        let count = 6
+        var storesDone = 0
+        func value(_ i: Int) -> UInt64 { 0x5050_5050_5050_5050 &+ UInt64(i + 1) }
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 8, seed: 9).explore(
+            workload: { device throws in
+                for i in 0..<count {
+                    // Each word in a line of its own, so whole-line choices cannot hide a bug.
+                    storeWord(value(i), to: device, at: i * 128)
+                    storesDone = i + 1
+                    device.persist(offset: i * 128, count: 8)
+                }
+            },
+            check: { image in
+                let bytes = try image.read(count: count * 128, at: 0)
+                // At the fence inside persist k, stores 0..<k-1 are persisted, store k-1 is in flight.
+                for i in 0..<count {
+                    let found = word(bytes, at: i * 128)
+                    if i < storesDone - 1, found != value(i) {
+                        throw CheckerError(description: "bbx: persisted word \(i) lost (stores \(storesDone))")
+                    }
+                    if i >= storesDone, found != 0 {
+                        throw CheckerError(description: "bbx: word \(i) stored after the crash point (stores \(storesDone))")
+                    }
+                    if found != 0, found != value(i) {
+                        throw CheckerError(description: "bbx: word \(i) torn: \(String(found, radix: 16))")
+                    }
+                }
+            })
+        #expect(report.failures.isEmpty, "\(report.failures)")
+        #expect(report.crashPoints >= count)
+        #expect(report.imagesChecked > 0)
+    }
+
+    @Test("the file system under the explorer: create + write, every image mounts and checks clean")
+    func fileSystemUnderExplorer() throws {
+        let content = Array("black box crash test".utf8)
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 4).explore(
+            setup: { device in try DAXFileSystem.format(device).unmount() },
+            workload: { device throws in
+                let fs = try DAXFileSystem.mount(device)
+                let file = try fs.create("/a")
+                try file.write(content, at: 0)
+                file.close()
+                try fs.unmount()
+            },
+            check: { image in
+                let fs = try DAXFileSystem.mount(image)
+                defer { try? fs.unmount() }
+                let report = try fs.check()
+                guard report.isClean else {
+                    throw CheckerError(description: "bbx: unclean \(report.problems)")
+                }
+                let names = try fs.contentsOfDirectory("/")
+                if names.contains("a") {
+                    let file = try fs.open("/a", access: .readOnly)
+                    defer { file.close() }
+                    let read = try file.read(count: file.size, at: 0)
+                    // The old (empty) or the new content, nothing else.
+                    guard read.isEmpty || read == content else {
+                        throw CheckerError(description: "bbx: /a holds \(read)")
+                    }
+                } else if !names.isEmpty {
+                    throw CheckerError(description: "bbx: unexpected names \(names)")
+                }
+            })
+        #expect(report.failures.isEmpty, "\(report.failures)")
+        #expect(report.crashPoints > 0)
+        #expect(report.imagesChecked > 0)
+    }
+
+
+    @Test("the same explorer on the same workload reports the same failures (seeds replay)")
+    func deterministicFailures() throws {
+        func run() throws -> [String] {
+            try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 8, seed: 77).explore(
+                workload: { device in
+                    store(record, to: device, at: recordOffset)
+                    storeWord(flagValue, to: device, at: 0)
+                    device.persist(offset: 0, count: 8)
+                    device.persist(offset: recordOffset, count: 64)
+                },
+                check: checkRecord
+            ).failures.map { "\($0.crashPoint)/\($0.seed)/\($0.error)" }
+        }
+        let first = try run()
+        #expect(!first.isEmpty)
+        #expect(try run() == first)
+    }
+
+    @Test("under .eadr the planted bug cannot show: every store is persistent, in program order")
+    func eadrHidesOrderingBug() throws {
+        let report = try CrashExplorer(deviceSize: 4 << 20, domain: .eadr).explore(
+            workload: { device in
+                store(record, to: device, at: recordOffset)
+                storeWord(flagValue, to: device, at: 0)
+                device.persist(offset: 0, count: 8)
+                device.persist(offset: recordOffset, count: 64)
+            },
+            check: checkRecord)
+        #expect(report.failures.isEmpty, "\(report.failures)")
+        #expect(report.crashPoints > 0)
+    }
+
+    @Test("setup's fences are not crash points, its persisted data is in every image, and images have the device size")
+    func setupIsNotExplored() throws {
+        func run(withSetup: Bool) throws -> CrashReport {
+            try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 2).explore(
+                setup: { device in
+                    guard withSetup else { return }
+                    for i in 0..<5 {
+                        store(bytes(0x5C, 64), to: device, at: 65_536 + i * 64)
+                        device.persist(offset: 65_536 + i * 64, count: 64)
+                    }
+                },
+                workload: { device in
+                    storeWord(1, to: device, at: 0)
+                    device.persist(offset: 0, count: 8)
+                },
+                check: { image in
+                    guard image.size == 4 << 20 else { throw CheckerError(description: "bbx: size \(image.size)") }
+                    if withSetup, try image.read(count: 320, at: 65_536) != bytes(0x5C, 320) {
+                        throw CheckerError(description: "bbx: setup data missing")
+                    }
+                })
+        }
+        let with = try run(withSetup: true)
+        let without = try run(withSetup: false)
+        #expect(with.failures.isEmpty, "\(with.failures)")
+        #expect(without.failures.isEmpty, "\(without.failures)")
+        #expect(with.crashPoints == without.crashPoints)
+    }
+
+    @Test("a DAXError thrown by the checker comes back as its text")
+    func checkerDAXErrorText() throws {
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 1).explore(
+            workload: { device in
+                storeWord(1, to: device, at: 0)
+                device.persist(offset: 0, count: 8)
+            },
+            check: { image in _ = try image.read(count: 16, at: image.size - 8) })
+        // Reading past the end must be a DAXError (.invalidArgument): bad input, a clear error.
+        #expect(!report.failures.isEmpty)
+        #expect(report.failures.allSatisfy { $0.error.contains("invalidArgument") || $0.error.contains("invalid") },
+                "\(report.failures.map(\.error))")
+    }
+
+    @Test("file system metadata under the explorer: mkdir, rename, truncate, remove all check clean")
+    func fileSystemMetadataUnderExplorer() throws {
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 2).explore(
+            setup: { device in
+                let fs = try DAXFileSystem.format(device)
+                try fs.create("/old").write(bytes(0x33, 10_000), at: 0)
+                try fs.unmount()
+            },
+            workload: { device in
+                let fs = try DAXFileSystem.mount(device)
+                try fs.createDirectory("/d")
+                try fs.rename("/old", to: "/d/new")
+                let file = try fs.open("/d/new")
+                try file.truncate(to: 5000, ifBusy: .fail)
+                file.close()
+                try fs.create("/gone").write(bytes(0x44, 100), at: 0)
+                try fs.remove("/gone")
+                try fs.unmount()
+            },
+            check: { image in
+                let fs = try DAXFileSystem.mount(image)
+                defer { try? fs.unmount() }
+                let report = try fs.check()
+                guard report.isClean else { throw CheckerError(description: "bbx: unclean \(report.problems)") }
+                let path = try fs.contentsOfDirectory("/").contains("old") ? "/old" : "/d/new"
+                let file = try fs.open(path, access: .readOnly)
+                defer { file.close() }
+                guard file.size == 10_000 || file.size == 5000 else {
+                    throw CheckerError(description: "bbx: \(path) has size \(file.size)")
+                }
+                guard try file.read(count: file.size, at: 0) == bytes(0x33, file.size) else {
+                    throw CheckerError(description: "bbx: \(path) content changed")
+                }
+            })
+        #expect(report.failures.isEmpty, "\(report.failures.prefix(5))")
+        #expect(report.crashPoints > 0)
+        #expect(report.imagesChecked > 0)
+    }
+
+    @Test("bad input: a device size of 0 or not a page multiple is a DAXError, the workload never runs")
+    func badDeviceSize() throws {
+        for size in [0, pageSize + 1, -pageSize] {
+            var ran = false
+            do {
+                _ = try CrashExplorer(deviceSize: size).explore(workload: { _ in ran = true }, check: { _ in })
+                Issue.record("deviceSize \(size) was accepted")
+            } catch let error as DAXError {
+                #expect(error.code == .invalidArgument, "\(size): \(error)")
+            }
+            #expect(!ran, "deviceSize \(size): the workload ran")
+        }
+    }
+}
