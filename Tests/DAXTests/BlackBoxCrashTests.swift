@@ -375,6 +375,54 @@ struct BlackBoxCrashImageTests {
             #expect(try opened.read(count: 8, at: (64 << 20) - 8) == withUnsafeBytes(of: UInt64(0xFEED_FACE_CAFE_BEEF)) { Array($0) })
         }
     }
+
+    @Test("powerFail to an existing directory is .alreadyExists and leaves it as it was")
+    func powerFailToExistingDirectory() throws {
+        try withDevice { device throws in
+            let path = uniqueShmPath("dir")
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: false)
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            expectDAXCode(.alreadyExists) { try device.powerFail(writingImageTo: path) }
+            #expect(try FileManager.default.contentsOfDirectory(atPath: path).isEmpty)
+        }
+    }
+
+    @Test("powerFail to an empty path is a DAXError")
+    func powerFailEmptyPath() throws {
+        try withDevice { device throws in
+            do {
+                try device.powerFail(writingImageTo: "")
+                Issue.record("powerFail to an empty path did not throw")
+            } catch let error as DAXError {
+                #expect(!error.message.isEmpty)
+            }
+        }
+    }
+
+    @Test("images of a live file system (no unmount) mount and check clean, keeping none, all or a subset")
+    func liveFileSystemImagesAreClean() throws {
+        try withDevice(size: 8 << 20, name: "livefs") { device throws in
+            let fs = try DAXFileSystem.format(device)
+            defer { try? fs.unmount() }
+            try fs.createDirectory("/d")
+            let file = try fs.create("/d/f")
+            try file.write(bytes(0x71, 9000), at: 0)
+            try fs.rename("/d/f", to: "/g")
+            file.close()
+            for keeping in [InFlightLines.none, .all, .random(seed: 1), .random(seed: 2)] {
+                let path = uniqueShmPath("fsimg")
+                defer { unlink(path) }
+                try device.powerFail(writingImageTo: path, keeping: keeping)
+                let opened = try PMemDevice.open(path: path)
+                defer { opened.close() }
+                let mounted = try DAXFileSystem.mount(opened)
+                let report = try mounted.check()
+                #expect(report.isClean, "\(keeping): \(report.problems)")
+                #expect(try mounted.contentsOfDirectory("/") == ["d", "g"], "\(keeping)")
+                try mounted.unmount()
+            }
+        }
+    }
 }
 
 // MARK: - unpersistedRanges
@@ -1016,6 +1064,56 @@ struct BlackBoxCrashExplorerTests {
         #expect(dataOffset > 0)
         #expect(report.failures.isEmpty, "\(report.failures.prefix(5))")
         #expect(report.crashPoints > 0)
+    }
+
+
+    @Test("a checker's stores to its image never reach the images checked after it")
+    func checkerStoresArePrivate() throws {
+        var checked = 0
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 4).explore(
+            workload: { device in
+                for i in 0..<3 {
+                    storeWord(UInt64(i + 1), to: device, at: i * 64)
+                    device.persist(offset: i * 64, count: 8)
+                }
+            },
+            check: { image in
+                checked += 1
+                let head = try image.read(count: 4096, at: 0)
+                for i in 0..<64 {
+                    let value = word(head, at: i * 64)
+                    if (i < 3 && value > 3) || (i >= 3 && value != 0) {
+                        throw CheckerError(description: "bbx: image \(checked) saw a checker's store at \(i * 64)")
+                    }
+                }
+                // Scribble over the image, as a buggy recovery might.
+                try image.write(bytes(0xFF, 4096), at: 0)
+                image.persist(offset: 0, count: 4096)
+            })
+        #expect(report.failures.isEmpty, "\(report.failures.prefix(3))")
+        #expect(checked == report.imagesChecked)
+        #expect(checked > 1)
+    }
+
+    @Test("imagesPerPoint 0 still checks the keep-none and keep-all images; a negative count is .invalidArgument")
+    func imagesPerPointBounds() throws {
+        let zero = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 0).explore(
+            workload: { device in
+                storeWord(5, to: device, at: 0)
+                device.persist(offset: 0, count: 8)
+            },
+            check: { _ in })
+        #expect(zero.failures.isEmpty)
+        #expect(zero.imagesChecked >= 2, "\(zero.imagesChecked)")
+        var ran = false
+        do {
+            _ = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: -1).explore(
+                workload: { _ in ran = true }, check: { _ in })
+            Issue.record("imagesPerPoint -1 was accepted")
+        } catch let error as DAXError {
+            #expect(error.code == .invalidArgument, "\(error)")
+        }
+        #expect(!ran)
     }
 
     @Test("bad input: a device size of 0 or not a page multiple is a DAXError, the workload never runs")
