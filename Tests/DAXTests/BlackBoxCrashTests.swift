@@ -180,10 +180,12 @@ struct BlackBoxCrashImageTests {
 
             var sawOld = false
             var sawNew = false
+            var distinct = Set<[UInt8]>()
             for seed: UInt64 in [1, 2, 3, 42, 0xDEAD_BEEF] {
                 let first = try image(of: device, keeping: .random(seed: seed))
                 let second = try image(of: device, keeping: .random(seed: seed))
                 #expect(first == second, "seed \(seed) gave two different images")
+                distinct.insert(Array(first[base..<base + words * 8]))
                 for i in 0..<words {
                     let value = word(first, at: base + i * 8)
                     #expect(value == old(i) || value == new(i), "seed \(seed), word \(i): \(String(value, radix: 16))")
@@ -197,6 +199,8 @@ struct BlackBoxCrashImageTests {
             }
             // A seeded *subset* of 512 in-flight words over 5 seeds: expect both outcomes seen.
             #expect(sawOld && sawNew, "random images kept all or nothing: old \(sawOld) new \(sawNew)")
+            // 64 lines in flight: five seeds choosing the same subset would not be seeded at all.
+            #expect(distinct.count > 1, "five seeds gave \(distinct.count) distinct image(s)")
         }
     }
 
@@ -536,6 +540,54 @@ struct BlackBoxCrashUnpersistedTests {
             #expect(Array(none[4096..<4160]) == bytes(0, 64))
             #expect(covered(4096..<4160, by: device.unpersistedRanges()))
             #expect(!device.unpersistedRanges().contains { $0.overlaps(300..<400) })
+        }
+    }
+
+    @Test("persisting one byte persists its whole cache line; persisting zero bytes persists nothing")
+    func persistGranularity() throws {
+        try withDevice { device throws in
+            storeWord(0x0A0B_0C0D_0E0F_1011, to: device, at: 64)
+            storeWord(0x2122_2324_2526_2728, to: device, at: 200)
+            device.persist(offset: 64, count: 0)
+            device.flush(offset: 200, count: 0)
+            device.drain()
+            var ranges = device.unpersistedRanges()
+            #expect(covered(64..<72, by: ranges) && covered(200..<208, by: ranges), "\(ranges)")
+            // One byte of line 64..<128 flushed and fenced: the line, with the word at 64, is persistent.
+            device.persist(offset: 120, count: 1)
+            ranges = device.unpersistedRanges()
+            #expect(!ranges.contains { $0.overlaps(64..<72) }, "\(ranges)")
+            #expect(covered(200..<208, by: ranges), "\(ranges)")
+            let none = try image(of: device, keeping: .none)
+            #expect(word(none, at: 64) == 0x0A0B_0C0D_0E0F_1011)
+            #expect(word(none, at: 200) == 0)
+        }
+    }
+
+    @Test("a store through a mapping to a line flushed through the device, then the fence: one whole value")
+    func mappingStoreBetweenDeviceFlushAndFence() throws {
+        try withDevice(size: 8 << 20, name: "flushmap") { device throws in
+            let fs = try DAXFileSystem.format(device)
+            defer { try? fs.unmount() }
+            let file = try fs.create("/f")
+            defer { file.close() }
+            try file.allocate(offset: 0, count: pageSize)
+            let mapping = try file.map(count: pageSize)
+            defer { mapping.unmap() }
+            let at = Int(try #require(try file.frames(offset: 0, count: pageSize)[0]).rawValue) * pageSize + 512
+            let first: UInt64 = 0x0102_0304_0506_0708
+            let second: UInt64 = 0xF1F2_F3F4_F5F6_F7F8
+            storeWord(first, to: device, at: at)
+            device.flush(offset: at, count: 8)
+            mapping.baseAddress.storeBytes(of: second, toByteOffset: 512, as: UInt64.self)
+            device.drain()
+            let none = word(try image(of: device, keeping: .none), at: at)
+            #expect(none == first || none == second, "\(String(none, radix: 16))")
+            if none == first { #expect(covered(at..<at + 8, by: device.unpersistedRanges())) }
+            #expect(word(try image(of: device, keeping: .all), at: at) == second)
+            mapping.persist(offset: 512, count: 8)
+            #expect(word(try image(of: device, keeping: .none), at: at) == second)
+            #expect(device.unpersistedRanges().isEmpty)
         }
     }
 }
@@ -1114,6 +1166,25 @@ struct BlackBoxCrashExplorerTests {
             #expect(error.code == .invalidArgument, "\(error)")
         }
         #expect(!ran)
+    }
+
+
+    @Test("every fencing primitive is a crash point: copy, fill, write, flush+drain, mapping persist")
+    func everyFenceIsACrashPoint() throws {
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 1).explore(
+            workload: { device in
+                bytes(1, 64).withUnsafeBytes { device.copy($0, toOffset: 0) }             // 1
+                device.fill(offset: 64, count: 64, value: 2)                             // 2
+                try device.write(bytes(3, 64), at: 128)                                  // 3
+                storeWord(4, to: device, at: 192)
+                device.flush(offset: 192, count: 8)
+                device.drain()                                                            // 4
+                bytes(5, 64).withUnsafeBytes { device.copy($0, toOffset: 256, flags: .noDrain) }
+                device.drain()                                                            // 5
+            },
+            check: { _ in })
+        #expect(report.crashPoints == 5 || report.crashPoints == 6, "\(report.crashPoints)")
+        #expect(report.failures.isEmpty)
     }
 
     @Test("bad input: a device size of 0 or not a page multiple is a DAXError, the workload never runs")
