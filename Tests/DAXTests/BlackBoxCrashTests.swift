@@ -68,6 +68,11 @@ private func word(_ bytes: [UInt8], at offset: Int) -> UInt64 {
 
 private func bytes(_ value: UInt8, _ count: Int) -> [UInt8] { [UInt8](repeating: value, count: count) }
 
+/// A deterministic byte pattern (named apart from Support.swift's `pattern`).
+private func bbPattern(_ count: Int, seed: Int = 1) -> [UInt8] {
+    (0..<count).map { UInt8(truncatingIfNeeded: ($0 &* 131) &+ ($0 >> 8) &+ seed &* 17) }
+}
+
 /// The 64-byte lines a range touches, as a range of byte offsets rounded out to lines.
 private func lineRange(_ range: Range<Int>) -> Range<Int> {
     (range.lowerBound / lineSize * lineSize)..<((range.upperBound + lineSize - 1) / lineSize * lineSize)
@@ -435,7 +440,10 @@ struct BlackBoxCrashImageTests {
 struct BlackBoxCrashUnpersistedTests {
     // Granularity accepted: every stored, unpersisted byte must be covered, and every listed
     // byte must lie in a 64-byte cache line that holds such a byte (cache-line granularity).
-    // Stored bytes are chosen to differ from what is on the media.
+    // Stored bytes are chosen to differ, every one, from what is on the media: a byte stored
+    // with the value the media already holds is not something a failure could lose, so a
+    // byte-exact answer may leave it out (this library's answer is byte-exact: a word store of
+    // 1 over 0 is listed as its first byte only).
 
     @Test("lists exactly the stored, unpersisted ranges (to the cache line) and is empty after persist")
     func listsUnpersistedRanges() throws {
@@ -588,6 +596,43 @@ struct BlackBoxCrashUnpersistedTests {
             mapping.persist(offset: 512, count: 8)
             #expect(word(try image(of: device, keeping: .none), at: at) == second)
             #expect(device.unpersistedRanges().isEmpty)
+        }
+    }
+
+    @Test("flushing one line of a page leaves the page's other stored lines in flight")
+    func flushOneLineOfAPage() throws {
+        try withDevice { device throws in
+            storeWord(0xAAAA_1111_AAAA_1111, to: device, at: 8192)          // line 0, flushed
+            storeWord(0xBBBB_1111_BBBB_1111, to: device, at: 8192 + 64)     // line 1, stored before the flush
+            device.flush(offset: 8192, count: 8)
+            storeWord(0xCCCC_1111_CCCC_1111, to: device, at: 8192 + 128)    // line 2, stored after the flush
+            device.drain()
+            let none = try image(of: device, keeping: .none)
+            #expect(word(none, at: 8192) == 0xAAAA_1111_AAAA_1111)
+            #expect(word(none, at: 8192 + 64) == 0)
+            #expect(word(none, at: 8192 + 128) == 0)
+            let ranges = device.unpersistedRanges()
+            #expect(covered(8256..<8264, by: ranges) && covered(8320..<8328, by: ranges), "\(ranges)")
+            #expect(contained(ranges, in: [8256..<8320, 8320..<8384]), "\(ranges)")
+        }
+    }
+
+    @Test("two emulated devices track their stores apart")
+    func twoDevicesApart() throws {
+        try withDevice(name: "a") { a throws in
+            try withDevice(name: "b") { b throws in
+                storeWord(0x0101_0101_0101_0101, to: a, at: 4096)
+                storeWord(0x0202_0202_0202_0202, to: b, at: 8192)
+                #expect(contained(a.unpersistedRanges(), in: [lineRange(4096..<4104)]), "\(a.unpersistedRanges())")
+                #expect(covered(4096..<4104, by: a.unpersistedRanges()))
+                #expect(contained(b.unpersistedRanges(), in: [lineRange(8192..<8200)]), "\(b.unpersistedRanges())")
+                #expect(covered(8192..<8200, by: b.unpersistedRanges()))
+                a.persist(offset: 4096, count: 8)
+                #expect(a.unpersistedRanges().isEmpty)
+                #expect(covered(8192..<8200, by: b.unpersistedRanges()))
+                #expect(word(try image(of: b, keeping: .none), at: 8192) == 0)
+                #expect(word(try image(of: b, keeping: .all), at: 4096) == 0)
+            }
         }
     }
 }
@@ -775,6 +820,114 @@ struct BlackBoxCrashMappingTests {
             #expect(word(try image(of: device, keeping: .none), at: 20_480) == 0)
         }
     }
+
+    @Test("a mapping made after an image was written, and a remapping, are tracked")
+    func newMappingsAreTracked() throws {
+        try withDevice(size: 8 << 20, name: "remap") { device throws in
+            let fs = try DAXFileSystem.format(device)
+            defer { try? fs.unmount() }
+            let file = try fs.create("/r")
+            defer { file.close() }
+            try file.allocate(offset: 0, count: pageSize)
+            let at = Int(try #require(try file.frames(offset: 0, count: pageSize)[0]).rawValue) * pageSize
+            _ = try image(of: device, keeping: .none)
+            for round in 1...2 {
+                let mapping = try file.map(count: pageSize)
+                let value = UInt64(round) &* 0x1111_1111_1111_1111
+                mapping.baseAddress.storeBytes(of: value, toByteOffset: 64, as: UInt64.self)
+                #expect(covered(at + 64..<at + 72, by: device.unpersistedRanges()), "round \(round)")
+                #expect(word(try image(of: device, keeping: .all), at: at + 64) == value)
+                mapping.persist(offset: 64, count: 8)
+                #expect(word(try image(of: device, keeping: .none), at: at + 64) == value)
+                mapping.unmap()
+            }
+        }
+    }
+
+    /// Writes a power-failure image, mounts it and returns `count` bytes of `path` at 0.
+    private func readAfterPowerFail(_ device: PMemDevice, _ path: String, count: Int) throws -> [UInt8] {
+        let imagePath = uniqueShmPath("fsimg")
+        defer { unlink(imagePath) }
+        try device.powerFail(writingImageTo: imagePath, keeping: .none)
+        let opened = try PMemDevice.open(path: imagePath)
+        defer { opened.close() }
+        let fs = try DAXFileSystem.mount(opened)
+        defer { try? fs.unmount() }
+        let report = try fs.check()
+        #expect(report.isClean, "\(report.problems)")
+        let file = try fs.open(path, access: .readOnly)
+        defer { file.close() }
+        return try file.read(count: count, at: 0)
+    }
+
+    // (API.md's `faultHandling`/`FaultHandling` are missing from the library, so a store to a hole
+    // cannot be tested here: without fault handling it raises SIGBUS. `allocate` gives zeroed blocks.)
+    @Test("allocate over blocks a removed file left dirty: after a power failure the new range reads zeros")
+    func allocateOverStaleBlocksThenPowerFail() throws {
+        try withDevice(size: 8 << 20, name: "stale") { device throws in
+            let fs = try DAXFileSystem.format(device)
+            defer { try? fs.unmount() }
+            let stale = try fs.create("/stale")
+            try stale.write(bytes(0xEE, 64 * pageSize), at: 0)
+            stale.close()
+            try fs.remove("/stale")
+            let file = try fs.create("/h")
+            defer { file.close() }
+            try file.write(bytes(0x11, pageSize), at: 0)
+            try file.allocate(offset: pageSize, count: 32 * pageSize)
+            #expect(file.size == 33 * pageSize)
+            let read = try readAfterPowerFail(device, "/h", count: 33 * pageSize)
+            // Invariant 4 across a crash: the old state (one page) or the new one (zeros after it).
+            #expect(read.count == pageSize || read.count == 33 * pageSize, "\(read.count)")
+            #expect(Array(read.prefix(pageSize)) == bytes(0x11, pageSize))
+            #expect(read.dropFirst(pageSize).allSatisfy { $0 == 0 },
+                    "stale bytes: \(read.dropFirst(pageSize).filter { $0 != 0 }.count)")
+        }
+    }
+
+    // BUG (API.md, Additions, Forking): `DAXFileSystem.clone(_:to:ifPinned:)`, `deduplicate`,
+    // `DAXFile.migrate(offset:count:)`, `MigrationResult` and `PinnedPagePolicy` are in the contract
+    // but not in the library, so these two crash tests of forking do not compile; kept commented.
+    // @Test("copy-on-write of a cloned page through a mapping: after a power failure the clone holds the copy and the store")
+    // func cloneCopyOnWriteThenPowerFail() throws {
+    //     try withDevice(size: 8 << 20, name: "cow") { device throws in
+    //         let fs = try DAXFileSystem.format(device)
+    //         defer { try? fs.unmount() }
+    //         guard fs.faultHandling == .userfaultfd else { return }
+    //         let source = try fs.create("/src")
+    //         try source.write(bbPattern(2 * pageSize), at: 0)
+    //         source.close()
+    //         try fs.clone("/src", to: "/dst")
+    //         let clone = try fs.open("/dst")
+    //         defer { clone.close() }
+    //         let mapping = try clone.map(count: 2 * pageSize)
+    //         defer { mapping.unmap() }
+    //         mapping.baseAddress.storeBytes(of: 0x9999_9999_9999_9999 as UInt64, toByteOffset: 16, as: UInt64.self)
+    //         mapping.persist(offset: 16, count: 8)
+    //         var expected = bbPattern(2 * pageSize)
+    //         for i in 0..<8 { expected[16 + i] = 0x99 }
+    //         let read = try readAfterPowerFail(device, "/dst", count: 2 * pageSize)
+    //         #expect(read == expected, "first differing byte at \(zip(read, expected).firstIndex { $0 != $1 } ?? -1)")
+    //         let original = try readAfterPowerFail(device, "/src", count: 2 * pageSize)
+    //         #expect(original == bbPattern(2 * pageSize))
+    //     }
+    // }
+
+    // @Test("migrate, then a power failure: the file holds every byte")
+    // func migrateThenPowerFail() throws {
+    //     try withDevice(size: 8 << 20, name: "migrate") { device throws in
+    //         let fs = try DAXFileSystem.format(device)
+    //         defer { try? fs.unmount() }
+    //         let file = try fs.create("/m")
+    //         defer { file.close() }
+    //         try file.write(bbPattern(4 * pageSize, seed: 3), at: 0)
+    //         let before = try file.frames(offset: 0, count: 4 * pageSize)
+    //         let result = try file.migrate(offset: 0, count: 4 * pageSize)
+    //         #expect(result.migrated == 4 && result.busy.isEmpty)
+    //         #expect(try file.frames(offset: 0, count: 4 * pageSize) != before)
+    //         #expect(try readAfterPowerFail(device, "/m", count: 4 * pageSize) == bbPattern(4 * pageSize, seed: 3))
+    //     }
+    // }
 }
 
 // MARK: - CrashExplorer
