@@ -928,6 +928,84 @@ struct BlackBoxCrashMappingTests {
     //         #expect(try readAfterPowerFail(device, "/m", count: 4 * pageSize) == bbPattern(4 * pageSize, seed: 3))
     //     }
     // }
+
+    @Test("a DMA write to a revoked region throws .revoked and leaves no store behind")
+    func revokedDMAWriteStoresNothing() throws {
+        try withDevice(size: 8 << 20, name: "revoke") { device throws in
+            let fs = try DAXFileSystem.format(device)
+            defer { try? fs.unmount() }
+            let file = try fs.create("/lease")
+            defer { file.close() }
+            try file.write(bytes(0x10, pageSize), at: 0)
+            let mapping = try file.map(count: pageSize)
+            let nic = DMAEngine(device: device)
+            let region = nic.register(try mapping.pin(offset: 0, count: pageSize, lifetime: .longTerm(onRevoke: {})))
+            defer { nic.deregister(region) }
+            let frame = Int(region.frames[0].rawValue)
+            mapping.unmap()
+            try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .zero))
+            #expect(region.isRevoked)
+            let before = try image(of: device, keeping: .all)
+            let unpersistedBefore = device.unpersistedRanges()
+            expectDAXCode(.revoked) { try nic.write(bytes(0xBD, 64), to: region, at: 0) }
+            #expect(device.unpersistedRanges() == unpersistedBefore)
+            let after = try image(of: device, keeping: .all)
+            #expect(after == before)
+            #expect(!after[frame * pageSize..<frame * pageSize + 64].contains(0xBD))
+        }
+    }
+
+    @Test("bad input changes nothing: an out-of-range device or DMA write leaves no store in flight")
+    func outOfRangeWritesStoreNothing() throws {
+        try withDevice(size: 8 << 20, name: "range") { device throws in
+            let fs = try DAXFileSystem.format(device)
+            defer { try? fs.unmount() }
+            let file = try fs.create("/b")
+            defer { file.close() }
+            try file.write(bytes(0x10, pageSize), at: 0)
+            let mapping = try file.map(count: pageSize)
+            defer { mapping.unmap() }
+            let nic = DMAEngine(device: device)
+            let region = nic.register(try mapping.pin(offset: 0, count: pageSize))
+            defer { nic.deregister(region) }
+            let before = try image(of: device, keeping: .all)
+            #expect(device.unpersistedRanges().isEmpty)
+
+            expectDAXCode(.invalidArgument) { try device.write(bytes(0xBD, 100), at: device.size - 50) }
+            expectDAXCode(.invalidArgument) { try device.write(bytes(0xBD, 8), at: -8) }
+            expectDAXCode(.invalidArgument) { try nic.write(bytes(0xBD, 100), to: region, at: pageSize - 50) }
+            #expect(device.unpersistedRanges().isEmpty, "\(device.unpersistedRanges())")
+            #expect(try image(of: device, keeping: .all) == before)
+            #expect(try device.read(count: 50, at: device.size - 50) == bytes(0, 50))
+        }
+    }
+
+    @Test("a large in-flight set: .random images stay word-atomic over 256 pages")
+    func largeRandomImages() throws {
+        try withDevice(size: 4 << 20, name: "large") { device throws in
+            let base = 1 << 20
+            let words = 256 * pageSize / 8
+            for i in stride(from: 0, to: words, by: 1) {
+                storeWord(0x0101_0101_0101_0101, to: device, at: base + i * 8)
+            }
+            device.persist(offset: base, count: words * 8)
+            for i in stride(from: 0, to: words, by: 1) {
+                storeWord(0xFEFE_FEFE_FEFE_FEFE ^ UInt64(i & 0x7F), to: device, at: base + i * 8)
+            }
+            device.flush(offset: base, count: words * 4)
+            for seed: UInt64 in [7, 8] {
+                let img = try image(of: device, keeping: .random(seed: seed))
+                var bad = 0
+                for i in 0..<words {
+                    let value = word(img, at: base + i * 8)
+                    if value != 0x0101_0101_0101_0101 && value != 0xFEFE_FEFE_FEFE_FEFE ^ UInt64(i & 0x7F) { bad += 1 }
+                }
+                #expect(bad == 0, "seed \(seed): \(bad) torn or foreign words")
+            }
+            let all = try image(of: device, keeping: .all)
+            #expect(all == (try device.read(count: device.size, at: 0)))
+        }
+    }
 }
 
 // MARK: - CrashExplorer
@@ -1338,6 +1416,60 @@ struct BlackBoxCrashExplorerTests {
             check: { _ in })
         #expect(report.crashPoints == 5 || report.crashPoints == 6, "\(report.crashPoints)")
         #expect(report.failures.isEmpty)
+    }
+
+
+    @Test("punch a hole and extend a file under the explorer: each operation all or nothing")
+    func punchAndExtendUnderExplorer() throws {
+        let page = pageSize
+        let original = bbPattern(8 * page, seed: 5)
+        let tail = bytes(0x7E, 100)
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 2).explore(
+            setup: { device in
+                let fs = try DAXFileSystem.format(device)
+                try fs.create("/p").write(original, at: 0)
+                try fs.unmount()
+            },
+            workload: { device in
+                let fs = try DAXFileSystem.mount(device)
+                let file = try fs.open("/p")
+                try file.punchHole(offset: 2 * page, count: 2 * page, ifBusy: .fail)
+                try file.write(tail, at: 10 * page)
+                file.close()
+                try fs.unmount()
+            },
+            check: { image in
+                let fs = try DAXFileSystem.mount(image)
+                defer { try? fs.unmount() }
+                let report = try fs.check()
+                guard report.isClean else { throw CheckerError(description: "bbx: unclean \(report.problems)") }
+                let file = try fs.open("/p", access: .readOnly)
+                defer { file.close() }
+                let size = file.size
+                guard size == 8 * page || size == 10 * page + 100 else {
+                    throw CheckerError(description: "bbx: size \(size)")
+                }
+                let data = try file.read(count: size, at: 0)
+                guard Array(data[0..<2 * page]) == Array(original[0..<2 * page]),
+                      Array(data[4 * page..<8 * page]) == Array(original[4 * page..<8 * page]) else {
+                    throw CheckerError(description: "bbx: untouched pages changed")
+                }
+                let hole = Array(data[2 * page..<4 * page])
+                guard hole == Array(original[2 * page..<4 * page]) || hole.allSatisfy({ $0 == 0 }) else {
+                    throw CheckerError(description: "bbx: punch half done")
+                }
+                if size == 10 * page + 100 {
+                    guard hole.allSatisfy({ $0 == 0 }) else { throw CheckerError(description: "bbx: write before punch") }
+                    guard data[8 * page..<10 * page].allSatisfy({ $0 == 0 }) else {
+                        throw CheckerError(description: "bbx: gap not zeros")
+                    }
+                    guard Array(data[(10 * page)...]) == tail else {
+                        throw CheckerError(description: "bbx: size grown, data not there")
+                    }
+                }
+            })
+        #expect(report.failures.isEmpty, "\(report.failures.prefix(5))")
+        #expect(report.crashPoints > 0)
     }
 
     @Test("bad input: a device size of 0 or not a page multiple is a DAXError, the workload never runs")
