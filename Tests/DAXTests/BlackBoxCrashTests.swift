@@ -5,6 +5,7 @@
 
 import DAX
 import Foundation
+import Synchronization
 import Testing
 
 // MARK: - Helpers (public API only)
@@ -429,6 +430,61 @@ struct BlackBoxCrashImageTests {
                 #expect(report.isClean, "\(keeping): \(report.problems)")
                 #expect(try mounted.contentsOfDirectory("/") == ["d", "g"], "\(keeping)")
                 try mounted.unmount()
+            }
+        }
+    }
+
+    // A black-box test cannot bound from above what another thread stored between reading its
+    // progress and powerFail's entry (a first version of this test used `began + 1` and failed
+    // spuriously: the thread ran on while the image path was being made). So the bounds are the
+    // sound ones: from below, everything the thread persisted before the call (invariant 14, "never
+    // less than was persisted"); from above, nothing it stored after the call returned.
+    @Test("a thread storing and persisting while powerFail runs: each image is between what was persisted before and stored after")
+    func concurrentStoresDuringPowerFail() throws {
+        final class Shared: Sendable {
+            let published = Atomic<Int>(0)
+            let stop = Atomic<Bool>(false)
+        }
+        @Sendable func value(_ i: Int) -> UInt64 { UInt64(UInt32(i)) << 32 | UInt64(UInt32(i)) }  // a torn word shows
+        try withDevice { device throws in
+            let shared = Shared()
+            let address = UInt(bitPattern: device.baseAddress)
+            let base = 5 * pageSize
+            let group = DispatchGroup()
+            group.enter()
+            Thread.detachNewThread {
+                let pointer = UnsafeMutableRawPointer(bitPattern: address)!
+                var i = 0
+                while !shared.stop.load(ordering: .acquiring) {
+                    i += 1
+                    for w in 0..<64 { pointer.storeBytes(of: value(i), toByteOffset: base + w * 8, as: UInt64.self) }
+                    device.persist(offset: base, count: 64 * 8)
+                    shared.published.store(i, ordering: .releasing)
+                }
+                group.leave()
+            }
+            defer {
+                shared.stop.store(true, ordering: .releasing)
+                group.wait()
+            }
+            while shared.published.load(ordering: .acquiring) < 50 {}
+            for round in 0..<6 {
+                let path = uniqueShmPath("img")
+                defer { unlink(path) }
+                let keeping: InFlightLines = round % 2 == 0 ? .none : .all
+                let persistedBefore = shared.published.load(ordering: .acquiring)
+                try device.powerFail(writingImageTo: path, keeping: keeping)
+                let storedByReturn = shared.published.load(ordering: .acquiring) + 1
+                let opened = try PMemDevice.open(path: path)
+                defer { opened.close() }
+                let img = try opened.read(count: 64 * 8, at: base)
+                for w in 0..<64 {
+                    let found = word(img, at: w * 8)
+                    let i = Int(found & 0xFFFF_FFFF)
+                    #expect(found == value(i), "round \(round), word \(w): torn \(String(found, radix: 16))")
+                    #expect(i >= persistedBefore, "round \(round) \(keeping), word \(w): iteration \(i) < persisted \(persistedBefore)")
+                    #expect(i <= storedByReturn, "round \(round), word \(w): iteration \(i) > \(storedByReturn) stored by return")
+                }
             }
         }
     }
