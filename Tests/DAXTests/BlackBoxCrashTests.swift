@@ -488,6 +488,58 @@ struct BlackBoxCrashImageTests {
             }
         }
     }
+
+    @Test("in .msync mode (and the default mode) flush is an msync: flush + drain, and persist, reach the media")
+    func msyncModePersists() throws {
+        for mode in [PersistenceMode.msync, .automatic] {
+            var options = PMemDevice.Options()
+            options.persistence = mode
+            options.powerFailureEmulation = .adr
+            try withDevice(options: options, name: "msync") { device throws in
+                let data = bytes(0x4D, 100)
+                store(data, to: device, at: 4096)
+                device.flush(offset: 4096, count: 100)
+                device.drain()
+                store(data, to: device, at: 8192)
+                device.persist(offset: 8192, count: 100)
+                store(data, to: device, at: 12_288)  // never flushed
+                let none = try image(of: device, keeping: .none)
+                #expect(Array(none[4096..<4196]) == data, "\(mode) (\(device.persistence)): flush + drain lost")
+                #expect(Array(none[8192..<8292]) == data, "\(mode) (\(device.persistence)): persist lost")
+                #expect(Array(none[12_288..<12_388]) == bytes(0, 100), "\(mode): an unflushed store survived")
+                let ranges = device.unpersistedRanges()
+                #expect(covered(12_288..<12_388, by: ranges) && contained(ranges, in: [lineRange(12_288..<12_388)]),
+                        "\(mode): \(ranges)")
+            }
+        }
+    }
+
+    @Test("a read-only emulated device: every store path is .permissionDenied and nothing is in flight")
+    func readOnlyEmulatedDevice() throws {
+        let path = uniqueShmPath("ro")
+        defer { unlink(path) }
+        let writer = try PMemDevice.create(path: path, size: 4 << 20, options: emulatedOptions())
+        try writer.write(bytes(0x2A, 64), at: 0)
+        writer.close()
+        var options = emulatedOptions()
+        options.readOnly = true
+        // The contract does not say whether emulation of a read-only device is allowed; a clear
+        // refusal (this library: .invalidArgument, "nothing is stored") is accepted as well.
+        let device: PMemDevice
+        do {
+            device = try PMemDevice.open(path: path, options: options)
+        } catch let error as DAXError {
+            #expect(error.code == .invalidArgument || error.code == .unsupported, "\(error)")
+            #expect(error.message.contains(path), "\(error)")
+            return
+        }
+        defer { device.close() }
+        expectDAXCode(.permissionDenied) { try device.write(bytes(1, 8), at: 4096) }
+        #expect(device.unpersistedRanges().isEmpty)
+        let none = try image(of: device, keeping: .none)
+        #expect(Array(none[0..<64]) == bytes(0x2A, 64))
+        #expect(none[64...].allSatisfy { $0 == 0 })
+    }
 }
 
 // MARK: - unpersistedRanges
