@@ -1580,6 +1580,61 @@ struct BlackBoxCrashExplorerTests {
         #expect(report.crashPoints > 0)
     }
 
+
+    @Test("at a crash point the explorer checks both the keep-nothing and the keep-everything image")
+    func explorerChecksNoneAndAll() throws {
+        var stage = 0
+        var sawNone = false
+        var sawAll = false
+        let a: UInt64 = 0xA1A1_A1A1_A1A1_A1A1, b: UInt64 = 0xB2B2_B2B2_B2B2_B2B2, c: UInt64 = 0xC3C3_C3C3_C3C3_C3C3
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 2).explore(
+            workload: { device in
+                storeWord(a, to: device, at: 0)
+                storeWord(b, to: device, at: 8192)
+                storeWord(c, to: device, at: 16_384)
+                stage = 1
+                device.persist(offset: 16_384, count: 8)
+                stage = 2
+            },
+            check: { image in
+                guard stage == 1 else { return }
+                let found = [word(try image.read(count: 8, at: 0), at: 0),
+                             word(try image.read(count: 8, at: 8192), at: 0),
+                             word(try image.read(count: 8, at: 16_384), at: 0)]
+                if found == [0, 0, 0] { sawNone = true }
+                if found == [a, b, c] { sawAll = true }
+            })
+        #expect(report.failures.isEmpty)
+        #expect(sawNone, "no image at the fence kept nothing in flight")
+        #expect(sawAll, "no image at the fence kept everything in flight")
+    }
+
+    @Test("under .eadr every image at a fence holds every store made before it")
+    func eadrExplorerKeepsEveryStore() throws {
+        var storesDone = 0
+        let report = try CrashExplorer(deviceSize: 4 << 20, domain: .eadr, imagesPerPoint: 4).explore(
+            workload: { device in
+                for i in 0..<4 {
+                    storeWord(0x0F0F_0F0F_0F0F_0F0F &+ UInt64(i), to: device, at: i * 4096)  // never flushed
+                    storesDone = i + 1
+                    if i % 2 == 1 { device.drain() }
+                }
+                device.persist(offset: 0, count: 8)
+            },
+            check: { image in
+                for i in 0..<4 {
+                    let found = word(try image.read(count: 8, at: i * 4096), at: 0)
+                    let expected: UInt64 = i < storesDone ? 0x0F0F_0F0F_0F0F_0F0F &+ UInt64(i) : 0
+                    if found != expected {
+                        throw CheckerError(description: "bbx: eadr word \(i) is \(String(found, radix: 16)) after \(storesDone) stores")
+                    }
+                }
+            })
+        #expect(report.failures.isEmpty, "\(report.failures.prefix(3))")
+        #expect(report.crashPoints >= 3)
+        #expect(report.imagesChecked > 0)
+    }
+
     @Test("bad input: a device size of 0 or not a page multiple is a DAXError, the workload never runs")
     func badDeviceSize() throws {
         for size in [0, pageSize + 1, -pageSize] {
