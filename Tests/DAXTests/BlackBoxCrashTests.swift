@@ -1663,6 +1663,40 @@ struct BlackBoxCrashExplorerTests {
         #expect(report.imagesChecked > 0)
     }
 
+
+    @Test("a checker may map a file of its image: the mapping shows what read() shows")
+    func checkerMapsImageFiles() throws {
+        let content = bbPattern(3 * pageSize, seed: 9)
+        var mapped = 0
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 2).explore(
+            setup: { device in try DAXFileSystem.format(device).unmount() },
+            workload: { device in
+                let fs = try DAXFileSystem.mount(device)
+                let file = try fs.create("/a")
+                try file.write(content, at: 0)
+                file.close()
+                try fs.unmount()
+            },
+            check: { image in
+                let fs = try DAXFileSystem.mount(image)
+                defer { try? fs.unmount() }
+                guard try fs.contentsOfDirectory("/").contains("a") else { return }
+                let file = try fs.open("/a", access: .readOnly)
+                defer { file.close() }
+                let size = file.size
+                guard size > 0 else { return }
+                let read = try file.read(count: size, at: 0)
+                let mapping = try file.map(count: size, access: .readOnly)
+                defer { mapping.unmap() }
+                let viaMapping = Array(UnsafeRawBufferPointer(start: mapping.baseAddress, count: size))
+                mapped += 1
+                guard viaMapping == read else { throw CheckerError(description: "bbx: mapping and read() differ") }
+                guard read == Array(content.prefix(size)) else { throw CheckerError(description: "bbx: content of size \(size) wrong") }
+            })
+        #expect(report.failures.isEmpty, "\(report.failures.prefix(3))")
+        #expect(mapped > 0)
+    }
+
     @Test("bad input: a device size of 0 or not a page multiple is a DAXError, the workload never runs")
     func badDeviceSize() throws {
         for size in [0, pageSize + 1, -pageSize] {
