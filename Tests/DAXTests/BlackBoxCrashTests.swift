@@ -1710,6 +1710,55 @@ struct BlackBoxCrashExplorerTests {
         #expect(mapped > 0)
     }
 
+
+    @Test("many small file-system operations under the explorer: every image checks clean, no file half written")
+    func manyOperationsUnderExplorer() throws {
+        func content(_ i: Int) -> [UInt8] { bbPattern(1000 + i * 700, seed: i) }
+        let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 1).explore(
+            setup: { device in try DAXFileSystem.format(device).unmount() },
+            workload: { device in
+                let fs = try DAXFileSystem.mount(device)
+                try fs.createDirectory("/d")
+                try fs.createDirectory("/d/e")
+                for i in 0..<8 {
+                    let file = try fs.create("/d/e/f\(i)")
+                    try file.write(content(i), at: 0)
+                    file.close()
+                }
+                for i in stride(from: 0, to: 8, by: 2) { try fs.remove("/d/e/f\(i)") }
+                try fs.rename("/d/e/f1", to: "/d/g1")
+                try fs.unmount()
+            },
+            check: { image in
+                let fs = try DAXFileSystem.mount(image)
+                defer { try? fs.unmount() }
+                let report = try fs.check()
+                guard report.isClean else { throw CheckerError(description: "bbx: unclean \(report.problems)") }
+                guard try fs.contentsOfDirectory("/").contains("d") else { return }
+                var paths: [(String, Int)] = []
+                if try fs.contentsOfDirectory("/d").contains("e") {
+                    for name in try fs.contentsOfDirectory("/d/e") {
+                        guard name.hasPrefix("f"), let i = Int(name.dropFirst()), (0..<8).contains(i) else {
+                            throw CheckerError(description: "bbx: unexpected /d/e/\(name)")
+                        }
+                        paths.append(("/d/e/\(name)", i))
+                    }
+                }
+                if try fs.contentsOfDirectory("/d").contains("g1") { paths.append(("/d/g1", 1)) }
+                for (path, i) in paths {
+                    let file = try fs.open(path, access: .readOnly)
+                    defer { file.close() }
+                    let read = try file.read(count: file.size, at: 0)
+                    // A file is created empty, then written: empty or whole (the write's size and data).
+                    guard read.isEmpty || read == content(i) else {
+                        throw CheckerError(description: "bbx: \(path) holds \(read.count) bytes, not 0 or \(content(i).count)")
+                    }
+                }
+            })
+        #expect(report.failures.isEmpty, "\(report.failures.prefix(5))")
+        #expect(report.crashPoints > 10)
+    }
+
     @Test("bad input: a device size of 0 or not a page multiple is a DAXError, the workload never runs")
     func badDeviceSize() throws {
         for size in [0, pageSize + 1, -pageSize] {
