@@ -1759,6 +1759,25 @@ struct BlackBoxCrashExplorerTests {
         #expect(report.crashPoints > 10)
     }
 
+
+    @Test("a workload that throws is not a passing exploration: explore throws")
+    func throwingWorkload() throws {
+        var threw = false
+        do {
+            _ = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 1).explore(
+                workload: { device in
+                    storeWord(1, to: device, at: 0)
+                    device.persist(offset: 0, count: 8)
+                    throw CheckerError(description: "bbx: workload failed")
+                },
+                check: { _ in })
+        } catch {
+            threw = true
+            #expect("\(error)".contains("bbx: workload failed"), "\(error)")
+        }
+        #expect(threw, "explore returned a report although its workload threw")
+    }
+
     @Test("bad input: a device size of 0 or not a page multiple is a DAXError, the workload never runs")
     func badDeviceSize() throws {
         for size in [0, pageSize + 1, -pageSize] {
