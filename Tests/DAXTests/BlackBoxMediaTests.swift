@@ -1,16 +1,11 @@
 // Black-box tests of the media additions (read-only devices and mounts, openOrCreate, the
 // persistence primitives), of DMA through read-only and foreign pins, and of the pin/truncate
-// invariants, written only from `API.md`, `DESIGN.md` and issue 14: what an outside user sees.
+// invariants, written only from the public contract and its invariants: what an outside user sees.
 //
-// Failing on purpose (library bugs, see the branch's report):
-// - "a 1 TiB sparse device ...": `PMemDevice.read(count: 1 << 40, at: 0)` of a 1 TiB sparse device
-//   aborts ("failed to allocate 1099511627808 bytes") instead of throwing.
-// - "removed files give their tmpfs space back ...": a sparse device's freed blocks stay backed and
-//   the allocator backs new ones, so the device file only grows.
-// - the two full-tmpfs tests (run only with BBMEDIA_SMALL_TMPFS, e.g. in a private mount namespace):
-//   after removing a 31 MiB file, a 1 MiB write is .noSpace with 63,483 blocks free.
-// Known issue: out-of-range flush/fill/copy/persist trap (they have no `throws` in API.md).
-// Not testable: `DAXFile.sync()` (API.md, Faults) does not exist in the library.
+// They found two bugs, since fixed: `PMemDevice.read` of 1 TiB aborted instead of throwing, and a
+// sparse device kept the storage of freed blocks (so a full tmpfs refused writes with blocks free).
+// The two full-tmpfs tests run only with BBMEDIA_SMALL_TMPFS (scripts/test gives them a private tmpfs).
+// Known issue: out-of-range flush/fill/copy/persist trap; the contract gives them no `throws`.
 import DAX
 import Dispatch
 import Foundation
@@ -1216,7 +1211,7 @@ struct BlackBoxMediaMoreTests {
 
     @Test("out-of-range persist, flush, fill and copy of a device do not trap (child process)")
     func outOfRangeNonThrowingPrimitives() async {
-        // DESIGN: bad input never traps. These four have no `throws` in API.md, so the library can only
+        // Bad input should never trap. These four have no `throws` in the contract, so the library can only
         // ignore (or clamp) a bad range, never report it; today it traps (a Swift precondition,
         // SIGILL) already at flush(offset: size - 10, count: 4096). Issue 14 lists "persist out of
         // range traps while pin throws" among the open items; known until the contract says what a
