@@ -58,7 +58,10 @@ extension DAXFileSystem {
             for page in extent.logicalRange { candidates.append((page, extent.block(for: page))) }
         }
         guard !candidates.isEmpty else { return MigrationResult(migrated: 0, busy: []) }
-        held = inode.liveMappings.compactMap { $0 as? DAXMapping }
+        // Kept by the caller until every lock is released, added to rather than replaced: a
+        // mapping dropped under the inode lock would unmap and reclaim, which takes that lock.
+        let mappings = inode.liveMappings.compactMap { $0 as? DAXMapping }
+        held += mappings
         let pageMap = device.pages
 
         // 2. Out of every mapping (the gup-fast rule: unmap, bump the generation, then look at the
@@ -67,12 +70,12 @@ extension DAXFileSystem {
         var pending = candidates
         var frozen: [(page: UInt64, block: UInt64)] = []
         for _ in 1...Self.migrationAttempts where !pending.isEmpty {
-            detach(pending.map(\.page), from: held, inode)
+            detach(pending.map(\.page), from: mappings, inode)
             let referenced = Set(busyFrames(pending.map(\.block)))
-            for mapping in held { mapping.restore() }
+            for mapping in mappings { mapping.restore() }
             let movable = pending.filter { !referenced.contains($0.block) }
-            detach(movable.map(\.page), from: held, inode)
-            for mapping in held { mapping.zapDetached() }
+            detach(movable.map(\.page), from: mappings, inode)
+            for mapping in mappings { mapping.zapDetached() }
             var stayed = pending.filter { referenced.contains($0.block) }
             for candidate in movable {
                 if pageMap.freeze(PageFrameNumber(rawValue: candidate.block), expectedRefCount: 0) {
@@ -83,7 +86,7 @@ extension DAXFileSystem {
             }
             // What could not be frozen shows its old block again.
             let back = stayed.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
-            for mapping in held { mapping.populate(back) }
+            for mapping in mappings { mapping.populate(back) }
             pending = stayed
         }
         let busy = pending.map { Int($0.page) }.sorted()
@@ -137,24 +140,24 @@ extension DAXFileSystem {
             abandon(change)
             for candidate in frozen { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }
             let back = frozen.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
-            for mapping in held { mapping.populate(back) }
+            for mapping in mappings { mapping.populate(back) }
             throw error
         }
 
         // 4. The new blocks in every mapping; the old ones thaw and go back to the allocator.
         inode.extents = map
         inode.record = record
-        for mapping in held { mapping.populate(moved) }
+        for mapping in mappings { mapping.populate(moved) }
         for candidate in frozen { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }
         releaseFreed(change.freed)
         return MigrationResult(migrated: frozen.count, busy: busy)
     }
 
-    /// Takes `pages` out of every mapping of `held` (their counts stay until zapped) and bumps
+    /// Takes `pages` out of every mapping of `mappings` (their counts stay until zapped) and bumps
     /// the layout generation, so that a pin racing in backs off.
-    private func detach(_ pages: [UInt64], from held: [DAXMapping], _ inode: Inode) {
+    private func detach(_ pages: [UInt64], from mappings: [DAXMapping], _ inode: Inode) {
         for run in Self.runs(of: pages) {
-            for mapping in held { _ = mapping.detach(run, cut: 0..<0) }
+            for mapping in mappings { _ = mapping.detach(run, cut: 0..<0) }
         }
         inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
     }
