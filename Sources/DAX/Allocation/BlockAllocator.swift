@@ -34,15 +34,23 @@ final class BlockAllocator: Sendable {
     let pages: PageMap
     let dataStart: UInt64
     let dataBlocks: Int
+    /// Gives a run's storage back to the file system holding a sparse device (a punched hole);
+    /// nil for a device that is not sparse. Called under the lock, after the blocks are free and
+    /// before they can be handed out, so that it never reaches another file's new data.
+    private let returnStorage: (@Sendable (BlockRun) -> Void)?
     fileprivate let state: Mutex<State>
 
     /// Takes over `allocated`, the device's bitmap as scanned (bit `i` set: data-block index `i`
     /// is allocated), of which `allocatedCount` bits are set. Nothing else may use it afterwards.
-    init(pages: PageMap, dataStart: UInt64, dataBlocks: Int, allocated: LazyBitmap, allocatedCount: Int) {
+    init(
+        pages: PageMap, dataStart: UInt64, dataBlocks: Int, allocated: LazyBitmap, allocatedCount: Int,
+        returnStorage: (@Sendable (BlockRun) -> Void)? = nil
+    ) {
         precondition(allocated.count == dataBlocks, "a bitmap of \(allocated.count) bits for \(dataBlocks) blocks")
         self.pages = pages
         self.dataStart = dataStart
         self.dataBlocks = dataBlocks
+        self.returnStorage = returnStorage
         state = Mutex(State(used: allocated, availableCount: dataBlocks - allocatedCount))
     }
 
@@ -113,10 +121,14 @@ final class BlockAllocator: Sendable {
         }
     }
 
-    /// Returns blocks that were taken with `allocate` but never committed to the device.
+    /// Returns blocks that were taken with `allocate` but never committed to the device (on a
+    /// sparse device their storage too, which the failed operation may have given them).
     func unallocate(_ runs: [BlockRun]) {
         state.withTrackedLock { state in
-            for run in runs { Self.giveBack(run, to: &state, pages: pages, dataStart: dataStart) }
+            for run in runs {
+                returnStorage?(run)
+                Self.giveBack(run, to: &state, pages: pages, dataStart: dataStart)
+            }
         }
     }
 
@@ -129,18 +141,15 @@ final class BlockAllocator: Sendable {
         }
     }
 
-    /// Blocks freed on the device by a committed transaction: idle ones become available now,
-    /// busy ones are quarantined until their final unpin or put calls ``quarantineEnded(_:)``.
-    /// Returns the runs that became available (for a sparse device to give their storage back).
-    @discardableResult
-    func release(_ runs: [BlockRun]) -> [BlockRun] {
+    /// Blocks freed on the device by a committed transaction: idle ones become available now
+    /// (on a sparse device, their storage given back first), busy ones are quarantined until
+    /// their final unpin or put calls ``quarantineEnded(_:)``.
+    func release(_ runs: [BlockRun]) {
         state.withTrackedLock { state in
             var available: [BlockRun] = []
             for run in runs {
                 for frame in run.range {
                     if pages.markFree(frame) {
-                        state.used.clear(Int(frame - dataStart))
-                        state.availableCount += 1
                         if let last = available.last, last.end == frame {
                             available[available.count - 1].count += 1
                         } else {
@@ -151,7 +160,11 @@ final class BlockAllocator: Sendable {
                     }
                 }
             }
-            return available
+            for run in available {
+                returnStorage?(run)
+                for frame in run.range { state.used.clear(Int(frame - dataStart)) }
+                state.availableCount += Int(run.count)
+            }
         }
     }
 
@@ -162,6 +175,7 @@ final class BlockAllocator: Sendable {
             precondition(
                 index >= 0 && index < dataBlocks && state.used[index],
                 "quarantine ended for \(frame), which is not a quarantined data block")
+            returnStorage?(BlockRun(start: frame.rawValue, count: 1))
             state.used.clear(index)
             state.availableCount += 1
             state.quarantined -= 1

@@ -126,7 +126,7 @@ public final class DAXFile: Sendable {
             return try inode.lock.withReadLock {
                 try inode.checkLive(path)
                 let length = max(0, min(count, Int(inode.record.size) - offset))
-                let limit = DAXFileSystem.largestReadResult
+                let limit = PMemDevice.largestReadResult
                 guard length <= limit else {
                     throw DAXError(
                         .noSpace,

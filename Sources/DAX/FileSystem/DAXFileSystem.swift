@@ -68,7 +68,8 @@ public final class DAXFileSystem: Sendable {
         self.journal = journal
         allocator = BlockAllocator(
             pages: device.pages, dataStart: superblock.dataStart, dataBlocks: Int(superblock.dataBlocks),
-            allocated: scan.bitmap, allocatedCount: scan.allocatedBlocks)
+            allocated: scan.bitmap, allocatedCount: scan.allocatedBlocks,
+            returnStorage: Self.storageReturn(for: device))
         var inodes = InodeTable(count: Int(superblock.inodeCount))
         for (number, scanned) in scan.inodes {
             let inode = Inode(
@@ -91,6 +92,14 @@ public final class DAXFileSystem: Sendable {
         table = Mutex(inodes)
         orphans = Mutex(scan.orphans)
         pinBaseline = device.pages.pinTotals
+    }
+
+    /// On a sparse device, how freed blocks give their storage back: punched out of the file.
+    private static func storageReturn(for device: PMemDevice) -> (@Sendable (BlockRun) -> Void)? {
+        guard device.isSparse else { return nil }
+        return { run in
+            device.zero(offset: Int(run.start) * Superblock.blockSize, count: Int(run.count) * Superblock.blockSize)
+        }
     }
 
     // MARK: - Format and mount

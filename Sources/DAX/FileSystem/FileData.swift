@@ -153,9 +153,6 @@ extension DAXFileSystem {
         }
     }
 
-    /// The largest result ``DAXFile/read(count:at:)`` allocates: half of the machine's memory.
-    static var largestReadResult: Int { PMemDevice.largestReadResult }
-
     /// Reads up to `count` bytes at `offset`; short at the end of the file; holes read as zeros.
     func readData(_ inode: Inode, count: Int, at offset: Int) -> [UInt8] {
         let length = max(0, min(count, Int(inode.record.size) - offset))

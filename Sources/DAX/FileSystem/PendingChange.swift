@@ -52,47 +52,15 @@ extension DAXFileSystem {
         releaseFreed(change.freed)
     }
 
-    /// Gives blocks a committed change freed to the allocator (busy ones are quarantined). On a
-    /// sparse device the storage of the idle ones goes back to the file system holding it
-    /// (punched out), so that what a file frees can back what another file allocates next.
+    /// Gives blocks a committed change freed to the allocator: idle ones become available (on a
+    /// sparse device with their storage given back), busy ones are quarantined.
     func releaseFreed(_ runs: [BlockRun]) {
-        guard !runs.isEmpty else { return }
-        if device.isSparse {
-            // Before the allocator may hand them out again (punching after would zero another
-            // file's new data), and only the idle ones: a pinned block keeps its bytes for the
-            // device that holds it, and is given back when its quarantine ends.
-            var idle: [BlockRun] = []
-            for run in runs {
-                for frame in run.range where isIdle(device.pages.state(of: PageFrameNumber(rawValue: frame))) {
-                    if let last = idle.last, last.end == frame {
-                        idle[idle.count - 1].count += 1
-                    } else {
-                        idle.append(BlockRun(start: frame, count: 1))
-                    }
-                }
-            }
-            for run in idle { giveBackStorage(run) }
-        }
-        allocator.release(runs)
+        if !runs.isEmpty { allocator.release(runs) }
     }
 
-    /// Hands quarantined blocks back to the allocator at their final unpin or put, and on a sparse
-    /// device their storage back to the file system holding it.
+    /// Hands quarantined blocks back to the allocator at their final unpin or put.
     func watchQuarantine() {
-        let sparse = device.isSparse
-        device.pages.setQuarantineRelease { [weak self] frame in
-            guard let self else { return }
-            // Idle now, and not yet available: nothing else can be using the block.
-            if sparse { giveBackStorage(BlockRun(start: frame.rawValue, count: 1)) }
-            allocator.quarantineEnded(frame)
-        }
-    }
-
-    private func isIdle(_ state: PageState) -> Bool { state.refCount == 0 && state.pinCount == 0 }
-
-    /// Punches `run` out of a sparse device file: it reads as zeros and uses no memory.
-    func giveBackStorage(_ run: BlockRun) {
-        device.zero(offset: Int(run.start) * Superblock.blockSize, count: Int(run.count) * Superblock.blockSize)
+        device.pages.setQuarantineRelease { [weak allocator] frame in allocator?.quarantineEnded(frame) }
     }
 
     /// Takes blocks from the allocator (see ``BlockAllocator/allocate(_:goal:inode:firstIndex:)``)
