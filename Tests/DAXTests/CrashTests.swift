@@ -248,7 +248,7 @@ struct CorruptionTests {
             Int(sb.bitmapStart) * 4096..<Int(sb.dataStart) * 4096,
             Int(sb.totalBlocks - 1) * 4096..<(Int(sb.totalBlocks - 1) * 4096 + 256),  // the backup superblock
         ]
-        for inode in fs.table.withTrackedLock({ Array($0.inodes.values) }) {
+        for inode in fs.namespace.table.withTrackedLock({ Array($0.inodes.values) }) {
             for block in inode.extents.leafBlocks { targets.append(Int(block) * 4096..<Int(block + 1) * 4096) }
             if inode.directory != nil {
                 for extent in inode.extents.allExtents {

@@ -185,7 +185,7 @@ struct RegressionTests {
             let free = fs.statistics().freeBlocks  // the orphans still hold one block each
             let box = Mutex(files)
             onThreads(16) { index in box.withTrackedLock { $0[index] }.close() }
-            let left = fs.orphans.withTrackedLock { $0 }
+            let left = fs.namespace.orphans.withTrackedLock { $0 }
             guard left.isEmpty, fs.statistics().freeBlocks == free + 16 else {
                 Issue.record("round \(round): orphans \(left) still hold blocks")
                 return
@@ -201,7 +201,7 @@ struct RegressionTests {
         let fs = t.fs
         // Hold the namespace lock so that unmount (holding the operations lock) queues behind it,
         // then start a create that would queue behind unmount.
-        fs.namespace.lockForReading()
+        fs.namespace.lock.lockForReading()
         let unmounted = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
             try? fs.unmount()
@@ -220,7 +220,7 @@ struct RegressionTests {
             created.signal()
         }
         usleep(50_000)
-        fs.namespace.unlock()
+        fs.namespace.lock.unlock()
         unmounted.wait()
         created.wait()
         #expect(!fs.isMounted)

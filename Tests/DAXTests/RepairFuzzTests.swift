@@ -33,7 +33,7 @@ struct RepairFuzzTests {
             Int(sb.bitmapStart) * 4096..<Int(sb.dataStart) * 4096,
             Int(sb.totalBlocks - 1) * 4096..<Int(sb.totalBlocks) * 4096,
         ]
-        for inode in fs.table.withTrackedLock({ Array($0.inodes.values) }) {
+        for inode in fs.namespace.table.withTrackedLock({ Array($0.inodes.values) }) {
             for block in inode.extents.leafBlocks { targets.append(Int(block) * 4096..<Int(block + 1) * 4096) }
             if inode.directory != nil {
                 for extent in inode.extents.allExtents {

@@ -19,43 +19,47 @@ public struct CheckReport: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-extension DAXFileSystem {
+/// fsck: the online check of a mounted file system (every structure on the device, and the DRAM
+/// state against it) and the offline one of a device that is not mounted.
+struct Checker {
+    let namespace: Namespace
+
     /// fsck, read-only: validates every structure on the device (checksums, extents, bitmap against
     /// extents, link counts, sizes, the directory tree, the orphan list, an empty journal), and that
     /// the file system's DRAM state agrees with the device.
-    public func check() throws -> CheckReport {
+    func check() throws -> CheckReport {
         // The operations lock for the whole check: `unmount` (and a `close` of the device after
         // it) waits until every inode has been compared.
-        try operations.withReadLock {
-            try checkMounted()
+        try namespace.volume.operations.withReadLock {
+            try namespace.volume.checkMounted()
             return checkLocked()
         }
     }
 
     private func checkLocked() -> CheckReport {
         var problems: [String] = []
-        namespace.withReadLock {
+        namespace.lock.withReadLock {
             // The orphan list changes (on the device and in memory at once) only under the orphans
             // lock, which a commit nests inside: holding it, then the journal, the device's list and
             // the mounted one are read at one moment, while removed files are closed alongside.
-            let (scan, mountedOrphans) = orphans.withTrackedLock { mountedOrphans in
-                journal.withNoCommits { () -> (Scanner.Result, [UInt32]) in
+            let (scan, mountedOrphans) = namespace.orphans.withTrackedLock { mountedOrphans in
+                namespace.volume.journal.withNoCommits { () -> (Scanner.Result, [UInt32]) in
                     // The superblock as the device has it now (its orphan head changes at run time).
                     let current: Superblock
                     do {
                         current = try Superblock.decode(
-                            ByteReader(device.base, count: Superblock.size),
-                            deviceBlocks: UInt64(device.pageCount))
+                            ByteReader(namespace.volume.device.base, count: Superblock.size),
+                            deviceBlocks: UInt64(namespace.volume.device.pageCount))
                     } catch {
                         problems.append("\(error)")
                         return (Scanner.Result(), mountedOrphans)
                     }
-                    var expected = superblock
+                    var expected = namespace.volume.superblock
                     expected.orphanHead = current.orphanHead
                     if expected != current {
                         problems.append("the superblock changed since mount beyond its orphan head")
                     }
-                    let scan = Scanner.scan(device: device, superblock: current, journalMustBeEmpty: true)
+                    let scan = Scanner.scan(device: namespace.volume.device, superblock: current, journalMustBeEmpty: true)
                     problems += compareAllocator(with: scan.bitmap)
                     return (scan, mountedOrphans)
                 }
@@ -66,7 +70,7 @@ extension DAXFileSystem {
                 problems.append("the orphan list on the device \(scan.orphans) differs from the mounted one")
             }
             // Directories change only under the namespace lock, which is held: compare them now.
-            for (number, inode) in table.withTrackedLock({ $0.inodes }) where inode.directory != nil {
+            for (number, inode) in namespace.table.withTrackedLock({ $0.inodes }) where inode.directory != nil {
                 if inode.directory?.entries.mapValues(\.inode)
                     != scan.inodes[number]?.directory?.entries.mapValues(\.inode)
                 {
@@ -75,7 +79,7 @@ extension DAXFileSystem {
             }
             // Each inode under its own lock, and still under the namespace lock: a directory's
             // record changes under the namespace lock only, so it is never read half-written.
-            let inodes = table.withTrackedLock { $0.inodes }
+            let inodes = namespace.table.withTrackedLock { $0.inodes }
             for (_, inode) in inodes.sorted(by: { $0.key < $1.key }) { problems += compare(inode) }
         }
         return CheckReport(isClean: problems.isEmpty, problems: problems)
@@ -85,7 +89,7 @@ extension DAXFileSystem {
     /// one. A word of 64 blocks at a time: only blocks allocated on the device are looked at.
     private func compareAllocator(with bitmap: LazyBitmap) -> [String] {
         var problems: [String] = []
-        allocator.withUnavailableBits { unavailable in
+        namespace.volume.allocator.withUnavailableBits { unavailable in
             for wordIndex in 0..<bitmap.wordCount {
                 let onDevice = bitmap.words[wordIndex]
                 guard onDevice != 0 else { continue }
@@ -93,12 +97,12 @@ extension DAXFileSystem {
                 while bits != 0, problems.count <= 20 {
                     let index = wordIndex * 64 + bits.trailingZeroBitCount
                     bits &= bits - 1
-                    let frame = PageFrameNumber(rawValue: superblock.dataStart + UInt64(index))
+                    let frame = PageFrameNumber(rawValue: namespace.volume.superblock.dataStart + UInt64(index))
                     if !unavailable[index] {
                         problems.append(
                             "block \(frame.rawValue) is allocated on the device but the allocator would hand it out")
                     }
-                    if device.pages.state(of: frame).isQuarantined {
+                    if namespace.volume.device.pages.state(of: frame).isQuarantined {
                         problems.append("block \(frame.rawValue) is quarantined but allocated on the device")
                     }
                 }
@@ -113,7 +117,7 @@ extension DAXFileSystem {
         inode.lock.withReadLock {
             // Freed since the table was read, or about to be: nothing on the device to compare.
             if inode.isFreed || inode.users.withTrackedLock({ $0.reclaimed }) { return [] }
-            let reader = ByteReader(device.base + superblock.inodeOffset(inode.number), count: Superblock.inodeSize)
+            let reader = ByteReader(namespace.volume.device.base + namespace.volume.superblock.inodeOffset(inode.number), count: Superblock.inodeSize)
             guard case .success(let record) = InodeRecord.decode(reader), record.kind != .free else {
                 return ["inode \(inode.number) is in use in memory but not on the device"]
             }
@@ -135,7 +139,7 @@ extension DAXFileSystem {
             }
             for leaf in inode.extents.leafBlocks.enumerated() {
                 let leafReader = ByteReader(
-                    device.base + Int(leaf.element) * Superblock.blockSize, count: Superblock.blockSize)
+                    namespace.volume.device.base + Int(leaf.element) * Superblock.blockSize, count: Superblock.blockSize)
                 guard case .success(let (extents, _)) = ExtentLeaf.decode(leafReader, owner: inode.number),
                     extents == inode.extents.leaves[leaf.offset].extents
                 else {

@@ -7,25 +7,15 @@ struct Damage: Sendable {
     var inodes: [UInt32: String] = [:]
 }
 
-extension DAXFileSystem {
+extension Volume {
     /// What to do about damage, said wherever a mount refuses it.
     static let repairAdvice =
         "run `daxemu fsck --repair` (DAXFileSystem.repair) to repair it, or mount it read-only to read what is intact"
 
-    /// What a read-only mount found damaged: one sentence per problem, as ``check(_:)`` names them.
-    /// Empty for an intact file system. A read-only mount of a damaged file system is *degraded*:
-    /// undamaged files open and read as usual, and an operation that reaches a damaged inode or a
-    /// name in a damaged directory block throws `.corrupted` naming it. (A read-write mount refuses
-    /// damage.)
-    public var damage: [String] { damageFound.problems }
-
-    /// Whether the file system is mounted read-only over damage (see ``damage``).
-    public var isDegraded: Bool { !damageFound.problems.isEmpty }
-
     /// The read-only mount: like the read-write one, but damage that leaves the root directory
     /// readable is kept in ``damage`` instead of refused. Nothing is written: a committed
     /// transaction is refused (a read-write mount must replay it), a damaged journal is ignored.
-    static func mountDegradable(_ device: PMemDevice) throws -> DAXFileSystem {
+    static func mountDegradable(_ device: PMemDevice) throws -> (Volume, Namespace) {
         let (sb, primaryDamage) = try Superblock.locate(base: device.base, deviceBlocks: UInt64(device.pageCount))
         var problems: [String] = []
         var sequence: UInt64 = 0
@@ -52,20 +42,20 @@ extension DAXFileSystem {
         }
         problems += scan.problems
         if scan.suppressed > 0 { problems.append("and \(scan.suppressed) more problems") }
-        let fs = DAXFileSystem(
+        return assemble(
             device: device, access: .readOnly, superblock: sb,
             journal: Journal(device: device, superblock: sb, sequence: sequence), scan: scan,
             damage: Damage(problems: problems, inodes: scan.damagedInodes))
-        fs.watchQuarantine()
-        return fs
     }
+}
 
+extension Namespace {
     /// Why `name` is not among `directory`'s entries when damage may explain it: the entry names
     /// a damaged inode, or one of the directory's blocks is damaged. Nil: the name is not there.
     func damageHiding(_ name: [UInt8], in directory: Inode, path: String) -> DAXError? {
         guard let index = directory.directory else { return nil }
         if let number = index.damagedEntries[name] {
-            let reason = damageFound.inodes[number].map { " (\($0))" } ?? ""
+            let reason = volume.damage.inodes[number].map { " (\($0))" } ?? ""
             return DAXError(
                 .corrupted,
                 "\(Paths.debug(path)) is damaged: its inode \(number) cannot be read\(reason); "

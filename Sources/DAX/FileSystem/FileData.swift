@@ -1,11 +1,30 @@
 import Glibc
 
-/// The data path of regular files: write, read, allocate, and the plans of truncate and punch.
-/// Callers hold the inode's lock (exclusively to change anything).
-extension DAXFileSystem {
+/// The data path of regular files: write, read, allocate, the plans of truncate and punch, and
+/// the moves of migration. It answers in values (extents added, a plan to commit, the blocks
+/// freed) and never looks at a mapping: the mapping layer shows what changed. Callers hold the
+/// inode's lock (exclusively to change anything).
+struct FileData: Sendable {
+    let volume: Volume
+
     static let pageSize = Superblock.blockSize
     /// Largest file size: 2^52 bytes (extents address 2^40 pages).
-    public static let maximumFileSize = Int(Extent.maximumFileSize)
+    static let maximumFileSize = Int(Extent.maximumFileSize)
+
+    /// Throws `.invalidArgument` for a negative offset or count, or a range past the largest file.
+    static func checkRange(_ offset: Int, _ count: Int, _ operation: String, _ path: String) throws {
+        guard offset >= 0, count >= 0 else {
+            throw DAXError(
+                .invalidArgument,
+                "cannot \(operation) \(Paths.debug(path)): negative offset \(offset) or count \(count)")
+        }
+        guard count <= maximumFileSize, offset <= maximumFileSize - count else {
+            throw DAXError(
+                .invalidArgument,
+                "cannot \(operation) \(Paths.debug(path)) at \(offset) + \(count): past the "
+                    + "largest file size of \(counted(maximumFileSize, "byte"))")
+        }
+    }
 
     static func page(_ offset: Int) -> UInt64 { UInt64(offset / pageSize) }
     static func pageUp(_ offset: Int) -> UInt64 { UInt64((offset + pageSize - 1) / pageSize) }
@@ -25,10 +44,10 @@ extension DAXFileSystem {
     ) throws -> [Extent] {
         var added: [Extent] = []
         for hole in map.holes(in: pages) {
-            let runs = try allocateBacked(
+            let runs = try volume.allocateBacked(
                 Int(hole.count), goal: map.goal(before: hole.lowerBound),
                 inode: inode.number, firstIndex: hole.lowerBound)
-            change.allocate(runs, superblock: superblock)
+            change.allocate(runs, superblock: volume.superblock)
             var logical = hole.lowerBound
             var extents: [Extent] = []
             for run in runs {
@@ -42,7 +61,7 @@ extension DAXFileSystem {
                     remaining -= length
                 }
             }
-            try editExtents(&map, of: inode.number, replacing: hole, with: extents, change: &change)
+            try volume.editExtents(&map, of: inode.number, replacing: hole, with: extents, change: &change)
             added += extents
         }
         for extent in added { zero(extent, zeroing) }
@@ -56,14 +75,14 @@ extension DAXFileSystem {
         let deviceStart = Int(extent.physical) * Self.pageSize
         switch zeroing {
         case .all:
-            device.fill(offset: deviceStart, count: end - start, flags: [.nonTemporal, .noDrain])
+            volume.device.fill(offset: deviceStart, count: end - start, flags: [.nonTemporal, .noDrain])
         case .except(let written):
             if written.lowerBound > start {
-                device.fill(offset: deviceStart, count: min(written.lowerBound, end) - start, flags: .noDrain)
+                volume.device.fill(offset: deviceStart, count: min(written.lowerBound, end) - start, flags: .noDrain)
             }
             if written.upperBound < end {
                 let from = max(written.upperBound, start)
-                device.fill(offset: deviceStart + (from - start), count: end - from, flags: .noDrain)
+                volume.device.fill(offset: deviceStart + (from - start), count: end - from, flags: .noDrain)
             }
         }
     }
@@ -74,7 +93,7 @@ extension DAXFileSystem {
         guard size % Self.pageSize != 0, let extent = map.extent(containing: Self.page(size)) else { return }
         let page = Self.page(size)
         let offset = Int(extent.block(for: page)) * Self.pageSize + size % Self.pageSize
-        device.fill(offset: offset, count: Self.pageSize - size % Self.pageSize, flags: .noDrain)
+        volume.device.fill(offset: offset, count: Self.pageSize - size % Self.pageSize, flags: .noDrain)
     }
 
     /// The device offset of file bytes `offset..<end` when one extent holds them all.
@@ -87,13 +106,14 @@ extension DAXFileSystem {
     }
 
     /// Writes `source` at `offset`: allocates holes, fills, then commits what points at the data.
-    /// Returns the extents it added (blocks for holes), for ``showInMappings(_:_:)``.
+    /// Returns the extents it added (blocks for holes), which mappings that showed nothing there
+    /// must now show.
     @discardableResult
     func writeData(_ inode: Inode, _ source: UnsafeRawBufferPointer, at offset: Int) throws -> [Extent] {
         let end = offset + source.count
         if end <= Int(inode.record.size), let deviceOffset = contiguousDeviceOffset(inode, offset, end) {
             // An overwrite inside one extent: no metadata changes, the data goes straight in.
-            device.copy(source, toOffset: deviceOffset)
+            volume.device.copy(source, toOffset: deviceOffset)
             return []
         }
         let pages = Self.page(offset)..<Self.pageUp(end)
@@ -107,37 +127,25 @@ extension DAXFileSystem {
             if end > oldSize {
                 zeroPastEnd(of: inode, size: oldSize, map: inode.extents)
                 record.size = UInt64(end)
-                record.modificationTime = Clock.realtimeNanoseconds
+                record.modificationTime = WallClock.nanosecondsSinceEpoch
                 record.changeTime = record.modificationTime
             }
             if !change.transaction.isEmpty || end > oldSize {
                 var stored = record
                 map.store(into: &stored)
-                change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+                change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
             }
-            try journal.checkFits(change.transaction, what: "write of \(counted(source.count, "byte"))")
+            try volume.journal.checkFits(change.transaction, what: "write of \(counted(source.count, "byte"))")
             copy(source, into: map, at: offset)
-            device.drain()
-            try commit(change, what: "write of \(counted(source.count, "byte"))")
+            volume.device.drain()
+            try volume.commit(change, what: "write of \(counted(source.count, "byte"))")
         } catch {
-            abandon(change)
+            volume.abandon(change)
             throw error
         }
         inode.extents = map
         inode.record = record
         return added
-    }
-
-    /// Blocks that filled holes show up in every live mapping that showed nothing there (a page
-    /// punched while mapped), as the kernel's next fault would map them; until then a load there
-    /// faults. Inode lock held exclusively. Returns the mappings looked at: the caller keeps them
-    /// until the lock is released, since a last reference dropped under it would run an unmap
-    /// that needs the lock.
-    func showInMappings(_ inode: Inode, _ extents: [Extent]) -> [DAXMapping] {
-        guard !extents.isEmpty else { return [] }
-        let mappings = inode.liveMappings.compactMap { $0 as? DAXMapping }
-        for mapping in mappings { mapping.populate(extents) }
-        return mappings
     }
 
     /// Copies `source` to the file bytes at `offset`, all of which are mapped in `map`.
@@ -147,7 +155,7 @@ extension DAXFileSystem {
             let from = max(offset, Int(slice.logical) * Self.pageSize)
             let to = min(end, Int(slice.logicalEnd) * Self.pageSize)
             let deviceOffset = Int(slice.physical) * Self.pageSize + (from - Int(slice.logical) * Self.pageSize)
-            device.copy(
+            volume.device.copy(
                 UnsafeRawBufferPointer(rebasing: source[(from - offset)..<(to - offset)]), toOffset: deviceOffset,
                 flags: .noDrain)
         }
@@ -169,7 +177,7 @@ extension DAXFileSystem {
         let length = min(buffer.count, size - offset)
         let end = offset + length
         if let deviceOffset = contiguousDeviceOffset(inode, offset, end) {
-            target.copyMemory(from: device.base + deviceOffset, byteCount: length)
+            target.copyMemory(from: volume.device.base + deviceOffset, byteCount: length)
             return length
         }
         var position = offset
@@ -180,7 +188,7 @@ extension DAXFileSystem {
                 (target + (position - offset)).initializeMemory(as: UInt8.self, repeating: 0, count: from - position)
             }
             let deviceOffset = Int(slice.physical) * Self.pageSize + (from - Int(slice.logical) * Self.pageSize)
-            (target + (from - offset)).copyMemory(from: device.base + deviceOffset, byteCount: to - from)
+            (target + (from - offset)).copyMemory(from: volume.device.base + deviceOffset, byteCount: to - from)
             position = to
         }
         if position < end {
@@ -190,7 +198,7 @@ extension DAXFileSystem {
     }
 
     /// fallocate: gives the holes of the range zeroed blocks; the size grows to cover it.
-    /// Returns the extents it added, for ``showInMappings(_:_:)``.
+    /// Returns the extents it added, which mappings must now show.
     @discardableResult
     func allocateData(_ inode: Inode, offset: Int, count: Int) throws -> [Extent] {
         let end = offset + count
@@ -205,19 +213,19 @@ extension DAXFileSystem {
             if end > oldSize {
                 zeroPastEnd(of: inode, size: oldSize, map: inode.extents)
                 record.size = UInt64(end)
-                record.changeTime = Clock.realtimeNanoseconds
+                record.changeTime = WallClock.nanosecondsSinceEpoch
             }
             guard !added.isEmpty || end > oldSize else { return [] }
             var stored = record
             map.store(into: &stored)
-            change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
-            device.drain()
-            try commit(change, what: "allocate of \(counted(count, "byte"))")
+            change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
+            volume.device.drain()
+            try volume.commit(change, what: "allocate of \(counted(count, "byte"))")
             inode.extents = map
             inode.record = record
             return added
         } catch {
-            abandon(change)
+            volume.abandon(change)
             throw error
         }
     }
@@ -233,7 +241,7 @@ extension DAXFileSystem {
         return result
     }
 
-    // MARK: - Layout changes (truncate, punch): planned here, carried out by the mapping layer
+    // MARK: - Layout changes (truncate, punch): planned here, carried out by break layouts
 
     /// A planned truncate or punch: what it frees and writes. The zeroing of the partial pages at
     /// its edges is part of its transaction, so a crash leaves them zeroed only if it committed.
@@ -246,6 +254,8 @@ extension DAXFileSystem {
         /// File pages past the new end of the file (a shrinking truncate): every mapping must fault
         /// there afterwards, holes it shows as the zero page included.
         var cutPages: Range<UInt64> = 0..<0
+        /// The frames of the blocks that go.
+        var freedFrames: [UInt64] { change.freed.flatMap { Array($0.range) } }
         /// Whether anything leaves the file (break layouts needed).
         var removesBlocks: Bool { !change.freed.isEmpty }
         /// Whether mappings must change (break layouts needed): blocks go, or pages are cut off.
@@ -263,7 +273,7 @@ extension DAXFileSystem {
         let oldSize = Int(inode.record.size)
         var plan = LayoutChange(extents: inode.extents, record: inode.record, freedPages: 0..<0)
         plan.record.size = UInt64(size)
-        plan.record.modificationTime = Clock.realtimeNanoseconds
+        plan.record.modificationTime = WallClock.nanosecondsSinceEpoch
         plan.record.changeTime = plan.record.modificationTime
         if size < oldSize {
             let firstFreed = Self.pageUp(size)
@@ -271,7 +281,7 @@ extension DAXFileSystem {
             plan.freedPages = firstFreed..<end
             plan.cutPages = firstFreed..<max(Self.pageUp(oldSize), firstFreed)
             if end > firstFreed {
-                try editExtents(
+                try volume.editExtents(
                     &plan.extents, of: inode.number, replacing: plan.freedPages, with: [],
                     change: &plan.change)
             }
@@ -283,7 +293,7 @@ extension DAXFileSystem {
         }
         var stored = plan.record
         plan.extents.store(into: &stored)
-        plan.change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+        plan.change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
         try fits(plan, what: "truncate to \(counted(size, "byte"))")
         return plan
     }
@@ -292,9 +302,9 @@ extension DAXFileSystem {
     /// blocks the plan took.
     private func fits(_ plan: LayoutChange, what: String) throws {
         do {
-            try journal.checkFits(plan.change.transaction, what: what)
+            try volume.journal.checkFits(plan.change.transaction, what: what)
         } catch {
-            abandon(plan.change)
+            volume.abandon(plan.change)
             throw error
         }
     }
@@ -312,15 +322,15 @@ extension DAXFileSystem {
         let last = Self.page(end)
         if first < last {
             plan.freedPages = first..<last
-            try editExtents(&plan.extents, of: inode.number, replacing: plan.freedPages, with: [], change: &plan.change)
+            try volume.editExtents(&plan.extents, of: inode.number, replacing: plan.freedPages, with: [], change: &plan.change)
         }
         let firstWhole = Int(first) * Self.pageSize
         let lastWhole = Int(last) * Self.pageSize
         if !plan.change.transaction.isEmpty {
-            plan.record.changeTime = Clock.realtimeNanoseconds
+            plan.record.changeTime = WallClock.nanosecondsSinceEpoch
             var stored = plan.record
             plan.extents.store(into: &stored)
-            plan.change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
+            plan.change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
         }
         if first > last {
             journalZeroing([offset..<end], of: plan.extents, in: &plan.change)  // inside one page
@@ -349,15 +359,123 @@ extension DAXFileSystem {
         }
     }
 
-    /// Carries out a planned layout change once break layouts allowed it: commits (the zeroing of
-    /// the partial pages with it), lets `unmapFreed` take the freed pages out of every mapping, then
-    /// returns the blocks to the allocator (busy ones quarantined) and installs the new extents.
-    func carryOut(_ plan: LayoutChange, on inode: Inode, unmapFreed: () -> Void) throws {
-        // A failure gives nothing back here: the caller owns the plan's blocks (`changeLayout`).
-        try journal.commit(plan.change.transaction, what: "truncate")
-        unmapFreed()
-        releaseFreed(plan.change.freed)
+    /// Commits a planned layout change once break layouts allowed it (the zeroing of the partial
+    /// pages with it). If it throws, nothing was written and the caller still owns the plan's
+    /// blocks (``abandon(_:)``).
+    func commit(_ plan: LayoutChange) throws {
+        try volume.journal.commit(plan.change.transaction, what: "truncate")
+    }
+
+    /// After the commit, and once the pages left every mapping: the freed blocks go back to the
+    /// allocator (busy ones quarantined) and the inode takes its new extents and record.
+    func release(_ plan: LayoutChange, of inode: Inode) {
+        volume.releaseFreed(plan.change.freed)
         inode.extents = plan.extents
         inode.record = plan.record
+    }
+
+    /// Gives back the blocks a plan took (extent leaves) when it will not be committed.
+    func abandon(_ plan: LayoutChange) { volume.abandon(plan.change) }
+
+    /// Gives the holes of `pages` zeroed blocks, as mapping and pinning need (inode lock held
+    /// exclusively). Returns the extents added.
+    @discardableResult
+    func fillHolesZeroed(_ inode: Inode, _ pages: Range<UInt64>, what: String) throws -> [Extent] {
+        guard !inode.extents.holes(in: pages).isEmpty else { return [] }
+        var change = PendingChange()
+        var map = inode.extents
+        let added: [Extent]
+        do {
+            added = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .all)
+            var record = inode.record
+            map.store(into: &record)
+            change.transaction.write(record.encode(), at: volume.superblock.inodeOffset(inode.number))
+            volume.device.drain()
+            try volume.commit(change, what: what)
+        } catch {
+            volume.abandon(change)
+            throw error
+        }
+        inode.extents = map
+        return added
+    }
+
+    // MARK: - Migration
+
+    /// Pages moved to new blocks by ``move(_:_:what:)``: the extents that now hold them, and the
+    /// old blocks, to release once nothing holds them frozen.
+    struct Move {
+        var extents: [Extent]
+        var freed: [BlockRun]
+    }
+
+    /// Moves the file pages of `frozen` (sorted by page; their blocks frozen by the caller, so
+    /// nothing reads or writes them) to new blocks: takes them from the first free run long enough
+    /// for all of them (contiguous where the free space allows, each block owned by the file page
+    /// it holds), copies the bytes, and points the extents at them in one transaction. On failure
+    /// nothing changed.
+    func move(_ inode: Inode, _ frozen: [(page: UInt64, block: UInt64)], what: String) throws -> Move {
+        var change = PendingChange()
+        var map = inode.extents
+        var record = inode.record
+        var moved: [Extent] = []
+        do {
+            // New blocks for each run of consecutive pages, from the first free run long enough
+            // for all of them: contiguous where the free space allows, each block owned by the
+            // file page it holds. Then the bytes, and the extents pointed at them.
+            let oldBlocks = Dictionary(uniqueKeysWithValues: frozen.map { ($0.page, $0.block) })
+            var goal = volume.allocator.firstAvailableRun(length: frozen.count)
+            for pageRun in Self.runs(of: frozen.map(\.page)) {
+                let runs = try volume.allocateBacked(
+                    pageRun.count, goal: goal, inode: inode.number, firstIndex: pageRun.lowerBound)
+                change.allocate(runs, superblock: volume.superblock)
+                var page = pageRun.lowerBound
+                for run in runs {
+                    for step in 0..<run.count {
+                        let source = volume.device.base + Int(oldBlocks[page + step]!) * Self.pageSize
+                        volume.device.copy(
+                            UnsafeRawBufferPointer(start: source, count: Self.pageSize),
+                            toOffset: Int(run.start + step) * Self.pageSize, flags: [.nonTemporal, .noDrain])
+                    }
+                    var done: UInt64 = 0
+                    while done < run.count {
+                        let length = min(run.count - done, Extent.maximumLength)
+                        let extent = Extent(logical: page + done, physical: run.start + done, length: length)
+                        try volume.editExtents(
+                            &map, of: inode.number, replacing: extent.logicalRange, with: [extent], change: &change)
+                        moved.append(extent)
+                        done += length
+                    }
+                    page += run.count
+                    goal = run.end
+                }
+            }
+            volume.device.drain()
+            record.changeTime = WallClock.nanosecondsSinceEpoch
+            var stored = record
+            map.store(into: &stored)
+            change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
+            try volume.journal.commit(change.transaction, what: what)
+        } catch {
+            volume.abandon(change)
+            throw error
+        }
+        inode.extents = map
+        inode.record = record
+        return Move(extents: moved, freed: change.freed)
+
+    }
+
+    /// `pages` (sorted) as contiguous ranges.
+    static func runs(of pages: [UInt64]) -> [Range<UInt64>] {
+        var runs: [Range<UInt64>] = []
+        for page in pages.sorted() {
+            if let last = runs.last, last.upperBound == page {
+                runs[runs.count - 1] = last.lowerBound..<(page + 1)
+            } else {
+                runs.append(page..<(page + 1))
+            }
+        }
+        return runs
     }
 }

@@ -4,8 +4,8 @@ import Synchronization
 ///
 /// `lock` guards `record`, `extents` and `directory`: readers of data share it, anything that
 /// changes the file takes it exclusively. `users` counts open handles and live mappings, which
-/// keep a removed file's blocks (an orphan) until the last one goes. The mapping layer's state (the
-/// kernel's `address_space`: invalidate lock, layout generation, live mappings) lives here too.
+/// keep a removed file's blocks (an orphan) until the last one goes. (The mappings themselves
+/// belong to the mapping layer's address space of the file.)
 final class Inode: @unchecked Sendable {
     let number: UInt32
     /// File or directory: fixed for the inode's life, so readable without a lock.
@@ -35,14 +35,6 @@ final class Inode: @unchecked Sendable {
 
     let users = Mutex(Users())
 
-    /// Taken exclusively by truncate and punch (break layouts) and shared by new mappings and by
-    /// the slow path of pin: the kernel's `mapping->invalidate_lock`.
-    let invalidateLock = ReadWriteLock()
-    /// Bumped whenever pages leave the file's mappings; a fast pin re-validates against it.
-    let layoutGeneration = Atomic<UInt64>(0)
-    /// Live mappings of the file, weakly held (a mapping unregisters itself when unmapped).
-    let mappings = Mutex<[ObjectIdentifier: WeakMapping]>([:])
-
     init(number: UInt32, record: InodeRecord, extents: ExtentMap, directory: DirectoryIndex? = nil) {
         self.number = number
         self.kind = record.kind
@@ -59,16 +51,6 @@ final class Inode: @unchecked Sendable {
         extents.store(into: &copy)
         return copy.encode()
     }
-
-    /// Live mappings, strongly held for the caller's use.
-    var liveMappings: [AnyObject] {
-        mappings.withTrackedLock { $0.values.compactMap(\.object) }
-    }
-}
-
-/// A mapping registered with its inode, held weakly.
-struct WeakMapping: @unchecked Sendable {
-    weak var object: AnyObject?
 }
 
 /// A directory's entries in DRAM, and where each lives on the device.

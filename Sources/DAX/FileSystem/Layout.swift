@@ -31,26 +31,14 @@ public struct FileSystemLayout: Sendable, Equatable {
     }
 }
 
-extension PageState {
-    /// The page index a descriptor records for blocks that hold a file's metadata (directory
-    /// blocks, extent leaves) rather than its data.
-    public static let metadataPageIndex: UInt64 = PageOwner.indexLimit
-
-    /// The block holds file data (not a directory block or an extent leaf).
-    public var holdsFileData: Bool { isAllocated && ownerInode != 0 && ownerPageIndex != Self.metadataPageIndex }
-}
-
-extension DAXFileSystem {
-    /// Where the regions lie.
-    public var layout: FileSystemLayout { FileSystemLayout(superblock) }
-
+extension Checker {
     /// fsck of a device that is not mounted: validates everything `check()` does, changing nothing.
     /// A transaction committed but not yet applied (a crash) is replayed into a private
     /// copy-on-write view of the device, so that the structures checked are those the next mount
     /// will see. A damaged superblock in block 0 is a problem when the backup in the last block is
     /// intact (the rest is checked with the backup). Throws `.busy` if a file system on the device
     /// is mounted (here or in another process), `.corrupted` if the device holds no DAXFS.
-    public static func check(_ device: PMemDevice) throws -> CheckReport {
+    static func check(_ device: PMemDevice) throws -> CheckReport {
         guard !device.isMounted.load(ordering: .acquiring) else {
             throw DAXError(.busy, "the file system on \(device.path) is mounted in this process; use its check()")
         }
@@ -124,9 +112,9 @@ public struct FileAttributes: Sendable, Equatable {
     public var modificationTime: UInt64
 }
 
-extension DAXFileSystem {
+extension Volume {
     /// Whether the device holds a DAXFS superblock (valid magic and checksum).
-    public static func isFormatted(_ device: PMemDevice) -> Bool {
+    static func isFormatted(_ device: PMemDevice) -> Bool {
         (try? Superblock.decode(
             ByteReader(device.base, count: Superblock.size),
             deviceBlocks: UInt64(device.pageCount))) != nil
@@ -136,7 +124,7 @@ extension DAXFileSystem {
     /// a valid superblock in block 0 or the backup one in the last block, a journal header in
     /// block 1, or a root directory inode where the default layout puts it. `format` refuses such
     /// a device unless told to overwrite it.
-    public static func existingFileSystem(on device: PMemDevice) -> String? {
+    static func existingFileSystem(on device: PMemDevice) -> String? {
         let blocks = UInt64(device.pageCount)
         guard blocks >= 2 else { return nil }
         if let (sb, primaryDamage) = try? Superblock.locate(base: device.base, deviceBlocks: blocks) {
@@ -159,25 +147,5 @@ extension DAXFileSystem {
             }
         }
         return nil
-    }
-
-    /// Kind, size and blocks of the file or directory at `path`.
-    public func attributes(of path: String) throws -> FileAttributes {
-        let inode = try namespaceOperation(exclusive: false, "look up", path) { () throws -> Inode in
-            let components = try Paths.components(path)
-            guard let name = components.last else { return try self.inode(Superblock.rootInode) }
-            let parent = try resolveDirectory(Array(components.dropLast()), path: path)
-            guard let entry = parent.directory?.entries[name] else {
-                throw damageHiding(name, in: parent, path: path)
-                    ?? DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
-            }
-            return try self.inode(entry.inode)
-        }
-        return inode.lock.withReadLock {
-            FileAttributes(
-                kind: inode.isDirectory ? .directory : .file, size: Int(inode.record.size),
-                blocks: Int(inode.extents.blockCount), inode: inode.number,
-                modificationTime: inode.record.modificationTime)
-        }
     }
 }

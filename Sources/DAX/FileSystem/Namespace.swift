@@ -1,21 +1,59 @@
-/// The directory tree: create, open, mkdir, remove, rename, list. Every change is one transaction,
-/// made under the namespace lock.
-extension DAXFileSystem {
-    /// Creates a new empty regular file and opens it for reading and writing.
-    /// Throws `.alreadyExists` if the path exists, `.notFound` if the parent does not.
-    public func create(_ path: String) throws -> DAXFile {
-        let inode = try namespaceOperation(exclusive: true, "create", path) {
+import Glibc
+import Synchronization
+
+/// The directory tree and the inodes in DRAM: create, open, mkdir, remove, rename, list, and the
+/// orphans (files removed while open or mapped). Every change is one transaction, made under the
+/// namespace lock; lookups share it.
+final class Namespace: Sendable {
+    let volume: Volume
+    /// Serializes changes of the directory tree; lookups share it.
+    let lock = ReadWriteLock()
+    let table: Mutex<InodeTable>
+    /// Removed files still in use, head of the on-device list first.
+    let orphans: Mutex<[UInt32]>
+    /// Orphans whose last user went while this thread was inside a file system operation, which
+    /// may hold the locks a reclaim takes: freed when the outermost operation ends.
+    private let deferred = Mutex<[Inode]>([])
+
+    init(volume: Volume, scan: Scanner.Result) {
+        self.volume = volume
+        let pages = volume.device.pages
+        var inodes = InodeTable(count: Int(volume.superblock.inodeCount))
+        for (number, scanned) in scan.inodes {
+            let inode = Inode(
+                number: number, record: scanned.record, extents: scanned.extents,
+                directory: scanned.directory)
+            inodes.insert(inode)
+            // Descriptors learn which file page each block holds.
+            for extent in scanned.extents.allExtents {
+                for page in extent.logicalRange {
+                    let marked = pages.markAllocated(
+                        extent.block(for: page), inode: number,
+                        index: scanned.record.kind == .file ? page : PageOwner.indexLimit)
+                    precondition(marked, "block \(extent.block(for: page)) busy at mount")
+                }
+            }
+            for leaf in scanned.extents.leafBlocks {
+                _ = pages.markAllocated(leaf, inode: number, index: PageOwner.indexLimit)
+            }
+        }
+        table = Mutex(inodes)
+        orphans = Mutex(scan.orphans)
+    }
+
+    /// Creates a new empty regular file, counted as open (one handle).
+    func create(_ path: String) throws -> Inode {
+        try operation(exclusive: true, "create", path) {
             let inode = try makeNode(path, kind: .file)
             inode.users.withTrackedLock { $0.handles += 1 }
             return inode
         }
-        return DAXFile(fileSystem: self, inode: inode, path: path, access: .readWrite)
     }
 
-    /// Opens an existing regular file. Throws `.notFound`, or `.isADirectory` for a directory.
-    public func open(_ path: String, access: Access = .readWrite) throws -> DAXFile {
-        let inode = try namespaceOperation(exclusive: false, "open", path) { () throws -> Inode in
-            if access == .readWrite { try checkWritable() }
+    /// Looks up a regular file to open, counted as open (one handle).
+    func open(_ path: String, access: Access) throws -> Inode {
+        try operation(exclusive: false, "open", path) { () throws -> Inode in
+            if access == .readWrite { try volume.checkWritable() }
             let (parent, name) = try Paths.split(path, what: "open")
             let directory = try resolveDirectory(parent, path: path)
             guard let entry = directory.directory?.entries[name] else {
@@ -28,17 +66,16 @@ extension DAXFileSystem {
             inode.users.withTrackedLock { $0.handles += 1 }
             return inode
         }
-        return DAXFile(fileSystem: self, inode: inode, path: path, access: access)
     }
 
     /// Creates a directory. Throws `.alreadyExists` if the path exists.
-    public func createDirectory(_ path: String) throws {
-        _ = try namespaceOperation(exclusive: true, "create directory", path) { try makeNode(path, kind: .directory) }
+    func createDirectory(_ path: String) throws {
+        _ = try operation(exclusive: true, "create directory", path) { try makeNode(path, kind: .directory) }
     }
 
     /// The names in a directory, sorted (by bytes, which for UTF-8 is code-point order).
-    public func contentsOfDirectory(_ path: String) throws -> [String] {
-        try namespaceOperation(exclusive: false, "list", path) {
+    func contentsOfDirectory(_ path: String) throws -> [String] {
+        try operation(exclusive: false, "list", path) {
             let directory = try resolveDirectory(try Paths.components(path), path: path)
             return directory.directory?.sortedNames ?? []
         }
@@ -47,8 +84,8 @@ extension DAXFileSystem {
     /// Removes a file or an empty directory. A file that is open, mapped or pinned loses its name
     /// at once and keeps its blocks until the last close or unmap (an orphan; its pinned blocks
     /// stay quarantined until unpinned).
-    public func remove(_ path: String) throws {
-        try namespaceOperation(exclusive: true, "remove", path) {
+    func remove(_ path: String) throws {
+        try operation(exclusive: true, "remove", path) {
             let (parentPath, name) = try Paths.split(path, what: "remove")
             let parent = try resolveDirectory(parentPath, path: path)
             guard let entry = parent.directory?.entries[name] else {
@@ -68,8 +105,8 @@ extension DAXFileSystem {
 
     /// Renames atomically. An existing file at `newPath` is replaced (an empty directory by a
     /// directory); after a crash exactly one of the two names exists.
-    public func rename(_ path: String, to newPath: String) throws {
-        try namespaceOperation(exclusive: true, "rename", path, to: newPath) {
+    func rename(_ path: String, to newPath: String) throws {
+        try operation(exclusive: true, "rename", path, to: newPath) {
             let (fromPath, fromName) = try Paths.split(path, what: "rename")
             let (toPath, toName) = try Paths.split(newPath, what: "rename onto")
             let from = try resolveDirectory(fromPath, path: path)
@@ -106,7 +143,7 @@ extension DAXFileSystem {
             var change = PendingChange()
             // Whatever fails before the commit gives back the directory block planSlot took.
             var committed = false
-            defer { if !committed { abandon(change) } }
+            defer { if !committed { volume.abandon(change) } }
             let moved = try inode(entry.inode)
             let slot: DirectoryIndex.SlotAddress
             var toExtents: ExtentMap?
@@ -122,16 +159,16 @@ extension DAXFileSystem {
             if entry.kind == .directory, from !== to {
                 var record = moved.record
                 record.parent = to.number
-                record.changeTime = Clock.realtimeNanoseconds
+                record.changeTime = WallClock.nanosecondsSinceEpoch
                 movedRecord = record
                 var copy = record
                 moved.extents.store(into: &copy)
-                change.transaction.write(copy.encode(), at: superblock.inodeOffset(moved.number))
+                change.transaction.write(copy.encode(), at: volume.superblock.inodeOffset(moved.number))
             }
             if let replaced {
                 try unlink(try inode(replaced.inode), change: &change, what: "rename onto \(Paths.debug(newPath))")
             } else {
-                try commit(change, what: "rename \(Paths.debug(path))")
+                try volume.commit(change, what: "rename \(Paths.debug(path))")
                 installSlot(in: to, extents: toExtents)
                 to.directory?.take(slot)
             }
@@ -143,33 +180,49 @@ extension DAXFileSystem {
         }
     }
 
+    /// Kind, size and blocks of the file or directory at `path`.
+    func attributes(of path: String) throws -> FileAttributes {
+        let inode = try operation(exclusive: false, "look up", path) { () throws -> Inode in
+            let components = try Paths.components(path)
+            guard let name = components.last else { return try self.inode(Superblock.rootInode) }
+            let parent = try resolveDirectory(Array(components.dropLast()), path: path)
+            guard let entry = parent.directory?.entries[name] else {
+                throw damageHiding(name, in: parent, path: path)
+                    ?? DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
+            }
+            return try self.inode(entry.inode)
+        }
+        return inode.lock.withReadLock {
+            FileAttributes(
+                kind: inode.isDirectory ? .directory : .file, size: Int(inode.record.size),
+                blocks: Int(inode.extents.blockCount), inode: inode.number,
+                modificationTime: inode.record.modificationTime)
+        }
+    }
+
+
     // MARK: - Helpers (namespace lock held)
 
     /// Runs a directory operation: holds the operations lock shared (so that `unmount` waits for
     /// it, and one that waited for the namespace lock cannot run after `unmount`), checks that the
     /// file system is still mounted, then takes the namespace lock.
     /// An error that does not name `path` gets "cannot `what` `path` [to `newPath`]" in front.
-    func namespaceOperation<T>(
+    func operation<T>(
         exclusive: Bool, _ what: String, _ path: String, to newPath: String? = nil, _ body: () throws -> T
     ) throws -> T {
         do {
-            return try operations.withReadLock {
-                try checkMounted()
-                // Every exclusive directory operation changes the tree.
-                if exclusive { try checkWritable() }
-                return exclusive ? try namespace.withWriteLock(body) : try namespace.withReadLock(body)
+            return try run {
+                try volume.operations.withReadLock {
+                    try volume.checkMounted()
+                    // Every exclusive directory operation changes the tree.
+                    if exclusive { try volume.checkWritable() }
+                    return exclusive ? try lock.withWriteLock(body) : try lock.withReadLock(body)
+                }
             }
         } catch let error as DAXError {
             let subject = Paths.debug(path)
             let target = newPath.map { " to \(Paths.debug($0))" } ?? ""
             throw error.context("cannot \(what) \(subject)\(target)", naming: subject)
-        }
-    }
-
-    /// Throws `.permissionDenied` on a file system mounted read-only.
-    func checkWritable() throws {
-        guard access == .readWrite else {
-            throw DAXError(.permissionDenied, "the file system on \(device.path) is mounted read-only")
         }
     }
 
@@ -215,25 +268,25 @@ extension DAXFileSystem {
     func planSlot(in directory: Inode, change: inout PendingChange) throws -> (DirectoryIndex.SlotAddress, ExtentMap?) {
         if let slot = directory.directory?.freeSlots.last { return (slot, nil) }
         let page = UInt64(directory.directory?.blockCount ?? 0)
-        let runs = try allocateBacked(
+        let runs = try volume.allocateBacked(
             1, goal: directory.extents.goal(before: page), inode: directory.number,
             firstIndex: nil)
-        change.allocate(runs, superblock: superblock)
+        change.allocate(runs, superblock: volume.superblock)
         let block = runs[0].start
         // Not linked yet: write it in place, then let the transaction link it.
-        device.fill(offset: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
+        volume.device.fill(offset: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
         DirectoryFormat.header(owner: directory.number, index: UInt32(page)).withUnsafeBytes {
-            device.copy($0, toOffset: Int(block) * Superblock.blockSize)
+            volume.device.copy($0, toOffset: Int(block) * Superblock.blockSize)
         }
         var map = directory.extents
-        try editExtents(
+        try volume.editExtents(
             &map, of: directory.number, replacing: page..<(page + 1),
             with: [Extent(logical: page, physical: block, length: 1)], change: &change)
         var record = directory.record
         record.size = (page + 1) * UInt64(Superblock.blockSize)
-        record.modificationTime = Clock.realtimeNanoseconds
+        record.modificationTime = WallClock.nanosecondsSinceEpoch
         map.store(into: &record)
-        change.transaction.write(record.encode(), at: superblock.inodeOffset(directory.number))
+        change.transaction.write(record.encode(), at: volume.superblock.inodeOffset(directory.number))
         return (DirectoryIndex.SlotAddress(block: Int(page), slot: 0), map)
     }
 
@@ -254,25 +307,25 @@ extension DAXFileSystem {
         }
         guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
             throw DAXError(
-                .noSpace, "cannot create \(Paths.debug(path)): all \(countedAre(superblock.inodeCount, "inode")) in use")
+                .noSpace, "cannot create \(Paths.debug(path)): all \(countedAre(volume.superblock.inodeCount, "inode")) in use")
         }
         var change = PendingChange()
         do {
             let (slot, parentExtents) = try planSlot(in: parent, change: &change)
-            let now = Clock.realtimeNanoseconds
+            let now = WallClock.nanosecondsSinceEpoch
             var record = InodeRecord()
             record.kind = kind
             record.linkCount = 1
-            let old = ByteReader(device.base + superblock.inodeOffset(number), count: Superblock.inodeSize)
+            let old = ByteReader(volume.device.base + volume.superblock.inodeOffset(number), count: Superblock.inodeSize)
             record.generation = old.get(UInt32.self, at: 12) &+ 1
             record.modificationTime = now
             record.changeTime = now
             record.parent = kind == .directory ? parent.number : 0
-            change.transaction.write(record.encode(), at: superblock.inodeOffset(number))
+            change.transaction.write(record.encode(), at: volume.superblock.inodeOffset(number))
             change.transaction.write(
                 DirectoryFormat.encodeSlot(inode: number, name: name, kind: kind),
                 at: slotOffset(parent, slot, extents: parentExtents))
-            try commit(change, what: "create \(Paths.debug(path))")
+            try volume.commit(change, what: "create \(Paths.debug(path))")
             installSlot(in: parent, extents: parentExtents)
             parent.directory?.take(slot)
             let inode = Inode(
@@ -282,7 +335,7 @@ extension DAXFileSystem {
             parent.directory?.entries[name] = DirectoryIndex.Entry(inode: number, kind: kind, slot: slot)
             return inode
         } catch {
-            abandon(change)
+            volume.abandon(change)
             table.withTrackedLock { $0.release(number) }
             throw error
         }
@@ -298,20 +351,20 @@ extension DAXFileSystem {
                         var record = target.record
                         record.linkCount = 0
                         record.nextOrphan = orphans.first ?? 0
-                        record.changeTime = Clock.realtimeNanoseconds
+                        record.changeTime = WallClock.nanosecondsSinceEpoch
                         var copy = record
                         target.extents.store(into: &copy)
-                        change.transaction.write(copy.encode(), at: superblock.inodeOffset(target.number))
-                        var sb = superblock
+                        change.transaction.write(copy.encode(), at: volume.superblock.inodeOffset(target.number))
+                        var sb = volume.superblock
                         sb.orphanHead = target.number
                         change.transaction.write(sb.encode(), at: 0)
-                        try commit(change, what: what)
+                        try volume.commit(change, what: what)
                         target.record = record
                         orphans.insert(target.number, at: 0)
                     }
                 } else {
-                    freeInode(target, change: &change)
-                    try commit(change, what: what)
+                    volume.freeInode(target, change: &change)
+                    try volume.commit(change, what: what)
                     target.record.linkCount = 0
                     target.isFreed = true
                     users.reclaimed = true
@@ -326,8 +379,8 @@ extension DAXFileSystem {
     func reclaim(_ inode: Inode) throws {
         // Shared with lookups. `unmount` frees every orphan itself, holding the lock exclusively
         // after it cleared the mounted flag: nothing is committed once it has let go.
-        try namespace.withReadLock {
-            guard isMounted else { return }
+        try lock.withReadLock {
+            guard volume.isMounted else { return }
             try reclaimLocked(inode)
         }
     }
@@ -370,14 +423,14 @@ extension DAXFileSystem {
                         previousRecord = record
                         var stored = record
                         previous.extents.store(into: &stored)
-                        change.transaction.write(stored.encode(), at: superblock.inodeOffset(previous.number))
+                        change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(previous.number))
                     } else {
-                        var sb = superblock
+                        var sb = volume.superblock
                         sb.orphanHead = next
                         change.transaction.write(sb.encode(), at: 0)
                     }
-                    freeInode(inode, change: &change)
-                    try commit(change, what: "free removed file \(inode.number)")
+                    volume.freeInode(inode, change: &change)
+                    try volume.commit(change, what: "free removed file \(inode.number)")
                     if let previous, let previousRecord { previous.record = previousRecord }
                     orphans.remove(at: index)
                     inode.extents = ExtentMap()
@@ -391,6 +444,32 @@ extension DAXFileSystem {
         }
     }
 
+    /// Files mapped now.
+    var mappedFiles: Int {
+        // The table lock is a leaf: take the inodes out, then look at their users.
+        let inodes = table.withTrackedLock { Array($0.inodes.values) }
+        return inodes.filter { $0.users.withTrackedLock { $0.mappings > 0 } }.count
+    }
+
+    /// Regular files (removed ones still open included) and directories.
+    var fileCounts: (files: Int, directories: Int) {
+        table.withTrackedLock { table in
+            table.inodes.values.reduce(into: (0, 0)) { counts, inode in
+                if inode.isDirectory { counts.1 += 1 } else { counts.0 += 1 }
+            }
+        }
+    }
+
+    /// Unmount, with the namespace lock held exclusively and every handle closed: frees the removed
+    /// files that were open, now that nothing holds them. A failure (the journal fails only on a
+    /// closed device) leaves the orphan for the next mount to free. A read-only mount changes
+    /// nothing: the next read-write mount frees them.
+    func reclaimOrphansAtUnmount() {
+        for number in orphans.withTrackedLock({ volume.access == .readWrite ? $0 : [] }) {
+            if let inode = table.withTrackedLock({ $0.inodes[number] }) { try? reclaimLocked(inode) }
+        }
+    }
+
     /// Mount: frees what the orphan list still holds (files removed while open before a crash).
     func reclaimOrphansAtMount() throws {
         for number in orphans.withTrackedLock({ $0 }) {
@@ -400,7 +479,8 @@ extension DAXFileSystem {
         }
     }
 
-    /// Called when a handle or mapping of `inode` goes: frees an orphan nobody uses any more.
+    /// Called when a handle or mapping of `inode` goes: frees an orphan nobody uses any more, at
+    /// once, or at the end of the operation the calling thread is inside (see ``OperationDepth``).
     func releaseUser(_ inode: Inode, handle: Bool) {
         let reclaimNow = inode.users.withTrackedLock { users -> Bool in
             if handle { users.handles -= 1 } else { users.mappings -= 1 }
@@ -410,9 +490,27 @@ extension DAXFileSystem {
             users.reclaimed = true
             return true
         }
-        guard reclaimNow, isMounted, access == .readWrite else { return }
+        guard reclaimNow, volume.isMounted, volume.access == .readWrite else { return }
+        guard OperationDepth.current == 0 else {
+            deferred.withTrackedLock { $0.append(inode) }
+            return
+        }
         // A failure here (the journal cannot fail short of a closed device) leaves the orphan on the
         // list; the next mount frees it.
         try? reclaim(inode)
+    }
+
+    /// Runs a file system operation: a removed file whose last user goes during it is freed when
+    /// the outermost operation of the thread ends, with no lock held (and so are files deferred
+    /// by an earlier operation on this thread that belonged to another file system's).
+    func run<T: ~Copyable>(_ body: () throws -> T) rethrows -> T {
+        let outermost = OperationDepth.current == 0
+        defer { if outermost { reclaimDeferred() } }
+        return try OperationDepth.inside(body)
+    }
+
+    /// Frees the orphans whose reclaim was deferred.
+    func reclaimDeferred() {
+        while let inode = deferred.withTrackedLock({ $0.popLast() }) { try? reclaim(inode) }
     }
 }

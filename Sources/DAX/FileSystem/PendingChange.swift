@@ -43,7 +43,7 @@ struct PendingChange {
     }
 }
 
-extension DAXFileSystem {
+extension Volume {
     /// Commits `change`, then releases the blocks it freed (quarantining the busy ones). If it
     /// throws (the transaction does not fit the journal; nothing was written), the caller still owns
     /// the blocks the change took and gives them back with ``abandon(_:)``.

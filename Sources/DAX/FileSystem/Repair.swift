@@ -17,35 +17,7 @@ public struct RepairReport: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-extension DAXFileSystem {
-    /// fsck's repair (the kernel's `e2fsck -y`, PMDK's `pmempool check --repair`), offline, on a
-    /// device that is not mounted: rebuilds what can be derived and drops or moves what cannot be
-    /// trusted, then checks the result. In order:
-    ///
-    /// 1. the journal: a committed transaction is replayed (as mount would), a torn header
-    ///    emptied, a damaged journal discarded;
-    /// 2. the superblock: block 0 is restored from the backup when damaged, the backup rewritten
-    ///    when it is damaged or differs;
-    /// 3. inodes that are damaged, whose extents lie outside the data region or overlap, or that
-    ///    share a block with another inode are cleared (what they held is lost); block counts and
-    ///    sizes are corrected;
-    /// 4. directories: a block with a bad header is emptied, a damaged entry or one naming a
-    ///    cleared or free inode, a second name of an inode, removed;
-    /// 5. files and directories with a valid inode but no name are moved to `/lost+found` (made
-    ///    when missing) as `#<inode>`; a removed file with no links is freed, as mount frees it;
-    ///    link counts and parents are set from the tree;
-    /// 6. the block bitmap is rebuilt from the extents, the orphan list emptied.
-    ///
-    /// Every change goes through the journal in transactions, in an order in which a crash
-    /// between two of them leaves a device that `repair` can run on again (it derives everything
-    /// afresh). Undamaged files keep every byte. Returns what was done; throws `.busy` if the
-    /// device is mounted, `.permissionDenied` for a read-only device, `.corrupted` when neither
-    /// superblock is usable (nothing is changed then) or when the result still fails its check,
-    /// and `.noSpace` when there is no inode or block left for `/lost+found`.
-    public static func repair(_ device: PMemDevice) throws -> RepairReport {
-        try repair(device, stoppingAfterCommits: nil)
-    }
-
+extension Volume {
     /// `repair`, stopping as a crash would right after the commit point of transaction
     /// `stop + 1` (its records durable, nothing applied) when `stop` is not nil, with at most
     /// `writesPerTransaction` writes in each: tests run repair again on what is left.
@@ -96,7 +68,7 @@ extension DAXFileSystem {
             plan.writes, keepingTogether: plan.atomicRuns, device: device, superblock: sb, sequence: sequence,
             stop: stop, writesPerTransaction: writesPerTransaction)
 
-        let check = try checkUnmounted(device)
+        let check = try Checker.checkUnmounted(device)
         guard check.isClean else {
             throw DAXError(
                 .corrupted,

@@ -49,7 +49,7 @@ struct Salvage {
     var allocationCursor = 0
     /// The name in the root of the directory that takes what has no name.
     var homeName = "lost+found"
-    let now = Clock.realtimeNanoseconds
+    let now = WallClock.nanosecondsSinceEpoch
 
     private init(base: UnsafeRawPointer, superblock: Superblock) {
         self.base = base

@@ -1,37 +1,37 @@
 /// Files created without a name (Linux's `O_TMPFILE`) and named once complete (`linkat`): a
 /// program that builds a file and dies half way leaves nothing behind, since the file is on the
 /// orphan list from its first moment and the next mount frees it.
-extension DAXFileSystem {
+extension Namespace {
     /// Creates a regular file with no name, in the file system of `directory` (which must exist),
     /// open for reading and writing: the kernel's `open(directory, O_TMPFILE)`. It is an orphan
     /// from the start: its last close frees it, and so does the next mount after a crash, unless
     /// ``link(_:at:)`` gave it a name first. Its ``DAXFile/path`` says `(unnamed N)` until then.
-    public func createUnnamed(in directory: String) throws -> DAXFile {
-        let inode = try namespaceOperation(exclusive: true, "create an unnamed file in", directory) { () throws -> Inode in
+    func createUnnamed(in directory: String) throws -> Inode {
+        try operation(exclusive: true, "create an unnamed file in", directory) { () throws -> Inode in
             _ = try resolveDirectory(try Paths.components(directory), path: directory)
             guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
                 throw DAXError(
                     .noSpace,
-                    "cannot create an unnamed file in \(Paths.debug(directory)): all \(superblock.inodeCount) "
+                    "cannot create an unnamed file in \(Paths.debug(directory)): all \(volume.superblock.inodeCount) "
                         + "inodes are in use")
             }
             do {
                 return try orphans.withTrackedLock { orphans in
-                    let now = Clock.realtimeNanoseconds
+                    let now = WallClock.nanosecondsSinceEpoch
                     var record = InodeRecord()
                     record.kind = .file
                     record.linkCount = 0
-                    let old = ByteReader(device.base + superblock.inodeOffset(number), count: Superblock.inodeSize)
+                    let old = ByteReader(volume.device.base + volume.superblock.inodeOffset(number), count: Superblock.inodeSize)
                     record.generation = old.get(UInt32.self, at: 12) &+ 1
                     record.modificationTime = now
                     record.changeTime = now
                     record.nextOrphan = orphans.first ?? 0
                     var change = PendingChange()
-                    change.transaction.write(record.encode(), at: superblock.inodeOffset(number))
-                    var sb = superblock
+                    change.transaction.write(record.encode(), at: volume.superblock.inodeOffset(number))
+                    var sb = volume.superblock
                     sb.orphanHead = number
                     change.transaction.write(sb.encode(), at: 0)
-                    try commit(change, what: "create an unnamed file")
+                    try volume.commit(change, what: "create an unnamed file")
                     orphans.insert(number, at: 0)
                     let inode = Inode(number: number, record: record, extents: ExtentMap())
                     inode.users.withTrackedLock { $0.handles += 1 }
@@ -43,52 +43,6 @@ extension DAXFileSystem {
                 throw error
             }
         }
-        let prefix = directory.hasSuffix("/") ? directory : directory + "/"
-        return DAXFile(fileSystem: self, inode: inode, path: "\(prefix)(unnamed \(inode.number))", access: .readWrite)
-    }
-
-    /// Creates the file at `path`, or replaces the file there, all at once: `build` fills a new
-    /// unnamed file (``DAXFileSystem/createUnnamed(in:)``, on the orphan list from its first
-    /// moment), which is then linked at `path` in one transaction. A build that throws leaves
-    /// `path` as it was; so does a process killed during it, and the next mount frees what it
-    /// had written.
-    public func createAtomically(_ path: String, build: (DAXFile) throws -> Void) throws {
-        // Refuse what the link would refuse, before any work: a bad path or parent, a directory.
-        let slash = path.utf8.lastIndex(of: UInt8(ascii: "/"))
-        let directory = slash.map { String(path[...$0]) } ?? "/"
-        do {
-            if try attributes(of: path).kind == .directory {
-                throw DAXError(.isADirectory, "cannot replace directory \(path) with a file")
-            }
-        } catch let error as DAXError where error.code == .notFound {
-            guard try attributes(of: directory).kind == .directory else {
-                throw DAXError(.notADirectory, "\(directory) is not a directory")
-            }
-        }
-        let file = try createUnnamed(in: directory)
-        defer { file.close() }
-        do {
-            try build(file)
-        } catch var error as DAXError {
-            // Told about the file the user named, not the unnamed one it was built in.
-            error.message = error.message.replacing(file.path, with: path)
-            throw error
-        }
-        try link(file, at: path, replacing: true)
-    }
-
-    /// Opens the file at `path` for reading and writing, or, when there is none or it is empty,
-    /// makes it with `build` through ``createAtomically(_:build:)`` and opens that: how an app
-    /// opens its store or log, so that a creation that fails or is killed never leaves a file at
-    /// `path` that is not one.
-    public func openOrCreate(_ path: String, build: (DAXFile) throws -> Void) throws -> DAXFile {
-        do {
-            let existing = try open(path)
-            if existing.size > 0 { return existing }
-            existing.close()
-        } catch let error as DAXError where error.code == .notFound {}
-        try createAtomically(path, build: build)
-        return try open(path)
     }
 
     /// Gives the unnamed file `file` (from ``createUnnamed(in:)``, still open) the name `path`:
@@ -100,13 +54,13 @@ extension DAXFileSystem {
     /// `.isADirectory` for a directory at `path`, `.notFound` for a missing parent,
     /// `.invalidArgument` for a file that has a name already, was closed, or belongs to another
     /// file system.
-    public func link(_ file: DAXFile, at path: String, replacing: Bool = false) throws {
-        try namespaceOperation(exclusive: true, "link", path) {
-            guard file.fileSystem === self else {
-                throw DAXError(.invalidArgument, "\(Paths.debug(file.path)) belongs to another file system")
-            }
-            try file.checkWritable("link")
-            let inode = file.inode
+    /// `check` runs first, under the namespace lock: the handle's own checks (open, writable, of
+    /// this file system); `filePath` names the file in errors.
+    func link(
+        _ inode: Inode, filePath: String, at path: String, replacing: Bool, check: () throws -> Void
+    ) throws {
+        try operation(exclusive: true, "link", path) {
+            try check()
             let (parentPath, name) = try Paths.split(path, what: "link")
             let parent = try resolveDirectory(parentPath, path: path)
             let existing = parent.directory?.entries[name]
@@ -123,7 +77,7 @@ extension DAXFileSystem {
             let previous: Inode? = try orphans.withTrackedLock { orphans in
                 guard let index = orphans.firstIndex(of: inode.number), inode.record.linkCount == 0 else {
                     throw DAXError(
-                        .invalidArgument, "\(Paths.debug(file.path)) is not an unnamed file: it has a name already")
+                        .invalidArgument, "\(Paths.debug(filePath)) is not an unnamed file: it has a name already")
                 }
                 return index == 0 ? nil : try self.inode(orphans[index - 1])
             }
@@ -132,7 +86,7 @@ extension DAXFileSystem {
             replaced?.lock.lockForWriting()
             defer { replaced?.lock.unlock() }
             try inode.lock.withWriteLock {
-                try inode.checkLive(file.path)
+                try inode.checkLive(filePath)
                 try linkLocked(
                     inode, name: name, in: parent, previous: previous, replacing: existing.map { ($0, replaced!) },
                     path: path)
@@ -153,7 +107,7 @@ extension DAXFileSystem {
                 }
                 var change = PendingChange()
                 var committed = false
-                defer { if !committed { abandon(change) } }
+                defer { if !committed { volume.abandon(change) } }
                 var list = orphans
                 list.remove(at: index)
                 var previousRecord: InodeRecord?
@@ -163,7 +117,7 @@ extension DAXFileSystem {
                     previousRecord = record
                     var stored = record
                     previous.extents.store(into: &stored)
-                    change.transaction.write(stored.encode(), at: superblock.inodeOffset(previous.number))
+                    change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(previous.number))
                 }
                 let slot: DirectoryIndex.SlotAddress
                 var parentExtents: ExtentMap?
@@ -175,20 +129,20 @@ extension DAXFileSystem {
                         var record = replacing.inode.record
                         record.linkCount = 0
                         record.nextOrphan = list.first ?? 0
-                        record.changeTime = Clock.realtimeNanoseconds
+                        record.changeTime = WallClock.nanosecondsSinceEpoch
                         replacedRecord = record
                         var stored = record
                         replacing.inode.extents.store(into: &stored)
-                        change.transaction.write(stored.encode(), at: superblock.inodeOffset(replacing.inode.number))
+                        change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(replacing.inode.number))
                         list.insert(replacing.inode.number, at: 0)
                     } else {
-                        freeInode(replacing.inode, change: &change)
+                        volume.freeInode(replacing.inode, change: &change)
                     }
                 } else {
                     (slot, parentExtents) = try planSlot(in: parent, change: &change)
                 }
                 if list.first != orphans.first {
-                    var sb = superblock
+                    var sb = volume.superblock
                     sb.orphanHead = list.first ?? 0
                     change.transaction.write(sb.encode(), at: 0)
                 }
@@ -198,11 +152,11 @@ extension DAXFileSystem {
                 var record = inode.record
                 record.linkCount = 1
                 record.nextOrphan = 0
-                record.changeTime = Clock.realtimeNanoseconds
+                record.changeTime = WallClock.nanosecondsSinceEpoch
                 var stored = record
                 inode.extents.store(into: &stored)
-                change.transaction.write(stored.encode(), at: superblock.inodeOffset(inode.number))
-                try commit(change, what: "link \(Paths.debug(path))")
+                change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
+                try volume.commit(change, what: "link \(Paths.debug(path))")
                 committed = true
 
                 if let replacing {

@@ -20,7 +20,9 @@ public final class DAXMapping: Sendable {
     nonisolated(unsafe) let base: UnsafeMutableRawPointer
     /// Bytes reserved: `count` rounded up to whole pages.
     let length: Int
-    let fileSystem: DAXFileSystem
+    /// The file's address space: the mapping is one of its mappings.
+    let space: AddressSpace
+    let device: PMemDevice
     let inode: Inode
     let path: String
     /// File page of `base`.
@@ -47,13 +49,14 @@ public final class DAXMapping: Sendable {
     let state: Mutex<State>
 
     init(
-        file: DAXFile, firstPage: UInt64, count: Int, access: Access, writable: Bool, base: UnsafeMutableRawPointer,
-        frames: [UInt64], zeroPages: Set<Int> = []
+        space: AddressSpace, path: String, firstPage: UInt64, count: Int, access: Access, writable: Bool,
+        base: UnsafeMutableRawPointer, frames: [UInt64], zeroPages: Set<Int> = []
     ) {
         self.state = Mutex(State(zeroPages: zeroPages))
-        self.fileSystem = file.fileSystem
-        self.inode = file.inode
-        self.path = file.path
+        self.space = space
+        self.device = space.device
+        self.inode = space.inode
+        self.path = path
         self.firstPage = firstPage
         self.count = count
         self.length = frames.count * PMemDevice.pageSize
@@ -61,11 +64,14 @@ public final class DAXMapping: Sendable {
         self.access = access
         self.writable = writable
         self.base = base
-        self.table = file.fileSystem.device.pages.table
+        self.table = space.device.pages.table
         entries = .allocate(capacity: frames.count)
         for (index, frame) in frames.enumerated() { (entries + index).initialize(to: Atomic(frame)) }
     }
 
+    /// Dropping the last reference unmaps. That may be the last use of a removed file, which is
+    /// then freed: at once, or, when the mapping is dropped inside a file system operation (which
+    /// may hold the locks freeing needs), when that operation ends.
     deinit {
         unmap()
         entries.deinitialize(count: pageCount)
@@ -84,7 +90,6 @@ public final class DAXMapping: Sendable {
         precondition(
             offset >= 0 && count >= 0 && offset <= length && count <= length - offset,
             "persist of \(counted(count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
-        let device = fileSystem.device
         if _slowPath(device.emulation != nil) {
             flushDevicePages(offset: offset, count: count)
             device.drain()
@@ -109,7 +114,6 @@ public final class DAXMapping: Sendable {
             offset >= 0 && source.count <= length && offset <= length - source.count,
             "copy of \(counted(source.count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
         guard let from = source.baseAddress, source.count > 0 else { return }
-        let device = fileSystem.device
         if _slowPath(device.emulation != nil) {
             (base + offset).copyMemory(from: from, byteCount: source.count)
             guard !flags.contains(.noFlush) else { return }
@@ -137,7 +141,7 @@ public final class DAXMapping: Sendable {
             let within = position % PMemDevice.pageSize
             let length = min(end - position, PMemDevice.pageSize - within)
             if let frame = frame(at: index) {
-                fileSystem.device.flush(offset: Int(frame) * PMemDevice.pageSize + within, count: length)
+                device.flush(offset: Int(frame) * PMemDevice.pageSize + within, count: length)
             }
             position += length
         }
@@ -145,7 +149,7 @@ public final class DAXMapping: Sendable {
 
     /// Waits until flushed and non-temporal stores are durable (`pmem_drain`; nothing in `.msync`
     /// mode).
-    public func drain() { fileSystem.device.drain() }
+    public func drain() { device.drain() }
 
     /// Unmaps: the addresses become invalid, the pages' map counts drop. A removed file whose last
     /// handle is closed is freed with its last mapping. Idempotent.
@@ -154,9 +158,9 @@ public final class DAXMapping: Sendable {
             guard !state.unmapped else { return false }
             state.unmapped = true
             // Before the range is given back: a mapping made there next is tracked afresh.
-            fileSystem.device.noteUnmapped(base, length: length)
-            _ = fileSystem.device.systemCalls.munmap(base, length)
-            let pages = fileSystem.device.pages
+            device.noteUnmapped(base, length: length)
+            _ = device.systemCalls.munmap(base, length)
+            let pages = device.pages
             for index in 0..<pageCount {
                 let frame = entries[index].exchange(0, ordering: .acquiringAndReleasing)
                 if frame != 0 { pages.unmap(PageFrameNumber(rawValue: frame)) }
@@ -166,9 +170,7 @@ public final class DAXMapping: Sendable {
             return true
         }
         guard wasMapped else { return }
-        inode.layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
-        _ = inode.mappings.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
-        fileSystem.releaseUser(inode, handle: false)
+        space.forget(self)
     }
 
     /// True once unmapped.
@@ -215,7 +217,7 @@ public final class DAXMapping: Sendable {
     func zapDetached() {
         state.withTrackedLock { state in
             guard !state.unmapped else { return }
-            let pages = fileSystem.device.pages
+            let pages = device.pages
             let indices = Set(state.detached.keys).union(state.detachedZeroPages).sorted()
             state.detachedZeroPages = []
             var start = 0
@@ -225,8 +227,8 @@ public final class DAXMapping: Sendable {
                 MappingRegion.replaceWithFaulting(
                     base + indices[start] * PMemDevice.pageSize,
                     length: (end - start) * PMemDevice.pageSize, access: access,
-                    calls: fileSystem.device.systemCalls)
-                fileSystem.device.noteUnmapped(
+                    calls: device.systemCalls)
+                device.noteUnmapped(
                     base + indices[start] * PMemDevice.pageSize, length: (end - start) * PMemDevice.pageSize)
                 start = end
             }
@@ -263,7 +265,7 @@ public final class DAXMapping: Sendable {
     /// Maps pages `run` of the mapping, all showing nothing now, from `extent`: counted first,
     /// then one `mmap`; if that fails, page by page, and a page that cannot be shown faults.
     private func populateRun(_ run: Range<Int>, of extent: Extent, _ state: inout State) {
-        let pageMap = fileSystem.device.pages
+        let pageMap = device.pages
         let firstFrame = extent.block(for: firstPage + UInt64(run.lowerBound))
         var counted = 0
         for index in run {
@@ -273,7 +275,7 @@ public final class DAXMapping: Sendable {
         }
         if counted == run.count,
             (try? MappingRegion.mapDevice(
-                fileSystem.device, frame: firstFrame, pages: run.count, at: base + run.lowerBound * PMemDevice.pageSize,
+                device, frame: firstFrame, pages: run.count, at: base + run.lowerBound * PMemDevice.pageSize,
                 access: access, exposed: true)) != nil
         {
             for index in run {
@@ -290,7 +292,7 @@ public final class DAXMapping: Sendable {
                 try pageMap.tryMap(frame)
                 do {
                     try MappingRegion.mapDevicePage(
-                        fileSystem.device, frame: frame.rawValue, at: address, access: access, exposed: true)
+                        device, frame: frame.rawValue, at: address, access: access, exposed: true)
                 } catch {
                     pageMap.unmap(frame)
                     throw error
@@ -302,7 +304,7 @@ public final class DAXMapping: Sendable {
                 // there would read stale zeros over data, so it faults instead.
                 if state.zeroPages.remove(index) != nil {
                     MappingRegion.replaceWithFaulting(
-                        address, length: PMemDevice.pageSize, access: access, calls: fileSystem.device.systemCalls)
+                        address, length: PMemDevice.pageSize, access: access, calls: device.systemCalls)
                 }
             }
         }
@@ -314,91 +316,5 @@ public final class DAXMapping: Sendable {
         let end = min(pages.upperBound, firstPage + UInt64(pageCount))
         guard start < end else { return nil }
         return Int(start - firstPage)..<Int(end - firstPage)
-    }
-}
-
-/// The virtual memory of mappings: reserving ranges, mapping device pages, and the region that
-/// raises SIGBUS where pages were truncated away.
-enum MappingRegion {
-    /// A memfd of size 0: any access to a shared mapping of it is past its end, and the kernel
-    /// sends SIGBUS, exactly as for a page truncated out of a file mapping.
-    static let faultingFile: Int32 = dax_memfd_create("dax-truncated-pages", dax_MFD_CLOEXEC)
-
-    static func protection(_ access: Access) -> Int32 {
-        access == .readWrite ? PROT_READ | PROT_WRITE : PROT_READ
-    }
-
-    /// Reserves `length` bytes of address space that fault until something is mapped there.
-    static func reserve(_ length: Int, calls: SystemCalls) throws -> UnsafeMutableRawPointer {
-        guard let base = calls.mmap(nil, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) else {
-            throw DAXError.system("mmap", "cannot reserve \(counted(length, "byte")) of address space for a mapping", errno: errno)
-        }
-        return base
-    }
-
-    /// Maps `pages` device pages from `frame` at `address`, populated: a `.readOnly` mapping from
-    /// the device's read-only descriptor, so that it cannot be made writable with `mprotect`.
-    /// An emulated device tracks stores through the new pages (`exposed`: in a mapping that
-    /// other threads may already use). A crash image opened for a checker is mapped privately.
-    static func mapDevice(
-        _ device: PMemDevice, frame: UInt64, pages: Int, at address: UnsafeMutableRawPointer, access: Access,
-        exposed: Bool = false
-    ) throws {
-        let length = pages * PMemDevice.pageSize
-        // Populating a private writable mapping would copy every page: a crash image's pages
-        // are copied only when the checker stores to them.
-        let sharing = device.isPrivateImage ? MAP_PRIVATE : MAP_SHARED | MAP_POPULATE
-        device.noteUnmapped(address, length: length)
-        guard
-            device.systemCalls.mmap(
-                address, length, protection(access), sharing | MAP_FIXED,
-                access == .readWrite ? device.fd : device.readOnlyFD, Int(frame) * PMemDevice.pageSize) != nil
-        else {
-            let code = errno
-            throw DAXError.system(
-                "mmap",
-                "cannot map \(pages) device pages at pfn \(frame)"
-                    + (code == ENODEV || code == EINVAL
-                        ? " (a device-DAX character device maps only 2 MiB-aligned ranges)" : ""),
-                errno: code)
-        }
-        if access == .readWrite {
-            do {
-                try device.noteMapped(address, frame: frame, pages: pages, exposed: exposed)
-            } catch {
-                replaceWithFaulting(address, length: length, access: access, calls: device.systemCalls)
-                throw error
-            }
-        }
-    }
-
-    static func mapDevicePage(
-        _ device: PMemDevice, frame: UInt64, at address: UnsafeMutableRawPointer, access: Access, exposed: Bool = false
-    ) throws {
-        try mapDevice(device, frame: frame, pages: 1, at: address, access: access, exposed: exposed)
-    }
-
-    /// Maps the zero page, read-only, over `length` bytes at `address`: a hole as a read-only
-    /// mapping shows it (the kernel maps its shared zero page there).
-    static func mapZeroPages(_ address: UnsafeMutableRawPointer, length: Int, calls: SystemCalls) throws {
-        guard
-            calls.mmap(address, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
-                != nil
-        else {
-            throw DAXError.system("mmap", "cannot map \(counted(length, "byte")) of zero pages for holes", errno: errno)
-        }
-    }
-
-    /// Replaces `length` bytes at `address` by the faulting region (PROT_NONE if memfd is missing).
-    static func replaceWithFaulting(_ address: UnsafeMutableRawPointer, length: Int, access: Access, calls: SystemCalls)
-    {
-        if faultingFile >= 0,
-            calls.mmap(address, length, protection(access), MAP_SHARED | MAP_FIXED, faultingFile, 0) != nil
-        {
-            return
-        }
-        let fallback = calls.mmap(
-            address, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
-        precondition(fallback != nil, "cannot unmap truncated pages from a mapping: errno \(errno)")
     }
 }

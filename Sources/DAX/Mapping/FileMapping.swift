@@ -1,36 +1,20 @@
-extension DAXFile {
-    /// A direct (DAX) mapping of `count` bytes from `offset`: loads and stores reach the device
-    /// pages themselves. A `.readWrite` mapping gives the holes in its range zeroed blocks first; a
-    /// `.readOnly` one shows them as the zero page and changes nothing (as the kernel does), until
-    /// a `write`, `allocate` or another mapping gives them blocks, which it then shows.
-    ///
-    /// `offset` must be a multiple of the page size, and the range must lie within the file's size
-    /// rounded up to a page (extend the file with `truncate` or `allocate` first): as with `mmap`,
-    /// a mapping never changes the file's size. A `.readWrite` mapping needs a file opened
-    /// `.readWrite`; stores through a `.readOnly` mapping fault.
-    public func map(offset: Int = 0, count: Int, access: Access = .readWrite) throws -> DAXMapping {
-        // Older mappings shown the blocks that filled holes are released only after every lock.
-        var shown: [DAXMapping] = []
-        defer { withExtendedLifetime(shown) {} }
-        return try operation("map") { try mapLocked(offset: offset, count: count, access: access, shown: &shown) }
-    }
-
-    private func mapLocked(offset: Int, count: Int, access: Access, shown: inout [DAXMapping]) throws -> DAXMapping {
-        if access == .readWrite, self.access != .readWrite {
+extension AddressSpace {
+    /// A direct mapping of `count` bytes from `offset` (what ``DAXFile/map(offset:count:access:)``
+    /// promises) for a handle opened with `fileAccess` at `path`.
+    func map(offset: Int, count: Int, access: Access, fileAccess: Access, path: String) throws -> DAXMapping {
+        if access == .readWrite, fileAccess != .readWrite {
             throw DAXError(.permissionDenied, "cannot map \(Paths.debug(path)) for writing: it was opened read-only")
         }
-        try Self.checkRange(offset, count, "map", path)
+        try FileData.checkRange(offset, count, "map", path)
         guard count > 0, offset % PMemDevice.pageSize == 0 else {
             throw DAXError(
                 .invalidArgument,
                 "cannot map \(counted(count, "byte")) at offset \(offset) of \(Paths.debug(path)): "
                     + "the offset must be a multiple of \(PMemDevice.pageSize) and the count positive")
         }
-        let fs = fileSystem
-        let device = fs.device
-        let first = DAXFileSystem.page(offset)
-        let pages = first..<DAXFileSystem.pageUp(offset + count)
-        return try inode.invalidateLock.withReadLock {
+        let first = FileData.page(offset)
+        let pages = first..<FileData.pageUp(offset + count)
+        return try invalidateLock.withReadLock {
             try inode.lock.withWriteLock {
                 try inode.checkLive(path)
                 let size = Int(inode.record.size)
@@ -45,9 +29,9 @@ extension DAXFile {
                             + "the file has only \(counted(size, "byte")) (extend it with truncate or allocate first)")
                 }
                 if access == .readWrite {
-                    let added = try fs.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")
+                    let added = try data.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")
                     // Older mappings of those pages (punched while mapped) see the new blocks too.
-                    shown = fs.showInMappings(inode, added)
+                    show(added)
                 }
                 let base = try MappingRegion.reserve(pages.count * PMemDevice.pageSize, calls: device.systemCalls)
                 var frames = [UInt64](repeating: 0, count: pages.count)
@@ -79,38 +63,12 @@ extension DAXFile {
                     throw error
                 }
                 let mapping = DAXMapping(
-                    file: self, firstPage: first, count: count, access: access,
-                    writable: access == .readWrite && self.access == .readWrite, base: base,
+                    space: self, path: path, firstPage: first, count: count, access: access,
+                    writable: access == .readWrite && fileAccess == .readWrite, base: base,
                     frames: frames, zeroPages: zeroPages)
-                inode.users.withTrackedLock { $0.mappings += 1 }
-                inode.mappings.withTrackedLock { $0[ObjectIdentifier(mapping)] = WeakMapping(object: mapping) }
+                register(mapping)
                 return mapping
             }
         }
-    }
-}
-
-extension DAXFileSystem {
-    /// Gives the holes of `pages` zeroed blocks, as mapping and pinning need (inode lock held
-    /// exclusively). Returns the extents added.
-    @discardableResult
-    func fillHolesZeroed(_ inode: Inode, _ pages: Range<UInt64>, what: String) throws -> [Extent] {
-        guard !inode.extents.holes(in: pages).isEmpty else { return [] }
-        var change = PendingChange()
-        var map = inode.extents
-        let added: [Extent]
-        do {
-            added = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .all)
-            var record = inode.record
-            map.store(into: &record)
-            change.transaction.write(record.encode(), at: superblock.inodeOffset(inode.number))
-            device.drain()
-            try commit(change, what: what)
-        } catch {
-            abandon(change)
-            throw error
-        }
-        inode.extents = map
-        return added
     }
 }

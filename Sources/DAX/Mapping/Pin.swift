@@ -37,13 +37,13 @@ extension DAXMapping {
     /// caller to the slow path.
     @inline(__always)
     private func pinOneFast(_ index: Int, access: Access) -> PinnedPages? {
-        let generation = inode.layoutGeneration.load(ordering: .acquiring)
+        let generation = space.layoutGeneration.load(ordering: .acquiring)
         let frame = entries[index].load(ordering: .acquiring)
         guard frame != 0 else { return nil }
         let change = table.beginChange()
         defer { table.endChange(change) }
         guard case .success(let firstPin) = table.tryPin(frame) else { return nil }
-        guard inode.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
+        guard space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
             // A truncate detached pages after we looked: back off without counting anything.
             let lastPin = table.unpinOne(frame)
             table.tally(firstPin ? 1 : 0, .pinnedUp, lastPin ? 1 : 0, .pinnedDown, in: change)
@@ -55,7 +55,7 @@ extension DAXMapping {
 
     /// gup-fast for a range.
     private func pinFast(_ pages: ClosedRange<Int>, access: Access) -> PinnedPages? {
-        let generation = inode.layoutGeneration.load(ordering: .acquiring)
+        let generation = space.layoutGeneration.load(ordering: .acquiring)
         var frames: [PageFrameNumber] = []
         frames.reserveCapacity(pages.count)
         for index in pages {
@@ -65,7 +65,7 @@ extension DAXMapping {
         }
         let runs = FrameRuns(frames)
         guard (try? table.pin(runs)) != nil else { return nil }
-        guard inode.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
+        guard space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
             // Undo as a release of what was just acquired, so the totals stay balanced.
             table.unpin(runs)
             return nil
@@ -75,7 +75,7 @@ extension DAXMapping {
 
     /// gup-slow: under the invalidate lock no truncate runs; resolve missing pages, then pin.
     private func pinSlow(_ pages: ClosedRange<Int>, access: Access, lifetime: PinLifetime) throws -> PinnedPages {
-        try inode.invalidateLock.withReadLock {
+        try space.invalidateLock.withReadLock {
             // No truncate runs now, but an unmap can (and may free an orphan's blocks): re-validate
             // against the layout generation after pinning, as the fast path does.
             while true {
@@ -83,7 +83,7 @@ extension DAXMapping {
                     throw DAXError(
                         .invalidArgument, "cannot pin pages of \(Paths.debug(path)): the mapping was unmapped")
                 }
-                let generation = inode.layoutGeneration.load(ordering: .sequentiallyConsistent)
+                let generation = space.layoutGeneration.load(ordering: .sequentiallyConsistent)
                 let missing = pages.filter { entries[$0].load(ordering: .acquiring) == 0 }
                 if !missing.isEmpty { try resolve(missing, access: access) }
                 var frames: [PageFrameNumber] = []
@@ -97,9 +97,9 @@ extension DAXMapping {
                     }
                     frames.append(PageFrameNumber(rawValue: frame))
                 }
-                let pinned = try fileSystem.device.pages.pin(
+                let pinned = try device.pages.pin(
                     runs: FrameRuns(frames), access: access, lifetime: lifetime)
-                if inode.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation { return pinned }
+                if space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation { return pinned }
                 pinned.release()  // the layout changed under us: let go and look again
             }
         }
@@ -108,10 +108,6 @@ extension DAXMapping {
     /// Maps pages this mapping does not show: past the end of the file they stay faulting (an
     /// error); inside it (after a punch) a `.readWrite` pin gives them blocks, as a write fault would.
     private func resolve(_ missing: [Int], access: Access) throws {
-        // Mappings found under the lock stay referenced past it: a last reference dropped under the
-        // lock would run a deinit that needs it.
-        var held: [DAXMapping] = []
-        defer { withExtendedLifetime(held) {} }
         try inode.lock.withWriteLock {
             try inode.checkLive(path)
             let size = Int(inode.record.size)
@@ -131,12 +127,10 @@ extension DAXMapping {
                         "cannot pin a hole of \(Paths.debug(path)) for reading: the page has no "
                             + "block (never written, or punched); only a .readWrite pin allocates one")
                 }
-                try fileSystem.fillHolesZeroed(inode, filePages, what: "pin of \(Paths.debug(path))")
+                try space.data.fillHolesZeroed(inode, filePages, what: "pin of \(Paths.debug(path))")
             }
             // Every live mapping that shows nothing there gets the blocks, as its own fault would.
-            let extents = inode.extents.extents(in: filePages)
-            held = inode.liveMappings.compactMap { $0 as? DAXMapping }
-            for mapping in held { mapping.populate(extents) }
+            space.show(inode.extents.extents(in: filePages))
         }
     }
 }

@@ -50,35 +50,3 @@ public enum PinnedPagePolicy: Sendable {
     /// frame changes the clone too.
     case unsafeShare
 }
-
-/// What ``DAXFile/migrate(offset:count:)`` did.
-public struct MigrationResult: Sendable, Equatable {
-    /// Pages moved to new blocks.
-    public var migrated: Int
-    /// File page indexes left in place: an unexpected reference (a pin).
-    public var busy: [Int]
-
-    /// A result of `migrated` pages moved and `busy` left in place.
-    public init(migrated: Int, busy: [Int]) {
-        self.migrated = migrated
-        self.busy = busy
-    }
-}
-
-extension DAXFile {
-    /// fsync: makes every store through the file's mappings durable, and its metadata (which every
-    /// change already committed durably). Without write-protect tracking of dirty pages it makes
-    /// every block the file holds durable (`pmem_persist`, or `msync` in `.msync` mode), the way
-    /// the kernel's `dax_writeback_mapping_range` would with every page tagged dirty.
-    public func sync() throws {
-        try operation("sync") {
-            try inode.lock.withReadLock {
-                try inode.checkLive(path)
-                for extent in inode.extents.allExtents {
-                    fileSystem.device.persist(
-                        offset: Int(extent.physical) * PMemDevice.pageSize, count: Int(extent.length) * PMemDevice.pageSize)
-                }
-            }
-        }
-    }
-}

@@ -1,0 +1,106 @@
+import Synchronization
+
+/// A file's address space (the kernel's `struct address_space`): its live mappings, the
+/// invalidate lock and the layout generation that pins re-validate against.
+///
+/// The mapping layer owns it; the file system below answers questions about the file in values
+/// (which blocks back these pages, give these holes blocks, plan this resize, commit it) and never
+/// sees a mapping. Every handle and mapping of one file shares one address space, which lives as
+/// long as any of them does (``AddressSpaces`` hands it out).
+final class AddressSpace: Sendable {
+    let inode: Inode
+    let data: FileData
+    let namespace: Namespace
+    var device: PMemDevice { data.volume.device }
+
+    /// Taken exclusively by break layouts and migration, shared by new mappings and by the slow
+    /// path of pin: the kernel's `mapping->invalidate_lock`.
+    let invalidateLock = ReadWriteLock()
+    /// Bumped whenever pages leave the file's mappings; a fast pin re-validates against it.
+    let layoutGeneration = Atomic<UInt64>(0)
+    /// Live mappings of the file, weakly held (a mapping leaves when unmapped).
+    private let mappings = Mutex<[ObjectIdentifier: WeakMapping]>([:])
+    private let registry: AddressSpaces
+
+    fileprivate init(inode: Inode, data: FileData, namespace: Namespace, registry: AddressSpaces) {
+        self.inode = inode
+        self.data = data
+        self.namespace = namespace
+        self.registry = registry
+    }
+
+    deinit { registry.forget(inode) }
+
+    /// Live mappings, strongly held for the caller's use. Dropping one of them may unmap it (the
+    /// last reference); that only drops counts, so it may happen under any lock.
+    var liveMappings: [DAXMapping] {
+        mappings.withTrackedLock { $0.values.compactMap(\.mapping) }
+    }
+
+    /// A new mapping of the file joins: it holds the file open (a removed file keeps its blocks).
+    func register(_ mapping: DAXMapping) {
+        inode.users.withTrackedLock { $0.mappings += 1 }
+        mappings.withTrackedLock { $0[ObjectIdentifier(mapping)] = WeakMapping(mapping: mapping) }
+    }
+
+    /// A mapping was unmapped (its pages are gone from it): pins racing in back off, and a removed
+    /// file may be freed.
+    func forget(_ mapping: DAXMapping) {
+        layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        _ = mappings.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(mapping)) }
+        namespace.releaseUser(inode, handle: false)
+    }
+
+    /// Blocks that filled holes show up in every live mapping that showed nothing there (a page
+    /// punched while mapped), as the kernel's next fault would map them; until then a load there
+    /// faults. Inode lock held exclusively.
+    func show(_ extents: [Extent]) {
+        guard !extents.isEmpty else { return }
+        for mapping in liveMappings { mapping.populate(extents) }
+    }
+
+    /// Bumps the layout generation: pages left the mappings, or came back after a failed change.
+    func layoutChanged() {
+        layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
+    }
+}
+
+/// A mapping registered with its address space, held weakly.
+private struct WeakMapping: @unchecked Sendable {
+    weak var mapping: DAXMapping?
+}
+
+/// The address spaces of a file system's files, one per inode while a handle or mapping uses it.
+final class AddressSpaces: Sendable {
+    let data: FileData
+    let namespace: Namespace
+    private let spaces = Mutex<[ObjectIdentifier: WeakSpace]>([:])
+
+    private struct WeakSpace: @unchecked Sendable {
+        weak var space: AddressSpace?
+    }
+
+    init(data: FileData, namespace: Namespace) {
+        self.data = data
+        self.namespace = namespace
+    }
+
+    /// The address space of `inode`, made when no handle or mapping holds one.
+    func space(for inode: Inode) -> AddressSpace {
+        spaces.withTrackedLock { spaces in
+            let key = ObjectIdentifier(inode)
+            if let space = spaces[key]?.space { return space }
+            let space = AddressSpace(inode: inode, data: data, namespace: namespace, registry: self)
+            spaces[key] = WeakSpace(space: space)
+            return space
+        }
+    }
+
+    /// An address space went (its deinit): its entry goes, unless a new one took its place.
+    fileprivate func forget(_ inode: Inode) {
+        spaces.withTrackedLock { spaces in
+            let key = ObjectIdentifier(inode)
+            if spaces[key]?.space == nil { spaces[key] = nil }
+        }
+    }
+}

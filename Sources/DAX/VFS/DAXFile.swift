@@ -1,0 +1,269 @@
+import Synchronization
+
+/// An open regular file of a ``DAXFileSystem``.
+///
+/// Reads and writes copy between DRAM and the file's device pages with libpmem (writes are
+/// durable when they return); ``map(offset:count:access:)`` gives direct access to the pages
+/// themselves. A handle keeps a removed file's blocks until it is closed.
+///
+/// A facade: the file system layer keeps the file's data (``FileData``), the mapping layer its
+/// address space (mappings, the invalidate lock); each method calls down into one or both.
+public final class DAXFile: Sendable {
+    let fileSystem: DAXFileSystem
+    let inode: Inode
+    /// The file's address space, shared with every other handle and mapping of the file.
+    let space: AddressSpace
+    /// The path the file was opened or created at.
+    public let path: String
+    /// How the file was opened.
+    public let access: Access
+    private let closed = Atomic<Bool>(false)
+
+    init(fileSystem: DAXFileSystem, inode: Inode, path: String, access: Access) {
+        self.fileSystem = fileSystem
+        self.inode = inode
+        self.path = path
+        self.access = access
+        self.space = fileSystem.spaces.space(for: inode)
+        fileSystem.handles.withTrackedLock { $0[ObjectIdentifier(self)] = DAXFileSystem.WeakHandle(file: self) }
+    }
+
+    deinit { close() }
+
+    /// The file's size in bytes.
+    public var size: Int { inode.lock.withReadLock { Int(inode.record.size) } }
+
+    /// The inode number (stable while the file exists).
+    public var inodeNumber: UInt32 { inode.number }
+
+    /// Closes the handle. The last close of a removed file frees its blocks. Idempotent.
+    public func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        _ = fileSystem.handles.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
+        fileSystem.namespace.releaseUser(inode, handle: true)
+    }
+
+    /// Unmount closes handles without freeing anything yet.
+    func closeForUnmount() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        inode.users.withTrackedLock { $0.handles -= 1 }
+    }
+
+    /// True once closed (or its file system unmounted).
+    public var isClosed: Bool { closed.load(ordering: .acquiring) }
+
+    /// Runs a file operation: checks that the handle is open (and writable if asked) and holds the
+    /// file system's operations lock shared, so that `unmount` waits for it to finish.
+    func operation<T: ~Copyable>(
+        _ name: String, writable: Bool = false, range: (offset: Int, count: Int)? = nil, _ body: () throws -> T
+    ) throws -> T {
+        do {
+            return try fileSystem.namespace.run {
+                try fileSystem.volume.operations.withReadLock {
+                    if writable { try checkWritable(name) } else { try checkOpen(name) }
+                    return try body()
+                }
+            }
+        } catch let error as DAXError {
+            let subject = Paths.debug(path)
+            throw error.context("cannot \(name) \(subject)" + (range.map { " at \($0.offset) + \($0.count)" } ?? ""), naming: subject)
+        }
+    }
+
+    func checkOpen(_ operation: String) throws {
+        guard !isClosed else {
+            throw DAXError(.invalidArgument, "cannot \(operation) \(Paths.debug(path)): the file is closed")
+        }
+        try fileSystem.volume.checkMounted()
+    }
+
+    func checkWritable(_ operation: String) throws {
+        try checkOpen(operation)
+        guard access == .readWrite else {
+            throw DAXError(.permissionDenied, "cannot \(operation) \(Paths.debug(path)): it was opened read-only")
+        }
+    }
+
+    static func checkRange(_ offset: Int, _ count: Int, _ operation: String, _ path: String) throws {
+        try FileData.checkRange(offset, count, operation, path)
+    }
+
+    /// Writes `bytes` at `offset`, extending the file as needed; durable when it returns. Holes
+    /// that the write does not cover read as zeros. Throws `.permissionDenied` on a read-only
+    /// handle and `.noSpace` (changing nothing) when blocks run out.
+    public func write(_ bytes: [UInt8], at offset: Int) throws {
+        try bytes.withUnsafeBytes { try write($0, at: offset) }
+    }
+
+    /// Writes the bytes of `buffer` at `offset` (see ``write(_:at:)``), without an array.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
+        try operation("write", writable: true, range: (offset, buffer.count)) {
+            try Self.checkRange(offset, buffer.count, "write", path)
+            guard buffer.count > 0 else { return }
+            try inode.lock.withWriteLock {
+                try inode.checkLive(path)
+                space.show(try fileSystem.data.writeData(inode, buffer, at: offset))
+            }
+        }
+    }
+
+    /// Reads up to `count` bytes at `offset`: fewer at the end of the file, none past it.
+    ///
+    /// The result is one array in memory: a read whose result would take more than half of the
+    /// machine's memory throws `.noSpace` (read such a range in pieces with ``read(into:at:)``, or
+    /// map it) rather than kill the process when the allocation fails.
+    public func read(count: Int, at offset: Int) throws -> [UInt8] {
+        try operation("read") {
+            try Self.checkRange(offset, count, "read", path)
+            return try inode.lock.withReadLock {
+                try inode.checkLive(path)
+                let length = max(0, min(count, Int(inode.record.size) - offset))
+                let limit = PMemDevice.largestReadResult
+                guard length <= limit else {
+                    throw DAXError(
+                        .noSpace,
+                        "cannot read \(counted(length, "byte")) at offset \(offset) of \(Paths.debug(path)) into one array: "
+                            + "more than half of the machine's memory (\(counted(limit, "byte"))); read it in pieces "
+                            + "with read(into:at:) or map it")
+                }
+                return fileSystem.data.readData(inode, count: count, at: offset)
+            }
+        }
+    }
+
+    /// Reads into `buffer` (up to its size) at `offset`, without allocating; returns the bytes
+    /// read: fewer at the end of the file, 0 past it.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+        try operation("read") {
+            try Self.checkRange(offset, buffer.count, "read", path)
+            return try inode.lock.withReadLock {
+                try inode.checkLive(path)
+                return fileSystem.data.readData(inode, into: buffer, at: offset)
+            }
+        }
+    }
+
+    /// fallocate: gives the range zeroed blocks where it has none, and grows the size to cover it.
+    public func allocate(offset: Int, count: Int) throws {
+        try operation("allocate", writable: true, range: (offset, count)) {
+            try Self.checkRange(offset, count, "allocate", path)
+            guard count > 0 else {
+                throw DAXError(.invalidArgument, "cannot allocate 0 bytes of \(Paths.debug(path))")
+            }
+            try inode.lock.withWriteLock {
+                try inode.checkLive(path)
+                space.show(try fileSystem.data.allocateData(inode, offset: offset, count: count))
+            }
+        }
+    }
+
+    /// The device pages backing `[offset, offset+count)`, one entry per page; nil for a hole.
+    /// The bytes of page `i` are at device offset `frame * 4096`: a program using libpmem on the
+    /// device finds them there.
+    public func frames(offset: Int, count: Int) throws -> [PageFrameNumber?] {
+        try operation("look up the frames of") {
+            try Self.checkRange(offset, count, "look up the frames of", path)
+            guard count > 0 else { return [] }
+            let pages = FileData.page(offset)..<FileData.pageUp(offset + count)
+            guard pages.count <= 1 << 28 else {
+                throw DAXError(.invalidArgument, "cannot list \(pages.count) frames of \(Paths.debug(path)) at once")
+            }
+            return try inode.lock.withReadLock {
+                try inode.checkLive(path)
+                return fileSystem.data.frames(inode, pages: pages)
+            }
+        }
+    }
+
+    // MARK: - Layout changes (break layouts)
+
+    /// Sets the size. Shrinking frees the blocks past the new end after breaking layouts : the pages leave every mapping (a later access there faults), and pages that are
+    /// still pinned are dealt with as `ifBusy` says. All or nothing: a failure leaves size,
+    /// contents and mappings as they were.
+    public func truncate(to size: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
+        try Self.checkRange(size, 0, "truncate", path)
+        try space.breakLayouts(
+            policy: policy, what: "truncate \(Paths.debug(path)) to \(counted(size, "byte"))",
+            guarded: { try operation("truncate", writable: true, $0) }
+        ) {
+            try inode.checkLive(path)
+            return try fileSystem.data.planResize(inode, to: size)
+        }
+    }
+
+    /// Frees the blocks of the whole pages in `offset..<offset+count` and zeroes the partial pages
+    /// at its edges; the size does not change. Busy pages are handled as for ``truncate(to:ifBusy:)``.
+    public func punchHole(offset: Int, count: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
+        try Self.checkRange(offset, count, "punch a hole in", path)
+        guard count > 0 else { return try operation("punch a hole in", writable: true) {} }
+        try space.breakLayouts(
+            policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))",
+            guarded: { try operation("punch a hole in", writable: true, range: (offset, count), $0) }
+        ) {
+            try inode.checkLive(path)
+            return try fileSystem.data.planPunch(inode, offset: offset, count: count)
+        }
+    }
+
+    // MARK: - Direct access
+
+    /// A direct (DAX) mapping of `count` bytes from `offset`: loads and stores reach the device
+    /// pages themselves. A `.readWrite` mapping gives the holes in its range zeroed blocks first; a
+    /// `.readOnly` one shows them as the zero page and changes nothing (as the kernel does), until
+    /// a `write`, `allocate` or another mapping gives them blocks, which it then shows.
+    ///
+    /// `offset` must be a multiple of the page size, and the range must lie within the file's size
+    /// rounded up to a page (extend the file with `truncate` or `allocate` first): as with `mmap`,
+    /// a mapping never changes the file's size. A `.readWrite` mapping needs a file opened
+    /// `.readWrite`; stores through a `.readOnly` mapping fault.
+    public func map(offset: Int = 0, count: Int, access: Access = .readWrite) throws -> DAXMapping {
+        try operation("map") {
+            try space.map(offset: offset, count: count, access: access, fileAccess: self.access, path: path)
+        }
+    }
+
+    /// Moves each page of `offset..<offset+count` that has a block to a new block, keeping every
+    /// byte: the page leaves every mapping, its count is frozen at what is expected (no mapping,
+    /// no reference, no pin: the kernel's `page_ref_freeze`), its bytes are copied, the extent is
+    /// pointed at the new block in one journal transaction, the new block is mapped where the old
+    /// one was, and the old block is freed.
+    ///
+    /// A page that something else holds (a pin, a transient reference) stays where it is, mapped,
+    /// and is reported in ``MigrationResult/busy`` by file page index (the kernel's `-EAGAIN`).
+    /// Each busy page is looked at up to ``DAXFileSystem/migrationAttempts`` times in the call,
+    /// since a transient reference may go; a pin does not, and is never waited for. Holes are
+    /// skipped. New blocks are taken as few runs as the free space allows, so migrating a whole
+    /// file defragments it. `.noSpace` when no block is free, then nothing moved.
+    public func migrate(offset: Int, count: Int) throws -> MigrationResult {
+        try Self.checkRange(offset, count, "migrate", path)
+        guard count > 0 else { return MigrationResult(migrated: 0, busy: []) }
+        return try operation("migrate", writable: true, range: (offset, count)) {
+            // A batch of pages per transaction, so that any range fits the journal.
+            let pages = FileData.page(offset)..<FileData.pageUp(offset + count)
+            var result = MigrationResult(migrated: 0, busy: [])
+            let step = AddressSpace.migrationBatch
+            for start in stride(from: pages.lowerBound, to: pages.upperBound, by: Int(step)) {
+                let done = try space.migrate(start..<min(start + step, pages.upperBound), path: path)
+                result.migrated += done.migrated
+                result.busy += done.busy
+            }
+            return result
+        }
+    }
+
+    /// fsync: makes every store through the file's mappings durable, and its metadata (which every
+    /// change already committed durably). Without write-protect tracking of dirty pages it makes
+    /// every block the file holds durable (`pmem_persist`, or `msync` in `.msync` mode), the way
+    /// the kernel's `dax_writeback_mapping_range` would with every page tagged dirty.
+    public func sync() throws {
+        try operation("sync") {
+            try inode.lock.withReadLock {
+                try inode.checkLive(path)
+                for extent in inode.extents.allExtents {
+                    fileSystem.device.persist(
+                        offset: Int(extent.physical) * PMemDevice.pageSize, count: Int(extent.length) * PMemDevice.pageSize)
+                }
+            }
+        }
+    }
+}
