@@ -131,9 +131,7 @@ struct FileData: Sendable {
                 record.changeTime = record.modificationTime
             }
             if !change.transaction.isEmpty || end > oldSize {
-                var stored = record
-                map.store(into: &stored)
-                change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
+                change.store(record, extents: map, of: inode.number, superblock: volume.superblock)
             }
             try volume.journal.checkFits(change.transaction, what: "write of \(counted(source.count, "byte"))")
             copy(source, into: map, at: offset)
@@ -216,9 +214,7 @@ struct FileData: Sendable {
                 record.changeTime = WallClock.nanosecondsSinceEpoch
             }
             guard !added.isEmpty || end > oldSize else { return [] }
-            var stored = record
-            map.store(into: &stored)
-            change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
+            change.store(record, extents: map, of: inode.number, superblock: volume.superblock)
             volume.device.drain()
             try volume.commit(change, what: "allocate of \(counted(count, "byte"))")
             inode.extents = map
@@ -291,9 +287,7 @@ struct FileData: Sendable {
         } else if size > oldSize, oldSize % Self.pageSize != 0 {
             journalZeroing([oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)], of: plan.extents, in: &plan.change)
         }
-        var stored = plan.record
-        plan.extents.store(into: &stored)
-        plan.change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
+        plan.change.store(plan.record, extents: plan.extents, of: inode.number, superblock: volume.superblock)
         try fits(plan, what: "truncate to \(counted(size, "byte"))")
         return plan
     }
@@ -328,9 +322,7 @@ struct FileData: Sendable {
         let lastWhole = Int(last) * Self.pageSize
         if !plan.change.transaction.isEmpty {
             plan.record.changeTime = WallClock.nanosecondsSinceEpoch
-            var stored = plan.record
-            plan.extents.store(into: &stored)
-            plan.change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
+            plan.change.store(plan.record, extents: plan.extents, of: inode.number, superblock: volume.superblock)
         }
         if first > last {
             journalZeroing([offset..<end], of: plan.extents, in: &plan.change)  // inside one page
@@ -387,9 +379,7 @@ struct FileData: Sendable {
         let added: [Extent]
         do {
             added = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .all)
-            var record = inode.record
-            map.store(into: &record)
-            change.transaction.write(record.encode(), at: volume.superblock.inodeOffset(inode.number))
+            change.store(inode.record, extents: map, of: inode.number, superblock: volume.superblock)
             volume.device.drain()
             try volume.commit(change, what: what)
         } catch {
@@ -452,9 +442,7 @@ struct FileData: Sendable {
             }
             volume.device.drain()
             record.changeTime = WallClock.nanosecondsSinceEpoch
-            var stored = record
-            map.store(into: &stored)
-            change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
+            change.store(record, extents: map, of: inode.number, superblock: volume.superblock)
             try volume.journal.commit(change.transaction, what: what)
         } catch {
             volume.abandon(change)

@@ -44,13 +44,12 @@ final class Inode: @unchecked Sendable {
     }
 
     var isDirectory: Bool { kind == .directory }
+}
 
-    /// The record as it should be on the device now (extents folded in).
-    var encodedRecord: [UInt8] {
-        var copy = record
-        extents.store(into: &copy)
-        return copy.encode()
-    }
+/// Runs `body` holding `inode`'s lock exclusively, or with no lock when there is no inode.
+func withWriteLock<T>(of inode: Inode?, _ body: () throws -> T) rethrows -> T {
+    guard let inode else { return try body() }
+    return try inode.lock.withWriteLock(body)
 }
 
 /// A directory's entries in DRAM, and where each lives on the device.

@@ -161,9 +161,7 @@ final class Namespace: Sendable {
                 record.parent = to.number
                 record.changeTime = WallClock.nanosecondsSinceEpoch
                 movedRecord = record
-                var copy = record
-                moved.extents.store(into: &copy)
-                change.transaction.write(copy.encode(), at: volume.superblock.inodeOffset(moved.number))
+                change.store(record, extents: moved.extents, of: moved.number, superblock: volume.superblock)
             }
             if let replaced {
                 try unlink(try inode(replaced.inode), change: &change, what: "rename onto \(Paths.debug(newPath))")
@@ -199,7 +197,6 @@ final class Namespace: Sendable {
                 modificationTime: inode.record.modificationTime)
         }
     }
-
 
     // MARK: - Helpers (namespace lock held)
 
@@ -285,8 +282,7 @@ final class Namespace: Sendable {
         var record = directory.record
         record.size = (page + 1) * UInt64(Superblock.blockSize)
         record.modificationTime = WallClock.nanosecondsSinceEpoch
-        map.store(into: &record)
-        change.transaction.write(record.encode(), at: volume.superblock.inodeOffset(directory.number))
+        change.store(record, extents: map, of: directory.number, superblock: volume.superblock)
         return (DirectoryIndex.SlotAddress(block: Int(page), slot: 0), map)
     }
 
@@ -307,7 +303,8 @@ final class Namespace: Sendable {
         }
         guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
             throw DAXError(
-                .noSpace, "cannot create \(Paths.debug(path)): all \(countedAre(volume.superblock.inodeCount, "inode")) in use")
+                .noSpace,
+                "cannot create \(Paths.debug(path)): all \(countedAre(volume.superblock.inodeCount, "inode")) in use")
         }
         var change = PendingChange()
         do {
@@ -316,12 +313,13 @@ final class Namespace: Sendable {
             var record = InodeRecord()
             record.kind = kind
             record.linkCount = 1
-            let old = ByteReader(volume.device.base + volume.superblock.inodeOffset(number), count: Superblock.inodeSize)
+            let old = ByteReader(
+                volume.device.base + volume.superblock.inodeOffset(number), count: Superblock.inodeSize)
             record.generation = old.get(UInt32.self, at: 12) &+ 1
             record.modificationTime = now
             record.changeTime = now
             record.parent = kind == .directory ? parent.number : 0
-            change.transaction.write(record.encode(), at: volume.superblock.inodeOffset(number))
+            change.store(record, extents: ExtentMap(), of: number, superblock: volume.superblock)
             change.transaction.write(
                 DirectoryFormat.encodeSlot(inode: number, name: name, kind: kind),
                 at: slotOffset(parent, slot, extents: parentExtents))
@@ -352,9 +350,7 @@ final class Namespace: Sendable {
                         record.linkCount = 0
                         record.nextOrphan = orphans.first ?? 0
                         record.changeTime = WallClock.nanosecondsSinceEpoch
-                        var copy = record
-                        target.extents.store(into: &copy)
-                        change.transaction.write(copy.encode(), at: volume.superblock.inodeOffset(target.number))
+                        change.store(record, extents: target.extents, of: target.number, superblock: volume.superblock)
                         var sb = volume.superblock
                         sb.orphanHead = target.number
                         change.transaction.write(sb.encode(), at: 0)
@@ -408,35 +404,34 @@ final class Namespace: Sendable {
             case .head: previous = nil
             case .after(let inode): previous = inode
             }
-            previous?.lock.lockForWriting()
-            defer { previous?.lock.unlock() }
-            let done = try inode.lock.withWriteLock {
-                try orphans.withTrackedLock { orphans -> Bool in
-                    guard let index = orphans.firstIndex(of: inode.number) else { return true }
-                    guard (index == 0 ? nil : orphans[index - 1]) == previous?.number else { return false }
-                    var change = PendingChange()
-                    let next = index + 1 < orphans.count ? orphans[index + 1] : 0
-                    var previousRecord: InodeRecord?
-                    if let previous {
-                        var record = previous.record
-                        record.nextOrphan = next
-                        previousRecord = record
-                        var stored = record
-                        previous.extents.store(into: &stored)
-                        change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(previous.number))
-                    } else {
-                        var sb = volume.superblock
-                        sb.orphanHead = next
-                        change.transaction.write(sb.encode(), at: 0)
+            let done = try withWriteLock(of: previous) {
+                try inode.lock.withWriteLock {
+                    try orphans.withTrackedLock { orphans -> Bool in
+                        guard let index = orphans.firstIndex(of: inode.number) else { return true }
+                        guard (index == 0 ? nil : orphans[index - 1]) == previous?.number else { return false }
+                        var change = PendingChange()
+                        let next = index + 1 < orphans.count ? orphans[index + 1] : 0
+                        var previousRecord: InodeRecord?
+                        if let previous {
+                            var record = previous.record
+                            record.nextOrphan = next
+                            previousRecord = record
+                            change.store(
+                                record, extents: previous.extents, of: previous.number, superblock: volume.superblock)
+                        } else {
+                            var sb = volume.superblock
+                            sb.orphanHead = next
+                            change.transaction.write(sb.encode(), at: 0)
+                        }
+                        volume.freeInode(inode, change: &change)
+                        try volume.commit(change, what: "free removed file \(inode.number)")
+                        if let previous, let previousRecord { previous.record = previousRecord }
+                        orphans.remove(at: index)
+                        inode.extents = ExtentMap()
+                        inode.isFreed = true
+                        table.withTrackedLock { $0.release(inode.number) }
+                        return true
                     }
-                    volume.freeInode(inode, change: &change)
-                    try volume.commit(change, what: "free removed file \(inode.number)")
-                    if let previous, let previousRecord { previous.record = previousRecord }
-                    orphans.remove(at: index)
-                    inode.extents = ExtentMap()
-                    inode.isFreed = true
-                    table.withTrackedLock { $0.release(inode.number) }
-                    return true
                 }
             }
             // The list changed while nothing was locked: look again.

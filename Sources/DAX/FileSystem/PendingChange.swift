@@ -13,6 +13,14 @@ struct PendingChange {
         allocated += runs
     }
 
+    /// Writes inode `number`'s record, with `extents` folded in: how every change of an inode
+    /// reaches the device.
+    mutating func store(_ record: InodeRecord, extents: ExtentMap, of number: UInt32, superblock: Superblock) {
+        var stored = record
+        extents.store(into: &stored)
+        transaction.write(stored.encode(), at: superblock.inodeOffset(number))
+    }
+
     /// Records blocks as free on the device; the allocator gets them after the commit.
     mutating func free(_ runs: [BlockRun], superblock: Superblock) {
         for run in Self.coalesced(runs) {
@@ -110,6 +118,6 @@ extension Volume {
         change.freeBlocks(inode.extents.leafBlocks, superblock: superblock)
         var record = InodeRecord()
         record.generation = inode.record.generation
-        change.transaction.write(record.encode(), at: superblock.inodeOffset(inode.number))
+        change.store(record, extents: ExtentMap(), of: inode.number, superblock: superblock)
     }
 }

@@ -27,7 +27,7 @@ extension Namespace {
                     record.changeTime = now
                     record.nextOrphan = orphans.first ?? 0
                     var change = PendingChange()
-                    change.transaction.write(record.encode(), at: volume.superblock.inodeOffset(number))
+                    change.store(record, extents: ExtentMap(), of: number, superblock: volume.superblock)
                     var sb = volume.superblock
                     sb.orphanHead = number
                     change.transaction.write(sb.encode(), at: 0)
@@ -81,15 +81,15 @@ extension Namespace {
                 }
                 return index == 0 ? nil : try self.inode(orphans[index - 1])
             }
-            previous?.lock.lockForWriting()
-            defer { previous?.lock.unlock() }
-            replaced?.lock.lockForWriting()
-            defer { replaced?.lock.unlock() }
-            try inode.lock.withWriteLock {
-                try inode.checkLive(filePath)
-                try linkLocked(
-                    inode, name: name, in: parent, previous: previous, replacing: existing.map { ($0, replaced!) },
-                    path: path)
+            try withWriteLock(of: previous) {
+                try withWriteLock(of: replaced) {
+                    try inode.lock.withWriteLock {
+                        try inode.checkLive(filePath)
+                        try linkLocked(
+                            inode, name: name, in: parent, previous: previous,
+                            replacing: existing.map { ($0, replaced!) }, path: path)
+                    }
+                }
             }
         }
     }
@@ -115,9 +115,7 @@ extension Namespace {
                     var record = previous.record
                     record.nextOrphan = index < list.count ? list[index] : 0
                     previousRecord = record
-                    var stored = record
-                    previous.extents.store(into: &stored)
-                    change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(previous.number))
+                    change.store(record, extents: previous.extents, of: previous.number, superblock: volume.superblock)
                 }
                 let slot: DirectoryIndex.SlotAddress
                 var parentExtents: ExtentMap?
@@ -131,9 +129,7 @@ extension Namespace {
                         record.nextOrphan = list.first ?? 0
                         record.changeTime = WallClock.nanosecondsSinceEpoch
                         replacedRecord = record
-                        var stored = record
-                        replacing.inode.extents.store(into: &stored)
-                        change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(replacing.inode.number))
+                        change.store(record, extents: replacing.inode.extents, of: replacing.inode.number, superblock: volume.superblock)
                         list.insert(replacing.inode.number, at: 0)
                     } else {
                         volume.freeInode(replacing.inode, change: &change)
@@ -153,9 +149,7 @@ extension Namespace {
                 record.linkCount = 1
                 record.nextOrphan = 0
                 record.changeTime = WallClock.nanosecondsSinceEpoch
-                var stored = record
-                inode.extents.store(into: &stored)
-                change.transaction.write(stored.encode(), at: volume.superblock.inodeOffset(inode.number))
+                change.store(record, extents: inode.extents, of: inode.number, superblock: volume.superblock)
                 try volume.commit(change, what: "link \(Paths.debug(path))")
                 committed = true
 
