@@ -9,7 +9,10 @@ let package = Package(
         .executable(name: "daxemu", targets: ["daxemu"]),
     ],
     dependencies: [
-        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // `swift package generate-documentation --target DAX` (scripts/docs); a plugin only, so it
+        // is never built into the library or the tools.
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
     targets: [
         // The C boundary: libpmem and the few Linux calls Glibc does not export.
