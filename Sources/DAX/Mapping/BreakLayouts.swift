@@ -2,7 +2,7 @@ import Glibc
 
 /// What truncate and punch do about pages that are still referenced or pinned.
 public enum BusyPolicy: Sendable {
-    /// Throw `.busy` and change nothing (the EBUSY Doug Ledford asked the kernel for).
+    /// Throw `.busy` at once and change nothing.
     case fail
     /// Sleep until the pins drop, woken by the final unpin; throw `.timedOut` and change nothing
     /// if they do not drop in time.

@@ -10,7 +10,7 @@ import Synchronization
 /// mapped page holds a reference and a map count on its descriptor. Pages that a truncate or punch
 /// removes are replaced by a region that raises SIGBUS on access (invariant 6).
 public final class DAXMapping: Sendable {
-    /// The first byte of the mapping (file offset `offset` of ``map(offset:count:access:)``).
+    /// The first byte of the mapping (file offset `offset` of ``DAXFile/map(offset:count:access:)``).
     public var baseAddress: UnsafeMutableRawPointer { base }
     /// Bytes asked for.
     public let count: Int

@@ -183,7 +183,7 @@ public final class DAXFileSystem: Sendable {
     /// Creates a regular file with no name, in the file system of `directory` (which must exist),
     /// open for reading and writing: the kernel's `open(directory, O_TMPFILE)`. It is an orphan
     /// from the start: its last close frees it, and so does the next mount after a crash, unless
-    /// ``link(_:at:)`` gave it a name first. Its ``DAXFile/path`` says `(unnamed N)` until then.
+    /// ``link(_:at:replacing:)`` gave it a name first. Its ``DAXFile/path`` says `(unnamed N)` until then.
     public func createUnnamed(in directory: String) throws -> DAXFile {
         let inode = try namespace.createUnnamed(in: directory)
         let prefix = directory.hasSuffix("/") ? directory : directory + "/"
