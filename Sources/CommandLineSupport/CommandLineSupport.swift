@@ -6,7 +6,9 @@ import Synchronization
 /// A failure that is not a `DAXError` (a bad local file, a damaged store, a bad option value), told
 /// to the user as one line.
 public struct CommandError: Error, CustomStringConvertible {
+    /// The line told to the user.
     public var description: String
+    /// A failure told as `description`.
     public init(_ description: String) { self.description = description }
 }
 
@@ -170,6 +172,3 @@ extension Substring {
         return result
     }
 }
-
-
-

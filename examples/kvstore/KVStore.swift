@@ -267,4 +267,3 @@ final class KVStore {
         }
     }
 }
-

@@ -36,7 +36,8 @@ struct SimpleCopy: ParsableCommand {
         var info = stat()
         guard fstat(input, &info) == 0, info.st_mode & S_IFMT == S_IFREG else {
             // The destination is sized and mapped up front, so the source's size must be known.
-            throw CommandError("\(source) is not a regular file (a pipe or device has no size to map the destination to)")
+            throw CommandError(
+                "\(source) is not a regular file (a pipe or device has no size to map the destination to)")
         }
         let size = Int(info.st_size)
         let path = device ?? PMemDevice.defaultPath
