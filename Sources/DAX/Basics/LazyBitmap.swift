@@ -4,7 +4,8 @@ import Glibc
 /// mapping, so that only the pages that were written use memory. The per-block arrays of a 1 TiB
 /// device (a bitmap of 2^28 bits, an owner per block) cost nothing until blocks are used.
 ///
-/// Not synchronized: its owner holds it under a lock, or uses it from one thread.
+/// Not synchronized: its owner holds it under a lock, or uses it from one thread. The memory is
+/// reserved and released through ``SystemCalls/live``: an array has no device at hand.
 final class LazyZeroedArray<Element: BitwiseCopyable>: @unchecked Sendable {
     let count: Int
     private let bytes: Int
@@ -16,15 +17,16 @@ final class LazyZeroedArray<Element: BitwiseCopyable>: @unchecked Sendable {
         let pageSize = Int(getpagesize())
         bytes = max(pageSize, (count * MemoryLayout<Element>.stride + pageSize - 1) / pageSize * pageSize)
         guard
-            let address = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
-            address != MAP_FAILED
+            let address = SystemCalls.live.mmap(
+                nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         else {
-            preconditionFailure("cannot reserve \(bytes) bytes of address space for a lazily zeroed array: errno \(errno)")
+            preconditionFailure(
+                "cannot reserve \(bytes) bytes of address space for a lazily zeroed array: errno \(errno)")
         }
         base = address.bindMemory(to: Element.self, capacity: max(count, 1))
     }
 
-    deinit { munmap(base, bytes) }
+    deinit { _ = SystemCalls.live.munmap(base, bytes) }
 
     @inline(__always)
     subscript(index: Int) -> Element {

@@ -89,8 +89,8 @@ public final class PMemDevice: Sendable {
     let readOnlyFD: Int32
     let systemCalls: SystemCalls
     private let flushesCaches: Bool
-    /// Cache-flush mode with the live seam and no emulation: `persist` calls `pmem_persist` and
-    /// nothing else.
+    /// Cache-flush mode without emulation: `persist`, `flush` and `drain` are the seam's libpmem
+    /// calls and nothing else.
     private let persistsDirectly: Bool
     /// The media copy of a device with power-failure emulation.
     let emulation: MediaCopy?
@@ -123,7 +123,7 @@ public final class PMemDevice: Sendable {
         try validate(size: size, path: path)
         // A sparse device uses space only as blocks come into use, so it may be larger than the
         // free space (its file system then fails with .noSpace when that runs out).
-        let free = try freeSpace(at: path)
+        let free = try freeSpace(at: path, calls: options.systemCalls)
         guard options.sparse || size <= free else {
             throw DAXError(
                 .noSpace,
@@ -143,7 +143,7 @@ public final class PMemDevice: Sendable {
             return try PMemDevice(path: path, mapping: mapping, options: options, created: true)
         } catch {
             _ = calls.pmemUnmap(mapping.address, mapping.length)
-            unlink(path)
+            _ = calls.unlink(path)
             throw error
         }
     }
@@ -154,8 +154,7 @@ public final class PMemDevice: Sendable {
     public static func openOrCreate(path: String, size: Int, options: Options = .init()) throws -> PMemDevice {
         guard !path.isEmpty else { throw DAXError(.invalidArgument, "device path is empty") }
         while true {
-            var info = stat()
-            if stat(path, &info) == 0 { return try open(path: path, options: options) }
+            if options.systemCalls.stat(path) != nil { return try open(path: path, options: options) }
             guard Glibc.errno == ENOENT else {
                 throw DAXError.system("stat", "cannot open or create device \(path)", errno: Glibc.errno)
             }
@@ -170,8 +169,8 @@ public final class PMemDevice: Sendable {
     /// Maps an existing device file, or a real pmem/dev-dax path. Calls `pmem_map_file(path, 0, 0)`.
     public static func open(path: String, options: Options = .init()) throws -> PMemDevice {
         guard !path.isEmpty else { throw DAXError(.invalidArgument, "device path is empty") }
-        var info = stat()
-        guard stat(path, &info) == 0 else {
+        let calls = options.systemCalls
+        guard let info = calls.stat(path) else {
             throw DAXError.system("stat", "cannot open device \(path)", errno: Glibc.errno)
         }
         let kind = info.st_mode & S_IFMT
@@ -188,7 +187,6 @@ public final class PMemDevice: Sendable {
                         + "between \(minimumSize) and \(counted(maximumSize, "byte"))")
             }
         }
-        let calls = options.systemCalls
         let mapped = options.readOnly ? try mapReadOnly(path, calls: calls) : calls.pmemMapFile(path, 0, 0, 0)
         guard let mapping = mapped else {
             throw DAXError.pmem(
@@ -213,32 +211,30 @@ public final class PMemDevice: Sendable {
         guard fd >= 0 else {
             throw DAXError.system("open", "cannot open device \(path) for reading", errno: Glibc.errno)
         }
-        defer { Glibc.close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else {
+        defer { _ = calls.close(fd) }
+        guard let info = calls.fstat(fd) else {
             throw DAXError.system("fstat", "cannot open device \(path) for reading", errno: Glibc.errno)
         }
-        let length = (info.st_mode & S_IFMT) == S_IFCHR ? deviceDAXSize(path) : Int(info.st_size)
+        let length = (info.st_mode & S_IFMT) == S_IFCHR ? deviceDAXSize(path, calls: calls) : Int(info.st_size)
         guard length > 0 else {
             throw DAXError(.invalidArgument, "cannot open device \(path) read-only: its size is unknown")
         }
         guard let address = calls.mmap(nil, length, PROT_READ, MAP_SHARED, fd, 0) else {
             throw DAXError.system("mmap", "cannot map device \(path) read-only", errno: Glibc.errno)
         }
-        return (address, length, pmem_is_pmem(address, length) != 0)
+        return (address, length, calls.pmemIsPmem(address, length))
     }
 
     /// The size of a device-DAX character device, from sysfs (0 if it cannot be read).
-    private static func deviceDAXSize(_ path: String) -> Int {
-        var info = stat()
-        guard stat(path, &info) == 0 else { return 0 }
+    private static func deviceDAXSize(_ path: String, calls: SystemCalls) -> Int {
+        guard let info = calls.stat(path) else { return 0 }
         let major = (info.st_rdev >> 8) & 0xFFF
         let minor = (info.st_rdev & 0xFF) | ((info.st_rdev >> 12) & 0xFFF00)
-        let fd = Glibc.open("/sys/dev/char/\(major):\(minor)/size", O_RDONLY | O_CLOEXEC)
+        let fd = calls.open("/sys/dev/char/\(major):\(minor)/size", O_RDONLY | O_CLOEXEC, 0)
         guard fd >= 0 else { return 0 }
-        defer { Glibc.close(fd) }
+        defer { _ = calls.close(fd) }
         var text = [UInt8](repeating: 0, count: 32)
-        let count = text.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        let count = text.withUnsafeMutableBytes { calls.pread(fd, $0, 0) }
         guard count > 0 else { return 0 }
         return Int(String(decoding: text[..<count], as: UTF8.self).filter(\.isNumber)) ?? 0
     }
@@ -255,14 +251,18 @@ public final class PMemDevice: Sendable {
         }
         let fd = privateImageFD ?? calls.open(path, (options.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC, 0)
         guard fd >= 0 else { throw DAXError.system("open", "cannot open device \(path)", errno: Glibc.errno) }
-        let readOnlyFD = privateImageFD.map { dup($0) } ?? calls.open(path, O_RDONLY | O_CLOEXEC, 0)
+        let readOnlyFD = privateImageFD.map { calls.dup($0) } ?? calls.open(path, O_RDONLY | O_CLOEXEC, 0)
         guard readOnlyFD >= 0 else {
             let code = Glibc.errno
-            Glibc.close(fd)
+            _ = calls.close(fd)
             throw DAXError.system("open", "cannot open device \(path) for reading", errno: code)
         }
-        var info = stat()
-        fstat(fd, &info)
+        guard let info = calls.fstat(fd) else {
+            let code = Glibc.errno
+            _ = calls.close(fd)
+            _ = calls.close(readOnlyFD)
+            throw DAXError.system("fstat", "cannot open device \(path)", errno: code)
+        }
         self.isDeviceDAX = (info.st_mode & S_IFMT) == S_IFCHR
         // A crash image's holes say nothing of what its checker stored privately: all of it is data.
         self.isSparse =
@@ -281,22 +281,22 @@ public final class PMemDevice: Sendable {
         case .cacheFlush, .msync: self.persistence = options.persistence
         }
         self.flushesCaches = persistence == .cacheFlush
-        self.persistsDirectly = flushesCaches && calls.isLive && options.powerFailureEmulation == nil
+        self.persistsDirectly = flushesCaches && options.powerFailureEmulation == nil
         self.isPrivateImage = privateImageFD != nil
         self.mapSync =
             privateImageFD == nil
             ? Self.probeMapSync(fd: fd, readOnly: options.readOnly, calls: calls)
             : .refused(reason: "a crash image is mapped privately")
         do {
-            self.pages = try PageMap(pageCount: mapping.length / Self.pageSize)
+            self.pages = try PageMap(pageCount: mapping.length / Self.pageSize, calls: calls)
             self.emulation = try options.powerFailureEmulation.map { domain in
                 try MediaCopy(
                     domain: domain, cpu: mapping.address, size: mapping.length, deviceFD: fd, copyingDevice: !created,
-                    path: path)
+                    path: path, calls: calls)
             }
         } catch {
-            Glibc.close(fd)
-            Glibc.close(readOnlyFD)
+            _ = calls.close(fd)
+            _ = calls.close(readOnlyFD)
             throw error
         }
     }
@@ -305,8 +305,8 @@ public final class PMemDevice: Sendable {
         if state.load(ordering: .acquiring) != State.unmapped {
             emulation?.close()
             unmapMapping()
-            Glibc.close(fd)
-            Glibc.close(readOnlyFD)
+            _ = systemCalls.close(fd)
+            _ = systemCalls.close(readOnlyFD)
         }
     }
 
@@ -339,10 +339,9 @@ public final class PMemDevice: Sendable {
 
     /// Bytes free in the file system that would hold a device at `path`: a device that is not
     /// sparse must fit, or tmpfs would fill the machine's memory before `posix_fallocate` gives up.
-    static func freeSpace(at path: String) throws -> Int {
+    static func freeSpace(at path: String, calls: SystemCalls) throws -> Int {
         let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
-        var info = statvfs()
-        guard statvfs(directory.isEmpty ? "/" : directory, &info) == 0 else {
+        guard let info = calls.statvfs(directory.isEmpty ? "/" : directory) else {
             let code = Glibc.errno
             if code == ENOENT || code == ENOTDIR {
                 throw DAXError(
@@ -412,8 +411,8 @@ public final class PMemDevice: Sendable {
         else { return }
         emulation?.close()
         unmapMapping()
-        Glibc.close(fd)
-        Glibc.close(readOnlyFD)
+        _ = systemCalls.close(fd)
+        _ = systemCalls.close(readOnlyFD)
     }
 
     /// `pmem_unmap` for a mapping libpmem made, `munmap` for a read-only one made here.
@@ -428,22 +427,37 @@ public final class PMemDevice: Sendable {
     /// and is counted in ``persistenceErrors``; use ``msync(offset:count:)`` to see the error.
     public func persist(offset: Int, count: Int) {
         checkRange(offset, count)
+        persist(base + offset, count) { $0.persist(offset: offset, count: count) }
+    }
+
+    /// Makes `count` bytes at `address` durable, as ``persist(offset:count:)`` does, where
+    /// `address` lies in a mapping of the device's pages other than ``baseAddress`` (a DAX file
+    /// mapping): the cache lines are flushed, or the range synced, through that mapping.
+    /// `deviceOffset` gives the device offset of a byte of the range, nil where the mapping
+    /// shows no device page (a hole, a page truncated away); only a device with power-failure
+    /// emulation calls it, once per page of the range, since it tracks lines by device offset.
+    func persist(
+        mappedAt address: UnsafeMutableRawPointer, count: Int, deviceOffset: (UnsafeMutableRawPointer) -> Int?
+    ) {
+        persist(address, count) { _ in
+            flushEmulated(mappedAt: address, count: count, deviceOffset: deviceOffset)
+            drain()
+        }
+    }
+
+    /// The one persist path: `emulated` is what an emulated device does instead.
+    @inline(__always)
+    private func persist(_ address: UnsafeMutableRawPointer, _ count: Int, emulated: (MediaCopy) -> Void) {
         if persistsDirectly {
-            pmem_persist(base + offset, count)
+            systemCalls.persist(address, count)
         } else {
-            persistThroughSeam(base + offset, count)
+            persistSlowly(address, count, emulated: emulated)
         }
     }
 
     @inline(never)
-    private func persistThroughSeam(_ address: UnsafeMutableRawPointer, _ count: Int) {
-        if let emulation {
-            emulation.persist(offset: address - base, count: count)
-        } else if flushesCaches {
-            systemCalls.persist(address, count)
-        } else {
-            syncOrFlush(address, count)
-        }
+    private func persistSlowly(_ address: UnsafeMutableRawPointer, _ count: Int, emulated: (MediaCopy) -> Void) {
+        if let emulation { emulated(emulation) } else { syncOrFlush(address, count) }
     }
 
     /// Starts write-back of the range's cache lines without waiting: `pmem_flush` (in `.msync`
@@ -451,14 +465,37 @@ public final class PMemDevice: Sendable {
     public func flush(offset: Int, count: Int) {
         checkRange(offset, count)
         if persistsDirectly {
-            pmem_flush(base + offset, count)
-        } else if let emulation {
-            emulation.flush(offset: offset, count: count)
-            if !flushesCaches { emulation.fence() }
-        } else if flushesCaches {
             systemCalls.flush(base + offset, count)
+        } else if let emulation {
+            flushEmulated(emulation, offset: offset, count: count)
         } else {
             syncOrFlush(base + offset, count)
+        }
+    }
+
+    /// A flush of an emulated device: marks the lines flushed (in `.msync` mode, where a flush
+    /// waits, it fences too).
+    private func flushEmulated(_ emulation: MediaCopy, offset: Int, count: Int) {
+        emulation.flush(offset: offset, count: count)
+        if !flushesCaches { emulation.fence() }
+    }
+
+    /// A flush of an emulated device's lines behind `count` bytes at `address` of a file
+    /// mapping, page by page at the device offsets `deviceOffset` gives.
+    private func flushEmulated(
+        mappedAt address: UnsafeMutableRawPointer, count: Int, deviceOffset: (UnsafeMutableRawPointer) -> Int?
+    ) {
+        guard let emulation, count > 0 else { return }
+        var position = address
+        let end = address + count
+        while position < end {
+            let within = Int(bitPattern: UInt(bitPattern: position) % UInt(Self.pageSize))
+            let length = min(end - position, Self.pageSize - within)
+            if let offset = deviceOffset(position) {
+                checkRange(offset, length)
+                flushEmulated(emulation, offset: offset, count: length)
+            }
+            position += length
         }
     }
 
@@ -466,11 +503,9 @@ public final class PMemDevice: Sendable {
     /// where every flush already waited.
     public func drain() {
         if persistsDirectly {
-            pmem_drain()
-        } else if let emulation {
-            if flushesCaches { emulation.fence() }
-        } else if flushesCaches {
             systemCalls.drain()
+        } else if let emulation, flushesCaches {
+            emulation.fence()
         }
     }
 
@@ -501,19 +536,41 @@ public final class PMemDevice: Sendable {
     /// (non-temporal or temporal stores, no-drain, no-flush). In `.msync` mode: a plain copy, then
     /// `pmem_msync` of the range unless `flags` has `.noFlush`.
     public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
-        guard let from = source.baseAddress, source.count > 0 else { return }
+        guard source.baseAddress != nil, source.count > 0 else { return }
         checkRange(offset, source.count)
+        copy(source, to: base + offset, flags: flags) { emulation in
+            emulatedPersistence(emulation, offset, source.count, flags)
+        }
+    }
+
+    /// Copies `source` to `address` and makes it durable, as ``copy(_:toOffset:flags:)`` does,
+    /// where `address` lies in a mapping of the device's pages other than ``baseAddress`` (a
+    /// writable DAX file mapping): the copy's stores and flushes go through that mapping.
+    /// `deviceOffset` is as for ``persist(mappedAt:count:deviceOffset:)``.
+    func copy(
+        _ source: UnsafeRawBufferPointer, toMappedAt address: UnsafeMutableRawPointer, flags: CopyFlags = [],
+        deviceOffset: (UnsafeMutableRawPointer) -> Int?
+    ) {
+        copy(source, to: address, flags: flags) { _ in
+            guard !flags.contains(.noFlush) else { return }
+            flushEmulated(mappedAt: address, count: source.count, deviceOffset: deviceOffset)
+            if !flags.contains(.noDrain) { drain() }
+        }
+    }
+
+    /// The one copy path: `emulated` makes the copied bytes durable on an emulated device.
+    @inline(__always)
+    private func copy(
+        _ source: UnsafeRawBufferPointer, to: UnsafeMutableRawPointer, flags: CopyFlags,
+        emulated: (MediaCopy) -> Void
+    ) {
+        guard let from = source.baseAddress, source.count > 0 else { return }
         checkWritable()
-        let to = base + offset
         if let emulation {
             to.copyMemory(from: from, byteCount: source.count)
-            emulatedPersistence(emulation, offset, source.count, flags)
+            emulated(emulation)
         } else if flushesCaches {
-            if systemCalls.isLive {
-                pmem_memcpy(to, from, source.count, flags.rawValue)
-            } else {
-                systemCalls.memcpy(to, from, source.count, flags.rawValue)
-            }
+            systemCalls.memcpy(to, from, source.count, flags.rawValue)
         } else {
             to.copyMemory(from: from, byteCount: source.count)
             if !flags.contains(.noFlush) { syncOrFlush(to, source.count) }
@@ -531,11 +588,7 @@ public final class PMemDevice: Sendable {
             memset(to, Int32(value), count)
             emulatedPersistence(emulation, offset, count, flags)
         } else if flushesCaches {
-            if systemCalls.isLive {
-                pmem_memset(to, Int32(value), count, flags.rawValue)
-            } else {
-                systemCalls.memset(to, Int32(value), count, flags.rawValue)
-            }
+            systemCalls.memset(to, Int32(value), count, flags.rawValue)
         } else {
             memset(to, Int32(value), count)
             if !flags.contains(.noFlush) { syncOrFlush(to, count) }
@@ -572,7 +625,8 @@ public final class PMemDevice: Sendable {
                     "cannot back \(counted(end - start, "byte")) at offset \(start) of sparse device \(path): the file "
                         + "system holding it is full", errno: code)
             }
-            throw DAXError.system("fallocate", "cannot back \(counted(end - start, "byte")) at offset \(start) of \(path)", errno: code)
+            throw DAXError.system(
+                "fallocate", "cannot back \(counted(end - start, "byte")) at offset \(start) of \(path)", errno: code)
         }
     }
 
@@ -644,7 +698,8 @@ public final class PMemDevice: Sendable {
         try validateRange(offset, bytes.count)
         guard !isReadOnly else {
             throw DAXError(
-                .permissionDenied, "cannot write \(counted(bytes.count, "byte")) at offset \(offset) of \(path): opened read-only")
+                .permissionDenied,
+                "cannot write \(counted(bytes.count, "byte")) at offset \(offset) of \(path): opened read-only")
         }
         bytes.withUnsafeBytes { copy($0, toOffset: offset, flags: flags) }
     }
@@ -681,7 +736,8 @@ public final class PMemDevice: Sendable {
         guard offset >= 0, count >= 0, offset <= size, count <= size - offset else {
             throw DAXError(
                 .invalidArgument,
-                "range of \(counted(count, "byte")) at offset \(offset) is outside device \(path) of \(counted(size, "byte"))")
+                "range of \(counted(count, "byte")) at offset \(offset) is outside device \(path) of "
+                    + counted(size, "byte"))
         }
     }
 
