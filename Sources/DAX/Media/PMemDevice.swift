@@ -11,7 +11,7 @@ import Synchronization
 /// ``PersistenceMode`` of the device decides.
 public final class PMemDevice: Sendable {
     /// The size of a page and of a file-system block: 4096 bytes.
-    public static let pageSize = 4096
+    public static let pageSize = PageFrameNumber.pageSize
     /// The smallest device: 2 MiB (libpmem's `PMEM_MIN_PART`), room for a file system's metadata.
     public static let minimumSize = 2 << 20
     /// The largest device: 16 TiB (2^32 pages).
