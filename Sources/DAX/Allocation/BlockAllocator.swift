@@ -1,16 +1,5 @@
 import Synchronization
 
-/// A run of device blocks (page frames).
-struct BlockRun: Sendable, Hashable, CustomStringConvertible {
-    var start: UInt64
-    var count: UInt64
-
-    var end: UInt64 { start + count }
-    var range: Range<UInt64> { start..<end }
-
-    var description: String { "\(start)..<\(end)" }
-}
-
 /// Which data blocks can be handed out now: the runtime side of the block bitmap.
 ///
 /// A block is *available* when the device's bitmap says it is free **and** no reference, pin or
@@ -37,14 +26,14 @@ final class BlockAllocator: Sendable {
     /// Gives a run's storage back to the file system holding a sparse device (a punched hole);
     /// nil for a device that is not sparse. Called under the lock, after the blocks are free and
     /// before they can be handed out, so that it never reaches another file's new data.
-    private let returnStorage: (@Sendable (BlockRun) -> Void)?
+    private let returnStorage: (@Sendable (PageRun) -> Void)?
     fileprivate let state: Mutex<State>
 
     /// Takes over `allocated`, the device's bitmap as scanned (bit `i` set: data-block index `i`
     /// is allocated), of which `allocatedCount` bits are set. Nothing else may use it afterwards.
     init(
         pages: PageMap, dataStart: UInt64, dataBlocks: Int, allocated: LazyBitmap, allocatedCount: Int,
-        returnStorage: (@Sendable (BlockRun) -> Void)? = nil
+        returnStorage: (@Sendable (PageRun) -> Void)? = nil
     ) {
         precondition(allocated.count == dataBlocks, "a bitmap of \(allocated.count) bits for \(dataBlocks) blocks")
         self.pages = pages
@@ -64,7 +53,7 @@ final class BlockAllocator: Sendable {
     /// (a block number; the block after the file's last one keeps files contiguous). Marks each
     /// block's descriptor allocated to `inode` at page `firstIndex + n` (metadata blocks pass
     /// `nil`). All or nothing: `.noSpace` if fewer blocks are available.
-    func allocate(_ count: Int, goal: UInt64?, inode: UInt32, firstIndex: UInt64?) throws -> [BlockRun] {
+    func allocate(_ count: Int, goal: UInt64?, inode: UInt32, firstIndex: UInt64?) throws -> [PageRun] {
         precondition(count > 0)
         return try state.withTrackedLock { state in
             guard state.availableCount >= count else {
@@ -73,7 +62,7 @@ final class BlockAllocator: Sendable {
                     "no space: \(counted(count, "block")) needed, \(state.availableCount) free"
                         + (state.quarantined > 0 ? " and \(state.quarantined) held by pins" : ""))
             }
-            var runs: [BlockRun] = []
+            var runs: [PageRun] = []
             var taken = 0
             let first =
                 goal.flatMap { $0 >= dataStart && $0 < dataStart + UInt64(dataBlocks) ? Int($0 - dataStart) : nil }
@@ -103,11 +92,7 @@ final class BlockAllocator: Sendable {
                     }
                     state.used.set(Int(frame - dataStart))
                     state.availableCount -= 1
-                    if let last = runs.last, last.end == frame {
-                        runs[runs.count - 1].count += 1
-                    } else {
-                        runs.append(BlockRun(start: frame, count: 1))
-                    }
+                    runs.append(page: frame)
                     taken += 1
                 }
                 position = block
@@ -123,7 +108,7 @@ final class BlockAllocator: Sendable {
 
     /// Returns blocks that were taken with `allocate` but never committed to the device (on a
     /// sparse device their storage too, which the failed operation may have given them).
-    func unallocate(_ runs: [BlockRun]) {
+    func unallocate(_ runs: [PageRun]) {
         state.withTrackedLock { state in
             for run in runs {
                 returnStorage?(run)
@@ -132,7 +117,7 @@ final class BlockAllocator: Sendable {
         }
     }
 
-    private static func giveBack(_ run: BlockRun, to state: inout State, pages: PageMap, dataStart: UInt64) {
+    private static func giveBack(_ run: PageRun, to state: inout State, pages: PageMap, dataStart: UInt64) {
         for frame in run.range {
             let released = pages.markFree(frame)
             precondition(released, "a block taken and given back in one operation was referenced")
@@ -144,17 +129,13 @@ final class BlockAllocator: Sendable {
     /// Blocks freed on the device by a committed transaction: idle ones become available now
     /// (on a sparse device, their storage given back first), busy ones are quarantined until
     /// their final unpin or put calls ``quarantineEnded(_:)``.
-    func release(_ runs: [BlockRun]) {
+    func release(_ runs: [PageRun]) {
         state.withTrackedLock { state in
-            var available: [BlockRun] = []
+            var available: [PageRun] = []
             for run in runs {
                 for frame in run.range {
                     if pages.markFree(frame) {
-                        if let last = available.last, last.end == frame {
-                            available[available.count - 1].count += 1
-                        } else {
-                            available.append(BlockRun(start: frame, count: 1))
-                        }
+                        available.append(page: frame)
                     } else {
                         state.quarantined += 1
                     }
@@ -175,7 +156,7 @@ final class BlockAllocator: Sendable {
             precondition(
                 index >= 0 && index < dataBlocks && state.used[index],
                 "quarantine ended for \(frame), which is not a quarantined data block")
-            returnStorage?(BlockRun(start: frame.rawValue, count: 1))
+            returnStorage?(PageRun(start: frame.rawValue, count: 1))
             state.used.clear(index)
             state.availableCount += 1
             state.quarantined -= 1

@@ -74,7 +74,7 @@ final class UserFaults: Sendable {
             fd = withUnsafeMutablePointer(to: &flags) {
                 calls.ioctl(device, UInt(dax_USERFAULTFD_IOC_NEW), UnsafeMutableRawPointer($0))
             }
-            Glibc.close(device)
+            _ = calls.close(device)
         }
         if fd < 0 { fd = calls.userfaultfd(O_CLOEXEC) }
         guard fd >= 0 else {
@@ -91,7 +91,7 @@ final class UserFaults: Sendable {
         guard withUnsafeMutablePointer(to: &api, { calls.ioctl(fd, dax_UFFDIO_API, UnsafeMutableRawPointer($0)) }) == 0
         else {
             let code = errno
-            Glibc.close(fd)
+            _ = calls.close(fd)
             throw DAXError.system(
                 "ioctl(UFFDIO_API)",
                 "cannot track stores: the kernel's userfaultfd has no write-protect mode for shared memory "
@@ -209,7 +209,7 @@ final class UserFaults: Sendable {
         while true {
             var address: UInt64 = 0
             var flags: UInt64 = 0
-            let got = dax_uffd_read_fault(fd, &address, &flags)
+            let got = calls.readUserFault(fd, &address, &flags)
             if got < 0 {
                 if errno == EINTR || errno == EAGAIN { continue }
                 preconditionFailure("userfaultfd read failed: errno \(errno)")

@@ -86,27 +86,22 @@ struct Checker {
     }
 
     /// A block the allocator would hand out must be free on the device, and so must a quarantined
-    /// one. A word of 64 blocks at a time: only blocks allocated on the device are looked at.
+    /// one. Only blocks allocated on the device are looked at (the search skips 64 free blocks
+    /// at a time).
     private func compareAllocator(with bitmap: LazyBitmap) -> [String] {
         var problems: [String] = []
         namespace.volume.allocator.withUnavailableBits { unavailable in
-            for wordIndex in 0..<bitmap.wordCount {
-                let onDevice = bitmap.words[wordIndex]
-                guard onDevice != 0 else { continue }
-                var bits = onDevice
-                while bits != 0, problems.count <= 20 {
-                    let index = wordIndex * 64 + bits.trailingZeroBitCount
-                    bits &= bits - 1
-                    let frame = PageFrameNumber(rawValue: namespace.volume.superblock.dataStart + UInt64(index))
-                    if !unavailable[index] {
-                        problems.append(
-                            "block \(frame.rawValue) is allocated on the device but the allocator would hand it out")
-                    }
-                    if namespace.volume.device.pages.state(of: frame).isQuarantined {
-                        problems.append("block \(frame.rawValue) is quarantined but allocated on the device")
-                    }
+            var next = 0
+            while problems.count <= 20, let index = bitmap.nextSet(from: next, limit: bitmap.count) {
+                next = index + 1
+                let frame = PageFrameNumber(rawValue: namespace.volume.superblock.dataStart + UInt64(index))
+                if !unavailable[index] {
+                    problems.append(
+                        "block \(frame.rawValue) is allocated on the device but the allocator would hand it out")
                 }
-                if problems.count > 20 { break }
+                if namespace.volume.device.pages.state(of: frame).isQuarantined {
+                    problems.append("block \(frame.rawValue) is quarantined but allocated on the device")
+                }
             }
         }
         return problems

@@ -396,7 +396,7 @@ struct FileData: Sendable {
     /// old blocks, to release once nothing holds them frozen.
     struct Move {
         var extents: [Extent]
-        var freed: [BlockRun]
+        var freed: [PageRun]
     }
 
     /// Moves the file pages of `frozen` (sorted by page; their blocks frozen by the caller, so

@@ -10,6 +10,28 @@ struct Transaction {
         /// Set (OR, `value` true) or clear (AND-NOT) the bitmap bits that `mask` has set, the mask's
         /// bit 0 being data-block index `first` (a multiple of 8). Many nearby runs in one record.
         case mask(first: UInt64, mask: [UInt8], value: Bool)
+
+        /// The kind field of an encoded record: the first 4 bytes of its header.
+        enum Kind: UInt32 {
+            /// ``Record/write(offset:bytes:)``.
+            case write = 1
+            /// ``Record/bits(range:value:)`` with `value` true.
+            case setBits = 2
+            /// ``Record/bits(range:value:)`` with `value` false.
+            case clearBits = 3
+            /// ``Record/mask(first:mask:value:)`` with `value` true.
+            case setMask = 4
+            /// ``Record/mask(first:mask:value:)`` with `value` false.
+            case clearMask = 5
+        }
+
+        var kind: Kind {
+            switch self {
+            case .write: .write
+            case .bits(_, let value): value ? .setBits : .clearBits
+            case .mask(_, _, let value): value ? .setMask : .clearMask
+            }
+        }
     }
 
     static let recordHeaderSize = 24
@@ -88,20 +110,18 @@ struct Transaction {
         var e = ByteEncoder(count: size(of: records))
         var at = 0
         for record in records {
+            e.put(record.kind.rawValue, at: at)
             switch record {
             case .write(let offset, let bytes):
-                e.put(UInt32(1), at: at)
                 e.put(UInt32(bytes.count), at: at + 4)
                 e.put(UInt64(offset), at: at + 8)
                 e.put(bytes, at: at + recordHeaderSize)
                 at += recordHeaderSize + (bytes.count + 7) & ~7
-            case .bits(let range, let value):
-                e.put(UInt32(value ? 2 : 3), at: at)
+            case .bits(let range, _):
                 e.put(range.lowerBound, at: at + 8)
                 e.put(UInt64(range.count), at: at + 16)
                 at += recordHeaderSize
-            case .mask(let first, let mask, let value):
-                e.put(UInt32(value ? 4 : 5), at: at)
+            case .mask(let first, let mask, _):
                 e.put(UInt32(mask.count), at: at + 4)
                 e.put(first, at: at + 8)
                 e.put(UInt64(mask.count * 8), at: at + 16)
@@ -117,6 +137,14 @@ struct Transaction {
 final class Journal: Sendable {
     static let headerMagic: UInt32 = 0x484A_5844  // "DXJH"
     static let headerSize = 64
+
+    /// The state field of the journal header.
+    enum HeaderState: UInt32 {
+        /// No transaction to replay.
+        case empty = 0
+        /// The records hold a committed transaction: the commit point has passed.
+        case committed = 1
+    }
 
     let device: PMemDevice
     let superblock: Superblock
@@ -239,7 +267,7 @@ final class Journal: Sendable {
         var e = ByteEncoder(count: headerSize)
         e.put(headerMagic, at: 0)
         e.put(sequence, at: 8)
-        e.put(UInt32(committed ? 1 : 0), at: 16)
+        e.put((committed ? HeaderState.committed : .empty).rawValue, at: 16)
         e.put(UInt32(count), at: 20)
         e.put(UInt64(records.count), at: 24)
         e.put(CRC32C.checksum(records), at: 32)
@@ -353,17 +381,18 @@ final class Journal: Sendable {
         }
         guard header.get(UInt32.self, at: 4) == header.crc(of: 8..<headerSize) else { return .tornHeader }
         let sequence: UInt64 = header.get(at: 8)
-        let state: UInt32 = header.get(at: 16)
-        guard state == 1 else {
-            guard state == 0 else { throw DAXError(.corrupted, "journal header has unknown state \(state)") }
-            return .empty(sequence: sequence)
+        let rawState: UInt32 = header.get(at: 16)
+        guard let state = HeaderState(rawValue: rawState) else {
+            throw DAXError(.corrupted, "journal header has unknown state \(rawState)")
         }
+        guard state == .committed else { return .empty(sequence: sequence) }
         let count = Int(header.get(UInt32.self, at: 20))
         let length: UInt64 = header.get(at: 24)
         let capacity = (Int(superblock.journalBlocks) - 1) * Superblock.blockSize
         guard length <= UInt64(capacity) else {
             throw DAXError(
-                .corrupted, "journal header claims \(counted(length, "byte")) of records; the journal holds \(capacity)")
+                .corrupted,
+                "journal header claims \(counted(length, "byte")) of records; the journal holds \(capacity)")
         }
         let area = ByteReader(device.base + headerOffset + Superblock.blockSize, count: Int(length))
         guard header.get(UInt32.self, at: 32) == area.crc(of: 0..<Int(length)) else {
@@ -402,9 +431,12 @@ final class Journal: Sendable {
             guard at + Transaction.recordHeaderSize <= area.count else {
                 throw DAXError(.corrupted, "journal record \(index) runs past the committed records")
             }
-            let kind: UInt32 = area.get(at: at)
+            let rawKind: UInt32 = area.get(at: at)
+            guard let kind = Transaction.Record.Kind(rawValue: rawKind) else {
+                throw DAXError(.corrupted, "journal record \(index) has unknown kind \(rawKind)")
+            }
             switch kind {
-            case 1:
+            case .write:
                 let length = Int(area.get(UInt32.self, at: at + 4))
                 let offset: UInt64 = area.get(at: at + 8)
                 let padded = (length + 7) & ~7
@@ -422,7 +454,7 @@ final class Journal: Sendable {
                 let start = at + Transaction.recordHeaderSize
                 records.append(.write(offset: Int(offset), bytes: area.bytes(start..<(start + length))))
                 at += Transaction.recordHeaderSize + padded
-            case 2, 3:
+            case .setBits, .clearBits:
                 let first: UInt64 = area.get(at: at + 8)
                 let bits: UInt64 = area.get(at: at + 16)
                 guard bits > 0, first < superblock.dataBlocks, bits <= superblock.dataBlocks - first else {
@@ -431,9 +463,9 @@ final class Journal: Sendable {
                         "journal record \(index) changes bitmap bits \(first) + \(bits), outside "
                             + "the \(superblock.dataBlocks) data blocks")
                 }
-                records.append(.bits(range: first..<(first + bits), value: kind == 2))
+                records.append(.bits(range: first..<(first + bits), value: kind == .setBits))
                 at += Transaction.recordHeaderSize
-            case 4, 5:
+            case .setMask, .clearMask:
                 let length = Int(area.get(UInt32.self, at: at + 4))
                 let first: UInt64 = area.get(at: at + 8)
                 let bits: UInt64 = area.get(at: at + 16)
@@ -448,10 +480,8 @@ final class Journal: Sendable {
                             + "\(superblock.dataBlocks) data blocks")
                 }
                 let start = at + Transaction.recordHeaderSize
-                records.append(.mask(first: first, mask: area.bytes(start..<(start + length)), value: kind == 4))
+                records.append(.mask(first: first, mask: area.bytes(start..<(start + length)), value: kind == .setMask))
                 at += Transaction.recordHeaderSize + padded
-            default:
-                throw DAXError(.corrupted, "journal record \(index) has unknown kind \(kind)")
             }
         }
         return records

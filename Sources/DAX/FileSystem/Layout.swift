@@ -42,10 +42,10 @@ extension Checker {
         guard !device.isMounted.load(ordering: .acquiring) else {
             throw DAXError(.busy, "the file system on \(device.path) is mounted in this process; use its check()")
         }
-        guard device.isPrivateImage || flock(device.fd, LOCK_SH | LOCK_NB) == 0 else {
+        guard device.isPrivateImage || device.systemCalls.flock(device.fd, LOCK_SH | LOCK_NB) == 0 else {
             throw DAXError(.busy, "the file system on \(device.path) is mounted by another process", errno: errno)
         }
-        defer { flock(device.fd, LOCK_UN) }
+        defer { _ = device.systemCalls.flock(device.fd, LOCK_UN) }
         return try checkUnmounted(device)
     }
 

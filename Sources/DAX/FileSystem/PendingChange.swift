@@ -2,11 +2,11 @@
 /// back if it fails) and the blocks it frees (released to the allocator once it committed).
 struct PendingChange {
     var transaction = Transaction()
-    private(set) var allocated: [BlockRun] = []
-    private(set) var freed: [BlockRun] = []
+    private(set) var allocated: [PageRun] = []
+    private(set) var freed: [PageRun] = []
 
     /// Records blocks taken from the allocator as allocated on the device.
-    mutating func allocate(_ runs: [BlockRun], superblock: Superblock) {
+    mutating func allocate(_ runs: [PageRun], superblock: Superblock) {
         for run in runs {
             transaction.setBits((run.start - superblock.dataStart)..<(run.end - superblock.dataStart), to: true)
         }
@@ -22,7 +22,7 @@ struct PendingChange {
     }
 
     /// Records blocks as free on the device; the allocator gets them after the commit.
-    mutating func free(_ runs: [BlockRun], superblock: Superblock) {
+    mutating func free(_ runs: [PageRun], superblock: Superblock) {
         for run in Self.coalesced(runs) {
             transaction.setBits((run.start - superblock.dataStart)..<(run.end - superblock.dataStart), to: false)
         }
@@ -30,16 +30,16 @@ struct PendingChange {
     }
 
     mutating func free(_ extents: [Extent], superblock: Superblock) {
-        free(extents.map { BlockRun(start: $0.physical, count: $0.length) }, superblock: superblock)
+        free(extents.map { PageRun(start: $0.physical, count: $0.length) }, superblock: superblock)
     }
 
     mutating func freeBlocks(_ blocks: [UInt64], superblock: Superblock) {
-        free(blocks.map { BlockRun(start: $0, count: 1) }, superblock: superblock)
+        free(blocks.map { PageRun(start: $0, count: 1) }, superblock: superblock)
     }
 
     /// Sorted runs with neighbours joined: fewer bitmap records.
-    static func coalesced(_ runs: [BlockRun]) -> [BlockRun] {
-        var result: [BlockRun] = []
+    static func coalesced(_ runs: [PageRun]) -> [PageRun] {
+        var result: [PageRun] = []
         for run in runs.sorted(by: { $0.start < $1.start }) {
             if let last = result.last, last.end == run.start {
                 result[result.count - 1].count += run.count
@@ -62,7 +62,7 @@ extension Volume {
 
     /// Gives blocks a committed change freed to the allocator: idle ones become available (on a
     /// sparse device with their storage given back), busy ones are quarantined.
-    func releaseFreed(_ runs: [BlockRun]) {
+    func releaseFreed(_ runs: [PageRun]) {
         if !runs.isEmpty { allocator.release(runs) }
     }
 
@@ -74,7 +74,7 @@ extension Volume {
     /// Takes blocks from the allocator (see ``BlockAllocator/allocate(_:goal:inode:firstIndex:)``)
     /// and, on a sparse device, gives them storage first: a full `/dev/shm` is `.noSpace` here,
     /// with the blocks given back, rather than a SIGBUS at the first store into one.
-    func allocateBacked(_ count: Int, goal: UInt64?, inode: UInt32, firstIndex: UInt64?) throws -> [BlockRun] {
+    func allocateBacked(_ count: Int, goal: UInt64?, inode: UInt32, firstIndex: UInt64?) throws -> [PageRun] {
         let runs = try allocator.allocate(count, goal: goal, inode: inode, firstIndex: firstIndex)
         do {
             for run in runs {

@@ -153,8 +153,9 @@ struct Scanner {
         let perBlock = UInt64(Superblock.blockSize / Superblock.inodeSize)
         let count = superblock.inodeCount
         let numbers = blocksHoldingData(table).lazy.flatMap { blocks in
-            UInt32((blocks.lowerBound - table.lowerBound) * perBlock + 1)...UInt32(
-                min((blocks.upperBound - table.lowerBound) * perBlock, count))
+            let first = UInt32((blocks.lowerBound - table.lowerBound) * perBlock + 1)
+            let last = UInt32(min((blocks.upperBound - table.lowerBound) * perBlock, count))
+            return first...last
         }
         for number in numbers {
             let offset = superblock.inodeOffset(number)
@@ -202,7 +203,9 @@ struct Scanner {
                 }
             }
             guard block == 0, leaves.count == Int(record.leafCount) else {
-                problem("inode \(number): extent leaf chain does not end after \(counted(record.leafCount, "leaf", plural: "leaves"))")
+                problem(
+                    "inode \(number): extent leaf chain does not end after "
+                        + counted(record.leafCount, "leaf", plural: "leaves"))
                 return nil
             }
             map = ExtentMap(leaves: leaves)
@@ -228,7 +231,9 @@ struct Scanner {
             }
         }
         if map.blockCount != record.blockCount {
-            problem("inode \(number): extents map \(counted(map.blockCount, "block")), its record says \(record.blockCount)")
+            problem(
+                "inode \(number): extents map \(counted(map.blockCount, "block")), "
+                    + "its record says \(record.blockCount)")
         }
         let pageSize = UInt64(Superblock.blockSize)
         if record.kind == .file, map.endPage > (record.size + pageSize - 1) / pageSize {
@@ -436,9 +441,9 @@ struct Scanner {
                 let bits = min(8, end - index)
                 let mask = UInt8(truncatingIfNeeded: (1 << bits) - 1)
                 let onDevice = reader.get(UInt8.self, at: byteIndex) & mask
-                let ownedBits = UInt8(truncatingIfNeeded: owned.words[index / 64] >> UInt64(index % 64)) & mask
+                let ownedBits = owned.byte(at: index) & mask
                 if onDevice != 0 {
-                    bitmap.words[index / 64] |= UInt64(onDevice) << UInt64(index % 64)
+                    bitmap.formUnion(byte: onDevice, at: index)
                     allocated += onDevice.nonzeroBitCount
                 }
                 guard onDevice != ownedBits else { continue }

@@ -51,7 +51,7 @@ final class Volume: Sendable {
     }
 
     /// On a sparse device, how freed blocks give their storage back: punched out of the file.
-    private static func storageReturn(for device: PMemDevice) -> (@Sendable (BlockRun) -> Void)? {
+    private static func storageReturn(for device: PMemDevice) -> (@Sendable (PageRun) -> Void)? {
         guard device.isSparse else { return nil }
         return { run in
             device.zero(offset: Int(run.start) * Superblock.blockSize, count: Int(run.count) * Superblock.blockSize)
@@ -204,7 +204,8 @@ final class Volume: Sendable {
             device.isMounted.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else { throw DAXError(.busy, "a file system on \(device.path) is already mounted in this process") }
         // A crash image opened for a checker is private to this process: nothing to lock out.
-        guard device.isPrivateImage || flock(device.fd, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0 else {
+        guard device.isPrivateImage || device.systemCalls.flock(device.fd, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0
+        else {
             let code = errno
             device.isMounted.store(false, ordering: .releasing)
             if code == EWOULDBLOCK {
@@ -215,7 +216,7 @@ final class Volume: Sendable {
     }
 
     static func unlockDevice(_ device: PMemDevice) {
-        flock(device.fd, LOCK_UN)
+        _ = device.systemCalls.flock(device.fd, LOCK_UN)
         device.isMounted.store(false, ordering: .releasing)
     }
 

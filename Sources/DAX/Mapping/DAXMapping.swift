@@ -90,18 +90,7 @@ public final class DAXMapping: Sendable {
         precondition(
             offset >= 0 && count >= 0 && offset <= length && count <= length - offset,
             "persist of \(counted(count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
-        if _slowPath(device.emulation != nil) {
-            flushDevicePages(offset: offset, count: count)
-            device.drain()
-        } else if device.persistence == .cacheFlush {
-            if device.systemCalls.isLive {
-                pmem_persist(base + offset, count)
-            } else {
-                device.systemCalls.persist(base + offset, count)
-            }
-        } else if device.systemCalls.msync(base + offset, count) != 0 {
-            device.systemCalls.persist(base + offset, count)
-        }
+        device.persist(mappedAt: base + offset, count: count, deviceOffset: deviceOffset(of:))
     }
 
     /// Copies `source` to `offset` of the mapping with libpmem's persistent copy (`pmem_memcpy`
@@ -113,37 +102,15 @@ public final class DAXMapping: Sendable {
         precondition(
             offset >= 0 && source.count <= length && offset <= length - source.count,
             "copy of \(counted(source.count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
-        guard let from = source.baseAddress, source.count > 0 else { return }
-        if _slowPath(device.emulation != nil) {
-            (base + offset).copyMemory(from: from, byteCount: source.count)
-            guard !flags.contains(.noFlush) else { return }
-            flushDevicePages(offset: offset, count: source.count)
-            if !flags.contains(.noDrain) { device.drain() }
-        } else if device.persistence == .cacheFlush {
-            device.systemCalls.memcpy(base + offset, from, source.count, flags.rawValue)
-        } else {
-            (base + offset).copyMemory(from: from, byteCount: source.count)
-            if !flags.contains(.noFlush), device.systemCalls.msync(base + offset, source.count) != 0 {
-                device.systemCalls.persist(base + offset, source.count)
-            }
-        }
+        device.copy(source, toMappedAt: base + offset, flags: flags, deviceOffset: deviceOffset(of:))
     }
 
-    /// Flushes the device lines behind `count` bytes at `offset` of the mapping, page by page
-    /// through the page table (an emulated device tracks lines by device offset). Pages that
-    /// show no block (holes, pages cut away) have nothing to flush.
-    private func flushDevicePages(offset: Int, count: Int) {
-        guard count > 0 else { return }
-        var position = offset
-        let end = offset + count
-        while position < end {
-            let index = position / PMemDevice.pageSize
-            let within = position % PMemDevice.pageSize
-            let length = min(end - position, PMemDevice.pageSize - within)
-            if let frame = frame(at: index) {
-                device.flush(offset: Int(frame) * PMemDevice.pageSize + within, count: length)
-            }
-            position += length
+    /// The device offset of `address` inside the mapping, through the page table; nil where the
+    /// page shows no block (a hole, a page cut away). An emulated device tracks lines by it.
+    private func deviceOffset(of address: UnsafeMutableRawPointer) -> Int? {
+        let position = address - base
+        return frame(at: position / PMemDevice.pageSize).map {
+            Int($0) * PMemDevice.pageSize + position % PMemDevice.pageSize
         }
     }
 

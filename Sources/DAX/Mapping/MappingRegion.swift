@@ -6,7 +6,7 @@ import Glibc
 enum MappingRegion {
     /// A memfd of size 0: any access to a shared mapping of it is past its end, and the kernel
     /// sends SIGBUS, exactly as for a page truncated out of a file mapping.
-    static let faultingFile: Int32 = dax_memfd_create("dax-truncated-pages", dax_MFD_CLOEXEC)
+    static let faultingFile: Int32 = SystemCalls.live.memfdCreate("dax-truncated-pages", dax_MFD_CLOEXEC)
 
     static func protection(_ access: Access) -> Int32 {
         access == .readWrite ? PROT_READ | PROT_WRITE : PROT_READ

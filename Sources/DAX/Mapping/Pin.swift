@@ -50,7 +50,7 @@ extension DAXMapping {
             return nil
         }
         table.tally(1, .acquired, firstPin ? 1 : 0, .pinnedUp, in: change)
-        return PinnedPages(table: table, head: FrameRun(start: frame, count: 1), access: access)
+        return PinnedPages(table: table, head: PageRun(start: frame, count: 1), access: access)
     }
 
     /// gup-fast for a range.

@@ -69,7 +69,7 @@ public struct CrashExplorer: Sendable {
         _ failure: CrashFailure, keepingImageAt path: String, setup: (PMemDevice) throws -> Void = { _ in },
         workload: (PMemDevice) throws -> Void, check: (PMemDevice) throws -> Void
     ) throws -> String? {
-        guard access(path, F_OK) != 0 else {
+        guard SystemCalls.live.stat(path) == nil else {
             throw DAXError(.alreadyExists, "cannot keep a crash image at \(path): it exists")
         }
         let run = try Run(self, replaying: (failure, path))
@@ -115,7 +115,7 @@ public struct CrashExplorer: Sendable {
             options.sparse = true
             let path = "\(explorer.directory)/dax-explore-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
             device = try PMemDevice.create(path: path, size: explorer.deviceSize, options: options)
-            unlink(path)
+            _ = device.systemCalls.unlink(path)
             media = device.emulation!
         }
 
@@ -175,7 +175,8 @@ public struct CrashExplorer: Sendable {
             do {
                 try media.withLinesApplied(kept) {
                     let image = try PMemDevice.openPrivateImage(
-                        fd: media.fd, size: device.size, name: "crash image \(point)/\(seed)")
+                        fd: media.fd, size: device.size, name: "crash image \(point)/\(seed)",
+                        calls: device.systemCalls)
                     defer { image.close() }
                     do {
                         try check(image)

@@ -32,6 +32,8 @@ final class MediaCopy: Sendable {
     /// The process's userfaultfd (ADR only).
     private let faults: UserFaults?
     private let ownsFile: Bool
+    /// The device's system-call seam.
+    private let calls: SystemCalls
 
     /// A virtual range that maps device pages `firstPage ..< firstPage + pages` at `start`.
     struct Alias: Sendable {
@@ -67,11 +69,12 @@ final class MediaCopy: Sendable {
     /// device holds data already (it was opened, not created), which the media copy starts with.
     init(
         domain: PersistenceDomain, cpu: UnsafeMutableRawPointer, size: Int, deviceFD: Int32, copyingDevice: Bool,
-        path: String
+        path: String, calls: SystemCalls
     ) throws {
         self.domain = domain
         self.cpu = cpu
         self.size = size
+        self.calls = calls
         guard domain == .adr else {
             fd = deviceFD
             media = cpu
@@ -87,14 +90,16 @@ final class MediaCopy: Sendable {
             throw DAXError(
                 .unsupported, "cannot emulate power failures on \(path): \(error.message)")
         }
-        let memfd = dax_memfd_create("dax-media-copy", dax_MFD_CLOEXEC)
+        let memfd = calls.memfdCreate("dax-media-copy", dax_MFD_CLOEXEC)
         guard memfd >= 0 else { throw DAXError.system("memfd_create", "a media copy for \(path)", errno: errno) }
-        guard ftruncate(memfd, off_t(size)) == 0,
-            let mapped = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, memfd, 0),
-            mapped != MAP_FAILED
-        else {
+        guard calls.ftruncate(memfd, size) == 0 else {
             let code = errno
-            Glibc.close(memfd)
+            _ = calls.close(memfd)
+            throw DAXError.system("ftruncate", "a media copy of \(size) bytes for \(path)", errno: code)
+        }
+        guard let mapped = calls.mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, memfd, 0) else {
+            let code = errno
+            _ = calls.close(memfd)
             throw DAXError.system("mmap", "a media copy of \(size) bytes for \(path)", errno: code)
         }
         if copyingDevice { Self.copyNonZeroPages(from: cpu, to: mapped, size: size) }
@@ -106,8 +111,8 @@ final class MediaCopy: Sendable {
         do {
             try addAlias(cpu, pages: size / Self.pageSize, firstPage: 0, exposed: false)
         } catch {
-            munmap(mapped, size)
-            Glibc.close(memfd)
+            _ = calls.munmap(mapped, size)
+            _ = calls.close(memfd)
             throw DAXError(.unsupported, "cannot emulate power failures on \(path): \(error)")
         }
     }
@@ -122,8 +127,8 @@ final class MediaCopy: Sendable {
             faults?.forget(UnsafeMutableRawPointer(bitPattern: alias.start)!, length: alias.pages * Self.pageSize)
         }
         if ownsFile {
-            munmap(media, size)
-            Glibc.close(fd)
+            _ = calls.munmap(media, size)
+            _ = calls.close(fd)
         }
     }
 
@@ -405,24 +410,24 @@ final class MediaCopy: Sendable {
 
     /// Writes a device file at `path`: the media copy plus `lines` from the CPU's view.
     func writeImage(to path: String, keeping lines: [KeptLine]) throws {
-        let out = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        let out = calls.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard out >= 0 else {
             let code = errno
             if code == EEXIST { throw DAXError(.alreadyExists, "cannot write a crash image to \(path): it exists") }
             throw DAXError.system("open", "cannot write a crash image to \(path)", errno: code)
         }
         do {
-            guard ftruncate(out, off_t(size)) == 0 else {
+            guard calls.ftruncate(out, size) == 0 else {
                 throw DAXError.system(
                     "ftruncate", "cannot write a crash image of \(size) bytes to \(path)", errno: errno)
             }
             try withLinesApplied(domain == .adr ? lines : []) {
                 try copyData(to: out, path: path)
             }
-            Glibc.close(out)
+            _ = calls.close(out)
         } catch {
-            Glibc.close(out)
-            unlink(path)
+            _ = calls.close(out)
+            _ = calls.unlink(path)
             throw error
         }
     }
@@ -431,12 +436,13 @@ final class MediaCopy: Sendable {
     private func copyData(to out: Int32, path: String) throws {
         var offset = 0
         while offset < size {
-            let data = Int(lseek(fd, off_t(offset), dax_SEEK_DATA))
+            let data = calls.lseek(fd, offset, dax_SEEK_DATA)
             if data < 0 { break }
-            let hole = min(size, max(data, Int(lseek(fd, off_t(data), dax_SEEK_HOLE))))
+            let hole = min(size, max(data, calls.lseek(fd, data, dax_SEEK_HOLE)))
             var at = data
             while at < hole {
-                let written = Glibc.pwrite(out, media + at, min(hole - at, 1 << 26), off_t(at))
+                let written = calls.pwrite(
+                    out, UnsafeRawBufferPointer(start: media + at, count: min(hole - at, 1 << 26)), at)
                 guard written > 0 else {
                     let code = errno
                     throw DAXError(

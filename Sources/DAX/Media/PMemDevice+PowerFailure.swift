@@ -55,25 +55,24 @@ extension PMemDevice {
     // MARK: - Crash images for a checker
 
     /// Opens the file `fd` (a crash image the size of this device) as a device of its own, mapped
-    /// privately: whatever the checker stores never reaches the file. Calls `mmap(MAP_PRIVATE)`.
-    static func openPrivateImage(fd: Int32, size: Int, name: String) throws -> PMemDevice {
-        let own = Glibc.open("/proc/self/fd/\(fd)", O_RDONLY | O_CLOEXEC)
+    /// privately: whatever the checker stores never reaches the file. Calls `mmap(MAP_PRIVATE)`
+    /// through `calls`, which the image device keeps.
+    static func openPrivateImage(fd: Int32, size: Int, name: String, calls: SystemCalls) throws -> PMemDevice {
+        let own = calls.open("/proc/self/fd/\(fd)", O_RDONLY | O_CLOEXEC, 0)
         guard own >= 0 else { throw DAXError.system("open", "cannot open crash image \(name)", errno: errno) }
-        guard
-            let address = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, own, 0),
-            address != MAP_FAILED
-        else {
+        guard let address = calls.mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, own, 0) else {
             let code = errno
-            Glibc.close(own)
+            _ = calls.close(own)
             throw DAXError.system("mmap", "cannot map crash image \(name) of \(size) bytes", errno: code)
         }
         var options = Options()
         options.persistence = .cacheFlush
+        options.systemCalls = calls
         do {
             return try PMemDevice(
                 path: name, mapping: (address, size, false), options: options, created: false, privateImageFD: own)
         } catch {
-            munmap(address, size)
+            _ = calls.munmap(address, size)
             throw error
         }
     }

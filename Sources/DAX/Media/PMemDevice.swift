@@ -11,7 +11,7 @@ import Synchronization
 /// ``PersistenceMode`` of the device decides.
 public final class PMemDevice: Sendable {
     /// The size of a page and of a file-system block: 4096 bytes.
-    public static let pageSize = 4096
+    public static let pageSize = PageFrameNumber.pageSize
     /// The smallest device: 2 MiB (libpmem's `PMEM_MIN_PART`), room for a file system's metadata.
     public static let minimumSize = 2 << 20
     /// The largest device: 16 TiB (2^32 pages).
@@ -88,10 +88,10 @@ public final class PMemDevice: Sendable {
     /// read-only descriptor, instead of making the file writable.
     let readOnlyFD: Int32
     let systemCalls: SystemCalls
-    private let flushesCaches: Bool
-    /// Cache-flush mode with the live seam and no emulation: `persist` calls `pmem_persist` and
-    /// nothing else.
-    private let persistsDirectly: Bool
+    let flushesCaches: Bool
+    /// Cache-flush mode without emulation: `persist`, `flush` and `drain` are the seam's libpmem
+    /// calls and nothing else.
+    let persistsDirectly: Bool
     /// The media copy of a device with power-failure emulation.
     let emulation: MediaCopy?
     /// A crash image opened for a checker: mapped `MAP_PRIVATE`, so that nothing stored reaches
@@ -108,6 +108,8 @@ public final class PMemDevice: Sendable {
     private let users = Atomic<Int>(0)
     /// Set while a file system of this process is mounted on the device.
     let isMounted = Atomic<Bool>(false)
+    /// Failures of `msync` that a persist fell back from (``persistenceErrors``).
+    let msyncFailures = Atomic<Int>(0)
 
     // MARK: - Creating and opening
 
@@ -123,7 +125,7 @@ public final class PMemDevice: Sendable {
         try validate(size: size, path: path)
         // A sparse device uses space only as blocks come into use, so it may be larger than the
         // free space (its file system then fails with .noSpace when that runs out).
-        let free = try freeSpace(at: path)
+        let free = try freeSpace(at: path, calls: options.systemCalls)
         guard options.sparse || size <= free else {
             throw DAXError(
                 .noSpace,
@@ -143,7 +145,7 @@ public final class PMemDevice: Sendable {
             return try PMemDevice(path: path, mapping: mapping, options: options, created: true)
         } catch {
             _ = calls.pmemUnmap(mapping.address, mapping.length)
-            unlink(path)
+            _ = calls.unlink(path)
             throw error
         }
     }
@@ -154,8 +156,7 @@ public final class PMemDevice: Sendable {
     public static func openOrCreate(path: String, size: Int, options: Options = .init()) throws -> PMemDevice {
         guard !path.isEmpty else { throw DAXError(.invalidArgument, "device path is empty") }
         while true {
-            var info = stat()
-            if stat(path, &info) == 0 { return try open(path: path, options: options) }
+            if options.systemCalls.stat(path) != nil { return try open(path: path, options: options) }
             guard Glibc.errno == ENOENT else {
                 throw DAXError.system("stat", "cannot open or create device \(path)", errno: Glibc.errno)
             }
@@ -170,8 +171,8 @@ public final class PMemDevice: Sendable {
     /// Maps an existing device file, or a real pmem/dev-dax path. Calls `pmem_map_file(path, 0, 0)`.
     public static func open(path: String, options: Options = .init()) throws -> PMemDevice {
         guard !path.isEmpty else { throw DAXError(.invalidArgument, "device path is empty") }
-        var info = stat()
-        guard stat(path, &info) == 0 else {
+        let calls = options.systemCalls
+        guard let info = calls.stat(path) else {
             throw DAXError.system("stat", "cannot open device \(path)", errno: Glibc.errno)
         }
         let kind = info.st_mode & S_IFMT
@@ -188,7 +189,6 @@ public final class PMemDevice: Sendable {
                         + "between \(minimumSize) and \(counted(maximumSize, "byte"))")
             }
         }
-        let calls = options.systemCalls
         let mapped = options.readOnly ? try mapReadOnly(path, calls: calls) : calls.pmemMapFile(path, 0, 0, 0)
         guard let mapping = mapped else {
             throw DAXError.pmem(
@@ -213,32 +213,30 @@ public final class PMemDevice: Sendable {
         guard fd >= 0 else {
             throw DAXError.system("open", "cannot open device \(path) for reading", errno: Glibc.errno)
         }
-        defer { Glibc.close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else {
+        defer { _ = calls.close(fd) }
+        guard let info = calls.fstat(fd) else {
             throw DAXError.system("fstat", "cannot open device \(path) for reading", errno: Glibc.errno)
         }
-        let length = (info.st_mode & S_IFMT) == S_IFCHR ? deviceDAXSize(path) : Int(info.st_size)
+        let length = (info.st_mode & S_IFMT) == S_IFCHR ? deviceDAXSize(path, calls: calls) : Int(info.st_size)
         guard length > 0 else {
             throw DAXError(.invalidArgument, "cannot open device \(path) read-only: its size is unknown")
         }
         guard let address = calls.mmap(nil, length, PROT_READ, MAP_SHARED, fd, 0) else {
             throw DAXError.system("mmap", "cannot map device \(path) read-only", errno: Glibc.errno)
         }
-        return (address, length, pmem_is_pmem(address, length) != 0)
+        return (address, length, calls.pmemIsPmem(address, length))
     }
 
     /// The size of a device-DAX character device, from sysfs (0 if it cannot be read).
-    private static func deviceDAXSize(_ path: String) -> Int {
-        var info = stat()
-        guard stat(path, &info) == 0 else { return 0 }
+    private static func deviceDAXSize(_ path: String, calls: SystemCalls) -> Int {
+        guard let info = calls.stat(path) else { return 0 }
         let major = (info.st_rdev >> 8) & 0xFFF
         let minor = (info.st_rdev & 0xFF) | ((info.st_rdev >> 12) & 0xFFF00)
-        let fd = Glibc.open("/sys/dev/char/\(major):\(minor)/size", O_RDONLY | O_CLOEXEC)
+        let fd = calls.open("/sys/dev/char/\(major):\(minor)/size", O_RDONLY | O_CLOEXEC, 0)
         guard fd >= 0 else { return 0 }
-        defer { Glibc.close(fd) }
+        defer { _ = calls.close(fd) }
         var text = [UInt8](repeating: 0, count: 32)
-        let count = text.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        let count = text.withUnsafeMutableBytes { calls.pread(fd, $0, 0) }
         guard count > 0 else { return 0 }
         return Int(String(decoding: text[..<count], as: UTF8.self).filter(\.isNumber)) ?? 0
     }
@@ -255,14 +253,18 @@ public final class PMemDevice: Sendable {
         }
         let fd = privateImageFD ?? calls.open(path, (options.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC, 0)
         guard fd >= 0 else { throw DAXError.system("open", "cannot open device \(path)", errno: Glibc.errno) }
-        let readOnlyFD = privateImageFD.map { dup($0) } ?? calls.open(path, O_RDONLY | O_CLOEXEC, 0)
+        let readOnlyFD = privateImageFD.map { calls.dup($0) } ?? calls.open(path, O_RDONLY | O_CLOEXEC, 0)
         guard readOnlyFD >= 0 else {
             let code = Glibc.errno
-            Glibc.close(fd)
+            _ = calls.close(fd)
             throw DAXError.system("open", "cannot open device \(path) for reading", errno: code)
         }
-        var info = stat()
-        fstat(fd, &info)
+        guard let info = calls.fstat(fd) else {
+            let code = Glibc.errno
+            _ = calls.close(fd)
+            _ = calls.close(readOnlyFD)
+            throw DAXError.system("fstat", "cannot open device \(path)", errno: code)
+        }
         self.isDeviceDAX = (info.st_mode & S_IFMT) == S_IFCHR
         // A crash image's holes say nothing of what its checker stored privately: all of it is data.
         self.isSparse =
@@ -281,22 +283,22 @@ public final class PMemDevice: Sendable {
         case .cacheFlush, .msync: self.persistence = options.persistence
         }
         self.flushesCaches = persistence == .cacheFlush
-        self.persistsDirectly = flushesCaches && calls.isLive && options.powerFailureEmulation == nil
+        self.persistsDirectly = flushesCaches && options.powerFailureEmulation == nil
         self.isPrivateImage = privateImageFD != nil
         self.mapSync =
             privateImageFD == nil
             ? Self.probeMapSync(fd: fd, readOnly: options.readOnly, calls: calls)
             : .refused(reason: "a crash image is mapped privately")
         do {
-            self.pages = try PageMap(pageCount: mapping.length / Self.pageSize)
+            self.pages = try PageMap(pageCount: mapping.length / Self.pageSize, calls: calls)
             self.emulation = try options.powerFailureEmulation.map { domain in
                 try MediaCopy(
                     domain: domain, cpu: mapping.address, size: mapping.length, deviceFD: fd, copyingDevice: !created,
-                    path: path)
+                    path: path, calls: calls)
             }
         } catch {
-            Glibc.close(fd)
-            Glibc.close(readOnlyFD)
+            _ = calls.close(fd)
+            _ = calls.close(readOnlyFD)
             throw error
         }
     }
@@ -305,8 +307,8 @@ public final class PMemDevice: Sendable {
         if state.load(ordering: .acquiring) != State.unmapped {
             emulation?.close()
             unmapMapping()
-            Glibc.close(fd)
-            Glibc.close(readOnlyFD)
+            _ = systemCalls.close(fd)
+            _ = systemCalls.close(readOnlyFD)
         }
     }
 
@@ -339,10 +341,9 @@ public final class PMemDevice: Sendable {
 
     /// Bytes free in the file system that would hold a device at `path`: a device that is not
     /// sparse must fit, or tmpfs would fill the machine's memory before `posix_fallocate` gives up.
-    static func freeSpace(at path: String) throws -> Int {
+    static func freeSpace(at path: String, calls: SystemCalls) throws -> Int {
         let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
-        var info = statvfs()
-        guard statvfs(directory.isEmpty ? "/" : directory, &info) == 0 else {
+        guard let info = calls.statvfs(directory.isEmpty ? "/" : directory) else {
             let code = Glibc.errno
             if code == ENOENT || code == ENOTDIR {
                 throw DAXError(
@@ -412,145 +413,13 @@ public final class PMemDevice: Sendable {
         else { return }
         emulation?.close()
         unmapMapping()
-        Glibc.close(fd)
-        Glibc.close(readOnlyFD)
+        _ = systemCalls.close(fd)
+        _ = systemCalls.close(readOnlyFD)
     }
 
     /// `pmem_unmap` for a mapping libpmem made, `munmap` for a read-only one made here.
     private static func unmap(_ address: UnsafeMutableRawPointer, _ length: Int, readOnly: Bool, calls: SystemCalls) {
         if readOnly { _ = calls.munmap(address, length) } else { _ = calls.pmemUnmap(address, length) }
-    }
-
-    // MARK: - Persistence
-
-    /// Makes `count` bytes at `offset` durable, as ``persistence`` says: `pmem_persist` (flush the
-    /// cache lines, then SFENCE) or `pmem_msync`. A failing `msync` falls back to cache flushing
-    /// and is counted in ``persistenceErrors``; use ``msync(offset:count:)`` to see the error.
-    public func persist(offset: Int, count: Int) {
-        checkRange(offset, count)
-        if persistsDirectly {
-            pmem_persist(base + offset, count)
-        } else {
-            persistThroughSeam(base + offset, count)
-        }
-    }
-
-    @inline(never)
-    private func persistThroughSeam(_ address: UnsafeMutableRawPointer, _ count: Int) {
-        if let emulation {
-            emulation.persist(offset: address - base, count: count)
-        } else if flushesCaches {
-            systemCalls.persist(address, count)
-        } else {
-            syncOrFlush(address, count)
-        }
-    }
-
-    /// Starts write-back of the range's cache lines without waiting: `pmem_flush` (in `.msync`
-    /// mode, `pmem_msync` of the range, which also waits).
-    public func flush(offset: Int, count: Int) {
-        checkRange(offset, count)
-        if persistsDirectly {
-            pmem_flush(base + offset, count)
-        } else if let emulation {
-            emulation.flush(offset: offset, count: count)
-            if !flushesCaches { emulation.fence() }
-        } else if flushesCaches {
-            systemCalls.flush(base + offset, count)
-        } else {
-            syncOrFlush(base + offset, count)
-        }
-    }
-
-    /// Waits until flushed lines are durable: `pmem_drain` (SFENCE). A no-op in `.msync` mode,
-    /// where every flush already waited.
-    public func drain() {
-        if persistsDirectly {
-            pmem_drain()
-        } else if let emulation {
-            if flushesCaches { emulation.fence() }
-        } else if flushesCaches {
-            systemCalls.drain()
-        }
-    }
-
-    /// Calls `pmem_msync` on the range, whatever the mode, and reports its failure. Under
-    /// power-failure emulation a successful `msync` persists the range, as it would on a DAX file.
-    public func msync(offset: Int, count: Int) throws {
-        checkRange(offset, count)
-        guard systemCalls.msync(base + offset, count) == 0 else {
-            throw DAXError.system(
-                "msync", "cannot persist \(counted(count, "byte")) at offset \(offset) of \(path)",
-                errno: Glibc.errno)
-        }
-        emulation?.persist(offset: offset, count: count)
-    }
-
-    /// Errors of `msync` in ``persist(offset:count:)`` since the device was opened.
-    public var persistenceErrors: Int { msyncFailures.load(ordering: .relaxed) }
-    private let msyncFailures = Atomic<Int>(0)
-
-    private func syncOrFlush(_ address: UnsafeMutableRawPointer, _ count: Int) {
-        if systemCalls.msync(address, count) != 0 {
-            msyncFailures.wrappingAdd(1, ordering: .relaxed)
-            systemCalls.persist(address, count)
-        }
-    }
-
-    /// Copies `source` to the device at `offset` and makes it durable: `pmem_memcpy` with `flags`
-    /// (non-temporal or temporal stores, no-drain, no-flush). In `.msync` mode: a plain copy, then
-    /// `pmem_msync` of the range unless `flags` has `.noFlush`.
-    public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
-        guard let from = source.baseAddress, source.count > 0 else { return }
-        checkRange(offset, source.count)
-        checkWritable()
-        let to = base + offset
-        if let emulation {
-            to.copyMemory(from: from, byteCount: source.count)
-            emulatedPersistence(emulation, offset, source.count, flags)
-        } else if flushesCaches {
-            if systemCalls.isLive {
-                pmem_memcpy(to, from, source.count, flags.rawValue)
-            } else {
-                systemCalls.memcpy(to, from, source.count, flags.rawValue)
-            }
-        } else {
-            to.copyMemory(from: from, byteCount: source.count)
-            if !flags.contains(.noFlush) { syncOrFlush(to, source.count) }
-        }
-    }
-
-    /// Sets `count` bytes at `offset` to `value` and makes them durable: `pmem_memset` with `flags`
-    /// (in `.msync` mode: a plain fill, then `pmem_msync`).
-    public func fill(offset: Int, count: Int, value: UInt8 = 0, flags: CopyFlags = []) {
-        guard count > 0 else { return }
-        checkRange(offset, count)
-        checkWritable()
-        let to = base + offset
-        if let emulation {
-            memset(to, Int32(value), count)
-            emulatedPersistence(emulation, offset, count, flags)
-        } else if flushesCaches {
-            if systemCalls.isLive {
-                pmem_memset(to, Int32(value), count, flags.rawValue)
-            } else {
-                systemCalls.memset(to, Int32(value), count, flags.rawValue)
-            }
-        } else {
-            memset(to, Int32(value), count)
-            if !flags.contains(.noFlush) { syncOrFlush(to, count) }
-        }
-    }
-
-    /// What a persistent copy or fill with `flags` does to the media copy: flush unless
-    /// `.noFlush`, then fence unless `.noDrain` (in `.msync` mode the flush itself waits).
-    private func emulatedPersistence(_ emulation: MediaCopy, _ offset: Int, _ count: Int, _ flags: CopyFlags) {
-        guard !flags.contains(.noFlush) else { return }
-        if !flushesCaches || !flags.contains(.noDrain) {
-            emulation.persist(offset: offset, count: count)
-        } else {
-            emulation.flush(offset: offset, count: count)
-        }
     }
 
     // MARK: - Backing a sparse device
@@ -572,7 +441,8 @@ public final class PMemDevice: Sendable {
                     "cannot back \(counted(end - start, "byte")) at offset \(start) of sparse device \(path): the file "
                         + "system holding it is full", errno: code)
             }
-            throw DAXError.system("fallocate", "cannot back \(counted(end - start, "byte")) at offset \(start) of \(path)", errno: code)
+            throw DAXError.system(
+                "fallocate", "cannot back \(counted(end - start, "byte")) at offset \(start) of \(path)", errno: code)
         }
     }
 
@@ -644,7 +514,8 @@ public final class PMemDevice: Sendable {
         try validateRange(offset, bytes.count)
         guard !isReadOnly else {
             throw DAXError(
-                .permissionDenied, "cannot write \(counted(bytes.count, "byte")) at offset \(offset) of \(path): opened read-only")
+                .permissionDenied,
+                "cannot write \(counted(bytes.count, "byte")) at offset \(offset) of \(path): opened read-only")
         }
         bytes.withUnsafeBytes { copy($0, toOffset: offset, flags: flags) }
     }
@@ -681,19 +552,20 @@ public final class PMemDevice: Sendable {
         guard offset >= 0, count >= 0, offset <= size, count <= size - offset else {
             throw DAXError(
                 .invalidArgument,
-                "range of \(counted(count, "byte")) at offset \(offset) is outside device \(path) of \(counted(size, "byte"))")
+                "range of \(counted(count, "byte")) at offset \(offset) is outside device \(path) of "
+                    + counted(size, "byte"))
         }
     }
 
     @inline(__always)
-    private func checkRange(_ offset: Int, _ count: Int) {
+    func checkRange(_ offset: Int, _ count: Int) {
         if _slowPath(offset < 0 || count < 0 || offset > size || count > size &- offset) {
             rangeFailure(offset, count)
         }
     }
 
     @inline(__always)
-    private func checkWritable() {
+    func checkWritable() {
         if _slowPath(isReadOnly) { readOnlyFailure() }
     }
 

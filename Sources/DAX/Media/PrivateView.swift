@@ -16,12 +16,14 @@ extension PMemDevice: RecordMedium {}
 final class PrivateView: RecordMedium {
     let base: UnsafeMutableRawPointer
     let size: Int
+    private let calls: SystemCalls
 
     /// Throws when the device cannot be mapped privately (a device-DAX character device cannot).
     init(of device: PMemDevice) throws {
+        calls = device.systemCalls
         guard
-            let address = mmap(nil, device.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, device.fd, 0),
-            address != MAP_FAILED
+            let address = calls.mmap(
+                nil, device.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, device.fd, 0)
         else {
             throw DAXError.system("mmap", "a private view of \(device.path)", errno: errno)
         }
@@ -29,7 +31,7 @@ final class PrivateView: RecordMedium {
         size = device.size
     }
 
-    deinit { munmap(base, size) }
+    deinit { _ = calls.munmap(base, size) }
 
     func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags) {
         guard let from = source.baseAddress else { return }

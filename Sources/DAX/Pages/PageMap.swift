@@ -22,14 +22,19 @@ public final class PageMap: Sendable {
     /// Descriptors, one per device page.
     public let count: Int
     let table: PageTable
+    /// The device's system-call seam: the table is reserved, looked at and released through it.
+    private let calls: SystemCalls
 
-    package init(pageCount: Int) throws {
+    /// A table of `pageCount` descriptors, reserved with `mmap` through `calls`.
+    package init(pageCount: Int, calls: SystemCalls = .live) throws {
         precondition(pageCount > 0)
         let bytes =
             (pageCount * MemoryLayout<PageDescriptor>.stride + Int(getpagesize()) - 1)
             & ~(Int(getpagesize()) - 1)
-        let memory = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let memory, memory != MAP_FAILED else {
+        guard
+            let memory = calls.mmap(
+                nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        else {
             throw DAXError.system(
                 "mmap", "cannot reserve \(counted(bytes, "byte")) for \(pageCount) page descriptors",
                 errno: Glibc.errno)
@@ -42,6 +47,7 @@ public final class PageMap: Sendable {
                 descriptors: descriptors, count: pageCount, tableBytes: bytes, tallySlot: PinTally.claimSlot() ?? -1))
         self.count = pageCount
         self.table = PageTable(core: core)
+        self.calls = calls
     }
 
     deinit {
@@ -51,7 +57,7 @@ public final class PageMap: Sendable {
             return
         }
         if table.core.pointee.tallySlot >= 0 { PinTally.releaseSlot(table.core.pointee.tallySlot) }
-        munmap(UnsafeMutableRawPointer(table.core.pointee.descriptors), table.core.pointee.tableBytes)
+        _ = calls.munmap(UnsafeMutableRawPointer(table.core.pointee.descriptors), table.core.pointee.tableBytes)
         table.core.deinitialize(count: 1)
         table.core.deallocate()
     }
@@ -74,9 +80,9 @@ public final class PageMap: Sendable {
         let pages = table.core.pointee.tableBytes / pageSize
         var vector = [UInt8](repeating: 0, count: pages)
         let status = vector.withUnsafeMutableBufferPointer {
-            mincore(
+            calls.mincore(
                 UnsafeMutableRawPointer(table.core.pointee.descriptors), table.core.pointee.tableBytes,
-                $0.baseAddress)
+                $0.baseAddress!)
         }
         guard status == 0 else { return -1 }
         return vector.reduce(0) { $0 + Int($1 & 1) } * pageSize
@@ -365,7 +371,9 @@ public final class PageMap: Sendable {
         let lastPage = Int((frames.upperBound - 1) / perPage)
         var vector = [UInt8](repeating: 0, count: lastPage - firstPage + 1)
         let start = UnsafeMutableRawPointer(table.core.pointee.descriptors) + firstPage * pageSize
-        let status = vector.withUnsafeMutableBufferPointer { mincore(start, $0.count * pageSize, $0.baseAddress) }
+        let status = vector.withUnsafeMutableBufferPointer {
+            calls.mincore(start, $0.count * pageSize, $0.baseAddress!)
+        }
         guard status == 0 else { return [frames] }
         var runs: [Range<UInt64>] = []
         var offset = 0

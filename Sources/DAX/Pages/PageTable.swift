@@ -281,32 +281,21 @@ struct PageTable: @unchecked Sendable {
 }
 
 /// Contiguous runs of frames: what a pin covers.
-struct FrameRun: Sendable, Hashable {
-    var start: UInt64
-    var count: Int
-}
-
 struct FrameRuns: Sendable {
     /// Non-empty, in the order of the pinned range.
-    let runs: [FrameRun]
+    let runs: [PageRun]
 
-    init(_ runs: [FrameRun]) { self.runs = runs }
+    init(_ runs: [PageRun]) { self.runs = runs }
 
     init(_ frames: some Sequence<PageFrameNumber>) {
-        var runs: [FrameRun] = []
-        for frame in frames {
-            if let last = runs.last, last.start + UInt64(last.count) == frame.rawValue {
-                runs[runs.count - 1].count += 1
-            } else {
-                runs.append(FrameRun(start: frame.rawValue, count: 1))
-            }
-        }
+        var runs: [PageRun] = []
+        for frame in frames { runs.append(page: frame.rawValue) }
         self.runs = runs
     }
 
-    static func single(_ run: FrameRun) -> FrameRuns { FrameRuns([run]) }
+    static func single(_ run: PageRun) -> FrameRuns { FrameRuns([run]) }
 
-    var pageCount: Int { runs.reduce(0) { $0 + $1.count } }
+    var pageCount: Int { runs.reduce(0) { $0 + Int($1.count) } }
 
     var frames: [PageFrameNumber] {
         var result: [PageFrameNumber] = []
@@ -319,7 +308,7 @@ struct FrameRuns: Sendable {
     }
 
     func contains(_ frame: UInt64) -> Bool {
-        runs.contains { frame >= $0.start && frame < $0.start + UInt64($0.count) }
+        runs.contains { $0.range.contains(frame) }
     }
 
     /// Calls `body` on each frame in order until it returns false.

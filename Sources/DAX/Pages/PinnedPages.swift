@@ -50,7 +50,7 @@ public struct PinnedPages: ~Copyable, Sendable {
     public var frames: [PageFrameNumber] { runs.frames }
 
     /// Pages pinned.
-    public var count: Int { extra?.runs.pageCount ?? head.count }
+    public var count: Int { extra?.runs.pageCount ?? Int(head.count) }
 
     /// True once a long-term pin's lease was revoked: its counts are already dropped, and the DMA
     /// engine refuses to touch its pages. Releasing it then changes no count.
