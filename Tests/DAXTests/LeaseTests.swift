@@ -18,9 +18,14 @@ struct LeaseTests {
         let holder = RegionHolder()
         let pin = try mapping.pin(offset: 0, count: 8 * 4096, lifetime: .longTerm(onRevoke: { holder.letGo() }))
         holder.set(nic.register(pin), engine: nic)
-        let started = ContinuousClock.now
+        let frames = try file.frames(offset: 0, count: 8 * 4096).map { try #require($0) }
+        let pages = t.fs.pages
+        let wakeUps = pages.wakeUps
         try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .seconds(20)))
-        #expect(ContinuousClock.now - started < .seconds(5))
+        // At once: the holder let go inside its callback, so the truncate found the pages idle
+        // and never slept on one (a sleeper marks the page, and a later decrement wakes it).
+        #expect(!pages.hasSleeper(onAnyOf: frames))
+        #expect(pages.wakeUps == wakeUps)
         #expect(holder.region?.isDeregistered == true)
         #expect(holder.region?.isRevoked == false)
         #expect(t.fs.statistics().pinsReleased == 8)
@@ -94,9 +99,13 @@ struct LeaseTests {
             try mapping.pin(offset: 4096, count: 4096, lifetime: .longTerm(onRevoke: { asked.wrappingAdd(1, ordering: .relaxed) })))
         let shortPin = try mapping.pin(offset: 0, count: 4096)
         let framesBefore = try file.frames(offset: 0, count: 4 * 4096)
-        let started = ContinuousClock.now
-        expectDAXError(.timedOut) { try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .milliseconds(50))) }
-        #expect(ContinuousClock.now - started >= .milliseconds(100))
+        let error = expectDAXError(.timedOut) {
+            try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .milliseconds(50)))
+        }
+        // It gave up only after the second grace period, the one for what revoking cannot take.
+        #expect(
+            error?.message.contains("outlived the grace period; no lease was revoked") == true,
+            "\(String(describing: error))")
         #expect(asked.load(ordering: .relaxed) == 1)
         #expect(!lease.isRevoked)
         try engine.write([0xAB], to: lease, at: 0)
@@ -123,14 +132,27 @@ struct LeaseTests {
         // The lease and the short-term pin share a page, so only the lease's pin is revocable there.
         let lease = engine.register(try mapping.pin(offset: 0, count: 2 * 4096, lifetime: .longTerm(onRevoke: {})))
         let shortPin = PinBox(try mapping.pin(offset: 4096, count: 4096))
+        let shared = try #require(try file.frames(offset: 4096, count: 1)[0])
+        let pages = t.fs.pages
+        let released = Flag()
+        let wokeTheTruncate = Flag()
+        let finished = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
-            usleep(1_500_000)  // past the grace of 1 s, well inside the second one
+            // In the first grace period the truncate sleeps on page 0, which the lease keeps busy.
+            // In the second it waits only for what is not a lease: it passes page 0 and sleeps on
+            // page 1, the short-term pin's. Release the pin then.
+            spinUntil { pages.hasSleeper(on: shared) }
+            let wakeUps = pages.wakeUps
+            released.raise()
             shortPin.release()
+            if pages.wakeUps > wakeUps { wokeTheTruncate.raise() }
+            finished.signal()
         }
-        let started = ContinuousClock.now
         try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .seconds(1)))
-        let took = ContinuousClock.now - started
-        #expect(took >= .milliseconds(1400) && took < .milliseconds(1950), "took \(took)")
+        #expect(released.isRaised, "revoked while a short-term pin was held")
+        finished.wait()
+        // The release woke the second wait, so the truncate went on without waiting it out.
+        #expect(wokeTheTruncate.isRaised)
         #expect(lease.isRevoked)
         #expect(file.size == 0)
         expectDAXError(.revoked) { try engine.write([1], to: lease, at: 0) }

@@ -176,45 +176,50 @@ struct PageMapTests {
         #expect(!pages.tryGet(PageFrameNumber(rawValue: 900)))  // not allocated
     }
 
-    @Test("an idle wait wakes when the last pin goes")
+    @Test("an idle wait sleeps through a release that leaves a pin, and wakes when the last pin goes")
     func idleWaitWakes() throws {
         let temporary = try Self.device()
         let pages = temporary.device.pages
         let frames = (30..<34).map { PageFrameNumber(rawValue: $0) }
         let holder = PinBox(try pages.pin(frames))
         let second = PinBox(try pages.pin(first: PageFrameNumber(rawValue: 32), count: 1))
-        let wakeUpsBefore = pages.table.core.pointee.waitQueue.wakeUps.load(ordering: .relaxed)
-        let started = ContinuousClock.now
-        let released = Atomic<Bool>(false)
-        let thread = Thread {
-            Thread.sleep(forTimeInterval: 0.1)
-            second.release()
-            Thread.sleep(forTimeInterval: 0.1)
-            released.store(true, ordering: .sequentiallyConsistent)
+        let wakeUpsBefore = pages.wakeUps
+        let released = Flag()
+        let wokenByLastRelease = Flag()
+        let finished = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            // The waiter marks the first busy page, 30, before it sleeps.
+            spinUntil { pages.hasSleeper(on: frames[0]) }
+            second.release()  // page 32 keeps the holder's pin: no wake-up is due
+            let wakeUps = pages.wakeUps
+            released.raise()
             holder.release()
+            if pages.wakeUps > wakeUps { wokenByLastRelease.raise() }
+            finished.signal()
         }
-        thread.start()
         #expect(pages.waitUntilIdle(frames, timeout: .seconds(20)))
-        let elapsed = ContinuousClock.now - started
-        let releasedFirst = released.load(ordering: .sequentiallyConsistent)
-        #expect(releasedFirst)
-        #expect(elapsed >= .milliseconds(190))
-        #expect(elapsed < .seconds(10))
-        #expect(pages.table.core.pointee.waitQueue.wakeUps.load(ordering: .relaxed) > wakeUpsBefore)
+        #expect(released.isRaised, "returned before the last pin went")
+        finished.wait()
+        #expect(wokenByLastRelease.isRaised)
+        #expect(pages.wakeUps > wakeUpsBefore)
         for frame in frames { #expect(pages.state(of: frame).pinCount == 0) }
     }
 
-    @Test("an idle wait times out while a pin is held")
+    @Test("an idle wait times out while a pin is held, having slept on the page")
     func idleWaitTimesOut() throws {
         let temporary = try Self.device()
         let pages = temporary.device.pages
         let frame = PageFrameNumber(rawValue: 40)
         let pin = try pages.pin(first: frame, count: 1)
-        let started = ContinuousClock.now
+        #expect(!pages.hasSleeper(on: frame))
         #expect(!pages.waitUntilIdle([frame], timeout: .milliseconds(200)))
-        #expect(ContinuousClock.now - started >= .milliseconds(200))
+        // It slept: it marked the page for a wake-up that never came, and the mark is still there.
+        #expect(pages.hasSleeper(on: frame))
         #expect(pages.state(of: frame).pinCount == 1)
+        let wakeUps = pages.wakeUps
         pin.release()
+        #expect(!pages.hasSleeper(on: frame))  // the release found the mark and cleared it
+        #expect(pages.wakeUps == wakeUps + 1)
         #expect(pages.waitUntilIdle([frame], timeout: .zero))
     }
 

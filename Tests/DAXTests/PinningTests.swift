@@ -142,16 +142,27 @@ struct PinningTests {
     @Test("a waiting truncate is woken by the final unpin and frees the blocks normally")
     func waitWokenByUnpin() throws {
         let s = try RDMAScenario(longTerm: false)
-        let started = ContinuousClock.now
+        let pages = s.t.fs.pages
+        let pinned = s.pinnedFrames
         let nic = s.nic
         let region = s.region
+        let released = Flag()
+        let wokeTheTruncate = Flag()
+        let finished = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
-            Thread.sleep(forTimeInterval: 0.15)
+            // Deregister only once the truncate sleeps on a pinned page.
+            spinUntil { pages.hasSleeper(onAnyOf: pinned) }
+            let wakeUps = pages.wakeUps
+            released.raise()
             nic.deregister(region)
+            if pages.wakeUps > wakeUps { wokeTheTruncate.raise() }
+            finished.signal()
         }
         try s.file.truncate(to: 0, ifBusy: .wait(timeout: .seconds(20)))
-        let waited = ContinuousClock.now - started
-        #expect(waited >= .milliseconds(140) && waited < .seconds(10))
+        #expect(released.isRaised, "the truncate went on while the pages were pinned")
+        finished.wait()
+        #expect(wokeTheTruncate.isRaised, "the final unpin woke no one")
+        #expect(!pages.hasSleeper(onAnyOf: pinned))
         #expect(s.file.size == 0)
         #expect(s.t.fs.statistics().quarantinedBlocks == 0)
         s.mapping.unmap()
@@ -249,15 +260,21 @@ struct PinningTests {
         try b.write([1, 2, 3], at: 0)
         let mapping = try a.map(count: 8 * 4096)
         let pin = PinBox(try mapping.pin(offset: 4 * 4096, count: 4096))
+        let frame = try #require(try a.frames(offset: 4 * 4096, count: 1)[0])
+        let pages = t.fs.pages
         let truncated = DispatchSemaphore(value: 0)
+        let truncateReturned = Flag()
         let truncateResult = Mutex<Bool>(false)
         Thread.detachNewThread {
             let done = (try? a.truncate(to: 4096, ifBusy: .wait(timeout: .seconds(20)))) != nil
             truncateResult.withTrackedLock { $0 = done }
+            truncateReturned.raise()
             truncated.signal()
         }
-        usleep(100_000)
-        // The pin is held, so unmount must refuse at once rather than queue behind the wait.
+        // The truncate sleeps on the pinned page, between its attempts.
+        spinUntil { pages.hasSleeper(on: frame) }
+        // The pin is held, so unmount must refuse at once rather than queue behind the wait. Had
+        // it queued, it would return only after the truncate gave up, and the truncate failed.
         let unmountCode = Mutex<DAXError.Code?>(nil)
         let unmounted = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
@@ -266,10 +283,12 @@ struct PinningTests {
             } catch {}
             unmounted.signal()
         }
-        #expect(unmounted.wait(timeout: .now() + 5) == .success)
+        unmounted.wait()
         #expect(unmountCode.withTrackedLock { $0 } == .busy)
         #expect(try b.read(count: 3, at: 0) == [1, 2, 3])
-        #expect(truncated.wait(timeout: .now()) == .timedOut)  // still waiting for the pin
+        // Still waiting for the pin.
+        #expect(!truncateReturned.isRaised)
+        #expect(pages.hasSleeper(on: frame))
         pin.release()
         truncated.wait()
         #expect(truncateResult.withTrackedLock { $0 })
@@ -281,21 +300,27 @@ struct PinningTests {
     func countsBalanceAfterWokenTruncate() throws {
         let t = try TemporaryFileSystem(size: 8 << 20, name: "wokenbalance")
         let engine = DMAEngine(device: t.device)
+        let pages = t.fs.pages
         for round in 0..<1000 {
             let file = try t.fs.create("/f\(round)")
             try file.write(pattern(2 * 4096, seed: round), at: 0)
             let mapping = try file.map(count: 2 * 4096)
-            let frame = try #require(try file.frames(offset: 0, count: 4096)[0])
+            let frames = try file.frames(offset: 0, count: 2 * 4096).map { try #require($0) }
             let region = engine.register(try mapping.pin(offset: 0, count: 2 * 4096))
-            // The release races the truncate's first scan or wakes its wait: both must see it counted.
-            let delay = UInt32(round % 4) * 500
+            // Even rounds: the release races the truncate's first scan. Odd rounds: it comes once
+            // the truncate sleeps, and wakes it. Both must see it counted.
+            let afterSleep = round % 2 == 1
+            if afterSleep {
+                // A mark an earlier round's wait left on a reused block would say "asleep" too early.
+                for frame in frames { pages.clearWaiterMark(frame) }
+            }
             Thread.detachNewThread {
-                usleep(delay)
+                if afterSleep { spinUntil { pages.hasSleeper(onAnyOf: frames) } }
                 engine.deregister(region)
             }
             try file.truncate(to: 0, ifBusy: .wait(timeout: .seconds(10)))
             let s = t.fs.statistics()
-            let state = t.fs.pages.state(of: frame)
+            let state = t.fs.pages.state(of: frames[0])
             guard s.pinsAcquired - s.pinsReleased == 0, s.pinnedPages == 0, state.pinCount == 0 else {
                 let counts = "acquired \(s.pinsAcquired), released \(s.pinsReleased), pinned pages \(s.pinnedPages)"
                 Issue.record("round \(round): \(counts), pinCount \(state.pinCount)")
