@@ -158,18 +158,19 @@ struct MountTests {
     func unmountWaitsForOperations() throws {
         let t = try TemporaryFileSystem(size: 32 << 20, name: "unmountrace")
         let file = try t.fs.create("/busy")
-        let writes = Atomic(0)
+        let writing = DispatchSemaphore(value: 0)
         let done = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
             let chunk = [UInt8](repeating: 7, count: 256 << 10)
-            var offset = 0
-            while (try? file.write(chunk, at: offset % (16 << 20))) != nil {
-                writes.wrappingAdd(1, ordering: .relaxed)
-                offset += chunk.count
+            var writes = 0
+            // Writes until unmount stops it; the twentieth tells the test to unmount.
+            while (try? file.write(chunk, at: writes * chunk.count % (16 << 20))) != nil {
+                writes += 1
+                if writes == 20 { writing.signal() }
             }
             done.signal()
         }
-        while writes.load(ordering: .relaxed) < 20 { usleep(1000) }
+        writing.wait()
         try t.fs.unmount()
         done.wait()
         let fs = try DAXFileSystem.mount(t.device)
@@ -190,7 +191,8 @@ struct MountTests {
             try? fs.unmount()
             unmounted.signal()
         }
-        usleep(50_000)
+        // Unmount holds the operations lock and waits for the namespace lock: a writer waits there.
+        spinUntil { (try? fs.namespace.hasWriter()) ?? true }
         let outcome = Mutex<Result<Void, DAXError>?>(nil)
         let created = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
@@ -202,7 +204,8 @@ struct MountTests {
             } catch {}
             created.signal()
         }
-        usleep(50_000)
+        // The create waits for the operations lock, which unmount holds.
+        spinUntil { ((try? fs.operations.queuedReaders()) ?? 1) > 0 }
         fs.namespace.unlock()
         unmounted.wait()
         created.wait()
@@ -230,12 +233,16 @@ struct MountTests {
                 return file
             }
             let reports = Mutex<[CheckReport]>([])
+            let checking = DispatchSemaphore(value: 0)
             let done = DispatchSemaphore(value: 0)
             Thread.detachNewThread {
-                while let report = try? fs.check() { reports.withTrackedLock { $0.append(report) } }
+                while let report = try? fs.check() {
+                    // Unmount once the first check is in: the next one is under way.
+                    if reports.withTrackedLock({ $0.append(report) ; return $0.count }) == 1 { checking.signal() }
+                }
                 done.signal()
             }
-            usleep(2000)
+            checking.wait()
             try fs.unmount()
             t.device.close()  // the mapping of the device goes: a check still reading it would fault
             done.wait()
@@ -252,31 +259,36 @@ struct MountTests {
     func orphanFreedWhilePredecessorIsWritten() throws {
         let t = try TemporaryFileSystem(size: 32 << 20, name: "orphanrace")
         let fs = t.fs
-        let current = Mutex<DAXFile?>(nil)
+        // The file to write and its round; the writer counts its writes of each round's file.
+        let current = Mutex<(file: DAXFile, round: Int)?>(nil)
+        let written = Mutex((round: -1, writes: 0))
         let stop = Atomic<Bool>(false)
-        let writer = Thread {
+        let stopped = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
             var offset = 0
             while !stop.load(ordering: .relaxed) {
-                if let file = current.withTrackedLock({ $0 }) {
-                    _ = try? file.write([1], at: offset % (1 << 20))
-                    offset += 1
-                }
+                guard let (file, round) = current.withTrackedLock({ $0 }) else { continue }
+                _ = try? file.write([1], at: offset % (1 << 20))
+                offset += 1
+                written.withTrackedLock { $0 = $0.round == round ? (round, $0.writes + 1) : (round, 1) }
             }
+            stopped.signal()
         }
-        writer.start()
         defer {
             stop.store(true, ordering: .relaxed)
-            while !writer.isFinished { usleep(1000) }
+            stopped.wait()
         }
+        func writes(in round: Int) -> Int { written.withTrackedLock { $0.round == round ? $0.writes : 0 } }
         for round in 0..<(longTests ? 2000 : 200) {
             let x = try fs.create("/x\(round)")
             try fs.remove("/x\(round)")  // orphans: x
             let p = try fs.create("/p\(round)")
             try fs.remove("/p\(round)")  // orphans: p, x
-            current.withTrackedLock { $0 = p }
-            usleep(100)
+            current.withTrackedLock { $0 = (p, round) }
+            spinUntil { writes(in: round) > 0 }  // the writer is at p
+            let before = writes(in: round)
             x.close()  // frees x: p's next changes while p is being written
-            usleep(100)
+            spinUntil { writes(in: round) > before }  // and it wrote p again since
             current.withTrackedLock { $0 = nil }
             // Checked while p is still on the list: freeing p would erase the record a lost
             // update of its `next` corrupts.
