@@ -8,7 +8,7 @@ let longTests = ProcessInfo.processInfo.environment["DAX_LONG_TESTS"] == "1"
 
 @Suite("Crash consistency (SIGKILL)", .serialized)
 struct CrashTests {
-    @Test("a workload killed at random moments: mount recovers, check is clean, returned operations are there")
+    @Test("a workload killed after a random number of operations: mount recovers, check is clean, returned operations are there")
     func killedWorkload() throws {
         let kills = longTests ? 300 : 30
         let t = try TemporaryFileSystem(size: 32 << 20, name: "crash")
@@ -23,7 +23,12 @@ struct CrashTests {
                 Issue.record("kill \(kill): the worker did not start")
                 return
             }
-            usleep(UInt32(1_000 + random.next() % 40_000))
+            // Killed after a random number of operations returned, somewhere in the ones after.
+            let returnedBeforeKill = 1 + Int(random.next() % 40)
+            guard child.waitForLine(startingWith: "done \(returnedBeforeKill)") != nil else {
+                Issue.record("kill \(kill): the worker stopped before operation \(returnedBeforeKill)")
+                return
+            }
             child.kill()
             let done = child.lines.compactMap { $0.hasPrefix("done ") ? Int($0.dropFirst(5)) : nil }.last ?? -1
             operationsSurvived += done + 1
