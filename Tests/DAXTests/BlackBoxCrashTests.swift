@@ -26,7 +26,7 @@ private func uniqueShmPath(_ name: String) -> String {
 }
 
 /// Options of an emulated device. `.cacheFlush` so that `drain` is a real fence (in `.msync`
-/// mode API.md says `drain` is a no-op and `flush` is an msync).
+/// mode `drain` is documented as a no-op and `flush` as an msync).
 private func emulatedOptions(_ domain: PersistenceDomain = .adr) -> PMemDevice.Options {
     var options = PMemDevice.Options()
     options.persistence = .cacheFlush
@@ -445,8 +445,8 @@ struct BlackBoxCrashImageTests {
     // A black-box test cannot bound from above what another thread stored between reading its
     // progress and powerFail's entry (a first version of this test used `began + 1` and failed
     // spuriously: the thread ran on while the image path was being made). So the bounds are the
-    // sound ones: from below, everything the thread persisted before the call (invariant 14, "never
-    // less than was persisted"); from above, nothing it stored after the call returned.
+    // sound ones: from below, everything the thread persisted before the call (an image never
+    // holds less than was persisted); from above, nothing it stored after the call returned.
     @Test("a thread storing and persisting while powerFail runs: each image is between what was persisted before and stored after")
     func concurrentStoresDuringPowerFail() throws {
         final class Shared: Sendable {
@@ -1000,8 +1000,8 @@ struct BlackBoxCrashMappingTests {
         return try file.read(count: count, at: 0)
     }
 
-    // (API.md's `faultHandling`/`FaultHandling` are missing from the library, so a store to a hole
-    // cannot be tested here: without fault handling it raises SIGBUS. `allocate` gives zeroed blocks.)
+    // (This version handles no faults, so a store to a hole cannot be tested here: without fault
+    // handling it raises SIGBUS. `allocate` gives zeroed blocks.)
     @Test("allocate over blocks a removed file left dirty: after a power failure the new range reads zeros")
     func allocateOverStaleBlocksThenPowerFail() throws {
         try withDevice(size: 8 << 20, name: "stale") { device throws in
@@ -1017,7 +1017,7 @@ struct BlackBoxCrashMappingTests {
             try file.allocate(offset: pageSize, count: 32 * pageSize)
             #expect(file.size == 33 * pageSize)
             let read = try readAfterPowerFail(device, "/h", count: 33 * pageSize)
-            // Invariant 4 across a crash: the old state (one page) or the new one (zeros after it).
+            // New blocks read zeros, across a crash too: the old state (one page) or the new one (zeros after it).
             #expect(read.count == pageSize || read.count == 33 * pageSize, "\(read.count)")
             #expect(Array(read.prefix(pageSize)) == bytes(0x11, pageSize))
             #expect(read.dropFirst(pageSize).allSatisfy { $0 == 0 },
@@ -1241,8 +1241,8 @@ struct BlackBoxCrashExplorerTests {
                 "points \(report.crashPoints), failed at \(Set(report.failures.map(\.crashPoint)).sorted())")
     }
 
-    @Test("invariant 14 at every crash point: never less than persisted, nothing stored after the crash point")
-    func invariant14AtEveryPoint() throws {
+    @Test("at every crash point the image holds no less than was persisted, and nothing stored after the crash point")
+    func imageBoundsAtEveryCrashPoint() throws {
         let count = 6
         var storesDone = 0
         func value(_ i: Int) -> UInt64 { 0x5050_5050_5050_5050 &+ UInt64(i + 1) }

@@ -777,7 +777,7 @@ struct BlackBoxMediaPinGateTests {
         #expect(state.pinCount == 1)
         #expect(try fs.check().isClean, "quarantine is runtime-only: the device is consistent")
 
-        // Invariant 1: the allocator never hands out the quarantined block.
+        // The allocator never hands out a quarantined block.
         let taken = try bbExhaust(fs, name: "/hog")
         #expect(!taken.isEmpty)
         #expect(!taken.contains(pinned[0]), "the quarantined block was reused while pinned")
@@ -819,7 +819,7 @@ struct BlackBoxMediaPinGateTests {
         let otherFrames = try other.frames(offset: 0, count: 1 << 20).compactMap { $0 }
         #expect(Set(otherFrames).isDisjoint(with: region.frames))
         try engine.write([UInt8](repeating: 0x5A, count: 8192), to: region, at: 0)
-        #expect(try other.read(count: 1 << 20, at: 0).allSatisfy { $0 == 0 }, "invariant 4: new blocks read zeros")
+        #expect(try other.read(count: 1 << 20, at: 0).allSatisfy { $0 == 0 }, "new blocks read zeros")
         engine.deregister(region)
         #expect(fs.statistics().quarantinedBlocks == 0)
         let stats = fs.statistics()
@@ -1083,7 +1083,7 @@ struct BlackBoxMediaMoreTests {
             let offset = 100 + index * 1000
             let bytes = bbPattern(500, seed: 60 + index)
             #expect(try file.read(count: 500, at: offset) == bytes)
-            // Invariant 3: the byte at frame * 4096 + offset of the device.
+            // Zero copy: the byte at frame * 4096 + offset of the device.
             for probe in [0, 499] {
                 let fileOffset = offset + probe
                 let deviceOffset = Int(frames[fileOffset / 4096].rawValue) * 4096 + fileOffset % 4096
@@ -1245,7 +1245,7 @@ struct BlackBoxMediaMoreTests {
         }
     }
 
-    @Test("a load past the end of a truncated mapping faults with SIGBUS (invariant 6, child process)")
+    @Test("a load past the end of a truncated mapping faults with SIGBUS, never reads a freed block (child process)")
     func sigbusAfterTruncate() async {
         await #expect(processExitsWith: .signal(SIGBUS)) {
             let path = "/dev/shm/bbmedia-sigbus-\(getpid())"

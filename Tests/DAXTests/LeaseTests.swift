@@ -32,7 +32,9 @@ struct LeaseTests {
         mapping.unmap()
     }
 
-    @Test("a reader's long-term pin cannot block the owner's truncate forever (seed 004)")
+    /// A reader pinning a file it may only read must not hold the owner's truncate hostage (the
+    /// question in Matthew Wilcox, "direct_access, pinning and truncation", linux-fsdevel, Oct 2014).
+    @Test("a reader's long-term pin cannot block the owner's truncate forever")
     func readerLeaseCannotBlockOwnerTruncate() throws {
         let t = try TemporaryFileSystem(size: 4 << 20)
         let owner = try t.fs.create("/public")

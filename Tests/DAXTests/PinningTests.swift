@@ -4,7 +4,7 @@ import Testing
 
 @testable import DAX
 
-/// The truncate policies the seed stories are played under.
+/// The truncate policies the pinning stories are played under.
 enum PolicyCase: String, CaseIterable, CustomTestStringConvertible, Sendable {
     case fail, wait, deferFree, revokeLeases
 
@@ -60,7 +60,11 @@ final class RDMAScenario {
     }
 }
 
-@Suite("Pins gate truncate and reuse (the seed stories)")
+/// The story Matthew Wilcox told ("direct_access, pinning and truncation", linux-fsdevel, Oct 2014):
+/// get_user_pages on a DAX file pins blocks, not page-cache copies, so a truncate that freed them
+/// would let a NIC write into another file's data. Played under every busy policy, with the pins
+/// a DMA engine holds.
+@Suite("Pins gate truncate, punch and reuse of their blocks")
 struct PinningTests {
     @Test(
         "truncate while an RDMA registration holds the pages, the NIC writing afterwards",
@@ -215,7 +219,10 @@ struct PinningTests {
         #expect(try t.fs.check().isClean)
     }
 
-    @Test("a pinned page cannot be frozen for migration or copy-on-write (seeds 000-003)")
+    /// Page forking and page replacement must check for pins (Rik van Riel and Jan Kara, "[FYI]
+    /// tux3: Core changes", linux-kernel, May 2015; Andrea Arcangeli, "[PATCH 2/4] Add
+    /// replace_page()", linux-kernel, Nov 2008): a page with an extra reference is not frozen.
+    @Test("a pinned page cannot be frozen for migration or copy-on-write")
     func pinnedPagesCannotBeFrozen() throws {
         let t = try TemporaryFileSystem(size: 4 << 20)
         let file = try t.fs.create("/f")
