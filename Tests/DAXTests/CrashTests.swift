@@ -8,7 +8,9 @@ let longTests = ProcessInfo.processInfo.environment["DAX_LONG_TESTS"] == "1"
 
 @Suite("Crash consistency (SIGKILL)", .serialized)
 struct CrashTests {
-    @Test("a workload killed after a random number of operations: mount recovers, check is clean, returned operations are there")
+    @Test(
+        "a workload killed after a random number of operations: mount recovers, check is clean, returned operations are there"
+    )
     func killedWorkload() throws {
         let kills = longTests ? 300 : 30
         let t = try TemporaryFileSystem(size: 32 << 20, name: "crash")

@@ -100,7 +100,9 @@ struct ExampleTests {
     @Test("kvstore and pmemlog refuse damaged files with one line, never a trap")
     func damagedFilesAreRefused() throws {
         let e = try ExampleDevice()
-        let kv = { (arguments: [String]) in try runCommand("kvstore", ["--device", e.path, "--buckets", "64"] + arguments) }
+        let kv = { (arguments: [String]) in
+            try runCommand("kvstore", ["--device", e.path, "--buckets", "64"] + arguments)
+        }
         let log = { (arguments: [String]) in try runCommand("pmemlog", ["--device", e.path] + arguments) }
         #expect(try kv(["put", "k", "v"]).status == 0)
         #expect(try log(["append", "one", "two"]).status == 0)
@@ -139,7 +141,8 @@ struct ExampleTests {
     func failedCreationLeavesNothing() throws {
         let e = try ExampleDevice(size: "24M")
         // 1M buckets need 8 MiB plus a 16 MiB log: more than the device has. 1024 buckets fit.
-        expectCleanFailure(try runCommand("kvstore", ["--device", e.path, "put", "a", "b"]), "kvstore", mentioning: "no space")
+        expectCleanFailure(
+            try runCommand("kvstore", ["--device", e.path, "put", "a", "b"]), "kvstore", mentioning: "no space")
         #expect(try runCommand("daxemu", ["ls", "-a", "-d", e.path, "/"]).output == "./\n../\n")
         #expect(try runCommand("kvstore", ["--device", e.path, "--buckets", "1024", "put", "a", "b"]).status == 0)
         #expect(try runCommand("kvstore", ["--device", e.path, "get", "a"]).output == "b\n")

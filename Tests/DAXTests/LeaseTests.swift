@@ -98,7 +98,8 @@ struct LeaseTests {
         let asked = Atomic(0)
         let engine = DMAEngine(device: t.device)
         let lease = engine.register(
-            try mapping.pin(offset: 4096, count: 4096, lifetime: .longTerm(onRevoke: { asked.wrappingAdd(1, ordering: .relaxed) })))
+            try mapping.pin(
+                offset: 4096, count: 4096, lifetime: .longTerm(onRevoke: { asked.wrappingAdd(1, ordering: .relaxed) })))
         let shortPin = try mapping.pin(offset: 0, count: 4096)
         let framesBefore = try file.frames(offset: 0, count: 4 * 4096)
         let error = expectDAXError(.timedOut) {
@@ -190,7 +191,9 @@ struct LeaseTests {
                 try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .zero))
                 if !region.isRevoked { inconsistent.append("round \(round): truncated, lease not revoked") }
             } catch let error as DAXError {
-                if error.code != .timedOut || (region.isRevoked && !error.message.contains("after the leases were revoked")) {
+                if error.code != .timedOut
+                    || (region.isRevoked && !error.message.contains("after the leases were revoked"))
+                {
                     inconsistent.append("round \(round): \(error), revoked \(region.isRevoked)")
                 }
             }

@@ -237,8 +237,12 @@ struct MountTests {
             let done = DispatchSemaphore(value: 0)
             Thread.detachNewThread {
                 while let report = try? fs.check() {
+                    let count = reports.withTrackedLock { reports in
+                        reports.append(report)
+                        return reports.count
+                    }
                     // Unmount once the first check is in: the next one is under way.
-                    if reports.withTrackedLock({ $0.append(report) ; return $0.count }) == 1 { checking.signal() }
+                    if count == 1 { checking.signal() }
                 }
                 done.signal()
             }

@@ -47,8 +47,8 @@ enum Residency {
         }
         let mounts = readWhole("/proc/self/mounts") ?? ""
         // The last mount on /dev/shm is the one on top.
-        let options = mounts.split(separator: "\n").map { $0.split(separator: " ") }
-            .last { $0.count > 3 && $0[1] == "/dev/shm" }?[3] ?? ""
+        let entries = mounts.split(separator: "\n").map { $0.split(separator: " ") }
+        let options = entries.last { $0.count > 3 && $0[1] == "/dev/shm" }?[3] ?? ""
         let huge = options.split(separator: ",").first { $0.hasPrefix("huge=") }?.dropFirst(5) ?? "never"
         return huge == "never" || huge == "deny" ? pageSize : hugePageSize
     }()
@@ -62,7 +62,8 @@ enum Residency {
             let words = line.split(separator: " ", omittingEmptySubsequences: true)
             guard let first = words.first else { continue }
             if !first.hasSuffix(":"), let dash = first.firstIndex(of: "-"),
-                let low = UInt(first[..<dash], radix: 16), let high = UInt(first[first.index(after: dash)...], radix: 16)
+                let low = UInt(first[..<dash], radix: 16),
+                let high = UInt(first[first.index(after: dash)...], radix: 16)
             {
                 inside = low <= target && target < high
             } else if inside, first == "\(field):", words.count > 1 {

@@ -124,15 +124,16 @@ struct UnnamedFileTests {
             let turns = Turns(2)
             onThreads(2) { index in
                 defer { turns.leave(index) }
-                let succeeded = (try? fs.createAtomically(path) { file in
-                    for chunk in stride(from: 0, to: winner.count, by: 4096) {
-                        turns.wait(index)
-                        defer { turns.pass(index) }
-                        let bytes = index == 0 ? winner : pattern(winner.count, seed: 1000 + round)
-                        try file.write(Array(bytes[chunk..<min(chunk + 4096, bytes.count)]), at: chunk)
-                        if index == 1, chunk >= 16384 { throw Halfway() }
-                    }
-                }) != nil
+                let succeeded =
+                    (try? fs.createAtomically(path) { file in
+                        for chunk in stride(from: 0, to: winner.count, by: 4096) {
+                            turns.wait(index)
+                            defer { turns.pass(index) }
+                            let bytes = index == 0 ? winner : pattern(winner.count, seed: 1000 + round)
+                            try file.write(Array(bytes[chunk..<min(chunk + 4096, bytes.count)]), at: chunk)
+                            if index == 1, chunk >= 16384 { throw Halfway() }
+                        }
+                    }) != nil
                 outcomes.withTrackedLock { $0.append(succeeded && index == 0) }
             }
             #expect(outcomes.withTrackedLock { $0.filter { $0 }.count } == 1, "round \(round): the whole build failed")
