@@ -257,7 +257,12 @@ struct MappingTests {
         b.unmap()
         #expect(try t.fs.check().isClean)
     }
+}
 
+/// Mappings keep up with the file under them: a page punched and filled again, holes, a file
+/// removed while mapped. (No child processes here, so ThreadSanitizer runs them too.)
+@Suite("DAXMapping: holes, punched pages and removed files")
+struct MappingLayoutTests {
     @Test("a removed file that is still mapped keeps its blocks until the unmap")
     func removedFileKeepsBlocksUntilUnmap() throws {
         let t = try TemporaryFileSystem(size: 4 << 20)
