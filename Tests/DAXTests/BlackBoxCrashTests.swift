@@ -26,7 +26,7 @@ private func uniqueShmPath(_ name: String) -> String {
 }
 
 /// Options of an emulated device. `.cacheFlush` so that `drain` is a real fence (in `.msync`
-/// mode API.md says `drain` is a no-op and `flush` is an msync).
+/// mode `drain` is documented as a no-op and `flush` as an msync).
 private func emulatedOptions(_ domain: PersistenceDomain = .adr) -> PMemDevice.Options {
     var options = PMemDevice.Options()
     options.persistence = .cacheFlush
@@ -390,7 +390,9 @@ struct BlackBoxCrashImageTests {
             let opened = try PMemDevice.open(path: path)
             defer { opened.close() }
             #expect(opened.size == 64 << 20)
-            #expect(try opened.read(count: 8, at: (64 << 20) - 8) == withUnsafeBytes(of: UInt64(0xFEED_FACE_CAFE_BEEF)) { Array($0) })
+            #expect(
+                try opened.read(count: 8, at: (64 << 20) - 8)
+                    == withUnsafeBytes(of: UInt64(0xFEED_FACE_CAFE_BEEF)) { Array($0) })
         }
     }
 
@@ -445,9 +447,11 @@ struct BlackBoxCrashImageTests {
     // A black-box test cannot bound from above what another thread stored between reading its
     // progress and powerFail's entry (a first version of this test used `began + 1` and failed
     // spuriously: the thread ran on while the image path was being made). So the bounds are the
-    // sound ones: from below, everything the thread persisted before the call (invariant 14, "never
-    // less than was persisted"); from above, nothing it stored after the call returned.
-    @Test("a thread storing and persisting while powerFail runs: each image is between what was persisted before and stored after")
+    // sound ones: from below, everything the thread persisted before the call (an image never
+    // holds less than was persisted); from above, nothing it stored after the call returned.
+    @Test(
+        "a thread storing and persisting while powerFail runs: each image is between what was persisted before and stored after"
+    )
     func concurrentStoresDuringPowerFail() throws {
         final class Shared: Sendable {
             let published = Atomic<Int>(0)
@@ -490,8 +494,12 @@ struct BlackBoxCrashImageTests {
                     let found = word(img, at: w * 8)
                     let i = Int(found & 0xFFFF_FFFF)
                     #expect(found == value(i), "round \(round), word \(w): torn \(String(found, radix: 16))")
-                    #expect(i >= persistedBefore, "round \(round) \(keeping), word \(w): iteration \(i) < persisted \(persistedBefore)")
-                    #expect(i <= storedByReturn, "round \(round), word \(w): iteration \(i) > \(storedByReturn) stored by return")
+                    #expect(
+                        i >= persistedBefore,
+                        "round \(round) \(keeping), word \(w): iteration \(i) < persisted \(persistedBefore)")
+                    #expect(
+                        i <= storedByReturn,
+                        "round \(round), word \(w): iteration \(i) > \(storedByReturn) stored by return")
                 }
             }
         }
@@ -516,8 +524,9 @@ struct BlackBoxCrashImageTests {
                 #expect(Array(none[8192..<8292]) == data, "\(mode) (\(device.persistence)): persist lost")
                 #expect(Array(none[12_288..<12_388]) == bytes(0, 100), "\(mode): an unflushed store survived")
                 let ranges = device.unpersistedRanges()
-                #expect(covered(12_288..<12_388, by: ranges) && contained(ranges, in: [lineRange(12_288..<12_388)]),
-                        "\(mode): \(ranges)")
+                #expect(
+                    covered(12_288..<12_388, by: ranges) && contained(ranges, in: [lineRange(12_288..<12_388)]),
+                    "\(mode): \(ranges)")
             }
         }
     }
@@ -718,10 +727,10 @@ struct BlackBoxCrashUnpersistedTests {
     @Test("flushing one line of a page leaves the page's other stored lines in flight")
     func flushOneLineOfAPage() throws {
         try withDevice { device throws in
-            storeWord(0xAAAA_1111_AAAA_1111, to: device, at: 8192)          // line 0, flushed
-            storeWord(0xBBBB_1111_BBBB_1111, to: device, at: 8192 + 64)     // line 1, stored before the flush
+            storeWord(0xAAAA_1111_AAAA_1111, to: device, at: 8192)  // line 0, flushed
+            storeWord(0xBBBB_1111_BBBB_1111, to: device, at: 8192 + 64)  // line 1, stored before the flush
             device.flush(offset: 8192, count: 8)
-            storeWord(0xCCCC_1111_CCCC_1111, to: device, at: 8192 + 128)    // line 2, stored after the flush
+            storeWord(0xCCCC_1111_CCCC_1111, to: device, at: 8192 + 128)  // line 2, stored after the flush
             device.drain()
             let none = try image(of: device, keeping: .none)
             #expect(word(none, at: 8192) == 0xAAAA_1111_AAAA_1111)
@@ -752,7 +761,9 @@ struct BlackBoxCrashUnpersistedTests {
         }
     }
 
-    @Test("non-temporal copies: persisted with a fence, in flight with .noDrain until drain; a mapping copy with [] persists")
+    @Test(
+        "non-temporal copies: persisted with a fence, in flight with .noDrain until drain; a mapping copy with [] persists"
+    )
     func nonTemporalAndMappingCopies() throws {
         try withDevice(size: 8 << 20, name: "nt") { device throws in
             let data = bytes(0x4E, 256)
@@ -856,8 +867,9 @@ struct BlackBoxCrashMappingTests {
             var offsetInData = 0
             for target in targets {
                 for offset in target {
-                    #expect(none[offset] == data[offsetInData] || ranges.contains { $0.contains(offset) },
-                            "DMA byte at device offset \(offset) neither persisted nor listed")
+                    #expect(
+                        none[offset] == data[offsetInData] || ranges.contains { $0.contains(offset) },
+                        "DMA byte at device offset \(offset) neither persisted nor listed")
                     offsetInData += 1
                 }
             }
@@ -899,7 +911,10 @@ struct BlackBoxCrashMappingTests {
             // Interleave two files so that /x's pages are unlikely to be adjacent frames.
             let x = try fs.create("/x")
             let y = try fs.create("/y")
-            defer { x.close(); y.close() }
+            defer {
+                x.close()
+                y.close()
+            }
             for page in 0..<4 {
                 try x.write(bytes(1, pageSize), at: page * pageSize)
                 try y.write(bytes(2, pageSize), at: page * pageSize)
@@ -911,8 +926,10 @@ struct BlackBoxCrashMappingTests {
             data.withUnsafeBytes { source in
                 (mapping.baseAddress + 2 * pageSize - 128).copyMemory(from: source.baseAddress!, byteCount: 256)
             }
-            let targets = [(frames[1] * pageSize + pageSize - 128)..<(frames[1] * pageSize + pageSize),
-                           (frames[2] * pageSize)..<(frames[2] * pageSize + 128)]
+            let targets = [
+                (frames[1] * pageSize + pageSize - 128)..<(frames[1] * pageSize + pageSize),
+                (frames[2] * pageSize)..<(frames[2] * pageSize + 128),
+            ]
             let ranges = device.unpersistedRanges()
             #expect(targets.allSatisfy { covered($0, by: ranges) }, "\(targets) not in \(ranges)")
             #expect(contained(ranges, in: targets), "\(ranges)")
@@ -1000,8 +1017,8 @@ struct BlackBoxCrashMappingTests {
         return try file.read(count: count, at: 0)
     }
 
-    // (API.md's `faultHandling`/`FaultHandling` are missing from the library, so a store to a hole
-    // cannot be tested here: without fault handling it raises SIGBUS. `allocate` gives zeroed blocks.)
+    // (This version handles no faults, so a store to a hole cannot be tested here: without fault
+    // handling it raises SIGBUS. `allocate` gives zeroed blocks.)
     @Test("allocate over blocks a removed file left dirty: after a power failure the new range reads zeros")
     func allocateOverStaleBlocksThenPowerFail() throws {
         try withDevice(size: 8 << 20, name: "stale") { device throws in
@@ -1017,11 +1034,12 @@ struct BlackBoxCrashMappingTests {
             try file.allocate(offset: pageSize, count: 32 * pageSize)
             #expect(file.size == 33 * pageSize)
             let read = try readAfterPowerFail(device, "/h", count: 33 * pageSize)
-            // Invariant 4 across a crash: the old state (one page) or the new one (zeros after it).
+            // New blocks read zeros, across a crash too: the old state (one page) or the new one (zeros after it).
             #expect(read.count == pageSize || read.count == 33 * pageSize, "\(read.count)")
             #expect(Array(read.prefix(pageSize)) == bytes(0x11, pageSize))
-            #expect(read.dropFirst(pageSize).allSatisfy { $0 == 0 },
-                    "stale bytes: \(read.dropFirst(pageSize).filter { $0 != 0 }.count)")
+            #expect(
+                read.dropFirst(pageSize).allSatisfy { $0 == 0 },
+                "stale bytes: \(read.dropFirst(pageSize).filter { $0 != 0 }.count)")
         }
     }
 
@@ -1237,12 +1255,13 @@ struct BlackBoxCrashExplorerTests {
         #expect(report.imagesChecked > 0)
         #expect(report.failures.count == report.imagesChecked)
         #expect(report.failures.allSatisfy { $0.error.contains("bbx: always") })
-        #expect(Set(report.failures.map(\.crashPoint)) == Set(1...report.crashPoints),
-                "points \(report.crashPoints), failed at \(Set(report.failures.map(\.crashPoint)).sorted())")
+        #expect(
+            Set(report.failures.map(\.crashPoint)) == Set(1...report.crashPoints),
+            "points \(report.crashPoints), failed at \(Set(report.failures.map(\.crashPoint)).sorted())")
     }
 
-    @Test("invariant 14 at every crash point: never less than persisted, nothing stored after the crash point")
-    func invariant14AtEveryPoint() throws {
+    @Test("at every crash point the image holds no less than was persisted, and nothing stored after the crash point")
+    func imageBoundsAtEveryCrashPoint() throws {
         let count = 6
         var storesDone = 0
         func value(_ i: Int) -> UInt64 { 0x5050_5050_5050_5050 &+ UInt64(i + 1) }
@@ -1264,7 +1283,8 @@ struct BlackBoxCrashExplorerTests {
                         throw CheckerError(description: "bbx: persisted word \(i) lost (stores \(storesDone))")
                     }
                     if i >= storesDone, found != 0 {
-                        throw CheckerError(description: "bbx: word \(i) stored after the crash point (stores \(storesDone))")
+                        throw CheckerError(
+                            description: "bbx: word \(i) stored after the crash point (stores \(storesDone))")
                     }
                     if found != 0, found != value(i) {
                         throw CheckerError(description: "bbx: word \(i) torn: \(String(found, radix: 16))")
@@ -1312,7 +1332,6 @@ struct BlackBoxCrashExplorerTests {
         #expect(report.crashPoints > 0)
         #expect(report.imagesChecked > 0)
     }
-
 
     @Test("the same explorer on the same workload reports the same failures (seeds replay)")
     func deterministicFailures() throws {
@@ -1385,8 +1404,9 @@ struct BlackBoxCrashExplorerTests {
             check: { image in _ = try image.read(count: 16, at: image.size - 8) })
         // Reading past the end must be a DAXError (.invalidArgument): bad input, a clear error.
         #expect(!report.failures.isEmpty)
-        #expect(report.failures.allSatisfy { $0.error.contains("invalidArgument") || $0.error.contains("invalid") },
-                "\(report.failures.map(\.error))")
+        #expect(
+            report.failures.allSatisfy { $0.error.contains("invalidArgument") || $0.error.contains("invalid") },
+            "\(report.failures.map(\.error))")
     }
 
     @Test("file system metadata under the explorer: mkdir, rename, truncate, remove all check clean")
@@ -1427,7 +1447,6 @@ struct BlackBoxCrashExplorerTests {
         #expect(report.crashPoints > 0)
         #expect(report.imagesChecked > 0)
     }
-
 
     @Test("crash points are the workload's fences (and possibly its end); a flush alone is no fence")
     func crashPointsCountFences() throws {
@@ -1479,7 +1498,10 @@ struct BlackBoxCrashExplorerTests {
                 if persisted, found != data {
                     throw CheckerError(description: "bbx: persisted mapping data missing")
                 }
-                guard found == data || found == bytes(0, 128) || found.enumerated().allSatisfy({ $0.element == 0 || $0.element == 0xC7 }) else {
+                guard
+                    found == data || found == bytes(0, 128)
+                        || found.enumerated().allSatisfy({ $0.element == 0 || $0.element == 0xC7 })
+                else {
                     throw CheckerError(description: "bbx: foreign bytes \(found)")
                 }
             })
@@ -1487,7 +1509,6 @@ struct BlackBoxCrashExplorerTests {
         #expect(report.failures.isEmpty, "\(report.failures.prefix(5))")
         #expect(report.crashPoints > 0)
     }
-
 
     @Test("a checker's stores to its image never reach the images checked after it")
     func checkerStoresArePrivate() throws {
@@ -1538,25 +1559,23 @@ struct BlackBoxCrashExplorerTests {
         #expect(!ran)
     }
 
-
     @Test("every fencing primitive is a crash point: copy, fill, write, flush+drain, mapping persist")
     func everyFenceIsACrashPoint() throws {
         let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 1).explore(
             workload: { device in
-                bytes(1, 64).withUnsafeBytes { device.copy($0, toOffset: 0) }             // 1
-                device.fill(offset: 64, count: 64, value: 2)                             // 2
-                try device.write(bytes(3, 64), at: 128)                                  // 3
+                bytes(1, 64).withUnsafeBytes { device.copy($0, toOffset: 0) }  // 1
+                device.fill(offset: 64, count: 64, value: 2)  // 2
+                try device.write(bytes(3, 64), at: 128)  // 3
                 storeWord(4, to: device, at: 192)
                 device.flush(offset: 192, count: 8)
-                device.drain()                                                            // 4
+                device.drain()  // 4
                 bytes(5, 64).withUnsafeBytes { device.copy($0, toOffset: 256, flags: .noDrain) }
-                device.drain()                                                            // 5
+                device.drain()  // 5
             },
             check: { _ in })
         #expect(report.crashPoints == 5 || report.crashPoints == 6, "\(report.crashPoints)")
         #expect(report.failures.isEmpty)
     }
-
 
     @Test("punch a hole and extend a file under the explorer: each operation all or nothing")
     func punchAndExtendUnderExplorer() throws {
@@ -1590,7 +1609,8 @@ struct BlackBoxCrashExplorerTests {
                 }
                 let data = try file.read(count: size, at: 0)
                 guard Array(data[0..<2 * page]) == Array(original[0..<2 * page]),
-                      Array(data[4 * page..<8 * page]) == Array(original[4 * page..<8 * page]) else {
+                    Array(data[4 * page..<8 * page]) == Array(original[4 * page..<8 * page])
+                else {
                     throw CheckerError(description: "bbx: untouched pages changed")
                 }
                 let hole = Array(data[2 * page..<4 * page])
@@ -1598,7 +1618,9 @@ struct BlackBoxCrashExplorerTests {
                     throw CheckerError(description: "bbx: punch half done")
                 }
                 if size == 10 * page + 100 {
-                    guard hole.allSatisfy({ $0 == 0 }) else { throw CheckerError(description: "bbx: write before punch") }
+                    guard hole.allSatisfy({ $0 == 0 }) else {
+                        throw CheckerError(description: "bbx: write before punch")
+                    }
                     guard data[8 * page..<10 * page].allSatisfy({ $0 == 0 }) else {
                         throw CheckerError(description: "bbx: gap not zeros")
                     }
@@ -1611,13 +1633,14 @@ struct BlackBoxCrashExplorerTests {
         #expect(report.crashPoints > 0)
     }
 
-
     @Test("at a crash point the explorer checks both the keep-nothing and the keep-everything image")
     func explorerChecksNoneAndAll() throws {
         var stage = 0
         var sawNone = false
         var sawAll = false
-        let a: UInt64 = 0xA1A1_A1A1_A1A1_A1A1, b: UInt64 = 0xB2B2_B2B2_B2B2_B2B2, c: UInt64 = 0xC3C3_C3C3_C3C3_C3C3
+        let a: UInt64 = 0xA1A1_A1A1_A1A1_A1A1
+        let b: UInt64 = 0xB2B2_B2B2_B2B2_B2B2
+        let c: UInt64 = 0xC3C3_C3C3_C3C3_C3C3
         let report = try CrashExplorer(deviceSize: 4 << 20, imagesPerPoint: 2).explore(
             workload: { device in
                 storeWord(a, to: device, at: 0)
@@ -1629,9 +1652,11 @@ struct BlackBoxCrashExplorerTests {
             },
             check: { image in
                 guard stage == 1 else { return }
-                let found = [word(try image.read(count: 8, at: 0), at: 0),
-                             word(try image.read(count: 8, at: 8192), at: 0),
-                             word(try image.read(count: 8, at: 16_384), at: 0)]
+                let found = [
+                    word(try image.read(count: 8, at: 0), at: 0),
+                    word(try image.read(count: 8, at: 8192), at: 0),
+                    word(try image.read(count: 8, at: 16_384), at: 0),
+                ]
                 if found == [0, 0, 0] { sawNone = true }
                 if found == [a, b, c] { sawAll = true }
             })
@@ -1657,7 +1682,9 @@ struct BlackBoxCrashExplorerTests {
                     let found = word(try image.read(count: 8, at: i * 4096), at: 0)
                     let expected: UInt64 = i < storesDone ? 0x0F0F_0F0F_0F0F_0F0F &+ UInt64(i) : 0
                     if found != expected {
-                        throw CheckerError(description: "bbx: eadr word \(i) is \(String(found, radix: 16)) after \(storesDone) stores")
+                        throw CheckerError(
+                            description: "bbx: eadr word \(i) is \(String(found, radix: 16)) after \(storesDone) stores"
+                        )
                     }
                 }
             })
@@ -1665,7 +1692,6 @@ struct BlackBoxCrashExplorerTests {
         #expect(report.crashPoints >= 3)
         #expect(report.imagesChecked > 0)
     }
-
 
     @Test("a checker may map a file of its image: the mapping shows what read() shows")
     func checkerMapsImageFiles() throws {
@@ -1694,12 +1720,13 @@ struct BlackBoxCrashExplorerTests {
                 let viaMapping = Array(UnsafeRawBufferPointer(start: mapping.baseAddress, count: size))
                 mapped += 1
                 guard viaMapping == read else { throw CheckerError(description: "bbx: mapping and read() differ") }
-                guard read == Array(content.prefix(size)) else { throw CheckerError(description: "bbx: content of size \(size) wrong") }
+                guard read == Array(content.prefix(size)) else {
+                    throw CheckerError(description: "bbx: content of size \(size) wrong")
+                }
             })
         #expect(report.failures.isEmpty, "\(report.failures.prefix(3))")
         #expect(mapped > 0)
     }
-
 
     @Test("many small file-system operations under the explorer: every image checks clean, no file half written")
     func manyOperationsUnderExplorer() throws {
@@ -1741,14 +1768,14 @@ struct BlackBoxCrashExplorerTests {
                     let read = try file.read(count: file.size, at: 0)
                     // A file is created empty, then written: empty or whole (the write's size and data).
                     guard read.isEmpty || read == content(i) else {
-                        throw CheckerError(description: "bbx: \(path) holds \(read.count) bytes, not 0 or \(content(i).count)")
+                        throw CheckerError(
+                            description: "bbx: \(path) holds \(read.count) bytes, not 0 or \(content(i).count)")
                     }
                 }
             })
         #expect(report.failures.isEmpty, "\(report.failures.prefix(5))")
         #expect(report.crashPoints > 10)
     }
-
 
     @Test("a workload that throws is not a passing exploration: explore throws")
     func throwingWorkload() throws {

@@ -92,7 +92,9 @@ private func bbExhaust(_ fs: DAXFileSystem, name: String) throws -> [PageFrameNu
 
 /// A formatted device with a file `/a` (3 pages of a pattern) and `/d/x` (100 bytes), unmounted
 /// and closed; returns the path.
-private func bbMakePopulatedDevice(_ name: String, size: Int = 8 << 20) throws -> (path: String, a: [UInt8], x: [UInt8]) {
+private func bbMakePopulatedDevice(
+    _ name: String, size: Int = 8 << 20
+) throws -> (path: String, a: [UInt8], x: [UInt8]) {
     let path = bbPath(name)
     let device = try PMemDevice.create(path: path, size: size)
     let fs = try DAXFileSystem.format(device)
@@ -291,7 +293,9 @@ struct BlackBoxMediaOpenOrCreateTests {
             #expect(device.size == size)
             #expect(device.path == path)
             #expect(FileManager.default.fileExists(atPath: path))
-            #expect(try device.read(count: 4096, at: 8192) == [UInt8](repeating: 0, count: 4096), "a new device reads zeros")
+            #expect(
+                try device.read(count: 4096, at: 8192) == [UInt8](repeating: 0, count: 4096),
+                "a new device reads zeros")
             try device.write(bbPattern(3000, seed: 5), at: 8192)
             device.persist(offset: 8192, count: 3000)
             device.close()
@@ -394,9 +398,11 @@ struct BlackBoxMediaPersistenceTests {
         [.nonTemporal, .noDrain], [.temporal, .noFlush],
     ]
 
-    @Test("write/copy/fill with CopyFlags land bytes on the device file", arguments: [
-        PersistenceMode.automatic, .cacheFlush, .msync,
-    ])
+    @Test(
+        "write/copy/fill with CopyFlags land bytes on the device file",
+        arguments: [
+            PersistenceMode.automatic, .cacheFlush, .msync,
+        ])
     func primitivesLandBytes(mode: PersistenceMode) throws {
         let path = bbPath("prim")
         defer { unlink(path) }
@@ -508,7 +514,9 @@ struct BlackBoxMediaPersistenceTests {
 @Suite("BlackBoxMedia: DMA engine and pins")
 struct BlackBoxMediaDMATests {
     /// A file system with `/f` (2 pages of a pattern).
-    private func makeFS(_ name: String, seed: Int = 9) throws -> (path: String, device: PMemDevice, fs: DAXFileSystem, data: [UInt8]) {
+    private func makeFS(_ name: String, seed: Int = 9) throws -> (
+        path: String, device: PMemDevice, fs: DAXFileSystem, data: [UInt8]
+    ) {
         let path = bbPath(name)
         let device = try PMemDevice.create(path: path, size: 8 << 20)
         let fs = try DAXFileSystem.format(device)
@@ -522,7 +530,10 @@ struct BlackBoxMediaDMATests {
     @Test("a .readOnly short-term pin registered with an engine: reads work, writes .permissionDenied")
     func readOnlyShortTermPin() throws {
         let made = try makeFS("dmaro")
-        defer { made.device.close(); unlink(made.path) }
+        defer {
+            made.device.close()
+            unlink(made.path)
+        }
         let file = try made.fs.open("/f", access: .readOnly)
         let mapping = try file.map(count: made.data.count, access: .readOnly)
         let pin = try mapping.pin(offset: 0, count: made.data.count, access: .readOnly)
@@ -559,7 +570,10 @@ struct BlackBoxMediaDMATests {
     @Test("a .readOnly long-term pin registered with an engine refuses writes too")
     func readOnlyLongTermPin() throws {
         let made = try makeFS("dmarolt")
-        defer { made.device.close(); unlink(made.path) }
+        defer {
+            made.device.close()
+            unlink(made.path)
+        }
         let file = try made.fs.open("/f", access: .readOnly)
         let mapping = try file.map(count: made.data.count, access: .readOnly)
         let pin = try mapping.pin(
@@ -584,7 +598,10 @@ struct BlackBoxMediaDMATests {
     @Test("a .readOnly pin of a file opened read-write refuses DMA writes; a .readWrite pin allows them")
     func readOnlyPinOfWritableFile() throws {
         let made = try makeFS("dmarorw")
-        defer { made.device.close(); unlink(made.path) }
+        defer {
+            made.device.close()
+            unlink(made.path)
+        }
         let file = try made.fs.open("/f")
         let mapping = try file.map(count: made.data.count)
         let engine = DMAEngine(device: made.device)
@@ -611,7 +628,10 @@ struct BlackBoxMediaDMATests {
     @Test("a read-write pin needs a file opened read-write")
     func readWritePinOfReadOnlyFile() throws {
         let made = try makeFS("dmapinrw")
-        defer { made.device.close(); unlink(made.path) }
+        defer {
+            made.device.close()
+            unlink(made.path)
+        }
         let file = try made.fs.open("/f", access: .readOnly)
         let mapping = try file.map(count: 4096, access: .readOnly)
         bbExpect(.permissionDenied, "read-write pin of a read-only mapping") {
@@ -627,9 +647,15 @@ struct BlackBoxMediaDMATests {
     @Test("a pin from another device registered with an engine never writes the engine's device")
     func foreignPin() throws {
         let mine = try makeFS("dmamine")
-        defer { mine.device.close(); unlink(mine.path) }
+        defer {
+            mine.device.close()
+            unlink(mine.path)
+        }
         let other = try makeFS("dmaother", seed: 10)
-        defer { other.device.close(); unlink(other.path) }
+        defer {
+            other.device.close()
+            unlink(other.path)
+        }
         // The victim: this device's /f, most likely at the same frames as the other's /f.
         let myFrames = try mine.fs.open("/f").frames(offset: 0, count: mine.data.count)
 
@@ -649,11 +675,14 @@ struct BlackBoxMediaDMATests {
             #expect(read != Array(mine.data[0..<4096]), "the engine read its own device through a foreign pin")
         }
         engine.deregister(region)
-        #expect(try mine.fs.open("/f").read(count: mine.data.count, at: 0) == mine.data, "the engine's own file changed")
+        #expect(
+            try mine.fs.open("/f").read(count: mine.data.count, at: 0) == mine.data, "the engine's own file changed")
         #expect(try otherFile.read(count: other.data.count, at: 0) == other.data)
         for (index, frame) in myFrames.compactMap({ $0 }).enumerated() {
             let page = try mine.device.read(count: 4096, at: Int(frame.rawValue) * PMemDevice.pageSize)
-            #expect(page == Array(mine.data[index * 4096..<(index + 1) * 4096]), "frame \(frame) of the engine's device changed")
+            #expect(
+                page == Array(mine.data[index * 4096..<(index + 1) * 4096]),
+                "frame \(frame) of the engine's device changed")
         }
         try mine.fs.unmount()
         #expect(other.fs.statistics().pinnedPages == 0)
@@ -748,7 +777,9 @@ struct BlackBoxMediaPinGateTests {
         #expect(busy?.message.contains("/victim") == true, "\(String(describing: busy))")
         bbExpect(.busy, "truncate to 0 .fail") { try file.truncate(to: 0, ifBusy: .fail) }
         bbExpect(.busy, "punch .fail") { try file.punchHole(offset: 4096, count: 8192, ifBusy: .fail) }
-        bbExpect(.timedOut, "truncate .wait short") { try file.truncate(to: 0, ifBusy: .wait(timeout: .milliseconds(1))) }
+        bbExpect(.timedOut, "truncate .wait short") {
+            try file.truncate(to: 0, ifBusy: .wait(timeout: .milliseconds(1)))
+        }
         #expect(file.size == data.count)
         #expect(try file.read(count: data.count, at: 0) == data)
         #expect(try file.frames(offset: 0, count: data.count) == framesBefore)
@@ -777,7 +808,7 @@ struct BlackBoxMediaPinGateTests {
         #expect(state.pinCount == 1)
         #expect(try fs.check().isClean, "quarantine is runtime-only: the device is consistent")
 
-        // Invariant 1: the allocator never hands out the quarantined block.
+        // The allocator never hands out a quarantined block.
         let taken = try bbExhaust(fs, name: "/hog")
         #expect(!taken.isEmpty)
         #expect(!taken.contains(pinned[0]), "the quarantined block was reused while pinned")
@@ -819,7 +850,7 @@ struct BlackBoxMediaPinGateTests {
         let otherFrames = try other.frames(offset: 0, count: 1 << 20).compactMap { $0 }
         #expect(Set(otherFrames).isDisjoint(with: region.frames))
         try engine.write([UInt8](repeating: 0x5A, count: 8192), to: region, at: 0)
-        #expect(try other.read(count: 1 << 20, at: 0).allSatisfy { $0 == 0 }, "invariant 4: new blocks read zeros")
+        #expect(try other.read(count: 1 << 20, at: 0).allSatisfy { $0 == 0 }, "new blocks read zeros")
         engine.deregister(region)
         #expect(fs.statistics().quarantinedBlocks == 0)
         let stats = fs.statistics()
@@ -1083,7 +1114,7 @@ struct BlackBoxMediaMoreTests {
             let offset = 100 + index * 1000
             let bytes = bbPattern(500, seed: 60 + index)
             #expect(try file.read(count: 500, at: offset) == bytes)
-            // Invariant 3: the byte at frame * 4096 + offset of the device.
+            // Zero copy: the byte at frame * 4096 + offset of the device.
             for probe in [0, 499] {
                 let fileOffset = offset + probe
                 let deviceOffset = Int(frames[fileOffset / 4096].rawValue) * 4096 + fileOffset % 4096
@@ -1226,9 +1257,14 @@ struct BlackBoxMediaMoreTests {
                 let steps: [(String, () -> Void)] = [
                     ("flush(offset: size - 10, count: 4096)", { device.flush(offset: device.size - 10, count: 4096) }),
                     ("fill(offset: size - 10, count: 4096)", { device.fill(offset: device.size - 10, count: 4096) }),
-                    ("copy(4096 bytes, toOffset: size - 10)", {
-                        [UInt8](repeating: 1, count: 4096).withUnsafeBytes { device.copy($0, toOffset: device.size - 10) }
-                    }),
+                    (
+                        "copy(4096 bytes, toOffset: size - 10)",
+                        {
+                            [UInt8](repeating: 1, count: 4096).withUnsafeBytes {
+                                device.copy($0, toOffset: device.size - 10)
+                            }
+                        }
+                    ),
                     ("persist(offset: -4096, count: 4096)", { device.persist(offset: -4096, count: 4096) }),
                     ("persist(offset: size, count: 4096)", { device.persist(offset: device.size, count: 4096) }),
                 ]
@@ -1240,16 +1276,18 @@ struct BlackBoxMediaMoreTests {
             }
             if let result, result.exitStatus != .exitCode(77) {
                 let output = String(decoding: result.standardErrorContent, as: UTF8.self)
-                Issue.record("the child ended \(result.exitStatus) at: \(output.split(separator: "\n").filter { $0.hasPrefix("step") || $0.contains("rror") || $0.contains("Crash") || $0.contains("ault") }.prefix(8))")
+                Issue.record(
+                    "the child ended \(result.exitStatus) at: \(output.split(separator: "\n").filter { $0.hasPrefix("step") || $0.contains("rror") || $0.contains("Crash") || $0.contains("ault") }.prefix(8))"
+                )
             }
         }
     }
 
-    @Test("a load past the end of a truncated mapping faults with SIGBUS (invariant 6, child process)")
+    @Test("a load past the end of a truncated mapping faults with SIGBUS, never reads a freed block (child process)")
     func sigbusAfterTruncate() async {
         await #expect(processExitsWith: .signal(SIGBUS)) {
             let path = "/dev/shm/bbmedia-sigbus-\(getpid())"
-            atexit { }
+            atexit {}
             guard let device = try? PMemDevice.create(path: path, size: 8 << 20),
                 let fs = try? DAXFileSystem.format(device),
                 let file = try? fs.create("/t")
@@ -1314,7 +1352,9 @@ struct BlackBoxMediaMoreTests {
         }
         if let result, result.exitStatus != .exitCode(77) {
             let output = String(decoding: result.standardErrorContent, as: UTF8.self)
-            Issue.record("the child ended \(result.exitStatus) at: \(output.split(separator: "\n").filter { $0.hasPrefix("step") || $0.contains("rror") || $0.contains("Crash") || $0.contains("ault") }.prefix(8))")
+            Issue.record(
+                "the child ended \(result.exitStatus) at: \(output.split(separator: "\n").filter { $0.hasPrefix("step") || $0.contains("rror") || $0.contains("Crash") || $0.contains("ault") }.prefix(8))"
+            )
         }
     }
 }
@@ -1368,11 +1408,13 @@ struct BlackBoxMediaBadInputTests {
             do {
                 // Past the end: an empty short read is fine, or .invalidArgument.
                 if try !file.read(count: 1, at: Int.max).isEmpty {
-                    FileHandle.standardError.write(Data("mismatch read at Int.max: bytes\n".utf8)); mismatches += 1
+                    FileHandle.standardError.write(Data("mismatch read at Int.max: bytes\n".utf8))
+                    mismatches += 1
                 }
             } catch let error as DAXError where error.code == .invalidArgument {
             } catch {
-                FileHandle.standardError.write(Data("mismatch read at Int.max: \(error)\n".utf8)); mismatches += 1
+                FileHandle.standardError.write(Data("mismatch read at Int.max: \(error)\n".utf8))
+                mismatches += 1
             }
             step("allocate(offset: -1)", bad) { try file.allocate(offset: -1, count: 4096) }
             step("allocate(count: -1)", bad) { try file.allocate(offset: 0, count: -1) }
@@ -1385,10 +1427,22 @@ struct BlackBoxMediaBadInputTests {
             step("map(count: -4096)", bad) { _ = try file.map(count: -4096) }
             step("map(offset: 100)", bad) { _ = try file.map(offset: 100, count: 4096) }
             step("map(offset: -4096)", bad) { _ = try file.map(offset: -4096, count: 4096) }
-            step("pin(count: 0)", bad) { let pin = try mapping.pin(offset: 0, count: 0); pin.release() }
-            step("pin(offset: 8192)", bad) { let pin = try mapping.pin(offset: 8192, count: 4096); pin.release() }
-            step("pin(offset: -4096)", bad) { let pin = try mapping.pin(offset: -4096, count: 4096); pin.release() }
-            step("pin(count: Int.max)", bad) { let pin = try mapping.pin(offset: 0, count: Int.max); pin.release() }
+            step("pin(count: 0)", bad) {
+                let pin = try mapping.pin(offset: 0, count: 0)
+                pin.release()
+            }
+            step("pin(offset: 8192)", bad) {
+                let pin = try mapping.pin(offset: 8192, count: 4096)
+                pin.release()
+            }
+            step("pin(offset: -4096)", bad) {
+                let pin = try mapping.pin(offset: -4096, count: 4096)
+                pin.release()
+            }
+            step("pin(count: Int.max)", bad) {
+                let pin = try mapping.pin(offset: 0, count: Int.max)
+                pin.release()
+            }
             step("device.write(at: Int.max)", bad) { try device.write([1], at: Int.max) }
             step("PMemDevice.create(size: Int.max)", badOrFull) {
                 _ = try PMemDevice.create(path: path + "-max", size: Int.max & ~4095)
@@ -1396,22 +1450,30 @@ struct BlackBoxMediaBadInputTests {
             unlink(path + "-max")
             // Nothing changed.
             FileHandle.standardError.write(Data("step unchanged\n".utf8))
-            if file.size != 8192 { FileHandle.standardError.write(Data("mismatch size \(file.size)\n".utf8)); mismatches += 1 }
+            if file.size != 8192 {
+                FileHandle.standardError.write(Data("mismatch size \(file.size)\n".utf8))
+                mismatches += 1
+            }
             if (try? file.read(count: 8192, at: 0)) != data {
-                FileHandle.standardError.write(Data("mismatch bytes changed\n".utf8)); mismatches += 1
+                FileHandle.standardError.write(Data("mismatch bytes changed\n".utf8))
+                mismatches += 1
             }
             if (try? file.frames(offset: 0, count: 8192)) != frames {
-                FileHandle.standardError.write(Data("mismatch frames changed\n".utf8)); mismatches += 1
+                FileHandle.standardError.write(Data("mismatch frames changed\n".utf8))
+                mismatches += 1
             }
             if Array(UnsafeRawBufferPointer(start: mapping.baseAddress, count: 8192)) != data {
-                FileHandle.standardError.write(Data("mismatch mapping changed\n".utf8)); mismatches += 1
+                FileHandle.standardError.write(Data("mismatch mapping changed\n".utf8))
+                mismatches += 1
             }
             let stats = fs.statistics()
             if stats.pinnedPages != 0 || stats.pinsAcquired != stats.pinsReleased {
-                FileHandle.standardError.write(Data("mismatch pins \(stats)\n".utf8)); mismatches += 1
+                FileHandle.standardError.write(Data("mismatch pins \(stats)\n".utf8))
+                mismatches += 1
             }
             if (try? fs.check().isClean) != true {
-                FileHandle.standardError.write(Data("mismatch check not clean\n".utf8)); mismatches += 1
+                FileHandle.standardError.write(Data("mismatch check not clean\n".utf8))
+                mismatches += 1
             }
             exit(mismatches == 0 ? 77 : 1)
         }
@@ -1429,7 +1491,9 @@ struct BlackBoxMediaBadInputTests {
 
 @Suite("BlackBoxMedia: read-only device edge cases")
 struct BlackBoxMediaReadOnlyEdgeTests {
-    @Test("DMA through a read-only pin on a read-only device and mount: reads work, writes refused, device file unchanged")
+    @Test(
+        "DMA through a read-only pin on a read-only device and mount: reads work, writes refused, device file unchanged"
+    )
     func dmaOnReadOnlyDevice() throws {
         let made = try bbMakePopulatedDevice("rodma")
         defer { unlink(made.path) }
@@ -1549,7 +1613,8 @@ struct BlackBoxMediaCrashTests {
                 let bytes = try file.read(count: 4 * 4096, at: 0)
                 guard allowed(file.size, bytes) else {
                     let firstDiff = zip(bytes, Self.data).enumerated().first { $0.element.0 != $0.element.1 }?.offset
-                    throw BBCrashCheckFailure(what: "size \(file.size), first byte unlike the old data at \(String(describing: firstDiff))")
+                    throw BBCrashCheckFailure(
+                        what: "size \(file.size), first byte unlike the old data at \(String(describing: firstDiff))")
                 }
             })
     }
@@ -1557,9 +1622,12 @@ struct BlackBoxMediaCrashTests {
     @Test("a truncate to a size inside a page, cut by a crash at any fence: old file whole, or new")
     func truncateInsidePage() throws {
         let newSize = 4096 + 100
-        let report = try explore({ try $0.truncate(to: newSize, ifBusy: .fail) }) { size, bytes in
-            (size == Self.data.count && bytes == Self.data) || (size == newSize && bytes == Array(Self.data[0..<newSize]))
-        }
+        let report = try explore(
+            { try $0.truncate(to: newSize, ifBusy: .fail) },
+            allowed: { size, bytes in
+                (size == Self.data.count && bytes == Self.data)
+                    || (size == newSize && bytes == Array(Self.data[0..<newSize]))
+            })
         #expect(report.crashPoints > 0)
         #expect(report.failures.isEmpty, "\(report.failures.prefix(3))")
     }
@@ -1569,9 +1637,9 @@ struct BlackBoxMediaCrashTests {
         let range = 1000..<(2 * 4096 + 500)
         var punched = Self.data
         punched.replaceSubrange(range, with: [UInt8](repeating: 0, count: range.count))
-        let report = try explore({ try $0.punchHole(offset: range.lowerBound, count: range.count, ifBusy: .fail) }) {
-            size, bytes in size == Self.data.count && (bytes == Self.data || bytes == punched)
-        }
+        let report = try explore(
+            { try $0.punchHole(offset: range.lowerBound, count: range.count, ifBusy: .fail) },
+            allowed: { size, bytes in size == Self.data.count && (bytes == Self.data || bytes == punched) })
         #expect(report.crashPoints > 0)
         #expect(report.failures.isEmpty, "\(report.failures.prefix(3))")
     }
@@ -1584,7 +1652,9 @@ private struct BBCrashCheckFailure: Error, CustomStringConvertible {
 
 @Suite("BlackBoxMedia: check alongside heavier work")
 struct BlackBoxMediaHeavyConcurrencyTests {
-    @Test("create/rename/remove/close orphans, directories and pinned orphans while two threads check()", arguments: 1...3)
+    @Test(
+        "create/rename/remove/close orphans, directories and pinned orphans while two threads check()", arguments: 1...3
+    )
     func heavy(seed: Int) throws {
         let path = bbPath("heavy\(seed)")
         defer { unlink(path) }
@@ -1689,10 +1759,14 @@ struct BlackBoxMediaOddFileTests {
         let path = try makeFile("tiny", size: 100)
         defer { unlink(path) }
         let before = bbFileBytes(path)
-        bbExpectAnyDAXError("openOrCreate of a 100-byte file") { try PMemDevice.openOrCreate(path: path, size: 4 << 20) }
+        bbExpectAnyDAXError("openOrCreate of a 100-byte file") {
+            try PMemDevice.openOrCreate(path: path, size: 4 << 20)
+        }
         #expect(bbFileBytes(path) == before)
         bbExpectAnyDAXError("open of a 100-byte file") { try PMemDevice.open(path: path) }
-        bbExpectAnyDAXError("read-only open of a 100-byte file") { try PMemDevice.open(path: path, options: bbReadOnlyOptions) }
+        bbExpectAnyDAXError("read-only open of a 100-byte file") {
+            try PMemDevice.open(path: path, options: bbReadOnlyOptions)
+        }
         #expect(bbFileBytes(path) == before)
     }
 
@@ -1705,7 +1779,9 @@ struct BlackBoxMediaOddFileTests {
         do {
             let device = try PMemDevice.open(path: path, options: bbReadOnlyOptions)
             #expect(device.size % PMemDevice.pageSize == 0)
-            Issue.record("opened a \(size)-byte device file as \(device.size) bytes: \(size - device.size) bytes silently out of reach")
+            Issue.record(
+                "opened a \(size)-byte device file as \(device.size) bytes: \(size - device.size) bytes silently out of reach"
+            )
             device.close()
         } catch let error as DAXError {
             #expect(error.code == .invalidArgument || error.code == .corrupted, "\(error)")
@@ -1738,7 +1814,9 @@ struct BlackBoxMediaOddFileTests {
         defer { unlink(path) }
         let device = try PMemDevice.create(path: path, size: 4 << 20)
         defer { device.close() }
-        let error = bbExpect(.invalidArgument, "write past the end") { try device.write([1, 2, 3, 4], at: (4 << 20) - 2) }
+        let error = bbExpect(.invalidArgument, "write past the end") {
+            try device.write([1, 2, 3, 4], at: (4 << 20) - 2)
+        }
         #expect(error?.message.contains(path) == true, "\(String(describing: error))")
         #expect(error?.message.contains("\((4 << 20) - 2)") == true, "\(String(describing: error))")
     }
@@ -1761,7 +1839,9 @@ struct BlackBoxMediaPinLifetimeTests {
             #expect(pin.frames.count == 2)
             #expect(fs.statistics().pinnedPages == 2)
             bbExpect(.busy, "unmount while pinned") { try fs.unmount() }
-            #expect(try fs.open("/x").read(count: 8192, at: 0) == bbPattern(8192, seed: 61), "unmount .busy changed something")
+            #expect(
+                try fs.open("/x").read(count: 8192, at: 0) == bbPattern(8192, seed: 61),
+                "unmount .busy changed something")
         }
         var stats = fs.statistics()
         #expect(stats.pinnedPages == 0, "a dropped pin was not released")
@@ -1903,18 +1983,20 @@ struct BlackBoxMediaFullTmpfsTests {
         "writes to a sparse device larger than its tmpfs end in .noSpace, not SIGBUS; removing the file makes room again",
         .enabled(if: bbSmallTmpfs != nil, "set BBMEDIA_SMALL_TMPFS to a directory on a small tmpfs"))
     func fullTmpfs() async {
-        bbReportChild(await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
-            bbFullTmpfsChild(failedAllocate: false)
-        })
+        bbReportChild(
+            await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+                bbFullTmpfsChild(failedAllocate: false)
+            })
     }
 
     @Test(
         "the same after an allocate refused with .noSpace",
         .enabled(if: bbSmallTmpfs != nil, "set BBMEDIA_SMALL_TMPFS to a directory on a small tmpfs"))
     func fullTmpfsAfterFailedAllocate() async {
-        bbReportChild(await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
-            bbFullTmpfsChild(failedAllocate: true)
-        })
+        bbReportChild(
+            await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+                bbFullTmpfsChild(failedAllocate: true)
+            })
     }
 }
 
@@ -1926,7 +2008,9 @@ struct BlackBoxMediaSparseBackingTests {
         return Int(info.st_blocks) * 512
     }
 
-    @Test("removed files give their tmpfs space back, or their blocks are reused: a new 1 MiB file does not grow the backing")
+    @Test(
+        "removed files give their tmpfs space back, or their blocks are reused: a new 1 MiB file does not grow the backing"
+    )
     func removedSpaceComesBack() throws {
         let path = bbPath("backing")
         defer { unlink(path) }
@@ -1949,7 +2033,9 @@ struct BlackBoxMediaSparseBackingTests {
         try small.write(chunk, at: 0)
         small.close()
         let after = backedBytes(path)
-        #expect(after <= peak + (256 << 10), "backing grew from \(peak) to \(after) bytes for a 1 MiB file after 16 MiB were freed")
+        #expect(
+            after <= peak + (256 << 10),
+            "backing grew from \(peak) to \(after) bytes for a 1 MiB file after 16 MiB were freed")
         #expect(try fs.check().isClean)
     }
 }

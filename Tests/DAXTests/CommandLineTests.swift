@@ -321,4 +321,32 @@ struct CommandLineTests {
         #expect(try runCommand("daxemu", ["fsck", "-d", device.path]).status == 0)
         #expect(try runCommand("daxemu", ["ls", "-a", "-d", device.path]).output == "./\n../\n")
     }
+
+    @Test("daxemu defrag gathers a fragmented file into one extent and says so")
+    func defragCommand() throws {
+        let device = DevicePath()
+        do {
+            let created = try PMemDevice.create(path: device.path, size: 8 << 20)
+            defer { created.close() }
+            let fs = try DAXFileSystem.format(created)
+            let file = try fs.create("/f")
+            let spacer = try fs.create("/spacer")
+            for page in 0..<12 {
+                try file.write(pattern(4096, seed: page), at: page * 4096)
+                try spacer.write([1], at: page * 4096)
+            }
+            file.close()
+            spacer.close()
+            try fs.remove("/spacer")
+            try fs.unmount()
+        }
+        let result = try runCommand("daxemu", ["defrag", "--device", device.path, "/f"])
+        #expect(result.status == 0, "\(result.errors)")
+        #expect(result.output == "/f: moved 12 pages; 12 extents before, 1 after\n", "\(result.output)")
+        let frames = try runCommand("daxemu", ["frames", "--device", device.path, "/f"])
+        #expect(frames.output.split(separator: "\n").count == 2, "\(frames.output)")
+        let bytes = try runCommand("daxemu", ["get", "--device", device.path, "/f", "-"])
+        #expect(Array(bytes.outputData) == (0..<12).flatMap { pattern(4096, seed: $0) })
+        expectCleanFailure(try runCommand("daxemu", ["defrag", "--device", device.path, "/missing"]))
+    }
 }

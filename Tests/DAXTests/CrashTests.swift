@@ -8,7 +8,9 @@ let longTests = ProcessInfo.processInfo.environment["DAX_LONG_TESTS"] == "1"
 
 @Suite("Crash consistency (SIGKILL)", .serialized)
 struct CrashTests {
-    @Test("a workload killed at random moments: mount recovers, check is clean, returned operations are there")
+    @Test(
+        "a workload killed after a random number of operations: mount recovers, check is clean, returned operations are there"
+    )
     func killedWorkload() throws {
         let kills = longTests ? 300 : 30
         let t = try TemporaryFileSystem(size: 32 << 20, name: "crash")
@@ -23,7 +25,12 @@ struct CrashTests {
                 Issue.record("kill \(kill): the worker did not start")
                 return
             }
-            usleep(UInt32(1_000 + random.next() % 40_000))
+            // Killed after a random number of operations returned, somewhere in the ones after.
+            let returnedBeforeKill = 1 + Int(random.next() % 40)
+            guard child.waitForLine(startingWith: "done \(returnedBeforeKill)") != nil else {
+                Issue.record("kill \(kill): the worker stopped before operation \(returnedBeforeKill)")
+                return
+            }
             child.kill()
             let done = child.lines.compactMap { $0.hasPrefix("done ") ? Int($0.dropFirst(5)) : nil }.last ?? -1
             operationsSurvived += done + 1
@@ -221,6 +228,44 @@ struct CrashTests {
         #expect(try fs.contentsOfDirectory("/") == ["f"])
         #expect(try fs.check().isClean)
     }
+
+    @Test("a crash after committing remove-while-open (a superblock record) is replayed by mount")
+    func committedOrphanRemovalIsReplayed() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "orphanreplay")
+        let f = try t.fs.create("/f")
+        f.close()
+        let sb = t.fs.superblock
+        let root = try t.fs.inode(1)
+        let entry = try #require(root.directory?.entries[Array("f".utf8)])
+        let slot = t.fs.slotOffset(root, entry.slot)
+        try t.fs.unmount()
+        // The transaction remove() commits for an open file: the name goes, the inode joins the
+        // orphan list, the superblock names it. Committed, never applied: a crash.
+        guard
+            case .success(var inode) = InodeRecord.decode(
+                ByteReader(t.device.base + sb.inodeOffset(entry.inode), count: 256))
+        else {
+            Issue.record("inode unreadable")
+            return
+        }
+        inode.linkCount = 0
+        var head = sb
+        head.orphanHead = entry.inode
+        var transaction = Transaction()
+        transaction.write(DirectoryFormat.emptySlot, at: slot)
+        transaction.write(inode.encode(), at: sb.inodeOffset(entry.inode))
+        transaction.write(head.encode(), at: 0)
+        let records = transaction.encodeForTesting()
+        try t.device.write(records, at: Int(sb.journalStart + 1) * 4096)
+        try t.device.write(
+            Journal.header(sequence: 99, committed: true, count: 3, records: records),
+            at: Int(sb.journalStart) * 4096)
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.contentsOfDirectory("/").isEmpty)
+        #expect(fs.statistics().files == 0)  // the orphan was freed by the mount
+        #expect(try fs.check().isClean)
+    }
 }
 
 @Suite("Corruption")
@@ -305,5 +350,78 @@ struct CorruptionTests {
         #expect((outcomes["refused: corrupted"] ?? 0) > 100, "\(outcomes)")
         #expect(outcomes.keys.allSatisfy { $0.hasPrefix("mounted") || $0 == "refused: corrupted" }, "\(outcomes)")
         #expect((repairs["repaired"] ?? 0) > 100, "\(repairs)")
+    }
+
+    @Test("crafted metadata with valid checksums is refused with .corrupted, never a trap")
+    func craftedMetadataIsRefused() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "crafted")
+        let sb = t.fs.superblock
+        try t.fs.unmount()
+        let original = try t.device.read(count: t.device.size, at: 0)
+
+        /// Every refusal leaves the device as it was.
+        func expectRefusedUnchanged(_ what: String) throws {
+            let before = try t.device.read(count: t.device.size, at: 0)
+            expectDAXError(.corrupted) { _ = try DAXFileSystem.mount(t.device) }
+            let report: CheckReport
+            do { report = try DAXFileSystem.check(t.device) } catch let error as DAXError {
+                #expect(error.code == .corrupted, "\(what)")
+                #expect(try t.device.read(count: t.device.size, at: 0) == before, "\(what)")
+                return
+            }
+            #expect(!report.isClean, "\(what): fsck calls a device mount refuses clean")
+            // The journal is named, or block 0's superblock when the backup stands in for it.
+            let named = report.problems.first.map {
+                $0.hasPrefix("journal:") || $0.hasPrefix("the superblock in block 0 is damaged")
+            }
+            #expect(named == true, "\(what): \(report)")
+            #expect(try t.device.read(count: t.device.size, at: 0) == before, "\(what)")
+        }
+
+        // A journal write record at an offset whose end overflows.
+        var transaction = Transaction()
+        transaction.write([1, 2, 3, 4], at: Int(sb.dataStart) * 4096)
+        var records = transaction.encodeForTesting()
+        withUnsafeBytes(of: UInt64(0xFFFF_FFFF_FFFF_FFFC).littleEndian) { records.replaceSubrange(8..<16, with: $0) }
+        let header = Journal.header(sequence: 7, committed: true, count: 1, records: records)
+        try t.device.write(records, at: Int(sb.journalStart + 1) * 4096)
+        try t.device.write(header, at: Int(sb.journalStart) * 4096)
+        try expectRefusedUnchanged("write record past the end of the address space")
+
+        // Records that do not match the committed header's checksum.
+        try t.device.write(original, at: 0)
+        try t.device.write(header, at: Int(sb.journalStart) * 4096)
+        try expectRefusedUnchanged("records that fail their checksum")
+
+        // A superblock whose bitmap size overflows the geometry arithmetic.
+        try t.device.write(original, at: 0)
+        var bad = sb
+        bad.bitmapBlocks = 0xFFFF_FFFF_FFFF_FFF0
+        try t.device.write(bad.encode(), at: 0)
+        #expect(!DAXFileSystem.isFormatted(t.device))
+        try expectRefusedUnchanged("superblock with an overflowing bitmap size")
+
+        // A well-formed committed transaction whose replay would break the file system (it zeroes
+        // the root's inode record): refused before the replay touches the device.
+        try t.device.write(original, at: 0)
+        var breaking = Transaction()
+        breaking.write([UInt8](repeating: 0, count: 256), at: Int(sb.inodeStart) * 4096)
+        let breakingRecords = breaking.encodeForTesting()
+        try t.device.write(breakingRecords, at: Int(sb.journalStart + 1) * 4096)
+        try t.device.write(
+            Journal.header(sequence: 9, committed: true, count: 1, records: breakingRecords),
+            at: Int(sb.journalStart) * 4096)
+        let crafted = try t.device.read(count: t.device.size, at: 0)
+        let refusal = expectDAXError(.corrupted) { _ = try DAXFileSystem.mount(t.device) }
+        #expect(refusal?.message.contains("after replaying its journal") == true, "\(String(describing: refusal))")
+        #expect(try t.device.read(count: t.device.size, at: 0) == crafted)
+        let report = try DAXFileSystem.check(t.device)
+        #expect(!report.isClean)
+        #expect(try t.device.read(count: t.device.size, at: 0) == crafted)
+
+        try t.device.write(original, at: 0)
+        let fs = try DAXFileSystem.mount(t.device)
+        #expect(try fs.check().isClean)
+        try fs.unmount()
     }
 }

@@ -119,4 +119,27 @@ struct DMATests {
         nic.deregister(region)
         mapping.unmap()
     }
+
+    @Test("DMA writes by frame land in the file, visible through its mapping and read()")
+    func dmaByFrameIsZeroCopy() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20)
+        let file = try t.fs.create("/f")
+        try file.truncate(to: 3 * 4096)
+        let mapping = try file.map(count: 3 * 4096)
+        let nic = DMAEngine(device: t.device)
+        let region = nic.register(try mapping.pin(offset: 0, count: 3 * 4096))
+        let message = pattern(6000, seed: 3)
+        try nic.write(message, to: region, at: 4000)  // across a page boundary
+        #expect(try file.read(count: 6000, at: 4000) == message)
+        #expect(UnsafeRawBufferPointer(start: mapping.baseAddress + 4000, count: 6000).elementsEqual(message))
+        #expect(try nic.read(count: 6000, from: region, at: 4000) == message)
+        expectDAXError(.invalidArgument) { try nic.write([1], to: region, at: 3 * 4096) }
+        let other = DMAEngine(device: try TemporaryDevice(size: 4 << 20).device)
+        expectDAXError(.invalidArgument) { try other.write([1], to: region, at: 0) }
+        nic.deregister(region)
+        nic.deregister(region)
+        expectDAXError(.invalidArgument) { try nic.write([1], to: region, at: 0) }
+        #expect(region.isDeregistered && !region.isRevoked)
+        mapping.unmap()
+    }
 }

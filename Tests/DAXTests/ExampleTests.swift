@@ -44,8 +44,10 @@ struct ExampleTests {
         for round in 0..<(longTests ? 20 : 4) {
             let child = try ChildProcess(
                 "kvstore", ["--device", e.path, "--file", "/kv", "load", "--count", "2000000"])
-            _ = child.waitForLine(startingWith: "0")
-            usleep(UInt32(20_000 + random.next() % 200_000))
+            // Killed once a random number of keys is in, somewhere in the next ones. Keys are
+            // printed in order, so the first line starting with the number is the number.
+            let keysBeforeKill = 200 + Int(random.next() % 20_000)
+            #expect(child.waitForLine(startingWith: "\(keysBeforeKill)") != nil, "round \(round): load stopped early")
             child.kill()
             let printed = child.lines.compactMap { Int($0) }
             #expect(!printed.isEmpty, "round \(round): load printed nothing")
@@ -98,7 +100,9 @@ struct ExampleTests {
     @Test("kvstore and pmemlog refuse damaged files with one line, never a trap")
     func damagedFilesAreRefused() throws {
         let e = try ExampleDevice()
-        let kv = { (arguments: [String]) in try runCommand("kvstore", ["--device", e.path, "--buckets", "64"] + arguments) }
+        let kv = { (arguments: [String]) in
+            try runCommand("kvstore", ["--device", e.path, "--buckets", "64"] + arguments)
+        }
         let log = { (arguments: [String]) in try runCommand("pmemlog", ["--device", e.path] + arguments) }
         #expect(try kv(["put", "k", "v"]).status == 0)
         #expect(try log(["append", "one", "two"]).status == 0)
@@ -137,7 +141,8 @@ struct ExampleTests {
     func failedCreationLeavesNothing() throws {
         let e = try ExampleDevice(size: "24M")
         // 1M buckets need 8 MiB plus a 16 MiB log: more than the device has. 1024 buckets fit.
-        expectCleanFailure(try runCommand("kvstore", ["--device", e.path, "put", "a", "b"]), "kvstore", mentioning: "no space")
+        expectCleanFailure(
+            try runCommand("kvstore", ["--device", e.path, "put", "a", "b"]), "kvstore", mentioning: "no space")
         #expect(try runCommand("daxemu", ["ls", "-a", "-d", e.path, "/"]).output == "./\n../\n")
         #expect(try runCommand("kvstore", ["--device", e.path, "--buckets", "1024", "put", "a", "b"]).status == 0)
         #expect(try runCommand("kvstore", ["--device", e.path, "get", "a"]).output == "b\n")

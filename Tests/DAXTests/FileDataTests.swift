@@ -262,4 +262,74 @@ struct FileDataTests {
         }
         #expect(try fs.check().isClean)
     }
+
+    @Test("an allocation too large for the journal throws .noSpace, gives everything back, and crashes nothing")
+    func allocationTooLargeForJournal() throws {
+        var options = DAXFileSystem.FormatOptions()
+        options.journalBlocks = 8
+        let t = try TemporaryFileSystem(size: 32 << 20, options: options, name: "smalljournal")
+        let a = try t.fs.create("/a")
+        try a.allocate(offset: 0, count: 5000 * 4096)
+        let filler = try t.fs.create("/filler")
+        try filler.allocate(offset: 0, count: t.fs.statistics().freeBlocks * 4096)
+        // Free every other block: the free space is 2500 single blocks. An allocation taking them
+        // all needs about 10 extent leaves, more than the 7 blocks of the journal's record area.
+        for page in stride(from: 1, to: 5000, by: 2) {
+            try a.punchHole(offset: page * 4096, count: 4096, ifBusy: .fail)
+        }
+        let free = t.fs.statistics().freeBlocks
+        let b = try t.fs.create("/b")
+        let error = expectDAXError(.noSpace) { try b.allocate(offset: 0, count: (free - 20) * 4096) }
+        #expect(error?.message.contains("journal") == true)
+        #expect(t.fs.statistics().freeBlocks == free)
+        #expect(b.size == 0)
+        try b.allocate(offset: 0, count: 8 * 4096)  // a smaller one fits
+        #expect(try t.fs.check().isClean)
+    }
+
+    @Test("a file of exactly the largest size: truncate and a write of its last byte, then remount clean")
+    func largestFileSize() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "largest")
+        let largest = DAXFileSystem.maximumFileSize
+        let file = try t.fs.create("/f")
+        try file.write([1, 2, 3], at: 0)
+        try file.truncate(to: largest)
+        #expect(file.size == largest)
+        try file.write([9], at: largest - 1)
+        #expect(try file.read(count: 1, at: largest - 1) == [9])
+        expectDAXError(.invalidArgument) { try file.truncate(to: largest + 1) }
+        expectDAXError(.invalidArgument) { try file.write([1], at: largest) }
+        #expect(try t.fs.check().isClean)
+        file.close()
+        let again = try t.remount()
+        let reopened = try again.open("/f")
+        #expect(reopened.size == largest)
+        #expect(try reopened.read(count: 3, at: 0) == [1, 2, 3])
+        #expect(try reopened.read(count: 1, at: largest - 1) == [9])
+        reopened.close()
+        #expect(try again.check().isClean)
+        try again.unmount()
+    }
+
+    @Test("a punch that covers the last, partly filled page frees its block")
+    func punchFreesPartialLastPage() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "punchlast")
+        let file = try t.fs.create("/p")
+        let data = pattern(2 * 4096 + 10, seed: 4)
+        try file.write(data, at: 0)
+        let free = t.fs.statistics().freeBlocks
+        try file.punchHole(offset: 2 * 4096 + 5, count: 4096)  // not from the page's start: zeroes only
+        #expect(try file.frames(offset: 2 * 4096, count: 1)[0] != nil)
+        #expect(try file.read(count: 10, at: 2 * 4096) == Array(data[8192..<8197]) + [0, 0, 0, 0, 0])
+        try file.punchHole(offset: 2 * 4096, count: 10)  // exactly to the end of the file
+        #expect(try file.frames(offset: 2 * 4096, count: 1) == [nil])
+        #expect(t.fs.statistics().freeBlocks == free + 1)
+        #expect(file.size == 2 * 4096 + 10)
+        #expect(try file.read(count: 10, at: 2 * 4096) == [UInt8](repeating: 0, count: 10))
+        try file.punchHole(offset: 4096, count: 100 * 4096)
+        #expect(try file.frames(offset: 0, count: 3 * 4096).map { $0 == nil } == [false, true, true])
+        #expect(t.fs.statistics().freeBlocks == free + 2)
+        #expect(try file.read(count: 4096, at: 0) == Array(data[0..<4096]))
+        #expect(try t.fs.check().isClean)
+    }
 }

@@ -22,18 +22,24 @@ struct PageMapTests {
     @Test("a descriptor is 16 bytes, measured three ways")
     func descriptorSize() throws {
         // The type's stride, the distance between two descriptors in the table, and the memory the
-        // kernel backs after touching 4096 descriptors.
+        // kernel backs after touching 4096 descriptors (or, where transparent huge pages may back
+        // the table, as many as fill one huge page, starting at a huge-page boundary).
         #expect(PageMap.bytesPerDescriptor <= 16)
         let pages = try PageMap(pageCount: 1 << 20)
         let first = pages.table.descriptor(0)
         let second = pages.table.descriptor(1)
         #expect(UnsafeRawPointer(second) - UnsafeRawPointer(first) == PageMap.bytesPerDescriptor)
         #expect(pages.residentTableBytes == 0)
-        for frame in stride(from: UInt64(0), to: 4096, by: 1) {
+        let granule = Residency.granule(of: first)
+        let start = Int(bitPattern: first)
+        let boundary = (start + granule - 1) / granule * granule
+        let firstTouched = UInt64((boundary - start) / 16)
+        let touched = UInt64(max(4096, granule / 16))
+        for frame in firstTouched..<(firstTouched + touched) {
             #expect(pages.markAllocated(frame, inode: 1, index: frame))
         }
         let resident = pages.residentTableBytes
-        #expect(resident == 4096 * PageMap.bytesPerDescriptor)
+        #expect(resident == Int(touched) * PageMap.bytesPerDescriptor, "granule \(granule)")
         #expect(pages.reservedTableBytes == (1 << 20) * PageMap.bytesPerDescriptor)
     }
 
@@ -46,7 +52,9 @@ struct PageMapTests {
         #expect(pages.markAllocated(far.rawValue, inode: 3, index: 99))
         let state = pages.state(of: far)
         #expect(state.isAllocated && state.ownerInode == 3 && state.ownerPageIndex == 99)
-        #expect(pages.residentTableBytes == Int(getpagesize()))
+        // Touching one descriptor backs its page, or the huge page holding it.
+        let granule = Residency.granule(of: pages.table.descriptor(far.rawValue))
+        #expect([Residency.pageSize, granule].contains(pages.residentTableBytes), "granule \(granule)")
     }
 
     @Test("pin raises refCount and pinCount; release drops them exactly once")
@@ -176,45 +184,50 @@ struct PageMapTests {
         #expect(!pages.tryGet(PageFrameNumber(rawValue: 900)))  // not allocated
     }
 
-    @Test("an idle wait wakes when the last pin goes")
+    @Test("an idle wait sleeps through a release that leaves a pin, and wakes when the last pin goes")
     func idleWaitWakes() throws {
         let temporary = try Self.device()
         let pages = temporary.device.pages
         let frames = (30..<34).map { PageFrameNumber(rawValue: $0) }
         let holder = PinBox(try pages.pin(frames))
         let second = PinBox(try pages.pin(first: PageFrameNumber(rawValue: 32), count: 1))
-        let wakeUpsBefore = pages.table.core.pointee.waitQueue.wakeUps.load(ordering: .relaxed)
-        let started = ContinuousClock.now
-        let released = Atomic<Bool>(false)
-        let thread = Thread {
-            Thread.sleep(forTimeInterval: 0.1)
-            second.release()
-            Thread.sleep(forTimeInterval: 0.1)
-            released.store(true, ordering: .sequentiallyConsistent)
+        let wakeUpsBefore = pages.wakeUps
+        let released = Flag()
+        let wokenByLastRelease = Flag()
+        let finished = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            // The waiter marks the first busy page, 30, before it sleeps.
+            spinUntil { pages.hasSleeper(on: frames[0]) }
+            second.release()  // page 32 keeps the holder's pin: no wake-up is due
+            let wakeUps = pages.wakeUps
+            released.raise()
             holder.release()
+            if pages.wakeUps > wakeUps { wokenByLastRelease.raise() }
+            finished.signal()
         }
-        thread.start()
         #expect(pages.waitUntilIdle(frames, timeout: .seconds(20)))
-        let elapsed = ContinuousClock.now - started
-        let releasedFirst = released.load(ordering: .sequentiallyConsistent)
-        #expect(releasedFirst)
-        #expect(elapsed >= .milliseconds(190))
-        #expect(elapsed < .seconds(10))
-        #expect(pages.table.core.pointee.waitQueue.wakeUps.load(ordering: .relaxed) > wakeUpsBefore)
+        #expect(released.isRaised, "returned before the last pin went")
+        finished.wait()
+        #expect(wokenByLastRelease.isRaised)
+        #expect(pages.wakeUps > wakeUpsBefore)
         for frame in frames { #expect(pages.state(of: frame).pinCount == 0) }
     }
 
-    @Test("an idle wait times out while a pin is held")
+    @Test("an idle wait times out while a pin is held, having slept on the page")
     func idleWaitTimesOut() throws {
         let temporary = try Self.device()
         let pages = temporary.device.pages
         let frame = PageFrameNumber(rawValue: 40)
         let pin = try pages.pin(first: frame, count: 1)
-        let started = ContinuousClock.now
+        #expect(!pages.hasSleeper(on: frame))
         #expect(!pages.waitUntilIdle([frame], timeout: .milliseconds(200)))
-        #expect(ContinuousClock.now - started >= .milliseconds(200))
+        // It slept: it marked the page for a wake-up that never came, and the mark is still there.
+        #expect(pages.hasSleeper(on: frame))
         #expect(pages.state(of: frame).pinCount == 1)
+        let wakeUps = pages.wakeUps
         pin.release()
+        #expect(!pages.hasSleeper(on: frame))  // the release found the mark and cleared it
+        #expect(pages.wakeUps == wakeUps + 1)
         #expect(pages.waitUntilIdle([frame], timeout: .zero))
     }
 

@@ -34,7 +34,10 @@ struct ReadOnlyCommandTests {
         let get = try asNobody(["get", "--device", device.path, "/file", "-"])
         #expect(get.status == 0, "\(get.errors)")
         #expect(Array(get.outputData) == pattern(10_000))
-        for command in [["frames", "--device", device.path, "/file"], ["map", "--device", device.path], ["fsck", "--device", device.path]] {
+        for command in [
+            ["frames", "--device", device.path, "/file"], ["map", "--device", device.path],
+            ["fsck", "--device", device.path],
+        ] {
             let result = try asNobody(command)
             #expect(result.status == 0, "\(command[0]): \(result.errors)")
         }

@@ -93,7 +93,7 @@ struct ReadOnlyTests {
         let first = try prepared.openReadOnly()
         let second = try prepared.openReadOnly()
         let writer = try PMemDevice.open(path: prepared.path)
-        defer { [first, second, writer].forEach { $0.close() } }
+        defer { for device in [first, second, writer] { device.close() } }
         let a = try DAXFileSystem.mount(first, access: .readOnly)
         let b = try DAXFileSystem.mount(second, access: .readOnly)
         #expect(try DAXFileSystem.check(writer).isClean)
@@ -116,7 +116,8 @@ struct ReadOnlyTests {
             let device = try PMemDevice.open(path: prepared.path)
             defer { device.close() }
             let offline = try DAXFileSystem.check(device)
-            #expect(offline.notes.contains { $0.contains("1 removed files are still on the orphan list") }, "\(offline)")
+            #expect(
+                offline.notes.contains { $0.contains("1 removed files are still on the orphan list") }, "\(offline)")
         }
         let before = try prepared.image
         let device = try prepared.openReadOnly()

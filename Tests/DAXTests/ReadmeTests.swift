@@ -61,7 +61,8 @@ struct ReadmeTests {
 
         var readOnly = PMemDevice.Options()
         readOnly.readOnly = true
-        let reader = try DAXFileSystem.mount(try PMemDevice.open(path: device.path, options: readOnly), access: .readOnly)
+        let reader = try DAXFileSystem.mount(
+            try PMemDevice.open(path: device.path, options: readOnly), access: .readOnly)
         let report = try DAXFileSystem.repair(otherDevice)
 
         #expect(try reader.open("/draft", access: .readOnly).read(count: 5, at: 0) == Array("draft".utf8))

@@ -17,7 +17,10 @@ final class ProblemLog: @unchecked Sendable {
 struct StressTests {
     @Test("pinners, DMA writers, a truncating thread and file churn at once: no byte where it does not belong")
     func pinTruncateChurn() throws {
-        let seconds = longTests ? 30.0 : 2.5
+        // Each RDMA server pins this many times, each other user makes this many files; the
+        // administrator truncates until the servers are done.
+        let pinsPerServer = longTests ? 2000 : 150
+        let filesPerUser = longTests ? 2000 : 150
         let t = try TemporaryFileSystem(size: 48 << 20, name: "stress")
         let fs = t.fs
         let pages = 64
@@ -25,9 +28,10 @@ struct StressTests {
         try shared.write(pattern(pages * 4096), at: 0)
         let nic = DMAEngine(device: t.device)
         let contents = (0..<4).map { pattern(pages * 4096, seed: $0) }
-        let deadline = Date().addingTimeInterval(seconds)
         let problems = ProblemLog()
         let counts = (pins: Counter(), dma: Counter(), truncates: Counter(), files: Counter(), quarantines: Counter())
+        let administratorRounds = Counter()
+        let serversDone = Counter()
 
         onThreads(5) { role in
             var random = SeededRandom(seed: UInt64(role) &* 7919)
@@ -35,13 +39,16 @@ struct StressTests {
             case 0, 1:
                 // An RDMA server: map, pin part of the file, let the NIC write markers, let go.
                 let marker = [UInt8](repeating: 0xD0 | UInt8(role), count: 512)
-                while Date() < deadline {
+                defer { serversDone.increment() }
+                var pinned = 0
+                while pinned < pinsPerServer {
                     let size = shared.size
                     guard size >= 4096, let mapping = try? shared.map(count: size / 4096 * 4096) else { continue }
                     let first = Int(random.next() % UInt64(size / 4096))
                     let count = 1 + Int(random.next() % UInt64(min(8, size / 4096 - first)))
                     if let pin = try? mapping.pin(offset: first * 4096, count: count * 4096) {
                         counts.pins.increment()
+                        pinned += 1
                         let region = nic.register(pin)
                         for round in 0..<3 {
                             do {
@@ -50,7 +57,9 @@ struct StressTests {
                             } catch {
                                 problems.add("DMA write failed: \(error)")
                             }
-                            usleep(UInt32(random.next() % 400))  // the transfer takes its time
+                            // The transfer takes its time: the administrator goes round at least once.
+                            let seen = administratorRounds.value
+                            spinUntil { administratorRounds.value > seen }
                         }
                         nic.deregister(region)
                     }
@@ -58,7 +67,8 @@ struct StressTests {
                 }
             case 2:
                 // The administrator: truncate under the NIC with .deferFree, then grow again.
-                while Date() < deadline {
+                while serversDone.value < 2 {
+                    defer { administratorRounds.increment() }
                     do {
                         try shared.truncate(to: Int(random.next() % UInt64(pages)) * 4096, ifBusy: .deferFree)
                         counts.truncates.increment()
@@ -75,9 +85,7 @@ struct StressTests {
                 }
             default:
                 // Other users: files that must hold exactly what they wrote.
-                var index = 0
-                while Date() < deadline {
-                    index += 1
+                for index in 1...filesPerUser {
                     let path = "/churn-\(role)-\(index)"
                     let bytes = random.bytes(4096 * (1 + Int(random.next() % 12)))
                     do {

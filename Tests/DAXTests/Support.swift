@@ -202,3 +202,10 @@ final class ChildProcess: @unchecked Sendable {
         while readMore() {}
     }
 }
+
+/// A count shared with callbacks.
+final class Counter: Sendable {
+    private let count = Atomic(0)
+    func increment() { count.wrappingAdd(1, ordering: .relaxed) }
+    var value: Int { count.load(ordering: .relaxed) }
+}

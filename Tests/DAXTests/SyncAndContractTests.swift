@@ -15,7 +15,8 @@ struct SyncAndContractTests {
         let frames = try file.frames(offset: 0, count: 3 * 4096).map { $0! }
         let mapping = try file.map(count: 3 * 4096)
         for page in 0..<3 {
-            mapping.baseAddress.storeBytes(of: 0xA0A0_0000 + UInt64(page), toByteOffset: page * 4096 + 64, as: UInt64.self)
+            mapping.baseAddress.storeBytes(
+                of: 0xA0A0_0000 + UInt64(page), toByteOffset: page * 4096 + 64, as: UInt64.self)
         }
         let before = try emulated.image(.none)
         for frame in frames { #expect(load(before, at: frame.deviceOffset + 64) == 0) }
@@ -82,7 +83,9 @@ struct SyncAndContractTests {
         #expect(Set(after).count == 8)
         for page in 0..<8 {
             #expect(try file.read(count: 4096, at: page * 4096) == pattern(4096, seed: page), "page \(page)")
-            #expect(mapping.baseAddress.load(fromByteOffset: page * 4096 + 7, as: UInt8.self) == pattern(4096, seed: page)[7])
+            #expect(
+                mapping.baseAddress.load(fromByteOffset: page * 4096 + 7, as: UInt8.self)
+                    == pattern(4096, seed: page)[7])
             #expect(t.device.pages.state(of: after[page]).mapCount == (page == 1 || page == 2 ? 2 : 1))
         }
         #expect(second.baseAddress.load(fromByteOffset: 5, as: UInt8.self) == pattern(4096, seed: 1)[5])
@@ -151,7 +154,8 @@ struct SyncAndContractTests {
                 // Migrate until both pinners are done, then once more.
                 repeat {
                     do {
-                        migrated.wrappingAdd(try file.migrate(offset: 0, count: pages * 4096).migrated, ordering: .relaxed)
+                        migrated.wrappingAdd(
+                            try file.migrate(offset: 0, count: pages * 4096).migrated, ordering: .relaxed)
                     } catch { problems.add("migrate: \(error)") }
                 } while pinnersDone.load(ordering: .acquiring) < 2
                 return
@@ -162,11 +166,15 @@ struct SyncAndContractTests {
                 let canary = UInt64(role + 1) << 56 | UInt64(round)
                 do {
                     let region = nic.register(try mapping.pin(offset: slot, count: 8))
-                    try withUnsafeBytes(of: canary.littleEndian) { try nic.write(from: $0, to: region, at: slot % 4096) }
+                    try withUnsafeBytes(of: canary.littleEndian) {
+                        try nic.write(from: $0, to: region, at: slot % 4096)
+                    }
                     nic.deregister(region)
                     let bytes = try file.read(count: 8, at: slot)
                     let seen = bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-                    if UInt64(littleEndian: seen) != canary { problems.add("round \(round): page \(page) lost a DMA write") }
+                    if UInt64(littleEndian: seen) != canary {
+                        problems.add("round \(round): page \(page) lost a DMA write")
+                    }
                 } catch { problems.add("pinner \(role): \(error)") }
             }
             pinnersDone.wrappingAdd(1, ordering: .releasing)
@@ -177,33 +185,5 @@ struct SyncAndContractTests {
         #expect(statistics.pinsAcquired == statistics.pinsReleased && statistics.pinnedPages == 0)
         #expect(try t.fs.check().isClean)
         mapping.unmap()
-    }
-
-    @Test("daxemu defrag gathers a fragmented file into one extent and says so")
-    func defragCommand() throws {
-        let device = DevicePath()
-        do {
-            let created = try PMemDevice.create(path: device.path, size: 8 << 20)
-            defer { created.close() }
-            let fs = try DAXFileSystem.format(created)
-            let file = try fs.create("/f")
-            let spacer = try fs.create("/spacer")
-            for page in 0..<12 {
-                try file.write(pattern(4096, seed: page), at: page * 4096)
-                try spacer.write([1], at: page * 4096)
-            }
-            file.close()
-            spacer.close()
-            try fs.remove("/spacer")
-            try fs.unmount()
-        }
-        let result = try runCommand("daxemu", ["defrag", "--device", device.path, "/f"])
-        #expect(result.status == 0, "\(result.errors)")
-        #expect(result.output == "/f: moved 12 pages; 12 extents before, 1 after\n", "\(result.output)")
-        let frames = try runCommand("daxemu", ["frames", "--device", device.path, "/f"])
-        #expect(frames.output.split(separator: "\n").count == 2, "\(frames.output)")
-        let bytes = try runCommand("daxemu", ["get", "--device", device.path, "/f", "-"])
-        #expect(Array(bytes.outputData) == (0..<12).flatMap { pattern(4096, seed: $0) })
-        expectCleanFailure(try runCommand("daxemu", ["defrag", "--device", device.path, "/missing"]))
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 
 @testable import DAX
@@ -106,6 +107,44 @@ struct UnnamedFileTests {
         defer { try? fs.unmount() }
         #expect(try fs.contentsOfDirectory("/") == [])
         #expect(fs.statistics().freeBlocks == free)
+        #expect(try fs.check().isClean)
+    }
+
+    @Test("createAtomically: concurrent calls for one path never mix; a failed one leaves the other's file")
+    func concurrentCreateAtomicallyNeverMixes() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "atomic")
+        let fs = t.fs
+        try fs.createDirectory("/dir")
+        struct Halfway: Error {}
+        for round in 0..<20 {
+            let path = "/dir/é\(round)"
+            let winner = pattern(40_000, seed: round)
+            let outcomes = Mutex<[Bool]>([])
+            // The two builds take turns, a chunk each, so that both are half done at once.
+            let turns = Turns(2)
+            onThreads(2) { index in
+                defer { turns.leave(index) }
+                let succeeded =
+                    (try? fs.createAtomically(path) { file in
+                        for chunk in stride(from: 0, to: winner.count, by: 4096) {
+                            turns.wait(index)
+                            defer { turns.pass(index) }
+                            let bytes = index == 0 ? winner : pattern(winner.count, seed: 1000 + round)
+                            try file.write(Array(bytes[chunk..<min(chunk + 4096, bytes.count)]), at: chunk)
+                            if index == 1, chunk >= 16384 { throw Halfway() }
+                        }
+                    }) != nil
+                outcomes.withTrackedLock { $0.append(succeeded && index == 0) }
+            }
+            #expect(outcomes.withTrackedLock { $0.filter { $0 }.count } == 1, "round \(round): the whole build failed")
+            let file = try fs.open(path)
+            #expect(try file.read(count: 50_000, at: 0) == winner, "round \(round)")
+            file.close()
+        }
+        // The files were built unnamed: no temporary name was ever in a directory, none is left.
+        #expect(try fs.contentsOfDirectory("/dir").count == 20)
+        #expect(try fs.contentsOfDirectory("/") == ["dir"])
+        #expect(fs.statistics().files == 20)
         #expect(try fs.check().isClean)
     }
 }

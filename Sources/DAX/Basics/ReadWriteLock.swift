@@ -1,9 +1,16 @@
 import Glibc
+import Synchronization
 
 /// A reader-writer lock (`pthread_rwlock_t`, writers preferred so a stream of readers cannot
-/// starve a truncate). Not recursive.
+/// starve a truncate). Not recursive. Only scoped: ``withReadLock(_:)`` and ``withWriteLock(_:)``.
+///
+/// It counts the threads that wait for it (``queuedReaders``, ``queuedWriters``): a test can wait
+/// until another thread is blocked here rather than guess with a sleep. Counting costs nothing
+/// when the lock is free, since a thread counts itself only after a try-lock failed.
 final class ReadWriteLock: @unchecked Sendable {
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
+    private let waitingReaders = Atomic<Int>(0)
+    private let waitingWriters = Atomic<Int>(0)
 
     init() {
         lock = .allocate(capacity: 1)
@@ -21,18 +28,28 @@ final class ReadWriteLock: @unchecked Sendable {
     }
 
     func withReadLock<T: ~Copyable>(_ body: () throws -> T) rethrows -> T {
-        pthread_rwlock_rdlock(lock)
+        if pthread_rwlock_tryrdlock(lock) != 0 {
+            waitingReaders.wrappingAdd(1, ordering: .relaxed)
+            pthread_rwlock_rdlock(lock)
+            waitingReaders.wrappingSubtract(1, ordering: .relaxed)
+        }
         defer { pthread_rwlock_unlock(lock) }
         return try body()
     }
 
     func withWriteLock<T: ~Copyable>(_ body: () throws -> T) rethrows -> T {
-        pthread_rwlock_wrlock(lock)
+        if pthread_rwlock_trywrlock(lock) != 0 {
+            waitingWriters.wrappingAdd(1, ordering: .relaxed)
+            pthread_rwlock_wrlock(lock)
+            waitingWriters.wrappingSubtract(1, ordering: .relaxed)
+        }
         defer { pthread_rwlock_unlock(lock) }
         return try body()
     }
 
-    func lockForWriting() { pthread_rwlock_wrlock(lock) }
-    func lockForReading() { pthread_rwlock_rdlock(lock) }
-    func unlock() { pthread_rwlock_unlock(lock) }
+    /// Threads blocked waiting to read (counted from just before they block until they hold it).
+    var queuedReaders: Int { waitingReaders.load(ordering: .relaxed) }
+
+    /// Threads blocked waiting to write.
+    var queuedWriters: Int { waitingWriters.load(ordering: .relaxed) }
 }
