@@ -32,7 +32,9 @@ final class ReadWriteLock: @unchecked Sendable {
         return try body()
     }
 
-    func lockForWriting() { pthread_rwlock_wrlock(lock) }
+    /// Takes the lock shared until ``unlock()``: only for a test that holds it across threads.
+    /// Everything else uses the scoped forms, or guards its data with ``ReadWriteLocked``.
     func lockForReading() { pthread_rwlock_rdlock(lock) }
+    /// Lets go of the lock taken with ``lockForReading()``.
     func unlock() { pthread_rwlock_unlock(lock) }
 }
