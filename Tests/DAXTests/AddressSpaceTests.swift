@@ -55,7 +55,7 @@ struct AddressSpaceTests {
         // the file then would need that lock. It is freed once the operation is over.
         var freeInside = 0
         fs.namespace.run {
-            inode.lock.withWriteLock {
+            inode.contents.write { _ in
                 mapping = nil
                 freeInside = fs.allocator.freeBlocks
             }

@@ -70,10 +70,9 @@ struct Checker {
                 problems.append("the orphan list on the device \(scan.orphans) differs from the mounted one")
             }
             // Directories change only under the namespace lock, which is held: compare them now.
-            for (number, inode) in namespace.table.withTrackedLock({ $0.inodes }) where inode.directory != nil {
-                if inode.directory?.entries.mapValues(\.inode)
-                    != scan.inodes[number]?.directory?.entries.mapValues(\.inode)
-                {
+            for (number, inode) in namespace.table.withTrackedLock({ $0.inodes }) where inode.isDirectory {
+                guard let entries = inode.contents.read({ $0.directory?.entries.mapValues(\.inode) }) else { continue }
+                if entries != scan.inodes[number]?.directory?.entries.mapValues(\.inode) {
                     problems.append("directory \(number): entries in memory differ from the device")
                 }
             }
@@ -109,34 +108,34 @@ struct Checker {
 
     /// Compares one inode's DRAM state with the device, under its lock.
     private func compare(_ inode: Inode) -> [String] {
-        inode.lock.withReadLock {
+        inode.contents.read { contents in
             // Freed since the table was read, or about to be: nothing on the device to compare.
-            if inode.isFreed || inode.users.withTrackedLock({ $0.reclaimed }) { return [] }
+            if contents.isFreed || inode.users.withTrackedLock({ $0.reclaimed }) { return [] }
             let reader = ByteReader(namespace.volume.device.base + namespace.volume.superblock.inodeOffset(inode.number), count: Superblock.inodeSize)
             guard case .success(let record) = InodeRecord.decode(reader), record.kind != .free else {
                 return ["inode \(inode.number) is in use in memory but not on the device"]
             }
             var problems: [String] = []
-            if record.kind != inode.record.kind || record.size != inode.record.size
-                || record.linkCount != inode.record.linkCount
+            if record.kind != contents.record.kind || record.size != contents.record.size
+                || record.linkCount != contents.record.linkCount
             {
                 problems.append(
-                    "inode \(inode.number): memory says \(inode.record.kind) of \(counted(inode.record.size, "byte")) "
-                        + "with \(inode.record.linkCount) links, the device \(record.kind) of \(record.size) with "
+                    "inode \(inode.number): memory says \(contents.record.kind) of \(counted(contents.record.size, "byte")) "
+                        + "with \(contents.record.linkCount) links, the device \(record.kind) of \(record.size) with "
                         + "\(record.linkCount)")
             }
-            var stored = inode.record
-            inode.extents.store(into: &stored)
+            var stored = contents.record
+            contents.extents.store(into: &stored)
             if stored.extentCount != record.extentCount || stored.leafCount != record.leafCount
                 || stored.firstLeaf != record.firstLeaf || stored.inlineExtents != record.inlineExtents
             {
                 problems.append("inode \(inode.number): extents in memory differ from the device")
             }
-            for leaf in inode.extents.leafBlocks.enumerated() {
+            for leaf in contents.extents.leafBlocks.enumerated() {
                 let leafReader = ByteReader(
                     namespace.volume.device.base + Int(leaf.element) * Superblock.blockSize, count: Superblock.blockSize)
                 guard case .success(let (extents, _)) = ExtentLeaf.decode(leafReader, owner: inode.number),
-                    extents == inode.extents.leaves[leaf.offset].extents
+                    extents == contents.extents.leaves[leaf.offset].extents
                 else {
                     problems.append("inode \(inode.number): extent leaf \(leaf.offset) differs from the device")
                     continue

@@ -52,7 +52,7 @@ extension Volume {
 extension Namespace {
     /// Why `name` is not among `directory`'s entries when damage may explain it: the entry names
     /// a damaged inode, or one of the directory's blocks is damaged. Nil: the name is not there.
-    func damageHiding(_ name: [UInt8], in directory: Inode, path: String) -> DAXError? {
+    func damageHiding(_ name: [UInt8], in directory: Inode.Contents, path: String) -> DAXError? {
         guard let index = directory.directory else { return nil }
         if let number = index.damagedEntries[name] {
             let reason = volume.damage.inodes[number].map { " (\($0))" } ?? ""

@@ -2,8 +2,8 @@ import Glibc
 
 /// The data path of regular files: write, read, allocate, the plans of truncate and punch, and
 /// the moves of migration. It answers in values (extents added, a plan to commit, the blocks
-/// freed) and never looks at a mapping: the mapping layer shows what changed. Callers hold the
-/// inode's lock (exclusively to change anything).
+/// freed) and never looks at a mapping: the mapping layer shows what changed. Each function takes
+/// the file's ``Inode/Contents`` as the inode's lock hands them out (`inout`: held exclusively).
 struct FileData: Sendable {
     let volume: Volume
 
@@ -40,13 +40,13 @@ struct FileData: Sendable {
     /// Allocates blocks for the holes of `pages` into `map` and `change`, zeroing them as told.
     /// Returns the new extents. Gives nothing back on failure: the caller abandons `change`.
     func fillHoles(
-        _ inode: Inode, _ pages: Range<UInt64>, map: inout ExtentMap, change: inout PendingChange, zeroing: Zeroing
+        of inode: UInt32, _ pages: Range<UInt64>, map: inout ExtentMap, change: inout PendingChange, zeroing: Zeroing
     ) throws -> [Extent] {
         var added: [Extent] = []
         for hole in map.holes(in: pages) {
             let runs = try volume.allocateBacked(
                 Int(hole.count), goal: map.goal(before: hole.lowerBound),
-                inode: inode.number, firstIndex: hole.lowerBound)
+                inode: inode, firstIndex: hole.lowerBound)
             change.allocate(runs, superblock: volume.superblock)
             var logical = hole.lowerBound
             var extents: [Extent] = []
@@ -61,7 +61,7 @@ struct FileData: Sendable {
                     remaining -= length
                 }
             }
-            try volume.editExtents(&map, of: inode.number, replacing: hole, with: extents, change: &change)
+            try volume.editExtents(&map, of: inode, replacing: hole, with: extents, change: &change)
             added += extents
         }
         for extent in added { zero(extent, zeroing) }
@@ -89,7 +89,7 @@ struct FileData: Sendable {
 
     /// Zeroes the bytes of the page holding `size` that lie past it: stores through a mapping may
     /// have left data there, which must not reappear when the file grows.
-    func zeroPastEnd(of inode: Inode, size: Int, map: ExtentMap) {
+    func zeroPastEnd(size: Int, map: ExtentMap) {
         guard size % Self.pageSize != 0, let extent = map.extent(containing: Self.page(size)) else { return }
         let page = Self.page(size)
         let offset = Int(extent.block(for: page)) * Self.pageSize + size % Self.pageSize
@@ -98,8 +98,8 @@ struct FileData: Sendable {
 
     /// The device offset of file bytes `offset..<end` when one extent holds them all.
     @inline(__always)
-    private func contiguousDeviceOffset(_ inode: Inode, _ offset: Int, _ end: Int) -> Int? {
-        guard let extent = inode.extents.extent(containing: Self.page(offset)),
+    private func contiguousDeviceOffset(_ file: Inode.Contents, _ offset: Int, _ end: Int) -> Int? {
+        guard let extent = file.extents.extent(containing: Self.page(offset)),
             Int(extent.logicalEnd) * Self.pageSize >= end
         else { return nil }
         return Int(extent.physical) * Self.pageSize + offset - Int(extent.logical) * Self.pageSize
@@ -109,29 +109,29 @@ struct FileData: Sendable {
     /// Returns the extents it added (blocks for holes), which mappings that showed nothing there
     /// must now show.
     @discardableResult
-    func writeData(_ inode: Inode, _ source: UnsafeRawBufferPointer, at offset: Int) throws -> [Extent] {
+    func writeData(_ file: inout Inode.Contents, _ source: UnsafeRawBufferPointer, at offset: Int) throws -> [Extent] {
         let end = offset + source.count
-        if end <= Int(inode.record.size), let deviceOffset = contiguousDeviceOffset(inode, offset, end) {
+        if end <= Int(file.record.size), let deviceOffset = contiguousDeviceOffset(file, offset, end) {
             // An overwrite inside one extent: no metadata changes, the data goes straight in.
             volume.device.copy(source, toOffset: deviceOffset)
             return []
         }
         let pages = Self.page(offset)..<Self.pageUp(end)
         var change = PendingChange()
-        var map = inode.extents
-        var record = inode.record
+        var map = file.extents
+        var record = file.record
         let added: [Extent]
         do {
             let oldSize = Int(record.size)
-            added = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .except(offset..<end))
+            added = try fillHoles(of: file.number, pages, map: &map, change: &change, zeroing: .except(offset..<end))
             if end > oldSize {
-                zeroPastEnd(of: inode, size: oldSize, map: inode.extents)
+                zeroPastEnd(size: oldSize, map: file.extents)
                 record.size = UInt64(end)
                 record.modificationTime = WallClock.nanosecondsSinceEpoch
                 record.changeTime = record.modificationTime
             }
             if !change.transaction.isEmpty || end > oldSize {
-                change.store(record, extents: map, of: inode.number, superblock: volume.superblock)
+                change.store(record, extents: map, of: file.number, superblock: volume.superblock)
             }
             try volume.journal.checkFits(change.transaction, what: "write of \(counted(source.count, "byte"))")
             copy(source, into: map, at: offset)
@@ -141,8 +141,8 @@ struct FileData: Sendable {
             volume.abandon(change)
             throw error
         }
-        inode.extents = map
-        inode.record = record
+        file.extents = map
+        file.record = record
         return added
     }
 
@@ -160,26 +160,26 @@ struct FileData: Sendable {
     }
 
     /// Reads up to `count` bytes at `offset`; short at the end of the file; holes read as zeros.
-    func readData(_ inode: Inode, count: Int, at offset: Int) -> [UInt8] {
-        let length = max(0, min(count, Int(inode.record.size) - offset))
+    func readData(_ file: Inode.Contents, count: Int, at offset: Int) -> [UInt8] {
+        let length = max(0, min(count, Int(file.record.size) - offset))
         guard length > 0 else { return [] }
         return [UInt8](unsafeUninitializedCapacity: length) { buffer, initialized in
-            initialized = readData(inode, into: UnsafeMutableRawBufferPointer(buffer), at: offset)
+            initialized = readData(file, into: UnsafeMutableRawBufferPointer(buffer), at: offset)
         }
     }
 
     /// Reads into `buffer`; returns the bytes read.
-    func readData(_ inode: Inode, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) -> Int {
-        let size = Int(inode.record.size)
+    func readData(_ file: Inode.Contents, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) -> Int {
+        let size = Int(file.record.size)
         guard offset < size, buffer.count > 0, let target = buffer.baseAddress else { return 0 }
         let length = min(buffer.count, size - offset)
         let end = offset + length
-        if let deviceOffset = contiguousDeviceOffset(inode, offset, end) {
+        if let deviceOffset = contiguousDeviceOffset(file, offset, end) {
             target.copyMemory(from: volume.device.base + deviceOffset, byteCount: length)
             return length
         }
         var position = offset
-        for slice in inode.extents.extents(in: Self.page(offset)..<Self.pageUp(end)) {
+        for slice in file.extents.extents(in: Self.page(offset)..<Self.pageUp(end)) {
             let from = max(offset, Int(slice.logical) * Self.pageSize)
             let to = min(end, Int(slice.logicalEnd) * Self.pageSize)
             if from > position {
@@ -198,27 +198,27 @@ struct FileData: Sendable {
     /// fallocate: gives the holes of the range zeroed blocks; the size grows to cover it.
     /// Returns the extents it added, which mappings must now show.
     @discardableResult
-    func allocateData(_ inode: Inode, offset: Int, count: Int) throws -> [Extent] {
+    func allocateData(_ file: inout Inode.Contents, offset: Int, count: Int) throws -> [Extent] {
         let end = offset + count
         var change = PendingChange()
-        var map = inode.extents
-        var record = inode.record
+        var map = file.extents
+        var record = file.record
         do {
             let added = try fillHoles(
-                inode, Self.page(offset)..<Self.pageUp(end), map: &map, change: &change,
+                of: file.number, Self.page(offset)..<Self.pageUp(end), map: &map, change: &change,
                 zeroing: .all)
             let oldSize = Int(record.size)
             if end > oldSize {
-                zeroPastEnd(of: inode, size: oldSize, map: inode.extents)
+                zeroPastEnd(size: oldSize, map: file.extents)
                 record.size = UInt64(end)
                 record.changeTime = WallClock.nanosecondsSinceEpoch
             }
             guard !added.isEmpty || end > oldSize else { return [] }
-            change.store(record, extents: map, of: inode.number, superblock: volume.superblock)
+            change.store(record, extents: map, of: file.number, superblock: volume.superblock)
             volume.device.drain()
             try volume.commit(change, what: "allocate of \(counted(count, "byte"))")
-            inode.extents = map
-            inode.record = record
+            file.extents = map
+            file.record = record
             return added
         } catch {
             volume.abandon(change)
@@ -227,9 +227,9 @@ struct FileData: Sendable {
     }
 
     /// The device frames of the file's pages `pages`, nil for holes.
-    func frames(_ inode: Inode, pages: Range<UInt64>) -> [PageFrameNumber?] {
+    func frames(_ file: Inode.Contents, pages: Range<UInt64>) -> [PageFrameNumber?] {
         var result = [PageFrameNumber?](repeating: nil, count: pages.count)
-        for slice in inode.extents.extents(in: pages) {
+        for slice in file.extents.extents(in: pages) {
             for page in slice.logicalRange {
                 result[Int(page - pages.lowerBound)] = PageFrameNumber(rawValue: slice.block(for: page))
             }
@@ -265,9 +265,9 @@ struct FileData: Sendable {
     }
 
     /// Plans setting the size to `size` (smaller or larger).
-    func planResize(_ inode: Inode, to size: Int) throws -> LayoutChange {
-        let oldSize = Int(inode.record.size)
-        var plan = LayoutChange(extents: inode.extents, record: inode.record, freedPages: 0..<0)
+    func planResize(_ file: Inode.Contents, to size: Int) throws -> LayoutChange {
+        let oldSize = Int(file.record.size)
+        var plan = LayoutChange(extents: file.extents, record: file.record, freedPages: 0..<0)
         plan.record.size = UInt64(size)
         plan.record.modificationTime = WallClock.nanosecondsSinceEpoch
         plan.record.changeTime = plan.record.modificationTime
@@ -278,7 +278,7 @@ struct FileData: Sendable {
             plan.cutPages = firstFreed..<max(Self.pageUp(oldSize), firstFreed)
             if end > firstFreed {
                 try volume.editExtents(
-                    &plan.extents, of: inode.number, replacing: plan.freedPages, with: [],
+                    &plan.extents, of: file.number, replacing: plan.freedPages, with: [],
                     change: &plan.change)
             }
             if size % Self.pageSize != 0 {
@@ -287,7 +287,7 @@ struct FileData: Sendable {
         } else if size > oldSize, oldSize % Self.pageSize != 0 {
             journalZeroing([oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)], of: plan.extents, in: &plan.change)
         }
-        plan.change.store(plan.record, extents: plan.extents, of: inode.number, superblock: volume.superblock)
+        plan.change.store(plan.record, extents: plan.extents, of: file.number, superblock: volume.superblock)
         try fits(plan, what: "truncate to \(counted(size, "byte"))")
         return plan
     }
@@ -304,25 +304,25 @@ struct FileData: Sendable {
     }
 
     /// Plans a hole over `offset..<offset+count`: whole pages lose their blocks, partial ones are zeroed.
-    func planPunch(_ inode: Inode, offset: Int, count: Int) throws -> LayoutChange {
+    func planPunch(_ file: Inode.Contents, offset: Int, count: Int) throws -> LayoutChange {
         // A punch that reaches the end of the file reaches the end of its last page: the bytes past
         // the size read as zeros anyway, so a punch from the page's start frees its block.
-        let size = Int(inode.record.size)
+        let size = Int(file.record.size)
         let pagedSize = Int(Self.pageUp(size)) * Self.pageSize
         let end = offset + count >= size ? max(pagedSize, offset) : offset + count
-        var plan = LayoutChange(extents: inode.extents, record: inode.record, freedPages: 0..<0)
+        var plan = LayoutChange(extents: file.extents, record: file.record, freedPages: 0..<0)
         guard end > offset else { return plan }
         let first = Self.pageUp(offset)
         let last = Self.page(end)
         if first < last {
             plan.freedPages = first..<last
-            try volume.editExtents(&plan.extents, of: inode.number, replacing: plan.freedPages, with: [], change: &plan.change)
+            try volume.editExtents(&plan.extents, of: file.number, replacing: plan.freedPages, with: [], change: &plan.change)
         }
         let firstWhole = Int(first) * Self.pageSize
         let lastWhole = Int(last) * Self.pageSize
         if !plan.change.transaction.isEmpty {
             plan.record.changeTime = WallClock.nanosecondsSinceEpoch
-            plan.change.store(plan.record, extents: plan.extents, of: inode.number, superblock: volume.superblock)
+            plan.change.store(plan.record, extents: plan.extents, of: file.number, superblock: volume.superblock)
         }
         if first > last {
             journalZeroing([offset..<end], of: plan.extents, in: &plan.change)  // inside one page
@@ -360,33 +360,33 @@ struct FileData: Sendable {
 
     /// After the commit, and once the pages left every mapping: the freed blocks go back to the
     /// allocator (busy ones quarantined) and the inode takes its new extents and record.
-    func release(_ plan: LayoutChange, of inode: Inode) {
+    func release(_ plan: LayoutChange, of file: inout Inode.Contents) {
         volume.releaseFreed(plan.change.freed)
-        inode.extents = plan.extents
-        inode.record = plan.record
+        file.extents = plan.extents
+        file.record = plan.record
     }
 
     /// Gives back the blocks a plan took (extent leaves) when it will not be committed.
     func abandon(_ plan: LayoutChange) { volume.abandon(plan.change) }
 
-    /// Gives the holes of `pages` zeroed blocks, as mapping and pinning need (inode lock held
-    /// exclusively). Returns the extents added.
+    /// Gives the holes of `pages` zeroed blocks, as mapping and pinning need. Returns the extents
+    /// added.
     @discardableResult
-    func fillHolesZeroed(_ inode: Inode, _ pages: Range<UInt64>, what: String) throws -> [Extent] {
-        guard !inode.extents.holes(in: pages).isEmpty else { return [] }
+    func fillHolesZeroed(_ file: inout Inode.Contents, _ pages: Range<UInt64>, what: String) throws -> [Extent] {
+        guard !file.extents.holes(in: pages).isEmpty else { return [] }
         var change = PendingChange()
-        var map = inode.extents
+        var map = file.extents
         let added: [Extent]
         do {
-            added = try fillHoles(inode, pages, map: &map, change: &change, zeroing: .all)
-            change.store(inode.record, extents: map, of: inode.number, superblock: volume.superblock)
+            added = try fillHoles(of: file.number, pages, map: &map, change: &change, zeroing: .all)
+            change.store(file.record, extents: map, of: file.number, superblock: volume.superblock)
             volume.device.drain()
             try volume.commit(change, what: what)
         } catch {
             volume.abandon(change)
             throw error
         }
-        inode.extents = map
+        file.extents = map
         return added
     }
 
@@ -404,10 +404,10 @@ struct FileData: Sendable {
     /// for all of them (contiguous where the free space allows, each block owned by the file page
     /// it holds), copies the bytes, and points the extents at them in one transaction. On failure
     /// nothing changed.
-    func move(_ inode: Inode, _ frozen: [(page: UInt64, block: UInt64)], what: String) throws -> Move {
+    func move(_ file: inout Inode.Contents, _ frozen: [(page: UInt64, block: UInt64)], what: String) throws -> Move {
         var change = PendingChange()
-        var map = inode.extents
-        var record = inode.record
+        var map = file.extents
+        var record = file.record
         var moved: [Extent] = []
         do {
             // New blocks for each run of consecutive pages, from the first free run long enough
@@ -417,7 +417,7 @@ struct FileData: Sendable {
             var goal = volume.allocator.firstAvailableRun(length: frozen.count)
             for pageRun in Self.runs(of: frozen.map(\.page)) {
                 let runs = try volume.allocateBacked(
-                    pageRun.count, goal: goal, inode: inode.number, firstIndex: pageRun.lowerBound)
+                    pageRun.count, goal: goal, inode: file.number, firstIndex: pageRun.lowerBound)
                 change.allocate(runs, superblock: volume.superblock)
                 var page = pageRun.lowerBound
                 for run in runs {
@@ -432,7 +432,7 @@ struct FileData: Sendable {
                         let length = min(run.count - done, Extent.maximumLength)
                         let extent = Extent(logical: page + done, physical: run.start + done, length: length)
                         try volume.editExtents(
-                            &map, of: inode.number, replacing: extent.logicalRange, with: [extent], change: &change)
+                            &map, of: file.number, replacing: extent.logicalRange, with: [extent], change: &change)
                         moved.append(extent)
                         done += length
                     }
@@ -442,14 +442,14 @@ struct FileData: Sendable {
             }
             volume.device.drain()
             record.changeTime = WallClock.nanosecondsSinceEpoch
-            change.store(record, extents: map, of: inode.number, superblock: volume.superblock)
+            change.store(record, extents: map, of: file.number, superblock: volume.superblock)
             try volume.journal.commit(change.transaction, what: what)
         } catch {
             volume.abandon(change)
             throw error
         }
-        inode.extents = map
-        inode.record = record
+        file.extents = map
+        file.record = record
         return Move(extents: moved, freed: change.freed)
 
     }

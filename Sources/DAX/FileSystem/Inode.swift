@@ -2,27 +2,38 @@ import Synchronization
 
 /// A file or directory in DRAM: its on-device record, its extents, and who uses it.
 ///
-/// `lock` guards `record`, `extents` and `directory`: readers of data share it, anything that
-/// changes the file takes it exclusively. `users` counts open handles and live mappings, which
-/// keep a removed file's blocks (an orphan) until the last one goes. (The mappings themselves
-/// belong to the mapping layer's address space of the file.)
-final class Inode: @unchecked Sendable {
+/// ``contents`` holds the record, the extents and (for a directory) the entries, behind the
+/// inode's lock: readers of data share it, anything that changes the file takes it exclusively.
+/// A directory changes only under the namespace lock held exclusively; its entries are looked up
+/// and changed under its own lock too, each time for a moment, with nothing nested inside but the
+/// allocator (planning a new directory block). `users` counts open handles and live mappings,
+/// which keep a removed file's blocks (an orphan) until the last one goes. (The mappings
+/// themselves belong to the mapping layer's address space of the file.)
+final class Inode: Sendable {
     let number: UInt32
     /// File or directory: fixed for the inode's life, so readable without a lock.
     let kind: InodeRecord.Kind
-    let lock = ReadWriteLock()
-    var record: InodeRecord
-    var extents: ExtentMap
-    /// Entries of a directory; nil for a file.
-    var directory: DirectoryIndex?
-    /// The inode and its blocks were freed (its number may already belong to another file). Set
-    /// under `lock`; every operation checks it once it holds the lock.
-    var isFreed = false
+    let contents: ReadWriteLocked<Contents>
 
-    /// Throws if the inode was freed: an operation that raced the last close of its file.
-    func checkLive(_ path: String) throws {
-        guard !isFreed else {
-            throw DAXError(.invalidArgument, "\(Paths.debug(path)) was closed and freed while the operation started")
+    /// What the inode's lock guards. A function that needs the lock held takes this (`inout` to
+    /// change it).
+    struct Contents: Sendable {
+        /// The inode's number, the same as its ``Inode/number``.
+        let number: UInt32
+        var record: InodeRecord
+        var extents: ExtentMap
+        /// Entries of a directory; nil for a file.
+        var directory: DirectoryIndex?
+        /// The inode and its blocks were freed (its number may already belong to another file).
+        /// Every operation checks it once it holds the lock.
+        var isFreed = false
+
+        /// Throws if the inode was freed: an operation that raced the last close of its file.
+        func checkLive(_ path: String) throws {
+            guard !isFreed else {
+                throw DAXError(
+                    .invalidArgument, "\(Paths.debug(path)) was closed and freed while the operation started")
+            }
         }
     }
 
@@ -38,18 +49,25 @@ final class Inode: @unchecked Sendable {
     init(number: UInt32, record: InodeRecord, extents: ExtentMap, directory: DirectoryIndex? = nil) {
         self.number = number
         self.kind = record.kind
-        self.record = record
-        self.extents = extents
-        self.directory = directory
+        self.contents = ReadWriteLocked(
+            Contents(number: number, record: record, extents: extents, directory: directory))
     }
 
     var isDirectory: Bool { kind == .directory }
 }
 
-/// Runs `body` holding `inode`'s lock exclusively, or with no lock when there is no inode.
-func withWriteLock<T>(of inode: Inode?, _ body: () throws -> T) rethrows -> T {
-    guard let inode else { return try body() }
-    return try inode.lock.withWriteLock(body)
+/// Runs `body` holding `inode`'s lock exclusively, with its contents, or with no lock (and nil)
+/// when there is no inode.
+func withWriteLock<T>(of inode: Inode?, _ body: (inout Inode.Contents?) throws -> T) rethrows -> T {
+    guard let inode else {
+        var none: Inode.Contents? = nil
+        return try body(&none)
+    }
+    return try inode.contents.write { contents in
+        var held: Inode.Contents? = contents
+        defer { contents = held! }
+        return try body(&held)
+    }
 }
 
 /// A directory's entries in DRAM, and where each lives on the device.

@@ -56,9 +56,12 @@ final class Namespace: Sendable {
             if access == .readWrite { try volume.checkWritable() }
             let (parent, name) = try Paths.split(path, what: "open")
             let directory = try resolveDirectory(parent, path: path)
-            guard let entry = directory.directory?.entries[name] else {
-                throw damageHiding(name, in: directory, path: path)
-                    ?? DAXError(.notFound, "no such file: \(Paths.debug(path))")
+            let entry = try directory.contents.read { directory in
+                guard let entry = directory.directory?.entries[name] else {
+                    throw damageHiding(name, in: directory, path: path)
+                        ?? DAXError(.notFound, "no such file: \(Paths.debug(path))")
+                }
+                return entry
             }
             guard entry.kind == .file else { throw DAXError(.isADirectory, "\(Paths.debug(path)) is a directory") }
             // Counted under the namespace lock, so a concurrent remove sees the handle.
@@ -77,7 +80,7 @@ final class Namespace: Sendable {
     func contentsOfDirectory(_ path: String) throws -> [String] {
         try operation(exclusive: false, "list", path) {
             let directory = try resolveDirectory(try Paths.components(path), path: path)
-            return directory.directory?.sortedNames ?? []
+            return directory.contents.read { $0.directory?.sortedNames } ?? []
         }
     }
 
@@ -88,18 +91,20 @@ final class Namespace: Sendable {
         try operation(exclusive: true, "remove", path) {
             let (parentPath, name) = try Paths.split(path, what: "remove")
             let parent = try resolveDirectory(parentPath, path: path)
-            guard let entry = parent.directory?.entries[name] else {
+            guard let entry = parent.contents.read({ $0.directory?.entries[name] }) else {
                 throw DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
             }
             let target = try inode(entry.inode)
-            if entry.kind == .directory, target.directory?.isEmpty == false {
+            if entry.kind == .directory, target.contents.read({ $0.directory?.isEmpty == false }) {
                 throw DAXError(.directoryNotEmpty, "directory \(Paths.debug(path)) is not empty")
             }
             var change = PendingChange()
-            change.transaction.write(DirectoryFormat.emptySlot, at: slotOffset(parent, entry.slot))
+            change.transaction.write(DirectoryFormat.emptySlot, at: parent.contents.read { slotOffset($0, entry.slot) })
             try unlink(target, change: &change, what: "remove \(Paths.debug(path))")
-            parent.directory?.entries[name] = nil
-            parent.directory?.release(entry.slot)
+            parent.contents.write { parent in
+                parent.directory?.entries[name] = nil
+                parent.directory?.release(entry.slot)
+            }
         }
     }
 
@@ -111,7 +116,7 @@ final class Namespace: Sendable {
             let (toPath, toName) = try Paths.split(newPath, what: "rename onto")
             let from = try resolveDirectory(fromPath, path: path)
             let to = try resolveDirectory(toPath, path: newPath)
-            guard let entry = from.directory?.entries[fromName] else {
+            guard let entry = from.contents.read({ $0.directory?.entries[fromName] }) else {
                 throw DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
             }
             if from === to, fromName == toName { return }
@@ -125,17 +130,19 @@ final class Namespace: Sendable {
                             "cannot move directory \(Paths.debug(path)) into itself "
                                 + "(\(Paths.debug(newPath)))")
                     }
-                    ancestor = current.number == Superblock.rootInode ? nil : try inode(current.record.parent)
+                    let parent = current.contents.read { $0.record.parent }
+                    ancestor = current.number == Superblock.rootInode ? nil : try inode(parent)
                 }
             }
-            let replaced = to.directory?.entries[toName]
+            let replaced = to.contents.read { $0.directory?.entries[toName] }
             if let replaced {
                 switch (entry.kind, replaced.kind) {
                 case (.directory, .file):
                     throw DAXError(.notADirectory, "cannot replace file \(Paths.debug(newPath)) with a directory")
                 case (.file, .directory):
                     throw DAXError(.isADirectory, "cannot replace directory \(Paths.debug(newPath)) with a file")
-                case (.directory, .directory) where try inode(replaced.inode).directory?.isEmpty == false:
+                case (.directory, .directory)
+                where try inode(replaced.inode).contents.read({ $0.directory?.isEmpty == false }):
                     throw DAXError(.directoryNotEmpty, "directory \(Paths.debug(newPath)) is not empty")
                 default: break
                 }
@@ -150,31 +157,39 @@ final class Namespace: Sendable {
             if let replaced {
                 slot = replaced.slot
             } else {
-                (slot, toExtents) = try planSlot(in: to, change: &change)
+                (slot, toExtents) = try to.contents.read { try planSlot(in: $0, change: &change) }
             }
             let entryBytes = DirectoryFormat.encodeSlot(inode: entry.inode, name: toName, kind: entry.kind)
-            change.transaction.write(entryBytes, at: slotOffset(to, slot, extents: toExtents))
-            change.transaction.write(DirectoryFormat.emptySlot, at: slotOffset(from, entry.slot))
+            change.transaction.write(entryBytes, at: to.contents.read { slotOffset($0, slot, extents: toExtents) })
+            change.transaction.write(DirectoryFormat.emptySlot, at: from.contents.read { slotOffset($0, entry.slot) })
             var movedRecord: InodeRecord?
             if entry.kind == .directory, from !== to {
-                var record = moved.record
-                record.parent = to.number
-                record.changeTime = WallClock.nanosecondsSinceEpoch
-                movedRecord = record
-                change.store(record, extents: moved.extents, of: moved.number, superblock: volume.superblock)
+                moved.contents.read { moved in
+                    var record = moved.record
+                    record.parent = to.number
+                    record.changeTime = WallClock.nanosecondsSinceEpoch
+                    movedRecord = record
+                    change.store(record, extents: moved.extents, of: moved.number, superblock: volume.superblock)
+                }
             }
             if let replaced {
                 try unlink(try inode(replaced.inode), change: &change, what: "rename onto \(Paths.debug(newPath))")
             } else {
                 try volume.commit(change, what: "rename \(Paths.debug(path))")
-                installSlot(in: to, extents: toExtents)
-                to.directory?.take(slot)
+                to.contents.write { to in
+                    installSlot(in: &to, extents: toExtents)
+                    to.directory?.take(slot)
+                }
             }
             committed = true
-            if let movedRecord { moved.record = movedRecord }
-            from.directory?.entries[fromName] = nil
-            from.directory?.release(entry.slot)
-            to.directory?.entries[toName] = DirectoryIndex.Entry(inode: entry.inode, kind: entry.kind, slot: slot)
+            if let movedRecord { moved.contents.write { $0.record = movedRecord } }
+            from.contents.write { from in
+                from.directory?.entries[fromName] = nil
+                from.directory?.release(entry.slot)
+            }
+            to.contents.write { to in
+                to.directory?.entries[toName] = DirectoryIndex.Entry(inode: entry.inode, kind: entry.kind, slot: slot)
+            }
         }
     }
 
@@ -184,17 +199,20 @@ final class Namespace: Sendable {
             let components = try Paths.components(path)
             guard let name = components.last else { return try self.inode(Superblock.rootInode) }
             let parent = try resolveDirectory(Array(components.dropLast()), path: path)
-            guard let entry = parent.directory?.entries[name] else {
-                throw damageHiding(name, in: parent, path: path)
-                    ?? DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
+            let entry = try parent.contents.read { parent in
+                guard let entry = parent.directory?.entries[name] else {
+                    throw damageHiding(name, in: parent, path: path)
+                        ?? DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
+                }
+                return entry
             }
             return try self.inode(entry.inode)
         }
-        return inode.lock.withReadLock {
+        return inode.contents.read { contents in
             FileAttributes(
-                kind: inode.isDirectory ? .directory : .file, size: Int(inode.record.size),
-                blocks: Int(inode.extents.blockCount), inode: inode.number,
-                modificationTime: inode.record.modificationTime)
+                kind: inode.isDirectory ? .directory : .file, size: Int(contents.record.size),
+                blocks: Int(contents.extents.blockCount), inode: inode.number,
+                modificationTime: contents.record.modificationTime)
         }
     }
 
@@ -234,10 +252,13 @@ final class Namespace: Sendable {
     func resolveDirectory(_ components: [[UInt8]], path: String) throws -> Inode {
         var current = try inode(Superblock.rootInode)
         for (index, name) in components.enumerated() {
-            guard let entry = current.directory?.entries[name] else {
-                let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
-                throw damageHiding(name, in: current, path: "/" + prefix)
-                    ?? DAXError(.notFound, "no such directory \(Paths.debug("/" + prefix)) in \(Paths.debug(path))")
+            let entry = try current.contents.read { current in
+                guard let entry = current.directory?.entries[name] else {
+                    let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
+                    throw damageHiding(name, in: current, path: "/" + prefix)
+                        ?? DAXError(.notFound, "no such directory \(Paths.debug("/" + prefix)) in \(Paths.debug(path))")
+                }
+                return entry
             }
             guard entry.kind == .directory else {
                 let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
@@ -251,7 +272,7 @@ final class Namespace: Sendable {
 
     /// Device offset of a directory slot. `extents` overrides the directory's extents when the
     /// slot is in a block that a pending change adds.
-    func slotOffset(_ directory: Inode, _ slot: DirectoryIndex.SlotAddress, extents: ExtentMap? = nil) -> Int {
+    func slotOffset(_ directory: Inode.Contents, _ slot: DirectoryIndex.SlotAddress, extents: ExtentMap? = nil) -> Int {
         let map = extents ?? directory.extents
         guard let extent = map.extent(containing: UInt64(slot.block)) else {
             preconditionFailure("directory \(directory.number) has no block \(slot.block)")
@@ -262,7 +283,9 @@ final class Namespace: Sendable {
     /// A free slot of `directory`: an existing one, or the first of a new block, zeroed with its
     /// header and added to the directory by `change`. Returns the directory's new extents when a
     /// block is added (install with ``installSlot(in:extents:)`` after the commit).
-    func planSlot(in directory: Inode, change: inout PendingChange) throws -> (DirectoryIndex.SlotAddress, ExtentMap?) {
+    func planSlot(
+        in directory: Inode.Contents, change: inout PendingChange
+    ) throws -> (DirectoryIndex.SlotAddress, ExtentMap?) {
         if let slot = directory.directory?.freeSlots.last { return (slot, nil) }
         let page = UInt64(directory.directory?.blockCount ?? 0)
         let runs = try volume.allocateBacked(
@@ -287,7 +310,7 @@ final class Namespace: Sendable {
     }
 
     /// Installs a block added by ``planSlot(in:change:)`` once its change committed.
-    func installSlot(in directory: Inode, extents: ExtentMap?) {
+    func installSlot(in directory: inout Inode.Contents, extents: ExtentMap?) {
         guard let extents else { return }
         directory.extents = extents
         directory.record.size = UInt64(extents.blockCount) * UInt64(Superblock.blockSize)
@@ -298,7 +321,7 @@ final class Namespace: Sendable {
     private func makeNode(_ path: String, kind: InodeRecord.Kind) throws -> Inode {
         let (parentPath, name) = try Paths.split(path, what: "create")
         let parent = try resolveDirectory(parentPath, path: path)
-        guard parent.directory?.entries[name] == nil else {
+        guard parent.contents.read({ $0.directory?.entries[name] }) == nil else {
             throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists")
         }
         guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
@@ -308,7 +331,7 @@ final class Namespace: Sendable {
         }
         var change = PendingChange()
         do {
-            let (slot, parentExtents) = try planSlot(in: parent, change: &change)
+            let (slot, parentExtents) = try parent.contents.read { try planSlot(in: $0, change: &change) }
             let now = WallClock.nanosecondsSinceEpoch
             var record = InodeRecord()
             record.kind = kind
@@ -322,15 +345,17 @@ final class Namespace: Sendable {
             change.store(record, extents: ExtentMap(), of: number, superblock: volume.superblock)
             change.transaction.write(
                 DirectoryFormat.encodeSlot(inode: number, name: name, kind: kind),
-                at: slotOffset(parent, slot, extents: parentExtents))
+                at: parent.contents.read { slotOffset($0, slot, extents: parentExtents) })
             try volume.commit(change, what: "create \(Paths.debug(path))")
-            installSlot(in: parent, extents: parentExtents)
-            parent.directory?.take(slot)
             let inode = Inode(
                 number: number, record: record, extents: ExtentMap(),
                 directory: kind == .directory ? DirectoryIndex() : nil)
             table.withTrackedLock { $0.insert(inode) }
-            parent.directory?.entries[name] = DirectoryIndex.Entry(inode: number, kind: kind, slot: slot)
+            parent.contents.write { parent in
+                installSlot(in: &parent, extents: parentExtents)
+                parent.directory?.take(slot)
+                parent.directory?.entries[name] = DirectoryIndex.Entry(inode: number, kind: kind, slot: slot)
+            }
             return inode
         } catch {
             volume.abandon(change)
@@ -342,27 +367,28 @@ final class Namespace: Sendable {
     /// Drops the one name of `target` in `change` (whose directory-slot records are already in it)
     /// and commits: a file still open or mapped becomes an orphan, anything else is freed.
     private func unlink(_ target: Inode, change: inout PendingChange, what: String) throws {
-        try target.lock.withWriteLock {
+        try target.contents.write { contents in
             try target.users.withTrackedLock { users in
                 if users.handles > 0 || users.mappings > 0 {
                     try orphans.withTrackedLock { orphans in
-                        var record = target.record
+                        var record = contents.record
                         record.linkCount = 0
                         record.nextOrphan = orphans.first ?? 0
                         record.changeTime = WallClock.nanosecondsSinceEpoch
-                        change.store(record, extents: target.extents, of: target.number, superblock: volume.superblock)
+                        change.store(
+                            record, extents: contents.extents, of: target.number, superblock: volume.superblock)
                         var sb = volume.superblock
                         sb.orphanHead = target.number
                         change.transaction.write(sb.encode(), at: 0)
                         try volume.commit(change, what: what)
-                        target.record = record
+                        contents.record = record
                         orphans.insert(target.number, at: 0)
                     }
                 } else {
-                    volume.freeInode(target, change: &change)
+                    volume.freeInode(contents, change: &change)
                     try volume.commit(change, what: what)
-                    target.record.linkCount = 0
-                    target.isFreed = true
+                    contents.record.linkCount = 0
+                    contents.isFreed = true
                     users.reclaimed = true
                     table.withTrackedLock { $0.release(target.number) }
                 }
@@ -404,31 +430,32 @@ final class Namespace: Sendable {
             case .head: previous = nil
             case .after(let inode): previous = inode
             }
-            let done = try withWriteLock(of: previous) {
-                try inode.lock.withWriteLock {
+            let done = try withWriteLock(of: previous) { previousContents in
+                try inode.contents.write { contents in
                     try orphans.withTrackedLock { orphans -> Bool in
                         guard let index = orphans.firstIndex(of: inode.number) else { return true }
                         guard (index == 0 ? nil : orphans[index - 1]) == previous?.number else { return false }
                         var change = PendingChange()
                         let next = index + 1 < orphans.count ? orphans[index + 1] : 0
                         var previousRecord: InodeRecord?
-                        if let previous {
-                            var record = previous.record
+                        if let previousContents {
+                            var record = previousContents.record
                             record.nextOrphan = next
                             previousRecord = record
                             change.store(
-                                record, extents: previous.extents, of: previous.number, superblock: volume.superblock)
+                                record, extents: previousContents.extents, of: previousContents.number,
+                                superblock: volume.superblock)
                         } else {
                             var sb = volume.superblock
                             sb.orphanHead = next
                             change.transaction.write(sb.encode(), at: 0)
                         }
-                        volume.freeInode(inode, change: &change)
+                        volume.freeInode(contents, change: &change)
                         try volume.commit(change, what: "free removed file \(inode.number)")
-                        if let previous, let previousRecord { previous.record = previousRecord }
+                        if let previousRecord { previousContents?.record = previousRecord }
                         orphans.remove(at: index)
-                        inode.extents = ExtentMap()
-                        inode.isFreed = true
+                        contents.extents = ExtentMap()
+                        contents.isFreed = true
                         table.withTrackedLock { $0.release(inode.number) }
                         return true
                     }

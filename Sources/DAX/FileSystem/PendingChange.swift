@@ -112,8 +112,8 @@ extension Volume {
         change.free(plan.removed, superblock: superblock)
     }
 
-    /// Frees every block of `inode` and the inode itself, in `change`.
-    func freeInode(_ inode: Inode, change: inout PendingChange) {
+    /// Frees every block of the inode whose contents are `inode` and the inode itself, in `change`.
+    func freeInode(_ inode: Inode.Contents, change: inout PendingChange) {
         change.free(inode.extents.allExtents, superblock: superblock)
         change.freeBlocks(inode.extents.leafBlocks, superblock: superblock)
         var record = InodeRecord()

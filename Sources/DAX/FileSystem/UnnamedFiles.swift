@@ -63,7 +63,7 @@ extension Namespace {
             try check()
             let (parentPath, name) = try Paths.split(path, what: "link")
             let parent = try resolveDirectory(parentPath, path: path)
-            let existing = parent.directory?.entries[name]
+            let existing = parent.contents.read { $0.directory?.entries[name] }
             if let existing {
                 guard replacing else { throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists") }
                 guard existing.kind == .file else {
@@ -71,39 +71,44 @@ extension Namespace {
                 }
             }
             let replaced = try existing.map { try self.inode($0.inode) }
+            // Read under the inode's lock, before the orphans lock (which nests inside inode
+            // locks); only directory operations, which this one excludes, change it.
+            let unnamed = inode.contents.read { $0.record.linkCount == 0 }
             // With the namespace lock held exclusively, nothing else changes the orphan list.
             // Locks in the order a reclaim takes them: the predecessor on the list, then the
             // inode; then the replaced file (a named file, never on the list) and its users.
             let previous: Inode? = try orphans.withTrackedLock { orphans in
-                guard let index = orphans.firstIndex(of: inode.number), inode.record.linkCount == 0 else {
+                guard let index = orphans.firstIndex(of: inode.number), unnamed else {
                     throw DAXError(
                         .invalidArgument, "\(Paths.debug(filePath)) is not an unnamed file: it has a name already")
                 }
                 return index == 0 ? nil : try self.inode(orphans[index - 1])
             }
-            try withWriteLock(of: previous) {
-                try withWriteLock(of: replaced) {
-                    try inode.lock.withWriteLock {
-                        try inode.checkLive(filePath)
+            try withWriteLock(of: previous) { previousContents in
+                try withWriteLock(of: replaced) { replacedContents in
+                    try inode.contents.write { contents in
+                        try contents.checkLive(filePath)
                         try linkLocked(
-                            inode, name: name, in: parent, previous: previous,
-                            replacing: existing.map { ($0, replaced!) }, path: path)
+                            &contents, name: name, in: parent, previous: &previousContents,
+                            replacing: existing.map { ($0, replaced!) }, replaced: &replacedContents, path: path)
                     }
                 }
             }
         }
     }
 
-    /// ``link(_:at:replacing:)`` with every lock but the users' and the orphans' held.
+    /// ``link(_:at:replacing:)`` with every lock but the users', the orphans' and the parent
+    /// directory's held: those of `file`, of `previous` (the orphan before it on the list) and of
+    /// `replaced` (the contents of `replacing.inode`).
     private func linkLocked(
-        _ inode: Inode, name: [UInt8], in parent: Inode, previous: Inode?,
-        replacing: (entry: DirectoryIndex.Entry, inode: Inode)?, path: String
+        _ file: inout Inode.Contents, name: [UInt8], in parent: Inode, previous: inout Inode.Contents?,
+        replacing: (entry: DirectoryIndex.Entry, inode: Inode)?, replaced: inout Inode.Contents?, path: String
     ) throws {
         // The replaced file's users cannot change while this decides whether it becomes an orphan.
         try withUsers(of: replacing?.inode) { users in
             try orphans.withTrackedLock { orphans in
-                guard let index = orphans.firstIndex(of: inode.number) else {
-                    preconditionFailure("unnamed inode \(inode.number) left the orphan list under the namespace lock")
+                guard let index = orphans.firstIndex(of: file.number) else {
+                    preconditionFailure("unnamed inode \(file.number) left the orphan list under the namespace lock")
                 }
                 var change = PendingChange()
                 var committed = false
@@ -120,22 +125,22 @@ extension Namespace {
                 let slot: DirectoryIndex.SlotAddress
                 var parentExtents: ExtentMap?
                 var replacedRecord: InodeRecord?
-                if let replacing, let users {
+                if let replacing, let users, let replaced {
                     slot = replacing.entry.slot
                     if users.handles > 0 || users.mappings > 0 {
                         // Still open or mapped: an orphan at the head of the list, like a removed file.
-                        var record = replacing.inode.record
+                        var record = replaced.record
                         record.linkCount = 0
                         record.nextOrphan = list.first ?? 0
                         record.changeTime = WallClock.nanosecondsSinceEpoch
                         replacedRecord = record
-                        change.store(record, extents: replacing.inode.extents, of: replacing.inode.number, superblock: volume.superblock)
-                        list.insert(replacing.inode.number, at: 0)
+                        change.store(record, extents: replaced.extents, of: replaced.number, superblock: volume.superblock)
+                        list.insert(replaced.number, at: 0)
                     } else {
-                        volume.freeInode(replacing.inode, change: &change)
+                        volume.freeInode(replaced, change: &change)
                     }
                 } else {
-                    (slot, parentExtents) = try planSlot(in: parent, change: &change)
+                    (slot, parentExtents) = try parent.contents.read { try planSlot(in: $0, change: &change) }
                 }
                 if list.first != orphans.first {
                     var sb = volume.superblock
@@ -143,32 +148,35 @@ extension Namespace {
                     change.transaction.write(sb.encode(), at: 0)
                 }
                 change.transaction.write(
-                    DirectoryFormat.encodeSlot(inode: inode.number, name: name, kind: .file),
-                    at: slotOffset(parent, slot, extents: parentExtents))
-                var record = inode.record
+                    DirectoryFormat.encodeSlot(inode: file.number, name: name, kind: .file),
+                    at: parent.contents.read { slotOffset($0, slot, extents: parentExtents) })
+                var record = file.record
                 record.linkCount = 1
                 record.nextOrphan = 0
                 record.changeTime = WallClock.nanosecondsSinceEpoch
-                change.store(record, extents: inode.extents, of: inode.number, superblock: volume.superblock)
+                change.store(record, extents: file.extents, of: file.number, superblock: volume.superblock)
                 try volume.commit(change, what: "link \(Paths.debug(path))")
                 committed = true
 
                 if let replacing {
                     if let replacedRecord {
-                        replacing.inode.record = replacedRecord
+                        replaced?.record = replacedRecord
                     } else {
-                        replacing.inode.record.linkCount = 0
-                        replacing.inode.isFreed = true
+                        replaced?.record.linkCount = 0
+                        replaced?.isFreed = true
                         users?.reclaimed = true
                         table.withTrackedLock { $0.release(replacing.inode.number) }
                     }
-                } else {
-                    installSlot(in: parent, extents: parentExtents)
-                    parent.directory?.take(slot)
                 }
-                parent.directory?.entries[name] = DirectoryIndex.Entry(inode: inode.number, kind: .file, slot: slot)
-                if let previous, let previousRecord { previous.record = previousRecord }
-                inode.record = record
+                parent.contents.write { parent in
+                    if replacing == nil {
+                        installSlot(in: &parent, extents: parentExtents)
+                        parent.directory?.take(slot)
+                    }
+                    parent.directory?.entries[name] = DirectoryIndex.Entry(inode: file.number, kind: .file, slot: slot)
+                }
+                if let previousRecord { previous?.record = previousRecord }
+                file.record = record
                 orphans = list
             }
         }

@@ -43,13 +43,14 @@ extension AddressSpace {
     /// 7. **release** the freed blocks to the allocator (busy ones quarantined until their last
     ///    unpin) and install the new extents.
     ///
+    /// `makePlan` gets the file's contents with both locks held (it throws if the file was freed).
     /// Each attempt runs inside `guarded` (the file operation's checks and the operations lock).
     /// Waiting for busy pages happens between attempts, with no lock held, so that a pending
     /// `unmount` does not hold up every other operation behind the wait, and a lease holder can use
     /// the file system to let go.
     func breakLayouts(
         policy: BusyPolicy, what: String, guarded: (() throws -> [UInt64]) throws -> [UInt64],
-        plan makePlan: () throws -> FileData.LayoutChange
+        plan makePlan: (Inode.Contents) throws -> FileData.LayoutChange
     ) throws {
         var waiting = BusyWait(policy: policy, what: what)
         while true {
@@ -57,16 +58,16 @@ extension AddressSpace {
             let busy = try withoutActuallyEscaping(makePlan) { makePlan in
                 try guarded {
                     try invalidateLock.withWriteLock {
-                        try inode.lock.withWriteLock { () throws -> [UInt64] in
+                        try inode.contents.write { (contents) throws -> [UInt64] in
                             // 1. Plan. It may have taken extent-leaf blocks: every way out that
                             //    does not commit it gives them back.
-                            let plan = try makePlan()
+                            let plan = try makePlan(contents)
                             var committed = false
                             defer { if !committed { data.abandon(plan) } }
                             guard plan.changesMappings else {
                                 try data.commit(plan)
                                 committed = true
-                                data.release(plan, of: inode)
+                                data.release(plan, of: &contents)
                                 return []
                             }
 
@@ -109,7 +110,7 @@ extension AddressSpace {
                             for mapping in detached { mapping.zapDetached() }
 
                             // 7. Release.
-                            data.release(plan, of: inode)
+                            data.release(plan, of: &contents)
                             return []
                         }
                     }

@@ -15,9 +15,9 @@ extension AddressSpace {
         let first = FileData.page(offset)
         let pages = first..<FileData.pageUp(offset + count)
         return try invalidateLock.withReadLock {
-            try inode.lock.withWriteLock {
-                try inode.checkLive(path)
-                let size = Int(inode.record.size)
+            try inode.contents.write { contents in
+                try contents.checkLive(path)
+                let size = Int(contents.record.size)
                 guard
                     Int(pages.upperBound) * PMemDevice.pageSize <= (size + PMemDevice.pageSize - 1)
                         / PMemDevice.pageSize
@@ -29,7 +29,7 @@ extension AddressSpace {
                             + "the file has only \(counted(size, "byte")) (extend it with truncate or allocate first)")
                 }
                 if access == .readWrite {
-                    let added = try data.fillHolesZeroed(inode, pages, what: "map of \(Paths.debug(path))")
+                    let added = try data.fillHolesZeroed(&contents, pages, what: "map of \(Paths.debug(path))")
                     // Older mappings of those pages (punched while mapped) see the new blocks too.
                     show(added)
                 }
@@ -38,14 +38,14 @@ extension AddressSpace {
                 var zeroPages: Set<Int> = []
                 var mappedCounts = 0
                 do {
-                    for hole in inode.extents.holes(in: pages) {  // only in a .readOnly mapping
+                    for hole in contents.extents.holes(in: pages) {  // only in a .readOnly mapping
                         let index = Int(hole.lowerBound - first)
                         try MappingRegion.mapZeroPages(
                             base + index * PMemDevice.pageSize, length: hole.count * PMemDevice.pageSize,
                             calls: device.systemCalls)
                         zeroPages.formUnion(index..<(index + hole.count))
                     }
-                    for slice in inode.extents.extents(in: pages) {
+                    for slice in contents.extents.extents(in: pages) {
                         let index = Int(slice.logical - first)
                         try MappingRegion.mapDevice(
                             device, frame: slice.physical, pages: Int(slice.length),

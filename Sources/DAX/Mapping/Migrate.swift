@@ -12,17 +12,19 @@ extension AddressSpace {
     /// free the old ones.
     func migrate(_ pages: Range<UInt64>, path: String) throws -> MigrationResult {
         try invalidateLock.withWriteLock {
-            try inode.lock.withWriteLock {
-                try inode.checkLive(path)
-                return try migrateLocked(pages, path: path)
+            try inode.contents.write { contents in
+                try contents.checkLive(path)
+                return try migrateLocked(&contents, pages, path: path)
             }
         }
     }
 
-    private func migrateLocked(_ pages: Range<UInt64>, path: String) throws -> MigrationResult {
+    private func migrateLocked(
+        _ contents: inout Inode.Contents, _ pages: Range<UInt64>, path: String
+    ) throws -> MigrationResult {
         // 1. The pages that have blocks, and the file's mappings.
         var candidates: [(page: UInt64, block: UInt64)] = []
-        for extent in inode.extents.extents(in: pages) {
+        for extent in contents.extents.extents(in: pages) {
             for page in extent.logicalRange { candidates.append((page, extent.block(for: page))) }
         }
         guard !candidates.isEmpty else { return MigrationResult(migrated: 0, busy: []) }
@@ -35,11 +37,11 @@ extension AddressSpace {
         var pending = candidates
         var frozen: [(page: UInt64, block: UInt64)] = []
         for _ in 1...Self.migrationAttempts where !pending.isEmpty {
-            detach(pending.map(\.page), from: mappings, inode)
+            detach(pending.map(\.page), from: mappings)
             let referenced = Set(pageMap.busyFrames(pending.map(\.block)))
             for mapping in mappings { mapping.restore() }
             let movable = pending.filter { !referenced.contains($0.block) }
-            detach(movable.map(\.page), from: mappings, inode)
+            detach(movable.map(\.page), from: mappings)
             for mapping in mappings { mapping.zapDetached() }
             var stayed = pending.filter { referenced.contains($0.block) }
             for candidate in movable {
@@ -61,7 +63,7 @@ extension AddressSpace {
         // 3. The file system moves the bytes to new blocks and points the extents at them.
         let moved: FileData.Move
         do {
-            moved = try data.move(inode, frozen, what: "migrate of \(counted(frozen.count, "page")) of \(path)")
+            moved = try data.move(&contents, frozen, what: "migrate of \(counted(frozen.count, "page")) of \(path)")
         } catch {
             // Nothing moved: the old blocks thaw and show in the mappings again.
             for candidate in frozen { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }
@@ -79,7 +81,7 @@ extension AddressSpace {
 
     /// Takes `pages` out of every mapping of `mappings` (their counts stay until zapped) and bumps
     /// the layout generation, so that a pin racing in backs off.
-    private func detach(_ pages: [UInt64], from mappings: [DAXMapping], _ inode: Inode) {
+    private func detach(_ pages: [UInt64], from mappings: [DAXMapping]) {
         for run in FileData.runs(of: pages) {
             for mapping in mappings { _ = mapping.detach(run, cut: 0..<0) }
         }

@@ -108,9 +108,9 @@ extension DAXMapping {
     /// Maps pages this mapping does not show: past the end of the file they stay faulting (an
     /// error); inside it (after a punch) a `.readWrite` pin gives them blocks, as a write fault would.
     private func resolve(_ missing: [Int], access: Access) throws {
-        try inode.lock.withWriteLock {
-            try inode.checkLive(path)
-            let size = Int(inode.record.size)
+        try inode.contents.write { contents in
+            try contents.checkLive(path)
+            let size = Int(contents.record.size)
             for index in missing where Int(firstPage) + index >= (size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
             {
                 throw DAXError(
@@ -120,17 +120,17 @@ extension DAXMapping {
             }
             let pages = UInt64(missing.first!)..<(UInt64(missing.last!) + 1)
             let filePages = (firstPage + pages.lowerBound)..<(firstPage + pages.upperBound)
-            if !inode.extents.holes(in: filePages).isEmpty {
+            if !contents.extents.holes(in: filePages).isEmpty {
                 guard access == .readWrite else {
                     throw DAXError(
                         .invalidArgument,
                         "cannot pin a hole of \(Paths.debug(path)) for reading: the page has no "
                             + "block (never written, or punched); only a .readWrite pin allocates one")
                 }
-                try space.data.fillHolesZeroed(inode, filePages, what: "pin of \(Paths.debug(path))")
+                try space.data.fillHolesZeroed(&contents, filePages, what: "pin of \(Paths.debug(path))")
             }
             // Every live mapping that shows nothing there gets the blocks, as its own fault would.
-            space.show(inode.extents.extents(in: filePages))
+            space.show(contents.extents.extents(in: filePages))
         }
     }
 }

@@ -31,7 +31,7 @@ public final class DAXFile: Sendable {
     deinit { close() }
 
     /// The file's size in bytes.
-    public var size: Int { inode.lock.withReadLock { Int(inode.record.size) } }
+    public var size: Int { inode.contents.read { Int($0.record.size) } }
 
     /// The inode number (stable while the file exists).
     public var inodeNumber: UInt32 { inode.number }
@@ -100,9 +100,9 @@ public final class DAXFile: Sendable {
         try operation("write", writable: true, range: (offset, buffer.count)) {
             try Self.checkRange(offset, buffer.count, "write", path)
             guard buffer.count > 0 else { return }
-            try inode.lock.withWriteLock {
-                try inode.checkLive(path)
-                space.show(try fileSystem.data.writeData(inode, buffer, at: offset))
+            try inode.contents.write { contents in
+                try contents.checkLive(path)
+                space.show(try fileSystem.data.writeData(&contents, buffer, at: offset))
             }
         }
     }
@@ -115,9 +115,9 @@ public final class DAXFile: Sendable {
     public func read(count: Int, at offset: Int) throws -> [UInt8] {
         try operation("read") {
             try Self.checkRange(offset, count, "read", path)
-            return try inode.lock.withReadLock {
-                try inode.checkLive(path)
-                let length = max(0, min(count, Int(inode.record.size) - offset))
+            return try inode.contents.read { contents in
+                try contents.checkLive(path)
+                let length = max(0, min(count, Int(contents.record.size) - offset))
                 let limit = PMemDevice.largestReadResult
                 guard length <= limit else {
                     throw DAXError(
@@ -126,7 +126,7 @@ public final class DAXFile: Sendable {
                             + "more than half of the machine's memory (\(counted(limit, "byte"))); read it in pieces "
                             + "with read(into:at:) or map it")
                 }
-                return fileSystem.data.readData(inode, count: count, at: offset)
+                return fileSystem.data.readData(contents, count: count, at: offset)
             }
         }
     }
@@ -136,9 +136,9 @@ public final class DAXFile: Sendable {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
         try operation("read") {
             try Self.checkRange(offset, buffer.count, "read", path)
-            return try inode.lock.withReadLock {
-                try inode.checkLive(path)
-                return fileSystem.data.readData(inode, into: buffer, at: offset)
+            return try inode.contents.read { contents in
+                try contents.checkLive(path)
+                return fileSystem.data.readData(contents, into: buffer, at: offset)
             }
         }
     }
@@ -150,9 +150,9 @@ public final class DAXFile: Sendable {
             guard count > 0 else {
                 throw DAXError(.invalidArgument, "cannot allocate 0 bytes of \(Paths.debug(path))")
             }
-            try inode.lock.withWriteLock {
-                try inode.checkLive(path)
-                space.show(try fileSystem.data.allocateData(inode, offset: offset, count: count))
+            try inode.contents.write { contents in
+                try contents.checkLive(path)
+                space.show(try fileSystem.data.allocateData(&contents, offset: offset, count: count))
             }
         }
     }
@@ -168,9 +168,9 @@ public final class DAXFile: Sendable {
             guard pages.count <= 1 << 28 else {
                 throw DAXError(.invalidArgument, "cannot list \(pages.count) frames of \(Paths.debug(path)) at once")
             }
-            return try inode.lock.withReadLock {
-                try inode.checkLive(path)
-                return fileSystem.data.frames(inode, pages: pages)
+            return try inode.contents.read { contents in
+                try contents.checkLive(path)
+                return fileSystem.data.frames(contents, pages: pages)
             }
         }
     }
@@ -185,9 +185,9 @@ public final class DAXFile: Sendable {
         try space.breakLayouts(
             policy: policy, what: "truncate \(Paths.debug(path)) to \(counted(size, "byte"))",
             guarded: { try operation("truncate", writable: true, $0) }
-        ) {
-            try inode.checkLive(path)
-            return try fileSystem.data.planResize(inode, to: size)
+        ) { contents in
+            try contents.checkLive(path)
+            return try fileSystem.data.planResize(contents, to: size)
         }
     }
 
@@ -199,9 +199,9 @@ public final class DAXFile: Sendable {
         try space.breakLayouts(
             policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))",
             guarded: { try operation("punch a hole in", writable: true, range: (offset, count), $0) }
-        ) {
-            try inode.checkLive(path)
-            return try fileSystem.data.planPunch(inode, offset: offset, count: count)
+        ) { contents in
+            try contents.checkLive(path)
+            return try fileSystem.data.planPunch(contents, offset: offset, count: count)
         }
     }
 
@@ -257,9 +257,9 @@ public final class DAXFile: Sendable {
     /// the kernel's `dax_writeback_mapping_range` would with every page tagged dirty.
     public func sync() throws {
         try operation("sync") {
-            try inode.lock.withReadLock {
-                try inode.checkLive(path)
-                for extent in inode.extents.allExtents {
+            try inode.contents.read { contents in
+                try contents.checkLive(path)
+                for extent in contents.extents.allExtents {
                     fileSystem.device.persist(
                         offset: Int(extent.physical) * PMemDevice.pageSize, count: Int(extent.length) * PMemDevice.pageSize)
                 }

@@ -13,6 +13,6 @@ extension DAXFileSystem {
     }
 
     func slotOffset(_ directory: Inode, _ slot: DirectoryIndex.SlotAddress) -> Int {
-        namespace.slotOffset(directory, slot)
+        directory.contents.read { namespace.slotOffset($0, slot) }
     }
 }
