@@ -28,9 +28,3 @@ public struct PageFrameNumber: RawRepresentable, Hashable, Comparable, Sendable,
         PageFrameNumber(rawValue: UInt64(Int(rawValue) + n))
     }
 }
-
-/// Whether a file, mapping or pin may be written, or only read.
-public enum Access: Sendable, Hashable {
-    case readOnly
-    case readWrite
-}

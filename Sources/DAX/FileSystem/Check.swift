@@ -1,3 +1,5 @@
+import Glibc
+
 /// What `check` found.
 public struct CheckReport: Sendable, Equatable, CustomStringConvertible {
     /// True when no problem was found.
@@ -143,5 +145,72 @@ struct Checker {
             }
             return problems
         }
+    }
+}
+
+extension Checker {
+    /// fsck of a device that is not mounted: validates everything `check()` does, changing nothing.
+    /// A transaction committed but not yet applied (a crash) is replayed into a private
+    /// copy-on-write view of the device, so that the structures checked are those the next mount
+    /// will see. A damaged superblock in block 0 is a problem when the backup in the last block is
+    /// intact (the rest is checked with the backup). Throws `.busy` if a file system on the device
+    /// is mounted (here or in another process), `.corrupted` if the device holds no DAXFS.
+    static func check(_ device: PMemDevice) throws -> CheckReport {
+        guard !device.isMounted.load(ordering: .acquiring) else {
+            throw DAXError(.busy, "the file system on \(device.path) is mounted in this process; use its check()")
+        }
+        guard device.isPrivateImage || device.systemCalls.flock(device.fd, LOCK_SH | LOCK_NB) == 0 else {
+            throw DAXError(.busy, "the file system on \(device.path) is mounted by another process", errno: errno)
+        }
+        defer { _ = device.systemCalls.flock(device.fd, LOCK_UN) }
+        return try checkUnmounted(device)
+    }
+
+    /// The offline check, with the device locked by the caller.
+    static func checkUnmounted(_ device: PMemDevice) throws -> CheckReport {
+        var (sb, primaryDamage) = try Superblock.locate(base: device.base, deviceBlocks: UInt64(device.pageCount))
+        var report = CheckReport(isClean: true, problems: [])
+        // The journal is validated exactly as mount would before replaying it.
+        var journalProblems: [String] = []
+        var view: PrivateView?
+        var replayedRanges: [Range<Int>] = []
+        do {
+            switch try Journal.read(device: device, superblock: sb) {
+            case .empty: break
+            case .tornHeader:
+                report.notes.append("the journal header is torn (a crash while committing); the next mount discards it")
+            case .committed(_, let records):
+                let pending =
+                    "the journal holds a committed transaction of \(counted(records.count, "record")), which the next mount replays"
+                if let replayed = try? PrivateView(of: device) {
+                    Journal.apply(records, to: replayed, superblock: sb)
+                    replayedRanges = Journal.targets(of: records, superblock: sb)
+                    view = replayed
+                    report.notes.append(pending + "; checked as it will be after that")
+                    // The transaction may have moved the orphan head; a damaged superblock is a problem.
+                    (sb, primaryDamage) = try Superblock.locate(
+                        base: replayed.base, deviceBlocks: UInt64(device.pageCount))
+                } else {
+                    report.notes.append(pending + "; checked as the device is now, before it (no private view)")
+                }
+            }
+        } catch let error as DAXError {
+            journalProblems.append("journal: \(error.message); a read-write mount will refuse the device")
+        }
+        let ranges: ((Range<Int>) -> [Range<Int>])? =
+            device.isSparse ? { device.dataRanges(in: $0, alsoWritten: replayedRanges) } : nil
+        let scan = withExtendedLifetime(view) {
+            Scanner.scan(
+                base: view?.base ?? device.base, superblock: sb, journalMustBeEmpty: false,
+                primaryDamage: primaryDamage, dataRanges: ranges)
+        }
+        report.problems =
+            journalProblems + scan.problems + (scan.suppressed > 0 ? ["and \(scan.suppressed) more problems"] : [])
+        if !scan.orphans.isEmpty {
+            report.notes.append(
+                "\(scan.orphans.count) removed files are still on the orphan list; the next mount frees them")
+        }
+        report.isClean = report.problems.isEmpty
+        return report
     }
 }

@@ -58,13 +58,13 @@ extension Namespace {
             let reason = volume.damage.inodes[number].map { " (\($0))" } ?? ""
             return DAXError(
                 .corrupted,
-                "\(Paths.debug(path)) is damaged: its inode \(number) cannot be read\(reason); "
+                "\(Paths.quoted(path)) is damaged: its inode \(number) cannot be read\(reason); "
                     + "run `daxemu fsck --repair` to drop it")
         }
         guard !index.damage.isEmpty else { return nil }
         return DAXError(
             .corrupted,
-            "\(Paths.debug(path)) is not in directory \(directory.number), which is damaged ("
+            "\(Paths.quoted(path)) is not in directory \(directory.number), which is damaged ("
                 + index.damage.prefix(2).joined(separator: "; ") + "): it may have been lost there; "
                 + "`daxemu fsck --repair` moves files it cannot place to /lost+found")
     }

@@ -16,12 +16,12 @@ struct FileData: Sendable {
         guard offset >= 0, count >= 0 else {
             throw DAXError(
                 .invalidArgument,
-                "cannot \(operation) \(Paths.debug(path)): negative offset \(offset) or count \(count)")
+                "cannot \(operation) \(Paths.quoted(path)): negative offset \(offset) or count \(count)")
         }
         guard count <= maximumFileSize, offset <= maximumFileSize - count else {
             throw DAXError(
                 .invalidArgument,
-                "cannot \(operation) \(Paths.debug(path)) at \(offset) + \(count): past the "
+                "cannot \(operation) \(Paths.quoted(path)) at \(offset) + \(count): past the "
                     + "largest file size of \(counted(maximumFileSize, "byte"))")
         }
     }
@@ -241,7 +241,7 @@ struct FileData: Sendable {
 
     /// A planned truncate or punch: what it frees and writes. The zeroing of the partial pages at
     /// its edges is part of its transaction, so a crash leaves them zeroed only if it committed.
-    struct LayoutChange {
+    struct TruncatePlan {
         var change = PendingChange()
         var extents: ExtentMap
         var record: InodeRecord
@@ -265,9 +265,9 @@ struct FileData: Sendable {
     }
 
     /// Plans setting the size to `size` (smaller or larger).
-    func planResize(_ file: Inode.Contents, to size: Int) throws -> LayoutChange {
+    func planResize(_ file: Inode.Contents, to size: Int) throws -> TruncatePlan {
         let oldSize = Int(file.record.size)
-        var plan = LayoutChange(extents: file.extents, record: file.record, freedPages: 0..<0)
+        var plan = TruncatePlan(extents: file.extents, record: file.record, freedPages: 0..<0)
         plan.record.size = UInt64(size)
         plan.record.modificationTime = WallClock.nanosecondsSinceEpoch
         plan.record.changeTime = plan.record.modificationTime
@@ -294,7 +294,7 @@ struct FileData: Sendable {
 
     /// Throws `.noSpace` if the plan's transaction cannot fit the journal, after giving back the leaf
     /// blocks the plan took.
-    private func fits(_ plan: LayoutChange, what: String) throws {
+    private func fits(_ plan: TruncatePlan, what: String) throws {
         do {
             try volume.journal.checkFits(plan.change.transaction, what: what)
         } catch {
@@ -304,13 +304,13 @@ struct FileData: Sendable {
     }
 
     /// Plans a hole over `offset..<offset+count`: whole pages lose their blocks, partial ones are zeroed.
-    func planPunch(_ file: Inode.Contents, offset: Int, count: Int) throws -> LayoutChange {
+    func planPunch(_ file: Inode.Contents, offset: Int, count: Int) throws -> TruncatePlan {
         // A punch that reaches the end of the file reaches the end of its last page: the bytes past
         // the size read as zeros anyway, so a punch from the page's start frees its block.
         let size = Int(file.record.size)
         let pagedSize = Int(Self.pageUp(size)) * Self.pageSize
         let end = offset + count >= size ? max(pagedSize, offset) : offset + count
-        var plan = LayoutChange(extents: file.extents, record: file.record, freedPages: 0..<0)
+        var plan = TruncatePlan(extents: file.extents, record: file.record, freedPages: 0..<0)
         guard end > offset else { return plan }
         let first = Self.pageUp(offset)
         let last = Self.page(end)
@@ -354,20 +354,20 @@ struct FileData: Sendable {
     /// Commits a planned layout change once break layouts allowed it (the zeroing of the partial
     /// pages with it). If it throws, nothing was written and the caller still owns the plan's
     /// blocks (``abandon(_:)``).
-    func commit(_ plan: LayoutChange) throws {
+    func commit(_ plan: TruncatePlan) throws {
         try volume.journal.commit(plan.change.transaction, what: "truncate")
     }
 
     /// After the commit, and once the pages left every mapping: the freed blocks go back to the
     /// allocator (busy ones quarantined) and the inode takes its new extents and record.
-    func release(_ plan: LayoutChange, of file: inout Inode.Contents) {
+    func release(_ plan: TruncatePlan, of file: inout Inode.Contents) {
         volume.releaseFreed(plan.change.freed)
         file.extents = plan.extents
         file.record = plan.record
     }
 
     /// Gives back the blocks a plan took (extent leaves) when it will not be committed.
-    func abandon(_ plan: LayoutChange) { volume.abandon(plan.change) }
+    func abandon(_ plan: TruncatePlan) { volume.abandon(plan.change) }
 
     /// Gives the holes of `pages` zeroed blocks, as mapping and pinning need. Returns the extents
     /// added.

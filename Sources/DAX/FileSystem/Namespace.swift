@@ -59,11 +59,11 @@ final class Namespace: Sendable {
             let entry = try directory.contents.read { directory in
                 guard let entry = directory.directory?.entries[name] else {
                     throw damageHiding(name, in: directory, path: path)
-                        ?? DAXError(.notFound, "no such file: \(Paths.debug(path))")
+                        ?? DAXError(.notFound, "no such file: \(Paths.quoted(path))")
                 }
                 return entry
             }
-            guard entry.kind == .file else { throw DAXError(.isADirectory, "\(Paths.debug(path)) is a directory") }
+            guard entry.kind == .file else { throw DAXError(.isADirectory, "\(Paths.quoted(path)) is a directory") }
             // Counted under the namespace lock, so a concurrent remove sees the handle.
             let inode = try self.inode(entry.inode)
             inode.users.withTrackedLock { $0.handles += 1 }
@@ -92,15 +92,15 @@ final class Namespace: Sendable {
             let (parentPath, name) = try Paths.split(path, what: "remove")
             let parent = try resolveDirectory(parentPath, path: path)
             guard let entry = parent.contents.read({ $0.directory?.entries[name] }) else {
-                throw DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
+                throw DAXError(.notFound, "no such file or directory: \(Paths.quoted(path))")
             }
             let target = try inode(entry.inode)
             if entry.kind == .directory, target.contents.read({ $0.directory?.isEmpty == false }) {
-                throw DAXError(.directoryNotEmpty, "directory \(Paths.debug(path)) is not empty")
+                throw DAXError(.directoryNotEmpty, "directory \(Paths.quoted(path)) is not empty")
             }
             var change = PendingChange()
             change.transaction.write(DirectoryFormat.emptySlot, at: parent.contents.read { slotOffset($0, entry.slot) })
-            try unlink(target, change: &change, what: "remove \(Paths.debug(path))")
+            try unlink(target, change: &change, what: "remove \(Paths.quoted(path))")
             parent.contents.write { parent in
                 parent.directory?.entries[name] = nil
                 parent.directory?.release(entry.slot)
@@ -117,7 +117,7 @@ final class Namespace: Sendable {
             let from = try resolveDirectory(fromPath, path: path)
             let to = try resolveDirectory(toPath, path: newPath)
             guard let entry = from.contents.read({ $0.directory?.entries[fromName] }) else {
-                throw DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
+                throw DAXError(.notFound, "no such file or directory: \(Paths.quoted(path))")
             }
             if from === to, fromName == toName { return }
             if entry.kind == .directory {
@@ -127,8 +127,8 @@ final class Namespace: Sendable {
                     if current.number == entry.inode {
                         throw DAXError(
                             .invalidArgument,
-                            "cannot move directory \(Paths.debug(path)) into itself "
-                                + "(\(Paths.debug(newPath)))")
+                            "cannot move directory \(Paths.quoted(path)) into itself "
+                                + "(\(Paths.quoted(newPath)))")
                     }
                     let parent = current.contents.read { $0.record.parent }
                     ancestor = current.number == Superblock.rootInode ? nil : try inode(parent)
@@ -138,12 +138,12 @@ final class Namespace: Sendable {
             if let replaced {
                 switch (entry.kind, replaced.kind) {
                 case (.directory, .file):
-                    throw DAXError(.notADirectory, "cannot replace file \(Paths.debug(newPath)) with a directory")
+                    throw DAXError(.notADirectory, "cannot replace file \(Paths.quoted(newPath)) with a directory")
                 case (.file, .directory):
-                    throw DAXError(.isADirectory, "cannot replace directory \(Paths.debug(newPath)) with a file")
+                    throw DAXError(.isADirectory, "cannot replace directory \(Paths.quoted(newPath)) with a file")
                 case (.directory, .directory)
                 where try inode(replaced.inode).contents.read({ $0.directory?.isEmpty == false }):
-                    throw DAXError(.directoryNotEmpty, "directory \(Paths.debug(newPath)) is not empty")
+                    throw DAXError(.directoryNotEmpty, "directory \(Paths.quoted(newPath)) is not empty")
                 default: break
                 }
             }
@@ -173,9 +173,9 @@ final class Namespace: Sendable {
                 }
             }
             if let replaced {
-                try unlink(try inode(replaced.inode), change: &change, what: "rename onto \(Paths.debug(newPath))")
+                try unlink(try inode(replaced.inode), change: &change, what: "rename onto \(Paths.quoted(newPath))")
             } else {
-                try volume.commit(change, what: "rename \(Paths.debug(path))")
+                try volume.commit(change, what: "rename \(Paths.quoted(path))")
                 to.contents.write { to in
                     installSlot(in: &to, extents: toExtents)
                     to.directory?.take(slot)
@@ -202,7 +202,7 @@ final class Namespace: Sendable {
             let entry = try parent.contents.read { parent in
                 guard let entry = parent.directory?.entries[name] else {
                     throw damageHiding(name, in: parent, path: path)
-                        ?? DAXError(.notFound, "no such file or directory: \(Paths.debug(path))")
+                        ?? DAXError(.notFound, "no such file or directory: \(Paths.quoted(path))")
                 }
                 return entry
             }
@@ -235,8 +235,8 @@ final class Namespace: Sendable {
                 }
             }
         } catch let error as DAXError {
-            let subject = Paths.debug(path)
-            let target = newPath.map { " to \(Paths.debug($0))" } ?? ""
+            let subject = Paths.quoted(path)
+            let target = newPath.map { " to \(Paths.quoted($0))" } ?? ""
             throw error.context("cannot \(what) \(subject)\(target)", naming: subject)
         }
     }
@@ -256,14 +256,14 @@ final class Namespace: Sendable {
                 guard let entry = current.directory?.entries[name] else {
                     let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
                     throw damageHiding(name, in: current, path: "/" + prefix)
-                        ?? DAXError(.notFound, "no such directory \(Paths.debug("/" + prefix)) in \(Paths.debug(path))")
+                        ?? DAXError(.notFound, "no such directory \(Paths.quoted("/" + prefix)) in \(Paths.quoted(path))")
                 }
                 return entry
             }
             guard entry.kind == .directory else {
                 let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
                 throw DAXError(
-                    .notADirectory, "\(Paths.debug("/" + prefix)) in \(Paths.debug(path)) is not a directory")
+                    .notADirectory, "\(Paths.quoted("/" + prefix)) in \(Paths.quoted(path)) is not a directory")
             }
             current = try inode(entry.inode)
         }
@@ -322,12 +322,12 @@ final class Namespace: Sendable {
         let (parentPath, name) = try Paths.split(path, what: "create")
         let parent = try resolveDirectory(parentPath, path: path)
         guard parent.contents.read({ $0.directory?.entries[name] }) == nil else {
-            throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists")
+            throw DAXError(.alreadyExists, "\(Paths.quoted(path)) already exists")
         }
         guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
             throw DAXError(
                 .noSpace,
-                "cannot create \(Paths.debug(path)): all \(countedAre(volume.superblock.inodeCount, "inode")) in use")
+                "cannot create \(Paths.quoted(path)): all \(countedAre(volume.superblock.inodeCount, "inode")) in use")
         }
         var change = PendingChange()
         do {
@@ -346,7 +346,7 @@ final class Namespace: Sendable {
             change.transaction.write(
                 DirectoryFormat.encodeSlot(inode: number, name: name, kind: kind),
                 at: parent.contents.read { slotOffset($0, slot, extents: parentExtents) })
-            try volume.commit(change, what: "create \(Paths.debug(path))")
+            try volume.commit(change, what: "create \(Paths.quoted(path))")
             let inode = Inode(
                 number: number, record: record, extents: ExtentMap(),
                 directory: kind == .directory ? DirectoryIndex() : nil)

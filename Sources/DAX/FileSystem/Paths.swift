@@ -5,19 +5,19 @@ enum Paths {
     static func components(_ path: String) throws -> [[UInt8]] {
         guard !path.isEmpty else { throw DAXError(.invalidArgument, "path is empty") }
         guard !path.utf8.contains(0) else {
-            throw DAXError(.invalidArgument, "path \(debug(path)) contains a NUL byte")
+            throw DAXError(.invalidArgument, "path \(quoted(path)) contains a NUL byte")
         }
         let parts = path.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: true).map(Array.init)
         for part in parts {
             if part.count > DirectoryFormat.maximumNameLength {
                 throw DAXError(
                     .invalidArgument,
-                    "name \(debug(String(decoding: part.prefix(40), as: UTF8.self)))... in \(debug(path)) is "
+                    "name \(quoted(String(decoding: part.prefix(40), as: UTF8.self)))... in \(quoted(path)) is "
                         + "\(counted(part.count, "byte")) long; names are at most 255 bytes")
             }
             if part == [UInt8(ascii: ".")] || part == [UInt8(ascii: "."), UInt8(ascii: ".")] {
                 throw DAXError(
-                    .invalidArgument, "path \(debug(path)) has a '.' or '..' component, which DAXFS does not resolve")
+                    .invalidArgument, "path \(quoted(path)) has a '.' or '..' component, which DAXFS does not resolve")
             }
         }
         return parts
@@ -27,7 +27,7 @@ enum Paths {
     static func split(_ path: String, what: String) throws -> (parent: [[UInt8]], name: [UInt8]) {
         var parts = try components(path)
         guard let name = parts.popLast() else {
-            throw DAXError(.invalidArgument, "cannot \(what) \(debug(path)): it is the root directory")
+            throw DAXError(.invalidArgument, "cannot \(what) \(quoted(path)): it is the root directory")
         }
         return (parts, name)
     }
@@ -38,5 +38,5 @@ enum Paths {
     }
 
     /// The path quoted for messages.
-    static func debug(_ path: String) -> String { "\"\(path)\"" }
+    static func quoted(_ path: String) -> String { "\"\(path)\"" }
 }

@@ -298,7 +298,7 @@ struct Salvage {
                         say("directory \(number) block \(page) slot \(slot) is damaged (\(reason)); cleared it")
                         clearSlot(offset, of: number)
                     case .entry(let child, let name, let kind):
-                        let quoted = Paths.debug(String(decoding: name, as: UTF8.self))
+                        let quoted = Paths.quoted(String(decoding: name, as: UTF8.self))
                         if let target = kept[child], target.record.kind == kind {
                             if !names.insert(name).inserted {
                                 say("directory \(number) has a second entry named \(quoted); removed it")

@@ -92,7 +92,7 @@ extension Salvage {
             var keptEntries: [Entry] = []
             for entry in entries[current] ?? [] {
                 if entry.child == Superblock.rootInode || named[entry.child] != nil {
-                    let quoted = Paths.debug(String(decoding: entry.name, as: UTF8.self))
+                    let quoted = Paths.quoted(String(decoding: entry.name, as: UTF8.self))
                     say(
                         "directory \(current): entry \(quoted) is a second name for inode \(entry.child) "
                             + "(DAXFS has no hard links); removed the entry")

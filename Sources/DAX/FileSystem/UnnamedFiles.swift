@@ -12,7 +12,7 @@ extension Namespace {
             guard let number = table.withTrackedLock({ $0.takeNumber() }) else {
                 throw DAXError(
                     .noSpace,
-                    "cannot create an unnamed file in \(Paths.debug(directory)): all \(volume.superblock.inodeCount) "
+                    "cannot create an unnamed file in \(Paths.quoted(directory)): all \(volume.superblock.inodeCount) "
                         + "inodes are in use")
             }
             do {
@@ -65,9 +65,9 @@ extension Namespace {
             let parent = try resolveDirectory(parentPath, path: path)
             let existing = parent.contents.read { $0.directory?.entries[name] }
             if let existing {
-                guard replacing else { throw DAXError(.alreadyExists, "\(Paths.debug(path)) already exists") }
+                guard replacing else { throw DAXError(.alreadyExists, "\(Paths.quoted(path)) already exists") }
                 guard existing.kind == .file else {
-                    throw DAXError(.isADirectory, "cannot replace directory \(Paths.debug(path)) with a file")
+                    throw DAXError(.isADirectory, "cannot replace directory \(Paths.quoted(path)) with a file")
                 }
             }
             let replaced = try existing.map { try self.inode($0.inode) }
@@ -80,7 +80,7 @@ extension Namespace {
             let previous: Inode? = try orphans.withTrackedLock { orphans in
                 guard let index = orphans.firstIndex(of: inode.number), unnamed else {
                     throw DAXError(
-                        .invalidArgument, "\(Paths.debug(filePath)) is not an unnamed file: it has a name already")
+                        .invalidArgument, "\(Paths.quoted(filePath)) is not an unnamed file: it has a name already")
                 }
                 return index == 0 ? nil : try self.inode(orphans[index - 1])
             }
@@ -155,7 +155,7 @@ extension Namespace {
                 record.nextOrphan = 0
                 record.changeTime = WallClock.nanosecondsSinceEpoch
                 change.store(record, extents: file.extents, of: file.number, superblock: volume.superblock)
-                try volume.commit(change, what: "link \(Paths.debug(path))")
+                try volume.commit(change, what: "link \(Paths.quoted(path))")
                 committed = true
 
                 if let replacing {

@@ -50,7 +50,7 @@ extension AddressSpace {
     /// the file system to let go.
     func breakLayouts(
         policy: BusyPolicy, what: String, guarded: (() throws -> [UInt64]) throws -> [UInt64],
-        plan makePlan: (Inode.Contents) throws -> FileData.LayoutChange
+        plan makePlan: (Inode.Contents) throws -> FileData.TruncatePlan
     ) throws {
         var waiting = BusyWait(policy: policy, what: what)
         while true {

@@ -3,13 +3,13 @@ extension AddressSpace {
     /// promises) for a handle opened with `fileAccess` at `path`.
     func map(offset: Int, count: Int, access: Access, fileAccess: Access, path: String) throws -> DAXMapping {
         if access == .readWrite, fileAccess != .readWrite {
-            throw DAXError(.permissionDenied, "cannot map \(Paths.debug(path)) for writing: it was opened read-only")
+            throw DAXError(.permissionDenied, "cannot map \(Paths.quoted(path)) for writing: it was opened read-only")
         }
         try FileData.checkRange(offset, count, "map", path)
         guard count > 0, offset % PMemDevice.pageSize == 0 else {
             throw DAXError(
                 .invalidArgument,
-                "cannot map \(counted(count, "byte")) at offset \(offset) of \(Paths.debug(path)): "
+                "cannot map \(counted(count, "byte")) at offset \(offset) of \(Paths.quoted(path)): "
                     + "the offset must be a multiple of \(PMemDevice.pageSize) and the count positive")
         }
         let first = FileData.page(offset)
@@ -25,11 +25,11 @@ extension AddressSpace {
                 else {
                     throw DAXError(
                         .invalidArgument,
-                        "cannot map \(offset)..<\(offset + count) of \(Paths.debug(path)): "
+                        "cannot map \(offset)..<\(offset + count) of \(Paths.quoted(path)): "
                             + "the file has only \(counted(size, "byte")) (extend it with truncate or allocate first)")
                 }
                 if access == .readWrite {
-                    let added = try data.fillHolesZeroed(&contents, pages, what: "map of \(Paths.debug(path))")
+                    let added = try data.fillHolesZeroed(&contents, pages, what: "map of \(Paths.quoted(path))")
                     // Older mappings of those pages (punched while mapped) see the new blocks too.
                     show(added)
                 }

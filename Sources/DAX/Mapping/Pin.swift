@@ -12,18 +12,18 @@ extension DAXMapping {
     ) throws -> PinnedPages {
         guard count != 0 else {
             throw DAXError(
-                .invalidArgument, "cannot pin 0 bytes at offset \(offset) of \(Paths.debug(path)): a pin holds at least one byte")
+                .invalidArgument, "cannot pin 0 bytes at offset \(offset) of \(Paths.quoted(path)): a pin holds at least one byte")
         }
         guard offset >= 0, count > 0, offset <= self.count, count <= self.count - offset else {
             throw DAXError(
                 .invalidArgument,
                 "cannot pin \(counted(count, "byte")) at offset \(offset): outside the mapping of "
-                    + "\(counted(self.count, "byte")) of \(Paths.debug(path))")
+                    + "\(counted(self.count, "byte")) of \(Paths.quoted(path))")
         }
         if access == .readWrite, !writable {
             throw DAXError(
                 .permissionDenied,
-                "cannot pin pages of \(Paths.debug(path)) for writing: the mapping or "
+                "cannot pin pages of \(Paths.quoted(path)) for writing: the mapping or "
                     + "the file is read-only")
         }
         let first = offset / PMemDevice.pageSize
@@ -81,7 +81,7 @@ extension DAXMapping {
             while true {
                 guard !isUnmapped else {
                     throw DAXError(
-                        .invalidArgument, "cannot pin pages of \(Paths.debug(path)): the mapping was unmapped")
+                        .invalidArgument, "cannot pin pages of \(Paths.quoted(path)): the mapping was unmapped")
                 }
                 let generation = space.layoutGeneration.load(ordering: .sequentiallyConsistent)
                 let missing = pages.filter { entries[$0].load(ordering: .acquiring) == 0 }
@@ -92,7 +92,7 @@ extension DAXMapping {
                     guard frame != 0 else {
                         throw DAXError(
                             .invalidArgument,
-                            "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
+                            "cannot pin page \(firstPage + UInt64(index)) of \(Paths.quoted(path)): "
                                 + "it is no longer mapped")
                     }
                     frames.append(PageFrameNumber(rawValue: frame))
@@ -115,7 +115,7 @@ extension DAXMapping {
             {
                 throw DAXError(
                     .invalidArgument,
-                    "cannot pin page \(firstPage + UInt64(index)) of \(Paths.debug(path)): "
+                    "cannot pin page \(firstPage + UInt64(index)) of \(Paths.quoted(path)): "
                         + "a truncate cut it off (the file has \(counted(size, "byte"))); the mapping faults there")
             }
             let pages = UInt64(missing.first!)..<(UInt64(missing.last!) + 1)
@@ -124,10 +124,10 @@ extension DAXMapping {
                 guard access == .readWrite else {
                     throw DAXError(
                         .invalidArgument,
-                        "cannot pin a hole of \(Paths.debug(path)) for reading: the page has no "
+                        "cannot pin a hole of \(Paths.quoted(path)) for reading: the page has no "
                             + "block (never written, or punched); only a .readWrite pin allocates one")
                 }
-                try space.data.fillHolesZeroed(&contents, filePages, what: "pin of \(Paths.debug(path))")
+                try space.data.fillHolesZeroed(&contents, filePages, what: "pin of \(Paths.quoted(path))")
             }
             // Every live mapping that shows nothing there gets the blocks, as its own fault would.
             space.show(contents.extents.extents(in: filePages))

@@ -65,14 +65,14 @@ public final class DAXFile: Sendable {
                 }
             }
         } catch let error as DAXError {
-            let subject = Paths.debug(path)
+            let subject = Paths.quoted(path)
             throw error.context("cannot \(name) \(subject)" + (range.map { " at \($0.offset) + \($0.count)" } ?? ""), naming: subject)
         }
     }
 
     func checkOpen(_ operation: String) throws {
         guard !isClosed else {
-            throw DAXError(.invalidArgument, "cannot \(operation) \(Paths.debug(path)): the file is closed")
+            throw DAXError(.invalidArgument, "cannot \(operation) \(Paths.quoted(path)): the file is closed")
         }
         try fileSystem.volume.checkMounted()
     }
@@ -80,7 +80,7 @@ public final class DAXFile: Sendable {
     func checkWritable(_ operation: String) throws {
         try checkOpen(operation)
         guard access == .readWrite else {
-            throw DAXError(.permissionDenied, "cannot \(operation) \(Paths.debug(path)): it was opened read-only")
+            throw DAXError(.permissionDenied, "cannot \(operation) \(Paths.quoted(path)): it was opened read-only")
         }
     }
 
@@ -122,7 +122,7 @@ public final class DAXFile: Sendable {
                 guard length <= limit else {
                     throw DAXError(
                         .noSpace,
-                        "cannot read \(counted(length, "byte")) at offset \(offset) of \(Paths.debug(path)) into one array: "
+                        "cannot read \(counted(length, "byte")) at offset \(offset) of \(Paths.quoted(path)) into one array: "
                             + "more than half of the machine's memory (\(counted(limit, "byte"))); read it in pieces "
                             + "with read(into:at:) or map it")
                 }
@@ -148,7 +148,7 @@ public final class DAXFile: Sendable {
         try operation("allocate", writable: true, range: (offset, count)) {
             try Self.checkRange(offset, count, "allocate", path)
             guard count > 0 else {
-                throw DAXError(.invalidArgument, "cannot allocate 0 bytes of \(Paths.debug(path))")
+                throw DAXError(.invalidArgument, "cannot allocate 0 bytes of \(Paths.quoted(path))")
             }
             try inode.contents.write { contents in
                 try contents.checkLive(path)
@@ -166,7 +166,7 @@ public final class DAXFile: Sendable {
             guard count > 0 else { return [] }
             let pages = FileData.page(offset)..<FileData.pageUp(offset + count)
             guard pages.count <= 1 << 28 else {
-                throw DAXError(.invalidArgument, "cannot list \(pages.count) frames of \(Paths.debug(path)) at once")
+                throw DAXError(.invalidArgument, "cannot list \(pages.count) frames of \(Paths.quoted(path)) at once")
             }
             return try inode.contents.read { contents in
                 try contents.checkLive(path)
@@ -183,7 +183,7 @@ public final class DAXFile: Sendable {
     public func truncate(to size: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
         try Self.checkRange(size, 0, "truncate", path)
         try space.breakLayouts(
-            policy: policy, what: "truncate \(Paths.debug(path)) to \(counted(size, "byte"))",
+            policy: policy, what: "truncate \(Paths.quoted(path)) to \(counted(size, "byte"))",
             guarded: { try operation("truncate", writable: true, $0) }
         ) { contents in
             try contents.checkLive(path)
@@ -197,7 +197,7 @@ public final class DAXFile: Sendable {
         try Self.checkRange(offset, count, "punch a hole in", path)
         guard count > 0 else { return try operation("punch a hole in", writable: true) {} }
         try space.breakLayouts(
-            policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.debug(path))",
+            policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.quoted(path))",
             guarded: { try operation("punch a hole in", writable: true, range: (offset, count), $0) }
         ) { contents in
             try contents.checkLive(path)

@@ -246,7 +246,7 @@ public final class DAXFileSystem: Sendable {
     public func link(_ file: DAXFile, at path: String, replacing: Bool = false) throws {
         try namespace.link(file.inode, filePath: file.path, at: path, replacing: replacing) {
             guard file.fileSystem === self else {
-                throw DAXError(.invalidArgument, "\(Paths.debug(file.path)) belongs to another file system")
+                throw DAXError(.invalidArgument, "\(Paths.quoted(file.path)) belongs to another file system")
             }
             try file.checkWritable("link")
         }

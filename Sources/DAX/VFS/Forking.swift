@@ -21,7 +21,7 @@ extension DAXFileSystem {
     public func clone(_ source: String, to destination: String, ifPinned: PinnedPagePolicy = .copy) throws {
         throw DAXError(
             .unsupported,
-            "cannot clone \(Paths.debug(source)) to \(Paths.debug(destination)): sharing blocks copy-on-write "
+            "cannot clone \(Paths.quoted(source)) to \(Paths.quoted(destination)): sharing blocks copy-on-write "
                 + "needs the fault handler, which this version does not have")
     }
 
@@ -32,7 +32,7 @@ extension DAXFileSystem {
     ) throws -> Int {
         throw DAXError(
             .unsupported,
-            "cannot deduplicate \(Paths.debug(destination)) against \(Paths.debug(source)): sharing blocks "
+            "cannot deduplicate \(Paths.quoted(destination)) against \(Paths.quoted(source)): sharing blocks "
                 + "needs the fault handler, which this version does not have")
     }
 }
