@@ -13,6 +13,7 @@ public struct DAXError: Error, CustomStringConvertible, Sendable {
 
         init(_ name: String) { self.name = name }
 
+        /// The code's name, e.g. `busy`.
         public var description: String { name }
 
         /// Pages are referenced, pinned or mapped and the policy said not to wait (`EBUSY`).
@@ -61,6 +62,7 @@ public struct DAXError: Error, CustomStringConvertible, Sendable {
         self.errno = errno
     }
 
+    /// The code and the message, as one line for a person.
     public var description: String {
         if let errno {
             return "\(code): \(message) (errno \(errno): \(String(cString: strerror(errno))))"

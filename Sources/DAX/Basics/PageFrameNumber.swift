@@ -9,6 +9,7 @@ public struct PageFrameNumber: RawRepresentable, Hashable, Comparable, Sendable,
     /// The bytes of the page a frame names: 4096, the device's page and file-system block.
     static let pageSize = 4096
 
+    /// The frame with index `rawValue`.
     public init(rawValue: UInt64) { self.rawValue = rawValue }
 
     /// The frame of the page at `offset` bytes into the device (rounded down).
@@ -19,8 +20,10 @@ public struct PageFrameNumber: RawRepresentable, Hashable, Comparable, Sendable,
     /// The device offset of the page's first byte.
     public var deviceOffset: Int { Int(rawValue) * Self.pageSize }
 
+    /// Frames order by device offset.
     public static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
 
+    /// "pfn N", as the kernel prints a frame.
     public var description: String { "pfn \(rawValue)" }
 
     /// The frame `n` pages further on.

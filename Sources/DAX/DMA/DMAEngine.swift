@@ -13,6 +13,7 @@ public final class DMAEngine: Sendable {
     let bytesWritten = Atomic<Int>(0)
     let bytesRead = Atomic<Int>(0)
 
+    /// An engine for `device`: it touches the device only through the pins registered with it.
     public init(device: PMemDevice) {
         self.device = device
     }
@@ -47,7 +48,8 @@ public final class DMAEngine: Sendable {
             }
             region.forEachChunk(offset: offset, count: source.count) { deviceOffset, at, length in
                 device.copy(
-                    UnsafeRawBufferPointer(rebasing: source[at..<(at + length)]), toOffset: deviceOffset, flags: .noDrain)
+                    UnsafeRawBufferPointer(rebasing: source[at..<(at + length)]), toOffset: deviceOffset,
+                    flags: .noDrain)
             }
             device.drain()
         }

@@ -9,11 +9,13 @@ public struct CheckReport: Sendable, Equatable, CustomStringConvertible {
     /// Facts that are not problems (a transaction awaiting replay, orphans awaiting a mount).
     public var notes: [String] = []
 
+    /// A report of `problems` (none when `isClean`).
     public init(isClean: Bool, problems: [String]) {
         self.isClean = isClean
         self.problems = problems
     }
 
+    /// "clean", or the problems, one per line.
     public var description: String {
         guard !isClean else { return "clean" }
         let count = counted(problems.count, "problem")
@@ -61,7 +63,8 @@ struct Checker {
                     if expected != current {
                         problems.append("the superblock changed since mount beyond its orphan head")
                     }
-                    let scan = Scanner.scan(device: namespace.volume.device, superblock: current, journalMustBeEmpty: true)
+                    let scan = Scanner.scan(
+                        device: namespace.volume.device, superblock: current, journalMustBeEmpty: true)
                     problems += compareAllocator(with: scan.bitmap)
                     return (scan, mountedOrphans)
                 }
@@ -113,7 +116,9 @@ struct Checker {
         inode.contents.read { contents in
             // Freed since the table was read, or about to be: nothing on the device to compare.
             if contents.isFreed || inode.users.withTrackedLock({ $0.reclaimed }) { return [] }
-            let reader = ByteReader(namespace.volume.device.base + namespace.volume.superblock.inodeOffset(inode.number), count: Superblock.inodeSize)
+            let reader = ByteReader(
+                namespace.volume.device.base + namespace.volume.superblock.inodeOffset(inode.number),
+                count: Superblock.inodeSize)
             guard case .success(let record) = InodeRecord.decode(reader), record.kind != .free else {
                 return ["inode \(inode.number) is in use in memory but not on the device"]
             }
@@ -135,7 +140,8 @@ struct Checker {
             }
             for leaf in contents.extents.leafBlocks.enumerated() {
                 let leafReader = ByteReader(
-                    namespace.volume.device.base + Int(leaf.element) * Superblock.blockSize, count: Superblock.blockSize)
+                    namespace.volume.device.base + Int(leaf.element) * Superblock.blockSize, count: Superblock.blockSize
+                )
                 guard case .success(let (extents, _)) = ExtentLeaf.decode(leafReader, owner: inode.number),
                     extents == contents.extents.leaves[leaf.offset].extents
                 else {

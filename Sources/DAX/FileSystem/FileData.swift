@@ -316,7 +316,8 @@ struct FileData: Sendable {
         let last = Self.page(end)
         if first < last {
             plan.freedPages = first..<last
-            try volume.editExtents(&plan.extents, of: file.number, replacing: plan.freedPages, with: [], change: &plan.change)
+            try volume.editExtents(
+                &plan.extents, of: file.number, replacing: plan.freedPages, with: [], change: &plan.change)
         }
         let firstWhole = Int(first) * Self.pageSize
         let lastWhole = Int(last) * Self.pageSize

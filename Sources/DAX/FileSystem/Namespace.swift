@@ -256,7 +256,8 @@ final class Namespace: Sendable {
                 guard let entry = current.directory?.entries[name] else {
                     let prefix = components[...index].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
                     throw damageHiding(name, in: current, path: "/" + prefix)
-                        ?? DAXError(.notFound, "no such directory \(Paths.quoted("/" + prefix)) in \(Paths.quoted(path))")
+                        ?? DAXError(
+                            .notFound, "no such directory \(Paths.quoted("/" + prefix)) in \(Paths.quoted(path))")
                 }
                 return entry
             }

@@ -78,7 +78,8 @@ extension Volume {
         let runs = try allocator.allocate(count, goal: goal, inode: inode, firstIndex: firstIndex)
         do {
             for run in runs {
-                try device.back(offset: Int(run.start) * Superblock.blockSize, count: Int(run.count) * Superblock.blockSize)
+                try device.back(
+                    offset: Int(run.start) * Superblock.blockSize, count: Int(run.count) * Superblock.blockSize)
             }
         } catch {
             allocator.unallocate(runs)

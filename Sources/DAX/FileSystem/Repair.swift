@@ -44,7 +44,8 @@ extension Volume {
         }
         let totals = device.pages.pinTotals
         guard totals.acquired == totals.released else {
-            throw DAXError(.busy, "\(countedAre(totals.acquired - totals.released, "page")) still pinned from an earlier mount")
+            throw DAXError(
+                .busy, "\(countedAre(totals.acquired - totals.released, "page")) still pinned from an earlier mount")
         }
         let blocks = UInt64(device.pageCount)
         var (sb, primaryDamage) = try Superblock.locate(base: device.base, deviceBlocks: blocks)
@@ -101,7 +102,8 @@ extension Volume {
                 Journal.apply(records, to: device, superblock: sb)
                 try empty(sequence)
                 actions.append(
-                    "replayed the committed transaction in the journal (\(counted(records.count, "record"))), as mount would")
+                    "replayed the committed transaction in the journal (\(counted(records.count, "record"))), as mount would"
+                )
                 return sequence
             }
         } catch let error as DAXError where error.code == .corrupted {

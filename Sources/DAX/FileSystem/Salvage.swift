@@ -141,13 +141,17 @@ struct Salvage {
                 }
             }
             guard block == 0, leaves.count == Int(record.leafCount) else {
-                return .failure(.field("extent leaf chain (it does not end after \(counted(record.leafCount, "leaf", plural: "leaves")))"))
+                return .failure(
+                    .field(
+                        "extent leaf chain (it does not end after \(counted(record.leafCount, "leaf", plural: "leaves")))"
+                    ))
             }
             map = ExtentMap(leaves: leaves)
         }
         let extents = map.allExtents
         guard UInt32(extents.count) == record.extentCount else {
-            return .failure(.field("extent count (\(counted(extents.count, "extent")), the record says \(record.extentCount))"))
+            return .failure(
+                .field("extent count (\(counted(extents.count, "extent")), the record says \(record.extentCount))"))
         }
         for (index, extent) in extents.enumerated() {
             if index > 0, extents[index - 1].logicalEnd > extent.logical {
@@ -200,7 +204,9 @@ struct Salvage {
             let pages = (inode.record.size + UInt64(Superblock.blockSize) - 1) / UInt64(Superblock.blockSize)
             if inode.record.kind == .file, inode.extents.endPage > pages {
                 let size = inode.extents.endPage * UInt64(Superblock.blockSize)
-                say("file inode \(number): blocks are mapped past its size \(inode.record.size); made it \(counted(size, "byte"))")
+                say(
+                    "file inode \(number): blocks are mapped past its size \(inode.record.size); made it \(counted(size, "byte"))"
+                )
                 fixed.record.size = size
                 fixed.changed = true
             }

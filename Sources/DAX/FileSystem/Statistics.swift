@@ -26,6 +26,7 @@ public struct Statistics: Sendable, Equatable {
     /// Data blocks owned by more than one file (reflinks, dedup): none until blocks can be shared.
     public var sharedBlocks: Int = 0
 
+    /// Statistics with the block and pin figures given and every other count zero.
     public init(
         totalBlocks: Int, freeBlocks: Int, quarantinedBlocks: Int, pinnedPages: Int, pinsAcquired: Int,
         pinsReleased: Int

@@ -21,7 +21,8 @@ extension Namespace {
                     var record = InodeRecord()
                     record.kind = .file
                     record.linkCount = 0
-                    let old = ByteReader(volume.device.base + volume.superblock.inodeOffset(number), count: Superblock.inodeSize)
+                    let old = ByteReader(
+                        volume.device.base + volume.superblock.inodeOffset(number), count: Superblock.inodeSize)
                     record.generation = old.get(UInt32.self, at: 12) &+ 1
                     record.modificationTime = now
                     record.changeTime = now
@@ -134,7 +135,8 @@ extension Namespace {
                         record.nextOrphan = list.first ?? 0
                         record.changeTime = WallClock.nanosecondsSinceEpoch
                         replacedRecord = record
-                        change.store(record, extents: replaced.extents, of: replaced.number, superblock: volume.superblock)
+                        change.store(
+                            record, extents: replaced.extents, of: replaced.number, superblock: volume.superblock)
                         list.insert(replaced.number, at: 0)
                     } else {
                         volume.freeInode(replaced, change: &change)

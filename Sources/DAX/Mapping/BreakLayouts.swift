@@ -87,9 +87,12 @@ extension AddressSpace {
                                 busy = revokeLeases(holding: busy, &waiting)
                                 if !busy.isEmpty, waiting.secondGraceIsOver {
                                     putBack()
-                                    throw waiting.timedOut(busy, waiting.revoked
-                                        ? "references outlived the grace period after the leases were revoked"
-                                        : "short-term pins or references outlived the grace period; no lease was revoked")
+                                    throw waiting.timedOut(
+                                        busy,
+                                        waiting.revoked
+                                            ? "references outlived the grace period after the leases were revoked"
+                                            : "short-term pins or references outlived the grace period; no lease was revoked"
+                                    )
                                 }
                             }
                             guard busy.isEmpty || policy.goesOnWhenBusy else {

@@ -101,7 +101,8 @@ public final class DAXMapping: Sendable {
         precondition(access == .readWrite, "copy into a read-only mapping of \(path)")
         precondition(
             offset >= 0 && source.count <= length && offset <= length - source.count,
-            "copy of \(counted(source.count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
+            "copy of \(counted(source.count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))"
+        )
         device.copy(source, toMappedAt: base + offset, flags: flags, deviceOffset: deviceOffset(of:))
     }
 

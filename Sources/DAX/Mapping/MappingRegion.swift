@@ -15,7 +15,8 @@ enum MappingRegion {
     /// Reserves `length` bytes of address space that fault until something is mapped there.
     static func reserve(_ length: Int, calls: SystemCalls) throws -> UnsafeMutableRawPointer {
         guard let base = calls.mmap(nil, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) else {
-            throw DAXError.system("mmap", "cannot reserve \(counted(length, "byte")) of address space for a mapping", errno: errno)
+            throw DAXError.system(
+                "mmap", "cannot reserve \(counted(length, "byte")) of address space for a mapping", errno: errno)
         }
         return base
     }

@@ -12,7 +12,8 @@ extension DAXMapping {
     ) throws -> PinnedPages {
         guard count != 0 else {
             throw DAXError(
-                .invalidArgument, "cannot pin 0 bytes at offset \(offset) of \(Paths.quoted(path)): a pin holds at least one byte")
+                .invalidArgument,
+                "cannot pin 0 bytes at offset \(offset) of \(Paths.quoted(path)): a pin holds at least one byte")
         }
         guard offset >= 0, count > 0, offset <= self.count, count <= self.count - offset else {
             throw DAXError(

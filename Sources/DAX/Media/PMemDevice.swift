@@ -45,6 +45,7 @@ public final class PMemDevice: Sendable {
         /// The system-call seam; tests inject failures here.
         package var systemCalls: SystemCalls = .live
 
+        /// The defaults: automatic persistence, a dense device, read-write.
         public init() {}
     }
 

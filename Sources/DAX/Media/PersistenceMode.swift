@@ -11,6 +11,7 @@ public enum PersistenceMode: Sendable, Hashable, CustomStringConvertible {
     /// Always `msync(MS_SYNC)` the page-aligned range: what a non-DAX file needs.
     case msync
 
+    /// The name a person reads, as the CLI prints it.
     public var description: String {
         switch self {
         case .automatic: "automatic"
@@ -32,6 +33,7 @@ public enum MapSyncStatus: Sendable, Hashable, CustomStringConvertible {
     /// True when granted.
     public var isGranted: Bool { self == .granted }
 
+    /// The name a person reads, as the CLI prints it.
     public var description: String {
         switch self {
         case .granted: "granted"
@@ -42,7 +44,9 @@ public enum MapSyncStatus: Sendable, Hashable, CustomStringConvertible {
 
 /// How a persistent copy or fill reaches the media: libpmem's `PMEM_F_MEM_*` flags.
 public struct CopyFlags: OptionSet, Sendable, Hashable {
+    /// libpmem's `PMEM_F_MEM_*` bits.
     public let rawValue: UInt32
+    /// Flags from libpmem's bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
 
     /// Do not wait for the stores to be durable; call ``PMemDevice/drain()`` later

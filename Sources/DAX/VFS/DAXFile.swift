@@ -66,7 +66,8 @@ public final class DAXFile: Sendable {
             }
         } catch let error as DAXError {
             let subject = Paths.quoted(path)
-            throw error.context("cannot \(name) \(subject)" + (range.map { " at \($0.offset) + \($0.count)" } ?? ""), naming: subject)
+            throw error.context(
+                "cannot \(name) \(subject)" + (range.map { " at \($0.offset) + \($0.count)" } ?? ""), naming: subject)
         }
     }
 
@@ -177,18 +178,19 @@ public final class DAXFile: Sendable {
 
     // MARK: - Layout changes (break layouts)
 
-    /// Sets the size. Shrinking frees the blocks past the new end after breaking layouts : the pages leave every mapping (a later access there faults), and pages that are
-    /// still pinned are dealt with as `ifBusy` says. All or nothing: a failure leaves size,
+    /// Sets the size. Shrinking frees the blocks past the new end after breaking layouts: the
+    /// pages leave every mapping (a later access there faults), and pages that are still pinned
+    /// are dealt with as `ifBusy` says. All or nothing: a failure leaves size,
     /// contents and mappings as they were.
     public func truncate(to size: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
         try Self.checkRange(size, 0, "truncate", path)
         try space.breakLayouts(
             policy: policy, what: "truncate \(Paths.quoted(path)) to \(counted(size, "byte"))",
-            guarded: { try operation("truncate", writable: true, $0) }
-        ) { contents in
-            try contents.checkLive(path)
-            return try fileSystem.data.planResize(contents, to: size)
-        }
+            guarded: { try operation("truncate", writable: true, $0) },
+            plan: { contents in
+                try contents.checkLive(path)
+                return try fileSystem.data.planResize(contents, to: size)
+            })
     }
 
     /// Frees the blocks of the whole pages in `offset..<offset+count` and zeroes the partial pages
@@ -198,11 +200,11 @@ public final class DAXFile: Sendable {
         guard count > 0 else { return try operation("punch a hole in", writable: true) {} }
         try space.breakLayouts(
             policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.quoted(path))",
-            guarded: { try operation("punch a hole in", writable: true, range: (offset, count), $0) }
-        ) { contents in
-            try contents.checkLive(path)
-            return try fileSystem.data.planPunch(contents, offset: offset, count: count)
-        }
+            guarded: { try operation("punch a hole in", writable: true, range: (offset, count), $0) },
+            plan: { contents in
+                try contents.checkLive(path)
+                return try fileSystem.data.planPunch(contents, offset: offset, count: count)
+            })
     }
 
     // MARK: - Direct access
@@ -261,7 +263,8 @@ public final class DAXFile: Sendable {
                 try contents.checkLive(path)
                 for extent in contents.extents.allExtents {
                     fileSystem.device.persist(
-                        offset: Int(extent.physical) * PMemDevice.pageSize, count: Int(extent.length) * PMemDevice.pageSize)
+                        offset: Int(extent.physical) * PMemDevice.pageSize,
+                        count: Int(extent.length) * PMemDevice.pageSize)
                 }
             }
         }

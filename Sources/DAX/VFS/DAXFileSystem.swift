@@ -23,6 +23,7 @@ public final class DAXFileSystem: Sendable {
         /// `.alreadyExists`.
         public var overwritesExistingFileSystem = false
 
+        /// The defaults: 16 KiB per inode, a journal of 1/64 of the device.
         public init() {}
     }
 
