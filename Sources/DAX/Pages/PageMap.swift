@@ -2,13 +2,19 @@ import Glibc
 import Synchronization
 
 /// Pin totals of a page map, in pages, like `/proc/vmstat`'s `nr_foll_pin_*`.
+///
+/// Read without waiting for anyone. Every pin or unpin whose effect on a descriptor the reader has
+/// seen (a truncate that found the page idle, a thread woken by the final unpin, a joined thread)
+/// is counted. While other threads pin and unpin, the totals may also count changes they have
+/// begun but not yet made to a descriptor, a few instructions early. At rest, `acquired -
+/// released` is exactly the sum of `pinCount` over all descriptors, and ``pinnedPages`` exactly
+/// the number of descriptors with `pinCount > 0`.
 public struct PinTotals: Sendable, Equatable {
     /// Pages pinned.
     public var acquired: Int
     /// Pages unpinned, or revoked with their lease.
     public var released: Int
-    /// Descriptors with `pinCount > 0`. Every pin or unpin whose effect on a descriptor the reader
-    /// has seen (a truncate that found the page idle, say) is counted; one racing the read may not be.
+    /// Descriptors with `pinCount > 0`.
     public var pinnedPages: Int
 }
 
@@ -45,9 +51,9 @@ public final class PageMap: Sendable {
     }
 
     deinit {
-        let totals = table.totals()
-        guard totals.acquired == totals.released else {
-            // Pins outlive the map: leave the table in place so that their release stays safe.
+        guard table.isFreeable else {
+            // Pins outlive the map, or a release is still running: leave the table in place so
+            // that their release stays safe.
             return
         }
         if table.core.pointee.tallySlot >= 0 { PinTally.releaseSlot(table.core.pointee.tallySlot) }
@@ -87,16 +93,16 @@ public final class PageMap: Sendable {
 
     // MARK: - Pin totals
 
-    /// The pin totals, read together: under concurrent pinning, `acquired - released` is never
-    /// below the number of pins outstanding throughout the read, and a pin or unpin the caller has
-    /// seen take effect on a descriptor is counted (the read waits out changes in flight).
+    /// The pin totals, read together, at once (no wait, no deadline): see ``PinTotals`` for what
+    /// they count while other threads pin. Under concurrent pinning, `acquired - released` is
+    /// never below the number of pins held throughout the read.
     public var pinTotals: PinTotals { table.totals() }
     /// Pages pinned since the map was made (the kernel's `nr_foll_pin_acquired`).
     public var pinsAcquired: Int { table.totals().acquired }
     /// Pages unpinned or revoked since the map was made (`nr_foll_pin_released`).
     public var pinsReleased: Int { table.totals().released }
-    /// Descriptors whose `pinCount` is above zero now. Exact when no pin or unpin is in progress;
-    /// while other threads pin and unpin shared pages it may be off by the transitions in flight.
+    /// Descriptors whose `pinCount` is above zero now. Exact at rest; while other threads pin and
+    /// unpin it may also count the transitions they have begun (see ``PinTotals``).
     public var pinnedPageCount: Int { table.totals().pinnedPages }
 
     // MARK: - References (package API: the layers above use these)
@@ -154,7 +160,7 @@ public final class PageMap: Sendable {
                 .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
         let run = FrameRun(start: first.rawValue, count: pages)
-        if pages == 1 { try table.pinOne(run.start) } else { try table.pin(.single(run)) }
+        if pages == 1 { try table.pinOne(run.start) } else { try table.pin(run) }
         return PinnedPages(table: table, head: run, access: .readWrite)
     }
 

@@ -70,7 +70,7 @@ public struct PinnedPages: ~Copyable, Sendable {
         } else if head.count == 1 {
             table.unpinOneCounted(head.start)
         } else {
-            table.unpin(.single(head))
+            table.unpin(head)
         }
     }
 }
