@@ -1,3 +1,4 @@
+import CLibPMem
 import Glibc
 import Synchronization
 
@@ -34,8 +35,10 @@ import Synchronization
 /// it), an unpin copies its release counter into a *settled* counter: a thread whose release
 /// counters differ from its settled ones is still touching the table, and `deinit` then leaves the
 /// table in place instead of freeing it under that thread (see ``PageTable/isFreeable``).
+@usableFromInline
 enum PinTally {
     /// Counters kept per slot.
+    @usableFromInline
     enum Field: Int, CaseIterable {
         /// Pins that took a page's `pinCount` from 0 to 1.
         case acquiredFirst = 0
@@ -56,18 +59,27 @@ enum PinTally {
     /// Page maps that can have exact per-thread tallies at once; more fall back to shared atomics.
     static let slotCount = 256
     /// Words per slot: one cache line, so that a pin or unpin touches one line of its block.
-    static let slotStride = 8
+    @inlinable static var slotStride: Int { 8 }
     static let blockWords = slotCount * slotStride
+    /// How far a settled counter lies after the release counter it copies.
+    @inlinable static var settledOffset: Int { Field.settledLast.rawValue - Field.releasedLast.rawValue }
 
-    typealias Block = UnsafeMutablePointer<Atomic<UInt64>>
+    @usableFromInline typealias Block = UnsafeMutablePointer<Atomic<UInt64>>
 
     /// Where one pin or unpin counts itself: the calling thread's counters for one page map's
     /// slot (plain loads and stores; only this thread writes them), or the map's shared atomics.
+    @usableFromInline
     struct Counters {
-        let base: Block
-        let shared: Bool
+        @usableFromInline let base: Block
+        @usableFromInline let shared: Bool
 
-        @inline(__always)
+        @inlinable @inline(__always)
+        init(base: Block, shared: Bool) {
+            self.base = base
+            self.shared = shared
+        }
+
+        @inlinable @inline(__always)
         func add(_ field: Field, _ n: UInt64 = 1) {
             let word = base + field.rawValue
             if shared {
@@ -78,14 +90,14 @@ enum PinTally {
             }
         }
 
-        @inline(__always)
+        @inlinable @inline(__always)
         func subtract(_ field: Field, _ n: UInt64 = 1) { add(field, 0 &- n) }
 
         /// Records that `n` releases counted in `field` (`releasedLast` or `releasedMore`) have
         /// changed their descriptors and are done with the table.
-        @inline(__always)
+        @inlinable @inline(__always)
         func settle(_ field: Field, _ n: UInt64) {
-            let settled = base + (field == .releasedLast ? Field.settledLast : Field.settledMore).rawValue
+            let settled = base + (field.rawValue &+ PinTally.settledOffset)
             if shared {
                 if n != 0 { settled.pointee.wrappingAdd(n, ordering: .releasing) }
             } else {
@@ -109,7 +121,10 @@ enum PinTally {
 
     static let registry = Mutex(Registry())
 
-    /// The key whose destructor folds an exiting thread's block into the retired totals.
+    /// The key whose destructor folds an exiting thread's block into the retired totals. The pin
+    /// path finds the block through a C thread-local instead (`dax_pin_tally_block`): one load from
+    /// the thread pointer, where `pthread_getspecific` is a call (and this lazy global a
+    /// `swift_once` check); the key's value is set only so that its destructor runs.
     static let threadKey: pthread_key_t = {
         var key = pthread_key_t()
         let status = pthread_key_create(&key) { block in
@@ -121,21 +136,22 @@ enum PinTally {
     }()
 
     /// The calling thread's block, registered on first use.
-    @inline(__always)
+    @inlinable @inline(__always)
     static func currentBlock() -> Block {
-        if let block = pthread_getspecific(threadKey) {
+        if let block = dax_pin_tally_block_get() {
             return block.assumingMemoryBound(to: Atomic<UInt64>.self)
         }
         return registerCurrentThread()
     }
 
-    @inline(never)
+    @usableFromInline @inline(never)
     static func registerCurrentThread() -> Block {
         let raw = UnsafeMutableRawPointer.allocate(byteCount: blockWords * 8, alignment: 64)
         raw.initializeMemory(as: UInt64.self, repeating: 0, count: blockWords)
         let block = ThreadBlock(raw: raw)
         registry.withTrackedLock { $0.blocks.append(block) }
         pthread_setspecific(threadKey, raw)
+        dax_pin_tally_block_set(raw)
         return raw.assumingMemoryBound(to: Atomic<UInt64>.self)
     }
 
@@ -145,11 +161,13 @@ enum PinTally {
             for i in 0..<blockWords { registry.retired[i] &+= block.counters[i].load(ordering: .acquiring) }
             registry.blocks.removeAll { $0 == block }
         }
+        // A later destructor that pins registers the thread again (and the key runs this again).
+        if dax_pin_tally_block_get() == raw { dax_pin_tally_block_set(nil) }
         raw.deallocate()
     }
 
     /// The calling thread's counters for `slot`.
-    @inline(__always)
+    @inlinable @inline(__always)
     static func counters(slot: Int) -> Counters {
         Counters(base: currentBlock() + slot &* slotStride, shared: false)
     }
