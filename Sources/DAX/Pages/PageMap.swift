@@ -27,7 +27,7 @@ public struct PinTotals: Sendable, Equatable {
 public final class PageMap: Sendable {
     /// Descriptors, one per device page.
     public let count: Int
-    let table: PageTable
+    @usableFromInline let table: PageTable
 
     package init(pageCount: Int) throws {
         precondition(pageCount > 0)
@@ -153,14 +153,23 @@ public final class PageMap: Sendable {
         return try pin(runs: runs, access: access, lifetime: lifetime)
     }
 
-    /// Pins `count` contiguous frames from `first` for short-term use.
+    /// Pins `count` contiguous frames from `first` for short-term use. Inlinable: a one-page pin
+    /// runs in the caller without a call.
+    @inlinable @inline(__always)
     package func pin(first: PageFrameNumber, count pages: Int) throws -> PinnedPages {
+        guard pages == 1, first.rawValue < UInt64(truncatingIfNeeded: count) else { return try pinRun(first: first, count: pages) }
+        try table.pinOne(first.rawValue)
+        return PinnedPages(table: table, headStart: first.rawValue, headCount: 1, access: .readWrite)
+    }
+
+    @usableFromInline
+    func pinRun(first: PageFrameNumber, count pages: Int) throws -> PinnedPages {
         guard pages > 0, first.rawValue < UInt64(count), UInt64(pages) <= UInt64(count) - first.rawValue else {
             throw DAXError(
                 .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
         let run = FrameRun(start: first.rawValue, count: pages)
-        if pages == 1 { try table.pinOne(run.start) } else { try table.pin(run) }
+        try table.pin(run)
         return PinnedPages(table: table, head: run, access: .readWrite)
     }
 

@@ -8,15 +8,16 @@ import Synchronization
 /// reference count (a retain and a release would double the cost of a pin). ``PageMap`` frees it
 /// in `deinit` only when no pin is outstanding and no release is still running
 /// (``PageTable/isFreeable``); otherwise it stays allocated, and a late release remains safe.
+@usableFromInline
 struct PageTableCore: ~Copyable {
-    let descriptors: UnsafeMutablePointer<PageDescriptor>
+    @usableFromInline let descriptors: UnsafeMutablePointer<PageDescriptor>
     let count: Int
     let tableBytes: Int
     /// This map's slot in the per-thread tallies, or -1 when all slots were taken.
-    let tallySlot: Int
+    @usableFromInline let tallySlot: Int
     /// The map's counters when `tallySlot` is -1, laid out like a slot: atomics every thread adds
     /// to (locked instructions, the price of having more than `PinTally.slotCount` maps at once).
-    let sharedCounters: PinTally.Block
+    @usableFromInline let sharedCounters: PinTally.Block
     let waitQueue = PageWaitQueue()
     /// Called by the final put or unpin of a quarantined page (the allocator returns the block).
     let quarantineRelease = Mutex(QuarantineHook())
@@ -44,10 +45,16 @@ struct QuarantineHook: Sendable {
 }
 
 /// A reference to a ``PageTableCore`` that pins can carry.
+///
+/// The one-page pin and unpin are inlinable, so that a caller in another module (a benchmark, a
+/// device model) runs them without a call; everything else stays behind calls.
+@usableFromInline
 struct PageTable: @unchecked Sendable {
-    let core: UnsafeMutablePointer<PageTableCore>
+    @usableFromInline let core: UnsafeMutablePointer<PageTableCore>
 
-    @inline(__always)
+    init(core: UnsafeMutablePointer<PageTableCore>) { self.core = core }
+
+    @inlinable @inline(__always)
     func descriptor(_ frame: UInt64) -> UnsafeMutablePointer<PageDescriptor> {
         core.pointee.descriptors + Int(truncatingIfNeeded: frame)
     }
@@ -60,7 +67,7 @@ struct PageTable: @unchecked Sendable {
     // MARK: Tallies
 
     /// Where the calling thread counts its pins and unpins of this map (see ``PinTally``).
-    @inline(__always)
+    @inlinable @inline(__always)
     func tallies() -> PinTally.Counters {
         let slot = core.pointee.tallySlot
         if slot >= 0 { return PinTally.counters(slot: slot) }
@@ -105,6 +112,7 @@ struct PageTable: @unchecked Sendable {
 
     // MARK: Pin and unpin
 
+    @usableFromInline
     enum GetFailure: Error { case notAllocated, frozen, overflow }
 
     /// The kernel's `try_grab_folio(FOLL_PIN)`: adds a reference and a pin unless the page is free,
@@ -113,7 +121,7 @@ struct PageTable: @unchecked Sendable {
     ///
     /// The count comes before the compare-and-swap and is taken back if the swap fails, so that
     /// anyone who sees the new descriptor sees the count (see ``PinTally``).
-    @inline(__always)
+    @inlinable @inline(__always)
     func tryPin(_ frame: UInt64, counting counters: PinTally.Counters) -> Result<Bool, GetFailure> {
         let counts = descriptor(frame)
         var old = counts.pointee.counts.load(ordering: .relaxed)
@@ -135,9 +143,17 @@ struct PageTable: @unchecked Sendable {
         }
     }
 
-    /// ``tryPin(_:counting:)`` with the calling thread's counters.
-    @inline(__always)
-    func tryPin(_ frame: UInt64) -> Result<Bool, GetFailure> { tryPin(frame, counting: tallies()) }
+    /// ``tryPin(_:counting:)`` with the calling thread's counters: the fast path of a one-page pin.
+    @inlinable @inline(__always)
+    func tryPin(_ frame: UInt64) -> Result<Bool, GetFailure> {
+        let slot = core.pointee.tallySlot
+        // The shared counters stay out of line: here the per-thread case folds to plain stores.
+        guard slot >= 0 else { return tryPinShared(frame) }
+        return tryPin(frame, counting: PinTally.counters(slot: slot))
+    }
+
+    @usableFromInline @inline(never)
+    func tryPinShared(_ frame: UInt64) -> Result<Bool, GetFailure> { tryPin(frame, counting: tallies()) }
 
     /// Takes back a pin that ``tryPin(_:)`` took, uncounted: the gup-fast pinner that found the
     /// layout changed after its try-get.
@@ -174,7 +190,7 @@ struct PageTable: @unchecked Sendable {
 
     /// Drops a reference and a pin, counted released in `counters` before the compare-and-swap
     /// (the caller settles it afterwards). Returns the field it counted in.
-    @inline(__always)
+    @inlinable @inline(__always)
     func unpinOne(_ frame: UInt64, counting counters: PinTally.Counters) -> PinTally.Field {
         let counts = descriptor(frame)
         var old = counts.pointee.counts.load(ordering: .relaxed)
@@ -215,7 +231,7 @@ struct PageTable: @unchecked Sendable {
     func pin(_ run: FrameRun) throws { try pin(run, counting: tallies()) }
 
     /// Pins one frame: the fast path of a one-page pin.
-    @inline(__always)
+    @inlinable @inline(__always)
     func pinOne(_ frame: UInt64) throws {
         if case .failure(let reason) = tryPin(frame) { throw Self.error(for: reason, frame: frame, what: "pin") }
     }
@@ -243,11 +259,18 @@ struct PageTable: @unchecked Sendable {
     }
 
     /// Unpins one frame and counts it released: the fast path of a one-page release.
-    @inline(__always)
+    @inlinable @inline(__always)
     func unpinOneCounted(_ frame: UInt64) {
+        let slot = core.pointee.tallySlot
+        guard slot >= 0 else { return unpinOneShared(frame) }
+        let counters = PinTally.counters(slot: slot)
+        counters.settle(unpinOne(frame, counting: counters), 1)
+    }
+
+    @usableFromInline @inline(never)
+    func unpinOneShared(_ frame: UInt64) {
         let counters = tallies()
-        let field = unpinOne(frame, counting: counters)
-        counters.settle(field, 1)
+        counters.settle(unpinOne(frame, counting: counters), 1)
     }
 
     /// Unpins every frame of `run` and counts them as released.
@@ -277,6 +300,7 @@ struct PageTable: @unchecked Sendable {
         counters.settle(.releasedMore, pages - last)
     }
 
+    @usableFromInline @inline(never)
     static func error(for failure: GetFailure, frame: UInt64, what: String) -> DAXError {
         switch failure {
         case .notAllocated:
@@ -324,7 +348,7 @@ struct PageTable: @unchecked Sendable {
     }
 
     /// The slow path of a decrement: release a quarantined page on its last reference, wake waiters.
-    @inline(never)
+    @usableFromInline @inline(never)
     func afterDecrement(_ frame: UInt64, old: UInt64, new: UInt64) {
         let counts = descriptor(frame)
         if old & PageWord.quarantined != 0, PageWord.refCount(new) == 0 {
