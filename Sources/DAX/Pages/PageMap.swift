@@ -157,7 +157,9 @@ public final class PageMap: Sendable {
     /// runs in the caller without a call.
     @inlinable @inline(__always)
     package func pin(first: PageFrameNumber, count pages: Int) throws -> PinnedPages {
-        guard pages == 1, first.rawValue < UInt64(truncatingIfNeeded: count) else { return try pinRun(first: first, count: pages) }
+        guard pages == 1, first.rawValue < UInt64(truncatingIfNeeded: count) else {
+            return try pinRun(first: first, count: pages)
+        }
         try table.pinOne(first.rawValue)
         return PinnedPages(table: table, headStart: first.rawValue, headCount: 1, access: .readWrite)
     }
@@ -166,7 +168,8 @@ public final class PageMap: Sendable {
     func pinRun(first: PageFrameNumber, count pages: Int) throws -> PinnedPages {
         guard pages > 0, first.rawValue < UInt64(count), UInt64(pages) <= UInt64(count) - first.rawValue else {
             throw DAXError(
-                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
+                .invalidArgument,
+                "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
         let run = FrameRun(start: first.rawValue, count: pages)
         try table.pin(run)
@@ -178,7 +181,8 @@ public final class PageMap: Sendable {
         guard case .longTerm = lifetime else { return try pin(first: first, count: pages) }
         guard pages > 0, first.rawValue < UInt64(count), UInt64(pages) <= UInt64(count) - first.rawValue else {
             throw DAXError(
-                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
+                .invalidArgument,
+                "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
         return try pin(
             runs: .single(FrameRun(start: first.rawValue, count: pages)), access: .readWrite, lifetime: lifetime)
@@ -259,6 +263,23 @@ public final class PageMap: Sendable {
     /// pages were idle.
     package func waitUntilIdle(_ frames: some Sequence<PageFrameNumber>, timeout: Duration) -> Bool {
         waitUntil(frames.map(\.rawValue), deadline: Deadline(after: timeout), PageWord.isIdleExceptMappings)
+    }
+
+    /// Sleeps until no page of `frames` has a reference beyond its mappings or a pin, or until
+    /// `deadline` passes (``Deadline/distantFuture``: no limit); returns the pages still busy then,
+    /// in order (none: all went idle).
+    ///
+    /// What break layouts calls after revoking leases, to wait out the transient references left:
+    /// a gup-fast pinner backing off, a transient get. It never polls: it sets each busy page's
+    /// `waiters` bit and sleeps, and every decrement that replaces a value carrying the bit wakes
+    /// it: the put of a transient get, an unpin or revocation, a pin taken back, an unmap. It takes
+    /// no lock a holder needs to let go, so it may be called holding the inode's locks, if every
+    /// holder can drop its reference without them (under the invalidate lock no new one starts).
+    /// The result comes from sequentially consistent loads, so it can stand for the scan of break
+    /// layouts.
+    func waitOutTransientReferences(_ frames: [UInt64], deadline: Deadline) -> [UInt64] {
+        _ = waitUntil(frames, deadline: deadline, PageWord.isIdleExceptMappings)
+        return frames.filter { !PageWord.isIdleExceptMappings(table.word($0)) }
     }
 
     /// Sleeps until `isIdle` holds for every frame's counts word, or the deadline passes.

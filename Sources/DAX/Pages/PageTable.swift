@@ -120,11 +120,34 @@ struct PageTable: @unchecked Sendable {
     /// page's first pin.
     ///
     /// The count comes before the compare-and-swap and is taken back if the swap fails, so that
-    /// anyone who sees the new descriptor sees the count (see ``PinTally``).
+    /// anyone who sees the new descriptor sees the count (see ``PinTally``). One attempt inline;
+    /// a lost race or a refusal goes to ``tryPinRetrying(_:from:counting:)``.
     @inlinable @inline(__always)
     func tryPin(_ frame: UInt64, counting counters: PinTally.Counters) -> Result<Bool, GetFailure> {
         let counts = descriptor(frame)
-        var old = counts.pointee.counts.load(ordering: .relaxed)
+        let old = counts.pointee.counts.load(ordering: .relaxed)
+        let pins = PageWord.pinCount(old)
+        if old & (PageWord.allocated | PageWord.frozen) == PageWord.allocated,
+            PageWord.refCount(old) != PageWord.refLimit, pins != PageWord.pinLimit
+        {
+            let field: PinTally.Field = pins == 0 ? .acquiredFirst : .acquiredMore
+            counters.add(field)
+            let (exchanged, current) = counts.pointee.counts.compareExchange(
+                expected: old, desired: old &+ (PageWord.refOne | PageWord.pinOne), ordering: .sequentiallyConsistent)
+            if exchanged { return .success(pins == 0) }
+            counters.subtract(field)
+            return tryPinRetrying(frame, from: current, counting: counters)
+        }
+        return tryPinRetrying(frame, from: old, counting: counters)
+    }
+
+    /// ``tryPin(_:counting:)`` from `old` on: the loop, out of line.
+    @usableFromInline @inline(never)
+    func tryPinRetrying(_ frame: UInt64, from old: UInt64, counting counters: PinTally.Counters) -> Result<
+        Bool, GetFailure
+    > {
+        let counts = descriptor(frame)
+        var old = old
         while true {
             if old & (PageWord.allocated | PageWord.frozen) != PageWord.allocated {
                 return .failure(old & PageWord.allocated == 0 ? .notAllocated : .frozen)
@@ -174,7 +197,8 @@ struct PageTable: @unchecked Sendable {
         var old = counts.pointee.counts.load(ordering: .relaxed)
         while true {
             precondition(
-                PageWord.pinCount(old) > 0 && PageWord.refCount(old) > 0, "take-back of pfn \(frame), which is not pinned")
+                PageWord.pinCount(old) > 0 && PageWord.refCount(old) > 0,
+                "take-back of pfn \(frame), which is not pinned")
             let last = PageWord.pinCount(old) == 1
             if last { counters.subtract(.pinnedAdjust) }
             let (exchanged, current) = counts.pointee.counts.compareExchange(
@@ -189,11 +213,31 @@ struct PageTable: @unchecked Sendable {
     }
 
     /// Drops a reference and a pin, counted released in `counters` before the compare-and-swap
-    /// (the caller settles it afterwards). Returns the field it counted in.
+    /// (the caller settles it afterwards). Returns the field it counted in. One attempt inline
+    /// when the page needs no slow path; anything else goes to ``unpinRetrying(_:from:counting:)``.
     @inlinable @inline(__always)
     func unpinOne(_ frame: UInt64, counting counters: PinTally.Counters) -> PinTally.Field {
         let counts = descriptor(frame)
-        var old = counts.pointee.counts.load(ordering: .relaxed)
+        let old = counts.pointee.counts.load(ordering: .relaxed)
+        let pins = PageWord.pinCount(old)
+        // A pin holds a reference, so `pins > 0` implies `refCount > 0`; the loop checks both.
+        if pins != 0, old & PageWord.slowPathFlags == 0 {
+            let field: PinTally.Field = pins == 1 ? .releasedLast : .releasedMore
+            counters.add(field)
+            let (exchanged, current) = counts.pointee.counts.compareExchange(
+                expected: old, desired: old &- (PageWord.refOne | PageWord.pinOne), ordering: .sequentiallyConsistent)
+            if exchanged { return field }
+            counters.subtract(field)
+            return unpinRetrying(frame, from: current, counting: counters)
+        }
+        return unpinRetrying(frame, from: old, counting: counters)
+    }
+
+    /// ``unpinOne(_:counting:)`` from `old` on: the loop and the slow path, out of line.
+    @usableFromInline @inline(never)
+    func unpinRetrying(_ frame: UInt64, from old: UInt64, counting counters: PinTally.Counters) -> PinTally.Field {
+        let counts = descriptor(frame)
+        var old = old
         var field: PinTally.Field
         while true {
             precondition(
