@@ -180,7 +180,7 @@ struct PageTable: @unchecked Sendable {
 
     /// Takes back a pin that ``tryPin(_:)`` took, uncounted: the gup-fast pinner that found the
     /// layout changed after its try-get.
-    @inline(never)
+    @usableFromInline @inline(never)
     func takeBackPin(_ frame: UInt64) {
         let counters = tallies()
         counters.subtract(.acquiredMore)
@@ -281,6 +281,16 @@ struct PageTable: @unchecked Sendable {
     }
 
     private func pin(_ run: FrameRun, counting counters: PinTally.Counters) throws {
+        // A copy of the loop for each kind of counter, so that neither tests the kind per page.
+        if counters.shared {
+            try pinEach(run, counting: PinTally.Counters(base: counters.base, shared: true))
+        } else {
+            try pinEach(run, counting: PinTally.Counters(base: counters.base, shared: false))
+        }
+    }
+
+    @inline(__always)
+    private func pinEach(_ run: FrameRun, counting counters: PinTally.Counters) throws {
         var frame = run.start
         for pinned in 0..<run.count {
             if case .failure(let reason) = tryPin(frame, counting: counters) {
@@ -320,6 +330,16 @@ struct PageTable: @unchecked Sendable {
     /// Unpins every frame of `run` and counts them as released.
     func unpin(_ run: FrameRun) {
         let counters = tallies()
+        // A copy of the loop for each kind of counter, so that neither tests the kind per page.
+        if counters.shared {
+            unpinEach(run, counting: PinTally.Counters(base: counters.base, shared: true))
+        } else {
+            unpinEach(run, counting: PinTally.Counters(base: counters.base, shared: false))
+        }
+    }
+
+    @inline(__always)
+    private func unpinEach(_ run: FrameRun, counting counters: PinTally.Counters) {
         var last: UInt64 = 0
         var frame = run.start
         for _ in 0..<run.count {
@@ -330,18 +350,10 @@ struct PageTable: @unchecked Sendable {
         counters.settle(.releasedMore, UInt64(run.count) - last)
     }
 
-    /// Unpins every frame of `runs` and counts them as released.
+    /// Unpins every frame of `runs` and counts them as released. Each run settles its releases
+    /// as it ends: those of later runs are not counted yet, so the table is not freeable before.
     func unpin(_ runs: FrameRuns) {
-        let counters = tallies()
-        var last: UInt64 = 0
-        var pages: UInt64 = 0
-        runs.forEachFrame { frame in
-            if unpinOne(frame, counting: counters) == .releasedLast { last += 1 }
-            pages += 1
-            return true
-        }
-        counters.settle(.releasedLast, last)
-        counters.settle(.releasedMore, pages - last)
+        for run in runs.runs { unpin(run) }
     }
 
     @usableFromInline @inline(never)
