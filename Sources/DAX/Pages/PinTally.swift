@@ -16,13 +16,14 @@ import Synchronization
 /// that found the page idle, a thread woken by the final unpin, a thread that joined the pinner.
 /// Nobody waits for a change in flight, so a reader never spins, sleeps or gives up.
 ///
-/// What the totals may show transiently, and only for changes in flight on other threads: a pin or
-/// unpin counted a few instructions before its descriptor changes, and a count taken back when the
-/// compare-and-swap loses a race or a pin fails and is undone. So while other threads pin and
-/// unpin, the totals are off by at most the changes in flight at that moment, in either direction;
-/// at rest (no pin or unpin between its count and its compare-and-swap), `acquired - released` is
-/// exactly the sum of `pinCount` over all descriptors and `pinnedPages` the number of descriptors
-/// with `pinCount > 0` (invariant 9), with no deadline involved.
+/// What the totals may show transiently, and only for changes other threads make while the read
+/// runs: a pin or unpin counted a few instructions before its descriptor changes, a count taken
+/// back when the compare-and-swap loses a race or a pin fails and is undone, and (the blocks being
+/// summed one after the other) a change whose acquire is read but whose release is not yet. So
+/// under load the totals are off by at most the changes made during the read; at rest (no pin or
+/// unpin between its count and its compare-and-swap), `acquired - released` is exactly the sum of
+/// `pinCount` over all descriptors and `pinnedPages` the number of descriptors with
+/// `pinCount > 0` (invariant 9), with no deadline involved.
 ///
 /// Whether a pin took the page's `pinCount` from 0 to 1 (or an unpin from 1 to 0) is read from
 /// the value the compare-and-swap expects, so it is known before the swap and is exact when the
@@ -48,7 +49,8 @@ enum PinTally {
         case releasedLast = 2
         /// Other unpins and revocations.
         case releasedMore = 3
-        /// Pages left pinned (+1) or unpinned (-1) by pins taken back uncounted; wraps, read signed.
+        /// -1 for each pin taken back uncounted that was its page's last (the take-back uncounts
+        /// its acquire from `acquiredMore`, wherever it was counted); wraps, read signed.
         case pinnedAdjust = 4
         /// `releasedLast` as of the end of this thread's last unpin of the slot's map.
         case settledLast = 5
