@@ -6,9 +6,10 @@ import Synchronization
 /// Read without waiting for anyone. Every pin or unpin whose effect on a descriptor the reader has
 /// seen (a truncate that found the page idle, a thread woken by the final unpin, a joined thread)
 /// is counted. While other threads pin and unpin, the totals may also count changes they have
-/// begun but not yet made to a descriptor, a few instructions early. At rest, `acquired -
-/// released` is exactly the sum of `pinCount` over all descriptors, and ``pinnedPages`` exactly
-/// the number of descriptors with `pinCount > 0`.
+/// begun but not yet made to a descriptor, a few instructions early, and a pin and unpin made
+/// during the read may show only its pin: they are off by at most the changes made meanwhile. At
+/// rest, `acquired - released` is exactly the sum of `pinCount` over all descriptors, and
+/// ``pinnedPages`` exactly the number of descriptors with `pinCount > 0`.
 public struct PinTotals: Sendable, Equatable {
     /// Pages pinned.
     public var acquired: Int
