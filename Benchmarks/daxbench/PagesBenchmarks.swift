@@ -38,13 +38,27 @@ final class BenchDevice {
     }
 }
 
+/// Prints the work beyond the peer of a row timed against the atomic pair, pair by pair (each
+/// `ours` sample and the `peer` sample taken right after it): ours minus peer in the row's unit and
+/// the ratio, minimum and median. The difference is what the row's goal limits: the peer's two
+/// locked instructions cost what the machine makes them cost, the rest is ours.
+func reportBeyondPeer(_ name: String, unit: String, _ samples: Samples) -> Samples {
+    let differences = zip(samples.ours, samples.peer).map { $0 - $1 }
+    let ratios = zip(samples.ours, samples.peer).map { $0 / $1 }
+    print(
+        "\(name): ours minus peer \(format(differences.min() ?? .nan)) min, \(format(median(differences))) median "
+            + "\(unit); ratio \(format(ratios.min() ?? .nan)) min, \(format(median(ratios))) median "
+            + "(\(differences.count) pairs)")
+    return samples
+}
+
 enum PagesBenchmarks {
     static var all: [Benchmark] { [pinUnpinPageMap, pin256, descriptorBytes] }
 
     /// pin+unpin of one page on the page map vs a bare atomic increment+decrement pair.
     static var pinUnpinPageMap: Benchmark {
         Benchmark(
-            name: "pin-unpin-pagemap", unit: "ns", peerName: "atomic inc+dec pair (C)", goal: .atMost(2.0)
+            name: "pin-unpin-pagemap", unit: "ns", peerName: "atomic inc+dec pair (C)", goal: .beyondPeerAtMost(3.0)
         ) { context in
             let bench = try BenchDevice(context, name: "pin", size: 8 << 20)
             let pages = bench.device.pages
@@ -52,7 +66,7 @@ enum PagesBenchmarks {
             guard pages.markAllocated(frame.rawValue, inode: 1, index: 0) else { throw BenchError("page busy") }
             let counter = AlignedCounter()
             let iterations = context.quick ? 2_000_000 : 10_000_000
-            return try context.interleave(
+            let samples = try context.interleave(
                 ours: {
                     try nanosecondsPerIteration(iterations) {
                         for _ in 0..<iterations {
@@ -64,6 +78,7 @@ enum PagesBenchmarks {
                 peer: {
                     nanosecondsPerIteration(iterations) { cbench_atomic_pair_loop(counter.pointer, UInt64(iterations)) }
                 })
+            return reportBeyondPeer("pin-unpin-pagemap", unit: "ns", samples)
         }
     }
 

@@ -119,4 +119,20 @@ static inline int dax_cpu_has_crc32c(void) {
     return __builtin_cpu_supports("sse4.2");
 }
 
+// The pin tallies' per-thread block (Pages/PinTally.swift): a C thread-local, because Swift has no
+// thread-local variables and `pthread_getspecific` costs a call and a dozen instructions on every
+// pin and unpin. Weak, so that every object file that uses it shares one definition; initial-exec,
+// so that reading it is one load from the thread pointer, also from a shared library.
+__attribute__((weak, tls_model("initial-exec"))) __thread void *dax_pin_tally_block = NULL;
+
+/// The calling thread's pin tally block, or NULL before its first pin.
+static inline void *dax_pin_tally_block_get(void) {
+    return dax_pin_tally_block;
+}
+
+/// Sets the calling thread's pin tally block.
+static inline void dax_pin_tally_block_set(void *block) {
+    dax_pin_tally_block = block;
+}
+
 #endif

@@ -41,16 +41,12 @@ extension DAXMapping {
         let generation = space.layoutGeneration.load(ordering: .acquiring)
         let frame = entries[index].load(ordering: .acquiring)
         guard frame != 0 else { return nil }
-        let change = table.beginChange()
-        defer { table.endChange(change) }
-        guard case .success(let firstPin) = table.tryPin(frame) else { return nil }
+        guard case .success = table.tryPin(frame) else { return nil }
         guard space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
             // A truncate detached pages after we looked: back off without counting anything.
-            let lastPin = table.unpinOne(frame)
-            table.tally(firstPin ? 1 : 0, .pinnedUp, lastPin ? 1 : 0, .pinnedDown, in: change)
+            table.takeBackPin(frame)
             return nil
         }
-        table.tally(1, .acquired, firstPin ? 1 : 0, .pinnedUp, in: change)
         return PinnedPages(table: table, head: PageRun(start: frame, count: 1), access: access)
     }
 

@@ -6,34 +6,39 @@ import Synchronization
 /// compare-and-swap can take a reference unless the page is frozen or free, and the value a
 /// decrement replaces tells whether anyone must be woken. Word `owner` names the file page that
 /// holds the block, for reverse lookup. The bit layout is in `docs/architecture.md`.
+@usableFromInline
 struct PageDescriptor: ~Copyable {
-    let counts: Atomic<UInt64>
+    @usableFromInline let counts: Atomic<UInt64>
     let owner: Atomic<UInt64>
 }
 
 /// The bit layout of `PageDescriptor.counts`.
+///
+/// Computed and inlinable, so that the pin path inlined into another module folds them into
+/// constants (a `static let` there would be a lazy global, a `swift_once` check on every use).
+@usableFromInline
 enum PageWord {
-    static let refOne: UInt64 = 1
-    static let refLimit: UInt64 = (1 << 23) - 1
-    static let pinShift: UInt64 = 23
-    static let pinOne: UInt64 = 1 << pinShift
-    static let pinLimit: UInt64 = (1 << 20) - 1
-    static let mapShift: UInt64 = 43
-    static let mapOne: UInt64 = 1 << mapShift
-    static let mapLimit: UInt64 = (1 << 16) - 1
+    @inlinable static var refOne: UInt64 { 1 }
+    @inlinable static var refLimit: UInt64 { (1 << 23) - 1 }
+    @inlinable static var pinShift: UInt64 { 23 }
+    @inlinable static var pinOne: UInt64 { 1 << pinShift }
+    @inlinable static var pinLimit: UInt64 { (1 << 20) - 1 }
+    @inlinable static var mapShift: UInt64 { 43 }
+    @inlinable static var mapOne: UInt64 { 1 << mapShift }
+    @inlinable static var mapLimit: UInt64 { (1 << 16) - 1 }
 
-    static let allocated: UInt64 = 1 << 59
-    static let quarantined: UInt64 = 1 << 60
-    static let frozen: UInt64 = 1 << 61
-    static let waiters: UInt64 = 1 << 62
-    static let poisoned: UInt64 = 1 << 63
+    @inlinable static var allocated: UInt64 { 1 << 59 }
+    @inlinable static var quarantined: UInt64 { 1 << 60 }
+    @inlinable static var frozen: UInt64 { 1 << 61 }
+    @inlinable static var waiters: UInt64 { 1 << 62 }
+    @inlinable static var poisoned: UInt64 { 1 << 63 }
 
     /// Flags whose presence sends a decrement to the slow path.
-    static let slowPathFlags: UInt64 = quarantined | waiters
+    @inlinable static var slowPathFlags: UInt64 { quarantined | waiters }
 
-    @inline(__always) static func refCount(_ w: UInt64) -> UInt64 { w & refLimit }
-    @inline(__always) static func pinCount(_ w: UInt64) -> UInt64 { (w >> pinShift) & pinLimit }
-    @inline(__always) static func mapCount(_ w: UInt64) -> UInt64 { (w >> mapShift) & mapLimit }
+    @inlinable @inline(__always) static func refCount(_ w: UInt64) -> UInt64 { w & refLimit }
+    @inlinable @inline(__always) static func pinCount(_ w: UInt64) -> UInt64 { (w >> pinShift) & pinLimit }
+    @inlinable @inline(__always) static func mapCount(_ w: UInt64) -> UInt64 { (w >> mapShift) & mapLimit }
 
     /// No reference besides those of mappings, and no pin: what truncate waits for.
     @inline(__always) static func isIdleExceptMappings(_ w: UInt64) -> Bool {

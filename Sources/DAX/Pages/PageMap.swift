@@ -2,13 +2,20 @@ import Glibc
 import Synchronization
 
 /// Pin totals of a page map, in pages, like `/proc/vmstat`'s `nr_foll_pin_*`.
+///
+/// Read without waiting for anyone. Every pin or unpin whose effect on a descriptor the reader has
+/// seen (a truncate that found the page idle, a thread woken by the final unpin, a joined thread)
+/// is counted. While other threads pin and unpin, the totals may also count changes they have
+/// begun but not yet made to a descriptor, a few instructions early, and a pin and unpin made
+/// during the read may show only its pin: they are off by at most the changes made meanwhile. At
+/// rest, `acquired - released` is exactly the sum of `pinCount` over all descriptors, and
+/// ``pinnedPages`` exactly the number of descriptors with `pinCount > 0`.
 public struct PinTotals: Sendable, Equatable {
     /// Pages pinned.
     public var acquired: Int
     /// Pages unpinned, or revoked with their lease.
     public var released: Int
-    /// Descriptors with `pinCount > 0`. Every pin or unpin whose effect on a descriptor the reader
-    /// has seen (a truncate that found the page idle, say) is counted; one racing the read may not be.
+    /// Descriptors with `pinCount > 0`.
     public var pinnedPages: Int
 }
 
@@ -21,7 +28,7 @@ public struct PinTotals: Sendable, Equatable {
 public final class PageMap: Sendable {
     /// Descriptors, one per device page.
     public let count: Int
-    let table: PageTable
+    @usableFromInline let table: PageTable
     /// The device's system-call seam: the table is reserved, looked at and released through it.
     private let calls: SystemCalls
 
@@ -51,9 +58,9 @@ public final class PageMap: Sendable {
     }
 
     deinit {
-        let totals = table.totals()
-        guard totals.acquired == totals.released else {
-            // Pins outlive the map: leave the table in place so that their release stays safe.
+        guard table.isFreeable else {
+            // Pins outlive the map, or a release is still running: leave the table in place so
+            // that their release stays safe.
             return
         }
         if table.core.pointee.tallySlot >= 0 { PinTally.releaseSlot(table.core.pointee.tallySlot) }
@@ -93,16 +100,16 @@ public final class PageMap: Sendable {
 
     // MARK: - Pin totals
 
-    /// The pin totals, read together: under concurrent pinning, `acquired - released` is never
-    /// below the number of pins outstanding throughout the read, and a pin or unpin the caller has
-    /// seen take effect on a descriptor is counted (the read waits out changes in flight).
+    /// The pin totals, read together, at once (no wait, no deadline): see ``PinTotals`` for what
+    /// they count while other threads pin. Under concurrent pinning, `acquired - released` is
+    /// never below the number of pins held throughout the read.
     public var pinTotals: PinTotals { table.totals() }
     /// Pages pinned since the map was made (the kernel's `nr_foll_pin_acquired`).
     public var pinsAcquired: Int { table.totals().acquired }
     /// Pages unpinned or revoked since the map was made (`nr_foll_pin_released`).
     public var pinsReleased: Int { table.totals().released }
-    /// Descriptors whose `pinCount` is above zero now. Exact when no pin or unpin is in progress;
-    /// while other threads pin and unpin shared pages it may be off by the transitions in flight.
+    /// Descriptors whose `pinCount` is above zero now. Exact at rest; while other threads pin and
+    /// unpin it may also count the transitions they have begun (see ``PinTotals``).
     public var pinnedPageCount: Int { table.totals().pinnedPages }
 
     // MARK: - References (package API: the layers above use these)
@@ -153,14 +160,26 @@ public final class PageMap: Sendable {
         return try pin(runs: runs, access: access, lifetime: lifetime)
     }
 
-    /// Pins `count` contiguous frames from `first` for short-term use.
+    /// Pins `count` contiguous frames from `first` for short-term use. Inlinable: a one-page pin
+    /// runs in the caller without a call.
+    @inlinable @inline(__always)
     package func pin(first: PageFrameNumber, count pages: Int) throws -> PinnedPages {
+        guard pages == 1, first.rawValue < UInt64(truncatingIfNeeded: count) else {
+            return try pinRun(first: first, count: pages)
+        }
+        try table.pinOne(first.rawValue)
+        return PinnedPages(table: table, headStart: first.rawValue, headCount: 1, access: .readWrite)
+    }
+
+    @usableFromInline
+    func pinRun(first: PageFrameNumber, count pages: Int) throws -> PinnedPages {
         guard pages > 0, first.rawValue < UInt64(count), UInt64(pages) <= UInt64(count) - first.rawValue else {
             throw DAXError(
-                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
+                .invalidArgument,
+                "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
         let run = FrameRun(start: first.rawValue, count: pages)
-        if pages == 1 { try table.pinOne(run.start) } else { try table.pin(.single(run)) }
+        try table.pin(run)
         return PinnedPages(table: table, head: run, access: .readWrite)
     }
 
@@ -169,7 +188,8 @@ public final class PageMap: Sendable {
         guard case .longTerm = lifetime else { return try pin(first: first, count: pages) }
         guard pages > 0, first.rawValue < UInt64(count), UInt64(pages) <= UInt64(count) - first.rawValue else {
             throw DAXError(
-                .invalidArgument, "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
+                .invalidArgument,
+                "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
         return try pin(
             runs: .single(FrameRun(start: first.rawValue, count: pages)), access: .readWrite, lifetime: lifetime)
@@ -250,6 +270,23 @@ public final class PageMap: Sendable {
     /// pages were idle.
     package func waitUntilIdle(_ frames: some Sequence<PageFrameNumber>, timeout: Duration) -> Bool {
         waitUntil(frames.map(\.rawValue), deadline: Deadline(after: timeout), PageWord.isIdleExceptMappings)
+    }
+
+    /// Sleeps until no page of `frames` has a reference beyond its mappings or a pin, or until
+    /// `deadline` passes (``Deadline/distantFuture``: no limit); returns the pages still busy then,
+    /// in order (none: all went idle).
+    ///
+    /// What break layouts calls after revoking leases, to wait out the transient references left:
+    /// a gup-fast pinner backing off, a transient get. It never polls: it sets each busy page's
+    /// `waiters` bit and sleeps, and every decrement that replaces a value carrying the bit wakes
+    /// it: the put of a transient get, an unpin or revocation, a pin taken back, an unmap. It takes
+    /// no lock a holder needs to let go, so it may be called holding the inode's locks, if every
+    /// holder can drop its reference without them (under the invalidate lock no new one starts).
+    /// The result comes from sequentially consistent loads, so it can stand for the scan of break
+    /// layouts.
+    func waitOutTransientReferences(_ frames: [UInt64], deadline: Deadline) -> [UInt64] {
+        _ = waitUntil(frames, deadline: deadline, PageWord.isIdleExceptMappings)
+        return frames.filter { !PageWord.isIdleExceptMappings(table.word($0)) }
     }
 
     /// Sleeps until `isIdle` holds for every frame's counts word, or the deadline passes.

@@ -54,6 +54,11 @@ struct Deadline: Sendable {
         uptimeNanoseconds = overflow ? .max : sum
     }
 
+    private init(uptimeNanoseconds: UInt64) { self.uptimeNanoseconds = uptimeNanoseconds }
+
+    /// A deadline that never passes: wait until woken.
+    static let distantFuture = Deadline(uptimeNanoseconds: .max)
+
     var hasPassed: Bool { DispatchTime.now().uptimeNanoseconds >= uptimeNanoseconds }
 
     var dispatchTime: DispatchTime {

@@ -14,30 +14,51 @@ public enum PinLifetime: Sendable {
 ///
 /// The kernel's `pin_user_pages` result. While it lives, every page in ``frames`` has its
 /// `pinCount` and `refCount` raised by one, so truncate cannot hand the blocks to another file.
+///
+/// Frozen, with an inlinable ``release()``, so that a one-page pin's release runs in the caller
+/// without a call; its fields are all trivial (no reference count to drop when it ends).
+@frozen
 public struct PinnedPages: ~Copyable, Sendable {
-    let table: PageTable
-    /// The first run of pinned frames; for most pins the only one.
-    let head: FrameRun
-    /// Further runs, or the lease of a long-term pin; nil for a one-run short-term pin, so that
-    /// the common pin holds no reference-counted object.
-    let extra: PinExtra?
+    @usableFromInline let table: PageTable
+    /// The first run of pinned frames (for most pins the only one): its first frame and length.
+    @usableFromInline let headStart: UInt64
+    @usableFromInline let headCount: Int
+    /// Further runs, or the lease of a long-term pin, retained once and released by `deinit`; nil
+    /// for a one-run short-term pin. Unmanaged, so that the common pin holds no reference-counted
+    /// field: the compiler would otherwise destroy the optional after `deinit` through the generic
+    /// value witness, which costs more than the rest of an unpin.
+    @usableFromInline let extraReference: Unmanaged<PinExtra>?
     /// What the pin was taken for: a device may write the pages only through a `.readWrite` pin
     /// (the kernel's `FOLL_WRITE`).
     public let access: Access
 
-    init(table: PageTable, head: FrameRun, access: Access) {
+    @inlinable
+    init(table: PageTable, headStart: UInt64, headCount: Int, access: Access) {
         self.table = table
-        self.head = head
-        self.extra = nil
+        self.headStart = headStart
+        self.headCount = headCount
+        self.extraReference = nil
         self.access = access
+    }
+
+    init(table: PageTable, head: FrameRun, access: Access) {
+        self.init(table: table, headStart: head.start, headCount: Int(head.count), access: access)
     }
 
     init(table: PageTable, runs: FrameRuns, lease: PinLease?, access: Access) {
         self.table = table
-        self.head = runs.runs[0]
-        self.extra = (runs.runs.count == 1 && lease == nil) ? nil : PinExtra(runs: runs, lease: lease)
+        self.headStart = runs.runs[0].start
+        self.headCount = Int(runs.runs[0].count)
+        self.extraReference =
+            (runs.runs.count == 1 && lease == nil) ? nil : Unmanaged.passRetained(PinExtra(runs: runs, lease: lease))
         self.access = access
     }
+
+    /// The first run of pinned frames.
+    var head: FrameRun { FrameRun(start: headStart, count: headCount) }
+
+    /// Further runs, or the lease; nil for a one-run short-term pin.
+    var extra: PinExtra? { extraReference?.takeUnretainedValue() }
 
     /// True when the pin holds pages of the page map `pages`.
     func belongs(to pages: PageMap) -> Bool { table.core == pages.table.core }
@@ -60,22 +81,32 @@ public struct PinnedPages: ~Copyable, Sendable {
     public var isLongTerm: Bool { extra?.lease != nil }
 
     /// Drops the pins (the kernel's `unpin_user_pages`). The pages may be truncated afterwards.
+    @inlinable
     public consuming func release() {
-        // `deinit` runs as `self` ends here and does the unpinning, exactly once.
+        // A one-page short-term pin unpins here, inline; any other ends as `self` ends here, in
+        // `deinit`. Either way the pages are unpinned exactly once.
+        guard extraReference == nil, headCount == 1 else {
+            _ = consume self
+            return
+        }
+        table.unpinOneCounted(headStart)
+        discard self
     }
 
     deinit {
-        if let extra {
+        if let extraReference {
+            let extra = extraReference.takeRetainedValue()
             if let lease = extra.lease { lease.release() } else { table.unpin(extra.runs) }
-        } else if head.count == 1 {
-            table.unpinOneCounted(head.start)
+        } else if headCount == 1 {
+            table.unpinOneCounted(headStart)
         } else {
-            table.unpin(.single(head))
+            table.unpin(head)
         }
     }
 }
 
 /// What a pin needs beyond one run of frames: more runs, or a lease.
+@usableFromInline
 final class PinExtra: Sendable {
     let runs: FrameRuns
     let lease: PinLease?
