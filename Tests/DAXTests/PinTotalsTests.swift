@@ -225,7 +225,7 @@ struct PinTotalsTests {
     @Test("a pin released after its page map is gone changes the counts safely")
     func releasedAfterTheMap() throws {
         var pin: PinnedPages?
-        var table: PageTable?
+        var table: MemMap?
         do {
             let map = try PageMap(pageCount: 64)
             #expect(map.markAllocated(9, inode: 1, index: 0))

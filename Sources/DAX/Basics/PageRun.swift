@@ -37,11 +37,3 @@ extension Array where Element == PageRun {
         }
     }
 }
-
-/// The old name of ``PageRun`` as the Pages layer used it.
-@available(*, deprecated, renamed: "PageRun")
-typealias FrameRun = PageRun
-
-/// The old name of ``PageRun`` as the Allocation layer used it.
-@available(*, deprecated, renamed: "PageRun")
-typealias BlockRun = PageRun

@@ -7,6 +7,7 @@ import Synchronization
 /// (which blocks back these pages, give these holes blocks, plan this resize, commit it) and never
 /// sees a mapping. Every handle and mapping of one file shares one address space, which lives as
 /// long as any of them does (``AddressSpaces`` hands it out).
+@usableFromInline
 final class AddressSpace: Sendable {
     let inode: Inode
     let data: FileData
@@ -17,7 +18,7 @@ final class AddressSpace: Sendable {
     /// path of pin: the kernel's `mapping->invalidate_lock`.
     let invalidateLock = ReadWriteLock()
     /// Bumped whenever pages leave the file's mappings; a fast pin re-validates against it.
-    let layoutGeneration = Atomic<UInt64>(0)
+    @usableFromInline let layoutGeneration = Atomic<UInt64>(0)
     /// Live mappings of the file, weakly held (a mapping leaves when unmapped).
     private let mappings = Mutex<[ObjectIdentifier: WeakMapping]>([:])
     private let registry: AddressSpaces

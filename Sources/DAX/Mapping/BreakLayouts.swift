@@ -134,9 +134,9 @@ extension AddressSpace {
         // Revocation waits for a DMA access in flight, then drops the pin's counts.
         for lease in pages.leases(where: Set(busy).contains) where lease.revoke() { waiting.revoked = true }
         // What may still hold a page now is a pinner backing off (gup-fast saw the old layout) or
-        // another transient reference: each lets go at once, and its unpin wakes this wait.
-        _ = pages.waitUntil(busy, deadline: Deadline(after: .milliseconds(100)), PageWord.isIdleExceptMappings)
-        return pages.busyFrames(busy)
+        // another transient reference: each lets go at once, and its put or unpin wakes this
+        // wait, which lasts at most until the end of the second grace period.
+        return pages.waitOutTransientReferences(busy, deadline: Deadline(after: waiting.secondGraceLeft))
     }
 }
 
@@ -165,6 +165,12 @@ private struct BusyWait {
     var secondGraceIsOver: Bool {
         guard case .revokeLeases(let grace) = policy, let graceEnd else { return false }
         return ContinuousClock.now >= graceEnd + grace
+    }
+
+    /// What is left of the second grace period (`.revokeLeases`), zero when it is over.
+    var secondGraceLeft: Duration {
+        guard case .revokeLeases(let grace) = policy, let graceEnd else { return .zero }
+        return max(.zero, graceEnd + grace - ContinuousClock.now)
     }
 
     /// Sleeps until `busy` may have gone idle (woken by the final unpins), or throws.

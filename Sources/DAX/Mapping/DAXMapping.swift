@@ -21,7 +21,7 @@ public final class DAXMapping: Sendable {
     /// Bytes reserved: `count` rounded up to whole pages.
     let length: Int
     /// The file's address space: the mapping is one of its mappings.
-    let space: AddressSpace
+    @usableFromInline let space: AddressSpace
     let device: PMemDevice
     let inode: Inode
     let path: String
@@ -29,11 +29,11 @@ public final class DAXMapping: Sendable {
     let firstPage: UInt64
     let pageCount: Int
     /// Pins for writing are allowed: mapped `.readWrite` from a file opened `.readWrite`.
-    let writable: Bool
-    let table: PageTable
+    @usableFromInline let writable: Bool
+    @usableFromInline let table: MemMap
     /// The page table: each page's frame, 0 when not mapped (frame 0 is the superblock, never file
     /// data). Read without a lock by the pin fast path; written under `state`.
-    nonisolated(unsafe) let entries: UnsafeMutablePointer<Atomic<UInt64>>
+    @usableFromInline nonisolated(unsafe) let entries: UnsafeMutablePointer<Atomic<UInt64>>
 
     struct State {
         var unmapped = false

@@ -28,7 +28,7 @@ public struct PinTotals: Sendable, Equatable {
 public final class PageMap: Sendable {
     /// Descriptors, one per device page.
     public let count: Int
-    @usableFromInline let table: PageTable
+    @usableFromInline let table: MemMap
     /// The device's system-call seam: the table is reserved, looked at and released through it.
     private let calls: SystemCalls
 
@@ -53,7 +53,7 @@ public final class PageMap: Sendable {
             to: PageTableCore(
                 descriptors: descriptors, count: pageCount, tableBytes: bytes, tallySlot: PinTally.claimSlot() ?? -1))
         self.count = pageCount
-        self.table = PageTable(core: core)
+        self.table = MemMap(core: core)
         self.calls = calls
     }
 
@@ -136,7 +136,7 @@ public final class PageMap: Sendable {
     package func tryMap(_ frame: PageFrameNumber) throws {
         try check(frame)
         if let failure = table.tryGet(frame.rawValue, adding: PageWord.refOne | PageWord.mapOne) {
-            throw PageTable.error(for: failure, frame: frame.rawValue, what: "map")
+            throw MemMap.error(for: failure, frame: frame.rawValue, what: "map")
         }
     }
 
@@ -178,7 +178,7 @@ public final class PageMap: Sendable {
                 .invalidArgument,
                 "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
-        let run = FrameRun(start: first.rawValue, count: pages)
+        let run = PageRun(start: first.rawValue, count: pages)
         try table.pin(run)
         return PinnedPages(table: table, head: run, access: .readWrite)
     }
@@ -192,7 +192,7 @@ public final class PageMap: Sendable {
                 "cannot pin \(pages) frames from \(first): outside the device's \(counted(count, "page"))")
         }
         return try pin(
-            runs: .single(FrameRun(start: first.rawValue, count: pages)), access: .readWrite, lifetime: lifetime)
+            runs: .single(PageRun(start: first.rawValue, count: pages)), access: .readWrite, lifetime: lifetime)
     }
 
     func pin(runs: FrameRuns, access: Access, lifetime: PinLifetime) throws -> PinnedPages {

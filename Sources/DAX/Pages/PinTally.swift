@@ -35,7 +35,7 @@ import Synchronization
 /// whether to free the descriptors. After its compare-and-swap (and the slow path that may follow
 /// it), an unpin copies its release counter into a *settled* counter: a thread whose release
 /// counters differ from its settled ones is still touching the table, and `deinit` then leaves the
-/// table in place instead of freeing it under that thread (see ``PageTable/isFreeable``).
+/// table in place instead of freeing it under that thread (see ``MemMap/isFreeable``).
 @usableFromInline
 enum PinTally {
     /// Counters kept per slot.

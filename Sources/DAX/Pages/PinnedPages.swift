@@ -19,7 +19,7 @@ public enum PinLifetime: Sendable {
 /// without a call; its fields are all trivial (no reference count to drop when it ends).
 @frozen
 public struct PinnedPages: ~Copyable, Sendable {
-    @usableFromInline let table: PageTable
+    @usableFromInline let table: MemMap
     /// The first run of pinned frames (for most pins the only one): its first frame and length.
     @usableFromInline let headStart: UInt64
     @usableFromInline let headCount: Int
@@ -33,7 +33,7 @@ public struct PinnedPages: ~Copyable, Sendable {
     public let access: Access
 
     @inlinable
-    init(table: PageTable, headStart: UInt64, headCount: Int, access: Access) {
+    init(table: MemMap, headStart: UInt64, headCount: Int, access: Access) {
         self.table = table
         self.headStart = headStart
         self.headCount = headCount
@@ -41,11 +41,11 @@ public struct PinnedPages: ~Copyable, Sendable {
         self.access = access
     }
 
-    init(table: PageTable, head: FrameRun, access: Access) {
+    init(table: MemMap, head: PageRun, access: Access) {
         self.init(table: table, headStart: head.start, headCount: Int(head.count), access: access)
     }
 
-    init(table: PageTable, runs: FrameRuns, lease: PinLease?, access: Access) {
+    init(table: MemMap, runs: FrameRuns, lease: PinLease?, access: Access) {
         self.table = table
         self.headStart = runs.runs[0].start
         self.headCount = Int(runs.runs[0].count)
@@ -55,7 +55,7 @@ public struct PinnedPages: ~Copyable, Sendable {
     }
 
     /// The first run of pinned frames.
-    var head: FrameRun { FrameRun(start: headStart, count: headCount) }
+    var head: PageRun { PageRun(start: headStart, count: headCount) }
 
     /// Further runs, or the lease; nil for a one-run short-term pin.
     var extra: PinExtra? { extraReference?.takeUnretainedValue() }
@@ -125,13 +125,13 @@ final class PinExtra: Sendable {
 final class PinLease: Sendable {
     enum State { case active, released, revoked }
 
-    let table: PageTable
+    let table: MemMap
     let runs: FrameRuns
     private let onRevoke: @Sendable () -> Void
     private let state = Mutex(State.active)
     private let revokeRequested = Atomic<Bool>(false)
 
-    init(table: PageTable, runs: FrameRuns, onRevoke: @escaping @Sendable () -> Void) {
+    init(table: MemMap, runs: FrameRuns, onRevoke: @escaping @Sendable () -> Void) {
         self.table = table
         self.runs = runs
         self.onRevoke = onRevoke

@@ -7,7 +7,7 @@ import Synchronization
 /// It lives in manually allocated memory so that ``PinnedPages`` can point at it without a
 /// reference count (a retain and a release would double the cost of a pin). ``PageMap`` frees it
 /// in `deinit` only when no pin is outstanding and no release is still running
-/// (``PageTable/isFreeable``); otherwise it stays allocated, and a late release remains safe.
+/// (``MemMap/isFreeable``); otherwise it stays allocated, and a late release remains safe.
 @usableFromInline
 struct PageTableCore: ~Copyable {
     @usableFromInline let descriptors: UnsafeMutablePointer<PageDescriptor>
@@ -49,7 +49,7 @@ struct QuarantineHook: Sendable {
 /// The one-page pin and unpin are inlinable, so that a caller in another module (a benchmark, a
 /// device model) runs them without a call; everything else stays behind calls.
 @usableFromInline
-struct PageTable: @unchecked Sendable {
+struct MemMap: @unchecked Sendable {
     @usableFromInline let core: UnsafeMutablePointer<PageTableCore>
 
     init(core: UnsafeMutablePointer<PageTableCore>) { self.core = core }
@@ -272,7 +272,7 @@ struct PageTable: @unchecked Sendable {
 
     /// Pins every frame of `run`, all or none.
     @inline(__always)
-    func pin(_ run: FrameRun) throws { try pin(run, counting: tallies()) }
+    func pin(_ run: PageRun) throws { try pin(run, counting: tallies()) }
 
     /// Pins one frame: the fast path of a one-page pin.
     @inlinable @inline(__always)
@@ -280,7 +280,7 @@ struct PageTable: @unchecked Sendable {
         if case .failure(let reason) = tryPin(frame) { throw Self.error(for: reason, frame: frame, what: "pin") }
     }
 
-    private func pin(_ run: FrameRun, counting counters: PinTally.Counters) throws {
+    private func pin(_ run: PageRun, counting counters: PinTally.Counters) throws {
         // A copy of the loop for each kind of counter, so that neither tests the kind per page.
         if counters.shared {
             try pinEach(run, counting: PinTally.Counters(base: counters.base, shared: true))
@@ -290,7 +290,7 @@ struct PageTable: @unchecked Sendable {
     }
 
     @inline(__always)
-    private func pinEach(_ run: FrameRun, counting counters: PinTally.Counters) throws {
+    private func pinEach(_ run: PageRun, counting counters: PinTally.Counters) throws {
         var frame = run.start
         for pinned in 0..<run.count {
             if case .failure(let reason) = tryPin(frame, counting: counters) {
@@ -302,7 +302,7 @@ struct PageTable: @unchecked Sendable {
     }
 
     /// Takes back the first `pinned` pins of `run`, uncounted.
-    private func takeBack(_ run: FrameRun, pinned: Int, counting counters: PinTally.Counters) {
+    private func takeBack(_ run: PageRun, pinned: Int, counting counters: PinTally.Counters) {
         guard pinned > 0 else { return }
         counters.subtract(.acquiredMore, UInt64(pinned))
         var frame = run.start
@@ -328,7 +328,7 @@ struct PageTable: @unchecked Sendable {
     }
 
     /// Unpins every frame of `run` and counts them as released.
-    func unpin(_ run: FrameRun) {
+    func unpin(_ run: PageRun) {
         let counters = tallies()
         // A copy of the loop for each kind of counter, so that neither tests the kind per page.
         if counters.shared {
@@ -339,7 +339,7 @@ struct PageTable: @unchecked Sendable {
     }
 
     @inline(__always)
-    private func unpinEach(_ run: FrameRun, counting counters: PinTally.Counters) {
+    private func unpinEach(_ run: PageRun, counting counters: PinTally.Counters) {
         var last: UInt64 = 0
         var frame = run.start
         for _ in 0..<run.count {
