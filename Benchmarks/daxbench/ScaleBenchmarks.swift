@@ -48,7 +48,9 @@ enum ScaleBenchmarks {
     static var all: [Benchmark] { [open1TiB, rss1TiB, storage1TiB] }
 
     /// One life of a sparse device: what it took and what it stored.
-    private static func lifeCycle(_ context: BenchContext, size: Int) throws -> (milliseconds: Double, storedMiB: Double) {
+    private static func lifeCycle(_ context: BenchContext, size: Int) throws -> (
+        milliseconds: Double, storedMiB: Double
+    ) {
         let path = context.devicePath("scale-\(size >> 30)g")
         unlink(path)
         defer { unlink(path) }

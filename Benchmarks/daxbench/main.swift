@@ -38,15 +38,16 @@ while let argument = arguments.next() {
 }
 
 // The rows of the performance table, in its order, then the extra comparisons.
-let benchmarks: [Benchmark] = [
-    PinningBenchmarks.pinUnpinMapping, MediaBenchmarks.persist64, FileSystemBenchmarks.mappedStoreBandwidth,
-    FileSystemBenchmarks.writeBandwidth, FileSystemBenchmarks.readBandwidth, FileSystemBenchmarks.truncate1GiB,
-    FileSystemBenchmarks.allocate1GiB, PinningBenchmarks.truncatePinned, PinningBenchmarks.allocateWithQuarantine,
-    PagesBenchmarks.descriptorBytes, KVStoreBenchmarks.puts, KVStoreBenchmarks.gets,
-    PagesBenchmarks.pinUnpinPageMap, PagesBenchmarks.pin256, FileSystemBenchmarks.writeBandwidthWarm,
-    FileSystemBenchmarks.readBandwidthWarm, FileSystemBenchmarks.createRemove, CrashBenchmarks.imagesPerSecond,
-    CrashBenchmarks.crashPointScaling, CrashBenchmarks.persist64Emulated,
-] + ScaleBenchmarks.all + [MigrationBenchmarks.migrate1GiB]
+let benchmarks: [Benchmark] =
+    [
+        PinningBenchmarks.pinUnpinMapping, MediaBenchmarks.persist64, FileSystemBenchmarks.mappedStoreBandwidth,
+        FileSystemBenchmarks.writeBandwidth, FileSystemBenchmarks.readBandwidth, FileSystemBenchmarks.truncate1GiB,
+        FileSystemBenchmarks.allocate1GiB, PinningBenchmarks.truncatePinned, PinningBenchmarks.allocateWithQuarantine,
+        PagesBenchmarks.descriptorBytes, KVStoreBenchmarks.puts, KVStoreBenchmarks.gets,
+        PagesBenchmarks.pinUnpinPageMap, PagesBenchmarks.pin256, FileSystemBenchmarks.writeBandwidthWarm,
+        FileSystemBenchmarks.readBandwidthWarm, FileSystemBenchmarks.createRemove, CrashBenchmarks.imagesPerSecond,
+        CrashBenchmarks.crashPointScaling, CrashBenchmarks.persist64Emulated,
+    ] + ScaleBenchmarks.all + [MigrationBenchmarks.migrate1GiB]
 if list {
     for benchmark in benchmarks {
         print("\(benchmark.name)\t\(benchmark.unit)\tvs \(benchmark.peerName)\t\(benchmark.goal)")

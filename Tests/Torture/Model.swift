@@ -2,9 +2,12 @@ import DAX
 
 /// What a file system should hold: directories and files with their bytes.
 public struct Model: Equatable, Sendable, CustomStringConvertible {
+    /// Paths of the directories, the root included.
     public var directories: Set<String> = ["/"]
+    /// Each file's path and bytes.
     public var files: [String: [UInt8]] = [:]
 
+    /// An empty file system: only the root.
     public init() {}
 
     /// Reads the whole tree of a mounted file system.
@@ -25,6 +28,7 @@ public struct Model: Equatable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// Every directory and file with its size, one per line.
     public var description: String {
         let dirs = directories.sorted().joined(separator: " ")
         let fileList = files.keys.sorted().map { "\($0)(\(files[$0]!.count))" }.joined(separator: " ")
@@ -53,8 +57,10 @@ public struct Model: Equatable, Sendable, CustomStringConvertible {
 public struct SeededRandom: RandomNumberGenerator, Sendable {
     private var state: UInt64
 
+    /// A generator whose sequence `seed` fixes.
     public init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
 
+    /// The next 64 random bits.
     public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
@@ -63,6 +69,7 @@ public struct SeededRandom: RandomNumberGenerator, Sendable {
         return z ^ (z >> 31)
     }
 
+    /// `count` random bytes.
     public mutating func bytes(_ count: Int) -> [UInt8] {
         var result: [UInt8] = []
         result.reserveCapacity(count)

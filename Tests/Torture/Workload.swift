@@ -14,6 +14,7 @@ public enum Operation: Sendable, CustomStringConvertible {
     /// Open the file, remove it, and keep writing through the handle: an orphan.
     case removeWhileOpen(String)
 
+    /// The operation as a line of a failure report.
     public var description: String {
         switch self {
         case .makeDirectory(let path): "mkdir \(path)"
@@ -41,11 +42,14 @@ public enum Operation: Sendable, CustomStringConvertible {
 
 /// A deterministic stream of operations from a starting model and a seed.
 public struct Workload: Sendable {
+    /// What the file system should hold after the operations so far.
     public private(set) var model: Model
     private var random: SeededRandom
     private var counter = 0
+    /// Writes and truncates stay below this size.
     public let maximumFileSize: Int
 
+    /// A generator that starts from `model`, repeatable from `seed`.
     public init(model: Model, seed: UInt64, maximumFileSize: Int = 48 << 10) {
         self.model = model
         self.random = SeededRandom(seed: seed)
@@ -151,12 +155,15 @@ public struct Workload: Sendable {
 
 /// Carries out operations on a mounted file system.
 public final class WorkloadRunner {
+    /// The file system the operations run on.
     public let fs: DAXFileSystem
     /// Handles of removed files kept open (orphans), written to now and then.
     private var orphans: [DAXFile] = []
 
+    /// A runner of operations on `fs`.
     public init(fs: DAXFileSystem) { self.fs = fs }
 
+    /// Carries out `operation` on the file system, as the model does.
     public func perform(_ operation: Operation) throws {
         switch operation {
         case .makeDirectory(let path): try fs.createDirectory(path)
@@ -192,6 +199,7 @@ public final class WorkloadRunner {
         }
     }
 
+    /// Closes every handle the runner keeps open.
     public func closeAll() {
         for file in orphans { file.close() }
         orphans = []

@@ -83,6 +83,7 @@ public struct PageState: Sendable, Equatable, CustomStringConvertible {
     /// The page index of the block in that file.
     public var ownerPageIndex: UInt64 = 0
 
+    /// A state with these counts and flags (no owner).
     public init(refCount: Int, pinCount: Int, mapCount: Int, isAllocated: Bool, isQuarantined: Bool) {
         self.refCount = refCount
         self.pinCount = pinCount
@@ -110,6 +111,7 @@ public struct PageState: Sendable, Equatable, CustomStringConvertible {
     /// Busy for truncate: referenced beyond its mappings, or pinned.
     public var isBusy: Bool { refCount - mapCount > 0 || pinCount > 0 }
 
+    /// The counts and flags, as `daxemu frames` prints them.
     public var description: String {
         var flags: [String] = []
         if isAllocated { flags.append("allocated") }
