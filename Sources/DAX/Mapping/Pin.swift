@@ -106,7 +106,13 @@ extension DAXMapping {
     }
 
     /// gup-slow: under the invalidate lock no truncate runs; resolve missing pages, then pin.
+    /// An operation of the file system (``Namespace/run(_:)``): a mapping whose last reference
+    /// goes while `resolve` holds the inode lock frees a removed file only once the locks are gone.
     private func pinSlow(_ pages: ClosedRange<Int>, access: Access, lifetime: PinLifetime) throws -> PinnedPages {
+        try space.namespace.run { try pinSlowLocked(pages, access: access, lifetime: lifetime) }
+    }
+
+    private func pinSlowLocked(_ pages: ClosedRange<Int>, access: Access, lifetime: PinLifetime) throws -> PinnedPages {
         try space.invalidateLock.withReadLock {
             // No truncate runs now, but an unmap can (and may free an orphan's blocks): re-validate
             // against the layout generation after pinning, as the fast path does.
