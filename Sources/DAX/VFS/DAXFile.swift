@@ -6,7 +6,7 @@ import Synchronization
 /// durable when they return); ``map(offset:count:access:)`` gives direct access to the pages
 /// themselves. A handle keeps a removed file's blocks until it is closed.
 ///
-/// A facade: the file system layer keeps the file's data (``FileData``), the mapping layer its
+/// A facade: the file system layer keeps the file's data (`FileData`), the mapping layer its
 /// address space (mappings, the invalidate lock); each method calls down into one or both.
 public final class DAXFile: Sendable {
     let fileSystem: DAXFileSystem
