@@ -457,14 +457,8 @@ struct FileData: Sendable {
 
     /// `pages` (sorted) as contiguous ranges.
     static func runs(of pages: [UInt64]) -> [Range<UInt64>] {
-        var runs: [Range<UInt64>] = []
-        for page in pages.sorted() {
-            if let last = runs.last, last.upperBound == page {
-                runs[runs.count - 1] = last.lowerBound..<(page + 1)
-            } else {
-                runs.append(page..<(page + 1))
-            }
-        }
-        return runs
+        var runs: [PageRun] = []
+        for page in pages.sorted() { runs.append(page: page) }
+        return runs.map(\.range)
     }
 }

@@ -47,7 +47,7 @@ final class AddressSpace: Sendable {
     /// A mapping was unmapped (its pages are gone from it): pins racing in back off, and a removed
     /// file may be freed.
     func forget(_ mapping: DAXMapping) {
-        layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        layoutChanged()
         _ = mappings.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(mapping)) }
         namespace.releaseUser(inode, handle: false)
     }

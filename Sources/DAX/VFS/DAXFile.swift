@@ -85,10 +85,6 @@ public final class DAXFile: Sendable {
         }
     }
 
-    static func checkRange(_ offset: Int, _ count: Int, _ operation: String, _ path: String) throws {
-        try FileData.checkRange(offset, count, operation, path)
-    }
-
     /// Writes `bytes` at `offset`, extending the file as needed; durable when it returns. Holes
     /// that the write does not cover read as zeros. Throws `.permissionDenied` on a read-only
     /// handle and `.noSpace` (changing nothing) when blocks run out.
@@ -99,7 +95,7 @@ public final class DAXFile: Sendable {
     /// Writes the bytes of `buffer` at `offset` (see ``write(_:at:)``), without an array.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
         try operation("write", writable: true, range: (offset, buffer.count)) {
-            try Self.checkRange(offset, buffer.count, "write", path)
+            try FileData.checkRange(offset, buffer.count, "write", path)
             guard buffer.count > 0 else { return }
             try inode.contents.write { contents in
                 try contents.checkLive(path)
@@ -115,7 +111,7 @@ public final class DAXFile: Sendable {
     /// map it) rather than kill the process when the allocation fails.
     public func read(count: Int, at offset: Int) throws -> [UInt8] {
         try operation("read") {
-            try Self.checkRange(offset, count, "read", path)
+            try FileData.checkRange(offset, count, "read", path)
             return try inode.contents.read { contents in
                 try contents.checkLive(path)
                 let length = max(0, min(count, Int(contents.record.size) - offset))
@@ -136,7 +132,7 @@ public final class DAXFile: Sendable {
     /// read: fewer at the end of the file, 0 past it.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
         try operation("read") {
-            try Self.checkRange(offset, buffer.count, "read", path)
+            try FileData.checkRange(offset, buffer.count, "read", path)
             return try inode.contents.read { contents in
                 try contents.checkLive(path)
                 return fileSystem.data.readData(contents, into: buffer, at: offset)
@@ -147,7 +143,7 @@ public final class DAXFile: Sendable {
     /// fallocate: gives the range zeroed blocks where it has none, and grows the size to cover it.
     public func allocate(offset: Int, count: Int) throws {
         try operation("allocate", writable: true, range: (offset, count)) {
-            try Self.checkRange(offset, count, "allocate", path)
+            try FileData.checkRange(offset, count, "allocate", path)
             guard count > 0 else {
                 throw DAXError(.invalidArgument, "cannot allocate 0 bytes of \(Paths.quoted(path))")
             }
@@ -163,7 +159,7 @@ public final class DAXFile: Sendable {
     /// device finds them there.
     public func frames(offset: Int, count: Int) throws -> [PageFrameNumber?] {
         try operation("look up the frames of") {
-            try Self.checkRange(offset, count, "look up the frames of", path)
+            try FileData.checkRange(offset, count, "look up the frames of", path)
             guard count > 0 else { return [] }
             let pages = FileData.page(offset)..<FileData.pageUp(offset + count)
             guard pages.count <= 1 << 28 else {
@@ -183,7 +179,7 @@ public final class DAXFile: Sendable {
     /// are dealt with as `ifBusy` says. All or nothing: a failure leaves size,
     /// contents and mappings as they were.
     public func truncate(to size: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
-        try Self.checkRange(size, 0, "truncate", path)
+        try FileData.checkRange(size, 0, "truncate", path)
         try space.breakLayouts(
             policy: policy, what: "truncate \(Paths.quoted(path)) to \(counted(size, "byte"))",
             guarded: { try operation("truncate", writable: true, $0) },
@@ -196,7 +192,7 @@ public final class DAXFile: Sendable {
     /// Frees the blocks of the whole pages in `offset..<offset+count` and zeroes the partial pages
     /// at its edges; the size does not change. Busy pages are handled as for ``truncate(to:ifBusy:)``.
     public func punchHole(offset: Int, count: Int, ifBusy policy: BusyPolicy = .wait(timeout: .seconds(30))) throws {
-        try Self.checkRange(offset, count, "punch a hole in", path)
+        try FileData.checkRange(offset, count, "punch a hole in", path)
         guard count > 0 else { return try operation("punch a hole in", writable: true) {} }
         try space.breakLayouts(
             policy: policy, what: "punch \(offset)..<\(offset + count) of \(Paths.quoted(path))",
@@ -237,7 +233,7 @@ public final class DAXFile: Sendable {
     /// skipped. New blocks are taken as few runs as the free space allows, so migrating a whole
     /// file defragments it. `.noSpace` when no block is free, then nothing moved.
     public func migrate(offset: Int, count: Int) throws -> MigrationResult {
-        try Self.checkRange(offset, count, "migrate", path)
+        try FileData.checkRange(offset, count, "migrate", path)
         guard count > 0 else { return MigrationResult(migrated: 0, busy: []) }
         return try operation("migrate", writable: true, range: (offset, count)) {
             // A batch of pages per transaction, so that any range fits the journal.
