@@ -36,10 +36,20 @@ extension DAXMapping {
             guard !state.unmapped, state.sigbusTail < pageCount else { return }
             let newTail = end <= firstPage ? 0 : Int(min(end - firstPage, UInt64(pageCount)))
             guard newTail > state.sigbusTail else { return }
-            MappingRegion.makePlaceholder(
-                base + state.sigbusTail * PMemDevice.pageSize,
-                length: (newTail - state.sigbusTail) * PMemDevice.pageSize, access: access, faults: faults,
-                calls: device.systemCalls)
+            // Runs that show no block: a block written there meanwhile was mapped over the region.
+            var index = state.sigbusTail
+            while index < newTail {
+                guard entries[index].load(ordering: .relaxed) == 0 else {
+                    index += 1
+                    continue
+                }
+                var runEnd = index + 1
+                while runEnd < newTail, entries[runEnd].load(ordering: .relaxed) == 0 { runEnd += 1 }
+                MappingRegion.makePlaceholder(
+                    base + index * PMemDevice.pageSize, length: (runEnd - index) * PMemDevice.pageSize,
+                    access: access, faults: faults, calls: device.systemCalls)
+                index = runEnd
+            }
             state.sigbusTail = newTail
         }
     }

@@ -61,6 +61,8 @@ public final class PageMap: Sendable {
         self.count = pageCount
         self.table = MemMap(core: core)
         self.calls = calls
+        // The zero frame is allocated for good (no file owns it): pins of it count as any other.
+        table.descriptor(UInt64(pageCount)).pointee.counts.store(PageWord.allocated, ordering: .relaxed)
     }
 
     deinit {
