@@ -63,10 +63,29 @@ struct FileSystemJSON: Encodable {
     var files: Int?
     var directories: Int?
     var inodes: Int?
+    /// `userfaultfd` or `unavailable`, with the detail.
+    var faultHandling: String?
+    var faultHandlingDetail: String?
+    /// Faults this process's mount answered (none: `info` maps nothing).
+    var faults: Faults?
     var error: String?
     var code: String?
 
     init(state: String) { self.state = state }
+
+    struct Faults: Encodable {
+        var zeroPage: Int
+        var allocating: Int
+        var copyOnWrite: Int
+        var sigbus: Int
+
+        init(_ counts: FaultCounts) {
+            zeroPage = counts.zeroPage
+            allocating = counts.allocating
+            copyOnWrite = counts.copyOnWrite
+            sigbus = counts.sigbus
+        }
+    }
 }
 
 /// What `info` says about a device.
@@ -130,6 +149,15 @@ struct FileSystemReport {
             json.files = s.files
             json.directories = s.directories
             json.inodes = s.totalInodes
+            let handling: String
+            switch fs.faultHandling {
+            case .userfaultfd: handling = "userfaultfd"
+            case .unavailable: handling = "unavailable"
+            }
+            json.faultHandling = handling
+            json.faultHandlingDetail = fs.faultHandlingDetail
+            json.faults = .init(s.faults)
+            let f = s.faults
             text = [
                 "file system  DAXFS: \(ByteCount.format(used * 4096)) used of \(ByteCount.format(s.totalBlocks * 4096)) "
                     + "(\(s.freeBlocks) of \(counted(s.totalBlocks, "block")) free)",
@@ -137,6 +165,9 @@ struct FileSystemReport {
                     + counted(s.totalInodes, "inode"),
                 "pins         \(counted(s.pinnedPages, "page")) pinned, \(counted(s.quarantinedBlocks, "block")) "
                     + "quarantined (pins live in the process that takes them; this one holds none)",
+                "faults       \(handling): \(fs.faultHandlingDetail)",
+                "             \(f.zeroPage) zero-page, \(f.allocating) allocating, \(f.copyOnWrite) copy-on-write, "
+                    + "\(f.sigbus) SIGBUS (faults are answered in the process that maps; this one maps nothing)",
             ].joined(separator: "\n")
         } catch let error as DAXError {
             json = FileSystemJSON(state: "unreadable")

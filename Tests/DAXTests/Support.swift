@@ -209,3 +209,24 @@ final class Counter: Sendable {
     func increment() { count.wrappingAdd(1, ordering: .relaxed) }
     var value: Int { count.load(ordering: .relaxed) }
 }
+
+extension PMemDevice.Options {
+    /// Options whose system calls refuse userfaultfd (`/dev/userfaultfd` and the system call), so
+    /// that a file system mounted on the device has no fault handler: how a process without the
+    /// privilege sees mappings.
+    static var withoutUserfaultfd: PMemDevice.Options {
+        var calls = SystemCalls.injectable
+        calls.open = { path, flags, mode in
+            guard path == "/dev/userfaultfd" else { return SystemCalls.live.open(path, flags, mode) }
+            errno = EACCES
+            return -1
+        }
+        calls.userfaultfd = { _ in
+            errno = EPERM
+            return -1
+        }
+        var options = PMemDevice.Options()
+        options.systemCalls = calls
+        return options
+    }
+}

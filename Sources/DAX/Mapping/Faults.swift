@@ -130,7 +130,7 @@ extension DAXMapping {
             return
         case .show(let extent):
             populate([extent])
-            faults.wake(address, length: PMemDevice.pageSize)
+            wakeOrSignal(fault, at: index, faults)
         case .allocate:
             // The kernel's page_mkwrite: a zeroed block, journaled as `allocate` journals it, shown
             // in every mapping of the file that shows nothing there, this one included.
@@ -139,12 +139,24 @@ extension DAXMapping {
                     &contents, page..<(page + 1), what: "store to a hole of \(Paths.quoted(path)) through a mapping")
                 handler.allocating.wrappingAdd(1, ordering: .relaxed)
                 space.show(added)
-                faults.wake(address, length: PMemDevice.pageSize)
+                wakeOrSignal(fault, at: index, faults)
             } catch {
                 // No block (or the journal refused): SIGBUS to the thread, nothing else changes.
                 handler.sigbus.wrappingAdd(1, ordering: .relaxed)
                 faults.signal(SIGBUS, to: fault)
             }
+        }
+    }
+
+    /// Wakes the faulting thread once page `index` shows its block; if it could not be mapped (the
+    /// process out of map entries, a count at its limit) the thread would fault again at once, so
+    /// it gets SIGBUS instead, as the kernel answers a fault it cannot map (`VM_FAULT_SIGBUS`).
+    private func wakeOrSignal(_ fault: UserFault, at index: Int, _ faults: UserFaults) {
+        if entries[index].load(ordering: .acquiring) != 0 {
+            faults.wake(fault.address, length: PMemDevice.pageSize)
+        } else {
+            space.handler.sigbus.wrappingAdd(1, ordering: .relaxed)
+            faults.signal(SIGBUS, to: fault)
         }
     }
 

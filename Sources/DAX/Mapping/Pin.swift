@@ -129,6 +129,7 @@ extension DAXMapping {
                     let frame = entries[index].load(ordering: .acquiring)
                     if frame == 0, holes.contains(index) {
                         // A read-only pin of a hole: the zero frame, as GUP returns the zero page.
+                        device.pages.prepareZeroFrame()
                         frames.append(device.pages.zeroFrame)
                         continue
                     }

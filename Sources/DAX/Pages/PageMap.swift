@@ -61,8 +61,15 @@ public final class PageMap: Sendable {
         self.count = pageCount
         self.table = MemMap(core: core)
         self.calls = calls
-        // The zero frame is allocated for good (no file owns it): pins of it count as any other.
-        table.descriptor(UInt64(pageCount)).pointee.counts.store(PageWord.allocated, ordering: .relaxed)
+    }
+
+    /// Marks the zero frame allocated for good (no file owns it), so that pins of it count as
+    /// pins of any page; done at its first use, so that an unused table stays untouched memory.
+    func prepareZeroFrame() {
+        let counts = table.descriptor(UInt64(count))
+        if counts.pointee.counts.load(ordering: .relaxed) & PageWord.allocated == 0 {
+            counts.pointee.counts.bitwiseOr(PageWord.allocated, ordering: .sequentiallyConsistent)
+        }
     }
 
     deinit {

@@ -242,14 +242,19 @@ public final class DAXFile: Sendable {
     // MARK: - Direct access
 
     /// A direct (DAX) mapping of `count` bytes from `offset`: loads and stores reach the device
-    /// pages themselves. A `.readWrite` mapping gives the holes in its range zeroed blocks first; a
-    /// `.readOnly` one shows them as the zero page and changes nothing (as the kernel does), until
-    /// a `write`, `allocate` or another mapping gives them blocks, which it then shows.
+    /// pages themselves.
     ///
-    /// `offset` must be a multiple of the page size, and the range must lie within the file's size
-    /// rounded up to a page (extend the file with `truncate` or `allocate` first): as with `mmap`,
-    /// a mapping never changes the file's size. A `.readWrite` mapping needs a file opened
-    /// `.readWrite`; stores through a `.readOnly` mapping fault.
+    /// With the file system's fault handler (``DAXFileSystem/faultHandling`` is `.userfaultfd`)
+    /// the mapping behaves as the kernel's DAX mappings do: a load of a hole reads zeros and
+    /// allocates nothing, the first store to a hole gives it a zeroed block (journaled, and shown
+    /// in every mapping of the file; SIGBUS when no block is left), and an access past the end of
+    /// the file raises SIGBUS until the file grows over it. Without the handler, a `.readWrite`
+    /// mapping gives the holes in its range zeroed blocks first, a `.readOnly` one shows them as the
+    /// zero page, and pages past the end raise SIGBUS for the mapping's life.
+    ///
+    /// `offset` must be a multiple of the page size. The range may reach past the end of the file,
+    /// as `mmap(2)` allows; a mapping never changes the file's size. A `.readWrite` mapping needs a
+    /// file opened `.readWrite`; a store through a `.readOnly` mapping raises SIGSEGV.
     public func map(offset: Int = 0, count: Int, access: Access = .readWrite) throws -> DAXMapping {
         try operation("map") {
             try space.map(offset: offset, count: count, access: access, fileAccess: self.access, path: path)
