@@ -86,3 +86,104 @@ struct FaultHandlerTests {
         #expect(try file.read(count: 1, at: 9 * 4096) == [1])
     }
 }
+
+@Suite("Fault handler: modes and locks")
+struct FaultHandlerModeTests {
+    /// Options whose userfaultfd comes only in user-mode-only mode, as for a process without
+    /// privilege (no /dev/userfaultfd, no CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=0).
+    static var userModeOnly: PMemDevice.Options {
+        var calls = SystemCalls.injectable
+        calls.open = { path, flags, mode in
+            guard path == "/dev/userfaultfd" else { return SystemCalls.live.open(path, flags, mode) }
+            errno = EACCES
+            return -1
+        }
+        calls.userfaultfd = { flags in
+            guard flags & 1 != 0 else {  // UFFD_USER_MODE_ONLY
+                errno = EPERM
+                return -1
+            }
+            return SystemCalls.live.userfaultfd(flags)
+        }
+        var options = PMemDevice.Options()
+        options.systemCalls = calls
+        return options
+    }
+
+    @Test("without privilege the handler is user-mode only: stores fill holes, a read(2) into a hole is EFAULT")
+    func userModeOnly() throws {
+        let t = try TemporaryFileSystem(deviceOptions: Self.userModeOnly)
+        #expect(t.fs.faultHandling == .userfaultfd)
+        #expect(t.fs.faultHandlingDetail.contains("user-mode-only"))
+        let file = try t.fs.create("/f")
+        try file.truncate(to: 2 * 4096)
+        let mapping = try file.map(count: 2 * 4096)
+        defer { mapping.unmap() }
+        mapping.baseAddress.storeBytes(of: 0x31, as: UInt8.self)
+        #expect(try file.read(count: 1, at: 0) == [0x31])
+        let path = TemporaryDevice.uniquePath("ordinary")
+        let fd = open(path, O_RDWR | O_CREAT, 0o600)
+        defer {
+            close(fd)
+            unlink(path)
+        }
+        #expect(pwrite(fd, [UInt8](repeating: 0x99, count: 4096), 4096, 0) == 4096)
+        #expect(pread(fd, mapping.baseAddress + 4096, 4096, 0) == -1 && errno == EFAULT)
+        #expect(try file.frames(offset: 4096, count: 4096) == [nil])
+        #expect(try t.fs.check().isClean)
+    }
+
+    @Test("without userfaultfd the file system says why, and mappings are populated when made")
+    func unavailable() throws {
+        let t = try TemporaryFileSystem(deviceOptions: .withoutUserfaultfd)
+        guard case .unavailable(let reason) = t.fs.faultHandling else {
+            Issue.record("\(t.fs.faultHandling)")
+            return
+        }
+        #expect(reason.contains("/dev/userfaultfd"))
+        #expect(t.fs.faultHandlingDetail.contains("populated when they are made"))
+        let file = try t.fs.create("/f")
+        try file.truncate(to: 4096)
+        let mapping = try file.map(count: 4096)
+        defer { mapping.unmap() }
+        #expect(try file.frames(offset: 0, count: 4096).first! != nil)
+        try file.sync()
+    }
+
+    @Test("write and read through a buffer in the file's own mapping, holes included, do not wait on the handler")
+    func copiesThroughOwnMapping() throws {
+        let t = try TemporaryFileSystem()
+        let file = try t.fs.create("/f")
+        try file.write(pattern(4096), at: 0)
+        try file.truncate(to: 4 * 4096)
+        let mapping = try file.map(count: 4 * 4096)
+        defer { mapping.unmap() }
+        // From a hole of the mapping (page 1) into page 2, then from page 0 into the hole of page 3.
+        try file.write(UnsafeRawBufferPointer(start: mapping.baseAddress + 4096, count: 4096), at: 2 * 4096)
+        #expect(try file.read(into: UnsafeMutableRawBufferPointer(start: mapping.baseAddress + 3 * 4096, count: 4096), at: 0) == 4096)
+        #expect(try file.read(count: 4096, at: 3 * 4096) == pattern(4096))
+        #expect(try file.read(count: 4096, at: 2 * 4096) == [UInt8](repeating: 0, count: 4096))
+        #expect(t.fs.statistics().faults.allocating >= 1)
+    }
+
+    @Test("unmount stops the handler; a file system mounted again on the device starts its own")
+    func remountHandles() throws {
+        let t = try TemporaryFileSystem()
+        let file = try t.fs.create("/f")
+        try file.truncate(to: 4096)
+        let mapping = try file.map(count: 4096)
+        mapping.baseAddress.storeBytes(of: 5, as: UInt8.self)
+        mapping.unmap()
+        file.close()
+        let again = try t.remount()
+        let reopened = try again.open("/f")
+        try reopened.truncate(to: 2 * 4096)
+        let second = try reopened.map(count: 2 * 4096)
+        #expect(second.baseAddress.load(as: UInt8.self) == 5)
+        second.baseAddress.storeBytes(of: 6, toByteOffset: 4096, as: UInt8.self)
+        #expect(again.statistics().faults.allocating == 1)
+        second.unmap()
+        reopened.close()
+        try again.unmount()
+    }
+}

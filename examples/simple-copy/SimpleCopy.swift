@@ -56,7 +56,9 @@ struct SimpleCopy: ParsableCommand {
             print("copied 0 bytes to \(destination)")
             return
         }
-        try file.truncate(to: size)
+        // Blocks first (posix_fallocate, as PMDK's pmem_map_file does): a store through the mapping
+        // to a hole would allocate on the fault, and with no block left that is SIGBUS, not an error.
+        try file.allocate(offset: 0, count: size)
         let mapping = try file.map(count: size)
         defer { mapping.unmap() }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
