@@ -209,9 +209,12 @@ extension DAXMapping {
             }
             for run in state.dirty.takeAll() {
                 // Protect first, then flush (the kernel's order): a store racing the flush either
-                // is in it or faults and is flushed by the next sync.
-                faults.writeProtect(
-                    base + run.lowerBound * PMemDevice.pageSize, length: run.count * PMemDevice.pageSize, true)
+                // is in it or faults and is flushed by the next sync. The blocks' ranges are
+                // registered here, at their first sync, not when a fault maps them.
+                let address = base + run.lowerBound * PMemDevice.pageSize
+                let runLength = run.count * PMemDevice.pageSize
+                faults.registerAgain(address, length: runLength, modes: MappingRegion.faultModes(access))
+                faults.writeProtect(address, length: runLength, true)
                 for index in run {
                     let frame = entries[index].load(ordering: .relaxed)
                     if frame != 0 { runs.append(page: frame) }

@@ -32,8 +32,8 @@ enum MappingRegion {
 
     /// Maps `pages` device pages from `frame` at `address`, populated: a `.readOnly` mapping from
     /// the device's read-only descriptor, so that it cannot be made writable with `mprotect`.
-    /// With `faults` (a writable mapping that a fault handler serves), the new range is registered
-    /// with it, as the placeholder it replaces was, for write-protect faults. An emulated device
+    /// With `faults` (a writable mapping that a fault handler serves) on an emulated device, the
+    /// new range is registered with it for write-protect faults, which the crash emulation sets. An emulated device
     /// tracks stores through the new pages (`exposed`: in a mapping that other threads may already
     /// use). A crash image opened for a checker is mapped privately.
     static func mapDevice(
@@ -60,7 +60,11 @@ enum MappingRegion {
         }
         guard access == .readWrite else { return }
         do {
-            if let faults, !faults.registerAgain(address, length: length, modes: faultModes(access)) {
+            // Registered now only where the crash emulation write-protects the pages at once; else
+            // `sync` registers the runs it protects (a fault need not pay for it).
+            if let faults, device.emulation != nil,
+                !faults.registerAgain(address, length: length, modes: faultModes(access))
+            {
                 throw DAXError.system(
                     "ioctl(UFFDIO_REGISTER)", "cannot register \(pages) device pages at pfn \(frame) for faults",
                     errno: errno)
