@@ -107,7 +107,16 @@ struct CommandLineTests {
         #expect(fs["directories"] as? Int == 1 && fs["files"] as? Int == 0)
         #expect(fs["quarantinedBlocks"] as? Int == 0)
         #expect(fs["pinnedPages"] == nil, "pins are told once, at the top")
-        #expect(try runCommand("daxemu", ["info", "-d", device.path]).output.contains("MAP_SYNC     refused"))
+        #expect(fs["faultHandling"] as? String == "userfaultfd")
+        #expect((fs["faultHandlingDetail"] as? String)?.contains("full mode") == true)
+        let faults = try #require(fs["faults"] as? [String: Int])
+        #expect(faults == ["zeroPage": 0, "allocating": 0, "copyOnWrite": 0, "sigbus": 0])
+        let text = try runCommand("daxemu", ["info", "-d", device.path]).output
+        #expect(text.contains("MAP_SYNC     refused"))
+        #expect(text.contains("faults       userfaultfd: userfaultfd in full mode"))
+        #expect(text.contains("0 zero-page, 0 allocating, 0 copy-on-write, 0 SIGBUS"))
+        let off = try runCommand("daxemu", ["info", "-d", device.path], environment: ["DAX_FAULT_HANDLING": "off"])
+        #expect(off.output.contains("faults       unavailable: turned off by DAX_FAULT_HANDLING=off"))
         // The device may also come before the subcommand, as the examples take it.
         let before = try runCommand("daxemu", ["--device", device.path, "info", "--json"])
         let beforeJSON = try #require(try JSONSerialization.jsonObject(with: before.outputData) as? [String: Any])
