@@ -7,7 +7,8 @@ import Testing
 /// counts (the black-box cases are in FaultTests).
 @Suite("Fault handler")
 struct FaultHandlerTests {
-    @Test("a load of a hole reads zeros and allocates nothing; a store then allocates one block, shown in every mapping")
+    @Test(
+        "a load of a hole reads zeros and allocates nothing; a store then allocates one block, shown in every mapping")
     func holeLoadThenStore() throws {
         let t = try TemporaryFileSystem()
         #expect(t.fs.faultHandling == .userfaultfd)
@@ -160,7 +161,9 @@ struct FaultHandlerModeTests {
         defer { mapping.unmap() }
         // From a hole of the mapping (page 1) into page 2, then from page 0 into the hole of page 3.
         try file.write(UnsafeRawBufferPointer(start: mapping.baseAddress + 4096, count: 4096), at: 2 * 4096)
-        #expect(try file.read(into: UnsafeMutableRawBufferPointer(start: mapping.baseAddress + 3 * 4096, count: 4096), at: 0) == 4096)
+        #expect(
+            try file.read(
+                into: UnsafeMutableRawBufferPointer(start: mapping.baseAddress + 3 * 4096, count: 4096), at: 0) == 4096)
         #expect(try file.read(count: 4096, at: 3 * 4096) == pattern(4096))
         #expect(try file.read(count: 4096, at: 2 * 4096) == [UInt8](repeating: 0, count: 4096))
         #expect(t.fs.statistics().faults.allocating >= 1)
@@ -185,5 +188,22 @@ struct FaultHandlerModeTests {
         second.unmap()
         reopened.close()
         try again.unmount()
+    }
+}
+
+@Suite("Fault handler: a run of allocating faults")
+struct FaultRunTests {
+    @Test("256 stores to fresh holes allocate 256 blocks")
+    func manyAllocatingFaults() throws {
+        let t = try TemporaryFileSystem(size: 32 << 20)
+        let file = try t.fs.create("/f")
+        try file.truncate(to: 256 * 4096)
+        let mapping = try file.map(count: 256 * 4096)
+        defer { mapping.unmap() }
+        for page in 0..<256 {
+            mapping.baseAddress.storeBytes(of: UInt8(page & 0xFF), toByteOffset: page * 4096, as: UInt8.self)
+        }
+        #expect(t.fs.statistics().faults.allocating == 256)
+        #expect(try file.read(count: 1, at: 255 * 4096) == [255])
     }
 }
