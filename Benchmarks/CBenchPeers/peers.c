@@ -8,7 +8,9 @@
 
 #include <libpmem.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 uint64_t cbench_now_ns(void) {
     struct timespec ts;
@@ -91,4 +93,48 @@ int cbench_lmdb(const char *path, size_t mapsize, int count, int value_size, dou
 out:
     mdb_env_close(env);
     return rc;
+}
+
+void cbench_store_each_page(void *address, size_t pages, uint8_t value) {
+    volatile uint8_t *bytes = address;
+    for (size_t page = 0; page < pages; page++) bytes[page * 4096] = value;
+}
+
+uint64_t cbench_load_each_page(const void *address, size_t pages) {
+    const volatile uint8_t *bytes = address;
+    uint64_t sum = 0;
+    for (size_t page = 0; page < pages; page++) sum += bytes[page * 4096];
+    return sum;
+}
+
+int64_t cbench_tmpfs_first_touch(int fd, size_t pages, int store) {
+    size_t length = pages * 4096;
+    // Fresh holes: whatever an earlier pass gave the file goes back to tmpfs first.
+    if (ftruncate(fd, 0) != 0 || ftruncate(fd, (off_t)length) != 0) return -errno;
+    void *address = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (address == MAP_FAILED) return -errno;
+    uint64_t start = cbench_now_ns();
+    uint64_t sum = 0;
+    if (store) {
+        cbench_store_each_page(address, pages, 1);
+    } else {
+        sum = cbench_load_each_page(address, pages);
+    }
+    int64_t elapsed = (int64_t)(cbench_now_ns() - start);
+    munmap(address, length);
+    // A hole reads as zeros; anything else means the pass did not fault on holes.
+    if (sum != 0) return -EINVAL;
+    return elapsed;
+}
+
+int64_t cbench_time_msync(void *address, size_t length) {
+    uint64_t start = cbench_now_ns();
+    if (msync(address, length, MS_SYNC) != 0) return -errno;
+    return (int64_t)(cbench_now_ns() - start);
+}
+
+int64_t cbench_time_pmem_persist(void *address, size_t length) {
+    uint64_t start = cbench_now_ns();
+    pmem_persist(address, length);
+    return (int64_t)(cbench_now_ns() - start);
 }
