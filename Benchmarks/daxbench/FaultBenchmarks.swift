@@ -1,0 +1,280 @@
+import CBenchPeers
+import DAX
+import Foundation
+
+/// The fault handler (`docs/faults.md`) against the kernel's own faults on tmpfs, and `sync`'s
+/// dirty tracking against making a whole mapping durable.
+enum FaultBenchmarks {
+    static let pageSize = 4096
+    static let gib = 1 << 30
+
+    static var all: [Benchmark] { [allocating, zeroPage, sync1GiB] }
+
+    /// Pages a fault row touches per sample, one fault each: 16 MiB in quick mode, 64 MiB in full.
+    static func faultPages(_ context: BenchContext) -> Int { context.quick ? 4096 : 16384 }
+
+    /// One store to each page of a sparse file through a fresh `.readWrite` mapping (an
+    /// allocating fault each: a zeroed block, journaled, mapped), microseconds per fault, vs the
+    /// kernel's first-touch write fault on a fresh `MAP_SHARED` mapping of a sparse tmpfs file.
+    static var allocating: Benchmark {
+        Benchmark(
+            name: "fault-allocating", unit: "us/fault", peerName: "tmpfs first-touch write fault (C)",
+            goal: .atMost(5)
+        ) { context in
+            try faults(context, row: "fault-allocating", store: true)
+        }
+    }
+
+    /// One load from each page of a sparse file through a fresh `.readWrite` mapping (a zero-page
+    /// fault each: a zeroed page, write-protected, nothing allocated), microseconds per fault, vs
+    /// the kernel's read fault on a hole of a tmpfs file. The variant maps `.readOnly`, where the
+    /// fault maps the kernel's shared zero page instead.
+    static var zeroPage: Benchmark {
+        Benchmark(
+            name: "fault-zero-page", unit: "us/fault", peerName: "tmpfs read fault on a hole (C)", goal: .atMost(5),
+            variants: [
+                .init(name: "fault-zero-page-read-only", peerName: "tmpfs read fault on a hole (C)", goal: .report)
+            ]
+        ) { context in
+            try faults(context, row: "fault-zero-page", store: false)
+        }
+    }
+
+    /// `DAXFile.sync()` of a clean 1 GiB mapping after a store to one page, microseconds, vs
+    /// `pmem_persist` of a whole 1 GiB mapping (what a sync costs that does not know which pages are
+    /// dirty); then the same after a store to every page, where dirty tracking must cost little.
+    /// Each has a variant with ours in `.msync` mode vs `msync(MS_SYNC)` of 1 GiB of tmpfs (nearly
+    /// free: tmpfs has nothing to write back). One benchmark for the four rows, so that the three
+    /// 1 GiB files are set up once.
+    static var sync1GiB: Benchmark {
+        let msync = "msync(MS_SYNC) of 1 GiB of tmpfs (C)"
+        return Benchmark(
+            name: "sync-1GiB-one-dirty", unit: "us", peerName: "pmem_persist of all 1 GiB (C)", goal: .atMost(0.05),
+            variants: [
+                .init(name: "sync-1GiB-one-dirty-msync", peerName: msync, goal: .report),
+                .init(name: "sync-1GiB-all-dirty", peerName: "pmem_persist of all 1 GiB (C)", goal: .atMost(1.2)),
+                .init(name: "sync-1GiB-all-dirty-msync", peerName: msync, goal: .report),
+            ]
+        ) { context in
+            try sync(context)
+        }
+    }
+
+    // MARK: - Faults
+
+    /// What one pass of a fault row measured.
+    private struct Pass {
+        var microsecondsPerFault: Double
+        var contextSwitchesPerFault: Double
+    }
+
+    /// The fault rows: ours through a `.readWrite` mapping, the tmpfs peer, and (for loads) ours
+    /// through a `.readOnly` mapping, interleaved. Each pass maps fresh holes and touches each page
+    /// once; only the stores or loads are timed. A pass of ours throws unless the file system
+    /// counted exactly one fault of the expected kind per page.
+    private static func faults(_ context: BenchContext, row: String, store: Bool) throws -> Samples {
+        let pages = faultPages(context)
+        let bytes = pages * pageSize
+        let setup = try BenchFileSystem(context, name: row, size: gib)
+        guard setup.fs.faultHandling == .userfaultfd else {
+            throw BenchError("\(row) needs the fault handler; this file system has \(setup.fs.faultHandling)")
+        }
+        let file = try setup.fs.create("/sparse")
+        let tmpfs = try TmpfsFile(context, name: "\(row)-tmpfs")
+        defer { ftruncate(tmpfs.fd, 0) }
+
+        func ours(_ access: Access) throws -> Pass {
+            // Fresh holes: the blocks an earlier pass's stores allocated go back first.
+            try file.truncate(to: 0)
+            try file.truncate(to: bytes)
+            let mapping = try file.map(count: bytes, access: access)
+            defer { mapping.unmap() }
+            let before = setup.fs.statistics()
+            let switches = contextSwitches()
+            let start = now()
+            var sum: UInt64 = 0
+            if store {
+                cbench_store_each_page(mapping.baseAddress, pages, 1)
+            } else {
+                sum = cbench_load_each_page(mapping.baseAddress, pages)
+            }
+            let elapsed = Double(now() - start)
+            let switched = Double(contextSwitches() - switches)
+            let after = setup.fs.statistics()
+            let allocated = after.faults.allocating - before.faults.allocating
+            let zeroPages = after.faults.zeroPage - before.faults.zeroPage
+            let blocksTaken = before.freeBlocks - after.freeBlocks
+            let expected = store ? (pages, 0, pages) : (0, pages, 0)
+            guard (allocated, zeroPages, blocksTaken) == expected, sum == 0 else {
+                throw BenchError(
+                    "\(row): \(pages) \(store ? "stores" : "loads") through a \(access) mapping of holes made "
+                        + "\(allocated) allocating and \(zeroPages) zero-page faults and took \(blocksTaken) blocks "
+                        + "(expected \(expected)); the loads summed to \(sum)")
+            }
+            return Pass(
+                microsecondsPerFault: elapsed / Double(pages) / 1000,
+                contextSwitchesPerFault: switched / Double(pages))
+        }
+        func peer() throws -> Pass {
+            let switches = contextSwitches()
+            let elapsed = cbench_tmpfs_first_touch(tmpfs.fd, pages, store ? 1 : 0)
+            let switched = Double(contextSwitches() - switches)
+            guard elapsed >= 0 else { throw BenchError("\(row): the tmpfs peer failed: errno \(-elapsed)") }
+            return Pass(
+                microsecondsPerFault: Double(elapsed) / Double(pages) / 1000,
+                contextSwitchesPerFault: switched / Double(pages))
+        }
+
+        var passes: [[Pass]] = [[], [], []]
+        var sides: [() throws -> Double] = [
+            {
+                passes[0].append(try ours(.readWrite))
+                return passes[0].last!.microsecondsPerFault
+            },
+            {
+                passes[1].append(try peer())
+                return passes[1].last!.microsecondsPerFault
+            },
+        ]
+        if !store {
+            sides.append {
+                passes[2].append(try ours(.readOnly))
+                return passes[2].last!.microsecondsPerFault
+            }
+        }
+        let samples = try context.interleave(sides)
+        let names = ["ours (.readWrite mapping)", "tmpfs peer", "ours (.readOnly mapping)"]
+        for (name, sidePasses) in zip(names, passes) where !sidePasses.isEmpty {
+            // The warm-up pass is not a sample.
+            let measured = sidePasses.dropFirst()
+            print(
+                "\(row): \(name) \(format(median(measured.map(\.microsecondsPerFault)))) us per fault, "
+                    + "\(format(median(measured.map(\.contextSwitchesPerFault)))) context switches per fault "
+                    + "(medians of \(measured.count) passes of \(pages) faults)")
+        }
+        var result = Samples(ours: samples[0], peer: samples[1])
+        if !store { result.variants = [Samples(ours: samples[2], peer: samples[1])] }
+        return result
+    }
+
+    /// Context switches of this process so far, voluntary and not (every thread's: a fault that the
+    /// handler thread resolves costs at least a switch to it and one back).
+    private static func contextSwitches() -> Int {
+        var usage = rusage()
+        getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &usage)
+        return usage.ru_nvcsw + usage.ru_nivcsw
+    }
+
+    // MARK: - sync
+
+    /// A 1 GiB file on a device opened in one persistence mode, mapped `.readWrite` and synced
+    /// once, so that every page is clean. The device file outlives it: the rows open it again in
+    /// the other mode, which keeps one 1 GiB device in memory instead of two.
+    private final class SyncedMapping {
+        let device: PMemDevice
+        let fs: DAXFileSystem
+        let file: DAXFile
+        let mapping: DAXMapping
+
+        init(path: String, creating: Bool, persistence: PersistenceMode) throws {
+            var options = PMemDevice.Options()
+            options.persistence = persistence
+            if creating {
+                unlink(path)
+                device = try PMemDevice.create(path: path, size: gib + gib / 16, options: options)
+                fs = try DAXFileSystem.format(device)
+                file = try fs.create("/synced")
+                try file.allocate(offset: 0, count: gib)
+            } else {
+                device = try PMemDevice.open(path: path, options: options)
+                fs = try DAXFileSystem.mount(device)
+                file = try fs.open("/synced")
+            }
+            guard device.persistence == persistence else {
+                throw BenchError("\(path) opened in \(device.persistence) mode, not \(persistence)")
+            }
+            mapping = try file.map(count: gib)
+            try file.sync()
+        }
+
+        deinit {
+            mapping.unmap()
+            file.close()
+            try? fs.unmount()
+            device.close()
+        }
+    }
+
+    /// The sync rows. Ours in `.cacheFlush` mode against `pmem_persist` of a whole 1 GiB tmpfs
+    /// mapping, then (the device opened again) ours in `.msync` mode against `msync` of that
+    /// mapping; each mode with one page dirty (a different one each time) and with every page
+    /// dirty, its four sides interleaved. Only the sync is timed. The stores to every page are
+    /// timed apart and printed: after a sync, each is a write-protect fault.
+    private static func sync(_ context: BenchContext) throws -> Samples {
+        let pages = gib / pageSize
+        let path = context.devicePath("sync")
+        defer { unlink(path) }
+        let tmpfs = try TmpfsFile(context, name: "sync-tmpfs")
+        guard cbench_fallocate(tmpfs.fd, Int64(gib)) == 0,
+            let peer = mmap(nil, gib, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, tmpfs.fd, 0),
+            peer != MAP_FAILED
+        else { throw BenchError("sync-1GiB: cannot map 1 GiB of tmpfs: errno \(errno)") }
+        defer { munmap(peer, gib) }
+        cbench_store_each_page(peer, pages, 1)
+
+        // The page a one-page sample stores to, and the byte stored, change from sample to sample.
+        var sample = 0
+        var dirtying: [Double] = []
+        func dirty(_ base: UnsafeMutableRawPointer, all: Bool, ours: Bool) {
+            sample += 1
+            let value = UInt8(truncatingIfNeeded: sample)
+            if all {
+                let start = now()
+                cbench_store_each_page(base, pages, value)
+                if ours { dirtying.append(Double(now() - start) / Double(pages) / 1000) }
+            } else {
+                base.storeBytes(of: value, toByteOffset: (sample &* 7919) % pages * pageSize + 64, as: UInt8.self)
+            }
+        }
+        func ours(_ side: SyncedMapping, all: Bool) throws -> Double {
+            dirty(side.mapping.baseAddress, all: all, ours: true)
+            let start = now()
+            try side.file.sync()
+            return Double(now() - start) / 1000
+        }
+        func persistPeer(all: Bool) -> Double {
+            dirty(peer, all: all, ours: false)
+            return Double(cbench_time_pmem_persist(peer, gib)) / 1000
+        }
+        func msyncPeer(all: Bool) throws -> Double {
+            dirty(peer, all: all, ours: false)
+            let elapsed = cbench_time_msync(peer, gib)
+            guard elapsed >= 0 else { throw BenchError("sync-1GiB: msync failed: errno \(-elapsed)") }
+            return Double(elapsed) / 1000
+        }
+
+        var flushed: [[Double]] = []
+        do {
+            let flushing = try SyncedMapping(path: path, creating: true, persistence: .cacheFlush)
+            print("sync-1GiB: fault handling \(flushing.fs.faultHandling)")
+            flushed = try context.interleave([
+                { try ours(flushing, all: false) }, { persistPeer(all: false) },
+                { try ours(flushing, all: true) }, { persistPeer(all: true) },
+            ])
+        }
+        let msyncing = try SyncedMapping(path: path, creating: false, persistence: .msync)
+        let msynced = try context.interleave([
+            { try ours(msyncing, all: false) }, { try msyncPeer(all: false) },
+            { try ours(msyncing, all: true) }, { try msyncPeer(all: true) },
+        ])
+        print(
+            "sync-1GiB: a store to each page of our synced mapping took \(format(median(dirtying))) us per page "
+                + "(median of \(dirtying.count) passes; a write-protect fault each when sync tracks dirty pages)")
+        return Samples(
+            ours: flushed[0], peer: flushed[1],
+            variants: [
+                Samples(ours: msynced[0], peer: msynced[1]), Samples(ours: flushed[2], peer: flushed[3]),
+                Samples(ours: msynced[2], peer: msynced[3]),
+            ])
+    }
+}
