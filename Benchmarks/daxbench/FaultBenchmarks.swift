@@ -10,35 +10,48 @@ enum FaultBenchmarks {
 
     static var all: [Benchmark] { [allocating, zeroPage, sync1GiB] }
 
-    /// Pages a fault row touches per sample, one fault each: 16 MiB in quick mode, 64 MiB in full.
-    static func faultPages(_ context: BenchContext) -> Int { context.quick ? 4096 : 16384 }
+    /// Pages a fault row touches per sample, one fault each: 8 MiB in quick mode, 32 MiB in full.
+    static func faultPages(_ context: BenchContext) -> Int { context.quick ? 2048 : 8192 }
+
+    /// The least a fault handler in user space costs: see `cbench_uffd_first_touch`.
+    static let bareUserfaultfd = "a bare userfaultfd handler (C)"
 
     /// One store to each page of a sparse file through a fresh `.readWrite` mapping (an
     /// allocating fault each: a zeroed block, journaled, mapped), microseconds per fault, vs the
     /// kernel's first-touch write fault on a fresh `MAP_SHARED` mapping of a sparse tmpfs file.
+    /// Variants: against a bare userfaultfd handler (what ours adds to the mechanism), and ours
+    /// with the faulting thread and the handler thread on one CPU (what the wake-up of the
+    /// handler on another CPU costs).
     static var allocating: Benchmark {
         Benchmark(
-            name: "fault-allocating", unit: "us/fault", peerName: "tmpfs first-touch write fault (C)",
-            goal: .atMost(5)
+            name: "fault-allocating", unit: "us/fault", peerName: tmpfsWrite, goal: .atMost(5),
+            variants: [
+                .init(name: "fault-allocating-vs-userfaultfd", peerName: bareUserfaultfd, goal: .report),
+                .init(name: "fault-allocating-one-cpu", peerName: tmpfsWrite, goal: .report),
+            ]
         ) { context in
             try faults(context, row: "fault-allocating", store: true)
         }
     }
+    private static let tmpfsWrite = "tmpfs first-touch write fault (C)"
 
     /// One load from each page of a sparse file through a fresh `.readWrite` mapping (a zero-page
     /// fault each: a zeroed page, write-protected, nothing allocated), microseconds per fault, vs
-    /// the kernel's read fault on a hole of a tmpfs file. The variant maps `.readOnly`, where the
-    /// fault maps the kernel's shared zero page instead.
+    /// the kernel's read fault on a hole of a tmpfs file. Variants as for `fault-allocating`, and
+    /// ours through a `.readOnly` mapping, where the fault maps the kernel's shared zero page.
     static var zeroPage: Benchmark {
         Benchmark(
-            name: "fault-zero-page", unit: "us/fault", peerName: "tmpfs read fault on a hole (C)", goal: .atMost(5),
+            name: "fault-zero-page", unit: "us/fault", peerName: tmpfsRead, goal: .atMost(5),
             variants: [
-                .init(name: "fault-zero-page-read-only", peerName: "tmpfs read fault on a hole (C)", goal: .report)
+                .init(name: "fault-zero-page-vs-userfaultfd", peerName: bareUserfaultfd, goal: .report),
+                .init(name: "fault-zero-page-one-cpu", peerName: tmpfsRead, goal: .report),
+                .init(name: "fault-zero-page-read-only", peerName: tmpfsRead, goal: .report),
             ]
         ) { context in
             try faults(context, row: "fault-zero-page", store: false)
         }
     }
+    private static let tmpfsRead = "tmpfs read fault on a hole (C)"
 
     /// `DAXFile.sync()` of a clean 1 GiB mapping after a store to one page, microseconds, vs
     /// `pmem_persist` of a whole 1 GiB mapping (what a sync costs that does not know which pages are
@@ -68,13 +81,15 @@ enum FaultBenchmarks {
         var contextSwitchesPerFault: Double
     }
 
-    /// The fault rows: ours through a `.readWrite` mapping, the tmpfs peer, and (for loads) ours
-    /// through a `.readOnly` mapping, interleaved. Each pass maps fresh holes and touches each page
+    /// The fault rows, their sides interleaved: ours through a `.readWrite` mapping, the tmpfs
+    /// peer, the bare userfaultfd peer, both again with every thread involved on one CPU, and (for
+    /// loads) ours through a `.readOnly` mapping. Each pass maps fresh holes and touches each page
     /// once; only the stores or loads are timed. A pass of ours throws unless the file system
     /// counted exactly one fault of the expected kind per page.
     private static func faults(_ context: BenchContext, row: String, store: Bool) throws -> Samples {
         let pages = faultPages(context)
         let bytes = pages * pageSize
+        let threadsBefore = threadIDs()
         let setup = try BenchFileSystem(context, name: row, size: gib)
         guard setup.fs.faultHandling == .userfaultfd else {
             throw BenchError("\(row) needs the fault handler; this file system has \(setup.fs.faultHandling)")
@@ -83,13 +98,17 @@ enum FaultBenchmarks {
         let tmpfs = try TmpfsFile(context, name: "\(row)-tmpfs")
         defer { ftruncate(tmpfs.fd, 0) }
 
-        func ours(_ access: Access) throws -> Pass {
+        func ours(_ access: Access, oneCPU: Bool = false) throws -> Pass {
             // Fresh holes: the blocks an earlier pass's stores allocated go back first.
             try file.truncate(to: 0)
             try file.truncate(to: bytes)
             let mapping = try file.map(count: bytes, access: access)
             defer { mapping.unmap() }
             let before = setup.fs.statistics()
+            // The threads the file system started (its fault handler), and this one.
+            let threads = threadIDs().subtracting(threadsBefore).union([0])
+            guard threads.count > 1 else { throw BenchError("\(row): the file system started no thread") }
+            if oneCPU { try pin(threads, to: 0) }
             let switches = contextSwitches()
             let start = now()
             var sum: UInt64 = 0
@@ -100,6 +119,7 @@ enum FaultBenchmarks {
             }
             let elapsed = Double(now() - start)
             let switched = Double(contextSwitches() - switches)
+            if oneCPU { try pin(threads, to: -1) }
             let after = setup.fs.statistics()
             let allocated = after.faults.allocating - before.faults.allocating
             let zeroPages = after.faults.zeroPage - before.faults.zeroPage
@@ -115,46 +135,63 @@ enum FaultBenchmarks {
                 microsecondsPerFault: elapsed / Double(pages) / 1000,
                 contextSwitchesPerFault: switched / Double(pages))
         }
-        func peer() throws -> Pass {
+        func peer(_ what: String, _ touch: () -> Int64) throws -> Pass {
             let switches = contextSwitches()
-            let elapsed = cbench_tmpfs_first_touch(tmpfs.fd, pages, store ? 1 : 0)
+            let elapsed = touch()
             let switched = Double(contextSwitches() - switches)
-            guard elapsed >= 0 else { throw BenchError("\(row): the tmpfs peer failed: errno \(-elapsed)") }
+            guard elapsed >= 0 else { throw BenchError("\(row): the \(what) failed: errno \(-elapsed)") }
             return Pass(
                 microsecondsPerFault: Double(elapsed) / Double(pages) / 1000,
                 contextSwitchesPerFault: switched / Double(pages))
         }
 
-        var passes: [[Pass]] = [[], [], []]
-        var sides: [() throws -> Double] = [
-            {
-                passes[0].append(try ours(.readWrite))
-                return passes[0].last!.microsecondsPerFault
-            },
-            {
-                passes[1].append(try peer())
-                return passes[1].last!.microsecondsPerFault
-            },
+        let touch: Int32 = store ? 1 : 0
+        var sides: [(name: String, measure: () throws -> Pass)] = [
+            ("ours (.readWrite mapping)", { try ours(.readWrite) }),
+            ("tmpfs peer", { try peer("tmpfs peer") { cbench_tmpfs_first_touch(tmpfs.fd, pages, touch) } }),
+            ("bare userfaultfd peer", { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, -1) } }),
+            ("ours (.readWrite mapping), one CPU", { try ours(.readWrite, oneCPU: true) }),
+            (
+                "bare userfaultfd peer, one CPU",
+                { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, 0) } }
+            ),
         ]
-        if !store {
-            sides.append {
-                passes[2].append(try ours(.readOnly))
-                return passes[2].last!.microsecondsPerFault
-            }
-        }
-        let samples = try context.interleave(sides)
-        let names = ["ours (.readWrite mapping)", "tmpfs peer", "ours (.readOnly mapping)"]
-        for (name, sidePasses) in zip(names, passes) where !sidePasses.isEmpty {
+        if !store { sides.append(("ours (.readOnly mapping)", { try ours(.readOnly) })) }
+        var passes = [[Pass]](repeating: [], count: sides.count)
+        let samples = try context.interleave(
+            sides.indices.map { side in
+                {
+                    passes[side].append(try sides[side].measure())
+                    return passes[side].last!.microsecondsPerFault
+                }
+            })
+        for (side, sidePasses) in zip(sides, passes) {
             // The warm-up pass is not a sample.
             let measured = sidePasses.dropFirst()
             print(
-                "\(row): \(name) \(format(median(measured.map(\.microsecondsPerFault)))) us per fault, "
+                "\(row): \(side.name) \(format(median(measured.map(\.microsecondsPerFault)))) us per fault, "
                     + "\(format(median(measured.map(\.contextSwitchesPerFault)))) context switches per fault "
                     + "(medians of \(measured.count) passes of \(pages) faults)")
         }
         var result = Samples(ours: samples[0], peer: samples[1])
-        if !store { result.variants = [Samples(ours: samples[2], peer: samples[1])] }
+        result.variants = [Samples(ours: samples[0], peer: samples[2]), Samples(ours: samples[3], peer: samples[1])]
+        if !store { result.variants.append(Samples(ours: samples[5], peer: samples[1])) }
         return result
+    }
+
+    /// The thread ids of this process (`/proc/self/task`).
+    private static func threadIDs() -> Set<Int32> {
+        Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []).compactMap { Int32($0) })
+    }
+
+    /// Runs each thread of `threads` (0: the caller) on CPU `cpu` alone, or on every CPU when `cpu` < 0.
+    private static func pin(_ threads: Set<Int32>, to cpu: Int32) throws {
+        for thread in threads {
+            let result = cbench_pin_thread(thread, cpu)
+            guard result == 0 else {
+                throw BenchError("cannot set the CPU affinity of thread \(thread): errno \(-result)")
+            }
+        }
     }
 
     /// Context switches of this process so far, voluntary and not (every thread's: a fault that the

@@ -56,4 +56,18 @@ int64_t cbench_time_msync(void *address, size_t length);
 /// when nothing tracks which of its pages are dirty.
 int64_t cbench_time_pmem_persist(void *address, size_t length);
 
+/// The least a fault handler in user space does: a userfaultfd (missing mode) on a fresh
+/// anonymous mapping of `pages` pages, and a thread that answers each fault with `UFFDIO_COPY` of
+/// a zeroed page (poll, read, ioctl). Stores to (`store` != 0) or loads from each page once, and
+/// returns the nanoseconds of the stores or loads alone, or -errno. With `cpu` >= 0 the caller and
+/// the handler thread run on that CPU alone (the caller's affinity is reset to every CPU after).
+int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu);
+
+/// `sched_setaffinity` of thread `tid` (0: the caller) to CPU `cpu` alone, or to every online CPU
+/// when `cpu` < 0. Returns 0 or -errno.
+int cbench_pin_thread(int tid, int cpu);
+
+/// The caller's thread id (`gettid`).
+int cbench_gettid(void);
+
 #endif
