@@ -10,6 +10,9 @@
 #include <sys/ioctl.h>
 #include <stdint.h>
 #include <sys/file.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -47,6 +50,11 @@ static const unsigned long dax_UFFDIO_REGISTER = UFFDIO_REGISTER;
 static const unsigned long dax_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
 static const unsigned long dax_UFFDIO_WRITEPROTECT = UFFDIO_WRITEPROTECT;
 static const unsigned long dax_UFFDIO_WAKE = UFFDIO_WAKE;
+static const unsigned long dax_UFFDIO_COPY = UFFDIO_COPY;
+static const unsigned long dax_UFFDIO_ZEROPAGE = UFFDIO_ZEROPAGE;
+static const unsigned long long dax_UFFDIO_COPY_MODE_WP = UFFDIO_COPY_MODE_WP;
+static const unsigned long long dax_UFFDIO_COPY_MODE_DONTWAKE = UFFDIO_COPY_MODE_DONTWAKE;
+static const unsigned long long dax_UFFD_FEATURE_THREAD_ID = UFFD_FEATURE_THREAD_ID;
 static const unsigned long long dax_UFFD_API = UFFD_API;
 static const unsigned long long dax_UFFD_FEATURE_WP_HUGETLBFS_SHMEM = UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
 static const unsigned long long dax_UFFD_USER_MODE_ONLY = UFFD_USER_MODE_ONLY;
@@ -66,16 +74,38 @@ static inline int dax_ioctl(int fd, unsigned long request, void *argument) {
     return ioctl(fd, request, argument);
 }
 
-/// Reads one message from a userfaultfd; returns 1 and the fault's address and flags for a page
-/// fault, 0 for another event, -1 with errno set when `read(2)` fails.
-static inline int dax_uffd_read_fault(int fd, uint64_t *address, uint64_t *flags) {
+/// Reads one message from a userfaultfd; returns 1 and the fault's address, flags and faulting
+/// thread (0 unless `UFFD_FEATURE_THREAD_ID` was asked for) for a page fault, 0 for another event,
+/// -1 with errno set when `read(2)` fails.
+static inline int dax_uffd_read_fault(int fd, uint64_t *address, uint64_t *flags, uint32_t *thread) {
     struct uffd_msg message;
     ssize_t got = read(fd, &message, sizeof message);
     if (got != (ssize_t)sizeof message) return -1;
     if (message.event != UFFD_EVENT_PAGEFAULT) return 0;
     *address = message.arg.pagefault.address;
     *flags = message.arg.pagefault.flags;
+    *thread = message.arg.pagefault.feat.ptid;
     return 1;
+}
+
+/// Waits until `fd` is readable or `stop` (an eventfd) is signalled: 1 for `fd`, 0 for `stop`,
+/// -1 with errno set when `poll(2)` fails.
+static inline int dax_wait_readable(int fd, int stop) {
+    struct pollfd fds[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop, .events = POLLIN}};
+    int got = poll(fds, 2, -1);
+    if (got < 0) return -1;
+    if (fds[1].revents) return 0;
+    return 1;
+}
+
+/// Calls `eventfd(2)` with `EFD_CLOEXEC`.
+static inline int dax_eventfd(void) {
+    return eventfd(0, EFD_CLOEXEC);
+}
+
+/// Sends `signal` to thread `thread` of this process (`tgkill(2)`).
+static inline int dax_tgkill(int thread, int signal) {
+    return (int)syscall(SYS_tgkill, getpid(), thread, signal);
 }
 
 /// ThreadSanitizer's annotations, weak: present only in a `--sanitize=thread` build. The standard

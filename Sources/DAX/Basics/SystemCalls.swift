@@ -106,10 +106,11 @@ package struct SystemCalls: Sendable {
     package var userfaultfd: @Sendable (_ flags: Int32) -> Int32
     /// Calls `ioctl(2)` with a pointer argument; -1 on failure.
     package var ioctl: @Sendable (_ fd: Int32, _ request: UInt, _ argument: UnsafeMutableRawPointer) -> Int32
-    /// Calls `read(2)` for one message of a userfaultfd: 1 and the page fault's address and flags
-    /// (`UFFD_PAGEFAULT_FLAG_*`), 0 for a message of another kind; -1 on failure (`EINTR`,
-    /// `EAGAIN`).
-    package var readUserFault: @Sendable (_ fd: Int32, _ address: inout UInt64, _ flags: inout UInt64) -> Int32
+    /// Calls `read(2)` for one message of a userfaultfd: 1 and the page fault's address, flags
+    /// (`UFFD_PAGEFAULT_FLAG_*`) and faulting thread, 0 for a message of another kind; -1 on
+    /// failure (`EINTR`, `EAGAIN`).
+    package var readUserFault:
+        @Sendable (_ fd: Int32, _ address: inout UInt64, _ flags: inout UInt64, _ thread: inout UInt32) -> Int32
 
     /// The real calls.
     package static let live = SystemCalls(
@@ -149,7 +150,7 @@ package struct SystemCalls: Sendable {
         pwrite: { fd, buffer, offset in Glibc.pwrite(fd, buffer.baseAddress, buffer.count, off_t(offset)) },
         userfaultfd: { flags in dax_userfaultfd(flags) },
         ioctl: { fd, request, argument in dax_ioctl(fd, request, argument) },
-        readUserFault: { fd, address, flags in dax_uffd_read_fault(fd, &address, &flags) }
+        readUserFault: { fd, address, flags, thread in dax_uffd_read_fault(fd, &address, &flags, &thread) }
     )
 
     /// The real calls, as a value to replace entries in: tests start here.

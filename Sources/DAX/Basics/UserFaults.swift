@@ -2,7 +2,7 @@ import CLibPMem
 import Glibc
 import Synchronization
 
-/// A page fault reported by the process's userfaultfd.
+/// A page fault reported by a userfaultfd.
 struct UserFault: Sendable {
     /// The faulting address (the kernel rounds it down to its page unless asked not to).
     var address: UInt
@@ -10,22 +10,24 @@ struct UserFault: Sendable {
     var isWrite: Bool
     /// A store to a write-protected page (`UFFD_PAGEFAULT_FLAG_WP`), as opposed to a missing page.
     var isWriteProtect: Bool
+    /// The faulting thread's id (`UFFD_FEATURE_THREAD_ID`), to signal it.
+    var thread: Int32
 }
 
-/// The process's one userfaultfd and the one thread that answers its faults.
+/// A userfaultfd and the one thread that answers its faults.
 ///
-/// Linux lets a virtual range be registered with only one userfaultfd, so every part of DAX that
-/// handles faults in user space shares this one: the crash emulation's write-protect tracking of
-/// the device and of the DAX file mappings of an emulated device (the Media layer), and a later
-/// missing/write-protect fault handler for holes and shared blocks (the Mapping layer). Each user
-/// registers its ranges with a handler of its own; the thread looks the faulting address up and
-/// calls that handler, which must resolve the fault (for instance with
-/// ``writeProtect(_:length:_:)`` off, which wakes the faulting thread) without storing to any
-/// registered range and without waiting for a thread that may itself be faulting.
+/// Linux lets a virtual range be registered with only one userfaultfd. Each user registers its
+/// ranges with a handler of its own; the thread looks the faulting address up and calls that
+/// handler, which must resolve the fault (map something there, lift a write protection, or signal
+/// the thread) without storing to any registered range and without waiting for a thread that may
+/// itself be faulting. There is one for the whole process, ``shared``, for the crash emulation's
+/// tracking of a device's own mapping; each mounted file system has one more for its DAX
+/// mappings, stopped at unmount.
 ///
 /// The descriptor comes from `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`) when the process may open
-/// it, else from the `userfaultfd(2)` system call; kernel-mode accesses (a `read(2)` into a
-/// registered page) fault too. The thread and descriptor live as long as the process.
+/// it, else from the `userfaultfd(2)` system call, both in full mode: kernel-mode accesses (a
+/// `read(2)` into a registered page) fault too. Without privilege the system call still gives a
+/// descriptor with `UFFD_USER_MODE_ONLY`, which resolves only faults of user-mode accesses.
 final class UserFaults: Sendable {
     /// What a registered range asks for.
     struct Modes: OptionSet, Sendable {
@@ -34,6 +36,15 @@ final class UserFaults: Sendable {
         static let writeProtect = Modes(rawValue: UInt64(dax_UFFDIO_REGISTER_MODE_WP))
         /// Faults on pages with no backing (`UFFDIO_REGISTER_MODE_MISSING`).
         static let missing = Modes(rawValue: UInt64(dax_UFFDIO_REGISTER_MODE_MISSING))
+    }
+
+    /// Which accesses fault to the handler.
+    enum Reach: Sendable, Equatable {
+        /// User- and kernel-mode accesses (`/dev/userfaultfd`, or the system call with privilege).
+        case full
+        /// Only user-mode accesses (`UFFD_USER_MODE_ONLY`): a kernel access to a registered page
+        /// that is missing fails with `EFAULT`.
+        case userModeOnly
     }
 
     private struct Registration {
@@ -45,71 +56,113 @@ final class UserFaults: Sendable {
     /// The kernel's page size on x86-64.
     static let pageSize = 4096
 
-    /// The shared instance, or why userfaultfd is not available to this process.
-    static let shared: Result<UserFaults, DAXError> = {
+    /// The process-wide instance, or why userfaultfd is not available to this process.
+    static let shared: Result<UserFaults, DAXError> = make(calls: .live)
+
+    /// A new instance, or why userfaultfd is not available.
+    static func make(calls: SystemCalls) -> Result<UserFaults, DAXError> {
         do {
-            return .success(try UserFaults(calls: .live))
+            return .success(try UserFaults(calls: calls))
         } catch let error as DAXError {
             return .failure(error)
         } catch {
             return .failure(DAXError(.unsupported, "cannot set up userfaultfd: \(error)"))
         }
-    }()
+    }
 
     let fd: Int32
+    let reach: Reach
+    /// Written to stop the thread.
+    private let stopFD: Int32
     private let calls: SystemCalls
     /// Registered ranges, sorted by start, disjoint.
     private let registrations = Mutex<[Registration]>([])
     /// Faults handled, for tests and statistics.
     let faultsHandled = Atomic<Int>(0)
+    /// The thread, until ``stop()`` joins it.
+    private let thread = Mutex<pthread_t?>(nil)
 
-    /// Opens a userfaultfd through `calls` and starts its thread; use ``shared``, not this (tests
-    /// call it with failing calls to see the error).
+    /// Opens a userfaultfd through `calls` and starts its thread; use ``shared`` or ``make(calls:)``
+    /// (tests call it with failing calls to see the error).
     init(calls: SystemCalls) throws {
         self.calls = calls
         var fd: Int32 = -1
+        var reach = Reach.full
         let device = calls.open("/dev/userfaultfd", O_RDWR | O_CLOEXEC, 0)
         if device >= 0 {
-            var flags = Int32(O_CLOEXEC)
+            // Non-blocking: a fault that poll reported may be woken (resolved) before it is read.
+            var flags = Int32(O_CLOEXEC | O_NONBLOCK)
             fd = withUnsafeMutablePointer(to: &flags) {
                 calls.ioctl(device, UInt(dax_USERFAULTFD_IOC_NEW), UnsafeMutableRawPointer($0))
             }
             _ = calls.close(device)
         }
-        if fd < 0 { fd = calls.userfaultfd(O_CLOEXEC) }
+        if fd < 0 { fd = calls.userfaultfd(O_CLOEXEC | O_NONBLOCK) }
+        if fd < 0 {
+            fd = calls.userfaultfd(O_CLOEXEC | O_NONBLOCK | Int32(dax_UFFD_USER_MODE_ONLY))
+            reach = .userModeOnly
+        }
         guard fd >= 0 else {
             throw DAXError.system(
                 "userfaultfd",
-                "cannot track stores: neither /dev/userfaultfd nor the userfaultfd system call is available "
-                    + "to this process (it needs access to /dev/userfaultfd, CAP_SYS_PTRACE, or "
+                "cannot handle faults in user space: neither /dev/userfaultfd nor the userfaultfd system call "
+                    + "is available to this process (it needs access to /dev/userfaultfd, CAP_SYS_PTRACE, or "
                     + "vm.unprivileged_userfaultfd=1)",
                 errno: errno)
         }
         var api = uffdio_api()
         api.api = UInt64(dax_UFFD_API)
-        api.features = UInt64(dax_UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+        api.features = UInt64(dax_UFFD_FEATURE_WP_HUGETLBFS_SHMEM) | UInt64(dax_UFFD_FEATURE_THREAD_ID)
         guard withUnsafeMutablePointer(to: &api, { calls.ioctl(fd, dax_UFFDIO_API, UnsafeMutableRawPointer($0)) }) == 0
         else {
             let code = errno
             _ = calls.close(fd)
             throw DAXError.system(
                 "ioctl(UFFDIO_API)",
-                "cannot track stores: the kernel's userfaultfd has no write-protect mode for shared memory "
-                    + "(UFFD_FEATURE_WP_HUGETLBFS_SHMEM needs Linux 5.19 or later)",
+                "cannot handle faults in user space: the kernel's userfaultfd has no write-protect mode for "
+                    + "shared memory (UFFD_FEATURE_WP_HUGETLBFS_SHMEM needs Linux 5.19 or later)",
                 errno: code)
         }
+        let stopFD = dax_eventfd()
+        guard stopFD >= 0 else {
+            let code = errno
+            _ = calls.close(fd)
+            throw DAXError.system("eventfd", "cannot make the stop signal of a fault handler thread", errno: code)
+        }
         self.fd = fd
+        self.reach = reach
+        self.stopFD = stopFD
         let box = Unmanaged.passRetained(self).toOpaque()
-        var thread = pthread_t()
-        let started = pthread_create(
-            &thread, nil,
+        var started = pthread_t()
+        let result = pthread_create(
+            &started, nil,
             { argument in
                 let faults = Unmanaged<UserFaults>.fromOpaque(argument!).takeRetainedValue()
                 faults.serve()
                 return nil
             }, box)
-        precondition(started == 0, "cannot start the userfaultfd thread: error \(started)")
-        pthread_detach(thread)
+        guard result == 0 else {
+            Unmanaged<UserFaults>.fromOpaque(box).release()
+            _ = calls.close(fd)
+            _ = calls.close(stopFD)
+            throw DAXError(.unsupported, "cannot start a fault handler thread: error \(result)")
+        }
+        thread.withTrackedLock { $0 = started }
+    }
+
+    /// Stops the thread, which closes the descriptor as it ends; idempotent. Waits for it, unless
+    /// called on the thread itself (a handler that dropped the last use of a file system). Every
+    /// range registered here must be unmapped by then: a fault that arrives later is the
+    /// kernel's to handle.
+    func stop() {
+        guard let running = thread.withTrackedLock({ thread in defer { thread = nil }; return thread }) else { return }
+        var one: UInt64 = 1
+        _ = withUnsafeBytes(of: &one) { Glibc.write(stopFD, $0.baseAddress, 8) }
+        if pthread_equal(running, pthread_self()) != 0 {
+            pthread_detach(running)
+        } else {
+            pthread_join(running, nil)
+        }
     }
 
     /// Registers `length` bytes at `address` (page-aligned, a mapping of this process) for `modes`;
@@ -118,28 +171,92 @@ final class UserFaults: Sendable {
         _ address: UnsafeMutableRawPointer, length: Int, modes: Modes,
         handler: @escaping @Sendable (UserFault) -> Void
     ) throws {
-        var request = uffdio_register()
-        request.range.start = UInt64(UInt(bitPattern: address))
-        request.range.len = UInt64(length)
-        request.mode = modes.rawValue
+        guard registerAgain(address, length: length, modes: modes) else {
+            throw DAXError.system(
+                "ioctl(UFFDIO_REGISTER)", "cannot register \(length) bytes at \(address) with userfaultfd",
+                errno: errno)
+        }
+        handle(address, length: length, handler: handler)
+    }
+
+    /// Sends the faults of `length` bytes at `address` to `handler`, without registering anything
+    /// with the kernel (its owner registers each part, with ``registerAgain(_:length:modes:)``, as
+    /// it maps it).
+    func handle(_ address: UnsafeMutableRawPointer, length: Int, handler: @escaping @Sendable (UserFault) -> Void) {
         let start = UInt(bitPattern: address)
-        try registrations.withTrackedLock { list in
-            guard
-                withUnsafeMutablePointer(
-                    to: &request,
-                    {
-                        calls.ioctl(fd, dax_UFFDIO_REGISTER, UnsafeMutableRawPointer($0))
-                    }) == 0
-            else {
-                throw DAXError.system(
-                    "ioctl(UFFDIO_REGISTER)", "cannot register \(length) bytes at \(address) with userfaultfd",
-                    errno: errno)
-            }
+        registrations.withTrackedLock { list in
             Self.remove(start..<(start + UInt(length)), from: &list)
             let entry = Registration(start: start, end: start + UInt(length), handler: handler)
             let index = list.firstIndex { $0.start > start } ?? list.count
             list.insert(entry, at: index)
         }
+    }
+
+    /// Whether any of `length` bytes at `address` has a handler here: memory whose faults this
+    /// thread answers, which code holding a lock the handler takes must not touch.
+    func handles(_ address: UnsafeRawPointer, length: Int) -> Bool {
+        guard length > 0 else { return false }
+        let low = UInt(bitPattern: address)
+        let high = low + UInt(length)
+        return registrations.withTrackedLock { list in list.contains { $0.start < high && $0.end > low } }
+    }
+
+    /// Registers `length` bytes at `address` with the kernel again, for `modes`, keeping the
+    /// handler already recorded for them: a new mapping made there with `MAP_FIXED` (a block
+    /// mapped over a placeholder) has no registration of its own. Returns false (errno set) when
+    /// the kernel refuses.
+    @discardableResult
+    func registerAgain(_ address: UnsafeMutableRawPointer, length: Int, modes: Modes) -> Bool {
+        var request = uffdio_register()
+        request.range.start = UInt64(UInt(bitPattern: address))
+        request.range.len = UInt64(length)
+        request.mode = modes.rawValue
+        return withUnsafeMutablePointer(to: &request) {
+            calls.ioctl(fd, dax_UFFDIO_REGISTER, UnsafeMutableRawPointer($0))
+        } == 0
+    }
+
+    /// Places a page of zeros at `address` (a missing page of a registered range) and wakes the
+    /// threads faulting there: `UFFDIO_COPY`, write-protected when `writeProtect` (the range must be
+    /// registered for write-protect faults), so that a store still faults. Returns false (errno
+    /// set) on failure; `EEXIST` means something is there already.
+    @discardableResult
+    func placeZeros(at address: UInt, writeProtect: Bool) -> Bool {
+        var request = uffdio_copy()
+        request.dst = UInt64(address)
+        request.src = UInt64(UInt(bitPattern: Self.zeros))
+        request.len = UInt64(Self.pageSize)
+        request.mode = writeProtect ? UInt64(dax_UFFDIO_COPY_MODE_WP) : 0
+        return withUnsafeMutablePointer(to: &request) {
+            calls.ioctl(fd, dax_UFFDIO_COPY, UnsafeMutableRawPointer($0))
+        } == 0
+    }
+
+    /// Maps the kernel's shared zero page at `address` (a missing page of a registered anonymous
+    /// range) and wakes the threads faulting there: `UFFDIO_ZEROPAGE`. A store there would copy it
+    /// without a fault, so only read-only ranges use it. Returns false (errno set) on failure.
+    @discardableResult
+    func placeZeroPage(at address: UInt) -> Bool {
+        var request = uffdio_zeropage()
+        request.range.start = UInt64(address)
+        request.range.len = UInt64(Self.pageSize)
+        return withUnsafeMutablePointer(to: &request) {
+            calls.ioctl(fd, dax_UFFDIO_ZEROPAGE, UnsafeMutableRawPointer($0))
+        } == 0
+    }
+
+    /// A page of zeros, the source of ``placeZeros(at:writeProtect:)``.
+    private nonisolated(unsafe) static let zeros: UnsafeMutableRawPointer = {
+        let page = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize)
+        page.initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
+        return page
+    }()
+
+    /// Sends `signal` to the faulting thread `fault.thread` (SIGBUS for a fault that cannot be
+    /// resolved), then wakes it so that it takes the signal.
+    func signal(_ signal: Int32, to fault: UserFault) {
+        _ = dax_tgkill(fault.thread, signal)
+        wake(fault.address, length: Self.pageSize)
     }
 
     /// Drops the handlers of `length` bytes at `address` after the range was unmapped or mapped
@@ -203,13 +320,25 @@ final class UserFaults: Sendable {
         }
     }
 
-    /// The fault thread: reads each fault and calls the handler of its range. A fault with no
-    /// handler (its range was forgotten while the fault was queued) is woken to retry as is.
+    /// The fault thread: waits for a fault or the stop signal, reads each fault and calls the
+    /// handler of its range. A fault with no handler (its range was forgotten while the fault was
+    /// queued) is woken to retry as is.
     private func serve() {
         while true {
+            let ready = dax_wait_readable(fd, stopFD)
+            if ready == 0 {
+                _ = calls.close(fd)
+                _ = calls.close(stopFD)
+                return
+            }
+            if ready < 0 {
+                if errno == EINTR { continue }
+                preconditionFailure("poll of a userfaultfd failed: errno \(errno)")
+            }
             var address: UInt64 = 0
             var flags: UInt64 = 0
-            let got = calls.readUserFault(fd, &address, &flags)
+            var faulting: UInt32 = 0
+            let got = calls.readUserFault(fd, &address, &flags, &faulting)
             if got < 0 {
                 if errno == EINTR || errno == EAGAIN { continue }
                 preconditionFailure("userfaultfd read failed: errno \(errno)")
@@ -218,7 +347,8 @@ final class UserFaults: Sendable {
             let fault = UserFault(
                 address: UInt(address) & ~UInt(Self.pageSize - 1),
                 isWrite: flags & UInt64(dax_UFFD_PAGEFAULT_FLAG_WRITE) != 0,
-                isWriteProtect: flags & UInt64(dax_UFFD_PAGEFAULT_FLAG_WP) != 0)
+                isWriteProtect: flags & UInt64(dax_UFFD_PAGEFAULT_FLAG_WP) != 0,
+                thread: Int32(bitPattern: faulting))
             faultsHandled.wrappingAdd(1, ordering: .relaxed)
             if let handler = handler(for: fault.address) {
                 handler(fault)

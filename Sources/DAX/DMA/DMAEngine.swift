@@ -76,7 +76,12 @@ public final class DMAEngine: Sendable {
         try checkOwner(region)
         try region.withAccess(offset: offset, count: buffer.count, what: "read") {
             region.forEachChunk(offset: offset, count: buffer.count) { deviceOffset, at, length in
-                (buffer.baseAddress! + at).copyMemory(from: device.base + deviceOffset, byteCount: length)
+                if deviceOffset >= device.size {
+                    // The zero frame (a read-only pin of a hole): zeros, as the kernel's zero page.
+                    (buffer.baseAddress! + at).initializeMemory(as: UInt8.self, repeating: 0, count: length)
+                } else {
+                    (buffer.baseAddress! + at).copyMemory(from: device.base + deviceOffset, byteCount: length)
+                }
             }
         }
         bytesRead.wrappingAdd(buffer.count, ordering: .relaxed)

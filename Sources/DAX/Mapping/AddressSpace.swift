@@ -13,6 +13,11 @@ final class AddressSpace: Sendable {
     let data: FileData
     let namespace: Namespace
     var device: PMemDevice { data.volume.device }
+    /// The file system's fault handler.
+    let handler: FaultHandler
+    /// Frames stored to through mappings that were unmapped since the last `sync`: it still makes
+    /// them durable, as the kernel's dirty tags outlive a `munmap`.
+    let unmappedDirtyFrames = Mutex<Set<UInt64>>([])
 
     /// Taken exclusively by break layouts and migration, shared by new mappings and by the slow
     /// path of pin: the kernel's `mapping->invalidate_lock`.
@@ -28,6 +33,7 @@ final class AddressSpace: Sendable {
         self.data = data
         self.namespace = namespace
         self.registry = registry
+        self.handler = registry.handler
     }
 
     deinit { registry.forget(inode) }
@@ -60,6 +66,15 @@ final class AddressSpace: Sendable {
         for mapping in liveMappings { mapping.populate(extents) }
     }
 
+    /// The file's size is `size` now, perhaps larger than before: mappings whose pages past the old
+    /// end were made to raise SIGBUS turn the part below the new end back into placeholders, so
+    /// that those pages read zeros and take stores as holes. Inode lock held.
+    func sizeChanged(to size: UInt64) {
+        guard handler.faults != nil else { return }
+        let end = FileData.pageUp(Int(size))
+        for mapping in liveMappings { mapping.fileGrew(to: end) }
+    }
+
     /// Bumps the layout generation: pages left the mappings, or came back after a failed change.
     func layoutChanged() {
         layoutGeneration.wrappingAdd(1, ordering: .sequentiallyConsistent)
@@ -75,15 +90,18 @@ private struct WeakMapping: @unchecked Sendable {
 final class AddressSpaces: Sendable {
     let data: FileData
     let namespace: Namespace
+    /// The file system's fault handler, shared by every address space.
+    let handler: FaultHandler
     private let spaces = Mutex<[ObjectIdentifier: WeakSpace]>([:])
 
     private struct WeakSpace: @unchecked Sendable {
         weak var space: AddressSpace?
     }
 
-    init(data: FileData, namespace: Namespace) {
+    init(data: FileData, namespace: Namespace, handler: FaultHandler) {
         self.data = data
         self.namespace = namespace
+        self.handler = handler
     }
 
     /// The address space of `inode`, made when no handle or mapping holds one.

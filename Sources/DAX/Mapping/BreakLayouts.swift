@@ -68,6 +68,8 @@ extension AddressSpace {
                                 try data.commit(plan)
                                 committed = true
                                 data.release(plan, of: &contents)
+                                // A truncate up: pages past the old end may be holes now.
+                                sizeChanged(to: contents.record.size)
                                 return []
                             }
 

@@ -7,8 +7,10 @@ import Synchronization
 /// The mapping is a reserved virtual range into which each extent of the file is mapped from the
 /// device file (`mmap(MAP_SHARED | MAP_FIXED)` at the block's device offset), so a byte stored at
 /// `baseAddress + i` is the byte at `frame * 4096 + i % 4096` of the device (invariant 3). Each
-/// mapped page holds a reference and a map count on its descriptor. Pages that a truncate or punch
-/// removes are replaced by a region that raises SIGBUS on access (invariant 6).
+/// mapped page holds a reference and a map count on its descriptor. With the file system's fault
+/// handler, the rest of the range is a placeholder whose faults the handler answers as the
+/// kernel's DAX fault handler would: a load of a hole reads zeros, a store gives it a block, an
+/// access past the end of the file raises SIGBUS (invariant 6). See `docs/faults.md`.
 public final class DAXMapping: Sendable {
     /// The first byte of the mapping (file offset `offset` of ``DAXFile/map(offset:count:access:)``).
     public var baseAddress: UnsafeMutableRawPointer { base }
@@ -30,12 +32,16 @@ public final class DAXMapping: Sendable {
     let pageCount: Int
     /// Pins for writing are allowed: mapped `.readWrite` from a file opened `.readWrite`.
     @usableFromInline let writable: Bool
+    /// The file system's userfaultfd, when it serves this mapping's faults.
+    let faults: UserFaults?
+    /// Stores are tracked by page for `sync` (a writable mapping served by the fault handler).
+    let tracksDirty: Bool
     @usableFromInline let table: MemMap
     /// The page table: each page's frame, 0 when not mapped (frame 0 is the superblock, never file
     /// data). Read without a lock by the pin fast path; written under `state`.
     @usableFromInline nonisolated(unsafe) let entries: UnsafeMutablePointer<Atomic<UInt64>>
 
-    struct State {
+    struct State: ~Copyable {
         var unmapped = false
         /// Pages detached by a break-layouts in progress: their frames, still mapped and counted
         /// until the change commits (then zapped) or fails (then restored).
@@ -44,15 +50,40 @@ public final class DAXMapping: Sendable {
         var zeroPages: Set<Int> = []
         /// Zero pages in the range of a break-layouts in progress: they fault if it commits.
         var detachedZeroPages: Set<Int> = []
+        /// Pages from this index on are the region that raises SIGBUS (past the end of the file);
+        /// `pageCount` when there is none.
+        var sigbusTail: Int
+        /// Pages that may hold stores not yet durable (with ``DAXMapping/tracksDirty``).
+        var dirty: DirtyPages
     }
 
     let state: Mutex<State>
 
     init(
         space: AddressSpace, path: String, firstPage: UInt64, count: Int, access: Access, writable: Bool,
-        base: UnsafeMutableRawPointer, frames: [UInt64], zeroPages: Set<Int> = []
+        base: UnsafeMutableRawPointer, frames: [UInt64], zeroPages: Set<Int> = [], sigbusTail: Int? = nil,
+        faults: UserFaults? = nil
     ) {
-        self.state = Mutex(State(zeroPages: zeroPages))
+        let tracksDirty = faults != nil && access == .readWrite && !space.device.isPrivateImage
+        var dirty = DirtyPages(pages: tracksDirty ? frames.count : 0)
+        if tracksDirty {
+            // A page mapped now may be stored to at once: dirty until the first sync.
+            var index = 0
+            while index < frames.count {
+                guard frames[index] != 0 else {
+                    index += 1
+                    continue
+                }
+                var end = index + 1
+                while end < frames.count, frames[end] != 0 { end += 1 }
+                dirty.insert(index..<end)
+                index = end
+            }
+        }
+        self.state = Mutex(
+            State(zeroPages: zeroPages, sigbusTail: sigbusTail ?? frames.count, dirty: dirty))
+        self.faults = faults
+        self.tracksDirty = tracksDirty
         self.space = space
         self.device = space.device
         self.inode = space.inode
@@ -125,9 +156,21 @@ public final class DAXMapping: Sendable {
         let wasMapped = state.withTrackedLock { state -> Bool in
             guard !state.unmapped else { return false }
             state.unmapped = true
-            // Before the range is given back: a mapping made there next is tracked afresh.
+            // Before the range is given back: a mapping made there next is tracked afresh, and
+            // its faults go to its own handler.
             device.noteUnmapped(base, length: length)
+            faults?.forget(base, length: length)
             _ = device.systemCalls.munmap(base, length)
+            if state.dirty.count > 0 {
+                // Still to be made durable by the next sync, as the kernel's dirty tags outlive a munmap.
+                var frames: [UInt64] = []
+                for run in state.dirty.takeAll() {
+                    for index in run where entries[index].load(ordering: .relaxed) != 0 {
+                        frames.append(entries[index].load(ordering: .relaxed))
+                    }
+                }
+                space.unmappedDirtyFrames.withTrackedLock { $0.formUnion(frames) }
+            }
             let pages = device.pages
             for index in 0..<pageCount {
                 let frame = entries[index].exchange(0, ordering: .acquiringAndReleasing)
@@ -192,12 +235,20 @@ public final class DAXMapping: Sendable {
             while start < indices.count {
                 var end = start + 1
                 while end < indices.count, indices[end] == indices[end - 1] + 1 { end += 1 }
-                MappingRegion.replaceWithFaulting(
-                    base + indices[start] * PMemDevice.pageSize,
-                    length: (end - start) * PMemDevice.pageSize, access: access,
-                    calls: device.systemCalls)
-                device.noteUnmapped(
-                    base + indices[start] * PMemDevice.pageSize, length: (end - start) * PMemDevice.pageSize)
+                let address = base + indices[start] * PMemDevice.pageSize
+                let runLength = (end - start) * PMemDevice.pageSize
+                if let faults {
+                    // Placeholders again: the next access asks the handler, which sees the file as
+                    // it is then (a hole, or past its end).
+                    MappingRegion.makePlaceholder(
+                        address, length: runLength, access: access, faults: faults, calls: device.systemCalls)
+                } else {
+                    MappingRegion.replaceWithFaulting(
+                        address, length: runLength, access: access, calls: device.systemCalls)
+                }
+                device.noteUnmapped(address, length: runLength)
+                // Whatever was stored there went with the block.
+                state.dirty.remove(indices[start]..<indices[end - 1] + 1)
                 start = end
             }
             for frame in state.detached.values { pages.unmap(PageFrameNumber(rawValue: frame)) }
@@ -244,12 +295,13 @@ public final class DAXMapping: Sendable {
         if counted == run.count,
             (try? MappingRegion.mapDevice(
                 device, frame: firstFrame, pages: run.count, at: base + run.lowerBound * PMemDevice.pageSize,
-                access: access, exposed: true)) != nil
+                access: access, exposed: true, faults: faults)) != nil
         {
             for index in run {
                 entries[index].store(firstFrame + UInt64(index - run.lowerBound), ordering: .sequentiallyConsistent)
                 state.zeroPages.remove(index)
             }
+            if tracksDirty { state.dirty.insert(run) }
             return
         }
         for step in 0..<counted { pageMap.unmap(PageFrameNumber(rawValue: firstFrame + UInt64(step))) }
@@ -260,17 +312,24 @@ public final class DAXMapping: Sendable {
                 try pageMap.tryMap(frame)
                 do {
                     try MappingRegion.mapDevicePage(
-                        device, frame: frame.rawValue, at: address, access: access, exposed: true)
+                        device, frame: frame.rawValue, at: address, access: access, exposed: true, faults: faults)
                 } catch {
                     pageMap.unmap(frame)
                     throw error
                 }
                 entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
                 state.zeroPages.remove(index)
+                if tracksDirty { state.dirty.insert(index..<(index + 1)) }
             } catch {
                 // Not shown (a count at its limit, the process out of map entries): a zero page
-                // there would read stale zeros over data, so it faults instead.
-                if state.zeroPages.remove(index) != nil {
+                // there would read stale zeros over data. With a handler the page becomes a
+                // placeholder (its next fault tries again), without one it faults.
+                if let faults {
+                    MappingRegion.makePlaceholder(
+                        address, length: PMemDevice.pageSize, access: access, faults: faults,
+                        calls: device.systemCalls)
+                    state.zeroPages.remove(index)
+                } else if state.zeroPages.remove(index) != nil {
                     MappingRegion.replaceWithFaulting(
                         address, length: PMemDevice.pageSize, access: access, calls: device.systemCalls)
                 }

@@ -14,58 +14,66 @@ extension AddressSpace {
         }
         let first = FileData.page(offset)
         let pages = first..<FileData.pageUp(offset + count)
+        let faults = handler.faults
+        let calls = device.systemCalls
         return try invalidateLock.withReadLock {
             try inode.contents.write { contents in
                 try contents.checkLive(path)
-                let size = Int(contents.record.size)
-                guard
-                    Int(pages.upperBound) * PMemDevice.pageSize <= (size + PMemDevice.pageSize - 1)
-                        / PMemDevice.pageSize
-                        * PMemDevice.pageSize
-                else {
-                    throw DAXError(
-                        .invalidArgument,
-                        "cannot map \(offset)..<\(offset + count) of \(Paths.quoted(path)): "
-                            + "the file has only \(counted(size, "byte")) (extend it with truncate or allocate first)")
-                }
-                if access == .readWrite {
-                    let added = try data.fillHolesZeroed(&contents, pages, what: "map of \(Paths.quoted(path))")
+                // As mmap(2) allows, the range may reach past the end of the file: those pages
+                // raise SIGBUS until the file grows over them.
+                let end = max(first, min(pages.upperBound, FileData.pageUp(Int(contents.record.size))))
+                let inside = first..<end
+                if faults == nil, access == .readWrite {
+                    // No fault handler: a writable mapping gives its holes blocks now.
+                    let added = try data.fillHolesZeroed(&contents, inside, what: "map of \(Paths.quoted(path))")
                     // Older mappings of those pages (punched while mapped) see the new blocks too.
                     show(added)
                 }
-                let base = try MappingRegion.reserve(pages.count * PMemDevice.pageSize, calls: device.systemCalls)
+                let length = pages.count * PMemDevice.pageSize
+                let base = try MappingRegion.reserve(length, placeholder: faults == nil ? nil : access, calls: calls)
                 var frames = [UInt64](repeating: 0, count: pages.count)
                 var zeroPages: Set<Int> = []
-                var mappedCounts = 0
                 do {
-                    for hole in contents.extents.holes(in: pages) {  // only in a .readOnly mapping
-                        let index = Int(hole.lowerBound - first)
-                        try MappingRegion.mapZeroPages(
-                            base + index * PMemDevice.pageSize, length: hole.count * PMemDevice.pageSize,
-                            calls: device.systemCalls)
-                        zeroPages.formUnion(index..<(index + hole.count))
+                    if let faults {
+                        try DAXMapping.registerPlaceholder(base, length: length, access: access, faults: faults)
+                    } else {
+                        for hole in contents.extents.holes(in: inside) {  // only in a .readOnly mapping
+                            let index = Int(hole.lowerBound - first)
+                            try MappingRegion.mapZeroPages(
+                                base + index * PMemDevice.pageSize, length: hole.count * PMemDevice.pageSize,
+                                calls: calls)
+                            zeroPages.formUnion(index..<(index + hole.count))
+                        }
+                        if end < pages.upperBound {
+                            let index = Int(end - first)
+                            MappingRegion.replaceWithFaulting(
+                                base + index * PMemDevice.pageSize, length: (pages.count - index) * PMemDevice.pageSize,
+                                access: access, calls: calls)
+                        }
                     }
-                    for slice in contents.extents.extents(in: pages) {
+                    for slice in contents.extents.extents(in: inside) {
                         let index = Int(slice.logical - first)
-                        try MappingRegion.mapDevice(
-                            device, frame: slice.physical, pages: Int(slice.length),
-                            at: base + index * PMemDevice.pageSize, access: access)
                         for page in 0..<Int(slice.length) {
                             try device.pages.tryMap(PageFrameNumber(rawValue: slice.physical + UInt64(page)))
                             frames[index + page] = slice.physical + UInt64(page)
-                            mappedCounts += 1
                         }
+                        try MappingRegion.mapDevice(
+                            device, frame: slice.physical, pages: Int(slice.length),
+                            at: base + index * PMemDevice.pageSize, access: access, faults: faults)
                     }
                 } catch {
                     for frame in frames where frame != 0 { device.pages.unmap(PageFrameNumber(rawValue: frame)) }
-                    device.noteUnmapped(base, length: pages.count * PMemDevice.pageSize)
-                    _ = device.systemCalls.munmap(base, pages.count * PMemDevice.pageSize)
+                    device.noteUnmapped(base, length: length)
+                    faults?.forget(base, length: length)
+                    _ = calls.munmap(base, length)
                     throw error
                 }
                 let mapping = DAXMapping(
                     space: self, path: path, firstPage: first, count: count, access: access,
                     writable: access == .readWrite && fileAccess == .readWrite, base: base,
-                    frames: frames, zeroPages: zeroPages)
+                    frames: frames, zeroPages: zeroPages, sigbusTail: faults == nil ? Int(end - first) : nil,
+                    faults: faults)
+                if let faults { mapping.routeFaults(to: faults) }
                 register(mapping)
                 return mapping
             }

@@ -1,8 +1,8 @@
 import CLibPMem
 import Glibc
 
-/// The virtual memory of mappings: reserving ranges, mapping device pages, and the region that
-/// raises SIGBUS where pages were truncated away.
+/// The virtual memory of mappings: reserving ranges, mapping device pages, the placeholders a
+/// fault handler answers for, and the region that raises SIGBUS past the end of a file.
 enum MappingRegion {
     /// A memfd of size 0: any access to a shared mapping of it is past its end, and the kernel
     /// sends SIGBUS, exactly as for a page truncated out of a file mapping.
@@ -12,9 +12,18 @@ enum MappingRegion {
         access == .readWrite ? PROT_READ | PROT_WRITE : PROT_READ
     }
 
-    /// Reserves `length` bytes of address space that fault until something is mapped there.
-    static func reserve(_ length: Int, calls: SystemCalls) throws -> UnsafeMutableRawPointer {
-        guard let base = calls.mmap(nil, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) else {
+    /// What a placeholder of a mapping with `access` is registered for: missing pages, and in a
+    /// writable mapping stores to the zeroed pages placed there (and to its blocks, for `sync`).
+    static func faultModes(_ access: Access) -> UserFaults.Modes {
+        access == .readWrite ? [.missing, .writeProtect] : [.missing]
+    }
+
+    /// Reserves `length` bytes of address space. With a fault handler (`placeholder` set) the
+    /// range is one anonymous placeholder with `placeholder`'s protection, whose pages fault to the
+    /// handler once registered; without, it faults (`PROT_NONE`) until something is mapped there.
+    static func reserve(_ length: Int, placeholder: Access? = nil, calls: SystemCalls) throws -> UnsafeMutableRawPointer {
+        let protection = placeholder.map(protection) ?? PROT_NONE
+        guard let base = calls.mmap(nil, length, protection, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) else {
             throw DAXError.system(
                 "mmap", "cannot reserve \(counted(length, "byte")) of address space for a mapping", errno: errno)
         }
@@ -23,11 +32,13 @@ enum MappingRegion {
 
     /// Maps `pages` device pages from `frame` at `address`, populated: a `.readOnly` mapping from
     /// the device's read-only descriptor, so that it cannot be made writable with `mprotect`.
-    /// An emulated device tracks stores through the new pages (`exposed`: in a mapping that
-    /// other threads may already use). A crash image opened for a checker is mapped privately.
+    /// With `faults` (a writable mapping that a fault handler serves), the new range is registered
+    /// with it, as the placeholder it replaces was, for write-protect faults. An emulated device
+    /// tracks stores through the new pages (`exposed`: in a mapping that other threads may already
+    /// use). A crash image opened for a checker is mapped privately.
     static func mapDevice(
         _ device: PMemDevice, frame: UInt64, pages: Int, at address: UnsafeMutableRawPointer, access: Access,
-        exposed: Bool = false
+        exposed: Bool = false, faults: UserFaults? = nil
     ) throws {
         let length = pages * PMemDevice.pageSize
         // Populating a private writable mapping would copy every page: a crash image's pages
@@ -47,20 +58,41 @@ enum MappingRegion {
                         ? " (a device-DAX character device maps only 2 MiB-aligned ranges)" : ""),
                 errno: code)
         }
-        if access == .readWrite {
-            do {
-                try device.noteMapped(address, frame: frame, pages: pages, exposed: exposed)
-            } catch {
-                replaceWithFaulting(address, length: length, access: access, calls: device.systemCalls)
-                throw error
+        guard access == .readWrite else { return }
+        do {
+            if let faults, !faults.registerAgain(address, length: length, modes: faultModes(access)) {
+                throw DAXError.system(
+                    "ioctl(UFFDIO_REGISTER)", "cannot register \(pages) device pages at pfn \(frame) for faults",
+                    errno: errno)
             }
+            try device.noteMapped(address, frame: frame, pages: pages, exposed: exposed, handledBy: faults)
+        } catch {
+            replaceWithFaulting(address, length: length, access: access, calls: device.systemCalls)
+            throw error
         }
     }
 
     static func mapDevicePage(
-        _ device: PMemDevice, frame: UInt64, at address: UnsafeMutableRawPointer, access: Access, exposed: Bool = false
+        _ device: PMemDevice, frame: UInt64, at address: UnsafeMutableRawPointer, access: Access, exposed: Bool = false,
+        faults: UserFaults? = nil
     ) throws {
-        try mapDevice(device, frame: frame, pages: 1, at: address, access: access, exposed: exposed)
+        try mapDevice(device, frame: frame, pages: 1, at: address, access: access, exposed: exposed, faults: faults)
+    }
+
+    /// Makes `length` bytes at `address` a placeholder again, registered with `faults`: its pages
+    /// show nothing until the handler answers a fault there (a page cut away or punched, a zeroed
+    /// page dropped, the end of the file moved past a SIGBUS region). If the registration fails the
+    /// range faults with SIGBUS instead, never silently taking stores into anonymous memory.
+    static func makePlaceholder(
+        _ address: UnsafeMutableRawPointer, length: Int, access: Access, faults: UserFaults, calls: SystemCalls
+    ) {
+        if calls.mmap(
+            address, length, protection(access), MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
+            != nil, faults.registerAgain(address, length: length, modes: faultModes(access))
+        {
+            return
+        }
+        replaceWithFaulting(address, length: length, access: access, calls: calls)
     }
 
     /// Maps the zero page, read-only, over `length` bytes at `address`: a hole as a read-only

@@ -123,10 +123,15 @@ extension DAXMapping {
                 }
                 let generation = space.layoutGeneration.load(ordering: .sequentiallyConsistent)
                 let missing = pages.filter { entries[$0].load(ordering: .acquiring) == 0 }
-                if !missing.isEmpty { try resolve(missing, access: access) }
+                let holes = missing.isEmpty ? [] : try resolve(missing, access: access)
                 var frames: [PageFrameNumber] = []
                 for index in pages {
                     let frame = entries[index].load(ordering: .acquiring)
+                    if frame == 0, holes.contains(index) {
+                        // A read-only pin of a hole: the zero frame, as GUP returns the zero page.
+                        frames.append(device.pages.zeroFrame)
+                        continue
+                    }
                     guard frame != 0 else {
                         throw DAXError(
                             .invalidArgument,
@@ -144,31 +149,31 @@ extension DAXMapping {
     }
 
     /// Maps pages this mapping does not show: past the end of the file they stay faulting (an
-    /// error); inside it (after a punch) a `.readWrite` pin gives them blocks, as a write fault would.
-    private func resolve(_ missing: [Int], access: Access) throws {
+    /// error); inside it a `.readWrite` pin gives holes blocks, as a write fault would. Returns the
+    /// holes left for a `.readOnly` pin, which pins the zero frame there.
+    private func resolve(_ missing: [Int], access: Access) throws -> Set<Int> {
         try inode.contents.write { contents in
             try contents.checkLive(path)
             let size = Int(contents.record.size)
-            for index in missing where Int(firstPage) + index >= (size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
-            {
+            for index in missing where firstPage + UInt64(index) >= FileData.pageUp(size) {
                 throw DAXError(
                     .invalidArgument,
-                    "cannot pin page \(firstPage + UInt64(index)) of \(Paths.quoted(path)): "
-                        + "a truncate cut it off (the file has \(counted(size, "byte"))); the mapping faults there")
+                    "cannot pin page \(firstPage + UInt64(index)) of \(Paths.quoted(path)): it lies past the end "
+                        + "of the file (\(counted(size, "byte"))); the mapping raises SIGBUS there")
             }
             let pages = UInt64(missing.first!)..<(UInt64(missing.last!) + 1)
             let filePages = (firstPage + pages.lowerBound)..<(firstPage + pages.upperBound)
-            if !contents.extents.holes(in: filePages).isEmpty {
-                guard access == .readWrite else {
-                    throw DAXError(
-                        .invalidArgument,
-                        "cannot pin a hole of \(Paths.quoted(path)) for reading: the page has no "
-                            + "block (never written, or punched); only a .readWrite pin allocates one")
-                }
+            var holes: Set<Int> = []
+            if access == .readWrite {
                 try space.data.fillHolesZeroed(&contents, filePages, what: "pin of \(Paths.quoted(path))")
+            } else {
+                for hole in contents.extents.holes(in: filePages) {
+                    for page in hole { holes.insert(Int(page - firstPage)) }
+                }
             }
             // Every live mapping that shows nothing there gets the blocks, as its own fault would.
             space.show(contents.extents.extents(in: filePages))
+            return holes
         }
     }
 }

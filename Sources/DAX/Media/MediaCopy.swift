@@ -40,6 +40,9 @@ final class MediaCopy: Sendable {
         var start: UInt
         var pages: Int
         var firstPage: Int
+        /// The userfaultfd the range is registered with: the process's for the device's mapping,
+        /// a file system's fault handler for a DAX mapping it handles (which forwards stores here).
+        var faults: UserFaults
     }
 
     struct State {
@@ -109,7 +112,7 @@ final class MediaCopy: Sendable {
         self.ownsFile = true
         self.state = Mutex(State())
         do {
-            try addAlias(cpu, pages: size / Self.pageSize, firstPage: 0, exposed: false)
+            try addAlias(cpu, pages: size / Self.pageSize, firstPage: 0, exposed: false, handledBy: nil)
         } catch {
             _ = calls.munmap(mapped, size)
             _ = calls.close(memfd)
@@ -150,15 +153,24 @@ final class MediaCopy: Sendable {
 
     /// Starts tracking stores through `pages` device pages from `firstPage` mapped at `address`.
     /// `exposed`: other threads may already store there (a page shown in a live mapping), so its
-    /// pages count as dirty until compared.
-    func addAlias(_ address: UnsafeMutableRawPointer, pages: Int, firstPage: Int, exposed: Bool) throws {
-        guard let faults else { return }
+    /// pages count as dirty until compared. `handler`: the range is registered for write-protect
+    /// faults with that userfaultfd already, whose handler calls ``storeFault(page:at:through:)``;
+    /// nil registers it here, with the process's.
+    func addAlias(
+        _ address: UnsafeMutableRawPointer, pages: Int, firstPage: Int, exposed: Bool, handledBy handler: UserFaults?
+    ) throws {
+        guard let shared = faults else { return }
         let start = UInt(bitPattern: address)
-        try faults.register(address, length: pages * Self.pageSize, modes: .writeProtect) { [self] fault in
-            storeFault(page: firstPage + Int((fault.address - start) / UInt(Self.pageSize)), at: fault.address)
+        let faults = handler ?? shared
+        if handler == nil {
+            try faults.register(address, length: pages * Self.pageSize, modes: .writeProtect) { [self] fault in
+                storeFault(
+                    page: firstPage + Int((fault.address - start) / UInt(Self.pageSize)), at: fault.address,
+                    through: faults)
+            }
         }
         state.withTrackedLock { state in
-            state.aliases.append(Alias(start: start, pages: pages, firstPage: firstPage))
+            state.aliases.append(Alias(start: start, pages: pages, firstPage: firstPage, faults: faults))
             faults.writeProtect(address, length: pages * Self.pageSize, true)
             if exposed { state.dirty.formUnion(firstPage..<(firstPage + pages)) }
         }
@@ -182,21 +194,25 @@ final class MediaCopy: Sendable {
                     kept.append(
                         Alias(
                             start: alias.start, pages: Int(low - alias.start) / Self.pageSize,
-                            firstPage: alias.firstPage))
+                            firstPage: alias.firstPage, faults: alias.faults))
                 }
                 if end > high {
                     let skipped = Int(high - alias.start) / Self.pageSize
-                    kept.append(Alias(start: high, pages: alias.pages - skipped, firstPage: alias.firstPage + skipped))
+                    kept.append(
+                        Alias(
+                            start: high, pages: alias.pages - skipped, firstPage: alias.firstPage + skipped,
+                            faults: alias.faults))
                 }
             }
             state.aliases = kept
         }
     }
 
-    /// The fault thread: a store to a clean page, or to a page with flushed lines. Saves the
-    /// flushed lines' content, marks the page dirty and lets the store through, under the lock so
-    /// that a crash point cannot find the page clean between the two.
-    private func storeFault(page: Int, at address: UInt) {
+    /// A fault thread: a store to a clean page, or to a page with flushed lines, at `address` of
+    /// an alias registered with `faults`. Saves the flushed lines' content, marks the page dirty
+    /// and lets the store through, under the lock so that a crash point cannot find the page clean
+    /// between the two.
+    func storeFault(page: Int, at address: UInt, through faults: UserFaults) {
         state.withTrackedLock { state in
             if state.flushedPages.remove(page) != nil, let bits = state.flushed[page] {
                 var remaining = bits
@@ -207,7 +223,7 @@ final class MediaCopy: Sendable {
                 }
             }
             state.dirty.insert(page)
-            faults?.writeProtect(UnsafeMutableRawPointer(bitPattern: address)!, length: Self.pageSize, false)
+            faults.writeProtect(UnsafeMutableRawPointer(bitPattern: address)!, length: Self.pageSize, false)
         }
     }
 
@@ -218,7 +234,7 @@ final class MediaCopy: Sendable {
             let high = min(pages.upperBound, alias.firstPage + alias.pages)
             guard low < high else { continue }
             let address = alias.start + UInt((low - alias.firstPage) * Self.pageSize)
-            faults?.writeProtect(
+            alias.faults.writeProtect(
                 UnsafeMutableRawPointer(bitPattern: address)!, length: (high - low) * Self.pageSize, true)
         }
     }
@@ -226,7 +242,7 @@ final class MediaCopy: Sendable {
     private func writeProtectEverywhere(_ page: Int, _ state: borrowing State) {
         for alias in state.aliases where page >= alias.firstPage && page < alias.firstPage + alias.pages {
             let address = alias.start + UInt((page - alias.firstPage) * Self.pageSize)
-            faults?.writeProtect(UnsafeMutableRawPointer(bitPattern: address)!, length: Self.pageSize, true)
+            alias.faults.writeProtect(UnsafeMutableRawPointer(bitPattern: address)!, length: Self.pageSize, true)
         }
     }
 

@@ -42,9 +42,23 @@ extension PMemDevice {
     /// Tells an emulated device that `pages` of its pages from `frame` are now mapped at
     /// `address` (a DAX file mapping), so that stores there are tracked. `exposed`: the address
     /// is in a mapping other threads may already use. Nothing without emulation.
-    func noteMapped(_ address: UnsafeMutableRawPointer, frame: UInt64, pages: Int, exposed: Bool) throws {
+    /// `handler`: the userfaultfd the range is registered with for write-protect faults, whose
+    /// handler forwards stores to ``noteStore(frame:at:through:)``; nil registers it with the
+    /// process's.
+    func noteMapped(
+        _ address: UnsafeMutableRawPointer, frame: UInt64, pages: Int, exposed: Bool, handledBy handler: UserFaults? = nil
+    ) throws {
         guard let emulation else { return }
-        try emulation.addAlias(address, pages: pages, firstPage: Int(frame), exposed: exposed)
+        try emulation.addAlias(address, pages: pages, firstPage: Int(frame), exposed: exposed, handledBy: handler)
+    }
+
+    /// A store faulted at `address`, a page of a DAX mapping that shows `frame` and is registered
+    /// with `faults`: an emulated device marks the page dirty and lifts the write protection (and
+    /// returns true); any other device does nothing (false).
+    func noteStore(frame: UInt64, at address: UInt, through faults: UserFaults) -> Bool {
+        guard let emulation, emulation.domain == .adr else { return false }
+        emulation.storeFault(page: Int(frame), at: address, through: faults)
+        return true
     }
 
     /// Tells an emulated device that `length` bytes at `address` no longer map its pages.

@@ -32,11 +32,17 @@ public final class PageMap: Sendable {
     /// The device's system-call seam: the table is reserved, looked at and released through it.
     private let calls: SystemCalls
 
-    /// A table of `pageCount` descriptors, reserved with `mmap` through `calls`.
+    /// The zero frame: a page past the device's last one that reads as zeros and is never
+    /// written, the kernel's shared zero page. A `.readOnly` pin of a hole pins it; a device reading
+    /// by it reads zeros. It has a descriptor of its own (pins count there), and no file owns it.
+    public var zeroFrame: PageFrameNumber { PageFrameNumber(rawValue: UInt64(count)) }
+
+    /// A table of `pageCount` descriptors (and one for ``zeroFrame``), reserved with `mmap`
+    /// through `calls`.
     package init(pageCount: Int, calls: SystemCalls = .live) throws {
         precondition(pageCount > 0)
         let bytes =
-            (pageCount * MemoryLayout<PageDescriptor>.stride + Int(getpagesize()) - 1)
+            ((pageCount + 1) * MemoryLayout<PageDescriptor>.stride + Int(getpagesize()) - 1)
             & ~(Int(getpagesize()) - 1)
         guard
             let memory = calls.mmap(
@@ -47,14 +53,16 @@ public final class PageMap: Sendable {
                 errno: Glibc.errno)
         }
         // Zeroed memory is a valid table: no counts, no flags, no owner.
-        let descriptors = memory.bindMemory(to: PageDescriptor.self, capacity: pageCount)
+        let descriptors = memory.bindMemory(to: PageDescriptor.self, capacity: pageCount + 1)
         let core = UnsafeMutablePointer<PageTableCore>.allocate(capacity: 1)
         core.initialize(
             to: PageTableCore(
-                descriptors: descriptors, count: pageCount, tableBytes: bytes, tallySlot: PinTally.claimSlot() ?? -1))
+                descriptors: descriptors, count: pageCount + 1, tableBytes: bytes, tallySlot: PinTally.claimSlot() ?? -1))
         self.count = pageCount
         self.table = MemMap(core: core)
         self.calls = calls
+        // The zero frame is allocated for good (no file owns it): pins of it count as any other.
+        table.descriptor(UInt64(pageCount)).pointee.counts.store(PageWord.allocated, ordering: .relaxed)
     }
 
     deinit {
@@ -71,7 +79,8 @@ public final class PageMap: Sendable {
 
     /// A snapshot of the descriptor of `frame`.
     public func state(of frame: PageFrameNumber) -> PageState {
-        precondition(frame.rawValue < UInt64(count), "\(frame) is outside the page map of \(count) pages")
+        precondition(
+            frame.rawValue <= UInt64(count), "\(frame) is outside the page map of \(count) pages and the zero frame")
         let descriptor = table.descriptor(frame.rawValue)
         return PageState(
             word: descriptor.pointee.counts.load(ordering: .acquiring),

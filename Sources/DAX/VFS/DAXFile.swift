@@ -97,11 +97,44 @@ public final class DAXFile: Sendable {
         try operation("write", writable: true, range: (offset, buffer.count)) {
             try FileData.checkRange(offset, buffer.count, "write", path)
             guard buffer.count > 0 else { return }
-            try inode.contents.write { contents in
-                try contents.checkLive(path)
-                space.show(try fileSystem.data.writeData(&contents, buffer, at: offset))
+            try withBounce(buffer) { buffer in
+                try inode.contents.write { contents in
+                    try contents.checkLive(path)
+                    space.show(try fileSystem.data.writeData(&contents, buffer, at: offset))
+                    space.sizeChanged(to: contents.record.size)
+                }
             }
         }
+    }
+
+    /// Runs `body` with `buffer`, or with a copy of it when it lies in a DAX mapping of this file
+    /// system: touching such memory may fault to the handler thread, which needs the inode lock
+    /// that `body` holds (the kernel faults a user buffer in before it takes its locks).
+    private func withBounce<T>(_ buffer: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) throws -> T) rethrows
+        -> T
+    {
+        guard let faults = space.handler.faults, let start = buffer.baseAddress,
+            faults.handles(start, length: buffer.count)
+        else { return try body(buffer) }
+        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: buffer.count, alignment: 64)
+        defer { copy.deallocate() }
+        copy.copyMemory(from: buffer)
+        return try body(UnsafeRawBufferPointer(copy))
+    }
+
+    /// Runs `body` to fill `buffer`, or a copy of it that is then copied in when `buffer` lies in
+    /// a DAX mapping of this file system (see ``withBounce(_:_:)``).
+    private func withBounce(
+        _ buffer: UnsafeMutableRawBufferPointer, _ body: (UnsafeMutableRawBufferPointer) throws -> Int
+    ) rethrows -> Int {
+        guard let faults = space.handler.faults, let start = buffer.baseAddress,
+            faults.handles(start, length: buffer.count)
+        else { return try body(buffer) }
+        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: buffer.count, alignment: 64)
+        defer { copy.deallocate() }
+        let done = try body(copy)
+        buffer.baseAddress!.copyMemory(from: copy.baseAddress!, byteCount: done)
+        return done
     }
 
     /// Reads up to `count` bytes at `offset`: fewer at the end of the file, none past it.
@@ -133,9 +166,11 @@ public final class DAXFile: Sendable {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
         try operation("read") {
             try FileData.checkRange(offset, buffer.count, "read", path)
-            return try inode.contents.read { contents in
-                try contents.checkLive(path)
-                return fileSystem.data.readData(contents, into: buffer, at: offset)
+            return try withBounce(buffer) { buffer in
+                try inode.contents.read { contents in
+                    try contents.checkLive(path)
+                    return fileSystem.data.readData(contents, into: buffer, at: offset)
+                }
             }
         }
     }
@@ -150,6 +185,7 @@ public final class DAXFile: Sendable {
             try inode.contents.write { contents in
                 try contents.checkLive(path)
                 space.show(try fileSystem.data.allocateData(&contents, offset: offset, count: count))
+                space.sizeChanged(to: contents.record.size)
             }
         }
     }
@@ -250,17 +286,35 @@ public final class DAXFile: Sendable {
     }
 
     /// fsync: makes every store through the file's mappings durable, and its metadata (which every
-    /// change already committed durably). Without write-protect tracking of dirty pages it makes
-    /// every block the file holds durable (`pmem_persist`, or `msync` in `.msync` mode), the way
-    /// the kernel's `dax_writeback_mapping_range` would with every page tagged dirty.
+    /// change already committed durably).
+    ///
+    /// With the fault handler (``DAXFileSystem/faultHandling``), each writable mapping knows the
+    /// pages stored to since the last `sync`: those are write-protected, so that the next store to
+    /// one faults and marks it dirty again, and then made durable (`pmem_persist` of their lines,
+    /// or `msync` in `.msync` mode), as the kernel's `dax_writeback_mapping_range` writes back the
+    /// entries its page cache tagged dirty. A `sync` after one store to a 1 GiB mapping flushes one
+    /// page. Pages of mappings unmapped since the last `sync` are made durable too. Without the
+    /// handler it makes every block the file holds durable.
     public func sync() throws {
         try operation("sync") {
             try inode.contents.read { contents in
                 try contents.checkLive(path)
-                for extent in contents.extents.allExtents {
+                guard space.handler.faults != nil else {
+                    for extent in contents.extents.allExtents {
+                        fileSystem.device.persist(
+                            offset: Int(extent.physical) * PMemDevice.pageSize,
+                            count: Int(extent.length) * PMemDevice.pageSize)
+                    }
+                    return
+                }
+                for mapping in space.liveMappings where mapping.access == .readWrite { mapping.writeBack() }
+                let unmapped = space.unmappedDirtyFrames.withTrackedLock { frames in
+                    defer { frames = [] }
+                    return frames
+                }
+                for run in FileData.runs(of: Array(unmapped)) {
                     fileSystem.device.persist(
-                        offset: Int(extent.physical) * PMemDevice.pageSize,
-                        count: Int(extent.length) * PMemDevice.pageSize)
+                        offset: Int(run.lowerBound) * PMemDevice.pageSize, count: run.count * PMemDevice.pageSize)
                 }
             }
         }

@@ -44,12 +44,14 @@ public final class DAXFileSystem: Sendable {
         (volume, namespace) = parts
         device = volume.device
         data = FileData(volume: volume)
-        spaces = AddressSpaces(data: data, namespace: namespace)
+        spaces = AddressSpaces(
+            data: data, namespace: namespace, handler: FaultHandler(calls: volume.device.systemCalls))
     }
 
     deinit {
         // Dropped without unmount (no handle or mapping can remain: they hold the file system).
         // Release the device so that it can be mounted again; orphans are freed by that mount.
+        spaces.handler.stop()
         if volume.isMounted { volume.releaseDevice() }
     }
 
@@ -101,6 +103,8 @@ public final class DAXFileSystem: Sendable {
     /// file is mapped or pages are pinned; then nothing changes.
     public func unmount() throws {
         try volume.operations.withWriteLock { try unmountExclusively() }
+        // No mapping is left, so no fault can come: the handler thread goes.
+        spaces.handler.stop()
         volume.releaseDevice()
     }
 
@@ -131,7 +135,9 @@ public final class DAXFileSystem: Sendable {
     public func statistics() -> Statistics {
         namespace.run {
             let (files, directories) = namespace.fileCounts
-            return volume.statistics(files: files, directories: directories)
+            var statistics = volume.statistics(files: files, directories: directories)
+            statistics.faults = spaces.handler.counts
+            return statistics
         }
     }
 

@@ -8,13 +8,16 @@
 /// device writing by frame could see through (a store to a shared page must fault and copy first).
 /// Migration needs no fault: it maps the new block into every mapping at once (`Migrate.swift`).
 extension DAXFileSystem {
-    /// Which fault handling is in effect. This version has none: see ``FaultHandling/unavailable(reason:)``.
-    public var faultHandling: FaultHandling {
-        .unavailable(
-            reason: "this version populates a mapping when it is made: holes of a read-only mapping show the zero "
-                + "page, a writable mapping gives them blocks, and a page a truncate cut off faults with SIGBUS "
-                + "until the file grows over it and something maps it again; there is no userfaultfd handler yet")
-    }
+    /// Which fault handling is in effect: `.userfaultfd` when the file system's handler thread
+    /// answers the faults of its mappings (holes read as zeros and fill on the first store, pages
+    /// past the end of the file raise SIGBUS), else `.unavailable` with the reason (mappings are
+    /// then populated when they are made). ``faultHandlingDetail`` says which accesses are resolved.
+    public var faultHandling: FaultHandling { spaces.handler.handling }
+
+    /// One sentence on the fault handling in effect: whether faults the kernel takes inside a
+    /// system call (`read(2)` into a mapping) are resolved too (full mode) or fail with `EFAULT`
+    /// (user-mode-only mode, without privilege), or why there is no handler.
+    public var faultHandlingDetail: String { spaces.handler.detail }
 
     /// reflink (`FICLONE`): `destination` would share the source's blocks copy-on-write. Not built
     /// yet: throws `.unsupported` and changes nothing (it needs write-protect faults, see above).

@@ -1,0 +1,215 @@
+import Glibc
+
+/// The fault handler's side of a mapping: each fault is answered as the kernel's DAX fault
+/// handler answers it (`docs/faults.md`), and `sync` writes back only the pages stored to.
+extension DAXMapping {
+    /// Starts serving the mapping's faults with `faults`: the handler answers for the whole range,
+    /// and the range (a placeholder, which the blocks are then mapped over) is registered with the
+    /// kernel. Called before any block is mapped; nothing can fault there yet.
+    static func registerPlaceholder(
+        _ base: UnsafeMutableRawPointer, length: Int, access: Access, faults: UserFaults
+    ) throws {
+        guard faults.registerAgain(base, length: length, modes: MappingRegion.faultModes(access)) else {
+            throw DAXError.system(
+                "ioctl(UFFDIO_REGISTER)",
+                "cannot register a mapping of \(counted(length, "byte")) with the fault handler", errno: errno)
+        }
+    }
+
+    /// Routes the faults of the mapping's range to it, held weakly: a fault that comes after the
+    /// mapping went is woken and finds nothing there.
+    func routeFaults(to faults: UserFaults) {
+        faults.handle(base, length: length) { [weak self] fault in
+            guard let self else {
+                faults.wake(fault.address, length: PMemDevice.pageSize)
+                return
+            }
+            resolve(fault, faults)
+        }
+    }
+
+    /// The file grew to `end` pages: the part of the SIGBUS tail below it becomes a placeholder
+    /// again (holes now, read as zeros, filled by a store). Inode lock held.
+    func fileGrew(to end: UInt64) {
+        guard let faults else { return }
+        state.withTrackedLock { state in
+            guard !state.unmapped, state.sigbusTail < pageCount else { return }
+            let newTail = end <= firstPage ? 0 : Int(min(end - firstPage, UInt64(pageCount)))
+            guard newTail > state.sigbusTail else { return }
+            // Runs that show no block: a block written there meanwhile was mapped over the region.
+            var index = state.sigbusTail
+            while index < newTail {
+                guard entries[index].load(ordering: .relaxed) == 0 else {
+                    index += 1
+                    continue
+                }
+                var runEnd = index + 1
+                while runEnd < newTail, entries[runEnd].load(ordering: .relaxed) == 0 { runEnd += 1 }
+                MappingRegion.makePlaceholder(
+                    base + index * PMemDevice.pageSize, length: (runEnd - index) * PMemDevice.pageSize,
+                    access: access, faults: faults, calls: device.systemCalls)
+                index = runEnd
+            }
+            state.sigbusTail = newTail
+        }
+    }
+
+    // MARK: - Answering a fault
+
+    /// What a fault needs once the mapping's lock is let go.
+    private enum Answer {
+        case answered
+        /// The file has a block there that the mapping does not show yet.
+        case show(Extent)
+        /// A store to a hole: allocate.
+        case allocate
+    }
+
+    /// The fault thread: answers `fault` at a page of this mapping, under the invalidate lock
+    /// (shared) and the inode lock, as the slow path of `pin` takes them, and as a file system
+    /// operation (a mapping dropped meanwhile frees its orphan once the locks are gone).
+    private func resolve(_ fault: UserFault, _ faults: UserFaults) {
+        let position = Int(bitPattern: fault.address) - Int(bitPattern: base)
+        guard position >= 0, position < length else {
+            faults.wake(fault.address, length: PMemDevice.pageSize)
+            return
+        }
+        let index = position / PMemDevice.pageSize
+        space.namespace.run {
+            space.invalidateLock.withReadLock {
+                space.inode.contents.write { contents in resolve(fault, at: index, &contents, faults) }
+            }
+        }
+    }
+
+    private func resolve(_ fault: UserFault, at index: Int, _ contents: inout Inode.Contents, _ faults: UserFaults) {
+        let handler = space.handler
+        let page = firstPage + UInt64(index)
+        let end = FileData.pageUp(Int(contents.record.size))
+        let address = fault.address
+        let answer: Answer = state.withTrackedLock { state in
+            guard !state.unmapped, !contents.isFreed, index < state.sigbusTail else {
+                // Unmapped, or a fault queued before the page was resolved by an earlier one.
+                faults.wake(address, length: PMemDevice.pageSize)
+                return .answered
+            }
+            if page >= end {
+                raiseSigbusPastEnd(end, &state, faults)
+                handler.sigbus.wrappingAdd(1, ordering: .relaxed)
+                faults.wake(address, length: PMemDevice.pageSize)
+                return .answered
+            }
+            let frame = entries[index].load(ordering: .acquiring)
+            if frame != 0 {
+                storeToBlock(fault, frame: frame, at: index, &state, faults)
+                return .answered
+            }
+            if let extent = contents.extents.extent(containing: page) { return .show(extent) }
+            // A hole.
+            guard fault.isWrite || fault.isWriteProtect else {
+                let placed =
+                    access == .readWrite
+                    ? faults.placeZeros(at: address, writeProtect: true) : faults.placeZeroPage(at: address)
+                if placed {
+                    state.zeroPages.insert(index)
+                    handler.zeroPage.wrappingAdd(1, ordering: .relaxed)
+                } else {
+                    faults.wake(address, length: PMemDevice.pageSize)
+                }
+                return .answered
+            }
+            guard access == .readWrite else {
+                // A store to a read-only mapping's hole, which the user made writable with mprotect.
+                faults.signal(SIGSEGV, to: fault)
+                return .answered
+            }
+            return .allocate
+        }
+        switch answer {
+        case .answered:
+            return
+        case .show(let extent):
+            populate([extent])
+            faults.wake(address, length: PMemDevice.pageSize)
+        case .allocate:
+            // The kernel's page_mkwrite: a zeroed block, journaled as `allocate` journals it, shown
+            // in every mapping of the file that shows nothing there, this one included.
+            do {
+                let added = try space.data.fillHolesZeroed(
+                    &contents, page..<(page + 1), what: "store to a hole of \(Paths.quoted(path)) through a mapping")
+                handler.allocating.wrappingAdd(1, ordering: .relaxed)
+                space.show(added)
+                faults.wake(address, length: PMemDevice.pageSize)
+            } catch {
+                // No block (or the journal refused): SIGBUS to the thread, nothing else changes.
+                handler.sigbus.wrappingAdd(1, ordering: .relaxed)
+                faults.signal(SIGBUS, to: fault)
+            }
+        }
+    }
+
+    /// Maps the region that raises SIGBUS over the mapping's pages from the end of the file (`end`
+    /// pages) on, which show no block; the faulting thread retries and the kernel itself raises
+    /// SIGBUS/`BUS_ADRERR` there (a kernel access gets `EFAULT`).
+    private func raiseSigbusPastEnd(_ end: UInt64, _ state: inout State, _ faults: UserFaults) {
+        let from = end <= firstPage ? 0 : Int(end - firstPage)
+        guard from < state.sigbusTail else { return }
+        let address = base + from * PMemDevice.pageSize
+        let tailLength = (state.sigbusTail - from) * PMemDevice.pageSize
+        MappingRegion.replaceWithFaulting(address, length: tailLength, access: access, calls: device.systemCalls)
+        for index in from..<state.sigbusTail { state.zeroPages.remove(index) }
+        state.sigbusTail = from
+    }
+
+    /// A fault at a page that shows a block: a store after `sync` write-protected it (it is dirty
+    /// again; an emulated device also notes the store), or a fault queued before the block was
+    /// mapped here.
+    private func storeToBlock(_ fault: UserFault, frame: UInt64, at index: Int, _ state: inout State, _ faults: UserFaults) {
+        let address = fault.address
+        if fault.isWriteProtect {
+            if tracksDirty { state.dirty.insert(index..<(index + 1)) }
+            if !device.noteStore(frame: frame, at: address, through: faults) {
+                faults.writeProtect(UnsafeMutableRawPointer(bitPattern: address)!, length: PMemDevice.pageSize, false)
+            }
+            return
+        }
+        // A missing page of the device file itself (a sparse device's never-written block reads as
+        // zeros), or a page mapped meanwhile (`EEXIST`): either way the thread may go on.
+        if !faults.placeZeros(at: address, writeProtect: false) { faults.wake(address, length: PMemDevice.pageSize) }
+        if tracksDirty, fault.isWrite { state.dirty.insert(index..<(index + 1)) }
+    }
+
+    // MARK: - sync
+
+    /// `sync` of this mapping: write-protects its dirty pages, so that the next store to one
+    /// faults and marks it dirty again, then makes them durable through the device. Returns the
+    /// pages written back. A mapping that does not track stores makes every page it shows durable.
+    @discardableResult
+    func writeBack() -> Int {
+        let runs: [PageRun] = state.withTrackedLock { state in
+            guard !state.unmapped else { return [] }
+            var runs: [PageRun] = []
+            guard tracksDirty, let faults else {
+                for index in 0..<pageCount where entries[index].load(ordering: .relaxed) != 0 {
+                    runs.append(page: entries[index].load(ordering: .relaxed))
+                }
+                return runs
+            }
+            for run in state.dirty.takeAll() {
+                // Protect first, then flush (the kernel's order): a store racing the flush either
+                // is in it or faults and is flushed by the next sync.
+                faults.writeProtect(
+                    base + run.lowerBound * PMemDevice.pageSize, length: run.count * PMemDevice.pageSize, true)
+                for index in run {
+                    let frame = entries[index].load(ordering: .relaxed)
+                    if frame != 0 { runs.append(page: frame) }
+                }
+            }
+            return runs
+        }
+        for run in runs {
+            device.persist(offset: Int(run.start) * PMemDevice.pageSize, count: Int(run.count) * PMemDevice.pageSize)
+        }
+        return runs.reduce(0) { $0 + Int($1.count) }
+    }
+}
