@@ -148,7 +148,9 @@ func format(_ value: Double) -> String {
     if magnitude >= 100 { return String(format: "%.0f", value) }
     if magnitude >= 10 { return String(format: "%.1f", value) }
     if magnitude >= 1 { return String(format: "%.2f", value) }
-    return String(format: "%.3f", value)
+    if magnitude == 0 { return String(format: "%.3f", value) }
+    // 0.000427, not 0.000: a ratio far below its goal still shows how far.
+    return String(format: "%#.3g", value)
 }
 
 /// A description of the machine, for reports.
