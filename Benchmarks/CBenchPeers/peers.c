@@ -3,12 +3,21 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <lmdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 
 #include <libpmem.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 uint64_t cbench_now_ns(void) {
     struct timespec ts;
@@ -91,4 +100,144 @@ int cbench_lmdb(const char *path, size_t mapsize, int count, int value_size, dou
 out:
     mdb_env_close(env);
     return rc;
+}
+
+void cbench_store_each_page(void *address, size_t pages, uint8_t value) {
+    volatile uint8_t *bytes = address;
+    for (size_t page = 0; page < pages; page++) bytes[page * 4096] = value;
+}
+
+uint64_t cbench_load_each_page(const void *address, size_t pages) {
+    const volatile uint8_t *bytes = address;
+    uint64_t sum = 0;
+    for (size_t page = 0; page < pages; page++) sum += bytes[page * 4096];
+    return sum;
+}
+
+int64_t cbench_tmpfs_first_touch(int fd, size_t pages, int store) {
+    size_t length = pages * 4096;
+    // Fresh holes: whatever an earlier pass gave the file goes back to tmpfs first.
+    if (ftruncate(fd, 0) != 0 || ftruncate(fd, (off_t)length) != 0) return -errno;
+    void *address = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (address == MAP_FAILED) return -errno;
+    uint64_t start = cbench_now_ns();
+    uint64_t sum = 0;
+    if (store) {
+        cbench_store_each_page(address, pages, 1);
+    } else {
+        sum = cbench_load_each_page(address, pages);
+    }
+    int64_t elapsed = (int64_t)(cbench_now_ns() - start);
+    munmap(address, length);
+    // A hole reads as zeros; anything else means the pass did not fault on holes.
+    if (sum != 0) return -EINVAL;
+    return elapsed;
+}
+
+int64_t cbench_time_msync(void *address, size_t length) {
+    uint64_t start = cbench_now_ns();
+    if (msync(address, length, MS_SYNC) != 0) return -errno;
+    return (int64_t)(cbench_now_ns() - start);
+}
+
+int64_t cbench_time_pmem_persist(void *address, size_t length) {
+    uint64_t start = cbench_now_ns();
+    pmem_persist(address, length);
+    return (int64_t)(cbench_now_ns() - start);
+}
+
+// The bare userfaultfd peer: the least any user-space fault handler does per fault.
+struct cbench_uffd_handler {
+    int uffd;
+    int stop;  // an eventfd: written once to end the thread
+    void *zeros;
+};
+
+static void *cbench_uffd_serve(void *argument) {
+    struct cbench_uffd_handler *handler = argument;
+    struct pollfd fds[2] = {{handler->uffd, POLLIN, 0}, {handler->stop, POLLIN, 0}};
+    for (;;) {
+        if (poll(fds, 2, -1) < 0 && errno != EINTR) return NULL;
+        if (fds[1].revents) return NULL;
+        struct uffd_msg message;
+        if (read(handler->uffd, &message, sizeof(message)) != sizeof(message)) continue;
+        if (message.event != UFFD_EVENT_PAGEFAULT) continue;
+        struct uffdio_copy copy = {
+            .dst = message.arg.pagefault.address & ~(uint64_t)4095,
+            .src = (uint64_t)(uintptr_t)handler->zeros,
+            .len = 4096,
+        };
+        // EEXIST: another thread's fault on the page was resolved first; it is woken all the same.
+        if (ioctl(handler->uffd, UFFDIO_COPY, &copy) != 0 && errno != EEXIST) return NULL;
+    }
+}
+
+static int cbench_open_userfaultfd(void) {
+    int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (uffd < 0) {
+        int device = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+        if (device < 0) return -1;
+        uffd = ioctl(device, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+        close(device);
+    }
+    if (uffd < 0) return -1;
+    struct uffdio_api api = {.api = UFFD_API};
+    if (ioctl(uffd, UFFDIO_API, &api) != 0) {
+        close(uffd);
+        return -1;
+    }
+    return uffd;
+}
+
+int cbench_pin_thread(int tid, int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (cpu >= 0) {
+        CPU_SET(cpu, &set);
+    } else {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        for (long each = 0; each < cpus && each < CPU_SETSIZE; each++) CPU_SET(each, &set);
+    }
+    return sched_setaffinity(tid, sizeof(set), &set) == 0 ? 0 : -errno;
+}
+
+int cbench_gettid(void) { return (int)gettid(); }
+
+int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu) {
+    size_t length = pages * 4096;
+    int64_t result = -EINVAL;
+    struct cbench_uffd_handler handler = {.uffd = cbench_open_userfaultfd(), .stop = -1, .zeros = NULL};
+    if (handler.uffd < 0) return -errno;
+    void *address = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    handler.zeros = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    handler.stop = eventfd(0, EFD_CLOEXEC);
+    struct uffdio_register registration = {
+        .range = {.start = (uint64_t)(uintptr_t)address, .len = length},
+        .mode = UFFDIO_REGISTER_MODE_MISSING,
+    };
+    pthread_t thread;
+    if (address == MAP_FAILED || handler.zeros == MAP_FAILED || handler.stop < 0 ||
+        ioctl(handler.uffd, UFFDIO_REGISTER, &registration) != 0 ||
+        (cpu >= 0 && cbench_pin_thread(0, cpu) != 0) ||
+        pthread_create(&thread, NULL, cbench_uffd_serve, &handler) != 0) {
+        result = -errno;
+    } else {
+        uint64_t start = cbench_now_ns();
+        uint64_t sum = 0;
+        if (store) {
+            cbench_store_each_page(address, pages, 1);
+        } else {
+            sum = cbench_load_each_page(address, pages);
+        }
+        result = sum == 0 ? (int64_t)(cbench_now_ns() - start) : -EINVAL;
+        uint64_t one = 1;
+        if (write(handler.stop, &one, sizeof(one)) != sizeof(one)) result = -errno;
+        pthread_join(thread, NULL);
+    }
+    if (cpu >= 0) cbench_pin_thread(0, -1);
+    if (handler.stop >= 0) close(handler.stop);
+    if (handler.zeros != MAP_FAILED && handler.zeros != NULL) munmap(handler.zeros, 4096);
+    if (address != MAP_FAILED) munmap(address, length);
+    close(handler.uffd);
+    return result;
 }

@@ -41,25 +41,46 @@ struct Benchmark {
     var goal: Goal
     /// At least this many repetitions: rows whose samples are short need more against the noise.
     var minimumRepetitions = 0
+    /// Further comparisons made in the same interleaved run (another peer, or ours in another
+    /// mode), each reported as a row of its own; their samples are `Samples.variants`, in order.
+    var variants: [Variant] = []
     /// Runs both sides `repetitions` times, interleaved, and returns the samples.
     var run: (_ context: BenchContext) throws -> Samples
 
     init(
         name: String, unit: String, peerName: String, goal: Goal, minimumRepetitions: Int = 0,
-        run: @escaping (_ context: BenchContext) throws -> Samples
+        variants: [Variant] = [], run: @escaping (_ context: BenchContext) throws -> Samples
     ) {
         self.name = name
         self.unit = unit
         self.peerName = peerName
         self.goal = goal
         self.minimumRepetitions = minimumRepetitions
+        self.variants = variants
         self.run = run
     }
+
+    /// A further row of a benchmark, in its unit.
+    struct Variant {
+        var name: String
+        var peerName: String
+        var goal: Goal
+    }
+
+    /// The row of `variant`: this benchmark under the variant's name, peer and goal.
+    func row(_ variant: Variant) -> Benchmark {
+        Benchmark(name: variant.name, unit: unit, peerName: variant.peerName, goal: variant.goal, run: run)
+    }
+
+    /// Every row this benchmark reports: its own, then its variants'.
+    var rows: [Benchmark] { [self] + variants.map(row) }
 }
 
 struct Samples {
     var ours: [Double] = []
     var peer: [Double] = []
+    /// The samples of each of the benchmark's variants, in order.
+    var variants: [Samples] = []
 }
 
 /// The result of one row: medians of the samples.
@@ -91,6 +112,17 @@ struct BenchContext {
         }
         return samples
     }
+
+    /// Runs each of `sides` in turn, `repetitions` times, after one warm-up round; returns each
+    /// side's samples, in the order of `sides`. For rows that measure more than two sides.
+    func interleave(_ sides: [() throws -> Double]) throws -> [[Double]] {
+        for side in sides { _ = try side() }
+        var samples = [[Double]](repeating: [], count: sides.count)
+        for _ in 0..<repetitions {
+            for (index, side) in sides.enumerated() { samples[index].append(try side()) }
+        }
+        return samples
+    }
 }
 
 func now() -> UInt64 { cbench_now_ns() }
@@ -116,7 +148,9 @@ func format(_ value: Double) -> String {
     if magnitude >= 100 { return String(format: "%.0f", value) }
     if magnitude >= 10 { return String(format: "%.1f", value) }
     if magnitude >= 1 { return String(format: "%.2f", value) }
-    return String(format: "%.3f", value)
+    if magnitude == 0 { return String(format: "%.3f", value) }
+    // 0.000427, not 0.000: a ratio far below its goal still shows how far.
+    return String(format: "%#.3g", value)
 }
 
 /// A description of the machine, for reports.

@@ -47,15 +47,15 @@ let benchmarks: [Benchmark] =
         PagesBenchmarks.pinUnpinPageMap, PagesBenchmarks.pin256, FileSystemBenchmarks.writeBandwidthWarm,
         FileSystemBenchmarks.readBandwidthWarm, FileSystemBenchmarks.createRemove, CrashBenchmarks.imagesPerSecond,
         CrashBenchmarks.crashPointScaling, CrashBenchmarks.persist64Emulated,
-    ] + ScaleBenchmarks.all + [MigrationBenchmarks.migrate1GiB]
+    ] + ScaleBenchmarks.all + [MigrationBenchmarks.migrate1GiB] + FaultBenchmarks.all
 if list {
-    for benchmark in benchmarks {
-        print("\(benchmark.name)\t\(benchmark.unit)\tvs \(benchmark.peerName)\t\(benchmark.goal)")
+    for row in benchmarks.flatMap(\.rows) {
+        print("\(row.name)\t\(row.unit)\tvs \(row.peerName)\t\(row.goal)")
     }
     exit(0)
 }
 if let only {
-    let unknown = only.subtracting(benchmarks.map(\.name))
+    let unknown = only.subtracting(benchmarks.flatMap(\.rows).map(\.name))
     guard unknown.isEmpty else {
         FileHandle.standardError.write(
             Data("daxbench: no benchmark named \(unknown.sorted().joined(separator: ", "))\n".utf8))
@@ -68,17 +68,27 @@ print("machine: \(machineDescription())")
 print("mode: \(quick ? "quick" : "full"), \(context.repetitions) repetitions, medians\n")
 var results: [Result] = []
 var failed = false
-for benchmark in benchmarks where only?.contains(benchmark.name) ?? true {
+// Naming any row of a benchmark runs it, with all its rows.
+for benchmark in benchmarks where only.map({ !$0.isDisjoint(with: benchmark.rows.map(\.name)) }) ?? true {
     FileHandle.standardError.write(Data("running \(benchmark.name)...\n".utf8))
     do {
         var rowContext = context
         rowContext.repetitions = max(context.repetitions, benchmark.minimumRepetitions)
         let samples = try benchmark.run(rowContext)
-        if ProcessInfo.processInfo.environment["DAXBENCH_SAMPLES"] != nil {
-            FileHandle.standardError.write(
-                Data("  ours: \(samples.ours.map(format))\n  peer: \(samples.peer.map(format))\n".utf8))
+        guard samples.variants.count == benchmark.variants.count else {
+            throw BenchError("\(samples.variants.count) variants measured, \(benchmark.variants.count) declared")
         }
-        results.append(Result(benchmark: benchmark, ours: median(samples.ours), peer: median(samples.peer)))
+        if ProcessInfo.processInfo.environment["DAXBENCH_SAMPLES"] != nil {
+            for (row, rowSamples) in zip(benchmark.rows, [samples] + samples.variants) {
+                let lines =
+                    "  \(row.name) ours: \(rowSamples.ours.map(format))\n"
+                    + "  \(row.name) peer: \(rowSamples.peer.map(format))\n"
+                FileHandle.standardError.write(Data(lines.utf8))
+            }
+        }
+        for (row, rowSamples) in zip(benchmark.rows, [samples] + samples.variants) {
+            results.append(Result(benchmark: row, ours: median(rowSamples.ours), peer: median(rowSamples.peer)))
+        }
     } catch {
         FileHandle.standardError.write(Data("daxbench: \(benchmark.name) failed: \(error)\n".utf8))
         failed = true

@@ -35,4 +35,39 @@ int cbench_fallocate(int fd, int64_t length);
 int cbench_lmdb(const char *path, size_t mapsize, int count, int value_size, double *puts_per_second,
                 double *gets_per_second);
 
+/// Stores `value` to the first byte of each of `pages` 4 KiB pages from `address`: one store per
+/// page, so that on a fresh mapping each store is one write fault.
+void cbench_store_each_page(void *address, size_t pages, uint8_t value);
+
+/// Loads the first byte of each of `pages` 4 KiB pages from `address` and returns their sum: one
+/// load per page, so that on a fresh mapping each load is one read fault.
+uint64_t cbench_load_each_page(const void *address, size_t pages);
+
+/// The kernel's first-touch fault on tmpfs: gives the file at `fd` `pages` fresh holes (ftruncate
+/// to 0, then to `pages` * 4096), maps it `MAP_SHARED` without populating it, and stores to
+/// (`store` != 0) or loads from each page once, then unmaps. Returns the nanoseconds of the stores
+/// or loads alone (each one a write or read fault of shmem), or -errno.
+int64_t cbench_tmpfs_first_touch(int fd, size_t pages, int store);
+
+/// `msync(address, length, MS_SYNC)`, timed: nanoseconds, or -errno.
+int64_t cbench_time_msync(void *address, size_t length);
+
+/// `pmem_persist(address, length)`, timed: nanoseconds. What making a whole mapping durable costs
+/// when nothing tracks which of its pages are dirty.
+int64_t cbench_time_pmem_persist(void *address, size_t length);
+
+/// The least a fault handler in user space does: a userfaultfd (missing mode) on a fresh
+/// anonymous mapping of `pages` pages, and a thread that answers each fault with `UFFDIO_COPY` of
+/// a zeroed page (poll, read, ioctl). Stores to (`store` != 0) or loads from each page once, and
+/// returns the nanoseconds of the stores or loads alone, or -errno. With `cpu` >= 0 the caller and
+/// the handler thread run on that CPU alone (the caller's affinity is reset to every CPU after).
+int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu);
+
+/// `sched_setaffinity` of thread `tid` (0: the caller) to CPU `cpu` alone, or to every online CPU
+/// when `cpu` < 0. Returns 0 or -errno.
+int cbench_pin_thread(int tid, int cpu);
+
+/// The caller's thread id (`gettid`).
+int cbench_gettid(void);
+
 #endif
