@@ -216,17 +216,18 @@ final class UserFaults: Sendable {
         } == 0
     }
 
-    /// Places a page of zeros at `address` (a missing page of a registered range) and wakes the
-    /// threads faulting there: `UFFDIO_COPY`, write-protected when `writeProtect` (the range must be
-    /// registered for write-protect faults), so that a store still faults. Returns false (errno
-    /// set) on failure; `EEXIST` means something is there already.
+    /// Places a page of zeros at `address` (a missing page of a registered range) and, unless
+    /// `waking` is false, wakes the threads faulting there: `UFFDIO_COPY`, write-protected when
+    /// `writeProtect` (the range must be registered for write-protect faults), so that a store
+    /// still faults. Returns false (errno set) on failure; `EEXIST` means something is there already.
     @discardableResult
-    func placeZeros(at address: UInt, writeProtect: Bool) -> Bool {
+    func placeZeros(at address: UInt, writeProtect: Bool, waking: Bool = true) -> Bool {
         var request = uffdio_copy()
         request.dst = UInt64(address)
         request.src = UInt64(UInt(bitPattern: Self.zeros))
         request.len = UInt64(Self.pageSize)
         request.mode = writeProtect ? UInt64(dax_UFFDIO_COPY_MODE_WP) : 0
+        if !waking { request.mode |= UInt64(dax_UFFDIO_COPY_MODE_DONTWAKE) }
         return withUnsafeMutablePointer(to: &request) {
             calls.ioctl(fd, dax_UFFDIO_COPY, UnsafeMutableRawPointer($0))
         } == 0
@@ -236,10 +237,11 @@ final class UserFaults: Sendable {
     /// range) and wakes the threads faulting there: `UFFDIO_ZEROPAGE`. A store there would copy it
     /// without a fault, so only read-only ranges use it. Returns false (errno set) on failure.
     @discardableResult
-    func placeZeroPage(at address: UInt) -> Bool {
+    func placeZeroPage(at address: UInt, waking: Bool = true) -> Bool {
         var request = uffdio_zeropage()
         request.range.start = UInt64(address)
         request.range.len = UInt64(Self.pageSize)
+        request.mode = waking ? 0 : UInt64(dax_UFFDIO_ZEROPAGE_MODE_DONTWAKE)
         return withUnsafeMutablePointer(to: &request) {
             calls.ioctl(fd, dax_UFFDIO_ZEROPAGE, UnsafeMutableRawPointer($0))
         } == 0
@@ -253,10 +255,9 @@ final class UserFaults: Sendable {
     }()
 
     /// Sends `signal` to the faulting thread `fault.thread` (SIGBUS for a fault that cannot be
-    /// resolved), then wakes it so that it takes the signal.
+    /// resolved); it takes the signal once woken.
     func signal(_ signal: Int32, to fault: UserFault) {
         _ = dax_tgkill(fault.thread, signal)
-        wake(fault.address, length: Self.pageSize)
     }
 
     /// Drops the handlers of `length` bytes at `address` after the range was unmapped or mapped
@@ -270,12 +271,14 @@ final class UserFaults: Sendable {
     /// Sets (`protect` true) or clears write protection of `length` bytes at `address`; clearing
     /// wakes threads waiting on a fault there. Calls `ioctl(UFFDIO_WRITEPROTECT)`. Returns false
     /// (errno set) when the range is not registered for write-protect faults.
+    /// `waking` false leaves the threads waiting there for a later ``wake(_:length:)``.
     @discardableResult
-    func writeProtect(_ address: UnsafeMutableRawPointer, length: Int, _ protect: Bool) -> Bool {
+    func writeProtect(_ address: UnsafeMutableRawPointer, length: Int, _ protect: Bool, waking: Bool = true) -> Bool {
         var request = uffdio_writeprotect()
         request.range.start = UInt64(UInt(bitPattern: address))
         request.range.len = UInt64(length)
         request.mode = protect ? UInt64(dax_UFFDIO_WRITEPROTECT_MODE_WP) : 0
+        if !waking { request.mode |= UInt64(dax_UFFDIO_WRITEPROTECT_MODE_DONTWAKE) }
         return withUnsafeMutablePointer(to: &request) {
             calls.ioctl(fd, dax_UFFDIO_WRITEPROTECT, UnsafeMutableRawPointer($0))
         } == 0

@@ -80,6 +80,10 @@ extension DAXMapping {
                 space.inode.contents.write { contents in resolve(fault, at: index, &contents, faults) }
             }
         }
+        // Woken once the locks are gone: a thread that goes on to call into the file system (a
+        // sync after its store) does not wait for the handler's tail. A thread sent a signal
+        // takes it now.
+        faults.wake(fault.address, length: PMemDevice.pageSize)
     }
 
     private func resolve(_ fault: UserFault, at index: Int, _ contents: inout Inode.Contents, _ faults: UserFaults) {
@@ -90,13 +94,11 @@ extension DAXMapping {
         let answer: Answer = state.withTrackedLock { state in
             guard !state.unmapped, !contents.isFreed, index < state.sigbusTail else {
                 // Unmapped, or a fault queued before the page was resolved by an earlier one.
-                faults.wake(address, length: PMemDevice.pageSize)
                 return .answered
             }
             if page >= end {
                 raiseSigbusPastEnd(end, &state, faults)
                 handler.sigbus.wrappingAdd(1, ordering: .relaxed)
-                faults.wake(address, length: PMemDevice.pageSize)
                 return .answered
             }
             let frame = entries[index].load(ordering: .acquiring)
@@ -109,12 +111,11 @@ extension DAXMapping {
             guard fault.isWrite || fault.isWriteProtect else {
                 let placed =
                     access == .readWrite
-                    ? faults.placeZeros(at: address, writeProtect: true) : faults.placeZeroPage(at: address)
+                    ? faults.placeZeros(at: address, writeProtect: true, waking: false)
+                    : faults.placeZeroPage(at: address, waking: false)
                 if placed {
                     state.zeroPages.insert(index)
                     handler.zeroPage.wrappingAdd(1, ordering: .relaxed)
-                } else {
-                    faults.wake(address, length: PMemDevice.pageSize)
                 }
                 return .answered
             }
@@ -130,7 +131,7 @@ extension DAXMapping {
             return
         case .show(let extent):
             populate([extent])
-            wakeOrSignal(fault, at: index, faults)
+            signalUnlessShown(fault, at: index, faults)
         case .allocate:
             // The kernel's page_mkwrite: a zeroed block, journaled as `allocate` journals it, shown
             // in every mapping of the file that shows nothing there, this one included.
@@ -139,7 +140,7 @@ extension DAXMapping {
                     &contents, page..<(page + 1), what: "store to a hole of \(Paths.quoted(path)) through a mapping")
                 handler.allocating.wrappingAdd(1, ordering: .relaxed)
                 space.show(added)
-                wakeOrSignal(fault, at: index, faults)
+                signalUnlessShown(fault, at: index, faults)
             } catch {
                 // No block (or the journal refused): SIGBUS to the thread, nothing else changes.
                 handler.sigbus.wrappingAdd(1, ordering: .relaxed)
@@ -148,13 +149,11 @@ extension DAXMapping {
         }
     }
 
-    /// Wakes the faulting thread once page `index` shows its block; if it could not be mapped (the
-    /// process out of map entries, a count at its limit) the thread would fault again at once, so
-    /// it gets SIGBUS instead, as the kernel answers a fault it cannot map (`VM_FAULT_SIGBUS`).
-    private func wakeOrSignal(_ fault: UserFault, at index: Int, _ faults: UserFaults) {
-        if entries[index].load(ordering: .acquiring) != 0 {
-            faults.wake(fault.address, length: PMemDevice.pageSize)
-        } else {
+    /// Page `index` shows its block now, or it could not be mapped (the process out of map
+    /// entries, a count at its limit): then the thread would fault again at once, so it gets SIGBUS
+    /// instead, as the kernel answers a fault it cannot map (`VM_FAULT_SIGBUS`).
+    private func signalUnlessShown(_ fault: UserFault, at index: Int, _ faults: UserFaults) {
+        if entries[index].load(ordering: .acquiring) == 0 {
             space.handler.sigbus.wrappingAdd(1, ordering: .relaxed)
             faults.signal(SIGBUS, to: fault)
         }
@@ -181,13 +180,14 @@ extension DAXMapping {
         if fault.isWriteProtect {
             if tracksDirty { state.dirty.insert(index..<(index + 1)) }
             if !device.noteStore(frame: frame, at: address, through: faults) {
-                faults.writeProtect(UnsafeMutableRawPointer(bitPattern: address)!, length: PMemDevice.pageSize, false)
+                faults.writeProtect(
+                    UnsafeMutableRawPointer(bitPattern: address)!, length: PMemDevice.pageSize, false, waking: false)
             }
             return
         }
         // A missing page of the device file itself (a sparse device's never-written block reads as
         // zeros), or a page mapped meanwhile (`EEXIST`): either way the thread may go on.
-        if !faults.placeZeros(at: address, writeProtect: false) { faults.wake(address, length: PMemDevice.pageSize) }
+        faults.placeZeros(at: address, writeProtect: false, waking: false)
         if tracksDirty, fault.isWrite { state.dirty.insert(index..<(index + 1)) }
     }
 
