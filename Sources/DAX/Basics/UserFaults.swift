@@ -155,7 +155,11 @@ final class UserFaults: Sendable {
     /// range registered here must be unmapped by then: a fault that arrives later is the
     /// kernel's to handle.
     func stop() {
-        guard let running = thread.withTrackedLock({ thread in defer { thread = nil }; return thread }) else { return }
+        let taken = thread.withTrackedLock { thread in
+            defer { thread = nil }
+            return thread
+        }
+        guard let running = taken else { return }
         var one: UInt64 = 1
         _ = withUnsafeBytes(of: &one) { Glibc.write(stopFD, $0.baseAddress, 8) }
         if pthread_equal(running, pthread_self()) != 0 {

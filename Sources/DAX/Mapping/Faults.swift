@@ -175,7 +175,9 @@ extension DAXMapping {
     /// A fault at a page that shows a block: a store after `sync` write-protected it (it is dirty
     /// again; an emulated device also notes the store), or a fault queued before the block was
     /// mapped here.
-    private func storeToBlock(_ fault: UserFault, frame: UInt64, at index: Int, _ state: inout State, _ faults: UserFaults) {
+    private func storeToBlock(
+        _ fault: UserFault, frame: UInt64, at index: Int, _ state: inout State, _ faults: UserFaults
+    ) {
         let address = fault.address
         if fault.isWriteProtect {
             if tracksDirty { state.dirty.insert(index..<(index + 1)) }

@@ -21,7 +21,8 @@ enum MappingRegion {
     /// Reserves `length` bytes of address space. With a fault handler (`placeholder` set) the
     /// range is one anonymous placeholder with `placeholder`'s protection, whose pages fault to the
     /// handler once registered; without, it faults (`PROT_NONE`) until something is mapped there.
-    static func reserve(_ length: Int, placeholder: Access? = nil, calls: SystemCalls) throws -> UnsafeMutableRawPointer {
+    static func reserve(_ length: Int, placeholder: Access? = nil, calls: SystemCalls) throws -> UnsafeMutableRawPointer
+    {
         let protection = placeholder.map(protection) ?? PROT_NONE
         guard let base = calls.mmap(nil, length, protection, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) else {
             throw DAXError.system(

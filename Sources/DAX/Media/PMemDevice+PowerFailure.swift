@@ -46,7 +46,8 @@ extension PMemDevice {
     /// handler forwards stores to ``noteStore(frame:at:through:)``; nil registers it with the
     /// process's.
     func noteMapped(
-        _ address: UnsafeMutableRawPointer, frame: UInt64, pages: Int, exposed: Bool, handledBy handler: UserFaults? = nil
+        _ address: UnsafeMutableRawPointer, frame: UInt64, pages: Int, exposed: Bool,
+        handledBy handler: UserFaults? = nil
     ) throws {
         guard let emulation else { return }
         try emulation.addAlias(address, pages: pages, firstPage: Int(frame), exposed: exposed, handledBy: handler)

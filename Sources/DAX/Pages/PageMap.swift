@@ -57,7 +57,8 @@ public final class PageMap: Sendable {
         let core = UnsafeMutablePointer<PageTableCore>.allocate(capacity: 1)
         core.initialize(
             to: PageTableCore(
-                descriptors: descriptors, count: pageCount + 1, tableBytes: bytes, tallySlot: PinTally.claimSlot() ?? -1))
+                descriptors: descriptors, count: pageCount + 1, tableBytes: bytes, tallySlot: PinTally.claimSlot() ?? -1
+            ))
         self.count = pageCount
         self.table = MemMap(core: core)
         self.calls = calls
