@@ -148,6 +148,7 @@ final class UserFaults: Sendable {
             throw DAXError(.unsupported, "cannot start a fault handler thread: error \(result)")
         }
         thread.withTrackedLock { $0 = started }
+        Self.instances.withTrackedLock { $0[ObjectIdentifier(self)] = WeakInstance(faults: self) }
     }
 
     /// Stops the thread, which closes the descriptor as it ends; idempotent. Waits for it, unless
@@ -160,6 +161,7 @@ final class UserFaults: Sendable {
             return thread
         }
         guard let running = taken else { return }
+        _ = Self.instances.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
         var one: UInt64 = 1
         _ = withUnsafeBytes(of: &one) { Glibc.write(stopFD, $0.baseAddress, 8) }
         if pthread_equal(running, pthread_self()) != 0 {
@@ -194,6 +196,21 @@ final class UserFaults: Sendable {
             let index = list.firstIndex { $0.start > start } ?? list.count
             list.insert(entry, at: index)
         }
+    }
+
+    /// Every instance in the process that has not stopped, weakly held.
+    private static let instances = Mutex<[ObjectIdentifier: WeakInstance]>([:])
+
+    private struct WeakInstance: @unchecked Sendable {
+        weak var faults: UserFaults?
+    }
+
+    /// Whether any of `length` bytes at `address` has a handler in any instance of the process:
+    /// memory whose faults a handler thread answers, which code holding a lock that some handler
+    /// takes must not touch (another file system's handler may wait for a lock of this one).
+    static func anyHandles(_ address: UnsafeRawPointer, length: Int) -> Bool {
+        let all = instances.withTrackedLock { $0.values.compactMap(\.faults) }
+        return all.contains { $0.handles(address, length: length) }
     }
 
     /// Whether any of `length` bytes at `address` has a handler here: memory whose faults this

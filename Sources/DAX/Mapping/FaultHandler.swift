@@ -60,6 +60,9 @@ final class FaultHandler: Sendable {
     /// refuses while one is).
     func stop() { faults?.stop() }
 
+    /// The last address space and the file system let go: no mapping is left to fault.
+    deinit { faults?.stop() }
+
     /// What was answered since mount.
     var counts: FaultCounts {
         var counts = FaultCounts()

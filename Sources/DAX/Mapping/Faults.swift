@@ -215,8 +215,17 @@ extension DAXMapping {
                 // registered here, at their first sync, not when a fault maps them.
                 let address = base + run.lowerBound * PMemDevice.pageSize
                 let runLength = run.count * PMemDevice.pageSize
-                faults.registerAgain(address, length: runLength, modes: MappingRegion.faultModes(access))
-                faults.writeProtect(address, length: runLength, true)
+                guard faults.registerAgain(address, length: runLength, modes: MappingRegion.faultModes(access)),
+                    faults.writeProtect(address, length: runLength, true)
+                else {
+                    // The kernel cannot write-protect these pages (a device that is not shared
+                    // memory): they stay dirty, and every sync flushes them, as without tracking.
+                    state.dirty.insert(run)
+                    for index in run where entries[index].load(ordering: .relaxed) != 0 {
+                        runs.append(page: entries[index].load(ordering: .relaxed))
+                    }
+                    continue
+                }
                 for index in run {
                     let frame = entries[index].load(ordering: .relaxed)
                     if frame != 0 { runs.append(page: frame) }

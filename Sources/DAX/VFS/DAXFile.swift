@@ -107,14 +107,14 @@ public final class DAXFile: Sendable {
         }
     }
 
-    /// Runs `body` with `buffer`, or with a copy of it when it lies in a DAX mapping of this file
-    /// system: touching such memory may fault to the handler thread, which needs the inode lock
-    /// that `body` holds (the kernel faults a user buffer in before it takes its locks).
+    /// Runs `body` with `buffer`, or with a copy of it when it lies in a DAX mapping of any file
+    /// system: touching such memory may fault to a handler thread, which may need the inode lock
+    /// that `body` holds, or wait behind a fault that does (the kernel faults a user buffer in
+    /// before it takes its locks).
     private func withBounce<T>(_ buffer: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) throws -> T) rethrows
         -> T
     {
-        guard let faults = space.handler.faults, let start = buffer.baseAddress,
-            faults.handles(start, length: buffer.count)
+        guard let start = buffer.baseAddress, UserFaults.anyHandles(start, length: buffer.count)
         else { return try body(buffer) }
         let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: buffer.count, alignment: 64)
         defer { copy.deallocate() }
@@ -123,12 +123,11 @@ public final class DAXFile: Sendable {
     }
 
     /// Runs `body` to fill `buffer`, or a copy of it that is then copied in when `buffer` lies in
-    /// a DAX mapping of this file system (see ``withBounce(_:_:)``).
+    /// a DAX mapping of any file system (see ``withBounce(_:_:)``).
     private func withBounce(
         _ buffer: UnsafeMutableRawBufferPointer, _ body: (UnsafeMutableRawBufferPointer) throws -> Int
     ) rethrows -> Int {
-        guard let faults = space.handler.faults, let start = buffer.baseAddress,
-            faults.handles(start, length: buffer.count)
+        guard let start = buffer.baseAddress, UserFaults.anyHandles(start, length: buffer.count)
         else { return try body(buffer) }
         let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: buffer.count, alignment: 64)
         defer { copy.deallocate() }

@@ -51,7 +51,7 @@ public final class DAXFileSystem: Sendable {
     deinit {
         // Dropped without unmount (no handle or mapping can remain: they hold the file system).
         // Release the device so that it can be mounted again; orphans are freed by that mount.
-        spaces.handler.stop()
+        // The fault handler stops with its last user: a mapping still alive holds it.
         if volume.isMounted { volume.releaseDevice() }
     }
 
