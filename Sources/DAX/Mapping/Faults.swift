@@ -153,7 +153,8 @@ extension DAXMapping {
     /// entries, a count at its limit): then the thread would fault again at once, so it gets SIGBUS
     /// instead, as the kernel answers a fault it cannot map (`VM_FAULT_SIGBUS`).
     private func signalUnlessShown(_ fault: UserFault, at index: Int, _ faults: UserFaults) {
-        if entries[index].load(ordering: .acquiring) == 0 {
+        // An unmapped mapping shows nothing either: its thread retries and finds no mapping there.
+        if entries[index].load(ordering: .acquiring) == 0, !isUnmapped {
             space.handler.sigbus.wrappingAdd(1, ordering: .relaxed)
             faults.signal(SIGBUS, to: fault)
         }
