@@ -93,21 +93,14 @@ struct FaultHandlerModeTests {
     /// Options whose userfaultfd comes only in user-mode-only mode, as for a process without
     /// privilege (no /dev/userfaultfd, no CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=0).
     static var userModeOnly: PMemDevice.Options {
-        var calls = SystemCalls.injectable
-        calls.open = { path, flags, mode in
-            guard path == "/dev/userfaultfd" else { return SystemCalls.live.open(path, flags, mode) }
-            errno = EACCES
-            return -1
-        }
-        calls.userfaultfd = { flags in
+        var options = PMemDevice.Options.withoutUserfaultfd
+        options.systemCalls.userfaultfd = { flags in
             guard flags & 1 != 0 else {  // UFFD_USER_MODE_ONLY
                 errno = EPERM
                 return -1
             }
             return SystemCalls.live.userfaultfd(flags)
         }
-        var options = PMemDevice.Options()
-        options.systemCalls = calls
         return options
     }
 

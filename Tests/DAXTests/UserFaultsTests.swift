@@ -7,16 +7,7 @@ import Testing
 struct UserFaultsTests {
     @Test("without /dev/userfaultfd or the system call, the error says what is missing and why")
     func unavailable() {
-        var calls = SystemCalls.injectable
-        calls.open = { path, flags, mode in
-            guard path == "/dev/userfaultfd" else { return SystemCalls.live.open(path, flags, mode) }
-            errno = EACCES
-            return -1
-        }
-        calls.userfaultfd = { _ in
-            errno = EPERM
-            return -1
-        }
+        let calls = PMemDevice.Options.withoutUserfaultfd.systemCalls
         let error = expectDAXError(.permissionDenied) { try UserFaults(calls: calls) }
         #expect(error?.message.contains("vm.unprivileged_userfaultfd") == true)
     }

@@ -163,13 +163,11 @@ public final class DAXMapping: Sendable {
             _ = device.systemCalls.munmap(base, length)
             if state.dirty.count > 0 {
                 // Still to be made durable by the next sync, as the kernel's dirty tags outlive a munmap.
-                var frames: [UInt64] = []
-                for run in state.dirty.takeAll() {
-                    for index in run where entries[index].load(ordering: .relaxed) != 0 {
-                        frames.append(entries[index].load(ordering: .relaxed))
-                    }
+                var runs: [PageRun] = []
+                for run in state.dirty.takeAll() { appendShownFrames(run, to: &runs) }
+                space.unmappedDirtyFrames.withTrackedLock { frames in
+                    for run in runs { frames.formUnion(run.range) }
                 }
-                space.unmappedDirtyFrames.withTrackedLock { $0.formUnion(frames) }
             }
             let pages = device.pages
             for index in 0..<pageCount {

@@ -205,9 +205,7 @@ extension DAXMapping {
             guard !state.unmapped else { return [] }
             var runs: [PageRun] = []
             guard tracksDirty, let faults else {
-                for index in 0..<pageCount where entries[index].load(ordering: .relaxed) != 0 {
-                    runs.append(page: entries[index].load(ordering: .relaxed))
-                }
+                appendShownFrames(0..<pageCount, to: &runs)
                 return runs
             }
             for run in state.dirty.takeAll() {
@@ -216,21 +214,14 @@ extension DAXMapping {
                 // registered here, at their first sync, not when a fault maps them.
                 let address = base + run.lowerBound * PMemDevice.pageSize
                 let runLength = run.count * PMemDevice.pageSize
-                guard faults.registerAgain(address, length: runLength, modes: MappingRegion.faultModes(access)),
-                    faults.writeProtect(address, length: runLength, true)
-                else {
+                if !faults.registerAgain(address, length: runLength, modes: MappingRegion.faultModes(access))
+                    || !faults.writeProtect(address, length: runLength, true)
+                {
                     // The kernel cannot write-protect these pages (a device that is not shared
                     // memory): they stay dirty, and every sync flushes them, as without tracking.
                     state.dirty.insert(run)
-                    for index in run where entries[index].load(ordering: .relaxed) != 0 {
-                        runs.append(page: entries[index].load(ordering: .relaxed))
-                    }
-                    continue
                 }
-                for index in run {
-                    let frame = entries[index].load(ordering: .relaxed)
-                    if frame != 0 { runs.append(page: frame) }
-                }
+                appendShownFrames(run, to: &runs)
             }
             return runs
         }
@@ -238,5 +229,14 @@ extension DAXMapping {
             device.persist(offset: Int(run.start) * PMemDevice.pageSize, count: Int(run.count) * PMemDevice.pageSize)
         }
         return runs.reduce(0) { $0 + Int($1.count) }
+    }
+
+    /// Appends the frames that pages `indices` of the mapping show, as runs (pages that show
+    /// nothing are skipped). Under the mapping's lock.
+    func appendShownFrames(_ indices: Range<Int>, to runs: inout [PageRun]) {
+        for index in indices {
+            let frame = entries[index].load(ordering: .relaxed)
+            if frame != 0 { runs.append(page: frame) }
+        }
     }
 }
