@@ -264,18 +264,24 @@ public final class DAXMapping: Sendable {
             for extent in extents {
                 guard let local = localRange(extent.logicalRange) else { continue }
                 // Runs of pages that show nothing, each mapped with one mmap.
-                var index = local.lowerBound
-                while index < local.upperBound {
-                    guard entries[index].load(ordering: .relaxed) == 0 else {
-                        index += 1
-                        continue
-                    }
-                    var end = index + 1
-                    while end < local.upperBound, entries[end].load(ordering: .relaxed) == 0 { end += 1 }
-                    populateRun(index..<end, of: extent, &state)
-                    index = end
-                }
+                forEachRunShowingNothing(in: local) { populateRun($0, of: extent, &state) }
             }
+        }
+    }
+
+    /// Calls `body` with each maximal run of pages in `indices` that show no block. Under the
+    /// mapping's lock.
+    func forEachRunShowingNothing(in indices: Range<Int>, _ body: (Range<Int>) -> Void) {
+        var index = indices.lowerBound
+        while index < indices.upperBound {
+            guard entries[index].load(ordering: .relaxed) == 0 else {
+                index += 1
+                continue
+            }
+            var end = index + 1
+            while end < indices.upperBound, entries[end].load(ordering: .relaxed) == 0 { end += 1 }
+            body(index..<end)
+            index = end
         }
     }
 

@@ -37,18 +37,10 @@ extension DAXMapping {
             let newTail = end <= firstPage ? 0 : Int(min(end - firstPage, UInt64(pageCount)))
             guard newTail > state.sigbusTail else { return }
             // Runs that show no block: a block written there meanwhile was mapped over the region.
-            var index = state.sigbusTail
-            while index < newTail {
-                guard entries[index].load(ordering: .relaxed) == 0 else {
-                    index += 1
-                    continue
-                }
-                var runEnd = index + 1
-                while runEnd < newTail, entries[runEnd].load(ordering: .relaxed) == 0 { runEnd += 1 }
+            forEachRunShowingNothing(in: state.sigbusTail..<newTail) { run in
                 MappingRegion.makePlaceholder(
-                    base + index * PMemDevice.pageSize, length: (runEnd - index) * PMemDevice.pageSize,
+                    base + run.lowerBound * PMemDevice.pageSize, length: run.count * PMemDevice.pageSize,
                     access: access, faults: faults, calls: device.systemCalls)
-                index = runEnd
             }
             state.sigbusTail = newTail
         }
