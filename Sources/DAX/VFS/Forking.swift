@@ -53,3 +53,24 @@ public enum PinnedPagePolicy: Sendable {
     /// frame changes the clone too.
     case unsafeShare
 }
+
+extension DAXFile {
+    /// How many files' extents name the block behind each page of `[offset, offset+count)`: 0 for
+    /// a hole, 1 for a block of this file alone, more for a block shared copy-on-write (a clone, a
+    /// snapshot, dedup). `daxemu ls -l` and `frames` show it.
+    public func blockReferences(offset: Int, count: Int) throws -> [Int] {
+        try operation("look up the block references of") {
+            try FileData.checkRange(offset, count, "look up the block references of", path)
+            guard count > 0 else { return [] }
+            let pages = FileData.page(offset)..<FileData.pageUp(offset + count)
+            guard pages.count <= 1 << 28 else {
+                throw DAXError(
+                    .invalidArgument, "cannot list \(pages.count) block references of \(Paths.quoted(path)) at once")
+            }
+            return try inode.contents.read { contents in
+                try contents.checkLive(path)
+                return fileSystem.data.frames(contents, pages: pages).map { $0 == nil ? 0 : 1 }
+            }
+        }
+    }
+}
