@@ -81,6 +81,21 @@ struct Samples {
     var peer: [Double] = []
     /// The samples of each of the benchmark's variants, in order.
     var variants: [Samples] = []
+    /// Why this row has no samples, when one side cannot run here (a peer this machine cannot
+    /// set up): the row is printed as not measured, with this reason.
+    var notMeasured: String?
+
+    /// The samples of a row that could not be measured, and why.
+    static func notMeasured(_ reason: String) -> Samples { Samples(notMeasured: reason) }
+}
+
+/// Thrown by a benchmark that cannot run at all on this build or machine (an operation the
+/// library refuses with `.unsupported`, a peer that needs what the machine lacks): every row of
+/// the benchmark is printed as not measured, with `reason`, and the run does not fail.
+struct NotMeasured: Error, CustomStringConvertible {
+    var reason: String
+    init(_ reason: String) { self.reason = reason }
+    var description: String { reason }
 }
 
 /// The result of one row: medians of the samples.
@@ -88,8 +103,25 @@ struct Result {
     var benchmark: Benchmark
     var ours: Double
     var peer: Double
+    /// Why the row was not measured; `ours` and `peer` are NaN then.
+    var notMeasured: String?
     var ratio: Double { peer == 0 ? .infinity : ours / peer }
-    var holds: Bool? { benchmark.goal.holds(ours: ours, peer: peer, ratio: ratio) }
+    var holds: Bool? { notMeasured == nil ? benchmark.goal.holds(ours: ours, peer: peer, ratio: ratio) : nil }
+
+    init(benchmark: Benchmark, ours: Double, peer: Double, notMeasured: String? = nil) {
+        self.benchmark = benchmark
+        self.ours = ours
+        self.peer = peer
+        self.notMeasured = notMeasured
+    }
+
+    /// A row that was not measured, and why.
+    init(notMeasured benchmark: Benchmark, reason: String) {
+        self.init(benchmark: benchmark, ours: .nan, peer: .nan, notMeasured: reason)
+    }
+
+    /// What the table shows in the `holds` column.
+    var holdsCell: String { notMeasured != nil ? "not measured" : holds.map { $0 ? "yes" : "NO" } ?? "-" }
 }
 
 /// Settings every benchmark sees.
@@ -171,9 +203,8 @@ func printTable(_ results: [Result]) {
     let rows = results.map { result in
         [
             result.benchmark.name, format(result.ours), format(result.peer), result.benchmark.peerName,
-            result.benchmark.unit, format(result.ratio), result.benchmark.goal.description,
-            result.holds.map { $0 ? "yes" : "NO" } ?? "-",
-        ]
+            result.benchmark.unit, format(result.ratio), result.benchmark.goal.description, result.holdsCell,
+        ].map { result.notMeasured != nil && $0 == "nan" ? "-" : $0 }
     }
     var widths = header.map(\.count)
     for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
@@ -184,11 +215,22 @@ func printTable(_ results: [Result]) {
     print(line(header))
     print(line(widths.map { String(repeating: "-", count: $0) }))
     for row in rows { print(line(row)) }
+    // One line per reason, naming its rows (a benchmark's variants share their benchmark's).
+    var reasons: [(reason: String, rows: [String])] = []
+    for result in results {
+        guard let reason = result.notMeasured else { continue }
+        if let last = reasons.indices.last, reasons[last].reason == reason {
+            reasons[last].rows.append(result.benchmark.name)
+        } else {
+            reasons.append((reason, [result.benchmark.name]))
+        }
+    }
+    for (reason, rows) in reasons { print("\(rows.joined(separator: ", ")): not measured: \(reason)") }
 }
 
 func writeJSON(_ results: [Result], to path: String) throws {
     let entries: [[String: Any]] = results.map { result in
-        [
+        var entry: [String: Any] = [
             "name": result.benchmark.name,
             "unit": result.benchmark.unit,
             "ours": result.ours,
@@ -198,6 +240,12 @@ func writeJSON(_ results: [Result], to path: String) throws {
             "goal": result.benchmark.goal.description,
             "holds": result.holds.map { $0 as Any } ?? NSNull(),
         ]
+        if let reason = result.notMeasured {
+            // JSON has no NaN.
+            for key in ["ours", "peer", "ratio"] { entry[key] = NSNull() }
+            entry["notMeasured"] = reason
+        }
+        return entry
     }
     let document: [String: Any] = ["machine": machineDescription(), "results": entries]
     let data = try JSONSerialization.data(
@@ -216,6 +264,13 @@ func markdownTable(_ results: [Result]) -> String {
         "|---|---:|---:|---|---|---:|---|---|",
     ]
     for result in results {
+        if let reason = result.notMeasured {
+            lines.append(
+                "| `\(result.benchmark.name)` | - | - | \(result.benchmark.peerName) | \(result.benchmark.unit) | - | "
+                    + "`\(result.benchmark.goal)` | not measured: \(reason.replacingOccurrences(of: "|", with: "\\|")) |"
+            )
+            continue
+        }
         let holds = result.holds.map { $0 ? "yes" : "**no**" } ?? "-"
         lines.append(
             "| `\(result.benchmark.name)` | \(format(result.ours)) | \(format(result.peer)) | "

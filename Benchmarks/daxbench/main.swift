@@ -87,8 +87,15 @@ for benchmark in benchmarks where only.map({ !$0.isDisjoint(with: benchmark.rows
             }
         }
         for (row, rowSamples) in zip(benchmark.rows, [samples] + samples.variants) {
-            results.append(Result(benchmark: row, ours: median(rowSamples.ours), peer: median(rowSamples.peer)))
+            if let reason = rowSamples.notMeasured {
+                results.append(Result(notMeasured: row, reason: reason))
+            } else {
+                results.append(Result(benchmark: row, ours: median(rowSamples.ours), peer: median(rowSamples.peer)))
+            }
         }
+    } catch let error as NotMeasured {
+        FileHandle.standardError.write(Data("daxbench: \(benchmark.name) not measured: \(error.reason)\n".utf8))
+        results += benchmark.rows.map { Result(notMeasured: $0, reason: error.reason) }
     } catch {
         FileHandle.standardError.write(Data("daxbench: \(benchmark.name) failed: \(error)\n".utf8))
         failed = true
