@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <linux/userfaultfd.h>
 #include <lmdb.h>
 #include <poll.h>
@@ -15,7 +16,9 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -239,5 +242,75 @@ int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu) {
     if (handler.zeros != MAP_FAILED && handler.zeros != NULL) munmap(handler.zeros, 4096);
     if (address != MAP_FAILED) munmap(address, length);
     close(handler.uffd);
+    return result;
+}
+
+static int64_t cbench_minor_faults(void) {
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    return usage.ru_minflt;
+}
+
+int64_t cbench_fork_cow(size_t pages, int64_t *faults) {
+    size_t length = pages * 4096;
+    void *address = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (address == MAP_FAILED) return -errno;
+    // 4 KiB pages, as a DAX page here: a huge page would be split at the first fault instead.
+    if (madvise(address, length, MADV_NOHUGEPAGE) != 0) {
+        int error = errno;
+        munmap(address, length);
+        return -error;
+    }
+    cbench_store_each_page(address, pages, 1);
+    int gate[2];
+    if (pipe(gate) != 0) {
+        int error = errno;
+        munmap(address, length);
+        return -error;
+    }
+    pid_t child = fork();
+    if (child == 0) {
+        // The child only waits: it keeps every page mapped until the parent is done. read and
+        // _exit are all it may call in the copy of a process with other threads.
+        char byte;
+        close(gate[1]);
+        while (read(gate[0], &byte, 1) < 0 && errno == EINTR) {}
+        _exit(0);
+    }
+    int64_t result;
+    close(gate[0]);
+    if (child < 0) {
+        result = -errno;
+    } else {
+        int64_t before = cbench_minor_faults();
+        uint64_t start = cbench_now_ns();
+        cbench_store_each_page(address, pages, 2);
+        result = (int64_t)(cbench_now_ns() - start);
+        *faults = cbench_minor_faults() - before;
+    }
+    // Closing the pipe lets the child go.
+    close(gate[1]);
+    if (child > 0) {
+        int status;
+        while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) result = -ECHILD;
+    }
+    munmap(address, length);
+    return result;
+}
+
+int64_t cbench_ficlone(const char *source, const char *destination) {
+    int from = open(source, O_RDONLY | O_CLOEXEC);
+    if (from < 0) return -errno;
+    int to = open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (to < 0) {
+        int error = errno;
+        close(from);
+        return -error;
+    }
+    uint64_t start = cbench_now_ns();
+    int64_t result = ioctl(to, FICLONE, from) == 0 ? (int64_t)(cbench_now_ns() - start) : -errno;
+    close(to);
+    close(from);
     return result;
 }

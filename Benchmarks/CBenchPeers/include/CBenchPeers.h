@@ -70,4 +70,17 @@ int cbench_pin_thread(int tid, int cpu);
 /// The caller's thread id (`gettid`).
 int cbench_gettid(void);
 
+/// The kernel's copy-on-write fault on anonymous memory after `fork()`: maps `pages` private
+/// anonymous 4 KiB pages (`MADV_NOHUGEPAGE`), stores to each so that it has a page of its own,
+/// forks a child that waits on a pipe without touching them, then stores one byte to each page in
+/// the parent while the child is alive: each page is mapped by both, so each store copies it.
+/// Returns the nanoseconds of those stores alone, or -errno; `*faults` is the parent's minor
+/// faults during them (one per page when every store copied). The child exits before it returns.
+int64_t cbench_fork_cow(size_t pages, int64_t *faults);
+
+/// `ioctl(FICLONE)`: makes `destination` (created; it must not exist) share the blocks of
+/// `source`, on a file system with reflinks (xfs with `reflink=1`). Returns the nanoseconds of the
+/// ioctl alone, or -errno; `destination` is left for the caller to remove.
+int64_t cbench_ficlone(const char *source, const char *destination);
+
 #endif
