@@ -193,12 +193,12 @@ enum FaultBenchmarks {
     }
 
     /// The thread ids of this process (`/proc/self/task`).
-    private static func threadIDs() -> Set<Int32> {
+    static func threadIDs() -> Set<Int32> {
         Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []).compactMap { Int32($0) })
     }
 
     /// Runs each thread of `threads` (0: the caller) on CPU `cpu` alone, or on every CPU when `cpu` < 0.
-    private static func pin(_ threads: Set<Int32>, to cpu: Int32) throws {
+    static func pin(_ threads: Set<Int32>, to cpu: Int32) throws {
         for thread in threads {
             let result = cbench_pin_thread(thread, cpu)
             guard result == 0 else {
@@ -209,7 +209,7 @@ enum FaultBenchmarks {
 
     /// Context switches of this process so far, voluntary and not (every thread's: a fault that the
     /// handler thread resolves costs at least a switch to it and one back).
-    private static func contextSwitches() -> Int {
+    static func contextSwitches() -> Int {
         var usage = rusage()
         getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &usage)
         return usage.ru_nvcsw + usage.ru_nivcsw

@@ -109,38 +109,3 @@ enum ScaleBenchmarks {
         return Double(largest) / 1024
     }
 }
-
-/// Page migration against the copy it must make.
-enum MigrationBenchmarks {
-    /// migrate of a 1 GiB file (mapped, nothing pinned), ms, vs memcpy of 1 GiB between two buffers.
-    static var migrate1GiB: Benchmark {
-        Benchmark(name: "migrate-1GiB", unit: "ms", peerName: "memcpy of 1 GiB", goal: .atMost(1.5)) { context in
-            let bytes = context.quick ? 256 << 20 : 1 << 30
-            let setup = try BenchFileSystem(context, name: "migrate", size: bytes * 2 + bytes / 4)
-            let file = try setup.fs.create("/f")
-            try file.allocate(offset: 0, count: bytes)
-            let mapping = try file.map(count: bytes)
-            defer { mapping.unmap() }
-            let from = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
-            let to = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
-            defer {
-                from.deallocate()
-                to.deallocate()
-            }
-            memset(from, 1, bytes)
-            memset(to, 2, bytes)
-            return try context.interleave(
-                ours: {
-                    let start = now()
-                    let result = try file.migrate(offset: 0, count: bytes)
-                    guard result.migrated == bytes / 4096 else { throw BenchError("migrated \(result.migrated)") }
-                    return Double(now() - start) / 1e6
-                },
-                peer: {
-                    let start = now()
-                    memcpy(to, from, bytes)
-                    return Double(now() - start) / 1e6
-                })
-        }
-    }
-}

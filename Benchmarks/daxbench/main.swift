@@ -47,7 +47,7 @@ let benchmarks: [Benchmark] =
         PagesBenchmarks.pinUnpinPageMap, PagesBenchmarks.pin256, FileSystemBenchmarks.writeBandwidthWarm,
         FileSystemBenchmarks.readBandwidthWarm, FileSystemBenchmarks.createRemove, CrashBenchmarks.imagesPerSecond,
         CrashBenchmarks.crashPointScaling, CrashBenchmarks.persist64Emulated,
-    ] + ScaleBenchmarks.all + [MigrationBenchmarks.migrate1GiB] + FaultBenchmarks.all
+    ] + ScaleBenchmarks.all + FaultBenchmarks.all + ForkingBenchmarks.all
 if list {
     for row in benchmarks.flatMap(\.rows) {
         print("\(row.name)\t\(row.unit)\tvs \(row.peerName)\t\(row.goal)")
