@@ -254,10 +254,11 @@ enum ForkingBenchmarks {
             let after = setup.fs.statistics()
             let copied = after.faults.copyOnWrite - before.faults.copyOnWrite
             let taken = before.freeBlocks - after.freeBlocks
-            guard copied == pages, taken == pages else {
+            // At least a new block per page (the extents a copy splits may take a leaf or two).
+            guard copied == pages, taken >= pages else {
                 throw BenchError(
                     "\(row): \(pages) stores to shared pages made \(copied) copy-on-write faults and took \(taken) "
-                        + "blocks (expected \(pages) each)")
+                        + "blocks (expected \(pages) faults and at least as many blocks)")
             }
             // The clone has the stores, the source has none of them.
             for (file, expected) in [(clone, value), (source, sourceByte)] {
