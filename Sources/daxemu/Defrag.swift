@@ -36,6 +36,10 @@ struct Defrag: ParsableCommand {
             }
             let shared = try sharedBlockCount(handle, blocks: attributes.blocks)
             let movable = attributes.blocks - shared
+            guard movable > 0 else {
+                print("\(name): every block is shared with another file, and stays; nothing moved")
+                return
+            }
             let best = Self.fewestExtents(fs, holding: movable)
             guard let best, best < before else {
                 print(
