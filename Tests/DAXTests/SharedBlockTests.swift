@@ -201,3 +201,34 @@ struct DeduplicateTests {
         try expectClean(t.fs)
     }
 }
+
+@Suite("Shared blocks: check and repair")
+struct SharedBlockRepairTests {
+    @Test("a wrong count in the shared-block table is found by check, and repair rebuilds it keeping both files")
+    func wrongCount() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "sharerepair")
+        try t.fs.create("/a").write(pattern(3 * 4096), at: 0)
+        try t.fs.clone("/a", to: "/b")
+        let root = Int(t.fs.superblock.sharedTableRoot!) * 4096
+        try t.fs.unmount()
+        // The first run's count (offset 32 + 12), then the leaf's checksum made right again, so
+        // only the count is wrong.
+        var leaf = try t.device.read(count: 4096, at: root)
+        #expect(leaf[44] == 2)
+        leaf[44] = 3
+        let crc = CRC32C.checksum(leaf[8...])
+        withUnsafeBytes(of: crc.littleEndian) { leaf.replaceSubrange(4..<8, with: $0) }
+        try t.device.write(leaf, at: root)
+        let report = try DAXFileSystem.check(t.device)
+        #expect(!report.isClean)
+        #expect(report.problems.contains { $0.contains("shared-block table counts 3 references") }, "\(report)")
+        let repaired = try DAXFileSystem.repair(t.device)
+        #expect(repaired.actions.contains { $0.contains("shared-block table") }, "\(repaired.actions)")
+        #expect(try DAXFileSystem.check(t.device).isClean)
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.open("/a").read(count: 3 * 4096, at: 0) == pattern(3 * 4096))
+        #expect(try fs.open("/b").read(count: 3 * 4096, at: 0) == pattern(3 * 4096))
+        #expect(fs.statistics().sharedBlocks == 3)
+    }
+}

@@ -122,7 +122,8 @@ extension FileData {
     /// caller) of the file at `block`, which gains a reference, in one transaction: the extent
     /// side of dedup. Returns the blocks freed (to release once they thaw); on failure nothing
     /// changed.
-    func share(_ file: inout Inode.Contents, _ pages: [(page: UInt64, block: UInt64)], what: String) throws -> [PageRun] {
+    func share(_ file: inout Inode.Contents, _ pages: [(page: UInt64, block: UInt64)], what: String) throws -> [PageRun]
+    {
         var extents: [Extent] = []
         for (page, block) in pages {
             let extent = Extent(logical: page, physical: block, length: 1)
@@ -137,7 +138,8 @@ extension FileData {
         var record = file.record
         do {
             for extent in extents {
-                try volume.editExtents(&map, of: file.number, replacing: extent.logicalRange, with: [extent], change: &change)
+                try volume.editExtents(
+                    &map, of: file.number, replacing: extent.logicalRange, with: [extent], change: &change)
             }
             change.reference(extents)
             record.changeTime = WallClock.nanosecondsSinceEpoch

@@ -163,7 +163,8 @@ extension DAXMapping {
                     let deadline = frozenWait ?? Deadline(after: Self.frozenPageWait)
                     frozenWait = deadline
                     guard !deadline.hasPassed,
-                        device.pages.waitUntil(frames.map(\.rawValue), deadline: deadline, { $0 & PageWord.frozen == 0 })
+                        device.pages.waitUntil(
+                            frames.map(\.rawValue), deadline: deadline, { $0 & PageWord.frozen == 0 })
                     else { throw error }
                     continue
                 }

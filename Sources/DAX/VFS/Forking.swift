@@ -34,7 +34,8 @@ extension DAXFileSystem {
     public func deduplicate(
         _ source: String, offset: Int, _ destination: String, offset destinationOffset: Int, count: Int
     ) throws -> Int {
-        let what = "deduplicate \(Paths.quoted(destination)) at \(destinationOffset) against "
+        let what =
+            "deduplicate \(Paths.quoted(destination)) at \(destinationOffset) against "
             + "\(Paths.quoted(source)) at \(offset) + \(count)"
         do {
             try FileData.checkRange(offset, count, "deduplicate", source)
