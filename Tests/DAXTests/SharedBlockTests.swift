@@ -164,3 +164,40 @@ func expectClean(_ fs: DAXFileSystem, sourceLocation: SourceLocation = #_sourceL
     let report = try fs.check()
     #expect(report.isClean, "\(report)", sourceLocation: sourceLocation)
 }
+
+@Suite("Shared blocks: deduplicate")
+struct DeduplicateTests {
+    @Test("equal pages come to share, unequal and pinned ones stay; bad ranges change nothing")
+    func deduplicate() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "dedup")
+        let a = try t.fs.create("/a")
+        let b = try t.fs.create("/b")
+        var bytes = pattern(4 * 4096)
+        try a.write(bytes, at: 0)
+        bytes[2 * 4096] ^= 0xFF
+        try b.write(bytes, at: 0)
+        let mapping = try b.map(count: 4 * 4096)
+        let pin = try mapping.pin(offset: 3 * 4096, count: 4096, access: .readOnly)
+        let free = t.fs.statistics().freeBlocks
+        let framesA = try a.frames(offset: 0, count: 4 * 4096)
+        let framesB = try b.frames(offset: 0, count: 4 * 4096)
+        #expect(try t.fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: 4 * 4096) == 2 * 4096)
+        #expect(try b.frames(offset: 0, count: 4 * 4096) == [framesA[0], framesA[1], framesB[2], framesB[3]])
+        #expect(t.fs.statistics().freeBlocks == free + 2)
+        #expect(t.fs.statistics().sharedBlocks == 2)
+        #expect(try b.read(count: 4 * 4096, at: 0) == bytes)
+        // The mapping shows the shared block, write-protected: a store copies it back out.
+        #expect(mapping.baseAddress.load(fromByteOffset: 10, as: UInt8.self) == bytes[10])
+        if t.fs.faultHandling == .userfaultfd {
+            mapping.baseAddress.storeBytes(of: 0xAB, toByteOffset: 10, as: UInt8.self)
+            #expect(try a.read(count: 1, at: 10) == [bytes[10]])
+            #expect(try b.read(count: 1, at: 10) == [0xAB])
+        }
+        pin.release()
+        expectDAXError(.invalidArgument) { _ = try t.fs.deduplicate("/a", offset: 100, "/b", offset: 0, count: 4096) }
+        expectDAXError(.invalidArgument) { _ = try t.fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: 5 * 4096) }
+        expectDAXError(.notFound) { _ = try t.fs.deduplicate("/nothing", offset: 0, "/b", offset: 0, count: 4096) }
+        mapping.unmap()
+        try expectClean(t.fs)
+    }
+}

@@ -116,3 +116,39 @@ extension FileData {
         return result
     }
 }
+
+extension FileData {
+    /// Points each page of `pages` (sorted `(page, block)`, the file's own blocks frozen by the
+    /// caller) of the file at `block`, which gains a reference, in one transaction: the extent
+    /// side of dedup. Returns the blocks freed (to release once they thaw); on failure nothing
+    /// changed.
+    func share(_ file: inout Inode.Contents, _ pages: [(page: UInt64, block: UInt64)], what: String) throws -> [PageRun] {
+        var extents: [Extent] = []
+        for (page, block) in pages {
+            let extent = Extent(logical: page, physical: block, length: 1)
+            if let last = extents.last, last.canMerge(with: extent) {
+                extents[extents.count - 1].length += 1
+            } else {
+                extents.append(extent)
+            }
+        }
+        var change = PendingChange()
+        var map = file.extents
+        var record = file.record
+        do {
+            for extent in extents {
+                try volume.editExtents(&map, of: file.number, replacing: extent.logicalRange, with: [extent], change: &change)
+            }
+            change.reference(extents)
+            record.changeTime = WallClock.nanosecondsSinceEpoch
+            change.store(record, extents: map, of: file.number, superblock: volume.superblock)
+            try volume.commit(&change, what: what, release: false)
+        } catch {
+            volume.abandon(change)
+            throw error
+        }
+        file.extents = map
+        file.record = record
+        return change.freed
+    }
+}

@@ -145,7 +145,7 @@ struct FileData: Sendable {
                 record.modificationTime = WallClock.nanosecondsSinceEpoch
                 record.changeTime = record.modificationTime
             }
-            if !change.transaction.isEmpty || end > oldSize {
+            if !change.transaction.isEmpty || change.changesReferences || end > oldSize {
                 change.store(record, extents: map, of: file.number, superblock: volume.superblock)
             }
             try volume.journal.checkFits(change.transaction, what: "write of \(counted(source.count, "byte"))")
@@ -339,7 +339,7 @@ struct FileData: Sendable {
         }
         let firstWhole = Int(first) * Self.pageSize
         let lastWhole = Int(last) * Self.pageSize
-        if !plan.change.transaction.isEmpty {
+        if !plan.change.transaction.isEmpty || plan.change.changesReferences {
             plan.record.changeTime = WallClock.nanosecondsSinceEpoch
             plan.change.store(plan.record, extents: plan.extents, of: file.number, superblock: volume.superblock)
         }

@@ -113,6 +113,9 @@ extension DAXMapping {
         return PinnedPages(table: table, runs: runs, lease: nil, access: access)
     }
 
+    /// How long a pin waits for a frozen page to thaw before it is `.busy`.
+    static let frozenPageWait: Duration = .seconds(1)
+
     /// gup-slow: under the invalidate lock no truncate runs; resolve missing pages, then pin.
     /// An operation of the file system (``Namespace/run(_:)``): a mapping whose last reference
     /// goes while `resolve` holds the inode lock frees a removed file only once the locks are gone.
@@ -124,6 +127,7 @@ extension DAXMapping {
         try space.invalidateLock.withReadLock {
             // No truncate runs now, but an unmap can (and may free an orphan's blocks): re-validate
             // against the layout generation after pinning, as the fast path does.
+            var frozenWait: Deadline? = nil
             while true {
                 guard !isUnmapped else {
                     throw DAXError(
@@ -154,10 +158,13 @@ extension DAXMapping {
                     pinned = try device.pages.pin(runs: FrameRuns(frames), access: access, lifetime: lifetime)
                 } catch let error as DAXError where error.code == .busy {
                     // A page frozen for a moment (a clone deciding, a migration, a copy): wait for
-                    // the freeze to end and look again.
-                    _ = device.pages.waitUntil(frames.map(\.rawValue), deadline: Deadline(after: .seconds(30))) {
-                        $0 & PageWord.frozen == 0
-                    }
+                    // the freeze to end, as gup waits out a migration entry, and look again; a
+                    // freeze that outlasts the wait is `.busy`.
+                    let deadline = frozenWait ?? Deadline(after: Self.frozenPageWait)
+                    frozenWait = deadline
+                    guard !deadline.hasPassed,
+                        device.pages.waitUntil(frames.map(\.rawValue), deadline: deadline, { $0 & PageWord.frozen == 0 })
+                    else { throw error }
                     continue
                 }
                 let mustBePrivate: Bool = {

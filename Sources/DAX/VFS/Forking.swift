@@ -25,14 +25,52 @@ extension DAXFileSystem {
         }
     }
 
-    /// `FIDEDUPERANGE`: where the ranges hold the same bytes, `destination` would share `source`'s
-    /// blocks. Not built yet: throws `.unsupported` and changes nothing.
+    /// `FIDEDUPERANGE`: where the ranges hold the same bytes, page by page, `destination` comes to
+    /// share `source`'s blocks. Returns the bytes now shared (whole pages; pages that already
+    /// shared the block count too). Pages with a hole on either side, pages that differ, a partial
+    /// page at the end, and pages a pin holds on either side are left alone and not counted.
+    /// Offsets must be multiples of 4096 and both ranges inside their files (`.invalidArgument`,
+    /// nothing changed); the destination must be writable.
     public func deduplicate(
         _ source: String, offset: Int, _ destination: String, offset destinationOffset: Int, count: Int
     ) throws -> Int {
-        throw DAXError(
-            .unsupported,
-            "cannot deduplicate \(Paths.quoted(destination)) against \(Paths.quoted(source)): not built yet")
+        let what = "deduplicate \(Paths.quoted(destination)) at \(destinationOffset) against "
+            + "\(Paths.quoted(source)) at \(offset) + \(count)"
+        do {
+            try FileData.checkRange(offset, count, "deduplicate", source)
+            try FileData.checkRange(destinationOffset, count, "deduplicate", destination)
+            guard offset % FileData.pageSize == 0, destinationOffset % FileData.pageSize == 0 else {
+                throw DAXError(.invalidArgument, "the offsets must be multiples of \(FileData.pageSize)")
+            }
+            guard volume.shared.canShare else {
+                throw DAXError(
+                    .unsupported,
+                    "the device was formatted as version \(volume.superblock.version), which keeps no "
+                        + "shared-block counts; format it again to share blocks")
+            }
+            let sourceFile = try open(source, access: .readOnly)
+            defer { sourceFile.close() }
+            let destinationFile = try open(destination)
+            defer { destinationFile.close() }
+            guard offset + count <= sourceFile.size, destinationOffset + count <= destinationFile.size else {
+                throw DAXError(
+                    .invalidArgument,
+                    "the range reaches past the end of a file (\(counted(sourceFile.size, "byte")) and "
+                        + "\(counted(destinationFile.size, "byte")))")
+            }
+            let pages = count / FileData.pageSize
+            guard pages > 0 else { return 0 }
+            let first = FileData.page(offset)
+            let destinationFirst = FileData.page(destinationOffset)
+            return try destinationFile.operation("deduplicate", writable: true) {
+                try AddressSpace.deduplicate(
+                    sourceFile.space, first..<(first + UInt64(pages)), destinationFile.space,
+                    destinationFirst..<(destinationFirst + UInt64(pages)), what: what)
+                    * FileData.pageSize
+            }
+        } catch let error as DAXError {
+            throw error.context("cannot \(what)", naming: Paths.quoted(destination))
+        }
     }
 }
 
