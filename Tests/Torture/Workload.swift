@@ -226,7 +226,7 @@ public struct Workload: Sendable {
         case .removeDirectory(let path): model.directories.remove(path)
         case .create(let path, let bytes):
             if forking, path.split(separator: "/").last?.hasPrefix("k") == true,
-                let original = model.files.first(where: { $0.value == bytes && $0.key != path })?.key
+                let original = model.files.keys.sorted().first(where: { model.files[$0] == bytes && $0 != path })
             {
                 related.append((original, path))
             }
@@ -239,7 +239,7 @@ public struct Workload: Sendable {
                 let tree = subtree(of: from)
                 model.directories.insert(to)
                 for directory in tree.directories { model.directories.insert(to + directory) }
-                for (relative, bytes) in tree.files {
+                for (relative, bytes) in tree.files.sorted(by: { $0.key < $1.key }) {
                     model.files[to + relative] = bytes
                     related.append((from + relative, to + relative))
                 }
