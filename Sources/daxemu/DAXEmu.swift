@@ -14,7 +14,8 @@ struct DAXEmu: ParsableCommand {
         version: "daxemu \(daxemuVersion)",
         subcommands: [
             Create.self, Format.self, Info.self, ListCommand.self, MakeDirectory.self, Put.self, Get.self,
-            Remove.self, Move.self, Truncate.self, Fsck.self, Frames.self, MapCommand.self, Defrag.self, Demo.self,
+            Remove.self, Move.self, Truncate.self, Clone.self, Snapshot.self, Dedup.self, Fsck.self, Frames.self,
+            MapCommand.self, Defrag.self, Demo.self,
             Explore.self, ExploreMerge.self,
         ]
     )

@@ -16,13 +16,14 @@ struct ListCommand: ParsableCommand {
     @Argument(help: "The directory (default /), or a file, which is listed alone as given.")
     var directory = "/"
 
-    @Flag(name: .shortAndLong, help: "Show type, size and blocks.")
+    @Flag(
+        name: .shortAndLong, help: "Show type, size, blocks and how many of them are shared (clone, snapshot, dedup).")
     var long = false
 
     @Flag(name: .shortAndLong, help: "Show names that start with a dot too, and . and .. (not in --json).")
     var all = false
 
-    @Flag(help: "Print JSON: a list of {name, type, size, blocks, inode}.")
+    @Flag(help: "Print JSON: a list of {name, type, size, blocks, sharedBlocks, inode}.")
     var json = false
 
     func validate() throws { try requireDevicePath(directory) }
@@ -34,14 +35,30 @@ struct ListCommand: ParsableCommand {
         var type: String
         var size: Int
         var blocks: Int
+        /// Blocks shared copy-on-write with another file (a clone, a snapshot, dedup); 0 for a
+        /// directory, whose blocks are its own.
+        var sharedBlocks: Int
         var inode: UInt32
 
-        init(_ name: String, _ attributes: FileAttributes) {
+        init(_ name: String, _ attributes: FileAttributes, sharedBlocks: Int = 0) {
             self.name = name
             type = attributes.kind.rawValue
             size = attributes.size
             blocks = attributes.blocks
+            self.sharedBlocks = sharedBlocks
             inode = attributes.inode
+        }
+
+        /// The entry for `path`, its shared blocks counted when `counting` (which opens the file).
+        init(_ name: String, path: String, _ fs: DAXFileSystem, counting: Bool) throws {
+            let attributes = try fs.attributes(of: path)
+            guard counting, attributes.kind == .file, attributes.blocks > 0 else {
+                self.init(name, attributes)
+                return
+            }
+            let file = try fs.open(path, access: .readOnly)
+            defer { file.close() }
+            self.init(name, attributes, sharedBlocks: try sharedBlockCount(file, blocks: attributes.blocks))
         }
 
         var isDirectory: Bool { type == FileAttributes.Kind.directory.rawValue }
@@ -49,11 +66,12 @@ struct ListCommand: ParsableCommand {
 
     func run() throws {
         let entries = try device.withFileSystem(access: .readOnly) { fs -> [Entry] in
+            let counting = long || json
             let target = try fs.attributes(of: directory)
-            if target.kind == .file { return [Entry(directory, target)] }
+            if target.kind == .file { return [try Entry(directory, path: directory, fs, counting: counting)] }
             let base = directory.hasSuffix("/") ? directory : directory + "/"
             var entries = try fs.contentsOfDirectory(directory).filter { all || !$0.hasPrefix(".") }.map { name in
-                Entry(name, try fs.attributes(of: base + name))
+                try Entry(name, path: base + name, fs, counting: counting)
             }
             if all, !json {
                 let parent = try fs.attributes(of: parentPath(of: directory))
@@ -68,7 +86,9 @@ struct ListCommand: ParsableCommand {
         for entry in entries {
             let name = escapedForDisplay(entry.name)
             if long {
-                let sizes = padded(String(entry.size), to: 12) + " " + padded(String(entry.blocks), to: 8)
+                let sizes =
+                    padded(String(entry.size), to: 12) + " " + padded(String(entry.blocks), to: 8) + " "
+                    + padded(entry.isDirectory ? "-" : "\(entry.sharedBlocks) shared", to: 10)
                 print("\(entry.isDirectory ? "d" : "-")  \(sizes) \(name)")
             } else {
                 print(entry.isDirectory ? name + "/" : name)

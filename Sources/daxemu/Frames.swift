@@ -9,7 +9,9 @@ struct Frames: ParsableCommand {
         discussion: """
             One line per run of pages on consecutive frames, `PAGES -> FRAMES at OFFSET`, and per run \
             of holes. A program that maps the device with libpmem finds page P of a run at \
-            OFFSET + (P - first page) * 4096.
+            OFFSET + (P - first page) * 4096. Frames that other files share (a clone, a snapshot, \
+            dedup) end with `shared by N`, the files' extents naming each; a store to one of them \
+            copies it first.
             """)
 
     @OptionGroup var device: DeviceOptions
@@ -18,7 +20,7 @@ struct Frames: ParsableCommand {
 
     @Flag(
         help:
-            "Print JSON: a list of runs {page, count, frame, deviceOffset}, first page and frame of each (holes are left out)."
+            "Print JSON: a list of runs {page, count, frame, deviceOffset, references}, first page and frame of each (holes are left out; references is 1 for a frame of this file alone)."
     )
     var json = false
 
@@ -36,10 +38,13 @@ struct Frames: ParsableCommand {
             var first = 0
             while first < pages {
                 let count = min(Self.window, pages - first)
-                let frames = try handle.frames(
-                    offset: first * PMemDevice.pageSize,
-                    count: min(count * PMemDevice.pageSize, handle.size - first * PMemDevice.pageSize))
-                for (index, frame) in frames.enumerated() { output.add(page: first + index, frame) }
+                let offset = first * PMemDevice.pageSize
+                let bytes = min(count * PMemDevice.pageSize, handle.size - offset)
+                let frames = try handle.frames(offset: offset, count: bytes)
+                let references = try handle.blockReferences(offset: offset, count: bytes)
+                for (index, frame) in frames.enumerated() {
+                    output.add(page: first + index, frame, references: index < references.count ? references[index] : 1)
+                }
                 first += count
             }
         }
@@ -47,18 +52,24 @@ struct Frames: ParsableCommand {
     }
 }
 
-/// A run of a file's pages on consecutive frames (`frame` nil: a run of holes).
+/// A run of a file's pages on consecutive frames with one reference count (`frame` nil: a run of
+/// holes).
 struct FrameRun: Encodable {
     var page: Int
     var count: Int
     var frame: UInt64?
     var deviceOffset: Int?
+    /// How many files' extents name each frame of the run: 1 for this file alone, more for a
+    /// frame shared copy-on-write; absent for holes.
+    var references: Int?
 
-    /// `0-262143 -> 1000-263143 at 4096000`, `5 -> hole`.
+    /// `0-262143 -> 1000-263143 at 4096000`, `3 -> 70 at 286720 shared by 2`, `5 -> hole`.
     var text: String {
         func span(_ first: Int) -> String { count == 1 ? "\(first)" : "\(first)-\(first + count - 1)" }
         guard let frame, let deviceOffset else { return "\(span(page)) -> hole" }
-        return "\(span(page)) -> \(span(Int(frame))) at \(deviceOffset)"
+        let line = "\(span(page)) -> \(span(Int(frame))) at \(deviceOffset)"
+        guard let references, references > 1 else { return line }
+        return line + " shared by \(references)"
     }
 }
 
@@ -73,8 +84,9 @@ private struct FramesOutput {
         if !json { print("pages -> frames at device offset") }
     }
 
-    mutating func add(page: Int, _ frame: PageFrameNumber?) {
-        if var run = current, run.page + run.count == page,
+    mutating func add(page: Int, _ frame: PageFrameNumber?, references: Int) {
+        let references = frame == nil ? nil : references
+        if var run = current, run.page + run.count == page, run.references == references,
             run.frame.map({ frame?.rawValue == $0 + UInt64(run.count) }) ?? (frame == nil)
         {
             run.count += 1
@@ -82,7 +94,8 @@ private struct FramesOutput {
             return
         }
         end()
-        current = FrameRun(page: page, count: 1, frame: frame?.rawValue, deviceOffset: frame?.deviceOffset)
+        current = FrameRun(
+            page: page, count: 1, frame: frame?.rawValue, deviceOffset: frame?.deviceOffset, references: references)
     }
 
     mutating func finish() throws {

@@ -60,6 +60,8 @@ struct FileSystemJSON: Encodable {
     var freeBlocks: Int?
     var usedBlocks: Int?
     var quarantinedBlocks: Int?
+    /// Data blocks named by more than one extent (clones, snapshots, dedup).
+    var sharedBlocks: Int?
     var files: Int?
     var directories: Int?
     var inodes: Int?
@@ -146,6 +148,7 @@ struct FileSystemReport {
             json.freeBlocks = s.freeBlocks
             json.usedBlocks = used
             json.quarantinedBlocks = s.quarantinedBlocks
+            json.sharedBlocks = s.sharedBlocks
             json.files = s.files
             json.directories = s.directories
             json.inodes = s.totalInodes
@@ -163,6 +166,8 @@ struct FileSystemReport {
                     + "(\(s.freeBlocks) of \(counted(s.totalBlocks, "block")) free)",
                 "files        \(counted(s.files, "file")), \(counted(s.directories, "directory", "directories")), "
                     + counted(s.totalInodes, "inode"),
+                "shared       \(counted(s.sharedBlocks, "block")) shared copy-on-write by clones, snapshots "
+                    + "or dedup",
                 "pins         \(counted(s.pinnedPages, "page")) pinned, \(counted(s.quarantinedBlocks, "block")) "
                     + "quarantined (pins live in the process that takes them; this one holds none)",
                 "faults       \(handling): \(fs.faultHandlingDetail)",

@@ -63,7 +63,7 @@ struct DamageTests {
     @Test("a flipped magic in block 0: the backup stands in, read-write mount and format refuse, read-only reads")
     func backupSuperblock() throws {
         let f = try DamagedFixture(name: "backup")
-        #expect(f.sb.version == 2)
+        #expect(f.sb.version == 3)
         #expect(f.sb.backupBlock == UInt64(f.device.pageCount - 1))
         #expect(f.sb.dataEnd == f.sb.backupBlock)
         #expect(try DAXFileSystem.check(f.device).isClean)
@@ -112,6 +112,30 @@ struct DamageTests {
         let blank = try TemporaryDevice(size: 4 << 20, name: "blank")
         #expect(DAXFileSystem.existingFileSystem(on: blank.device) == nil)
         try DAXFileSystem.format(blank.device).unmount()
+    }
+
+    @Test("a version 2 device mounts and works; clone and deduplicate are .unsupported and change nothing")
+    func versionTwoMounts() throws {
+        let f = try DamagedFixture(name: "v2")
+        var v2 = f.sb
+        v2.version = 2
+        try f.device.write(v2.encode(), at: 0)
+        try f.device.write(v2.encode(), at: (f.device.pageCount - 1) * 4096)
+        #expect(try DAXFileSystem.check(f.device).isClean)
+        let fs = try DAXFileSystem.mount(f.device)
+        defer { try? fs.unmount() }
+        try f.expectIntact(fs)
+        let file = try fs.create("/a")
+        try file.write(pattern(8192), at: 0)
+        let before = fs.statistics()
+        expectDAXError(.unsupported) { try fs.clone("/a", to: "/b") }
+        expectDAXError(.unsupported) { try fs.clone("/a", to: "/b", ifPinned: .unsafeShare) }
+        expectDAXError(.unsupported) { try fs.deduplicate("/a", offset: 0, "/a", offset: 4096, count: 4096) }
+        #expect(try !fs.contentsOfDirectory("/").contains("b"))
+        #expect(try file.read(count: 8192, at: 0) == pattern(8192))
+        #expect(fs.statistics() == before)
+        #expect(fs.statistics().sharedBlocks == 0)
+        #expect(try fs.check().isClean)
     }
 
     @Test("a version 1 device (no backup, data to the end of the device) still mounts and uses its last block")

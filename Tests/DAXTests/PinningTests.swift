@@ -235,7 +235,7 @@ struct PinningTests {
         let frame = PageFrameNumber(rawValue: mapping.frame(at: 0)!)
         // Mapped once, not pinned: the expected count is the mapping's reference.
         #expect(t.fs.pages.freeze(frame, expectedRefCount: 1))
-        expectDAXError(.busy) { _ = try mapping.pin(offset: 0, count: 1) }  // frozen: the pin backs off
+        expectDAXError(.busy) { _ = try mapping.pin(offset: 0, count: 1) }  // frozen: the pin waits, then backs off
         t.fs.pages.unfreeze(frame)
         let pin = try mapping.pin(offset: 0, count: 1)
         #expect(!t.fs.pages.freeze(frame, expectedRefCount: 2))  // an extra reference: refuse (EAGAIN)

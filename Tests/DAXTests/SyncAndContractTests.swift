@@ -4,7 +4,7 @@ import Testing
 
 @testable import DAX
 
-@Suite("sync, migrate, and the fault and forking calls this version refuses")
+@Suite("sync, migrate, and the fault handler's claim")
 struct SyncAndContractTests {
     @Test("sync makes stores through a mapping survive a power failure; before it they are lost")
     func syncPersistsMappedStores() throws {
@@ -34,23 +34,11 @@ struct SyncAndContractTests {
         try fs.unmount()
     }
 
-    @Test("the fault handler is claimed and says its mode; clone and deduplicate are .unsupported and change nothing")
-    func refusedCalls() throws {
-        let t = try TemporaryFileSystem(size: 4 << 20, name: "refused")
+    @Test("the fault handler is claimed and says its mode")
+    func faultHandlingClaimed() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "claimed")
         #expect(t.fs.faultHandling == .userfaultfd)
         #expect(t.fs.faultHandlingDetail.contains("full mode"), "root here: \(t.fs.faultHandlingDetail)")
-        let file = try t.fs.create("/a")
-        try file.write(pattern(8192), at: 0)
-        let before = t.fs.statistics()
-        expectDAXError(.unsupported) { try t.fs.clone("/a", to: "/b") }
-        expectDAXError(.unsupported) { try t.fs.clone("/a", to: "/b", ifPinned: .unsafeShare) }
-        expectDAXError(.unsupported) { try t.fs.deduplicate("/a", offset: 0, "/a", offset: 4096, count: 4096) }
-        #expect(try t.fs.contentsOfDirectory("/") == ["a"])
-        #expect(try file.read(count: 8192, at: 0) == pattern(8192))
-        let after = t.fs.statistics()
-        #expect(after == before)
-        #expect(after.faults == FaultCounts() && after.sharedBlocks == 0)
-        #expect(try t.fs.check().isClean)
     }
 
     @Test("migrate moves every page to a new block, keeps every byte, and maps the new frames; a pinned page stays")

@@ -47,26 +47,33 @@ struct Checker {
             // lock, which a commit nests inside: holding it, then the journal, the device's list and
             // the mounted one are read at one moment, while removed files are closed alongside.
             let (scan, mountedOrphans) = namespace.orphans.withTrackedLock { mountedOrphans in
-                namespace.volume.journal.withNoCommits { () -> (Scanner.Result, [UInt32]) in
-                    // The superblock as the device has it now (its orphan head changes at run time).
-                    let current: Superblock
-                    do {
-                        current = try Superblock.decode(
-                            ByteReader(namespace.volume.device.base, count: Superblock.size),
-                            deviceBlocks: UInt64(namespace.volume.device.pageCount))
-                    } catch {
-                        problems.append("\(error)")
-                        return (Scanner.Result(), mountedOrphans)
+                // The shared-block table changes only under its lock, which commits take before
+                // the journal's: the table in memory and on the device are read at one moment.
+                namespace.volume.shared.withLock { table in
+                    namespace.volume.journal.withNoCommits { () -> (Scanner.Result, [UInt32]) in
+                        // The superblock as the device has it now (its orphan head changes at run time).
+                        let current: Superblock
+                        do {
+                            current = try Superblock.decode(
+                                ByteReader(namespace.volume.device.base, count: Superblock.size),
+                                deviceBlocks: UInt64(namespace.volume.device.pageCount))
+                        } catch {
+                            problems.append("\(error)")
+                            return (Scanner.Result(), mountedOrphans)
+                        }
+                        var expected = namespace.volume.superblock
+                        expected.orphanHead = current.orphanHead
+                        if expected != current {
+                            problems.append("the superblock changed since mount beyond its orphan head")
+                        }
+                        let scan = Scanner.scan(
+                            device: namespace.volume.device, superblock: current, journalMustBeEmpty: true)
+                        problems += compareAllocator(with: scan.bitmap)
+                        if scan.sharedTable != table {
+                            problems.append("the shared-block table in memory differs from the device")
+                        }
+                        return (scan, mountedOrphans)
                     }
-                    var expected = namespace.volume.superblock
-                    expected.orphanHead = current.orphanHead
-                    if expected != current {
-                        problems.append("the superblock changed since mount beyond its orphan head")
-                    }
-                    let scan = Scanner.scan(
-                        device: namespace.volume.device, superblock: current, journalMustBeEmpty: true)
-                    problems += compareAllocator(with: scan.bitmap)
-                    return (scan, mountedOrphans)
                 }
             }
             problems += scan.problems

@@ -105,32 +105,47 @@ struct FileData: Sendable {
         return Int(extent.physical) * Self.pageSize + offset - Int(extent.logical) * Self.pageSize
     }
 
-    /// Writes `source` at `offset`: allocates holes, fills, then commits what points at the data.
-    /// Returns the extents it added (blocks for holes), which mappings that showed nothing there
-    /// must now show.
+    /// What a write changed in the file's extents, for the mappings to show.
+    struct Written {
+        /// Blocks for holes: mappings that showed nothing there must now show them.
+        var added: [Extent] = []
+        /// Copies of shared blocks: mappings must show them instead of the old blocks.
+        var copied: [Extent] = []
+    }
+
+    /// Writes `source` at `offset`: allocates holes, copies shared blocks (copy-on-write), fills,
+    /// then commits what points at the data.
     @discardableResult
-    func writeData(_ file: inout Inode.Contents, _ source: UnsafeRawBufferPointer, at offset: Int) throws -> [Extent] {
+    func writeData(_ file: inout Inode.Contents, _ source: UnsafeRawBufferPointer, at offset: Int) throws -> Written {
         let end = offset + source.count
-        if end <= Int(file.record.size), let deviceOffset = contiguousDeviceOffset(file, offset, end) {
-            // An overwrite inside one extent: no metadata changes, the data goes straight in.
+        if end <= Int(file.record.size), let deviceOffset = contiguousDeviceOffset(file, offset, end),
+            volume.shared.sharedBlockCount == 0
+                || !volume.shared.isShared(
+                    UInt64(deviceOffset / Self.pageSize)..<UInt64((deviceOffset + source.count - 1) / Self.pageSize + 1)
+                )
+        {
+            // An overwrite inside one extent of blocks this file alone names: no metadata
+            // changes, the data goes straight in.
             volume.device.copy(source, toOffset: deviceOffset)
-            return []
+            return Written()
         }
         let pages = Self.page(offset)..<Self.pageUp(end)
         var change = PendingChange()
         var map = file.extents
         var record = file.record
-        let added: [Extent]
+        var written = Written()
         do {
             let oldSize = Int(record.size)
-            added = try fillHoles(of: file.number, pages, map: &map, change: &change, zeroing: .except(offset..<end))
+            written.added = try fillHoles(
+                of: file.number, pages, map: &map, change: &change, zeroing: .except(offset..<end))
+            written.copied = try copyShared(of: file.number, pages, map: &map, change: &change)
             if end > oldSize {
                 zeroPastEnd(size: oldSize, map: file.extents)
                 record.size = UInt64(end)
                 record.modificationTime = WallClock.nanosecondsSinceEpoch
                 record.changeTime = record.modificationTime
             }
-            if !change.transaction.isEmpty || end > oldSize {
+            if !change.transaction.isEmpty || change.changesReferences || end > oldSize {
                 change.store(record, extents: map, of: file.number, superblock: volume.superblock)
             }
             try volume.journal.checkFits(change.transaction, what: "write of \(counted(source.count, "byte"))")
@@ -143,7 +158,7 @@ struct FileData: Sendable {
         }
         file.extents = map
         file.record = record
-        return added
+        return written
     }
 
     /// Copies `source` to the file bytes at `offset`, all of which are mapped in `map`.
@@ -247,13 +262,16 @@ struct FileData: Sendable {
         var record: InodeRecord
         /// File pages whose blocks go.
         var freedPages: Range<UInt64>
+        /// Copies of shared blocks at the edges, whose kept part is zeroed: mappings must show
+        /// them instead of the old blocks, which the other files keep unchanged.
+        var copied: [Extent] = []
         /// File pages past the new end of the file (a shrinking truncate): every mapping must fault
         /// there afterwards, holes it shows as the zero page included.
         var cutPages: Range<UInt64> = 0..<0
-        /// The frames of the blocks that go.
-        var freedFrames: [UInt64] { change.freed.flatMap { Array($0.range) } }
+        /// The frames of the blocks that leave the file (freed, or still named by another file).
+        var freedFrames: [UInt64] { change.dropped.flatMap { Array($0.range) } }
         /// Whether anything leaves the file (break layouts needed).
-        var removesBlocks: Bool { !change.freed.isEmpty }
+        var removesBlocks: Bool { !change.dropped.isEmpty }
         /// Whether mappings must change (break layouts needed): blocks go, or pages are cut off.
         var changesMappings: Bool { removesBlocks || !cutPages.isEmpty }
         /// The pages to take out of every mapping: the freed ones and the cut-off ones.
@@ -282,10 +300,10 @@ struct FileData: Sendable {
                     change: &plan.change)
             }
             if size % Self.pageSize != 0 {
-                journalZeroing([size..<(Int(firstFreed) * Self.pageSize)], of: plan.extents, in: &plan.change)
+                try zeroEdges([size..<(Int(firstFreed) * Self.pageSize)], of: file.number, &plan)
             }
         } else if size > oldSize, oldSize % Self.pageSize != 0 {
-            journalZeroing([oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)], of: plan.extents, in: &plan.change)
+            try zeroEdges([oldSize..<(Int(Self.pageUp(oldSize)) * Self.pageSize)], of: file.number, &plan)
         }
         plan.change.store(plan.record, extents: plan.extents, of: file.number, superblock: volume.superblock)
         try fits(plan, what: "truncate to \(counted(size, "byte"))")
@@ -321,19 +339,34 @@ struct FileData: Sendable {
         }
         let firstWhole = Int(first) * Self.pageSize
         let lastWhole = Int(last) * Self.pageSize
-        if !plan.change.transaction.isEmpty {
+        if !plan.change.transaction.isEmpty || plan.change.changesReferences {
             plan.record.changeTime = WallClock.nanosecondsSinceEpoch
             plan.change.store(plan.record, extents: plan.extents, of: file.number, superblock: volume.superblock)
         }
         if first > last {
-            journalZeroing([offset..<end], of: plan.extents, in: &plan.change)  // inside one page
+            try zeroEdges([offset..<end], of: file.number, &plan)  // inside one page
         } else {
-            journalZeroing(
+            try zeroEdges(
                 [offset..<min(firstWhole, end), max(lastWhole, offset)..<end].filter { !$0.isEmpty },
-                of: plan.extents, in: &plan.change)
+                of: file.number, &plan)
         }
         try fits(plan, what: "punch of \(counted(count, "byte"))")
         return plan
+    }
+
+    /// Zeroes file bytes `ranges` (kept partial pages at the edges of a truncate or punch) in the
+    /// plan's transaction, after giving a shared page there a copy of the file's own: the other
+    /// files keep their bytes. On failure the caller abandons the plan.
+    private func zeroEdges(_ ranges: [Range<Int>], of inode: UInt32, _ plan: inout TruncatePlan) throws {
+        for range in ranges where !range.isEmpty {
+            let pages = Self.page(range.lowerBound)..<Self.pageUp(range.upperBound)
+            let copies = try copyShared(of: inode, pages, map: &plan.extents, change: &plan.change)
+            plan.copied += copies
+        }
+        if !plan.copied.isEmpty {
+            plan.change.store(plan.record, extents: plan.extents, of: inode, superblock: volume.superblock)
+        }
+        journalZeroing(ranges, of: plan.extents, in: &plan.change)
     }
 
     /// Adds the zeroing of file bytes `ranges` (kept partial pages at the edges of a truncate or
@@ -355,8 +388,8 @@ struct FileData: Sendable {
     /// Commits a planned layout change once break layouts allowed it (the zeroing of the partial
     /// pages with it). If it throws, nothing was written and the caller still owns the plan's
     /// blocks (``abandon(_:)``).
-    func commit(_ plan: TruncatePlan) throws {
-        try volume.journal.commit(plan.change.transaction, what: "truncate")
+    func commit(_ plan: inout TruncatePlan) throws {
+        try volume.commit(&plan.change, what: "truncate", release: false)
     }
 
     /// After the commit, and once the pages left every mapping: the freed blocks go back to the
@@ -444,7 +477,7 @@ struct FileData: Sendable {
             volume.device.drain()
             record.changeTime = WallClock.nanosecondsSinceEpoch
             change.store(record, extents: map, of: file.number, superblock: volume.superblock)
-            try volume.journal.commit(change.transaction, what: what)
+            try volume.commit(&change, what: what, release: false)
         } catch {
             volume.abandon(change)
             throw error
@@ -452,7 +485,6 @@ struct FileData: Sendable {
         file.extents = map
         file.record = record
         return Move(extents: moved, freed: change.freed)
-
     }
 
     /// `pages` (sorted) as contiguous ranges.

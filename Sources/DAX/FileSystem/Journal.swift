@@ -161,7 +161,7 @@ final class Journal: Sendable {
     var headerOffset: Int { Int(superblock.journalStart) * Superblock.blockSize }
     var recordsOffset: Int { headerOffset + Superblock.blockSize }
     /// Bytes available for one transaction's records.
-    var capacity: Int { (Int(superblock.journalBlocks) - 1) * Superblock.blockSize }
+    var capacity: Int { (Int(superblock.journalUsedBlocks) - 1) * Superblock.blockSize }
 
     /// Throws `.noSpace` if `transaction` cannot fit the journal; then nothing may be written.
     func checkFits(_ transaction: Transaction, what: String) throws {
@@ -388,7 +388,7 @@ final class Journal: Sendable {
         guard state == .committed else { return .empty(sequence: sequence) }
         let count = Int(header.get(UInt32.self, at: 20))
         let length: UInt64 = header.get(at: 24)
-        let capacity = (Int(superblock.journalBlocks) - 1) * Superblock.blockSize
+        let capacity = (Int(superblock.journalUsedBlocks) - 1) * Superblock.blockSize
         guard length <= UInt64(capacity) else {
             throw DAXError(
                 .corrupted,
@@ -425,7 +425,7 @@ final class Journal: Sendable {
     private static func decode(_ area: ByteReader, count: Int, superblock: Superblock) throws -> [Transaction.Record] {
         var records: [Transaction.Record] = []
         var at = 0
-        let firstWritable = Int(superblock.inodeStart) * Superblock.blockSize
+        let firstWritable = Int(superblock.sharedTableRoot ?? superblock.inodeStart) * Superblock.blockSize
         let writableEnd = Int(superblock.dataEnd) * Superblock.blockSize
         for index in 0..<count {
             guard at + Transaction.recordHeaderSize <= area.count else {

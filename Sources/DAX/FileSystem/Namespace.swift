@@ -30,12 +30,18 @@ final class Namespace: Sendable {
                     let marked = pages.markAllocated(
                         extent.block(for: page), inode: number,
                         index: scanned.record.kind == .file ? page : PageOwner.indexLimit)
-                    precondition(marked, "block \(extent.block(for: page)) busy at mount")
+                    // A shared block is marked by the first file that names it.
+                    precondition(
+                        marked || volume.shared.references(to: extent.block(for: page)) > 1,
+                        "block \(extent.block(for: page)) busy at mount")
                 }
             }
             for leaf in scanned.extents.leafBlocks {
                 _ = pages.markAllocated(leaf, inode: number, index: PageOwner.indexLimit)
             }
+        }
+        for block in scan.sharedTable?.chainedBlocks ?? [] {
+            _ = pages.markAllocated(block, inode: Superblock.rootInode, index: PageOwner.indexLimit)
         }
         table = Mutex(inodes)
         orphans = Mutex(scan.orphans)

@@ -68,6 +68,7 @@ struct Salvage {
         salvage.salvageDirectorySlots()
         try salvage.rebuildTree()
         salvage.writeRecords()
+        try salvage.rebuildSharedTable()
         salvage.rebuildBitmap()
         salvage.emptyOrphanList()
         return salvage
@@ -164,19 +165,34 @@ struct Salvage {
         return .success((map, leafBlocks))
     }
 
-    /// Blocks claimed twice: no claimant can be trusted.
+    /// Blocks claimed twice: no claimant can be trusted, unless it is a data block that the
+    /// shared-block table (when it can be read) lists as shared; its count is rebuilt afterwards.
     mutating func dropConflicts() {
         var conflicts: [UInt32: (block: UInt64, other: UInt32)] = [:]
+        var leaves = Set<Int>()
+        let listed = (readSharedTable() ?? []).sorted { $0.start < $1.start }
+        func isListed(_ block: UInt64) -> Bool {
+            var low = 0
+            var high = listed.count
+            while low < high {
+                let middle = (low + high) / 2
+                if listed[middle].end <= block { low = middle + 1 } else { high = middle }
+            }
+            return low < listed.count && listed[low].start <= block
+        }
         for number in kept.keys.sorted() {
-            for range in kept[number]!.blockRanges {
+            let inode = kept[number]!
+            let data = inode.extents.allExtents.map { ($0.physical..<$0.physicalEnd, false) }
+            for (range, isLeaf) in data + inode.leaves.map({ ($0..<($0 + 1), true) }) {
                 for block in range {
                     let index = Int(block - superblock.dataStart)
                     let other = owners[index]
-                    if other != 0 {
+                    if other == 0 {
+                        owners[index] = number
+                        if isLeaf { leaves.insert(index) }
+                    } else if isLeaf || leaves.contains(index) || !isListed(block) {
                         conflicts[number] = conflicts[number] ?? (block, other)
                         conflicts[other] = conflicts[other] ?? (block, number)
-                    } else {
-                        owners[index] = number
                     }
                 }
             }

@@ -191,6 +191,84 @@ extension Salvage {
         }
     }
 
+    /// The shared-block table as the kept extents say it must be (a count for every data block
+    /// named more than once); rewritten, with leaf blocks taken as needed, when the device's
+    /// differs or is damaged.
+    mutating func rebuildSharedTable() throws {
+        guard let root = superblock.sharedTableRoot else { return }
+        var named: [UInt64: UInt32] = [:]
+        for inode in kept.values {
+            for extent in inode.extents.allExtents {
+                for block in extent.physical..<extent.physicalEnd { named[block, default: 0] += 1 }
+            }
+        }
+        var runs: [SharedRun] = []
+        for (block, count) in named.filter({ $0.value > 1 }).sorted(by: { $0.key < $1.key }) {
+            if let last = runs.last, last.end == block, last.count == count {
+                runs[runs.count - 1].length += 1
+            } else {
+                runs.append(SharedRun(start: block, length: 1, count: count))
+            }
+        }
+        // What the device holds now, if it can be read.
+        let onDevice = readSharedTable()
+        let oldLeaves = sharedTableLeaves()
+        if let onDevice, onDevice == runs {
+            // Kept as it is: its leaves stay allocated.
+            for leaf in oldLeaves { setOwner(leaf..<(leaf + 1), to: Superblock.rootInode) }
+            return
+        }
+        say(
+            onDevice == nil
+                ? "the shared-block table is damaged; rebuilt it from the extents (\(counted(runs.count, "run")))"
+                : "the shared-block table disagreed with the extents; rebuilt it from them "
+                    + "(\(counted(runs.count, "run")))")
+        let capacity = SharedBlockLeaf.capacity
+        let chunks = stride(from: 0, to: max(runs.count, 1), by: capacity).map {
+            runs[$0..<min($0 + capacity, runs.count)]
+        }
+        var blocks = [root]
+        for _ in chunks.dropFirst() {
+            let leaf = try allocateBlock(goal: nil)
+            setOwner(leaf..<(leaf + 1), to: Superblock.rootInode)
+            blocks.append(leaf)
+        }
+        let first = writes.count
+        for (index, chunk) in chunks.enumerated() {
+            let next = index + 1 < blocks.count ? blocks[index + 1] : 0
+            writes.append((Int(blocks[index]) * Superblock.blockSize, SharedBlockLeaf.encode(chunk, next: next)))
+        }
+        atomicRuns.append(first..<writes.count)
+    }
+
+    /// The shared-block table's runs as the device holds them, or nil when its chain cannot be
+    /// read (a damaged leaf, a loop, a pointer out of the data region).
+    func readSharedTable() -> [SharedRun]? {
+        guard let root = superblock.sharedTableRoot else { return [] }
+        var runs: [SharedRun] = []
+        var seen = Set<UInt64>()
+        var block = root
+        while true {
+            guard case .success(let (leafRuns, next)) = SharedBlockLeaf.decode(reader(block: block)) else { return nil }
+            runs += leafRuns
+            if next == 0 { return runs }
+            guard superblock.dataRange.contains(next), seen.insert(next).inserted else { return nil }
+            block = next
+        }
+    }
+
+    /// The chained leaf blocks of a readable shared-block table (none when it cannot be read).
+    func sharedTableLeaves() -> [UInt64] {
+        guard let root = superblock.sharedTableRoot, readSharedTable() != nil else { return [] }
+        var leaves: [UInt64] = []
+        var block = root
+        while case .success(let (_, next)) = SharedBlockLeaf.decode(reader(block: block)), next != 0 {
+            leaves.append(next)
+            block = next
+        }
+        return leaves
+    }
+
     /// Each bitmap block as the owned blocks say it must be; the ones that differ are rewritten.
     mutating func rebuildBitmap() {
         let bits = Superblock.bitsPerBitmapBlock

@@ -15,6 +15,8 @@ struct Scanner {
         /// Bits set in ``bitmap``.
         var allocatedBlocks = 0
         var orphans: [UInt32] = []
+        /// The shared-block table (nil before format version 3, or when it is damaged).
+        var sharedTable: SharedBlockTable?
         /// Inodes that are in use but cannot be loaded (a bad checksum, field or extent), and why.
         var damagedInodes: [UInt32: String] = [:]
         var problems: [String] = []
@@ -37,6 +39,10 @@ struct Scanner {
     private let owned: LazyBitmap
     /// Owned blocks per bitmap block: a bitmap block whose count is 0 needs no comparing.
     private var ownedPerBitmapBlock: [Int: Int] = [:]
+    /// Extents naming each shared block (only blocks the table lists are counted).
+    private let namings: LazyZeroedArray<UInt32>
+    /// What the table says, read before the inodes.
+    private var table: SharedBlockTable?
 
     /// Why block 0's superblock is not used (the backup is), or nil.
     let primaryDamage: String?
@@ -51,6 +57,7 @@ struct Scanner {
         self.dataRanges = dataRanges
         owners = LazyZeroedArray(count: Int(superblock.dataBlocks))
         owned = LazyBitmap(count: Int(superblock.dataBlocks))
+        namings = LazyZeroedArray(count: Int(superblock.dataBlocks))
     }
 
     /// The blocks of `blocks` that hold data (all of them without ``dataRanges``).
@@ -106,7 +113,9 @@ struct Scanner {
         var scanner = Scanner(base: base, superblock: superblock, primaryDamage: primaryDamage, dataRanges: dataRanges)
         scanner.checkSuperblocks()
         if journalMustBeEmpty { scanner.checkJournal() }
+        scanner.scanSharedTable()
         scanner.scanInodes()
+        scanner.checkSharedCounts()
         scanner.scanDirectories()
         scanner.checkTree()
         scanner.checkOrphans()
@@ -226,7 +235,7 @@ struct Scanner {
             }
         }
         for extent in extents {
-            for block in extent.physical..<extent.physicalEnd where !claim(block, for: number, what: "data") {
+            for block in extent.physical..<extent.physicalEnd where !claimData(block, for: number) {
                 return nil
             }
         }
@@ -253,6 +262,87 @@ struct Scanner {
         owned.set(index)
         ownedPerBitmapBlock[index / Superblock.bitsPerBitmapBlock, default: 0] += 1
         return true
+    }
+
+    /// Claims a data block for an extent of `number`: a block the shared-block table lists may be
+    /// named by several extents, and each naming is counted.
+    private mutating func claimData(_ block: UInt64, for number: UInt32) -> Bool {
+        guard let table, table.sharedBlocks > 0, table.references(to: block) > 1 else {
+            return claim(block, for: number, what: "data")
+        }
+        let index = Int(block - superblock.dataStart)
+        namings[index] += 1
+        if owned[index] {
+            guard owners[index] != 0 else {
+                problem("block \(block) (data of inode \(number)) is also a shared-block table leaf")
+                return false
+            }
+            return true
+        }
+        return claim(block, for: number, what: "data")
+    }
+
+    // MARK: The shared-block table
+
+    /// Reads the table's chain from its root (version 3): leaves valid, runs sorted across leaves,
+    /// inside the data region, the chained leaves claimed as metadata.
+    private mutating func scanSharedTable() {
+        guard let root = superblock.sharedTableRoot else { return }
+        var leaves: [SharedBlockTable.Leaf] = []
+        var block = root
+        var lastEnd: UInt64 = 0
+        while true {
+            if leaves.count > 0 {
+                guard isDataBlock(block) else {
+                    problem("shared-block table leaf \(leaves.count) points at block \(block), outside the data region")
+                    return
+                }
+                guard claim(block, for: 0, what: "shared-block table leaf") else { return }
+            }
+            switch SharedBlockLeaf.decode(reader(block: block)) {
+            case .failure(let reason):
+                problem("shared-block table leaf at block \(block): \(reason)")
+                return
+            case .success(let (runs, next)):
+                if let first = runs.first, first.start < lastEnd {
+                    problem("shared-block table leaf at block \(block) is out of order")
+                    return
+                }
+                if leaves.count > 0, runs.isEmpty {
+                    problem("shared-block table leaf at block \(block) is empty")
+                    return
+                }
+                for run in runs where run.start < superblock.dataStart || run.end > superblock.dataEnd {
+                    problem("shared-block table run \(run) lies outside the data region")
+                    return
+                }
+                lastEnd = runs.last?.end ?? lastEnd
+                leaves.append(SharedBlockTable.Leaf(block: block, runs: runs))
+                block = next
+            }
+            if block == 0 { break }
+        }
+        table = SharedBlockTable(leaves: leaves)
+        result.sharedTable = table
+    }
+
+    /// Every block the table lists is named by exactly as many extents as its count says.
+    private mutating func checkSharedCounts() {
+        guard let table, table.sharedBlocks > 0 else { return }
+        var wrong = 0
+        for run in table.allRuns {
+            for block in run.range {
+                let named = namings[Int(block - superblock.dataStart)]
+                guard named != run.count else { continue }
+                wrong += 1
+                if wrong <= 3 {
+                    problem(
+                        "block \(block): the shared-block table counts \(run.count) references, "
+                            + "\(counted(Int(named), "extent")) name it")
+                }
+            }
+        }
+        if wrong > 3 { problem("and \(wrong - 3) more blocks whose shared count is wrong") }
     }
 
     // MARK: Directories

@@ -41,7 +41,7 @@ public struct Statistics: Sendable, Equatable {
 
     init(
         totalBlocks: Int, freeBlocks: Int, quarantinedBlocks: Int, pinnedPages: Int, pinsAcquired: Int,
-        pinsReleased: Int, files: Int, directories: Int, totalInodes: Int, journalCommits: Int
+        pinsReleased: Int, files: Int, directories: Int, totalInodes: Int, journalCommits: Int, sharedBlocks: Int = 0
     ) {
         self.init(
             totalBlocks: totalBlocks, freeBlocks: freeBlocks, quarantinedBlocks: quarantinedBlocks,
@@ -50,6 +50,7 @@ public struct Statistics: Sendable, Equatable {
         self.directories = directories
         self.totalInodes = totalInodes
         self.journalCommits = journalCommits
+        self.sharedBlocks = sharedBlocks
     }
 }
 

@@ -14,6 +14,8 @@ final class Volume: Sendable {
     let damage: Damage
     let journal: Journal
     let allocator: BlockAllocator
+    /// Reference counts of blocks several extents name (reflinks, snapshots, dedup).
+    let shared: SharedBlocks
     /// Held shared by every file operation, exclusively by `unmount`, which so waits for them.
     let operations = ReadWriteLock()
     /// Cleared by `unmount`; read without a lock on every file operation.
@@ -34,6 +36,7 @@ final class Volume: Sendable {
             pages: device.pages, dataStart: superblock.dataStart, dataBlocks: Int(superblock.dataBlocks),
             allocated: scan.bitmap, allocatedCount: scan.allocatedBlocks,
             returnStorage: Self.storageReturn(for: device))
+        shared = SharedBlocks(scan.sharedTable)
         pinBaseline = device.pages.pinTotals
     }
 
@@ -91,7 +94,7 @@ final class Volume: Sendable {
             quarantinedBlocks: allocator.quarantinedBlocks, pinnedPages: totals.pinnedPages,
             pinsAcquired: totals.acquired - pinBaseline.acquired, pinsReleased: totals.released - pinBaseline.released,
             files: files, directories: directories, totalInodes: Int(superblock.inodeCount),
-            journalCommits: journal.commits.load(ordering: .relaxed))
+            journalCommits: journal.commits.load(ordering: .relaxed), sharedBlocks: shared.sharedBlockCount)
     }
 
     // MARK: - Format and mount

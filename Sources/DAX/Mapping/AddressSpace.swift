@@ -15,6 +15,8 @@ final class AddressSpace: Sendable {
     var device: PMemDevice { data.volume.device }
     /// The file system's fault handler.
     let handler: FaultHandler
+    /// The volume's shared-block counts, which the pin paths look at.
+    @usableFromInline let sharedBlocks: SharedBlocks
     /// Frames stored to through mappings that were unmapped since the last `sync`: it still makes
     /// them durable, as the kernel's dirty tags outlive a `munmap`.
     let unmappedDirtyFrames = Mutex<Set<UInt64>>([])
@@ -34,6 +36,7 @@ final class AddressSpace: Sendable {
         self.namespace = namespace
         self.registry = registry
         self.handler = registry.handler
+        self.sharedBlocks = data.volume.shared
     }
 
     deinit { registry.forget(inode) }

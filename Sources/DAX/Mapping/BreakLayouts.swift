@@ -61,11 +61,11 @@ extension AddressSpace {
                         try inode.contents.write { (contents) throws -> [UInt64] in
                             // 1. Plan. It may have taken extent-leaf blocks: every way out that
                             //    does not commit it gives them back.
-                            let plan = try makePlan(contents)
+                            var plan = try makePlan(contents)
                             var committed = false
                             defer { if !committed { data.abandon(plan) } }
                             guard plan.changesMappings else {
-                                try data.commit(plan)
+                                try data.commit(&plan)
                                 committed = true
                                 data.release(plan, of: &contents)
                                 // A truncate up: pages past the old end may be holes now.
@@ -104,7 +104,7 @@ extension AddressSpace {
 
                             // 5. Commit.
                             do {
-                                try data.commit(plan)
+                                try data.commit(&plan)
                             } catch {
                                 putBack()
                                 throw error

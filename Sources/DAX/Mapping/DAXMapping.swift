@@ -301,11 +301,26 @@ public final class DAXMapping: Sendable {
                 device, frame: firstFrame, pages: run.count, at: base + run.lowerBound * PMemDevice.pageSize,
                 access: access, exposed: true, faults: faults)) != nil
         {
-            for index in run {
-                entries[index].store(firstFrame + UInt64(index - run.lowerBound), ordering: .sequentiallyConsistent)
-                state.zeroPages.remove(index)
+            // Shared blocks show write-protected before anyone can find them: a store copies.
+            if protectShared(run, firstFrame: firstFrame) {
+                for index in run {
+                    entries[index].store(firstFrame + UInt64(index - run.lowerBound), ordering: .sequentiallyConsistent)
+                    state.zeroPages.remove(index)
+                }
+                if tracksDirty { state.dirty.insert(run) }
+                return
             }
-            if tracksDirty { state.dirty.insert(run) }
+            // A shared block the kernel cannot write-protect is not shown writable: it faults.
+            for step in 0..<counted { pageMap.unmap(PageFrameNumber(rawValue: firstFrame + UInt64(step))) }
+            let address = base + run.lowerBound * PMemDevice.pageSize
+            if let faults {
+                MappingRegion.makePlaceholder(
+                    address, length: run.count * PMemDevice.pageSize, access: access, faults: faults,
+                    calls: device.systemCalls)
+            } else {
+                MappingRegion.replaceWithFaulting(
+                    address, length: run.count * PMemDevice.pageSize, access: access, calls: device.systemCalls)
+            }
             return
         }
         for step in 0..<counted { pageMap.unmap(PageFrameNumber(rawValue: firstFrame + UInt64(step))) }
@@ -317,6 +332,9 @@ public final class DAXMapping: Sendable {
                 do {
                     try MappingRegion.mapDevicePage(
                         device, frame: frame.rawValue, at: address, access: access, exposed: true, faults: faults)
+                    guard protectShared(index..<(index + 1), firstFrame: frame.rawValue) else {
+                        throw DAXError(.unsupported, "a shared page cannot be write-protected here")
+                    }
                 } catch {
                     pageMap.unmap(frame)
                     throw error

@@ -55,6 +55,8 @@ extension DAXMapping {
         case show(Extent)
         /// A store to a hole: allocate.
         case allocate
+        /// A store to a shared block: copy it first.
+        case copy
     }
 
     /// The fault thread: answers `fault` at a page of this mapping, under the invalidate lock
@@ -95,6 +97,11 @@ extension DAXMapping {
             }
             let frame = entries[index].load(ordering: .acquiring)
             if frame != 0 {
+                if fault.isWrite || fault.isWriteProtect, access == .readWrite,
+                    space.data.volume.shared.references(to: frame) > 1
+                {
+                    return .copy
+                }
                 storeToBlock(fault, frame: frame, at: index, &state, faults)
                 return .answered
             }
@@ -124,6 +131,18 @@ extension DAXMapping {
         case .show(let extent):
             populate([extent])
             signalUnlessShown(fault, at: index, faults)
+        case .copy:
+            // Copy-on-write: the page gets a block of this file's own, journaled, and every
+            // mapping of this file shows it; the other files keep the old block.
+            do {
+                try space.unshare(
+                    page..<(page + 1), &contents, what: "store to a shared page of \(Paths.quoted(path))")
+                handler.copyOnWrite.wrappingAdd(1, ordering: .relaxed)
+                signalUnlessShown(fault, at: index, faults)
+            } catch {
+                handler.sigbus.wrappingAdd(1, ordering: .relaxed)
+                faults.signal(SIGBUS, to: fault)
+            }
         case .allocate:
             // The kernel's page_mkwrite: a zeroed block, journaled as `allocate` journals it, shown
             // in every mapping of the file that shows nothing there, this one included.

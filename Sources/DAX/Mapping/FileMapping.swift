@@ -24,10 +24,12 @@ extension AddressSpace {
                 let end = max(first, min(pages.upperBound, FileData.pageUp(Int(contents.record.size))))
                 let inside = first..<end
                 if faults == nil, access == .readWrite {
-                    // No fault handler: a writable mapping gives its holes blocks now.
+                    // No fault handler: a writable mapping gives its holes blocks now, and its
+                    // shared blocks copies (a store could not be caught to copy them later).
                     let added = try data.fillHolesZeroed(&contents, inside, what: "map of \(Paths.quoted(path))")
                     // Older mappings of those pages (punched while mapped) see the new blocks too.
                     show(added)
+                    try unshare(inside, &contents, what: "map of \(Paths.quoted(path))")
                 }
                 let length = pages.count * PMemDevice.pageSize
                 let base = try MappingRegion.reserve(length, placeholder: faults == nil ? nil : access, calls: calls)
@@ -60,6 +62,7 @@ extension AddressSpace {
                         try MappingRegion.mapDevice(
                             device, frame: slice.physical, pages: Int(slice.length),
                             at: base + index * PMemDevice.pageSize, access: access, faults: faults)
+                        try protectShared(slice, at: base + index * PMemDevice.pageSize, access: access, faults: faults)
                     }
                 } catch {
                     for frame in frames where frame != 0 { device.pages.unmap(PageFrameNumber(rawValue: frame)) }
@@ -76,6 +79,26 @@ extension AddressSpace {
                 if let faults { mapping.routeFaults(to: faults) }
                 register(mapping)
                 return mapping
+            }
+        }
+    }
+
+    /// A new writable mapping shows the shared blocks of `slice` (mapped at `address`)
+    /// write-protected; throws if the kernel cannot do it.
+    private func protectShared(
+        _ slice: Extent, at address: UnsafeMutableRawPointer, access: Access, faults: UserFaults?
+    )
+        throws
+    {
+        guard access == .readWrite, data.volume.shared.sharedBlockCount > 0 else { return }
+        for piece in data.volume.shared.runs(in: slice.physical..<slice.physicalEnd) {
+            let start = address + Int(piece.start - slice.physical) * PMemDevice.pageSize
+            let length = Int(piece.length) * PMemDevice.pageSize
+            guard let faults, faults.registerAgain(start, length: length, modes: MappingRegion.faultModes(access)),
+                faults.writeProtect(start, length: length, true)
+            else {
+                throw DAXError(
+                    .unsupported, "cannot write-protect the shared blocks of a writable mapping on this device")
             }
         }
     }

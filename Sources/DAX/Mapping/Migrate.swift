@@ -23,9 +23,14 @@ extension AddressSpace {
         _ contents: inout Inode.Contents, _ pages: Range<UInt64>, path: String
     ) throws -> MigrationResult {
         // 1. The pages that have blocks, and the file's mappings.
+        // A shared block stays where it is: moving it would repoint every file that names it.
         var candidates: [(page: UInt64, block: UInt64)] = []
+        let shared = data.sharedExtents(in: pages, of: contents.extents).flatMap { Array($0.logicalRange) }
+        let sharedPages = Set(shared)
         for extent in contents.extents.extents(in: pages) {
-            for page in extent.logicalRange { candidates.append((page, extent.block(for: page))) }
+            for page in extent.logicalRange where !sharedPages.contains(page) {
+                candidates.append((page, extent.block(for: page)))
+            }
         }
         guard !candidates.isEmpty else { return MigrationResult(migrated: 0, busy: []) }
         let mappings = liveMappings

@@ -31,8 +31,11 @@ extension DAXMapping {
         let generation = space.layoutGeneration.load(ordering: .acquiring)
         let frame = entries[index].load(ordering: .acquiring)
         guard frame != 0, case .success = table.tryPin(frame) else { return nil }
-        guard space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
-            // A truncate detached pages after we looked: back off without counting anything.
+        guard space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation,
+            access == .readOnly || space.sharedBlocks.noneShared
+        else {
+            // A truncate detached pages after we looked, or a page may be shared (a pin for
+            // writing unshares it first, on the slow path): back off without counting anything.
             table.takeBackPin(frame)
             return nil
         }
@@ -77,8 +80,11 @@ extension DAXMapping {
         let frame = entries[index].load(ordering: .acquiring)
         guard frame != 0 else { return nil }
         guard case .success = table.tryPin(frame) else { return nil }
-        guard space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
-            // A truncate detached pages after we looked: back off without counting anything.
+        guard space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation,
+            access == .readOnly || space.sharedBlocks.noneShared
+        else {
+            // A truncate detached pages after we looked, or a page may be shared: back off
+            // without counting anything.
             table.takeBackPin(frame)
             return nil
         }
@@ -97,13 +103,18 @@ extension DAXMapping {
         }
         let runs = FrameRuns(frames)
         guard (try? table.pin(runs)) != nil else { return nil }
-        guard space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation else {
+        guard space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation,
+            access == .readOnly || space.sharedBlocks.noneShared
+        else {
             // Undo as a release of what was just acquired, so the totals stay balanced.
             table.unpin(runs)
             return nil
         }
         return PinnedPages(table: table, runs: runs, lease: nil, access: access)
     }
+
+    /// How long a pin waits for a frozen page to thaw before it is `.busy`.
+    static let frozenPageWait: Duration = .seconds(1)
 
     /// gup-slow: under the invalidate lock no truncate runs; resolve missing pages, then pin.
     /// An operation of the file system (``Namespace/run(_:)``): a mapping whose last reference
@@ -116,6 +127,7 @@ extension DAXMapping {
         try space.invalidateLock.withReadLock {
             // No truncate runs now, but an unmap can (and may free an orphan's blocks): re-validate
             // against the layout generation after pinning, as the fast path does.
+            var frozenWait: Deadline? = nil
             while true {
                 guard !isUnmapped else {
                     throw DAXError(
@@ -141,8 +153,44 @@ extension DAXMapping {
                     }
                     frames.append(PageFrameNumber(rawValue: frame))
                 }
-                let pinned = try device.pages.pin(
-                    runs: FrameRuns(frames), access: access, lifetime: lifetime)
+                let pinned: PinnedPages
+                do {
+                    pinned = try device.pages.pin(runs: FrameRuns(frames), access: access, lifetime: lifetime)
+                } catch let error as DAXError where error.code == .busy {
+                    // A page frozen for a moment (a clone deciding, a migration, a copy): wait for
+                    // the freeze to end, as gup waits out a migration entry, and look again; a
+                    // freeze that outlasts the wait is `.busy`.
+                    let deadline = frozenWait ?? Deadline(after: Self.frozenPageWait)
+                    frozenWait = deadline
+                    guard !deadline.hasPassed,
+                        device.pages.waitUntil(
+                            frames.map(\.rawValue), deadline: deadline, { $0 & PageWord.frozen == 0 })
+                    else { throw error }
+                    continue
+                }
+                let mustBePrivate: Bool = {
+                    if access == .readWrite { return true }
+                    if case .longTerm = lifetime { return true }
+                    return false
+                }()
+                if mustBePrivate, !space.sharedBlocks.noneShared,
+                    let shared = pages.first(where: { index in
+                        let frame = entries[index].load(ordering: .acquiring)
+                        return frame != 0 && space.sharedBlocks.references(to: frame) > 1
+                    })
+                {
+                    // A device never holds a shared page for writing, nor any page for long:
+                    // the file gets its own copies first (break-COW), then the pin looks again.
+                    pinned.release()
+                    try inode.contents.write { contents in
+                        try contents.checkLive(path)
+                        let filePages =
+                            (firstPage + UInt64(pages.lowerBound))..<(firstPage + UInt64(pages.upperBound) + 1)
+                        _ = shared
+                        try space.unshare(filePages, &contents, what: "pin of \(Paths.quoted(path))")
+                    }
+                    continue
+                }
                 if space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation { return pinned }
                 pinned.release()  // the layout changed under us: let go and look again
             }

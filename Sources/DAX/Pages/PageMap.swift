@@ -270,6 +270,22 @@ public final class PageMap: Sendable {
         }
     }
 
+    /// Freezes the page at the count its mappings explain: no pin and no reference beyond one per
+    /// mapping that shows it. What copy-on-write, dedup and clone decide by (a compare-and-swap,
+    /// so that a pinner racing in either got its pin first, and the freeze fails, or fails itself).
+    func freezeAtMappings(_ frame: PageFrameNumber) -> Bool {
+        guard frame.rawValue < UInt64(count) else { return false }
+        let counts = table.descriptor(frame.rawValue)
+        var old = counts.pointee.counts.load(ordering: .relaxed)
+        while true {
+            guard PageWord.isIdleExceptMappings(old), old & PageWord.frozen == 0 else { return false }
+            let (exchanged, current) = counts.pointee.counts.compareExchange(
+                expected: old, desired: old | PageWord.frozen, ordering: .sequentiallyConsistent)
+            if exchanged { return true }
+            old = current
+        }
+    }
+
     /// Ends a freeze (`page_ref_unfreeze`).
     package func unfreeze(_ frame: PageFrameNumber) {
         precondition(frame.rawValue < UInt64(count), "\(frame) is outside the page map")
@@ -278,6 +294,8 @@ public final class PageMap: Sendable {
             ordering: .sequentiallyConsistent
         ).oldValue
         precondition(old & PageWord.frozen != 0, "unfreeze of \(frame), which is not frozen")
+        // A pinner that found the page frozen sleeps until it thaws.
+        if old & PageWord.waiters != 0 { table.core.pointee.waitQueue.wakeAll() }
     }
 
     // MARK: - Waiting

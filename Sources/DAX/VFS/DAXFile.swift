@@ -100,7 +100,9 @@ public final class DAXFile: Sendable {
             try withBounce(buffer) { buffer in
                 try inode.contents.write { contents in
                     try contents.checkLive(path)
-                    space.show(try fileSystem.data.writeData(&contents, buffer, at: offset))
+                    let written = try fileSystem.data.writeData(&contents, buffer, at: offset)
+                    space.show(written.added)
+                    space.replace(written.copied)
                     space.sizeChanged(to: contents.record.size)
                 }
             }

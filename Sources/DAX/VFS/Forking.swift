@@ -1,12 +1,5 @@
-/// The parts of the file system's contract that wait for the fault handler: what they say today,
-/// truthfully, and what they refuse.
-///
-/// Faults on DAX mappings (zero-page and allocating faults, copy-on-write) need a `userfaultfd`
-/// handler that this version does not have: mappings are populated when they are made. Sharing
-/// blocks between files (reflink, snapshots, dedup) and moving pages (migration) are built on those
-/// faults, so they are refused with `.unsupported` until it lands, rather than done in a way that a
-/// device writing by frame could see through (a store to a shared page must fault and copy first).
-/// Migration needs no fault: it maps the new block into every mapping at once (`Migrate.swift`).
+/// Fault handling, and forking: blocks shared by several files (reflink, snapshots, dedup), copied
+/// before a change (copy-on-write). See `docs/forking.md`.
 extension DAXFileSystem {
     /// Which fault handling is in effect: `.userfaultfd` when the file system's handler thread
     /// answers the faults of its mappings (holes read as zeros and fill on the first store, pages
@@ -19,24 +12,66 @@ extension DAXFileSystem {
     /// (user-mode-only mode, without privilege), or why there is no handler.
     public var faultHandlingDetail: String { spaces.handler.detail }
 
-    /// reflink (`FICLONE`): `destination` would share the source's blocks copy-on-write. Not built
-    /// yet: throws `.unsupported` and changes nothing (it needs write-protect faults, see above).
+    /// reflink (`FICLONE`): `destination`, which must not exist, shares the source's blocks
+    /// copy-on-write; a directory is cloned with its whole tree (a snapshot). One transaction: a
+    /// crash leaves no destination or a complete one. Pages of the source that a device holds
+    /// (pinned) are dealt with as `ifPinned` says; with the default `.copy` the clone gets copies
+    /// of them and the device keeps writing into the source only. Throws `.alreadyExists`,
+    /// `.notFound`, `.busy` (`.fail`), `.timedOut` (`.wait`), `.noSpace` (the tree does not fit one
+    /// transaction, or no blocks for copies), `.unsupported` on a device formatted before version 3.
     public func clone(_ source: String, to destination: String, ifPinned: PinnedPagePolicy = .copy) throws {
-        throw DAXError(
-            .unsupported,
-            "cannot clone \(Paths.quoted(source)) to \(Paths.quoted(destination)): sharing blocks copy-on-write "
-                + "needs the fault handler, which this version does not have")
+        try namespace.clone(source, to: destination, ifPinned: ifPinned) { inode, _ in
+            spaces.space(for: inode).prepareForSharing()
+        }
     }
 
-    /// `FIDEDUPERANGE`: where the ranges hold the same bytes, `destination` would share `source`'s
-    /// blocks. Not built yet: throws `.unsupported` and changes nothing.
+    /// `FIDEDUPERANGE`: where the ranges hold the same bytes, page by page, `destination` comes to
+    /// share `source`'s blocks. Returns the bytes now shared (whole pages; pages that already
+    /// shared the block count too). Pages with a hole on either side, pages that differ, a partial
+    /// page at the end, and pages a pin holds on either side are left alone and not counted.
+    /// Offsets must be multiples of 4096 and both ranges inside their files (`.invalidArgument`,
+    /// nothing changed); the destination must be writable.
     public func deduplicate(
         _ source: String, offset: Int, _ destination: String, offset destinationOffset: Int, count: Int
     ) throws -> Int {
-        throw DAXError(
-            .unsupported,
-            "cannot deduplicate \(Paths.quoted(destination)) against \(Paths.quoted(source)): sharing blocks "
-                + "needs the fault handler, which this version does not have")
+        let what =
+            "deduplicate \(Paths.quoted(destination)) at \(destinationOffset) against "
+            + "\(Paths.quoted(source)) at \(offset) + \(count)"
+        do {
+            try FileData.checkRange(offset, count, "deduplicate", source)
+            try FileData.checkRange(destinationOffset, count, "deduplicate", destination)
+            guard offset % FileData.pageSize == 0, destinationOffset % FileData.pageSize == 0 else {
+                throw DAXError(.invalidArgument, "the offsets must be multiples of \(FileData.pageSize)")
+            }
+            guard volume.shared.canShare else {
+                throw DAXError(
+                    .unsupported,
+                    "the device was formatted as version \(volume.superblock.version), which keeps no "
+                        + "shared-block counts; format it again to share blocks")
+            }
+            let sourceFile = try open(source, access: .readOnly)
+            defer { sourceFile.close() }
+            let destinationFile = try open(destination)
+            defer { destinationFile.close() }
+            guard offset + count <= sourceFile.size, destinationOffset + count <= destinationFile.size else {
+                throw DAXError(
+                    .invalidArgument,
+                    "the range reaches past the end of a file (\(counted(sourceFile.size, "byte")) and "
+                        + "\(counted(destinationFile.size, "byte")))")
+            }
+            let pages = count / FileData.pageSize
+            guard pages > 0 else { return 0 }
+            let first = FileData.page(offset)
+            let destinationFirst = FileData.page(destinationOffset)
+            return try destinationFile.operation("deduplicate", writable: true) {
+                try AddressSpace.deduplicate(
+                    sourceFile.space, first..<(first + UInt64(pages)), destinationFile.space,
+                    destinationFirst..<(destinationFirst + UInt64(pages)), what: what)
+                    * FileData.pageSize
+            }
+        } catch let error as DAXError {
+            throw error.context("cannot \(what)", naming: Paths.quoted(destination))
+        }
     }
 }
 
@@ -69,7 +104,7 @@ extension DAXFile {
             }
             return try inode.contents.read { contents in
                 try contents.checkLive(path)
-                return fileSystem.data.frames(contents, pages: pages).map { $0 == nil ? 0 : 1 }
+                return fileSystem.data.references(contents, pages: pages)
             }
         }
     }

@@ -2,10 +2,12 @@
 /// device's last block. See `docs/format.md`.
 struct Superblock: Equatable, Sendable {
     static let magic: [UInt8] = [0x44, 0x41, 0x58, 0x46, 0x53, 0x00, 0x01, 0x0A]  // "DAXFS\0\x01\n"
-    /// The version `format` writes: 2 keeps a backup superblock in the last block.
-    static let version: UInt32 = 2
-    /// Versions a mount reads: 1 (no backup; the data region runs to the end of the device) and 2.
-    static let readableVersions: ClosedRange<UInt32> = 1...2
+    /// The version `format` writes: 2 keeps a backup superblock in the last block, 3 also keeps the
+    /// shared-block table's first leaf in the journal region's last block.
+    static let version: UInt32 = 3
+    /// Versions a mount reads: 1 (no backup; the data region runs to the end of the device), 2 (no
+    /// shared blocks) and 3.
+    static let readableVersions: ClosedRange<UInt32> = 1...3
     static let size = 256
     static let blockSize = 4096
     static let inodeSize = 256
@@ -106,7 +108,7 @@ struct Superblock: Equatable, Sendable {
         let version: UInt32 = reader.get(at: 8)
         guard readableVersions.contains(version) else {
             throw DAXError(
-                .corrupted, "\(which) version \(version) is not supported (this build reads versions 1 and 2)")
+                .corrupted, "\(which) version \(version) is not supported (this build reads versions 1 to 3)")
         }
         guard block == 0 || version >= 2 else {
             throw DAXError(.corrupted, "the \(which) says version \(version), which keeps no backup")
@@ -167,6 +169,13 @@ struct Superblock: Equatable, Sendable {
         let within = (Int(index) % Self.bitsPerBitmapBlock) / 8
         return (Int(bitmapStart) + block) * Self.blockSize + within
     }
+
+    /// The first leaf of the shared-block table: the journal region's last block (version 3 and
+    /// later), or nil for a device that cannot share blocks.
+    var sharedTableRoot: UInt64? { version >= 3 ? journalStart + journalBlocks - 1 : nil }
+
+    /// Journal blocks the header and the records use: all but the shared-block table's root.
+    var journalUsedBlocks: UInt64 { version >= 3 ? journalBlocks - 1 : journalBlocks }
 
     /// Whether the last block holds a backup copy (version 2 and later).
     var hasBackup: Bool { version >= 2 }

@@ -1,0 +1,140 @@
+import Glibc
+
+/// FIDEDUPERANGE for DAX pages: equal pages of two files come to share one block, unless a pin
+/// holds either, decided by a freeze at the count the mappings explain (invariant 10).
+extension AddressSpace {
+    /// Makes pages `destinationPages` of `destination` share the blocks of the same-sized
+    /// `sourcePages` of `source` where the bytes are equal and neither page is pinned. Both
+    /// files' invalidate and inode locks are held throughout (in inode-number order), so neither
+    /// changes while it compares. Returns the pages that now share.
+    static func deduplicate(
+        _ source: AddressSpace, _ sourcePages: Range<UInt64>, _ destination: AddressSpace,
+        _ destinationPages: Range<UInt64>, what: String
+    ) throws -> Int {
+        let same = source === destination
+        let first = same || source.inode.number < destination.inode.number ? source : destination
+        let second = first === source ? destination : source
+        return try first.invalidateLock.withWriteLock {
+            if same {
+                return try destination.inode.contents.write { contents in
+                    let before = contents  // the source's side, read while the extents change
+                    return try destination.deduplicateLocked(
+                        from: before, sourcePages, source: source, into: &contents, destinationPages, what: what)
+                }
+            }
+            return try second.invalidateLock.withWriteLock {
+                try first.inode.contents.write { firstContents in
+                    try second.inode.contents.write { secondContents in
+                        if first === source {
+                            return try destination.deduplicateLocked(
+                                from: firstContents, sourcePages, source: source, into: &secondContents,
+                                destinationPages, what: what)
+                        }
+                        return try destination.deduplicateLocked(
+                            from: secondContents, sourcePages, source: source, into: &firstContents,
+                            destinationPages, what: what)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dedup with both files locked; `self` is the destination.
+    private func deduplicateLocked(
+        from sourceContents: Inode.Contents, _ sourcePages: Range<UInt64>, source: AddressSpace,
+        into contents: inout Inode.Contents, _ pages: Range<UInt64>, what: String
+    ) throws -> Int {
+        let device = self.device
+        let pageMap = device.pages
+        let size = FileData.pageSize
+        // 1. Equal pages whose blocks differ; pages already sharing the source's block count too.
+        var already = 0
+        var candidates: [(page: UInt64, sourceBlock: UInt64, block: UInt64)] = []
+        for (step, page) in pages.enumerated() {
+            let sourcePage = sourcePages.lowerBound + UInt64(step)
+            guard let sourceExtent = sourceContents.extents.extent(containing: sourcePage),
+                let extent = contents.extents.extent(containing: page)
+            else { continue }
+            let sourceBlock = sourceExtent.block(for: sourcePage)
+            let block = extent.block(for: page)
+            if sourceBlock == block {
+                already += 1
+                continue
+            }
+            if memcmp(device.base + Int(sourceBlock) * size, device.base + Int(block) * size, size) == 0 {
+                candidates.append((page, sourceBlock, block))
+            }
+        }
+        guard !candidates.isEmpty else { return already }
+
+        // 2. The destination's pages leave its mappings (pinners back off), then each side is
+        //    frozen at the count its mappings explain; a page that will not freeze is pinned and
+        //    stays as it was.
+        let mappings = liveMappings
+        for run in FileData.runs(of: candidates.map(\.page)) {
+            for mapping in mappings { _ = mapping.detach(run, cut: 0..<0) }
+        }
+        layoutChanged()
+        for mapping in mappings { mapping.zapDetached() }
+        var frozen: [PageFrameNumber] = []
+        var chosen: [(page: UInt64, block: UInt64)] = []
+        var left: [Extent] = []
+        for candidate in candidates {
+            let old = PageFrameNumber(rawValue: candidate.block)
+            let shared = PageFrameNumber(rawValue: candidate.sourceBlock)
+            guard pageMap.freezeAtMappings(old) else {
+                left.append(Extent(logical: candidate.page, physical: candidate.block, length: 1))
+                continue
+            }
+            guard frozen.contains(shared) || pageMap.freezeAtMappings(shared) else {
+                pageMap.unfreeze(old)
+                left.append(Extent(logical: candidate.page, physical: candidate.block, length: 1))
+                continue
+            }
+            if !frozen.contains(shared) { frozen.append(shared) }
+            frozen.append(old)
+            chosen.append((candidate.page, candidate.sourceBlock))
+        }
+        defer { for frame in frozen { pageMap.unfreeze(frame) } }
+        for mapping in mappings { mapping.populate(left) }
+        guard !chosen.isEmpty else { return already }
+
+        // 3. The source's writable mappings stop taking stores to those blocks before they are
+        //    shared (the fault handler waits for the source's inode lock, held here).
+        let sourceBlocks = Set(chosen.map(\.block))
+        for mapping in source.liveMappings where mapping.access == .readWrite {
+            _ = mapping.protectFrames(sourceBlocks)
+        }
+
+        // 4. The extents, then the mappings show the shared blocks (write-protected).
+        let freed: [PageRun]
+        do {
+            freed = try data.share(&contents, chosen, what: what)
+        } catch {
+            let back = candidates.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
+            for mapping in mappings { mapping.populate(back) }
+            throw error
+        }
+        let shown = chosen.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
+        for mapping in mappings { mapping.populate(shown) }
+        for frame in frozen { pageMap.unfreeze(frame) }
+        frozen = []
+        data.volume.releaseFreed(freed)
+        return already + chosen.count
+    }
+}
+
+extension DAXMapping {
+    /// Write-protects the pages of this mapping that show one of `frames`. Returns false if one
+    /// could not be.
+    func protectFrames(_ frames: Set<UInt64>) -> Bool {
+        state.withTrackedLock { state in
+            guard !state.unmapped else { return true }
+            var protected = true
+            for index in 0..<pageCount where frames.contains(entries[index].load(ordering: .relaxed)) {
+                if !writeProtect(index..<(index + 1)) { protected = false }
+            }
+            return protected
+        }
+    }
+}

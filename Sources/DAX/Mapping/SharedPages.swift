@@ -1,0 +1,91 @@
+/// Shared blocks in mappings: a shared page shows write-protected in a writable mapping, so that
+/// a store faults and copies it; copies replace the old blocks in the writing file's mappings only.
+extension AddressSpace {
+    /// The mappings show `extents` (copies that replaced shared blocks) instead of the blocks they
+    /// showed there. Inode lock held exclusively.
+    func replace(_ extents: [Extent]) {
+        guard !extents.isEmpty else { return }
+        let mappings = liveMappings
+        guard !mappings.isEmpty else { return }
+        for extent in extents {
+            for mapping in mappings { _ = mapping.detach(extent.logicalRange, cut: 0..<0) }
+        }
+        layoutChanged()
+        for mapping in mappings {
+            mapping.zapDetached()
+            mapping.populate(extents)
+        }
+    }
+
+    /// Before the file's blocks are shared (a clone of it): stores through its mappings are made
+    /// durable, and every page its writable mappings show is write-protected, so that the next
+    /// store faults and copies. Returns the pages that stay writable because the kernel cannot
+    /// write-protect them (no fault handler): they must not be shared. Inode lock held.
+    func prepareForSharing() -> Set<UInt64> {
+        var unprotected: Set<UInt64> = []
+        for mapping in liveMappings where mapping.access == .readWrite {
+            mapping.writeBack()
+            unprotected.formUnion(mapping.protectShown())
+        }
+        return unprotected
+    }
+
+    /// Copies the shared blocks of `pages` for this file and shows the copies in its mappings:
+    /// what a store fault, a `.readWrite` pin and a long-term pin do to a shared page. Returns
+    /// whether anything was copied. Inode lock held exclusively.
+    @discardableResult
+    func unshare(_ pages: Range<UInt64>, _ contents: inout Inode.Contents, what: String) throws -> Bool {
+        let copies = try data.unshare(&contents, pages, what: what)
+        replace(copies)
+        return !copies.isEmpty
+    }
+}
+
+extension DAXMapping {
+    /// Write-protects every page this mapping shows, for a clone of its file. Returns the file
+    /// pages it could not protect (no handler, or the kernel refused). Inode lock held.
+    func protectShown() -> Set<UInt64> {
+        state.withTrackedLock { state in
+            guard !state.unmapped else { return [] }
+            var unprotected: Set<UInt64> = []
+            var index = 0
+            while index < pageCount {
+                guard entries[index].load(ordering: .relaxed) != 0 else {
+                    index += 1
+                    continue
+                }
+                var end = index + 1
+                while end < pageCount, entries[end].load(ordering: .relaxed) != 0 { end += 1 }
+                if !writeProtect(index..<end) {
+                    for page in index..<end { unprotected.insert(firstPage + UInt64(page)) }
+                }
+                index = end
+            }
+            return unprotected
+        }
+    }
+
+    /// Write-protects pages `run` of the mapping, which show blocks: registered for write-protect
+    /// faults first (device pages are registered lazily). Returns false if the kernel cannot.
+    func writeProtect(_ run: Range<Int>) -> Bool {
+        guard let faults else { return false }
+        let address = base + run.lowerBound * PMemDevice.pageSize
+        let length = run.count * PMemDevice.pageSize
+        return faults.registerAgain(address, length: length, modes: MappingRegion.faultModes(access))
+            && faults.writeProtect(address, length: length, true)
+    }
+
+    /// After pages `run` came to show blocks from `firstFrame` on: the shared ones among them are
+    /// write-protected in a writable mapping. Returns false if one could not be.
+    func protectShared(_ run: Range<Int>, firstFrame: UInt64) -> Bool {
+        guard access == .readWrite else { return true }
+        let shared = space.data.volume.shared
+        guard shared.sharedBlockCount > 0 else { return true }
+        var protected = true
+        for piece in shared.runs(in: firstFrame..<(firstFrame + UInt64(run.count))) {
+            let from = run.lowerBound + Int(piece.start - firstFrame)
+            if !writeProtect(from..<(from + Int(piece.length))) { protected = false }
+        }
+        return protected
+    }
+}
