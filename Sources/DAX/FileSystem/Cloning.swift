@@ -117,10 +117,12 @@ extension Namespace {
         let files = nodes.indices.filter { !nodes[$0].source.isDirectory }
             .sorted { nodes[$0].source.number < nodes[$1].source.number }
         var change = PendingChange()
-        var frozen: [PageFrameNumber] = []
-        defer { for frame in frozen { volume.device.pages.unfreeze(frame) } }
         do {
             try withSourcesLocked(files[...], &nodes, prepare: prepare, path: path) { nodes in
+                // Thawed while the source files are still locked: a fault or pin that comes
+                // after the locks finds every page as it was, shared or copied.
+                var frozen: [PageFrameNumber] = []
+                defer { for frame in frozen { volume.device.pages.unfreeze(frame) } }
                 try buildAndCommit(&nodes, into: parent, policy: policy, change: &change, frozen: &frozen, path: path)
             }
         } catch {

@@ -272,13 +272,15 @@ struct FileData: Sendable {
         var freedFrames: [UInt64] { change.dropped.flatMap { Array($0.range) } }
         /// Whether anything leaves the file (break layouts needed).
         var removesBlocks: Bool { !change.dropped.isEmpty }
-        /// Whether mappings must change (break layouts needed): blocks go, or pages are cut off.
-        var changesMappings: Bool { removesBlocks || !cutPages.isEmpty }
-        /// The pages to take out of every mapping: the freed ones and the cut-off ones.
+        /// Whether mappings must change (break layouts needed): blocks go, pages are cut off, or
+        /// shared edge pages are copied.
+        var changesMappings: Bool { removesBlocks || !cutPages.isEmpty || !copied.isEmpty }
+        /// The pages to take out of every mapping: the freed ones, the cut-off ones, and the edge
+        /// pages copied from shared blocks (next to the others, so one range holds them all).
         var unmappedPages: Range<UInt64> {
-            guard !cutPages.isEmpty else { return freedPages }
-            guard !freedPages.isEmpty else { return cutPages }
-            return min(freedPages.lowerBound, cutPages.lowerBound)..<max(freedPages.upperBound, cutPages.upperBound)
+            var ranges = [freedPages, cutPages].filter { !$0.isEmpty } + copied.map(\.logicalRange)
+            guard let first = ranges.popLast() else { return freedPages }
+            return ranges.reduce(first) { min($0.lowerBound, $1.lowerBound)..<max($0.upperBound, $1.upperBound) }
         }
     }
 

@@ -114,8 +114,9 @@ extension AddressSpace {
                             // 6. Zap.
                             for mapping in detached { mapping.zapDetached() }
 
-                            // 7. Release.
+                            // 7. Release; edge pages copied from shared blocks show their copies.
                             data.release(plan, of: &contents)
+                            if !plan.copied.isEmpty { show(plan.copied) }
                             return []
                         }
                     }

@@ -111,14 +111,16 @@ extension AddressSpace {
         do {
             freed = try data.share(&contents, chosen, what: what)
         } catch {
+            for frame in frozen { pageMap.unfreeze(frame) }
+            frozen = []
             let back = candidates.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
             for mapping in mappings { mapping.populate(back) }
             throw error
         }
-        let shown = chosen.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
-        for mapping in mappings { mapping.populate(shown) }
         for frame in frozen { pageMap.unfreeze(frame) }
         frozen = []
+        let shown = chosen.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
+        for mapping in mappings { mapping.populate(shown) }
         data.volume.releaseFreed(freed)
         return already + chosen.count
     }

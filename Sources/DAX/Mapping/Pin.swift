@@ -26,7 +26,7 @@ extension DAXMapping {
     func pinOnePageInline(offset: Int, count: Int, access: Access) -> PinnedPages? {
         let index = offset >> 12
         guard offset >= 0, count > 0, count <= self.count &- offset, (offset &+ count &- 1) >> 12 == index,
-            access == .readOnly || writable
+            access == .readOnly || (writable && space.sharedBlocks.noneShared)
         else { return nil }
         let generation = space.layoutGeneration.load(ordering: .acquiring)
         let frame = entries[index].load(ordering: .acquiring)
@@ -67,8 +67,14 @@ extension DAXMapping {
         }
         let first = offset / PMemDevice.pageSize
         let last = (offset + count - 1) / PMemDevice.pageSize
-        if case .shortTerm = lifetime, first == last, let pinned = pinOneFast(first, access: access) { return pinned }
-        if case .shortTerm = lifetime, let pinned = pinFast(first...last, access: access) { return pinned }
+        // A pin for writing of a volume with shared blocks goes the slow way, which unshares
+        // first; the fast paths would pin and take the pin back.
+        if access == .readOnly || space.sharedBlocks.noneShared {
+            if case .shortTerm = lifetime, first == last, let pinned = pinOneFast(first, access: access) {
+                return pinned
+            }
+            if case .shortTerm = lifetime, let pinned = pinFast(first...last, access: access) { return pinned }
+        }
         return try pinSlow(first...last, access: access, lifetime: lifetime)
     }
 
@@ -137,6 +143,7 @@ extension DAXMapping {
                 let missing = pages.filter { entries[$0].load(ordering: .acquiring) == 0 }
                 let holes = missing.isEmpty ? [] : try resolve(missing, access: access)
                 var frames: [PageFrameNumber] = []
+                var moved = false
                 for index in pages {
                     let frame = entries[index].load(ordering: .acquiring)
                     if frame == 0, holes.contains(index) {
@@ -144,6 +151,12 @@ extension DAXMapping {
                         device.pages.prepareZeroFrame()
                         frames.append(device.pages.zeroFrame)
                         continue
+                    }
+                    if frame == 0, space.layoutGeneration.load(ordering: .sequentiallyConsistent) != generation {
+                        // Taken out of the mapping meanwhile (a copy-on-write under the shared
+                        // invalidate lock, by a fault or another pin): look again.
+                        moved = true
+                        break
                     }
                     guard frame != 0 else {
                         throw DAXError(
@@ -153,9 +166,40 @@ extension DAXMapping {
                     }
                     frames.append(PageFrameNumber(rawValue: frame))
                 }
-                let pinned: PinnedPages
+                if moved { continue }
+                let mustBePrivate: Bool = {
+                    if access == .readWrite { return true }
+                    if case .longTerm = lifetime { return true }
+                    return false
+                }()
+                if mustBePrivate, !space.sharedBlocks.noneShared,
+                    frames.contains(where: { space.sharedBlocks.references(to: $0.rawValue) > 1 })
+                {
+                    // A device never holds a shared page for writing, nor any page for long:
+                    // the file gets its own copies first (break-COW), then the pin looks again.
+                    try unshareForPin(pages)
+                    continue
+                }
+                // Shared between the look and the pin (a clone that froze after the look
+                // cannot have; one that committed before the pin can), or the layout changed:
+                // the pin is taken back uncounted and the pinner looks again.
+                var sharedAfterPin = false
+                let pinned: PinnedPages?
                 do {
-                    pinned = try device.pages.pin(runs: FrameRuns(frames), access: access, lifetime: lifetime)
+                    pinned = try device.pages.pin(runs: FrameRuns(frames), access: access, lifetime: lifetime) {
+                        if mustBePrivate, !space.sharedBlocks.noneShared,
+                            frames.contains(where: { space.sharedBlocks.references(to: $0.rawValue) > 1 })
+                        {
+                            sharedAfterPin = true
+                            return false
+                        }
+                        return space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation
+                    }
+                } catch let error as DAXError
+                    where space.layoutGeneration.load(ordering: .sequentiallyConsistent) != generation
+                {
+                    _ = error  // a page left the mapping between the look and the pin (freed, moved)
+                    continue
                 } catch let error as DAXError where error.code == .busy {
                     // A page frozen for a moment (a clone deciding, a migration, a copy): wait for
                     // the freeze to end, as gup waits out a migration entry, and look again; a
@@ -168,32 +212,19 @@ extension DAXMapping {
                     else { throw error }
                     continue
                 }
-                let mustBePrivate: Bool = {
-                    if access == .readWrite { return true }
-                    if case .longTerm = lifetime { return true }
-                    return false
-                }()
-                if mustBePrivate, !space.sharedBlocks.noneShared,
-                    let shared = pages.first(where: { index in
-                        let frame = entries[index].load(ordering: .acquiring)
-                        return frame != 0 && space.sharedBlocks.references(to: frame) > 1
-                    })
-                {
-                    // A device never holds a shared page for writing, nor any page for long:
-                    // the file gets its own copies first (break-COW), then the pin looks again.
-                    pinned.release()
-                    try inode.contents.write { contents in
-                        try contents.checkLive(path)
-                        let filePages =
-                            (firstPage + UInt64(pages.lowerBound))..<(firstPage + UInt64(pages.upperBound) + 1)
-                        _ = shared
-                        try space.unshare(filePages, &contents, what: "pin of \(Paths.quoted(path))")
-                    }
-                    continue
-                }
-                if space.layoutGeneration.load(ordering: .sequentiallyConsistent) == generation { return pinned }
-                pinned.release()  // the layout changed under us: let go and look again
+                if let pinned { return pinned }
+                if sharedAfterPin { try unshareForPin(pages) }
             }
+        }
+    }
+
+    /// Gives the file copies of the shared blocks behind `pages` of this mapping, shown in its
+    /// mappings, before a pin that must hold private pages.
+    private func unshareForPin(_ pages: ClosedRange<Int>) throws {
+        try inode.contents.write { contents in
+            try contents.checkLive(path)
+            let filePages = (firstPage + UInt64(pages.lowerBound))..<(firstPage + UInt64(pages.upperBound) + 1)
+            try space.unshare(filePages, &contents, what: "pin of \(Paths.quoted(path))")
         }
     }
 

@@ -7,6 +7,7 @@ extension AddressSpace {
         guard !extents.isEmpty else { return }
         let mappings = liveMappings
         guard !mappings.isEmpty else { return }
+        layoutChanged()  // before as well: see ``copyingShared(_:_:_:)``
         for extent in extents {
             for mapping in mappings { _ = mapping.detach(extent.logicalRange, cut: 0..<0) }
         }
@@ -35,9 +36,45 @@ extension AddressSpace {
     /// whether anything was copied. Inode lock held exclusively.
     @discardableResult
     func unshare(_ pages: Range<UInt64>, _ contents: inout Inode.Contents, what: String) throws -> Bool {
-        let copies = try data.unshare(&contents, pages, what: what)
-        replace(copies)
-        return !copies.isEmpty
+        try copyingShared(pages, &contents) { contents in
+            !(try data.unshare(&contents, pages, what: what)).isEmpty
+        }
+    }
+
+    /// Runs `body`, which may give the shared blocks of `pages` copies (copy-on-write), with
+    /// those pages taken out of every mapping first and the generation bumped (the gup-fast rule),
+    /// so that no pin can find an old shared page through this file while it is copied and
+    /// replaced: a pinner that looked before backs off, and the copy waits for its pin to drop.
+    /// Afterwards the mappings show what the file then has there; if `body` throws they show what
+    /// they showed. Inode lock held exclusively.
+    func copyingShared<T>(
+        _ pages: Range<UInt64>, _ contents: inout Inode.Contents, _ body: (inout Inode.Contents) throws -> T
+    ) throws -> T {
+        let shared = data.sharedExtents(in: pages, of: contents.extents)
+        let mappings = shared.isEmpty ? [] : liveMappings
+        guard !mappings.isEmpty else { return try body(&contents) }
+        // Bumped before as well as after: this runs under the shared invalidate lock, beside
+        // slow pinners, and one that finds a page gone must also find the generation moved.
+        layoutChanged()
+        for extent in shared {
+            for mapping in mappings { _ = mapping.detach(extent.logicalRange, cut: 0..<0) }
+        }
+        layoutChanged()
+        let result: T
+        do {
+            result = try body(&contents)
+        } catch {
+            for mapping in mappings { mapping.restore() }
+            layoutChanged()
+            throw error
+        }
+        var now: [Extent] = []
+        for extent in shared { now += contents.extents.extents(in: extent.logicalRange) }
+        for mapping in mappings {
+            mapping.zapDetached()
+            mapping.populate(now)
+        }
+        return result
     }
 }
 

@@ -356,6 +356,13 @@ struct MemMap: @unchecked Sendable {
         for run in runs.runs { unpin(run) }
     }
 
+    /// Takes back pins that ``pin(_:)-(FrameRuns)`` took, uncounted: a pinner that found, after
+    /// pinning, that it must look again (the layout changed, a page is shared).
+    func takeBack(_ runs: FrameRuns) {
+        let counters = tallies()
+        for run in runs.runs { takeBack(run, pinned: Int(run.count), counting: counters) }
+    }
+
     @usableFromInline @inline(never)
     static func error(for failure: GetFailure, frame: UInt64, what: String) -> DAXError {
         switch failure {

@@ -213,7 +213,18 @@ public final class PageMap: Sendable {
     }
 
     func pin(runs: FrameRuns, access: Access, lifetime: PinLifetime) throws -> PinnedPages {
+        try pin(runs: runs, access: access, lifetime: lifetime, keep: { true })!
+    }
+
+    /// Pins `runs`, then asks `keep` whether the pin still stands (the slow pin path's look
+    /// again, after the count): if not, the pins are taken back uncounted and nil returned, so
+    /// that one pin the caller asked for counts as one however many times it looked.
+    func pin(runs: FrameRuns, access: Access, lifetime: PinLifetime, keep: () -> Bool) throws -> PinnedPages? {
         try table.pin(runs)
+        guard keep() else {
+            table.takeBack(runs)
+            return nil
+        }
         switch lifetime {
         case .shortTerm:
             return PinnedPages(table: table, runs: runs, lease: nil, access: access)

@@ -100,9 +100,12 @@ public final class DAXFile: Sendable {
             try withBounce(buffer) { buffer in
                 try inode.contents.write { contents in
                     try contents.checkLive(path)
-                    let written = try fileSystem.data.writeData(&contents, buffer, at: offset)
+                    // Shared pages leave the mappings while they are copied (copy-on-write).
+                    let pages = FileData.page(offset)..<FileData.pageUp(offset + buffer.count)
+                    let written = try space.copyingShared(pages, &contents) { contents in
+                        try fileSystem.data.writeData(&contents, buffer, at: offset)
+                    }
                     space.show(written.added)
-                    space.replace(written.copied)
                     space.sizeChanged(to: contents.record.size)
                 }
             }
