@@ -121,8 +121,12 @@ extension Namespace {
             try withSourcesLocked(files[...], &nodes, prepare: prepare, path: path) { nodes in
                 // Thawed while the source files are still locked: a fault or pin that comes
                 // after the locks finds every page as it was, shared or copied.
-                var frozen: [PageFrameNumber] = []
-                defer { for frame in frozen { volume.device.pages.unfreeze(frame) } }
+                var frozen: [PageRun] = []
+                defer {
+                    for run in frozen {
+                        for frame in run.range { volume.device.pages.unfreeze(PageFrameNumber(rawValue: frame)) }
+                    }
+                }
                 try buildAndCommit(&nodes, into: parent, policy: policy, change: &change, frozen: &frozen, path: path)
             }
         } catch {
@@ -154,28 +158,31 @@ extension Namespace {
 
     /// The extents of a clone of `node`'s file: shared where each page froze (kept frozen until
     /// after the commit, so that no pin comes between the look and the sharing), copied into new
-    /// blocks where it is pinned and the policy says `.copy`.
+    /// blocks where it is pinned and the policy says `.copy`. Page by page only where a page must
+    /// be looked at: a freeze is one compare-and-swap, and runs of shared pages grow in place.
     private func cloneExtents(
-        _ node: Node, policy: PinnedPagePolicy, change: inout PendingChange, frozen: inout [PageFrameNumber]
+        _ node: Node, policy: PinnedPagePolicy, change: inout PendingChange, frozen: inout [PageRun]
     ) throws -> [Extent] {
         let pages = volume.device.pages
-        var result: [Extent] = []
-        var sharedPages: [Extent] = []
+        var shared: [Extent] = []
+        var copied: [Extent] = []
         var pinned: [UInt64] = []
+        let unsafe: Bool = if case .unsafeShare = policy { true } else { false }
+        let anyUnshareable = !node.unshareable.isEmpty
         for extent in node.extents.allExtents {
             for page in extent.logicalRange {
                 let block = extent.block(for: page)
-                let frame = PageFrameNumber(rawValue: block)
-                if !node.unshareable.contains(page) {
-                    if case .unsafeShare = policy {
-                        sharedPages.append(Extent(logical: page, physical: block, length: 1))
-                        continue
+                let mayShare = !anyUnshareable || !node.unshareable.contains(page)
+                if mayShare, unsafe || pages.freezeAtMappings(PageFrameNumber(rawValue: block)) {
+                    if !unsafe { frozen.append(page: block, count: 1) }
+                    if let last = shared.last, last.logicalEnd == page, last.physicalEnd == block,
+                        last.length < Extent.maximumLength
+                    {
+                        shared[shared.count - 1].length += 1
+                    } else {
+                        shared.append(Extent(logical: page, physical: block, length: 1))
                     }
-                    if pages.freezeAtMappings(frame) {
-                        frozen.append(frame)
-                        sharedPages.append(Extent(logical: page, physical: block, length: 1))
-                        continue
-                    }
+                    continue
                 }
                 // Pinned (or shown writable where stores cannot be caught).
                 switch policy {
@@ -183,7 +190,7 @@ extension Namespace {
                     throw DAXError(
                         .busy, "page \(page) of the source is pinned (a device holds it); nothing was cloned")
                 case .wait:
-                    if !node.unshareable.contains(page) {
+                    if mayShare {
                         pinned.append(block)
                         continue
                     }
@@ -196,20 +203,20 @@ extension Namespace {
                     UnsafeRawBufferPointer(
                         start: volume.device.base + Int(block) * Superblock.blockSize, count: Superblock.blockSize),
                     toOffset: Int(runs[0].start) * Superblock.blockSize, flags: [.nonTemporal, .noDrain])
-                result.append(Extent(logical: page, physical: runs[0].start, length: 1))
+                copied.append(Extent(logical: page, physical: runs[0].start, length: 1))
             }
         }
         if !pinned.isEmpty { throw PinnedDuringClone(frames: pinned) }
-        let shared = ExtentMap.merged(sharedPages)
         change.reference(shared)
-        return ExtentMap.merged((shared + result).sorted { $0.logical < $1.logical })
+        guard !copied.isEmpty else { return shared }
+        return ExtentMap.merged((shared + copied).sorted { $0.logical < $1.logical })
     }
 
     /// Builds every new inode (files share or copy, directories get new blocks naming the new
     /// inodes), the destination's name, and commits them in one transaction.
     private func buildAndCommit(
         _ nodes: inout [Node], into parent: Inode, policy: PinnedPagePolicy, change: inout PendingChange,
-        frozen: inout [PageFrameNumber], path: String
+        frozen: inout [PageRun], path: String
     ) throws {
         let now = WallClock.nanosecondsSinceEpoch
         let superblock = volume.superblock
