@@ -45,7 +45,10 @@ struct ForkingRaceTests {
     /// migration, dedup and clone each try to move, merge or share it.
     @Test("pin, DMA-write canaries and unpin while others migrate, dedup and clone the same file")
     func pinsRaceForking() throws {
-        let rounds = longTests ? 1_000_000 : 100_000
+        // 10^5 rounds in the test run, 10^4 under ThreadSanitizer (which checks every access of
+        // each round, some fifty times slower), 10^6 with DAX_LONG_TESTS=1.
+        let underTSan = ProcessInfo.processInfo.environment["DAX_TSAN"] == "1"
+        let rounds = longTests ? 1_000_000 : underTSan ? 10_000 : 100_000
         let pinners = 2
         let pages = 8
         let t = try TemporaryFileSystem(size: 32 << 20, name: "forkrace")
@@ -71,6 +74,11 @@ struct ForkingRaceTests {
         let busyPages = Counter()
         let deduplicated = Counter()
         let clones = Counter()
+        // The forking threads go one step per few rounds of the pinners, so that the race keeps
+        // its mix whatever a clone or a migration costs on this machine (a wait on a semaphore the
+        // pinners signal, with a timeout only to notice the end).
+        let paces = (0..<3).map { _ in DispatchSemaphore(value: 0) }
+        @Sendable func pace(_ index: Int) { _ = paces[index].wait(timeout: .now() + .seconds(1)) }
 
         @Sendable func fail(_ message: String) {
             failures.withLock { $0.append(message) }
@@ -138,6 +146,7 @@ struct ForkingRaceTests {
                         let seen = value(try file.read(count: 8, at: offset), at: 0)
                         nic.deregister(region)
                         ledger.finish(index, page, canary)
+                        if round % 8 == 0 { for semaphore in paces { semaphore.signal() } }
                         guard owner == frame, references == 1, seen == canary else {
                             fail(
                                 "thread \(index) round \(round) page \(page): pinned \(frame), file has "
@@ -158,6 +167,7 @@ struct ForkingRaceTests {
                 }
             case pinners:
                 while pinnersDone.value < pinners, !stop.isRaised {
+                    pace(0)
                     do {
                         let result = try file.migrate(offset: 0, count: pages * pageBytes)
                         guard result.migrated + result.busy.count <= pages,
@@ -175,6 +185,7 @@ struct ForkingRaceTests {
             case pinners + 1:
                 var turn = 0
                 while pinnersDone.value < pinners, !stop.isRaised {
+                    pace(1)
                     do {
                         try fs.clone("/buffer", to: "/donor")
                         let (source, destination) = turn % 2 == 0 ? ("/donor", "/buffer") : ("/buffer", "/donor")
@@ -195,6 +206,7 @@ struct ForkingRaceTests {
                 var taken: [TakenClone] = []
                 var number = 0
                 while pinnersDone.value < pinners, !stop.isRaised {
+                    pace(2)
                     number += 1
                     let lower = ledger.finishedNow
                     do {

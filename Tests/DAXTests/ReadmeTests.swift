@@ -75,6 +75,22 @@ struct ReadmeTests {
         try reader.unmount()
     }
 
+    @Test("the README's forking lines do what their comments say")
+    func readmeForking() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "readmefork")
+        let fs = t.fs
+        let file = try fs.create("/journal")
+        try file.write(pattern(4096), at: 0)
+        try fs.create("/a").write(pattern(1 << 20), at: 0)
+        try fs.create("/b").write(pattern(1 << 20), at: 0)
+
+        try fs.clone("/journal", to: "/journal.snap")
+        #expect(try file.blockReferences(offset: 0, count: 4096) == [2])
+        let merged = try fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: 1 << 20)
+        #expect(merged == 1 << 20)
+        #expect(try fs.check().isClean)
+    }
+
     @Test("the README shows that example, with the busy policy of every truncate spelled out")
     func readmeShowsTheExample() throws {
         let readme = try String(

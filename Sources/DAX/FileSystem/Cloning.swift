@@ -122,11 +122,7 @@ extension Namespace {
                 // Thawed while the source files are still locked: a fault or pin that comes
                 // after the locks finds every page as it was, shared or copied.
                 var frozen: [PageRun] = []
-                defer {
-                    for run in frozen {
-                        for frame in run.range { volume.device.pages.unfreeze(PageFrameNumber(rawValue: frame)) }
-                    }
-                }
+                defer { for run in frozen { volume.device.pages.unfreeze(run) } }
                 try buildAndCommit(&nodes, into: parent, policy: policy, change: &change, frozen: &frozen, path: path)
             }
         } catch {
@@ -169,21 +165,38 @@ extension Namespace {
         var pinned: [UInt64] = []
         let unsafe: Bool = if case .unsafeShare = policy { true } else { false }
         let anyUnshareable = !node.unshareable.isEmpty
+        func share(_ page: UInt64, _ block: UInt64, _ length: UInt64) {
+            if let last = shared.last, last.logicalEnd == page, last.physicalEnd == block,
+                last.length + length <= Extent.maximumLength
+            {
+                shared[shared.count - 1].length += length
+            } else {
+                shared.append(Extent(logical: page, physical: block, length: length))
+            }
+        }
         for extent in node.extents.allExtents {
-            for page in extent.logicalRange {
+            var page = extent.logical
+            while page < extent.logicalEnd {
                 let block = extent.block(for: page)
+                // The common case: a run of pages that all freeze, shared as one piece.
+                if !anyUnshareable, !unsafe {
+                    let froze = UInt64(
+                        pages.freezeAtMappings(run: block, count: Int(extent.logicalEnd - page)))
+                    if froze > 0 {
+                        frozen.append(page: block, count: froze)
+                        share(page, block, froze)
+                        page += froze
+                        continue
+                    }
+                }
                 let mayShare = !anyUnshareable || !node.unshareable.contains(page)
                 if mayShare, unsafe || pages.freezeAtMappings(PageFrameNumber(rawValue: block)) {
                     if !unsafe { frozen.append(page: block, count: 1) }
-                    if let last = shared.last, last.logicalEnd == page, last.physicalEnd == block,
-                        last.length < Extent.maximumLength
-                    {
-                        shared[shared.count - 1].length += 1
-                    } else {
-                        shared.append(Extent(logical: page, physical: block, length: 1))
-                    }
+                    share(page, block, 1)
+                    page += 1
                     continue
                 }
+                defer { page += 1 }
                 // Pinned (or shown writable where stores cannot be caught).
                 switch policy {
                 case .fail:

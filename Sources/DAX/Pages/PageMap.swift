@@ -297,6 +297,40 @@ public final class PageMap: Sendable {
         }
     }
 
+    /// ``freezeAtMappings(_:)`` for frames `start..<start+count`, in order, until one will not
+    /// freeze. Returns how many froze (the first that did not is `start + result`, if any).
+    func freezeAtMappings(run start: UInt64, count pages: Int) -> Int {
+        guard start < UInt64(count), UInt64(pages) <= UInt64(count) - start else { return 0 }
+        for index in 0..<pages {
+            let counts = table.descriptor(start + UInt64(index))
+            var old = counts.pointee.counts.load(ordering: .relaxed)
+            while true {
+                guard PageWord.isIdleExceptMappings(old), old & PageWord.frozen == 0 else { return index }
+                let (exchanged, current) = counts.pointee.counts.compareExchange(
+                    expected: old, desired: old | PageWord.frozen, ordering: .sequentiallyConsistent)
+                if exchanged { break }
+                old = current
+            }
+        }
+        return pages
+    }
+
+    /// Ends the freezes of frames `run` (each frozen), waking pinners that wait for any of them.
+    func unfreeze(_ run: PageRun) {
+        precondition(
+            run.start < UInt64(count) && run.count <= UInt64(count) - run.start, "\(run) is outside the page map")
+        var waiters = false
+        for frame in run.range {
+            let old = table.descriptor(frame).pointee.counts.bitwiseAnd(
+                ~PageWord.frozen, ordering: .sequentiallyConsistent
+            )
+            .oldValue
+            precondition(old & PageWord.frozen != 0, "unfreeze of pfn \(frame), which is not frozen")
+            if old & PageWord.waiters != 0 { waiters = true }
+        }
+        if waiters { table.core.pointee.waitQueue.wakeAll() }
+    }
+
     /// Ends a freeze (`page_ref_unfreeze`).
     package func unfreeze(_ frame: PageFrameNumber) {
         precondition(frame.rawValue < UInt64(count), "\(frame) is outside the page map")
