@@ -33,19 +33,7 @@ extension FileData {
             let runs = try volume.allocateBacked(
                 Int(old.length), goal: map.goal(before: old.logical), inode: inode, firstIndex: old.logical)
             change.allocate(runs, superblock: volume.superblock)
-            var logical = old.logical
-            var replacement: [Extent] = []
-            for run in runs {
-                var start = run.start
-                var remaining = run.count
-                while remaining > 0 {
-                    let length = min(remaining, Extent.maximumLength)
-                    replacement.append(Extent(logical: logical, physical: start, length: length))
-                    logical += length
-                    start += length
-                    remaining -= length
-                }
-            }
+            let replacement = Self.extents(of: runs, from: old.logical)
             try copyWhenUnpinned(old, to: replacement)
             try volume.editExtents(&map, of: inode, replacing: old.logicalRange, with: replacement, change: &change)
             copies += replacement

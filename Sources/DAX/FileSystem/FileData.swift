@@ -48,24 +48,31 @@ struct FileData: Sendable {
                 Int(hole.count), goal: map.goal(before: hole.lowerBound),
                 inode: inode, firstIndex: hole.lowerBound)
             change.allocate(runs, superblock: volume.superblock)
-            var logical = hole.lowerBound
-            var extents: [Extent] = []
-            for run in runs {
-                var start = run.start
-                var remaining = run.count
-                while remaining > 0 {
-                    let length = min(remaining, Extent.maximumLength)
-                    extents.append(Extent(logical: logical, physical: start, length: length))
-                    logical += length
-                    start += length
-                    remaining -= length
-                }
-            }
+            let extents = Self.extents(of: runs, from: hole.lowerBound)
             try volume.editExtents(&map, of: inode, replacing: hole, with: extents, change: &change)
             added += extents
         }
         for extent in added { zero(extent, zeroing) }
         return added
+    }
+
+    /// Extents that map file pages from `logical` on to the blocks of `runs`, in order, none
+    /// longer than an extent may be.
+    static func extents(of runs: [PageRun], from logical: UInt64) -> [Extent] {
+        var logical = logical
+        var extents: [Extent] = []
+        for run in runs {
+            var start = run.start
+            var remaining = run.count
+            while remaining > 0 {
+                let length = min(remaining, Extent.maximumLength)
+                extents.append(Extent(logical: logical, physical: start, length: length))
+                logical += length
+                start += length
+                remaining -= length
+            }
+        }
+        return extents
     }
 
     /// Zeroes the parts of a new extent that must read as zeros (no stale data, invariant 4).

@@ -75,20 +75,6 @@ extension DAXFileSystem {
     }
 }
 
-/// What ``DAXFileSystem/clone(_:to:ifPinned:)`` does with pages of the source that are pinned.
-public enum PinnedPagePolicy: Sendable {
-    /// Pinned pages are copied into the clone now; the pinned frames stay with the source (fork's
-    /// early copy of pinned pages).
-    case copy
-    /// `.busy`, nothing changes.
-    case fail
-    /// Until no page of the source is pinned; `.timedOut` changes nothing.
-    case wait(timeout: Duration)
-    /// Share pinned pages anyway, as a file system that ignores pins would: a device writing by
-    /// frame changes the clone too.
-    case unsafeShare
-}
-
 extension DAXFile {
     /// How many files' extents name the block behind each page of `[offset, offset+count)`: 0 for
     /// a hole, 1 for a block of this file alone, more for a block shared copy-on-write (a clone, a
