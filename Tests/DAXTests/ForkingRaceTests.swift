@@ -20,12 +20,12 @@ final class CanaryLedger: Sendable {
         finished = Mutex([UInt64](repeating: 0, count: threads * pages))
     }
 
-    func start(_ thread: Int, _ page: Int, _ canary: UInt64) { started.withLock { $0[thread * pages + page] = canary } }
+    func start(_ thread: Int, _ page: Int, _ canary: UInt64) { started.withTrackedLock { $0[thread * pages + page] = canary } }
     func finish(_ thread: Int, _ page: Int, _ canary: UInt64) {
-        finished.withLock { $0[thread * pages + page] = canary }
+        finished.withTrackedLock { $0[thread * pages + page] = canary }
     }
-    var startedNow: [UInt64] { started.withLock { $0 } }
-    var finishedNow: [UInt64] { finished.withLock { $0 } }
+    var startedNow: [UInt64] { started.withTrackedLock { $0 } }
+    var finishedNow: [UInt64] { finished.withTrackedLock { $0 } }
 
     /// Where `thread`'s canary for `page` lives in the file.
     func offset(_ thread: Int, _ page: Int) -> Int { page * PMemDevice.pageSize + thread * 8 }
@@ -81,7 +81,7 @@ struct ForkingRaceTests {
         @Sendable func pace(_ index: Int) { _ = paces[index].wait(timeout: .now() + .seconds(1)) }
 
         @Sendable func fail(_ message: String) {
-            failures.withLock { $0.append(message) }
+            failures.withTrackedLock { $0.append(message) }
             stop.raise()
         }
         @Sendable func bytes(_ value: UInt64) -> [UInt8] { withUnsafeBytes(of: value.littleEndian) { Array($0) } }
@@ -133,7 +133,7 @@ struct ForkingRaceTests {
                             // The mapping is live and covers the page: a page migration or dedup
                             // unmapped for a moment must be faulted back in, not refused. Counted
                             // (and reported below) so that the race goes on.
-                            refusals.withLock { $0.append("thread \(index) round \(round): \(error)") }
+                            refusals.withTrackedLock { $0.append("thread \(index) round \(round): \(error)") }
                             continue
                         }
                         pinsTaken.increment()
@@ -224,9 +224,9 @@ struct ForkingRaceTests {
             }
         }
 
-        let problems = failures.withLock { $0 }
+        let problems = failures.withTrackedLock { $0 }
         #expect(problems.isEmpty, "\(problems.prefix(5).joined(separator: "\n"))")
-        let refused = refusals.withLock { $0 }
+        let refused = refusals.withTrackedLock { $0 }
         #expect(refused.isEmpty, "\(refused.count) pins of a mapped page refused: \(refused.prefix(3))")
         // No DMA write was lost: each slot holds the last canary written to it.
         let final = try file.read(count: pages * pageBytes, at: 0)

@@ -112,9 +112,9 @@ struct ForkingSeedTests {
         Thread.detachNewThread {
             do {
                 try fs.clone("/src", to: "/dst", ifPinned: .wait(timeout: .seconds(20)))
-                result.withLock { $0 = .some(nil) }
+                result.withTrackedLock { $0 = .some(nil) }
             } catch let error as DAXError {
-                result.withLock { $0 = .some(error.code) }
+                result.withTrackedLock { $0 = .some(error.code) }
             } catch {}
             returned.raise()
             done.signal()
@@ -123,10 +123,10 @@ struct ForkingSeedTests {
         spinUntil("the clone to sleep on the pinned page") { pages.hasSleeper(onAnyOf: pinned) || returned.isRaised }
         #expect(
             !returned.isRaised,
-            "the clone returned while the page was pinned: \(String(describing: result.withLock { $0 }))")
+            "the clone returned while the page was pinned: \(String(describing: result.withTrackedLock { $0 }))")
         nic.deregister(region)
         done.wait()
-        #expect(result.withLock { $0 } == .some(nil))
+        #expect(result.withTrackedLock { $0 } == .some(nil))
         let clone = try fs.open("/dst")
         let expected = replacing(data, at: pageBytes, with: nicBytes)
         #expect(try clone.contents() == expected)

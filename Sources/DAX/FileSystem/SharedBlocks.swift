@@ -220,7 +220,7 @@ final class SharedBlocks: Sendable {
     }
 
     /// Whether the device keeps a table (format version 3 and later).
-    var canShare: Bool { table.withLock { $0 != nil } }
+    var canShare: Bool { table.withTrackedLock { $0 != nil } }
 
     /// Blocks with two or more references.
     var sharedBlockCount: Int { shared.load(ordering: .relaxed) }
@@ -228,7 +228,7 @@ final class SharedBlocks: Sendable {
     /// The references to each block of `blocks` that is shared (blocks not listed have one).
     func runs(in blocks: Range<UInt64>) -> [SharedRun] {
         guard shared.load(ordering: .acquiring) > 0 else { return [] }
-        return table.withLock { $0?.runs(in: blocks) ?? [] }
+        return table.withTrackedLock { $0?.runs(in: blocks) ?? [] }
     }
 
     /// Whether any block of `blocks` is shared.
@@ -238,13 +238,13 @@ final class SharedBlocks: Sendable {
     func references(to block: UInt64) -> Int { Int(runs(in: block..<(block + 1)).first?.count ?? 1) }
 
     /// Runs `body` on the table under its lock; the count of shared blocks follows what it leaves.
-    func withLock<R>(_ body: (inout SharedBlockTable?) throws -> R) rethrows -> R {
-        try table.withLock { table in
+    func withLock<R: Sendable, E: Error>(_ body: (inout SharedBlockTable?) throws(E) -> R) throws(E) -> R {
+        try table.withTrackedLock { (table: inout SharedBlockTable?) throws(E) -> R in
             defer { shared.store(Int(table?.sharedBlocks ?? 0), ordering: .releasing) }
             return try body(&table)
         }
     }
 
     /// The table as it is now (for check).
-    var snapshot: SharedBlockTable? { table.withLock { $0 } }
+    var snapshot: SharedBlockTable? { table.withTrackedLock { $0 } }
 }
