@@ -5,9 +5,19 @@
 extension Namespace {
     /// What a clone asks the mapping layer to do for each source file before looking at its
     /// pages, under the file's inode lock: make stores through its mappings durable and
-    /// write-protect them. Returns the file pages that must not be shared (shown writable by a
-    /// mapping that cannot be write-protected): they are copied as pinned pages are.
-    typealias CloneSourcePreparation = (Inode, inout Inode.Contents) -> Set<UInt64>
+    /// write-protect them.
+    typealias CloneSourcePreparation = (Inode, inout Inode.Contents) -> CloneSource
+
+    /// What the mapping layer says of a source file it prepared, under the file's inode lock.
+    struct CloneSource {
+        /// File pages that must not be shared (shown writable by a mapping that cannot be
+        /// write-protected): they are copied as pinned pages are.
+        var unshareable: Set<UInt64> = []
+        /// No mapping shows the file. A new one needs the inode lock the clone holds, and every
+        /// pin is taken through a mapping, so no page can gain a pin while the clone looks: a
+        /// look at each page's counts stands for its freeze.
+        var unmapped = false
+    }
 
     /// One node of the tree being cloned.
     private struct Node {
@@ -18,8 +28,8 @@ extension Namespace {
         var record = InodeRecord()
         var extents = ExtentMap()
         var directory: DirectoryIndex?
-        /// File pages that must be copied, not shared (see ``CloneSourcePreparation``).
-        var unshareable: Set<UInt64> = []
+        /// What the mapping layer said of the source file (see ``CloneSource``).
+        var prepared = CloneSource()
     }
 
     /// Thrown inside a clone when a pinned page under `.wait` means trying again later.
@@ -145,7 +155,7 @@ extension Namespace {
         let source = nodes[first].source
         try source.contents.write { contents in
             try contents.checkLive(path)
-            nodes[first].unshareable = prepare(source, &contents)
+            nodes[first].prepared = prepare(source, &contents)
             nodes[first].record = contents.record
             nodes[first].extents = contents.extents
             try withSourcesLocked(files.dropFirst(), &nodes, prepare: prepare, path: path, body)
@@ -155,7 +165,9 @@ extension Namespace {
     /// The extents of a clone of `node`'s file: shared where each page froze (kept frozen until
     /// after the commit, so that no pin comes between the look and the sharing), copied into new
     /// blocks where it is pinned and the policy says `.copy`. Page by page only where a page must
-    /// be looked at: a freeze is one compare-and-swap, and runs of shared pages grow in place.
+    /// be looked at: a freeze is one compare-and-swap, and runs of shared pages grow in place. A
+    /// file no mapping shows needs no freeze (``CloneSource/unmapped``): each page is only looked
+    /// at, one load.
     private func cloneExtents(
         _ node: Node, policy: PinnedPagePolicy, change: inout PendingChange, frozen: inout [PageRun]
     ) throws -> [Extent] {
@@ -164,7 +176,7 @@ extension Namespace {
         var copied: [Extent] = []
         var pinned: [UInt64] = []
         let unsafe: Bool = if case .unsafeShare = policy { true } else { false }
-        let anyUnshareable = !node.unshareable.isEmpty
+        let anyUnshareable = !node.prepared.unshareable.isEmpty
         func share(_ page: UInt64, _ block: UInt64, _ length: UInt64) {
             if let last = shared.last, last.logicalEnd == page, last.physicalEnd == block,
                 last.length + length <= Extent.maximumLength
@@ -180,16 +192,21 @@ extension Namespace {
                 let block = extent.block(for: page)
                 // The common case: a run of pages that all freeze, shared as one piece.
                 if !anyUnshareable, !unsafe {
-                    let froze = UInt64(
-                        pages.freezeAtMappings(run: block, count: Int(extent.logicalEnd - page)))
-                    if froze > 0 {
-                        frozen.append(page: block, count: froze)
-                        share(page, block, froze)
-                        page += froze
+                    let left = Int(extent.logicalEnd - page)
+                    let idle: UInt64
+                    if node.prepared.unmapped {
+                        idle = UInt64(pages.idleExceptMappings(run: block, count: left))
+                    } else {
+                        idle = UInt64(pages.freezeAtMappings(run: block, count: left))
+                        if idle > 0 { frozen.append(page: block, count: idle) }
+                    }
+                    if idle > 0 {
+                        share(page, block, idle)
+                        page += idle
                         continue
                     }
                 }
-                let mayShare = !anyUnshareable || !node.unshareable.contains(page)
+                let mayShare = !anyUnshareable || !node.prepared.unshareable.contains(page)
                 if mayShare, unsafe || pages.freezeAtMappings(PageFrameNumber(rawValue: block)) {
                     if !unsafe { frozen.append(page: block, count: 1) }
                     share(page, block, 1)

@@ -21,14 +21,16 @@ extension AddressSpace {
     /// Before the file's blocks are shared (a clone of it): stores through its mappings are made
     /// durable, and every page its writable mappings show is write-protected, so that the next
     /// store faults and copies. Returns the pages that stay writable because the kernel cannot
-    /// write-protect them (no fault handler): they must not be shared. Inode lock held.
-    func prepareForSharing() -> Set<UInt64> {
-        var unprotected: Set<UInt64> = []
-        for mapping in liveMappings where mapping.access == .readWrite {
+    /// write-protect them (no fault handler), which must not be shared, and whether no mapping
+    /// shows the file at all. Inode lock held.
+    func prepareForSharing() -> Namespace.CloneSource {
+        let mappings = liveMappings
+        var source = Namespace.CloneSource(unmapped: mappings.isEmpty)
+        for mapping in mappings where mapping.access == .readWrite {
             mapping.writeBack()
-            unprotected.formUnion(mapping.protectShown())
+            source.unshareable.formUnion(mapping.protectShown())
         }
-        return unprotected
+        return source
     }
 
     /// Copies the shared blocks of `pages` for this file and shows the copies in its mappings:

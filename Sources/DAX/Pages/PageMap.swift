@@ -315,6 +315,19 @@ public final class PageMap: Sendable {
         return pages
     }
 
+    /// How many of frames `start..<start+count`, from the first, hold no reference beyond their
+    /// mappings, no pin and no freeze: ``freezeAtMappings(run:count:)``'s test without the freeze,
+    /// for a caller that knows no reference can be taken meanwhile (a clone of a file that no
+    /// mapping shows, under its inode lock).
+    func idleExceptMappings(run start: UInt64, count pages: Int) -> Int {
+        guard start < UInt64(count), UInt64(pages) <= UInt64(count) - start else { return 0 }
+        for index in 0..<pages {
+            let word = table.word(start + UInt64(index))
+            guard PageWord.isIdleExceptMappings(word), word & PageWord.frozen == 0 else { return index }
+        }
+        return pages
+    }
+
     /// Ends the freezes of frames `run` (each frozen), waking pinners that wait for any of them.
     func unfreeze(_ run: PageRun) {
         precondition(
