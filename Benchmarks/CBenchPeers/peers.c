@@ -314,3 +314,34 @@ int64_t cbench_ficlone(const char *source, const char *destination) {
     close(from);
     return result;
 }
+
+int64_t cbench_remap_migrate(int fd, size_t length, size_t chunk) {
+    char *file = mmap(NULL, 2 * length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    if (file == MAP_FAILED) return -errno;
+    char *view = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    if (view == MAP_FAILED) {
+        int error = errno;
+        munmap(file, 2 * length);
+        return -error;
+    }
+    int64_t result = 0;
+    uint64_t start = cbench_now_ns();
+    for (size_t done = 0; done < length; done += chunk) {
+        size_t n = length - done < chunk ? length - done : chunk;
+        if (mmap(view + done, n, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) == MAP_FAILED) {
+            result = -errno;
+            break;
+        }
+        pmem_memcpy(file + length + done, file + done, n, PMEM_F_MEM_NONTEMPORAL | PMEM_F_MEM_NODRAIN);
+        if (mmap(view + done, n, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_SHARED | MAP_POPULATE, fd,
+                 (off_t)(length + done)) == MAP_FAILED) {
+            result = -errno;
+            break;
+        }
+    }
+    pmem_drain();
+    if (result == 0) result = (int64_t)(cbench_now_ns() - start);
+    munmap(view, length);
+    munmap(file, 2 * length);
+    return result;
+}

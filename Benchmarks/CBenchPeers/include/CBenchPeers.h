@@ -83,4 +83,12 @@ int64_t cbench_fork_cow(size_t pages, int64_t *faults);
 /// ioctl alone, or -errno; `destination` is left for the caller to remove.
 int64_t cbench_ficlone(const char *source, const char *destination);
 
+/// Page migration written directly against the kernel: `fd` is a tmpfs file of 2 * `length`
+/// bytes, all allocated. Maps all of it, and its first half again, populated (untimed), then
+/// times moving the first half to the second `chunk` bytes at a time: unmap the chunk (an
+/// inaccessible anonymous mapping over it), non-temporal copy to the second half through the
+/// mapping of the whole file, map the copy populated in its place; one drain at the end.
+/// Returns ns, or -errno.
+int64_t cbench_remap_migrate(int fd, size_t length, size_t chunk);
+
 #endif

@@ -456,7 +456,9 @@ struct FileData: Sendable {
             // New blocks for each run of consecutive pages, from the first free run long enough
             // for all of them: contiguous where the free space allows, each block owned by the
             // file page it holds. Then the bytes, and the extents pointed at them.
-            let oldBlocks = Dictionary(uniqueKeysWithValues: frozen.map { ($0.page, $0.block) })
+            // `frozen` is sorted by page, so the runs of pages walk it in order: `next` is the
+            // entry of the page being placed.
+            var next = 0
             var goal = volume.allocator.firstAvailableRun(length: frozen.count)
             for pageRun in Self.runs(of: frozen.map(\.page)) {
                 let runs = try volume.allocateBacked(
@@ -464,11 +466,20 @@ struct FileData: Sendable {
                 change.allocate(runs, superblock: volume.superblock)
                 var page = pageRun.lowerBound
                 for run in runs {
-                    for step in 0..<run.count {
-                        let source = volume.device.base + Int(oldBlocks[page + step]!) * Self.pageSize
+                    // One copy for each stretch whose old blocks are contiguous too.
+                    var step: UInt64 = 0
+                    while step < run.count {
+                        let from = frozen[next].block
+                        var length: UInt64 = 1
+                        while step + length < run.count, frozen[next + Int(length)].block == from + length {
+                            length += 1
+                        }
                         volume.device.copy(
-                            UnsafeRawBufferPointer(start: source, count: Self.pageSize),
+                            UnsafeRawBufferPointer(
+                                start: volume.device.base + Int(from) * Self.pageSize, count: Int(length) * Self.pageSize),
                             toOffset: Int(run.start + step) * Self.pageSize, flags: [.nonTemporal, .noDrain])
+                        next += Int(length)
+                        step += length
                     }
                     var done: UInt64 = 0
                     while done < run.count {

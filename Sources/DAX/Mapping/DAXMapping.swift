@@ -45,7 +45,7 @@ public final class DAXMapping: Sendable {
         var unmapped = false
         /// Pages detached by a break-layouts in progress: their frames, still mapped and counted
         /// until the change commits (then zapped) or fails (then restored).
-        var detached: [Int: UInt64] = [:]
+        var detached: [(index: Int, frame: UInt64)] = []
         /// Holes a `.readOnly` mapping shows as the zero page (no block, nothing counted).
         var zeroPages: Set<Int> = []
         /// Zero pages in the range of a break-layouts in progress: they fault if it commits.
@@ -174,8 +174,8 @@ public final class DAXMapping: Sendable {
                 let frame = entries[index].exchange(0, ordering: .acquiringAndReleasing)
                 if frame != 0 { pages.unmap(PageFrameNumber(rawValue: frame)) }
             }
-            for frame in state.detached.values { pages.unmap(PageFrameNumber(rawValue: frame)) }
-            state.detached = [:]
+            for page in state.detached { pages.unmap(PageFrameNumber(rawValue: page.frame)) }
+            state.detached = []
             return true
         }
         guard wasMapped else { return }
@@ -199,7 +199,7 @@ public final class DAXMapping: Sendable {
             for index in local {
                 let frame = entries[index].exchange(0, ordering: .sequentiallyConsistent)
                 if frame != 0 {
-                    state.detached[index] = frame
+                    state.detached.append((index, frame))
                     any = true
                 } else if cutLocal.contains(index), state.zeroPages.remove(index) != nil {
                     state.detachedZeroPages.insert(index)
@@ -214,8 +214,8 @@ public final class DAXMapping: Sendable {
     func restore() {
         state.withTrackedLock { state in
             guard !state.unmapped else { return }
-            for (index, frame) in state.detached { entries[index].store(frame, ordering: .sequentiallyConsistent) }
-            state.detached = [:]
+            for page in state.detached { entries[page.index].store(page.frame, ordering: .sequentiallyConsistent) }
+            state.detached = []
             state.zeroPages.formUnion(state.detachedZeroPages)
             state.detachedZeroPages = []
         }
@@ -227,7 +227,11 @@ public final class DAXMapping: Sendable {
         state.withTrackedLock { state in
             guard !state.unmapped else { return }
             let pages = device.pages
-            let indices = Set(state.detached.keys).union(state.detachedZeroPages).sorted()
+            // In order already where one detach took them all (a page is detached once: its
+            // entry is zero after), so the sort is one pass.
+            var indices = state.detached.map(\.index)
+            indices.append(contentsOf: state.detachedZeroPages)
+            indices.sort()
             state.detachedZeroPages = []
             var start = 0
             while start < indices.count {
@@ -249,8 +253,8 @@ public final class DAXMapping: Sendable {
                 state.dirty.remove(indices[start]..<indices[end - 1] + 1)
                 start = end
             }
-            for frame in state.detached.values { pages.unmap(PageFrameNumber(rawValue: frame)) }
-            state.detached = [:]
+            for page in state.detached { pages.unmap(PageFrameNumber(rawValue: page.frame)) }
+            state.detached = []
         }
     }
 

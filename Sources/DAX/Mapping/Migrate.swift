@@ -44,9 +44,14 @@ extension AddressSpace {
         for _ in 1...Self.migrationAttempts where !pending.isEmpty {
             detach(pending.map(\.page), from: mappings)
             let referenced = Set(pageMap.busyFrames(pending.map(\.block)))
-            for mapping in mappings { mapping.restore() }
-            let movable = pending.filter { !referenced.contains($0.block) }
-            detach(movable.map(\.page), from: mappings)
+            let movable: [(page: UInt64, block: UInt64)]
+            if referenced.isEmpty {
+                movable = pending  // the common case: what is detached is what moves
+            } else {
+                for mapping in mappings { mapping.restore() }
+                movable = pending.filter { !referenced.contains($0.block) }
+                detach(movable.map(\.page), from: mappings)
+            }
             for mapping in mappings { mapping.zapDetached() }
             var stayed = pending.filter { referenced.contains($0.block) }
             for candidate in movable {
