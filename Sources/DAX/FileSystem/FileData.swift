@@ -447,11 +447,18 @@ struct FileData: Sendable {
     /// for all of them (contiguous where the free space allows, each block owned by the file page
     /// it holds), copies the bytes, and points the extents at them in one transaction. On failure
     /// nothing changed.
-    func move(_ file: inout Inode.Contents, _ frozen: [(page: UInt64, block: UInt64)], what: String) throws -> Move {
+    ///
+    /// `goal` is where to look for the new blocks first (nil: the first free run long enough for
+    /// this move); it is left just past the last block taken, so that the moves of one long range
+    /// in batches follow each other in one free run.
+    func move(
+        _ file: inout Inode.Contents, _ frozen: [(page: UInt64, block: UInt64)], goal: inout UInt64?, what: String
+    ) throws -> Move {
         var change = PendingChange()
         var map = file.extents
         var record = file.record
         var moved: [Extent] = []
+        var nextGoal: UInt64?
         do {
             // New blocks for each run of consecutive pages, from the first free run long enough
             // for all of them: contiguous where the free space allows, each block owned by the
@@ -459,10 +466,10 @@ struct FileData: Sendable {
             // `frozen` is sorted by page, so the runs of pages walk it in order: `next` is the
             // entry of the page being placed.
             var next = 0
-            var goal = volume.allocator.firstAvailableRun(length: frozen.count)
+            nextGoal = goal ?? volume.allocator.firstAvailableRun(length: frozen.count)
             for pageRun in Self.runs(of: frozen.map(\.page)) {
                 let runs = try volume.allocateBacked(
-                    pageRun.count, goal: goal, inode: file.number, firstIndex: pageRun.lowerBound)
+                    pageRun.count, goal: nextGoal, inode: file.number, firstIndex: pageRun.lowerBound)
                 change.allocate(runs, superblock: volume.superblock)
                 var page = pageRun.lowerBound
                 for run in runs {
@@ -491,7 +498,7 @@ struct FileData: Sendable {
                         done += length
                     }
                     page += run.count
-                    goal = run.end
+                    nextGoal = run.end
                 }
             }
             volume.device.drain()
@@ -504,6 +511,7 @@ struct FileData: Sendable {
         }
         file.extents = map
         file.record = record
+        goal = nextGoal
         return Move(extents: moved, freed: change.freed)
     }
 

@@ -10,17 +10,28 @@ extension AddressSpace {
     /// inode lock, read top to bottom: find the pages, take them out of the mappings, keep the busy
     /// ones, freeze the rest, move them (the file system copies and commits), map the new blocks,
     /// free the old ones.
-    func migrate(_ pages: Range<UInt64>, path: String) throws -> MigrationResult {
+    /// `goal` is where the new blocks are looked for first, and is left past the last one taken
+    /// (see ``FileData/move(_:_:goal:what:)``).
+    func migrate(_ pages: Range<UInt64>, goal: inout UInt64?, path: String) throws -> MigrationResult {
         try invalidateLock.withWriteLock {
             try inode.contents.write { contents in
                 try contents.checkLive(path)
-                return try migrateLocked(&contents, pages, path: path)
+                return try migrateLocked(&contents, pages, goal: &goal, path: path)
             }
         }
     }
 
+    /// Where the blocks of a migration of `pages` should go: the first free run that holds as
+    /// many blocks as the file has there, nil when none does.
+    func migrationGoal(_ pages: Range<UInt64>) -> UInt64? {
+        let blocks = inode.contents.read { contents in
+            contents.extents.extents(in: pages).reduce(0) { $0 + Int($1.length) }
+        }
+        return data.volume.allocator.firstAvailableRun(length: blocks)
+    }
+
     private func migrateLocked(
-        _ contents: inout Inode.Contents, _ pages: Range<UInt64>, path: String
+        _ contents: inout Inode.Contents, _ pages: Range<UInt64>, goal: inout UInt64?, path: String
     ) throws -> MigrationResult {
         // 1. The pages that have blocks, and the file's mappings.
         // A shared block stays where it is: moving it would repoint every file that names it.
@@ -73,7 +84,7 @@ extension AddressSpace {
         // 3. The file system moves the bytes to new blocks and points the extents at them.
         let moved: FileData.Move
         do {
-            moved = try data.move(&contents, frozen, what: "migrate of \(counted(frozen.count, "page")) of \(path)")
+            moved = try data.move(&contents, frozen, goal: &goal, what: "migrate of \(counted(frozen.count, "page")) of \(path)")
         } catch {
             // Nothing moved: the old blocks thaw and show in the mappings again.
             for candidate in frozen { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }

@@ -285,8 +285,11 @@ public final class DAXFile: Sendable {
             let pages = FileData.page(offset)..<FileData.pageUp(offset + count)
             var result = MigrationResult(migrated: 0, busy: [])
             let step = AddressSpace.migrationBatch
+            // One free run for the whole range where there is one: each batch goes on where the
+            // one before stopped, so the file comes together across batches.
+            var goal = space.migrationGoal(pages)
             for start in stride(from: pages.lowerBound, to: pages.upperBound, by: Int(step)) {
-                let done = try space.migrate(start..<min(start + step, pages.upperBound), path: path)
+                let done = try space.migrate(start..<min(start + step, pages.upperBound), goal: &goal, path: path)
                 result.migrated += done.migrated
                 result.busy += done.busy
             }
