@@ -76,11 +76,6 @@ enum FaultBenchmarks {
     // MARK: - Faults
 
     /// What one pass of a fault row measured.
-    private struct Pass {
-        var microsecondsPerFault: Double
-        var contextSwitchesPerFault: Double
-    }
-
     /// The fault rows, their sides interleaved: ours through a `.readWrite` mapping, the tmpfs
     /// peer, the bare userfaultfd peer, both again with every thread involved on one CPU, and (for
     /// loads) ours through a `.readOnly` mapping. Each pass maps fresh holes and touches each page
@@ -98,7 +93,7 @@ enum FaultBenchmarks {
         let tmpfs = try TmpfsFile(context, name: "\(row)-tmpfs")
         defer { ftruncate(tmpfs.fd, 0) }
 
-        func ours(_ access: Access, oneCPU: Bool = false) throws -> Pass {
+        func ours(_ access: Access, oneCPU: Bool = false) throws -> FaultPass {
             // Fresh holes: the blocks an earlier pass's stores allocated go back first.
             try file.truncate(to: 0)
             try file.truncate(to: bytes)
@@ -134,22 +129,22 @@ enum FaultBenchmarks {
                         + "\(allocated) allocating and \(zeroPages) zero-page faults and took \(blocksTaken) blocks "
                         + "(expected \(expected)); the loads summed to \(sum)")
             }
-            return Pass(
+            return FaultPass(
                 microsecondsPerFault: elapsed / Double(pages) / 1000,
                 contextSwitchesPerFault: switched / Double(pages))
         }
-        func peer(_ what: String, _ touch: () -> Int64) throws -> Pass {
+        func peer(_ what: String, _ touch: () -> Int64) throws -> FaultPass {
             let switches = contextSwitches()
             let elapsed = touch()
             let switched = Double(contextSwitches() - switches)
             guard elapsed >= 0 else { throw BenchError("\(row): the \(what) failed: errno \(-elapsed)") }
-            return Pass(
+            return FaultPass(
                 microsecondsPerFault: Double(elapsed) / Double(pages) / 1000,
                 contextSwitchesPerFault: switched / Double(pages))
         }
 
         let touch: Int32 = store ? 1 : 0
-        var sides: [(name: String, measure: () throws -> Pass)] = [
+        var sides: [(name: String, measure: () throws -> FaultPass)] = [
             ("ours (.readWrite mapping)", { try ours(.readWrite) }),
             ("tmpfs peer", { try peer("tmpfs peer") { cbench_tmpfs_first_touch(tmpfs.fd, pages, touch) } }),
             ("bare userfaultfd peer", { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, -1) } }),
@@ -160,22 +155,7 @@ enum FaultBenchmarks {
             ),
         ]
         if !store { sides.append(("ours (.readOnly mapping)", { try ours(.readOnly) })) }
-        var passes = [[Pass]](repeating: [], count: sides.count)
-        let samples = try context.interleave(
-            sides.indices.map { side in
-                {
-                    passes[side].append(try sides[side].measure())
-                    return passes[side].last!.microsecondsPerFault
-                }
-            })
-        for (side, sidePasses) in zip(sides, passes) {
-            // The warm-up pass is not a sample.
-            let measured = sidePasses.dropFirst()
-            print(
-                "\(row): \(side.name) \(format(median(measured.map(\.microsecondsPerFault)))) us per fault, "
-                    + "\(format(median(measured.map(\.contextSwitchesPerFault)))) context switches per fault "
-                    + "(medians of \(measured.count) passes of \(pages) faults)")
-        }
+        let samples = try context.interleaveFaultPasses(row: row, pages: pages, sides)
         if store {
             // The file system's share of an allocating fault: the same journaled allocation of one
             // zeroed block, asked for with `allocate` instead of a store.
@@ -355,5 +335,37 @@ enum FaultBenchmarks {
                 Samples(ours: msynced[0], peer: msynced[1]), Samples(ours: flushed[2], peer: flushed[3]),
                 Samples(ours: msynced[2], peer: msynced[3]),
             ])
+    }
+}
+
+/// One pass of a side of a fault benchmark: what each fault cost.
+struct FaultPass {
+    var microsecondsPerFault: Double
+    var contextSwitchesPerFault: Double
+}
+
+extension BenchContext {
+    /// Interleaves the passes of fault-benchmark `sides` (each pass a sample of its microseconds per
+    /// fault), then prints each side's medians under `row`, the warm-up pass left out. Returns the
+    /// samples of each side, in order.
+    func interleaveFaultPasses(
+        row: String, pages: Int, _ sides: [(name: String, measure: () throws -> FaultPass)]
+    ) throws -> [[Double]] {
+        var passes = [[FaultPass]](repeating: [], count: sides.count)
+        let samples = try interleave(
+            sides.indices.map { side in
+                {
+                    passes[side].append(try sides[side].measure())
+                    return passes[side].last!.microsecondsPerFault
+                }
+            })
+        for (side, sidePasses) in zip(sides, passes) {
+            let measured = sidePasses.dropFirst()
+            print(
+                "\(row): \(side.name) \(format(median(measured.map(\.microsecondsPerFault)))) us per fault, "
+                    + "\(format(median(measured.map(\.contextSwitchesPerFault)))) context switches per fault "
+                    + "(medians of \(measured.count) passes of \(pages) faults)")
+        }
+        return samples
     }
 }

@@ -210,11 +210,6 @@ enum ForkingBenchmarks {
     private static let forkPeer = "anonymous copy-on-write fault after fork() (C)"
 
     /// What one pass of a fault row measured.
-    private struct Pass {
-        var microsecondsPerFault: Double
-        var contextSwitchesPerFault: Double
-    }
-
     /// The byte every page of the source holds where the stores go.
     private static let sourceByte: UInt8 = 0xA5
 
@@ -242,7 +237,7 @@ enum ForkingBenchmarks {
         defer { check.deallocate() }
 
         var pass = 0
-        func ours(oneCPU: Bool = false, loadFirst: Bool = false) throws -> Pass {
+        func ours(oneCPU: Bool = false, loadFirst: Bool = false) throws -> FaultPass {
             pass += 1
             let value = UInt8(truncatingIfNeeded: pass % 200 + 1)
             try setup.fs.clone("/source", to: "/clone")
@@ -289,12 +284,12 @@ enum ForkingBenchmarks {
                     throw BenchError("\(row): after the stores \(file.path) does not hold \(expected) on every page")
                 }
             }
-            return Pass(
+            return FaultPass(
                 microsecondsPerFault: elapsed / Double(pages) / 1000,
                 contextSwitchesPerFault: switched / Double(pages))
         }
         var forkFaults: [Double] = []
-        func forkPeer() throws -> Pass {
+        func forkPeer() throws -> FaultPass {
             var faults: Int64 = 0
             let switches = FaultBenchmarks.contextSwitches()
             let elapsed = cbench_fork_cow(pages, &faults)
@@ -304,21 +299,21 @@ enum ForkingBenchmarks {
                 throw BenchError("\(row): the fork peer's \(pages) stores took \(faults) faults; each should copy")
             }
             forkFaults.append(Double(faults) / Double(pages))
-            return Pass(
+            return FaultPass(
                 microsecondsPerFault: Double(elapsed) / Double(pages) / 1000,
                 contextSwitchesPerFault: switched / Double(pages))
         }
-        func userfaultfdPeer() throws -> Pass {
+        func userfaultfdPeer() throws -> FaultPass {
             let switches = FaultBenchmarks.contextSwitches()
             let elapsed = cbench_uffd_first_touch(pages, 1, -1)
             let switched = Double(FaultBenchmarks.contextSwitches() - switches)
             guard elapsed >= 0 else { throw BenchError("\(row): the userfaultfd peer failed: errno \(-elapsed)") }
-            return Pass(
+            return FaultPass(
                 microsecondsPerFault: Double(elapsed) / Double(pages) / 1000,
                 contextSwitchesPerFault: switched / Double(pages))
         }
 
-        var sides: [(name: String, measure: () throws -> Pass)] = [
+        var sides: [(name: String, measure: () throws -> FaultPass)] = [
             ("fork() peer (the parent's stores, the child waiting)", forkPeer),
             ("bare userfaultfd peer (UFFDIO_COPY of a page)", userfaultfdPeer),
         ]
@@ -329,22 +324,7 @@ enum ForkingBenchmarks {
                 ("ours after a load from each page", { try ours(loadFirst: true) }),
             ]
         }
-        var passes = [[Pass]](repeating: [], count: sides.count)
-        let samples = try context.interleave(
-            sides.indices.map { side in
-                {
-                    passes[side].append(try sides[side].measure())
-                    return passes[side].last!.microsecondsPerFault
-                }
-            })
-        for (side, sidePasses) in zip(sides, passes) {
-            // The warm-up pass is not a sample.
-            let measured = sidePasses.dropFirst()
-            print(
-                "\(row): \(side.name) \(format(median(measured.map(\.microsecondsPerFault)))) us per fault, "
-                    + "\(format(median(measured.map(\.contextSwitchesPerFault)))) context switches per fault "
-                    + "(medians of \(measured.count) passes of \(pages) faults)")
-        }
+        let samples = try context.interleaveFaultPasses(row: row, pages: pages, sides)
         print("\(row): the fork peer's stores took \(format(median(forkFaults))) minor faults per page (median)")
         if let unsupported { throw NotMeasured(unsupported) }
         return Samples(

@@ -6,68 +6,84 @@ import Testing
 
 let longTests = ProcessInfo.processInfo.environment["DAX_LONG_TESTS"] == "1"
 
+/// Runs `daxcrashworker <worker>` on a fresh device `kills` times, each killed after a random
+/// number of its operations returned; after each kill, mounts, checks, and compares the device with
+/// the model (the operations that returned, and perhaps the one in flight). Expects more
+/// operations to have returned than there were kills (they landed inside work), and calls
+/// `inFlight` with the operation each kill interrupted. Returns how many operations returned.
+@discardableResult
+func killWorkloadAtRandom(
+    worker: String, name: String, seed: UInt64, forking: Bool, kills: Int,
+    inFlight noteInFlight: (DAXTorture.Operation) -> Void = { _ in }
+) throws -> Int {
+    let t = try TemporaryFileSystem(size: 32 << 20, name: name)
+    try t.fs.unmount()
+    var model = Model()
+    var random = SeededRandom(seed: seed)
+    var operationsSurvived = 0
+    for kill in 0..<kills {
+        let seed = random.next()
+        let child = try ChildProcess("daxcrashworker", [worker, t.temporary.path, "\(seed)"])
+        guard child.waitForLine(startingWith: "ready") != nil else {
+            Issue.record("kill \(kill): the worker did not start")
+            return operationsSurvived
+        }
+        // Killed after a random number of operations returned, somewhere in the ones after.
+        let returnedBeforeKill = 1 + Int(random.next() % 40)
+        guard child.waitForLine(startingWith: "done \(returnedBeforeKill)") != nil else {
+            Issue.record(
+                "kill \(kill): the worker stopped before operation \(returnedBeforeKill): \(child.lines.suffix(3))")
+            return operationsSurvived
+        }
+        child.kill()
+        let done = child.lines.compactMap { $0.hasPrefix("done ") ? Int($0.dropFirst(5)) : nil }.last ?? -1
+        operationsSurvived += done + 1
+
+        // Regenerate what the worker did: operations 0...done returned, done + 1 was in flight.
+        var workload = Workload(model: model, seed: seed, forking: forking)
+        for _ in 0..<(done + 1) { _ = workload.next() }
+        let returned = workload.model
+        let inFlight = workload.next()
+        noteInFlight(inFlight)
+        var candidates = [returned, workload.model]
+        if case .create(let path, _) = inFlight {
+            // create is two steps (the name, then the bytes): the empty file is a valid state too.
+            var created = returned
+            created.files[path] = []
+            candidates.append(created)
+        }
+        let lenient = Set([inFlight.fileChangedInPlace].compactMap { $0 })
+
+        let fs = try DAXFileSystem.mount(t.device)
+        let report = try fs.check()
+        #expect(report.isClean, "kill \(kill) during \(inFlight): \(report)")
+        let actual = try Model(reading: fs)
+        let matched = candidates.contains { actual.matches($0, lenient: lenient) }
+        #expect(
+            matched,
+            """
+            kill \(kill): \(done + 1) operations returned, in flight: \(inFlight)
+            on the device: \(actual)
+            expected:      \(returned)
+            or:            \(workload.model)
+            """)
+        try fs.unmount()
+        guard report.isClean, matched else { return operationsSurvived }
+        model = actual
+    }
+    // The kills must have landed inside work, not before it.
+    #expect(operationsSurvived > kills)
+    return operationsSurvived
+}
+
 @Suite("Crash consistency (SIGKILL)", .serialized)
 struct CrashTests {
     @Test(
         "a workload killed after a random number of operations: mount recovers, check is clean, returned operations are there"
     )
     func killedWorkload() throws {
-        let kills = longTests ? 300 : 30
-        let t = try TemporaryFileSystem(size: 32 << 20, name: "crash")
-        try t.fs.unmount()
-        var model = Model()
-        var random = SeededRandom(seed: 0xDA7A)
-        var operationsSurvived = 0
-        for kill in 0..<kills {
-            let seed = random.next()
-            let child = try ChildProcess("daxcrashworker", ["workload", t.temporary.path, "\(seed)"])
-            guard child.waitForLine(startingWith: "ready") != nil else {
-                Issue.record("kill \(kill): the worker did not start")
-                return
-            }
-            // Killed after a random number of operations returned, somewhere in the ones after.
-            let returnedBeforeKill = 1 + Int(random.next() % 40)
-            guard child.waitForLine(startingWith: "done \(returnedBeforeKill)") != nil else {
-                Issue.record("kill \(kill): the worker stopped before operation \(returnedBeforeKill)")
-                return
-            }
-            child.kill()
-            let done = child.lines.compactMap { $0.hasPrefix("done ") ? Int($0.dropFirst(5)) : nil }.last ?? -1
-            operationsSurvived += done + 1
-
-            // Regenerate what the worker did: operations 0...done returned, done + 1 was in flight.
-            var workload = Workload(model: model, seed: seed)
-            for _ in 0..<(done + 1) { _ = workload.next() }
-            let returned = workload.model
-            let inFlight = workload.next()
-            var candidates = [returned, workload.model]
-            if case .create(let path, _) = inFlight {
-                // create is two steps (the name, then the bytes): the empty file is a valid state too.
-                var created = returned
-                created.files[path] = []
-                candidates.append(created)
-            }
-            let lenient = Set([inFlight.fileChangedInPlace].compactMap { $0 })
-
-            let fs = try DAXFileSystem.mount(t.device)
-            let report = try fs.check()
-            #expect(report.isClean, "kill \(kill) during \(inFlight): \(report)")
-            let actual = try Model(reading: fs)
-            let matched = candidates.contains { actual.matches($0, lenient: lenient) }
-            #expect(
-                matched,
-                """
-                kill \(kill): \(done + 1) operations returned, in flight: \(inFlight)
-                on the device: \(actual)
-                expected:      \(returned)
-                or:            \(workload.model)
-                """)
-            try fs.unmount()
-            guard report.isClean, matched else { return }
-            model = actual
-        }
-        // The kills must have landed inside work, not before it.
-        #expect(operationsSurvived > kills)
+        try killWorkloadAtRandom(
+            worker: "workload", name: "crash", seed: 0xDA7A, forking: false, kills: longTests ? 300 : 30)
     }
 
     @Test("a process that pins, truncates with .deferFree and dies: the quarantined blocks are free after mount")

@@ -167,64 +167,16 @@ struct ForkingCrashTests {
         "a workload of clones, snapshots, copy-on-write, migration and dedup killed at random: mount recovers, check is clean, the model matches"
     )
     func killedForkingWorkload() throws {
-        let kills = longTests ? 300 : 30
-        let t = try TemporaryFileSystem(size: 32 << 20, name: "forkworkcrash")
-        try t.fs.unmount()
-        var model = Model()
-        var random = SeededRandom(seed: 0xF0C4)
-        var operationsSurvived = 0
         var forkingInFlight = 0
-        for kill in 0..<kills {
-            let seed = random.next()
-            let child = try ChildProcess("daxcrashworker", ["workload-forking", t.temporary.path, "\(seed)"])
-            guard child.waitForLine(startingWith: "ready") != nil else {
-                Issue.record("kill \(kill): the worker did not start")
-                return
-            }
-            let returnedBeforeKill = 1 + Int(random.next() % 40)
-            guard child.waitForLine(startingWith: "done \(returnedBeforeKill)") != nil else {
-                Issue.record(
-                    "kill \(kill): the worker stopped before operation \(returnedBeforeKill): \(child.lines.suffix(3))")
-                return
-            }
-            child.kill()
-            let done = child.lines.compactMap { $0.hasPrefix("done ") ? Int($0.dropFirst(5)) : nil }.last ?? -1
-            operationsSurvived += done + 1
-
-            var workload = Workload(model: model, seed: seed, forking: true)
-            for _ in 0..<(done + 1) { _ = workload.next() }
-            let returned = workload.model
-            let inFlight = workload.next()
+        let operationsSurvived = try killWorkloadAtRandom(
+            worker: "workload-forking", name: "forkworkcrash", seed: 0xF0C4, forking: true,
+            kills: longTests ? 300 : 30
+        ) { inFlight in
             switch inFlight {
             case .clone, .store, .migrate, .deduplicate: forkingInFlight += 1
             default: break
             }
-            var candidates = [returned, workload.model]
-            if case .create(let path, _) = inFlight {
-                var created = returned
-                created.files[path] = []
-                candidates.append(created)
-            }
-            let lenient = Set([inFlight.fileChangedInPlace].compactMap { $0 })
-
-            let fs = try DAXFileSystem.mount(t.device)
-            let report = try fs.check()
-            #expect(report.isClean, "kill \(kill) during \(inFlight): \(report)")
-            let actual = try Model(reading: fs)
-            let matched = candidates.contains { actual.matches($0, lenient: lenient) }
-            #expect(
-                matched,
-                """
-                kill \(kill): \(done + 1) operations returned, in flight: \(inFlight)
-                on the device: \(actual)
-                expected:      \(returned)
-                or:            \(workload.model)
-                """)
-            try fs.unmount()
-            guard report.isClean, matched else { return }
-            model = actual
         }
-        #expect(operationsSurvived > kills)
         print(
             "forking crash loop: \(operationsSurvived) operations returned, \(forkingInFlight) kills inside a forking operation"
         )

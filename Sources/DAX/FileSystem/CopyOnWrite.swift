@@ -74,20 +74,10 @@ extension FileData {
     /// blocks); empty when nothing there was shared.
     func unshare(_ file: inout Inode.Contents, _ pages: Range<UInt64>, what: String) throws -> [Extent] {
         guard !sharedExtents(in: pages, of: file.extents).isEmpty else { return [] }
-        var change = PendingChange()
-        var map = file.extents
-        let copies: [Extent]
-        do {
-            copies = try copyShared(of: file.number, pages, map: &map, change: &change)
-            change.store(file.record, extents: map, of: file.number, superblock: volume.superblock)
-            volume.device.drain()
-            try volume.commit(change, what: what)
-        } catch {
-            volume.abandon(change)
-            throw error
+        let number = file.number
+        return try commitExtents(&file, what: what) { map, change in
+            try copyShared(of: number, pages, map: &map, change: &change)
         }
-        file.extents = map
-        return copies
     }
 
     /// How many extents name the block of each page of `pages`: 0 for a hole.

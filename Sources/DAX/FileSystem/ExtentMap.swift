@@ -264,15 +264,25 @@ struct ExtentMap: Sendable, Equatable {
 
     /// Splits `extents` into as few leaves as fit, evenly filled.
     private static func chunks(_ extents: [Extent]) -> [ArraySlice<Extent>] {
-        guard !extents.isEmpty else { return [] }
-        let count = (extents.count + leafCapacity - 1) / leafCapacity
-        let base = extents.count / count
-        let extra = extents.count % count
-        var result: [ArraySlice<Extent>] = []
+        extents.evenChunks(ofAtMost: leafCapacity)
+    }
+}
+
+extension Array {
+    /// The elements in as few slices of at most `capacity` as hold them, their sizes differing by
+    /// one at most (leaves filled evenly, so that the next insert rarely splits one); none when
+    /// the array is empty.
+    func evenChunks(ofAtMost capacity: Int) -> [ArraySlice<Element>] {
+        guard !isEmpty else { return [] }
+        let chunks = (count + capacity - 1) / capacity
+        let base = count / chunks
+        let extra = count % chunks
+        var result: [ArraySlice<Element>] = []
+        result.reserveCapacity(chunks)
         var start = 0
-        for index in 0..<count {
+        for index in 0..<chunks {
             let size = base + (index < extra ? 1 : 0)
-            result.append(extents[start..<(start + size)])
+            result.append(self[start..<(start + size)])
             start += size
         }
         return result

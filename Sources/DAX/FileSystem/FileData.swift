@@ -417,11 +417,25 @@ struct FileData: Sendable {
     @discardableResult
     func fillHolesZeroed(_ file: inout Inode.Contents, _ pages: Range<UInt64>, what: String) throws -> [Extent] {
         guard !file.extents.holes(in: pages).isEmpty else { return [] }
+        let number = file.number
+        return try commitExtents(&file, what: what) { map, change in
+            try fillHoles(of: number, pages, map: &map, change: &change, zeroing: .all)
+        }
+    }
+
+    /// Runs `edit` on a copy of the file's extents with a new change, then stores the record and
+    /// the extents in the change and commits it, after a drain of the data `edit` wrote. On
+    /// failure the change gives back what it took and the file is as it was. Returns the extents
+    /// `edit` returns.
+    func commitExtents(
+        _ file: inout Inode.Contents, what: String,
+        _ edit: (inout ExtentMap, inout PendingChange) throws -> [Extent]
+    ) throws -> [Extent] {
         var change = PendingChange()
         var map = file.extents
-        let added: [Extent]
+        let result: [Extent]
         do {
-            added = try fillHoles(of: file.number, pages, map: &map, change: &change, zeroing: .all)
+            result = try edit(&map, &change)
             change.store(file.record, extents: map, of: file.number, superblock: volume.superblock)
             volume.device.drain()
             try volume.commit(change, what: what)
@@ -430,7 +444,7 @@ struct FileData: Sendable {
             throw error
         }
         file.extents = map
-        return added
+        return result
     }
 
     // MARK: - Migration

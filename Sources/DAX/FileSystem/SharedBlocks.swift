@@ -175,17 +175,7 @@ struct SharedBlockTable: Sendable, Equatable {
     /// `runs` in as few leaves as fit, evenly filled; one empty leaf for the root when asked.
     private static func chunks(_ runs: [SharedRun], atLeastOne: Bool) -> [ArraySlice<SharedRun>] {
         guard !runs.isEmpty else { return atLeastOne ? [runs[...]] : [] }
-        let count = (runs.count + leafCapacity - 1) / leafCapacity
-        let base = runs.count / count
-        let extra = runs.count % count
-        var result: [ArraySlice<SharedRun>] = []
-        var start = 0
-        for index in 0..<count {
-            let size = base + (index < extra ? 1 : 0)
-            result.append(runs[start..<(start + size)])
-            start += size
-        }
-        return result
+        return runs.evenChunks(ofAtMost: leafCapacity)
     }
 }
 
