@@ -266,6 +266,46 @@ struct ForkingTests {
         #expect(try fs.check().isClean)
     }
 
+    /// What Linux 6.1 does on xfs with `dax=always` (the kernel oracle's reflink scenario): after
+    /// `FICLONE` of a 2-page file filled with 0x21, both files have 2 blocks and read 0x21; a store
+    /// of 0x42 through a shared mapping of the clone changes the clone only, and a store of 0x43
+    /// through one of the source changes the source only, each mapping of the other file still
+    /// loading 0x21.
+    @Test("the kernel's reflink story on xfs with dax=always: stores through either file's mapping stay in it")
+    func kernelReflinkStory() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "oraclej")
+        let fs = t.fs
+        let source = try fs.create("/j-src")
+        try source.write([UInt8](repeating: 0x21, count: 2 * pageBytes), at: 0)
+        try source.sync()
+        let freeBefore = fs.statistics().freeBlocks
+        try fs.clone("/j-src", to: "/j-dst")
+        let clone = try fs.open("/j-dst")
+        #expect(clone.size == 2 * pageBytes)
+        #expect(try clone.read(count: 1, at: 0) == [0x21])
+        #expect(try source.references(pages: 2) == [2, 2] && clone.references(pages: 2) == [2, 2])
+        let used = freeBefore - fs.statistics().freeBlocks
+        #expect(used >= 0 && used <= 1, "the clone of 2 blocks took \(used)")
+
+        let cloneMapping = try clone.map(count: 2 * pageBytes)
+        let sourceMapping = try source.map(count: 2 * pageBytes)
+        #expect(cloneMapping.loaded(count: 1) == [0x21] && sourceMapping.loaded(count: 1) == [0x21])
+        cloneMapping.store([0x42], at: 0)
+        #expect(try clone.read(count: 1, at: 0) == [0x42])
+        #expect(try source.read(count: 1, at: 0) == [0x21])
+        #expect(sourceMapping.loaded(count: 1) == [0x21])
+        sourceMapping.store([0x43], at: pageBytes)
+        #expect(try source.read(count: 1, at: pageBytes) == [0x43])
+        #expect(try clone.read(count: 1, at: pageBytes) == [0x21])
+        #expect(cloneMapping.loaded(offset: pageBytes, count: 1) == [0x21])
+        // Each store copied its page: nothing is shared any more, each file has its 2 blocks.
+        #expect(try source.references(pages: 2) == [1, 1] && clone.references(pages: 2) == [1, 1])
+        #expect(fs.statistics().sharedBlocks == 0)
+        cloneMapping.unmap()
+        sourceMapping.unmap()
+        #expect(try fs.check().isClean)
+    }
+
     enum PinKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
         case shortTermRead, shortTermWrite, longTermRead, longTermWrite
         var access: Access { self == .shortTermRead || self == .longTermRead ? .readOnly : .readWrite }
