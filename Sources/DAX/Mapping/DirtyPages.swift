@@ -55,6 +55,11 @@ struct DirtyPages: ~Copyable {
                 continue
             }
             words[word] = 0
+            if bits == ~0 {
+                // A whole word dirty (the common case after a large store): the run goes on.
+                if open == nil { open = word * 64 }
+                continue
+            }
             for bit in 0..<64 {
                 let page = word * 64 + bit
                 if bits & 1 != 0 {

@@ -245,9 +245,22 @@ extension DAXMapping {
     /// Appends the frames that pages `indices` of the mapping show, as runs (pages that show
     /// nothing are skipped). Under the mapping's lock.
     func appendShownFrames(_ indices: Range<Int>, to runs: inout [PageRun]) {
-        for index in indices {
+        var index = indices.lowerBound
+        while index < indices.upperBound {
             let frame = entries[index].load(ordering: .relaxed)
-            if frame != 0 { runs.append(page: frame) }
+            guard frame != 0 else {
+                index += 1
+                continue
+            }
+            // The frames of a stretch of pages are usually consecutive blocks: one run for them.
+            var length = 1
+            while index + length < indices.upperBound,
+                entries[index + length].load(ordering: .relaxed) == frame + UInt64(length)
+            {
+                length += 1
+            }
+            runs.append(page: frame, count: UInt64(length))
+            index += length
         }
     }
 }
