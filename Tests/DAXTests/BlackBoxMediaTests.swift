@@ -1242,44 +1242,51 @@ struct BlackBoxMediaMoreTests {
 
     @Test("out-of-range persist, flush, fill and copy of a device do not trap (child process)")
     func outOfRangeNonThrowingPrimitives() async {
-        // Bad input should never trap. These four have no `throws` in the contract, so the library can only
-        // ignore (or clamp) a bad range, never report it; today it traps (a Swift precondition,
-        // SIGILL) already at flush(offset: size - 10, count: 4096). Issue 14 lists "persist out of
-        // range traps while pin throws" among the open items; known until the contract says what a
-        // non-throwing primitive does with a bad range.
-        await withKnownIssue("flush/fill/copy/persist out of range trap (SIGILL); see issue 14") {
-            // Expected: the child's own exit code 77 at the end; `.failure` matches any other end too, so
-            // that its stderr can say where it stopped.
-            let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
-                let path = "/dev/shm/bbmedia-persist-\(getpid())"
-                guard let device = try? PMemDevice.create(path: path, size: 4 << 20) else { exit(2) }
-                unlink(path)  // nothing to clean up if a trap ends this process
-                let steps: [(String, () -> Void)] = [
-                    ("flush(offset: size - 10, count: 4096)", { device.flush(offset: device.size - 10, count: 4096) }),
-                    ("fill(offset: size - 10, count: 4096)", { device.fill(offset: device.size - 10, count: 4096) }),
-                    (
-                        "copy(4096 bytes, toOffset: size - 10)",
-                        {
-                            [UInt8](repeating: 1, count: 4096).withUnsafeBytes {
-                                device.copy($0, toOffset: device.size - 10)
-                            }
+        // Bad input never traps. These four have no `throws` in the contract, so a bad range can only
+        // be refused: nothing is done, and the device counts it. The child checks the bytes near the
+        // end of the device, then exits 77; a trap would end it with a signal. (`.failure` matches any
+        // other end too, so that the child's stderr can say where it stopped.)
+        let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            let path = "/dev/shm/bbmedia-persist-\(getpid())"
+            guard let device = try? PMemDevice.create(path: path, size: 4 << 20) else { exit(2) }
+            unlink(path)  // nothing to clean up if a trap ends this process
+            let steps: [(String, () -> Void)] = [
+                ("flush(offset: size - 10, count: 4096)", { device.flush(offset: device.size - 10, count: 4096) }),
+                (
+                    "fill(offset: size - 10, count: 4096)",
+                    { device.fill(offset: device.size - 10, count: 4096, value: 9) }
+                ),
+                (
+                    "copy(4096 bytes, toOffset: size - 10)",
+                    {
+                        [UInt8](repeating: 1, count: 4096).withUnsafeBytes {
+                            device.copy($0, toOffset: device.size - 10)
                         }
-                    ),
-                    ("persist(offset: -4096, count: 4096)", { device.persist(offset: -4096, count: 4096) }),
-                    ("persist(offset: size, count: 4096)", { device.persist(offset: device.size, count: 4096) }),
-                ]
-                for (name, step) in steps {
-                    FileHandle.standardError.write(Data("step \(name)\n".utf8))
-                    step()
-                }
-                exit(77)
+                    }
+                ),
+                ("persist(offset: -4096, count: 4096)", { device.persist(offset: -4096, count: 4096) }),
+                ("persist(offset: size, count: 4096)", { device.persist(offset: device.size, count: 4096) }),
+            ]
+            for (name, step) in steps {
+                FileHandle.standardError.write(Data("step \(name)\n".utf8))
+                step()
             }
-            if let result, result.exitStatus != .exitCode(77) {
-                let output = String(decoding: result.standardErrorContent, as: UTF8.self)
-                Issue.record(
-                    "the child ended \(result.exitStatus) at: \(output.split(separator: "\n").filter { $0.hasPrefix("step") || $0.contains("rror") || $0.contains("Crash") || $0.contains("ault") }.prefix(8))"
-                )
+            guard (try? device.read(count: 10, at: device.size - 10)) == [UInt8](repeating: 0, count: 10) else {
+                FileHandle.standardError.write(Data("step check: bytes past the range were stored\n".utf8))
+                exit(3)
             }
+            guard device.refusedCalls == steps.count, device.lastRefusal?.code == .invalidArgument else {
+                FileHandle.standardError.write(Data("step check: \(device.refusedCalls) refusals counted\n".utf8))
+                exit(4)
+            }
+            exit(77)
+        }
+        #expect(result != nil)
+        if let result, result.exitStatus != .exitCode(77) {
+            let output = String(decoding: result.standardErrorContent, as: UTF8.self)
+            Issue.record(
+                "the child ended \(result.exitStatus) at: \(output.split(separator: "\n").filter { $0.hasPrefix("step") || $0.contains("rror") || $0.contains("Crash") || $0.contains("ault") }.prefix(8))"
+            )
         }
     }
 

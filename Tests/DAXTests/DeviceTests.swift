@@ -141,6 +141,84 @@ struct DeviceTests {
         #expect(try device.read(count: 3, at: 8192) == [1, 2, 3])
     }
 
+    @Test("persist, flush, copy and fill refuse a range outside the device: nothing stored or flushed, counted")
+    func refusedRanges() throws {
+        let counter = CallCounter()
+        var options = PMemDevice.Options()
+        options.persistence = .cacheFlush
+        options.systemCalls = counter.systemCalls
+        let temporary = try TemporaryDevice(options: options)
+        let device = temporary.device
+        let size = device.size
+        try device.write([UInt8](repeating: 0x5A, count: 4096), at: size - 4096)
+        let calls = counter.persists.load(ordering: .relaxed) + counter.flushes.load(ordering: .relaxed)
+        let copies = counter.copies.load(ordering: .relaxed)
+        let ones = [UInt8](repeating: 1, count: 4096)
+        let refused: [(String, () -> Void)] = [
+            ("flush of 4 KiB at size - 10", { device.flush(offset: size - 10, count: 4096) }),
+            ("fill of 4 KiB at size - 10", { device.fill(offset: size - 10, count: 4096, value: 0xEE) }),
+            ("copy of 4 KiB to size - 10", { ones.withUnsafeBytes { device.copy($0, toOffset: size - 10) } }),
+            ("persist at -4096", { device.persist(offset: -4096, count: 4096) }),
+            ("persist at size", { device.persist(offset: size, count: 4096) }),
+            ("persist of a negative count", { device.persist(offset: 0, count: -1) }),
+            ("copy to Int.max", { ones.withUnsafeBytes { device.copy($0, toOffset: Int.max) } }),
+            ("fill of Int.max bytes at 1", { device.fill(offset: 1, count: Int.max) }),
+        ]
+        #expect(device.refusedCalls == 0 && device.lastRefusal == nil)
+        for (index, (name, call)) in refused.enumerated() {
+            call()
+            #expect(device.refusedCalls == index + 1, "\(name)")
+            #expect(device.lastRefusal?.code == .invalidArgument, "\(name)")
+            #expect(device.lastRefusal?.message.contains("outside device \(device.path)") == true, "\(name)")
+        }
+        // Not one byte of the copy or the fill was stored at the end of the device, nothing was
+        // flushed, no libpmem copy ran.
+        #expect(try device.read(count: 4096, at: size - 4096) == [UInt8](repeating: 0x5A, count: 4096))
+        #expect(counter.persists.load(ordering: .relaxed) + counter.flushes.load(ordering: .relaxed) == calls)
+        #expect(counter.copies.load(ordering: .relaxed) == copies)
+        #expect(counter.memsets.load(ordering: .relaxed) == 0)
+        // The ranges that fit still work, up to the last byte.
+        device.fill(offset: size - 10, count: 10, value: 0xEE)
+        device.persist(offset: size, count: 0)
+        #expect(try device.read(count: 10, at: size - 10) == [UInt8](repeating: 0xEE, count: 10))
+        #expect(device.refusedCalls == refused.count)
+    }
+
+    @Test("a read-only device refuses copy and fill (.permissionDenied) and stores nothing")
+    func readOnlyDeviceRefusesStores() throws {
+        let temporary = try TemporaryDevice()
+        try temporary.device.write([7, 7, 7], at: 4096)
+        var options = PMemDevice.Options()
+        options.readOnly = true
+        let device = try PMemDevice.open(path: temporary.path, options: options)
+        defer { device.close() }
+        device.fill(offset: 4096, count: 3, value: 1)
+        [UInt8](repeating: 2, count: 3).withUnsafeBytes { device.copy($0, toOffset: 4096) }
+        #expect(device.refusedCalls == 2)
+        #expect(device.lastRefusal?.code == .permissionDenied)
+        #expect(device.lastRefusal?.message.contains("read-only") == true)
+        #expect(try device.read(count: 3, at: 4096) == [7, 7, 7])
+        device.persist(offset: 4096, count: 3)  // nothing to store: allowed
+        #expect(device.refusedCalls == 2)
+    }
+
+    @Test("the first refusals are told on stderr, one line each; later ones are only counted (child process)")
+    func refusalsToldOnStderr() async {
+        let result = await #expect(processExitsWith: .exitCode(0), observing: [\.standardErrorContent]) {
+            let path = "/dev/shm/daxtest-refusals-\(getpid())"
+            guard let device = try? PMemDevice.create(path: path, size: 4 << 20) else { exit(2) }
+            unlink(path)
+            for count in 1...20 { device.persist(offset: device.size, count: count) }
+            exit(device.refusedCalls == 20 ? 0 : 3)
+        }
+        guard let result else { return }
+        let lines = String(decoding: result.standardErrorContent, as: UTF8.self).split(separator: "\n")
+        #expect(lines.count == PMemDevice.Refusals.told, "\(lines)")
+        #expect(lines.allSatisfy { $0.hasPrefix("DAX: refused, nothing done: persist of ") })
+        #expect(lines.first?.contains("persist of 1 byte at offset 4194304 is outside device") == true)
+        #expect(lines.last?.hasSuffix("further refusals are only counted (PMemDevice.refusedCalls)") == true)
+    }
+
     @Test("msync mode msyncs, and its failures are reported")
     func msyncMode() throws {
         let counter = CallCounter()

@@ -43,6 +43,37 @@ struct MappingTests {
         #expect(try file.read(count: 8, at: 4096 + 8) == withUnsafeBytes(of: UInt64(0xC0FFEE01)) { Array($0) })
     }
 
+    @Test("a mapping's persist and copy refuse a range outside it, and copy a read-only mapping: nothing stored")
+    func refusedMappingCalls() throws {
+        let t = try TemporaryFileSystem()
+        let file = try t.fs.create("/f")
+        let data = pattern(3 * 4096)
+        try file.write(data, at: 0)
+        let mapping = try file.map(count: 3 * 4096)
+        defer { mapping.unmap() }
+        let reader = try file.map(count: 3 * 4096, access: .readOnly)
+        defer { reader.unmap() }
+        let ones = [UInt8](repeating: 1, count: 4096)
+        mapping.persist(offset: 3 * 4096 - 10, count: 4096)
+        #expect(t.device.refusedCalls == 1)
+        #expect(t.device.lastRefusal?.code == .invalidArgument)
+        #expect(t.device.lastRefusal?.message.contains("outside the mapping of /f (12288 bytes)") == true)
+        ones.withUnsafeBytes { mapping.copy($0, toOffset: 3 * 4096 - 10) }
+        ones.withUnsafeBytes { mapping.copy($0, toOffset: -1) }
+        mapping.persist(offset: 0, count: -4096)
+        #expect(t.device.refusedCalls == 4)
+        ones.withUnsafeBytes { reader.copy($0, toOffset: 0) }
+        #expect(t.device.refusedCalls == 5)
+        #expect(t.device.lastRefusal?.code == .permissionDenied)
+        #expect(t.device.lastRefusal?.message == "copy into a read-only mapping of /f")
+        #expect(try file.read(count: 3 * 4096, at: 0) == data, "not one byte stored")
+        // What fits still works, through either end.
+        ones.withUnsafeBytes { mapping.copy(UnsafeRawBufferPointer(rebasing: $0[0..<10]), toOffset: 3 * 4096 - 10) }
+        mapping.persist(offset: 3 * 4096, count: 0)
+        #expect(try file.read(count: 10, at: 3 * 4096 - 10) == [UInt8](repeating: 1, count: 10))
+        #expect(t.device.refusedCalls == 5)
+    }
+
     @Test("map and unmap move refCount and mapCount; two mappings count twice")
     func counts() throws {
         let t = try TemporaryFileSystem()

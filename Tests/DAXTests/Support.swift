@@ -61,6 +61,7 @@ final class CallCounter: Sendable {
     let drains = Atomic(0)
     let msyncs = Atomic(0)
     let copies = Atomic(0)
+    let memsets = Atomic(0)
     let copyFlags = Mutex<[UInt32]>([])
     /// `errno` that msync fails with, or 0.
     let msyncFailure = Atomic<Int32>(0)
@@ -92,6 +93,10 @@ final class CallCounter: Sendable {
             self.copies.wrappingAdd(1, ordering: .relaxed)
             self.copyFlags.withTrackedLock { $0.append(flags) }
             SystemCalls.live.memcpy(to, from, length, flags)
+        }
+        calls.memset = { to, value, length, flags in
+            self.memsets.wrappingAdd(1, ordering: .relaxed)
+            SystemCalls.live.memset(to, value, length, flags)
         }
         return calls
     }

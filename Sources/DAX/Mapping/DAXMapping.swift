@@ -117,10 +117,10 @@ public final class DAXMapping: Sendable {
 
     /// Makes `count` bytes at `offset` of the mapping durable, through the mapping's own addresses:
     /// `pmem_persist` (or `msync` of the mapping, as the device's persistence mode says).
+    /// A range outside the mapping is refused: nothing is flushed (the device's
+    /// ``PMemDevice/refusedCalls``).
     public func persist(offset: Int, count: Int) {
-        precondition(
-            offset >= 0 && count >= 0 && offset <= length && count <= length - offset,
-            "persist of \(counted(count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))")
+        guard accepts("persist", offset, count) else { return }
         device.persist(mappedAt: base + offset, count: count, deviceOffset: deviceOffset(of:))
     }
 
@@ -128,13 +128,36 @@ public final class DAXMapping: Sendable {
     /// with `flags`: non-temporal, no-drain, ...), through the mapping's own addresses; in `.msync`
     /// mode a plain copy followed by `msync` of the range. With `.noDrain`, call ``drain()`` once
     /// after the last copy, as PMDK's `simple_copy` does.
+    /// A range outside the mapping, or a read-only mapping, is refused: nothing is copied (the
+    /// device's ``PMemDevice/refusedCalls``).
     public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
-        precondition(access == .readWrite, "copy into a read-only mapping of \(path)")
-        precondition(
-            offset >= 0 && source.count <= length && offset <= length - source.count,
-            "copy of \(counted(source.count, "byte")) at \(offset) is outside the mapping of \(counted(length, "byte"))"
-        )
+        guard accepts("copy", offset, source.count, stores: true) else { return }
         device.copy(source, toMappedAt: base + offset, flags: flags, deviceOffset: deviceOffset(of:))
+    }
+
+    /// Whether a caller's `what` of `count` bytes at `offset` may go on: inside the mapping, and,
+    /// when it stores, a writable mapping. Otherwise the device records the refusal.
+    @inline(__always)
+    private func accepts(_ what: StaticString, _ offset: Int, _ count: Int, stores: Bool = false) -> Bool {
+        if _fastPath(PMemDevice.range(offset, count, fitsIn: length) && !(stores && access != .readWrite)) {
+            return true
+        }
+        refuseCall(what, offset, count)
+        return false
+    }
+
+    /// Has the device record a call that ``accepts(_:_:_:stores:)`` turned down, saying why.
+    @inline(never)
+    private func refuseCall(_ what: StaticString, _ offset: Int, _ count: Int) {
+        if PMemDevice.range(offset, count, fitsIn: length) {
+            device.refuse(DAXError(.permissionDenied, "\(what) into a read-only mapping of \(path)"))
+        } else {
+            device.refuse(
+                DAXError(
+                    .invalidArgument,
+                    "\(what) of \(counted(count, "byte")) at offset \(offset) is outside the mapping of \(path) ("
+                        + "\(counted(length, "byte")))"))
+        }
     }
 
     /// The device offset of `address` inside the mapping, through the page table; nil where the

@@ -6,8 +6,9 @@ extension PMemDevice {
     /// Makes `count` bytes at `offset` durable, as ``persistence`` says: `pmem_persist` (flush the
     /// cache lines, then SFENCE) or `pmem_msync`. A failing `msync` falls back to cache flushing
     /// and is counted in ``persistenceErrors``; use ``msync(offset:count:)`` to see the error.
+    /// A range outside the device is refused: nothing is flushed (``refusedCalls``).
     public func persist(offset: Int, count: Int) {
-        checkRange(offset, count)
+        guard accepts("persist", offset, count) else { return }
         persist(base + offset, count) { $0.persist(offset: offset, count: count) }
     }
 
@@ -42,9 +43,10 @@ extension PMemDevice {
     }
 
     /// Starts write-back of the range's cache lines without waiting: `pmem_flush` (in `.msync`
-    /// mode, `pmem_msync` of the range, which also waits).
+    /// mode, `pmem_msync` of the range, which also waits). A range outside the device is refused:
+    /// nothing is flushed (``refusedCalls``).
     public func flush(offset: Int, count: Int) {
-        checkRange(offset, count)
+        guard accepts("flush", offset, count) else { return }
         if persistsDirectly {
             systemCalls.flush(base + offset, count)
         } else if let emulation {
@@ -93,7 +95,7 @@ extension PMemDevice {
     /// Calls `pmem_msync` on the range, whatever the mode, and reports its failure. Under
     /// power-failure emulation a successful `msync` persists the range, as it would on a DAX file.
     public func msync(offset: Int, count: Int) throws {
-        checkRange(offset, count)
+        try validateRange(offset, count)
         guard systemCalls.msync(base + offset, count) == 0 else {
             throw DAXError.system(
                 "msync", "cannot persist \(counted(count, "byte")) at offset \(offset) of \(path)",
@@ -114,10 +116,11 @@ extension PMemDevice {
 
     /// Copies `source` to the device at `offset` and makes it durable: `pmem_memcpy` with `flags`
     /// (non-temporal or temporal stores, no-drain, no-flush). In `.msync` mode: a plain copy, then
-    /// `pmem_msync` of the range unless `flags` has `.noFlush`.
+    /// `pmem_msync` of the range unless `flags` has `.noFlush`. A range outside the device, or a
+    /// read-only device, is refused: nothing is copied (``refusedCalls``).
     public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
         guard source.baseAddress != nil, source.count > 0 else { return }
-        checkRange(offset, source.count)
+        guard accepts("copy", offset, source.count, stores: true) else { return }
         copy(source, to: base + offset, flags: flags) { emulation in
             emulatedPersistence(emulation, offset, source.count, flags)
         }
@@ -158,11 +161,11 @@ extension PMemDevice {
     }
 
     /// Sets `count` bytes at `offset` to `value` and makes them durable: `pmem_memset` with `flags`
-    /// (in `.msync` mode: a plain fill, then `pmem_msync`).
+    /// (in `.msync` mode: a plain fill, then `pmem_msync`). A range outside the device, or a
+    /// read-only device, is refused: nothing is stored (``refusedCalls``).
     public func fill(offset: Int, count: Int, value: UInt8 = 0, flags: CopyFlags = []) {
         guard count > 0 else { return }
-        checkRange(offset, count)
-        checkWritable()
+        guard accepts("fill", offset, count, stores: true) else { return }
         let to = base + offset
         if let emulation {
             memset(to, Int32(value), count)

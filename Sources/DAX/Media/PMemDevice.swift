@@ -111,6 +111,8 @@ public final class PMemDevice: Sendable {
     let isMounted = Atomic<Bool>(false)
     /// Failures of `msync` that a persist fell back from (``persistenceErrors``).
     let msyncFailures = Atomic<Int>(0)
+    /// Calls refused for a bad range or a store to a read-only device (``refusedCalls``).
+    let refusals = Mutex(Refusals())
 
     // MARK: - Creating and opening
 
@@ -550,7 +552,7 @@ public final class PMemDevice: Sendable {
 
     func validateRange(_ offset: Int, _ count: Int) throws {
         guard !isClosed else { throw DAXError(.invalidArgument, "device \(path) is closed") }
-        guard offset >= 0, count >= 0, offset <= size, count <= size - offset else {
+        guard Self.range(offset, count, fitsIn: size) else {
             throw DAXError(
                 .invalidArgument,
                 "range of \(counted(count, "byte")) at offset \(offset) is outside device \(path) of "
@@ -558,9 +560,11 @@ public final class PMemDevice: Sendable {
         }
     }
 
+    /// Traps on a range outside the device: for the library's own calls, where such a range is a
+    /// bug of DAX, not of its caller.
     @inline(__always)
     func checkRange(_ offset: Int, _ count: Int) {
-        if _slowPath(offset < 0 || count < 0 || offset > size || count > size &- offset) {
+        if _slowPath(!Self.range(offset, count, fitsIn: size)) {
             rangeFailure(offset, count)
         }
     }
@@ -578,5 +582,75 @@ public final class PMemDevice: Sendable {
     @inline(never)
     private func rangeFailure(_ offset: Int, _ count: Int) -> Never {
         preconditionFailure("range of \(count) bytes at offset \(offset) is outside device \(path) of \(size) bytes")
+    }
+
+    /// Whether `count` bytes at `offset` lie inside `0..<limit`.
+    @inline(__always)
+    static func range(_ offset: Int, _ count: Int, fitsIn limit: Int) -> Bool {
+        offset >= 0 && count >= 0 && offset <= limit && count <= limit &- offset
+    }
+
+    // MARK: - Refused calls
+
+    /// Whether a caller's call `what` (`"persist"`) of `count` bytes at `offset` may go on: true
+    /// for a range inside the device (and, when it stores, a writable device); otherwise the call
+    /// is refused (``refusedCalls``) and does nothing.
+    @inline(__always)
+    func accepts(_ what: StaticString, _ offset: Int, _ count: Int, stores: Bool = false) -> Bool {
+        if _fastPath(Self.range(offset, count, fitsIn: size) && !(stores && isReadOnly)) { return true }
+        refuseCall(what, offset, count)
+        return false
+    }
+
+    /// Refuses a call that ``accepts(_:_:_:stores:)`` turned down, saying why.
+    @inline(never)
+    private func refuseCall(_ what: StaticString, _ offset: Int, _ count: Int) {
+        let range = "\(what) of \(counted(count, "byte")) at offset \(offset)"
+        if Self.range(offset, count, fitsIn: size) {
+            refuse(DAXError(.permissionDenied, "\(range): device \(path) was opened read-only"))
+        } else {
+            refuse(DAXError(.invalidArgument, "\(range) is outside device \(path) of \(counted(size, "byte"))"))
+        }
+    }
+
+    /// Calls of the primitives that cannot throw that were refused since the device was opened:
+    /// ``persist(offset:count:)``, ``flush(offset:count:)``, ``copy(_:toOffset:flags:)`` and
+    /// ``fill(offset:count:value:flags:)`` of the device, and `persist` and `copy` of its
+    /// ``DAXMapping``s, given a range outside the device or mapping, or asked to store to a
+    /// read-only one. A refused call does nothing at all: no byte is stored, no line is flushed.
+    /// (A throwing call such as ``write(_:at:flags:)`` throws instead.) The first few refusals of
+    /// a device are also told on stderr; with `DAX_TRAP_ON_REFUSAL=1` in the environment a refusal
+    /// traps instead, so that a debugger stops at the caller.
+    public var refusedCalls: Int { refusals.withTrackedLock { $0.count } }
+
+    /// The last refused call (see ``refusedCalls``), as the error a throwing call would throw:
+    /// `.invalidArgument` for a range outside the device or mapping, `.permissionDenied` for a store
+    /// to a read-only one. Nil when no call was refused.
+    public var lastRefusal: DAXError? { refusals.withTrackedLock { $0.last } }
+
+    /// Records a refused call; the first ``Refusals/told`` of them also go to stderr, one line each.
+    @inline(never)
+    func refuse(_ error: DAXError) {
+        if Self.trapsOnRefusal { preconditionFailure("DAX refused a call: \(error.message)") }
+        let count = refusals.withTrackedLock { refusals -> Int in
+            refusals.count += 1
+            refusals.last = error
+            return refusals.count
+        }
+        guard count <= Refusals.told else { return }
+        let more = count == Refusals.told ? "; further refusals are only counted (PMemDevice.refusedCalls)" : ""
+        let line = "DAX: refused, nothing done: \(error.message)\(more)\n"
+        _ = line.withCString { Glibc.write(STDERR_FILENO, $0, strlen($0)) }
+    }
+
+    /// Whether `DAX_TRAP_ON_REFUSAL=1` asks refusals to trap.
+    private static let trapsOnRefusal = getenv("DAX_TRAP_ON_REFUSAL").map { String(cString: $0) == "1" } ?? false
+
+    /// The refused calls of a device (``refusedCalls``, ``lastRefusal``).
+    struct Refusals {
+        /// How many refusals of a device are told on stderr.
+        static let told = 8
+        var count = 0
+        var last: DAXError?
     }
 }
