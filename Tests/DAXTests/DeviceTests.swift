@@ -182,6 +182,12 @@ struct DeviceTests {
         device.persist(offset: size, count: 0)
         #expect(try device.read(count: 10, at: size - 10) == [UInt8](repeating: 0xEE, count: 10))
         #expect(device.refusedCalls == refused.count)
+        // Closed with no user left, the device is unmapped: a call refuses rather than fault.
+        device.close()
+        device.persist(offset: 0, count: 64)
+        ones.withUnsafeBytes { device.copy($0, toOffset: 0) }
+        #expect(device.refusedCalls == refused.count + 2)
+        #expect(device.lastRefusal?.message.hasSuffix("device \(device.path) is closed (its mapping is gone)") == true)
     }
 
     @Test("a read-only device refuses copy and fill (.permissionDenied) and stores nothing")

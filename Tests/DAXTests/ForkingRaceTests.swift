@@ -20,7 +20,9 @@ final class CanaryLedger: Sendable {
         finished = Mutex([UInt64](repeating: 0, count: threads * pages))
     }
 
-    func start(_ thread: Int, _ page: Int, _ canary: UInt64) { started.withTrackedLock { $0[thread * pages + page] = canary } }
+    func start(_ thread: Int, _ page: Int, _ canary: UInt64) {
+        started.withTrackedLock { $0[thread * pages + page] = canary }
+    }
     func finish(_ thread: Int, _ page: Int, _ canary: UInt64) {
         finished.withTrackedLock { $0[thread * pages + page] = canary }
     }

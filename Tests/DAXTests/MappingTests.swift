@@ -72,6 +72,13 @@ struct MappingTests {
         mapping.persist(offset: 3 * 4096, count: 0)
         #expect(try file.read(count: 10, at: 3 * 4096 - 10) == [UInt8](repeating: 1, count: 10))
         #expect(t.device.refusedCalls == 5)
+        // After unmap the range may hold another mapping: the calls refuse, they never store there.
+        mapping.unmap()
+        mapping.persist(offset: 0, count: 4096)
+        ones.withUnsafeBytes { mapping.copy($0, toOffset: 0) }
+        #expect(t.device.refusedCalls == 7)
+        #expect(t.device.lastRefusal?.message == "copy of 4096 bytes after the mapping of /f was unmapped")
+        #expect(try file.read(count: 4096, at: 0) == Array(data[0..<4096]))
     }
 
     @Test("map and unmap move refCount and mapCount; two mappings count twice")

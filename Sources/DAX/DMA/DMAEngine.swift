@@ -48,7 +48,7 @@ public final class DMAEngine: Sendable {
             }
             region.forEachChunk(offset: offset, count: source.count) { deviceOffset, at, length in
                 device.copy(
-                    UnsafeRawBufferPointer(rebasing: source[at..<(at + length)]), toOffset: deviceOffset,
+                    UnsafeRawBufferPointer(rebasing: source[at..<(at + length)]), at: deviceOffset,
                     flags: .noDrain)
             }
             device.drain()

@@ -232,7 +232,7 @@ extension Namespace {
                 volume.device.copy(
                     UnsafeRawBufferPointer(
                         start: volume.device.base + Int(block) * Superblock.blockSize, count: Superblock.blockSize),
-                    toOffset: Int(runs[0].start) * Superblock.blockSize, flags: [.nonTemporal, .noDrain])
+                    at: Int(runs[0].start) * Superblock.blockSize, flags: [.nonTemporal, .noDrain])
                 copied.append(Extent(logical: page, physical: runs[0].start, length: 1))
             }
         }
@@ -283,7 +283,7 @@ extension Namespace {
                         volume.device.fill(
                             offset: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
                         DirectoryFormat.header(owner: nodes[index].number, index: UInt32(page)).withUnsafeBytes {
-                            volume.device.copy($0, toOffset: Int(block) * Superblock.blockSize, flags: .noDrain)
+                            volume.device.copy($0, at: Int(block) * Superblock.blockSize, flags: .noDrain)
                         }
                         directory.addBlock()
                     }
@@ -297,7 +297,7 @@ extension Namespace {
                             .withUnsafeBytes {
                                 volume.device.copy(
                                     $0,
-                                    toOffset: Int(physical[slot.block]) * Superblock.blockSize
+                                    at: Int(physical[slot.block]) * Superblock.blockSize
                                         + DirectoryFormat.slotOffset(slot.slot), flags: .noDrain)
                             }
                     }

@@ -62,7 +62,7 @@ extension FileData {
                 }
                 volume.device.copy(
                     UnsafeRawBufferPointer(start: volume.device.base + Int(from) * Self.pageSize, count: Self.pageSize),
-                    toOffset: Int(extent.block(for: page)) * Self.pageSize, flags: [.nonTemporal, .noDrain])
+                    at: Int(extent.block(for: page)) * Self.pageSize, flags: [.nonTemporal, .noDrain])
                 pageMap.unfreeze(frame)
             }
         }

@@ -82,14 +82,14 @@ struct FileData: Sendable {
         let deviceStart = Int(extent.physical) * Self.pageSize
         switch zeroing {
         case .all:
-            volume.device.fill(offset: deviceStart, count: end - start, flags: [.nonTemporal, .noDrain])
+            volume.device.fill(at: deviceStart, count: end - start, flags: [.nonTemporal, .noDrain])
         case .except(let written):
             if written.lowerBound > start {
-                volume.device.fill(offset: deviceStart, count: min(written.lowerBound, end) - start, flags: .noDrain)
+                volume.device.fill(at: deviceStart, count: min(written.lowerBound, end) - start, flags: .noDrain)
             }
             if written.upperBound < end {
                 let from = max(written.upperBound, start)
-                volume.device.fill(offset: deviceStart + (from - start), count: end - from, flags: .noDrain)
+                volume.device.fill(at: deviceStart + (from - start), count: end - from, flags: .noDrain)
             }
         }
     }
@@ -100,7 +100,7 @@ struct FileData: Sendable {
         guard size % Self.pageSize != 0, let extent = map.extent(containing: Self.page(size)) else { return }
         let page = Self.page(size)
         let offset = Int(extent.block(for: page)) * Self.pageSize + size % Self.pageSize
-        volume.device.fill(offset: offset, count: Self.pageSize - size % Self.pageSize, flags: .noDrain)
+        volume.device.fill(at: offset, count: Self.pageSize - size % Self.pageSize, flags: .noDrain)
     }
 
     /// The device offset of file bytes `offset..<end` when one extent holds them all.
@@ -133,7 +133,7 @@ struct FileData: Sendable {
         {
             // An overwrite inside one extent of blocks this file alone names: no metadata
             // changes, the data goes straight in.
-            volume.device.copy(source, toOffset: deviceOffset)
+            volume.device.copy(source, at: deviceOffset)
             return Written()
         }
         let pages = Self.page(offset)..<Self.pageUp(end)
@@ -176,7 +176,7 @@ struct FileData: Sendable {
             let to = min(end, Int(slice.logicalEnd) * Self.pageSize)
             let deviceOffset = Int(slice.physical) * Self.pageSize + (from - Int(slice.logical) * Self.pageSize)
             volume.device.copy(
-                UnsafeRawBufferPointer(rebasing: source[(from - offset)..<(to - offset)]), toOffset: deviceOffset,
+                UnsafeRawBufferPointer(rebasing: source[(from - offset)..<(to - offset)]), at: deviceOffset,
                 flags: .noDrain)
         }
     }
@@ -497,8 +497,9 @@ struct FileData: Sendable {
                         }
                         volume.device.copy(
                             UnsafeRawBufferPointer(
-                                start: volume.device.base + Int(from) * Self.pageSize, count: Int(length) * Self.pageSize),
-                            toOffset: Int(run.start + step) * Self.pageSize, flags: [.nonTemporal, .noDrain])
+                                start: volume.device.base + Int(from) * Self.pageSize,
+                                count: Int(length) * Self.pageSize),
+                            at: Int(run.start + step) * Self.pageSize, flags: [.nonTemporal, .noDrain])
                         next += Int(length)
                         step += length
                     }

@@ -231,7 +231,7 @@ final class Journal: Sendable {
 
     /// A durable copy to the device (`pmem_memcpy` and drain, or `msync`), which cannot fail.
     private func write(_ bytes: [UInt8], at offset: Int) {
-        bytes.withUnsafeBytes { device.copy($0, toOffset: offset) }
+        bytes.withUnsafeBytes { device.copy($0, at: offset) }
     }
 
     /// Runs `body` with no transaction in flight: `check` reads a still device.
@@ -249,7 +249,7 @@ final class Journal: Sendable {
         for record in records {
             switch record {
             case .write(let offset, let bytes):
-                bytes.withUnsafeBytes { medium.copy($0, toOffset: offset, flags: .noDrain) }
+                bytes.withUnsafeBytes { medium.copy($0, at: offset, flags: .noDrain) }
             case .bits(let range, let value):
                 setBits(range, value: value, medium: medium, superblock: superblock, touched: &touchedBitmapBlocks)
             case .mask(let first, let mask, let value):
@@ -344,7 +344,7 @@ final class Journal: Sendable {
             let bytes = medium.base + blockOffset
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: bytes, count: Superblock.bitmapBytesPerBlock))
             (bytes + Superblock.bitmapBytesPerBlock).storeBytes(of: crc.littleEndian, as: UInt32.self)
-            medium.flush(offset: blockOffset, count: Superblock.blockSize)
+            medium.flush(at: blockOffset, count: Superblock.blockSize)
         }
     }
 

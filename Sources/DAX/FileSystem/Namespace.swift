@@ -301,9 +301,9 @@ final class Namespace: Sendable {
         change.allocate(runs, superblock: volume.superblock)
         let block = runs[0].start
         // Not linked yet: write it in place, then let the transaction link it.
-        volume.device.fill(offset: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
+        volume.device.fill(at: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
         DirectoryFormat.header(owner: directory.number, index: UInt32(page)).withUnsafeBytes {
-            volume.device.copy($0, toOffset: Int(block) * Superblock.blockSize)
+            volume.device.copy($0, at: Int(block) * Superblock.blockSize)
         }
         var map = directory.extents
         try volume.editExtents(

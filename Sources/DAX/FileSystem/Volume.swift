@@ -250,7 +250,7 @@ final class Volume: Sendable {
                 try device.back(offset: Int(block) * blockSize, count: blockSize)
             }
         } else {
-            device.fill(offset: 0, count: blockSize, flags: .nonTemporal)
+            device.fill(at: 0, count: blockSize, flags: .nonTemporal)
             // Journal header, inode table and bitmap must read as zeros (a zero bitmap block is an
             // empty one); clear them in chunks for progress.
             let clearStart = Int(sb.journalStart) * blockSize
@@ -258,7 +258,7 @@ final class Volume: Sendable {
             var offset = clearStart
             while offset < metadataBytes {
                 let count = min(chunk, metadataBytes - offset)
-                device.fill(offset: offset, count: count, flags: [.nonTemporal, .noDrain])
+                device.fill(at: offset, count: count, flags: [.nonTemporal, .noDrain])
                 offset += count
                 progress?(Double(offset - clearStart) / Double(metadataBytes - clearStart))
             }
@@ -280,7 +280,7 @@ final class Volume: Sendable {
         final.formatTime = now
         final.uuid = (0..<16).map { _ in UInt8.random(in: 0...255) }
         if let backup = final.backupBlock {
-            device.fill(offset: Int(backup) * blockSize, count: blockSize, flags: .nonTemporal)
+            device.fill(at: Int(backup) * blockSize, count: blockSize, flags: .nonTemporal)
             try device.write(final.encode(), at: Int(backup) * blockSize)
         }
         try device.write(final.encode(), at: 0)

@@ -58,6 +58,9 @@ public final class DAXMapping: Sendable {
     }
 
     let state: Mutex<State>
+    /// Set by ``unmap()`` before the range is given back: the calls that cannot throw refuse then,
+    /// rather than touch addresses that may belong to another mapping by now.
+    let isGone = Atomic<Bool>(false)
 
     init(
         space: AddressSpace, path: String, firstPage: UInt64, count: Int, access: Access, writable: Bool,
@@ -117,8 +120,8 @@ public final class DAXMapping: Sendable {
 
     /// Makes `count` bytes at `offset` of the mapping durable, through the mapping's own addresses:
     /// `pmem_persist` (or `msync` of the mapping, as the device's persistence mode says).
-    /// A range outside the mapping is refused: nothing is flushed (the device's
-    /// ``PMemDevice/refusedCalls``).
+    /// A range outside the mapping, or a call after ``unmap()``, is refused: nothing is flushed
+    /// (the device's ``PMemDevice/refusedCalls``).
     public func persist(offset: Int, count: Int) {
         guard accepts("persist", offset, count) else { return }
         device.persist(mappedAt: base + offset, count: count, deviceOffset: deviceOffset(of:))
@@ -128,8 +131,8 @@ public final class DAXMapping: Sendable {
     /// with `flags`: non-temporal, no-drain, ...), through the mapping's own addresses; in `.msync`
     /// mode a plain copy followed by `msync` of the range. With `.noDrain`, call ``drain()`` once
     /// after the last copy, as PMDK's `simple_copy` does.
-    /// A range outside the mapping, or a read-only mapping, is refused: nothing is copied (the
-    /// device's ``PMemDevice/refusedCalls``).
+    /// A range outside the mapping, a read-only mapping, or a call after ``unmap()``, is refused:
+    /// nothing is copied (the device's ``PMemDevice/refusedCalls``).
     public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
         guard accepts("copy", offset, source.count, stores: true) else { return }
         device.copy(source, toMappedAt: base + offset, flags: flags, deviceOffset: deviceOffset(of:))
@@ -139,7 +142,10 @@ public final class DAXMapping: Sendable {
     /// when it stores, a writable mapping. Otherwise the device records the refusal.
     @inline(__always)
     private func accepts(_ what: StaticString, _ offset: Int, _ count: Int, stores: Bool = false) -> Bool {
-        if _fastPath(PMemDevice.range(offset, count, fitsIn: length) && !(stores && access != .readWrite)) {
+        if _fastPath(
+            PMemDevice.range(offset, count, fitsIn: length) && !(stores && access != .readWrite)
+                && !isGone.load(ordering: .relaxed))
+        {
             return true
         }
         refuseCall(what, offset, count)
@@ -149,7 +155,11 @@ public final class DAXMapping: Sendable {
     /// Has the device record a call that ``accepts(_:_:_:stores:)`` turned down, saying why.
     @inline(never)
     private func refuseCall(_ what: StaticString, _ offset: Int, _ count: Int) {
-        if PMemDevice.range(offset, count, fitsIn: length) {
+        if isGone.load(ordering: .relaxed) {
+            device.refuse(
+                DAXError(
+                    .invalidArgument, "\(what) of \(counted(count, "byte")) after the mapping of \(path) was unmapped"))
+        } else if PMemDevice.range(offset, count, fitsIn: length) {
             device.refuse(DAXError(.permissionDenied, "\(what) into a read-only mapping of \(path)"))
         } else {
             device.refuse(
@@ -179,6 +189,7 @@ public final class DAXMapping: Sendable {
         let wasMapped = state.withTrackedLock { state -> Bool in
             guard !state.unmapped else { return false }
             state.unmapped = true
+            isGone.store(true, ordering: .relaxed)
             // Before the range is given back: a mapping made there next is tracked afresh, and
             // its faults go to its own handler.
             device.noteUnmapped(base, length: length)

@@ -237,7 +237,7 @@ extension DAXMapping {
             return runs
         }
         for run in runs {
-            device.persist(offset: Int(run.start) * PMemDevice.pageSize, count: Int(run.count) * PMemDevice.pageSize)
+            device.persist(at: Int(run.start) * PMemDevice.pageSize, count: Int(run.count) * PMemDevice.pageSize)
         }
         return runs.reduce(0) { $0 + Int($1.count) }
     }

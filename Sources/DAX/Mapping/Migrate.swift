@@ -84,7 +84,8 @@ extension AddressSpace {
         // 3. The file system moves the bytes to new blocks and points the extents at them.
         let moved: FileData.Move
         do {
-            moved = try data.move(&contents, frozen, goal: &goal, what: "migrate of \(counted(frozen.count, "page")) of \(path)")
+            moved = try data.move(
+                &contents, frozen, goal: &goal, what: "migrate of \(counted(frozen.count, "page")) of \(path)")
         } catch {
             // Nothing moved: the old blocks thaw and show in the mappings again.
             for candidate in frozen { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }

@@ -9,6 +9,18 @@ extension PMemDevice {
     /// A range outside the device is refused: nothing is flushed (``refusedCalls``).
     public func persist(offset: Int, count: Int) {
         guard accepts("persist", offset, count) else { return }
+        persistInside(offset, count)
+    }
+
+    /// ``persist(offset:count:)`` for the library's own calls: a range outside the device is a bug
+    /// of DAX, and traps.
+    func persist(at offset: Int, count: Int) {
+        checkRange(offset, count)
+        persistInside(offset, count)
+    }
+
+    @inline(__always)
+    private func persistInside(_ offset: Int, _ count: Int) {
         persist(base + offset, count) { $0.persist(offset: offset, count: count) }
     }
 
@@ -47,6 +59,17 @@ extension PMemDevice {
     /// nothing is flushed (``refusedCalls``).
     public func flush(offset: Int, count: Int) {
         guard accepts("flush", offset, count) else { return }
+        flushInside(offset, count)
+    }
+
+    /// ``flush(offset:count:)`` for the library's own calls: a bad range traps.
+    func flush(at offset: Int, count: Int) {
+        checkRange(offset, count)
+        flushInside(offset, count)
+    }
+
+    @inline(__always)
+    private func flushInside(_ offset: Int, _ count: Int) {
         if persistsDirectly {
             systemCalls.flush(base + offset, count)
         } else if let emulation {
@@ -119,8 +142,20 @@ extension PMemDevice {
     /// `pmem_msync` of the range unless `flags` has `.noFlush`. A range outside the device, or a
     /// read-only device, is refused: nothing is copied (``refusedCalls``).
     public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
-        guard source.baseAddress != nil, source.count > 0 else { return }
         guard accepts("copy", offset, source.count, stores: true) else { return }
+        copyInside(source, offset, flags)
+    }
+
+    /// ``copy(_:toOffset:flags:)`` for the library's own calls: a bad range, or a store to a
+    /// read-only device, is a bug of DAX and traps.
+    func copy(_ source: UnsafeRawBufferPointer, at offset: Int, flags: CopyFlags = []) {
+        checkRange(offset, source.count)
+        copyInside(source, offset, flags)
+    }
+
+    @inline(__always)
+    private func copyInside(_ source: UnsafeRawBufferPointer, _ offset: Int, _ flags: CopyFlags) {
+        guard source.baseAddress != nil, source.count > 0 else { return }
         copy(source, to: base + offset, flags: flags) { emulation in
             emulatedPersistence(emulation, offset, source.count, flags)
         }
@@ -164,8 +199,21 @@ extension PMemDevice {
     /// (in `.msync` mode: a plain fill, then `pmem_msync`). A range outside the device, or a
     /// read-only device, is refused: nothing is stored (``refusedCalls``).
     public func fill(offset: Int, count: Int, value: UInt8 = 0, flags: CopyFlags = []) {
-        guard count > 0 else { return }
         guard accepts("fill", offset, count, stores: true) else { return }
+        fillInside(offset, count, value, flags)
+    }
+
+    /// ``fill(offset:count:value:flags:)`` for the library's own calls: a bad range, or a store
+    /// to a read-only device, is a bug of DAX and traps.
+    func fill(at offset: Int, count: Int, value: UInt8 = 0, flags: CopyFlags = []) {
+        checkRange(offset, count)
+        checkWritable()
+        fillInside(offset, count, value, flags)
+    }
+
+    @inline(__always)
+    private func fillInside(_ offset: Int, _ count: Int, _ value: UInt8, _ flags: CopyFlags) {
+        guard count > 0 else { return }
         let to = base + offset
         if let emulation {
             memset(to, Int32(value), count)

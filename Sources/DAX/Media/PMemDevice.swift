@@ -502,11 +502,11 @@ public final class PMemDevice: Sendable {
         guard isSparse, emulation == nil, first < last,
             systemCalls.fallocate(fd, dax_FALLOC_FL_PUNCH_HOLE | dax_FALLOC_FL_KEEP_SIZE, first, last - first) == 0
         else {
-            fill(offset: offset, count: count, flags: .nonTemporal)
+            fill(at: offset, count: count, flags: .nonTemporal)
             return
         }
-        fill(offset: offset, count: first - offset)
-        fill(offset: last, count: offset + count - last)
+        fill(at: offset, count: first - offset)
+        fill(at: last, count: offset + count - last)
     }
 
     // MARK: - Bounds-checked byte access
@@ -520,7 +520,7 @@ public final class PMemDevice: Sendable {
                 .permissionDenied,
                 "cannot write \(counted(bytes.count, "byte")) at offset \(offset) of \(path): opened read-only")
         }
-        bytes.withUnsafeBytes { copy($0, toOffset: offset, flags: flags) }
+        bytes.withUnsafeBytes { copy($0, at: offset, flags: flags) }
     }
 
     /// Reads `count` bytes at `offset`. Throws `.invalidArgument` for a range outside the device,
@@ -593,11 +593,17 @@ public final class PMemDevice: Sendable {
     // MARK: - Refused calls
 
     /// Whether a caller's call `what` (`"persist"`) of `count` bytes at `offset` may go on: true
-    /// for a range inside the device (and, when it stores, a writable device); otherwise the call
-    /// is refused (``refusedCalls``) and does nothing.
+    /// for a range inside the device (and, when it stores, a writable device) while the device is
+    /// mapped; otherwise the call is refused (``refusedCalls``) and does nothing. (A closed device
+    /// stays mapped while a file system or a DMA registration uses it.)
     @inline(__always)
     func accepts(_ what: StaticString, _ offset: Int, _ count: Int, stores: Bool = false) -> Bool {
-        if _fastPath(Self.range(offset, count, fitsIn: size) && !(stores && isReadOnly)) { return true }
+        if _fastPath(
+            Self.range(offset, count, fitsIn: size) && !(stores && isReadOnly)
+                && state.load(ordering: .relaxed) != State.unmapped)
+        {
+            return true
+        }
         refuseCall(what, offset, count)
         return false
     }
@@ -606,7 +612,9 @@ public final class PMemDevice: Sendable {
     @inline(never)
     private func refuseCall(_ what: StaticString, _ offset: Int, _ count: Int) {
         let range = "\(what) of \(counted(count, "byte")) at offset \(offset)"
-        if Self.range(offset, count, fitsIn: size) {
+        if state.load(ordering: .relaxed) == State.unmapped {
+            refuse(DAXError(.invalidArgument, "\(range): device \(path) is closed (its mapping is gone)"))
+        } else if Self.range(offset, count, fitsIn: size) {
             refuse(DAXError(.permissionDenied, "\(range): device \(path) was opened read-only"))
         } else {
             refuse(DAXError(.invalidArgument, "\(range) is outside device \(path) of \(counted(size, "byte"))"))
@@ -616,8 +624,8 @@ public final class PMemDevice: Sendable {
     /// Calls of the primitives that cannot throw that were refused since the device was opened:
     /// ``persist(offset:count:)``, ``flush(offset:count:)``, ``copy(_:toOffset:flags:)`` and
     /// ``fill(offset:count:value:flags:)`` of the device, and `persist` and `copy` of its
-    /// ``DAXMapping``s, given a range outside the device or mapping, or asked to store to a
-    /// read-only one. A refused call does nothing at all: no byte is stored, no line is flushed.
+    /// ``DAXMapping``s, given a range outside the device or mapping, asked to store to a read-only
+    /// one, or called after the device was closed and unmapped, or the mapping unmapped. A refused call does nothing at all: no byte is stored, no line is flushed.
     /// (A throwing call such as ``write(_:at:flags:)`` throws instead.) The first few refusals of
     /// a device are also told on stderr; with `DAX_TRAP_ON_REFUSAL=1` in the environment a refusal
     /// traps instead, so that a debugger stops at the caller.

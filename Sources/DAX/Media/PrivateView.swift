@@ -3,8 +3,8 @@ import Glibc
 /// Memory that journal records can be applied to: the device itself, or a private view of it.
 protocol RecordMedium {
     var base: UnsafeMutableRawPointer { get }
-    func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags)
-    func flush(offset: Int, count: Int)
+    func copy(_ source: UnsafeRawBufferPointer, at offset: Int, flags: CopyFlags)
+    func flush(at offset: Int, count: Int)
     func drain()
 }
 
@@ -33,12 +33,12 @@ final class PrivateView: RecordMedium {
 
     deinit { _ = calls.munmap(base, size) }
 
-    func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags) {
+    func copy(_ source: UnsafeRawBufferPointer, at offset: Int, flags: CopyFlags) {
         guard let from = source.baseAddress else { return }
         (base + offset).copyMemory(from: from, byteCount: source.count)
     }
 
     /// Nothing to make durable: the view is thrown away.
-    func flush(offset: Int, count: Int) {}
+    func flush(at offset: Int, count: Int) {}
     func drain() {}
 }
