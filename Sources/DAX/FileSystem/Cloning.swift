@@ -13,9 +13,10 @@ extension Namespace {
         /// File pages that must not be shared (shown writable by a mapping that cannot be
         /// write-protected): they are copied as pinned pages are.
         var unshareable: Set<UInt64> = []
-        /// No mapping shows the file. A new one needs the inode lock the clone holds, and every
-        /// pin is taken through a mapping, so no page can gain a pin while the clone looks: a
-        /// look at each page's counts stands for its freeze.
+        /// No mapping shows the file. A new one needs the inode lock the clone holds, and a pin
+        /// is taken through a mapping, so no page that only this file names can gain a pin while
+        /// the clone looks: a look at such a page's counts stands for its freeze. A block the
+        /// file shares with another is still frozen, since that file's mappings may pin it.
         var unmapped = false
     }
 
@@ -166,8 +167,8 @@ extension Namespace {
     /// after the commit, so that no pin comes between the look and the sharing), copied into new
     /// blocks where it is pinned and the policy says `.copy`. Page by page only where a page must
     /// be looked at: a freeze is one compare-and-swap, and runs of shared pages grow in place. A
-    /// file no mapping shows needs no freeze (``CloneSource/unmapped``): each page is only looked
-    /// at, one load.
+    /// file no mapping shows needs no freeze (``CloneSource/unmapped``) where it alone names the
+    /// blocks: each page is only looked at, one load.
     private func cloneExtents(
         _ node: Node, policy: PinnedPagePolicy, change: inout PendingChange, frozen: inout [PageRun]
     ) throws -> [Extent] {
@@ -187,6 +188,10 @@ extension Namespace {
             }
         }
         for extent in node.extents.allExtents {
+            // Only this file names the extent's blocks and no mapping shows it: a look will do.
+            let looks =
+                node.prepared.unmapped
+                && (volume.shared.noneShared || !volume.shared.isShared(extent.physical..<extent.physicalEnd))
             var page = extent.logical
             while page < extent.logicalEnd {
                 let block = extent.block(for: page)
@@ -194,7 +199,7 @@ extension Namespace {
                 if !anyUnshareable, !unsafe {
                     let left = Int(extent.logicalEnd - page)
                     let idle: UInt64
-                    if node.prepared.unmapped {
+                    if looks {
                         idle = UInt64(pages.idleExceptMappings(run: block, count: left))
                     } else {
                         idle = UInt64(pages.freezeAtMappings(run: block, count: left))
