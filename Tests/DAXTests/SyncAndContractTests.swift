@@ -34,6 +34,36 @@ struct SyncAndContractTests {
         try fs.unmount()
     }
 
+    @Test("a clone makes the source's stores durable first, also those of a mapping already unmapped")
+    func cloneWritesBackUnmappedStores() throws {
+        let emulated = try EmulatedDevice(size: 8 << 20)
+        let fs = try DAXFileSystem.format(emulated.device)
+        defer { try? fs.unmount() }
+        let file = try fs.create("/f")
+        try file.allocate(offset: 0, count: 2 * 4096)
+        let frames = try file.frames(offset: 0, count: 2 * 4096).map { $0! }
+        let mapping = try file.map(count: 2 * 4096)
+        for page in 0..<2 {
+            mapping.baseAddress.storeBytes(of: 0xC10E_0000 + UInt64(page), toByteOffset: page * 4096, as: UInt64.self)
+        }
+        mapping.unmap()  // no sync: the stores are not durable yet, and no mapping shows the file
+        let before = try emulated.image(.none)
+        for frame in frames { #expect(load(before, at: frame.deviceOffset) == 0) }
+        before.close()
+        try fs.clone("/f", to: "/g")
+        // The clone shares the blocks: what /g shows must survive a power failure, as xfs writes
+        // the source's dirty range back before FICLONE shares it.
+        let after = try emulated.image(.none)
+        defer { after.close() }
+        let clone = try fs.open("/g")
+        #expect(try clone.frames(offset: 0, count: 2 * 4096).map { $0! } == frames)
+        for (page, frame) in frames.enumerated() {
+            #expect(load(after, at: frame.deviceOffset) == 0xC10E_0000 + UInt64(page))
+        }
+        clone.close()
+        file.close()
+    }
+
     @Test("the fault handler is claimed and says its mode")
     func faultHandlingClaimed() throws {
         let t = try TemporaryFileSystem(size: 4 << 20, name: "claimed")

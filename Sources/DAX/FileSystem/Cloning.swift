@@ -286,7 +286,7 @@ extension Namespace {
                     let physical = runs.flatMap { Array($0.range) }
                     for (page, block) in physical.enumerated() {
                         volume.device.fill(
-                            offset: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
+                            at: Int(block) * Superblock.blockSize, count: Superblock.blockSize, flags: .noDrain)
                         DirectoryFormat.header(owner: nodes[index].number, index: UInt32(page)).withUnsafeBytes {
                             volume.device.copy($0, at: Int(block) * Superblock.blockSize, flags: .noDrain)
                         }

@@ -21,6 +21,19 @@ final class AddressSpace: Sendable {
     /// them durable, as the kernel's dirty tags outlive a `munmap`.
     let unmappedDirtyFrames = Mutex<Set<UInt64>>([])
 
+    /// Makes the stores through mappings unmapped since the last `sync` durable
+    /// (``unmappedDirtyFrames``), and forgets them.
+    func writeBackUnmapped() {
+        let frames = unmappedDirtyFrames.withTrackedLock { frames in
+            defer { frames = [] }
+            return frames
+        }
+        guard !frames.isEmpty else { return }
+        for run in FileData.runs(of: Array(frames)) {
+            device.persist(at: Int(run.lowerBound) * PMemDevice.pageSize, count: run.count * PMemDevice.pageSize)
+        }
+    }
+
     /// Taken exclusively by break layouts and migration, shared by new mappings and by the slow
     /// path of pin: the kernel's `mapping->invalidate_lock`.
     let invalidateLock = ReadWriteLock()

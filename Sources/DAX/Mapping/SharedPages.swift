@@ -18,8 +18,8 @@ extension AddressSpace {
         }
     }
 
-    /// Before the file's blocks are shared (a clone of it): stores through its mappings are made
-    /// durable, and every page its writable mappings show is write-protected, so that the next
+    /// Before the file's blocks are shared (a clone of it): stores through its mappings, live or
+    /// unmapped since the last `sync`, are made durable, and every page its writable mappings show is write-protected, so that the next
     /// store faults and copies. Returns the pages that stay writable because the kernel cannot
     /// write-protect them (no fault handler), which must not be shared, and whether no mapping
     /// shows the file at all. Inode lock held.
@@ -30,6 +30,7 @@ extension AddressSpace {
             mapping.writeBack()
             source.unshareable.formUnion(mapping.protectShown())
         }
+        writeBackUnmapped()
         return source
     }
 

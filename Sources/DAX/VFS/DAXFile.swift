@@ -314,20 +314,13 @@ public final class DAXFile: Sendable {
                 guard space.handler.faults != nil else {
                     for extent in contents.extents.allExtents {
                         fileSystem.device.persist(
-                            offset: Int(extent.physical) * PMemDevice.pageSize,
+                            at: Int(extent.physical) * PMemDevice.pageSize,
                             count: Int(extent.length) * PMemDevice.pageSize)
                     }
                     return
                 }
                 for mapping in space.liveMappings where mapping.access == .readWrite { mapping.writeBack() }
-                let unmapped = space.unmappedDirtyFrames.withTrackedLock { frames in
-                    defer { frames = [] }
-                    return frames
-                }
-                for run in FileData.runs(of: Array(unmapped)) {
-                    fileSystem.device.persist(
-                        offset: Int(run.lowerBound) * PMemDevice.pageSize, count: run.count * PMemDevice.pageSize)
-                }
+                space.writeBackUnmapped()
             }
         }
     }
