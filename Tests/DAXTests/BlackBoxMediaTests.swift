@@ -5,7 +5,8 @@
 // They found two bugs, since fixed: `PMemDevice.read` of 1 TiB aborted instead of throwing, and a
 // sparse device kept the storage of freed blocks (so a full tmpfs refused writes with blocks free).
 // The two full-tmpfs tests run only with BBMEDIA_SMALL_TMPFS (scripts/test gives them a private tmpfs).
-// Known issue: out-of-range flush/fill/copy/persist trap; the contract gives them no `throws`.
+// Out-of-range flush/fill/copy/persist trapped until they learned to refuse a bad range (the
+// contract gives them no `throws`): the test of that is a known issue no longer.
 import DAX
 import Dispatch
 import Foundation
