@@ -22,10 +22,12 @@ extension AddressSpace {
     }
 
     /// Where the blocks of a migration of `pages` should go: the first free run that holds as
-    /// many blocks as the file has there, nil when none does.
+    /// many blocks as the file has there that may move (shared blocks stay), nil when none does.
     func migrationGoal(_ pages: Range<UInt64>) -> UInt64? {
         let blocks = inode.contents.read { contents in
-            contents.extents.extents(in: pages).reduce(0) { $0 + Int($1.length) }
+            let held = contents.extents.extents(in: pages).reduce(0) { $0 + Int($1.length) }
+            let shared = data.sharedExtents(in: pages, of: contents.extents).reduce(0) { $0 + Int($1.length) }
+            return held - shared
         }
         return data.volume.allocator.firstAvailableRun(length: blocks)
     }
