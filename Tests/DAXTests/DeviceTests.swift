@@ -122,10 +122,7 @@ struct DeviceTests {
     @Test("cache-flush mode flushes and fences, never msyncs")
     func cacheFlushMode() throws {
         let counter = CallCounter()
-        var options = PMemDevice.Options()
-        options.persistence = .cacheFlush
-        options.systemCalls = counter.systemCalls
-        let temporary = try TemporaryDevice(options: options)
+        let temporary = try counter.temporaryDevice(persistence: .cacheFlush)
         let device = temporary.device
         #expect(device.persistence == .cacheFlush)
         device.persist(offset: 0, count: 64)
@@ -144,10 +141,7 @@ struct DeviceTests {
     @Test("persist, flush, copy and fill refuse a range outside the device: nothing stored or flushed, counted")
     func refusedRanges() throws {
         let counter = CallCounter()
-        var options = PMemDevice.Options()
-        options.persistence = .cacheFlush
-        options.systemCalls = counter.systemCalls
-        let temporary = try TemporaryDevice(options: options)
+        let temporary = try counter.temporaryDevice(persistence: .cacheFlush)
         let device = temporary.device
         let size = device.size
         try device.write([UInt8](repeating: 0x5A, count: 4096), at: size - 4096)
@@ -228,10 +222,7 @@ struct DeviceTests {
     @Test("msync mode msyncs, and its failures are reported")
     func msyncMode() throws {
         let counter = CallCounter()
-        var options = PMemDevice.Options()
-        options.persistence = .msync
-        options.systemCalls = counter.systemCalls
-        let temporary = try TemporaryDevice(options: options)
+        let temporary = try counter.temporaryDevice(persistence: .msync)
         let device = temporary.device
         #expect(device.persistence == .msync)
         device.persist(offset: 100, count: 10)

@@ -66,6 +66,14 @@ final class CallCounter: Sendable {
     /// `errno` that msync fails with, or 0.
     let msyncFailure = Atomic<Int32>(0)
 
+    /// A new device in `persistence` mode whose calls this counter counts.
+    func temporaryDevice(persistence: PersistenceMode) throws -> TemporaryDevice {
+        var options = PMemDevice.Options()
+        options.persistence = persistence
+        options.systemCalls = systemCalls
+        return try TemporaryDevice(options: options)
+    }
+
     var systemCalls: SystemCalls {
         var calls = SystemCalls.injectable
         calls.persist = { address, length in
