@@ -83,8 +83,9 @@ private func bbfExpectClean(_ fs: DAXFileSystem, _ what: String, sourceLocation:
 private func bbfState(_ fs: DAXFileSystem, _ frame: PageFrameNumber) -> PageState { fs.pages.state(of: frame) }
 
 private func bbfRequireFaults(_ fs: DAXFileSystem, sourceLocation: SourceLocation = #_sourceLocation) throws {
-    try #require(fs.faultHandling == .userfaultfd, "these tests need the userfaultfd handler",
-                 sourceLocation: sourceLocation)
+    try #require(
+        fs.faultHandling == .userfaultfd, "these tests need the userfaultfd handler",
+        sourceLocation: sourceLocation)
 }
 
 /// For the SIGBUS-counting child only: what its signal handler reads.
@@ -157,7 +158,9 @@ struct BlackBoxFaultHoleTests {
             #expect(try file.read(count: pageSize, at: 0) == expected, "the rest of the new block is zeros")
             #expect(try device.read(count: pageSize, at: Int(frame.rawValue) * pageSize) == expected, "zero copy")
             #expect(try file.read(count: pageSize, at: pageSize) == zeroPage)
-            #expect(fs.statistics().faults.allocating == after.faults.allocating, "loads of the other mappings allocate nothing")
+            #expect(
+                fs.statistics().faults.allocating == after.faults.allocating,
+                "loads of the other mappings allocate nothing")
 
             let state = bbfState(fs, frame)
             #expect(state.isAllocated)
@@ -297,7 +300,9 @@ struct BlackBoxFaultEOFTests {
             #expect(bbfBytes(mapping, at: 0, count: 100) == Array(data[0..<100]))
             #expect(bbfBytes(mapping, at: 100, count: pageSize - 100).allSatisfy { $0 == 0 }, "stale tail")
             #expect(bbfBytes(mapping, at: pageSize, count: 2 * pageSize).allSatisfy { $0 == 0 }, "stale pages")
-            #expect(try file.read(count: 3 * pageSize, at: 0) == Array(data[0..<100]) + [UInt8](repeating: 0, count: 3 * pageSize - 100))
+            #expect(
+                try file.read(count: 3 * pageSize, at: 0) == Array(data[0..<100])
+                    + [UInt8](repeating: 0, count: 3 * pageSize - 100))
             #expect(try file.frames(offset: pageSize, count: 2 * pageSize) == [nil, nil])
             // write() extends over page 1; the mapping sees it.
             let more = bbfPattern(50, seed: 7)
@@ -435,7 +440,8 @@ struct BlackBoxFaultEOFTests {
             #expect(fs.statistics().freeBlocks == free)
             let data = bbfPattern(pageSize, seed: 9)
             try writer.write(data, at: pageSize)
-            #expect(bbfBytes(mapping, at: pageSize, count: pageSize) == data, "the read-only mapping kept the zero page")
+            #expect(
+                bbfBytes(mapping, at: pageSize, count: pageSize) == data, "the read-only mapping kept the zero page")
             // A store by a read-write mapping of the writer shows too.
             let rw = try writer.map(count: 2 * pageSize)
             defer { rw.unmap() }
@@ -508,8 +514,9 @@ struct BlackBoxFaultKernelAndSyncTests {
             bbfStore(mapping, 2 * pageSize + 10, ~data[2 * pageSize + 10])
             let dirty = dirtyInFile()
             #expect(!dirty.isEmpty, "a store through the mapping is not listed")
-            #expect(dirty.allSatisfy { fileRanges[2].contains($0.lowerBound) && $0.upperBound <= fileRanges[2].upperBound },
-                    "more than the stored page is unpersisted: \(dirty), page 2 is \(fileRanges[2])")
+            #expect(
+                dirty.allSatisfy { fileRanges[2].contains($0.lowerBound) && $0.upperBound <= fileRanges[2].upperBound },
+                "more than the stored page is unpersisted: \(dirty), page 2 is \(fileRanges[2])")
 
             // Not persisted: an image of a power failure now has the old byte.
             let before = bbfPath("img-before")

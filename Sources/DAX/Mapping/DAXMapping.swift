@@ -260,36 +260,119 @@ public final class DAXMapping: Sendable {
     func zapDetached() {
         state.withTrackedLock { state in
             guard !state.unmapped else { return }
-            let pages = device.pages
-            // In order already where one detach took them all (a page is detached once: its
-            // entry is zero after), so the sort is one pass.
-            var indices = state.detached.map(\.index)
-            indices.append(contentsOf: state.detachedZeroPages)
-            indices.sort()
-            state.detachedZeroPages = []
-            var start = 0
-            while start < indices.count {
-                var end = start + 1
-                while end < indices.count, indices[end] == indices[end - 1] + 1 { end += 1 }
-                let address = base + indices[start] * PMemDevice.pageSize
-                let runLength = (end - start) * PMemDevice.pageSize
-                if let faults {
-                    // Placeholders again: the next access asks the handler, which sees the file as
-                    // it is then (a hole, or past its end).
-                    MappingRegion.makePlaceholder(
-                        address, length: runLength, access: access, faults: faults, calls: device.systemCalls)
+            zap(state.detached, &state)
+        }
+    }
+
+    /// The layout change committed, and `extents` are what the file holds now at the detached
+    /// pages they cover (copies of shared blocks, migrated blocks): each such page shows its new
+    /// block at once, by one `mmap` over the old one. The kernel swaps the one for the other, so a
+    /// thread storing there meanwhile either reaches the old block, write-protected, and waits
+    /// for the handler, or reaches the new one. With a placeholder in between, a store in the
+    /// moment before the placeholder is registered would land in anonymous memory that the new
+    /// block then replaces: a store lost. Only blocks this file alone names are shown so (a shared
+    /// block must be write-protected before anyone may store to it); other detached pages are
+    /// zapped as ``zapDetached()`` zaps them, and ``populate(_:)`` shows them afterwards.
+    func replaceDetached(with extents: [Extent]) {
+        state.withTrackedLock { state in
+            guard !state.unmapped else { return }
+            let shared = space.data.volume.shared
+            let sorted = extents.sorted { $0.logical < $1.logical }
+            // Each detached page with its new block, in page order; the rest are zapped.
+            var moves: [(index: Int, old: UInt64, new: UInt64)] = []
+            var left: [(index: Int, frame: UInt64)] = []
+            var at = 0  // the first extent that ends after the page: both walks go up
+            for page in state.detached.sorted(by: { $0.index < $1.index }) {
+                let filePage = firstPage + UInt64(page.index)
+                while at < sorted.count, sorted[at].logicalEnd <= filePage { at += 1 }
+                if at < sorted.count, sorted[at].logicalRange.contains(filePage),
+                    shared.noneShared || shared.references(to: sorted[at].block(for: filePage)) <= 1
+                {
+                    moves.append((page.index, page.frame, sorted[at].block(for: filePage)))
                 } else {
-                    MappingRegion.replaceWithFaulting(
-                        address, length: runLength, access: access, calls: device.systemCalls)
+                    left.append(page)
                 }
-                device.noteUnmapped(address, length: runLength)
-                // Whatever was stored there went with the block.
-                state.dirty.remove(indices[start]..<indices[end - 1] + 1)
+            }
+            var start = 0
+            while start < moves.count {
+                var end = start + 1
+                while end < moves.count, moves[end].index == moves[end - 1].index + 1,
+                    moves[end].new == moves[end - 1].new + 1
+                {
+                    end += 1
+                }
+                if !mapOver(moves[start..<end], &state) {
+                    left += moves[start..<end].map { ($0.index, $0.old) }
+                }
                 start = end
             }
-            for page in state.detached { pages.unmap(PageFrameNumber(rawValue: page.frame)) }
-            state.detached = []
+            zap(left, &state)
         }
+    }
+
+    /// Shows `moves` (consecutive pages and new frames) by one `mmap` over what they show now,
+    /// and moves the counts from the old frames to the new. False, with nothing changed, if the
+    /// new frames cannot be counted or mapped.
+    private func mapOver(_ moves: ArraySlice<(index: Int, old: UInt64, new: UInt64)>, _ state: inout State) -> Bool {
+        let pageMap = device.pages
+        var counted = 0
+        for move in moves {
+            guard (try? pageMap.tryMap(PageFrameNumber(rawValue: move.new))) != nil else { break }
+            counted += 1
+        }
+        let first = moves[moves.startIndex]
+        guard counted == moves.count,
+            (try? MappingRegion.mapDevice(
+                device, frame: first.new, pages: moves.count, at: base + first.index * PMemDevice.pageSize,
+                access: access, exposed: true, faults: faults)) != nil
+        else {
+            for move in moves.prefix(counted) { pageMap.unmap(PageFrameNumber(rawValue: move.new)) }
+            return false
+        }
+        let run = first.index..<(first.index + moves.count)
+        for move in moves {
+            entries[move.index].store(move.new, ordering: .sequentiallyConsistent)
+            pageMap.unmap(PageFrameNumber(rawValue: move.old))
+        }
+        // Whatever was stored through the old blocks went with them; the new ones are dirty
+        // until a sync, as any block a mapping begins to show.
+        state.dirty.remove(run)
+        if tracksDirty { state.dirty.insert(run) }
+        return true
+    }
+
+    /// Replaces the pages of `detached` (and the detached zero pages) by a region that faults
+    /// and drops their map counts; the mapping has no detached pages afterwards.
+    private func zap(_ detached: [(index: Int, frame: UInt64)], _ state: inout State) {
+        let pages = device.pages
+        // In order already where one detach took them all (a page is detached once: its entry
+        // is zero after), so the sort is one pass.
+        var indices = detached.map(\.index)
+        indices.append(contentsOf: state.detachedZeroPages)
+        indices.sort()
+        state.detachedZeroPages = []
+        var start = 0
+        while start < indices.count {
+            var end = start + 1
+            while end < indices.count, indices[end] == indices[end - 1] + 1 { end += 1 }
+            let address = base + indices[start] * PMemDevice.pageSize
+            let runLength = (end - start) * PMemDevice.pageSize
+            if let faults {
+                // Placeholders again: the next access asks the handler, which sees the file as
+                // it is then (a hole, or past its end).
+                MappingRegion.makePlaceholder(
+                    address, length: runLength, access: access, faults: faults, calls: device.systemCalls)
+            } else {
+                MappingRegion.replaceWithFaulting(
+                    address, length: runLength, access: access, calls: device.systemCalls)
+            }
+            device.noteUnmapped(address, length: runLength)
+            // Whatever was stored there went with the block.
+            state.dirty.remove(indices[start]..<indices[end - 1] + 1)
+            start = end
+        }
+        for page in detached { pages.unmap(PageFrameNumber(rawValue: page.frame)) }
+        state.detached = []
     }
 
     /// Maps the blocks of `extents` at the pages of this mapping that show nothing now (punched

@@ -1,23 +1,6 @@
 /// Shared blocks in mappings: a shared page shows write-protected in a writable mapping, so that
 /// a store faults and copies it; copies replace the old blocks in the writing file's mappings only.
 extension AddressSpace {
-    /// The mappings show `extents` (copies that replaced shared blocks) instead of the blocks they
-    /// showed there. Inode lock held exclusively.
-    func replace(_ extents: [Extent]) {
-        guard !extents.isEmpty else { return }
-        let mappings = liveMappings
-        guard !mappings.isEmpty else { return }
-        layoutChanged()  // before as well: see ``copyingShared(_:_:_:)``
-        for extent in extents {
-            for mapping in mappings { _ = mapping.detach(extent.logicalRange, cut: 0..<0) }
-        }
-        layoutChanged()
-        for mapping in mappings {
-            mapping.zapDetached()
-            mapping.populate(extents)
-        }
-    }
-
     /// Before the file's blocks are shared (a clone of it): stores through its mappings, live or
     /// unmapped since the last `sync`, are made durable, and every page its writable mappings show is write-protected, so that the next
     /// store faults and copies. Returns the pages that stay writable because the kernel cannot
@@ -74,7 +57,9 @@ extension AddressSpace {
         var now: [Extent] = []
         for extent in shared { now += contents.extents.extents(in: extent.logicalRange) }
         for mapping in mappings {
-            mapping.zapDetached()
+            // Straight from the old block to the copy, never through a placeholder: a store
+            // racing in waits on the old block's write protection or reaches the copy.
+            mapping.replaceDetached(with: now)
             mapping.populate(now)
         }
         return result
