@@ -71,6 +71,47 @@ struct SyncAndContractTests {
         #expect(t.fs.faultHandlingDetail.contains("full mode"), "root here: \(t.fs.faultHandlingDetail)")
     }
 
+    @Test("stores through a mapping while its file migrates are never lost: each lands in the block the file then has")
+    func storesRacingMigration() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "migrace")
+        let pages = 32
+        let file = try t.fs.create("/f")
+        try file.allocate(offset: 0, count: pages * 4096)
+        let mapping = try file.map(count: pages * 4096)
+        defer { mapping.unmap() }
+        // One thread stores a rising counter into one word of each page in turn, and keeps what it
+        // stored last; the test migrates the whole file meanwhile, then tells it to stop.
+        let stop = Atomic(false)
+        let stored = Mutex([UInt64](repeating: 0, count: pages))
+        let done = DispatchSemaphore(value: 0)
+        let base = UInt(bitPattern: mapping.baseAddress)
+        Thread.detachNewThread {
+            var value: UInt64 = 0
+            var last = [UInt64](repeating: 0, count: pages)
+            while !stop.load(ordering: .relaxed) {
+                value += 1
+                let page = Int(value % UInt64(pages))
+                UnsafeMutableRawPointer(bitPattern: base)!.storeBytes(
+                    of: value, toByteOffset: page * 4096 + 64, as: UInt64.self)
+                last[page] = value
+            }
+            stored.withTrackedLock { $0 = last }
+            done.signal()
+        }
+        var migrated = 0
+        for _ in 0..<200 { migrated += try file.migrate(offset: 0, count: pages * 4096).migrated }
+        stop.store(true, ordering: .relaxed)
+        done.wait()
+        #expect(migrated == 200 * pages, "nothing pins the file")
+        let last = stored.withTrackedLock { $0 }
+        for page in 0..<pages {
+            let inFile = try file.read(count: 8, at: page * 4096 + 64).withUnsafeBytes { $0.load(as: UInt64.self) }
+            #expect(inFile == last[page], "page \(page): the file has \(inFile), the last store was \(last[page])")
+            #expect(mapping.baseAddress.load(fromByteOffset: page * 4096 + 64, as: UInt64.self) == last[page])
+        }
+        #expect(try t.fs.check().isClean)
+    }
+
     @Test("migrate moves every page to a new block, keeps every byte, and maps the new frames; a pinned page stays")
     func migrateKeepsBytesAndSkipsPins() throws {
         let t = try TemporaryFileSystem(size: 8 << 20, name: "migrate")

@@ -244,6 +244,34 @@ public final class DAXMapping: Sendable {
         }
     }
 
+    /// Puts the detached pages that show one of `frames` back (a page migration leaves busy):
+    /// the rest stay detached.
+    func restore(frames: Set<UInt64>) {
+        state.withTrackedLock { state in
+            guard !state.unmapped else { return }
+            state.detached.removeAll { page in
+                guard frames.contains(page.frame) else { return false }
+                entries[page.index].store(page.frame, ordering: .sequentiallyConsistent)
+                return true
+            }
+        }
+    }
+
+    /// Write-protects the detached pages of a writable mapping where they are, so that a store
+    /// to one waits in the fault handler while the layout changes (a read-only mapping takes
+    /// none). Returns false if the kernel could not protect them all.
+    func protectDetached() -> Bool {
+        guard access == .readWrite else { return true }
+        return state.withTrackedLock { state in
+            guard !state.unmapped else { return true }
+            var protected = true
+            for run in FileData.runs(of: state.detached.map { UInt64($0.index) }) {
+                if !writeProtect(Int(run.lowerBound)..<Int(run.upperBound)) { protected = false }
+            }
+            return protected
+        }
+    }
+
     /// Puts detached pages back: the layout change did not happen.
     func restore() {
         state.withTrackedLock { state in

@@ -49,41 +49,40 @@ extension AddressSpace {
         let mappings = liveMappings
         let pageMap = device.pages
 
-        // 2. Out of every mapping (the gup-fast rule: unmap, bump the generation, then look at the
-        //    counts), then freeze each page at no reference. What is referenced, or gains a
-        //    reference before its freeze, goes back into the mappings and is tried again.
+        // 2. Out of every mapping's page table (the gup-fast rule: take the entry out, bump the
+        //    generation, then look at the counts), then freeze each page at the count its
+        //    mappings explain. What is referenced beyond them, or gains a reference before its
+        //    freeze, goes back into the page tables and is tried again.
         var pending = candidates
         var frozen: [(page: UInt64, block: UInt64)] = []
         for _ in 1...Self.migrationAttempts where !pending.isEmpty {
             detach(pending.map(\.page), from: mappings)
             let referenced = Set(pageMap.busyFrames(pending.map(\.block)))
-            let movable: [(page: UInt64, block: UInt64)]
-            if referenced.isEmpty {
-                movable = pending  // the common case: what is detached is what moves
-            } else {
-                for mapping in mappings { mapping.restore() }
-                movable = pending.filter { !referenced.contains($0.block) }
-                detach(movable.map(\.page), from: mappings)
-            }
-            for mapping in mappings { mapping.zapDetached() }
             var stayed = pending.filter { referenced.contains($0.block) }
-            for candidate in movable {
-                if pageMap.freeze(PageFrameNumber(rawValue: candidate.block), expectedRefCount: 0) {
+            for candidate in pending where !referenced.contains(candidate.block) {
+                if pageMap.freezeAtMappings(PageFrameNumber(rawValue: candidate.block)) {
                     frozen.append(candidate)
                 } else {
                     stayed.append(candidate)  // a reference came between the look and the freeze
                 }
             }
-            // What could not be frozen shows its old block again.
-            let back = stayed.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
-            for mapping in mappings { mapping.populate(back) }
+            if !stayed.isEmpty {
+                let back = Set(stayed.map(\.block))
+                for mapping in mappings { mapping.restore(frames: back) }
+            }
             pending = stayed
         }
         let busy = pending.map { Int($0.page) }.sorted()
         guard !frozen.isEmpty else { return MigrationResult(migrated: 0, busy: busy) }
         frozen.sort { $0.page < $1.page }
 
-        // 3. The file system moves the bytes to new blocks and points the extents at them.
+        // 3. Stores through the mappings stop before the copy: the pages stay mapped,
+        //    write-protected, so a store waits in the fault handler (for the inode lock held
+        //    here) and then reaches the new block, as a store waits on the kernel's migration
+        //    entry. Where a mapping cannot write-protect, its pages are zapped instead.
+        for mapping in mappings where !mapping.protectDetached() { mapping.zapDetached() }
+
+        // 4. The file system moves the bytes to new blocks and points the extents at them.
         let moved: FileData.Move
         do {
             moved = try data.move(
@@ -92,12 +91,19 @@ extension AddressSpace {
             // Nothing moved: the old blocks thaw and show in the mappings again.
             for candidate in frozen { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }
             let back = frozen.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
-            for mapping in mappings { mapping.populate(back) }
+            for mapping in mappings {
+                mapping.restore()
+                mapping.populate(back)
+            }
             throw error
         }
 
-        // 4. The new blocks in every mapping; the old ones thaw and go back to the allocator.
-        for mapping in mappings { mapping.populate(moved.extents) }
+        // 5. Each mapping shows the new blocks, each mapped straight over its old one; the old
+        //    blocks thaw and go back to the allocator.
+        for mapping in mappings {
+            mapping.replaceDetached(with: moved.extents)
+            mapping.populate(moved.extents)
+        }
         for candidate in frozen { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }
         data.volume.releaseFreed(moved.freed)
         return MigrationResult(migrated: frozen.count, busy: busy)
