@@ -293,18 +293,18 @@ public final class DAXMapping: Sendable {
     }
 
     /// The layout change committed, and `extents` are what the file holds now at the detached
-    /// pages they cover (copies of shared blocks, migrated blocks): each such page shows its new
-    /// block at once, by one `mmap` over the old one. The kernel swaps the one for the other, so a
-    /// thread storing there meanwhile either reaches the old block, write-protected, and waits
-    /// for the handler, or reaches the new one. With a placeholder in between, a store in the
-    /// moment before the placeholder is registered would land in anonymous memory that the new
-    /// block then replaces: a store lost. Only blocks this file alone names are shown so (a shared
-    /// block must be write-protected before anyone may store to it); other detached pages are
+    /// pages they cover (copies of shared blocks, migrated blocks, blocks shared by a dedup):
+    /// each such page shows its new block at once, by one `mmap` over the old one. The kernel
+    /// swaps the one for the other, so a thread storing there meanwhile either reaches the old
+    /// block, write-protected, and waits for the handler, or reaches the new one. With a
+    /// placeholder in between, a store in the moment before the placeholder is registered would
+    /// land in anonymous memory that the new block then replaces: a store lost. A shared block
+    /// is write-protected as soon as it is mapped (the kernel maps nothing write-protected from
+    /// the start; docs/faults.md says what that moment allows). Pages that cannot be shown so are
     /// zapped as ``zapDetached()`` zaps them, and ``populate(_:)`` shows them afterwards.
     func replaceDetached(with extents: [Extent]) {
         state.withTrackedLock { state in
             guard !state.unmapped else { return }
-            let shared = space.data.volume.shared
             let sorted = extents.sorted { $0.logical < $1.logical }
             // Each detached page with its new block, in page order; the rest are zapped.
             var moves: [(index: Int, old: UInt64, new: UInt64)] = []
@@ -313,9 +313,7 @@ public final class DAXMapping: Sendable {
             for page in state.detached.sorted(by: { $0.index < $1.index }) {
                 let filePage = firstPage + UInt64(page.index)
                 while at < sorted.count, sorted[at].logicalEnd <= filePage { at += 1 }
-                if at < sorted.count, sorted[at].logicalRange.contains(filePage),
-                    shared.noneShared || shared.references(to: sorted[at].block(for: filePage)) <= 1
-                {
+                if at < sorted.count, sorted[at].logicalRange.contains(filePage) {
                     moves.append((page.index, page.frame, sorted[at].block(for: filePage)))
                 } else {
                     left.append(page)
@@ -358,6 +356,14 @@ public final class DAXMapping: Sendable {
             return false
         }
         let run = first.index..<(first.index + moves.count)
+        // Shared blocks write-protected before the page table names them, as populate does.
+        guard protectShared(run, firstFrame: first.new) else {
+            MappingRegion.replaceWithFaulting(
+                base + first.index * PMemDevice.pageSize, length: moves.count * PMemDevice.pageSize, access: access,
+                calls: device.systemCalls)
+            for move in moves { pageMap.unmap(PageFrameNumber(rawValue: move.new)) }
+            return false
+        }
         for move in moves {
             entries[move.index].store(move.new, ordering: .sequentiallyConsistent)
             pageMap.unmap(PageFrameNumber(rawValue: move.old))

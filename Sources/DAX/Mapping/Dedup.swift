@@ -47,10 +47,25 @@ extension AddressSpace {
         let device = self.device
         let pageMap = device.pages
         let size = FileData.pageSize
-        // 1. Equal pages whose blocks differ; pages already sharing the source's block count too.
+        // 1. Stores through either file's writable mappings stop before the bytes are compared:
+        //    the pages stay mapped, write-protected, so a store waits in the fault handler (for
+        //    the inode locks held here) and lands afterwards in the block the page has then, as
+        //    the kernel unmaps both ranges before it compares. A page either side cannot
+        //    protect is left alone.
+        var unprotected: Set<UInt64> = []  // destination pages
+        for mapping in liveMappings where mapping.access == .readWrite {
+            unprotected.formUnion(mapping.protectShown(pages))
+        }
+        for mapping in source.liveMappings where mapping.access == .readWrite {
+            for page in mapping.protectShown(sourcePages) {
+                unprotected.insert(pages.lowerBound + (page - sourcePages.lowerBound))
+            }
+        }
+
+        // 2. Equal pages whose blocks differ; pages already sharing the source's block count too.
         var already = 0
         var candidates: [(page: UInt64, sourceBlock: UInt64, block: UInt64)] = []
-        for (step, page) in pages.enumerated() {
+        for (step, page) in pages.enumerated() where !unprotected.contains(page) {
             let sourcePage = sourcePages.lowerBound + UInt64(step)
             guard let sourceExtent = sourceContents.extents.extent(containing: sourcePage),
                 let extent = contents.extents.extent(containing: page)
@@ -67,7 +82,7 @@ extension AddressSpace {
         }
         guard !candidates.isEmpty else { return already }
 
-        // 2. The destination's pages leave its mappings (pinners back off), then each side is
+        // 3. The destination's pages leave its page tables (pinners back off), then each side is
         //    frozen at the count its mappings explain; a page that will not freeze is pinned and
         //    stays as it was.
         let mappings = liveMappings
@@ -75,20 +90,19 @@ extension AddressSpace {
             for mapping in mappings { _ = mapping.detach(run, cut: 0..<0) }
         }
         layoutChanged()
-        for mapping in mappings { mapping.zapDetached() }
         var frozen: [PageFrameNumber] = []
         var chosen: [(page: UInt64, block: UInt64)] = []
-        var left: [Extent] = []
+        var left: Set<UInt64> = []
         for candidate in candidates {
             let old = PageFrameNumber(rawValue: candidate.block)
             let shared = PageFrameNumber(rawValue: candidate.sourceBlock)
             guard pageMap.freezeAtMappings(old) else {
-                left.append(Extent(logical: candidate.page, physical: candidate.block, length: 1))
+                left.insert(candidate.block)
                 continue
             }
             guard frozen.contains(shared) || pageMap.freezeAtMappings(shared) else {
                 pageMap.unfreeze(old)
-                left.append(Extent(logical: candidate.page, physical: candidate.block, length: 1))
+                left.insert(candidate.block)
                 continue
             }
             if !frozen.contains(shared) { frozen.append(shared) }
@@ -96,47 +110,28 @@ extension AddressSpace {
             chosen.append((candidate.page, candidate.sourceBlock))
         }
         defer { for frame in frozen { pageMap.unfreeze(frame) } }
-        for mapping in mappings { mapping.populate(left) }
+        if !left.isEmpty {
+            for mapping in mappings { mapping.restore(frames: left) }
+        }
         guard !chosen.isEmpty else { return already }
 
-        // 3. The source's writable mappings stop taking stores to those blocks before they are
-        //    shared (the fault handler waits for the source's inode lock, held here).
-        let sourceBlocks = Set(chosen.map(\.block))
-        for mapping in source.liveMappings where mapping.access == .readWrite {
-            _ = mapping.protectFrames(sourceBlocks)
-        }
-
-        // 4. The extents, then the mappings show the shared blocks (write-protected).
+        // 4. The extents, then each mapping shows the shared blocks, each mapped over the old
+        //    block and write-protected.
         let freed: [PageRun]
         do {
             freed = try data.share(&contents, chosen, what: what)
         } catch {
-            for frame in frozen { pageMap.unfreeze(frame) }
-            frozen = []
-            let back = candidates.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
-            for mapping in mappings { mapping.populate(back) }
+            for mapping in mappings { mapping.restore() }
             throw error
         }
         for frame in frozen { pageMap.unfreeze(frame) }
         frozen = []
         let shown = chosen.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
-        for mapping in mappings { mapping.populate(shown) }
+        for mapping in mappings {
+            mapping.replaceDetached(with: shown)
+            mapping.populate(shown)
+        }
         data.volume.releaseFreed(freed)
         return already + chosen.count
-    }
-}
-
-extension DAXMapping {
-    /// Write-protects the pages of this mapping that show one of `frames`. Returns false if one
-    /// could not be.
-    func protectFrames(_ frames: Set<UInt64>) -> Bool {
-        state.withTrackedLock { state in
-            guard !state.unmapped else { return true }
-            var protected = true
-            for index in 0..<pageCount where frames.contains(entries[index].load(ordering: .relaxed)) {
-                if !writeProtect(index..<(index + 1)) { protected = false }
-            }
-            return protected
-        }
     }
 }

@@ -67,20 +67,21 @@ extension AddressSpace {
 }
 
 extension DAXMapping {
-    /// Write-protects every page this mapping shows, for a clone of its file. Returns the file
-    /// pages it could not protect (no handler, or the kernel refused). Inode lock held.
-    func protectShown() -> Set<UInt64> {
+    /// Write-protects every page this mapping shows of file pages `pages` (all of them by
+    /// default), for a clone or a dedup of its file. Returns the file pages it could not protect
+    /// (no handler, or the kernel refused). Inode lock held.
+    func protectShown(_ pages: Range<UInt64> = 0..<UInt64.max) -> Set<UInt64> {
         state.withTrackedLock { state in
-            guard !state.unmapped else { return [] }
+            guard !state.unmapped, let local = localRange(pages) else { return [] }
             var unprotected: Set<UInt64> = []
-            var index = 0
-            while index < pageCount {
+            var index = local.lowerBound
+            while index < local.upperBound {
                 guard entries[index].load(ordering: .relaxed) != 0 else {
                     index += 1
                     continue
                 }
                 var end = index + 1
-                while end < pageCount, entries[end].load(ordering: .relaxed) != 0 { end += 1 }
+                while end < local.upperBound, entries[end].load(ordering: .relaxed) != 0 { end += 1 }
                 if !writeProtect(index..<end) {
                     for page in index..<end { unprotected.insert(firstPage + UInt64(page)) }
                 }
