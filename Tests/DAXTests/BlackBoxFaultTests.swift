@@ -218,7 +218,7 @@ struct BlackBoxFaultHoleTests {
             defer { file.close() }
             try file.truncate(to: pageSize)
             let mappings = try (0..<2).map { _ in try file.map(count: pageSize) }
-            defer { mappings.forEach { $0.unmap() } }
+            defer { for mapping in mappings { mapping.unmap() } }
             let before = fs.statistics()
             let threads = 6
             let ready = DispatchSemaphore(value: 0)
