@@ -316,6 +316,7 @@ struct BlackBoxForkingCloneTests {
         // going on (or another file system doing the same rounds) completed stores get lost in
         // a few rounds in a hundred; on an idle process, almost never.
         let s = try BBKSetup("cowrace")
+        try #require(s.fs.faultHandling == .userfaultfd, "copy-on-write through a mapping needs the fault handler")
         let data = try s.make("/src", bbkPattern(pageSize, seed: 9))
         let fs = s.fs
         let stop = Atomic(false)

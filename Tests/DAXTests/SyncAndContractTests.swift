@@ -74,6 +74,8 @@ struct SyncAndContractTests {
     @Test("stores through a mapping while its file migrates are never lost: each lands in the block the file then has")
     func storesRacingMigration() throws {
         let t = try TemporaryFileSystem(size: 16 << 20, name: "migrace")
+        // Without the handler a page being moved faults with SIGBUS: the storer would die.
+        try #require(t.fs.faultHandling == .userfaultfd, "stores racing a migration need the fault handler")
         let pages = 32
         let file = try t.fs.create("/f")
         try file.allocate(offset: 0, count: pages * 4096)
@@ -117,6 +119,7 @@ struct SyncAndContractTests {
         arguments: [false, true])
     func storesRacingDedup(intoSource: Bool) throws {
         let t = try TemporaryFileSystem(size: 16 << 20, name: "deduprace")
+        try #require(t.fs.faultHandling == .userfaultfd, "stores racing a dedup need the fault handler")
         let bytes = pattern(4096, seed: 3)
         let source = try t.fs.create("/s")
         let destination = try t.fs.create("/d")
@@ -260,6 +263,8 @@ struct SyncAndContractTests {
     @Test("threads pin, DMA-write canaries and unpin while another migrates the file: no write is lost")
     func migrateRacesPinners() throws {
         let t = try TemporaryFileSystem(size: 16 << 20, name: "migrace")
+        // Without the handler a page being moved faults with SIGBUS: the storer would die.
+        try #require(t.fs.faultHandling == .userfaultfd, "stores racing a migration need the fault handler")
         let pages = 16
         let file = try t.fs.create("/f")
         try file.write([UInt8](repeating: 0, count: pages * 4096), at: 0)
