@@ -166,7 +166,7 @@ struct SyncAndContractTests {
             } else {
                 // A store through the destination's mapping in the moment between the mmap that
                 // shows it the shared block and that block's write protection reaches the shared
-                // block, and so the source (docs/faults.md, "Where DAX differs").
+                // block, and so the source (docs/faults.md, "Where we differ from Linux").
                 withKnownIssue(
                     "a store in the moment before a newly shown shared page is write-protected", isIntermittent: true
                 ) {
