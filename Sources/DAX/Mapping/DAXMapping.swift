@@ -327,52 +327,26 @@ public final class DAXMapping: Sendable {
                 {
                     end += 1
                 }
-                if !mapOver(moves[start..<end], &state) {
-                    left += moves[start..<end].map { ($0.index, $0.old) }
-                }
+                // populate's own mapping of a run: one mmap, MAP_FIXED over the old block here.
+                let first = moves[start]
+                populateRun(
+                    first.index..<(first.index + end - start),
+                    of: Extent(
+                        logical: firstPage + UInt64(first.index), physical: first.new, length: UInt64(end - start)),
+                    &state)
                 start = end
+            }
+            // The old blocks lose their counts where the new ones show; a page that could not be
+            // shown is zapped with the rest, so that no old block stays mapped uncounted.
+            for move in moves {
+                if entries[move.index].load(ordering: .relaxed) == move.new {
+                    device.pages.unmap(PageFrameNumber(rawValue: move.old))
+                } else {
+                    left.append((move.index, move.old))
+                }
             }
             zap(left, &state)
         }
-    }
-
-    /// Shows `moves` (consecutive pages and new frames) by one `mmap` over what they show now,
-    /// and moves the counts from the old frames to the new. False, with nothing changed, if the
-    /// new frames cannot be counted or mapped.
-    private func mapOver(_ moves: ArraySlice<(index: Int, old: UInt64, new: UInt64)>, _ state: inout State) -> Bool {
-        let pageMap = device.pages
-        var counted = 0
-        for move in moves {
-            guard (try? pageMap.tryMap(PageFrameNumber(rawValue: move.new))) != nil else { break }
-            counted += 1
-        }
-        let first = moves[moves.startIndex]
-        guard counted == moves.count,
-            (try? MappingRegion.mapDevice(
-                device, frame: first.new, pages: moves.count, at: base + first.index * PMemDevice.pageSize,
-                access: access, exposed: true, faults: faults)) != nil
-        else {
-            for move in moves.prefix(counted) { pageMap.unmap(PageFrameNumber(rawValue: move.new)) }
-            return false
-        }
-        let run = first.index..<(first.index + moves.count)
-        // Shared blocks write-protected before the page table names them, as populate does.
-        guard protectShared(run, firstFrame: first.new) else {
-            MappingRegion.replaceWithFaulting(
-                base + first.index * PMemDevice.pageSize, length: moves.count * PMemDevice.pageSize, access: access,
-                calls: device.systemCalls)
-            for move in moves { pageMap.unmap(PageFrameNumber(rawValue: move.new)) }
-            return false
-        }
-        for move in moves {
-            entries[move.index].store(move.new, ordering: .sequentiallyConsistent)
-            pageMap.unmap(PageFrameNumber(rawValue: move.old))
-        }
-        // Whatever was stored through the old blocks went with them; the new ones are dirty
-        // until a sync, as any block a mapping begins to show.
-        state.dirty.remove(run)
-        if tracksDirty { state.dirty.insert(run) }
-        return true
     }
 
     /// Replaces the pages of `detached` (and the detached zero pages) by a region that faults
