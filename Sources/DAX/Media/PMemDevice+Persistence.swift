@@ -9,18 +9,14 @@ extension PMemDevice {
     /// A range outside the device is refused: nothing is flushed (``refusedCalls``).
     public func persist(offset: Int, count: Int) {
         guard accepts("persist", offset, count) else { return }
-        persistInside(offset, count)
+        persist(at: offset, count: count)
     }
 
     /// ``persist(offset:count:)`` for the library's own calls: a range outside the device is a bug
     /// of DAX, and traps.
+    @inline(__always)
     func persist(at offset: Int, count: Int) {
         checkRange(offset, count)
-        persistInside(offset, count)
-    }
-
-    @inline(__always)
-    private func persistInside(_ offset: Int, _ count: Int) {
         persist(base + offset, count) { $0.persist(offset: offset, count: count) }
     }
 
@@ -59,17 +55,13 @@ extension PMemDevice {
     /// nothing is flushed (``refusedCalls``).
     public func flush(offset: Int, count: Int) {
         guard accepts("flush", offset, count) else { return }
-        flushInside(offset, count)
+        flush(at: offset, count: count)
     }
 
     /// ``flush(offset:count:)`` for the library's own calls: a bad range traps.
+    @inline(__always)
     func flush(at offset: Int, count: Int) {
         checkRange(offset, count)
-        flushInside(offset, count)
-    }
-
-    @inline(__always)
-    private func flushInside(_ offset: Int, _ count: Int) {
         if persistsDirectly {
             systemCalls.flush(base + offset, count)
         } else if let emulation {
@@ -143,18 +135,13 @@ extension PMemDevice {
     /// read-only device, is refused: nothing is copied (``refusedCalls``).
     public func copy(_ source: UnsafeRawBufferPointer, toOffset offset: Int, flags: CopyFlags = []) {
         guard accepts("copy", offset, source.count, stores: true) else { return }
-        copyInside(source, offset, flags)
+        copy(source, at: offset, flags: flags)
     }
 
     /// ``copy(_:toOffset:flags:)`` for the library's own calls: a bad range, or a store to a
     /// read-only device, is a bug of DAX and traps.
     func copy(_ source: UnsafeRawBufferPointer, at offset: Int, flags: CopyFlags = []) {
         checkRange(offset, source.count)
-        copyInside(source, offset, flags)
-    }
-
-    @inline(__always)
-    private func copyInside(_ source: UnsafeRawBufferPointer, _ offset: Int, _ flags: CopyFlags) {
         guard source.baseAddress != nil, source.count > 0 else { return }
         copy(source, to: base + offset, flags: flags) { emulation in
             emulatedPersistence(emulation, offset, source.count, flags)
@@ -200,7 +187,7 @@ extension PMemDevice {
     /// read-only device, is refused: nothing is stored (``refusedCalls``).
     public func fill(offset: Int, count: Int, value: UInt8 = 0, flags: CopyFlags = []) {
         guard accepts("fill", offset, count, stores: true) else { return }
-        fillInside(offset, count, value, flags)
+        fill(at: offset, count: count, value: value, flags: flags)
     }
 
     /// ``fill(offset:count:value:flags:)`` for the library's own calls: a bad range, or a store
@@ -208,11 +195,6 @@ extension PMemDevice {
     func fill(at offset: Int, count: Int, value: UInt8 = 0, flags: CopyFlags = []) {
         checkRange(offset, count)
         checkWritable()
-        fillInside(offset, count, value, flags)
-    }
-
-    @inline(__always)
-    private func fillInside(_ offset: Int, _ count: Int, _ value: UInt8, _ flags: CopyFlags) {
         guard count > 0 else { return }
         let to = base + offset
         if let emulation {
