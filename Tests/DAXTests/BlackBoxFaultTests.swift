@@ -26,23 +26,6 @@ private func bbfPattern(_ count: Int, seed: Int) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ ($0 >> 10) &+ seed &* 29 &+ 3) | 1 }
 }
 
-@discardableResult
-private func bbfExpect<T>(
-    _ code: DAXError.Code, _ what: String = "", sourceLocation: SourceLocation = #_sourceLocation,
-    _ body: () throws -> T
-) -> DAXError? {
-    do {
-        _ = try body()
-        Issue.record("\(what): expected DAXError \(code), but nothing was thrown", sourceLocation: sourceLocation)
-    } catch let error as DAXError {
-        #expect(error.code == code, "\(what): \(error)", sourceLocation: sourceLocation)
-        return error
-    } catch {
-        Issue.record("\(what): expected DAXError \(code), got \(error)", sourceLocation: sourceLocation)
-    }
-    return nil
-}
-
 /// A freshly formatted file system on its own device; unmounted, closed and removed afterwards.
 private func bbfWithFS<T>(
     size: Int = 8 << 20, options: PMemDevice.Options = .init(), name: String,

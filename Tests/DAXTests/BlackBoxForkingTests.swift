@@ -32,23 +32,6 @@ private func bbkPattern(_ count: Int, seed: Int) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 11 &+ ($0 >> 9) &+ seed &* 37 &+ 5) | 1 }
 }
 
-@discardableResult
-private func bbkExpect<T>(
-    _ code: DAXError.Code, _ what: String = "", sourceLocation: SourceLocation = #_sourceLocation,
-    _ body: () throws -> T
-) -> DAXError? {
-    do {
-        _ = try body()
-        Issue.record("\(what): expected DAXError \(code), but nothing was thrown", sourceLocation: sourceLocation)
-    } catch let error as DAXError {
-        #expect(error.code == code, "\(what): \(error)", sourceLocation: sourceLocation)
-        return error
-    } catch {
-        Issue.record("\(what): expected DAXError \(code), got \(error)", sourceLocation: sourceLocation)
-    }
-    return nil
-}
-
 /// A device of its own with a fresh file system; unmounted, closed and removed afterwards.
 private final class BBKSetup: @unchecked Sendable {
     let path: String
@@ -517,14 +500,14 @@ struct BlackBoxForkingSnapshotTests {
         let tree = try bbkTree(s.fs, "/")
         let stats = s.fs.statistics()
 
-        bbkExpect(.notFound, "missing source") { try s.fs.clone("/nothing", to: "/x") }
-        let exists = bbkExpect(.alreadyExists, "onto an existing file") { try s.fs.clone("/src", to: "/other") }
+        expectDAXError(.notFound, "missing source") { try s.fs.clone("/nothing", to: "/x") }
+        let exists = expectDAXError(.alreadyExists, "onto an existing file") { try s.fs.clone("/src", to: "/other") }
         #expect(exists?.message.contains("/other") == true, "\(String(describing: exists))")
-        bbkExpect(.alreadyExists, "onto an existing directory") { try s.fs.clone("/src", to: "/dir") }
-        bbkExpect(.alreadyExists, "a directory onto a file") { try s.fs.clone("/dir", to: "/other") }
-        bbkExpect(.alreadyExists, "onto itself") { try s.fs.clone("/src", to: "/src") }
-        bbkExpect(.notFound, "into a missing directory") { try s.fs.clone("/src", to: "/nodir/x") }
-        bbkExpect(.notADirectory, "under a file") { try s.fs.clone("/src", to: "/other/x") }
+        expectDAXError(.alreadyExists, "onto an existing directory") { try s.fs.clone("/src", to: "/dir") }
+        expectDAXError(.alreadyExists, "a directory onto a file") { try s.fs.clone("/dir", to: "/other") }
+        expectDAXError(.alreadyExists, "onto itself") { try s.fs.clone("/src", to: "/src") }
+        expectDAXError(.notFound, "into a missing directory") { try s.fs.clone("/src", to: "/nodir/x") }
+        expectDAXError(.notADirectory, "under a file") { try s.fs.clone("/src", to: "/other/x") }
 
         #expect(try bbkTree(s.fs, "/") == tree)
         #expect(try s.contents("/src") == data)
@@ -558,9 +541,9 @@ struct BlackBoxForkingSnapshotTests {
             let device = try PMemDevice.open(path: path, options: options)
             defer { device.close() }
             let fs = try DAXFileSystem.mount(device, access: .readOnly)
-            bbkExpect(.permissionDenied, "clone of a file") { try fs.clone("/a", to: "/c") }
-            bbkExpect(.permissionDenied, "clone of a directory") { try fs.clone("/d", to: "/e") }
-            bbkExpect(.permissionDenied, "deduplicate") {
+            expectDAXError(.permissionDenied, "clone of a file") { try fs.clone("/a", to: "/c") }
+            expectDAXError(.permissionDenied, "clone of a directory") { try fs.clone("/d", to: "/e") }
+            expectDAXError(.permissionDenied, "deduplicate") {
                 try fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: 2 * pageSize)
             }
             #expect(try fs.contentsOfDirectory("/") == ["a", "b", "d"])
@@ -573,8 +556,8 @@ struct BlackBoxForkingSnapshotTests {
             let device = try PMemDevice.open(path: path)
             defer { device.close() }
             let fs = try DAXFileSystem.mount(device, access: .readOnly)
-            bbkExpect(.permissionDenied, "clone on a read-only mount") { try fs.clone("/a", to: "/c") }
-            bbkExpect(.permissionDenied, "deduplicate on a read-only mount") {
+            expectDAXError(.permissionDenied, "clone on a read-only mount") { try fs.clone("/a", to: "/c") }
+            expectDAXError(.permissionDenied, "deduplicate on a read-only mount") {
                 try fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: 2 * pageSize)
             }
             #expect(try fs.contentsOfDirectory("/") == ["a", "b", "d"])
@@ -722,7 +705,7 @@ struct BlackBoxForkingPinTests {
         let engine = DMAEngine(device: s.device)
         let region = engine.register(try mapping.pin(offset: 0, count: pageSize, access: .readWrite))
 
-        bbkExpect(.busy, "snapshot .fail") { try s.fs.clone("/d", to: "/refused", ifPinned: .fail) }
+        expectDAXError(.busy, "snapshot .fail") { try s.fs.clone("/d", to: "/refused", ifPinned: .fail) }
         #expect(try s.fs.contentsOfDirectory("/") == ["d"])
 
         try s.fs.clone("/d", to: "/snap")  // default: .copy
@@ -746,11 +729,11 @@ struct BlackBoxForkingPinTests {
         let tree = try bbkTree(p.s.fs, "/")
         let stats = p.s.fs.statistics()
         let frames = try p.file.frames(offset: 0, count: 3 * pageSize)
-        bbkExpect(.busy, "clone .fail") { try p.s.fs.clone("/src", to: "/dst", ifPinned: .fail) }
-        bbkExpect(.timedOut, "clone .wait") {
+        expectDAXError(.busy, "clone .fail") { try p.s.fs.clone("/src", to: "/dst", ifPinned: .fail) }
+        expectDAXError(.timedOut, "clone .wait") {
             try p.s.fs.clone("/src", to: "/dst", ifPinned: .wait(timeout: .milliseconds(50)))
         }
-        bbkExpect(.notFound, "the destination exists") { try p.s.fs.open("/dst") }
+        expectDAXError(.notFound, "the destination exists") { try p.s.fs.open("/dst") }
         #expect(try bbkTree(p.s.fs, "/") == tree)
         #expect(try p.file.frames(offset: 0, count: 3 * pageSize) == frames)
         let after = p.s.fs.statistics()
@@ -954,8 +937,8 @@ struct BlackBoxForkingMigrateTests {
         let beyond = try file.migrate(offset: 4 * pageSize, count: 4 * pageSize)
         #expect(beyond.migrated == 0 && beyond.busy.isEmpty)
         #expect(try file.frames(offset: 0, count: 4 * pageSize) == frames)
-        bbkExpect(.invalidArgument, "a negative count") { try file.migrate(offset: 0, count: -pageSize) }
-        bbkExpect(.invalidArgument, "a negative offset") { try file.migrate(offset: -pageSize, count: pageSize) }
+        expectDAXError(.invalidArgument, "a negative count") { try file.migrate(offset: 0, count: -pageSize) }
+        expectDAXError(.invalidArgument, "a negative offset") { try file.migrate(offset: -pageSize, count: pageSize) }
         #expect(try file.frames(offset: 0, count: 4 * pageSize) == frames)
         #expect(try file.read(count: 2 * pageSize, at: 0) == head)
         #expect(try file.read(count: 3, at: 3 * pageSize) == [7, 7, 7])
@@ -1099,22 +1082,22 @@ struct BlackBoxForkingDedupTests {
         try s.fs.createDirectory("/dir")
         let frames = try s.frames("/b")
         let stats = s.fs.statistics()
-        bbkExpect(.notFound, "missing source") {
+        expectDAXError(.notFound, "missing source") {
             try s.fs.deduplicate("/none", offset: 0, "/b", offset: 0, count: pageSize)
         }
-        bbkExpect(.notFound, "missing destination") {
+        expectDAXError(.notFound, "missing destination") {
             try s.fs.deduplicate("/a", offset: 0, "/none", offset: 0, count: pageSize)
         }
-        bbkExpect(.invalidArgument, "past the end of the shorter destination") {
+        expectDAXError(.invalidArgument, "past the end of the shorter destination") {
             try s.fs.deduplicate("/a", offset: 0, "/short", offset: 0, count: 2 * pageSize)
         }
-        bbkExpect(.invalidArgument, "past the end of the shorter source") {
+        expectDAXError(.invalidArgument, "past the end of the shorter source") {
             try s.fs.deduplicate("/short", offset: 0, "/b", offset: 0, count: 2 * pageSize)
         }
-        bbkExpect(.invalidArgument, "a negative count") {
+        expectDAXError(.invalidArgument, "a negative count") {
             try s.fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: -1)
         }
-        bbkExpect(.isADirectory, "a directory") {
+        expectDAXError(.isADirectory, "a directory") {
             try s.fs.deduplicate("/dir", offset: 0, "/b", offset: 0, count: pageSize)
         }
         #expect(try s.frames("/b") == frames)

@@ -19,24 +19,6 @@ private func bbPath(_ name: String) -> String {
     "/dev/shm/bbmedia-\(getpid())-\(name)-\(UUID().uuidString.prefix(8))"
 }
 
-/// Asserts that `body` throws a `DAXError` with `code` and returns it.
-@discardableResult
-private func bbExpect<T>(
-    _ code: DAXError.Code, _ what: String = "", sourceLocation: SourceLocation = #_sourceLocation,
-    _ body: () throws -> T
-) -> DAXError? {
-    do {
-        _ = try body()
-        Issue.record("\(what): expected DAXError \(code), but nothing was thrown", sourceLocation: sourceLocation)
-    } catch let error as DAXError {
-        #expect(error.code == code, "\(what): \(error)", sourceLocation: sourceLocation)
-        return error
-    } catch {
-        Issue.record("\(what): expected DAXError \(code), got \(error)", sourceLocation: sourceLocation)
-    }
-    return nil
-}
-
 /// Asserts that `body` throws some `DAXError` (any code) and returns it.
 @discardableResult
 private func bbExpectAnyDAXError<T>(
@@ -142,14 +124,14 @@ struct BlackBoxMediaReadOnlyTests {
         #expect(try device.read(count: 5000, at: 4096) == bbPattern(5000, seed: 3))
         // Loads through the mapping see the same bytes.
         #expect(device.baseAddress.load(fromByteOffset: 4096, as: UInt8.self) == bbPattern(1, seed: 3)[0])
-        let error = bbExpect(.permissionDenied, "write to a read-only device") {
+        let error = expectDAXError(.permissionDenied, "write to a read-only device") {
             try device.write([1, 2, 3], at: 0)
         }
         #expect(error?.message.isEmpty == false)
-        bbExpect(.permissionDenied, "write with flags to a read-only device") {
+        expectDAXError(.permissionDenied, "write with flags to a read-only device") {
             try device.write([9], at: 4096, flags: [.nonTemporal])
         }
-        bbExpect(.permissionDenied, "format of a read-only device") { try DAXFileSystem.format(device) }
+        expectDAXError(.permissionDenied, "format of a read-only device") { try DAXFileSystem.format(device) }
         #expect(try device.read(count: 5000, at: 4096) == bbPattern(5000, seed: 3))
         #expect(bbFileBytes(path) == before, "the device file changed")
     }
@@ -163,8 +145,8 @@ struct BlackBoxMediaReadOnlyTests {
 
         let device = try PMemDevice.open(path: made.path, options: bbReadOnlyOptions)
         defer { device.close() }
-        bbExpect(.permissionDenied, "read-write mount of a read-only device") { try DAXFileSystem.mount(device) }
-        bbExpect(.permissionDenied, "explicit read-write mount of a read-only device") {
+        expectDAXError(.permissionDenied, "read-write mount of a read-only device") { try DAXFileSystem.mount(device) }
+        expectDAXError(.permissionDenied, "explicit read-write mount of a read-only device") {
             try DAXFileSystem.mount(device, access: .readWrite)
         }
 
@@ -191,22 +173,22 @@ struct BlackBoxMediaReadOnlyTests {
         }
 
         // Every change is refused.
-        let mappings = bbExpect(.permissionDenied, "open read-write on a read-only mount") { try fs.open("/a") }
+        let mappings = expectDAXError(.permissionDenied, "open read-write on a read-only mount") { try fs.open("/a") }
         #expect(mappings?.message.contains("/a") == true, "\(String(describing: mappings))")
-        bbExpect(.permissionDenied, "open read-write explicit") { try fs.open("/d/x", access: .readWrite) }
-        let created = bbExpect(.permissionDenied, "create") { try fs.create("/new") }
+        expectDAXError(.permissionDenied, "open read-write explicit") { try fs.open("/d/x", access: .readWrite) }
+        let created = expectDAXError(.permissionDenied, "create") { try fs.create("/new") }
         #expect(created?.message.contains("/new") == true, "\(String(describing: created))")
-        bbExpect(.permissionDenied, "createDirectory") { try fs.createDirectory("/newdir") }
-        bbExpect(.permissionDenied, "remove file") { try fs.remove("/a") }
-        bbExpect(.permissionDenied, "remove dir file") { try fs.remove("/d/x") }
-        bbExpect(.permissionDenied, "rename") { try fs.rename("/a", to: "/b") }
-        bbExpect(.permissionDenied, "write") { try a.write([1, 2, 3], at: 0) }
-        bbExpect(.permissionDenied, "write extending") { try a.write([1], at: made.a.count) }
-        bbExpect(.permissionDenied, "truncate down") { try a.truncate(to: 0, ifBusy: .fail) }
-        bbExpect(.permissionDenied, "truncate up") { try a.truncate(to: 1 << 20, ifBusy: .fail) }
-        bbExpect(.permissionDenied, "punchHole") { try a.punchHole(offset: 0, count: 4096, ifBusy: .fail) }
-        bbExpect(.permissionDenied, "allocate") { try a.allocate(offset: 0, count: 1 << 16) }
-        bbExpect(.permissionDenied, "map read-write") { try a.map(count: 4096, access: .readWrite) }
+        expectDAXError(.permissionDenied, "createDirectory") { try fs.createDirectory("/newdir") }
+        expectDAXError(.permissionDenied, "remove file") { try fs.remove("/a") }
+        expectDAXError(.permissionDenied, "remove dir file") { try fs.remove("/d/x") }
+        expectDAXError(.permissionDenied, "rename") { try fs.rename("/a", to: "/b") }
+        expectDAXError(.permissionDenied, "write") { try a.write([1, 2, 3], at: 0) }
+        expectDAXError(.permissionDenied, "write extending") { try a.write([1], at: made.a.count) }
+        expectDAXError(.permissionDenied, "truncate down") { try a.truncate(to: 0, ifBusy: .fail) }
+        expectDAXError(.permissionDenied, "truncate up") { try a.truncate(to: 1 << 20, ifBusy: .fail) }
+        expectDAXError(.permissionDenied, "punchHole") { try a.punchHole(offset: 0, count: 4096, ifBusy: .fail) }
+        expectDAXError(.permissionDenied, "allocate") { try a.allocate(offset: 0, count: 1 << 16) }
+        expectDAXError(.permissionDenied, "map read-write") { try a.map(count: 4096, access: .readWrite) }
 
         // Nothing changed, as the mount sees it.
         #expect(try fs.contentsOfDirectory("/") == ["a", "d"])
@@ -229,8 +211,8 @@ struct BlackBoxMediaReadOnlyTests {
         defer { device.close() }
         let fs = try DAXFileSystem.mount(device, access: .readOnly)
         #expect(try fs.open("/a", access: .readOnly).read(count: 1 << 20, at: 0) == made.a)
-        bbExpect(.permissionDenied, "create") { try fs.create("/z") }
-        bbExpect(.permissionDenied, "remove") { try fs.remove("/d/x") }
+        expectDAXError(.permissionDenied, "create") { try fs.create("/z") }
+        expectDAXError(.permissionDenied, "remove") { try fs.remove("/d/x") }
         #expect(try fs.check().isClean)
         try fs.unmount()
         #expect(bbFileBytes(made.path) == before)
@@ -343,12 +325,12 @@ struct BlackBoxMediaOpenOrCreateTests {
     func badSizes(size: Int) throws {
         let path = bbPath("oocbad")
         defer { unlink(path) }
-        let error = bbExpect(.invalidArgument, "openOrCreate size \(size)") {
+        let error = expectDAXError(.invalidArgument, "openOrCreate size \(size)") {
             try PMemDevice.openOrCreate(path: path, size: size)
         }
         #expect(error?.message.isEmpty == false)
         #expect(!FileManager.default.fileExists(atPath: path), "a file was left at \(path)")
-        bbExpect(.invalidArgument, "create size \(size)") { try PMemDevice.create(path: path, size: size) }
+        expectDAXError(.invalidArgument, "create size \(size)") { try PMemDevice.create(path: path, size: size) }
         #expect(!FileManager.default.fileExists(atPath: path), "a file was left at \(path)")
     }
 
@@ -377,12 +359,14 @@ struct BlackBoxMediaOpenOrCreateTests {
         defer { unlink(path) }
         let device = try PMemDevice.create(path: path, size: 4 << 20)
         device.close()
-        let exists = bbExpect(.alreadyExists, "create existing") { try PMemDevice.create(path: path, size: 4 << 20) }
+        let exists = expectDAXError(.alreadyExists, "create existing") {
+            try PMemDevice.create(path: path, size: 4 << 20)
+        }
         #expect(exists?.message.contains(path) == true, "\(String(describing: exists))")
         let missing = bbPath("missing")
-        let notFound = bbExpect(.notFound, "open missing") { try PMemDevice.open(path: missing) }
+        let notFound = expectDAXError(.notFound, "open missing") { try PMemDevice.open(path: missing) }
         #expect(notFound?.message.contains(missing) == true, "\(String(describing: notFound))")
-        let readOnlyMissing = bbExpect(.notFound, "open missing read-only") {
+        let readOnlyMissing = expectDAXError(.notFound, "open missing read-only") {
             try PMemDevice.open(path: missing, options: bbReadOnlyOptions)
         }
         #expect(readOnlyMissing?.message.contains(missing) == true)
@@ -495,16 +479,16 @@ struct BlackBoxMediaPersistenceTests {
             (4, size - 2), (1, size), (1, -1), (1, Int.max), (2, Int.max - 1), (1, Int.min),
         ]
         for (count, offset) in cases {
-            let error = bbExpect(.invalidArgument, "write \(count) at \(offset)") {
+            let error = expectDAXError(.invalidArgument, "write \(count) at \(offset)") {
                 try device.write([UInt8](repeating: 0xEE, count: count), at: offset)
             }
             #expect(error?.message.isEmpty == false)
-            bbExpect(.invalidArgument, "read \(count) at \(offset)") { try device.read(count: count, at: offset) }
+            expectDAXError(.invalidArgument, "read \(count) at \(offset)") { try device.read(count: count, at: offset) }
         }
-        bbExpect(.invalidArgument, "read negative count") { try device.read(count: -1, at: 0) }
-        bbExpect(.invalidArgument, "read Int.max") { try device.read(count: Int.max, at: 0) }
-        bbExpect(.invalidArgument, "read 1 TiB") { try device.read(count: 1 << 40, at: 0) }
-        bbExpect(.invalidArgument, "read past end") { try device.read(count: size + 1, at: 0) }
+        expectDAXError(.invalidArgument, "read negative count") { try device.read(count: -1, at: 0) }
+        expectDAXError(.invalidArgument, "read Int.max") { try device.read(count: Int.max, at: 0) }
+        expectDAXError(.invalidArgument, "read 1 TiB") { try device.read(count: 1 << 40, at: 0) }
+        expectDAXError(.invalidArgument, "read past end") { try device.read(count: size + 1, at: 0) }
         #expect(try device.read(count: 2, at: size - 2) == [1, 2], "an out-of-range write changed the device")
         #expect(try device.read(count: 0, at: 0) == [])
     }
@@ -546,10 +530,10 @@ struct BlackBoxMediaDMATests {
         #expect(made.fs.statistics().pinnedPages == 2)
         #expect(try engine.read(count: made.data.count, from: region, at: 0) == made.data)
         #expect(try engine.read(count: 10, from: region, at: 4090) == Array(made.data[4090..<4100]))
-        bbExpect(.permissionDenied, "DMA write through a read-only pin") {
+        expectDAXError(.permissionDenied, "DMA write through a read-only pin") {
             try engine.write([0xFF, 0xFF, 0xFF], to: region, at: 0)
         }
-        bbExpect(.permissionDenied, "DMA write across pages through a read-only pin") {
+        expectDAXError(.permissionDenied, "DMA write across pages through a read-only pin") {
             try engine.write([UInt8](repeating: 0xFF, count: 200), to: region, at: 4000)
         }
         #expect(try engine.read(count: made.data.count, from: region, at: 0) == made.data)
@@ -583,7 +567,7 @@ struct BlackBoxMediaDMATests {
         let region = engine.register(pin)
         #expect(!region.isRevoked)
         #expect(try engine.read(count: 100, from: region, at: 4096) == Array(made.data[4096..<4196]))
-        bbExpect(.permissionDenied, "DMA write through a read-only long-term pin") {
+        expectDAXError(.permissionDenied, "DMA write through a read-only long-term pin") {
             try engine.write(Array("owned".utf8), to: region, at: 4096)
         }
         #expect(try file.read(count: made.data.count, at: 0) == made.data)
@@ -607,7 +591,7 @@ struct BlackBoxMediaDMATests {
         let mapping = try file.map(count: made.data.count)
         let engine = DMAEngine(device: made.device)
         let roRegion = engine.register(try mapping.pin(offset: 0, count: 4096, access: .readOnly))
-        bbExpect(.permissionDenied, "DMA write through a read-only pin of a writable file") {
+        expectDAXError(.permissionDenied, "DMA write through a read-only pin of a writable file") {
             try engine.write([1, 2, 3], to: roRegion, at: 0)
         }
         engine.deregister(roRegion)
@@ -635,7 +619,7 @@ struct BlackBoxMediaDMATests {
         }
         let file = try made.fs.open("/f", access: .readOnly)
         let mapping = try file.map(count: 4096, access: .readOnly)
-        bbExpect(.permissionDenied, "read-write pin of a read-only mapping") {
+        expectDAXError(.permissionDenied, "read-write pin of a read-only mapping") {
             let pin = try mapping.pin(offset: 0, count: 4096, access: .readWrite)
             pin.release()
         }
@@ -738,8 +722,8 @@ struct BlackBoxMediaHugeReadTests {
         try file.write([42], at: (1 << 40) - 1)
         #expect(file.size == 1 << 40)
         // The 1 TiB read itself runs in a child process (above): an abort would end this one.
-        bbExpect(.invalidArgument, "negative count") { try file.read(count: -1, at: 0) }
-        bbExpect(.invalidArgument, "negative offset") { try file.read(count: 1, at: -1) }
+        expectDAXError(.invalidArgument, "negative count") { try file.read(count: -1, at: 0) }
+        expectDAXError(.invalidArgument, "negative offset") { try file.read(count: 1, at: -1) }
         #expect(try file.read(count: 16, at: (1 << 40) - 1) == [42])
         #expect(try file.read(count: 16, at: 1 << 39) == [UInt8](repeating: 0, count: 16))
         #expect(try fs.check().isClean)
@@ -774,11 +758,11 @@ struct BlackBoxMediaPinGateTests {
         #expect(fs.pages.state(of: pinned[0]).pinCount == 1)
 
         // .fail: .busy, and size, bytes, frames, statistics, mapping unchanged.
-        let busy = bbExpect(.busy, "truncate .fail while pinned") { try file.truncate(to: 100, ifBusy: .fail) }
+        let busy = expectDAXError(.busy, "truncate .fail while pinned") { try file.truncate(to: 100, ifBusy: .fail) }
         #expect(busy?.message.contains("/victim") == true, "\(String(describing: busy))")
-        bbExpect(.busy, "truncate to 0 .fail") { try file.truncate(to: 0, ifBusy: .fail) }
-        bbExpect(.busy, "punch .fail") { try file.punchHole(offset: 4096, count: 8192, ifBusy: .fail) }
-        bbExpect(.timedOut, "truncate .wait short") {
+        expectDAXError(.busy, "truncate to 0 .fail") { try file.truncate(to: 0, ifBusy: .fail) }
+        expectDAXError(.busy, "punch .fail") { try file.punchHole(offset: 4096, count: 8192, ifBusy: .fail) }
+        expectDAXError(.timedOut, "truncate .wait short") {
             try file.truncate(to: 0, ifBusy: .wait(timeout: .milliseconds(1)))
         }
         #expect(file.size == data.count)
@@ -882,7 +866,7 @@ struct BlackBoxMediaPinGateTests {
         let mapping = try file.map(count: data.count)
         try fs.remove("/gone")
         #expect(try fs.contentsOfDirectory("/") == [])
-        bbExpect(.notFound, "open removed") { try fs.open("/gone") }
+        expectDAXError(.notFound, "open removed") { try fs.open("/gone") }
         #expect(try file.read(count: data.count, at: 0) == data)
         #expect(frames.allSatisfy { fs.pages.state(of: $0).isAllocated })
         #expect(try fs.check().isClean)
@@ -956,7 +940,7 @@ struct BlackBoxMediaPinGateTests {
             (.notFound, "/absent", { try fs.rename("/absent", to: "/b") }),
         ]
         for (code, named, body) in cases {
-            let error = bbExpect(code, named) { try body() }
+            let error = expectDAXError(code, named) { try body() }
             #expect(error?.message.contains(named) == true, "\(String(describing: error))")
         }
         #expect(try fs.contentsOfDirectory("/") == ["dir"])
@@ -1069,7 +1053,7 @@ struct BlackBoxMediaMoreTests {
         let engine = DMAEngine(device: device)
         let region = engine.register(pin)
         // The reader's lease gates .fail ...
-        bbExpect(.busy, "truncate .fail under a read-only lease") { try owner.truncate(to: 0, ifBusy: .fail) }
+        expectDAXError(.busy, "truncate .fail under a read-only lease") { try owner.truncate(to: 0, ifBusy: .fail) }
         #expect(owner.size == 8192)
         #expect(try owner.read(count: 8192, at: 0) == data)
         // ... but cannot block the owner for ever.
@@ -1077,8 +1061,10 @@ struct BlackBoxMediaMoreTests {
         #expect(owner.size == 0)
         #expect(asked.checks.load(ordering: .relaxed) >= 1, "onRevoke was not called")
         #expect(region.isRevoked)
-        bbExpect(.revoked, "write through a revoked read-only region") { try engine.write([1], to: region, at: 0) }
-        bbExpect(.revoked, "read through a revoked region") { try engine.read(count: 1, from: region, at: 0) }
+        expectDAXError(.revoked, "write through a revoked read-only region") {
+            try engine.write([1], to: region, at: 0)
+        }
+        expectDAXError(.revoked, "read through a revoked region") { try engine.read(count: 1, from: region, at: 0) }
         let stats = fs.statistics()
         #expect(stats.pinnedPages == 0)
         #expect(stats.quarantinedBlocks == 0)
@@ -1517,9 +1503,9 @@ struct BlackBoxMediaReadOnlyEdgeTests {
             try mapping.pin(offset: 4096, count: 8192, access: .readOnly, lifetime: .longTerm(onRevoke: {})))
         #expect(try engine.read(count: 4096, from: short, at: 0) == Array(made.a[0..<4096]))
         #expect(try engine.read(count: 8192, from: long, at: 0) == Array(made.a[4096..<12288]))
-        bbExpect(.permissionDenied, "short-term") { try engine.write([0], to: short, at: 0) }
-        bbExpect(.permissionDenied, "long-term") { try engine.write([0], to: long, at: 100) }
-        bbExpect(.permissionDenied, "read-write pin on a read-only mount") {
+        expectDAXError(.permissionDenied, "short-term") { try engine.write([0], to: short, at: 0) }
+        expectDAXError(.permissionDenied, "long-term") { try engine.write([0], to: long, at: 100) }
+        expectDAXError(.permissionDenied, "read-write pin on a read-only mount") {
             let pin = try mapping.pin(offset: 0, count: 4096, access: .readWrite)
             pin.release()
         }
@@ -1564,7 +1550,7 @@ struct BlackBoxMediaReadOnlyEdgeTests {
         let mapping = try file.map(count: 4 * 4096)
         let pin = try mapping.pin(offset: 2 * 4096, count: 4096)
         let frame = pin.frames[0]
-        bbExpect(.busy, "punch .fail") { try file.punchHole(offset: 4096, count: 2 * 4096, ifBusy: .fail) }
+        expectDAXError(.busy, "punch .fail") { try file.punchHole(offset: 4096, count: 2 * 4096, ifBusy: .fail) }
         #expect(try file.read(count: data.count, at: 0) == data)
         try file.punchHole(offset: 4096, count: 2 * 4096, ifBusy: .deferFree)
         #expect(file.size == data.count, "a punch keeps the size")
@@ -1811,7 +1797,7 @@ struct BlackBoxMediaOddFileTests {
         let device = try PMemDevice.openOrCreate(path: path, size: 4 << 20, options: bbReadOnlyOptions)
         defer { device.close() }
         #expect(try device.read(count: 3, at: 4096) == [5, 6, 7])
-        let error = bbExpect(.permissionDenied, "write to read-only") { try device.write([1], at: 0) }
+        let error = expectDAXError(.permissionDenied, "write to read-only") { try device.write([1], at: 0) }
         #expect(error?.message.contains(path) == true, "\(String(describing: error))")
         #expect(bbFileBytes(path) == before)
     }
@@ -1822,7 +1808,7 @@ struct BlackBoxMediaOddFileTests {
         defer { unlink(path) }
         let device = try PMemDevice.create(path: path, size: 4 << 20)
         defer { device.close() }
-        let error = bbExpect(.invalidArgument, "write past the end") {
+        let error = expectDAXError(.invalidArgument, "write past the end") {
             try device.write([1, 2, 3, 4], at: (4 << 20) - 2)
         }
         #expect(error?.message.contains(path) == true, "\(String(describing: error))")
@@ -1846,7 +1832,7 @@ struct BlackBoxMediaPinLifetimeTests {
             let pin = try mapping.pin(offset: 0, count: 8192)
             #expect(pin.frames.count == 2)
             #expect(fs.statistics().pinnedPages == 2)
-            bbExpect(.busy, "unmount while pinned") { try fs.unmount() }
+            expectDAXError(.busy, "unmount while pinned") { try fs.unmount() }
             #expect(
                 try fs.open("/x").read(count: 8192, at: 0) == bbPattern(8192, seed: 61),
                 "unmount .busy changed something")
@@ -1856,9 +1842,9 @@ struct BlackBoxMediaPinLifetimeTests {
         #expect(stats.pinsAcquired == 2 && stats.pinsReleased == 2)
         let engine = DMAEngine(device: device)
         let region = engine.register(try mapping.pin(offset: 4096, count: 4096))
-        bbExpect(.busy, "unmount while registered") { try fs.unmount() }
+        expectDAXError(.busy, "unmount while registered") { try fs.unmount() }
         engine.deregister(region)
-        bbExpect(.busy, "unmount while mapped") { try fs.unmount() }
+        expectDAXError(.busy, "unmount while mapped") { try fs.unmount() }
         mapping.unmap()
         file.close()
         stats = fs.statistics()

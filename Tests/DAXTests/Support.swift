@@ -37,19 +37,22 @@ func onThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
     group.wait()
 }
 
-/// Asserts that `body` throws a `DAXError` with `code`, and returns it.
+/// Asserts that `body` throws a `DAXError` with `code`, and returns it. `what` (the call, the
+/// case) goes in front of the message of a failure.
 @discardableResult
 func expectDAXError<T>(
-    _ code: DAXError.Code, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> T
+    _ code: DAXError.Code, _ what: String = "", sourceLocation: SourceLocation = #_sourceLocation,
+    _ body: () throws -> T
 ) -> DAXError? {
+    let prefix = what.isEmpty ? "" : "\(what): "
     do {
         _ = try body()
-        Issue.record("expected DAXError \(code), but nothing was thrown", sourceLocation: sourceLocation)
+        Issue.record("\(prefix)expected DAXError \(code), but nothing was thrown", sourceLocation: sourceLocation)
     } catch let error as DAXError {
-        #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
+        #expect(error.code == code, "\(prefix)\(error)", sourceLocation: sourceLocation)
         return error
     } catch {
-        Issue.record("expected DAXError \(code), got \(error)", sourceLocation: sourceLocation)
+        Issue.record("\(prefix)expected DAXError \(code), got \(error)", sourceLocation: sourceLocation)
     }
     return nil
 }
