@@ -71,6 +71,19 @@ private func bbfRequireFaults(_ fs: DAXFileSystem, sourceLocation: SourceLocatio
         sourceLocation: sourceLocation)
 }
 
+/// In a child process: a file system on a fresh device whose file is unlinked at once (nothing
+/// to clean up if the child dies of its signal), with the fault handler if `needsFaults`. Exits 2
+/// when the device cannot be made, 3 when the file system cannot or has no handler.
+private func bbfChildFileSystem(_ name: String, size: Int = 8 << 20, needsFaults: Bool = true) -> DAXFileSystem {
+    let path = "/dev/shm/bbfault-\(name)-\(getpid())"
+    guard let device = try? PMemDevice.create(path: path, size: size) else { exit(2) }
+    unlink(path)
+    guard let fs = try? DAXFileSystem.format(device), !needsFaults || fs.faultHandling == .userfaultfd else {
+        exit(3)
+    }
+    return fs
+}
+
 /// For the SIGBUS-counting child only: what its signal handler reads.
 nonisolated(unsafe) private var bbfSigbusFS: DAXFileSystem?
 nonisolated(unsafe) private var bbfSigbusBefore = 0
@@ -302,12 +315,8 @@ struct BlackBoxFaultEOFTests {
     @Test("a store past the end of the file (a page truncated away) faults with SIGBUS (child process)")
     func storePastEOFIsSIGBUS() async {
         await #expect(processExitsWith: .signal(SIGBUS)) {
-            let path = "/dev/shm/bbfault-eofstore-\(getpid())"
-            guard let device = try? PMemDevice.create(path: path, size: 8 << 20) else { exit(2) }
-            unlink(path)
-            guard let fs = try? DAXFileSystem.format(device), fs.faultHandling == .userfaultfd,
-                let file = try? fs.create("/t")
-            else { exit(3) }
+            let fs = bbfChildFileSystem("eofstore")
+            guard let file = try? fs.create("/t") else { exit(3) }
             do {
                 try file.write(bbfPattern(2 * pageSize, seed: 8), at: 0)
                 let mapping = try file.map(count: 2 * pageSize)
@@ -324,12 +333,8 @@ struct BlackBoxFaultEOFTests {
         // The child catches the SIGBUS and exits 40 + the number of SIGBUS faults counted since
         // before the store (exit 40 would say the signal came but was not counted).
         await #expect(processExitsWith: .exitCode(41)) {
-            let path = "/dev/shm/bbfault-sigbuscount-\(getpid())"
-            guard let device = try? PMemDevice.create(path: path, size: 8 << 20) else { exit(2) }
-            unlink(path)
-            guard let fs = try? DAXFileSystem.format(device), fs.faultHandling == .userfaultfd,
-                let file = try? fs.create("/t")
-            else { exit(3) }
+            let fs = bbfChildFileSystem("sigbuscount")
+            guard let file = try? fs.create("/t") else { exit(3) }
             do {
                 try file.write(bbfPattern(2 * pageSize, seed: 12), at: 0)
                 let mapping = try file.map(count: 2 * pageSize)
@@ -349,10 +354,8 @@ struct BlackBoxFaultEOFTests {
     @Test("a store through a read-only mapping of a data page is SIGSEGV (child process)")
     func storeThroughReadOnlyMappingIsSIGSEGV() async {
         await #expect(processExitsWith: .signal(SIGSEGV)) {
-            let path = "/dev/shm/bbfault-rostore-\(getpid())"
-            guard let device = try? PMemDevice.create(path: path, size: 8 << 20) else { exit(2) }
-            unlink(path)
-            guard let fs = try? DAXFileSystem.format(device), let writer = try? fs.create("/t") else { exit(3) }
+            let fs = bbfChildFileSystem("rostore", needsFaults: false)
+            guard let writer = try? fs.create("/t") else { exit(3) }
             do {
                 try writer.write([UInt8](repeating: 0x55, count: pageSize), at: 0)
                 let reader = try fs.open("/t", access: .readOnly)
@@ -367,10 +370,8 @@ struct BlackBoxFaultEOFTests {
     @Test("a store through a read-only mapping of a hole is SIGSEGV, not an allocation (child process)")
     func storeThroughReadOnlyHoleIsSIGSEGV() async {
         await #expect(processExitsWith: .signal(SIGSEGV)) {
-            let path = "/dev/shm/bbfault-roholestore-\(getpid())"
-            guard let device = try? PMemDevice.create(path: path, size: 8 << 20) else { exit(2) }
-            unlink(path)
-            guard let fs = try? DAXFileSystem.format(device), let writer = try? fs.create("/t") else { exit(3) }
+            let fs = bbfChildFileSystem("roholestore", needsFaults: false)
+            guard let writer = try? fs.create("/t") else { exit(3) }
             do {
                 try writer.truncate(to: 2 * pageSize)
                 let reader = try fs.open("/t", access: .readOnly)
@@ -384,12 +385,8 @@ struct BlackBoxFaultEOFTests {
     @Test("a store to a hole with no space left faults with SIGBUS (child process)")
     func storeToHoleWithoutSpaceIsSIGBUS() async {
         await #expect(processExitsWith: .signal(SIGBUS)) {
-            let path = "/dev/shm/bbfault-nospace-\(getpid())"
-            guard let device = try? PMemDevice.create(path: path, size: 4 << 20) else { exit(2) }
-            unlink(path)
-            guard let fs = try? DAXFileSystem.format(device), fs.faultHandling == .userfaultfd,
-                let sparse = try? fs.create("/sparse"), let hog = try? fs.create("/hog")
-            else { exit(3) }
+            let fs = bbfChildFileSystem("nospace", size: 4 << 20)
+            guard let sparse = try? fs.create("/sparse"), let hog = try? fs.create("/hog") else { exit(3) }
             do {
                 try sparse.truncate(to: pageSize)
                 let mapping = try sparse.map(count: pageSize)
