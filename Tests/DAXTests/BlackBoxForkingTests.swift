@@ -998,17 +998,26 @@ struct BlackBoxForkingDedupTests {
         s.expectClean("after partial dedup")
     }
 
-    @Test("deduplicate leaves a pinned destination page alone; the device still writes only the destination")
-    func dedupLeavesPinned() throws {
-        let s = try BBKSetup("deduppin")
-        let data = bbkPattern(3 * pageSize, seed: 42)
+    /// `/a` and `/b` holding the same `pages` pages, `pinned`'s page 0 pinned for writing through
+    /// a mapping of it and registered with an engine.
+    private func equalFiles(_ name: String, pages: Int, seed: Int, pinned: String) throws -> (
+        s: BBKSetup, data: [UInt8], file: DAXFile, mapping: DAXMapping, engine: DMAEngine, region: DMARegion
+    ) {
+        let s = try BBKSetup(name)
+        let data = bbkPattern(pages * pageSize, seed: seed)
         try s.make("/a", data)
         try s.make("/b", data)
-        let b = try s.fs.open("/b")
-        defer { b.close() }
-        let mapping = try b.map(count: 3 * pageSize)
+        let file = try s.fs.open(pinned)
+        let mapping = try file.map(count: pages * pageSize)
         let engine = DMAEngine(device: s.device)
         let region = engine.register(try mapping.pin(offset: 0, count: pageSize, access: .readWrite))
+        return (s, data, file, mapping, engine, region)
+    }
+
+    @Test("deduplicate leaves a pinned destination page alone; the device still writes only the destination")
+    func dedupLeavesPinned() throws {
+        let (s, data, b, mapping, engine, region) = try equalFiles("deduppin", pages: 3, seed: 42, pinned: "/b")
+        defer { b.close() }
         let shared = try s.fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: 3 * pageSize)
         #expect(shared == 2 * pageSize)
         let a = try s.frames("/a")
@@ -1026,15 +1035,8 @@ struct BlackBoxForkingDedupTests {
 
     @Test("deduplicate never merges a page pinned in the source: the device's writes never reach the destination")
     func dedupLeavesPinnedSource() throws {
-        let s = try BBKSetup("deduppinsrc")
-        let data = bbkPattern(2 * pageSize, seed: 45)
-        try s.make("/a", data)
-        try s.make("/b", data)
-        let a = try s.fs.open("/a")
+        let (s, data, a, mapping, engine, region) = try equalFiles("deduppinsrc", pages: 2, seed: 45, pinned: "/a")
         defer { a.close() }
-        let mapping = try a.map(count: 2 * pageSize)
-        let engine = DMAEngine(device: s.device)
-        let region = engine.register(try mapping.pin(offset: 0, count: pageSize, access: .readWrite))
         let shared = try s.fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: 2 * pageSize)
         let aFrames = try a.frames(offset: 0, count: 2 * pageSize)
         let bFrames = try s.frames("/b")
