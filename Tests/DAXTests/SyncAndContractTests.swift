@@ -4,6 +4,34 @@ import Testing
 
 @testable import DAX
 
+/// The device offset at whose next `mmap` the store-in-the-window test stores, -1 when none.
+let storeAtNextMapOf = Atomic(-1)
+/// The address at whose next anonymous `mmap` (a placeholder) the punch test stores, 0 when none.
+let storeAtNextPlaceholderAt = Atomic<UInt>(0)
+
+/// System calls whose `mmap` stores one byte into what it just mapped, where the two values above
+/// ask for it: a store in the moment between the mmap and the handler's registration, which
+/// another thread's store hits only now and then.
+func callsStoringAfterMap() -> SystemCalls {
+    var calls = SystemCalls.injectable
+    calls.mmap = { address, length, protection, flags, fd, offset in
+        let mapped = SystemCalls.live.mmap(address, length, protection, flags, fd, offset)
+        guard let mapped, flags & MAP_FIXED != 0, protection & PROT_WRITE != 0 else { return mapped }
+        if fd >= 0, storeAtNextMapOf.compareExchange(expected: offset, desired: -1, ordering: .relaxed).exchanged {
+            mapped.storeBytes(of: 0xAB, toByteOffset: 100, as: UInt8.self)
+        }
+        if flags & MAP_ANONYMOUS != 0,
+            storeAtNextPlaceholderAt.compareExchange(
+                expected: UInt(bitPattern: mapped), desired: 0, ordering: .relaxed
+            ).exchanged
+        {
+            mapped.storeBytes(of: 0x5A, toByteOffset: 10, as: UInt8.self)
+        }
+        return mapped
+    }
+    return calls
+}
+
 @Suite("sync, migrate, and the fault handler's claim")
 struct SyncAndContractTests {
     @Test("sync makes stores through a mapping survive a power failure; before it they are lost")
@@ -161,22 +189,108 @@ struct SyncAndContractTests {
             let (wrote, other) = intoSource ? (source, destination) : (destination, source)
             let seen = (try wrote.read(count: 4096, at: 0), try other.read(count: 4096, at: 0))
             #expect(seen.0 == changed, "round \(round): the store was lost")
-            if intoSource {
-                #expect(seen.1 == bytes, "round \(round): the store reached the other file")
-            } else {
-                // A store through the destination's mapping in the moment between the mmap that
-                // shows it the shared block and that block's write protection reaches the shared
-                // block, and so the source (docs/faults.md, "Where we differ from Linux").
-                withKnownIssue(
-                    "a store in the moment before a newly shown shared page is write-protected", isIntermittent: true
-                ) {
-                    #expect(seen.1 == bytes, "round \(round): the store reached the other file")
-                }
-            }
+            #expect(seen.1 == bytes, "round \(round): the store reached the other file")
             if seen.0 != changed { break }
         }
         #expect(try t.fs.check().isClean)
         _ = sharedRounds  // how often the store came late enough to let the pages share: timing
+    }
+
+    @Test(
+        "a store in the moment between the mmap that shows a dedup's shared block and its write protection stays in its own file"
+    )
+    func storeBeforeSharedPageIsProtected() throws {
+        // The store comes from the mmap itself, right after the kernel made the new mapping and
+        // before the handler could register it: the moment another thread's store hits one time
+        // in a few hundred in storesRacingDedup.
+        var options = PMemDevice.Options()
+        options.systemCalls = callsStoringAfterMap()
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "dedupwindow", deviceOptions: options)
+        try #require(t.fs.faultHandling == .userfaultfd, "a store that faults needs the fault handler")
+        let bytes = pattern(4096, seed: 5)
+        let source = try t.fs.create("/s")
+        let destination = try t.fs.create("/d")
+        try source.write(bytes, at: 0)
+        try destination.write(bytes, at: 0)
+        let mapping = try destination.map(count: 4096)
+        defer { mapping.unmap() }
+        let sourceBlock = try #require(try source.frames(offset: 0, count: 4096).first ?? nil)
+        storeAtNextMapOf.store(Int(sourceBlock.rawValue) * 4096, ordering: .relaxed)
+        defer { storeAtNextMapOf.store(-1, ordering: .relaxed) }
+
+        #expect(try t.fs.deduplicate("/s", offset: 0, "/d", offset: 0, count: 4096) == 4096)
+        #expect(storeAtNextMapOf.load(ordering: .relaxed) == -1, "the destination's mapping showed the source's block")
+        var changed = bytes
+        changed[100] = 0xAB
+        #expect(try source.read(count: 4096, at: 0) == bytes, "the store reached the block the source shares")
+        #expect(try destination.read(count: 4096, at: 0) == changed, "the store was lost")
+        #expect(mapping.baseAddress.load(fromByteOffset: 100, as: UInt8.self) == 0xAB)
+        // The store made the destination's page its own again, and the mapping shows that block.
+        let frame = try #require(try destination.frames(offset: 0, count: 4096).first ?? nil)
+        #expect(frame != sourceBlock)
+        #expect(t.fs.statistics().sharedBlocks == 0)
+        mapping.baseAddress.storeBytes(of: 0xCD, toByteOffset: 200, as: UInt8.self)
+        changed[200] = 0xCD
+        #expect(try destination.read(count: 4096, at: 0) == changed)
+        #expect(try source.read(count: 4096, at: 0) == bytes)
+        #expect(try t.fs.check().isClean)
+    }
+
+    @Test("a store in the moment before a punched page's placeholder is registered fills the hole, as a fault would")
+    func storeBeforePlaceholderIsRegistered() throws {
+        var options = PMemDevice.Options()
+        options.systemCalls = callsStoringAfterMap()
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "punchwindow", deviceOptions: options)
+        try #require(t.fs.faultHandling == .userfaultfd, "a store that faults needs the fault handler")
+        let file = try t.fs.create("/f")
+        try file.write(pattern(3 * 4096, seed: 7), at: 0)
+        let mapping = try file.map(count: 3 * 4096)
+        defer { mapping.unmap() }
+        storeAtNextPlaceholderAt.store(UInt(bitPattern: mapping.baseAddress + 4096), ordering: .relaxed)
+        defer { storeAtNextPlaceholderAt.store(0, ordering: .relaxed) }
+
+        try file.punchHole(offset: 4096, count: 4096)
+        #expect(storeAtNextPlaceholderAt.load(ordering: .relaxed) == 0, "the punched page became a placeholder")
+        // The store came after the punch: it gave the hole a block, as an allocating fault does.
+        var page = [UInt8](repeating: 0, count: 4096)
+        page[10] = 0x5A
+        #expect(try file.read(count: 4096, at: 4096) == page, "the store stayed in anonymous memory")
+        #expect(try file.frames(offset: 4096, count: 4096).first != nil)
+        #expect(mapping.baseAddress.load(fromByteOffset: 4096 + 10, as: UInt8.self) == 0x5A)
+        mapping.baseAddress.storeBytes(of: 0x5B, toByteOffset: 4096 + 11, as: UInt8.self)
+        page[11] = 0x5B
+        #expect(try file.read(count: 4096, at: 4096) == page)
+        #expect(try t.fs.check().isClean)
+    }
+
+    @Test("a dedup's shared page that stops being shared takes the next store into its block, without a copy")
+    func storeAfterSharingEnds() throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "dedupunshared")
+        try #require(t.fs.faultHandling == .userfaultfd, "a store that faults needs the fault handler")
+        let bytes = pattern(4096, seed: 6)
+        let source = try t.fs.create("/s")
+        let destination = try t.fs.create("/d")
+        try source.write(bytes, at: 0)
+        try destination.write(bytes, at: 0)
+        let mapping = try destination.map(count: 4096)
+        defer { mapping.unmap() }
+        #expect(try t.fs.deduplicate("/s", offset: 0, "/d", offset: 0, count: 4096) == 4096)
+        let shared = try #require(try destination.frames(offset: 0, count: 4096).first ?? nil)
+        #expect(mapping.baseAddress.load(fromByteOffset: 7, as: UInt8.self) == bytes[7])
+        // The source writes its page (a copy of its own), so the block is the destination's alone.
+        try source.write([1], at: 0)
+        #expect(t.fs.statistics().sharedBlocks == 0)
+        let before = t.fs.statistics().faults.copyOnWrite
+        mapping.baseAddress.storeBytes(of: 0xEE, toByteOffset: 7, as: UInt8.self)
+        var changed = bytes
+        changed[7] = 0xEE
+        #expect(try destination.read(count: 4096, at: 0) == changed, "the store went to a private copy")
+        #expect(try destination.frames(offset: 0, count: 4096).first == shared, "nothing to copy: the block is its own")
+        #expect(t.fs.statistics().faults.copyOnWrite == before)
+        let second = try destination.map(count: 4096, access: .readOnly)
+        defer { second.unmap() }
+        #expect(second.baseAddress.load(fromByteOffset: 7, as: UInt8.self) == 0xEE)
+        #expect(try t.fs.check().isClean)
     }
 
     @Test("migrate moves every page to a new block, keeps every byte, and maps the new frames; a pinned page stays")

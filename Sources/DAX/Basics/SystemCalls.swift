@@ -66,6 +66,8 @@ package struct SystemCalls: Sendable {
     /// failure.
     package var mincore:
         @Sendable (_ address: UnsafeMutableRawPointer, _ length: Int, _ vector: UnsafeMutablePointer<UInt8>) -> Int32
+    /// Calls `madvise(2)`; -1 on failure.
+    package var madvise: @Sendable (_ address: UnsafeMutableRawPointer, _ length: Int, _ advice: Int32) -> Int32
     /// Calls `memfd_create(2)`: a descriptor of a new anonymous file; -1 on failure.
     package var memfdCreate: @Sendable (_ name: String, _ flags: UInt32) -> Int32
 
@@ -134,6 +136,7 @@ package struct SystemCalls: Sendable {
         },
         munmap: { address, length in Glibc.munmap(address, length) },
         mincore: { address, length, vector in Glibc.mincore(address, length, vector) },
+        madvise: { address, length, advice in Glibc.madvise(address, length, advice) },
         memfdCreate: { name, flags in dax_memfd_create(name, flags) },
         open: { path, flags, mode in Glibc.open(path, flags, mode) },
         close: { fd in Glibc.close(fd) },

@@ -82,13 +82,16 @@ final class AddressSpace: Sendable {
         for mapping in liveMappings { mapping.populate(extents) }
     }
 
-    /// The file's size is `size` now, perhaps larger than before: mappings whose pages past the old
-    /// end were made to raise SIGBUS turn the part below the new end back into placeholders, so
-    /// that those pages read zeros and take stores as holes. Inode lock held.
-    func sizeChanged(to size: UInt64) {
+    /// The file's size is what `contents` says now, perhaps larger than before: mappings whose
+    /// pages past the old end were made to raise SIGBUS turn the part below the new end back into
+    /// placeholders, so that those pages read zeros and take stores as holes. Inode lock held
+    /// exclusively.
+    func sizeChanged(_ contents: inout Inode.Contents) {
         guard handler.faults != nil else { return }
-        let end = FileData.pageUp(Int(size))
-        for mapping in liveMappings { mapping.fileGrew(to: end) }
+        let end = FileData.pageUp(Int(contents.record.size))
+        var raced = false
+        for mapping in liveMappings where mapping.fileGrew(to: end) { raced = true }
+        if raced { keepRacedStores(&contents) }
     }
 
     /// Bumps the layout generation: pages left the mappings, or came back after a failed change.

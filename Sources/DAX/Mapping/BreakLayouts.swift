@@ -69,7 +69,7 @@ extension AddressSpace {
                                 committed = true
                                 data.release(plan, of: &contents)
                                 // A truncate up: pages past the old end may be holes now.
-                                sizeChanged(to: contents.record.size)
+                                sizeChanged(&contents)
                                 return []
                             }
 
@@ -117,6 +117,7 @@ extension AddressSpace {
                             // 7. Release; edge pages copied from shared blocks show their copies.
                             data.release(plan, of: &contents)
                             if !plan.copied.isEmpty { show(plan.copied) }
+                            keepRacedStores(&contents)
                             return []
                         }
                     }

@@ -55,6 +55,22 @@ public final class DAXMapping: Sendable {
         var sigbusTail: Int
         /// Pages that may hold stores not yet durable (with ``DAXMapping/tracksDirty``).
         var dirty: DirtyPages
+        /// Pages of a writable mapping that show a shared block through a private mapping of
+        /// it, write-protected: a store in the moment before the protection made a copy in
+        /// anonymous memory instead of reaching the block that other files share.
+        var privatePages: Set<Int> = []
+        /// The pages that a store reached in the moment before their protection or their
+        /// registration, by page: what ``AddressSpace/keepRacedStores(_:)`` gives the file.
+        var racedStores: [Int: RacedStore] = [:]
+    }
+
+    /// A page of anonymous memory that a store made where the mapping showed a page that
+    /// took it unprotected: a shared block mapped privately, or a placeholder not yet registered.
+    struct RacedStore {
+        /// The page as the mapping showed it after the store.
+        var bytes: [UInt8]
+        /// What the page held before the store: zeros (a placeholder), or the block it showed.
+        var overZeros: Bool
     }
 
     let state: Mutex<State>
@@ -299,8 +315,9 @@ public final class DAXMapping: Sendable {
     /// block, write-protected, and waits for the handler, or reaches the new one. With a
     /// placeholder in between, a store in the moment before the placeholder is registered would
     /// land in anonymous memory that the new block then replaces: a store lost. A shared block
-    /// is write-protected as soon as it is mapped (the kernel maps nothing write-protected from
-    /// the start; docs/faults.md says what that moment allows). Pages that cannot be shown so are
+    /// is mapped privately and write-protected at once (the kernel maps nothing write-protected
+    /// from the start): a store in that moment makes a copy, which the caller's
+    /// ``AddressSpace/keepRacedStores(_:)`` gives the file. Pages that cannot be shown so are
     /// zapped as ``zapDetached()`` zaps them, and ``populate(_:)`` shows them afterwards.
     func replaceDetached(with extents: [Extent]) {
         state.withTrackedLock { state in
@@ -363,20 +380,17 @@ public final class DAXMapping: Sendable {
         while start < indices.count {
             var end = start + 1
             while end < indices.count, indices[end] == indices[end - 1] + 1 { end += 1 }
-            let address = base + indices[start] * PMemDevice.pageSize
-            let runLength = (end - start) * PMemDevice.pageSize
-            if let faults {
-                // Placeholders again: the next access asks the handler, which sees the file as
-                // it is then (a hole, or past its end).
-                MappingRegion.makePlaceholder(
-                    address, length: runLength, access: access, faults: faults, calls: device.systemCalls)
-            } else {
-                MappingRegion.replaceWithFaulting(
-                    address, length: runLength, access: access, calls: device.systemCalls)
-            }
-            device.noteUnmapped(address, length: runLength)
+            let run = indices[start]..<indices[end - 1] + 1
             // Whatever was stored there went with the block.
-            state.dirty.remove(indices[start]..<indices[end - 1] + 1)
+            state.dirty.remove(run)
+            for index in run {
+                state.privatePages.remove(index)
+                state.racedStores[index] = nil
+            }
+            // Placeholders again: the next access asks the handler, which sees the file as it is
+            // then (a hole, or past its end).
+            makeFaulting(run, &state)
+            device.noteUnmapped(base + run.lowerBound * PMemDevice.pageSize, length: run.count * PMemDevice.pageSize)
             start = end
         }
         for page in detached { pages.unmap(PageFrameNumber(rawValue: page.frame)) }
@@ -415,7 +429,8 @@ public final class DAXMapping: Sendable {
     }
 
     /// Maps pages `run` of the mapping, all showing nothing now, from `extent`: counted first,
-    /// then one `mmap`; if that fails, page by page, and a page that cannot be shown faults.
+    /// then mapped (one `mmap` a piece, ``show(_:firstFrame:_:)``); if that fails, page by page,
+    /// and a page that cannot be shown faults.
     private func populateRun(_ run: Range<Int>, of extent: Extent, _ state: inout State) {
         let pageMap = device.pages
         let firstFrame = extent.block(for: firstPage + UInt64(run.lowerBound))
@@ -425,66 +440,193 @@ public final class DAXMapping: Sendable {
             else { break }
             counted += 1
         }
-        if counted == run.count,
-            (try? MappingRegion.mapDevice(
-                device, frame: firstFrame, pages: run.count, at: base + run.lowerBound * PMemDevice.pageSize,
-                access: access, exposed: true, faults: faults)) != nil
-        {
-            // Shared blocks show write-protected before anyone can find them: a store copies.
-            if protectShared(run, firstFrame: firstFrame) {
-                for index in run {
-                    entries[index].store(firstFrame + UInt64(index - run.lowerBound), ordering: .sequentiallyConsistent)
-                    state.zeroPages.remove(index)
-                }
-                if tracksDirty { state.dirty.insert(run) }
-                return
+        if counted == run.count, show(run, firstFrame: firstFrame, &state) {
+            for index in run {
+                entries[index].store(firstFrame + UInt64(index - run.lowerBound), ordering: .sequentiallyConsistent)
+                state.zeroPages.remove(index)
             }
-            // A shared block the kernel cannot write-protect is not shown writable: it faults.
-            for step in 0..<counted { pageMap.unmap(PageFrameNumber(rawValue: firstFrame + UInt64(step))) }
-            let address = base + run.lowerBound * PMemDevice.pageSize
-            if let faults {
-                MappingRegion.makePlaceholder(
-                    address, length: run.count * PMemDevice.pageSize, access: access, faults: faults,
-                    calls: device.systemCalls)
-            } else {
-                MappingRegion.replaceWithFaulting(
-                    address, length: run.count * PMemDevice.pageSize, access: access, calls: device.systemCalls)
-            }
+            if tracksDirty { state.dirty.insert(run) }
             return
         }
         for step in 0..<counted { pageMap.unmap(PageFrameNumber(rawValue: firstFrame + UInt64(step))) }
         for index in run {
             let frame = PageFrameNumber(rawValue: firstFrame + UInt64(index - run.lowerBound))
             let address = base + index * PMemDevice.pageSize
-            do {
-                try pageMap.tryMap(frame)
-                do {
-                    try MappingRegion.mapDevicePage(
-                        device, frame: frame.rawValue, at: address, access: access, exposed: true, faults: faults)
-                    guard protectShared(index..<(index + 1), firstFrame: frame.rawValue) else {
-                        throw DAXError(.unsupported, "a shared page cannot be write-protected here")
-                    }
-                } catch {
-                    pageMap.unmap(frame)
-                    throw error
-                }
-                entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
-                state.zeroPages.remove(index)
-                if tracksDirty { state.dirty.insert(index..<(index + 1)) }
-            } catch {
-                // Not shown (a count at its limit, the process out of map entries): a zero page
-                // there would read stale zeros over data. With a handler the page becomes a
-                // placeholder (its next fault tries again), without one it faults.
-                if let faults {
-                    MappingRegion.makePlaceholder(
-                        address, length: PMemDevice.pageSize, access: access, faults: faults,
-                        calls: device.systemCalls)
+            if (try? pageMap.tryMap(frame)) != nil {
+                if show(index..<(index + 1), firstFrame: frame.rawValue, &state) {
+                    entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
                     state.zeroPages.remove(index)
-                } else if state.zeroPages.remove(index) != nil {
-                    MappingRegion.replaceWithFaulting(
-                        address, length: PMemDevice.pageSize, access: access, calls: device.systemCalls)
+                    if tracksDirty { state.dirty.insert(index..<(index + 1)) }
+                    continue
                 }
+                pageMap.unmap(frame)
             }
+            // Not shown (a count at its limit, the process out of map entries, a shared block
+            // the kernel cannot write-protect): a zero page there would read stale zeros over
+            // data. With a handler the page becomes a placeholder (its next fault tries again),
+            // without one it faults.
+            if faults != nil {
+                makeFaulting(index..<(index + 1), &state)
+                state.zeroPages.remove(index)
+            } else if state.zeroPages.remove(index) != nil {
+                MappingRegion.replaceWithFaulting(
+                    address, length: PMemDevice.pageSize, access: access, calls: device.systemCalls)
+            }
+        }
+    }
+
+    /// Maps the blocks from `firstFrame` at pages `run`, counted already: one `mmap` for the
+    /// blocks of this file alone. A shared block in a writable mapping is shown through a private
+    /// mapping of it and write-protected; a store that came in the moment between the two made a
+    /// copy in anonymous memory (the kernel maps nothing born registered with a userfaultfd), and
+    /// is kept in ``State/racedStores`` for the file, while the block the other files share never
+    /// saw it. Returns false if a piece could not be shown; the run then shows what it showed, or
+    /// nothing, and the caller makes it fault.
+    private func show(_ run: Range<Int>, firstFrame: UInt64, _ state: inout State) -> Bool {
+        let shared = space.data.volume.shared
+        let pieces: [(pages: Range<Int>, shared: Bool)]
+        if access == .readWrite, !device.isPrivateImage, shared.sharedBlockCount > 0 {
+            var split: [(pages: Range<Int>, shared: Bool)] = []
+            var at = run.lowerBound
+            for piece in shared.runs(in: firstFrame..<(firstFrame + UInt64(run.count))) {
+                let from = run.lowerBound + Int(piece.start - firstFrame)
+                if at < from { split.append((at..<from, false)) }
+                split.append((from..<(from + Int(piece.length)), true))
+                at = from + Int(piece.length)
+            }
+            if at < run.upperBound { split.append((at..<run.upperBound, false)) }
+            pieces = split
+        } else {
+            pieces = [(run, false)]
+        }
+        for piece in pieces {
+            let address = base + piece.pages.lowerBound * PMemDevice.pageSize
+            let frame = firstFrame + UInt64(piece.pages.lowerBound - run.lowerBound)
+            guard !piece.shared || faults != nil else { return false }  // a store could not be caught
+            do {
+                try MappingRegion.mapDevice(
+                    device, frame: frame, pages: piece.pages.count, at: address, access: access, exposed: true,
+                    faults: faults, privately: piece.shared)
+            } catch {
+                return false
+            }
+            guard piece.shared else {
+                for index in piece.pages {
+                    state.privatePages.remove(index)
+                    state.racedStores[index] = nil
+                }
+                continue
+            }
+            state.privatePages.formUnion(piece.pages)
+            guard writeProtect(piece.pages) else { return false }
+            keepStoresMadeBeforeProtection(piece.pages, firstFrame: frame, &state)
+        }
+        return true
+    }
+
+    /// Pages `pages` show the blocks from `firstFrame` through a private mapping, write-protected
+    /// now: the ones that a store reached first hold a copy in anonymous memory, which the page
+    /// table tells (or, where it cannot be read, bytes that differ from the block). Their bytes
+    /// go to ``State/racedStores``.
+    private func keepStoresMadeBeforeProtection(_ pages: Range<Int>, firstFrame: UInt64, _ state: inout State) {
+        let address = base + pages.lowerBound * PMemDevice.pageSize
+        let copied =
+            MappingRegion.anonymousPages(at: address, pages: pages.count, calls: device.systemCalls)
+            ?? (0..<pages.count).filter { step in
+                memcmp(
+                    address + step * PMemDevice.pageSize,
+                    device.base + Int(firstFrame + UInt64(step)) * PMemDevice.pageSize, PMemDevice.pageSize) != 0
+            }
+        for step in copied {
+            state.racedStores[pages.lowerBound + step] = RacedStore(
+                bytes: [UInt8](
+                    UnsafeRawBufferPointer(start: address + step * PMemDevice.pageSize, count: PMemDevice.pageSize)),
+                overZeros: false)
+        }
+    }
+
+    /// Makes pages `run` fault: with the handler, a placeholder it answers for (see
+    /// `MappingRegion.makePlaceholder`), else the region that raises SIGBUS. A placeholder takes
+    /// stores unseen in the moment before it is registered, each making a page of anonymous
+    /// memory there: those pages are dropped, so that the next access asks the handler, and the
+    /// bytes stored go to ``State/racedStores`` for the file.
+    func makeFaulting(_ run: Range<Int>, _ state: inout State) {
+        let address = base + run.lowerBound * PMemDevice.pageSize
+        let length = run.count * PMemDevice.pageSize
+        guard let faults else {
+            MappingRegion.replaceWithFaulting(address, length: length, access: access, calls: device.systemCalls)
+            return
+        }
+        MappingRegion.makePlaceholder(
+            address, length: length, access: access, faults: faults, calls: device.systemCalls)
+        // What is resident in a new placeholder came in that moment (the handler, which places
+        // pages there, waits for this mapping's lock).
+        var resident = [UInt8](repeating: 0, count: run.count)
+        guard device.systemCalls.mincore(address, length, &resident) == 0, resident.contains(where: { $0 & 1 != 0 })
+        else { return }
+        for step in 0..<run.count where resident[step] & 1 != 0 {
+            let page = UnsafeRawBufferPointer(start: address + step * PMemDevice.pageSize, count: PMemDevice.pageSize)
+            if access == .readWrite, page.contains(where: { $0 != 0 }) {
+                state.racedStores[run.lowerBound + step] = RacedStore(bytes: [UInt8](page), overZeros: true)
+            }
+            _ = device.systemCalls.madvise(
+                address + step * PMemDevice.pageSize, PMemDevice.pageSize, MADV_DONTNEED)
+        }
+    }
+
+    /// A store reached page `index`, which shows a block of this file alone through a private
+    /// mapping (it was shared when it was shown): the block is mapped shared again, so that the
+    /// store reaches it. If it cannot be, the page faults and its next access shows the block.
+    func showShared(_ index: Int, frame: UInt64, _ state: inout State) {
+        state.privatePages.remove(index)
+        state.racedStores[index] = nil
+        do {
+            try MappingRegion.mapDevicePage(
+                device, frame: frame, at: base + index * PMemDevice.pageSize, access: access, exposed: true,
+                faults: faults)
+            if tracksDirty { state.dirty.insert(index..<(index + 1)) }
+        } catch {
+            unshow(index, frame: frame, &state)
+        }
+    }
+
+    /// Page `index`, which shows `frame`, shows nothing any more: its next access faults. Outside
+    /// a layout change (no page detached).
+    private func unshow(_ index: Int, frame: UInt64, _ state: inout State) {
+        entries[index].store(0, ordering: .sequentiallyConsistent)
+        state.dirty.remove(index..<(index + 1))
+        state.privatePages.remove(index)
+        state.racedStores[index] = nil
+        makeFaulting(index..<(index + 1), &state)
+        device.noteUnmapped(base + index * PMemDevice.pageSize, length: PMemDevice.pageSize)
+        device.pages.unmap(PageFrameNumber(rawValue: frame))
+    }
+
+    /// File page `page`, if this mapping shows it through a private mapping: shown shared
+    /// (`shared`; its block is the file's alone now), or not at all, so that its next access
+    /// shows what the file has. Inode lock held.
+    func replacePrivate(_ page: UInt64, shared: Bool) {
+        state.withTrackedLock { state in
+            guard !state.unmapped, let local = localRange(page..<(page + 1)),
+                state.privatePages.contains(local.lowerBound)
+            else { return }
+            let frame = entries[local.lowerBound].load(ordering: .relaxed)
+            guard frame != 0 else { return }
+            if shared {
+                showShared(local.lowerBound, frame: frame, &state)
+            } else {
+                unshow(local.lowerBound, frame: frame, &state)
+            }
+        }
+    }
+
+    /// Takes the stores that reached private copies of shared pages before their protection
+    /// (``State/racedStores``), by file page.
+    func takeRacedStores() -> [(page: UInt64, store: RacedStore)] {
+        state.withTrackedLock { state in
+            guard !state.racedStores.isEmpty else { return [] }
+            defer { state.racedStores = [:] }
+            return state.racedStores.map { (firstPage + UInt64($0.key), $0.value) }
         }
     }
 

@@ -131,6 +131,7 @@ extension AddressSpace {
             mapping.replaceDetached(with: shown)
             mapping.populate(shown)
         }
+        keepRacedStores(&contents)
         data.volume.releaseFreed(freed)
         return already + chosen.count
     }

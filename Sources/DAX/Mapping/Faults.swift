@@ -29,20 +29,18 @@ extension DAXMapping {
     }
 
     /// The file grew to `end` pages: the part of the SIGBUS tail below it becomes a placeholder
-    /// again (holes now, read as zeros, filled by a store). Inode lock held.
-    func fileGrew(to end: UInt64) {
-        guard let faults else { return }
-        state.withTrackedLock { state in
-            guard !state.unmapped, state.sigbusTail < pageCount else { return }
+    /// again (holes now, read as zeros, filled by a store). Returns whether a store came in the
+    /// moment before a new placeholder was registered (``State/racedStores``). Inode lock held.
+    func fileGrew(to end: UInt64) -> Bool {
+        guard faults != nil else { return false }
+        return state.withTrackedLock { state in
+            guard !state.unmapped, state.sigbusTail < pageCount else { return false }
             let newTail = end <= firstPage ? 0 : Int(min(end - firstPage, UInt64(pageCount)))
-            guard newTail > state.sigbusTail else { return }
+            guard newTail > state.sigbusTail else { return false }
             // Runs that show no block: a block written there meanwhile was mapped over the region.
-            forEachRunShowingNothing(in: state.sigbusTail..<newTail) { run in
-                MappingRegion.makePlaceholder(
-                    base + run.lowerBound * PMemDevice.pageSize, length: run.count * PMemDevice.pageSize,
-                    access: access, faults: faults, calls: device.systemCalls)
-            }
+            forEachRunShowingNothing(in: state.sigbusTail..<newTail) { makeFaulting($0, &state) }
             state.sigbusTail = newTail
+            return !state.racedStores.isEmpty
         }
     }
 
@@ -97,10 +95,21 @@ extension DAXMapping {
             }
             let frame = entries[index].load(ordering: .acquiring)
             if frame != 0 {
-                if fault.isWrite || fault.isWriteProtect, access == .readWrite,
-                    space.data.volume.shared.references(to: frame) > 1
-                {
+                let stores = fault.isWrite || fault.isWriteProtect
+                if stores, access == .readWrite, space.data.volume.shared.references(to: frame) > 1 {
                     return .copy
+                }
+                if state.privatePages.contains(index) {
+                    // A private mapping of a block that was shared when it was shown: a store
+                    // would only make a copy there, so the block, this file's alone now, is
+                    // mapped shared first. A load of a page the device file lacks reads zeros,
+                    // protected, so that a store still faults.
+                    if stores {
+                        showShared(index, frame: frame, &state)
+                    } else {
+                        faults.placeZeros(at: address, writeProtect: true, waking: false)
+                    }
+                    return .answered
                 }
                 storeToBlock(fault, frame: frame, at: index, &state, faults)
                 return .answered
@@ -130,6 +139,7 @@ extension DAXMapping {
             return
         case .show(let extent):
             populate([extent])
+            space.keepRacedStores(&contents)
             signalUnlessShown(fault, at: index, faults)
         case .copy:
             // Copy-on-write: the page gets a block of this file's own, journaled, and every

@@ -36,15 +36,18 @@ enum MappingRegion {
     /// With `faults` (a writable mapping that a fault handler serves) on an emulated device, the
     /// new range is registered with it for write-protect faults, which the crash emulation sets. An emulated device
     /// tracks stores through the new pages (`exposed`: in a mapping that other threads may already
-    /// use). A crash image opened for a checker is mapped privately.
+    /// use). A crash image opened for a checker is mapped privately, and so are the pages
+    /// `privately` asks for: shared blocks shown in a live mapping, where a store in the moment
+    /// before their write protection must make a copy rather than reach the block.
     static func mapDevice(
         _ device: PMemDevice, frame: UInt64, pages: Int, at address: UnsafeMutableRawPointer, access: Access,
-        exposed: Bool = false, faults: UserFaults? = nil
+        exposed: Bool = false, faults: UserFaults? = nil, privately: Bool = false
     ) throws {
         let length = pages * PMemDevice.pageSize
         // Populating a private writable mapping would copy every page: a crash image's pages
-        // are copied only when the checker stores to them.
-        let sharing = device.isPrivateImage ? MAP_PRIVATE : MAP_SHARED | MAP_POPULATE
+        // are copied only when the checker stores to them, a private page only when a store
+        // reaches it unprotected.
+        let sharing = device.isPrivateImage || privately ? MAP_PRIVATE | MAP_NORESERVE : MAP_SHARED | MAP_POPULATE
         device.noteUnmapped(address, length: length)
         guard
             device.systemCalls.mmap(
@@ -82,6 +85,25 @@ enum MappingRegion {
         faults: UserFaults? = nil
     ) throws {
         try mapDevice(device, frame: frame, pages: 1, at: address, access: access, exposed: exposed, faults: faults)
+    }
+
+    /// The process's page table, read by address (`/proc/self/pagemap`); -1 where it cannot be
+    /// opened.
+    private static let pageTable: Int32 = SystemCalls.live.open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC, 0)
+
+    /// Which of the `pages` pages at `address` the page table maps to anonymous memory: in a
+    /// private mapping of the device, the copies that stores made there. Nil when the page table
+    /// cannot be read. (A copy swapped out shows as the write-protect markers of pages not yet
+    /// touched do; it cannot be, in the microseconds since the store that made it.)
+    static func anonymousPages(at address: UnsafeMutableRawPointer, pages: Int, calls: SystemCalls) -> [Int]? {
+        guard pageTable >= 0 else { return nil }
+        var entries = [UInt64](repeating: 0, count: pages)
+        let read = entries.withUnsafeMutableBytes {
+            calls.pread(pageTable, $0, Int(bitPattern: address) / PMemDevice.pageSize * 8)
+        }
+        guard read == pages * 8 else { return nil }
+        // Bit 63: present; bit 61: a page of a file (or of shared anonymous memory).
+        return entries.indices.filter { entries[$0] & (1 << 63) != 0 && entries[$0] & (1 << 61) == 0 }
     }
 
     /// Makes `length` bytes at `address` a placeholder again, registered with `faults`: its pages

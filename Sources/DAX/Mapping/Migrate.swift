@@ -104,6 +104,7 @@ extension AddressSpace {
             mapping.replaceDetached(with: moved.extents)
             mapping.populate(moved.extents)
         }
+        keepRacedStores(&contents)
         for candidate in frozen { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }
         data.volume.releaseFreed(moved.freed)
         return MigrationResult(migrated: frozen.count, busy: busy)

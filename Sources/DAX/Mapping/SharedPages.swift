@@ -62,7 +62,85 @@ extension AddressSpace {
             mapping.replaceDetached(with: now)
             mapping.populate(now)
         }
+        keepRacedStores(&contents)
         return result
+    }
+}
+
+extension AddressSpace {
+    /// Stores that came in the moment before a page of a mapping was protected or registered
+    /// (what ``DAXMapping/takeRacedStores()`` hands over) become the file's, as the fault each
+    /// would have taken makes them:
+    /// - at a shared block shown privately, a copy: the page gets a block of its own holding
+    ///   them, and the files that share the old block never see them;
+    /// - at a placeholder where the file has a hole, an allocating fault: a zeroed block with
+    ///   them;
+    /// - past the end of the file, or at a private copy of a block the file no longer has,
+    ///   nothing: the store came before the change that took the page.
+    /// Every mapping of the file shows the result. A byte stored in two mappings' copies takes
+    /// either one's value, as two racing stores may. If no block can be had the stores are lost
+    /// and the pages fault, to show the file as it is (where the kernel would have sent the
+    /// storing thread SIGBUS). Inode lock held exclusively.
+    func keepRacedStores(_ contents: inout Inode.Contents) {
+        let mappings = liveMappings
+        var raced: [UInt64: [DAXMapping.RacedStore]] = [:]
+        for mapping in mappings {
+            for taken in mapping.takeRacedStores() { raced[taken.page, default: []].append(taken.store) }
+        }
+        guard !raced.isEmpty else { return }
+        let end = FileData.pageUp(Int(contents.record.size))
+        let zeros = [UInt8](repeating: 0, count: PMemDevice.pageSize)
+        for (page, stores) in raced.sorted(by: { $0.key < $1.key }) where page < end {
+            let block = contents.extents.extent(containing: page)?.block(for: page)
+            let original =
+                block.map {
+                    [UInt8](
+                        UnsafeRawBufferPointer(
+                            start: device.base + Int($0) * PMemDevice.pageSize, count: PMemDevice.pageSize))
+                } ?? zeros
+            var bytes = original
+            for store in stores where store.overZeros || block != nil {
+                let before = store.overZeros ? zeros : original
+                for at in 0..<PMemDevice.pageSize where store.bytes[at] != before[at] { bytes[at] = store.bytes[at] }
+            }
+            guard bytes != original else {
+                for mapping in mappings { mapping.replacePrivate(page, shared: false) }
+                continue
+            }
+            do {
+                try keep(bytes, at: page, block: block, &contents)
+            } catch {
+                for mapping in mappings { mapping.replacePrivate(page, shared: false) }
+            }
+        }
+    }
+
+    /// Puts `bytes` in file page `page`, whose block is `block` (nil: a hole), as a store that
+    /// faulted would have: a copy of a shared block, a zeroed block for a hole, or the block
+    /// itself, which the file alone names. Every mapping shows the page then.
+    private func keep(_ bytes: [UInt8], at page: UInt64, block: UInt64?, _ contents: inout Inode.Contents) throws {
+        let pages = page..<(page + 1)
+        let what = "a store through a mapping of inode \(inode.number)"
+        guard let block else {
+            let added = try data.fillHolesZeroed(&contents, pages, what: what)
+            if let new = added.first?.block(for: page) {
+                bytes.withUnsafeBytes { device.copy($0, at: Int(new) * PMemDevice.pageSize, flags: []) }
+            }
+            show(added)
+            return
+        }
+        let copied = try copyingShared(pages, &contents) { contents in
+            // The copy is nobody's to see until the mappings show it: the stores go in first.
+            let copy = try data.unshare(&contents, pages, what: what)
+            let target = copy.first?.block(for: page) ?? block
+            bytes.withUnsafeBytes { device.copy($0, at: Int(target) * PMemDevice.pageSize, flags: []) }
+            return !copy.isEmpty
+        }
+        // Not shared any more: the stores went into the file's own block, which the mappings
+        // that show it through a private mapping now show shared.
+        if !copied {
+            for mapping in liveMappings { mapping.replacePrivate(page, shared: true) }
+        }
     }
 }
 
@@ -99,19 +177,5 @@ extension DAXMapping {
         let length = run.count * PMemDevice.pageSize
         return faults.registerAgain(address, length: length, modes: MappingRegion.faultModes(access))
             && faults.writeProtect(address, length: length, true)
-    }
-
-    /// After pages `run` came to show blocks from `firstFrame` on: the shared ones among them are
-    /// write-protected in a writable mapping. Returns false if one could not be.
-    func protectShared(_ run: Range<Int>, firstFrame: UInt64) -> Bool {
-        guard access == .readWrite else { return true }
-        let shared = space.data.volume.shared
-        guard shared.sharedBlockCount > 0 else { return true }
-        var protected = true
-        for piece in shared.runs(in: firstFrame..<(firstFrame + UInt64(run.count))) {
-            let from = run.lowerBound + Int(piece.start - firstFrame)
-            if !writeProtect(from..<(from + Int(piece.length))) { protected = false }
-        }
-        return protected
     }
 }

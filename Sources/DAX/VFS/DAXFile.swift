@@ -106,7 +106,7 @@ public final class DAXFile: Sendable {
                         try fileSystem.data.writeData(&contents, buffer, at: offset)
                     }
                     space.show(written.added)
-                    space.sizeChanged(to: contents.record.size)
+                    space.sizeChanged(&contents)
                 }
             }
         }
@@ -189,7 +189,7 @@ public final class DAXFile: Sendable {
             try inode.contents.write { contents in
                 try contents.checkLive(path)
                 space.show(try fileSystem.data.allocateData(&contents, offset: offset, count: count))
-                space.sizeChanged(to: contents.record.size)
+                space.sizeChanged(&contents)
             }
         }
     }
