@@ -266,8 +266,9 @@ struct MappingTests {
     @Test("a store in the moment before a cut page's placeholder is registered is gone with the page: SIGBUS after")
     func storeBeforeCutPlaceholderIsRegistered() async {
         await #expect(processExitsWith: .signal(SIGBUS)) {
+            let storer = StoreAfterMap()
             var options = PMemDevice.Options()
-            options.systemCalls = callsStoringAfterMap()
+            options.systemCalls = storer.calls
             let path = TemporaryDevice.uniquePath("cutwindow")
             let device = try PMemDevice.create(path: path, size: 8 << 20, options: options)
             unlink(path)
@@ -276,10 +277,10 @@ struct MappingTests {
             let file = try fs.create("/f")
             try file.write(pattern(3 * 4096, seed: 8), at: 0)
             let mapping = try file.map(count: 3 * 4096)
-            storeAtNextPlaceholderAt.store(UInt(bitPattern: mapping.baseAddress + 4096), ordering: .relaxed)
+            storer.placeholder.store(UInt(bitPattern: mapping.baseAddress + 4096), ordering: .relaxed)
             try file.truncate(to: 4096)
-            guard storeAtNextPlaceholderAt.load(ordering: .relaxed) == 0 else { exit(0) }  // no placeholder made
-            // The store (callsStoringAfterMap) came before the truncate, as far as anyone can tell: the page is past the
+            guard storer.placeholder.load(ordering: .relaxed) == 0 else { exit(0) }  // no placeholder made
+            // The store (StoreAfterMap) came before the truncate, as far as anyone can tell: the page is past the
             // end, and an access there raises SIGBUS rather than read the stored byte.
             _ = mapping.baseAddress.load(fromByteOffset: 4096 + 10, as: UInt8.self)
         }

@@ -4,32 +4,35 @@ import Testing
 
 @testable import DAX
 
-/// The device offset at whose next `mmap` the store-in-the-window test stores, -1 when none.
-let storeAtNextMapOf = Atomic(-1)
-/// The address at whose next anonymous `mmap` (a placeholder) the punch test stores, 0 when none.
-let storeAtNextPlaceholderAt = Atomic<UInt>(0)
+/// System calls whose `mmap` stores one byte into what it just mapped, where a test asks for it: a
+/// store in the moment between the mmap and the handler's registration, which another thread's
+/// store hits only now and then. Each test has its own, so that tests running side by side (on
+/// devices laid out alike) never take each other's store.
+final class StoreAfterMap: Sendable {
+    /// The device offset at whose next writable `mmap` 0xAB goes to byte 100; -1 when none.
+    let deviceOffset = Atomic(-1)
+    /// The address at whose next anonymous writable `mmap` (a placeholder) 0x5A goes to byte 10;
+    /// 0 when none.
+    let placeholder = Atomic<UInt>(0)
 
-/// System calls whose `mmap` stores one byte into what it just mapped, where the two values above
-/// ask for it: a store in the moment between the mmap and the handler's registration, which
-/// another thread's store hits only now and then.
-func callsStoringAfterMap() -> SystemCalls {
-    var calls = SystemCalls.injectable
-    calls.mmap = { address, length, protection, flags, fd, offset in
-        let mapped = SystemCalls.live.mmap(address, length, protection, flags, fd, offset)
-        guard let mapped, flags & MAP_FIXED != 0, protection & PROT_WRITE != 0 else { return mapped }
-        if fd >= 0, storeAtNextMapOf.compareExchange(expected: offset, desired: -1, ordering: .relaxed).exchanged {
-            mapped.storeBytes(of: 0xAB, toByteOffset: 100, as: UInt8.self)
+    var calls: SystemCalls {
+        var calls = SystemCalls.injectable
+        calls.mmap = { [self] address, length, protection, flags, fd, offset in
+            let mapped = SystemCalls.live.mmap(address, length, protection, flags, fd, offset)
+            guard let mapped, flags & MAP_FIXED != 0, protection & PROT_WRITE != 0 else { return mapped }
+            if fd >= 0, deviceOffset.compareExchange(expected: offset, desired: -1, ordering: .relaxed).exchanged {
+                mapped.storeBytes(of: 0xAB, toByteOffset: 100, as: UInt8.self)
+            }
+            if flags & MAP_ANONYMOUS != 0,
+                placeholder.compareExchange(expected: UInt(bitPattern: mapped), desired: 0, ordering: .relaxed)
+                    .exchanged
+            {
+                mapped.storeBytes(of: 0x5A, toByteOffset: 10, as: UInt8.self)
+            }
+            return mapped
         }
-        if flags & MAP_ANONYMOUS != 0,
-            storeAtNextPlaceholderAt.compareExchange(
-                expected: UInt(bitPattern: mapped), desired: 0, ordering: .relaxed
-            ).exchanged
-        {
-            mapped.storeBytes(of: 0x5A, toByteOffset: 10, as: UInt8.self)
-        }
-        return mapped
+        return calls
     }
-    return calls
 }
 
 @Suite("sync, migrate, and the fault handler's claim")
@@ -197,14 +200,26 @@ struct SyncAndContractTests {
     }
 
     @Test(
-        "a store in the moment between the mmap that shows a dedup's shared block and its write protection stays in its own file"
-    )
-    func storeBeforeSharedPageIsProtected() throws {
+        "a store in the moment between the mmap that shows a dedup's shared block and its write protection stays in its own file",
+        arguments: [true, false])
+    func storeBeforeSharedPageIsProtected(pageTableReadable: Bool) throws {
         // The store comes from the mmap itself, right after the kernel made the new mapping and
         // before the handler could register it: the moment another thread's store hits one time
         // in a few hundred in storesRacingDedup.
+        let storer = StoreAfterMap()
+        var calls = storer.calls
+        if !pageTableReadable {
+            // The page table is read at the page's index; the device reads only at offset 0.
+            calls.pread = { fd, buffer, offset in
+                guard offset == 0 else {
+                    errno = EACCES
+                    return -1
+                }
+                return SystemCalls.live.pread(fd, buffer, offset)
+            }
+        }
         var options = PMemDevice.Options()
-        options.systemCalls = callsStoringAfterMap()
+        options.systemCalls = calls
         let t = try TemporaryFileSystem(size: 16 << 20, name: "dedupwindow", deviceOptions: options)
         try #require(t.fs.faultHandling == .userfaultfd, "a store that faults needs the fault handler")
         let bytes = pattern(4096, seed: 5)
@@ -215,11 +230,11 @@ struct SyncAndContractTests {
         let mapping = try destination.map(count: 4096)
         defer { mapping.unmap() }
         let sourceBlock = try #require(try source.frames(offset: 0, count: 4096).first ?? nil)
-        storeAtNextMapOf.store(Int(sourceBlock.rawValue) * 4096, ordering: .relaxed)
-        defer { storeAtNextMapOf.store(-1, ordering: .relaxed) }
+        storer.deviceOffset.store(Int(sourceBlock.rawValue) * 4096, ordering: .relaxed)
 
         #expect(try t.fs.deduplicate("/s", offset: 0, "/d", offset: 0, count: 4096) == 4096)
-        #expect(storeAtNextMapOf.load(ordering: .relaxed) == -1, "the destination's mapping showed the source's block")
+        #expect(
+            storer.deviceOffset.load(ordering: .relaxed) == -1, "the destination's mapping showed the source's block")
         var changed = bytes
         changed[100] = 0xAB
         #expect(try source.read(count: 4096, at: 0) == bytes, "the store reached the block the source shares")
@@ -238,19 +253,19 @@ struct SyncAndContractTests {
 
     @Test("a store in the moment before a punched page's placeholder is registered fills the hole, as a fault would")
     func storeBeforePlaceholderIsRegistered() throws {
+        let storer = StoreAfterMap()
         var options = PMemDevice.Options()
-        options.systemCalls = callsStoringAfterMap()
+        options.systemCalls = storer.calls
         let t = try TemporaryFileSystem(size: 16 << 20, name: "punchwindow", deviceOptions: options)
         try #require(t.fs.faultHandling == .userfaultfd, "a store that faults needs the fault handler")
         let file = try t.fs.create("/f")
         try file.write(pattern(3 * 4096, seed: 7), at: 0)
         let mapping = try file.map(count: 3 * 4096)
         defer { mapping.unmap() }
-        storeAtNextPlaceholderAt.store(UInt(bitPattern: mapping.baseAddress + 4096), ordering: .relaxed)
-        defer { storeAtNextPlaceholderAt.store(0, ordering: .relaxed) }
+        storer.placeholder.store(UInt(bitPattern: mapping.baseAddress + 4096), ordering: .relaxed)
 
         try file.punchHole(offset: 4096, count: 4096)
-        #expect(storeAtNextPlaceholderAt.load(ordering: .relaxed) == 0, "the punched page became a placeholder")
+        #expect(storer.placeholder.load(ordering: .relaxed) == 0, "the punched page became a placeholder")
         // The store came after the punch: it gave the hole a block, as an allocating fault does.
         var page = [UInt8](repeating: 0, count: 4096)
         page[10] = 0x5A

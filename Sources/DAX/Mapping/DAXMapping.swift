@@ -526,17 +526,26 @@ public final class DAXMapping: Sendable {
 
     /// Pages `pages` show the blocks from `firstFrame` through a private mapping, write-protected
     /// now: the ones that a store reached first hold a copy in anonymous memory, which the page
-    /// table tells (or, where it cannot be read, bytes that differ from the block). Their bytes
-    /// go to ``State/racedStores``.
+    /// table tells (or, where it cannot be read, bytes that differ from the block, among the
+    /// resident pages: reading one that is not could fault to the handler, which waits for this
+    /// mapping's lock). Their bytes go to ``State/racedStores``.
     private func keepStoresMadeBeforeProtection(_ pages: Range<Int>, firstFrame: UInt64, _ state: inout State) {
         let address = base + pages.lowerBound * PMemDevice.pageSize
         let copied =
             MappingRegion.anonymousPages(at: address, pages: pages.count, calls: device.systemCalls)
-            ?? (0..<pages.count).filter { step in
-                memcmp(
-                    address + step * PMemDevice.pageSize,
-                    device.base + Int(firstFrame + UInt64(step)) * PMemDevice.pageSize, PMemDevice.pageSize) != 0
-            }
+            ?? {
+                var resident = [UInt8](repeating: 0, count: pages.count)
+                guard device.systemCalls.mincore(address, pages.count * PMemDevice.pageSize, &resident) == 0 else {
+                    return []
+                }
+                return (0..<pages.count).filter { step in
+                    resident[step] & 1 != 0
+                        && memcmp(
+                            address + step * PMemDevice.pageSize,
+                            device.base + Int(firstFrame + UInt64(step)) * PMemDevice.pageSize, PMemDevice.pageSize)
+                            != 0
+                }
+            }()
         for step in copied {
             state.racedStores[pages.lowerBound + step] = RacedStore(
                 bytes: [UInt8](

@@ -103,10 +103,9 @@ extension AddressSpace {
                 let before = store.overZeros ? zeros : original
                 for at in 0..<PMemDevice.pageSize where store.bytes[at] != before[at] { bytes[at] = store.bytes[at] }
             }
-            guard bytes != original else {
-                for mapping in mappings { mapping.replacePrivate(page, shared: false) }
-                continue
-            }
+            // A copy that holds nothing new (a store of the bytes already there) stays: it reads
+            // as the block, and a store to it faults as to the block.
+            guard bytes != original else { continue }
             do {
                 try keep(bytes, at: page, block: block, &contents)
             } catch {
