@@ -6,6 +6,9 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "DAX", targets: ["DAX"]),
+        // The plumbing of the programs here (errors as one line on stderr, exit 64 for bad
+        // arguments, crash-exploration options), for a command-line program of one's own.
+        .library(name: "CommandLineSupport", targets: ["CommandLineSupport"]),
         .executable(name: "daxemu", targets: ["daxemu"]),
     ],
     dependencies: [
