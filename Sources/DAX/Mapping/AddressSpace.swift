@@ -76,7 +76,9 @@ final class AddressSpace: Sendable {
 
     /// Blocks that filled holes show up in every live mapping that showed nothing there (a page
     /// punched while mapped), as the kernel's next fault would map them; until then a load there
-    /// faults. Inode lock held exclusively.
+    /// faults. The caller then calls ``keepRacedStores(_:)`` (a page that cannot be shown becomes
+    /// a placeholder, which may take a store), as ``sizeChanged(_:)`` does. Inode lock held
+    /// exclusively.
     func show(_ extents: [Extent]) {
         guard !extents.isEmpty else { return }
         for mapping in liveMappings { mapping.populate(extents) }
@@ -84,14 +86,14 @@ final class AddressSpace: Sendable {
 
     /// The file's size is what `contents` says now, perhaps larger than before: mappings whose
     /// pages past the old end were made to raise SIGBUS turn the part below the new end back into
-    /// placeholders, so that those pages read zeros and take stores as holes. Inode lock held
-    /// exclusively.
+    /// placeholders, so that those pages read zeros and take stores as holes. Then the stores that
+    /// raced a new placeholder here or in the change before (``show(_:)``) are kept. Inode lock
+    /// held exclusively.
     func sizeChanged(_ contents: inout Inode.Contents) {
         guard handler.faults != nil else { return }
         let end = FileData.pageUp(Int(contents.record.size))
-        var raced = false
-        for mapping in liveMappings where mapping.fileGrew(to: end) { raced = true }
-        if raced { keepRacedStores(&contents) }
+        for mapping in liveMappings { mapping.fileGrew(to: end) }
+        keepRacedStores(&contents)
     }
 
     /// Bumps the layout generation: pages left the mappings, or came back after a failed change.

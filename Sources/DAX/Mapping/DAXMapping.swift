@@ -61,7 +61,7 @@ public final class DAXMapping: Sendable {
         var privatePages: Set<Int> = []
         /// The pages that a store reached in the moment before their protection or their
         /// registration, by page: what ``AddressSpace/keepRacedStores(_:)`` gives the file.
-        var racedStores: [Int: RacedStore] = [:]
+        var racedStores: [Int: [RacedStore]] = [:]
     }
 
     /// A page of anonymous memory that a store made where the mapping showed a page that
@@ -383,10 +383,9 @@ public final class DAXMapping: Sendable {
             let run = indices[start]..<indices[end - 1] + 1
             // Whatever was stored there went with the block.
             state.dirty.remove(run)
-            for index in run {
-                state.privatePages.remove(index)
-                state.racedStores[index] = nil
-            }
+            // A store kept from the moment before a protection stays in ``State/racedStores``:
+            // the operation hands it to the file before it lets go of the inode lock.
+            for index in run { state.privatePages.remove(index) }
             // Placeholders again: the next access asks the handler, which sees the file as it is
             // then (a hole, or past its end).
             makeFaulting(run, &state)
@@ -511,10 +510,7 @@ public final class DAXMapping: Sendable {
                 return false
             }
             guard piece.shared else {
-                for index in piece.pages {
-                    state.privatePages.remove(index)
-                    state.racedStores[index] = nil
-                }
+                for index in piece.pages { state.privatePages.remove(index) }
                 continue
             }
             state.privatePages.formUnion(piece.pages)
@@ -547,10 +543,11 @@ public final class DAXMapping: Sendable {
                 }
             }()
         for step in copied {
-            state.racedStores[pages.lowerBound + step] = RacedStore(
-                bytes: [UInt8](
-                    UnsafeRawBufferPointer(start: address + step * PMemDevice.pageSize, count: PMemDevice.pageSize)),
-                overZeros: false)
+            state.racedStores[pages.lowerBound + step, default: []].append(
+                RacedStore(
+                    bytes: [UInt8](
+                        UnsafeRawBufferPointer(start: address + step * PMemDevice.pageSize, count: PMemDevice.pageSize)),
+                    overZeros: false))
         }
     }
 
@@ -574,12 +571,19 @@ public final class DAXMapping: Sendable {
         guard device.systemCalls.mincore(address, length, &resident) == 0, resident.contains(where: { $0 & 1 != 0 })
         else { return }
         for step in 0..<run.count where resident[step] & 1 != 0 {
-            let page = UnsafeRawBufferPointer(start: address + step * PMemDevice.pageSize, count: PMemDevice.pageSize)
-            if access == .readWrite, page.contains(where: { $0 != 0 }) {
-                state.racedStores[run.lowerBound + step] = RacedStore(bytes: [UInt8](page), overZeros: true)
+            let pageAddress = address + step * PMemDevice.pageSize
+            // Protected before it is read: a later store waits in the handler (for this lock) and
+            // then finds the page gone, a store to a hole, instead of landing in a page about to
+            // be dropped. A read-only placeholder takes no stores.
+            if access == .readWrite {
+                _ = faults.writeProtect(pageAddress, length: PMemDevice.pageSize, true)
+                let page = UnsafeRawBufferPointer(start: pageAddress, count: PMemDevice.pageSize)
+                if page.contains(where: { $0 != 0 }) {
+                    state.racedStores[run.lowerBound + step, default: []].append(
+                        RacedStore(bytes: [UInt8](page), overZeros: true))
+                }
             }
-            _ = device.systemCalls.madvise(
-                address + step * PMemDevice.pageSize, PMemDevice.pageSize, MADV_DONTNEED)
+            _ = device.systemCalls.madvise(pageAddress, PMemDevice.pageSize, MADV_DONTNEED)
         }
     }
 
@@ -588,7 +592,6 @@ public final class DAXMapping: Sendable {
     /// store reaches it. If it cannot be, the page faults and its next access shows the block.
     func showShared(_ index: Int, frame: UInt64, _ state: inout State) {
         state.privatePages.remove(index)
-        state.racedStores[index] = nil
         do {
             try MappingRegion.mapDevicePage(
                 device, frame: frame, at: base + index * PMemDevice.pageSize, access: access, exposed: true,
@@ -605,7 +608,6 @@ public final class DAXMapping: Sendable {
         entries[index].store(0, ordering: .sequentiallyConsistent)
         state.dirty.remove(index..<(index + 1))
         state.privatePages.remove(index)
-        state.racedStores[index] = nil
         makeFaulting(index..<(index + 1), &state)
         device.noteUnmapped(base + index * PMemDevice.pageSize, length: PMemDevice.pageSize)
         device.pages.unmap(PageFrameNumber(rawValue: frame))
@@ -635,7 +637,7 @@ public final class DAXMapping: Sendable {
         state.withTrackedLock { state in
             guard !state.racedStores.isEmpty else { return [] }
             defer { state.racedStores = [:] }
-            return state.racedStores.map { (firstPage + UInt64($0.key), $0.value) }
+            return state.racedStores.flatMap { index, stores in stores.map { (firstPage + UInt64(index), $0) } }
         }
     }
 

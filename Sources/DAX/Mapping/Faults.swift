@@ -29,18 +29,17 @@ extension DAXMapping {
     }
 
     /// The file grew to `end` pages: the part of the SIGBUS tail below it becomes a placeholder
-    /// again (holes now, read as zeros, filled by a store). Returns whether a store came in the
-    /// moment before a new placeholder was registered (``State/racedStores``). Inode lock held.
-    func fileGrew(to end: UInt64) -> Bool {
-        guard faults != nil else { return false }
-        return state.withTrackedLock { state in
-            guard !state.unmapped, state.sigbusTail < pageCount else { return false }
+    /// again (holes now, read as zeros, filled by a store). A store in the moment before a new
+    /// placeholder was registered goes to ``State/racedStores``. Inode lock held.
+    func fileGrew(to end: UInt64) {
+        guard faults != nil else { return }
+        state.withTrackedLock { state in
+            guard !state.unmapped, state.sigbusTail < pageCount else { return }
             let newTail = end <= firstPage ? 0 : Int(min(end - firstPage, UInt64(pageCount)))
-            guard newTail > state.sigbusTail else { return false }
+            guard newTail > state.sigbusTail else { return }
             // Runs that show no block: a block written there meanwhile was mapped over the region.
             forEachRunShowingNothing(in: state.sigbusTail..<newTail) { makeFaulting($0, &state) }
             state.sigbusTail = newTail
-            return !state.racedStores.isEmpty
         }
     }
 
@@ -83,7 +82,11 @@ extension DAXMapping {
         let page = firstPage + UInt64(index)
         let end = FileData.pageUp(Int(contents.record.size))
         let address = fault.address
+        var raced = false
         let answer: Answer = state.withTrackedLock { state in
+            // A page this answer made fault again (a private page that could not be shown
+            // shared) may have taken a store in the moment before it was registered.
+            defer { raced = !state.racedStores.isEmpty }
             guard !state.unmapped, !contents.isFreed, index < state.sigbusTail else {
                 // Unmapped, or a fault queued before the page was resolved by an earlier one.
                 return .answered
@@ -102,11 +105,17 @@ extension DAXMapping {
                 if state.privatePages.contains(index) {
                     // A private mapping of a block that was shared when it was shown: a store
                     // would only make a copy there, so the block, this file's alone now, is
-                    // mapped shared first. A load of a page the device file lacks reads zeros,
-                    // protected, so that a store still faults.
+                    // mapped shared first. A load of a page the device file lacks (a block
+                    // zeroed by punching the device file) gets the page made in the device
+                    // file, and the retry maps it: a page placed here would be a copy, which
+                    // would go on reading zeros once the block is written. If the kernel cannot
+                    // make it, the load reads zeros from a copy, protected, so that a store
+                    // still faults.
                     if stores {
                         showShared(index, frame: frame, &state)
-                    } else {
+                    } else if device.systemCalls.madvise(
+                        device.base + Int(frame) * PMemDevice.pageSize, PMemDevice.pageSize, MADV_POPULATE_READ) != 0
+                    {
                         faults.placeZeros(at: address, writeProtect: true, waking: false)
                     }
                     return .answered
@@ -134,6 +143,7 @@ extension DAXMapping {
             }
             return .allocate
         }
+        if raced { space.keepRacedStores(&contents) }
         switch answer {
         case .answered:
             return
@@ -161,6 +171,7 @@ extension DAXMapping {
                     &contents, page..<(page + 1), what: "store to a hole of \(Paths.quoted(path)) through a mapping")
                 handler.allocating.wrappingAdd(1, ordering: .relaxed)
                 space.show(added)
+                space.keepRacedStores(&contents)
                 signalUnlessShown(fault, at: index, faults)
             } catch {
                 // No block (or the journal refused): SIGBUS to the thread, nothing else changes.

@@ -95,6 +95,7 @@ extension AddressSpace {
                 mapping.restore()
                 mapping.populate(back)
             }
+            keepRacedStores(&contents)
             throw error
         }
 

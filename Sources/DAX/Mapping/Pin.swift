@@ -253,6 +253,7 @@ extension DAXMapping {
             }
             // Every live mapping that shows nothing there gets the blocks, as its own fault would.
             space.show(contents.extents.extents(in: filePages))
+            space.keepRacedStores(&contents)
             return holes
         }
     }

@@ -77,17 +77,37 @@ extension AddressSpace {
     ///   them;
     /// - past the end of the file, or at a private copy of a block the file no longer has,
     ///   nothing: the store came before the change that took the page.
-    /// Every mapping of the file shows the result. A byte stored in two mappings' copies takes
-    /// either one's value, as two racing stores may. If no block can be had the stores are lost
-    /// and the pages fault, to show the file as it is (where the kernel would have sent the
-    /// storing thread SIGBUS). Inode lock held exclusively.
+    /// Every mapping of the file shows the result. A copy that holds nothing new (a store of the
+    /// bytes already there) is dropped from its mapping, whose next access shows the block again:
+    /// left, it would go on reading the copy once the block changes. A byte stored in two
+    /// mappings' copies takes either one's value, as two racing stores may. Showing the result can
+    /// make placeholders that take stores of their own: they are kept in turn, until none is
+    /// left. If no block can be had the stores are lost and the pages fault, to show the file as
+    /// it is (where the kernel would have sent the storing thread SIGBUS).
+    ///
+    /// Every operation that shows pages or makes them fault calls it before it lets go of the
+    /// inode lock (held exclusively), so that a store is kept in the operation it raced, never
+    /// applied over a later change.
     func keepRacedStores(_ contents: inout Inode.Contents) {
-        let mappings = liveMappings
-        var raced: [UInt64: [DAXMapping.RacedStore]] = [:]
-        for mapping in mappings {
-            for taken in mapping.takeRacedStores() { raced[taken.page, default: []].append(taken.store) }
+        // Each round needs a store that raced a new placeholder of the round before (a show that
+        // failed): a few rounds at most in practice; the bound keeps a storm from holding the lock.
+        for _ in 0..<Self.racedStoreRounds {
+            guard keepRacedStoresOnce(&contents) else { return }
         }
-        guard !raced.isEmpty else { return }
+        for mapping in liveMappings { _ = mapping.takeRacedStores() }
+    }
+
+    /// Rounds of ``keepRacedStores(_:)`` before what is left is dropped.
+    static let racedStoreRounds = 16
+
+    /// One round of ``keepRacedStores(_:)``: false if there was nothing to keep.
+    private func keepRacedStoresOnce(_ contents: inout Inode.Contents) -> Bool {
+        let mappings = liveMappings
+        var raced: [UInt64: [(mapping: DAXMapping, store: DAXMapping.RacedStore)]] = [:]
+        for mapping in mappings {
+            for taken in mapping.takeRacedStores() { raced[taken.page, default: []].append((mapping, taken.store)) }
+        }
+        guard !raced.isEmpty else { return false }
         let end = FileData.pageUp(Int(contents.record.size))
         let zeros = [UInt8](repeating: 0, count: PMemDevice.pageSize)
         for (page, stores) in raced.sorted(by: { $0.key < $1.key }) where page < end {
@@ -99,25 +119,30 @@ extension AddressSpace {
                             start: device.base + Int($0) * PMemDevice.pageSize, count: PMemDevice.pageSize))
                 } ?? zeros
             var bytes = original
-            for store in stores where store.overZeros || block != nil {
+            for (_, store) in stores where store.overZeros || block != nil {
                 let before = store.overZeros ? zeros : original
                 for at in 0..<PMemDevice.pageSize where store.bytes[at] != before[at] { bytes[at] = store.bytes[at] }
             }
-            // A copy that holds nothing new (a store of the bytes already there) stays: it reads
-            // as the block, and a store to it faults as to the block.
-            guard bytes != original else { continue }
+            guard bytes != original else {
+                for (mapping, store) in stores where !store.overZeros { mapping.replacePrivate(page, shared: false) }
+                continue
+            }
             do {
-                try keep(bytes, at: page, block: block, &contents)
+                try keep(bytes, over: original, at: page, block: block, &contents)
             } catch {
                 for mapping in mappings { mapping.replacePrivate(page, shared: false) }
             }
         }
+        return true
     }
 
-    /// Puts `bytes` in file page `page`, whose block is `block` (nil: a hole), as a store that
-    /// faulted would have: a copy of a shared block, a zeroed block for a hole, or the block
-    /// itself, which the file alone names. Every mapping shows the page then.
-    private func keep(_ bytes: [UInt8], at page: UInt64, block: UInt64?, _ contents: inout Inode.Contents) throws {
+    /// Puts `bytes` in file page `page`, whose block is `block` (nil: a hole) and holds
+    /// `original`, as a store that faulted would have: a copy of a shared block, a zeroed block
+    /// for a hole, or the block itself, which the file alone names. Every mapping shows the page
+    /// then.
+    private func keep(
+        _ bytes: [UInt8], over original: [UInt8], at page: UInt64, block: UInt64?, _ contents: inout Inode.Contents
+    ) throws {
         let pages = page..<(page + 1)
         let what = "a store through a mapping of inode \(inode.number)"
         guard let block else {
@@ -131,8 +156,25 @@ extension AddressSpace {
         let copied = try copyingShared(pages, &contents) { contents in
             // The copy is nobody's to see until the mappings show it: the stores go in first.
             let copy = try data.unshare(&contents, pages, what: what)
-            let target = copy.first?.block(for: page) ?? block
-            bytes.withUnsafeBytes { device.copy($0, at: Int(target) * PMemDevice.pageSize, flags: []) }
+            if let target = copy.first?.block(for: page) {
+                bytes.withUnsafeBytes { device.copy($0, at: Int(target) * PMemDevice.pageSize, flags: []) }
+            } else {
+                // The file's own block, which other mappings may show writable and be storing
+                // to: only the bytes the raced stores changed are written, never the rest.
+                var offset = 0
+                while offset < PMemDevice.pageSize {
+                    guard bytes[offset] != original[offset] else {
+                        offset += 1
+                        continue
+                    }
+                    var end = offset + 1
+                    while end < PMemDevice.pageSize, bytes[end] != original[end] { end += 1 }
+                    bytes[offset..<end].withUnsafeBytes {
+                        device.copy($0, at: Int(block) * PMemDevice.pageSize + offset, flags: [])
+                    }
+                    offset = end
+                }
+            }
             return !copy.isEmpty
         }
         // Not shared any more: the stores went into the file's own block, which the mappings
