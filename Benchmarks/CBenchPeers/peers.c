@@ -154,13 +154,20 @@ struct cbench_uffd_handler {
     int uffd;
     int stop;  // an eventfd: written once to end the thread
     void *zeros;
+    long spin_ns;  // polls for the next fault this long before sleeping in poll
 };
 
 static void *cbench_uffd_serve(void *argument) {
     struct cbench_uffd_handler *handler = argument;
     struct pollfd fds[2] = {{handler->uffd, POLLIN, 0}, {handler->stop, POLLIN, 0}};
     for (;;) {
-        if (poll(fds, 2, -1) < 0 && errno != EINTR) return NULL;
+        int ready = 0;
+        uint64_t spun = cbench_now_ns();
+        while (handler->spin_ns > 0 && (ready = poll(fds, 2, 0)) == 0 &&
+               cbench_now_ns() - spun < (uint64_t)handler->spin_ns) {
+            __builtin_ia32_pause();
+        }
+        if (ready == 0 && poll(fds, 2, -1) < 0 && errno != EINTR) return NULL;
         if (fds[1].revents) return NULL;
         struct uffd_msg message;
         if (read(handler->uffd, &message, sizeof(message)) != sizeof(message)) continue;
@@ -206,10 +213,11 @@ int cbench_pin_thread(int tid, int cpu) {
 
 int cbench_gettid(void) { return (int)gettid(); }
 
-int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu) {
+int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu, long spin_ns) {
     size_t length = pages * 4096;
     int64_t result = -EINVAL;
-    struct cbench_uffd_handler handler = {.uffd = cbench_open_userfaultfd(), .stop = -1, .zeros = NULL};
+    struct cbench_uffd_handler handler = {
+        .uffd = cbench_open_userfaultfd(), .stop = -1, .zeros = NULL, .spin_ns = spin_ns};
     if (handler.uffd < 0) return -errno;
     void *address = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     handler.zeros = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);

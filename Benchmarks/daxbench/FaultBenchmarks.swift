@@ -144,14 +144,20 @@ enum FaultBenchmarks {
         }
 
         let touch: Int32 = store ? 1 : 0
+        // The bare peer waits for faults as ours does.
+        let spin = setup.fs.faultHandlerSpin.nanosecondsForPeer
+        print("\(row): \(setup.fs.faultHandlingDetail)")
         var sides: [(name: String, measure: () throws -> FaultPass)] = [
             ("ours (.readWrite mapping)", { try ours(.readWrite) }),
             ("tmpfs peer", { try peer("tmpfs peer") { cbench_tmpfs_first_touch(tmpfs.fd, pages, touch) } }),
-            ("bare userfaultfd peer", { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, -1) } }),
+            (
+                "bare userfaultfd peer",
+                { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, -1, spin) } }
+            ),
             ("ours (.readWrite mapping), one CPU", { try ours(.readWrite, oneCPU: true) }),
             (
                 "bare userfaultfd peer, one CPU",
-                { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, 0) } }
+                { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, 0, spin) } }
             ),
         ]
         if !store { sides.append(("ours (.readOnly mapping)", { try ours(.readOnly) })) }
@@ -367,5 +373,13 @@ extension BenchContext {
                     + "(medians of \(measured.count) passes of \(pages) faults)")
         }
         return samples
+    }
+}
+
+extension Duration {
+    /// Whole nanoseconds, for a C peer's `long`.
+    var nanosecondsForPeer: Int {
+        let (seconds, attoseconds) = components
+        return Int(seconds) * 1_000_000_000 + Int(attoseconds / 1_000_000_000)
     }
 }

@@ -305,7 +305,7 @@ enum ForkingBenchmarks {
         }
         func userfaultfdPeer() throws -> FaultPass {
             let switches = FaultBenchmarks.contextSwitches()
-            let elapsed = cbench_uffd_first_touch(pages, 1, -1)
+            let elapsed = cbench_uffd_first_touch(pages, 1, -1, setup.fs.faultHandlerSpin.nanosecondsForPeer)
             let switched = Double(FaultBenchmarks.contextSwitches() - switches)
             guard elapsed >= 0 else { throw BenchError("\(row): the userfaultfd peer failed: errno \(-elapsed)") }
             return FaultPass(

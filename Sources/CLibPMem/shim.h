@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <sys/file.h>
 #include <poll.h>
+#include <time.h>
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -91,13 +92,37 @@ static inline int dax_uffd_read_fault(int fd, uint64_t *address, uint64_t *flags
 }
 
 /// Waits until `fd` is readable or `stop` (an eventfd) is signalled: 1 for `fd`, 0 for `stop`,
-/// -1 with errno set when `poll(2)` fails.
-static inline int dax_wait_readable(int fd, int stop) {
+/// -1 with errno set when `poll(2)` fails. For the first `spin_ns` nanoseconds it polls without
+/// sleeping, so that the thread's CPU does not go idle between faults that come close together.
+static inline int dax_wait_readable(int fd, int stop, long spin_ns) {
     struct pollfd fds[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop, .events = POLLIN}};
-    int got = poll(fds, 2, -1);
+    int got = 0;
+    if (spin_ns > 0) {
+        struct timespec start, now;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        for (;;) {
+            got = poll(fds, 2, 0);
+            if (got != 0) break;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            long elapsed = (now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec);
+            if (elapsed >= spin_ns) break;
+            __builtin_ia32_pause();
+        }
+    }
+    if (got == 0) got = poll(fds, 2, -1);
     if (got < 0) return -1;
     if (fds[1].revents) return 0;
     return 1;
+}
+
+/// The CPUs the calling thread may run on (`sched_getaffinity`), at least 1.
+static inline int dax_usable_cpus(void) {
+    unsigned long mask[16] = {0};
+    long got = syscall(SYS_sched_getaffinity, 0, sizeof mask, mask);
+    if (got <= 0) return 1;
+    int count = 0;
+    for (long word = 0; word < got / (long)sizeof mask[0]; word++) count += __builtin_popcountl(mask[word]);
+    return count > 0 ? count : 1;
 }
 
 /// Calls `eventfd(2)` with `EFD_CLOEXEC`.

@@ -61,7 +61,9 @@ int64_t cbench_time_pmem_persist(void *address, size_t length);
 /// a zeroed page (poll, read, ioctl). Stores to (`store` != 0) or loads from each page once, and
 /// returns the nanoseconds of the stores or loads alone, or -errno. With `cpu` >= 0 the caller and
 /// the handler thread run on that CPU alone (the caller's affinity is reset to every CPU after).
-int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu);
+/// The handler polls for the next fault for `spin_ns` nanoseconds before it sleeps, as ours does
+/// (`DAXFileSystem.faultHandlerSpin`).
+int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu, long spin_ns);
 
 /// `sched_setaffinity` of thread `tid` (0: the caller) to CPU `cpu` alone, or to every online CPU
 /// when `cpu` < 0. Returns 0 or -errno.

@@ -56,13 +56,67 @@ final class UserFaults: Sendable {
     /// The kernel's page size on x86-64.
     static let pageSize = 4096
 
+    /// How long the thread polls for the next fault before it sleeps in `poll`. A thread that
+    /// sleeps lets its CPU go idle, and waking an idle CPU is most of what a fault answered in
+    /// user space costs where idle CPUs halt (a virtual machine's vCPU, a core in a deep C-state):
+    /// each fault then wakes two of them, the handler's and, when the handler has answered, the
+    /// faulting thread's. Polling for a while keeps the handler's CPU awake for the next fault of
+    /// a run of them, at the cost of that CPU's time while it polls. It is off where the thread
+    /// can run on one CPU only, where polling would only keep the faulting thread waiting.
+    struct Spin: Equatable, Sendable {
+        /// What a handler polls for, when the environment does not say.
+        static let defaultMicroseconds = 100
+        /// The most the environment may ask for.
+        static let maximumMicroseconds = 10_000
+        /// The environment variable that sets it, in microseconds (0 turns polling off).
+        static let environmentVariable = "DAX_FAULT_SPIN_US"
+
+        var nanoseconds: Int
+        /// One sentence on it, for `faultHandlingDetail`.
+        var description: String
+
+        /// The spin that `value` (of ``environmentVariable``, nil when unset) asks for, for a
+        /// thread that may run on `cpus` CPUs. A value that is not a whole number of microseconds
+        /// from 0 to ``maximumMicroseconds`` gives the default, and the description says so.
+        static func from(_ value: String?, cpus: Int) -> Spin {
+            var note = ""
+            var microseconds = defaultMicroseconds
+            if let value {
+                if let asked = Int(value), (0...maximumMicroseconds).contains(asked) {
+                    microseconds = asked
+                } else {
+                    note =
+                        " (\(environmentVariable)=\(value) is not a whole number of microseconds from 0 to "
+                        + "\(maximumMicroseconds); the default is used)"
+                }
+            }
+            if cpus <= 1 {
+                return Spin(
+                    nanoseconds: 0, description: "the handler thread sleeps between faults: it has one CPU" + note)
+            }
+            if microseconds == 0 {
+                return Spin(
+                    nanoseconds: 0, description: "the handler thread sleeps between faults (\(environmentVariable)=0)")
+            }
+            return Spin(
+                nanoseconds: microseconds * 1000,
+                description: "the handler thread polls for \(microseconds) µs after each fault before it sleeps" + note)
+        }
+
+        /// The spin the process's environment asks for, for a thread started by the calling one
+        /// (which inherits its CPUs).
+        static func fromEnvironment() -> Spin {
+            from(getenv(environmentVariable).map { String(cString: $0) }, cpus: Int(dax_usable_cpus()))
+        }
+    }
+
     /// The process-wide instance, or why userfaultfd is not available to this process.
-    static let shared: Result<UserFaults, DAXError> = make(calls: .live)
+    static let shared: Result<UserFaults, DAXError> = make(calls: .live, spin: Spin.fromEnvironment().nanoseconds)
 
     /// A new instance, or why userfaultfd is not available.
-    static func make(calls: SystemCalls) -> Result<UserFaults, DAXError> {
+    static func make(calls: SystemCalls, spin: Int = 0) -> Result<UserFaults, DAXError> {
         do {
-            return .success(try UserFaults(calls: calls))
+            return .success(try UserFaults(calls: calls, spin: spin))
         } catch let error as DAXError {
             return .failure(error)
         } catch {
@@ -72,6 +126,8 @@ final class UserFaults: Sendable {
 
     let fd: Int32
     let reach: Reach
+    /// Nanoseconds the thread polls for the next fault before it sleeps (``Spin``).
+    let spin: Int
     /// Written to stop the thread.
     private let stopFD: Int32
     private let calls: SystemCalls
@@ -84,8 +140,9 @@ final class UserFaults: Sendable {
 
     /// Opens a userfaultfd through `calls` and starts its thread; use ``shared`` or ``make(calls:)``
     /// (tests call it with failing calls to see the error).
-    init(calls: SystemCalls) throws {
+    init(calls: SystemCalls, spin: Int = 0) throws {
         self.calls = calls
+        self.spin = max(0, spin)
         var fd: Int32 = -1
         var reach = Reach.full
         let device = calls.open("/dev/userfaultfd", O_RDWR | O_CLOEXEC, 0)
@@ -349,7 +406,7 @@ final class UserFaults: Sendable {
     /// queued) is woken to retry as is.
     private func serve() {
         while true {
-            let ready = dax_wait_readable(fd, stopFD)
+            let ready = dax_wait_readable(fd, stopFD, spin)
             if ready == 0 {
                 _ = calls.close(fd)
                 _ = calls.close(stopFD)

@@ -30,7 +30,8 @@ final class FaultHandler: Sendable {
             detail = reason + "; " + Self.withoutHandler
             return
         }
-        switch UserFaults.make(calls: calls) {
+        let spin = UserFaults.Spin.fromEnvironment()
+        switch UserFaults.make(calls: calls, spin: spin.nanoseconds) {
         case .success(let faults):
             self.faults = faults
             handling = .userfaultfd
@@ -38,12 +39,12 @@ final class FaultHandler: Sendable {
             case .full:
                 detail =
                     "userfaultfd in full mode: loads and stores from user code and from the kernel (read(2) into "
-                    + "a mapping) are resolved"
+                    + "a mapping) are resolved; " + spin.description
             case .userModeOnly:
                 detail =
                     "userfaultfd in user-mode-only mode (no access to /dev/userfaultfd, no CAP_SYS_PTRACE): loads "
                     + "and stores from user code are resolved; a kernel access to a hole, such as read(2) into "
-                    + "it, fails with EFAULT"
+                    + "it, fails with EFAULT; " + spin.description
             }
         case .failure(let error):
             faults = nil

@@ -9,8 +9,16 @@ extension DAXFileSystem {
 
     /// One sentence on the fault handling in effect: whether faults the kernel takes inside a
     /// system call (`read(2)` into a mapping) are resolved too (full mode) or fail with `EFAULT`
-    /// (user-mode-only mode, without privilege), or why there is no handler.
+    /// (user-mode-only mode, without privilege), or why there is no handler; and how the handler
+    /// thread waits for faults (``faultHandlerSpin``).
     public var faultHandlingDetail: String { spaces.handler.detail }
+
+    /// How long the handler thread polls for the next fault after each one before it sleeps, so
+    /// that a run of faults does not wake an idle CPU for each (`docs/faults.md`); zero when it
+    /// does not (no handler, one usable CPU, or `DAX_FAULT_SPIN_US=0`). Set by
+    /// `DAX_FAULT_SPIN_US` (microseconds, 0 to 10000) when the file system is mounted; 100 µs by
+    /// default.
+    public var faultHandlerSpin: Duration { .nanoseconds(spaces.handler.faults?.spin ?? 0) }
 
     /// reflink (`FICLONE`): `destination`, which must not exist, shares the source's blocks
     /// copy-on-write; a directory is cloned with its whole tree (a snapshot). One transaction: a
