@@ -149,6 +149,15 @@ int64_t cbench_time_pmem_persist(void *address, size_t length) {
     return (int64_t)(cbench_now_ns() - start);
 }
 
+int64_t cbench_time_protect_and_persist(void *address, size_t length) {
+    uint64_t start = cbench_now_ns();
+    if (mprotect(address, length, PROT_READ) != 0) return -errno;
+    pmem_persist(address, length);
+    int64_t elapsed = (int64_t)(cbench_now_ns() - start);
+    if (mprotect(address, length, PROT_READ | PROT_WRITE) != 0) return -errno;
+    return elapsed;
+}
+
 // The bare userfaultfd peer: the least any user-space fault handler does per fault.
 struct cbench_uffd_handler {
     int uffd;

@@ -57,8 +57,10 @@ enum FaultBenchmarks {
     /// `pmem_persist` of a whole 1 GiB mapping (what a sync costs that does not know which pages are
     /// dirty); then the same after a store to every page, where dirty tracking must cost little.
     /// Each has a variant with ours in `.msync` mode vs `msync(MS_SYNC)` of 1 GiB of tmpfs (nearly
-    /// free: tmpfs has nothing to write back). One benchmark for the four rows, so that the three
-    /// 1 GiB files are set up once.
+    /// free: tmpfs has nothing to write back). The all-dirty row has one more peer: what any sync
+    /// that tracks dirty pages must do (write-protect every page, one walk of the page table, then
+    /// flush), `mprotect(PROT_READ)` and `pmem_persist` of the tmpfs mapping. One benchmark for
+    /// the five rows, so that the three 1 GiB files are set up once.
     static var sync1GiB: Benchmark {
         let msync = "msync(MS_SYNC) of 1 GiB of tmpfs (C)"
         return Benchmark(
@@ -66,6 +68,9 @@ enum FaultBenchmarks {
             variants: [
                 .init(name: "sync-1GiB-one-dirty-msync", peerName: msync, goal: .report),
                 .init(name: "sync-1GiB-all-dirty", peerName: "pmem_persist of all 1 GiB (C)", goal: .atMost(1.2)),
+                .init(
+                    name: "sync-1GiB-all-dirty-vs-protect", peerName: "mprotect(PROT_READ) + pmem_persist of 1 GiB (C)",
+                    goal: .report),
                 .init(name: "sync-1GiB-all-dirty-msync", peerName: msync, goal: .report),
             ]
         ) { context in
@@ -297,6 +302,13 @@ enum FaultBenchmarks {
             try dirty(peer, all: all)
             return Double(cbench_time_pmem_persist(peer, gib)) / 1000
         }
+        /// What any sync that tracks dirty pages costs with every page dirty: protect, then flush.
+        func protectPeer() throws -> Double {
+            try dirty(peer, all: true)
+            let elapsed = cbench_time_protect_and_persist(peer, gib)
+            guard elapsed >= 0 else { throw BenchError("sync-1GiB: mprotect failed: errno \(-elapsed)") }
+            return Double(elapsed) / 1000
+        }
         func msyncPeer(all: Bool) throws -> Double {
             try dirty(peer, all: all)
             let elapsed = cbench_time_msync(peer, gib)
@@ -320,7 +332,7 @@ enum FaultBenchmarks {
             print("sync-1GiB: fault handling \(flushing.fs.faultHandling)")
             flushed = try context.interleave([{ try ours(flushing, all: false) }, { try persistPeer(all: false) }])
             flushed += try allDirtyContext.interleave([
-                { try ours(flushing, all: true) }, { try persistPeer(all: true) },
+                { try ours(flushing, all: true) }, { try persistPeer(all: true) }, { try protectPeer() },
             ])
             cleanSyncs.append(try clean(flushing))
         }
@@ -339,7 +351,7 @@ enum FaultBenchmarks {
             ours: flushed[0], peer: flushed[1],
             variants: [
                 Samples(ours: msynced[0], peer: msynced[1]), Samples(ours: flushed[2], peer: flushed[3]),
-                Samples(ours: msynced[2], peer: msynced[3]),
+                Samples(ours: flushed[2], peer: flushed[4]), Samples(ours: msynced[2], peer: msynced[3]),
             ])
     }
 }

@@ -63,6 +63,12 @@ int64_t cbench_time_pmem_persist(void *address, size_t length);
 /// the handler thread run on that CPU alone (the caller's affinity is reset to every CPU after).
 /// The handler polls for the next fault for `spin_ns` nanoseconds before it sleeps, as ours does
 /// (`DAXFileSystem.faultHandlerSpin`).
+/// Write-protects `length` bytes at `address` (`mprotect(PROT_READ)`), then `pmem_persist`s
+/// them: the least a sync that tracks dirty pages does with every page dirty (one walk of the
+/// page table to protect them, one flush). Returns the nanoseconds of both, or -errno; the range
+/// is writable again afterwards (not timed).
+int64_t cbench_time_protect_and_persist(void *address, size_t length);
+
 int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu, long spin_ns);
 
 /// `sched_setaffinity` of thread `tid` (0: the caller) to CPU `cpu` alone, or to every online CPU
