@@ -504,6 +504,36 @@ struct FaultTests {
         #expect(try file.frames(offset: 5 * page, count: 1) == [nil])
     }
 
+    @Test(
+        "holes filled through a mapping from the last page to the first get blocks in order: one extent, few kernel mappings",
+        arguments: [false, true])
+    func backwardFillStaysContiguous(afterData: Bool) throws {
+        let t = try TemporaryFileSystem(size: 16 << 20, name: "fbackward")
+        let pages = 512
+        let file = try t.fs.create("/f")
+        // With data before the holes, their blocks go after its block; without, after the
+        // allocator's cursor.
+        if afterData { try file.write(pattern(page), at: 0) }
+        let first = afterData ? 1 : 0
+        try file.truncate(to: (first + pages) * page)
+        let mapping = try file.map(count: (first + pages) * page)
+        defer { mapping.unmap() }
+        // A memcpy that copies backwards, 1 MiB at a time (two runs of 256 pages, each filled
+        // from its end): one allocating fault a page.
+        for chunk in 0..<2 {
+            for step in (0..<256).reversed() {
+                store(UInt8(step & 0x7F) | 0x80, mapping, at: (first + chunk * 256 + step) * page)
+            }
+        }
+        #expect(t.fs.statistics().faults.allocating == pages)
+        let frames = try file.frames(offset: 0, count: (first + pages) * page).map { try #require($0) }
+        let descending = zip(frames, frames.dropFirst()).filter { $1.rawValue != $0.rawValue + 1 }.count
+        #expect(descending == 0, "\(descending) breaks in \(frames.count) frames")
+        #expect(kernelMappings(in: mapping.baseAddress, count: (first + pages) * page) <= 4)
+        #expect(try file.read(count: 1, at: (first + 300) * page) == [UInt8(44 & 0x7F) | 0x80])
+        #expect(try t.fs.check().isClean)
+    }
+
     @Test("a 1 GiB mapping of a fully sparse file, then one store: a handful of kernel mappings")
     func gigabyteOfHoles() throws {
         let t = try TemporaryFileSystem(size: 8 << 20, name: "fgig")

@@ -165,6 +165,17 @@ final class BlockAllocator: Sendable {
 
     /// The first block of the first run of at least `length` available blocks, or nil: a goal
     /// for an allocation that should be contiguous (migration gathering a file).
+    /// A goal for a file page `offset` pages into a run of the file with no block mapped before
+    /// or after it: where the next sweep starts, plus `offset`, so that the pages of the run get
+    /// blocks at the same distance from each other whatever order they are filled in (nil when
+    /// that lies past the last block).
+    func goalFromCursor(plus offset: UInt64) -> UInt64? {
+        state.withTrackedLock { state in
+            let block = UInt64(state.cursor).addingReportingOverflow(offset)
+            return !block.overflow && block.partialValue < UInt64(dataBlocks) ? dataStart + block.partialValue : nil
+        }
+    }
+
     func firstAvailableRun(length: Int) -> UInt64? {
         guard length > 0 else { return nil }
         return state.withTrackedLock { state in

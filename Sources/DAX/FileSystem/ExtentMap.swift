@@ -96,12 +96,29 @@ struct ExtentMap: Sendable, Equatable {
         return holes
     }
 
-    /// The block right after the last block mapped before `page`: a goal that keeps files contiguous.
+    /// Where to look first for the blocks of `hole`: right before the block of the page after it
+    /// when that page is mapped and the page before it is not, else as ``goal(before:)``. A file
+    /// filled backwards (a `memcpy` that copies from the end, into a mapping of holes, one fault a
+    /// page) then gets its blocks in order, one extent and one kernel mapping for the run, where
+    /// the block after the last one taken would give each page an extent of its own, in
+    /// descending order.
+    func goal(for hole: Range<UInt64>) -> UInt64? {
+        let before = hole.lowerBound > 0 ? extent(containing: hole.lowerBound - 1) : nil
+        if before == nil, let after = extent(containing: hole.upperBound) {
+            let block = after.block(for: hole.upperBound)
+            if block >= UInt64(hole.count) { return block - UInt64(hole.count) }
+        }
+        return goal(before: hole.lowerBound)
+    }
+
+    /// Where the block of `page` would be if the file were contiguous from the last page mapped
+    /// before it: that page's block plus the distance between them (ext4's goal keeps the same
+    /// distance, so that a hole filled later fits between its neighbours).
     func goal(before page: UInt64) -> UInt64? {
         guard page > 0 else { return nil }
         if let extent = extent(containing: page - 1) { return extent.block(for: page - 1) + 1 }
         let leaf = leaves[leafIndex(for: page)]
-        return leaf.extents.last(where: { $0.logicalEnd <= page })?.physicalEnd
+        return leaf.extents.last(where: { $0.logicalEnd <= page }).map { $0.physicalEnd + (page - $0.logicalEnd) }
     }
 
     // MARK: - Edits

@@ -45,7 +45,7 @@ struct FileData: Sendable {
         var added: [Extent] = []
         for hole in map.holes(in: pages) {
             let runs = try volume.allocateBacked(
-                Int(hole.count), goal: map.goal(before: hole.lowerBound),
+                Int(hole.count), goal: map.goal(for: hole) ?? volume.allocator.goalFromCursor(plus: hole.lowerBound),
                 inode: inode, firstIndex: hole.lowerBound)
             change.allocate(runs, superblock: volume.superblock)
             let extents = Self.extents(of: runs, from: hole.lowerBound)
