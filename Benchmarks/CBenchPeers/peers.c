@@ -176,6 +176,10 @@ static void *cbench_uffd_serve(void *argument) {
                cbench_now_ns() - spun < (uint64_t)handler->spin_ns) {
             __builtin_ia32_pause();
         }
+        if (ready < 0) {
+            if (errno != EINTR) return NULL;
+            continue;
+        }
         if (ready == 0 && poll(fds, 2, -1) < 0 && errno != EINTR) return NULL;
         if (fds[1].revents) return NULL;
         struct uffd_msg message;

@@ -21,7 +21,8 @@ enum FaultBenchmarks {
     /// kernel's first-touch write fault on a fresh `MAP_SHARED` mapping of a sparse tmpfs file.
     /// Variants: against a bare userfaultfd handler (what ours adds to the mechanism), and ours
     /// with the faulting thread and the handler thread on one CPU (what the wake-up of the
-    /// handler on another CPU costs).
+    /// handler on another CPU costs). Both handlers poll for the next fault as ours was set to at
+    /// mount (`faultHandlerSpin`), also in the one-CPU passes, where ours was pinned after mount.
     static var allocating: Benchmark {
         Benchmark(
             name: "fault-allocating", unit: "us/fault", peerName: tmpfsWrite, goal: .atMost(5),

@@ -20,6 +20,9 @@ final class AddressSpace: Sendable {
     /// Frames stored to through mappings that were unmapped since the last `sync`: it still makes
     /// them durable, as the kernel's dirty tags outlive a `munmap`.
     let unmappedDirtyFrames = Mutex<Set<UInt64>>([])
+    /// Stores that raced a change in a mapping unmapped before the change kept them, by file
+    /// page: ``keepRacedStores(_:)`` keeps them with the live mappings' own.
+    let unmappedRacedStores = Mutex<[(page: UInt64, store: DAXMapping.RacedStore)]>([])
 
     /// Makes the stores through mappings unmapped since the last `sync` durable
     /// (``unmappedDirtyFrames``), and forgets them.

@@ -226,6 +226,15 @@ public final class DAXMapping: Sendable {
             }
             for page in state.detached { pages.unmap(PageFrameNumber(rawValue: page.frame)) }
             state.detached = []
+            // Stores that raced a change this mapping took part in, made before this unmap: the
+            // change, which holds the inode lock, still gives them to the file.
+            if !state.racedStores.isEmpty {
+                let stores = state.racedStores.flatMap { index, stores in
+                    stores.map { (firstPage + UInt64(index), $0) }
+                }
+                state.racedStores = [:]
+                space.unmappedRacedStores.withTrackedLock { $0 += stores }
+            }
             return true
         }
         guard wasMapped else { return }

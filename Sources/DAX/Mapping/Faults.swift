@@ -105,17 +105,14 @@ extension DAXMapping {
                 if state.privatePages.contains(index) {
                     // A private mapping of a block that was shared when it was shown: a store
                     // would only make a copy there, so the block, this file's alone now, is
-                    // mapped shared first. A load of a page the device file lacks (a block
-                    // zeroed by punching the device file) gets the page made in the device
-                    // file, and the retry maps it: a page placed here would be a copy, which
-                    // would go on reading zeros once the block is written. If the kernel cannot
-                    // make it, the load reads zeros from a copy, protected, so that a store
-                    // still faults.
+                    // mapped shared first. A load of a page the device file lacks reads zeros,
+                    // protected, so that a store still faults. (Every block a file names has
+                    // its page in the device file: a new block is zeroed by a store, and only
+                    // freed ones are punched out, so this is for a device file changed behind
+                    // the file system's back.)
                     if stores {
                         showShared(index, frame: frame, &state)
-                    } else if device.systemCalls.madvise(
-                        device.base + Int(frame) * PMemDevice.pageSize, PMemDevice.pageSize, MADV_POPULATE_READ) != 0
-                    {
+                    } else {
                         faults.placeZeros(at: address, writeProtect: true, waking: false)
                     }
                     return .answered

@@ -94,7 +94,15 @@ extension AddressSpace {
         for _ in 0..<Self.racedStoreRounds {
             guard keepRacedStoresOnce(&contents) else { return }
         }
-        for mapping in liveMappings { _ = mapping.takeRacedStores() }
+        // Left after the rounds: lost. A mapping that shows a private copy with them drops it,
+        // so that it does not go on showing bytes the file does not have.
+        for mapping in liveMappings {
+            for taken in mapping.takeRacedStores() where !taken.store.overZeros {
+                mapping.replacePrivate(taken.page, shared: false)
+            }
+            _ = mapping.takeRacedStores()
+        }
+        unmappedRacedStores.withTrackedLock { $0 = [] }
     }
 
     /// Rounds of ``keepRacedStores(_:)`` before what is left is dropped.
@@ -103,7 +111,13 @@ extension AddressSpace {
     /// One round of ``keepRacedStores(_:)``: false if there was nothing to keep.
     private func keepRacedStoresOnce(_ contents: inout Inode.Contents) -> Bool {
         let mappings = liveMappings
-        var raced: [UInt64: [(mapping: DAXMapping, store: DAXMapping.RacedStore)]] = [:]
+        var raced: [UInt64: [(mapping: DAXMapping?, store: DAXMapping.RacedStore)]] = [:]
+        for taken in unmappedRacedStores.withTrackedLock({ stores in
+            defer { stores = [] }
+            return stores
+        }) {
+            raced[taken.page, default: []].append((nil, taken.store))
+        }
         for mapping in mappings {
             for taken in mapping.takeRacedStores() { raced[taken.page, default: []].append((mapping, taken.store)) }
         }
@@ -124,7 +138,7 @@ extension AddressSpace {
                 for at in 0..<PMemDevice.pageSize where store.bytes[at] != before[at] { bytes[at] = store.bytes[at] }
             }
             guard bytes != original else {
-                for (mapping, store) in stores where !store.overZeros { mapping.replacePrivate(page, shared: false) }
+                for (mapping, store) in stores where !store.overZeros { mapping?.replacePrivate(page, shared: false) }
                 continue
             }
             do {
