@@ -15,6 +15,8 @@ func unlinkedFileSystem(options: PMemDevice.Options = .init()) throws -> DAXFile
 
 /// Tells an exit test's injected `mmap` to refuse device pages (a global: exit tests capture nothing).
 private let failDeviceMapsInChild = Atomic(false)
+/// Tells an exit test's injected `mmap` to refuse every mapping at a fixed address.
+private let failFixedMapsInChild = Atomic(false)
 
 @Suite("DAXMapping")
 struct MappingTests {
@@ -260,6 +262,35 @@ struct MappingTests {
             failDeviceMapsInChild.store(true, ordering: .relaxed)
             try file.write([0x42], at: 4096)
             _ = mapping.baseAddress.load(fromByteOffset: 4096, as: UInt8.self)  // not a stale 0
+        }
+    }
+
+    @Test(
+        "a store to a hole whose block cannot be mapped, nor anything else there, gets SIGBUS, not a trap of the library"
+    )
+    func storeWithNoMapEntriesLeftRaisesSIGBUS() async {
+        await #expect(processExitsWith: .signal(SIGBUS)) {
+            var calls = SystemCalls.injectable
+            calls.mmap = { address, length, protection, flags, fd, offset in
+                // Every mapping at a fixed address fails (ENOMEM), as when the process is out of
+                // map entries: the block, the placeholder, the SIGBUS region, PROT_NONE.
+                if failFixedMapsInChild.load(ordering: .relaxed), flags & MAP_FIXED != 0 {
+                    errno = ENOMEM
+                    return nil
+                }
+                return SystemCalls.live.mmap(address, length, protection, flags, fd, offset)
+            }
+            var options = PMemDevice.Options()
+            options.systemCalls = calls
+            let path = TemporaryDevice.uniquePath("nomaps")
+            let device = try PMemDevice.create(path: path, size: 8 << 20, options: options)
+            unlink(path)
+            let fs = try DAXFileSystem.format(device)
+            let file = try fs.create("/f")
+            try file.truncate(to: 2 * 4096)
+            let mapping = try file.map(count: 2 * 4096)
+            failFixedMapsInChild.store(true, ordering: .relaxed)
+            mapping.baseAddress.storeBytes(of: 1, toByteOffset: 4096, as: UInt8.self)
         }
     }
 

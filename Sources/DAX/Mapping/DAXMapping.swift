@@ -474,7 +474,7 @@ public final class DAXMapping: Sendable {
             // data. With a handler the page becomes a placeholder (its next fault tries again),
             // without one it faults.
             if faults != nil {
-                makeFaulting(index..<(index + 1), &state)
+                makeFaulting(index..<(index + 1), &state, showsNothing: !state.zeroPages.contains(index))
                 state.zeroPages.remove(index)
             } else if state.zeroPages.remove(index) != nil {
                 MappingRegion.replaceWithFaulting(
@@ -565,7 +565,9 @@ public final class DAXMapping: Sendable {
     /// stores unseen in the moment before it is registered, each making a page of anonymous
     /// memory there: those pages are dropped, so that the next access asks the handler, and the
     /// bytes stored go to ``State/racedStores`` for the file.
-    func makeFaulting(_ run: Range<Int>, _ state: inout State) {
+    /// `showsNothing`: the pages are placeholders already (no block, no zero page), which stay
+    /// if no new mapping can be made.
+    func makeFaulting(_ run: Range<Int>, _ state: inout State, showsNothing: Bool = false) {
         let address = base + run.lowerBound * PMemDevice.pageSize
         let length = run.count * PMemDevice.pageSize
         guard let faults else {
@@ -573,7 +575,8 @@ public final class DAXMapping: Sendable {
             return
         }
         MappingRegion.makePlaceholder(
-            address, length: length, access: access, faults: faults, calls: device.systemCalls)
+            address, length: length, access: access, faults: faults, calls: device.systemCalls,
+            showsNothing: showsNothing)
         // What is resident in a new placeholder came in that moment (the handler, which places
         // pages there, waits for this mapping's lock).
         var resident = [UInt8](repeating: 0, count: run.count)

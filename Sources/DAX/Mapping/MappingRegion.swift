@@ -110,15 +110,17 @@ enum MappingRegion {
     /// show nothing until the handler answers a fault there (a page cut away or punched, a zeroed
     /// page dropped, the end of the file moved past a SIGBUS region). If the registration fails the
     /// range faults with SIGBUS instead, never silently taking stores into anonymous memory.
+    /// `showsNothing` says the range is a placeholder or the SIGBUS region already: if no mapping
+    /// at all can be made there (the process out of map entries), it is left as it is rather
+    /// than the process stopped.
     static func makePlaceholder(
-        _ address: UnsafeMutableRawPointer, length: Int, access: Access, faults: UserFaults, calls: SystemCalls
+        _ address: UnsafeMutableRawPointer, length: Int, access: Access, faults: UserFaults, calls: SystemCalls,
+        showsNothing: Bool = false
     ) {
-        if calls.mmap(
+        let mapped = calls.mmap(
             address, length, protection(access), MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
-            != nil, faults.registerAgain(address, length: length, modes: faultModes(access))
-        {
-            return
-        }
+        if mapped != nil, faults.registerAgain(address, length: length, modes: faultModes(access)) { return }
+        if mapped == nil, showsNothing { return }
         replaceWithFaulting(address, length: length, access: access, calls: calls)
     }
 
