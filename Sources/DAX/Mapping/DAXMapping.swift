@@ -585,8 +585,9 @@ public final class DAXMapping: Sendable {
         for step in 0..<run.count where resident[step] & 1 != 0 {
             let pageAddress = address + step * PMemDevice.pageSize
             // Protected before it is read: a later store waits in the handler (for this lock) and
-            // then finds the page gone, a store to a hole, instead of landing in a page about to
-            // be dropped. A read-only placeholder takes no stores.
+            // is answered once the change is done, as a store to what the file has there then,
+            // instead of landing in a page about to be dropped. A read-only placeholder takes no
+            // stores.
             if access == .readWrite {
                 _ = faults.writeProtect(pageAddress, length: PMemDevice.pageSize, true)
                 let page = UnsafeRawBufferPointer(start: pageAddress, count: PMemDevice.pageSize)
