@@ -13,10 +13,26 @@ func unlinkedFileSystem(options: PMemDevice.Options = .init()) throws -> DAXFile
     return try DAXFileSystem.format(device)
 }
 
-/// Tells an exit test's injected `mmap` to refuse device pages (a global: exit tests capture nothing).
-private let failDeviceMapsInChild = Atomic(false)
-/// Tells an exit test's injected `mmap` to refuse every mapping at a fixed address.
-private let failFixedMapsInChild = Atomic(false)
+/// Tells an exit test's injected `mmap` to refuse the calls its test picks (a global: exit tests
+/// capture nothing; each runs in a process of its own).
+private let refuseMapsInChild = Atomic(false)
+
+/// ``unlinkedFileSystem(options:)`` on a device whose `mmap` fails with `ENOMEM`, as at the
+/// process's limit of map entries, for the calls whose flags `refused` picks, once
+/// ``refuseMapsInChild`` is set.
+private func unlinkedFileSystem(refusingMaps refused: @escaping @Sendable (Int32) -> Bool) throws -> DAXFileSystem {
+    var calls = SystemCalls.injectable
+    calls.mmap = { address, length, protection, flags, fd, offset in
+        if refuseMapsInChild.load(ordering: .relaxed), refused(flags) {
+            errno = ENOMEM
+            return nil
+        }
+        return SystemCalls.live.mmap(address, length, protection, flags, fd, offset)
+    }
+    var options = PMemDevice.Options()
+    options.systemCalls = calls
+    return try unlinkedFileSystem(options: options)
+}
 
 @Suite("DAXMapping")
 struct MappingTests {
@@ -239,27 +255,13 @@ struct MappingTests {
     @Test("a zero page that cannot be replaced by the new block faults rather than read stale zeros")
     func unreplaceableZeroPageFaults() async {
         await #expect(processExitsWith: .signal(SIGBUS)) {
-            var calls = SystemCalls.injectable
-            calls.mmap = { address, length, protection, flags, fd, offset in
-                // Device pages are mapped with MAP_POPULATE; refuse those when told (ENOMEM, as at
-                // the process's limit of map entries).
-                if failDeviceMapsInChild.load(ordering: .relaxed), flags & MAP_POPULATE != 0 {
-                    errno = ENOMEM
-                    return nil
-                }
-                return SystemCalls.live.mmap(address, length, protection, flags, fd, offset)
-            }
-            var options = PMemDevice.Options()
-            options.systemCalls = calls
-            let path = TemporaryDevice.uniquePath("zerofail")
-            let device = try PMemDevice.create(path: path, size: 8 << 20, options: options)
-            unlink(path)
-            let fs = try DAXFileSystem.format(device)
+            // Device pages are mapped with MAP_POPULATE: those are refused.
+            let fs = try unlinkedFileSystem(refusingMaps: { $0 & MAP_POPULATE != 0 })
             let file = try fs.create("/f")
             try file.truncate(to: 2 * 4096)
             let mapping = try file.map(count: 2 * 4096, access: .readOnly)
             guard mapping.baseAddress.load(fromByteOffset: 4096, as: UInt8.self) == 0 else { exit(0) }
-            failDeviceMapsInChild.store(true, ordering: .relaxed)
+            refuseMapsInChild.store(true, ordering: .relaxed)
             try file.write([0x42], at: 4096)
             _ = mapping.baseAddress.load(fromByteOffset: 4096, as: UInt8.self)  // not a stale 0
         }
@@ -270,26 +272,13 @@ struct MappingTests {
     )
     func storeWithNoMapEntriesLeftRaisesSIGBUS() async {
         await #expect(processExitsWith: .signal(SIGBUS)) {
-            var calls = SystemCalls.injectable
-            calls.mmap = { address, length, protection, flags, fd, offset in
-                // Every mapping at a fixed address fails (ENOMEM), as when the process is out of
-                // map entries: the block, the placeholder, the SIGBUS region, PROT_NONE.
-                if failFixedMapsInChild.load(ordering: .relaxed), flags & MAP_FIXED != 0 {
-                    errno = ENOMEM
-                    return nil
-                }
-                return SystemCalls.live.mmap(address, length, protection, flags, fd, offset)
-            }
-            var options = PMemDevice.Options()
-            options.systemCalls = calls
-            let path = TemporaryDevice.uniquePath("nomaps")
-            let device = try PMemDevice.create(path: path, size: 8 << 20, options: options)
-            unlink(path)
-            let fs = try DAXFileSystem.format(device)
+            // Every mapping at a fixed address is refused: the block, the placeholder, the SIGBUS
+            // region, PROT_NONE.
+            let fs = try unlinkedFileSystem(refusingMaps: { $0 & MAP_FIXED != 0 })
             let file = try fs.create("/f")
             try file.truncate(to: 2 * 4096)
             let mapping = try file.map(count: 2 * 4096)
-            failFixedMapsInChild.store(true, ordering: .relaxed)
+            refuseMapsInChild.store(true, ordering: .relaxed)
             mapping.baseAddress.storeBytes(of: 1, toByteOffset: 4096, as: UInt8.self)
         }
     }

@@ -119,8 +119,8 @@ final class RacingStores: Sendable {
 
 @Suite("stores in the moment before a page is protected or registered")
 struct RacedStoreTests {
-    /// Two files of one page with equal bytes, deduplicated, the destination mapped: its page
-    /// shows the shared block privately.
+    /// Two files of one page, each holding `bytes` in a block of its own: what a test then
+    /// deduplicates, once the destination is mapped.
     private func deduplicated(_ t: TemporaryFileSystem, _ bytes: [UInt8]) throws -> (DAXFile, DAXFile) {
         let source = try t.fs.create("/s")
         let destination = try t.fs.create("/d")

@@ -228,13 +228,8 @@ public final class DAXMapping: Sendable {
             state.detached = []
             // Stores that raced a change this mapping took part in, made before this unmap: the
             // change, which holds the inode lock, still gives them to the file.
-            if !state.racedStores.isEmpty {
-                let stores = state.racedStores.flatMap { index, stores in
-                    stores.map { (firstPage + UInt64(index), $0) }
-                }
-                state.racedStores = [:]
-                space.unmappedRacedStores.withTrackedLock { $0 += stores }
-            }
+            let stores = takeRacedStores(&state)
+            if !stores.isEmpty { space.unmappedRacedStores.withTrackedLock { $0 += stores } }
             return true
         }
         guard wasMapped else { return }
@@ -647,11 +642,14 @@ public final class DAXMapping: Sendable {
     /// Takes the stores that reached private copies of shared pages before their protection
     /// (``State/racedStores``), by file page.
     func takeRacedStores() -> [(page: UInt64, store: RacedStore)] {
-        state.withTrackedLock { state in
-            guard !state.racedStores.isEmpty else { return [] }
-            defer { state.racedStores = [:] }
-            return state.racedStores.flatMap { index, stores in stores.map { (firstPage + UInt64(index), $0) } }
-        }
+        state.withTrackedLock { takeRacedStores(&$0) }
+    }
+
+    /// ``takeRacedStores()`` under the mapping's lock.
+    private func takeRacedStores(_ state: inout State) -> [(page: UInt64, store: RacedStore)] {
+        guard !state.racedStores.isEmpty else { return [] }
+        defer { state.racedStores = [:] }
+        return state.racedStores.flatMap { index, stores in stores.map { (firstPage + UInt64(index), $0) } }
     }
 
     /// The mapping's page indices for file pages `pages`, nil if they do not meet.
