@@ -226,12 +226,43 @@ int cbench_pin_thread(int tid, int cpu) {
 
 int cbench_gettid(void) { return (int)gettid(); }
 
-int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu, long spin_ns) {
+int cbench_save_affinity(int tid, uint64_t mask[16]) {
+    memset(mask, 0, 16 * sizeof mask[0]);
+    return sched_getaffinity(tid, 16 * sizeof mask[0], (cpu_set_t *)mask) == 0 ? 0 : -errno;
+}
+
+int cbench_restore_affinity(int tid, const uint64_t mask[16]) {
+    return sched_setaffinity(tid, 16 * sizeof mask[0], (const cpu_set_t *)mask) == 0 ? 0 : -errno;
+}
+
+// A handler bound to one CPU (cpu >= 0) before it serves.
+struct cbench_bound_handler {
+    struct cbench_uffd_handler *handler;
+    int cpu;
+};
+
+static void *cbench_uffd_serve_bound(void *argument) {
+    struct cbench_bound_handler *bound = argument;
+    if (bound->cpu >= 0) cbench_pin_thread(0, bound->cpu);
+    return cbench_uffd_serve(bound->handler);
+}
+
+int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu, long spin_ns, int per_cpu) {
     size_t length = pages * 4096;
     int64_t result = -EINVAL;
     struct cbench_uffd_handler handler = {
         .uffd = cbench_open_userfaultfd(), .stop = -1, .zeros = NULL, .spin_ns = spin_ns};
     if (handler.uffd < 0) return -errno;
+    // One handler, or one bound to each CPU the caller may use (at most 64).
+    struct cbench_bound_handler bound[64];
+    int threads = 0;
+    cpu_set_t usable;
+    if (cpu < 0 && per_cpu && sched_getaffinity(0, sizeof usable, &usable) == 0) {
+        for (int each = 0; each < CPU_SETSIZE && threads < 64; each++) {
+            if (CPU_ISSET(each, &usable)) bound[threads++] = (struct cbench_bound_handler){&handler, each};
+        }
+    }
+    if (threads == 0) bound[threads++] = (struct cbench_bound_handler){&handler, -1};
     void *address = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     handler.zeros = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     handler.stop = eventfd(0, EFD_CLOEXEC);
@@ -239,12 +270,23 @@ int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu, long spin_ns) 
         .range = {.start = (uint64_t)(uintptr_t)address, .len = length},
         .mode = UFFDIO_REGISTER_MODE_MISSING,
     };
-    pthread_t thread;
+    pthread_t thread[64];
+    int started = 0;
     if (address == MAP_FAILED || handler.zeros == MAP_FAILED || handler.stop < 0 ||
         ioctl(handler.uffd, UFFDIO_REGISTER, &registration) != 0 ||
-        (cpu >= 0 && cbench_pin_thread(0, cpu) != 0) ||
-        pthread_create(&thread, NULL, cbench_uffd_serve, &handler) != 0) {
+        (cpu >= 0 && cbench_pin_thread(0, cpu) != 0)) {
         result = -errno;
+    } else {
+        while (started < threads &&
+               pthread_create(&thread[started], NULL, cbench_uffd_serve_bound, &bound[started]) == 0) {
+            started++;
+        }
+    }
+    if (started < threads) {
+        if (result == -EINVAL) result = -EAGAIN;
+        uint64_t one = 1;
+        if (handler.stop >= 0 && write(handler.stop, &one, sizeof(one)) != sizeof(one)) result = -errno;
+        for (int each = 0; each < started; each++) pthread_join(thread[each], NULL);
     } else {
         uint64_t start = cbench_now_ns();
         uint64_t sum = 0;
@@ -256,7 +298,7 @@ int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu, long spin_ns) 
         result = sum == 0 ? (int64_t)(cbench_now_ns() - start) : -EINVAL;
         uint64_t one = 1;
         if (write(handler.stop, &one, sizeof(one)) != sizeof(one)) result = -errno;
-        pthread_join(thread, NULL);
+        for (int each = 0; each < started; each++) pthread_join(thread[each], NULL);
     }
     if (cpu >= 0) cbench_pin_thread(0, -1);
     if (handler.stop >= 0) close(handler.stop);

@@ -109,7 +109,7 @@ enum FaultBenchmarks {
             // The threads the file system started (its fault handler), and this one.
             let threads = threadIDs().subtracting(threadsBefore).union([0])
             guard threads.count > 1 else { throw BenchError("\(row): the file system started no thread") }
-            if oneCPU { try pin(threads, to: 0) }
+            let saved = oneCPU ? try pin(threads, to: 0) : Affinities()
             let switches = contextSwitches()
             let start = now()
             var sum: UInt64 = 0
@@ -120,7 +120,7 @@ enum FaultBenchmarks {
             }
             let elapsed = Double(now() - start)
             let switched = Double(contextSwitches() - switches)
-            if oneCPU { try pin(threads, to: -1) }
+            try restore(saved)
             // Counted after the unmap: the handler may count a zero-page fault just after it woke
             // the thread, but it does so under the mapping's lock, which the unmap takes.
             mapping.unmap()
@@ -150,20 +150,21 @@ enum FaultBenchmarks {
         }
 
         let touch: Int32 = store ? 1 : 0
-        // The bare peer waits for faults as ours does.
+        // The bare peer waits for faults as ours does, with as many threads.
         let spin = setup.fs.faultHandlerSpin.nanosecondsForPeer
+        let perCPU: Int32 = setup.fs.faultHandlerThreads > 1 ? 1 : 0
         print("\(row): \(setup.fs.faultHandlingDetail)")
         var sides: [(name: String, measure: () throws -> FaultPass)] = [
             ("ours (.readWrite mapping)", { try ours(.readWrite) }),
             ("tmpfs peer", { try peer("tmpfs peer") { cbench_tmpfs_first_touch(tmpfs.fd, pages, touch) } }),
             (
                 "bare userfaultfd peer",
-                { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, -1, spin) } }
+                { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, -1, spin, perCPU) } }
             ),
             ("ours (.readWrite mapping), one CPU", { try ours(.readWrite, oneCPU: true) }),
             (
                 "bare userfaultfd peer, one CPU",
-                { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, 0, spin) } }
+                { try peer("userfaultfd peer") { cbench_uffd_first_touch(pages, touch, 0, spin, perCPU) } }
             ),
         ]
         if !store { sides.append(("ours (.readOnly mapping)", { try ours(.readOnly) })) }
@@ -189,12 +190,34 @@ enum FaultBenchmarks {
         Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []).compactMap { Int32($0) })
     }
 
-    /// Runs each thread of `threads` (0: the caller) on CPU `cpu` alone, or on every CPU when `cpu` < 0.
-    static func pin(_ threads: Set<Int32>, to cpu: Int32) throws {
+    /// The CPU affinity of each of some threads, saved to be set again.
+    struct Affinities {
+        var masks: [Int32: [UInt64]] = [:]
+    }
+
+    /// Runs each thread of `threads` (0: the caller) on CPU `cpu` alone, and returns what each
+    /// ran on before, for ``restore(_:)``: the file system's handler threads may be bound one to
+    /// each CPU.
+    static func pin(_ threads: Set<Int32>, to cpu: Int32) throws -> Affinities {
+        var saved = Affinities()
         for thread in threads {
-            let result = cbench_pin_thread(thread, cpu)
+            var mask = [UInt64](repeating: 0, count: 16)
+            let got = mask.withUnsafeMutableBufferPointer { cbench_save_affinity(thread, $0.baseAddress) }
+            let result = got == 0 ? cbench_pin_thread(thread, cpu) : got
             guard result == 0 else {
                 throw BenchError("cannot set the CPU affinity of thread \(thread): errno \(-result)")
+            }
+            saved.masks[thread] = mask
+        }
+        return saved
+    }
+
+    /// Sets the affinities ``pin(_:to:)`` saved again.
+    static func restore(_ saved: Affinities) throws {
+        for (thread, mask) in saved.masks {
+            let result = mask.withUnsafeBufferPointer { cbench_restore_affinity(thread, $0.baseAddress) }
+            guard result == 0 else {
+                throw BenchError("cannot set the CPU affinity of thread \(thread) again: errno \(-result)")
             }
         }
     }
@@ -285,12 +308,12 @@ enum FaultBenchmarks {
                 base.storeBytes(of: value, toByteOffset: (sample &* 7919) % pages * pageSize + 64, as: UInt8.self)
                 return
             }
-            if let faultThreads { try pin(faultThreads.union([0]), to: 0) }
+            let saved = try faultThreads.map { try pin($0.union([0]), to: 0) }
             let start = now()
             cbench_store_each_page(base, pages, value)
-            if let faultThreads {
+            if let saved {
                 dirtying.append(Double(now() - start) / Double(pages) / 1000)
-                try pin(faultThreads.union([0]), to: -1)
+                try restore(saved)
             }
         }
         func ours(_ side: SyncedMapping, all: Bool) throws -> Double {

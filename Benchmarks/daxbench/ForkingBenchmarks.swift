@@ -258,13 +258,13 @@ enum ForkingBenchmarks {
             // The threads the file system started (its fault handler), and this one.
             let threads = FaultBenchmarks.threadIDs().subtracting(threadsBefore).union([0])
             guard threads.count > 1 else { throw BenchError("\(row): the file system started no thread") }
-            if oneCPU { try FaultBenchmarks.pin(threads, to: 0) }
+            let saved = oneCPU ? try FaultBenchmarks.pin(threads, to: 0) : FaultBenchmarks.Affinities()
             let switches = FaultBenchmarks.contextSwitches()
             let start = now()
             cbench_store_each_page(mapping.baseAddress, pages, value)
             let elapsed = Double(now() - start)
             let switched = Double(FaultBenchmarks.contextSwitches() - switches)
-            if oneCPU { try FaultBenchmarks.pin(threads, to: -1) }
+            try FaultBenchmarks.restore(saved)
             // Counted after the unmap, which waits for the handler (as in the fault rows).
             mapping.unmap()
             let after = setup.fs.statistics()
@@ -305,7 +305,8 @@ enum ForkingBenchmarks {
         }
         func userfaultfdPeer() throws -> FaultPass {
             let switches = FaultBenchmarks.contextSwitches()
-            let elapsed = cbench_uffd_first_touch(pages, 1, -1, setup.fs.faultHandlerSpin.nanosecondsForPeer)
+            let elapsed = cbench_uffd_first_touch(
+                pages, 1, -1, setup.fs.faultHandlerSpin.nanosecondsForPeer, setup.fs.faultHandlerThreads > 1 ? 1 : 0)
             let switched = Double(FaultBenchmarks.contextSwitches() - switches)
             guard elapsed >= 0 else { throw BenchError("\(row): the userfaultfd peer failed: errno \(-elapsed)") }
             return FaultPass(

@@ -129,6 +129,42 @@ static inline int dax_usable_cpus(void) {
     return count > 0 ? count : 1;
 }
 
+/// Writes to `cpus` (room for `room`) the numbers of the CPUs the calling thread may run on
+/// (`sched_getaffinity`), lowest first, and returns how many there are; 0 when the kernel's
+/// mask does not fit 8192 bits or cannot be read.
+static inline int dax_usable_cpu_list(int *cpus, int room) {
+    unsigned long mask[128] = {0};
+    long got = syscall(SYS_sched_getaffinity, 0, sizeof mask, mask);
+    if (got <= 0) return 0;
+    int count = 0;
+    int bits = (int)(8 * sizeof mask[0]);
+    for (long word = 0; word < got / (long)sizeof mask[0]; word++) {
+        for (int bit = 0; bit < bits; bit++) {
+            if (!(mask[word] & (1UL << bit))) continue;
+            if (count < room) cpus[count] = (int)(word * bits + bit);
+            count++;
+        }
+    }
+    return count;
+}
+
+/// Binds the calling thread to CPU `cpu` (`sched_setaffinity`); 0, or -1 with errno set.
+static inline int dax_bind_to_cpu(int cpu) {
+    unsigned long mask[128] = {0};
+    if (cpu < 0 || cpu >= (int)(8 * sizeof mask)) {
+        errno = EINVAL;
+        return -1;
+    }
+    mask[cpu / (8 * sizeof mask[0])] |= 1UL << (cpu % (8 * sizeof mask[0]));
+    return (int)syscall(SYS_sched_setaffinity, 0, sizeof mask, mask);
+}
+
+/// The CPU the calling thread runs on now (`getcpu`), or -1.
+static inline int dax_current_cpu(void) {
+    unsigned cpu = 0;
+    return syscall(SYS_getcpu, &cpu, NULL, NULL) == 0 ? (int)cpu : -1;
+}
+
 /// Calls `eventfd(2)` with `EFD_CLOEXEC`.
 static inline int dax_eventfd(void) {
     return eventfd(0, EFD_CLOEXEC);

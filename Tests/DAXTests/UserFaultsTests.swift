@@ -1,4 +1,6 @@
+import CLibPMem
 import Foundation
+import Synchronization
 import Testing
 
 @testable import DAX
@@ -44,13 +46,104 @@ struct UserFaultsTests {
         #expect(oneCPU.description.contains("one CPU"))
     }
 
-    @Test("a mounted file system reports the spin its handler thread uses, in the detail too")
+    @Test("threads bound one to each CPU do not poll unless DAX_FAULT_SPIN_US asks them to")
+    func spinOfThreadsBoundToCPUs() {
+        let unset = UserFaults.Spin.from(nil, cpus: 2, perCPU: true)
+        #expect(unset.nanoseconds == 0)
+        #expect(unset.description == "each handler thread sleeps between faults, woken on its own CPU")
+        #expect(UserFaults.Spin.from("250", cpus: 2, perCPU: true).nanoseconds == 250_000)
+        #expect(UserFaults.Spin.from("abc", cpus: 2, perCPU: true).nanoseconds == 100_000)
+    }
+
+    @Test("a thread per CPU where the process may use 2 to 4, one otherwise, as DAX_FAULT_THREADS says")
+    func placementFromTheEnvironment() {
+        typealias Placement = UserFaults.Placement
+        #expect(Placement.from(nil, cpus: [0, 1]).cpus == [0, 1])
+        #expect(Placement.from(nil, cpus: [3, 5, 6, 7]).cpus == [3, 5, 6, 7])
+        #expect(
+            Placement.from(nil, cpus: [0, 1]).description
+                == "2 handler threads, one bound to each CPU the process may use")
+        let one = Placement.from(nil, cpus: [2])
+        #expect(one.cpus.isEmpty)
+        #expect(one.description == "one handler thread: the process has one CPU")
+        let many = Placement.from(nil, cpus: Array(0..<8))
+        #expect(many.cpus.isEmpty)
+        #expect(many.description.contains("8 CPUs, more than 4"))
+        let asked = Placement.from("1", cpus: [0, 1])
+        #expect(asked.cpus.isEmpty)
+        #expect(asked.description.contains("DAX_FAULT_THREADS=1"))
+        #expect(Placement.from("per-cpu", cpus: Array(0..<8)).cpus == Array(0..<8))
+        #expect(Placement.from("per-cpu", cpus: Array(0..<100)).cpus.count == Placement.mostThreads)
+        #expect(Placement.from("per-cpu", cpus: [4]).cpus.isEmpty)
+        for bad in ["", "2", "percpu", "PER-CPU"] {
+            let placement = Placement.from(bad, cpus: [0, 1])
+            #expect(placement.cpus == [0, 1], "\(bad)")
+            #expect(placement.description.contains("DAX_FAULT_THREADS=\(bad) is neither 1 nor per-cpu"), "\(bad)")
+        }
+        let usable = Placement.usableCPUs()
+        #expect(usable.count == Int(dax_usable_cpus()))
+        #expect(usable == usable.sorted())
+    }
+
+    @Test("with a thread per CPU, a fault is answered while another thread's answer waits, on a CPU of its own")
+    func threadsPerCPUAnswerFaultsTogether() throws {
+        let cpus = UserFaults.Placement.usableCPUs()
+        guard cpus.count >= 2 else { return }
+        let placement = UserFaults.Placement(cpus: Array(cpus.prefix(2)), description: "two")
+        let faults = try UserFaults(calls: .live, spin: 0, placement: placement)
+        defer { faults.stop() }
+        #expect(faults.threadCount == 2)
+        let pages = 2
+        let length = pages * UserFaults.pageSize
+        let region = try #require(
+            mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0))
+        defer { munmap(region, length) }
+        // The first fault's answer waits until the second fault has been answered: one thread
+        // alone would never get to the second.
+        let secondAnswered = DispatchSemaphore(value: 0)
+        let handlerCPUs = Mutex<[Int: Int32]>([:])
+        let base = UInt(bitPattern: region)
+        try faults.register(region, length: length, modes: .missing) { fault in
+            let page = Int(fault.address - base) / UserFaults.pageSize
+            handlerCPUs.withLock { $0[page] = dax_current_cpu() }
+            if page == 0 {
+                _ = secondAnswered.wait(timeout: .now() + 20)
+                faults.placeZeros(at: fault.address, writeProtect: false)
+            } else {
+                faults.placeZeros(at: fault.address, writeProtect: false)
+                secondAnswered.signal()
+            }
+        }
+        let firstLoaded = DispatchSemaphore(value: 0)
+        let loads = Mutex<[Int: UInt8]>([:])
+        Thread.detachNewThread {
+            let value = UnsafeRawPointer(bitPattern: base)!.load(as: UInt8.self)
+            loads.withLock { $0[0] = value }
+            firstLoaded.signal()
+        }
+        // The second load starts once the first fault is in its handler.
+        spinUntil { handlerCPUs.withLock { $0[0] != nil } }
+        let second = region.load(fromByteOffset: UserFaults.pageSize, as: UInt8.self)
+        #expect(firstLoaded.wait(timeout: .now() + 20) == .success)
+        #expect(second == 0)
+        #expect(loads.withLock { $0[0] } == 0)
+        let ran = handlerCPUs.withLock { $0 }
+        #expect(ran.count == 2)
+        // Each answer ran on a thread bound to a CPU of the placement, and not the same one.
+        #expect(Set(ran.values).isSubset(of: Set(placement.cpus)))
+        #expect(ran[0] != ran[1])
+        #expect(faults.faultsHandled.load(ordering: .relaxed) == 2)
+    }
+
+    @Test("a mounted file system reports its handler threads and their spin, in the detail too")
     func fileSystemReportsItsSpin() throws {
         let t = try TemporaryFileSystem(name: "spin")
         guard t.fs.faultHandling == .userfaultfd else { return }
-        let expected = UserFaults.Spin.fromEnvironment()
+        let placement = UserFaults.Placement.fromEnvironment()
+        let expected = UserFaults.Spin.fromEnvironment(for: placement)
         #expect(t.fs.faultHandlerSpin == .nanoseconds(expected.nanoseconds))
-        #expect(t.fs.faultHandlingDetail.hasSuffix(expected.description))
+        #expect(t.fs.faultHandlerThreads == max(1, placement.cpus.count))
+        #expect(t.fs.faultHandlingDetail.hasSuffix(placement.description + "; " + expected.description))
         // Faults are answered while it polls, and unmount stops it while it polls.
         let file = try t.fs.create("/f")
         try file.truncate(to: 4 * 4096)

@@ -56,24 +56,30 @@ int64_t cbench_time_msync(void *address, size_t length);
 /// when nothing tracks which of its pages are dirty.
 int64_t cbench_time_pmem_persist(void *address, size_t length);
 
-/// The least a fault handler in user space does: a userfaultfd (missing mode) on a fresh
-/// anonymous mapping of `pages` pages, and a thread that answers each fault with `UFFDIO_COPY` of
-/// a zeroed page (poll, read, ioctl). Stores to (`store` != 0) or loads from each page once, and
-/// returns the nanoseconds of the stores or loads alone, or -errno. With `cpu` >= 0 the caller and
-/// the handler thread run on that CPU alone (the caller's affinity is reset to every CPU after).
-/// The handler polls for the next fault for `spin_ns` nanoseconds before it sleeps, as ours does
-/// (`DAXFileSystem.faultHandlerSpin`).
 /// Write-protects `length` bytes at `address` (`mprotect(PROT_READ)`), then `pmem_persist`s
 /// them: the least a sync that tracks dirty pages does with every page dirty (one walk of the
 /// page table to protect them, one flush). Returns the nanoseconds of both, or -errno; the range
 /// is writable again afterwards (not timed).
 int64_t cbench_time_protect_and_persist(void *address, size_t length);
 
-int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu, long spin_ns);
+/// The least a fault handler in user space does: a userfaultfd (missing mode) on a fresh
+/// anonymous mapping of `pages` pages, and a thread that answers each fault with `UFFDIO_COPY` of
+/// a zeroed page (poll, read, ioctl). Stores to (`store` != 0) or loads from each page once, and
+/// returns the nanoseconds of the stores or loads alone, or -errno. With `cpu` >= 0 the caller and
+/// the handler thread run on that CPU alone (the caller's affinity is reset to every CPU after).
+/// Otherwise, with `per_cpu` != 0 there is one handler thread bound to each CPU the caller may
+/// use, as ours has (`DAXFileSystem.faultHandlerThreads`). Each handler polls for the next fault
+/// for `spin_ns` nanoseconds before it sleeps, as ours does (`DAXFileSystem.faultHandlerSpin`).
+int64_t cbench_uffd_first_touch(size_t pages, int store, int cpu, long spin_ns, int per_cpu);
 
 /// `sched_setaffinity` of thread `tid` (0: the caller) to CPU `cpu` alone, or to every online CPU
 /// when `cpu` < 0. Returns 0 or -errno.
 int cbench_pin_thread(int tid, int cpu);
+
+/// Saves the CPU affinity of thread `tid` (0: the caller) in `mask` (1024 bits), or sets it from
+/// there again. Return 0 or -errno.
+int cbench_save_affinity(int tid, uint64_t mask[16]);
+int cbench_restore_affinity(int tid, const uint64_t mask[16]);
 
 /// The caller's thread id (`gettid`).
 int cbench_gettid(void);

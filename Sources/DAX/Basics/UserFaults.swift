@@ -14,7 +14,8 @@ struct UserFault: Sendable {
     var thread: Int32
 }
 
-/// A userfaultfd and the one thread that answers its faults.
+/// A userfaultfd and the threads that answer its faults: one, or one bound to each CPU the
+/// process may use (``Placement``).
 ///
 /// Linux lets a virtual range be registered with only one userfaultfd. Each user registers its
 /// ranges with a handler of its own; the thread looks the faulting address up and calls that
@@ -78,9 +79,17 @@ final class UserFaults: Sendable {
         /// The spin that `value` (of ``environmentVariable``, nil when unset) asks for, for a
         /// thread that may run on `cpus` CPUs. A value that is not a whole number of microseconds
         /// from 0 to ``maximumMicroseconds`` gives the default, and the description says so.
-        static func from(_ value: String?, cpus: Int) -> Spin {
+        /// Threads bound one to each CPU (`perCPU`) do not poll unless `value` asks them to: the
+        /// thread on the faulting thread's CPU answers there, and one polling elsewhere would
+        /// only take the fault from it and wake the faulting thread across CPUs.
+        static func from(_ value: String?, cpus: Int, perCPU: Bool = false) -> Spin {
             var note = ""
             var microseconds = defaultMicroseconds
+            if value == nil, perCPU {
+                return Spin(
+                    nanoseconds: 0,
+                    description: "each handler thread sleeps between faults, woken on its own CPU")
+            }
             if let value {
                 if let asked = Int(value), (0...maximumMicroseconds).contains(asked) {
                     microseconds = asked
@@ -103,20 +112,96 @@ final class UserFaults: Sendable {
                 description: "the handler thread polls for \(microseconds) µs after each fault before it sleeps" + note)
         }
 
-        /// The spin the process's environment asks for, for a thread started by the calling one
-        /// (which inherits its CPUs).
-        static func fromEnvironment() -> Spin {
-            from(getenv(environmentVariable).map { String(cString: $0) }, cpus: Int(dax_usable_cpus()))
+        /// The spin the process's environment asks for, for threads started by the calling one
+        /// (which inherit its CPUs) and placed as `placement` says.
+        static func fromEnvironment(for placement: Placement) -> Spin {
+            from(
+                getenv(environmentVariable).map { String(cString: $0) }, cpus: Int(dax_usable_cpus()),
+                perCPU: !placement.cpus.isEmpty)
+        }
+    }
+
+    /// Where the handler threads run. A fault answered in user space costs two wake-ups, the
+    /// handler's and then the faulting thread's, and waking a thread on another CPU costs far
+    /// more than switching to one on the same CPU where idle CPUs halt (a virtual machine's vCPU
+    /// above all). So where the process may use a few CPUs, each gets a thread of its own, bound
+    /// to it: the faulting thread's fault wakes every thread, the one on its CPU runs as soon as
+    /// the faulting thread sleeps, answers, and wakes it there. With many CPUs every fault would
+    /// wake too many threads; there one thread, free to run anywhere, answers all faults.
+    struct Placement: Equatable, Sendable {
+        /// The most CPUs that get a thread each by default.
+        static let mostPerCPU = 4
+        /// The most threads the environment may ask for (`per-cpu` on a machine with more CPUs
+        /// binds one to each of the first ones).
+        static let mostThreads = 64
+        /// The environment variable that chooses: `1` for one thread, `per-cpu` for one bound to
+        /// each CPU.
+        static let environmentVariable = "DAX_FAULT_THREADS"
+
+        /// The CPUs the threads are bound to, one thread each; empty for one thread, unbound.
+        var cpus: [Int32]
+        /// One sentence on it, for `faultHandlingDetail`.
+        var description: String
+
+        /// One thread, unbound (the process-wide instance's, and the choice with many CPUs).
+        static func single(_ why: String) -> Placement { Placement(cpus: [], description: why) }
+
+        /// The placement `value` (of ``environmentVariable``, nil when unset) asks for, for a
+        /// process that may use `cpus`.
+        static func from(_ value: String?, cpus: [Int32]) -> Placement {
+            var note = ""
+            var perCPU = cpus.count > 1 && cpus.count <= mostPerCPU
+            if let value {
+                switch value {
+                case "1": perCPU = false
+                case "per-cpu": perCPU = cpus.count > 1
+                default:
+                    note =
+                        " (\(environmentVariable)=\(value) is neither 1 nor per-cpu; the default is used)"
+                }
+            }
+            guard perCPU else {
+                let why =
+                    cpus.count <= 1
+                    ? "one handler thread: the process has one CPU"
+                    : value == "1"
+                        ? "one handler thread (\(environmentVariable)=1)"
+                        : "one handler thread: the process may use \(cpus.count) CPUs, more than "
+                            + "\(mostPerCPU) to wake at each fault"
+                return .single(why + note)
+            }
+            let bound = Array(cpus.prefix(mostThreads))
+            return Placement(
+                cpus: bound,
+                description: "\(bound.count) handler threads, one bound to each CPU the process may use" + note)
+        }
+
+        /// The placement the process's environment asks for, for the CPUs the calling thread
+        /// may use.
+        static func fromEnvironment() -> Placement {
+            from(getenv(environmentVariable).map { String(cString: $0) }, cpus: usableCPUs())
+        }
+
+        /// The CPUs the calling thread may run on, lowest first (none when they cannot be read).
+        static func usableCPUs() -> [Int32] {
+            var cpus = [Int32](repeating: 0, count: 8192)
+            let count = cpus.withUnsafeMutableBufferPointer { dax_usable_cpu_list($0.baseAddress, Int32($0.count)) }
+            return Array(cpus.prefix(Int(max(0, min(count, 8192)))))
         }
     }
 
     /// The process-wide instance, or why userfaultfd is not available to this process.
-    static let shared: Result<UserFaults, DAXError> = make(calls: .live, spin: Spin.fromEnvironment().nanoseconds)
+    static let shared: Result<UserFaults, DAXError> = {
+        let placement = Placement.single("one handler thread for the process")
+        return make(calls: .live, spin: Spin.fromEnvironment(for: placement).nanoseconds, placement: placement)
+    }()
 
     /// A new instance, or why userfaultfd is not available.
-    static func make(calls: SystemCalls, spin: Int = 0) -> Result<UserFaults, DAXError> {
+    static func make(calls: SystemCalls, spin: Int = 0, placement: Placement = .single("")) -> Result<
+        UserFaults, DAXError
+    > {
         do {
-            return .success(try UserFaults(calls: calls, spin: spin))
+            return .success(try UserFaults(calls: calls, spin: spin, placement: placement))
         } catch let error as DAXError {
             return .failure(error)
         } catch {
@@ -135,14 +220,22 @@ final class UserFaults: Sendable {
     private let registrations = Mutex<[Registration]>([])
     /// Faults handled, for tests and statistics.
     let faultsHandled = Atomic<Int>(0)
-    /// The thread, until ``stop()`` joins it.
-    private let thread = Mutex<pthread_t?>(nil)
+    /// Where the threads run.
+    let placement: Placement
+    /// The threads, until ``stop()`` joins them.
+    private let threads = Mutex<[pthread_t]>([])
+    /// Threads that have not ended; the last to end closes the descriptors.
+    private let running = Atomic<Int>(0)
 
-    /// Opens a userfaultfd through `calls` and starts its thread; use ``shared`` or ``make(calls:)``
-    /// (tests call it with failing calls to see the error).
-    init(calls: SystemCalls, spin: Int = 0) throws {
+    /// How many threads answer faults.
+    var threadCount: Int { max(1, placement.cpus.count) }
+
+    /// Opens a userfaultfd through `calls` and starts its threads; use ``shared`` or
+    /// ``make(calls:)`` (tests call it with failing calls to see the error).
+    init(calls: SystemCalls, spin: Int = 0, placement: Placement = .single("")) throws {
         self.calls = calls
         self.spin = max(0, spin)
+        self.placement = placement
         var fd: Int32 = -1
         var reach = Reach.full
         let device = calls.open("/dev/userfaultfd", O_RDWR | O_CLOEXEC, 0)
@@ -189,42 +282,70 @@ final class UserFaults: Sendable {
         self.fd = fd
         self.reach = reach
         self.stopFD = stopFD
-        let box = Unmanaged.passRetained(self).toOpaque()
-        var started = pthread_t()
-        let result = pthread_create(
-            &started, nil,
-            { argument in
-                let faults = Unmanaged<UserFaults>.fromOpaque(argument!).takeRetainedValue()
-                faults.serve()
-                return nil
-            }, box)
-        guard result == 0 else {
-            Unmanaged<UserFaults>.fromOpaque(box).release()
-            _ = calls.close(fd)
-            _ = calls.close(stopFD)
-            throw DAXError(.unsupported, "cannot start a fault handler thread: error \(result)")
+        let cpus: [Int32?] = placement.cpus.isEmpty ? [nil] : placement.cpus.map { $0 }
+        var started: [pthread_t] = []
+        for cpu in cpus {
+            running.wrappingAdd(1, ordering: .sequentiallyConsistent)
+            let box = Unmanaged.passRetained(Start(faults: self, cpu: cpu)).toOpaque()
+            var thread = pthread_t()
+            let result = pthread_create(
+                &thread, nil,
+                { argument in
+                    let start = Unmanaged<Start>.fromOpaque(argument!).takeRetainedValue()
+                    // Bound where the placement says; if the CPU was taken away meanwhile, the
+                    // thread runs unbound, which answers faults all the same.
+                    if let cpu = start.cpu { _ = dax_bind_to_cpu(cpu) }
+                    start.faults.serve()
+                    return nil
+                }, box)
+            guard result == 0 else {
+                Unmanaged<Start>.fromOpaque(box).release()
+                running.wrappingSubtract(1, ordering: .sequentiallyConsistent)
+                threads.withTrackedLock { $0 = started }
+                if started.isEmpty {
+                    _ = calls.close(fd)
+                    _ = calls.close(stopFD)
+                } else {
+                    stop()
+                }
+                throw DAXError(.unsupported, "cannot start a fault handler thread: error \(result)")
+            }
+            started.append(thread)
         }
-        thread.withTrackedLock { $0 = started }
+        threads.withTrackedLock { $0 = started }
         Self.instances.withTrackedLock { $0[ObjectIdentifier(self)] = WeakInstance(faults: self) }
     }
 
-    /// Stops the thread, which closes the descriptor as it ends; idempotent. Waits for it, unless
-    /// called on the thread itself (a handler that dropped the last use of a file system). Every
-    /// range registered here must be unmapped by then: a fault that arrives later is the
-    /// kernel's to handle.
-    func stop() {
-        let taken = thread.withTrackedLock { thread in
-            defer { thread = nil }
-            return thread
+    /// What a new thread needs: the instance, and the CPU to bind itself to.
+    private final class Start {
+        let faults: UserFaults
+        let cpu: Int32?
+        init(faults: UserFaults, cpu: Int32?) {
+            self.faults = faults
+            self.cpu = cpu
         }
-        guard let running = taken else { return }
+    }
+
+    /// Stops the threads, the last of which closes the descriptor as it ends; idempotent. Waits
+    /// for them, except for the calling thread when it is one of them (a handler that dropped the
+    /// last use of a file system). Every range registered here must be unmapped by then: a fault
+    /// that arrives later is the kernel's to handle.
+    func stop() {
+        let taken = threads.withTrackedLock { threads in
+            defer { threads = [] }
+            return threads
+        }
+        guard !taken.isEmpty else { return }
         _ = Self.instances.withTrackedLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
+        // The eventfd stays readable: every thread sees it.
         var one: UInt64 = 1
         _ = withUnsafeBytes(of: &one) { Glibc.write(stopFD, $0.baseAddress, 8) }
-        if pthread_equal(running, pthread_self()) != 0 {
-            pthread_detach(running)
-        } else {
-            pthread_join(running, nil)
+        for thread in taken {
+            if pthread_equal(thread, pthread_self()) != 0 {
+                pthread_detach(thread)
+            } else {
+                pthread_join(thread, nil)
+            }
         }
     }
 
@@ -401,15 +522,18 @@ final class UserFaults: Sendable {
         }
     }
 
-    /// The fault thread: waits for a fault or the stop signal, reads each fault and calls the
+    /// A fault thread: waits for a fault or the stop signal, reads each fault and calls the
     /// handler of its range. A fault with no handler (its range was forgotten while the fault was
-    /// queued) is woken to retry as is.
+    /// queued) is woken to retry as is. Every thread is woken by each fault; one reads it, the
+    /// others find nothing (`EAGAIN`) and wait again.
     private func serve() {
         while true {
             let ready = dax_wait_readable(fd, stopFD, spin)
             if ready == 0 {
-                _ = calls.close(fd)
-                _ = calls.close(stopFD)
+                if running.subtract(1, ordering: .sequentiallyConsistent).newValue == 0 {
+                    _ = calls.close(fd)
+                    _ = calls.close(stopFD)
+                }
                 return
             }
             if ready < 0 {

@@ -2,7 +2,7 @@ import Glibc
 import Synchronization
 
 /// A file system's fault handler: the userfaultfd its DAX mappings are registered with, the
-/// thread that answers their faults, and what it has answered. Started at mount, stopped at
+/// threads that answer their faults, and what they have answered. Started at mount, stopped at
 /// unmount (or when the file system is dropped). See `docs/faults.md`.
 final class FaultHandler: Sendable {
     /// The userfaultfd; nil when the process has none (``handling`` says why).
@@ -30,8 +30,10 @@ final class FaultHandler: Sendable {
             detail = reason + "; " + Self.withoutHandler
             return
         }
-        let spin = UserFaults.Spin.fromEnvironment()
-        switch UserFaults.make(calls: calls, spin: spin.nanoseconds) {
+        let placement = UserFaults.Placement.fromEnvironment()
+        let spin = UserFaults.Spin.fromEnvironment(for: placement)
+        let threads = placement.description + "; " + spin.description
+        switch UserFaults.make(calls: calls, spin: spin.nanoseconds, placement: placement) {
         case .success(let faults):
             self.faults = faults
             handling = .userfaultfd
@@ -39,12 +41,12 @@ final class FaultHandler: Sendable {
             case .full:
                 detail =
                     "userfaultfd in full mode: loads and stores from user code and from the kernel (read(2) into "
-                    + "a mapping) are resolved; " + spin.description
+                    + "a mapping) are resolved; " + threads
             case .userModeOnly:
                 detail =
                     "userfaultfd in user-mode-only mode (no access to /dev/userfaultfd, no CAP_SYS_PTRACE): loads "
                     + "and stores from user code are resolved; a kernel access to a hole, such as read(2) into "
-                    + "it, fails with EFAULT; " + spin.description
+                    + "it, fails with EFAULT; " + threads
             }
         case .failure(let error):
             faults = nil
@@ -57,7 +59,7 @@ final class FaultHandler: Sendable {
         "mappings are populated when they are made: a writable mapping gives its holes blocks, a read-only one "
         + "shows them as the zero page, and pages cut away raise SIGBUS until the mapping is dropped"
 
-    /// Stops the thread and closes the userfaultfd. Idempotent. No mapping may be left (unmount
+    /// Stops the threads and closes the userfaultfd. Idempotent. No mapping may be left (unmount
     /// refuses while one is).
     func stop() { faults?.stop() }
 

@@ -1,23 +1,31 @@
 /// Fault handling, and forking: blocks shared by several files (reflink, snapshots, dedup), copied
 /// before a change (copy-on-write). See `docs/forking.md`.
 extension DAXFileSystem {
-    /// Which fault handling is in effect: `.userfaultfd` when the file system's handler thread
-    /// answers the faults of its mappings (holes read as zeros and fill on the first store, pages
+    /// Which fault handling is in effect: `.userfaultfd` when the file system's handler threads
+    /// answer the faults of its mappings (holes read as zeros and fill on the first store, pages
     /// past the end of the file raise SIGBUS), else `.unavailable` with the reason (mappings are
     /// then populated when they are made). ``faultHandlingDetail`` says which accesses are resolved.
     public var faultHandling: FaultHandling { spaces.handler.handling }
 
     /// One sentence on the fault handling in effect: whether faults the kernel takes inside a
     /// system call (`read(2)` into a mapping) are resolved too (full mode) or fail with `EFAULT`
-    /// (user-mode-only mode, without privilege), or why there is no handler; and how the handler
-    /// thread waits for faults (``faultHandlerSpin``).
+    /// (user-mode-only mode, without privilege), or why there is no handler; and how many handler
+    /// threads there are and how they wait for faults (``faultHandlerThreads``,
+    /// ``faultHandlerSpin``).
     public var faultHandlingDetail: String { spaces.handler.detail }
 
-    /// How long the handler thread polls for the next fault after each one before it sleeps, so
+    /// How many threads answer the faults of this file system's mappings: one bound to each CPU
+    /// the process may use when it may use 2 to 4 (a fault is answered on the faulting thread's
+    /// own CPU, which costs far less than waking one on another where idle CPUs halt), else one;
+    /// 0 without a handler. Set by `DAX_FAULT_THREADS` (`1`, or `per-cpu`) when the file system
+    /// is mounted (`docs/faults.md`).
+    public var faultHandlerThreads: Int { spaces.handler.faults?.threadCount ?? 0 }
+
+    /// How long each handler thread polls for the next fault after each one before it sleeps, so
     /// that a run of faults does not wake an idle CPU for each (`docs/faults.md`); zero when it
-    /// does not (no handler, one usable CPU, or `DAX_FAULT_SPIN_US=0`). Set by
-    /// `DAX_FAULT_SPIN_US` (microseconds, 0 to 10000) when the file system is mounted; 100 µs by
-    /// default.
+    /// does not (no handler, one usable CPU, threads bound one to each CPU, or
+    /// `DAX_FAULT_SPIN_US=0`). Set by `DAX_FAULT_SPIN_US` (microseconds, 0 to 10000) when the
+    /// file system is mounted; 100 µs by default for a single thread.
     public var faultHandlerSpin: Duration { .nanoseconds(spaces.handler.faults?.spin ?? 0) }
 
     /// reflink (`FICLONE`): `destination`, which must not exist, shares the source's blocks
