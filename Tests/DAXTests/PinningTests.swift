@@ -223,6 +223,56 @@ struct PinningTests {
         #expect(try t.fs.check().isClean)
     }
 
+    /// Invariant 9 over the device's descriptors: the zero frame is not one of them, and as the
+    /// kernel takes no pin on its shared zero page, a pin of it moves no count.
+    @Test(
+        "a read pin across holes and blocks counts the blocks only: acquired minus released is the device's pin counts")
+    func readPinOfHolesCountsBlocksOnly() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20)
+        let file = try t.fs.create("/f")
+        try file.write(pattern(4 * 4096), at: 0)
+        try file.punchHole(offset: 1 * 4096, count: 4096)
+        try file.punchHole(offset: 2 * 4096, count: 4096)
+        let mapping = try file.map(count: 4 * 4096, access: .readOnly)
+        defer { mapping.unmap() }
+        func pinCounts() -> Int {
+            (0..<t.fs.pages.count).reduce(0) {
+                $0 + t.fs.pages.state(of: PageFrameNumber(rawValue: UInt64($1))).pinCount
+            }
+        }
+        let before = t.fs.statistics()
+        let pin = try mapping.pin(offset: 0, count: 4 * 4096, access: .readOnly)
+        let zero = t.fs.pages.zeroFrame
+        #expect(pin.frames.count == 4)
+        #expect(pin.frames[1] == zero && pin.frames[2] == zero)
+        let during = t.fs.statistics()
+        #expect(during.pinsAcquired - before.pinsAcquired == 2)
+        #expect(during.pinnedPages == 2)
+        #expect(during.pinsAcquired - during.pinsReleased == pinCounts())
+        #expect(t.fs.pages.state(of: zero).pinCount == 0)
+        // A device reads the holes as zeros by frame, and the blocks' bytes.
+        let engine = DMAEngine(device: t.device)
+        let region = engine.register(pin)
+        #expect(
+            try engine.read(count: 4 * 4096, from: region, at: 0)
+                == pattern(4 * 4096).enumerated().map {
+                    $0.offset / 4096 == 1 || $0.offset / 4096 == 2 ? 0 : $0.element
+                })
+        engine.deregister(region)
+        let after = t.fs.statistics()
+        #expect(after.pinsReleased - before.pinsReleased == 2)
+        #expect(after.pinnedPages == 0)
+        #expect(pinCounts() == 0)
+        // A one-page read pin of a hole alone, released at once.
+        let single = try mapping.pin(offset: 1 * 4096, count: 1, access: .readOnly)
+        #expect(single.frames == [zero])
+        #expect(t.fs.statistics().pinnedPages == 0)
+        single.release()
+        let end = t.fs.statistics()
+        #expect(end.pinsAcquired == after.pinsAcquired && end.pinsReleased == after.pinsReleased)
+        #expect(try t.fs.check().isClean)
+    }
+
     /// Page forking and page replacement must check for pins (Rik van Riel and Jan Kara, "[FYI]
     /// tux3: Core changes", linux-kernel, May 2015; Andrea Arcangeli, "[PATCH 2/4] Add
     /// replace_page()", linux-kernel, Nov 2008): a page with an extra reference is not frozen.

@@ -257,14 +257,30 @@ struct MemMap: @unchecked Sendable {
         return field
     }
 
-    /// Pins every frame of `runs`, all or none.
+    /// The zero frame's descriptor: the last one, past the device's pages.
+    var zeroFrame: UInt64 { UInt64(core.pointee.count - 1) }
+
+    /// `run` without the zero frame, which is never pinned: as the kernel takes no pin on its
+    /// shared zero page (`pin_user_pages` since Linux 6.5), a pin of it moves no count, so that
+    /// pins acquired minus released stays the sum of the device pages' pin counts. Only a run of
+    /// `runs` can hold it (the one-page fast path takes device frames only), and only at its end.
+    @inline(__always)
+    func withoutZeroFrame(_ run: PageRun) -> PageRun {
+        run.end <= zeroFrame
+            ? run : PageRun(start: run.start, count: run.start >= zeroFrame ? 0 : zeroFrame - run.start)
+    }
+
+    /// Pins every frame of `runs`, all or none (the zero frame is left as it is).
     func pin(_ runs: FrameRuns) throws {
         let counters = tallies()
         for (index, run) in runs.runs.enumerated() {
             do {
-                try pin(run, counting: counters)
+                try pin(withoutZeroFrame(run), counting: counters)
             } catch {
-                for earlier in runs.runs[..<index] { takeBack(earlier, pinned: Int(earlier.count), counting: counters) }
+                for earlier in runs.runs[..<index] {
+                    let earlier = withoutZeroFrame(earlier)
+                    takeBack(earlier, pinned: Int(earlier.count), counting: counters)
+                }
                 throw error
             }
         }
@@ -350,17 +366,24 @@ struct MemMap: @unchecked Sendable {
         counters.settle(.releasedMore, UInt64(run.count) - last)
     }
 
-    /// Unpins every frame of `runs` and counts them as released. Each run settles its releases
-    /// as it ends: those of later runs are not counted yet, so the table is not freeable before.
+    /// Unpins every frame of `runs` and counts them as released (the zero frame, never pinned,
+    /// is left as it is). Each run settles its releases as it ends: those of later runs are not
+    /// counted yet, so the table is not freeable before.
     func unpin(_ runs: FrameRuns) {
-        for run in runs.runs { unpin(run) }
+        for run in runs.runs {
+            let run = withoutZeroFrame(run)
+            if run.count > 0 { unpin(run) }
+        }
     }
 
     /// Takes back pins that ``pin(_:)-(FrameRuns)`` took, uncounted: a pinner that found, after
     /// pinning, that it must look again (the layout changed, a page is shared).
     func takeBack(_ runs: FrameRuns) {
         let counters = tallies()
-        for run in runs.runs { takeBack(run, pinned: Int(run.count), counting: counters) }
+        for run in runs.runs {
+            let run = withoutZeroFrame(run)
+            takeBack(run, pinned: Int(run.count), counting: counters)
+        }
     }
 
     @usableFromInline @inline(never)

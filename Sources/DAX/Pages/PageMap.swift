@@ -33,8 +33,10 @@ public final class PageMap: Sendable {
     private let calls: SystemCalls
 
     /// The zero frame: a page past the device's last one that reads as zeros and is never
-    /// written, the kernel's shared zero page. A `.readOnly` pin of a hole pins it; a device reading
-    /// by it reads zeros. It has a descriptor of its own (pins count there), and no file owns it.
+    /// written, the kernel's shared zero page. A `.readOnly` pin of a hole shows it among its
+    /// frames; a device reading by it reads zeros. It has a descriptor of its own, which no file
+    /// owns and no pin counts: as `pin_user_pages` takes no pin on the zero page, its counts stay
+    /// put, and the pin statistics count a pin's device pages only.
     public var zeroFrame: PageFrameNumber { PageFrameNumber(rawValue: UInt64(count)) }
 
     /// A table of `pageCount` descriptors (and one for ``zeroFrame``), reserved with `mmap`
@@ -64,8 +66,8 @@ public final class PageMap: Sendable {
         self.calls = calls
     }
 
-    /// Marks the zero frame allocated for good (no file owns it), so that pins of it count as
-    /// pins of any page; done at its first use, so that an unused table stays untouched memory.
+    /// Marks the zero frame allocated for good (no file owns it), so that it reads as a page in
+    /// use; done at its first use, so that an unused table stays untouched memory.
     func prepareZeroFrame() {
         let counts = table.descriptor(UInt64(count))
         if counts.pointee.counts.load(ordering: .relaxed) & PageWord.allocated == 0 {

@@ -13,7 +13,9 @@ public enum PinLifetime: Sendable {
 /// A set of pinned pages, released exactly once: by `release()` or when it goes out of scope.
 ///
 /// The kernel's `pin_user_pages` result. While it lives, every page in ``frames`` has its
-/// `pinCount` and `refCount` raised by one, so truncate cannot hand the blocks to another file.
+/// `pinCount` and `refCount` raised by one, so truncate cannot hand the blocks to another file;
+/// the zero frame (a `.readOnly` pin of a hole) is the exception, as the kernel's zero page is:
+/// no count of it moves.
 ///
 /// Frozen, with an inlinable ``release()``, so that a one-page pin's release runs in the caller
 /// without a call; its fields are all trivial (no reference count to drop when it ends).
@@ -49,8 +51,10 @@ public struct PinnedPages: ~Copyable, Sendable {
         self.table = table
         self.headStart = runs.runs[0].start
         self.headCount = Int(runs.runs[0].count)
-        self.extraReference =
-            (runs.runs.count == 1 && lease == nil) ? nil : Unmanaged.passRetained(PinExtra(runs: runs, lease: lease))
+        // A pin that shows the zero frame (never pinned) ends through `MemMap.unpin(_:)`, which
+        // leaves it out, not through the one-page release.
+        let plain = runs.runs.count == 1 && lease == nil && runs.runs[0].end <= table.zeroFrame
+        self.extraReference = plain ? nil : Unmanaged.passRetained(PinExtra(runs: runs, lease: lease))
         self.access = access
     }
 
