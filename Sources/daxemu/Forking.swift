@@ -124,10 +124,11 @@ struct Dedup: ParsableCommand {
         abstract:
             "Deduplicate: where DEST holds the same bytes as SOURCE, DEST shares SOURCE's blocks (FIDEDUPERANGE).",
         discussion: """
-            The ranges are compared page by page while neither file can change; each whole page that \
-            is equal comes to share SOURCE's block, copy-on-write. Holes, a partial page at the end and \
-            pages a device pins are left alone. Prints the bytes now shared. By default the whole of \
-            both files, from offset 0, as far as the shorter one goes.
+            The ranges are compared page by page while neither file can change; each page that is \
+            equal comes to share SOURCE's block, copy-on-write. A partial page at the end is shared \
+            only where both ranges end at the end of their files. Holes and pages a device pins are \
+            left alone. Prints the bytes now shared. By default the whole of both files, from offset \
+            0, as far as the shorter one goes.
             """)
 
     @OptionGroup var device: DeviceOptions
@@ -172,7 +173,7 @@ struct Dedup: ParsableCommand {
                 source, offset: offset.bytes, destination, offset: destinationOffset, count: count)
             print(
                 "\(escapedForDisplay(destination)): \(shared) of \(count) bytes now share \(escapedForDisplay(source))'s "
-                    + "blocks (\(counted(shared / PMemDevice.pageSize, "page")))")
+                    + "blocks (\(counted((shared + PMemDevice.pageSize - 1) / PMemDevice.pageSize, "page")))")
         }
     }
 }

@@ -509,24 +509,41 @@ struct ForkingTests {
         let bFrames = try b.frames(pages: 5)
         let free = fs.statistics().freeBlocks
 
-        // Pages 0, 1 and 3 are equal; 2 differs; 4 is a partial page at the end: left alone.
+        // Pages 0, 1 and 3 are equal; 2 differs; 4 is a partial page at the end of both files,
+        // equal: shared too, and counted to the end of the files, as FIDEDUPERANGE does.
         let shared = try fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: data.count)
-        #expect(shared == 3 * pageBytes)
+        #expect(shared == 3 * pageBytes + 100)
         let bAfter = try b.frames(pages: 5)
-        #expect([bAfter[0], bAfter[1], bAfter[3]] == [aFrames[0], aFrames[1], aFrames[3]])
-        #expect(bAfter[2] == bFrames[2] && bAfter[4] == bFrames[4])
+        #expect([bAfter[0], bAfter[1], bAfter[3], bAfter[4]] == [aFrames[0], aFrames[1], aFrames[3], aFrames[4]])
+        #expect(bAfter[2] == bFrames[2])
         #expect(try a.frames(pages: 5) == aFrames)
-        #expect(try b.references(pages: 5) == [2, 2, 1, 2, 1])
-        #expect(fs.statistics().sharedBlocks == 3)
-        #expect(fs.statistics().freeBlocks == free + 3)
+        #expect(try b.references(pages: 5) == [2, 2, 1, 2, 2])
+        #expect(fs.statistics().sharedBlocks == 4)
+        #expect(fs.statistics().freeBlocks == free + 4)
         #expect(try a.contents() == data && b.contents() == differing)
+        // Growing either file over the shared tail copies it first; the other keeps its bytes.
+        try b.truncate(to: data.count + 50)
+        #expect(try b.contents() == differing + [UInt8](repeating: 0, count: 50))
+        #expect(try a.contents() == data)
+        #expect(try b.references(pages: 5) == [2, 2, 1, 2, 1])
+        try b.truncate(to: data.count)
+        #expect(try fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: data.count) == 3 * pageBytes + 100)
+
+        // A range that stops short of a file's end is taken down to whole pages.
+        let d = try fs.create("/d")
+        try d.write(data + [1, 2, 3], at: 0)
+        #expect(try fs.deduplicate("/a", offset: 0, "/d", offset: 0, count: data.count) == 4 * pageBytes)
+        #expect(try d.references(pages: 5) == [3, 3, 2, 3, 1])
+        d.close()
+        try fs.remove("/d")
+        #expect(try a.references(pages: 5) == [2, 2, 1, 2, 2])
 
         // At different offsets: /c's only page equals /a's page 1.
         #expect(try fs.deduplicate("/a", offset: pageBytes, "/c", offset: 0, count: pageBytes) == pageBytes)
         #expect(try c.frames(pages: 1)[0] == aFrames[1])
         #expect(try a.references(pages: 2) == [2, 3])
-        #expect(fs.statistics().sharedBlocks == 3)
-        #expect(fs.statistics().freeBlocks == free + 4)
+        #expect(fs.statistics().sharedBlocks == 4)
+        #expect(fs.statistics().freeBlocks == free + 5)
 
         // Copy-on-write from then on.
         try b.write([0x11], at: pageBytes)
@@ -537,7 +554,7 @@ struct ForkingTests {
 
         let remounted = try t.remount()
         defer { try? remounted.unmount() }
-        #expect(try remounted.open("/a").references(pages: 5) == [2, 2, 1, 2, 1])
+        #expect(try remounted.open("/a").references(pages: 5) == [2, 2, 1, 2, 2])
         #expect(try remounted.open("/c").frames(pages: 1)[0] == aFrames[1])
         #expect(try remounted.check().isClean)
     }

@@ -6,11 +6,11 @@ extension AddressSpace {
     /// Makes pages `destinationPages` of `destination` share the blocks of the same-sized
     /// `sourcePages` of `source` where the bytes are equal and neither page is pinned. Both
     /// files' invalidate and inode locks are held throughout (in inode-number order), so neither
-    /// changes while it compares. Returns the pages that now share.
+    /// changes while it compares. Returns the destination's pages that now share.
     static func deduplicate(
         _ source: AddressSpace, _ sourcePages: Range<UInt64>, _ destination: AddressSpace,
         _ destinationPages: Range<UInt64>, what: String
-    ) throws -> Int {
+    ) throws -> [UInt64] {
         let same = source === destination
         let first = same || source.inode.number < destination.inode.number ? source : destination
         let second = first === source ? destination : source
@@ -43,7 +43,7 @@ extension AddressSpace {
     private func deduplicateLocked(
         from sourceContents: Inode.Contents, _ sourcePages: Range<UInt64>, source: AddressSpace,
         into contents: inout Inode.Contents, _ pages: Range<UInt64>, what: String
-    ) throws -> Int {
+    ) throws -> [UInt64] {
         let device = self.device
         let pageMap = device.pages
         let size = FileData.pageSize
@@ -63,7 +63,7 @@ extension AddressSpace {
         }
 
         // 2. Equal pages whose blocks differ; pages already sharing the source's block count too.
-        var already = 0
+        var already: [UInt64] = []
         var candidates: [(page: UInt64, sourceBlock: UInt64, block: UInt64)] = []
         for (step, page) in pages.enumerated() where !unprotected.contains(page) {
             let sourcePage = sourcePages.lowerBound + UInt64(step)
@@ -73,7 +73,7 @@ extension AddressSpace {
             let sourceBlock = sourceExtent.block(for: sourcePage)
             let block = extent.block(for: page)
             if sourceBlock == block {
-                already += 1
+                already.append(page)
                 continue
             }
             if memcmp(device.base + Int(sourceBlock) * size, device.base + Int(block) * size, size) == 0 {
@@ -133,6 +133,6 @@ extension AddressSpace {
         }
         keepRacedStores(&contents)
         data.volume.releaseFreed(freed)
-        return already + chosen.count
+        return already + chosen.map(\.page)
     }
 }

@@ -42,11 +42,13 @@ extension DAXFileSystem {
     }
 
     /// `FIDEDUPERANGE`: where the ranges hold the same bytes, page by page, `destination` comes to
-    /// share `source`'s blocks. Returns the bytes now shared (whole pages; pages that already
-    /// shared the block count too). Pages with a hole on either side, pages that differ, a partial
-    /// page at the end, and pages a pin holds on either side are left alone and not counted.
-    /// Offsets must be multiples of 4096 and both ranges inside their files (`.invalidArgument`,
-    /// nothing changed); the destination must be writable.
+    /// share `source`'s blocks. Returns the bytes now shared (pages that already shared the block
+    /// count too). Pages with a hole on either side, pages that differ, and pages a pin holds on
+    /// either side are left alone and not counted. A partial page at the end is compared and
+    /// shared only where both ranges end at the end of their files, as Linux's remap checks
+    /// allow; otherwise `count` is taken down to whole pages. Offsets must be multiples of 4096
+    /// and both ranges inside their files (`.invalidArgument`, nothing changed); the destination
+    /// must be writable.
     public func deduplicate(
         _ source: String, offset: Int, _ destination: String, offset destinationOffset: Int, count: Int
     ) throws -> Int {
@@ -75,15 +77,23 @@ extension DAXFileSystem {
                     "the range reaches past the end of a file (\(counted(sourceFile.size, "byte")) and "
                         + "\(counted(destinationFile.size, "byte")))")
             }
-            let pages = count / FileData.pageSize
+            // The last page, partial, when both ranges end where their files do: the bytes past
+            // the end are compared too (they read as zeros once a file grows over them), so a
+            // page whose tails differ is left alone.
+            let tail = count % FileData.pageSize
+            let withTail =
+                tail != 0 && offset + count == sourceFile.size && destinationOffset + count == destinationFile.size
+            let pages = count / FileData.pageSize + (withTail ? 1 : 0)
             guard pages > 0 else { return 0 }
             let first = FileData.page(offset)
             let destinationFirst = FileData.page(destinationOffset)
+            let last = destinationFirst + UInt64(pages) - 1
             return try destinationFile.operation("deduplicate", writable: true) {
-                try AddressSpace.deduplicate(
+                let shared = try AddressSpace.deduplicate(
                     sourceFile.space, first..<(first + UInt64(pages)), destinationFile.space,
                     destinationFirst..<(destinationFirst + UInt64(pages)), what: what)
-                    * FileData.pageSize
+                let partial = withTail && shared.contains(last) ? FileData.pageSize - tail : 0
+                return shared.count * FileData.pageSize - partial
             }
         } catch let error as DAXError {
             throw error.context("cannot \(what)", naming: Paths.quoted(destination))
