@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 
 @testable import DAX
@@ -230,5 +231,34 @@ struct SharedBlockRepairTests {
         #expect(try fs.open("/a").read(count: 3 * 4096, at: 0) == pattern(3 * 4096))
         #expect(try fs.open("/b").read(count: 3 * 4096, at: 0) == pattern(3 * 4096))
         #expect(fs.statistics().sharedBlocks == 3)
+    }
+
+    /// A fuzzer's find: naming the run in the error that refused it computed its end, which
+    /// overflowed, and every command trapped on such a device, `fsck --repair` included.
+    @Test("a shared run whose start is near 2^64 is reported by check and repaired, not a trap")
+    func runStartNearTheTopOfUInt64() async throws {
+        await #expect(processExitsWith: .success) {
+            let t = try TemporaryFileSystem(size: 16 << 20, name: "sharetop")
+            try t.fs.create("/a").write(pattern(3 * 4096), at: 0)
+            try t.fs.clone("/a", to: "/b")
+            let root = Int(t.fs.superblock.sharedTableRoot!) * 4096
+            try t.fs.unmount()
+            var leaf = try t.device.read(count: 4096, at: root)
+            withUnsafeBytes(of: UInt64.max.littleEndian) { leaf.replaceSubrange(32..<40, with: $0) }
+            let crc = CRC32C.checksum(leaf[8...])
+            withUnsafeBytes(of: crc.littleEndian) { leaf.replaceSubrange(4..<8, with: $0) }
+            try t.device.write(leaf, at: root)
+            let report = try DAXFileSystem.check(t.device)
+            guard !report.isClean, report.problems.contains(where: { $0.contains("18446744073709551615") }) else {
+                exit(2)
+            }
+            _ = try DAXFileSystem.repair(t.device)
+            guard try DAXFileSystem.check(t.device).isClean else { exit(3) }
+            let fs = try DAXFileSystem.mount(t.device)
+            guard try fs.open("/a").read(count: 3 * 4096, at: 0) == pattern(3 * 4096),
+                try fs.open("/b").read(count: 3 * 4096, at: 0) == pattern(3 * 4096)
+            else { exit(4) }
+            try fs.unmount()
+        }
     }
 }

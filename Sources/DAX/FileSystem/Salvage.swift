@@ -166,11 +166,17 @@ struct Salvage {
     }
 
     /// Blocks claimed twice: no claimant can be trusted, unless it is a data block that the
-    /// shared-block table (when it can be read) lists as shared; its count is rebuilt afterwards.
+    /// shared-block table lists as shared; its count is rebuilt afterwards. When the table
+    /// itself is damaged (a device that keeps one, but it cannot be read), nothing says which
+    /// data blocks were shared, so every data block that extents of several files name is taken
+    /// as shared: the files keep their bytes, copy-on-write from then on, rather than all of them
+    /// being cleared because a table that only counts references was lost.
     mutating func dropConflicts() {
         var conflicts: [UInt32: (block: UInt64, other: UInt32)] = [:]
         var leaves = Set<Int>()
-        let listed = (readSharedTable() ?? []).sorted { $0.start < $1.start }
+        let table = readSharedTable()
+        let tableLost = table == nil
+        let listed = (table ?? []).sorted { $0.start < $1.start }
         func isListed(_ block: UInt64) -> Bool {
             var low = 0
             var high = listed.count
@@ -190,7 +196,7 @@ struct Salvage {
                     if other == 0 {
                         owners[index] = number
                         if isLeaf { leaves.insert(index) }
-                    } else if isLeaf || leaves.contains(index) || !isListed(block) {
+                    } else if isLeaf || leaves.contains(index) || (!tableLost && !isListed(block)) {
                         conflicts[number] = conflicts[number] ?? (block, other)
                         conflicts[other] = conflicts[other] ?? (block, number)
                     }

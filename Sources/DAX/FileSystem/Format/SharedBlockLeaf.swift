@@ -12,7 +12,12 @@ struct SharedRun: Equatable, Sendable, CustomStringConvertible {
     var end: UInt64 { start + length }
     var range: Range<UInt64> { start..<end }
 
-    var description: String { "[\(start)..<\(end) x\(count)]" }
+    /// Told from the fields themselves, so that a run read from a damaged table (a start near
+    /// 2^64) can be named in the error that refuses it.
+    var description: String {
+        let (end, overflow) = start.addingReportingOverflow(length)
+        return overflow ? "[\(start) + \(length) blocks x\(count)]" : "[\(start)..<\(end) x\(count)]"
+    }
 }
 
 /// One block of the shared-block table: sorted runs and the next leaf. The first leaf is the last
