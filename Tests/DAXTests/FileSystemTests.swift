@@ -6,6 +6,38 @@ import Testing
 
 @Suite("DAXFileSystem: namespace")
 struct FileSystemTests {
+    @Test("a path that ends in / names a directory: a file there is refused, nothing changes")
+    func trailingSlashNamesADirectory() throws {
+        let t = try TemporaryFileSystem(name: "slash")
+        let fs = t.fs
+        try fs.create("/f").write(pattern(100), at: 0)
+        try fs.createDirectory("/d")
+        try fs.create("/d/g").close()
+        let free = fs.statistics().freeBlocks
+        expectDAXError(.notADirectory) { try fs.open("/f/") }
+        expectDAXError(.notADirectory) { try fs.attributes(of: "/f/") }
+        expectDAXError(.notADirectory) { try fs.remove("/f/") }
+        expectDAXError(.notADirectory) { try fs.rename("/f/", to: "/h") }
+        expectDAXError(.notADirectory) { try fs.rename("/f", to: "/h/") }
+        expectDAXError(.notADirectory) { try fs.rename("/f", to: "/d/g/") }
+        expectDAXError(.notADirectory) { try fs.clone("/f/", to: "/c") }
+        expectDAXError(.notADirectory) { try fs.clone("/f", to: "/c/") }
+        expectDAXError(.isADirectory) { try fs.create("/new/") }
+        #expect(try fs.contentsOfDirectory("/") == ["d", "f"])
+        #expect(try fs.contentsOfDirectory("/d") == ["g"])
+        #expect(try fs.open("/f").read(count: 100, at: 0) == pattern(100))
+        #expect(fs.statistics().freeBlocks == free)
+        // Directories take the slash, and a file without it is found as before.
+        #expect(try fs.attributes(of: "/d/").kind == .directory)
+        try fs.createDirectory("/e/")
+        try fs.rename("/e/", to: "/d/e/")
+        try fs.clone("/d/", to: "/snap/")
+        #expect(try fs.contentsOfDirectory("/snap/") == ["e", "g"])
+        try fs.remove("/d/e/")
+        #expect(try fs.attributes(of: "/f").kind == .file)
+        #expect(try fs.check().isClean)
+    }
+
     @Test("format, write, unmount, mount: files, directories and bytes survive")
     func survivesRemount() throws {
         let t = try TemporaryFileSystem()

@@ -58,6 +58,8 @@ extension Namespace {
                 }
                 return entry
             }
+            try Paths.checkTrailingSlash(source, kind: sourceEntry.kind, what: "clone")
+            try Paths.checkTrailingSlash(destination, kind: sourceEntry.kind, what: "clone a file to")
             let (parentPath, name) = try Paths.split(destination, what: "clone to")
             let parent = try resolveDirectory(parentPath, path: destination)
             guard parent.contents.read({ $0.directory?.entries[name] }) == nil else {

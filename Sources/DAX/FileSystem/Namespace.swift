@@ -70,6 +70,7 @@ final class Namespace: Sendable {
                 return entry
             }
             guard entry.kind == .file else { throw DAXError(.isADirectory, "\(Paths.quoted(path)) is a directory") }
+            try Paths.checkTrailingSlash(path, kind: entry.kind, what: "open")
             // Counted under the namespace lock, so a concurrent remove sees the handle.
             let inode = try self.inode(entry.inode)
             inode.users.withTrackedLock { $0.handles += 1 }
@@ -100,6 +101,7 @@ final class Namespace: Sendable {
             guard let entry = parent.contents.read({ $0.directory?.entries[name] }) else {
                 throw DAXError(.notFound, "no such file or directory: \(Paths.quoted(path))")
             }
+            try Paths.checkTrailingSlash(path, kind: entry.kind, what: "remove")
             let target = try inode(entry.inode)
             if entry.kind == .directory, target.contents.read({ $0.directory?.isEmpty == false }) {
                 throw DAXError(.directoryNotEmpty, "directory \(Paths.quoted(path)) is not empty")
@@ -125,6 +127,8 @@ final class Namespace: Sendable {
             guard let entry = from.contents.read({ $0.directory?.entries[fromName] }) else {
                 throw DAXError(.notFound, "no such file or directory: \(Paths.quoted(path))")
             }
+            try Paths.checkTrailingSlash(path, kind: entry.kind, what: "rename")
+            try Paths.checkTrailingSlash(newPath, kind: entry.kind, what: "rename a file onto")
             if from === to, fromName == toName { return }
             if entry.kind == .directory {
                 // A directory cannot move into itself or below itself.
@@ -212,6 +216,7 @@ final class Namespace: Sendable {
                 }
                 return entry
             }
+            try Paths.checkTrailingSlash(path, kind: entry.kind, what: "look up")
             return try self.inode(entry.inode)
         }
         return inode.contents.read { contents in
@@ -327,6 +332,10 @@ final class Namespace: Sendable {
     /// Creates a file or directory at `path` with one transaction.
     private func makeNode(_ path: String, kind: InodeRecord.Kind) throws -> Inode {
         let (parentPath, name) = try Paths.split(path, what: "create")
+        if kind == .file, Paths.namesDirectory(path) {
+            throw DAXError(
+                .isADirectory, "cannot create file \(Paths.quoted(path)): a path that ends in '/' names a directory")
+        }
         let parent = try resolveDirectory(parentPath, path: path)
         guard parent.contents.read({ $0.directory?.entries[name] }) == nil else {
             throw DAXError(.alreadyExists, "\(Paths.quoted(path)) already exists")

@@ -32,6 +32,19 @@ enum Paths {
         return (parts, name)
     }
 
+    /// Whether `path` ends in `/` (and is not the root): as in POSIX, it then names a directory,
+    /// and a file there is refused (`.notADirectory`) rather than taken by its name alone.
+    static func namesDirectory(_ path: String) -> Bool {
+        path.utf8.last == UInt8(ascii: "/") && path.utf8.contains { $0 != UInt8(ascii: "/") }
+    }
+
+    /// Throws `.notADirectory` when `path` ends in `/` but names a file (`kind`).
+    static func checkTrailingSlash(_ path: String, kind: InodeRecord.Kind, what: String) throws {
+        guard kind != .directory, namesDirectory(path) else { return }
+        throw DAXError(
+            .notADirectory, "cannot \(what) \(quoted(path)): it ends in '/', but the file there is not a directory")
+    }
+
     static func isValidName(_ name: [UInt8]) -> Bool {
         !name.isEmpty && name.count <= DirectoryFormat.maximumNameLength && !name.contains(0)
             && !name.contains(UInt8(ascii: "/")) && name != [46] && name != [46, 46]

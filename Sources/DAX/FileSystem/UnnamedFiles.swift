@@ -63,6 +63,7 @@ extension Namespace {
         try operation(exclusive: true, "link", path) {
             try check()
             let (parentPath, name) = try Paths.split(path, what: "link")
+            try Paths.checkTrailingSlash(path, kind: .file, what: "link a file at")
             let parent = try resolveDirectory(parentPath, path: path)
             let existing = parent.contents.read { $0.directory?.entries[name] }
             if let existing {
