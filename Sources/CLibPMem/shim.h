@@ -6,6 +6,7 @@
 #include <libpmem.h>
 
 #include <errno.h>
+#include <stdio.h>
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <stdint.h>
@@ -163,6 +164,13 @@ static inline int dax_bind_to_cpu(int cpu) {
 static inline int dax_current_cpu(void) {
     unsigned cpu = 0;
     return syscall(SYS_getcpu, &cpu, NULL, NULL) == 0 ? (int)cpu : -1;
+}
+
+/// Flushes standard output: 0 when everything written to it so far got out, -1 (errno set, where
+/// the failed write set it) when a write failed, now or before.
+static inline int dax_flush_standard_output(void) {
+    int flushed = fflush(stdout);
+    return flushed == 0 && !ferror(stdout) ? 0 : -1;
 }
 
 /// Calls `eventfd(2)` with `EFD_CLOEXEC`.

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CLibPMem
 import DAX
 import Glibc
 import Synchronization
@@ -127,6 +128,12 @@ extension ParsableCommand {
             var command = try parseAsRoot(arguments)
             if type(of: command) != Self.self { subcommand = type(of: command) }
             try command.run()
+            // What was printed must have reached standard output (a full disk, /dev/full): a
+            // listing cut short is a failure, as ls(1) and cat(1) report it.
+            if dax_flush_standard_output() != 0 {
+                report("\(name): write error on standard output: \(String(cString: strerror(errno)))")
+                Glibc.exit(1)
+            }
             Glibc.exit(0)
         } catch let code as ExitCode {
             // A result, not a failure (`get` of an absent key, `check` of a broken store): the

@@ -146,12 +146,16 @@ struct Put: ParsableCommand {
     func validate() throws { try requireDevicePath(destination) }
 
     func run() throws {
-        let input = open(local, O_RDONLY)
+        // Opened without waiting (a FIFO would block until a writer came), then checked.
+        let input = open(local, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
         guard input >= 0 else { throw CommandError("cannot read \(local): \(String(cString: strerror(errno)))") }
         defer { close(input) }
         var info = stat()
-        fstat(input, &info)
+        guard fstat(input, &info) == 0 else {
+            throw CommandError("cannot read \(local): \(String(cString: strerror(errno)))")
+        }
         guard info.st_mode & S_IFMT == S_IFREG else { throw CommandError("\(local) is not a regular file") }
+        _ = fcntl(input, F_SETFL, fcntl(input, F_GETFL) & ~O_NONBLOCK)
         let size = Int(info.st_size)
         try device.withFileSystem { fs in
             var target = destination
@@ -166,15 +170,19 @@ struct Put: ParsableCommand {
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
                 defer { buffer.deallocate() }
                 var offset = 0
-                while offset < size {
-                    let count = read(input, buffer.baseAddress, min(chunk, size - offset))
+                // Up to the end of the file, not just its size when it was opened: a file that
+                // grows meanwhile, or one of /proc that says 0 bytes, is copied whole.
+                while true {
+                    let count = read(input, buffer.baseAddress, chunk)
+                    if count < 0, errno == EINTR { continue }
+                    if count == 0, offset >= size { break }
                     guard count > 0 else {
                         let reason = count == 0 ? "it shrank" : String(cString: strerror(errno))
                         throw CommandError("cannot read \(local) at offset \(offset): \(reason)")
                     }
                     try file.write(UnsafeRawBufferPointer(rebasing: buffer[0..<count]), at: offset)
                     offset += count
-                    progress.update(Double(offset) / Double(size))
+                    progress.update(size > 0 ? Double(offset) / Double(size) : 1)
                 }
                 progress.finish()
             }
@@ -199,8 +207,7 @@ struct Get: ParsableCommand {
         try device.withFileSystem(access: .readOnly) { fs in
             let file = try fs.open(source, access: .readOnly)
             defer { file.close() }
-            let output = local == "-" ? 1 : open(local, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-            guard output >= 0 else { throw CommandError("cannot write \(local): \(String(cString: strerror(errno)))") }
+            let output = local == "-" ? 1 : try openOutput(local, device: device.path)
             defer { if output != 1 { close(output) } }
             let size = file.size
             // Progress on stderr, unless the bytes themselves go to the terminal.
@@ -211,14 +218,7 @@ struct Get: ParsableCommand {
             while offset < size {
                 let count = try file.read(into: buffer, at: offset)
                 guard count > 0 else { break }
-                var written = 0
-                while written < count {
-                    let n = write(output, buffer.baseAddress! + written, count - written)
-                    guard n > 0 else {
-                        throw CommandError("cannot write \(local): \(String(cString: strerror(errno)))")
-                    }
-                    written += n
-                }
+                try writeAll(output, UnsafeRawBufferPointer(rebasing: buffer[0..<count]), path: local)
                 offset += count
                 progress.update(Double(offset) / Double(size))
             }

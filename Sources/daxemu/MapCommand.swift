@@ -53,14 +53,13 @@ struct MapCommand: ParsableCommand {
         }
         print(picture.terminal(columns: columns))
         if let svg {
-            do {
-                try picture.svgDocument().write(toFile: svg, atomically: true, encoding: .utf8)
-            } catch {
-                // Foundation's own text names a Cocoa error domain; the POSIX cause is more use.
-                let cause = (error as NSError).userInfo[NSUnderlyingErrorKey] as? NSError
-                let reason = cause.map { String(cString: strerror(Int32($0.code))) } ?? error.localizedDescription
-                throw CommandError("cannot write \(svg): \(reason)")
-            }
+            // Written as a redirection writes: through a link, into what is there (never the
+            // device itself), not renamed over it.
+            guard !svg.isEmpty else { throw CommandError("cannot write the SVG: --svg names no file") }
+            let output = try openOutput(svg, device: device.path)
+            defer { close(output) }
+            let document = Array(picture.svgDocument().utf8)
+            try document.withUnsafeBytes { try writeAll(output, $0, path: svg) }
             print("wrote \(svg)")
         }
     }

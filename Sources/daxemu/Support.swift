@@ -40,6 +40,40 @@ func writeStderr(_ text: String) {
     _ = text.withCString { write(2, $0, strlen($0)) }
 }
 
+/// Opens `path` to write what a command makes, as a shell redirection would: created (0644) when
+/// missing, followed through a symbolic link, written into a device node or FIFO as it is, and
+/// emptied only once it is known to be a regular file that is not the device at `device` (or a
+/// link to it): writing a device's own file through its mapping would destroy it.
+func openOutput(_ path: String, device: String) throws -> Int32 {
+    let output = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o644)
+    guard output >= 0 else { throw CommandError("cannot write \(path): \(String(cString: strerror(errno)))") }
+    var written = stat()
+    var ours = stat()
+    if fstat(output, &written) == 0, stat(device, &ours) == 0, written.st_dev == ours.st_dev,
+        written.st_ino == ours.st_ino
+    {
+        close(output)
+        throw CommandError("cannot write \(path): it is the device itself (\(device))")
+    }
+    if written.st_mode & S_IFMT == S_IFREG, ftruncate(output, 0) != 0 {
+        let reason = String(cString: strerror(errno))
+        close(output)
+        throw CommandError("cannot write \(path): \(reason)")
+    }
+    return output
+}
+
+/// Writes all of `bytes` to `output`, or throws naming `path`.
+func writeAll(_ output: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws {
+    var written = 0
+    while written < bytes.count {
+        let n = write(output, bytes.baseAddress! + written, bytes.count - written)
+        if n < 0, errno == EINTR { continue }
+        guard n > 0 else { throw CommandError("cannot write \(path): \(String(cString: strerror(errno)))") }
+        written += n
+    }
+}
+
 extension DeviceOptions {
     /// Opens the device and mounts its file system around `body`, unmounting afterwards. A command
     /// that only reads passes `.readOnly`: the device is opened for reading only and nothing on it

@@ -37,6 +37,90 @@ struct CommandLineHabitTests {
             try daxemu(["get", "/g", "-"]).outputData == (try Data(contentsOf: URL(fileURLWithPath: "/etc/hostname"))))
     }
 
+    /// Found by a helper hunting from the outside: `get` into the device file emptied it (it was
+    /// opened with O_TRUNC while mapped) and died of SIGBUS; `map --svg` renamed a new file over
+    /// whatever was there, the device or a device node included.
+    @Test("get and map --svg never write the device itself, and write through links as a redirection does")
+    func outputsAreNeverTheDevice() throws {
+        let e = try ExampleDevice(size: "8M")
+        let daxemu = { (arguments: [String]) in try runCommand("daxemu", arguments + ["-d", e.path]) }
+        #expect(try daxemu(["put", "/etc/hostname", "/h"]).status == 0)
+        let link = TemporaryDevice.uniquePath("cli-link")
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: e.path)
+        defer { unlink(link) }
+        for output in [e.path, link] {
+            let get = try daxemu(["get", "/h", output])
+            #expect(get.status == 1 && get.errors.contains("it is the device itself"), "\(get.errors)")
+            let map = try daxemu(["map", "--svg", output])
+            #expect(map.status == 1 && map.errors.contains("it is the device itself"), "\(map.errors)")
+        }
+        #expect(try daxemu(["fsck"]).status == 0)
+        #expect(
+            try daxemu(["get", "/h", "-"]).outputData == (try Data(contentsOf: URL(fileURLWithPath: "/etc/hostname"))))
+        // Through a link to an ordinary file: the file gets the picture, the link stays a link.
+        let target = TemporaryDevice.uniquePath("cli-svg")
+        let svgLink = TemporaryDevice.uniquePath("cli-svg-link")
+        FileManager.default.createFile(atPath: target, contents: Data("old".utf8))
+        try FileManager.default.createSymbolicLink(atPath: svgLink, withDestinationPath: target)
+        defer { unlink(target) }
+        defer { unlink(svgLink) }
+        #expect(try daxemu(["map", "--svg", svgLink]).status == 0)
+        #expect(
+            try String(contentsOfFile: target, encoding: .utf8).hasPrefix("<?xml")
+                || String(contentsOfFile: target, encoding: .utf8).hasPrefix("<svg"))
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: svgLink) == target)
+    }
+
+    @Test("a path ending in / names a directory: mv and rm of a file there are refused, as mv(1) and rm(1) do")
+    func trailingSlashNamesADirectory() throws {
+        let e = try ExampleDevice(size: "8M")
+        let daxemu = { (arguments: [String]) in try runCommand("daxemu", arguments + ["-d", e.path]) }
+        #expect(try daxemu(["put", "/etc/hostname", "/report"]).status == 0)
+        #expect(try daxemu(["put", "/etc/services", "/draft"]).status == 0)
+        let move = try daxemu(["mv", "/draft", "/report/"])
+        #expect(move.status == 1 && move.errors.contains("not a directory"), "\(move.errors)")
+        let remove = try daxemu(["rm", "/report/"])
+        #expect(remove.status == 1 && remove.errors.contains("not a directory"), "\(remove.errors)")
+        #expect(
+            try daxemu(["get", "/report", "-"]).outputData
+                == (try Data(contentsOf: URL(fileURLWithPath: "/etc/hostname"))))
+        #expect(try daxemu(["ls", "/"]).output == "draft\nreport\n")
+        #expect(try daxemu(["mkdir", "/dir"]).status == 0)
+        #expect(try daxemu(["mv", "/draft", "/dir/"]).status == 0)
+        #expect(try daxemu(["ls", "/dir/"]).output == "draft\n")
+    }
+
+    @Test("put refuses a FIFO without waiting for a writer, and copies a /proc file whole")
+    func putOfSpecialFiles() throws {
+        let e = try ExampleDevice(size: "8M")
+        let daxemu = { (arguments: [String]) in try runCommand("daxemu", arguments + ["-d", e.path]) }
+        let fifo = TemporaryDevice.uniquePath("cli-fifo")
+        #expect(mkfifo(fifo, 0o600) == 0)
+        defer { unlink(fifo) }
+        let put = try daxemu(["put", fifo, "/x"])
+        #expect(put.status == 1 && put.errors.contains("is not a regular file"), "\(put.errors)")
+        // /proc/self/cmdline says 0 bytes in its size, and holds the command line.
+        #expect(try daxemu(["put", "/proc/self/cmdline", "/cmdline"]).status == 0)
+        let copied = try daxemu(["get", "/cmdline", "-"]).outputData
+        #expect(copied.count > 0 && String(decoding: copied, as: UTF8.self).contains("daxemu"), "\(copied.count)")
+    }
+
+    @Test("output that cannot be written (stdout on /dev/full) is an error, as ls(1) says it")
+    func writeErrorsOnStandardOutput() throws {
+        let e = try ExampleDevice(size: "8M")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: ChildProcess.executable("daxemu"))
+        process.arguments = ["ls", "-la", "/", "-d", e.path]
+        process.standardOutput = FileHandle(forWritingAtPath: "/dev/full")
+        let errors = Pipe()
+        process.standardError = errors
+        try process.run()
+        process.waitUntilExit()
+        let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(process.terminationStatus == 1)
+        #expect(text.contains("write error on standard output"), "\(text)")
+    }
+
     @Test("--version; negative numbers and other bad arguments say what is wrong and exit 64")
     func badArgumentsExit64() throws {
         let e = try ExampleDevice(size: "8M")
