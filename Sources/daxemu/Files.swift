@@ -240,8 +240,22 @@ struct Remove: ParsableCommand {
         for path in paths { try requireDevicePath(path) }
     }
 
+    /// Every path is tried, as rm(1) tries each operand: one that cannot be removed is told on
+    /// stderr, and the command then fails.
     func run() throws {
-        try device.withFileSystem { fs in for path in paths { try fs.remove(path) } }
+        let failed = try device.withFileSystem { fs in
+            var failed = 0
+            for path in paths {
+                do {
+                    try fs.remove(path)
+                } catch let error as DAXError {
+                    writeStderr("daxemu: \(error.message)\n")
+                    failed += 1
+                }
+            }
+            return failed
+        }
+        if failed > 0 { throw ExitCode.failure }
     }
 }
 

@@ -90,6 +90,17 @@ struct CommandLineHabitTests {
         #expect(try daxemu(["ls", "/dir/"]).output == "draft\n")
     }
 
+    @Test("rm goes on past an operand it cannot remove, as rm(1) does, and then exits 1")
+    func removeTriesEveryOperand() throws {
+        let e = try ExampleDevice(size: "8M")
+        let daxemu = { (arguments: [String]) in try runCommand("daxemu", arguments + ["-d", e.path]) }
+        #expect(try daxemu(["put", "/etc/hostname", "/a"]).status == 0)
+        #expect(try daxemu(["put", "/etc/hostname", "/b"]).status == 0)
+        let remove = try daxemu(["rm", "/a", "/missing", "/b"])
+        #expect(remove.status == 1 && remove.errors.contains("\"/missing\""), "\(remove.errors)")
+        #expect(try daxemu(["ls", "/"]).output == "")
+    }
+
     @Test("put refuses a FIFO without waiting for a writer, and copies a /proc file whole")
     func putOfSpecialFiles() throws {
         let e = try ExampleDevice(size: "8M")
