@@ -55,6 +55,47 @@ extension DamagedFixture {
 
 @Suite("Repair")
 struct RepairTests {
+    /// A fuzzer's find: a name with a byte that is not UTF-8 (its checksum made right) passed
+    /// check, and `ls` of its directory failed on the name it could not look up again.
+    @Test("a directory entry whose name is not UTF-8 is damage: check finds it, repair keeps the file")
+    func nameThatIsNotUTF8() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "badname")
+        try t.fs.create("/twin").write(pattern(300), at: 0)
+        try t.fs.create("/other").write(pattern(10), at: 0)
+        try t.fs.unmount()
+        // The slot holding "twin": its name's second byte made 0xFF, the slot's checksum redone.
+        let bytes = try t.device.read(count: t.device.size, at: 0)
+        var patched = false
+        let magic: [UInt8] = Array("DXDB".utf8)
+        let twin: [UInt8] = Array("twin".utf8)
+        for block in 0..<(bytes.count / 4096) {
+            let start: Int = block * 4096
+            guard Array(bytes[start..<(start + 4)]) == magic else { continue }
+            for slot in 0..<15 {
+                let at: Int = start + 16 + slot * 272
+                let length = Int(bytes[at + 8]) | Int(bytes[at + 9]) << 8
+                guard length == 4, Array(bytes[(at + 16)..<(at + 20)]) == twin else { continue }
+                var entry = Array(bytes[at..<(at + 16 + length)])
+                entry[17] = 0xFF
+                let crc = CRC32C.checksum(entry[4...])
+                withUnsafeBytes(of: crc.littleEndian) { entry.replaceSubrange(0..<4, with: $0) }
+                try t.device.write(entry, at: at)
+                patched = true
+            }
+        }
+        try #require(patched)
+        let report = try DAXFileSystem.check(t.device)
+        #expect(report.problems.contains { $0.contains("name is not UTF-8") }, "\(report.problems)")
+        _ = try DAXFileSystem.repair(t.device)
+        #expect(try DAXFileSystem.check(t.device).isClean)
+        let fs = try DAXFileSystem.mount(t.device)
+        defer { try? fs.unmount() }
+        #expect(try fs.contentsOfDirectory("/") == ["lost+found", "other"])
+        let kept = try fs.contentsOfDirectory("/lost+found")
+        #expect(kept.count == 1)
+        #expect(try fs.open("/lost+found/" + kept[0]).read(count: 300, at: 0) == pattern(300))
+    }
+
     @Test("an intact file system: repair changes nothing and says so")
     func nothingToRepair() throws {
         let f = try DamagedFixture(name: "rpnone")

@@ -57,6 +57,9 @@ enum DirectoryFormat {
         }
         let name = reader.bytes(16..<(16 + length))
         guard Paths.isValidName(name) else { return .damaged("invalid name") }
+        // Names are made from Swift strings, so a name that is not UTF-8 is damage (with a
+        // checksum made right again); taken as it is, it could be listed but never looked up.
+        guard String(validating: name, as: UTF8.self) != nil else { return .damaged("name is not UTF-8") }
         return .entry(inode: inode, name: name, kind: kind)
     }
 }
