@@ -106,6 +106,16 @@ extension ParsableCommand {
             let isOption = previous.hasPrefix("-") && !previous.contains("=") && !isNegativeNumber(previous)
             problem = .negative(arguments[index], option: isOption ? previous : nil)
         }
+        // `help NAME` of a command that does not exist: the parser would print the main help
+        // and exit 0, as if it had been answered.
+        if problem == nil, arguments.first == "help", arguments.count > 1, !arguments[1].hasPrefix("-") {
+            let names = configuration.subcommands.map { $0._commandName }
+            if !names.contains(arguments[1]), arguments[1] != "help" {
+                report(
+                    "\(name): there is no command \(arguments[1]) (see '\(name) --help' for the commands)")
+                Glibc.exit(ExitCode.validationFailure.rawValue)
+            }
+        }
         if let problem {
             let message: String
             switch problem {

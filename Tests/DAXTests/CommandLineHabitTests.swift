@@ -90,6 +90,14 @@ struct CommandLineHabitTests {
         #expect(try daxemu(["ls", "/dir/"]).output == "draft\n")
     }
 
+    @Test("help of a command that does not exist says so and exits 64; help of one that does, 0")
+    func helpOfAnUnknownCommand() throws {
+        let unknown = try runCommand("daxemu", ["help", "bogus"])
+        #expect(unknown.status == 64 && unknown.errors.contains("there is no command bogus"), "\(unknown.errors)")
+        let known = try runCommand("daxemu", ["help", "ls"])
+        #expect(known.status == 0 && known.output.contains("OVERVIEW"))
+    }
+
     @Test("rm goes on past an operand it cannot remove, as rm(1) does, and then exits 1")
     func removeTriesEveryOperand() throws {
         let e = try ExampleDevice(size: "8M")
