@@ -34,19 +34,31 @@ struct Frames: ParsableCommand {
         try device.withFileSystem(access: .readOnly) { fs in
             let handle = try fs.open(file, access: .readOnly)
             defer { handle.close() }
-            let pages = (handle.size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
-            var first = 0
-            while first < pages {
-                let count = min(Self.window, pages - first)
-                let offset = first * PMemDevice.pageSize
-                let bytes = min(count * PMemDevice.pageSize, handle.size - offset)
-                let frames = try handle.frames(offset: offset, count: bytes)
-                let references = try handle.blockReferences(offset: offset, count: bytes)
-                for (index, frame) in frames.enumerated() {
-                    output.add(page: first + index, frame, references: index < references.count ? references[index] : 1)
+            let pageSize = PMemDevice.pageSize
+            let pages = (handle.size + pageSize - 1) / pageSize
+            // Only the pages with blocks are looked up, a window at a time; a hole between them
+            // is one run, however long.
+            var next = 0
+            for data in try handle.dataRanges(offset: 0, count: handle.size) {
+                let start = data.lowerBound / pageSize
+                if start > next { output.addHole(pages: next..<start) }
+                var first = start
+                let end = data.upperBound / pageSize
+                while first < end {
+                    let count = min(Self.window, end - first)
+                    let offset = first * pageSize
+                    let bytes = min(count * pageSize, handle.size - offset)
+                    let frames = try handle.frames(offset: offset, count: bytes)
+                    let references = try handle.blockReferences(offset: offset, count: bytes)
+                    for (index, frame) in frames.enumerated() {
+                        output.add(
+                            page: first + index, frame, references: index < references.count ? references[index] : 1)
+                    }
+                    first += count
                 }
-                first += count
+                next = end
             }
+            if pages > next { output.addHole(pages: next..<pages) }
         }
         try output.finish()
     }
@@ -82,6 +94,18 @@ private struct FramesOutput {
     init(json: Bool) {
         self.json = json
         if !json { print("pages -> frames at device offset") }
+    }
+
+    /// A run of holes, added at once.
+    mutating func addHole(pages: Range<Int>) {
+        guard !pages.isEmpty else { return }
+        if var run = current, run.frame == nil, run.page + run.count == pages.lowerBound {
+            run.count += pages.count
+            current = run
+            return
+        }
+        end()
+        current = FrameRun(page: pages.lowerBound, count: pages.count, frame: nil, deviceOffset: nil, references: nil)
     }
 
     mutating func add(page: Int, _ frame: PageFrameNumber?, references: Int) {

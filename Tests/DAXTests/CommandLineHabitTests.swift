@@ -90,6 +90,19 @@ struct CommandLineHabitTests {
         #expect(try daxemu(["ls", "/dir/"]).output == "draft\n")
     }
 
+    @Test("frames of a sparse file of 16 TiB: the blocks, then one run of holes to the end")
+    func framesOfAHugeSparseFile() throws {
+        let e = try ExampleDevice(size: "8M")
+        let daxemu = { (arguments: [String]) in try runCommand("daxemu", arguments + ["-d", e.path]) }
+        #expect(try daxemu(["put", "/etc/hostname", "/a"]).status == 0)
+        #expect(try daxemu(["truncate", "/a", "16T"]).status == 0)
+        let lines = try daxemu(["frames", "/a"]).output.split(separator: "\n")
+        #expect(lines.count == 3, "\(lines)")
+        #expect(lines.first == "pages -> frames at device offset")
+        #expect(lines.dropFirst().first?.hasPrefix("0 -> ") == true, "\(lines)")
+        #expect(lines.last == "1-4294967295 -> hole", "\(lines)")
+    }
+
     @Test("help of a command that does not exist says so and exits 64; help of one that does, 0")
     func helpOfAnUnknownCommand() throws {
         let unknown = try runCommand("daxemu", ["help", "bogus"])

@@ -6,6 +6,24 @@ import Testing
 
 @Suite("DAXFileSystem: namespace")
 struct FileSystemTests {
+    @Test("dataRanges lists the byte ranges that have blocks, merged and clipped, from the extents")
+    func dataRanges() throws {
+        let t = try TemporaryFileSystem(name: "dataranges")
+        let file = try t.fs.create("/f")
+        try file.write(pattern(2 * 4096), at: 0)
+        try file.write(pattern(100), at: 5 * 4096 + 10)
+        try file.truncate(to: 1 << 40)  // a terabyte, nearly all of it a hole
+        #expect(try file.dataRanges(offset: 0, count: file.size) == [0..<(2 * 4096), (5 * 4096)..<(6 * 4096)])
+        #expect(try file.dataRanges(offset: 4096 + 7, count: 5 * 4096) == [4096..<(2 * 4096), (5 * 4096)..<(6 * 4096)])
+        #expect(try file.dataRanges(offset: 2 * 4096, count: 3 * 4096).isEmpty)
+        #expect(try file.dataRanges(offset: 0, count: 0).isEmpty)
+        // Blocks of separate extents that meet are one range.
+        try file.allocate(offset: 2 * 4096, count: 3 * 4096)
+        #expect(try file.dataRanges(offset: 0, count: file.size) == [0..<(6 * 4096)])
+        expectDAXError(.invalidArgument) { try file.dataRanges(offset: -1, count: 10) }
+        expectDAXError(.invalidArgument) { try file.dataRanges(offset: Int.max, count: 10) }
+    }
+
     @Test("a path that ends in / names a directory: a file there is refused, nothing changes")
     func trailingSlashNamesADirectory() throws {
         let t = try TemporaryFileSystem(name: "slash")

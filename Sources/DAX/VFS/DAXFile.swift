@@ -194,6 +194,31 @@ public final class DAXFile: Sendable {
         }
     }
 
+    /// The byte ranges of `[offset, offset+count)` that have blocks, whole pages, in order, with
+    /// neighbouring runs merged: what `lseek(SEEK_DATA)` and `SEEK_HOLE` step through, found from
+    /// the file's extents, so that a sparse file of terabytes is walked in the time its blocks
+    /// take, not its pages. Ranges are clipped to the pages `[offset, offset+count)` touches.
+    public func dataRanges(offset: Int, count: Int) throws -> [Range<Int>] {
+        try operation("look up the data of") {
+            try FileData.checkRange(offset, count, "look up the data of", path)
+            guard count > 0 else { return [] }
+            let pages = FileData.page(offset)..<FileData.pageUp(offset + count)
+            return try inode.contents.read { contents in
+                try contents.checkLive(path)
+                var ranges: [Range<Int>] = []
+                for extent in contents.extents.extents(in: pages) {
+                    let range = Int(extent.logical) * FileData.pageSize..<Int(extent.logicalEnd) * FileData.pageSize
+                    if let last = ranges.last, last.upperBound == range.lowerBound {
+                        ranges[ranges.count - 1] = last.lowerBound..<range.upperBound
+                    } else {
+                        ranges.append(range)
+                    }
+                }
+                return ranges
+            }
+        }
+    }
+
     /// The device pages backing `[offset, offset+count)`, one entry per page; nil for a hole.
     /// The bytes of page `i` are at device offset `frame * 4096`: a program using libpmem on the
     /// device finds them there.
