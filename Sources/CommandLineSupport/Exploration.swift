@@ -59,6 +59,8 @@ public struct ExploreOptions: ParsableArguments {
         check: (PMemDevice) throws -> Void
     ) throws {
         let explorer = try explorer(deviceSize: deviceSize)
+        // A report that could not be written is found out before the exploration, not after it.
+        if let json { try Self.checkWritable(json) }
         if let replay, let keep {
             let parts = replay.split(separator: ":")
             guard parts.count == 2, let point = Int(parts[0]), let seed = UInt64(parts[1]) else {
@@ -93,9 +95,36 @@ public struct ExploreOptions: ParsableArguments {
         if let json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try encoder.encode(report).write(to: URL(fileURLWithPath: json))
+            let data = try encoder.encode(report)
+            do {
+                try data.write(to: URL(fileURLWithPath: json))
+            } catch {
+                // Foundation's own text names a Cocoa error domain; the POSIX cause is more use.
+                let cause = (error as NSError).userInfo[NSUnderlyingErrorKey] as? NSError
+                let reason = cause.map { String(cString: strerror(Int32($0.code))) } ?? error.localizedDescription
+                throw CommandError("cannot write the report to \(json): \(reason)")
+            }
         }
         if !report.failures.isEmpty { throw ExitCode(1) }
+    }
+
+    /// Throws unless a report can be written at `path`: not a directory, and in a directory that
+    /// exists and may be written.
+    public static func checkWritable(_ path: String) throws {
+        var info = stat()
+        if stat(path, &info) == 0 {
+            guard info.st_mode & S_IFMT != S_IFDIR else {
+                throw CommandError("cannot write the report to \(path): it is a directory")
+            }
+            guard access(path, W_OK) == 0 else {
+                throw CommandError("cannot write the report to \(path): \(String(cString: strerror(errno)))")
+            }
+            return
+        }
+        let parent = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
+        guard access(parent.isEmpty ? "/" : parent, W_OK) == 0 else {
+            throw CommandError("cannot write the report to \(path): \(String(cString: strerror(errno)))")
+        }
     }
 }
 

@@ -10,6 +10,15 @@ struct ExploreCommandTests {
         return Int(output[range.upperBound...].prefix { $0.isNumber })
     }
 
+    @Test("explore --json to a directory or a missing one is refused before exploring, in one clean line")
+    func reportPathIsCheckedFirst() throws {
+        let directory = try runCommand("daxemu", ["explore", "--ops", "3", "--json", NSTemporaryDirectory()])
+        expectCleanFailure(directory, mentioning: "it is a directory")
+        #expect(images(in: directory.output) == nil, "\(directory.output)")
+        let missing = try runCommand("daxemu", ["explore", "--ops", "3", "--json", "/nonexistent-\(getpid())/r.json"])
+        expectCleanFailure(missing, mentioning: "No such file or directory")
+    }
+
     @Test("daxemu explore checks every crash image of random operations; shards merge to the same count")
     func daxemuExplore() throws {
         let whole = try runCommand("daxemu", ["explore", "--ops", "3", "--images-per-point", "0", "--seed", "3"])
