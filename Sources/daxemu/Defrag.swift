@@ -64,19 +64,12 @@ struct Defrag: ParsableCommand {
     static func extentCount(_ handle: DAXFile) throws -> Int {
         var runs = 0
         var last: PageFrameNumber?
-        let window = 1 << 16
-        var page = 0
-        let pages = (handle.size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
-        while page < pages {
-            let count = min(window, pages - page)
-            let frames = try handle.frames(
-                offset: page * PMemDevice.pageSize,
-                count: min(count * PMemDevice.pageSize, handle.size - page * PMemDevice.pageSize))
-            for frame in frames {
+        try forEachDataWindow(of: handle) { offset, count, afterHole in
+            if afterHole { last = nil }
+            for frame in try handle.frames(offset: offset, count: count) {
                 if let frame, last.map({ $0.rawValue + 1 == frame.rawValue }) != true { runs += 1 }
                 last = frame
             }
-            page += count
         }
         return runs
     }

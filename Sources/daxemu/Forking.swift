@@ -214,21 +214,9 @@ private func normalizedComponents(_ path: String) -> [Substring] {
 /// all, so a huge sparse file with its blocks at the start is quick.
 func sharedBlockCount(_ file: DAXFile, blocks: Int) throws -> Int {
     guard blocks > 0 else { return 0 }
-    let window = 1 << 16
-    let size = file.size
-    let pages = (size + PMemDevice.pageSize - 1) / PMemDevice.pageSize
     var shared = 0
-    var seen = 0
-    var page = 0
-    while page < pages, seen < blocks {
-        let offset = page * PMemDevice.pageSize
-        let references = try file.blockReferences(
-            offset: offset, count: min(window * PMemDevice.pageSize, size - offset))
-        for count in references where count > 0 {
-            seen += 1
-            if count > 1 { shared += 1 }
-        }
-        page += window
+    try forEachDataWindow(of: file) { offset, count, _ in
+        for references in try file.blockReferences(offset: offset, count: count) where references > 1 { shared += 1 }
     }
     return shared
 }

@@ -70,15 +70,12 @@ struct MapCommand: ParsableCommand {
         defer { handle.close() }
         var lowest = Int.max
         var highest = -1
-        var offset = 0
-        let window = Frames.window * PMemDevice.pageSize
-        while offset < handle.size {
-            for frame in try handle.frames(offset: offset, count: min(window, handle.size - offset)) {
+        try forEachDataWindow(of: handle, pages: Frames.window) { offset, count, _ in
+            for frame in try handle.frames(offset: offset, count: count) {
                 guard let frame else { continue }
                 lowest = min(lowest, Int(frame.rawValue))
                 highest = max(highest, Int(frame.rawValue))
             }
-            offset += window
         }
         guard highest >= 0 else { throw CommandError("\(file) has no blocks on the device (it is empty or a hole)") }
         return lowest..<(highest + 1)

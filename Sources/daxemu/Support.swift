@@ -63,6 +63,26 @@ func openOutput(_ path: String, device: String) throws -> Int32 {
     return output
 }
 
+/// Calls `body` with the byte ranges of `file` that have blocks, in order, cut in windows of at
+/// most `pages` pages and clipped to its size, and whether each window starts a new run of
+/// data (a hole came before it). A sparse file is walked in the time its extents take.
+func forEachDataWindow(
+    of file: DAXFile, pages: Int = 1 << 16, _ body: (_ offset: Int, _ count: Int, _ afterHole: Bool) throws -> Void
+) throws {
+    let size = file.size
+    for data in try file.dataRanges(offset: 0, count: size) {
+        var offset = data.lowerBound
+        let end = min(data.upperBound, size)
+        var first = true
+        while offset < end {
+            let count = min(pages * PMemDevice.pageSize, end - offset)
+            try body(offset, count, first)
+            first = false
+            offset += count
+        }
+    }
+}
+
 /// Writes all of `bytes` to `output`, or throws naming `path`.
 func writeAll(_ output: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws {
     var written = 0

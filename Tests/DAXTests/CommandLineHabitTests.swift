@@ -90,7 +90,7 @@ struct CommandLineHabitTests {
         #expect(try daxemu(["ls", "/dir/"]).output == "draft\n")
     }
 
-    @Test("frames of a sparse file of 16 TiB: the blocks, then one run of holes to the end")
+    @Test("frames, defrag, dedup and map of a sparse file of 16 TiB walk its extents; frames shows one run of holes")
     func framesOfAHugeSparseFile() throws {
         let e = try ExampleDevice(size: "8M")
         let daxemu = { (arguments: [String]) in try runCommand("daxemu", arguments + ["-d", e.path]) }
@@ -101,6 +101,15 @@ struct CommandLineHabitTests {
         #expect(lines.first == "pages -> frames at device offset")
         #expect(lines.dropFirst().first?.hasPrefix("0 -> ") == true, "\(lines)")
         #expect(lines.last == "1-4294967295 -> hole", "\(lines)")
+        // defrag, dedup and map walk its extents too, not its four billion pages.
+        #expect(try daxemu(["defrag", "/a"]).output == "/a: already in one extent; nothing moved\n")
+        #expect(try daxemu(["put", "/etc/hostname", "/b"]).status == 0)
+        #expect(try daxemu(["truncate", "/b", "16T"]).status == 0)
+        let dedup = try daxemu(["dedup", "/a", "/b"])
+        #expect(dedup.output == "/b: 4096 of 17592186044416 bytes now share /a's blocks (1 page)\n", "\(dedup.output)")
+        let map = try daxemu(["map", "/a"])
+        #expect(map.status == 0 && map.output.contains("/a (1)"), "\(map.output)")
+        #expect(try daxemu(["fsck"]).status == 0)
     }
 
     @Test("help of a command that does not exist says so and exits 64; help of one that does, 0")

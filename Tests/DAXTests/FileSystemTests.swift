@@ -22,6 +22,14 @@ struct FileSystemTests {
         #expect(try file.dataRanges(offset: 0, count: file.size) == [0..<(6 * 4096)])
         expectDAXError(.invalidArgument) { try file.dataRanges(offset: -1, count: 10) }
         expectDAXError(.invalidArgument) { try file.dataRanges(offset: Int.max, count: 10) }
+        // migrate of the whole terabyte moves the blocks it has, batch by batch where they are.
+        let before = try file.frames(offset: 0, count: 6 * 4096)
+        let result = try file.migrate(offset: 0, count: file.size)
+        #expect(result.migrated == 6 && result.busy.isEmpty)
+        #expect(try file.frames(offset: 0, count: 6 * 4096) != before)
+        #expect(try file.read(count: 2 * 4096, at: 0) == pattern(2 * 4096))
+        #expect(try file.read(count: 100, at: 5 * 4096 + 10) == pattern(100))
+        #expect(try t.fs.check().isClean)
     }
 
     @Test("a path that ends in / names a directory: a file there is refused, nothing changes")

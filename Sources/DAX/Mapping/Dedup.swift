@@ -65,8 +65,11 @@ extension AddressSpace {
         // 2. Equal pages whose blocks differ; pages already sharing the source's block count too.
         var already: [UInt64] = []
         var candidates: [(page: UInt64, sourceBlock: UInt64, block: UInt64)] = []
-        for (step, page) in pages.enumerated() where !unprotected.contains(page) {
-            let sourcePage = sourcePages.lowerBound + UInt64(step)
+        // Only the destination's pages that have blocks are looked at (a hole is left alone), so
+        // a sparse file of terabytes is compared in the time its extents take.
+        let destinationPages = contents.extents.extents(in: pages).flatMap { Array($0.logicalRange) }
+        for page in destinationPages where !unprotected.contains(page) {
+            let sourcePage = sourcePages.lowerBound + (page - pages.lowerBound)
             guard let sourceExtent = sourceContents.extents.extent(containing: sourcePage),
                 let extent = contents.extents.extent(containing: page)
             else { continue }

@@ -205,18 +205,24 @@ public final class DAXFile: Sendable {
             let pages = FileData.page(offset)..<FileData.pageUp(offset + count)
             return try inode.contents.read { contents in
                 try contents.checkLive(path)
-                var ranges: [Range<Int>] = []
-                for extent in contents.extents.extents(in: pages) {
-                    let range = Int(extent.logical) * FileData.pageSize..<Int(extent.logicalEnd) * FileData.pageSize
-                    if let last = ranges.last, last.upperBound == range.lowerBound {
-                        ranges[ranges.count - 1] = last.lowerBound..<range.upperBound
-                    } else {
-                        ranges.append(range)
-                    }
+                return Self.dataPages(contents, pages).map {
+                    Int($0.lowerBound) * FileData.pageSize..<Int($0.upperBound) * FileData.pageSize
                 }
-                return ranges
             }
         }
+    }
+
+    /// The runs of `pages` that have blocks, neighbouring extents merged.
+    static func dataPages(_ contents: Inode.Contents, _ pages: Range<UInt64>) -> [Range<UInt64>] {
+        var runs: [Range<UInt64>] = []
+        for extent in contents.extents.extents(in: pages) {
+            if let last = runs.last, last.upperBound == extent.logical {
+                runs[runs.count - 1] = last.lowerBound..<extent.logicalEnd
+            } else {
+                runs.append(extent.logical..<extent.logicalEnd)
+            }
+        }
+        return runs
     }
 
     /// The device pages backing `[offset, offset+count)`, one entry per page; nil for a hole.
@@ -313,10 +319,20 @@ public final class DAXFile: Sendable {
             // One free run for the whole range where there is one: each batch goes on where the
             // one before stopped, so the file comes together across batches.
             var goal = space.migrationGoal(pages)
-            for start in stride(from: pages.lowerBound, to: pages.upperBound, by: Int(step)) {
-                let done = try space.migrate(start..<min(start + step, pages.upperBound), goal: &goal, path: path)
+            // Batches of `step` pages, each starting at the next page with a block: a hole has
+            // nothing to move, so a sparse file of terabytes is walked in the time its extents
+            // take, and pages scattered among small holes still go many to a transaction.
+            let data = inode.contents.read { Self.dataPages($0, pages) }
+            var index = 0
+            var cursor = pages.lowerBound
+            while index < data.count {
+                let start = max(data[index].lowerBound, cursor)
+                let end = min(start + step, pages.upperBound)
+                let done = try space.migrate(start..<end, goal: &goal, path: path)
                 result.migrated += done.migrated
                 result.busy += done.busy
+                cursor = end
+                while index < data.count, data[index].upperBound <= cursor { index += 1 }
             }
             return result
         }
