@@ -63,7 +63,8 @@ extension Volume {
         }
         try restoreBackup(device, superblock: sb, actions: &actions)
 
-        let plan = try Salvage.plan(base: device.base, superblock: sb)
+        let plan = try Salvage.plan(
+            base: device.base, superblock: sb, dataRanges: device.isSparse ? { device.dataRanges(in: $0) } : nil)
         actions += plan.actions
         try commit(
             plan.writes, keepingTogether: plan.atomicRuns, device: device, superblock: sb, sequence: sequence,

@@ -51,16 +51,24 @@ struct Salvage {
     var homeName = "lost+found"
     let now = WallClock.nanosecondsSinceEpoch
 
-    private init(base: UnsafeRawPointer, superblock: Superblock) {
+    /// Which byte ranges of a sparse device hold data (the rest reads as zeros); nil: all of it.
+    let dataRanges: ((Range<Int>) -> [Range<Int>])?
+
+    private init(base: UnsafeRawPointer, superblock: Superblock, dataRanges: ((Range<Int>) -> [Range<Int>])?) {
         self.base = base
         self.superblock = superblock
+        self.dataRanges = dataRanges
         owners = [UInt32](repeating: 0, count: Int(superblock.dataBlocks))
     }
 
     /// The plan for the device at `base` (its journal already empty). Throws `.noSpace` when
-    /// there is no free inode or block for `/lost+found`.
-    static func plan(base: UnsafeRawPointer, superblock: Superblock) throws -> Salvage {
-        var salvage = Salvage(base: base, superblock: superblock)
+    /// there is no free inode or block for `/lost+found`. `dataRanges` says what a sparse device
+    /// holds: the inode table's holes are free inodes and are not read (a read of a hole of a
+    /// tmpfs file gives it a page of memory).
+    static func plan(
+        base: UnsafeRawPointer, superblock: Superblock, dataRanges: ((Range<Int>) -> [Range<Int>])? = nil
+    ) throws -> Salvage {
+        var salvage = Salvage(base: base, superblock: superblock, dataRanges: dataRanges)
         salvage.salvageInodes()
         salvage.dropConflicts()
         salvage.salvageRoot()
@@ -100,8 +108,22 @@ struct Salvage {
 
     // MARK: Inodes
 
+    /// The inode numbers whose records may hold something: all of them, or on a sparse device
+    /// those whose slot lies in data (a hole reads as zeros, a free inode).
+    func storedInodes() -> [ClosedRange<UInt32>] {
+        let all = 1...UInt32(superblock.inodeCount)
+        guard let dataRanges else { return [all] }
+        let first = superblock.inodeOffset(1)
+        let end = superblock.inodeOffset(UInt32(superblock.inodeCount)) + Superblock.inodeSize
+        return dataRanges(first..<end).compactMap { range in
+            let low = UInt32((range.lowerBound - first) / Superblock.inodeSize) + 1
+            let high = UInt32((range.upperBound - first + Superblock.inodeSize - 1) / Superblock.inodeSize)
+            return low <= high ? max(low, 1)...min(high, UInt32(superblock.inodeCount)) : nil
+        }
+    }
+
     mutating func salvageInodes() {
-        for number in 1...UInt32(superblock.inodeCount) {
+        for number in storedInodes().joined() {
             let reader = ByteReader(base + superblock.inodeOffset(number), count: Superblock.inodeSize)
             switch InodeRecord.decode(reader) {
             case .failure(let reason):
