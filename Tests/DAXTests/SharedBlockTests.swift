@@ -203,6 +203,17 @@ struct DeduplicateTests {
     }
 }
 
+/// Changes the first leaf of the shared-block table of `t`'s unmounted device with `change`, then
+/// makes its checksum right again, so that only the change is wrong.
+private func rewriteFirstLeaf(_ t: TemporaryFileSystem, _ change: (inout [UInt8]) -> Void) throws {
+    let root = Int(t.fs.superblock.sharedTableRoot!) * 4096
+    var leaf = try t.device.read(count: 4096, at: root)
+    change(&leaf)
+    let crc = CRC32C.checksum(leaf[8...])
+    withUnsafeBytes(of: crc.littleEndian) { leaf.replaceSubrange(4..<8, with: $0) }
+    try t.device.write(leaf, at: root)
+}
+
 @Suite("Shared blocks: check and repair")
 struct SharedBlockRepairTests {
     @Test("a wrong count in the shared-block table is found by check, and repair rebuilds it keeping both files")
@@ -210,16 +221,13 @@ struct SharedBlockRepairTests {
         let t = try TemporaryFileSystem(size: 16 << 20, name: "sharerepair")
         try t.fs.create("/a").write(pattern(3 * 4096), at: 0)
         try t.fs.clone("/a", to: "/b")
-        let root = Int(t.fs.superblock.sharedTableRoot!) * 4096
         try t.fs.unmount()
         // The first run's count (offset 32 + 12), then the leaf's checksum made right again, so
         // only the count is wrong.
-        var leaf = try t.device.read(count: 4096, at: root)
-        #expect(leaf[44] == 2)
-        leaf[44] = 3
-        let crc = CRC32C.checksum(leaf[8...])
-        withUnsafeBytes(of: crc.littleEndian) { leaf.replaceSubrange(4..<8, with: $0) }
-        try t.device.write(leaf, at: root)
+        try rewriteFirstLeaf(t) { leaf in
+            #expect(leaf[44] == 2)
+            leaf[44] = 3
+        }
         let report = try DAXFileSystem.check(t.device)
         #expect(!report.isClean)
         #expect(report.problems.contains { $0.contains("shared-block table counts 3 references") }, "\(report)")
@@ -241,13 +249,10 @@ struct SharedBlockRepairTests {
             let t = try TemporaryFileSystem(size: 16 << 20, name: "sharetop")
             try t.fs.create("/a").write(pattern(3 * 4096), at: 0)
             try t.fs.clone("/a", to: "/b")
-            let root = Int(t.fs.superblock.sharedTableRoot!) * 4096
             try t.fs.unmount()
-            var leaf = try t.device.read(count: 4096, at: root)
-            withUnsafeBytes(of: UInt64.max.littleEndian) { leaf.replaceSubrange(32..<40, with: $0) }
-            let crc = CRC32C.checksum(leaf[8...])
-            withUnsafeBytes(of: crc.littleEndian) { leaf.replaceSubrange(4..<8, with: $0) }
-            try t.device.write(leaf, at: root)
+            try rewriteFirstLeaf(t) { leaf in
+                withUnsafeBytes(of: UInt64.max.littleEndian) { leaf.replaceSubrange(32..<40, with: $0) }
+            }
             let report = try DAXFileSystem.check(t.device)
             guard !report.isClean, report.problems.contains(where: { $0.contains("18446744073709551615") }) else {
                 exit(2)
