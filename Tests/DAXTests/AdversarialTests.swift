@@ -13,10 +13,6 @@ import Testing
 
 private let advPage = PMemDevice.pageSize
 
-private func advPath(_ name: String) -> String {
-    "/dev/shm/adv-\(getpid())-\(name)-\(UUID().uuidString.prefix(8))"
-}
-
 private func advPattern(_ count: Int, seed: Int) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ ($0 >> 11) &+ seed &* 53 &+ 1) | 0x10 }
 }
@@ -30,79 +26,7 @@ private func advEmulated(_ domain: PersistenceDomain = .adr) -> PMemDevice.Optio
     return options
 }
 
-/// A device of its own with a freshly formatted file system; unmounted, closed, removed afterwards.
-private final class Rig: @unchecked Sendable {
-    let path: String
-    let device: PMemDevice
-    var fs: DAXFileSystem
-
-    init(_ name: String, size: Int = 8 << 20, options: PMemDevice.Options = .init()) throws {
-        path = advPath(name)
-        device = try PMemDevice.create(path: path, size: size, options: options)
-        fs = try DAXFileSystem.format(device)
-    }
-
-    func remount() throws {
-        try fs.unmount()
-        fs = try DAXFileSystem.mount(device)
-    }
-
-    deinit {
-        try? fs.unmount()
-        device.close()
-        unlink(path)
-    }
-
-    @discardableResult
-    func make(_ path: String, _ bytes: [UInt8], at offset: Int = 0) throws -> [UInt8] {
-        let file = try fs.create(path)
-        defer { file.close() }
-        if !bytes.isEmpty { try file.write(bytes, at: offset) }
-        return bytes
-    }
-
-    func contents(_ path: String) throws -> [UInt8] {
-        let file = try fs.open(path, access: .readOnly)
-        defer { file.close() }
-        return try file.read(count: file.size, at: 0)
-    }
-
-    func frames(_ path: String) throws -> [PageFrameNumber?] {
-        let file = try fs.open(path, access: .readOnly)
-        defer { file.close() }
-        return try file.frames(offset: 0, count: max(file.size, 1))
-    }
-
-    func with<T>(_ path: String, _ body: (DAXFile) throws -> T) throws -> T {
-        let file = try fs.open(path)
-        defer { file.close() }
-        return try body(file)
-    }
-
-    func expectClean(_ what: String, sourceLocation: SourceLocation = #_sourceLocation) {
-        do {
-            let report = try fs.check()
-            #expect(report.isClean, "\(what): \(report.problems)", sourceLocation: sourceLocation)
-        } catch {
-            Issue.record("\(what): check threw \(error)", sourceLocation: sourceLocation)
-        }
-    }
-
-    func expectPinsBalance(_ what: String, sourceLocation: SourceLocation = #_sourceLocation) {
-        var sum = 0
-        var pinned = 0
-        // Every device page, and the zero frame one past them (docs/faults.md: a read pin of a hole
-        // pins it; it is not one of `pages.count`).
-        for index in 0...fs.pages.count {
-            let count = fs.pages.state(of: PageFrameNumber(rawValue: UInt64(index))).pinCount
-            sum += count
-            if count > 0 { pinned += 1 }
-        }
-        let stats = fs.statistics()
-        #expect(stats.pinsAcquired - stats.pinsReleased == sum, "\(what): \(stats)", sourceLocation: sourceLocation)
-        #expect(stats.pinnedPages == pinned, "\(what)", sourceLocation: sourceLocation)
-    }
-
+extension BlackBoxRig {
     /// Every path under `root` (relative; directories end in "/"), sorted.
     func tree(_ root: String = "/") throws -> [String] {
         var out: [String] = []
@@ -167,7 +91,7 @@ private func expectCode<T>(
 private func withImage<T>(
     _ device: PMemDevice, keeping: InFlightLines = .none, _ body: (PMemDevice, DAXFileSystem) throws -> T
 ) throws -> T {
-    let path = advPath("img")
+    let path = TemporaryDevice.uniquePath("img")
     defer { unlink(path) }
     try device.powerFail(writingImageTo: path, keeping: keeping)
     let image = try PMemDevice.open(path: path)
@@ -195,7 +119,7 @@ private func firstDifference(_ a: [UInt8], _ b: [UInt8]) -> String {
 struct AdversarialCloneTests {
     @Test("snapshot, then truncate/punch/write/allocate/rename/remove on both sides; remount; all removed balances")
     func snapshotThenAlternatingOps() throws {
-        let r = try Rig("snapops")
+        let r = try BlackBoxRig("snapops")
         try r.make("/keep", [])
         let baseline = r.fs.statistics()
         try r.fs.createDirectory("/d")
@@ -273,7 +197,7 @@ struct AdversarialCloneTests {
 
     @Test("truncate of a clone's source to inside a shared page never zeroes the clone's tail")
     func truncateInsideSharedPage() throws {
-        let r = try Rig("truncshared")
+        let r = try BlackBoxRig("truncshared")
         let data = try r.make("/a", advPattern(2 * advPage, seed: 4))
         try r.fs.clone("/a", to: "/b")
         let bFrames = try r.frames("/b")
@@ -299,7 +223,7 @@ struct AdversarialCloneTests {
 
     @Test("a partial punch of a shared page zeroes only the puncher's copy")
     func partialPunchOfSharedPage() throws {
-        let r = try Rig("punchshared")
+        let r = try BlackBoxRig("punchshared")
         let data = try r.make("/a", advPattern(3 * advPage, seed: 5))
         try r.fs.clone("/a", to: "/b")
         try r.with("/a") { try $0.punchHole(offset: 100, count: advPage + 200, ifBusy: .fail) }
@@ -314,7 +238,7 @@ struct AdversarialCloneTests {
 
     @Test("a chain of clones: write, remove in any order; sharedBlocks and free blocks balance")
     func cloneChain() throws {
-        let r = try Rig("chain")
+        let r = try BlackBoxRig("chain")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(4 * advPage, seed: 6))
@@ -342,7 +266,7 @@ struct AdversarialCloneTests {
 
     @Test("two mappings of the clone: a store through one copies the page and the other mapping sees it")
     func twoMappingsOfClone() throws {
-        let r = try Rig("twomapclone")
+        let r = try BlackBoxRig("twomapclone")
         try #require(r.fs.faultHandling == .userfaultfd)
         let data = try r.make("/a", advPattern(2 * advPage, seed: 7))
         try r.fs.clone("/a", to: "/b")
@@ -388,7 +312,7 @@ struct AdversarialCloneTests {
 
     @Test("clone of a sparse file with a partial last page keeps holes; stores to the clone's hole stay in the clone")
     func cloneSparse() throws {
-        let r = try Rig("clonesparse")
+        let r = try BlackBoxRig("clonesparse")
         try #require(r.fs.faultHandling == .userfaultfd)
         let file = try r.fs.create("/s")
         try file.write([1, 2, 3], at: 3 * advPage + 10)  // pages 0-2 holes, page 3 partial
@@ -414,7 +338,7 @@ struct AdversarialCloneTests {
 
     @Test("a snapshot of a directory into its own subtree is refused or holds the tree as it was; never a loop")
     func snapshotIntoItself() throws {
-        let r = try Rig("snapself")
+        let r = try BlackBoxRig("snapself")
         try r.fs.createDirectory("/d")
         try r.fs.createDirectory("/d/e")
         let data = try r.make("/d/e/f", advPattern(advPage, seed: 8))
@@ -436,7 +360,7 @@ struct AdversarialCloneTests {
 
     @Test("clone .copy of a DMA-pinned file, then truncate .deferFree of the source: quarantine, clone intact, balance")
     func cloneCopyThenDeferFree() throws {
-        let r = try Rig("clonedefer")
+        let r = try BlackBoxRig("clonedefer")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(3 * advPage, seed: 9))
@@ -473,7 +397,7 @@ struct AdversarialCloneTests {
 
     @Test("clone .unsafeShare of a pinned page, then truncate .fail is busy; remove the clone; balance at the end")
     func unsafeShareThenTruncate() throws {
-        let r = try Rig("unsafetrunc")
+        let r = try BlackBoxRig("unsafetrunc")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(2 * advPage, seed: 10))
@@ -511,7 +435,7 @@ struct AdversarialCloneTests {
 
     @Test("clone .wait with a short timeout while pinned: .timedOut, no destination, nothing changed")
     func cloneWaitTimesOut() throws {
-        let r = try Rig("clonewait")
+        let r = try BlackBoxRig("clonewait")
         try r.make("/a", advPattern(advPage, seed: 11))
         let a = try r.fs.open("/a")
         defer { a.close() }
@@ -537,7 +461,7 @@ struct AdversarialCloneTests {
 struct AdversarialDedupTests {
     @Test("deduplicate of a range with itself changes nothing and frees nothing")
     func dedupSameRangeSameFile() throws {
-        let r = try Rig("dedupself")
+        let r = try BlackBoxRig("dedupself")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(3 * advPage, seed: 20))
@@ -565,7 +489,7 @@ struct AdversarialDedupTests {
 
     @Test("deduplicate between equal pages of one file: sharing within a file keeps every byte on later writes")
     func dedupWithinFile() throws {
-        let r = try Rig("dedupwithin")
+        let r = try BlackBoxRig("dedupwithin")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let page = advPattern(advPage, seed: 22)
@@ -599,7 +523,7 @@ struct AdversarialDedupTests {
 
     @Test("deduplicate of overlapping ranges in one file: refused or correct, bytes never change")
     func dedupOverlapping() throws {
-        let r = try Rig("dedupoverlap")
+        let r = try BlackBoxRig("dedupoverlap")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let page = advPattern(advPage, seed: 24)
@@ -630,7 +554,7 @@ struct AdversarialDedupTests {
 
     @Test("deduplicate with unaligned offsets never changes the destination's bytes outside or inside the range")
     func dedupUnaligned() throws {
-        let r = try Rig("dedupunaligned")
+        let r = try BlackBoxRig("dedupunaligned")
         let data = advPattern(3 * advPage, seed: 25)
         var other = data
         for i in 0..<100 { other[i] ^= 0x5A }  // differs only before the range
@@ -667,7 +591,7 @@ struct AdversarialDedupTests {
 
     @Test("deduplicate of a partial last page: equal tails share; a destination longer than the range is left alone")
     func dedupPartialLastPage() throws {
-        let r = try Rig("deduptail")
+        let r = try BlackBoxRig("deduptail")
         let head = advPattern(advPage + 100, seed: 26)
         try r.make("/a", head)
         try r.make("/b", head)
@@ -704,7 +628,7 @@ struct AdversarialDedupTests {
 
     @Test("deduplicate into a destination that is already a clone: nothing freed twice, counts balance")
     func dedupIntoClone() throws {
-        let r = try Rig("dedupclone")
+        let r = try BlackBoxRig("dedupclone")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(3 * advPage, seed: 28))
@@ -731,7 +655,7 @@ struct AdversarialDedupTests {
 
     @Test("deduplicate of count 0 and of holes changes nothing")
     func dedupZeroAndHoles() throws {
-        let r = try Rig("dedupzero")
+        let r = try BlackBoxRig("dedupzero")
         try #require(r.fs.faultHandling == .userfaultfd)
         let a = try r.fs.create("/a")
         try a.truncate(to: 2 * advPage, ifBusy: .fail)  // two holes
@@ -762,7 +686,7 @@ struct AdversarialDedupTests {
 struct AdversarialMigrateTests {
     @Test("migrate of shared (cloned) pages keeps both files' bytes; later writes never cross; counts balance")
     func migrateShared() throws {
-        let r = try Rig("migshared")
+        let r = try BlackBoxRig("migshared")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(3 * advPage, seed: 30))
@@ -792,7 +716,7 @@ struct AdversarialMigrateTests {
 
     @Test("migrate of an unaligned range reaching past the end moves the pages it touches; mappings follow")
     func migrateUnalignedPastEOF() throws {
-        let r = try Rig("migunaligned")
+        let r = try BlackBoxRig("migunaligned")
         let data = try r.make("/f", advPattern(2 * advPage + 100, seed: 31))
         let file = try r.fs.open("/f")
         defer { file.close() }
@@ -827,7 +751,7 @@ struct AdversarialMigrateTests {
 
     @Test("migrate with a read-only short-term pin and a long-term lease: both busy, indexes right, bytes kept")
     func migrateWithPins() throws {
-        let r = try Rig("migpins")
+        let r = try BlackBoxRig("migpins")
         let data = try r.make("/f", advPattern(4 * advPage, seed: 32))
         let file = try r.fs.open("/f")
         defer { file.close() }
@@ -858,7 +782,7 @@ struct AdversarialMigrateTests {
 
     @Test("migrate of a hole loaded through a mapping (the zero page) moves nothing; a store still allocates")
     func migrateZeroPageHole() throws {
-        let r = try Rig("migzero")
+        let r = try BlackBoxRig("migzero")
         try #require(r.fs.faultHandling == .userfaultfd)
         let file = try r.fs.create("/f")
         defer { file.close() }
@@ -879,7 +803,7 @@ struct AdversarialMigrateTests {
 
     @Test("migrate of a deduplicated destination keeps the source's bytes and the sharing consistent")
     func migrateAfterDedup() throws {
-        let r = try Rig("migdedup")
+        let r = try BlackBoxRig("migdedup")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(2 * advPage, seed: 33))
@@ -905,7 +829,7 @@ struct AdversarialMigrateTests {
 struct AdversarialFaultTests {
     @Test("a mapping larger than the file: growing the file by write and truncate makes the new pages reachable")
     func mapPastEOFThenGrow() throws {
-        let r = try Rig("mapgrow")
+        let r = try BlackBoxRig("mapgrow")
         try #require(r.fs.faultHandling == .userfaultfd)
         let file = try r.fs.create("/f")
         defer { file.close() }
@@ -936,7 +860,7 @@ struct AdversarialFaultTests {
 
     @Test("stores through two mappings at different offsets reach one block each; counts and frames agree")
     func twoMappingsAtOffsets() throws {
-        let r = try Rig("twomaps")
+        let r = try BlackBoxRig("twomaps")
         try #require(r.fs.faultHandling == .userfaultfd)
         let file = try r.fs.create("/f")
         defer { file.close() }
@@ -971,7 +895,7 @@ struct AdversarialFaultTests {
 
     @Test("a store through a mapping of a clone, then sync, survives a power failure; the source keeps its bytes")
     func cowSyncPowerFail() throws {
-        let r = try Rig("cowpf", options: advEmulated())
+        let r = try BlackBoxRig("cowpf", options: advEmulated())
         try #require(r.fs.faultHandling == .userfaultfd)
         let data = try r.make("/src", advPattern(2 * advPage, seed: 42))
         try r.fs.clone("/src", to: "/dst")
@@ -994,7 +918,7 @@ struct AdversarialFaultTests {
 
     @Test("allocating stores to holes of a new file, then sync: an ADR image keeps file, size and bytes")
     func allocatingSyncPowerFail() throws {
-        let r = try Rig("allocpf", options: advEmulated())
+        let r = try BlackBoxRig("allocpf", options: advEmulated())
         try #require(r.fs.faultHandling == .userfaultfd)
         let file = try r.fs.create("/f")
         defer { file.close() }
@@ -1021,7 +945,7 @@ struct AdversarialFaultTests {
 
     @Test("under eADR a write() and a mapping store survive without sync; the image mounts clean")
     func eadrWithoutSync() throws {
-        let r = try Rig("eadr", options: advEmulated(.eadr))
+        let r = try BlackBoxRig("eadr", options: advEmulated(.eadr))
         try #require(r.fs.faultHandling == .userfaultfd)
         let file = try r.fs.create("/f")
         defer { file.close() }
@@ -1043,7 +967,7 @@ struct AdversarialFaultTests {
     @Test(
         "under ADR an unsynced mapping store is unpersisted and in the .all image only; sync lists nothing of the file")
     func adrUnsyncedStore() throws {
-        let r = try Rig("adr", options: advEmulated(.adr))
+        let r = try BlackBoxRig("adr", options: advEmulated(.adr))
         let data = try r.make("/f", advPattern(2 * advPage, seed: 44))
         let file = try r.fs.open("/f")
         defer { file.close() }
@@ -1074,7 +998,7 @@ struct AdversarialFaultTests {
 
     @Test("migrate then a power failure: an image after sync holds the bytes at the new frames")
     func migrateSyncPowerFail() throws {
-        let r = try Rig("migpf", options: advEmulated())
+        let r = try BlackBoxRig("migpf", options: advEmulated())
         let data = try r.make("/f", advPattern(3 * advPage, seed: 45))
         let file = try r.fs.open("/f")
         defer { file.close() }
@@ -1094,7 +1018,7 @@ struct AdversarialFaultTests {
 
     @Test("a punch of a mapped, stored page then a store again: a new zeroed block, old bytes never reappear")
     func punchMappedThenStore() throws {
-        let r = try Rig("punchmapped")
+        let r = try BlackBoxRig("punchmapped")
         try #require(r.fs.faultHandling == .userfaultfd)
         let data = try r.make("/f", advPattern(2 * advPage, seed: 46))
         let file = try r.fs.open("/f")
@@ -1125,7 +1049,7 @@ struct AdversarialFaultTests {
 struct AdversarialBadInputTests {
     @Test("bad paths to create/open/createDirectory/remove/rename: a DAXError, tree unchanged, check clean")
     func badPaths() throws {
-        let r = try Rig("badpaths")
+        let r = try BlackBoxRig("badpaths")
         let data = try r.make("/file", advPattern(500, seed: 50))
         try r.fs.createDirectory("/dir")
         try r.make("/dir/inner", [1])
@@ -1170,7 +1094,7 @@ struct AdversarialBadInputTests {
 
     @Test("rename of a directory into its own subtree is refused; the tree stays reachable")
     func renameIntoOwnSubtree() throws {
-        let r = try Rig("renameloop")
+        let r = try BlackBoxRig("renameloop")
         try r.fs.createDirectory("/d")
         try r.fs.createDirectory("/d/e")
         try r.make("/d/e/f", [1, 2, 3])
@@ -1187,7 +1111,7 @@ struct AdversarialBadInputTests {
 
     @Test("rename edge cases: onto itself, over a file (replaces it), over an empty directory; counts balance")
     func renameEdgeCases() throws {
-        let r = try Rig("renameedge")
+        let r = try BlackBoxRig("renameedge")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let a = try r.make("/a", advPattern(2 * advPage, seed: 51))
@@ -1241,123 +1165,102 @@ struct AdversarialBadInputTests {
             let region = engine.register(pin)
             let frames = try? file.frames(offset: 0, count: 8192)
             let gFrames = try? other.frames(offset: 0, count: 8192)
-            var mismatches = 0
-            func step(_ name: String, _ codes: [DAXError.Code], _ body: () throws -> Void) {
-                FileHandle.standardError.write(Data("step \(name)\n".utf8))
-                do {
-                    try body()
-                    FileHandle.standardError.write(Data("mismatch \(name): nothing thrown\n".utf8))
-                    mismatches += 1
-                } catch let error as DAXError {
-                    if !codes.contains(error.code) {
-                        FileHandle.standardError.write(Data("mismatch \(name): \(error)\n".utf8))
-                        mismatches += 1
-                    }
-                } catch {
-                    FileHandle.standardError.write(Data("mismatch \(name): not a DAXError: \(error)\n".utf8))
-                    mismatches += 1
-                }
-            }
+            let steps = ChildSteps()
             let bad: [DAXError.Code] = [.invalidArgument]
-            step("dedup offset Int.max", bad) {
+            steps.step("dedup offset Int.max", bad) {
                 _ = try fs.deduplicate("/f", offset: Int.max, "/g", offset: 0, count: 4096)
             }
-            step("dedup dest offset Int.max", bad) {
+            steps.step("dedup dest offset Int.max", bad) {
                 _ = try fs.deduplicate("/f", offset: 0, "/g", offset: Int.max, count: 4096)
             }
-            step("dedup count Int.max", bad) {
+            steps.step("dedup count Int.max", bad) {
                 _ = try fs.deduplicate("/f", offset: 4096, "/g", offset: 4096, count: Int.max)
             }
-            step("dedup offset -4096", bad) {
+            steps.step("dedup offset -4096", bad) {
                 _ = try fs.deduplicate("/f", offset: -4096, "/g", offset: 0, count: 4096)
             }
-            step("dedup offset Int.min", bad) {
+            steps.step("dedup offset Int.min", bad) {
                 _ = try fs.deduplicate("/f", offset: Int.min, "/g", offset: 0, count: 4096)
             }
-            step("migrate offset Int.max count Int.max", bad) { _ = try file.migrate(offset: Int.max, count: Int.max) }
+            steps.step("migrate offset Int.max count Int.max", bad) {
+                _ = try file.migrate(offset: Int.max, count: Int.max)
+            }
             FileHandle.standardError.write(Data("step migrate offset 4096 count Int.max\n".utf8))
             do {
                 // A range reaching past the end moves only the file's pages (other suites' reading).
                 let result = try file.migrate(offset: 4096, count: Int.max)
                 if result.migrated + result.busy.count != 1 {
-                    FileHandle.standardError.write(Data("mismatch migrate to Int.max: \(result)\n".utf8))
-                    mismatches += 1
+                    steps.mismatch("migrate to Int.max: \(result)")
                 }
             } catch let error as DAXError where error.code == .invalidArgument {
             } catch {
-                FileHandle.standardError.write(Data("mismatch migrate to Int.max: \(error)\n".utf8))
-                mismatches += 1
+                steps.mismatch("migrate to Int.max: \(error)")
             }
-            step("frames offset Int.max - 10", bad) { _ = try file.frames(offset: Int.max - 10, count: 4096) }
-            step("frames count Int.max", bad) { _ = try file.frames(offset: 4096, count: Int.max) }
-            step("DMA write at Int.max", bad) { try engine.write([1], to: region, at: Int.max) }
-            step("DMA write at -1", bad) { try engine.write([1], to: region, at: -1) }
-            step("DMA write past the region", bad) { try engine.write([1, 2], to: region, at: 8191) }
-            step("DMA read count Int.max", bad) { _ = try engine.read(count: Int.max, from: region, at: 0) }
-            step("DMA read count -1", bad) { _ = try engine.read(count: -1, from: region, at: 0) }
-            step("DMA read at Int.max", bad) { _ = try engine.read(count: 1, from: region, at: Int.max) }
-            step("device read count Int.max", bad) { _ = try device.read(count: Int.max, at: 0) }
-            step("device read at Int.max", bad) { _ = try device.read(count: 1, at: Int.max) }
-            step("device write at Int.max - 1 (two bytes)", bad) { try device.write([1, 2], at: Int.max - 1) }
-            step("punch offset Int.max - 10", [.invalidArgument]) {
+            steps.step("frames offset Int.max - 10", bad) { _ = try file.frames(offset: Int.max - 10, count: 4096) }
+            steps.step("frames count Int.max", bad) { _ = try file.frames(offset: 4096, count: Int.max) }
+            steps.step("DMA write at Int.max", bad) { try engine.write([1], to: region, at: Int.max) }
+            steps.step("DMA write at -1", bad) { try engine.write([1], to: region, at: -1) }
+            steps.step("DMA write past the region", bad) { try engine.write([1, 2], to: region, at: 8191) }
+            steps.step("DMA read count Int.max", bad) { _ = try engine.read(count: Int.max, from: region, at: 0) }
+            steps.step("DMA read count -1", bad) { _ = try engine.read(count: -1, from: region, at: 0) }
+            steps.step("DMA read at Int.max", bad) { _ = try engine.read(count: 1, from: region, at: Int.max) }
+            steps.step("device read count Int.max", bad) { _ = try device.read(count: Int.max, at: 0) }
+            steps.step("device read at Int.max", bad) { _ = try device.read(count: 1, at: Int.max) }
+            steps.step("device write at Int.max - 1 (two bytes)", bad) { try device.write([1, 2], at: Int.max - 1) }
+            steps.step("punch offset Int.max - 10", [.invalidArgument]) {
                 try file.punchHole(offset: Int.max - 10, count: Int.max, ifBusy: .fail)
             }
-            step("allocate count Int.max", [.invalidArgument, .noSpace]) {
+            steps.step("allocate count Int.max", [.invalidArgument, .noSpace]) {
                 try file.allocate(offset: 4096, count: Int.max)
             }
-            step("write at Int.max - 1", [.invalidArgument, .noSpace]) { try file.write([1, 2, 3], at: Int.max - 1) }
-            step("truncate to Int.max - 100", [.invalidArgument, .noSpace]) {
+            steps.step("write at Int.max - 1", [.invalidArgument, .noSpace]) {
+                try file.write([1, 2, 3], at: Int.max - 1)
+            }
+            steps.step("truncate to Int.max - 100", [.invalidArgument, .noSpace]) {
                 try file.truncate(to: Int.max - 100, ifBusy: .fail)
             }
-            step("map offset Int.max & ~4095", bad) { _ = try file.map(offset: Int.max & ~4095, count: 4096) }
-            step("map count Int.max", bad + [.noSpace]) { _ = try file.map(offset: 4096, count: Int.max & ~4095) }
-            step("pin offset Int.max", bad) {
+            steps.step("map offset Int.max & ~4095", bad) { _ = try file.map(offset: Int.max & ~4095, count: 4096) }
+            steps.step("map count Int.max", bad + [.noSpace]) { _ = try file.map(offset: 4096, count: Int.max & ~4095) }
+            steps.step("pin offset Int.max", bad) {
                 let p = try mapping.pin(offset: Int.max & ~4095, count: 4096)
                 p.release()
             }
-            step("pin offset 4096 count Int.max", bad) {
+            steps.step("pin offset 4096 count Int.max", bad) {
                 let p = try mapping.pin(offset: 4096, count: Int.max)
                 p.release()
             }
-            step("powerFail to an empty path", [.invalidArgument, .notFound, .io, .permissionDenied]) {
+            steps.step("powerFail to an empty path", [.invalidArgument, .notFound, .io, .permissionDenied]) {
                 try device.powerFail(writingImageTo: "")
             }
-            step("PMemDevice.create size 1", [.invalidArgument]) {
+            steps.step("PMemDevice.create size 1", [.invalidArgument]) {
                 _ = try PMemDevice.create(path: path + "-one", size: 1)
             }
             unlink(path + "-one")
             FileHandle.standardError.write(Data("step unchanged\n".utf8))
             if (try? file.read(count: 8192, at: 0)) != data || file.size != 8192 {
-                FileHandle.standardError.write(Data("mismatch /f changed\n".utf8))
-                mismatches += 1
+                steps.mismatch("/f changed")
             }
             if (try? other.read(count: 8192, at: 0)) != data || other.size != 8192 {
-                FileHandle.standardError.write(Data("mismatch /g changed\n".utf8))
-                mismatches += 1
+                steps.mismatch("/g changed")
             }
             if (try? file.frames(offset: 0, count: 8192)) != frames {
-                FileHandle.standardError.write(Data("mismatch /f frames changed\n".utf8))
-                mismatches += 1
+                steps.mismatch("/f frames changed")
             }
             if (try? other.frames(offset: 0, count: 8192)) != gFrames {
-                FileHandle.standardError.write(Data("mismatch /g frames changed\n".utf8))
-                mismatches += 1
+                steps.mismatch("/g frames changed")
             }
             if fs.statistics().sharedBlocks != 0 {
-                FileHandle.standardError.write(Data("mismatch sharedBlocks \(fs.statistics().sharedBlocks)\n".utf8))
-                mismatches += 1
+                steps.mismatch("sharedBlocks \(fs.statistics().sharedBlocks)")
             }
             engine.deregister(region)
             let stats = fs.statistics()
             if stats.pinnedPages != 0 || stats.pinsAcquired != stats.pinsReleased {
-                FileHandle.standardError.write(Data("mismatch pins \(stats)\n".utf8))
-                mismatches += 1
+                steps.mismatch("pins \(stats)")
             }
             if let report = try? fs.check(), !report.isClean {
-                FileHandle.standardError.write(Data("mismatch check: \(report.problems)\n".utf8))
-                mismatches += 1
+                steps.mismatch("check: \(report.problems)")
             }
-            exit(mismatches == 0 ? 77 : 1)
+            steps.exitWithResult()
         }
         if let result, result.exitStatus != .exitCode(77) {
             let output = String(decoding: result.standardErrorContent, as: UTF8.self)
@@ -1372,7 +1275,7 @@ struct AdversarialBadInputTests {
 
     @Test("unmount is .busy while a clone's mapping or a pin lives, and then works; remount finds everything")
     func unmountBusyWithCloneMapping() throws {
-        let r = try Rig("unmountbusy")
+        let r = try BlackBoxRig("unmountbusy")
         let data = try r.make("/a", advPattern(advPage, seed: 53))
         try r.fs.clone("/a", to: "/b")
         let b = try r.fs.open("/b")
@@ -1396,7 +1299,7 @@ struct AdversarialBadInputTests {
 struct AdversarialPastEOFTests {
     /// A file of `size` bytes mapped over its last page, with `garbage` stored through the mapping
     /// past the end of the file (inside the last page, so no fault).
-    private func fileWithGarbage(_ r: Rig, _ path: String, size: Int) throws -> (DAXFile, DAXMapping, [UInt8]) {
+    private func fileWithGarbage(_ r: BlackBoxRig, _ path: String, size: Int) throws -> (DAXFile, DAXMapping, [UInt8]) {
         let file = try r.fs.create(path)
         let data = advPattern(size, seed: 60)
         try file.write(data, at: 0)
@@ -1408,7 +1311,7 @@ struct AdversarialPastEOFTests {
 
     @Test("a store past the end in the last page, then truncate up: the grown range reads zeros (POSIX, as xfs does)")
     func storePastEOFThenTruncateUp() throws {
-        let r = try Rig("eoftrunc")
+        let r = try BlackBoxRig("eoftrunc")
         let (file, mapping, data) = try fileWithGarbage(r, "/f", size: 1000)
         defer {
             mapping.unmap()
@@ -1424,7 +1327,7 @@ struct AdversarialPastEOFTests {
 
     @Test("a store past the end in the last page, then a write() further on: the gap reads zeros")
     func storePastEOFThenExtendingWrite() throws {
-        let r = try Rig("eofwrite")
+        let r = try BlackBoxRig("eofwrite")
         let (file, mapping, data) = try fileWithGarbage(r, "/f", size: 1000)
         defer {
             mapping.unmap()
@@ -1440,7 +1343,7 @@ struct AdversarialPastEOFTests {
 
     @Test("a store past the end in the last page, then allocate over it: the allocated range reads zeros")
     func storePastEOFThenAllocate() throws {
-        let r = try Rig("eofalloc")
+        let r = try BlackBoxRig("eofalloc")
         let (file, mapping, data) = try fileWithGarbage(r, "/f", size: 1000)
         defer {
             mapping.unmap()
@@ -1455,7 +1358,7 @@ struct AdversarialPastEOFTests {
 
     @Test("a store past the end in the last page, then clone, then truncate the clone up: zeros in the clone")
     func storePastEOFThenCloneTruncateUp() throws {
-        let r = try Rig("eofclone")
+        let r = try BlackBoxRig("eofclone")
         let (file, mapping, data) = try fileWithGarbage(r, "/f", size: 1000)
         defer {
             mapping.unmap()
@@ -1474,7 +1377,7 @@ struct AdversarialPastEOFTests {
 
     @Test("a store past the end in the last page, then migrate, then truncate up: zeros")
     func storePastEOFThenMigrate() throws {
-        let r = try Rig("eofmigrate")
+        let r = try BlackBoxRig("eofmigrate")
         let (file, mapping, data) = try fileWithGarbage(r, "/f", size: 1000)
         defer {
             mapping.unmap()
@@ -1489,7 +1392,7 @@ struct AdversarialPastEOFTests {
 
     @Test("a store past the end, remount, then truncate up: zeros (the tail is not kept by the device)")
     func storePastEOFThenRemount() throws {
-        let r = try Rig("eofremount")
+        let r = try BlackBoxRig("eofremount")
         do {
             let (file, mapping, _) = try fileWithGarbage(r, "/f", size: 1000)
             mapping.unmap()
@@ -1547,7 +1450,7 @@ struct AdversarialPastEOFTests {
 struct AdversarialLeaseTests {
     @Test("a lease on the source's unshared page is not revoked by a truncate of the clone")
     func truncateCloneKeepsSourceLease() throws {
-        let r = try Rig("leaseclone")
+        let r = try BlackBoxRig("leaseclone")
         let data = try r.make("/a", advPattern(2 * advPage, seed: 70))
         try r.fs.clone("/a", to: "/b")
         let a = try r.fs.open("/a")
@@ -1578,7 +1481,7 @@ struct AdversarialLeaseTests {
 
     @Test("revokeLeases on a source with a lease: revoked, the clone (.copy) keeps its bytes, the device is refused")
     func revokeSourceLeaseAfterClone() throws {
-        let r = try Rig("leaserevoke")
+        let r = try BlackBoxRig("leaserevoke")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(2 * advPage, seed: 71))
@@ -1608,7 +1511,7 @@ struct AdversarialLeaseTests {
         "truncate .wait of a clone whose page is pinned in the source (.unsafeShare): the pinned block stays the source's"
     )
     func unsafeShareTruncateDefer() throws {
-        let r = try Rig("unsafedefer")
+        let r = try BlackBoxRig("unsafedefer")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(advPage, seed: 72))
@@ -1643,7 +1546,7 @@ struct AdversarialLeaseTests {
 struct AdversarialRaceTests {
     @Test("clone while another thread stores through the source's mapping: later stores never reach the clone")
     func cloneRacingStores() throws {
-        let r = try Rig("clonerace", size: 16 << 20)
+        let r = try BlackBoxRig("clonerace", size: 16 << 20)
         try #require(r.fs.faultHandling == .userfaultfd)
         let file = try r.fs.create("/a")
         defer { file.close() }
@@ -1694,7 +1597,7 @@ struct AdversarialRaceTests {
 
     @Test("dedup while another thread stores into the destination's mapping: the source never changes, no store lost")
     func dedupRacingStores() throws {
-        let r = try Rig("dedeprace", size: 16 << 20)
+        let r = try BlackBoxRig("dedeprace", size: 16 << 20)
         try #require(r.fs.faultHandling == .userfaultfd)
         for round in 0..<12 {
             let data = advPattern(2 * advPage, seed: 80 + round)
@@ -1732,7 +1635,7 @@ struct AdversarialRaceTests {
 
     @Test("migrate while another thread stores through a mapping: no store lost, every other byte kept")
     func migrateRacingStores() throws {
-        let r = try Rig("migrace", size: 16 << 20)
+        let r = try BlackBoxRig("migrace", size: 16 << 20)
         try #require(r.fs.faultHandling == .userfaultfd)
         let data = try r.make("/f", advPattern(2 * advPage, seed: 90))
         let file = try r.fs.open("/f")
@@ -1994,7 +1897,7 @@ enum AdvMappingKind: String, CaseIterable, Sendable, CustomStringConvertible {
 struct AdversarialMappingKindTests {
     @Test("after migrate, a write() shows in every kind of mapping of the file", arguments: AdvMappingKind.allCases)
     func migrateThenWrite(kind: AdvMappingKind) throws {
-        let r = try Rig("kindmig-\(kind)")
+        let r = try BlackBoxRig("kindmig-\(kind)")
         let data = try r.make("/f", advPattern(2 * advPage, seed: 110))
         let file = try r.fs.open("/f")
         defer { file.close() }
@@ -2019,7 +1922,7 @@ struct AdversarialMappingKindTests {
         "a write() to a shared page copies it; every kind of mapping of the writer shows the copy, the other file's not",
         arguments: AdvMappingKind.allCases)
     func cowThenMappingsOfWriter(kind: AdvMappingKind) throws {
-        let r = try Rig("kindcow-\(kind)")
+        let r = try BlackBoxRig("kindcow-\(kind)")
         let data = try r.make("/a", advPattern(2 * advPage, seed: 111))
         try r.fs.clone("/a", to: "/b")
         let a = try r.fs.open("/a")
@@ -2051,7 +1954,7 @@ struct AdversarialMappingKindTests {
         "after dedup into a mapped destination, a write() to it shows in every kind of its mapping",
         arguments: AdvMappingKind.allCases)
     func dedupThenWrite(kind: AdvMappingKind) throws {
-        let r = try Rig("kinddedup-\(kind)")
+        let r = try BlackBoxRig("kinddedup-\(kind)")
         let data = try r.make("/a", advPattern(2 * advPage, seed: 112))
         try r.make("/b", data)
         let b = try r.fs.open("/b")
@@ -2073,7 +1976,7 @@ struct AdversarialMappingKindTests {
 
     @Test("after dedup, a store through the SOURCE's writable mapping never reaches the destination")
     func dedupThenStoreThroughSource() throws {
-        let r = try Rig("dedupsrcstore")
+        let r = try BlackBoxRig("dedupsrcstore")
         try #require(r.fs.faultHandling == .userfaultfd)
         let data = try r.make("/a", advPattern(2 * advPage, seed: 113))
         try r.make("/b", data)
@@ -2095,7 +1998,7 @@ struct AdversarialMappingKindTests {
 
     @Test("after dedup, .readWrite pins on either side unshare first: DMA writes reach only the pinning file")
     func dedupThenPinBothSides() throws {
-        let r = try Rig("deduppinboth")
+        let r = try BlackBoxRig("deduppinboth")
         let data = try r.make("/a", advPattern(2 * advPage, seed: 114))
         try r.make("/b", data)
         #expect(try r.fs.deduplicate("/a", offset: 0, "/b", offset: 0, count: 2 * advPage) == 2 * advPage)
@@ -2132,7 +2035,7 @@ struct AdversarialMappingKindTests {
 
     @Test("migrate of a page shared with a mapped clone: both mappings keep their bytes and stores never cross")
     func migrateSharedWithMappedClone() throws {
-        let r = try Rig("migsharedmap")
+        let r = try BlackBoxRig("migsharedmap")
         try #require(r.fs.faultHandling == .userfaultfd)
         let data = try r.make("/a", advPattern(2 * advPage, seed: 115))
         try r.fs.clone("/a", to: "/b")
@@ -2180,7 +2083,7 @@ struct AdversarialMappingKindTests {
 struct AdversarialOrphanTests {
     @Test("a removed but mapped clone source: stores copy (never reach the clone); unmap frees only its own blocks")
     func orphanSourceStores() throws {
-        let r = try Rig("orphanshared")
+        let r = try BlackBoxRig("orphanshared")
         try #require(r.fs.faultHandling == .userfaultfd)
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
@@ -2210,7 +2113,7 @@ struct AdversarialOrphanTests {
         "a power failure while a removed clone source is still mapped: the next mount frees the orphan, keeps the clone"
     )
     func orphanSharedPowerFail() throws {
-        let r = try Rig("orphanpf", options: advEmulated())
+        let r = try BlackBoxRig("orphanpf", options: advEmulated())
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(3 * advPage, seed: 121))
@@ -2244,8 +2147,8 @@ struct AdversarialOrphanTests {
 @Suite("Adversarial: no space with shared blocks")
 struct AdversarialNoSpaceTests {
     /// `/a` with `pages` pages of data, `/b` its clone, and the rest of the device filled.
-    private func fullWithClone(_ name: String, pages: Int = 3) throws -> (Rig, [UInt8]) {
-        let r = try Rig(name, size: 4 << 20)
+    private func fullWithClone(_ name: String, pages: Int = 3) throws -> (BlackBoxRig, [UInt8]) {
+        let r = try BlackBoxRig(name, size: 4 << 20)
         try r.fs.createDirectory("/dir")
         try r.make("/dir/x", advPattern(advPage, seed: 130))
         let data = try r.make("/a", advPattern(pages * advPage, seed: 131))
@@ -2256,7 +2159,7 @@ struct AdversarialNoSpaceTests {
     }
 
     private func expectUnchanged(
-        _ r: Rig, _ data: [UInt8], _ what: String, sourceLocation: SourceLocation = #_sourceLocation
+        _ r: BlackBoxRig, _ data: [UInt8], _ what: String, sourceLocation: SourceLocation = #_sourceLocation
     ) throws {
         #expect(try r.contents("/a") == data, "\(what): /a", sourceLocation: sourceLocation)
         #expect(try r.contents("/b") == data, "\(what): /b", sourceLocation: sourceLocation)
@@ -2311,7 +2214,7 @@ struct AdversarialNoSpaceTests {
 
     @Test("a snapshot of a directory with no space: done, or .noSpace with no partial tree left behind")
     func snapshotNoSpace() throws {
-        let r = try Rig("nospacesnap", size: 4 << 20)
+        let r = try BlackBoxRig("nospacesnap", size: 4 << 20)
         for d in 0..<6 {
             try r.fs.createDirectory("/t\(d)")
             try r.make("/t\(d)/f", advPattern(100, seed: d))
@@ -2348,7 +2251,7 @@ struct AdversarialNoSpaceTests {
 
     @Test("clone .copy of a pinned file with no space for the copy: .noSpace, no destination")
     func cloneCopyNoSpace() throws {
-        let r = try Rig("nospaceclonecopy", size: 4 << 20)
+        let r = try BlackBoxRig("nospaceclonecopy", size: 4 << 20)
         let data = try r.make("/a", advPattern(2 * advPage, seed: 132))
         let a = try r.fs.open("/a")
         defer { a.close() }
@@ -2372,7 +2275,7 @@ struct AdversarialNoSpaceTests {
 struct AdversarialNameTests {
     @Test("names of 255 bytes (ASCII and multi-byte UTF-8) work; 256 bytes are refused; '.' and '..' refused")
     func nameLengths() throws {
-        let r = try Rig("names")
+        let r = try BlackBoxRig("names")
         let ascii255 = String(repeating: "a", count: 255)
         let utf8_254 = String(repeating: "é", count: 127)  // 254 bytes
         let utf8_256 = String(repeating: "é", count: 128)  // 256 bytes
@@ -2404,7 +2307,7 @@ struct AdversarialNameTests {
 
     @Test("a directory with many entries: snapshot, remove all, balance; listing sorted and complete")
     func manyEntries() throws {
-        let r = try Rig("manyentries", size: 16 << 20)
+        let r = try BlackBoxRig("manyentries", size: 16 << 20)
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         try r.fs.createDirectory("/d")
@@ -2441,7 +2344,7 @@ struct AdversarialNameTests {
 struct AdversarialHandleTests {
     @Test("invariant 9 with read pins of holes (the zero frame), double pins of one page, and a clone .copy")
     func pinCountsBalanceInCorners() throws {
-        let r = try Rig("pincorners")
+        let r = try BlackBoxRig("pincorners")
         let file = try r.fs.create("/f")
         defer { file.close() }
         try file.write(advPattern(advPage, seed: 140), at: 0)
@@ -2476,7 +2379,7 @@ struct AdversarialHandleTests {
 
     @Test("a DMA region of a read pin of holes (the zero frame): reads zeros, writes refused, the device untouched")
     func dmaOfZeroFrame() throws {
-        let r = try Rig("dmazero")
+        let r = try BlackBoxRig("dmazero")
         let file = try r.fs.create("/f")
         defer { file.close() }
         try file.truncate(to: 3 * advPage, ifBusy: .fail)
@@ -2487,7 +2390,7 @@ struct AdversarialHandleTests {
         #expect(try engine.read(count: 3 * advPage, from: region, at: 0) == advZeros(3 * advPage))
         #expect(try engine.read(count: 10, from: region, at: advPage - 5) == advZeros(10))
         expectCode([.permissionDenied], "a DMA write to the zero frame") { try engine.write([1], to: region, at: 0) }
-        // The file gets data; the region still pins the zero frame, which still reads zeros.
+        // The file gets data; the region still holds the zero frame, which still reads zeros.
         try file.write(advPattern(3 * advPage, seed: 145), at: 0)
         #expect(try engine.read(count: 16, from: region, at: 0) == advZeros(16))
         // No truncate waits on the zero frame.
@@ -2499,7 +2402,7 @@ struct AdversarialHandleTests {
 
     @Test("rename of a file over its own clone: the replaced clone's references drop, no block freed or leaked")
     func renameOverOwnClone() throws {
-        let r = try Rig("renameclone")
+        let r = try BlackBoxRig("renameclone")
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
         let data = try r.make("/a", advPattern(3 * advPage, seed: 141))
@@ -2521,7 +2424,7 @@ struct AdversarialHandleTests {
 
     @Test("rename over a mapped clone: the replaced file is an orphan whose stores copy and never reach the survivor")
     func renameOverMappedClone() throws {
-        let r = try Rig("renameorphan")
+        let r = try BlackBoxRig("renameorphan")
         try #require(r.fs.faultHandling == .userfaultfd)
         try r.make("/keep", [])
         let free0 = r.fs.statistics().freeBlocks
@@ -2543,7 +2446,7 @@ struct AdversarialHandleTests {
 
     @Test("a handle to a removed file writes to the orphan, never to a new file of the same name")
     func handleAfterRecreate() throws {
-        let r = try Rig("recreate")
+        let r = try BlackBoxRig("recreate")
         let old = try r.fs.create("/f")
         try old.write(advPattern(advPage, seed: 143), at: 0)
         try r.fs.remove("/f")
@@ -2558,7 +2461,7 @@ struct AdversarialHandleTests {
 
     @Test("sync of a file opened .readOnly, of a clone, of an orphan works")
     func syncVariants() throws {
-        let r = try Rig("syncvariants", options: advEmulated())
+        let r = try BlackBoxRig("syncvariants", options: advEmulated())
         try r.make("/a", advPattern(advPage, seed: 144))
         try r.fs.clone("/a", to: "/b")
         let ro = try r.fs.open("/a", access: .readOnly)
@@ -2581,50 +2484,37 @@ struct AdversarialHandleTests {
             unlink(path)
             guard let fs = try? DAXFileSystem.format(device), let file = try? fs.create("/f") else { exit(3) }
             guard (try? file.write([1, 2, 3], at: 0)) != nil, let other = try? fs.open("/f") else { exit(4) }
-            var mismatches = 0
-            func step(_ name: String, _ body: () throws -> Void) {
-                FileHandle.standardError.write(Data("step \(name)\n".utf8))
-                do {
-                    try body()
-                    FileHandle.standardError.write(Data("mismatch \(name): nothing thrown\n".utf8))
-                    mismatches += 1
-                } catch is DAXError {
-                } catch {
-                    FileHandle.standardError.write(Data("mismatch \(name): not a DAXError: \(error)\n".utf8))
-                    mismatches += 1
-                }
-            }
+            let steps = ChildSteps()
             file.close()
-            step("read after close") { _ = try file.read(count: 3, at: 0) }
-            step("write after close") { try file.write([4], at: 0) }
-            step("truncate after close") { try file.truncate(to: 0, ifBusy: .fail) }
-            step("map after close") { _ = try file.map(count: 4096) }
-            step("migrate after close") { _ = try file.migrate(offset: 0, count: 4096) }
-            step("sync after close") { try file.sync() }
+            steps.step("read after close") { _ = try file.read(count: 3, at: 0) }
+            steps.step("write after close") { try file.write([4], at: 0) }
+            steps.step("truncate after close") { try file.truncate(to: 0, ifBusy: .fail) }
+            steps.step("map after close") { _ = try file.map(count: 4096) }
+            steps.step("migrate after close") { _ = try file.migrate(offset: 0, count: 4096) }
+            steps.step("sync after close") { try file.sync() }
             file.close()  // twice: no trap
             // The other handle still works.
             FileHandle.standardError.write(Data("step other handle\n".utf8))
             if (try? other.read(count: 3, at: 0)) != [1, 2, 3] {
-                FileHandle.standardError.write(Data("mismatch the other handle lost the file\n".utf8))
-                mismatches += 1
+                steps.mismatch("the other handle lost the file")
             }
             guard let mapping = try? other.map(count: 4096) else { exit(5) }
             mapping.unmap()
             mapping.unmap()  // twice: no trap
             mapping.persist(offset: 0, count: 8)  // after unmap: no trap
-            step("pin after unmap") {
+            steps.step("pin after unmap") {
                 let p = try mapping.pin(offset: 0, count: 4096)
                 p.release()
             }
             other.close()
             guard (try? fs.unmount()) != nil else { exit(6) }
-            step("create after unmount") { _ = try fs.create("/g") }
-            step("open after unmount") { _ = try fs.open("/f") }
-            step("clone after unmount") { try fs.clone("/f", to: "/h") }
-            step("dedup after unmount") { _ = try fs.deduplicate("/f", offset: 0, "/f", offset: 0, count: 4096) }
-            step("contents after unmount") { _ = try fs.contentsOfDirectory("/") }
-            step("check after unmount") { _ = try fs.check() }
-            step("unmount twice") { try fs.unmount() }
+            steps.step("create after unmount") { _ = try fs.create("/g") }
+            steps.step("open after unmount") { _ = try fs.open("/f") }
+            steps.step("clone after unmount") { try fs.clone("/f", to: "/h") }
+            steps.step("dedup after unmount") { _ = try fs.deduplicate("/f", offset: 0, "/f", offset: 0, count: 4096) }
+            steps.step("contents after unmount") { _ = try fs.contentsOfDirectory("/") }
+            steps.step("check after unmount") { _ = try fs.check() }
+            steps.step("unmount twice") { try fs.unmount() }
             FileHandle.standardError.write(Data("step remount\n".utf8))
             guard let again = try? DAXFileSystem.mount(device), let f = try? again.open("/f"),
                 (try? f.read(count: 3, at: 0)) == [1, 2, 3]
@@ -2635,10 +2525,10 @@ struct AdversarialHandleTests {
             f.close()
             try? again.unmount()
             device.close()
-            step("device read after close") { _ = try device.read(count: 1, at: 0) }
-            step("device write after close") { try device.write([1], at: 0) }
-            step("format after close") { _ = try DAXFileSystem.format(device) }
-            exit(mismatches == 0 ? 77 : 1)
+            steps.step("device read after close") { _ = try device.read(count: 1, at: 0) }
+            steps.step("device write after close") { try device.write([1], at: 0) }
+            steps.step("format after close") { _ = try DAXFileSystem.format(device) }
+            steps.exitWithResult()
         }
         if let result, result.exitStatus != .exitCode(77) {
             let output = String(decoding: result.standardErrorContent, as: UTF8.self)
@@ -2656,7 +2546,7 @@ struct AdversarialHandleTests {
 struct AdversarialDoubleMountTests {
     @Test("a second read-write mount of a mounted device is refused, or sees the same files and stays clean")
     func doubleMount() throws {
-        let r = try Rig("doublemount")
+        let r = try BlackBoxRig("doublemount")
         let data = try r.make("/a", advPattern(advPage, seed: 150))
         do {
             let second = try DAXFileSystem.mount(r.device)

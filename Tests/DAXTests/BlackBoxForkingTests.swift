@@ -24,79 +24,8 @@ import Testing
 
 private let pageSize = PMemDevice.pageSize
 
-private func bbkPath(_ name: String) -> String {
-    "/dev/shm/bbfork-\(getpid())-\(name)-\(UUID().uuidString.prefix(8))"
-}
-
 private func bbkPattern(_ count: Int, seed: Int) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 11 &+ ($0 >> 9) &+ seed &* 37 &+ 5) | 1 }
-}
-
-/// A device of its own with a fresh file system; unmounted, closed and removed afterwards.
-private final class BBKSetup: @unchecked Sendable {
-    let path: String
-    let device: PMemDevice
-    var fs: DAXFileSystem
-
-    init(_ name: String, size: Int = 8 << 20) throws {
-        path = bbkPath(name)
-        device = try PMemDevice.create(path: path, size: size)
-        fs = try DAXFileSystem.format(device)
-    }
-
-    func remount() throws {
-        try fs.unmount()
-        fs = try DAXFileSystem.mount(device)
-    }
-
-    deinit {
-        try? fs.unmount()
-        device.close()
-        unlink(path)
-    }
-
-    @discardableResult
-    func make(_ path: String, _ bytes: [UInt8], at offset: Int = 0) throws -> [UInt8] {
-        let file = try fs.create(path)
-        defer { file.close() }
-        try file.write(bytes, at: offset)
-        return bytes
-    }
-
-    func contents(_ path: String) throws -> [UInt8] {
-        let file = try fs.open(path, access: .readOnly)
-        defer { file.close() }
-        return try file.read(count: file.size, at: 0)
-    }
-
-    func frames(_ path: String) throws -> [PageFrameNumber?] {
-        let file = try fs.open(path, access: .readOnly)
-        defer { file.close() }
-        return try file.frames(offset: 0, count: file.size)
-    }
-
-    func expectClean(_ what: String, sourceLocation: SourceLocation = #_sourceLocation) {
-        do {
-            let report = try fs.check()
-            #expect(report.isClean, "\(what): \(report.problems)", sourceLocation: sourceLocation)
-        } catch {
-            Issue.record("\(what): check threw \(error)", sourceLocation: sourceLocation)
-        }
-    }
-
-    /// Invariant 9: pins acquired minus released is the sum of pinCount; pinnedPages counts them.
-    func expectPinsBalance(_ what: String, sourceLocation: SourceLocation = #_sourceLocation) {
-        var sum = 0
-        var pinned = 0
-        for index in 0..<fs.pages.count {
-            let count = fs.pages.state(of: PageFrameNumber(rawValue: UInt64(index))).pinCount
-            sum += count
-            if count > 0 { pinned += 1 }
-        }
-        let stats = fs.statistics()
-        #expect(stats.pinsAcquired - stats.pinsReleased == sum, "\(what): \(stats)", sourceLocation: sourceLocation)
-        #expect(stats.pinnedPages == pinned, "\(what)", sourceLocation: sourceLocation)
-    }
 }
 
 private func bbkBytes(_ mapping: DAXMapping, at offset: Int, count: Int) -> [UInt8] {
@@ -136,7 +65,7 @@ private func bbkTree(_ fs: DAXFileSystem, _ root: String) throws -> [String] {
 struct BlackBoxForkingCloneTests {
     @Test("a clone has equal bytes and shares every block (same frames, sharedBlocks, no new data blocks)")
     func cloneSharesBlocks() throws {
-        let s = try BBKSetup("clone")
+        let s = try BlackBoxRig("clone")
         let data = try s.make("/src", bbkPattern(3 * pageSize + 100, seed: 1))
         let srcFrames = try s.frames("/src")
         let before = s.fs.statistics()
@@ -155,7 +84,7 @@ struct BlackBoxForkingCloneTests {
 
     @Test("write() to either side copies first and never changes the other")
     func writesNeverCross() throws {
-        let s = try BBKSetup("clonewrite")
+        let s = try BlackBoxRig("clonewrite")
         let data = try s.make("/src", bbkPattern(3 * pageSize, seed: 2))
         try s.fs.clone("/src", to: "/dst")
         let shared = try s.frames("/src")
@@ -191,7 +120,7 @@ struct BlackBoxForkingCloneTests {
 
     @Test("allocate, punchHole and truncate of either side never change the other; freeing returns every block")
     func allocatePunchTruncate() throws {
-        let s = try BBKSetup("clonepunch")
+        let s = try BlackBoxRig("clonepunch")
         // The root directory's own block, taken by its first entry, stays with it: not a leak.
         try s.make("/keep", [])
         let baseline = s.fs.statistics().freeBlocks
@@ -244,7 +173,7 @@ struct BlackBoxForkingCloneTests {
 
     @Test("a store through a mapping of a shared page copies the page for the writer's mappings only")
     func storeThroughMappingCopiesOnWrite() throws {
-        let s = try BBKSetup("clonemap")
+        let s = try BlackBoxRig("clonemap")
         let data = try s.make("/src", bbkPattern(2 * pageSize, seed: 6))
         try s.fs.clone("/src", to: "/dst")
         let shared = try s.frames("/src")
@@ -298,7 +227,7 @@ struct BlackBoxForkingCloneTests {
         // Meanwhile one more thread creates, writes and removes an unrelated file: with that
         // going on (or another file system doing the same rounds) completed stores get lost in
         // a few rounds in a hundred; on an idle process, almost never.
-        let s = try BBKSetup("cowrace")
+        let s = try BlackBoxRig("cowrace")
         try #require(s.fs.faultHandling == .userfaultfd, "copy-on-write through a mapping needs the fault handler")
         let data = try s.make("/src", bbkPattern(pageSize, seed: 9))
         let fs = s.fs
@@ -368,7 +297,7 @@ struct BlackBoxForkingCloneTests {
 
     @Test("a clone write-protects the source's live mapping: later stores never reach the clone")
     func cloneOfMappedFile() throws {
-        let s = try BBKSetup("clonelive")
+        let s = try BlackBoxRig("clonelive")
         let data = try s.make("/src", bbkPattern(2 * pageSize, seed: 7))
         let src = try s.fs.open("/src")
         defer { src.close() }
@@ -401,7 +330,7 @@ struct BlackBoxForkingCloneTests {
 struct BlackBoxForkingSnapshotTests {
     @Test("a directory clone is a snapshot: same tree and bytes, shared blocks, changes never cross")
     func snapshotOfTree() throws {
-        let s = try BBKSetup("snapshot")
+        let s = try BlackBoxRig("snapshot")
         try s.fs.createDirectory("/data")
         try s.fs.createDirectory("/data/sub")
         try s.fs.createDirectory("/data/empty")
@@ -451,7 +380,7 @@ struct BlackBoxForkingSnapshotTests {
 
     @Test("remount after a clone keeps the sharing, the reference counts and a clean check")
     func remountKeepsSharing() throws {
-        let s = try BBKSetup("remount")
+        let s = try BlackBoxRig("remount")
         try s.make("/keep", [])  // the root directory's block, kept by it
         let baseline = s.fs.statistics().freeBlocks
         let data = try s.make("/src", bbkPattern(3 * pageSize, seed: 13))
@@ -493,7 +422,7 @@ struct BlackBoxForkingSnapshotTests {
 
     @Test("clone with bad paths gives the documented DAXError and changes nothing")
     func cloneBadInput() throws {
-        let s = try BBKSetup("clonebad")
+        let s = try BlackBoxRig("clonebad")
         let data = try s.make("/src", bbkPattern(pageSize, seed: 15))
         let other = try s.make("/other", bbkPattern(100, seed: 16))
         try s.fs.createDirectory("/dir")
@@ -520,7 +449,7 @@ struct BlackBoxForkingSnapshotTests {
 
     @Test("a read-only mount refuses clone and deduplicate with .permissionDenied; the device is unchanged")
     func readOnlyMountRefuses() throws {
-        let path = bbkPath("rofork")
+        let path = TemporaryDevice.uniquePath("rofork")
         defer { unlink(path) }
         do {
             let device = try PMemDevice.create(path: path, size: 8 << 20)
@@ -573,7 +502,7 @@ struct BlackBoxForkingSnapshotTests {
 struct BlackBoxForkingPinTests {
     @Test("a .readWrite pin of a shared page unshares it first: DMA writes reach only the pinning file")
     func readWritePinUnshares() throws {
-        let s = try BBKSetup("rwpin")
+        let s = try BlackBoxRig("rwpin")
         let data = try s.make("/src", bbkPattern(2 * pageSize, seed: 20))
         try s.fs.clone("/src", to: "/dst")
         let shared = try s.frames("/src")
@@ -601,7 +530,7 @@ struct BlackBoxForkingPinTests {
 
     @Test("a long-term read-only pin of a shared page unshares it too; the other file's writes never reach it")
     func longTermReadPinUnshares() throws {
-        let s = try BBKSetup("ltpin")
+        let s = try BlackBoxRig("ltpin")
         let data = try s.make("/src", bbkPattern(2 * pageSize, seed: 21))
         try s.fs.clone("/src", to: "/dst")
         let shared = try s.frames("/src")
@@ -628,7 +557,7 @@ struct BlackBoxForkingPinTests {
 
     @Test("a store to a shared page held by a short-term read pin completes after the pin drops, copying")
     func storeUnderShortTermReadPin() throws {
-        let s = try BBKSetup("stpin")
+        let s = try BlackBoxRig("stpin")
         let data = try s.make("/src", bbkPattern(pageSize, seed: 22))
         try s.fs.clone("/src", to: "/dst")
         let src = try s.fs.open("/src")
@@ -659,9 +588,9 @@ struct BlackBoxForkingPinTests {
 
     /// `/src` of 3 pages, page 1 pinned for writing and registered with an engine.
     private func pinnedSource(_ name: String) throws -> (
-        s: BBKSetup, data: [UInt8], file: DAXFile, mapping: DAXMapping, engine: DMAEngine, region: DMARegion
+        s: BlackBoxRig, data: [UInt8], file: DAXFile, mapping: DAXMapping, engine: DMAEngine, region: DMARegion
     ) {
-        let s = try BBKSetup(name)
+        let s = try BlackBoxRig(name)
         let data = try s.make("/src", bbkPattern(3 * pageSize, seed: 23))
         let file = try s.fs.open("/src")
         let mapping = try file.map(count: 3 * pageSize)
@@ -695,7 +624,7 @@ struct BlackBoxForkingPinTests {
 
     @Test("a snapshot of a directory holding a DMA-pinned file copies the pinned page; .fail refuses it")
     func snapshotWithPinnedFile() throws {
-        let s = try BBKSetup("snappin")
+        let s = try BlackBoxRig("snappin")
         try s.fs.createDirectory("/d")
         let data = try s.make("/d/f", bbkPattern(2 * pageSize, seed: 24))
         let other = try s.make("/d/g", bbkPattern(pageSize, seed: 25))
@@ -811,7 +740,7 @@ struct BlackBoxForkingPinTests {
 struct BlackBoxForkingMigrateTests {
     @Test("migrate moves every page to new frames with the same bytes; the mapping follows")
     func migrateMoves() throws {
-        let s = try BBKSetup("migrate")
+        let s = try BlackBoxRig("migrate")
         let data = try s.make("/f", bbkPattern(4 * pageSize, seed: 30))
         let file = try s.fs.open("/f")
         defer { file.close() }
@@ -837,7 +766,7 @@ struct BlackBoxForkingMigrateTests {
 
     @Test("migrate leaves a pinned page in place, reports it busy, and the device still writes the file")
     func migrateSkipsPinned() throws {
-        let s = try BBKSetup("migratepin")
+        let s = try BlackBoxRig("migratepin")
         let data = try s.make("/f", bbkPattern(3 * pageSize, seed: 31))
         let file = try s.fs.open("/f")
         defer { file.close() }
@@ -866,7 +795,7 @@ struct BlackBoxForkingMigrateTests {
         "migrate racing a pinner: a held pin's frame is always the file's frame, and the device's writes land in the file"
     )
     func migrateRacesPinner() throws {
-        let s = try BBKSetup("migraterace")
+        let s = try BlackBoxRig("migraterace")
         try s.make("/f", bbkPattern(pageSize, seed: 34))
         let file = try s.fs.open("/f")
         defer { file.close() }
@@ -916,7 +845,7 @@ struct BlackBoxForkingMigrateTests {
 
     @Test("migrate of part of a file, across a hole, and of a bad range")
     func migrateRanges() throws {
-        let s = try BBKSetup("migraterange")
+        let s = try BlackBoxRig("migraterange")
         let file = try s.fs.create("/f")
         defer { file.close() }
         let head = bbkPattern(2 * pageSize, seed: 32)
@@ -952,7 +881,7 @@ struct BlackBoxForkingMigrateTests {
 struct BlackBoxForkingDedupTests {
     @Test("deduplicate of equal ranges shares the source's blocks and frees the destination's")
     func dedupEqual() throws {
-        let s = try BBKSetup("dedup")
+        let s = try BlackBoxRig("dedup")
         let data = bbkPattern(3 * pageSize, seed: 40)
         try s.make("/a", data)
         try s.make("/b", data)
@@ -976,7 +905,7 @@ struct BlackBoxForkingDedupTests {
 
     @Test("deduplicate shares only the pages that are equal, at any offsets, and leaves the others")
     func dedupUnequal() throws {
-        let s = try BBKSetup("dedupne")
+        let s = try BlackBoxRig("dedupne")
         let data = bbkPattern(3 * pageSize, seed: 41)
         var other = data
         other[pageSize + 100] ^= 0xFF
@@ -1001,9 +930,9 @@ struct BlackBoxForkingDedupTests {
     /// `/a` and `/b` holding the same `pages` pages, `pinned`'s page 0 pinned for writing through
     /// a mapping of it and registered with an engine.
     private func equalFiles(_ name: String, pages: Int, seed: Int, pinned: String) throws -> (
-        s: BBKSetup, data: [UInt8], file: DAXFile, mapping: DAXMapping, engine: DMAEngine, region: DMARegion
+        s: BlackBoxRig, data: [UInt8], file: DAXFile, mapping: DAXMapping, engine: DMAEngine, region: DMARegion
     ) {
-        let s = try BBKSetup(name)
+        let s = try BlackBoxRig(name)
         let data = bbkPattern(pages * pageSize, seed: seed)
         try s.make("/a", data)
         try s.make("/b", data)
@@ -1055,7 +984,7 @@ struct BlackBoxForkingDedupTests {
 
     @Test("after deduplicate a mapping of the destination reads the same bytes and a store copies on write")
     func dedupMappedDestination() throws {
-        let s = try BBKSetup("dedupmap")
+        let s = try BlackBoxRig("dedupmap")
         let data = bbkPattern(2 * pageSize, seed: 43)
         try s.make("/a", data)
         try s.make("/b", data)
@@ -1076,7 +1005,7 @@ struct BlackBoxForkingDedupTests {
 
     @Test("deduplicate with bad input gives the documented DAXError and shares nothing")
     func dedupBadInput() throws {
-        let s = try BBKSetup("dedupbad")
+        let s = try BlackBoxRig("dedupbad")
         let data = bbkPattern(2 * pageSize, seed: 44)
         try s.make("/a", data)
         try s.make("/short", Array(data[0..<pageSize]))

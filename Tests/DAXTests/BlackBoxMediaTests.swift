@@ -1369,107 +1369,83 @@ struct BlackBoxMediaBadInputTests {
             let data = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 5 &+ 1) }
             guard (try? file.write(data, at: 0)) != nil, let mapping = try? file.map(count: 8192) else { exit(4) }
             let frames = try? file.frames(offset: 0, count: 8192)
-            var mismatches = 0
-            func step(_ name: String, _ codes: [DAXError.Code], _ body: () throws -> Void) {
-                FileHandle.standardError.write(Data("step \(name)\n".utf8))
-                do {
-                    try body()
-                    FileHandle.standardError.write(Data("mismatch \(name): nothing thrown\n".utf8))
-                    mismatches += 1
-                } catch let error as DAXError {
-                    if !codes.contains(error.code) {
-                        FileHandle.standardError.write(Data("mismatch \(name): \(error)\n".utf8))
-                        mismatches += 1
-                    }
-                } catch {
-                    FileHandle.standardError.write(Data("mismatch \(name): not a DAXError: \(error)\n".utf8))
-                    mismatches += 1
-                }
-            }
+            let steps = ChildSteps()
             let bad: [DAXError.Code] = [.invalidArgument]
             let badOrFull: [DAXError.Code] = [.invalidArgument, .noSpace]
-            step("truncate(to: -1)", bad) { try file.truncate(to: -1, ifBusy: .fail) }
-            step("truncate(to: Int.max)", badOrFull) { try file.truncate(to: Int.max, ifBusy: .fail) }
-            step("punchHole(offset: -1)", bad) { try file.punchHole(offset: -1, count: 4096, ifBusy: .fail) }
-            step("punchHole(count: -4096)", bad) { try file.punchHole(offset: 0, count: -4096, ifBusy: .fail) }
-            step("punchHole(offset: Int.max - 10, count: 4096)", badOrFull) {
+            steps.step("truncate(to: -1)", bad) { try file.truncate(to: -1, ifBusy: .fail) }
+            steps.step("truncate(to: Int.max)", badOrFull) { try file.truncate(to: Int.max, ifBusy: .fail) }
+            steps.step("punchHole(offset: -1)", bad) { try file.punchHole(offset: -1, count: 4096, ifBusy: .fail) }
+            steps.step("punchHole(count: -4096)", bad) { try file.punchHole(offset: 0, count: -4096, ifBusy: .fail) }
+            steps.step("punchHole(offset: Int.max - 10, count: 4096)", badOrFull) {
                 try file.punchHole(offset: Int.max - 10, count: 4096, ifBusy: .fail)
             }
-            step("write(at: -1)", bad) { try file.write([1], at: -1) }
-            step("write(at: Int.max)", badOrFull) { try file.write([1, 2], at: Int.max) }
-            step("read(count: 1, at: -1)", bad) { _ = try file.read(count: 1, at: -1) }
+            steps.step("write(at: -1)", bad) { try file.write([1], at: -1) }
+            steps.step("write(at: Int.max)", badOrFull) { try file.write([1, 2], at: Int.max) }
+            steps.step("read(count: 1, at: -1)", bad) { _ = try file.read(count: 1, at: -1) }
             FileHandle.standardError.write(Data("step read(count: 1, at: Int.max)\n".utf8))
             do {
                 // Past the end: an empty short read is fine, or .invalidArgument.
                 if try !file.read(count: 1, at: Int.max).isEmpty {
-                    FileHandle.standardError.write(Data("mismatch read at Int.max: bytes\n".utf8))
-                    mismatches += 1
+                    steps.mismatch("read at Int.max: bytes")
                 }
             } catch let error as DAXError where error.code == .invalidArgument {
             } catch {
-                FileHandle.standardError.write(Data("mismatch read at Int.max: \(error)\n".utf8))
-                mismatches += 1
+                steps.mismatch("read at Int.max: \(error)")
             }
-            step("allocate(offset: -1)", bad) { try file.allocate(offset: -1, count: 4096) }
-            step("allocate(count: -1)", bad) { try file.allocate(offset: 0, count: -1) }
-            step("allocate(offset: Int.max - 10, count: 4096)", badOrFull) {
+            steps.step("allocate(offset: -1)", bad) { try file.allocate(offset: -1, count: 4096) }
+            steps.step("allocate(count: -1)", bad) { try file.allocate(offset: 0, count: -1) }
+            steps.step("allocate(offset: Int.max - 10, count: 4096)", badOrFull) {
                 try file.allocate(offset: Int.max - 10, count: 4096)
             }
-            step("frames(offset: -4096)", bad) { _ = try file.frames(offset: -4096, count: 4096) }
-            step("frames(count: -1)", bad) { _ = try file.frames(offset: 0, count: -1) }
-            step("map(count: 0)", bad) { _ = try file.map(count: 0) }
-            step("map(count: -4096)", bad) { _ = try file.map(count: -4096) }
-            step("map(offset: 100)", bad) { _ = try file.map(offset: 100, count: 4096) }
-            step("map(offset: -4096)", bad) { _ = try file.map(offset: -4096, count: 4096) }
-            step("pin(count: 0)", bad) {
+            steps.step("frames(offset: -4096)", bad) { _ = try file.frames(offset: -4096, count: 4096) }
+            steps.step("frames(count: -1)", bad) { _ = try file.frames(offset: 0, count: -1) }
+            steps.step("map(count: 0)", bad) { _ = try file.map(count: 0) }
+            steps.step("map(count: -4096)", bad) { _ = try file.map(count: -4096) }
+            steps.step("map(offset: 100)", bad) { _ = try file.map(offset: 100, count: 4096) }
+            steps.step("map(offset: -4096)", bad) { _ = try file.map(offset: -4096, count: 4096) }
+            steps.step("pin(count: 0)", bad) {
                 let pin = try mapping.pin(offset: 0, count: 0)
                 pin.release()
             }
-            step("pin(offset: 8192)", bad) {
+            steps.step("pin(offset: 8192)", bad) {
                 let pin = try mapping.pin(offset: 8192, count: 4096)
                 pin.release()
             }
-            step("pin(offset: -4096)", bad) {
+            steps.step("pin(offset: -4096)", bad) {
                 let pin = try mapping.pin(offset: -4096, count: 4096)
                 pin.release()
             }
-            step("pin(count: Int.max)", bad) {
+            steps.step("pin(count: Int.max)", bad) {
                 let pin = try mapping.pin(offset: 0, count: Int.max)
                 pin.release()
             }
-            step("device.write(at: Int.max)", bad) { try device.write([1], at: Int.max) }
-            step("PMemDevice.create(size: Int.max)", badOrFull) {
+            steps.step("device.write(at: Int.max)", bad) { try device.write([1], at: Int.max) }
+            steps.step("PMemDevice.create(size: Int.max)", badOrFull) {
                 _ = try PMemDevice.create(path: path + "-max", size: Int.max & ~4095)
             }
             unlink(path + "-max")
             // Nothing changed.
             FileHandle.standardError.write(Data("step unchanged\n".utf8))
             if file.size != 8192 {
-                FileHandle.standardError.write(Data("mismatch size \(file.size)\n".utf8))
-                mismatches += 1
+                steps.mismatch("size \(file.size)")
             }
             if (try? file.read(count: 8192, at: 0)) != data {
-                FileHandle.standardError.write(Data("mismatch bytes changed\n".utf8))
-                mismatches += 1
+                steps.mismatch("bytes changed")
             }
             if (try? file.frames(offset: 0, count: 8192)) != frames {
-                FileHandle.standardError.write(Data("mismatch frames changed\n".utf8))
-                mismatches += 1
+                steps.mismatch("frames changed")
             }
             if Array(UnsafeRawBufferPointer(start: mapping.baseAddress, count: 8192)) != data {
-                FileHandle.standardError.write(Data("mismatch mapping changed\n".utf8))
-                mismatches += 1
+                steps.mismatch("mapping changed")
             }
             let stats = fs.statistics()
             if stats.pinnedPages != 0 || stats.pinsAcquired != stats.pinsReleased {
-                FileHandle.standardError.write(Data("mismatch pins \(stats)\n".utf8))
-                mismatches += 1
+                steps.mismatch("pins \(stats)")
             }
             if (try? fs.check().isClean) != true {
-                FileHandle.standardError.write(Data("mismatch check not clean\n".utf8))
-                mismatches += 1
+                steps.mismatch("check not clean")
             }
-            exit(mismatches == 0 ? 77 : 1)
+            steps.exitWithResult()
         }
         if let result, result.exitStatus != .exitCode(77) {
             let output = String(decoding: result.standardErrorContent, as: UTF8.self)

@@ -246,3 +246,106 @@ extension PMemDevice.Options {
         return options
     }
 }
+
+/// The checks the child process of an exit test runs one after another. Each step is told on
+/// stderr before it runs, so that a trap names it; a step that throws no `DAXError`, or one whose
+/// code is not among `codes` (any code when `codes` is empty), is told as a mismatch and counted.
+/// The parent reads the lines; `exitWithResult()` ends the child with 77 when every step matched.
+final class ChildSteps {
+    private(set) var mismatches = 0
+
+    func step(_ name: String, _ codes: [DAXError.Code] = [], _ body: () throws -> Void) {
+        FileHandle.standardError.write(Data("step \(name)\n".utf8))
+        do {
+            try body()
+            mismatch("\(name): nothing thrown")
+        } catch let error as DAXError {
+            if !codes.isEmpty, !codes.contains(error.code) { mismatch("\(name): \(error)") }
+        } catch {
+            mismatch("\(name): not a DAXError: \(error)")
+        }
+    }
+
+    /// Tells (`mismatch TEXT`) and counts a mismatch, also one a check of the caller's own found.
+    func mismatch(_ text: String) {
+        FileHandle.standardError.write(Data("mismatch \(text)\n".utf8))
+        mismatches += 1
+    }
+
+    /// Ends the child: 77 when every step matched, else 1.
+    func exitWithResult() -> Never { exit(mismatches == 0 ? 77 : 1) }
+}
+
+/// A device of its own with a freshly formatted file system, for the black-box suites (which use
+/// only the public API); unmounted, closed and removed afterwards.
+final class BlackBoxRig: @unchecked Sendable {
+    let path: String
+    let device: PMemDevice
+    var fs: DAXFileSystem
+
+    init(_ name: String, size: Int = 8 << 20, options: PMemDevice.Options = .init()) throws {
+        path = TemporaryDevice.uniquePath(name)
+        device = try PMemDevice.create(path: path, size: size, options: options)
+        fs = try DAXFileSystem.format(device)
+    }
+
+    func remount() throws {
+        try fs.unmount()
+        fs = try DAXFileSystem.mount(device)
+    }
+
+    deinit {
+        try? fs.unmount()
+        device.close()
+        unlink(path)
+    }
+
+    /// Creates `path` holding `bytes` at `offset`, and returns the bytes.
+    @discardableResult
+    func make(_ path: String, _ bytes: [UInt8], at offset: Int = 0) throws -> [UInt8] {
+        let file = try fs.create(path)
+        defer { file.close() }
+        if !bytes.isEmpty { try file.write(bytes, at: offset) }
+        return bytes
+    }
+
+    func contents(_ path: String) throws -> [UInt8] {
+        try with(path, access: .readOnly) { try $0.read(count: $0.size, at: 0) }
+    }
+
+    /// The frames of every page of `path` (one, a hole, for an empty file).
+    func frames(_ path: String) throws -> [PageFrameNumber?] {
+        try with(path, access: .readOnly) { try $0.frames(offset: 0, count: max($0.size, 1)) }
+    }
+
+    func with<T>(_ path: String, access: Access = .readWrite, _ body: (DAXFile) throws -> T) throws -> T {
+        let file = try fs.open(path, access: access)
+        defer { file.close() }
+        return try body(file)
+    }
+
+    func expectClean(_ what: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        do {
+            let report = try fs.check()
+            #expect(report.isClean, "\(what): \(report.problems)", sourceLocation: sourceLocation)
+        } catch {
+            Issue.record("\(what): check threw \(error)", sourceLocation: sourceLocation)
+        }
+    }
+
+    /// Invariant 9: pins acquired minus released is the sum of `pinCount` over every device page
+    /// and the zero frame one past them (which a read pin of a hole leaves at 0), and
+    /// `pinnedPages` counts the pages pinned.
+    func expectPinsBalance(_ what: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        var sum = 0
+        var pinned = 0
+        for index in 0...fs.pages.count {
+            let count = fs.pages.state(of: PageFrameNumber(rawValue: UInt64(index))).pinCount
+            sum += count
+            if count > 0 { pinned += 1 }
+        }
+        let stats = fs.statistics()
+        #expect(stats.pinsAcquired - stats.pinsReleased == sum, "\(what): \(stats)", sourceLocation: sourceLocation)
+        #expect(stats.pinnedPages == pinned, "\(what)", sourceLocation: sourceLocation)
+    }
+}
