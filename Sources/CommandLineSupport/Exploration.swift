@@ -60,7 +60,7 @@ public struct ExploreOptions: ParsableArguments {
     ) throws {
         let explorer = try explorer(deviceSize: deviceSize)
         // A report that could not be written is found out before the exploration, not after it.
-        if let json { try Self.checkWritable(json) }
+        if let json { try checkCanWrite(json, what: "the report") }
         if let replay, let keep {
             let parts = replay.split(separator: ":")
             guard parts.count == 2, let point = Int(parts[0]), let seed = UInt64(parts[1]) else {
@@ -107,25 +107,6 @@ public struct ExploreOptions: ParsableArguments {
         }
         if !report.failures.isEmpty { throw ExitCode(1) }
     }
-
-    /// Throws unless a report can be written at `path`: not a directory, and in a directory that
-    /// exists and may be written.
-    public static func checkWritable(_ path: String) throws {
-        var info = stat()
-        if stat(path, &info) == 0 {
-            guard info.st_mode & S_IFMT != S_IFDIR else {
-                throw CommandError("cannot write the report to \(path): it is a directory")
-            }
-            guard access(path, W_OK) == 0 else {
-                throw CommandError("cannot write the report to \(path): \(String(cString: strerror(errno)))")
-            }
-            return
-        }
-        let parent = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
-        guard access(parent.isEmpty ? "/" : parent, W_OK) == 0 else {
-            throw CommandError("cannot write the report to \(path): \(String(cString: strerror(errno)))")
-        }
-    }
 }
 
 /// Per-operation bookkeeping a checker needs: which operation was in flight at a crash point, so
@@ -136,4 +117,21 @@ public final class OperationProgress {
 
     /// Nothing completed yet.
     public init() {}
+}
+
+/// Refuses, before a command does its work, an output file that cannot be written: a directory,
+/// or one whose directory is missing or not writable. `what` names what would be written there.
+public func checkCanWrite(_ path: String, what: String) throws {
+    var isDirectory: ObjCBool = false
+    if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue {
+        throw CommandError("cannot write \(path): it is a directory; give a file name for \(what)")
+    }
+    let directory = (path as NSString).deletingLastPathComponent
+    let shown = directory.isEmpty ? "." : directory
+    guard FileManager.default.fileExists(atPath: shown, isDirectory: &isDirectory), isDirectory.boolValue else {
+        throw CommandError("cannot write \(path): \(shown): no such directory")
+    }
+    guard access(shown, W_OK) == 0 else {
+        throw CommandError("cannot write \(path): \(shown): \(String(cString: strerror(errno)))")
+    }
 }

@@ -32,7 +32,7 @@ struct MapCommand: ParsableCommand {
     }
 
     func run() throws {
-        if let svg { try Self.checkWritable(svg) }
+        if let svg { try checkCanWrite(svg, what: "the picture") }
         let picture = try device.withFileSystem(access: .readOnly) { fs in
             var range = frames.map { $0.first..<($0.last + 1) }
             var selected: (UInt32, String)?
@@ -79,23 +79,6 @@ struct MapCommand: ParsableCommand {
         }
         guard highest >= 0 else { throw CommandError("\(file) has no blocks on the device (it is empty or a hole)") }
         return lowest..<(highest + 1)
-    }
-
-    /// Refuses, before anything is drawn, a picture file that cannot be written: a directory, or
-    /// one whose directory is missing or not writable.
-    static func checkWritable(_ path: String) throws {
-        var isDirectory: ObjCBool = false
-        if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue {
-            throw CommandError("cannot write \(path): it is a directory; give a file name for the picture")
-        }
-        let directory = (path as NSString).deletingLastPathComponent
-        let shown = directory.isEmpty ? "." : directory
-        guard FileManager.default.fileExists(atPath: shown, isDirectory: &isDirectory), isDirectory.boolValue else {
-            throw CommandError("cannot write \(path): \(shown): no such directory")
-        }
-        guard access(shown, W_OK) == 0 else {
-            throw CommandError("cannot write \(path): \(shown): \(String(cString: strerror(errno)))")
-        }
     }
 }
 
