@@ -39,24 +39,15 @@ struct Frames: ParsableCommand {
             // Only the pages with blocks are looked up, a window at a time; a hole between them
             // is one run, however long.
             var next = 0
-            for data in try handle.dataRanges(offset: 0, count: handle.size) {
-                let start = data.lowerBound / pageSize
-                if start > next { output.addHole(pages: next..<start) }
-                var first = start
-                let end = data.upperBound / pageSize
-                while first < end {
-                    let count = min(Self.window, end - first)
-                    let offset = first * pageSize
-                    let bytes = min(count * pageSize, handle.size - offset)
-                    let frames = try handle.frames(offset: offset, count: bytes)
-                    let references = try handle.blockReferences(offset: offset, count: bytes)
-                    for (index, frame) in frames.enumerated() {
-                        output.add(
-                            page: first + index, frame, references: index < references.count ? references[index] : 1)
-                    }
-                    first += count
+            try forEachDataWindow(of: handle, pages: Self.window) { offset, count, _ in
+                let first = offset / pageSize
+                if first > next { output.addHole(pages: next..<first) }
+                let frames = try handle.frames(offset: offset, count: count)
+                let references = try handle.blockReferences(offset: offset, count: count)
+                for (index, frame) in frames.enumerated() {
+                    output.add(page: first + index, frame, references: index < references.count ? references[index] : 1)
                 }
-                next = end
+                next = first + frames.count
             }
             if pages > next { output.addHole(pages: next..<pages) }
         }
