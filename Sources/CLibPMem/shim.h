@@ -116,19 +116,6 @@ static inline int dax_wait_readable(int fd, int stop, long spin_ns) {
     return 1;
 }
 
-/// The CPUs the calling thread may run on (`sched_getaffinity`), at least 1; the CPUs online
-/// if the kernel's mask does not fit 8192 bits.
-static inline int dax_usable_cpus(void) {
-    unsigned long mask[128] = {0};
-    long got = syscall(SYS_sched_getaffinity, 0, sizeof mask, mask);
-    if (got <= 0) {
-        long online = sysconf(_SC_NPROCESSORS_ONLN);
-        return online > 0 ? (int)online : 1;
-    }
-    int count = 0;
-    for (long word = 0; word < got / (long)sizeof mask[0]; word++) count += __builtin_popcountl(mask[word]);
-    return count > 0 ? count : 1;
-}
 
 /// Writes to `cpus` (room for `room`) the numbers of the CPUs the calling thread may run on
 /// (`sched_getaffinity`), lowest first, and returns how many there are; 0 when the kernel's
@@ -147,6 +134,15 @@ static inline int dax_usable_cpu_list(int *cpus, int room) {
         }
     }
     return count;
+}
+
+/// The CPUs the calling thread may run on (`sched_getaffinity`), at least 1; the CPUs online
+/// if the kernel's mask does not fit 8192 bits.
+static inline int dax_usable_cpus(void) {
+    int count = dax_usable_cpu_list(NULL, 0);
+    if (count > 0) return count;
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? (int)online : 1;
 }
 
 /// Binds the calling thread to CPU `cpu` (`sched_setaffinity`); 0, or -1 with errno set.
