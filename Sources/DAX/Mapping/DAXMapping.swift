@@ -62,6 +62,12 @@ public final class DAXMapping: Sendable {
         /// The pages that a store reached in the moment before their protection or their
         /// registration, by page: what ``AddressSpace/keepRacedStores(_:)`` gives the file.
         var racedStores: [Int: [RacedStore]] = [:]
+        /// Pages that still show a block the file no longer has there, by page: a truncate or a
+        /// punch found the process out of map entries, and hiding a page inside a kernel mapping
+        /// takes one or two more. Each block stays counted (so it is quarantined, never handed
+        /// out while shown) until the page is hidden or shows something else: by the next `sync`
+        /// or layout change that finds an entry, or by the unmap. The entries show 0 there.
+        var stale: [Int: UInt64] = [:]
     }
 
     /// A page of anonymous memory that a store made where the mapping showed a page that
@@ -226,6 +232,8 @@ public final class DAXMapping: Sendable {
             }
             for page in state.detached { pages.unmap(PageFrameNumber(rawValue: page.frame)) }
             state.detached = []
+            for frame in state.stale.values { pages.unmap(PageFrameNumber(rawValue: frame)) }
+            state.stale = [:]
             // Stores that raced a change this mapping took part in, made before this unmap: the
             // change, which holds the inode lock, still gives them to the file.
             let stores = takeRacedStores(&state)
@@ -374,11 +382,14 @@ public final class DAXMapping: Sendable {
     /// and drops their map counts; the mapping has no detached pages afterwards.
     private func zap(_ detached: [(index: Int, frame: UInt64)], _ state: inout State) {
         let pages = device.pages
+        hideStale(&state)
         // In order already where one detach took them all (a page is detached once: its entry
         // is zero after), so the sort is one pass.
         var indices = detached.map(\.index)
         indices.append(contentsOf: state.detachedZeroPages)
         indices.sort()
+        // The pages made to fault; a detached page left out still shows its block.
+        var hidden = Set(indices)
         state.detachedZeroPages = []
         var start = 0
         while start < indices.count {
@@ -392,12 +403,54 @@ public final class DAXMapping: Sendable {
             for index in run { state.privatePages.remove(index) }
             // Placeholders again: the next access asks the handler, which sees the file as it is
             // then (a hole, or past its end).
-            makeFaulting(run, &state)
-            device.noteUnmapped(base + run.lowerBound * PMemDevice.pageSize, length: run.count * PMemDevice.pageSize)
+            if makeFaulting(run, &state) {
+                device.noteUnmapped(
+                    base + run.lowerBound * PMemDevice.pageSize, length: run.count * PMemDevice.pageSize)
+            } else {
+                hidden.subtract(run)
+            }
             start = end
         }
-        for page in detached { pages.unmap(PageFrameNumber(rawValue: page.frame)) }
+        for page in detached {
+            if hidden.contains(page.index) {
+                pages.unmap(PageFrameNumber(rawValue: page.frame))
+            } else {
+                state.stale[page.index] = page.frame
+            }
+        }
         state.detached = []
+    }
+
+    /// Hides the pages of ``State/stale`` that can be hidden now (`sync`). Inode lock held.
+    func hideStalePages() {
+        state.withTrackedLock { state in
+            guard !state.unmapped else { return }
+            hideStale(&state)
+        }
+    }
+
+    /// Hides the pages of ``State/stale`` that can be hidden now, dropping their blocks' counts
+    /// (a quarantined block goes back to the allocator with its last). Under the mapping's lock.
+    func hideStale(_ state: inout State) {
+        guard !state.stale.isEmpty else { return }
+        for run in FileData.runs(of: state.stale.keys.map { UInt64($0) }) {
+            let pages = Int(run.lowerBound)..<Int(run.upperBound)
+            if makeFaulting(pages, &state) {
+                device.noteUnmapped(
+                    base + pages.lowerBound * PMemDevice.pageSize, length: pages.count * PMemDevice.pageSize)
+            }
+        }
+    }
+
+    /// Pages `run` show something new (a block, a placeholder, the SIGBUS region): the stale
+    /// blocks they showed lose their counts. Under the mapping's lock.
+    func forgetStale(_ run: Range<Int>, _ state: inout State) {
+        guard !state.stale.isEmpty else { return }
+        for index in run {
+            if let frame = state.stale.removeValue(forKey: index) {
+                device.pages.unmap(PageFrameNumber(rawValue: frame))
+            }
+        }
     }
 
     /// Maps the blocks of `extents` at the pages of this mapping that show nothing now (punched
@@ -513,6 +566,7 @@ public final class DAXMapping: Sendable {
             } catch {
                 return false
             }
+            forgetStale(piece.pages, &state)
             guard piece.shared else {
                 for index in piece.pages { state.privatePages.remove(index) }
                 continue
@@ -561,22 +615,29 @@ public final class DAXMapping: Sendable {
     /// memory there: those pages are dropped, so that the next access asks the handler, and the
     /// bytes stored go to ``State/racedStores`` for the file.
     /// `showsNothing`: the pages are placeholders already (no block, no zero page), which stay
-    /// if no new mapping can be made.
-    func makeFaulting(_ run: Range<Int>, _ state: inout State, showsNothing: Bool = false) {
+    /// if no new mapping can be made. Returns false if no mapping could be made there (the process
+    /// out of map entries): the pages show what they showed.
+    @discardableResult
+    func makeFaulting(_ run: Range<Int>, _ state: inout State, showsNothing: Bool = false) -> Bool {
         let address = base + run.lowerBound * PMemDevice.pageSize
         let length = run.count * PMemDevice.pageSize
         guard let faults else {
-            MappingRegion.replaceWithFaulting(address, length: length, access: access, calls: device.systemCalls)
-            return
+            guard MappingRegion.replaceWithFaulting(address, length: length, access: access, calls: device.systemCalls)
+            else { return false }
+            forgetStale(run, &state)
+            return true
         }
-        MappingRegion.makePlaceholder(
-            address, length: length, access: access, faults: faults, calls: device.systemCalls,
-            showsNothing: showsNothing)
+        guard
+            MappingRegion.makePlaceholder(
+                address, length: length, access: access, faults: faults, calls: device.systemCalls,
+                showsNothing: showsNothing)
+        else { return false }
+        forgetStale(run, &state)
         // What is resident in a new placeholder came in that moment (the handler, which places
         // pages there, waits for this mapping's lock).
         var resident = [UInt8](repeating: 0, count: run.count)
         guard device.systemCalls.mincore(address, length, &resident) == 0, resident.contains(where: { $0 & 1 != 0 })
-        else { return }
+        else { return true }
         for step in 0..<run.count where resident[step] & 1 != 0 {
             let pageAddress = address + step * PMemDevice.pageSize
             // Protected before it is read: a later store waits in the handler (for this lock) and
@@ -593,6 +654,7 @@ public final class DAXMapping: Sendable {
             }
             _ = device.systemCalls.madvise(pageAddress, PMemDevice.pageSize, MADV_DONTNEED)
         }
+        return true
     }
 
     /// A store reached page `index`, which shows a block of this file alone through a private
@@ -616,7 +678,11 @@ public final class DAXMapping: Sendable {
         entries[index].store(0, ordering: .sequentiallyConsistent)
         state.dirty.remove(index..<(index + 1))
         state.privatePages.remove(index)
-        makeFaulting(index..<(index + 1), &state)
+        guard makeFaulting(index..<(index + 1), &state) else {
+            // Still shown, through the private mapping: counted until it can be hidden.
+            state.stale[index] = frame
+            return
+        }
         device.noteUnmapped(base + index * PMemDevice.pageSize, length: PMemDevice.pageSize)
         device.pages.unmap(PageFrameNumber(rawValue: frame))
     }

@@ -92,7 +92,9 @@ extension DAXMapping {
                 return .answered
             }
             if page >= end {
-                raiseSigbusPastEnd(end, &state, faults)
+                // With no map entry for the SIGBUS region the thread would only fault here again:
+                // the signal is sent.
+                if !raiseSigbusPastEnd(end, &state, faults) { faults.signal(SIGBUS, to: fault) }
                 handler.sigbus.wrappingAdd(1, ordering: .relaxed)
                 return .answered
             }
@@ -191,15 +193,19 @@ extension DAXMapping {
 
     /// Maps the region that raises SIGBUS over the mapping's pages from the end of the file (`end`
     /// pages) on, which show no block; the faulting thread retries and the kernel itself raises
-    /// SIGBUS/`BUS_ADRERR` there (a kernel access gets `EFAULT`).
-    private func raiseSigbusPastEnd(_ end: UInt64, _ state: inout State, _ faults: UserFaults) {
+    /// SIGBUS/`BUS_ADRERR` there (a kernel access gets `EFAULT`). Returns false if the region
+    /// could not be mapped (the process out of map entries).
+    private func raiseSigbusPastEnd(_ end: UInt64, _ state: inout State, _ faults: UserFaults) -> Bool {
         let from = end <= firstPage ? 0 : Int(end - firstPage)
-        guard from < state.sigbusTail else { return }
+        guard from < state.sigbusTail else { return true }
         let address = base + from * PMemDevice.pageSize
         let tailLength = (state.sigbusTail - from) * PMemDevice.pageSize
-        MappingRegion.replaceWithFaulting(address, length: tailLength, access: access, calls: device.systemCalls)
+        guard MappingRegion.replaceWithFaulting(address, length: tailLength, access: access, calls: device.systemCalls)
+        else { return false }
+        forgetStale(from..<state.sigbusTail, &state)
         for index in from..<state.sigbusTail { state.zeroPages.remove(index) }
         state.sigbusTail = from
+        return true
     }
 
     /// A fault at a page that shows a block: a store after `sync` write-protected it (it is dirty

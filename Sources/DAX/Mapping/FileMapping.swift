@@ -1,3 +1,5 @@
+import Glibc
+
 extension AddressSpace {
     /// A direct mapping of `count` bytes from `offset` (what ``DAXFile/map(offset:count:access:)``
     /// promises) for a handle opened with `fileAccess` at `path`.
@@ -48,9 +50,16 @@ extension AddressSpace {
                         }
                         if end < pages.upperBound {
                             let index = Int(end - first)
-                            MappingRegion.replaceWithFaulting(
-                                base + index * PMemDevice.pageSize, length: (pages.count - index) * PMemDevice.pageSize,
-                                access: access, calls: calls)
+                            guard
+                                MappingRegion.replaceWithFaulting(
+                                    base + index * PMemDevice.pageSize,
+                                    length: (pages.count - index) * PMemDevice.pageSize, access: access, calls: calls)
+                            else {
+                                throw DAXError.system(
+                                    "mmap",
+                                    "cannot map the pages past the end of \(Paths.quoted(path)) to raise SIGBUS",
+                                    errno: errno)
+                            }
                         }
                     }
                     for slice in contents.extents.extents(in: inside) {

@@ -110,18 +110,19 @@ enum MappingRegion {
     /// show nothing until the handler answers a fault there (a page cut away or punched, a zeroed
     /// page dropped, the end of the file moved past a SIGBUS region). If the registration fails the
     /// range faults with SIGBUS instead, never silently taking stores into anonymous memory.
-    /// `showsNothing` says the range is a placeholder or the SIGBUS region already: if no mapping
-    /// at all can be made there (the process out of map entries), it is left as it is rather
-    /// than the process stopped.
+    /// Returns false if no mapping at all could be made there (the process out of map entries):
+    /// the range shows what it showed. `showsNothing` says that is a placeholder or the SIGBUS
+    /// region already, so that nothing else is tried.
+    @discardableResult
     static func makePlaceholder(
         _ address: UnsafeMutableRawPointer, length: Int, access: Access, faults: UserFaults, calls: SystemCalls,
         showsNothing: Bool = false
-    ) {
+    ) -> Bool {
         let mapped = calls.mmap(
             address, length, protection(access), MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
-        if mapped != nil, faults.registerAgain(address, length: length, modes: faultModes(access)) { return }
-        if mapped == nil, showsNothing { return }
-        replaceWithFaulting(address, length: length, access: access, calls: calls)
+        if mapped != nil, faults.registerAgain(address, length: length, modes: faultModes(access)) { return true }
+        if mapped == nil, showsNothing { return false }
+        return replaceWithFaulting(address, length: length, access: access, calls: calls) || mapped != nil
     }
 
     /// Maps the zero page, read-only, over `length` bytes at `address`: a hole as a read-only
@@ -136,15 +137,19 @@ enum MappingRegion {
     }
 
     /// Replaces `length` bytes at `address` by the faulting region (PROT_NONE if memfd is missing).
+    /// Returns false if neither can be mapped there: a range inside a kernel mapping needs one or
+    /// two entries more, which a process at its limit (`vm.max_map_count`) does not have. The
+    /// range then shows what it showed; the caller keeps what it shows counted.
+    @discardableResult
     static func replaceWithFaulting(_ address: UnsafeMutableRawPointer, length: Int, access: Access, calls: SystemCalls)
+        -> Bool
     {
         if faultingFile >= 0,
             calls.mmap(address, length, protection(access), MAP_SHARED | MAP_FIXED, faultingFile, 0) != nil
         {
-            return
+            return true
         }
-        let fallback = calls.mmap(
-            address, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
-        precondition(fallback != nil, "cannot unmap truncated pages from a mapping: errno \(errno)")
+        return calls.mmap(address, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
+            != nil
     }
 }

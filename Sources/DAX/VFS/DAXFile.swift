@@ -352,6 +352,8 @@ public final class DAXFile: Sendable {
         try operation("sync") {
             try inode.contents.read { contents in
                 try contents.checkLive(path)
+                // Pages a layout change could not hide, for want of a map entry, get another try.
+                for mapping in space.liveMappings { mapping.hideStalePages() }
                 guard space.handler.faults != nil else {
                     for extent in contents.extents.allExtents {
                         fileSystem.device.persist(
