@@ -1713,6 +1713,33 @@ struct AdversarialCrashTests {
             })
     }
 
+    @Test(
+        "dedup from a source whose stores through a mapping are not durable yet, then power failure: the destination keeps its bytes",
+        arguments: [true, false])
+    func dedupOfUnpersistedSource(unmapFirst: Bool) throws {
+        let r = try BlackBoxRig("adv-dedup-unpersisted", options: advEmulated())
+        let old = [UInt8](repeating: 0x41, count: 2 * 4096)
+        let new = [UInt8](repeating: 0x42, count: 2 * 4096)
+        _ = try r.make("/s", old)
+        _ = try r.make("/d", new)
+        try r.with("/s") { try $0.sync() }
+        try r.with("/d") { try $0.sync() }
+        let source = try r.fs.open("/s")
+        defer { source.close() }
+        let mapping = try source.map(count: 2 * 4096)
+        defer { mapping.unmap() }
+        // The source now equals the destination, in the CPU's view only.
+        new.withUnsafeBytes { mapping.baseAddress.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        if unmapFirst { mapping.unmap() }
+        #expect(try r.fs.deduplicate("/s", offset: 0, "/d", offset: 0, count: 2 * 4096) == 2 * 4096)
+        try withImage(r.device) { _, fs throws in
+            #expect(try fs.check().isClean)
+            // Both name one block now: what was compared must be what the crash keeps.
+            #expect(try readAll(fs, "/d") == new, "the destination, durable and never written, changed")
+            #expect(try readAll(fs, "/s") == new)
+        }
+    }
+
     @Test("dedup cut by a crash at any fence: both files keep their bytes, check clean")
     func dedupCrash() throws {
         let data = advPattern(3 * advPage, seed: 100)

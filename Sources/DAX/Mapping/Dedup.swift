@@ -118,8 +118,14 @@ extension AddressSpace {
         }
         guard !chosen.isEmpty else { return already }
 
-        // 4. The extents, then each mapping shows the shared blocks, each mapped over the old
-        //    block and write-protected.
+        // 4. The source's blocks are made durable first: the destination gives up a durable
+        //    block for one whose bytes were compared as the CPU sees them, and a store through a
+        //    mapping of the source may not have reached the media yet (a clone makes its source
+        //    durable for the same reason). Then the extents, and each mapping shows the shared
+        //    blocks, each mapped over the old block and write-protected.
+        for run in FileData.runs(of: Array(Set(chosen.map(\.block)))) {
+            device.persist(at: Int(run.lowerBound) * size, count: run.count * size)
+        }
         let freed: [PageRun]
         do {
             freed = try data.share(&contents, chosen, what: what)
