@@ -41,6 +41,21 @@ public struct ExploreOptions: ParsableArguments {
         guard imagesPerPoint >= 0 else { throw ValidationError("--images-per-point is 0 or more") }
         guard ["adr", "eadr"].contains(domain) else { throw ValidationError("--domain is adr or eadr, not \(domain)") }
         guard (replay == nil) == (keep == nil) else { throw ValidationError("--replay and --keep go together") }
+        if let shard {
+            do { _ = try CrashShard(parsing: shard) } catch let error as DAXError {
+                throw ValidationError("--shard: \(error.message)")
+            }
+        }
+        if let replay, Self.parseReplay(replay) == nil {
+            throw ValidationError("--replay is POINT:SEED, as a failure line prints it, not \(replay)")
+        }
+    }
+
+    /// `POINT:SEED`, as a failure line prints it.
+    static func parseReplay(_ text: String) -> (point: Int, seed: UInt64)? {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let point = Int(parts[0]), point >= 0, let seed = UInt64(parts[1]) else { return nil }
+        return (point, seed)
     }
 
     /// The explorer these options describe, on a device of `deviceSize` bytes.
@@ -62,8 +77,7 @@ public struct ExploreOptions: ParsableArguments {
         // A report that could not be written is found out before the exploration, not after it.
         if let json { try checkCanWrite(json, what: "the report") }
         if let replay, let keep {
-            let parts = replay.split(separator: ":")
-            guard parts.count == 2, let point = Int(parts[0]), let seed = UInt64(parts[1]) else {
+            guard let (point, seed) = Self.parseReplay(replay) else {
                 throw CommandError("--replay is POINT:SEED, as a failure line prints it, not \(replay)")
             }
             let failure = CrashFailure(crashPoint: point, seed: seed, error: "")

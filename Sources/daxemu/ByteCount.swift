@@ -26,8 +26,7 @@ struct ByteCount: ExpressibleByArgument, CustomStringConvertible {
     func validate(_ what: String, multipleOf multiple: Int = 1, in range: ClosedRange<Int>) throws {
         guard bytes > 0 else { throw ValidationError("\(what) must be positive, not \(bytes)") }
         guard bytes % multiple == 0 else {
-            throw ValidationError(
-                "\(what) \(Self.format(bytes)) (\(bytes) bytes) is not a multiple of \(Self.format(multiple))")
+            throw ValidationError("\(what) \(bytes) bytes is not a multiple of \(Self.format(multiple))")
         }
         guard range.contains(bytes) else {
             throw ValidationError(

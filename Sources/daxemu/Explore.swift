@@ -24,6 +24,8 @@ struct Explore: ParsableCommand {
 
     func validate() throws {
         guard ops >= 1 else { throw ValidationError("--ops is 1 or more") }
+        try size.validate(
+            "--size", multipleOf: PMemDevice.pageSize, in: PMemDevice.minimumSize...PMemDevice.maximumSize)
     }
 
     func run() throws {
@@ -61,13 +63,7 @@ struct ExploreMerge: ParsableCommand {
     var json: String?
 
     func run() throws {
-        let decoded = try reports.map { path in
-            do {
-                return try JSONDecoder().decode(CrashReport.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
-            } catch {
-                throw CommandError("cannot read the crash report \(path): \(error)")
-            }
-        }
+        let decoded = try reports.map(Self.read)
         let merged = try CrashReport.merge(decoded)
         if !merged.isComplete {
             let missing = Set(1...(merged.shards.first?.count ?? 1)).subtracting(merged.shards.map(\.index))
@@ -75,6 +71,45 @@ struct ExploreMerge: ParsableCommand {
         }
         try ExploreOptions.report(merged, json: json)
         if !merged.isComplete { throw ExitCode(1) }
+    }
+}
+
+extension ExploreMerge {
+    /// The report at `path`, or an error that says what is wrong with it in a line.
+    static func read(_ path: String) throws -> CrashReport {
+        let shown = escapedForDisplay(path)
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
+            throw CommandError("cannot read the crash report \(shown): no such file")
+        }
+        guard !isDirectory.boolValue else { throw CommandError("cannot read the crash report \(shown): a directory") }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw CommandError("cannot read the crash report \(shown): permission denied or unreadable")
+        }
+        do {
+            return try JSONDecoder().decode(CrashReport.self, from: data)
+        } catch let error as DecodingError {
+            throw CommandError("\(shown) is not a crash report written by explore --json: \(Self.describe(error))")
+        }
+    }
+
+    /// A decoding error in a few words: the field and what is wrong with it.
+    static func describe(_ error: DecodingError) -> String {
+        func field(_ path: [any CodingKey]) -> String {
+            path.isEmpty
+                ? "the top level"
+                : "field " + path.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
+        }
+        switch error {
+        case .keyNotFound(let key, let context):
+            return "no \"\(key.stringValue)\" in \(field(context.codingPath))"
+        case .typeMismatch(_, let context), .valueNotFound(_, let context):
+            return "\(field(context.codingPath)) has the wrong type"
+        case .dataCorrupted(let context):
+            return context.codingPath.isEmpty ? "not JSON" : "\(field(context.codingPath)) is corrupt"
+        @unknown default:
+            return "unreadable"
+        }
     }
 }
 

@@ -82,10 +82,11 @@ private struct FramesOutput {
     var current: FrameRun?
     var runs: [FrameRun] = []
 
-    init(json: Bool) {
-        self.json = json
-        if !json { print("pages -> frames at device offset") }
-    }
+    /// The header is printed with the first run, once the file was found: a command that fails
+    /// prints nothing on standard output.
+    private var headerPrinted = false
+
+    init(json: Bool) { self.json = json }
 
     /// A run of holes, added at once.
     mutating func addHole(pages: Range<Int>) {
@@ -115,13 +116,19 @@ private struct FramesOutput {
 
     mutating func finish() throws {
         end()
-        if json { print(try jsonText(runs)) }
+        if json {
+            print(try jsonText(runs))
+        } else if !headerPrinted {
+            print("pages -> frames at device offset")  // an empty file
+        }
     }
 
     private mutating func end() {
         guard let run = current else { return }
         current = nil
         if !json {
+            if !headerPrinted { print("pages -> frames at device offset") }
+            headerPrinted = true
             print(run.text)
         } else if run.frame != nil {
             runs.append(run)

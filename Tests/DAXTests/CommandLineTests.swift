@@ -214,6 +214,19 @@ struct CommandLineTests {
         let json = try runCommand("daxemu", ["frames", "-d", device.path, "/f", "--json"])
         let entries = try #require(try JSONSerialization.jsonObject(with: Data(json.output.utf8)) as? [[String: Any]])
         #expect(entries.count == 1 && entries[0]["page"] as? Int == 0 && entries[0]["count"] as? Int == 1)
+        // A file that is not there, or a directory: the error alone, no header on stdout.
+        for path in ["/nope", "/"] {
+            let failed = try runCommand("daxemu", ["frames", "-d", device.path, path])
+            expectCleanFailure(failed)
+            #expect(failed.output.isEmpty, "\(path): \(failed.output)")
+        }
+        let empty = NSTemporaryDirectory() + "daxemu-empty-\(getpid())"
+        FileManager.default.createFile(atPath: empty, contents: Data())
+        defer { unlink(empty) }
+        #expect(try runCommand("daxemu", ["put", "-d", device.path, empty, "/empty"]).status == 0)
+        #expect(
+            try runCommand("daxemu", ["frames", "-d", device.path, "/empty"]).output
+                == "pages -> frames at device offset\n")
         #expect(try runCommand("daxemu", ["truncate", "-d", device.path, "/f", "1T"]).status == 0)
         let listing = try runCommand("daxemu", ["ls", "-l", "-d", device.path, "/"])
         #expect(listing.output.contains(" 1099511627776 "), "\(listing.output)")

@@ -19,6 +19,51 @@ struct ExploreCommandTests {
         expectCleanFailure(missing, mentioning: "no such directory")
     }
 
+    @Test("explore's bad sizes, shards and replays are bad arguments (64), told in the option's words")
+    func badExploreArguments() throws {
+        let cases: [([String], String)] = [
+            (["--size", "0"], "--size must be positive"),
+            (["--size", "4097"], "--size 4097 bytes is not a multiple of 4 KiB"),
+            (["--shard", "0/1"], "shard 0/1 is not one of 1/1 through 1/1"),
+            (["--shard", "x"], "is not K/N"),
+            (["--shard", "1/0"], "the number of shards N is 1 or more"),
+            (["--shard", "3/2"], "is not one of 1/2 through 2/2"),
+            (["--replay", "1", "--keep", "/dev/shm/never-\(getpid())"], "--replay is POINT:SEED"),
+            (["--replay", "1:x", "--keep", "/dev/shm/never-\(getpid())"], "--replay is POINT:SEED"),
+        ]
+        for (arguments, text) in cases {
+            let result = try runCommand("daxemu", ["explore", "--ops", "2"] + arguments)
+            expectCleanFailure(result, mentioning: text)
+            #expect(result.status == 64, "\(arguments): \(result.status)")
+            #expect(images(in: result.output) == nil, "\(arguments): explored anyway")
+            #expect(!result.errors.contains("daxemu-explore-"), "names the explorer's own device: \(result.errors)")
+        }
+        #expect(access("/dev/shm/never-\(getpid())", F_OK) != 0)
+    }
+
+    @Test("explore-merge of a missing, a non-JSON or a foreign report says so in one line, not a Foundation dump")
+    func mergeOfBadReports() throws {
+        let directory = NSTemporaryDirectory() + "merge-\(getpid())"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let notJSON = directory + "/text.json"
+        let foreign = directory + "/foreign.json"
+        try Data("not json\n".utf8).write(to: URL(fileURLWithPath: notJSON))
+        try Data("{\"a\": 1}".utf8).write(to: URL(fileURLWithPath: foreign))
+        let cases: [(String, String)] = [
+            (directory + "/missing.json", "no such file"),
+            (directory, "a directory"),
+            (notJSON, "is not a crash report written by explore --json: not JSON"),
+            (foreign, "no \"crashPoints\""),
+        ]
+        for (path, text) in cases {
+            let result = try runCommand("daxemu", ["explore-merge", path])
+            expectCleanFailure(result, mentioning: text)
+            #expect(result.status == 1)
+            #expect(!result.errors.contains("NSCocoaErrorDomain") && !result.errors.contains("CodingKeys"))
+        }
+    }
+
     @Test("daxemu explore checks every crash image of random operations; shards merge to the same count")
     func daxemuExplore() throws {
         let whole = try runCommand("daxemu", ["explore", "--ops", "3", "--images-per-point", "0", "--seed", "3"])

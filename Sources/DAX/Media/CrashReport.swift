@@ -14,7 +14,10 @@ public struct CrashShard: Sendable, Hashable, Codable, CustomStringConvertible {
 
     /// Throws `.invalidArgument` unless `1 <= index <= count`.
     public init(index: Int, count: Int) throws {
-        guard count >= 1, index >= 1, index <= count else {
+        guard count >= 1 else {
+            throw DAXError(.invalidArgument, "shard \(index)/\(count): the number of shards N is 1 or more")
+        }
+        guard index >= 1, index <= count else {
             throw DAXError(
                 .invalidArgument, "shard \(index)/\(count) is not one of 1/\(count) through \(count)/\(count)")
         }
