@@ -283,6 +283,24 @@ struct MappingTests {
         }
     }
 
+    @Test("a load past the end of the file with no map entry for the SIGBUS region still gets SIGBUS, no hang")
+    func loadPastEndWithNoMapEntriesLeftRaisesSIGBUS() async {
+        await #expect(processExitsWith: .signal(SIGBUS)) {
+            // Every mapping at a fixed address is refused once the flag is set: the SIGBUS
+            // region cannot be mapped over the placeholders past the end, and the thread would
+            // only fault there again.
+            let fs = try unlinkedFileSystem(refusingMaps: { $0 & MAP_FIXED != 0 })
+            let file = try fs.create("/f")
+            try file.write(pattern(4 * 4096), at: 0)
+            let mapping = try file.map(count: 16 * 4096)
+            guard UnsafeRawBufferPointer(start: mapping.baseAddress, count: 4 * 4096).elementsEqual(pattern(4 * 4096))
+            else { exit(1) }
+            refuseMapsInChild.store(true, ordering: .relaxed)
+            _ = mapping.baseAddress.load(fromByteOffset: 8 * 4096, as: UInt8.self)
+            exit(3)
+        }
+    }
+
     @Test("a store in the moment before a cut page's placeholder is registered is gone with the page: SIGBUS after")
     func storeBeforeCutPlaceholderIsRegistered() async {
         await #expect(processExitsWith: .signal(SIGBUS)) {

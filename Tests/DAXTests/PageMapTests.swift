@@ -90,6 +90,19 @@ struct PageMapTests {
         #expect(pages.pinnedPageCount == 0)
     }
 
+    @Test("the state of a frame past the device is all zeros, not allocated: no trap")
+    func stateOfFramePastDevice() throws {
+        let temporary = try Self.device(allocated: 8)
+        let pages = temporary.device.pages
+        let none = PageState(refCount: 0, pinCount: 0, mapCount: 0, isAllocated: false, isQuarantined: false)
+        for frame in [UInt64(pages.count) + 1, UInt64(pages.count) + 4096, UInt64.max] {
+            #expect(pages.state(of: PageFrameNumber(rawValue: frame)) == none, "frame \(frame)")
+        }
+        // The last page and the zero frame have descriptors.
+        #expect(pages.state(of: PageFrameNumber(rawValue: UInt64(pages.count - 1))) == none)
+        #expect(pages.state(of: PageFrameNumber(rawValue: 6)).isAllocated)
+    }
+
     @Test("pinning a free page fails and changes no count")
     func pinFreePage() throws {
         let temporary = try Self.device(allocated: 8)

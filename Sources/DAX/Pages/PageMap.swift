@@ -87,10 +87,13 @@ public final class PageMap: Sendable {
         table.core.deallocate()
     }
 
-    /// A snapshot of the descriptor of `frame`.
+    /// A snapshot of the descriptor of `frame`. A frame past the device and its zero frame has
+    /// no descriptor, and nothing can hold it: its state is all zeros, not allocated (a query
+    /// that cannot throw answers rather than stop the process over a wrong number).
     public func state(of frame: PageFrameNumber) -> PageState {
-        precondition(
-            frame.rawValue <= UInt64(count), "\(frame) is outside the page map of \(count) pages and the zero frame")
+        guard frame.rawValue <= UInt64(count) else {
+            return PageState(refCount: 0, pinCount: 0, mapCount: 0, isAllocated: false, isQuarantined: false)
+        }
         let descriptor = table.descriptor(frame.rawValue)
         return PageState(
             word: descriptor.pointee.counts.load(ordering: .acquiring),
