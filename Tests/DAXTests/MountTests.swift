@@ -19,6 +19,12 @@ struct MountTests {
         try t.fs.unmount()
         #expect(open.isClosed)
         expectDAXError(.invalidArgument) { try open.read(count: 1, at: 0) }
+        // The handle was open: the message says why it refuses.
+        do {
+            _ = try open.read(count: 1, at: 0)
+        } catch let error as DAXError {
+            #expect(error.message.contains("unmounted") && !error.message.contains("closed"), "\(error)")
+        }
         expectDAXError(.invalidArgument) { try t.fs.create("/g") }
         let again = try DAXFileSystem.mount(t.device)
         #expect(try again.contentsOfDirectory("/") == ["f"])

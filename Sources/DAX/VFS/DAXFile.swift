@@ -72,10 +72,11 @@ public final class DAXFile: Sendable {
     }
 
     func checkOpen(_ operation: String) throws {
+        // Unmounted first: an unmount closes every handle, and "closed" would not say why.
+        try fileSystem.volume.checkMounted()
         guard !isClosed else {
             throw DAXError(.invalidArgument, "cannot \(operation) \(Paths.quoted(path)): the file is closed")
         }
-        try fileSystem.volume.checkMounted()
     }
 
     func checkWritable(_ operation: String) throws {
