@@ -96,9 +96,9 @@ extension ExploreMerge {
     /// A decoding error in a few words: the field and what is wrong with it.
     static func describe(_ error: DecodingError) -> String {
         func field(_ path: [any CodingKey]) -> String {
-            path.isEmpty
-                ? "the top level"
-                : "field " + path.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
+            guard !path.isEmpty else { return "the top level" }
+            let names = path.map { $0.intValue.map { "[\($0)]" } ?? "." + $0.stringValue }.joined()
+            return "field " + names.dropFirst(names.hasPrefix(".") ? 1 : 0)
         }
         switch error {
         case .keyNotFound(let key, let context):
@@ -106,7 +106,10 @@ extension ExploreMerge {
         case .typeMismatch(_, let context), .valueNotFound(_, let context):
             return "\(field(context.codingPath)) has the wrong type"
         case .dataCorrupted(let context):
-            return context.codingPath.isEmpty ? "not JSON" : "\(field(context.codingPath)) is corrupt"
+            guard !context.codingPath.isEmpty else { return "not JSON" }
+            // The library's own check says what is wrong (a shard 0 of 0); JSON's says "corrupted".
+            let why = context.debugDescription.contains("corrupted") ? "" : ": \(context.debugDescription)"
+            return "\(field(context.codingPath)) is corrupt\(why)"
         @unknown default:
             return "unreadable"
         }

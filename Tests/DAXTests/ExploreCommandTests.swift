@@ -50,7 +50,17 @@ struct ExploreCommandTests {
         let foreign = directory + "/foreign.json"
         try Data("not json\n".utf8).write(to: URL(fileURLWithPath: notJSON))
         try Data("{\"a\": 1}".utf8).write(to: URL(fileURLWithPath: foreign))
+        // A report whose shard is 1 of 0: corrupt, told as such rather than a trap.
+        let report = try runCommand(
+            "daxemu", ["explore", "--ops", "2", "--images-per-point", "0", "--json", directory + "/r.json"])
+        #expect(report.status == 0, "\(report.errors)")
+        let zeroShards = directory + "/zero-shards.json"
+        let text = try String(contentsOfFile: directory + "/r.json", encoding: .utf8)
+        try text.replacingOccurrences(of: "\"count\":1", with: "\"count\":0")
+            .replacingOccurrences(of: "\"count\" : 1", with: "\"count\" : 0")
+            .write(toFile: zeroShards, atomically: true, encoding: .utf8)
         let cases: [(String, String)] = [
+            (zeroShards, "the number of shards N is 1 or more"),
             (directory + "/missing.json", "no such file"),
             (directory, "a directory"),
             (notJSON, "is not a crash report written by explore --json: not JSON"),

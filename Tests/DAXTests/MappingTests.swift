@@ -20,8 +20,11 @@ private let refuseMapsInChild = Atomic(false)
 /// ``unlinkedFileSystem(options:)`` on a device whose `mmap` fails with `ENOMEM`, as at the
 /// process's limit of map entries, for the calls whose flags `refused` picks, once
 /// ``refuseMapsInChild`` is set.
-private func unlinkedFileSystem(refusingMaps refused: @escaping @Sendable (Int32) -> Bool) throws -> DAXFileSystem {
-    var calls = SystemCalls.injectable
+private func unlinkedFileSystem(
+    refusingMaps refused: @escaping @Sendable (Int32) -> Bool, faultHandler: Bool = true
+) throws -> DAXFileSystem {
+    var options = faultHandler ? PMemDevice.Options() : .withoutUserfaultfd
+    var calls = options.systemCalls
     calls.mmap = { address, length, protection, flags, fd, offset in
         if refuseMapsInChild.load(ordering: .relaxed), refused(flags) {
             errno = ENOMEM
@@ -29,7 +32,6 @@ private func unlinkedFileSystem(refusingMaps refused: @escaping @Sendable (Int32
         }
         return SystemCalls.live.mmap(address, length, protection, flags, fd, offset)
     }
-    var options = PMemDevice.Options()
     options.systemCalls = calls
     return try unlinkedFileSystem(options: options)
 }
@@ -298,6 +300,59 @@ struct MappingTests {
             refuseMapsInChild.store(true, ordering: .relaxed)
             _ = mapping.baseAddress.load(fromByteOffset: 8 * 4096, as: UInt8.self)
             exit(3)
+        }
+    }
+
+    @Test(
+        "a file that grows while its SIGBUS region cannot be changed: the next sync moves it, and the holes read zeros")
+    func growWithNoMapEntriesLeft() async {
+        await #expect(processExitsWith: .exitCode(77)) {
+            let fs = try unlinkedFileSystem(refusingMaps: { $0 & MAP_FIXED != 0 })
+            let file = try fs.create("/f")
+            try file.write(pattern(2 * 4096), at: 0)
+            let mapping = try file.map(count: 8 * 4096)
+            // A kernel access past the end: the handler maps the SIGBUS region over pages 2-7,
+            // and read(2) fails with EFAULT there instead of the thread getting a signal.
+            let zero = open("/dev/zero", O_RDONLY)
+            guard read(zero, mapping.baseAddress + 4 * 4096, 4096) == -1 else { exit(1) }
+            close(zero)
+            refuseMapsInChild.store(true, ordering: .relaxed)
+            try file.truncate(to: 6 * 4096)
+            refuseMapsInChild.store(false, ordering: .relaxed)
+            try file.sync()
+            // Page 3 is a hole inside the file now: zeros, not SIGBUS.
+            guard mapping.baseAddress.load(fromByteOffset: 3 * 4096 + 5, as: UInt8.self) == 0 else { exit(2) }
+            mapping.baseAddress.storeBytes(of: 0x5A, toByteOffset: 5 * 4096, as: UInt8.self)
+            guard try file.read(count: 1, at: 5 * 4096) == [0x5A] else { exit(3) }
+            exit(77)
+        }
+    }
+
+    @Test("migrate without a fault handler, with no map entry to hide a page: the page stays, told busy, no store lost")
+    func migrateWithNoMapEntriesLeft() async {
+        await #expect(processExitsWith: .exitCode(77)) {
+            let fs = try unlinkedFileSystem(refusingMaps: { $0 & MAP_FIXED != 0 }, faultHandler: false)
+            guard fs.faultHandling != .userfaultfd else { exit(1) }
+            let file = try fs.create("/f")
+            try file.write(pattern(4 * 4096), at: 0)
+            let before = try file.frames(offset: 0, count: 4 * 4096)
+            let mapping = try file.map(count: 4 * 4096)
+            refuseMapsInChild.store(true, ordering: .relaxed)
+            let result = try file.migrate(offset: 4096, count: 2 * 4096)
+            refuseMapsInChild.store(false, ordering: .relaxed)
+            guard result.migrated == 0, result.busy == [1, 2] else { exit(2) }
+            guard try file.frames(offset: 0, count: 4 * 4096) == before else { exit(3) }
+            // The mapping still shows the file's blocks: a store reaches the file.
+            mapping.baseAddress.storeBytes(of: 0xA5, toByteOffset: 4096 + 9, as: UInt8.self)
+            guard try file.read(count: 1, at: 4096 + 9) == [0xA5] else { exit(4) }
+            guard fs.statistics().quarantinedBlocks == 0 else { exit(5) }
+            // With entries again the migration goes through.
+            let again = try file.migrate(offset: 4096, count: 2 * 4096)
+            guard again.migrated == 2, try file.read(count: 1, at: 4096 + 9) == [0xA5] else { exit(6) }
+            guard mapping.baseAddress.load(fromByteOffset: 4096 + 9, as: UInt8.self) == 0xA5 else { exit(7) }
+            mapping.unmap()
+            guard try fs.check().isClean else { exit(8) }
+            exit(77)
         }
     }
 

@@ -62,11 +62,12 @@ public final class DAXMapping: Sendable {
         /// The pages that a store reached in the moment before their protection or their
         /// registration, by page: what ``AddressSpace/keepRacedStores(_:)`` gives the file.
         var racedStores: [Int: [RacedStore]] = [:]
-        /// Pages that still show a block the file no longer has there, by page: a truncate or a
-        /// punch found the process out of map entries, and hiding a page inside a kernel mapping
-        /// takes one or two more. Each block stays counted (so it is quarantined, never handed
-        /// out while shown) until the page is hidden or shows something else: by the next `sync`
-        /// or layout change that finds an entry, or by the unmap. The entries show 0 there.
+        /// Pages that still show a block the page table no longer names, by page: a layout change
+        /// (truncate, punch, copy-on-write, dedup, migration) found the process out of map
+        /// entries, and hiding a page inside a kernel mapping takes one or two more. Each block
+        /// stays counted (so a freed one is quarantined, never handed out while shown) until the
+        /// page is hidden or shows something else: by the next `sync` or layout change that finds
+        /// an entry, or by the unmap. The entries show 0 there.
         var stale: [Int: UInt64] = [:]
     }
 
@@ -312,11 +313,36 @@ public final class DAXMapping: Sendable {
     }
 
     /// The layout change committed: detached pages are replaced by a region that faults, and
-    /// their map counts drop.
-    func zapDetached() {
+    /// their map counts drop. Returns the frames of the pages that could not be hidden (the
+    /// process out of map entries): they still show, counted, in ``State/stale``.
+    @discardableResult
+    func zapDetached() -> Set<UInt64> {
         state.withTrackedLock { state in
-            guard !state.unmapped else { return }
-            zap(state.detached, &state)
+            guard !state.unmapped else { return [] }
+            return zap(state.detached, &state)
+        }
+    }
+
+    /// Pages of ``State/stale`` that show one of `frames`, which the file still has there (a
+    /// migration that left them in place), show them as before: back in the page table.
+    func reinstate(frames: Set<UInt64>) {
+        state.withTrackedLock { state in
+            guard !state.unmapped, !state.stale.isEmpty else { return }
+            for (index, frame) in state.stale where frames.contains(frame) {
+                state.stale.removeValue(forKey: index)
+                entries[index].store(frame, ordering: .sequentiallyConsistent)
+                if tracksDirty { state.dirty.insert(index..<(index + 1)) }
+            }
+        }
+    }
+
+    /// Whether the mapping has work for `sync` to try again: pages that could not be hidden, or
+    /// a SIGBUS region that could not be moved up when the file grew to `end` pages.
+    func hasPagesToRetry(end: UInt64) -> Bool {
+        state.withTrackedLock { state in
+            guard !state.unmapped else { return false }
+            let local = end <= firstPage ? 0 : Int(min(end - firstPage, UInt64(pageCount)))
+            return !state.stale.isEmpty || (faults != nil && state.sigbusTail < local)
         }
     }
 
@@ -379,8 +405,10 @@ public final class DAXMapping: Sendable {
     }
 
     /// Replaces the pages of `detached` (and the detached zero pages) by a region that faults
-    /// and drops their map counts; the mapping has no detached pages afterwards.
-    private func zap(_ detached: [(index: Int, frame: UInt64)], _ state: inout State) {
+    /// and drops their map counts; the mapping has no detached pages afterwards. Returns the
+    /// frames of the pages that could not be hidden, kept counted in ``State/stale``.
+    @discardableResult
+    private func zap(_ detached: [(index: Int, frame: UInt64)], _ state: inout State) -> Set<UInt64> {
         let pages = device.pages
         hideStale(&state)
         // In order already where one detach took them all (a page is detached once: its entry
@@ -411,14 +439,17 @@ public final class DAXMapping: Sendable {
             }
             start = end
         }
+        var unhidden: Set<UInt64> = []
         for page in detached {
             if hidden.contains(page.index) {
                 pages.unmap(PageFrameNumber(rawValue: page.frame))
             } else {
                 state.stale[page.index] = page.frame
+                unhidden.insert(page.frame)
             }
         }
         state.detached = []
+        return unhidden
     }
 
     /// Hides the pages of ``State/stale`` that can be hidden now (`sync`). Inode lock held.
@@ -496,7 +527,9 @@ public final class DAXMapping: Sendable {
             else { break }
             counted += 1
         }
-        if counted == run.count, show(run, firstFrame: firstFrame, &state) {
+        // Pages a failed show mapped all the same: they show their new block until hidden.
+        var mapped: Set<Int> = []
+        if counted == run.count, show(run, firstFrame: firstFrame, &state, mapped: &mapped) {
             for index in run {
                 entries[index].store(firstFrame + UInt64(index - run.lowerBound), ordering: .sequentiallyConsistent)
                 state.zeroPages.remove(index)
@@ -509,7 +542,7 @@ public final class DAXMapping: Sendable {
             let frame = PageFrameNumber(rawValue: firstFrame + UInt64(index - run.lowerBound))
             let address = base + index * PMemDevice.pageSize
             if (try? pageMap.tryMap(frame)) != nil {
-                if show(index..<(index + 1), firstFrame: frame.rawValue, &state) {
+                if show(index..<(index + 1), firstFrame: frame.rawValue, &state, mapped: &mapped) {
                     entries[index].store(frame.rawValue, ordering: .sequentiallyConsistent)
                     state.zeroPages.remove(index)
                     if tracksDirty { state.dirty.insert(index..<(index + 1)) }
@@ -521,12 +554,21 @@ public final class DAXMapping: Sendable {
             // the kernel cannot write-protect): a zero page there would read stale zeros over
             // data. With a handler the page becomes a placeholder (its next fault tries again),
             // without one it faults.
+            let hidden: Bool
             if faults != nil {
-                makeFaulting(index..<(index + 1), &state, showsNothing: !state.zeroPages.contains(index))
-                state.zeroPages.remove(index)
-            } else if state.zeroPages.remove(index) != nil {
-                MappingRegion.replaceWithFaulting(
+                let showsNothing = !state.zeroPages.contains(index) && !mapped.contains(index)
+                hidden = makeFaulting(index..<(index + 1), &state, showsNothing: showsNothing) || showsNothing
+                if hidden { state.zeroPages.remove(index) }
+            } else if state.zeroPages.contains(index) || mapped.contains(index) {
+                hidden = MappingRegion.replaceWithFaulting(
                     address, length: PMemDevice.pageSize, access: access, calls: device.systemCalls)
+                if hidden { state.zeroPages.remove(index) }
+            } else {
+                hidden = true
+            }
+            // A page that shows the new block and cannot stop showing it keeps it counted.
+            if !hidden, mapped.contains(index), (try? pageMap.tryMap(frame)) != nil {
+                state.stale[index] = frame.rawValue
             }
         }
     }
@@ -537,8 +579,9 @@ public final class DAXMapping: Sendable {
     /// copy in anonymous memory (the kernel maps nothing born registered with a userfaultfd), and
     /// is kept in ``State/racedStores`` for the file, while the block the other files share never
     /// saw it. Returns false if a piece could not be shown; the run then shows what it showed, or
-    /// nothing, and the caller makes it fault.
-    private func show(_ run: Range<Int>, firstFrame: UInt64, _ state: inout State) -> Bool {
+    /// nothing, and the caller makes it fault. `mapped` gets the pages whose piece was mapped,
+    /// whether or not the rest of the run could be.
+    private func show(_ run: Range<Int>, firstFrame: UInt64, _ state: inout State, mapped: inout Set<Int>) -> Bool {
         let shared = space.data.volume.shared
         let pieces: [(pages: Range<Int>, shared: Bool)]
         if access == .readWrite, !device.isPrivateImage, shared.sharedBlockCount > 0 {
@@ -566,6 +609,7 @@ public final class DAXMapping: Sendable {
             } catch {
                 return false
             }
+            mapped.formUnion(piece.pages)
             forgetStale(piece.pages, &state)
             guard piece.shared else {
                 for index in piece.pages { state.privatePages.remove(index) }

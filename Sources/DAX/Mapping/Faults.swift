@@ -30,7 +30,9 @@ extension DAXMapping {
 
     /// The file grew to `end` pages: the part of the SIGBUS tail below it becomes a placeholder
     /// again (holes now, read as zeros, filled by a store). A store in the moment before a new
-    /// placeholder was registered goes to ``State/racedStores``. Inode lock held.
+    /// placeholder was registered goes to ``State/racedStores``. Inode lock held. With no map
+    /// entry to spare the tail stops at the first run that could not be changed, and `sync`
+    /// tries again (``hasPagesToRetry(end:)``).
     func fileGrew(to end: UInt64) {
         guard faults != nil else { return }
         state.withTrackedLock { state in
@@ -38,8 +40,11 @@ extension DAXMapping {
             let newTail = end <= firstPage ? 0 : Int(min(end - firstPage, UInt64(pageCount)))
             guard newTail > state.sigbusTail else { return }
             // Runs that show no block: a block written there meanwhile was mapped over the region.
-            forEachRunShowingNothing(in: state.sigbusTail..<newTail) { makeFaulting($0, &state) }
-            state.sigbusTail = newTail
+            var failed: Int?
+            forEachRunShowingNothing(in: state.sigbusTail..<newTail) { run in
+                if failed == nil, !makeFaulting(run, &state) { failed = run.lowerBound }
+            }
+            state.sigbusTail = failed ?? newTail
         }
     }
 

@@ -72,15 +72,32 @@ extension AddressSpace {
             }
             pending = stayed
         }
-        let busy = pending.map { Int($0.page) }.sorted()
+        var busy = pending.map { Int($0.page) }.sorted()
         guard !frozen.isEmpty else { return MigrationResult(migrated: 0, busy: busy) }
         frozen.sort { $0.page < $1.page }
 
         // 3. Stores through the mappings stop before the copy: the pages stay mapped,
         //    write-protected, so a store waits in the fault handler (for the inode lock held
         //    here) and then reaches the new block, as a store waits on the kernel's migration
-        //    entry. Where a mapping cannot write-protect, its pages are zapped instead.
-        for mapping in mappings where !mapping.protectDetached() { mapping.zapDetached() }
+        //    entry. Where a mapping cannot write-protect, its pages are zapped instead; a page
+        //    that cannot even be zapped (the process out of map entries) still takes stores
+        //    into its block, so it stays where it is, and is told as busy.
+        var unhidden: Set<UInt64> = []
+        for mapping in mappings where !mapping.protectDetached() { unhidden.formUnion(mapping.zapDetached()) }
+        if !unhidden.isEmpty {
+            let kept = frozen.filter { unhidden.contains($0.block) }
+            frozen.removeAll { unhidden.contains($0.block) }
+            for candidate in kept { pageMap.unfreeze(PageFrameNumber(rawValue: candidate.block)) }
+            let back = kept.map { Extent(logical: $0.page, physical: $0.block, length: 1) }
+            for mapping in mappings {
+                mapping.reinstate(frames: unhidden)
+                mapping.restore(frames: unhidden)
+                mapping.populate(back)
+            }
+            keepRacedStores(&contents)
+            busy = (busy + kept.map { Int($0.page) }).sorted()
+            guard !frozen.isEmpty else { return MigrationResult(migrated: 0, busy: busy) }
+        }
 
         // 4. The file system moves the bytes to new blocks and points the extents at them.
         let moved: FileData.Move

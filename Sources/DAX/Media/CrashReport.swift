@@ -38,6 +38,21 @@ public struct CrashShard: Sendable, Hashable, Codable, CustomStringConvertible {
         self.count = count
     }
 
+    private enum CodingKeys: String, CodingKey { case index, count }
+
+    /// Decodes a shard as ``init(index:count:)`` checks it: a report that names shard 0 of 0 is
+    /// corrupt, not a campaign.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        let index = try container.decode(Int.self, forKey: .index)
+        let count = try container.decode(Int.self, forKey: .count)
+        do {
+            try self.init(index: index, count: count)
+        } catch let error as DAXError {
+            throw DecodingError.dataCorruptedError(forKey: .count, in: container, debugDescription: error.message)
+        }
+    }
+
     /// Whether the image of `seed` at crash point `point` is this shard's.
     func owns(point: Int, seed: UInt64) -> Bool {
         guard count > 1 else { return true }

@@ -351,10 +351,23 @@ public final class DAXFile: Sendable {
     /// handler it makes every block the file holds durable.
     public func sync() throws {
         try operation("sync") {
+            // Pages a layout change could not hide and a SIGBUS region that could not move up as
+            // the file grew, for want of a map entry, get another try; a store in the moment
+            // before a new placeholder is registered is kept for the file, which needs its lock.
+            let end = FileData.pageUp(size)
+            if space.liveMappings.contains(where: { $0.hasPagesToRetry(end: end) }) {
+                try inode.contents.write { contents in
+                    try contents.checkLive(path)
+                    let end = FileData.pageUp(Int(contents.record.size))
+                    for mapping in space.liveMappings {
+                        mapping.hideStalePages()
+                        mapping.fileGrew(to: end)
+                    }
+                    space.keepRacedStores(&contents)
+                }
+            }
             try inode.contents.read { contents in
                 try contents.checkLive(path)
-                // Pages a layout change could not hide, for want of a map entry, get another try.
-                for mapping in space.liveMappings { mapping.hideStalePages() }
                 guard space.handler.faults != nil else {
                     for extent in contents.extents.allExtents {
                         fileSystem.device.persist(
