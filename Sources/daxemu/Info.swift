@@ -72,6 +72,8 @@ struct FileSystemJSON: Encodable {
     var faults: Faults?
     var error: String?
     var code: String?
+    /// What a read-only mount found damaged; absent on an intact file system.
+    var damage: [String]?
 
     init(state: String) { self.state = state }
 
@@ -133,7 +135,9 @@ struct FileSystemReport {
     var text: String
 
     init(_ device: PMemDevice) {
-        guard DAXFileSystem.isFormatted(device) else {
+        // A damaged superblock in block 0 with an intact backup still mounts (read-only): only a
+        // device where nothing looks like a file system has none.
+        guard DAXFileSystem.isFormatted(device) || DAXFileSystem.existingFileSystem(on: device) != nil else {
             json = FileSystemJSON(state: "none")
             text = "file system  none (daxemu format makes one)"
             return
@@ -160,20 +164,29 @@ struct FileSystemReport {
             json.faultHandling = handling
             json.faultHandlingDetail = fs.faultHandlingDetail
             json.faults = .init(s.faults)
+            if fs.isDegraded { json.damage = fs.damage }
             let f = s.faults
-            text = [
-                "file system  DAXFS: \(ByteCount.format(used * 4096)) used of \(ByteCount.format(s.totalBlocks * 4096)) "
-                    + "(\(s.freeBlocks) of \(counted(s.totalBlocks, "block")) free)",
-                "files        \(counted(s.files, "file")), \(counted(s.directories, "directory", "directories")), "
-                    + counted(s.totalInodes, "inode"),
-                "shared       \(counted(s.sharedBlocks, "block")) shared copy-on-write by clones, snapshots "
-                    + "or dedup",
-                "pins         \(counted(s.pinnedPages, "page")) pinned, \(counted(s.quarantinedBlocks, "block")) "
-                    + "quarantined (pins live in the process that takes them; this one holds none)",
-                "faults       \(handling): \(fs.faultHandlingDetail)",
-                "             \(f.zeroPage) zero-page, \(f.allocating) allocating, \(f.copyOnWrite) copy-on-write, "
-                    + "\(f.sigbus) SIGBUS (faults are answered in the process that maps; this one maps nothing)",
-            ].joined(separator: "\n")
+            let damage =
+                fs.isDegraded
+                ? [
+                    "damage       \(fs.damage.first!)"
+                        + (fs.damage.count > 1 ? " and \(fs.damage.count - 1) more" : "")
+                        + "; the counts are of what is intact; `daxemu fsck` lists it all, `fsck --repair` repairs"
+                ] : []
+            text =
+                (damage + [
+                    "file system  DAXFS: \(ByteCount.format(used * 4096)) used of \(ByteCount.format(s.totalBlocks * 4096)) "
+                        + "(\(s.freeBlocks) of \(counted(s.totalBlocks, "block")) free)",
+                    "files        \(counted(s.files, "file")), \(counted(s.directories, "directory", "directories")), "
+                        + counted(s.totalInodes, "inode"),
+                    "shared       \(counted(s.sharedBlocks, "block")) shared copy-on-write by clones, snapshots "
+                        + "or dedup",
+                    "pins         \(counted(s.pinnedPages, "page")) pinned, \(counted(s.quarantinedBlocks, "block")) "
+                        + "quarantined (pins live in the process that takes them; this one holds none)",
+                    "faults       \(handling): \(fs.faultHandlingDetail)",
+                    "             \(f.zeroPage) zero-page, \(f.allocating) allocating, \(f.copyOnWrite) copy-on-write, "
+                        + "\(f.sigbus) SIGBUS (faults are answered in the process that maps; this one maps nothing)",
+                ]).joined(separator: "\n")
         } catch let error as DAXError {
             json = FileSystemJSON(state: "unreadable")
             json.error = error.message

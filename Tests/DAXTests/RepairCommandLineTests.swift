@@ -39,6 +39,15 @@ struct RepairCommandLineTests {
         #expect(degraded.status == 0 && degraded.output == "a\n", "\(degraded.output) \(degraded.errors)")
         #expect(degraded.errors.contains("damaged") && degraded.errors.contains("fsck --repair"), "\(degraded.errors)")
         #expect(try runCommand("daxemu", ["get", "-d", device.path, "/a", "-"]).outputData == data)
+        // info too: the file system is there, damaged, not "none".
+        let info = try runCommand("daxemu", ["info", "-d", device.path])
+        #expect(info.status == 0 && !info.output.contains("file system  none"), "\(info.output)")
+        #expect(info.output.contains("damage ") && info.output.contains("fsck --repair"), "\(info.output)")
+        let infoJSON = try runCommand("daxemu", ["info", "--json", "-d", device.path])
+        let object = try JSONSerialization.jsonObject(with: Data(infoJSON.output.utf8)) as? [String: Any]
+        let fileSystem = object?["fileSystem"] as? [String: Any]
+        #expect(fileSystem?["state"] as? String == "mounted", "\(infoJSON.output)")
+        #expect((fileSystem?["damage"] as? [String])?.isEmpty == false, "\(infoJSON.output)")
         let found = try runCommand("daxemu", ["fsck", "-d", device.path])
         #expect(found.status == 1, "\(found.output)")
         #expect(found.output.contains("superblock in block 0 is damaged"), "\(found.output)")
