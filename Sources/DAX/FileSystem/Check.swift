@@ -173,7 +173,10 @@ extension Checker {
             throw DAXError(.busy, "the file system on \(device.path) is mounted in this process; use its check()")
         }
         guard device.isPrivateImage || device.systemCalls.flock(device.fd, LOCK_SH | LOCK_NB) == 0 else {
-            throw DAXError(.busy, "the file system on \(device.path) is mounted by another process, or through another open of the device in this one", errno: errno)
+            throw DAXError(
+                .busy,
+                "the file system on \(device.path) is mounted by another process, or through another open of the device in this one",
+                errno: errno)
         }
         defer { _ = device.systemCalls.flock(device.fd, LOCK_UN) }
         return try checkUnmounted(device)

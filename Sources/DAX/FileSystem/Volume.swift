@@ -212,7 +212,10 @@ final class Volume: Sendable {
             let code = errno
             device.isMounted.store(false, ordering: .releasing)
             if code == EWOULDBLOCK {
-                throw DAXError(.busy, "the file system on \(device.path) is mounted by another process, or through another open of the device in this one", errno: code)
+                throw DAXError(
+                    .busy,
+                    "the file system on \(device.path) is mounted by another process, or through another open of the device in this one",
+                    errno: code)
             }
             throw DAXError.system("flock", "cannot lock device \(device.path)", errno: code)
         }
