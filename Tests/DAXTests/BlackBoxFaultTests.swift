@@ -1,5 +1,5 @@
-// Black-box tests of the fault handler (DESIGN.md 7.2, API.md "Faults"), written only from the
-// public contract and its invariants: loads and stores through direct mappings, the pages they
+// Black-box tests of the fault handler (the design's fault semantics and the API's faults), written
+// only from the public contract and its invariants: loads and stores through direct mappings, the pages they
 // allocate, the counters in `Statistics.faults`, SIGBUS/SIGSEGV where the kernel sends them, and
 // durability of stores through `sync`. Only the public API is used: `import DAX`.
 // Every test here passed as of this suite's commit. The zero-page counter is read as one fault per

@@ -1,4 +1,4 @@
-// Black-box tests of forking (DESIGN.md 7.3, invariants 10-13; API.md "Forking"): clone (reflink)
+// Black-box tests of forking (invariants 10-13 and the API's forking calls): clone (reflink)
 // of files and directory trees, copy-on-write through write() and mappings, pins of shared pages,
 // the PinnedPagePolicy of clone with a DMA engine writing by frame, migrate and deduplicate, bad
 // input, remount and crashes. Written only from the public contract: `import DAX`.
