@@ -1,12 +1,12 @@
-// Black-box tests of the fault handler (the design's fault semantics and the API's faults), written
-// only from the public contract and its invariants: loads and stores through direct mappings, the pages they
-// allocate, the counters in `Statistics.faults`, SIGBUS/SIGSEGV where the kernel sends them, and
-// durability of stores through `sync`. Only the public API is used: `import DAX`.
+// Black-box tests of the fault handler (the design's fault semantics and the public API's faults),
+// written only from the public contract and its invariants: loads and stores through direct
+// mappings, the pages they allocate, the counters in `Statistics.faults`, SIGBUS/SIGSEGV where the
+// kernel sends them, and durability of stores through `sync`. Only the public API is used:
+// `import DAX`.
 // Every test here passed as of this suite's commit. The zero-page counter is read as one fault per
 // page loaded; a hole page's `mapCount` counts every mapping that has touched it.
 //
-// The kernel-oracle reference (tools/kernel-oracle/reference-output-*.txt) is the model where the
-// contract points to Linux 6.1 fsdax.
+// Where the contract points to Linux 6.1 fsdax, that kernel's behaviour is the model.
 import DAX
 import Dispatch
 import Foundation
