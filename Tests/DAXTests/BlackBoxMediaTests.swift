@@ -1269,12 +1269,7 @@ struct BlackBoxMediaMoreTests {
             exit(77)
         }
         #expect(result != nil)
-        if let result, result.exitStatus != .exitCode(77) {
-            let output = String(decoding: result.standardErrorContent, as: UTF8.self)
-            Issue.record(
-                "the child ended \(result.exitStatus) at: \(output.split(separator: "\n").filter { $0.hasPrefix("step") || $0.contains("rror") || $0.contains("Crash") || $0.contains("ault") }.prefix(8))"
-            )
-        }
+        ChildSteps.expectPassed(result)
     }
 
     @Test("a load past the end of a truncated mapping faults with SIGBUS, never reads a freed block (child process)")
@@ -1344,12 +1339,7 @@ struct BlackBoxMediaMoreTests {
             }
             exit(77)
         }
-        if let result, result.exitStatus != .exitCode(77) {
-            let output = String(decoding: result.standardErrorContent, as: UTF8.self)
-            Issue.record(
-                "the child ended \(result.exitStatus) at: \(output.split(separator: "\n").filter { $0.hasPrefix("step") || $0.contains("rror") || $0.contains("Crash") || $0.contains("ault") }.prefix(8))"
-            )
-        }
+        ChildSteps.expectPassed(result)
     }
 }
 
@@ -1447,15 +1437,7 @@ struct BlackBoxMediaBadInputTests {
             }
             steps.exitWithResult()
         }
-        if let result, result.exitStatus != .exitCode(77) {
-            let output = String(decoding: result.standardErrorContent, as: UTF8.self)
-            let lines = output.split(separator: "\n")
-            let mismatches = lines.filter { $0.hasPrefix("mismatch") }
-            let last = lines.filter { $0.hasPrefix("step") }.last ?? "none"
-            Issue.record(
-                "child ended \(result.exitStatus); last step: \(last); mismatches: \(mismatches); \(lines.filter { $0.contains("Fatal") })"
-            )
-        }
+        ChildSteps.expectPassed(result)
     }
 }
 
@@ -1862,12 +1844,7 @@ struct BlackBoxMediaPinLifetimeTests {
             }
             exit(77)
         }
-        if let result, result.exitStatus != .exitCode(77) {
-            let lines = String(decoding: result.standardErrorContent, as: UTF8.self).split(separator: "\n")
-            Issue.record(
-                "child ended \(result.exitStatus): \(lines.filter { $0.hasPrefix("step") || $0.hasPrefix("mismatch") || $0.contains("rror") }.prefix(6))"
-            )
-        }
+        ChildSteps.expectPassed(result)
     }
 }
 
@@ -1938,22 +1915,13 @@ private func bbFullTmpfsChild(failedAllocate: Bool) -> Never {
     exit(77)
 }
 
-private func bbReportChild(_ result: ExitTest.Result?) {
-    if let result, result.exitStatus != .exitCode(77) {
-        let lines = String(decoding: result.standardErrorContent, as: UTF8.self).split(separator: "\n")
-        Issue.record(
-            "child ended \(result.exitStatus): \(lines.filter { $0.hasPrefix("step") || $0.hasPrefix("mismatch") || $0.contains("rror") || $0.contains("Crash") }.prefix(10))"
-        )
-    }
-}
-
 @Suite("BlackBoxMedia: a full tmpfs under a sparse device", .serialized)
 struct BlackBoxMediaFullTmpfsTests {
     @Test(
         "writes to a sparse device larger than its tmpfs end in .noSpace, not SIGBUS; removing the file makes room again",
         .enabled(if: bbSmallTmpfs != nil, "set BBMEDIA_SMALL_TMPFS to a directory on a small tmpfs"))
     func fullTmpfs() async {
-        bbReportChild(
+        ChildSteps.expectPassed(
             await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
                 bbFullTmpfsChild(failedAllocate: false)
             })
@@ -1963,7 +1931,7 @@ struct BlackBoxMediaFullTmpfsTests {
         "the same after an allocate refused with .noSpace",
         .enabled(if: bbSmallTmpfs != nil, "set BBMEDIA_SMALL_TMPFS to a directory on a small tmpfs"))
     func fullTmpfsAfterFailedAllocate() async {
-        bbReportChild(
+        ChildSteps.expectPassed(
             await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
                 bbFullTmpfsChild(failedAllocate: true)
             })

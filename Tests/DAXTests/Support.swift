@@ -274,6 +274,20 @@ final class ChildSteps {
 
     /// Ends the child: 77 when every step matched, else 1.
     func exitWithResult() -> Never { exit(mismatches == 0 ? 77 : 1) }
+
+    /// The parent's side: records an issue unless the child (observed with its standard error)
+    /// exited 77, telling its last step, its mismatches and its error lines. Exit tests expect
+    /// `.failure`, which 77 also is, so that the status is checked here with the child's lines.
+    static func expectPassed(_ result: ExitTest.Result?, sourceLocation: SourceLocation = #_sourceLocation) {
+        guard let result, result.exitStatus != .exitCode(77) else { return }
+        let lines = String(decoding: result.standardErrorContent, as: UTF8.self).split(separator: "\n")
+        let last = lines.last { $0.hasPrefix("step") } ?? "none"
+        let mismatches = lines.filter { $0.hasPrefix("mismatch") }
+        let errors = lines.filter { $0.contains("rror") || $0.contains("Fatal") || $0.contains("Crash") }
+        Issue.record(
+            "child ended \(result.exitStatus); last step: \(last); mismatches: \(mismatches); \(errors.prefix(8))",
+            sourceLocation: sourceLocation)
+    }
 }
 
 /// A device of its own with a freshly formatted file system, for the black-box suites (which use
