@@ -4,11 +4,11 @@ import Testing
 
 @Suite("README")
 struct ReadmeTests {
-    @Test("the README's example runs and does what its comments say")
-    func readmeExample() throws {
-        let path = "/dev/shm/mystore-\(getpid())"
-        defer { unlink(path) }
-        // The example of README.md, with its path made unique.
+    /// The first example of README.md, on a device at `path`, checking its comments; it ends
+    /// with the mapping still mapped, as the second example continues it.
+    static func firstExample(at path: String) throws -> (
+        device: PMemDevice, fs: DAXFileSystem, file: DAXFile, mapping: DAXMapping
+    ) {
         let device = try PMemDevice.create(path: path, size: 64 << 20)
         let fs = try DAXFileSystem.format(device)
         let file = try fs.create("/journal")
@@ -26,6 +26,15 @@ struct ReadmeTests {
         #expect(fs.statistics().quarantinedBlocks == 1)
         nic.deregister(region)
         #expect(fs.statistics().quarantinedBlocks == 0)
+        return (device, fs, file, mapping)
+    }
+
+    @Test("the README's example runs and does what its comments say")
+    func readmeExample() throws {
+        let path = "/dev/shm/mystore-\(getpid())"
+        defer { unlink(path) }
+        // The example of README.md, with its path made unique.
+        let (device, fs, _, mapping) = try Self.firstExample(at: path)
         mapping.unmap()
         try fs.unmount()
         device.close()
@@ -36,16 +45,7 @@ struct ReadmeTests {
         let path = "/dev/shm/mystore2-\(getpid())"
         defer { unlink(path) }
         // The first example, as the second continues it.
-        let device = try PMemDevice.create(path: path, size: 64 << 20)
-        let fs = try DAXFileSystem.format(device)
-        let file = try fs.create("/journal")
-        try file.truncate(to: 1 << 20, ifBusy: .fail)
-        let mapping = try file.map(count: 1 << 20)
-        mapping.baseAddress.storeBytes(of: 42 as UInt64, toByteOffset: 0, as: UInt64.self)
-        let nic = DMAEngine(device: device)
-        let region = nic.register(try mapping.pin(offset: 0, count: 4096))
-        try file.truncate(to: 0, ifBusy: .deferFree)
-        nic.deregister(region)
+        let (device, fs, _, mapping) = try Self.firstExample(at: path)
 
         // The second, line by line.
         let store = try fs.openOrCreate("/store") { try $0.allocate(offset: 0, count: 1 << 20) }
