@@ -6,9 +6,7 @@ import Testing
 struct ReadmeTests {
     /// The first example of README.md, on a device at `path`, checking its comments; it ends
     /// with the mapping still mapped, as the second example continues it.
-    static func firstExample(at path: String) throws -> (
-        device: PMemDevice, fs: DAXFileSystem, file: DAXFile, mapping: DAXMapping
-    ) {
+    static func firstExample(at path: String) throws -> (device: PMemDevice, fs: DAXFileSystem, mapping: DAXMapping) {
         let device = try PMemDevice.create(path: path, size: 64 << 20)
         let fs = try DAXFileSystem.format(device)
         let file = try fs.create("/journal")
@@ -26,7 +24,7 @@ struct ReadmeTests {
         #expect(fs.statistics().quarantinedBlocks == 1)
         nic.deregister(region)
         #expect(fs.statistics().quarantinedBlocks == 0)
-        return (device, fs, file, mapping)
+        return (device, fs, mapping)
     }
 
     @Test("the README's example runs and does what its comments say")
@@ -34,7 +32,7 @@ struct ReadmeTests {
         let path = "/dev/shm/mystore-\(getpid())"
         defer { unlink(path) }
         // The example of README.md, with its path made unique.
-        let (device, fs, _, mapping) = try Self.firstExample(at: path)
+        let (device, fs, mapping) = try Self.firstExample(at: path)
         mapping.unmap()
         try fs.unmount()
         device.close()
@@ -45,7 +43,7 @@ struct ReadmeTests {
         let path = "/dev/shm/mystore2-\(getpid())"
         defer { unlink(path) }
         // The first example, as the second continues it.
-        let (device, fs, _, mapping) = try Self.firstExample(at: path)
+        let (device, fs, mapping) = try Self.firstExample(at: path)
 
         // The second, line by line.
         let store = try fs.openOrCreate("/store") { try $0.allocate(offset: 0, count: 1 << 20) }
