@@ -118,17 +118,22 @@ private struct FramesOutput {
         end()
         if json {
             print(try jsonText(runs))
-        } else if !headerPrinted {
-            print("pages -> frames at device offset")  // an empty file
+        } else {
+            printHeaderOnce()  // an empty file has no run to print it
         }
+    }
+
+    private mutating func printHeaderOnce() {
+        guard !headerPrinted else { return }
+        headerPrinted = true
+        print("pages -> frames at device offset")
     }
 
     private mutating func end() {
         guard let run = current else { return }
         current = nil
         if !json {
-            if !headerPrinted { print("pages -> frames at device offset") }
-            headerPrinted = true
+            printHeaderOnce()
             print(run.text)
         } else if run.frame != nil {
             runs.append(run)
