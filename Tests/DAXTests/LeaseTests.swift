@@ -209,6 +209,44 @@ struct LeaseTests {
         let s = t.fs.statistics()
         #expect(s.pinsAcquired == s.pinsReleased && s.pinnedPages == 0)
     }
+
+    /// A holder that lets go on its own while a truncate looks at the pins: the lease counts as
+    /// a lease until its pins are gone, never as a short-term pin that a grace of zero times out on.
+    @Test(".revokeLeases(grace: .zero) racing the holder's own release always goes on")
+    func revokeRacingHolderRelease() throws {
+        let t = try TemporaryFileSystem(size: 8 << 20, name: "revokerelease")
+        let engine = DMAEngine(device: t.device)
+        let file = try t.fs.create("/f")
+        let free = t.fs.statistics().freeBlocks
+        var failures: [String] = []
+        for round in 0..<(longTests ? 20_000 : 2_000) {
+            try file.write(pattern(2 * 4096, seed: round), at: 0)
+            let mapping = try file.map(count: 2 * 4096)
+            let region = engine.register(
+                try mapping.pin(offset: 0, count: 2 * 4096, lifetime: .longTerm(onRevoke: {})))
+            mapping.unmap()
+            let go = DispatchSemaphore(value: 0)
+            let done = DispatchSemaphore(value: 0)
+            Thread.detachNewThread {
+                go.wait()
+                engine.deregister(region)
+                done.signal()
+            }
+            go.signal()
+            do {
+                try file.truncate(to: 0, ifBusy: .revokeLeases(grace: .zero))
+            } catch {
+                failures.append("round \(round): \(error)")
+            }
+            done.wait()
+            if file.size != 0 { try file.truncate(to: 0) }
+        }
+        #expect(failures.isEmpty, "\(failures.count) truncates failed; the first: \(failures.first ?? "")")
+        #expect(try t.fs.check().isClean)
+        let s = t.fs.statistics()
+        #expect(s.pinsAcquired == s.pinsReleased && s.pinnedPages == 0)
+        #expect(s.freeBlocks == free)
+    }
 }
 
 /// Holds a registration that its lease callback releases, as an RDMA server would.

@@ -223,6 +223,90 @@ struct PinningTests {
         #expect(try t.fs.check().isClean)
     }
 
+    /// Invariant 11 for a hole: a lease on the zero frame would read zeros for good, whatever the
+    /// owner stored there afterwards. A long-term read-only pin gives the hole its block first
+    /// (the kernel's R/O long-term unshare); a short-term one still pins the zero frame; on a
+    /// read-only mount, where nothing can be stored, so does a lease.
+    @Test("a long-term read-only pin of a hole pins a block of the file, which the owner's later stores reach")
+    func longTermReadOnlyPinOfHoleAllocates() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "ltrohole")
+        let owner = try t.fs.create("/f")
+        try owner.write(pattern(4096), at: 4096)  // page 0 is a hole
+        let reader = try t.fs.open("/f", access: .readOnly)
+        let view = try reader.map(count: 2 * 4096, access: .readOnly)
+        let engine = DMAEngine(device: t.device)
+
+        let short = try view.pin(offset: 0, count: 4096, access: .readOnly)
+        #expect(short.frames == [t.fs.pages.zeroFrame])
+        short.release()
+        #expect(try owner.frames(offset: 0, count: 4096) == [nil])
+
+        let before = t.fs.statistics()
+        let region = engine.register(
+            try view.pin(offset: 0, count: 4096, access: .readOnly, lifetime: .longTerm(onRevoke: {})))
+        let frame = try #require(try owner.frames(offset: 0, count: 4096)[0])
+        #expect(region.frames == [frame])
+        #expect(frame.rawValue < UInt64(t.device.pageCount))
+        let during = t.fs.statistics()
+        #expect(before.freeBlocks - during.freeBlocks == 1)
+        #expect(during.pinnedPages == 1 && during.pinsAcquired - before.pinsAcquired == 1)
+        #expect(t.fs.pages.state(of: frame).pinCount == 1)
+        #expect(try engine.read(count: 8, from: region, at: 0) == [UInt8](repeating: 0, count: 8))
+        // The reader's mapping shows the block, and the owner's stores reach the device's view.
+        #expect(view.frame(at: 0) == frame.rawValue)
+        try owner.write([0x5C, 0x5D], at: 0)
+        #expect(try engine.read(count: 2, from: region, at: 0) == [0x5C, 0x5D])
+        #expect(view.baseAddress.load(as: UInt8.self) == 0x5C)
+        // A lease of a page that now has a block blocks unmount as any pin does.
+        expectDAXError(.busy) { try t.fs.unmount() }
+        engine.deregister(region)
+        view.unmap()
+        #expect(t.fs.statistics().pinnedPages == 0)
+        #expect(try t.fs.check().isClean)
+    }
+
+    @Test("a long-term read-only pin of a hole with no space left is .noSpace and changes nothing")
+    func longTermReadOnlyPinOfHoleWithoutSpace() throws {
+        let t = try TemporaryFileSystem(size: 4 << 20, name: "ltronospace")
+        let owner = try t.fs.create("/f")
+        try owner.truncate(to: 4096)
+        let filler = try t.fs.create("/filler")
+        let free = t.fs.statistics().freeBlocks
+        try filler.allocate(offset: 0, count: free * 4096)
+        #expect(t.fs.statistics().freeBlocks == 0)
+        let view = try t.fs.open("/f", access: .readOnly).map(count: 4096, access: .readOnly)
+        defer { view.unmap() }
+        let before = t.fs.statistics()
+        expectDAXError(.noSpace) {
+            _ = try view.pin(offset: 0, count: 4096, access: .readOnly, lifetime: .longTerm(onRevoke: {}))
+        }
+        #expect(try owner.frames(offset: 0, count: 4096) == [nil])
+        let after = t.fs.statistics()
+        #expect(after.pinsAcquired == before.pinsAcquired && after.pinnedPages == 0)
+        #expect(try t.fs.check().isClean)
+    }
+
+    @Test("on a read-only mount a long-term read-only pin of a hole pins the zero frame and allocates nothing")
+    func longTermReadOnlyPinOfHoleOnReadOnlyMount() throws {
+        let temporary = try TemporaryDevice(size: 4 << 20, name: "ltromount")
+        do {
+            let fs = try DAXFileSystem.format(temporary.device)
+            let file = try fs.create("/f")
+            try file.truncate(to: 4096)
+            file.close()
+            try fs.unmount()
+        }
+        let fs = try DAXFileSystem.mount(temporary.device, access: .readOnly)
+        defer { try? fs.unmount() }
+        let view = try fs.open("/f", access: .readOnly).map(count: 4096, access: .readOnly)
+        defer { view.unmap() }
+        let free = fs.statistics().freeBlocks
+        let pin = try view.pin(offset: 0, count: 4096, access: .readOnly, lifetime: .longTerm(onRevoke: {}))
+        #expect(pin.frames == [fs.pages.zeroFrame])
+        #expect(fs.statistics().freeBlocks == free)
+        pin.release()
+    }
+
     /// Invariant 9 over the device's descriptors: the zero frame is not one of them, and as the
     /// kernel takes no pin on its shared zero page, a pin of it moves no count.
     @Test(

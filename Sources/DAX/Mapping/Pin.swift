@@ -141,7 +141,7 @@ extension DAXMapping {
                 }
                 let generation = space.layoutGeneration.load(ordering: .sequentiallyConsistent)
                 let missing = pages.filter { entries[$0].load(ordering: .acquiring) == 0 }
-                let holes = missing.isEmpty ? [] : try resolve(missing, access: access)
+                let holes = missing.isEmpty ? [] : try resolve(missing, access: access, lifetime: lifetime)
                 var frames: [PageFrameNumber] = []
                 var moved = false
                 for index in pages {
@@ -229,9 +229,14 @@ extension DAXMapping {
     }
 
     /// Maps pages this mapping does not show: past the end of the file they stay faulting (an
-    /// error); inside it a `.readWrite` pin gives holes blocks, as a write fault would. Returns the
-    /// holes left for a `.readOnly` pin, which pins the zero frame there.
-    private func resolve(_ missing: [Int], access: Access) throws -> Set<Int> {
+    /// error). Returns the holes left, which the pin pins as the zero frame.
+    ///
+    /// A `.readWrite` pin gives the holes zeroed blocks, as a write fault would; so does a
+    /// long-term `.readOnly` one on a writable mount, so that the device reads the page the file
+    /// uses and sees what is stored there later (the kernel's R/O long-term unshare, which will not
+    /// leave a long-term pin on its zero page where the page can still change). A short-term
+    /// `.readOnly` pin leaves them holes, which it pins as the zero frame.
+    private func resolve(_ missing: [Int], access: Access, lifetime: PinLifetime) throws -> Set<Int> {
         try inode.contents.write { contents in
             try contents.checkLive(path)
             let size = Int(contents.record.size)
@@ -244,8 +249,15 @@ extension DAXMapping {
             let pages = UInt64(missing.first!)..<(UInt64(missing.last!) + 1)
             let filePages = (firstPage + pages.lowerBound)..<(firstPage + pages.upperBound)
             var holes: Set<Int> = []
-            if access == .readWrite {
-                try space.data.fillHolesZeroed(&contents, filePages, what: "pin of \(Paths.quoted(path))")
+            let longTerm: Bool = {
+                if case .longTerm = lifetime { return true }
+                return false
+            }()
+            if access == .readWrite || (longTerm && space.data.volume.access == .readWrite) {
+                try space.data.fillHolesZeroed(
+                    &contents, filePages,
+                    what: access == .readWrite
+                        ? "pin of \(Paths.quoted(path))" : "long-term read-only pin of \(Paths.quoted(path))")
             } else {
                 for hole in contents.extents.holes(in: filePages) {
                     for page in hole { holes.insert(Int(page - firstPage)) }

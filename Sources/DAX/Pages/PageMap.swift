@@ -33,7 +33,7 @@ public final class PageMap: Sendable {
     private let calls: SystemCalls
 
     /// The zero frame: a page past the device's last one that reads as zeros and is never
-    /// written, the kernel's shared zero page. A `.readOnly` pin of a hole shows it among its
+    /// written, the kernel's shared zero page. A short-term `.readOnly` pin of a hole shows it among its
     /// frames; a device reading by it reads zeros. It has a descriptor of its own, which no file
     /// owns and no pin counts: as `pin_user_pages` takes no pin on the zero page, its counts stay
     /// put, and the pin statistics count a pin's device pages only.

@@ -14,7 +14,7 @@ public enum PinLifetime: Sendable {
 ///
 /// The kernel's `pin_user_pages` result. While it lives, every page in ``frames`` has its
 /// `pinCount` and `refCount` raised by one, so truncate cannot hand the blocks to another file;
-/// the zero frame (a `.readOnly` pin of a hole) is the exception, as the kernel's zero page is:
+/// the zero frame (a short-term `.readOnly` pin of a hole) is the exception, as the kernel's zero page is:
 /// no count of it moves.
 ///
 /// Frozen, with an inlinable ``release()``, so that a one-page pin's release runs in the caller
@@ -144,15 +144,18 @@ final class PinLease: Sendable {
     var isRevoked: Bool { state.withTrackedLock { $0 == .revoked } }
     var isActive: Bool { state.withTrackedLock { $0 == .active } }
 
-    /// The holder lets go. Changes no count if the lease was revoked first.
+    /// The holder lets go. Changes no count if the lease was revoked first. The counts drop under
+    /// the state lock, as ``revoke()`` drops them: a truncate that reads the active leases' pins
+    /// (``PageMap/onlyLeasesHold(_:)``) sees either an active lease and its pins or neither, never
+    /// a lease gone inactive whose pins are still counted, which it would take for a short-term pin.
     func release() {
-        let wasActive = state.withTrackedLock { state in
-            defer { if state == .active { state = .released } }
-            return state == .active
+        let released = state.withTrackedLock { state in
+            guard state == .active else { return false }
+            state = .released
+            table.unpin(runs)
+            return true
         }
-        guard wasActive else { return }
-        unregister()
-        table.unpin(runs)
+        if released { unregister() }
     }
 
     /// Asks the holder to let go by calling its `onRevoke`, once.
