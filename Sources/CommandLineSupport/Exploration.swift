@@ -58,22 +58,25 @@ public struct ExploreOptions: ParsableArguments {
         return (point, seed)
     }
 
-    /// The explorer these options describe, on a device of `deviceSize` bytes.
-    public func explorer(deviceSize: Int) throws -> CrashExplorer {
+    /// The explorer these options describe, on a device of `deviceSize` bytes, for the workload
+    /// `workload` names (with its own parameters: shards of different workloads must not merge).
+    public func explorer(deviceSize: Int, workload: String? = nil) throws -> CrashExplorer {
         var explorer = CrashExplorer(
             deviceSize: deviceSize, domain: domain == "eadr" ? .eadr : .adr, imagesPerPoint: imagesPerPoint,
             seed: seed)
         if let shard { explorer.shard = try CrashShard(parsing: shard) }
+        explorer.workloadName = workload
         return explorer
     }
 
     /// Explores (or replays, with `--replay`), prints what it found, writes `--json`, and exits
     /// with status 1 when a crash image failed its check.
+    /// `name` says what the workload is, with its parameters, for the report's campaign.
     public func run(
-        deviceSize: Int, setup: (PMemDevice) throws -> Void, workload: (PMemDevice) throws -> Void,
-        check: (PMemDevice) throws -> Void
+        deviceSize: Int, name: String? = nil, setup: (PMemDevice) throws -> Void,
+        workload: (PMemDevice) throws -> Void, check: (PMemDevice) throws -> Void
     ) throws {
-        let explorer = try explorer(deviceSize: deviceSize)
+        let explorer = try explorer(deviceSize: deviceSize, workload: name)
         // A report that could not be written is found out before the exploration, not after it.
         if let json { try checkCanWrite(json, what: "the report") }
         if let replay, let keep {

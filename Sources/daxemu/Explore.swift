@@ -34,7 +34,7 @@ struct Explore: ParsableCommand {
         let progress = OperationProgress()
         nonisolated(unsafe) var fs: DAXFileSystem?
         try exploring.run(
-            deviceSize: size.bytes,
+            deviceSize: size.bytes, name: "daxemu explore --ops \(ops)",
             setup: { device in fs = try DAXFileSystem.format(device) },
             workload: { _ in
                 for operation in operations {

@@ -121,6 +121,48 @@ struct CrashExplorerTests {
         expectDAXError(.invalidArgument) { try CrashShard(parsing: "x") }
     }
 
+    /// Two campaigns can have as many crash points (the same workload with other explorer
+    /// settings): their shards must not merge into a "complete" report no one run made.
+    @Test("shards of different campaigns do not merge, though their crash points agree")
+    func mergeRefusesOtherCampaigns() throws {
+        let workload: (PMemDevice) throws -> Void = { device in
+            for index in 0..<3 { TinyLog.append(index, to: device, planted: true) }
+        }
+        func shard(_ index: Int, _ change: (inout CrashExplorer) -> Void = { _ in }) throws -> CrashReport {
+            var shard = explorer
+            shard.workloadName = "tiny log, 3 appends"
+            change(&shard)
+            shard.shard = try CrashShard(parsing: "\(index)/2")
+            let report = try shard.explore(workload: workload, check: TinyLog.check)
+            return try JSONDecoder().decode(CrashReport.self, from: try JSONEncoder().encode(report))
+        }
+        let first = try shard(1)
+        var expected = CrashCampaign(explorer)
+        expected.workload = "tiny log, 3 appends"
+        #expect(first.campaign == expected)
+        #expect(try CrashReport.merge([first, try shard(2)]).isComplete)
+        let others: [(String, CrashReport)] = [
+            ("seed", try shard(2) { $0.seed += 1 }),
+            ("domain eadr", try shard(2) { $0.domain = .eadr }),
+            ("image", try shard(2) { $0.imagesPerPoint += 1 }),
+            ("bytes of device", try shard(2) { $0.deviceSize *= 2 }),
+            ("another workload", try shard(2) { $0.workloadName = "another workload" }),
+        ]
+        for (differs, other) in others {
+            #expect(other.crashPoints == first.crashPoints)
+            let error = expectDAXError(.invalidArgument) { try CrashReport.merge([first, other]) }
+            #expect(error?.message.contains("different campaigns") == true, "\(error.map { "\($0)" } ?? "")")
+            #expect(error?.message.contains(differs) == true, "\(differs): \(error.map { "\($0)" } ?? "")")
+        }
+        // A report written before reports named their campaign merges with its own kind only.
+        var unnamed = try shard(2)
+        unnamed.campaign = nil
+        expectDAXError(.invalidArgument) { try CrashReport.merge([first, unnamed]) }
+        var unnamedFirst = first
+        unnamedFirst.campaign = nil
+        #expect(try CrashReport.merge([unnamedFirst, unnamed]).isComplete)
+    }
+
     @Test("few lines in flight: every single line and pair is an image of its own")
     func smallSubsets() throws {
         let seeds = CrashImagePlan.seeds(point: 1, lineCount: 3, randomImages: 2, explorerSeed: 1)

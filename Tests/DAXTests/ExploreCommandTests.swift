@@ -101,6 +101,21 @@ struct ExploreCommandTests {
         #expect(partial.status == 1)
         #expect(partial.output.contains("missing shards: 2"))
         expectCleanFailure(try runCommand("daxemu", ["explore-merge", first.path, first.path]), mentioning: "twice")
+
+        // Shard 2 of another campaign (another seed, or as many operations of another domain)
+        // does not complete shard 1 of this one.
+        for other in [
+            ["--ops", "3", "--seed", "4"], ["--ops", "3", "--seed", "3", "--domain", "eadr"],
+            ["--ops", "4", "--seed", "3"],
+        ] {
+            let foreign = DevicePath()
+            let shard = try runCommand(
+                "daxemu", ["explore", "--images-per-point", "0", "--shard", "2/2", "--json", foreign.path] + other)
+            #expect(shard.status == 0, "\(shard.errors)")
+            let mixed = try runCommand("daxemu", ["explore-merge", first.path, foreign.path])
+            expectCleanFailure(mixed, mentioning: "different")
+            #expect(mixed.status == 1, "\(other)")
+        }
     }
 
     @Test("daxemu explore refuses bad options and replays a crash point into a device file")

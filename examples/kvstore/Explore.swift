@@ -47,7 +47,7 @@ struct Explore: ParsableCommand {
         nonisolated(unsafe) var fs: DAXFileSystem?
         let allKeys = Set(states.flatMap(\.keys))
         try exploring.run(
-            deviceSize: 24 << 20,
+            deviceSize: 24 << 20, name: "kvstore explore --ops \(ops) --keys \(keys)",
             setup: { device in
                 fs = try DAXFileSystem.format(device)
                 store = try KVStore(fileSystem: fs!, path: "/kvstore", buckets: 64)

@@ -28,7 +28,7 @@ struct Explore: ParsableCommand {
         nonisolated(unsafe) var log: PersistentLog?
         nonisolated(unsafe) var fs: DAXFileSystem?
         try exploring.run(
-            deviceSize: 8 << 20,
+            deviceSize: 8 << 20, name: "pmemlog explore --records \(records)",
             setup: { device in
                 fs = try DAXFileSystem.format(device)
                 log = try PersistentLog(fileSystem: fs!, path: "/pmemlog", create: true)

@@ -30,6 +30,9 @@ public struct CrashExplorer: Sendable {
     public var shard: CrashShard = .all
     /// Where the workload's device is created (and removed at once: it lives as an open file).
     public var directory = "/dev/shm"
+    /// What the workload is, with its parameters (`daxemu explore --ops 20`), kept in the report's
+    /// ``CrashReport/campaign``: shards of different workloads then refuse to merge. Nil: unnamed.
+    public var workloadName: String?
 
     /// An explorer of a device of `deviceSize` bytes (see ``PMemDevice/create(path:size:options:)``).
     public init(deviceSize: Int, domain: PersistenceDomain = .adr, imagesPerPoint: Int = 8, seed: UInt64 = 1) {
@@ -56,7 +59,7 @@ public struct CrashExplorer: Sendable {
         return CrashReport(
             crashPoints: run.points, imagesChecked: run.images,
             failures: run.failures.sorted { ($0.crashPoint, $0.seed) < ($1.crashPoint, $1.seed) }, shards: [shard],
-            seconds: monotonicSeconds() - started)
+            seconds: monotonicSeconds() - started, campaign: CrashCampaign(self))
     }
 
     /// Runs the workload again up to the failure's crash point, writes its image to `path` (a

@@ -64,6 +64,37 @@ public struct CrashShard: Sendable, Hashable, Codable, CustomStringConvertible {
     public var description: String { "\(index)/\(count)" }
 }
 
+/// What makes crash images the same in two runs: the explorer's settings and the workload's name.
+/// Shards of one campaign have equal campaigns; ``CrashReport/merge(_:)`` refuses others.
+public struct CrashCampaign: Sendable, Codable, Hashable, CustomStringConvertible {
+    /// ``CrashExplorer/deviceSize``.
+    public var deviceSize: Int
+    /// ``CrashExplorer/domain``: `adr` or `eadr`.
+    public var domain: String
+    /// ``CrashExplorer/imagesPerPoint``.
+    public var imagesPerPoint: Int
+    /// ``CrashExplorer/seed``.
+    public var seed: UInt64
+    /// ``CrashExplorer/workloadName``: what the workload was, with its parameters (nil: unnamed).
+    public var workload: String?
+
+    /// The campaign of `explorer`'s settings.
+    public init(_ explorer: CrashExplorer) {
+        deviceSize = explorer.deviceSize
+        domain = explorer.domain.description
+        imagesPerPoint = explorer.imagesPerPoint
+        seed = explorer.seed
+        workload = explorer.workloadName
+    }
+
+    /// The settings, one line: `workload, domain adr, seed 1, 8 images per point, 4 MiB device`.
+    public var description: String {
+        (workload.map { "\($0), " } ?? "")
+            + "domain \(domain), seed \(seed), \(counted(imagesPerPoint, "image")) per point, "
+            + "\(deviceSize) bytes of device"
+    }
+}
+
 /// What a crash exploration found.
 public struct CrashReport: Sendable, Codable, Equatable {
     /// Fences of the workload, and the end of the workload: each a moment a power failure was
@@ -77,28 +108,42 @@ public struct CrashReport: Sendable, Codable, Equatable {
     public var shards: [CrashShard]
     /// Seconds the exploration took (the sum over merged shards).
     public var seconds: Double
+    /// The settings the images came from (nil in a report made by hand, or written before reports
+    /// named them): shards of one campaign name the same.
+    public var campaign: CrashCampaign?
 
     /// Creates a report.
     public init(
         crashPoints: Int, imagesChecked: Int, failures: [CrashFailure], shards: [CrashShard] = [.all],
-        seconds: Double = 0
+        seconds: Double = 0, campaign: CrashCampaign? = nil
     ) {
         self.crashPoints = crashPoints
         self.imagesChecked = imagesChecked
         self.failures = failures
         self.shards = shards
         self.seconds = seconds
+        self.campaign = campaign
     }
 
     /// Images checked per second of exploration.
     public var imagesPerSecond: Double { seconds > 0 ? Double(imagesChecked) / seconds : 0 }
 
     /// Joins the reports of the shards of one campaign. Throws `.invalidArgument` when they are
-    /// not shards of one campaign (different shard counts or crash points, a shard twice, none).
+    /// not shards of one campaign (different settings, shard counts or crash points, a shard
+    /// twice, none). Reports that name no ``campaign`` (made by hand, or written before reports
+    /// named it) are compared by crash points and shards only; one that names it does not merge
+    /// with one that does not.
     public static func merge(_ reports: [CrashReport]) throws -> CrashReport {
         guard let first = reports.first else { throw DAXError(.invalidArgument, "no crash reports to merge") }
         var shards: [CrashShard] = []
         for report in reports {
+            guard report.campaign == first.campaign else {
+                throw DAXError(
+                    .invalidArgument,
+                    "cannot merge crash reports of different campaigns: "
+                        + "\(report.campaign.map { "\($0)" } ?? "a report that names no settings") against "
+                        + "\(first.campaign.map { "\($0)" } ?? "a report that names no settings")")
+            }
             guard report.crashPoints == first.crashPoints else {
                 throw DAXError(
                     .invalidArgument,
@@ -116,7 +161,8 @@ public struct CrashReport: Sendable, Codable, Equatable {
         return CrashReport(
             crashPoints: first.crashPoints, imagesChecked: reports.map(\.imagesChecked).reduce(0, +),
             failures: reports.flatMap(\.failures).sorted { ($0.crashPoint, $0.seed) < ($1.crashPoint, $1.seed) },
-            shards: shards.sorted { $0.index < $1.index }, seconds: reports.map(\.seconds).reduce(0, +))
+            shards: shards.sorted { $0.index < $1.index }, seconds: reports.map(\.seconds).reduce(0, +),
+            campaign: first.campaign)
     }
 
     /// True when the shards cover the whole campaign.
