@@ -90,6 +90,35 @@ struct DamageTests {
         try again.unmount()
     }
 
+    /// A torn journal header is what a crash while committing leaves: the offline check notes it,
+    /// a read-write mount empties the journal, and a read-only mount, which changes nothing,
+    /// checks clean with the same note rather than calling a normal crash image damaged.
+    @Test("a torn journal header: a read-only mount checks clean and notes it, as the offline check does")
+    func tornJournalHeaderUnderReadOnlyMount() throws {
+        let f = try DamagedFixture(name: "tornjournal")
+        // A byte of the header's sequence: its checksum no longer matches, its magic still does.
+        try f.flip(Int(f.sb.journalStart) * Superblock.blockSize + 8)
+        let torn = "the journal header is torn"
+        let offline = try DAXFileSystem.check(f.device)
+        #expect(offline.isClean, "\(offline)")
+        #expect(offline.notes.contains { $0.contains(torn) }, "\(offline.notes)")
+
+        let readOnly = try DAXFileSystem.mount(f.device, access: .readOnly)
+        let report = try readOnly.check()
+        #expect(report.isClean, "\(report)")
+        #expect(report.notes.contains { $0.contains(torn) }, "\(report.notes)")
+        try f.expectIntact(readOnly)
+        try readOnly.unmount()
+        // Still torn: the read-only mount wrote nothing.
+        #expect(try DAXFileSystem.check(f.device).notes.contains { $0.contains(torn) })
+
+        let readWrite = try DAXFileSystem.mount(f.device)
+        let after = try readWrite.check()
+        #expect(after.isClean && after.notes.isEmpty, "\(after) \(after.notes)")
+        try f.expectIntact(readWrite)
+        try readWrite.unmount()
+    }
+
     @Test("format refuses what still looks like a file system, and overwrites it when told to")
     func formatRefusal() throws {
         let f = try DamagedFixture(name: "refuse")

@@ -42,6 +42,20 @@ struct Checker {
 
     private func checkLocked() -> CheckReport {
         var problems: [String] = []
+        var notes: [String] = []
+        // A read-only mount leaves a torn journal header as the crash left it (a read-write one
+        // empties the journal): what the offline check notes, not a problem.
+        let tornHeader: Bool = {
+            guard namespace.volume.access == .readOnly,
+                case .tornHeader = try? Journal.read(
+                    device: namespace.volume.device, superblock: namespace.volume.superblock)
+            else { return false }
+            return true
+        }()
+        if tornHeader {
+            notes.append(
+                "the journal header is torn (a crash while committing); a read-write mount discards it")
+        }
         namespace.lock.withReadLock {
             // The orphan list changes (on the device and in memory at once) only under the orphans
             // lock, which a commit nests inside: holding it, then the journal, the device's list and
@@ -67,7 +81,7 @@ struct Checker {
                             problems.append("the superblock changed since mount beyond its orphan head")
                         }
                         let scan = Scanner.scan(
-                            device: namespace.volume.device, superblock: current, journalMustBeEmpty: true)
+                            device: namespace.volume.device, superblock: current, journalMustBeEmpty: !tornHeader)
                         problems += compareAllocator(with: scan.bitmap)
                         if scan.sharedTable != table {
                             problems.append("the shared-block table in memory differs from the device")
@@ -93,7 +107,9 @@ struct Checker {
             let inodes = namespace.table.withTrackedLock { $0.inodes }
             for (_, inode) in inodes.sorted(by: { $0.key < $1.key }) { problems += compare(inode) }
         }
-        return CheckReport(isClean: problems.isEmpty, problems: problems)
+        var report = CheckReport(isClean: problems.isEmpty, problems: problems)
+        report.notes = notes
+        return report
     }
 
     /// A block the allocator would hand out must be free on the device, and so must a quarantined
