@@ -9,8 +9,8 @@ struct Demo: ParsableCommand {
         abstract:
             "The story of truncate versus a pinned page, narrated and live: a mapped file, an RDMA NIC pinning it, truncate under each policy.",
         discussion: """
-            Works in /demo on the device (created and formatted if missing; other files are left alone) \
-            and removes what it made at the end.
+            Works in /demo on the device, which must not exist yet (the device is created and formatted \
+            if missing; other files are left alone), and removes what it made at the end, also when it fails.
             """)
 
     @OptionGroup var device: DeviceOptions
@@ -46,9 +46,22 @@ struct Demo: ParsableCommand {
             say("Formatted it with a DAX file system: \(fs.statistics().totalBlocks) data blocks.")
         }
         defer { try? fs.unmount() }
-        try? cleanUp(fs)
+        // /demo is the user's if it is there already (a directory of theirs, or what an earlier
+        // demo that was killed left): the demo never removes what it did not make.
+        if (try? fs.attributes(of: "/demo")) != nil {
+            throw CommandError(
+                "\"/demo\" already exists on \(opened.path); the demo works in a directory of its own and "
+                    + "removes it at the end, so it leaves yours alone (remove it, or run the demo on another "
+                    + "--device)")
+        }
         try fs.createDirectory("/demo")
-        try story(fs)
+        do {
+            try story(fs)
+        } catch {
+            // What the story made goes too, so that a demo that failed (a device too full) can run again.
+            try? cleanUp(fs)
+            throw error
+        }
         try cleanUp(fs)
         let totals = fs.statistics()
         act(

@@ -29,6 +29,7 @@ struct MapCommand: ParsableCommand {
     func validate() throws {
         guard (1...4096).contains(columns) else { throw ValidationError("--columns is 1 to 4096, not \(columns)") }
         if let file { try requireDevicePath(file) }
+        if svg?.isEmpty == true { throw ValidationError("--svg names no file: give a file name for the picture") }
     }
 
     func run() throws {

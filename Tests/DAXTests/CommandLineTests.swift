@@ -330,6 +330,10 @@ struct CommandLineTests {
         #expect(result.output.contains("J journal") && result.output.contains(". free"))
         let picture = try String(contentsOfFile: svg, encoding: .utf8)
         #expect(picture.hasPrefix("<svg") && picture.contains("inode table") && picture.hasSuffix("</svg>\n"))
+        // An empty --svg is a bad argument, refused before anything is drawn.
+        let empty = try runCommand("daxemu", ["map", "-d", device.path, "--svg", ""])
+        #expect(empty.status == 64 && empty.output.isEmpty, "\(empty.status) \(empty.output)")
+        #expect(empty.errors.contains("--svg names no file"), "\(empty.errors)")
     }
 
     @Test("demo: the pinning story runs end to end and leaves the device clean")
@@ -342,6 +346,44 @@ struct CommandLineTests {
         }
         #expect(try runCommand("daxemu", ["fsck", "-d", device.path]).status == 0)
         #expect(try runCommand("daxemu", ["ls", "-a", "-d", device.path]).output == "./\n../\n")
+    }
+
+    /// The demo removes what it made; a /demo of the user's is not that, and neither is anything
+    /// else on a device too full for the story, where the demo fails part-way.
+    @Test("demo: leaves a /demo of the user's alone, and cleans up after itself when it fails")
+    func demoLeavesOthersAlone() throws {
+        let device = DevicePath()
+        do {
+            let created = try PMemDevice.create(path: device.path, size: 2 << 20)
+            defer { created.close() }
+            let fs = try DAXFileSystem.format(created)
+            try fs.createDirectory("/demo")
+            let mine = try fs.create("/demo/mine")
+            try mine.write(pattern(100), at: 0)
+            mine.close()
+            try fs.unmount()
+        }
+        let refused = try runCommand("daxemu", ["demo", "--fast", "-d", device.path])
+        expectCleanFailure(refused, mentioning: "already exists")
+        let kept = try runCommand("daxemu", ["get", "-d", device.path, "/demo/mine", "-"])
+        #expect(kept.status == 0 && Array(kept.outputData) == pattern(100), "\(kept.errors)")
+
+        // Too full for the story's second file: the demo fails and takes its files with it.
+        do {
+            let opened = try PMemDevice.open(path: device.path)
+            defer { opened.close() }
+            let fs = try DAXFileSystem.mount(opened)
+            try fs.remove("/demo/mine")
+            try fs.remove("/demo")
+            let filler = try fs.create("/filler")
+            try filler.allocate(offset: 0, count: (fs.statistics().freeBlocks - 40) * 4096)
+            filler.close()
+            try fs.unmount()
+        }
+        let failed = try runCommand("daxemu", ["demo", "--fast", "-d", device.path])
+        expectCleanFailure(failed, mentioning: "no space")
+        #expect(try runCommand("daxemu", ["ls", "-a", "-d", device.path]).output == "./\n../\nfiller\n")
+        #expect(try runCommand("daxemu", ["fsck", "-d", device.path]).status == 0)
     }
 
     @Test("daxemu defrag gathers a fragmented file into one extent and says so")
