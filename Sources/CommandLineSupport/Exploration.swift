@@ -71,6 +71,7 @@ public struct ExploreOptions: ParsableArguments {
 
     /// Explores (or replays, with `--replay`), prints what it found, writes `--json`, and exits
     /// with status 1 when a crash image failed its check.
+    ///
     /// `name` says what the workload is, with its parameters, for the report's campaign.
     public func run(
         deviceSize: Int, name: String? = nil, setup: (PMemDevice) throws -> Void,

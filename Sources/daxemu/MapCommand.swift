@@ -56,7 +56,6 @@ struct MapCommand: ParsableCommand {
         if let svg {
             // Written as a redirection writes: through a link, into what is there (never the
             // device itself), not renamed over it.
-            guard !svg.isEmpty else { throw CommandError("cannot write the SVG: --svg names no file") }
             let output = try openOutput(svg, device: device.path)
             defer { close(output) }
             let document = Array(picture.svgDocument().utf8)

@@ -235,7 +235,7 @@ extension DAXMapping {
     /// long-term `.readOnly` one on a writable mount, so that the device reads the page the file
     /// uses and sees what is stored there later (the kernel's R/O long-term unshare, which will not
     /// leave a long-term pin on its zero page where the page can still change). A short-term
-    /// `.readOnly` pin leaves them holes, which it pins as the zero frame.
+    /// `.readOnly` pin leaves them holes.
     private func resolve(_ missing: [Int], access: Access, lifetime: PinLifetime) throws -> Set<Int> {
         try inode.contents.write { contents in
             try contents.checkLive(path)

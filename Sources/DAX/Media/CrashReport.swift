@@ -87,7 +87,8 @@ public struct CrashCampaign: Sendable, Codable, Hashable, CustomStringConvertibl
         workload = explorer.workloadName
     }
 
-    /// The settings, one line: `workload, domain adr, seed 1, 8 images per point, 4 MiB device`.
+    /// The settings, one line: `daxemu explore --ops 20, domain adr, seed 1, 8 images per point,
+    /// 4194304 bytes of device`.
     public var description: String {
         (workload.map { "\($0), " } ?? "")
             + "domain \(domain), seed \(seed), \(counted(imagesPerPoint, "image")) per point, "
