@@ -189,3 +189,11 @@ extension Substring {
         return result
     }
 }
+
+/// Throws a bad-argument error unless `path` names something on the device: an absolute path.
+/// Every command of the project and its examples takes device paths this way.
+public func requireDevicePath(_ path: String) throws {
+    guard path.hasPrefix("/") else {
+        throw ValidationError("\(escapedForDisplay(path)): paths on the device start with /")
+    }
+}

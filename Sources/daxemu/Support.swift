@@ -144,10 +144,3 @@ func parentPath(of path: String) -> String {
 func lastComponent(of path: String) -> String {
     path.split(separator: "/").last.map(String.init) ?? path
 }
-
-/// Throws a bad-argument error unless `path` names something on the device: an absolute path.
-func requireDevicePath(_ path: String) throws {
-    guard path.hasPrefix("/") else {
-        throw ValidationError("\(escapedForDisplay(path)): paths on the device start with /")
-    }
-}

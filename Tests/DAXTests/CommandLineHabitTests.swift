@@ -186,6 +186,10 @@ struct CommandLineHabitTests {
             ("kvstore", ["--device", e.path, "--buckets", "-1", "put", "a", "b"], "--buckets -1 is negative"),
             ("kvstore", ["--device", e.path, "--persistence", "fast", "get", "a"], "--persistence is automatic"),
             ("kvstore", ["--device", e.path, "put", "", "b"], "keys are 1 to 65536 bytes; this one has 0"),
+            // A path on the device is absolute in the examples as in daxemu, not made so silently.
+            ("kvstore", ["--device", e.path, "--file", "store", "put", "a", "b"], "start with /"),
+            ("pmemlog", ["--device", e.path, "--file", "log", "append", "x"], "start with /"),
+            ("simple-copy", ["--device", e.path, "/etc/hostname", "copy"], "start with /"),
         ]
         for (program, arguments, text) in cases {
             let result = try runCommand(program, arguments)
@@ -195,6 +199,7 @@ struct CommandLineHabitTests {
         #expect(access(fresh, F_OK) != 0, "no device was created")
         // Nothing changed: the file is whole, the file system was not formatted again.
         #expect(try runCommand("daxemu", ["ls", "-l", "-d", e.path]).output.contains(" f\n"))
+        #expect(try runCommand("daxemu", ["ls", "-d", e.path]).output == "f\n", "the examples made nothing")
     }
 
     @Test("ls hides dot files unless -a; -la shows . and .. too")
