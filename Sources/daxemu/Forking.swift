@@ -151,6 +151,13 @@ struct Dedup: ParsableCommand {
     func validate() throws {
         try requireDevicePath(source)
         try requireDevicePath(destination)
+        // Blocks are shared whole: an offset inside a page is a bad argument, known before mounting.
+        for (name, value) in [("--offset", offset), ("--destination-offset", destinationOffset)] {
+            if let value, value.bytes % PMemDevice.pageSize != 0 {
+                throw ValidationError(
+                    "\(name) \(value.bytes) bytes is not a multiple of 4 KiB: dedup shares whole blocks")
+            }
+        }
     }
 
     func run() throws {

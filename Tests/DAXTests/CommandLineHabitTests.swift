@@ -190,6 +190,11 @@ struct CommandLineHabitTests {
             ("kvstore", ["--device", e.path, "--file", "store", "put", "a", "b"], "start with /"),
             ("pmemlog", ["--device", e.path, "--file", "log", "append", "x"], "start with /"),
             ("simple-copy", ["--device", e.path, "/etc/hostname", "copy"], "start with /"),
+            ("daxemu", ["dedup", "-d", e.path, "/f", "/f", "--offset", "100"], "--offset 100 bytes is not a multiple"),
+            (
+                "daxemu", ["dedup", "-d", e.path, "/f", "/f", "--destination-offset", "4097"],
+                "--destination-offset 4097 bytes"
+            ),
         ]
         for (program, arguments, text) in cases {
             let result = try runCommand(program, arguments)
