@@ -95,7 +95,12 @@ public struct ExploreOptions: ParsableArguments {
             print("check passes on it now")
             return
         }
-        let report = try explorer.explore(setup: setup, workload: workload, check: check)
+        let progress = ImagesProgress()
+        let report = try explorer.explore(setup: setup, workload: workload) { image in
+            progress.checked()
+            try check(image)
+        }
+        progress.finish()
         try Self.report(report, json: json)
     }
 
@@ -124,6 +129,33 @@ public struct ExploreOptions: ParsableArguments {
             }
         }
         if !report.failures.isEmpty { throw ExitCode(1) }
+    }
+}
+
+/// How far an exploration has got, on stderr when it is a terminal: the crash images checked so
+/// far, on one line redrawn at most five times a second. A long campaign (thousands of images,
+/// minutes) shows it is moving; the total is not known until the workload has run.
+final class ImagesProgress {
+    private let shown = isatty(2) == 1
+    private var images = 0
+    private var last = ContinuousClock.now
+
+    /// One more image checked.
+    func checked() {
+        images += 1
+        guard shown, ContinuousClock.now - last >= .milliseconds(200) else { return }
+        last = ContinuousClock.now
+        write("\rexplore: \(images) crash images checked")
+    }
+
+    /// Ends the line, if one was drawn, so that the report starts on its own.
+    func finish() {
+        guard shown, images > 0 else { return }
+        write("\rexplore: \(images) crash images checked\n")
+    }
+
+    private func write(_ text: String) {
+        _ = text.withCString { Glibc.write(2, $0, strlen($0)) }
     }
 }
 

@@ -296,6 +296,21 @@ struct CommandLineHabitTests {
         #expect(try runCommand("pmemlog", ["--device", e.path, "walk"]).output == "o\\xFF\\xE2\\x82two\ntab\\there\n")
     }
 
+    /// An exploration of many images runs for minutes: on a terminal it shows how many it has
+    /// checked, and the report still starts on a line of its own; elsewhere it prints the report only.
+    @Test("explore shows the crash images checked so far on a terminal, and nothing of it elsewhere")
+    func exploreProgress() throws {
+        let shown = try runOnTerminal("\"$DAXEMU\" explore --ops 2 --images-per-point 0")
+        #expect(shown.status == 0, "\(shown)")
+        let images = try #require(
+            shown.output.split(whereSeparator: \.isNewline).first { $0.hasPrefix("crash points: ") })
+        let total = try #require(images.split(separator: ",").dropFirst().first?.split(separator: " ").last)
+        #expect(shown.output.contains("explore: \(total) crash images checked\r\n"), "\(shown.output)")
+        let plain = try runCommand("daxemu", ["explore", "--ops", "2", "--images-per-point", "0"])
+        #expect(plain.status == 0 && plain.errors.isEmpty, "\(plain.errors)")
+        #expect(plain.output.hasPrefix("crash points: "), "\(plain.output)")
+    }
+
     @Test("get shows progress on a terminal as put does, also when the bytes go to a pipe")
     func getProgress() throws {
         let e = try ExampleDevice(size: "16M")
