@@ -197,3 +197,15 @@ public func requireDevicePath(_ path: String) throws {
         throw ValidationError("\(escapedForDisplay(path)): paths on the device start with /")
     }
 }
+
+/// Opens the device at `path` for a command, saying how to make one when there is none: what
+/// every example command does with its `--device`.
+public func openCommandDevice(_ path: String, options: PMemDevice.Options = .init()) throws -> PMemDevice {
+    do {
+        return try PMemDevice.open(path: path, options: options)
+    } catch let error as DAXError where error.code == .notFound {
+        throw CommandError(
+            "no device at \(path): create one with `daxemu create --device \(path)` "
+                + "and `daxemu format --device \(path)`")
+    }
+}

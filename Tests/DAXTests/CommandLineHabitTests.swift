@@ -245,6 +245,16 @@ struct CommandLineHabitTests {
         #expect(
             try runCommand("daxemu", ["create", "-d", directory + "/dev", "--size", "16T"]).errors.contains(" free in ")
         )
+        // The examples say it as daxemu does, and what makes one.
+        let missing = directory + "/none"
+        for (program, arguments) in [
+            ("kvstore", ["--device", missing, "get", "a"]), ("pmemlog", ["--device", missing, "walk"]),
+            ("rdma-buffer", ["--device", missing]), ("simple-copy", ["--device", missing, "/etc/hostname", "/x"]),
+        ] {
+            let result = try runCommand(program, arguments)
+            expectCleanFailure(result, program, mentioning: "no device at \(missing): create one with `daxemu create")
+            #expect(!result.errors.contains("failed"), "library words: \(result.errors)")
+        }
         #expect(try FileManager.default.contentsOfDirectory(atPath: directory).isEmpty, "nothing was created")
         // map --svg into a missing directory fails before it draws anything.
         let map = try runCommand("daxemu", ["map", "-d", e.path, "--svg", directory + "/no/pages.svg"])

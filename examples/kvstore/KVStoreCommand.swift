@@ -48,14 +48,7 @@ struct StoreOptions: ParsableArguments {
         case "msync": options.persistence = .msync
         default: throw CommandError("--persistence is automatic, cache-flush or msync, not \(persistence)")
         }
-        let device: PMemDevice
-        do {
-            device = try PMemDevice.open(path: devicePath, options: options)
-        } catch let error as DAXError where error.code == .notFound {
-            throw CommandError(
-                "no device at \(devicePath): create one with `daxemu create --device \(devicePath)` "
-                    + "and `daxemu format --device \(devicePath)`")
-        }
+        let device = try openCommandDevice(devicePath, options: options)
         defer { device.close() }
         let fs = try DAXFileSystem.mount(device)
         defer { try? fs.unmount() }

@@ -107,7 +107,7 @@ struct LogOptions: ParsableArguments {
     /// Opens device, file system and log around `body`; only `append` creates a log.
     func withLog<T>(creating create: Bool = false, _ body: (PersistentLog) throws -> T) throws -> T {
         let path = device ?? PMemDevice.defaultPath
-        let opened = try PMemDevice.open(path: path)
+        let opened = try openCommandDevice(path)
         defer { opened.close() }
         let fs = try DAXFileSystem.mount(opened)
         defer { try? fs.unmount() }

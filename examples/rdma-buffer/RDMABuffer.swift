@@ -38,7 +38,7 @@ struct RDMABuffer: ParsableCommand {
 
     func run() throws {
         let path = device ?? PMemDevice.defaultPath
-        let opened = try PMemDevice.open(path: path)
+        let opened = try openCommandDevice(path)
         defer { opened.close() }
         let fs = try DAXFileSystem.mount(opened)
         defer { try? fs.unmount() }

@@ -42,7 +42,7 @@ struct SimpleCopy: ParsableCommand {
         }
         let size = Int(info.st_size)
         let path = device ?? PMemDevice.defaultPath
-        let opened = try PMemDevice.open(path: path)
+        let opened = try openCommandDevice(path)
         defer { opened.close() }
         let fs = try DAXFileSystem.mount(opened)
         defer { try? fs.unmount() }
