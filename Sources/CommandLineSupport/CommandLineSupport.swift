@@ -176,7 +176,12 @@ extension ParsableCommand {
 }
 
 /// Writes `line` to stderr as one line: a name with a newline in it is shown escaped.
-private func report(_ line: String) {
+private func report(_ line: String) { reportErrorLine(line) }
+
+/// Writes `line` on stderr as one line, its control characters (a newline or an escape in a name)
+/// shown escaped: how every error of these commands is told, also one a command reports and
+/// goes on after, as `rm` does for each operand it cannot remove.
+public func reportErrorLine(_ line: String) {
     let text = escapedForDisplay(line, backslashes: false) + "\n"
     _ = text.withCString { write(STDERR_FILENO, $0, strlen($0)) }
 }

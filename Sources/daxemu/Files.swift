@@ -249,7 +249,7 @@ struct Remove: ParsableCommand {
                 do {
                     try fs.remove(path)
                 } catch let error as DAXError {
-                    writeStderr("daxemu: \(error.message)\n")
+                    reportErrorLine("daxemu: \(error.message)")
                     failed += 1
                 }
             }

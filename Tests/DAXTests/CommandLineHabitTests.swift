@@ -132,6 +132,11 @@ struct CommandLineHabitTests {
         let remove = try daxemu(["rm", "/a", "/missing", "/b"])
         #expect(remove.status == 1 && remove.errors.contains("\"/missing\""), "\(remove.errors)")
         #expect(try daxemu(["ls", "/"]).output == "")
+        // A name with a newline or an escape is told on one line, escaped, as every error is.
+        let odd = try daxemu(["rm", "/no\nsuch", "/no\u{1B}such"])
+        #expect(odd.status == 1)
+        #expect(odd.errors.split(separator: "\n").count == 2, "\(odd.errors)")
+        #expect(odd.errors.contains("/no\\nsuch") && !odd.errors.contains("\u{1B}"), "\(odd.errors)")
     }
 
     @Test("put refuses a FIFO without waiting for a writer, and copies a /proc file whole")
