@@ -300,8 +300,13 @@ struct Truncate: ParsableCommand {
     func validate() throws {
         try requireDevicePath(file)
         guard size.bytes <= DAXFileSystem.maximumFileSize else {
+            // In bytes where the rounded sizes would read the same ("4096 TiB ... 4096 TiB").
+            let largest = DAXFileSystem.maximumFileSize
+            let shown = ByteCount.format(size.bytes) == ByteCount.format(largest)
             throw ValidationError(
-                "\(size) is larger than the largest file, \(ByteCount.format(DAXFileSystem.maximumFileSize))")
+                shown
+                    ? "\(size.bytes) bytes is larger than the largest file, \(largest) bytes"
+                    : "\(size) is larger than the largest file, \(ByteCount.format(largest))")
         }
     }
 

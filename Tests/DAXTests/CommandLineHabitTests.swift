@@ -185,6 +185,10 @@ struct CommandLineHabitTests {
             ("daxemu", ["truncate", "-d", e.path, "/f", "-5"], "-5 is negative, and no size or count is"),
             ("daxemu", ["truncate", "/f", "-5", "-d", e.path], "daxemu truncate --help"),
             ("daxemu", ["truncate", "-d", e.path, "/f", "8192T"], "larger than the largest file"),
+            (
+                "daxemu", ["truncate", "-d", e.path, "/f", "4503599627366401"],
+                "4503599627366401 bytes is larger than the largest file, 4503599627366400 bytes"
+            ),
             ("daxemu", ["format", "-d", e.path, "--force", "--bytes-per-inode", "0"], "--bytes-per-inode"),
             ("daxemu", ["ls", "-d", e.path, "f"], "start with /"),
             ("daxemu", ["map", "-d", e.path, "--columns", "-3"], "--columns -3 is negative"),
