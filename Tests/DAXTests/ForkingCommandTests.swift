@@ -183,7 +183,8 @@ struct ForkingCommandTests {
             (["dedup", "/f", "/missing"], "/missing", 1),
             (["dedup", "/f", "/dir"], "cannot deduplicate /dir: it is a directory", 1),
             (["dedup", "/f", "/f", "--offset", "1M"], "offset 1048576 of /f: it holds 8192 bytes", 1),
-            (["dedup", "/f", "/f", "--destination-offset", "9000"], "offset 9000 of /f: it holds 8192 bytes", 1),
+            (["dedup", "/f", "/f", "--destination-offset", "12288"], "offset 12288 of /f: it holds 8192 bytes", 1),
+            (["dedup", "/f", "/f", "--destination-offset", "9000"], "9000 bytes is not a multiple of 4 KiB", 64),
             (["dedup", "/f", "/f", "--count", "-4096"], "-4096 is negative", 64),
             (["dedup", "/f", "/f", "--count", "many"], "--count", 64),
         ]
