@@ -47,6 +47,25 @@ func runCommand(_ name: String, _ arguments: [String], environment: [String: Str
 final class DevicePath: @unchecked Sendable {
     let path = TemporaryDevice.uniquePath("cli")
     deinit { unlink(path) }
+
+    /// Runs `body` on a new device of `size` bytes at this path, formatted; unmounted and closed
+    /// after, for a command to find it as `body` left it.
+    func withNewFileSystem(size: Int, _ body: (DAXFileSystem) throws -> Void) throws {
+        let created = try PMemDevice.create(path: path, size: size)
+        defer { created.close() }
+        let fs = try DAXFileSystem.format(created)
+        try body(fs)
+        try fs.unmount()
+    }
+
+    /// Runs `body` on the file system of the device at this path, mounted; unmounted and closed after.
+    func withFileSystem(_ body: (DAXFileSystem) throws -> Void) throws {
+        let opened = try PMemDevice.open(path: path)
+        defer { opened.close() }
+        let fs = try DAXFileSystem.mount(opened)
+        try body(fs)
+        try fs.unmount()
+    }
 }
 
 /// An error from a command: exit status not 0, one line on stderr naming the program, no trace.
@@ -353,15 +372,11 @@ struct CommandLineTests {
     @Test("demo: leaves a /demo of the user's alone, and cleans up after itself when it fails")
     func demoLeavesOthersAlone() throws {
         let device = DevicePath()
-        do {
-            let created = try PMemDevice.create(path: device.path, size: 2 << 20)
-            defer { created.close() }
-            let fs = try DAXFileSystem.format(created)
+        try device.withNewFileSystem(size: 2 << 20) { fs in
             try fs.createDirectory("/demo")
             let mine = try fs.create("/demo/mine")
             try mine.write(pattern(100), at: 0)
             mine.close()
-            try fs.unmount()
         }
         let refused = try runCommand("daxemu", ["demo", "--fast", "-d", device.path])
         expectCleanFailure(refused, mentioning: "already exists")
@@ -369,16 +384,12 @@ struct CommandLineTests {
         #expect(kept.status == 0 && Array(kept.outputData) == pattern(100), "\(kept.errors)")
 
         // Too full for the story's second file: the demo fails and takes its files with it.
-        do {
-            let opened = try PMemDevice.open(path: device.path)
-            defer { opened.close() }
-            let fs = try DAXFileSystem.mount(opened)
+        try device.withFileSystem { fs in
             try fs.remove("/demo/mine")
             try fs.remove("/demo")
             let filler = try fs.create("/filler")
             try filler.allocate(offset: 0, count: (fs.statistics().freeBlocks - 40) * 4096)
             filler.close()
-            try fs.unmount()
         }
         let failed = try runCommand("daxemu", ["demo", "--fast", "-d", device.path])
         expectCleanFailure(failed, mentioning: "no space")
@@ -389,10 +400,7 @@ struct CommandLineTests {
     @Test("daxemu defrag gathers a fragmented file into one extent and says so")
     func defragCommand() throws {
         let device = DevicePath()
-        do {
-            let created = try PMemDevice.create(path: device.path, size: 8 << 20)
-            defer { created.close() }
-            let fs = try DAXFileSystem.format(created)
+        try device.withNewFileSystem(size: 8 << 20) { fs in
             let file = try fs.create("/f")
             let spacer = try fs.create("/spacer")
             for page in 0..<12 {
@@ -402,7 +410,6 @@ struct CommandLineTests {
             file.close()
             spacer.close()
             try fs.remove("/spacer")
-            try fs.unmount()
         }
         let result = try runCommand("daxemu", ["defrag", "--device", device.path, "/f"])
         #expect(result.status == 0, "\(result.errors)")

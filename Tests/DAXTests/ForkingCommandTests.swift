@@ -232,10 +232,7 @@ struct ForkingCommandTests {
     @Test("defrag: a file in one extent, or one the free space cannot gather better, is left alone")
     func defragLeavesAlone() throws {
         let device = DevicePath()
-        do {
-            let created = try PMemDevice.create(path: device.path, size: 8 << 20)
-            defer { created.close() }
-            let fs = try DAXFileSystem.format(created)
+        try device.withNewFileSystem(size: 8 << 20) { fs in
             let whole = try fs.create("/whole")
             try whole.write(pattern(8 * 4096, seed: 1), at: 0)
             whole.close()
@@ -256,7 +253,6 @@ struct ForkingCommandTests {
             } catch let error as DAXError where error.code == .noSpace {}
             for file in [two, spacer, kept, dropped] { file.close() }
             try fs.remove("/dropped")
-            try fs.unmount()
         }
         let daxemu = { (arguments: [String]) in try runCommand("daxemu", arguments + ["-d", device.path]) }
         let one = try daxemu(["defrag", "/whole"])
@@ -286,10 +282,7 @@ struct ForkingCommandTests {
         // Free space: a run of 1500 blocks at the front, single blocks among the file's, and the
         // rest at the end, which alone holds the whole 3000-page file.
         let device = DevicePath()
-        do {
-            let created = try PMemDevice.create(path: device.path, size: 64 << 20)
-            defer { created.close() }
-            let fs = try DAXFileSystem.format(created)
+        try device.withNewFileSystem(size: 64 << 20) { fs in
             let front = try fs.create("/front")
             try front.allocate(offset: 0, count: 1500 * 4096)
             front.close()
@@ -303,7 +296,6 @@ struct ForkingCommandTests {
             spacer.close()
             try fs.remove("/front")
             try fs.remove("/spacer")
-            try fs.unmount()
         }
         let result = try runCommand("daxemu", ["defrag", "-d", device.path, "/f"])
         #expect(result.status == 0, "\(result.errors)")
