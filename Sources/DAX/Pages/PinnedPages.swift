@@ -148,15 +148,7 @@ final class PinLease: Sendable {
     /// the state lock, as ``revoke()`` drops them: a truncate that reads the active leases' pins
     /// (``PageMap/onlyLeasesHold(_:)``) sees either an active lease and its pins or neither, never
     /// a lease gone inactive whose pins are still counted, which it would take for a short-term pin.
-    func release() {
-        let released = state.withTrackedLock { state in
-            guard state == .active else { return false }
-            state = .released
-            table.unpin(runs)
-            return true
-        }
-        if released { unregister() }
-    }
+    func release() { end(as: .released) }
 
     /// Asks the holder to let go by calling its `onRevoke`, once.
     func requestRelease() {
@@ -170,16 +162,21 @@ final class PinLease: Sendable {
     /// Revokes the lease: waits for an access in flight, drops the counts (counted as released),
     /// and makes every later access fail. Returns false if it was no longer active.
     @discardableResult
-    func revoke() -> Bool {
-        let revoked = state.withTrackedLock { state in
+    func revoke() -> Bool { end(as: .revoked) }
+
+    /// Ends an active lease as `ending` (released or revoked): drops its counts while holding the
+    /// state lock, so that no access can still be copying and no truncate sees the lease gone with
+    /// its pins still counted, then unregisters it. Returns false if it was no longer active.
+    @discardableResult
+    private func end(as ending: State) -> Bool {
+        let ended = state.withTrackedLock { state in
             guard state == .active else { return false }
-            state = .revoked
-            // Unpin while holding the state lock, so no access can still be copying.
+            state = ending
             table.unpin(runs)
             return true
         }
-        if revoked { unregister() }
-        return revoked
+        if ended { unregister() }
+        return ended
     }
 
     /// Runs `body` while the lease cannot be revoked; throws `.revoked` if it already was.
