@@ -182,7 +182,11 @@ private func report(_ line: String) { reportErrorLine(line) }
 /// shown escaped: how every error of these commands is told, also one a command reports and
 /// goes on after, as `rm` does for each operand it cannot remove.
 public func reportErrorLine(_ line: String) {
-    let text = escapedForDisplay(line, backslashes: false) + "\n"
+    writeStderr(escapedForDisplay(line, backslashes: false) + "\n")
+}
+
+/// Writes `text` on stderr as it is, unbuffered: a progress line redrawn with `\r`, a warning.
+public func writeStderr(_ text: String) {
     _ = text.withCString { write(STDERR_FILENO, $0, strlen($0)) }
 }
 

@@ -145,17 +145,13 @@ final class ImagesProgress {
         images += 1
         guard shown, ContinuousClock.now - last >= .milliseconds(200) else { return }
         last = ContinuousClock.now
-        write("\rexplore: \(images) crash images checked")
+        writeStderr("\rexplore: \(images) crash images checked")
     }
 
     /// Ends the line, if one was drawn, so that the report starts on its own.
     func finish() {
         guard shown, images > 0 else { return }
-        write("\rexplore: \(images) crash images checked\n")
-    }
-
-    private func write(_ text: String) {
-        _ = text.withCString { Glibc.write(2, $0, strlen($0)) }
+        writeStderr("\rexplore: \(images) crash images checked\n")
     }
 }
 

@@ -4,10 +4,7 @@ import DAX
 import Glibc
 
 /// One line on stderr.
-private func warn(_ line: String) {
-    let text = line + "\n"
-    _ = text.withCString { write(2, $0, strlen($0)) }
-}
+private func warn(_ line: String) { writeStderr(line + "\n") }
 
 struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -36,10 +36,6 @@ final class Progress: @unchecked Sendable {
     }
 }
 
-func writeStderr(_ text: String) {
-    _ = text.withCString { write(2, $0, strlen($0)) }
-}
-
 /// Opens `path` to write what a command makes, as a shell redirection would: created (0644) when
 /// missing, followed through a symbolic link, written into a device node or FIFO as it is, and
 /// emptied only once it is known to be a regular file that is not the device at `device` (or a
