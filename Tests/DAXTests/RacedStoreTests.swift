@@ -81,7 +81,7 @@ final class RacingStores: Sendable {
                 return nil
             }, context)
         precondition(started == 0, "cannot start the storing thread")
-        storer.withLock { $0 = thread }
+        storer.withTrackedLock { $0 = thread }
         while !secondStored.load(ordering: .sequentiallyConsistent),
             (faults?.faultsHandled.load(ordering: .relaxed) ?? 0) == handled
         {
@@ -91,7 +91,7 @@ final class RacingStores: Sendable {
 
     /// Waits for the thread of the second store, if one was started.
     func joinStorer() {
-        guard let thread = storer.withLock({ $0 }) else { return }
+        guard let thread = storer.withTrackedLock({ $0 }) else { return }
         pthread_join(thread, nil)
     }
 

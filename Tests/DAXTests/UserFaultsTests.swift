@@ -105,7 +105,7 @@ struct UserFaultsTests {
         let base = UInt(bitPattern: region)
         try faults.register(region, length: length, modes: .missing) { fault in
             let page = Int(fault.address - base) / UserFaults.pageSize
-            handlerCPUs.withLock { $0[page] = dax_current_cpu() }
+            handlerCPUs.withTrackedLock { $0[page] = dax_current_cpu() }
             if page == 0 {
                 _ = secondAnswered.wait(timeout: .now() + 20)
                 faults.placeZeros(at: fault.address, writeProtect: false)
@@ -118,16 +118,16 @@ struct UserFaultsTests {
         let loads = Mutex<[Int: UInt8]>([:])
         Thread.detachNewThread {
             let value = UnsafeRawPointer(bitPattern: base)!.load(as: UInt8.self)
-            loads.withLock { $0[0] = value }
+            loads.withTrackedLock { $0[0] = value }
             firstLoaded.signal()
         }
         // The second load starts once the first fault is in its handler.
-        spinUntil { handlerCPUs.withLock { $0[0] != nil } }
+        spinUntil { handlerCPUs.withTrackedLock { $0[0] != nil } }
         let second = region.load(fromByteOffset: UserFaults.pageSize, as: UInt8.self)
         #expect(firstLoaded.wait(timeout: .now() + 20) == .success)
         #expect(second == 0)
-        #expect(loads.withLock { $0[0] } == 0)
-        let ran = handlerCPUs.withLock { $0 }
+        #expect(loads.withTrackedLock { $0[0] } == 0)
+        let ran = handlerCPUs.withTrackedLock { $0 }
         #expect(ran.count == 2)
         // Each answer ran on a thread bound to a CPU of the placement, and not the same one.
         #expect(Set(ran.values).isSubset(of: Set(placement.cpus)))
