@@ -117,7 +117,7 @@ struct ReadOnlyTests {
             defer { device.close() }
             let offline = try DAXFileSystem.check(device)
             #expect(
-                offline.notes.contains { $0.contains("1 removed files are still on the orphan list") }, "\(offline)")
+                offline.notes.contains { $0.contains("1 removed file is still on the orphan list") }, "\(offline)")
         }
         let before = try prepared.image
         let device = try prepared.openReadOnly()

@@ -240,7 +240,7 @@ extension Checker {
             journalProblems + scan.problems + (scan.suppressed > 0 ? ["and \(scan.suppressed) more problems"] : [])
         if !scan.orphans.isEmpty {
             report.notes.append(
-                "\(scan.orphans.count) removed files are still on the orphan list; the next mount frees them")
+                "\(countedAre(scan.orphans.count, "removed file")) still on the orphan list; the next mount frees them")
         }
         report.isClean = report.problems.isEmpty
         return report
