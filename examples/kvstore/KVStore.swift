@@ -37,12 +37,13 @@ final class KVStore {
 
     /// Opens the store in `path`; when `create` is set, creates it with `buckets` buckets if it
     /// does not exist (or is an empty file).
-    init(fileSystem fs: DAXFileSystem, path: String, buckets: Int = 1 << 20, create: Bool = true) throws {
-        guard (1...Self.maximumBuckets).contains(buckets) else {
-            throw CommandError("a store has 1 to \(Self.maximumBuckets) buckets, not \(buckets)")
-        }
+    convenience init(fileSystem fs: DAXFileSystem, path: String, buckets: Int = 1 << 20, create: Bool = true)
+        throws
+    {
+        try Self.checkBuckets(buckets)
         // A store is made whole in an unnamed file and linked at `path` (DAX's createAtomically),
         // so a kill while making it leaves no half-made store there.
+        let file: DAXFile
         do {
             file =
                 create
@@ -51,6 +52,38 @@ final class KVStore {
         } catch let error as DAXError where error.code == .notFound && !create {
             throw CommandError("no store at \(path) (`kvstore put` or `kvstore load` creates one)")
         }
+        do {
+            try self.init(file: file)
+        } catch {
+            file.close()
+            throw error
+        }
+    }
+
+    /// A new, empty store with `buckets` buckets in an unnamed file of `fs`: it has no name, so it
+    /// is gone when closed, and a kill leaves nothing behind (the next mount reclaims it).
+    static func scratch(in fs: DAXFileSystem, buckets: Int) throws -> KVStore {
+        try checkBuckets(buckets)
+        let file = try fs.createUnnamed(in: "/")
+        do {
+            try build(in: file, buckets: buckets)
+            return try KVStore(file: file)
+        } catch {
+            file.close()
+            throw error
+        }
+    }
+
+    private static func checkBuckets(_ buckets: Int) throws {
+        guard (1...maximumBuckets).contains(buckets) else {
+            throw CommandError("a store has 1 to \(maximumBuckets) buckets, not \(buckets)")
+        }
+    }
+
+    /// Opens the store in `file`; ``close()`` closes it. When this throws, the caller closes it.
+    private init(file: DAXFile) throws {
+        self.file = file
+        let path = file.path
         guard file.size >= Self.headerSize else { throw CommandError("\(path) is not a kvstore (too small)") }
         mapping = try file.map(count: file.size)
         let base = mapping.baseAddress

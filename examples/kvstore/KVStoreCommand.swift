@@ -177,11 +177,9 @@ struct Bench: ParsableCommand {
     }
 
     func run() throws {
-        var scratch = options
-        scratch.file = "/.kvstore-bench-\(getpid())"
-        let result = try scratch.withFileSystem { fs in
-            defer { try? fs.remove(scratch.file) }
-            let store = try KVStore(fileSystem: fs, path: scratch.file, buckets: options.buckets, create: true)
+        let result = try options.withFileSystem { fs in
+            // An unnamed file: closing it frees it, and so does the next mount after a kill.
+            let store = try KVStore.scratch(in: fs, buckets: options.buckets)
             defer { store.close() }
             func key(_ i: Int) -> [UInt8] { Array(String(format: "k%015d", i).utf8) }
             let value = [UInt8](repeating: 0x76, count: 64)
