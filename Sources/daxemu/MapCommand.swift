@@ -36,14 +36,20 @@ struct MapCommand: ParsableCommand {
         if let svg { try checkCanWrite(svg, what: "the picture") }
         let picture = try device.withFileSystem(access: .readOnly) { fs in
             var range = frames.map { $0.first..<($0.last + 1) }
-            var selected: (UInt32, String)?
+            var selected: (frames: Set<Int>, path: String)?
             if let file {
                 let attributes = try fs.attributes(of: file)
                 guard attributes.kind == .file else {
                     throw CommandError("\(file) is a directory; map draws a file's pages")
                 }
-                selected = (attributes.inode, file)
-                if range == nil { range = try Self.span(of: file, in: fs) }
+                let frames = try Self.frames(of: file, in: fs)
+                selected = (frames, file)
+                if range == nil {
+                    guard let lowest = frames.min(), let highest = frames.max() else {
+                        throw CommandError("\(file) has no blocks on the device (it is empty or a hole)")
+                    }
+                    range = lowest..<(highest + 1)
+                }
             }
             if let range, range.upperBound > fs.device.pageCount {
                 throw ValidationError(
@@ -65,20 +71,17 @@ struct MapCommand: ParsableCommand {
     }
 
     /// The frames from the lowest to the highest that holds a page of `file`.
-    static func span(of file: String, in fs: DAXFileSystem) throws -> Range<Int> {
+    /// The frames that hold `file`'s data, its own blocks and those it shares with a clone alike.
+    static func frames(of file: String, in fs: DAXFileSystem) throws -> Set<Int> {
         let handle = try fs.open(file, access: .readOnly)
         defer { handle.close() }
-        var lowest = Int.max
-        var highest = -1
+        var frames = Set<Int>()
         try forEachDataWindow(of: handle, pages: Frames.window) { offset, count, _ in
-            for frame in try handle.frames(offset: offset, count: count) {
-                guard let frame else { continue }
-                lowest = min(lowest, Int(frame.rawValue))
-                highest = max(highest, Int(frame.rawValue))
+            for case let frame? in try handle.frames(offset: offset, count: count) {
+                frames.insert(Int(frame.rawValue))
             }
         }
-        guard highest >= 0 else { throw CommandError("\(file) has no blocks on the device (it is empty or a hole)") }
-        return lowest..<(highest + 1)
+        return frames
     }
 }
 

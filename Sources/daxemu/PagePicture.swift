@@ -87,25 +87,39 @@ struct PictureRegion {
 struct PagePicture {
     let start: Int
     let kinds: [PageKind]
-    /// The inode whose file holds each page (0: none).
-    let owners: [UInt32]
+    /// Who holds each page (0: no file): an inode number, or above `UInt32.max` a group of files
+    /// that share the block (clones, dedup), the same number for the same group.
+    let owners: [UInt64]
     /// Metadata regions and files, in the order of their first page.
     let regions: [PictureRegion]
     let title: String
     /// The file the picture is drawn for, if one was given.
     let selected: String?
 
-    /// A picture of `frames` (default: the whole device); the pages of the file `selected` (an
-    /// inode and its path) are drawn as such.
+    /// A picture of `frames` (default: the whole device); the pages of the file `selected` (the
+    /// frames of its data and its path) are drawn as such, also those it shares with a clone,
+    /// whose descriptors name one owner only.
     init(
         fileSystem fs: DAXFileSystem, device: PMemDevice, frames: Range<Int>? = nil,
-        selected: (inode: UInt32, path: String)? = nil
+        selected: (frames: Set<Int>, path: String)? = nil
     ) {
         let layout = fs.layout
         let range = frames ?? 0..<device.pageCount
         start = range.lowerBound
         self.selected = selected?.path
-        var owners = [UInt32](repeating: 0, count: range.count)
+        var owners = [UInt64](repeating: 0, count: range.count)
+        let files = Self.files(fs)
+        // A shared block's descriptor names one owner; the files' own block lists name them all.
+        let sharers = fs.statistics().sharedBlocks > 0 ? Self.sharers(of: range, among: files, in: fs) : [:]
+        var groups: [[UInt32]: UInt64] = [:]
+        var names = [UInt64: String](uniqueKeysWithValues: files.map { (UInt64($0.key), escapedForDisplay($0.value)) })
+        func number(of group: [UInt32]) -> UInt64 {
+            if let number = groups[group] { return number }
+            let number = UInt64(UInt32.max) + 1 + UInt64(groups.count)
+            groups[group] = number
+            names[number] = group.map { names[UInt64($0)] ?? "inode \($0)" }.joined(separator: ", ") + " (shared)"
+            return number
+        }
         var kinds = [PageKind](repeating: .free, count: range.count)
         for (index, frameIndex) in range.enumerated() {
             let frame = PageFrameNumber(rawValue: UInt64(frameIndex))
@@ -115,25 +129,30 @@ struct PagePicture {
                 if layout.inodeTable.contains(frame) { return .inodes }
                 if layout.bitmap.contains(frame) { return .bitmap }
                 let state = fs.pages.state(of: frame)
-                if state.holdsFileData { owners[index] = state.ownerInode }
+                if let group = sharers[frameIndex] {
+                    owners[index] = number(of: group)
+                } else if state.holdsFileData {
+                    owners[index] = UInt64(state.ownerInode)
+                }
                 if state.isQuarantined { return .quarantined }
                 if state.pinCount > 0 { return .pinned }
                 if state.mapCount > 0 { return .mapped }
-                if state.holdsFileData { return state.ownerInode == selected?.inode ? .selected : .fileData }
+                if selected?.frames.contains(frameIndex) == true { return .selected }
+                if state.holdsFileData { return .fileData }
                 if state.isAllocated { return .fileMetadata }
                 return .free
             }()
         }
         self.kinds = kinds
         self.owners = owners
-        regions = Self.regions(kinds: kinds, owners: owners, names: Self.fileNames(fs))
+        regions = Self.regions(kinds: kinds, owners: owners, names: names)
         title =
             frames.map { "\(device.path), frames \($0.lowerBound)-\($0.upperBound - 1)" }
             ?? "\(device.path): \(counted(device.pageCount, "page")) of 4 KiB"
     }
 
     /// Every file's path by inode, from a walk of the directory tree.
-    private static func fileNames(_ fs: DAXFileSystem) -> [UInt32: String] {
+    private static func files(_ fs: DAXFileSystem) -> [UInt32: String] {
         var names: [UInt32: String] = [:]
         var directories = ["/"]
         while let directory = directories.popLast() {
@@ -146,10 +165,23 @@ struct PagePicture {
         return names
     }
 
+    /// For each frame of `range` that holds data of more than one of `files`, their inodes, in order.
+    private static func sharers(of range: Range<Int>, among files: [UInt32: String], in fs: DAXFileSystem) -> [Int:
+        [UInt32]]
+    {
+        var holders: [Int: [UInt32]] = [:]
+        for (inode, path) in files.sorted(by: { $0.key < $1.key }) {
+            for frame in (try? MapCommand.frames(of: path, in: fs)) ?? [] where range.contains(frame) {
+                holders[frame, default: []].append(inode)
+            }
+        }
+        return holders.filter { $0.value.count > 1 }
+    }
+
     /// The metadata regions and the files in the picture, each with where its pages lie.
-    private static func regions(kinds: [PageKind], owners: [UInt32], names: [UInt32: String]) -> [PictureRegion] {
+    private static func regions(kinds: [PageKind], owners: [UInt64], names: [UInt64: String]) -> [PictureRegion] {
         var byKind: [PageKind: PictureRegion] = [:]
-        var byOwner: [UInt32: PictureRegion] = [:]
+        var byOwner: [UInt64: PictureRegion] = [:]
         func note(_ region: inout PictureRegion?, _ index: Int, name: String, kind: PageKind) {
             if var seen = region {
                 if seen.last != index - 1 { seen.runs += 1 }
@@ -166,7 +198,7 @@ struct PagePicture {
             default:
                 let owner = owners[index]
                 guard owner != 0 else { continue }
-                note(&byOwner[owner], index, name: escapedForDisplay(names[owner] ?? "inode \(owner)"), kind: .fileData)
+                note(&byOwner[owner], index, name: names[owner] ?? "inode \(owner)", kind: .fileData)
             }
         }
         return (Array(byKind.values) + Array(byOwner.values)).sorted { $0.first < $1.first }

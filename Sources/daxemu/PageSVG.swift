@@ -23,7 +23,7 @@ extension PagePicture {
         var colorOfFile: [Int: String] = [:]  // by first page
         for (index, file) in files.enumerated() { colorOfFile[file.first] = fileColors[index % fileColors.count] }
         // The colour of a file-data cell: that of the file owning its first file page.
-        var ownerFirst: [UInt32: Int] = [:]
+        var ownerFirst: [UInt64: Int] = [:]
         for file in files { ownerFirst[owners[file.first]] = file.first }
         func color(ofCell cell: Int) -> String {
             let kind = cells[cell]

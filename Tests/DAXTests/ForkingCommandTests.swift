@@ -73,6 +73,32 @@ struct ForkingCommandTests {
         #expect(try daxemu(["fsck"]).status == 0)
     }
 
+    @Test("map: a file's pages it shares with a clone are its own (F), and the SVG names every file sharing them")
+    func mapShowsSharedPages() throws {
+        let e = try ExampleDevice(size: "16M")
+        let daxemu = { (arguments: [String]) in try runCommand("daxemu", arguments + ["-d", e.path]) }
+        let local = try LocalFile(pattern(6 * 4096, seed: 23))
+        #expect(try daxemu(["put", local.path, "/source"]).status == 0)
+        #expect(try daxemu(["put", local.path, "/other"]).status == 0)
+        #expect(try daxemu(["clone", "/source", "/copy"]).status == 0)
+        // Cut to four pages, the clone shares all of them; the source's last two are its alone.
+        #expect(try daxemu(["truncate", "/copy", "16384"]).status == 0)
+        for (file, pages) in [("/source", 6), ("/copy", 4)] {
+            let map = try daxemu(["map", file]).output.split(separator: "\n").map(String.init)
+            #expect(map.count == 3, "\(map)")
+            #expect(map.dropFirst().first == "  " + String(repeating: "F", count: pages), "\(map)")
+            #expect(map.last == "  F \(file) (\(pages))", "\(map)")
+        }
+        let svg = TemporaryDevice.uniquePath("map") + ".svg"
+        defer { unlink(svg) }
+        #expect(try daxemu(["map", "--svg", svg]).status == 0)
+        let labels = try String(contentsOfFile: svg, encoding: .utf8)
+        #expect(labels.contains("/source, /copy (shared): frames "), "\(labels)")
+        #expect(labels.contains(">/source: frames "), "the pages only /source holds")
+        #expect(labels.contains(">/other: frames "))
+        #expect(!labels.contains(">/copy: frames "), "the clone holds no page alone")
+    }
+
     @Test("clone into a directory keeps the name; onto an existing file it is refused and changes nothing")
     func cloneDestinations() throws {
         let e = try ExampleDevice(size: "16M")
