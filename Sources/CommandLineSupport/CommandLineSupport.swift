@@ -159,7 +159,12 @@ extension ParsableCommand {
             let code = exitCode(for: error)
             // Help and version requests arrive as errors that exit successfully.
             guard code != .success else { self.exit(withError: error) }
-            let message = message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+            // The parser's own messages may run on over lines of usage: their first line says it.
+            // A command's own message is one line, whatever names in it hold (a newline is shown
+            // escaped).
+            let message =
+                (error as? CommandError)?.description
+                ?? message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
             var line = "\(name): \(message)"
             if code == .validationFailure, error is ValidationError, let subcommand {
                 line += " (see '\(name) \(subcommand._commandName) --help' for more information)"
@@ -204,6 +209,13 @@ extension Substring {
 public func requireDevicePath(_ path: String) throws {
     guard path.hasPrefix("/") else {
         throw ValidationError("\(escapedForDisplay(path)): paths on the device start with /")
+    }
+}
+
+/// Refuses `--device ""`, a bad argument like any other, before anything is opened.
+public func requireDeviceOption(_ device: String?) throws {
+    guard device?.isEmpty != true else {
+        throw ValidationError("--device names no file: give the device's path (or leave it out for the default)")
     }
 }
 

@@ -14,6 +14,8 @@ struct DeviceOptions: ParsableArguments {
 
     var path: String { device ?? PMemDevice.defaultPath }
 
+    func validate() throws { try requireDeviceOption(device) }
+
     @Option(help: "How stores are made durable: automatic, cache-flush or msync.")
     var persistence: PersistenceChoice = .automatic
 

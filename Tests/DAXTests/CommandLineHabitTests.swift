@@ -199,6 +199,13 @@ struct CommandLineHabitTests {
             ("kvstore", ["--device", e.path, "--file", "store", "put", "a", "b"], "start with /"),
             ("pmemlog", ["--device", e.path, "--file", "log", "append", "x"], "start with /"),
             ("simple-copy", ["--device", e.path, "/etc/hostname", "copy"], "start with /"),
+            // An empty --device is a bad argument too, not a device that cannot be opened.
+            ("daxemu", ["info", "--device", ""], "--device names no file"),
+            ("daxemu", ["-d", "", "ls"], "--device names no file"),
+            ("kvstore", ["--device", "", "get", "a"], "--device names no file"),
+            ("pmemlog", ["--device", "", "walk"], "--device names no file"),
+            ("simple-copy", ["--device", "", "/etc/hostname", "/copy"], "--device names no file"),
+            ("rdma-buffer", ["--device", ""], "--device names no file"),
             ("daxemu", ["dedup", "-d", e.path, "/f", "/f", "--offset", "100"], "--offset 100 bytes is not a multiple"),
             (
                 "daxemu", ["dedup", "-d", e.path, "/f", "/f", "--destination-offset", "4097"],
@@ -298,6 +305,17 @@ struct CommandLineHabitTests {
         // An error naming it is still one line.
         expectCleanFailure(
             try runCommand("daxemu", ["mkdir", "-d", e.path, "/two\nlines\\"]), mentioning: "two\\nlines")
+        // So is one naming a host file, told in full (it was cut at the newline).
+        let host = NSTemporaryDirectory() + "no-such-\(getpid())\nfile"
+        for (program, arguments) in [
+            ("daxemu", ["put", "-d", e.path, host, "/host"]), ("simple-copy", ["--device", e.path, host, "/host"]),
+        ] {
+            let result = try runCommand(program, arguments)
+            #expect(result.status == 1, "\(program)")
+            #expect(
+                result.errors == "\(program): cannot read \(host.replacingOccurrences(of: "\n", with: "\\n")): "
+                    + "No such file or directory\n", "\(result.errors)")
+        }
         // pmemlog keeps the record, and walk shows it on one line.
         #expect(try runCommand("pmemlog", ["--device", e.path, "append", "one\ntwo", "tab\there"]).status == 0)
         #expect(try runCommand("pmemlog", ["--device", e.path, "walk"]).output == "one\\ntwo\ntab\\there\n")

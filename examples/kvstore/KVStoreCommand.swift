@@ -20,6 +20,7 @@ struct StoreOptions: ParsableArguments {
     var devicePath: String { device ?? PMemDevice.defaultPath }
 
     func validate() throws {
+        try requireDeviceOption(device)
         try requireDevicePath(file)
         guard (1...KVStore.maximumBuckets).contains(buckets) else {
             throw ValidationError("--buckets is 1 to \(KVStore.maximumBuckets), not \(buckets)")

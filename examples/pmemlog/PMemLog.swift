@@ -102,7 +102,10 @@ struct LogOptions: ParsableArguments {
     @Option(help: "The log's file in the DAX file system.")
     var file = "/pmemlog"
 
-    func validate() throws { try requireDevicePath(file) }
+    func validate() throws {
+        try requireDeviceOption(device)
+        try requireDevicePath(file)
+    }
 
     /// Opens device, file system and log around `body`; only `append` creates a log.
     func withLog<T>(creating create: Bool = false, _ body: (PersistentLog) throws -> T) throws -> T {

@@ -30,6 +30,7 @@ struct RDMABuffer: ParsableCommand {
     static func main() { mainReportingErrors() }
 
     func validate() throws {
+        try requireDeviceOption(device)
         guard (1...(1 << 22)).contains(pages) else { throw ValidationError("--pages is 1 to 4194304, not \(pages)") }
         guard (0...3_600_000).contains(graceMilliseconds) else {
             throw ValidationError("--grace-milliseconds is 0 to 3600000, not \(graceMilliseconds)")

@@ -26,6 +26,7 @@ struct SimpleCopy: ParsableCommand {
     static func main() { mainReportingErrors() }
 
     func validate() throws {
+        try requireDeviceOption(device)
         try requireDevicePath(destination)
         guard (1...(1 << 30)).contains(chunk) else { throw ValidationError("--chunk is 1 to 1073741824, not \(chunk)") }
     }
