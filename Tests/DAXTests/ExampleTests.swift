@@ -133,8 +133,22 @@ struct ExampleTests {
         expectCleanFailure(try log(["walk"]), "pmemlog", mentioning: "end pointer")
         try damage("/pmemlog", at: 8, 4096 + 32)
         try damage("/pmemlog", at: 4096, UInt64.max)
-        let walked = try log(["walk"])
-        #expect(walked.status == 0 && walked.output.isEmpty)
+        expectCleanFailure(
+            try log(["walk"]), "pmemlog",
+            mentioning: "the record at offset 4096 says it holds 18446744073709551615 bytes, past the log's end at "
+                + "4128 (0 records before it)")
+        // Records before the damage are printed, then the walk fails: a record that runs past the
+        // end, and an end pointer that cuts a record's header.
+        try damage("/pmemlog", at: 4096, 3)
+        try damage("/pmemlog", at: 4096 + 8, UInt64(littleEndian: 0x7A_7978))  // "xyz"
+        try damage("/pmemlog", at: 4096 + 16, 9)
+        let cut = try log(["walk"])
+        #expect(cut.status == 1 && cut.output == "xyz\n", "\(cut.output)")
+        #expect(cut.errors.contains("offset 4112 says it holds 9 bytes") && cut.errors.contains("(1 record before it)"))
+        try damage("/pmemlog", at: 8, 4096 + 20)
+        let short = try log(["walk"])
+        #expect(short.status == 1 && short.output == "xyz\n", "\(short.output)")
+        #expect(short.errors.contains("offset 4112 has only 4 of its 8 header bytes"), "\(short.errors)")
     }
 
     @Test("a store or log whose creation failed can be created afterwards; nothing half-made is left")

@@ -47,7 +47,7 @@ struct Explore: ParsableCommand {
                 let opened = try PersistentLog(fileSystem: fs, path: "/pmemlog", create: false)
                 defer { opened.close() }
                 var found: [[UInt8]] = []
-                opened.walk { found.append($0) }
+                try opened.walk { found.append($0) }
                 let before = Array(appended[..<progress.completed])
                 let after = Array(appended[..<min(progress.completed + 1, appended.count)])
                 guard found == before || found == after else {

@@ -63,16 +63,25 @@ final class PersistentLog {
         try file.write(header, at: 0)
     }
 
-    /// Calls `body` with each record, oldest first.
-    func walk(_ body: ([UInt8]) -> Void) {
+    /// Calls `body` with each record, oldest first. A damaged record (a length past the end, or
+    /// an end pointer that cuts a record header) ends the walk with an error saying where, after
+    /// `body` has had every record before it.
+    func walk(_ body: ([UInt8]) -> Void) throws {
         var offset = Self.start
+        var records = 0
         let end = end
-        // A damaged record (a length past the end) ends the walk.
-        while end - offset >= 8 {
-            let length = load(offset)
-            guard length <= UInt64(end - offset - 8) else { return }
+        while offset < end {
+            let length = end - offset >= 8 ? load(offset) : nil
+            guard let length, length <= UInt64(end - offset - 8) else {
+                let claim =
+                    length.map { "says it holds \($0) bytes" } ?? "has only \(end - offset) of its 8 header bytes"
+                throw CommandError(
+                    "\(file.path) is damaged: the record at offset \(offset) \(claim), past the log's end at \(end) "
+                        + "(\(counted(records, "record")) before it)")
+            }
             let count = Int(length)
             body([UInt8](UnsafeRawBufferPointer(start: mapping.baseAddress + offset + 8, count: count)))
+            records += 1
             offset += 8 + (count + 7) / 8 * 8
         }
     }
@@ -152,7 +161,7 @@ struct Walk: ParsableCommand {
     var options: LogOptions { root.options }
 
     func run() throws {
-        try options.withLog { log in log.walk { print(escapedForDisplay($0)) } }
+        try options.withLog { log in try log.walk { print(escapedForDisplay($0)) } }
     }
 }
 
