@@ -22,9 +22,17 @@ struct Format: ParsableCommand {
         let opened = try device.open()
         defer { opened.close() }
         if !force, let found = DAXFileSystem.existingFileSystem(on: opened) {
-            throw CommandError(
-                "\(opened.path) still holds a DAX file system (\(found)); "
-                    + "`daxemu fsck --repair` repairs it, --force erases it")
+            // What to do instead depends on its state: repair only helps where check finds damage
+            // that it can read past.
+            let state: String
+            do {
+                state =
+                    try DAXFileSystem.check(opened).isClean
+                    ? "" : ", damaged: `daxemu fsck --repair` repairs it"
+            } catch let error as DAXError {
+                state = ", which cannot be mounted or repaired (\(error.message))"
+            }
+            throw CommandError("\(opened.path) still holds a DAX file system (\(found))\(state); --force erases it")
         }
         var options = DAXFileSystem.FormatOptions()
         options.overwritesExistingFileSystem = force

@@ -183,7 +183,8 @@ struct Fsck: ParsableCommand {
         do {
             report = try DAXFileSystem.repair(opened)
         } catch let error as DAXError where error.code == .corrupted {
-            print("\(opened.path): cannot repair: \(error.message)")
+            // The message starts "cannot repair PATH".
+            print(error.message)
             throw ExitCode(1)
         }
         for action in report.actions { print("repaired: \(action)") }

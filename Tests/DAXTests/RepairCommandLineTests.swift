@@ -72,6 +72,37 @@ struct RepairCommandLineTests {
         #expect(listed.status == 0 && !listed.output.contains("a"), "\(listed.output)")
     }
 
+    @Test("a device resized after format: every command says so and how to undo it; none offers a repair that fails")
+    func resizedDevice() throws {
+        let device = DevicePath()
+        #expect(try runCommand("daxemu", ["create", "-d", device.path, "--size", "8M"]).status == 0)
+        #expect(try runCommand("daxemu", ["format", "-d", device.path]).status == 0)
+        #expect(try runCommand("daxemu", ["put", "-d", device.path, "/etc/hostname", "/h"]).status == 0)
+        let hostname = try Data(contentsOf: URL(fileURLWithPath: "/etc/hostname"))
+        // A clean file system: format's refusal offers no repair.
+        let clean = try runCommand("daxemu", ["format", "-d", device.path])
+        expectCleanFailure(clean, mentioning: "--force erases it")
+        #expect(!clean.errors.contains("repair"), "\(clean.errors)")
+
+        #expect(truncate(device.path, 16 << 20) == 0)
+        let advice = "the device was resized after format; give it back its size (truncate -s 8388608) to read it"
+        expectCleanFailure(try runCommand("daxemu", ["ls", "-d", device.path]), mentioning: advice)
+        let format = try runCommand("daxemu", ["format", "-d", device.path])
+        expectCleanFailure(format, mentioning: "cannot be mounted or repaired")
+        #expect(format.errors.contains(advice) && !format.errors.contains("fsck --repair"), "\(format.errors)")
+        let fsck = try runCommand("daxemu", ["fsck", "-d", device.path])
+        #expect(fsck.status == 1 && fsck.output.contains(advice), "\(fsck.output)")
+        let repair = try runCommand("daxemu", ["fsck", "--repair", "-d", device.path])
+        #expect(repair.status == 1, "\(repair.output)")
+        #expect(repair.output.hasPrefix("cannot repair \(device.path): ") && repair.output.contains(advice))
+        #expect(repair.output.components(separatedBy: "cannot repair").count == 2, "said once: \(repair.output)")
+
+        // As the message says: back at its size, the device reads as before, with nothing lost.
+        #expect(truncate(device.path, 8 << 20) == 0)
+        #expect(try runCommand("daxemu", ["get", "-d", device.path, "/h", "-"]).outputData == hostname)
+        #expect(try runCommand("daxemu", ["fsck", "-d", device.path]).status == 0)
+    }
+
     @Test("fsck --repair of a device with no file system fails cleanly and changes nothing")
     func repairRefusesGarbage() throws {
         let device = DevicePath()

@@ -136,7 +136,12 @@ struct Superblock: Equatable, Sendable {
     /// Why the regions do not tile the device, or nil.
     func geometryProblem(deviceBlocks: UInt64) -> String? {
         if totalBlocks != deviceBlocks {
-            return "it describes \(counted(totalBlocks, "block")) but the device has \(deviceBlocks)"
+            // With a good checksum, the device's size changed after format (a host file grown or
+            // cut with truncate(1)): a file system keeps the size it was made for.
+            let formatted = totalBlocks.multipliedReportingOverflow(by: UInt64(Self.blockSize))
+            let bytes = formatted.overflow ? "" : " (truncate -s \(formatted.partialValue))"
+            return "it describes \(counted(totalBlocks, "block")) but the device has \(deviceBlocks): the device was "
+                + "resized after format; give it back its size\(bytes) to read it"
         }
         if journalStart != 1 || journalBlocks < 8 || journalBlocks > 1 << 20 {
             return "journal at \(journalStart) of \(counted(journalBlocks, "block"))"
