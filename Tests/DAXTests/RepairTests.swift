@@ -143,6 +143,20 @@ struct RepairTests {
         #expect(report.actions == ["bitmap block 0 is damaged (checksum mismatch); rebuilt it from the extents"])
     }
 
+    @Test("a bitmap block wiped to zeros: check and repair tell it alike, as bits the extents disagree with")
+    func zeroedBitmap() throws {
+        let f = try DamagedFixture(name: "rpzero")
+        try f.device.write([UInt8](repeating: 0, count: 4096), at: Int(f.sb.bitmapStart) * 4096)
+        // All zeros is a valid bitmap block (never written since format): every block free.
+        let check = try DAXFileSystem.check(f.device)
+        let owned = try #require(check.problems.first { $0.contains("owned by a file but marked free") }, "\(check)")
+        let count = try #require(Int(owned.prefix { $0.isNumber }), "\(owned)")
+        #expect(!check.problems.contains { $0.contains("checksum") }, "\(check)")
+        let report = try f.repairAndVerify()
+        // One bit per owned block, the metadata's (the root's directory block, the leaves) and the files'.
+        #expect(report.actions == ["bitmap block 0: \(count) bits disagreed with the extents; rebuilt it from them"])
+    }
+
     @Test("a bitmap that disagrees with the extents (valid checksum) is rebuilt, and says how many bits")
     func leakedBits() throws {
         let f = try DamagedFixture(name: "rpleak")

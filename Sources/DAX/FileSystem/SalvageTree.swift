@@ -285,9 +285,12 @@ extension Salvage {
             guard blockReader.bytes(0..<Superblock.blockSize) != sealed.bytes else { continue }
             // A block never written since format is all zeros, checksum included: all free, valid.
             if bytes.allSatisfy({ $0 == 0 }), Scanner.isZero(blockReader) { continue }
+            // All zeros is a valid block too (check reads it as all free), so its bits are told
+            // as check tells them, not as a checksum mismatch.
             let crcValid =
-                blockReader.get(UInt32.self, at: Superblock.bitmapBytesPerBlock)
-                == blockReader.crc(of: 0..<Superblock.bitmapBytesPerBlock)
+                Scanner.isZero(blockReader)
+                || blockReader.get(UInt32.self, at: Superblock.bitmapBytesPerBlock)
+                    == blockReader.crc(of: 0..<Superblock.bitmapBytesPerBlock)
             if crcValid {
                 var wrong = 0
                 for byte in 0..<Superblock.bitmapBytesPerBlock {
