@@ -175,18 +175,32 @@ final class Volume: Sendable {
         }
         if access == .readOnly { return try mountDegradable(device) }
         let (before, primaryDamage) = try Superblock.locate(base: device.base, deviceBlocks: UInt64(device.pageCount))
-        if let primaryDamage, let backup = before.backupBlock {
-            throw DAXError(
+        // With block 0 damaged, `before` is the backup: the same geometry, a stale orphan head.
+        func damagedPrimary() -> DAXError {
+            DAXError(
                 .corrupted,
-                "the superblock in block 0 is damaged (\(primaryDamage)); the backup in block \(backup) is intact; "
-                    + Self.repairAdvice)
+                "the superblock in block 0 is damaged (\(primaryDamage ?? "")); the backup in block "
+                    + "\(before.backupBlock ?? 0) is intact; " + Self.repairAdvice)
         }
-        try checkReplay(device, superblock: before)
+        // A crash while a committed transaction was written in place can tear block 0 (the orphan
+        // head lives there): its replay writes the block whole again, so only a block 0 that no
+        // committed record rewrites is damage.
+        if primaryDamage != nil, !journalRewritesSuperblock(device, superblock: before) { throw damagedPrimary() }
+        do {
+            try checkReplay(device, superblock: before)
+        } catch let error as DAXError where primaryDamage != nil && error.code == .corrupted {
+            throw damagedPrimary()
+        }
         let (outcome, sequence) = try Journal.recover(device: device, superblock: before)
         // The replay may have rewritten the superblock (its orphan head): read it again.
-        let sb = try Superblock.decode(
-            ByteReader(device.base, count: Superblock.size),
-            deviceBlocks: UInt64(device.pageCount))
+        let sb: Superblock
+        do {
+            sb = try Superblock.decode(
+                ByteReader(device.base, count: Superblock.size),
+                deviceBlocks: UInt64(device.pageCount))
+        } catch let error as DAXError where primaryDamage != nil && error.code == .corrupted {
+            throw damagedPrimary()
+        }
         let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false)
         try refuseDamage(scan, device)
         if outcome == .tornHeader, access == .readWrite {
@@ -293,6 +307,15 @@ final class Volume: Sendable {
     /// mount checks it: a crafted or damaged journal that would leave a broken file system is
     /// refused before it changes the device. (Without a private view, a device-DAX character
     /// device, the replay goes ahead and the check after it refuses.)
+    /// Whether the journal holds a committed transaction with a record that writes the
+    /// superblock (in block 0).
+    private static func journalRewritesSuperblock(_ device: PMemDevice, superblock: Superblock) -> Bool {
+        guard case .committed(_, let records) = try? Journal.read(device: device, superblock: superblock) else {
+            return false
+        }
+        return Journal.targets(of: records, superblock: superblock).contains { $0.overlaps(0..<Superblock.size) }
+    }
+
     private static func checkReplay(_ device: PMemDevice, superblock: Superblock) throws {
         guard case .committed(_, let records) = try Journal.read(device: device, superblock: superblock),
             let view = try? PrivateView(of: device)
