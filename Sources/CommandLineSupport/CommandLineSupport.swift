@@ -101,10 +101,21 @@ extension ParsableCommand {
         let name = configuration.commandName ?? _commandName
         let arguments = arguments ?? Array(CommandLine.arguments.dropFirst())
         var problem = rawArgumentProblem()
+        var parsed = arguments
         if problem == nil, let index = arguments.prefix(while: { $0 != "--" }).firstIndex(where: isNegativeNumber) {
             let previous = index > 0 ? arguments[index - 1] : ""
             let isOption = previous.hasPrefix("-") && !previous.contains("=") && !isNegativeNumber(previous)
-            problem = .negative(arguments[index], option: isOption ? previous : nil)
+            // An option the command does not have is told as such, whatever its value: the
+            // parser says so once the number is out of its way.
+            var probe = arguments
+            probe[index] = "0"
+            var unknown = false
+            do { _ = try parseAsRoot(probe) } catch { unknown = message(for: error).hasPrefix("Unknown option") }
+            if unknown {
+                parsed = probe
+            } else {
+                problem = .negative(arguments[index], option: isOption ? previous : nil)
+            }
         }
         // `help NAME` of a command that does not exist: the parser would print the main help
         // and exit 0, as if it had been answered.
@@ -135,7 +146,7 @@ extension ParsableCommand {
         // The subcommand, once parsed: a bad argument found while it runs names its help.
         var subcommand: ParsableCommand.Type?
         do {
-            var command = try parseAsRoot(arguments)
+            var command = try parseAsRoot(parsed)
             if type(of: command) != Self.self { subcommand = type(of: command) }
             try command.run()
             // What was printed must have reached standard output (a full disk, /dev/full): a

@@ -41,6 +41,8 @@ public struct ExploreOptions: ParsableArguments {
         guard imagesPerPoint >= 0 else { throw ValidationError("--images-per-point is 0 or more") }
         guard ["adr", "eadr"].contains(domain) else { throw ValidationError("--domain is adr or eadr, not \(domain)") }
         guard (replay == nil) == (keep == nil) else { throw ValidationError("--replay and --keep go together") }
+        try Self.requireFileName(json, option: "--json", what: "the report")
+        try Self.requireFileName(keep, option: "--keep", what: "the crash image")
         if let shard {
             do { _ = try CrashShard(parsing: shard) } catch let error as DAXError {
                 throw ValidationError("--shard: \(error.message)")
@@ -48,6 +50,13 @@ public struct ExploreOptions: ParsableArguments {
         }
         if let replay, Self.parseReplay(replay) == nil {
             throw ValidationError("--replay is POINT:SEED, as a failure line prints it, not \(replay)")
+        }
+    }
+
+    /// Refuses an empty file name for `option`: a bad argument, found before any work is done.
+    public static func requireFileName(_ path: String?, option: String, what: String) throws {
+        guard path?.isEmpty != true else {
+            throw ValidationError("\(option) names no file: give a file name for \(what)")
         }
     }
 

@@ -62,7 +62,13 @@ struct ExploreMerge: ParsableCommand {
     @Option(help: "Write the merged report as JSON to this file.")
     var json: String?
 
+    func validate() throws {
+        try ExploreOptions.requireFileName(json, option: "--json", what: "the merged report")
+    }
+
     func run() throws {
+        // A report that could not be written is found out before the shards are read.
+        if let json { try checkCanWrite(json, what: "the merged report") }
         let decoded = try reports.map(Self.read)
         let merged = try CrashReport.merge(decoded)
         if !merged.isComplete {

@@ -199,6 +199,10 @@ struct CommandLineHabitTests {
             ("kvstore", ["--device", e.path, "--file", "store", "put", "a", "b"], "start with /"),
             ("pmemlog", ["--device", e.path, "--file", "log", "append", "x"], "start with /"),
             ("simple-copy", ["--device", e.path, "/etc/hostname", "copy"], "start with /"),
+            // An option a command does not have is unknown, whatever its value, negative too.
+            ("kvstore", ["--device", e.path, "explore", "--records", "-1"], "Unknown option '--records'"),
+            ("pmemlog", ["--device", e.path, "explore", "--ops", "-1"], "Unknown option '--ops'"),
+            ("daxemu", ["create", "-d", fresh, "--bogus", "-1"], "Unknown option '--bogus'"),
             // An empty --device is a bad argument too, not a device that cannot be opened.
             ("daxemu", ["info", "--device", ""], "--device names no file"),
             ("daxemu", ["-d", "", "ls"], "--device names no file"),

@@ -163,6 +163,50 @@ struct CrashExplorerTests {
         #expect(try CrashReport.merge([unnamedFirst, unnamed]).isComplete)
     }
 
+    /// A shard's JSON is a file a user or a CI step can edit or damage: numbers no exploration
+    /// makes are refused, by the decoder and by merge, never summed into a trap or a nonsense total.
+    @Test("reports with impossible numbers are refused when decoded and when merged; totals never overflow")
+    func corruptReportsAreRefused() throws {
+        let workload: (PMemDevice) throws -> Void = { device in
+            for index in 0..<3 { TinyLog.append(index, to: device, planted: true) }
+        }
+        var parts: [CrashReport] = []
+        for index in 1...2 {
+            var shard = explorer
+            shard.shard = try CrashShard(parsing: "\(index)/2")
+            parts.append(try shard.explore(workload: workload, check: TinyLog.check))
+        }
+        #expect(try CrashReport.merge(parts).isComplete)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        func edited(_ change: (inout CrashReport) -> Void) throws -> (CrashReport, Data) {
+            var report = parts[0]
+            change(&report)
+            return (report, try encoder.encode(report))
+        }
+        let impossible: [(String, (inout CrashReport) -> Void)] = [
+            ("-1 images checked", { $0.imagesChecked = -1 }),
+            ("\(Int.min) images checked", { $0.imagesChecked = .min }),
+            ("0 crash points", { $0.crashPoints = 0 }),
+            ("-1.0 seconds", { $0.seconds = -1 }),
+            ("not one of 1 to", { $0.failures[0].crashPoint = $0.crashPoints + 1 }),
+            ("among", { $0.imagesChecked = $0.failures.count - 1 }),
+            ("no shards", { $0.shards = [] }),
+        ]
+        try #require(!parts[0].failures.isEmpty, "the planted bug gives the shard failures to edit")
+        for (says, change) in impossible {
+            let (report, json) = try edited(change)
+            #expect(throws: DecodingError.self, "\(says)") { try JSONDecoder().decode(CrashReport.self, from: json) }
+            let error = expectDAXError(.invalidArgument) { try CrashReport.merge([report, parts[1]]) }
+            #expect(error?.message.contains(says) == true, "\(says): \(error.map { "\($0)" } ?? "")")
+        }
+        // Each valid, together too large: refused, not a trap.
+        let (huge, json) = try edited { $0.imagesChecked = .max }
+        #expect(try JSONDecoder().decode(CrashReport.self, from: json) == huge)
+        let error = expectDAXError(.invalidArgument) { try CrashReport.merge([huge, parts[1]]) }
+        #expect(error?.message.contains("do not fit") == true, "\(error.map { "\($0)" } ?? "")")
+    }
+
     @Test("few lines in flight: every single line and pair is an image of its own")
     func smallSubsets() throws {
         let seeds = CrashImagePlan.seeds(point: 1, lineCount: 3, randomImages: 2, explorerSeed: 1)

@@ -59,6 +59,40 @@ struct ExploreCommandTests {
         try text.replacingOccurrences(of: "\"count\":1", with: "\"count\":0")
             .replacingOccurrences(of: "\"count\" : 1", with: "\"count\" : 0")
             .write(toFile: zeroShards, atomically: true, encoding: .utf8)
+        // Counts no exploration makes: too many images to add up, or fewer than none.
+        func edited(_ name: String, images: String) throws -> String {
+            let path = directory + "/\(name).json"
+            guard let range = text.range(of: #""imagesChecked" ?: ?[0-9]+"#, options: .regularExpression) else {
+                throw DAXError(.corrupted, "no imagesChecked in \(text)")
+            }
+            try text.replacingCharacters(in: range, with: "\"imagesChecked\": \(images)")
+                .write(toFile: path, atomically: true, encoding: .utf8)
+            return path
+        }
+        let huge = try edited("huge", images: "\(Int.max)")
+        for (path, says) in [
+            (try edited("negative", images: "-1"), "-1 images checked"),
+            (try edited("least", images: "\(Int.min)"), "\(Int.min) images checked"),
+        ] {
+            let result = try runCommand("daxemu", ["explore-merge", path, huge])
+            expectCleanFailure(result, mentioning: says)
+            #expect(result.status == 1 && !result.output.contains("images checked"), "\(result.output)")
+        }
+        let overflow = try runCommand("daxemu", ["explore-merge", huge, huge])
+        expectCleanFailure(overflow, mentioning: "do not fit")
+        #expect(overflow.status == 1)
+        // Where the merged report cannot go is found out before anything is read; an empty name is
+        // a bad argument, for explore as for explore-merge.
+        expectCleanFailure(
+            try runCommand("daxemu", ["explore-merge", huge, "--json", directory]), mentioning: "it is a directory")
+        for arguments in [
+            ["explore-merge", huge, "--json", ""], ["explore", "--ops", "1", "--json", ""],
+            ["explore", "--ops", "1", "--replay", "1:1", "--keep", ""],
+        ] {
+            let result = try runCommand("daxemu", arguments)
+            expectCleanFailure(result, mentioning: "names no file")
+            #expect(result.status == 64 && images(in: result.output) == nil, "\(arguments): \(result.output)")
+        }
         let cases: [(String, String)] = [
             (zeroShards, "the number of shards N is 1 or more"),
             (directory + "/missing.json", "no such file"),

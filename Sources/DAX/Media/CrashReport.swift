@@ -126,6 +126,39 @@ public struct CrashReport: Sendable, Codable, Equatable {
         self.campaign = campaign
     }
 
+    private enum CodingKeys: String, CodingKey { case crashPoints, imagesChecked, failures, shards, seconds, campaign }
+
+    /// Decodes a report as an exploration can make one: a shard edited by hand or damaged on its
+    /// way (a negative count, a failure at no crash point) is corrupt, not a result to merge.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(
+            crashPoints: try container.decode(Int.self, forKey: .crashPoints),
+            imagesChecked: try container.decode(Int.self, forKey: .imagesChecked),
+            failures: try container.decode([CrashFailure].self, forKey: .failures),
+            shards: try container.decode([CrashShard].self, forKey: .shards),
+            seconds: try container.decode(Double.self, forKey: .seconds),
+            campaign: try container.decodeIfPresent(CrashCampaign.self, forKey: .campaign))
+        if let problem {
+            throw DecodingError.dataCorruptedError(forKey: .imagesChecked, in: container, debugDescription: problem)
+        }
+    }
+
+    /// What makes this report one no exploration makes, or nil.
+    var problem: String? {
+        if crashPoints < 1 { return "\(crashPoints) crash points (an exploration has at least 1)" }
+        if imagesChecked < 0 { return "\(imagesChecked) images checked" }
+        if failures.count > imagesChecked {
+            return "\(counted(failures.count, "failure")) among \(counted(imagesChecked, "image")) checked"
+        }
+        if let failure = failures.first(where: { !(1...crashPoints).contains($0.crashPoint) }) {
+            return "a failure at crash point \(failure.crashPoint), not one of 1 to \(crashPoints)"
+        }
+        if shards.isEmpty { return "no shards" }
+        if !seconds.isFinite || seconds < 0 { return "\(seconds) seconds" }
+        return nil
+    }
+
     /// Images checked per second of exploration.
     public var imagesPerSecond: Double { seconds > 0 ? Double(imagesChecked) / seconds : 0 }
 
@@ -137,7 +170,18 @@ public struct CrashReport: Sendable, Codable, Equatable {
     public static func merge(_ reports: [CrashReport]) throws -> CrashReport {
         guard let first = reports.first else { throw DAXError(.invalidArgument, "no crash reports to merge") }
         var shards: [CrashShard] = []
+        var images = 0
+        var seconds = 0.0
         for report in reports {
+            if let problem = report.problem {
+                throw DAXError(.invalidArgument, "cannot merge a crash report of \(problem)")
+            }
+            let sum = images.addingReportingOverflow(report.imagesChecked)
+            seconds += report.seconds
+            guard !sum.overflow, seconds.isFinite else {
+                throw DAXError(.invalidArgument, "cannot merge crash reports: their totals do not fit in a report")
+            }
+            images = sum.partialValue
             guard report.campaign == first.campaign else {
                 throw DAXError(
                     .invalidArgument,
@@ -160,9 +204,9 @@ public struct CrashReport: Sendable, Codable, Equatable {
             throw DAXError(.invalidArgument, "cannot merge crash reports: a shard appears twice in \(shards)")
         }
         return CrashReport(
-            crashPoints: first.crashPoints, imagesChecked: reports.map(\.imagesChecked).reduce(0, +),
+            crashPoints: first.crashPoints, imagesChecked: images,
             failures: reports.flatMap(\.failures).sorted { ($0.crashPoint, $0.seed) < ($1.crashPoint, $1.seed) },
-            shards: shards.sorted { $0.index < $1.index }, seconds: reports.map(\.seconds).reduce(0, +),
+            shards: shards.sorted { $0.index < $1.index }, seconds: seconds,
             campaign: first.campaign)
     }
 
