@@ -448,8 +448,8 @@ final class Journal: Sendable {
                 else {
                     throw DAXError(
                         .corrupted,
-                        "journal record \(index) writes \(counted(length, "byte")) at offset \(offset), outside "
-                            + "the superblock and the metadata and data regions")
+                        "journal record \(index) writes \(counted(length, "byte")) at offset \(offset): neither the "
+                            + "whole superblock (256 bytes at offset 0) nor inside the metadata and data regions")
                 }
                 let start = at + Transaction.recordHeaderSize
                 records.append(.write(offset: Int(offset), bytes: area.bytes(start..<(start + length))))
