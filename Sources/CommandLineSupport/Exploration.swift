@@ -49,7 +49,8 @@ public struct ExploreOptions: ParsableArguments {
             }
         }
         if let replay, Self.parseReplay(replay) == nil {
-            throw ValidationError("--replay is POINT:SEED, as a failure line prints it, not \(replay)")
+            throw ValidationError(
+                "--replay is POINT:SEED, as a failure line prints it (crash points count from 1), not \(replay)")
         }
     }
 
@@ -63,7 +64,7 @@ public struct ExploreOptions: ParsableArguments {
     /// `POINT:SEED`, as a failure line prints it.
     static func parseReplay(_ text: String) -> (point: Int, seed: UInt64)? {
         let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 2, let point = Int(parts[0]), point >= 0, let seed = UInt64(parts[1]) else { return nil }
+        guard parts.count == 2, let point = Int(parts[0]), point >= 1, let seed = UInt64(parts[1]) else { return nil }
         return (point, seed)
     }
 

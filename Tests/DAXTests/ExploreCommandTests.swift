@@ -30,6 +30,7 @@ struct ExploreCommandTests {
             (["--shard", "3/2"], "is not one of 1/2 through 2/2"),
             (["--replay", "1", "--keep", "/dev/shm/never-\(getpid())"], "--replay is POINT:SEED"),
             (["--replay", "1:x", "--keep", "/dev/shm/never-\(getpid())"], "--replay is POINT:SEED"),
+            (["--replay", "0:1", "--keep", "/dev/shm/never-\(getpid())"], "crash points count from 1"),
         ]
         for (arguments, text) in cases {
             let result = try runCommand("daxemu", ["explore", "--ops", "2"] + arguments)
