@@ -186,11 +186,7 @@ final class Volume: Sendable {
         // head lives there): its replay writes the block whole again, so only a block 0 that no
         // committed record rewrites is damage.
         if primaryDamage != nil, !journalRewritesSuperblock(device, superblock: before) { throw damagedPrimary() }
-        do {
-            try checkReplay(device, superblock: before)
-        } catch let error as DAXError where primaryDamage != nil && error.code == .corrupted {
-            throw damagedPrimary()
-        }
+        try checkReplay(device, superblock: before)
         let (outcome, sequence) = try Journal.recover(device: device, superblock: before)
         // The replay may have rewritten the superblock (its orphan head): read it again.
         let sb: Superblock
@@ -199,6 +195,7 @@ final class Volume: Sendable {
                 ByteReader(device.base, count: Superblock.size),
                 deviceBlocks: UInt64(device.pageCount))
         } catch let error as DAXError where primaryDamage != nil && error.code == .corrupted {
+            // Only without a private view: the replay was not tried first, and left block 0 damaged.
             throw damagedPrimary()
         }
         let scan = Scanner.scan(device: device, superblock: sb, journalMustBeEmpty: false)
@@ -303,10 +300,6 @@ final class Volume: Sendable {
         try device.write(final.encode(), at: 0)
     }
 
-    /// A committed transaction is replayed first into a private view, and the result checked as
-    /// mount checks it: a crafted or damaged journal that would leave a broken file system is
-    /// refused before it changes the device. (Without a private view, a device-DAX character
-    /// device, the replay goes ahead and the check after it refuses.)
     /// Whether the journal holds a committed transaction with a record that writes the
     /// superblock (in block 0).
     private static func journalRewritesSuperblock(_ device: PMemDevice, superblock: Superblock) -> Bool {
@@ -316,6 +309,10 @@ final class Volume: Sendable {
         return Journal.targets(of: records, superblock: superblock).contains { $0.overlaps(0..<Superblock.size) }
     }
 
+    /// A committed transaction is replayed first into a private view, and the result checked as
+    /// mount checks it: a crafted or damaged journal that would leave a broken file system is
+    /// refused before it changes the device. (Without a private view, a device-DAX character
+    /// device, the replay goes ahead and the check after it refuses.)
     private static func checkReplay(_ device: PMemDevice, superblock: Superblock) throws {
         guard case .committed(_, let records) = try Journal.read(device: device, superblock: superblock),
             let view = try? PrivateView(of: device)
