@@ -110,7 +110,7 @@ struct PagePicture {
         var owners = [UInt64](repeating: 0, count: range.count)
         let files = Self.files(fs)
         // A shared block's descriptor names one owner; the files' own block lists name them all.
-        let sharers = fs.statistics().sharedBlocks > 0 ? Self.sharers(of: range, among: files, in: fs) : [:]
+        let sharers = fs.statistics().sharedBlocks > 0 ? Self.sharers(files, in: range, of: fs) : [:]
         var groups: [[UInt32]: UInt64] = [:]
         var names = [UInt64: String](uniqueKeysWithValues: files.map { (UInt64($0.key), escapedForDisplay($0.value)) })
         func number(of group: [UInt32]) -> UInt64 {
@@ -165,11 +165,12 @@ struct PagePicture {
         return names
     }
 
+    /// The inodes of the files that hold each shared frame, by frame.
+    private typealias Sharers = [Int: [UInt32]]
+
     /// For each frame of `range` that holds data of more than one of `files`, their inodes, in order.
-    private static func sharers(of range: Range<Int>, among files: [UInt32: String], in fs: DAXFileSystem) -> [Int:
-        [UInt32]]
-    {
-        var holders: [Int: [UInt32]] = [:]
+    private static func sharers(_ files: [UInt32: String], in range: Range<Int>, of fs: DAXFileSystem) -> Sharers {
+        var holders: Sharers = [:]
         for (inode, path) in files.sorted(by: { $0.key < $1.key }) {
             for frame in (try? MapCommand.frames(of: path, in: fs)) ?? [] where range.contains(frame) {
                 holders[frame, default: []].append(inode)
