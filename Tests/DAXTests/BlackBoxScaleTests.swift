@@ -16,35 +16,14 @@ private func scPath(_ name: String) -> String {
 }
 
 /// A device (sparse unless told) with a fresh file system, removed afterwards.
-private final class ScaleRig: @unchecked Sendable {
-    let path: String
-    let device: PMemDevice
-    var fs: DAXFileSystem
-
-    init(_ name: String, size: Int, sparse: Bool = true, journalBlocks: Int? = nil) throws {
-        path = scPath(name)
-        var options = PMemDevice.Options()
-        options.sparse = sparse
-        device = try PMemDevice.create(path: path, size: size, options: options)
-        if let journalBlocks {
-            var formatOptions = DAXFileSystem.FormatOptions()
-            formatOptions.journalBlocks = journalBlocks
-            fs = try DAXFileSystem.format(device, options: formatOptions)
-        } else {
-            fs = try DAXFileSystem.format(device)
-        }
-    }
-
-    func remount() throws {
-        try fs.unmount()
-        fs = try DAXFileSystem.mount(device)
-    }
-
-    deinit {
-        try? fs.unmount()
-        device.close()
-        unlink(path)
-    }
+private func scaleRig(_ name: String, size: Int, sparse: Bool = true, journalBlocks: Int? = nil) throws
+    -> BlackBoxRig
+{
+    var options = PMemDevice.Options()
+    options.sparse = sparse
+    var format = DAXFileSystem.FormatOptions()
+    if let journalBlocks { format.journalBlocks = journalBlocks }
+    return try BlackBoxRig("bbscale-\(name)", size: size, options: options, format: format)
 }
 
 /// Bytes the file at `path` takes on its tmpfs.
@@ -106,7 +85,7 @@ struct BlackBoxScaleTests {
 
     @Test("a 1 GiB file with 1,024 data pages among holes maps with kernel mappings per run, not per page")
     func sparseGiBMappingCostsPerRun() throws {
-        let rig = try ScaleRig("sparse-map", size: 64 << 20)
+        let rig = try scaleRig("sparse-map", size: 64 << 20)
         let file = try rig.fs.create("/big")
         defer { file.close() }
         let pages = 1 << 18  // 1 GiB
@@ -136,7 +115,7 @@ struct BlackBoxScaleTests {
 
     @Test("every other page of a 64 MiB hole-file stored through a mapping, then the rest: mappings follow runs")
     func alternatingStoresThenFill() throws {
-        let rig = try ScaleRig("alt-store", size: 256 << 20)
+        let rig = try scaleRig("alt-store", size: 256 << 20)
         guard case .userfaultfd = rig.fs.faultHandling else { return }
         let file = try rig.fs.create("/alt")
         defer { file.close() }
@@ -167,7 +146,7 @@ struct BlackBoxScaleTests {
 
     @Test("a backward fill of 64 MiB of holes through a mapping comes out as one extent and few mappings")
     func backwardFillOneExtent() throws {
-        let rig = try ScaleRig("backfill", size: 256 << 20)
+        let rig = try scaleRig("backfill", size: 256 << 20)
         guard case .userfaultfd = rig.fs.faultHandling else { return }
         let file = try rig.fs.create("/back")
         defer { file.close() }
@@ -186,7 +165,7 @@ struct BlackBoxScaleTests {
 
     @Test("one file mapped 2,000 times: counts exact, stores shared, every kernel mapping given back")
     func manyMappingsOfOneFile() throws {
-        let rig = try ScaleRig("many-maps", size: 32 << 20)
+        let rig = try scaleRig("many-maps", size: 32 << 20)
         let file = try rig.fs.create("/shared")
         defer { file.close() }
         try file.write(scPattern(4 * page, seed: 3), at: 0)
@@ -209,7 +188,7 @@ struct BlackBoxScaleTests {
 
     @Test("3,000 files mapped at once, then unmapped and removed: blocks and mappings all come back")
     func manyFilesMappedAtOnce() throws {
-        let rig = try ScaleRig("many-files", size: 128 << 20)
+        let rig = try scaleRig("many-files", size: 128 << 20)
         try rig.fs.createDirectory("/m")
         try rig.fs.createDirectory("/m2")
         try rig.fs.remove("/m2")
@@ -290,7 +269,7 @@ struct BlackBoxScaleTests {
 
     @Test("20,000 entries in one directory: created, listed sorted, looked up, removed, remounted")
     func hugeDirectory() throws {
-        let rig = try ScaleRig("bigdir", size: 512 << 20)
+        let rig = try scaleRig("bigdir", size: 512 << 20)
         try rig.fs.createDirectory("/d")
         let free0 = rig.fs.statistics().freeBlocks
         let count = 20_000
@@ -317,7 +296,7 @@ struct BlackBoxScaleTests {
 
     @Test("a tree 600 directories deep: create, snapshot, rename, cycle refused, check, remount, remove")
     func deepTree() throws {
-        let rig = try ScaleRig("deep", size: 64 << 20)
+        let rig = try scaleRig("deep", size: 64 << 20)
         let depth = 600
         var path = ""
         var paths: [String] = []
@@ -356,7 +335,7 @@ struct BlackBoxScaleTests {
 
     @Test("one DMA registration of 16,384 pages: pin counts exact, DMA by frame reaches the file, all released")
     func oneHugeRegistration() throws {
-        let rig = try ScaleRig("bigpin", size: 256 << 20)
+        let rig = try scaleRig("bigpin", size: 256 << 20)
         let file = try rig.fs.create("/dma")
         defer { file.close() }
         let pages = 16384
@@ -384,7 +363,7 @@ struct BlackBoxScaleTests {
 
     @Test("4,096 one-page registrations across truncate policies: fail, wait, deferFree; quarantine exact")
     func manySmallPinsAcrossTruncate() throws {
-        let rig = try ScaleRig("smallpins", size: 128 << 20)
+        let rig = try scaleRig("smallpins", size: 128 << 20)
         let file = try rig.fs.create("/t")
         try rig.fs.create("/other-placeholder").close()  // the root directory has its block now
         let free0 = rig.fs.statistics().freeBlocks
@@ -438,7 +417,7 @@ struct BlackBoxScaleTests {
 
     @Test("2,000 long-term pins revoked by one truncate: every region revoked, counts released once")
     func manyLeasesRevoked() throws {
-        let rig = try ScaleRig("leases", size: 64 << 20)
+        let rig = try scaleRig("leases", size: 64 << 20)
         let file = try rig.fs.create("/lease")
         defer { file.close() }
         let pages = 2000
@@ -474,7 +453,7 @@ struct BlackBoxScaleTests {
 
     @Test("a sparse 4 TiB device: create, format, mount, files far apart, check; tmpfs barely used")
     func sparseTerabyteDevice() throws {
-        let rig = try ScaleRig("4tib", size: 4 << 40)
+        let rig = try scaleRig("4tib", size: 4 << 40)
         #expect(rig.device.size == 4 << 40)
         #expect(rig.device.pageCount == (4 << 40) / page)
         let file = try rig.fs.create("/far")
@@ -515,7 +494,7 @@ struct BlackBoxScaleTests {
 
     @Test("the inode table runs out: .noSpace with a message, nothing half made, room again after a remove")
     func inodesRunOut() throws {
-        let rig = try ScaleRig("inodes", size: 2 << 20, sparse: false)
+        let rig = try scaleRig("inodes", size: 2 << 20, sparse: false)
         var made = 0
         var failure: DAXError?
         for index in 0..<10_000 {
@@ -540,7 +519,7 @@ struct BlackBoxScaleTests {
 
     @Test("a write or allocate larger than the free space: .noSpace, size and free blocks unchanged")
     func spaceRunsOut() throws {
-        let rig = try ScaleRig("full", size: 16 << 20, sparse: false)
+        let rig = try scaleRig("full", size: 16 << 20, sparse: false)
         let file = try rig.fs.create("/big")
         defer { file.close() }
         try file.write(scPattern(page, seed: 1), at: 0)
@@ -562,7 +541,7 @@ struct BlackBoxScaleTests {
 
     @Test("a snapshot of 3,000 files under a 64-block journal: complete, or .noSpace with nothing written")
     func snapshotLargerThanJournal() throws {
-        let rig = try ScaleRig("snapjournal", size: 128 << 20, journalBlocks: 64)
+        let rig = try scaleRig("snapjournal", size: 128 << 20, journalBlocks: 64)
         try rig.fs.createDirectory("/tree")
         for d in 0..<30 {
             try rig.fs.createDirectory("/tree/d\(d)")
@@ -596,7 +575,7 @@ struct BlackBoxScaleTests {
 
     @Test("truncate and remove of a file of 8,192 extents under a 64-block journal: all or nothing, clean")
     func truncateManyExtentsSmallJournal() throws {
-        let rig = try ScaleRig("extents", size: 128 << 20, journalBlocks: 64)
+        let rig = try scaleRig("extents", size: 128 << 20, journalBlocks: 64)
         let file = try rig.fs.create("/frag")
         let free0 = rig.fs.statistics().freeBlocks
         defer { file.close() }
@@ -637,7 +616,7 @@ struct BlackBoxScaleTests {
 
     @Test("dedup of 4 MiB against a fragmented source under a 64-block journal: consistent, shared count exact")
     func dedupLongFragmentedRange() throws {
-        let rig = try ScaleRig("dedup", size: 256 << 20, journalBlocks: 64)
+        let rig = try scaleRig("dedup", size: 256 << 20, journalBlocks: 64)
         let pages = 1024
         let source = try rig.fs.create("/src")
         let filler = try rig.fs.create("/filler")

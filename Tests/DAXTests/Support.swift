@@ -297,10 +297,13 @@ final class BlackBoxRig: @unchecked Sendable {
     let device: PMemDevice
     var fs: DAXFileSystem
 
-    init(_ name: String, size: Int = 8 << 20, options: PMemDevice.Options = .init()) throws {
+    init(
+        _ name: String, size: Int = 8 << 20, options: PMemDevice.Options = .init(),
+        format: DAXFileSystem.FormatOptions = .init()
+    ) throws {
         path = TemporaryDevice.uniquePath(name)
         device = try PMemDevice.create(path: path, size: size, options: options)
-        fs = try DAXFileSystem.format(device)
+        fs = try DAXFileSystem.format(device, options: format)
     }
 
     func remount() throws {
